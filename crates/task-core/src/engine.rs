@@ -1,0 +1,1015 @@
+//! The engine: submits tasks, claims them by priority then age, runs their handlers within the
+//! concurrency limits, enforces timeouts, retries with backoff, renews leases, recovers the tasks
+//! of dead workers, prunes old tasks, and publishes every change as an event.
+//!
+//! The engine's background work is three loops, each an `async fn` that runs until its
+//! cancellation token fires, so that a supervisor can own them: [`Engine::run_dispatcher`]
+//! (claims and starts tasks, renews leases), [`Engine::run_lease_reaper`] (recovers expired
+//! leases) and [`Engine::run_pruner`] (retention). [`Engine::start`] spawns all three for
+//! standalone use.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::future::{Future, poll_fn};
+use std::panic::AssertUnwindSafe;
+use std::pin::pin;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::Poll;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tokio::sync::{Notify, broadcast, oneshot};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::error::{Error, Result};
+use crate::handler::{ErasedHandler, TaskContext, TaskFailure, TaskHandler};
+use crate::model::{FailureKind, NewTask, Status, Task, TaskError, TaskId, Timestamp};
+use crate::store::{
+    ClaimRequest, Command, Finish, Heartbeat, ListFilter, Outcome, Page, PageRequest,
+    ProgressUpdate, Recover, Stats, Store, Submitted,
+};
+
+/// The engine's settings.
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    /// The most tasks running at once.
+    pub concurrency: usize,
+    /// Per-type limits on tasks running at once.
+    pub type_limits: HashMap<String, usize>,
+    /// How long a claimed attempt's lease lasts without renewal.
+    pub lease: Duration,
+    /// How often running attempts' leases are renewed (well below `lease`).
+    pub heartbeat_interval: Duration,
+    /// How often the lease reaper looks for expired leases.
+    pub reaper_interval: Duration,
+    /// How long terminal tasks are kept; `None` keeps them forever.
+    pub retention: Option<Duration>,
+    /// How often the pruner runs.
+    pub prune_interval: Duration,
+    /// The largest result, serialized as JSON.
+    pub max_result_bytes: usize,
+    /// How long a cancelled handler may take to return before its future is dropped.
+    pub cancel_grace: Duration,
+    /// How often an idle dispatcher looks at the store even without a wake-up (a safety net).
+    pub idle_poll: Duration,
+    /// Whether every task found running at start belongs to a dead process (true for a store
+    /// that one process owns, such as the SQLite store) and is recovered at once.
+    pub recover_running_at_start: bool,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            concurrency: 16,
+            type_limits: HashMap::new(),
+            lease: Duration::from_secs(30),
+            heartbeat_interval: Duration::from_secs(10),
+            reaper_interval: Duration::from_secs(5),
+            retention: Some(Duration::from_secs(7 * 24 * 3600)),
+            prune_interval: Duration::from_secs(60),
+            max_result_bytes: 1 << 20,
+            cancel_grace: Duration::from_secs(5),
+            idle_poll: Duration::from_secs(1),
+            recover_running_at_start: true,
+        }
+    }
+}
+
+/// A change of a task, as published on [`Engine::subscribe`].
+#[derive(Clone, Debug, PartialEq)]
+pub enum TaskEvent {
+    /// The task moved to `status`.
+    Status {
+        /// The task.
+        id: TaskId,
+        /// Its new status.
+        status: Status,
+        /// Its attempt number.
+        attempt: u32,
+    },
+    /// A running attempt reported progress.
+    Progress {
+        /// The task.
+        id: TaskId,
+        /// From 0.0 to 1.0.
+        progress: f64,
+        /// The handler's words.
+        message: Option<String>,
+    },
+}
+
+impl TaskEvent {
+    /// The task the event is about.
+    pub fn task_id(&self) -> TaskId {
+        match self {
+            TaskEvent::Status { id, .. } | TaskEvent::Progress { id, .. } => *id,
+        }
+    }
+}
+
+/// Builds an [`Engine`]: register handlers, then [`EngineBuilder::build`].
+pub struct EngineBuilder {
+    store: Arc<dyn Store>,
+    handlers: HashMap<String, Arc<dyn ErasedHandler>>,
+    config: EngineConfig,
+}
+
+impl EngineBuilder {
+    /// Registers the handler of a task type (replacing any earlier one).
+    pub fn handler(mut self, task_type: impl Into<String>, handler: impl TaskHandler) -> Self {
+        self.handlers.insert(task_type.into(), Arc::new(handler));
+        self
+    }
+
+    /// Sets the configuration.
+    pub fn config(mut self, config: EngineConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// Builds the engine, first recovering tasks left running by a dead process when the config
+    /// says so. The engine runs nothing until its loops run ([`Engine::start`]).
+    pub async fn build(self) -> Result<Engine> {
+        let config = self.config;
+        if config.concurrency == 0 {
+            return Err(Error::InvalidInput {
+                field: "concurrency",
+                message: "must be at least 1".into(),
+            });
+        }
+        let (events, _) = broadcast::channel(4_096);
+        let inner = Arc::new(Inner {
+            store: self.store,
+            handlers: self.handlers,
+            concurrency: AtomicUsize::new(config.concurrency),
+            limits: Mutex::new(Limits {
+                type_limits: config.type_limits.clone(),
+                paused_types: HashSet::new(),
+            }),
+            config,
+            running: Mutex::new(HashMap::new()),
+            running_count: AtomicUsize::new(0),
+            queue_paused: AtomicBool::new(false),
+            accepting: AtomicBool::new(true),
+            draining: CancellationToken::new(),
+            wake: Notify::new(),
+            idle: Notify::new(),
+            next_due: AtomicI64::new(0),
+            events,
+            waiters: Mutex::new(HashMap::new()),
+            waiter_count: AtomicUsize::new(0),
+            durations: Mutex::new(HashMap::new()),
+            workers: TaskTracker::new(),
+        });
+        if inner.config.recover_running_at_start {
+            let recovered = inner.store.recover(Timestamp::now(), Recover::AllRunning).await?;
+            if !recovered.is_empty() {
+                tracing::warn!(
+                    count = recovered.len(),
+                    "recovered tasks left running by a previous process"
+                );
+            }
+            inner.after_recovery(&recovered);
+        }
+        Ok(Engine { inner })
+    }
+}
+
+/// The task engine. Cheap to clone: clones share one engine.
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+/// The report of a graceful shutdown.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ShutdownReport {
+    /// Tasks that were running when the shutdown began.
+    pub running_at_start: usize,
+    /// Tasks still running at the deadline, cancelled and put back in the queue.
+    pub interrupted: usize,
+    /// How long the shutdown took.
+    pub duration: Duration,
+}
+
+/// The engine's loops, spawned by [`Engine::start`].
+pub struct EngineLoops {
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+}
+
+impl EngineLoops {
+    /// Stops the loops and waits for them.
+    pub async fn stop(self) {
+        self.cancel.cancel();
+        self.tracker.close();
+        self.tracker.wait().await;
+    }
+}
+
+impl Engine {
+    /// Starts building an engine on a store.
+    pub fn builder(store: Arc<dyn Store>) -> EngineBuilder {
+        EngineBuilder { store, handlers: HashMap::new(), config: EngineConfig::default() }
+    }
+
+    /// The store the engine runs on.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.inner.store
+    }
+
+    /// The registered task types, sorted.
+    pub fn task_types(&self) -> Vec<String> {
+        let mut types: Vec<String> = self.inner.handlers.keys().cloned().collect();
+        types.sort();
+        types
+    }
+
+    /// Spawns the dispatcher, the lease reaper and the pruner on the current Tokio runtime, each
+    /// restarted after an error (with a pause), for use without a supervisor.
+    pub fn start(&self) -> EngineLoops {
+        let cancel = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let loops: [(&str, LoopFn); 3] = [
+            ("dispatcher", |e, c| Box::pin(async move { e.run_dispatcher(c).await })),
+            ("lease reaper", |e, c| Box::pin(async move { e.run_lease_reaper(c).await })),
+            ("pruner", |e, c| Box::pin(async move { e.run_pruner(c).await })),
+        ];
+        for (name, run) in loops {
+            let engine = self.clone();
+            let cancel = cancel.clone();
+            tracker.spawn(async move {
+                while !cancel.is_cancelled() {
+                    match run(engine.clone(), cancel.clone()).await {
+                        Ok(()) => break,
+                        Err(error) => {
+                            tracing::error!(loop_name = name, %error, "engine loop failed; restarting in 1 s");
+                            tokio::select! {
+                                _ = cancel.cancelled() => break,
+                                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                            }
+                        }
+                    }
+                }
+            });
+        }
+        EngineLoops { cancel, tracker }
+    }
+
+    /// Submits one task.
+    pub async fn submit(&self, task: NewTask) -> Result<Submitted> {
+        let mut submitted = self.submit_many(vec![task]).await?;
+        submitted.pop().ok_or_else(|| Error::store("submitting", "the store answered nothing"))
+    }
+
+    /// Submits tasks in one store request (one transaction in the SQL stores).
+    pub async fn submit_many(&self, tasks: Vec<NewTask>) -> Result<Vec<Submitted>> {
+        let inner = &self.inner;
+        if !inner.accepting.load(Ordering::Acquire) {
+            return Err(Error::ShuttingDown);
+        }
+        let now = Timestamp::now();
+        let mut records = Vec::with_capacity(tasks.len());
+        for task in tasks {
+            inner.validate(&task)?;
+            records.push(task.into_task(TaskId::new(), now));
+        }
+        let submitted = inner.store.submit(records).await?;
+        let mut any_queued = false;
+        for entry in submitted.iter().filter(|s| s.created) {
+            let task = &entry.task;
+            match (task.status, task.run_at) {
+                (Status::Scheduled, Some(at)) => inner.note_due(at),
+                _ => any_queued = true,
+            }
+            inner.publish(TaskEvent::Status { id: task.id, status: task.status, attempt: 0 });
+        }
+        if any_queued || !submitted.is_empty() {
+            inner.wake.notify_one();
+        }
+        Ok(submitted)
+    }
+
+    /// One task.
+    pub async fn get(&self, id: TaskId) -> Result<Task> {
+        self.inner.store.get(id).await?.ok_or(Error::TaskNotFound { id })
+    }
+
+    /// A page of tasks, newest first.
+    pub async fn list(&self, filter: ListFilter, page: PageRequest) -> Result<Page> {
+        self.inner.store.list(filter, page).await
+    }
+
+    /// Counts by status and type.
+    pub async fn stats(&self) -> Result<Stats> {
+        self.inner.store.stats().await
+    }
+
+    /// Cancels a task. A task that has not started is cancelled at once; a running one is asked
+    /// to stop (its handler's token is cancelled) and becomes `cancelled` when it has.
+    pub async fn cancel(&self, id: TaskId) -> Result<Task> {
+        let inner = &self.inner;
+        let task = inner.store.command(id, Command::Cancel, Timestamp::now()).await?;
+        if task.status == Status::Running {
+            inner.stop_running(id, StopReason::Cancelled);
+        } else {
+            inner.publish(TaskEvent::Status { id, status: task.status, attempt: task.attempt });
+            inner.wake_waiters(id);
+        }
+        Ok(task)
+    }
+
+    /// Holds a queued or scheduled task until it is resumed.
+    pub async fn pause_task(&self, id: TaskId) -> Result<Task> {
+        let task = self.inner.store.command(id, Command::Pause, Timestamp::now()).await?;
+        self.inner.publish(TaskEvent::Status { id, status: task.status, attempt: task.attempt });
+        Ok(task)
+    }
+
+    /// Releases a paused task: back to the queue, or scheduled if its `run_at` is still ahead.
+    pub async fn resume_task(&self, id: TaskId) -> Result<Task> {
+        let task = self.inner.store.command(id, Command::Resume, Timestamp::now()).await?;
+        if let (Status::Scheduled, Some(at)) = (task.status, task.run_at) {
+            self.inner.note_due(at);
+        }
+        self.inner.publish(TaskEvent::Status { id, status: task.status, attempt: task.attempt });
+        self.inner.wake.notify_one();
+        Ok(task)
+    }
+
+    /// Stops starting tasks (running ones go on).
+    pub fn pause_queue(&self) {
+        self.inner.queue_paused.store(true, Ordering::Release);
+    }
+
+    /// Starts tasks again.
+    pub fn resume_queue(&self) {
+        self.inner.queue_paused.store(false, Ordering::Release);
+        self.inner.wake.notify_one();
+    }
+
+    /// Whether the queue is paused.
+    pub fn is_queue_paused(&self) -> bool {
+        self.inner.queue_paused.load(Ordering::Acquire)
+    }
+
+    /// Stops starting tasks of one type.
+    pub fn pause_type(&self, task_type: &str) {
+        self.inner.limits().paused_types.insert(task_type.to_owned());
+    }
+
+    /// Starts tasks of one type again.
+    pub fn resume_type(&self, task_type: &str) {
+        self.inner.limits().paused_types.remove(task_type);
+        self.inner.wake.notify_one();
+    }
+
+    /// The paused types, sorted.
+    pub fn paused_types(&self) -> Vec<String> {
+        let mut types: Vec<String> = self.inner.limits().paused_types.iter().cloned().collect();
+        types.sort();
+        types
+    }
+
+    /// Sets the most tasks running at once (at least 1).
+    pub fn set_concurrency(&self, concurrency: usize) {
+        self.inner.concurrency.store(concurrency.max(1), Ordering::Release);
+        self.inner.wake.notify_one();
+    }
+
+    /// The most tasks running at once.
+    pub fn concurrency(&self) -> usize {
+        self.inner.concurrency.load(Ordering::Acquire)
+    }
+
+    /// Sets (or with `None` removes) the limit of one type's tasks running at once.
+    pub fn set_type_limit(&self, task_type: &str, limit: Option<usize>) {
+        let mut limits = self.inner.limits();
+        match limit {
+            Some(limit) => limits.type_limits.insert(task_type.to_owned(), limit),
+            None => limits.type_limits.remove(task_type),
+        };
+        drop(limits);
+        self.inner.wake.notify_one();
+    }
+
+    /// The number of tasks this engine is running now.
+    pub fn running_count(&self) -> usize {
+        self.inner.running_count.load(Ordering::Acquire)
+    }
+
+    /// Every status and progress change from now on. A receiver that falls behind by more than
+    /// 4,096 events loses the oldest (and is told so by the channel).
+    pub fn subscribe(&self) -> broadcast::Receiver<TaskEvent> {
+        self.inner.events.subscribe()
+    }
+
+    /// Waits until the task is terminal or `timeout` has passed, and returns it as it then is
+    /// (check its status to know which). Waits on events, never by polling the store.
+    pub async fn wait(&self, id: TaskId, timeout: Duration) -> Result<Task> {
+        let inner = &self.inner;
+        let receiver = inner.add_waiter(id);
+        let task = self.get(id).await?;
+        if task.status.is_terminal() {
+            return Ok(task);
+        }
+        let _ = tokio::time::timeout(timeout, receiver).await;
+        self.get(id).await
+    }
+
+    /// The estimated time until the task finishes: from the observed progress rate of a running
+    /// task; else from the median duration of recent tasks of its type; `None` when unknown.
+    pub fn eta(&self, task: &Task) -> Option<Duration> {
+        let now = Timestamp::now();
+        let typical = || self.inner.median_duration(&task.task_type);
+        match task.status {
+            Status::Completed | Status::Failed | Status::Cancelled => Some(Duration::ZERO),
+            Status::Paused => None,
+            Status::Running => {
+                let elapsed = now.since(task.started_at.unwrap_or(now));
+                match task.progress {
+                    Some(p) if p > 0.0 => Some(elapsed.mul_f64((1.0 - p).max(0.0) / p)),
+                    _ => typical().map(|d| d.saturating_sub(elapsed)),
+                }
+            }
+            Status::Queued => typical(),
+            Status::Scheduled => {
+                let wait = task.run_at.map_or(Duration::ZERO, |at| at.since(now));
+                typical().map(|d| d + wait)
+            }
+        }
+    }
+
+    /// Claims and starts tasks whenever there is room, and renews the leases of running tasks,
+    /// until `cancel` fires or the engine drains.
+    pub async fn run_dispatcher(&self, cancel: CancellationToken) -> Result<()> {
+        let inner = &self.inner;
+        let mut heartbeat = tokio::time::interval(inner.config.heartbeat_interval);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        heartbeat.tick().await;
+        // Promote whatever became due while no dispatcher ran.
+        inner.next_due.store(0, Ordering::Release);
+        loop {
+            let mut woken = pin!(inner.wake.notified());
+            woken.as_mut().enable();
+            if cancel.is_cancelled() || inner.draining.is_cancelled() {
+                return Ok(());
+            }
+            let now = Timestamp::now();
+            if inner.next_due.load(Ordering::Acquire) <= now.0 {
+                inner.next_due.store(i64::MAX, Ordering::Release);
+                let promoted = inner.store.promote_due(now).await?;
+                if let Some(at) = promoted.next_due {
+                    inner.note_due(at);
+                }
+            }
+            let free = inner.free_slots();
+            if free > 0 && !inner.queue_paused.load(Ordering::Acquire) {
+                let request = inner.claim_request(free, now);
+                let claimed = inner.store.claim(request).await?;
+                let full = claimed.len() == free;
+                for task in claimed {
+                    inner.start(task);
+                }
+                if full {
+                    // There may be more: look again as soon as a slot frees.
+                    continue;
+                }
+            }
+            let next_due = inner.next_due.load(Ordering::Acquire);
+            let poll_at = Timestamp::now().after(inner.config.idle_poll).0.min(next_due);
+            let sleep_for = Duration::from_millis((poll_at - Timestamp::now().0).max(0) as u64);
+            tokio::select! {
+                _ = cancel.cancelled() => return Ok(()),
+                _ = inner.draining.cancelled() => return Ok(()),
+                _ = woken => {}
+                _ = tokio::time::sleep(sleep_for) => {}
+                _ = heartbeat.tick() => inner.heartbeat().await?,
+            }
+        }
+    }
+
+    /// Recovers the tasks whose lease expired (their worker died), every `reaper_interval`,
+    /// until `cancel` fires.
+    pub async fn run_lease_reaper(&self, cancel: CancellationToken) -> Result<()> {
+        let inner = &self.inner;
+        loop {
+            let recovered = inner.store.recover(Timestamp::now(), Recover::Expired).await?;
+            if !recovered.is_empty() {
+                tracing::warn!(count = recovered.len(), "recovered tasks whose lease expired");
+            }
+            inner.after_recovery(&recovered);
+            tokio::select! {
+                _ = cancel.cancelled() => return Ok(()),
+                _ = tokio::time::sleep(inner.config.reaper_interval) => {}
+            }
+        }
+    }
+
+    /// Deletes terminal tasks older than the retention period, every `prune_interval`, until
+    /// `cancel` fires. Does nothing when retention is `None`.
+    pub async fn run_pruner(&self, cancel: CancellationToken) -> Result<()> {
+        let inner = &self.inner;
+        loop {
+            if let Some(retention) = inner.config.retention {
+                self.prune_older_than(retention).await?;
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => return Ok(()),
+                _ = tokio::time::sleep(inner.config.prune_interval) => {}
+            }
+        }
+    }
+
+    /// Deletes terminal tasks that finished longer than `age` ago. Returns how many.
+    pub async fn prune_older_than(&self, age: Duration) -> Result<usize> {
+        const BATCH: usize = 1_000;
+        let before = Timestamp(Timestamp::now().0.saturating_sub(age.as_millis() as i64));
+        let mut total = 0;
+        loop {
+            let pruned = self.inner.store.prune(before, BATCH).await?;
+            total += pruned;
+            if pruned < BATCH {
+                return Ok(total);
+            }
+        }
+    }
+
+    /// Stops gracefully: refuses new tasks, stops starting queued ones, lets running tasks finish
+    /// until `deadline` minus the cancel grace, then cancels the rest (they go back to the queue
+    /// for the next start, their attempt not counted), and flushes the store.
+    pub async fn shutdown(&self, deadline: Duration) -> ShutdownReport {
+        let inner = &self.inner;
+        let started = Instant::now();
+        inner.accepting.store(false, Ordering::Release);
+        inner.draining.cancel();
+        let running_at_start = inner.running_count.load(Ordering::Acquire);
+        let drain_until = started + deadline.saturating_sub(inner.config.cancel_grace);
+        loop {
+            let idle = inner.idle.notified();
+            if inner.running_count.load(Ordering::Acquire) == 0 {
+                break;
+            }
+            if tokio::time::timeout_at(drain_until.into(), idle).await.is_err() {
+                break;
+            }
+        }
+        let left: Vec<TaskId> = inner.lock_running().keys().copied().collect();
+        for id in &left {
+            inner.stop_running(*id, StopReason::Shutdown);
+        }
+        inner.workers.close();
+        let _ = tokio::time::timeout_at((started + deadline).into(), inner.workers.wait()).await;
+        if let Err(error) = inner.store.flush().await {
+            tracing::error!(%error, "flushing the store at shutdown failed");
+        }
+        ShutdownReport { running_at_start, interrupted: left.len(), duration: started.elapsed() }
+    }
+}
+
+type LoopFn =
+    fn(Engine, CancellationToken) -> std::pin::Pin<Box<dyn Future<Output = Result<()>> + Send>>;
+
+/// Why a running attempt is being stopped.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[repr(u8)]
+enum StopReason {
+    None = 0,
+    Cancelled = 1,
+    TimedOut = 2,
+    LeaseLost = 3,
+    Shutdown = 4,
+}
+
+impl StopReason {
+    fn from_u8(value: u8) -> StopReason {
+        match value {
+            1 => StopReason::Cancelled,
+            2 => StopReason::TimedOut,
+            3 => StopReason::LeaseLost,
+            4 => StopReason::Shutdown,
+            _ => StopReason::None,
+        }
+    }
+}
+
+struct RunningTask {
+    attempt: u32,
+    task_type: String,
+    control: Arc<Control>,
+}
+
+struct Control {
+    cancel: CancellationToken,
+    reason: AtomicU8,
+}
+
+impl Control {
+    /// Asks the attempt to stop; the first reason given wins.
+    fn stop(&self, reason: StopReason) {
+        let _ = self.reason.compare_exchange(
+            StopReason::None as u8,
+            reason as u8,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
+        self.cancel.cancel();
+    }
+
+    fn reason(&self) -> StopReason {
+        StopReason::from_u8(self.reason.load(Ordering::Acquire))
+    }
+}
+
+struct Limits {
+    type_limits: HashMap<String, usize>,
+    paused_types: HashSet<String>,
+}
+
+/// How many recent durations per type the ETA remembers.
+const DURATION_WINDOW: usize = 32;
+
+pub(crate) struct Inner {
+    store: Arc<dyn Store>,
+    handlers: HashMap<String, Arc<dyn ErasedHandler>>,
+    config: EngineConfig,
+    concurrency: AtomicUsize,
+    limits: Mutex<Limits>,
+    running: Mutex<HashMap<TaskId, RunningTask>>,
+    running_count: AtomicUsize,
+    queue_paused: AtomicBool,
+    accepting: AtomicBool,
+    draining: CancellationToken,
+    wake: Notify,
+    idle: Notify,
+    next_due: AtomicI64,
+    events: broadcast::Sender<TaskEvent>,
+    waiters: Mutex<HashMap<TaskId, Vec<oneshot::Sender<()>>>>,
+    waiter_count: AtomicUsize,
+    durations: Mutex<HashMap<String, VecDeque<Duration>>>,
+    workers: TaskTracker,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every critical section leaves its data whole before anything that could panic.
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Inner {
+    fn limits(&self) -> MutexGuard<'_, Limits> {
+        lock(&self.limits)
+    }
+
+    fn lock_running(&self) -> MutexGuard<'_, HashMap<TaskId, RunningTask>> {
+        lock(&self.running)
+    }
+
+    fn validate(&self, task: &NewTask) -> Result<()> {
+        if !self.handlers.contains_key(&task.task_type) {
+            let mut known: Vec<&str> = self.handlers.keys().map(String::as_str).collect();
+            known.sort_unstable();
+            return Err(Error::UnknownTaskType {
+                task_type: task.task_type.chars().take(100).collect(),
+                known: if known.is_empty() { "(none)".into() } else { known.join(", ") },
+            });
+        }
+        if let Some(key) = &task.idempotency_key
+            && (key.is_empty() || key.len() > 256)
+        {
+            return Err(Error::InvalidInput {
+                field: "idempotency_key",
+                message: format!("must be 1 to 256 bytes long, got {}", key.len()),
+            });
+        }
+        if task.tags.len() > 32 || task.tags.iter().any(|t| t.is_empty() || t.len() > 128) {
+            return Err(Error::InvalidInput {
+                field: "tags",
+                message: "at most 32 tags, each 1 to 128 bytes long".into(),
+            });
+        }
+        Ok(())
+    }
+
+    fn publish(&self, event: TaskEvent) {
+        if self.events.receiver_count() > 0 {
+            let _ = self.events.send(event);
+        }
+    }
+
+    fn note_due(&self, at: Timestamp) {
+        let previous = self.next_due.fetch_min(at.0, Ordering::AcqRel);
+        if at.0 < previous {
+            self.wake.notify_one();
+        }
+    }
+
+    fn add_waiter(&self, id: TaskId) -> oneshot::Receiver<()> {
+        let (tx, rx) = oneshot::channel();
+        let mut waiters = lock(&self.waiters);
+        let list = waiters.entry(id).or_default();
+        list.retain(|sender| !sender.is_closed());
+        list.push(tx);
+        self.waiter_count.store(waiters.len(), Ordering::Release);
+        rx
+    }
+
+    fn wake_waiters(&self, id: TaskId) {
+        if self.waiter_count.load(Ordering::Acquire) == 0 {
+            return;
+        }
+        let mut waiters = lock(&self.waiters);
+        if let Some(list) = waiters.remove(&id) {
+            for sender in list {
+                let _ = sender.send(());
+            }
+        }
+        self.waiter_count.store(waiters.len(), Ordering::Release);
+    }
+
+    fn after_recovery(&self, recovered: &[Task]) {
+        for task in recovered {
+            self.publish(TaskEvent::Status { id: task.id, status: task.status, attempt: task.attempt });
+            if task.status.is_terminal() {
+                self.wake_waiters(task.id);
+            }
+        }
+        if !recovered.is_empty() {
+            self.wake.notify_one();
+        }
+    }
+
+    fn free_slots(&self) -> usize {
+        self.concurrency
+            .load(Ordering::Acquire)
+            .saturating_sub(self.running_count.load(Ordering::Acquire))
+    }
+
+    fn claim_request(&self, max: usize, now: Timestamp) -> ClaimRequest {
+        let limits = self.limits();
+        let mut exclude_types: Vec<String> = limits.paused_types.iter().cloned().collect();
+        let mut type_room = Vec::new();
+        if !limits.type_limits.is_empty() {
+            let running = self.lock_running();
+            for (task_type, limit) in &limits.type_limits {
+                let busy = running.values().filter(|r| r.task_type == *task_type).count();
+                match limit.saturating_sub(busy) {
+                    0 => exclude_types.push(task_type.clone()),
+                    room => type_room.push((task_type.clone(), room)),
+                }
+            }
+        }
+        ClaimRequest {
+            max,
+            now,
+            lease_until: now.after(self.config.lease),
+            exclude_types,
+            type_room,
+        }
+    }
+
+    fn start(self: &Arc<Self>, task: Task) {
+        let control =
+            Arc::new(Control { cancel: CancellationToken::new(), reason: AtomicU8::new(0) });
+        self.lock_running().insert(
+            task.id,
+            RunningTask {
+                attempt: task.attempt,
+                task_type: task.task_type.clone(),
+                control: Arc::clone(&control),
+            },
+        );
+        self.running_count.fetch_add(1, Ordering::AcqRel);
+        self.publish(TaskEvent::Status { id: task.id, status: Status::Running, attempt: task.attempt });
+        let inner = Arc::clone(self);
+        self.workers.spawn(async move { inner.run_attempt(task, control).await });
+    }
+
+    async fn run_attempt(self: Arc<Self>, task: Task, control: Arc<Control>) {
+        let started = Instant::now();
+        let id = task.id;
+        let attempt = task.attempt;
+        let verdict = match self.handlers.get(&task.task_type) {
+            Some(handler) => {
+                let context = TaskContext {
+                    id,
+                    task_type: task.task_type.clone(),
+                    params: task.params.clone(),
+                    attempt,
+                    max_attempts: task.max_attempts,
+                    session_id: task.session_id.clone(),
+                    cancel: control.cancel.clone(),
+                    engine: Arc::clone(&self),
+                };
+                let future = Arc::clone(handler).start(context);
+                self.drive(future, task.timeout, &control).await
+            }
+            None => Verdict::Rejected(format!(
+                "no handler is registered for task type `{}` on this node",
+                task.task_type
+            )),
+        };
+        let now = Timestamp::now();
+        let outcome = self.outcome(&task, verdict, &control, now);
+        let completed = matches!(outcome, Some(Outcome::Completed { .. }));
+        if let Some(outcome) = outcome {
+            match self.store.finish(Finish { id, attempt, now, outcome: outcome.clone() }).await {
+                Ok(true) => {
+                    let status = outcome.status();
+                    self.publish(TaskEvent::Status { id, status, attempt });
+                    if status.is_terminal() {
+                        self.wake_waiters(id);
+                    }
+                    if let Outcome::Failed { retry_at: Some(at), .. } = outcome {
+                        self.note_due(at);
+                    }
+                }
+                Ok(false) => {
+                    tracing::warn!(%id, attempt, "the attempt no longer held its task; its outcome was dropped");
+                }
+                Err(error) => {
+                    tracing::error!(%id, attempt, %error, "recording the end of an attempt failed; the lease reaper will recover the task");
+                }
+            }
+        }
+        if completed {
+            self.record_duration(&task.task_type, started.elapsed());
+        }
+        self.lock_running().remove(&id);
+        if self.running_count.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.idle.notify_waiters();
+        }
+        self.wake.notify_one();
+    }
+
+    /// Runs the handler's future to its end, a timeout, or a stop, catching panics.
+    async fn drive(
+        &self,
+        mut future: crate::handler::HandlerFuture,
+        timeout: Option<Duration>,
+        control: &Control,
+    ) -> Verdict {
+        let mut guarded = pin!(poll_fn(move |cx| {
+            match std::panic::catch_unwind(AssertUnwindSafe(|| future.as_mut().poll(cx))) {
+                Ok(Poll::Ready(result)) => Poll::Ready(Verdict::Returned(result)),
+                Ok(Poll::Pending) => Poll::Pending,
+                Err(payload) => Poll::Ready(Verdict::Panicked(panic_message(payload.as_ref()))),
+            }
+        }));
+        let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
+        let first = tokio::select! {
+            biased;
+            verdict = &mut guarded => return verdict,
+            _ = control.cancel.cancelled() => None,
+            _ = sleep_until_opt(deadline) => Some(StopReason::TimedOut),
+        };
+        if let Some(reason) = first {
+            control.stop(reason);
+        }
+        // Give the handler its grace period to notice the cancel and return.
+        match tokio::time::timeout(self.config.cancel_grace, &mut guarded).await {
+            Ok(_) => Verdict::Stopped,
+            Err(_) => {
+                tracing::warn!(
+                    grace_ms = self.config.cancel_grace.as_millis() as u64,
+                    "a handler ignored its cancellation past the grace period; its future was dropped"
+                );
+                Verdict::Aborted
+            }
+        }
+    }
+
+    /// What the store should record for an attempt's verdict; `None` when nothing may be
+    /// written (the attempt lost its lease).
+    fn outcome(&self, task: &Task, verdict: Verdict, control: &Control, now: Timestamp) -> Option<Outcome> {
+        let retry_at = |retryable: bool| {
+            (retryable && task.has_attempts_left()).then(|| now.after(task.retry.delay_after(task.attempt)))
+        };
+        let failed = |kind: FailureKind, message: String, retryable: bool| Outcome::Failed {
+            error: TaskError { kind, message },
+            retry_at: retry_at(retryable),
+        };
+        match (control.reason(), verdict) {
+            (StopReason::None, Verdict::Returned(Ok(result))) => {
+                let size = serde_json::to_vec(&result).map(|v| v.len()).unwrap_or(0);
+                if size > self.config.max_result_bytes {
+                    Some(failed(
+                        FailureKind::Error,
+                        Error::ResultTooLarge { size, limit: self.config.max_result_bytes }.to_string(),
+                        false,
+                    ))
+                } else {
+                    Some(Outcome::Completed { result })
+                }
+            }
+            (StopReason::None, Verdict::Returned(Err(TaskFailure { message, retryable }))) => {
+                Some(failed(FailureKind::Error, message, retryable))
+            }
+            (StopReason::None, Verdict::Panicked(message)) => {
+                Some(failed(FailureKind::Error, format!("the handler panicked: {message}"), true))
+            }
+            (_, Verdict::Rejected(message)) => Some(failed(FailureKind::Rejected, message, false)),
+            (StopReason::LeaseLost, _) => None,
+            (StopReason::Cancelled, _) => Some(Outcome::Cancelled),
+            (StopReason::Shutdown, _) => Some(Outcome::Interrupted),
+            (StopReason::TimedOut, _) => {
+                let limit = task.timeout.unwrap_or_default();
+                Some(failed(
+                    FailureKind::Timeout,
+                    format!("timed out after {:.1} s", limit.as_secs_f64()),
+                    true,
+                ))
+            }
+            (StopReason::None, Verdict::Stopped | Verdict::Aborted) => {
+                Some(failed(FailureKind::Error, "the attempt stopped for no recorded reason".into(), true))
+            }
+        }
+    }
+
+    fn stop_running(&self, id: TaskId, reason: StopReason) {
+        if let Some(running) = self.lock_running().get(&id) {
+            running.control.stop(reason);
+        }
+    }
+
+    async fn heartbeat(&self) -> Result<()> {
+        let held: Vec<(TaskId, u32)> =
+            self.lock_running().iter().map(|(id, r)| (*id, r.attempt)).collect();
+        if held.is_empty() {
+            return Ok(());
+        }
+        let lease_until = Timestamp::now().after(self.config.lease);
+        let reply = self.store.heartbeat(Heartbeat { held, lease_until }).await?;
+        for id in reply.lost {
+            tracing::warn!(%id, "a running attempt lost its lease; stopping it");
+            self.stop_running(id, StopReason::LeaseLost);
+        }
+        for id in reply.cancel_requested {
+            self.stop_running(id, StopReason::Cancelled);
+        }
+        Ok(())
+    }
+
+    pub(crate) async fn report_progress(
+        &self,
+        id: TaskId,
+        attempt: u32,
+        progress: f64,
+        message: Option<String>,
+    ) -> Result<()> {
+        if !progress.is_finite() || !(0.0..=1.0).contains(&progress) {
+            return Err(Error::InvalidProgress { value: progress });
+        }
+        let update = ProgressUpdate { id, attempt, progress, message: message.clone(), now: Timestamp::now() };
+        if !self.store.progress(update).await? {
+            return Err(Error::Fenced { id, attempt });
+        }
+        self.publish(TaskEvent::Progress { id, progress, message });
+        Ok(())
+    }
+
+    fn record_duration(&self, task_type: &str, duration: Duration) {
+        let mut durations = lock(&self.durations);
+        let window = match durations.get_mut(task_type) {
+            Some(window) => window,
+            None => durations.entry(task_type.to_owned()).or_default(),
+        };
+        if window.len() == DURATION_WINDOW {
+            window.pop_front();
+        }
+        window.push_back(duration);
+    }
+
+    fn median_duration(&self, task_type: &str) -> Option<Duration> {
+        let durations = lock(&self.durations);
+        let mut recent: Vec<Duration> = durations.get(task_type)?.iter().copied().collect();
+        drop(durations);
+        recent.sort_unstable();
+        recent.get(recent.len() / 2).copied()
+    }
+}
+
+enum Verdict {
+    Returned(std::result::Result<Value, TaskFailure>),
+    Panicked(String),
+    Rejected(String),
+    /// The handler returned within the grace period after a stop.
+    Stopped,
+    /// The handler ignored the stop past its grace period; its future was dropped.
+    Aborted,
+}
+
+async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into())
+}

@@ -1,0 +1,158 @@
+//! How each store request changes one task record, shared by every store.
+//!
+//! Each function asks the state machine ([`crate::state::decide`]) for the new status and
+//! updates the record's other fields to match. Stores that write with specialised SQL on their
+//! hot paths must give the same result as these functions; the conformance suite checks that.
+
+use crate::error::{Error, Result};
+use crate::model::{FailureKind, Status, Task, TaskError, Timestamp};
+use crate::state::{Event, decide};
+use crate::store::{Command, Finish, Outcome};
+
+fn illegal(task: &Task, transition: crate::state::IllegalTransition) -> Error {
+    Error::IllegalTransition { id: task.id, transition }
+}
+
+/// Starts a new attempt of a queued task.
+pub(crate) fn claim(task: &mut Task, now: Timestamp, lease_until: Timestamp) -> Result<()> {
+    task.status = decide(task.status, Event::Claim).map_err(|t| illegal(task, t))?;
+    task.attempt += 1;
+    task.started_at = Some(now);
+    task.updated_at = now;
+    task.lease_until = Some(lease_until);
+    task.run_at = None;
+    task.progress = None;
+    task.progress_message = None;
+    Ok(())
+}
+
+/// Moves a due scheduled task to the queue.
+pub(crate) fn promote(task: &mut Task, now: Timestamp) -> Result<()> {
+    task.status = decide(task.status, Event::Promote).map_err(|t| illegal(task, t))?;
+    task.run_at = None;
+    task.updated_at = now;
+    Ok(())
+}
+
+/// Whether `attempt` still holds the task: the fence of every write of a running attempt.
+pub(crate) fn holds(task: &Task, attempt: u32) -> bool {
+    task.status == Status::Running && task.attempt == attempt
+}
+
+/// Ends a running attempt. Returns `false` (and changes nothing) when the attempt is fenced out.
+pub(crate) fn finish(task: &mut Task, finish: &Finish) -> bool {
+    if !holds(task, finish.attempt) {
+        return false;
+    }
+    let now = finish.now;
+    let Ok(to) = decide(task.status, finish.outcome.event()) else {
+        return false;
+    };
+    task.status = to;
+    task.updated_at = now;
+    task.lease_until = None;
+    task.cancel_requested = false;
+    match &finish.outcome {
+        Outcome::Completed { result } => {
+            task.result = Some(result.clone());
+            task.progress = Some(1.0);
+        }
+        Outcome::Failed { error, retry_at } => {
+            task.error = Some(error.clone());
+            task.run_at = *retry_at;
+        }
+        Outcome::Interrupted => {
+            // The attempt was cut short by a shutdown: it does not count.
+            task.max_attempts = task.max_attempts.saturating_add(1);
+        }
+        Outcome::Cancelled => {}
+    }
+    if to.is_terminal() {
+        task.finished_at = Some(now);
+    }
+    true
+}
+
+/// Records progress. Returns `false` when the attempt is fenced out.
+pub(crate) fn progress(
+    task: &mut Task,
+    attempt: u32,
+    progress: f64,
+    message: Option<String>,
+    now: Timestamp,
+) -> bool {
+    if !holds(task, attempt) {
+        return false;
+    }
+    task.progress = Some(progress);
+    if message.is_some() {
+        task.progress_message = message;
+    }
+    task.updated_at = now;
+    true
+}
+
+/// Applies a person's command.
+pub(crate) fn command(task: &mut Task, command: Command, now: Timestamp) -> Result<()> {
+    let event = match command {
+        Command::Cancel => Event::Cancel,
+        Command::Pause => Event::Pause,
+        Command::Resume => Event::Resume {
+            frozen: false,
+            due: task.run_at.is_none_or(|at| at <= now),
+        },
+    };
+    let to = decide(task.status, event).map_err(|t| illegal(task, t))?;
+    match (task.status, command) {
+        (Status::Running, Command::Cancel) => {
+            // The worker holding the attempt stops it and records the cancel.
+            task.cancel_requested = true;
+            task.updated_at = now;
+            return Ok(());
+        }
+        (Status::Running, Command::Pause) => {
+            return Err(Error::NotSupported {
+                message: format!(
+                    "task {} is running; this engine pauses tasks before they start. Running tasks can be frozen only by sandboxed handlers; cancel it instead, or pause it before it starts",
+                    task.id
+                ),
+            });
+        }
+        _ => {}
+    }
+    task.status = to;
+    task.updated_at = now;
+    if to.is_terminal() {
+        task.finished_at = Some(now);
+        task.lease_until = None;
+    }
+    Ok(())
+}
+
+/// Recovers a running attempt whose worker is gone: retried if attempts remain, cancelled if a
+/// cancel was asked for, else failed with `worker_lost`.
+pub(crate) fn recover(task: &mut Task, now: Timestamp) -> Result<()> {
+    let attempt = task.attempt;
+    let (event, error) = if task.cancel_requested {
+        (Event::Cancel, None)
+    } else {
+        let error = TaskError {
+            kind: FailureKind::WorkerLost,
+            message: format!(
+                "the worker running attempt {attempt} stopped renewing its lease (it died or the daemon was killed)"
+            ),
+        };
+        (Event::Abandon { retry: task.has_attempts_left() }, Some(error))
+    };
+    task.status = decide(task.status, event).map_err(|t| illegal(task, t))?;
+    task.updated_at = now;
+    task.lease_until = None;
+    task.cancel_requested = false;
+    if error.is_some() {
+        task.error = error;
+    }
+    if task.status.is_terminal() {
+        task.finished_at = Some(now);
+    }
+    Ok(())
+}

@@ -1,0 +1,341 @@
+//! An in-memory store: for tests and for work that need not survive the process.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Mutex, MutexGuard};
+
+use crate::error::{Error, Result};
+use crate::model::{Status, Task, TaskId, Timestamp};
+use crate::store::{
+    ClaimRequest, Command, Cursor, Finish, Heartbeat, HeartbeatReply, ListFilter, Page,
+    PageRequest, ProgressUpdate, Promoted, Recover, Stats, Store, StoreFuture, Submitted, apply,
+};
+
+/// A store that keeps tasks in memory, with the same semantics as the durable stores.
+#[derive(Default)]
+pub struct MemoryStore {
+    state: Mutex<State>,
+}
+
+impl MemoryStore {
+    /// An empty store.
+    pub fn new() -> MemoryStore {
+        MemoryStore::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while the lock was held cannot leave an index half-updated (each update is
+        // applied in full before any call that could panic), so a poisoned lock is still usable.
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+#[derive(Default)]
+struct State {
+    next_seq: u64,
+    tasks: HashMap<TaskId, Entry>,
+    by_seq: BTreeSet<(u64, TaskId)>,
+    queued: BTreeSet<(Reverse<u8>, u64, TaskId)>,
+    scheduled: BTreeSet<(Timestamp, u64, TaskId)>,
+    running: BTreeSet<(u64, TaskId)>,
+    finished: BTreeSet<(Timestamp, u64, TaskId)>,
+    idempotency: HashMap<(Option<String>, String), TaskId>,
+    stats: Option<Stats>,
+}
+
+struct Entry {
+    seq: u64,
+    task: Task,
+}
+
+impl State {
+    fn stats_mut(&mut self) -> &mut Stats {
+        self.stats.get_or_insert_with(Stats::empty)
+    }
+
+    fn index(&mut self, seq: u64, task: &Task) {
+        let id = task.id;
+        match task.status {
+            Status::Queued => {
+                self.queued.insert((Reverse(task.priority.get()), seq, id));
+            }
+            Status::Scheduled => {
+                self.scheduled.insert((task.run_at.unwrap_or_default(), seq, id));
+            }
+            Status::Running => {
+                self.running.insert((seq, id));
+            }
+            Status::Completed | Status::Failed | Status::Cancelled => {
+                self.finished.insert((task.finished_at.unwrap_or_default(), seq, id));
+            }
+            Status::Paused => {}
+        }
+    }
+
+    fn unindex(&mut self, seq: u64, task: &Task) {
+        let id = task.id;
+        match task.status {
+            Status::Queued => {
+                self.queued.remove(&(Reverse(task.priority.get()), seq, id));
+            }
+            Status::Scheduled => {
+                self.scheduled.remove(&(task.run_at.unwrap_or_default(), seq, id));
+            }
+            Status::Running => {
+                self.running.remove(&(seq, id));
+            }
+            Status::Completed | Status::Failed | Status::Cancelled => {
+                self.finished.remove(&(task.finished_at.unwrap_or_default(), seq, id));
+            }
+            Status::Paused => {}
+        }
+    }
+
+    /// Runs `change` on a task, keeping the indexes and counts in step with its status.
+    fn update<R>(&mut self, id: TaskId, change: impl FnOnce(&mut Task) -> R) -> Option<R> {
+        let mut entry = self.tasks.remove(&id)?;
+        let before = entry.task.status;
+        self.unindex(entry.seq, &entry.task);
+        let result = change(&mut entry.task);
+        self.index(entry.seq, &entry.task);
+        let after = entry.task.status;
+        if before != after {
+            let task_type = entry.task.task_type.clone();
+            self.stats_mut().moved(&task_type, before, after);
+        }
+        self.tasks.insert(id, entry);
+        Some(result)
+    }
+
+    fn insert(&mut self, task: Task) {
+        self.next_seq += 1;
+        let seq = self.next_seq;
+        self.index(seq, &task);
+        self.by_seq.insert((seq, task.id));
+        if let Some(key) = &task.idempotency_key {
+            self.idempotency.insert((task.owner.clone(), key.clone()), task.id);
+        }
+        self.stats_mut().add(&task.task_type, task.status, 1);
+        self.tasks.insert(task.id, Entry { seq, task });
+    }
+
+    fn remove(&mut self, id: TaskId) {
+        if let Some(entry) = self.tasks.remove(&id) {
+            self.unindex(entry.seq, &entry.task);
+            self.by_seq.remove(&(entry.seq, id));
+            if let Some(key) = entry.task.idempotency_key.clone() {
+                self.idempotency.remove(&(entry.task.owner.clone(), key));
+            }
+            self.stats_mut().add(&entry.task.task_type, entry.task.status, -1);
+        }
+    }
+
+    fn claim(&mut self, request: &ClaimRequest) -> Vec<Task> {
+        let candidates = pick_claimable(
+            self.queued.iter().map(|(_, _, id)| *id),
+            request,
+            |id| &self.tasks[id].task.task_type,
+        );
+        let mut claimed = Vec::with_capacity(candidates.len());
+        for id in candidates {
+            let done = self.update(id, |task| {
+                apply::claim(task, request.now, request.lease_until).map(|()| task.clone())
+            });
+            if let Some(Ok(task)) = done {
+                claimed.push(task);
+            }
+        }
+        claimed
+    }
+}
+
+/// Picks up to `request.max` ids from `queue` (in claim order), skipping the types that have no
+/// room left.
+fn pick_claimable<'a>(
+    queue: impl Iterator<Item = TaskId>,
+    request: &ClaimRequest,
+    type_of: impl Fn(&TaskId) -> &'a String,
+) -> Vec<TaskId> {
+    let mut picked = Vec::new();
+    if request.max == 0 {
+        return picked;
+    }
+    let limited = !request.exclude_types.is_empty() || !request.type_room.is_empty();
+    let mut taken_by_type: HashMap<&str, usize> = HashMap::new();
+    for id in queue {
+        if limited {
+            let task_type = type_of(&id);
+            if let Some(room) = request.room_for(task_type) {
+                let taken = taken_by_type.entry(task_type.as_str()).or_insert(0);
+                if *taken >= room {
+                    continue;
+                }
+                *taken += 1;
+            }
+        }
+        picked.push(id);
+        if picked.len() == request.max {
+            break;
+        }
+    }
+    picked
+}
+
+fn ready<T: Send + 'static>(value: Result<T>) -> StoreFuture<'static, T> {
+    Box::pin(std::future::ready(value))
+}
+
+impl Store for MemoryStore {
+    fn submit(&self, tasks: Vec<Task>) -> StoreFuture<'_, Vec<Submitted>> {
+        let mut state = self.lock();
+        let mut out = Vec::with_capacity(tasks.len());
+        for task in tasks {
+            let existing = task.idempotency_key.as_ref().and_then(|key| {
+                state.idempotency.get(&(task.owner.clone(), key.clone())).copied()
+            });
+            match existing.and_then(|id| state.tasks.get(&id)) {
+                Some(entry) => out.push(Submitted { task: entry.task.clone(), created: false }),
+                None => {
+                    out.push(Submitted { task: task.clone(), created: true });
+                    state.insert(task);
+                }
+            }
+        }
+        ready(Ok(out))
+    }
+
+    fn claim(&self, request: ClaimRequest) -> StoreFuture<'_, Vec<Task>> {
+        let claimed = self.lock().claim(&request);
+        ready(Ok(claimed))
+    }
+
+    fn promote_due(&self, now: Timestamp) -> StoreFuture<'_, Promoted> {
+        let mut state = self.lock();
+        let due: Vec<TaskId> = state
+            .scheduled
+            .iter()
+            .take_while(|(at, _, _)| *at <= now)
+            .map(|(_, _, id)| *id)
+            .collect();
+        for id in &due {
+            state.update(*id, |task| apply::promote(task, now));
+        }
+        let next_due = state.scheduled.first().map(|(at, _, _)| *at);
+        ready(Ok(Promoted { count: due.len(), next_due }))
+    }
+
+    fn finish(&self, finish: Finish) -> StoreFuture<'_, bool> {
+        let applied =
+            self.lock().update(finish.id, |task| apply::finish(task, &finish)).unwrap_or(false);
+        ready(Ok(applied))
+    }
+
+    fn progress(&self, update: ProgressUpdate) -> StoreFuture<'_, bool> {
+        let ProgressUpdate { id, attempt, progress, message, now } = update;
+        let applied = self
+            .lock()
+            .update(id, |task| apply::progress(task, attempt, progress, message, now))
+            .unwrap_or(false);
+        ready(Ok(applied))
+    }
+
+    fn heartbeat(&self, heartbeat: Heartbeat) -> StoreFuture<'_, HeartbeatReply> {
+        let mut state = self.lock();
+        let mut reply = HeartbeatReply::default();
+        for (id, attempt) in heartbeat.held {
+            match state.tasks.get_mut(&id) {
+                Some(entry) if apply::holds(&entry.task, attempt) => {
+                    entry.task.lease_until = Some(heartbeat.lease_until);
+                    if entry.task.cancel_requested {
+                        reply.cancel_requested.push(id);
+                    }
+                }
+                _ => reply.lost.push(id),
+            }
+        }
+        ready(Ok(reply))
+    }
+
+    fn command(&self, id: TaskId, command: Command, now: Timestamp) -> StoreFuture<'_, Task> {
+        let result = self
+            .lock()
+            .update(id, |task| apply::command(task, command, now).map(|()| task.clone()))
+            .unwrap_or(Err(Error::TaskNotFound { id }));
+        ready(result)
+    }
+
+    fn recover(&self, now: Timestamp, which: Recover) -> StoreFuture<'_, Vec<Task>> {
+        let mut state = self.lock();
+        let stale: Vec<TaskId> = state
+            .running
+            .iter()
+            .map(|(_, id)| *id)
+            .filter(|id| {
+                which == Recover::AllRunning
+                    || state.tasks[id].task.lease_until.is_none_or(|until| until < now)
+            })
+            .collect();
+        let mut recovered = Vec::with_capacity(stale.len());
+        for id in stale {
+            if let Some(Ok(task)) =
+                state.update(id, |task| apply::recover(task, now).map(|()| task.clone()))
+            {
+                recovered.push(task);
+            }
+        }
+        ready(Ok(recovered))
+    }
+
+    fn prune(&self, before: Timestamp, limit: usize) -> StoreFuture<'_, usize> {
+        let mut state = self.lock();
+        let old: Vec<TaskId> = state
+            .finished
+            .iter()
+            .take_while(|(at, _, _)| *at < before)
+            .take(limit)
+            .map(|(_, _, id)| *id)
+            .collect();
+        for id in &old {
+            state.remove(*id);
+        }
+        ready(Ok(old.len()))
+    }
+
+    fn get(&self, id: TaskId) -> StoreFuture<'_, Option<Task>> {
+        let task = self.lock().tasks.get(&id).map(|entry| entry.task.clone());
+        ready(Ok(task))
+    }
+
+    fn list(&self, filter: ListFilter, page: PageRequest) -> StoreFuture<'_, Page> {
+        let state = self.lock();
+        let limit = page.clamped_limit();
+        let upper = page.cursor.map_or(u64::MAX, |c| c.0);
+        let mut tasks = Vec::new();
+        let mut last_seq = None;
+        let mut more = false;
+        for (seq, id) in state.by_seq.range(..(upper, TaskId::from_bytes([0; 16]))).rev() {
+            let task = &state.tasks[id].task;
+            if !filter.matches(task) {
+                continue;
+            }
+            if tasks.len() == limit {
+                more = true;
+                break;
+            }
+            tasks.push(task.clone());
+            last_seq = Some(*seq);
+        }
+        let next_cursor = if more { last_seq.map(Cursor) } else { None };
+        ready(Ok(Page { tasks, next_cursor }))
+    }
+
+    fn stats(&self) -> StoreFuture<'_, Stats> {
+        let mut state = self.lock();
+        let stats = state.stats_mut().clone();
+        ready(Ok(stats))
+    }
+
+    fn flush(&self) -> StoreFuture<'_, ()> {
+        ready(Ok(()))
+    }
+}

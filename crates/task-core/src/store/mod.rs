@@ -1,0 +1,366 @@
+//! The store trait that every task store implements, and the types of its requests.
+//!
+//! A store keeps tasks and applies the state machine to them atomically. Every write of a running
+//! attempt is fenced: it applies only while the task is `running` with the same `attempt`, so a
+//! worker that lost its lease can never overwrite the work of the attempt that replaced it.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+use crate::model::{Status, Task, TaskError, TaskId, Timestamp};
+use crate::state::{Event, decide};
+
+mod apply;
+pub mod memory;
+pub mod sqlite;
+
+/// The future a store method returns.
+pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T>> + Send + 'a>>;
+
+/// A durable (or, for [`memory::MemoryStore`], ephemeral) home for tasks.
+///
+/// Methods take the current time from the caller, so that stores hold no clock of their own and
+/// tests can drive time.
+pub trait Store: Send + Sync + 'static {
+    /// Inserts new tasks. A task whose idempotency key (with its owner) is already taken is not
+    /// inserted; the existing task is returned with `created: false`.
+    fn submit(&self, tasks: Vec<Task>) -> StoreFuture<'_, Vec<Submitted>>;
+
+    /// Claims up to `request.max` queued tasks, highest priority first and oldest first within a
+    /// priority, moving them to `running` with a new attempt and a lease.
+    fn claim(&self, request: ClaimRequest) -> StoreFuture<'_, Vec<Task>>;
+
+    /// Moves scheduled tasks whose `run_at` has come to the queue.
+    fn promote_due(&self, now: Timestamp) -> StoreFuture<'_, Promoted>;
+
+    /// Ends a running attempt. Returns `false` when the attempt was fenced out.
+    fn finish(&self, finish: Finish) -> StoreFuture<'_, bool>;
+
+    /// Records progress of a running attempt. Returns `false` when the attempt was fenced out.
+    fn progress(&self, update: ProgressUpdate) -> StoreFuture<'_, bool>;
+
+    /// Extends the leases of running attempts; says which are no longer held and which were
+    /// asked to stop.
+    fn heartbeat(&self, heartbeat: Heartbeat) -> StoreFuture<'_, HeartbeatReply>;
+
+    /// Applies a person's command (cancel, pause, resume) to one task. Cancelling a running task
+    /// marks it `cancel_requested`; its worker ends it.
+    fn command(&self, id: TaskId, command: Command, now: Timestamp) -> StoreFuture<'_, Task>;
+
+    /// Recovers running attempts whose worker is gone: those whose lease expired before `now`,
+    /// or, with [`Recover::AllRunning`], every running attempt (for a store that one process owns
+    /// exclusively, at start). Returns the recovered tasks as they now are.
+    fn recover(&self, now: Timestamp, which: Recover) -> StoreFuture<'_, Vec<Task>>;
+
+    /// Deletes up to `limit` terminal tasks that finished before `before`. Returns how many.
+    fn prune(&self, before: Timestamp, limit: usize) -> StoreFuture<'_, usize>;
+
+    /// One task.
+    fn get(&self, id: TaskId) -> StoreFuture<'_, Option<Task>>;
+
+    /// A page of tasks matching the filter, newest first.
+    fn list(&self, filter: ListFilter, page: PageRequest) -> StoreFuture<'_, Page>;
+
+    /// Counts of tasks by status and by type.
+    fn stats(&self) -> StoreFuture<'_, Stats>;
+
+    /// Waits until every write accepted so far is durable.
+    fn flush(&self) -> StoreFuture<'_, ()>;
+}
+
+/// The answer to one submitted task.
+#[derive(Clone, Debug)]
+pub struct Submitted {
+    /// The task: the new one, or the one that already had the idempotency key.
+    pub task: Task,
+    /// `false` when an existing task with the same idempotency key was returned.
+    pub created: bool,
+}
+
+/// What a claim may take.
+#[derive(Clone, Debug)]
+pub struct ClaimRequest {
+    /// The most tasks to claim.
+    pub max: usize,
+    /// The current time: the attempt's start.
+    pub now: Timestamp,
+    /// The lease of the claimed attempts.
+    pub lease_until: Timestamp,
+    /// Types not to claim at all (paused, or at their concurrency limit).
+    pub exclude_types: Vec<String>,
+    /// Types with a concurrency limit and the number of their tasks that may still start.
+    pub type_room: Vec<(String, usize)>,
+}
+
+impl ClaimRequest {
+    /// How many more tasks of `task_type` this claim may take, given `taken` already taken.
+    pub fn room_for(&self, task_type: &str) -> Option<usize> {
+        if self.exclude_types.iter().any(|t| t == task_type) {
+            return Some(0);
+        }
+        self.type_room.iter().find(|(t, _)| t == task_type).map(|(_, room)| *room)
+    }
+}
+
+/// The result of promoting due scheduled tasks.
+#[derive(Clone, Debug, Default)]
+pub struct Promoted {
+    /// How many tasks moved to the queue.
+    pub count: usize,
+    /// When the next scheduled task becomes due.
+    pub next_due: Option<Timestamp>,
+}
+
+/// The end of a running attempt.
+#[derive(Clone, Debug)]
+pub struct Finish {
+    /// The task.
+    pub id: TaskId,
+    /// The attempt that ends (the fence).
+    pub attempt: u32,
+    /// When.
+    pub now: Timestamp,
+    /// How it ended.
+    pub outcome: Outcome,
+}
+
+/// How an attempt ended.
+#[derive(Clone, Debug)]
+pub enum Outcome {
+    /// With a result: the task is completed.
+    Completed {
+        /// The handler's result.
+        result: Value,
+    },
+    /// With an error or a timeout: retried at `retry_at` if given, else failed.
+    Failed {
+        /// The error.
+        error: TaskError,
+        /// When the next attempt may start.
+        retry_at: Option<Timestamp>,
+    },
+    /// Interrupted by a shutdown: back to the queue, and the attempt does not count against
+    /// `max_attempts`.
+    Interrupted,
+    /// Cancelled while it ran.
+    Cancelled,
+}
+
+impl Outcome {
+    /// The state machine's event for this outcome.
+    pub fn event(&self) -> Event {
+        match self {
+            Outcome::Completed { .. } => Event::Complete,
+            Outcome::Failed { retry_at, .. } => Event::Fail { retry: retry_at.is_some() },
+            Outcome::Interrupted => Event::Abandon { retry: true },
+            Outcome::Cancelled => Event::Cancel,
+        }
+    }
+
+    /// The status a running task moves to with this outcome.
+    pub fn status(&self) -> Status {
+        // Every outcome is an event that a running task allows.
+        decide(Status::Running, self.event()).unwrap_or(Status::Failed)
+    }
+}
+
+/// A progress report of a running attempt.
+#[derive(Clone, Debug)]
+pub struct ProgressUpdate {
+    /// The task.
+    pub id: TaskId,
+    /// The attempt reporting (the fence).
+    pub attempt: u32,
+    /// From 0.0 to 1.0 (checked by the caller).
+    pub progress: f64,
+    /// The handler's words.
+    pub message: Option<String>,
+    /// When.
+    pub now: Timestamp,
+}
+
+/// A renewal of the leases a worker holds.
+#[derive(Clone, Debug)]
+pub struct Heartbeat {
+    /// The attempts held: task and attempt.
+    pub held: Vec<(TaskId, u32)>,
+    /// The new end of their leases.
+    pub lease_until: Timestamp,
+}
+
+/// The answer to a heartbeat.
+#[derive(Clone, Debug, Default)]
+pub struct HeartbeatReply {
+    /// Attempts no longer held (recovered by a reaper, or ended): stop them.
+    pub lost: Vec<TaskId>,
+    /// Attempts asked to stop by a cancel.
+    pub cancel_requested: Vec<TaskId>,
+}
+
+/// A person's command on one task.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Command {
+    /// Cancel: at once unless running; a running task is marked and its worker ends it.
+    Cancel,
+    /// Hold a queued or scheduled task.
+    Pause,
+    /// Release a paused task.
+    Resume,
+}
+
+/// Which running attempts [`Store::recover`] takes.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Recover {
+    /// Those whose lease has expired.
+    Expired,
+    /// All of them (their process is known to be gone).
+    AllRunning,
+}
+
+/// Which tasks to list. Empty fields match everything.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ListFilter {
+    /// Any of these statuses.
+    pub statuses: Vec<Status>,
+    /// This type.
+    pub task_type: Option<String>,
+    /// This owner.
+    pub owner: Option<String>,
+    /// This session.
+    pub session_id: Option<String>,
+    /// Created at or after.
+    pub created_from: Option<Timestamp>,
+    /// Created before.
+    pub created_until: Option<Timestamp>,
+}
+
+impl ListFilter {
+    /// Whether `task` matches.
+    pub fn matches(&self, task: &Task) -> bool {
+        (self.statuses.is_empty() || self.statuses.contains(&task.status))
+            && self.task_type.as_ref().is_none_or(|t| *t == task.task_type)
+            && self.owner.as_ref().is_none_or(|o| Some(o) == task.owner.as_ref())
+            && self.session_id.as_ref().is_none_or(|s| Some(s) == task.session_id.as_ref())
+            && self.created_from.is_none_or(|from| task.created_at >= from)
+            && self.created_until.is_none_or(|until| task.created_at < until)
+    }
+}
+
+/// Which page of a listing.
+#[derive(Clone, Debug)]
+pub struct PageRequest {
+    /// Where the previous page ended; `None` for the first page.
+    pub cursor: Option<Cursor>,
+    /// The most tasks in the page (1 to [`PageRequest::MAX_LIMIT`]).
+    pub limit: usize,
+}
+
+impl PageRequest {
+    /// The largest page.
+    pub const MAX_LIMIT: usize = 1_000;
+
+    /// The first page of `limit` tasks.
+    pub fn first(limit: usize) -> PageRequest {
+        PageRequest { cursor: None, limit }
+    }
+
+    /// The limit, clamped to 1..=MAX_LIMIT.
+    pub fn clamped_limit(&self) -> usize {
+        self.limit.clamp(1, Self::MAX_LIMIT)
+    }
+}
+
+/// A page of tasks.
+#[derive(Clone, Debug)]
+pub struct Page {
+    /// The tasks, newest first.
+    pub tasks: Vec<Task>,
+    /// The cursor of the next page; `None` on the last page.
+    pub next_cursor: Option<Cursor>,
+}
+
+/// A position in a listing. Opaque to callers: its text form is what they pass back.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct Cursor(pub(crate) u64);
+
+impl fmt::Display for Cursor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "c1.{:x}", self.0)
+    }
+}
+
+impl FromStr for Cursor {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        s.strip_prefix("c1.")
+            .and_then(|hex| u64::from_str_radix(hex, 16).ok())
+            .map(Cursor)
+            .ok_or_else(|| Error::InvalidInput {
+                field: "cursor",
+                message: format!(
+                    "`{}` is not a cursor of this listing: pass back the next_cursor of the previous page unchanged, or omit it for the first page",
+                    s.chars().take(40).collect::<String>()
+                ),
+            })
+    }
+}
+
+/// Counts of tasks.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stats {
+    /// Tasks by status (every status present, zero included).
+    pub by_status: BTreeMap<Status, u64>,
+    /// Tasks by type, then by status (statuses with no task left out).
+    pub by_type: BTreeMap<String, BTreeMap<Status, u64>>,
+}
+
+impl Stats {
+    /// The number of tasks in `status`.
+    pub fn count(&self, status: Status) -> u64 {
+        self.by_status.get(&status).copied().unwrap_or(0)
+    }
+
+    /// All tasks.
+    pub fn total(&self) -> u64 {
+        self.by_status.values().sum()
+    }
+
+    /// Adds `delta` to the count of (`task_type`, `status`).
+    pub(crate) fn add(&mut self, task_type: &str, status: Status, delta: i64) {
+        let slot = self.by_status.entry(status).or_insert(0);
+        *slot = slot.saturating_add_signed(delta);
+        let by_status = match self.by_type.get_mut(task_type) {
+            Some(by_status) => by_status,
+            None => self.by_type.entry(task_type.to_owned()).or_default(),
+        };
+        let slot = by_status.entry(status).or_insert(0);
+        *slot = slot.saturating_add_signed(delta);
+        if *slot == 0 {
+            by_status.remove(&status);
+            if by_status.is_empty() {
+                self.by_type.remove(task_type);
+            }
+        }
+    }
+
+    /// Moves one task of `task_type` from one status to another.
+    pub(crate) fn moved(&mut self, task_type: &str, from: Status, to: Status) {
+        if from != to {
+            self.add(task_type, from, -1);
+            self.add(task_type, to, 1);
+        }
+    }
+
+    /// Stats with every status present.
+    pub(crate) fn empty() -> Stats {
+        Stats { by_status: Status::ALL.into_iter().map(|s| (s, 0)).collect(), by_type: BTreeMap::new() }
+    }
+}

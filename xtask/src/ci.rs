@@ -1,0 +1,53 @@
+//! `cargo xtask ci`: every check that CI runs, in order, stopping at the first failure.
+//!
+//! The steps are: rustfmt, clippy, doctests and tests (with cargo-nextest when it is
+//! installed, else `cargo test`), and rustdoc with warnings denied.
+
+use xshell::{Shell, cmd};
+
+use crate::{print_step_header, project_root};
+
+pub(crate) fn run() -> anyhow::Result<()> {
+    let sh = Shell::new()?;
+    sh.change_dir(project_root());
+
+    print_step_header("format");
+    cmd!(sh, "cargo fmt --all -- --check").run()?;
+
+    print_step_header("lint");
+    cmd!(
+        sh,
+        "cargo clippy --workspace --all-targets --locked -- -D warnings"
+    )
+    .run()?;
+
+    if nextest_is_installed(&sh) {
+        // nextest does not run doctests, so they get a step of their own. It comes
+        // first so that the log closes on nextest's summary of the real tests.
+        print_step_header("doctests");
+        cmd!(sh, "cargo test --workspace --doc --locked").run()?;
+
+        print_step_header("tests (cargo-nextest)");
+        cmd!(sh, "cargo nextest run --workspace --locked --no-fail-fast").run()?;
+    } else {
+        // Without nextest, `cargo test` runs the doctests as well.
+        print_step_header("tests (cargo test: cargo-nextest is not installed)");
+        cmd!(sh, "cargo test --workspace --locked").run()?;
+    }
+
+    print_step_header("rustdoc (warnings denied)");
+    let _rustdocflags = sh.push_env("RUSTDOCFLAGS", "-D warnings");
+    cmd!(sh, "cargo doc --workspace --no-deps --locked").run()?;
+
+    print_step_header("ci: all checks passed");
+    Ok(())
+}
+
+fn nextest_is_installed(sh: &Shell) -> bool {
+    cmd!(sh, "cargo nextest --version")
+        .quiet()
+        .ignore_stdout()
+        .ignore_stderr()
+        .run()
+        .is_ok()
+}

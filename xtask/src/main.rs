@@ -1,0 +1,97 @@
+//! Project automation for msbd, run as `cargo xtask <command>`.
+//!
+//! All automation lives here, in Rust, so that it runs the same on a developer's
+//! machine and in CI. Run `cargo xtask help` for the list of commands.
+//!
+//! This crate is never a dependency of any other crate in the workspace.
+
+mod bench;
+mod ci;
+#[cfg(test)]
+mod tidy;
+
+use std::{
+    path::{Path, PathBuf},
+    process::ExitCode,
+};
+
+use anyhow::bail;
+
+const HELP: &str = "\
+Usage: cargo xtask <command>
+
+Commands:
+  ci                       Run every check that CI runs: fmt, clippy, tests,
+                           doctests and rustdoc, stopping at the first failure.
+  bench [-- <args>...]     Run the benchmarks, merge their results into
+                           target/bench/results.json and print them as a table.
+                           Arguments after `--` go to each bench binary
+                           (for example a name filter).
+  help                     Print this message.
+";
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let Some((command, rest)) = args.split_first() else {
+        eprint!("{HELP}");
+        bail!("no command given");
+    };
+    match command.as_str() {
+        "ci" => {
+            reject_arguments("ci", rest)?;
+            ci::run()
+        }
+        "bench" => {
+            let extra_args = match rest.split_first() {
+                None => &[][..],
+                Some((separator, extra)) if separator == "--" => extra,
+                Some((unexpected, _)) => bail!(
+                    "unexpected argument `{unexpected}` for `bench`: \
+                     pass arguments for the bench binary after `--`, \
+                     as in `cargo xtask bench -- <filter>`"
+                ),
+            };
+            bench::run(extra_args)
+        }
+        "help" | "--help" | "-h" => {
+            print!("{HELP}");
+            Ok(())
+        }
+        unknown => {
+            eprint!("{HELP}");
+            bail!("unknown command `{unknown}`: see the list above")
+        }
+    }
+}
+
+fn reject_arguments(command: &str, rest: &[String]) -> anyhow::Result<()> {
+    if let Some(unexpected) = rest.first() {
+        bail!("unexpected argument `{unexpected}`: `{command}` takes no arguments");
+    }
+    Ok(())
+}
+
+/// The root of the Cargo workspace, the parent of this crate's directory.
+fn project_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives one directory below the workspace root")
+        .to_path_buf()
+}
+
+/// Prints a header that makes the start of a step easy to find in a long log.
+/// The command that the step runs is echoed by `xshell` right after it.
+fn print_step_header(step: &str) {
+    eprintln!();
+    eprintln!("==> {step}");
+}
