@@ -163,7 +163,10 @@ impl EngineBuilder {
             workers: TaskTracker::new(),
         });
         if inner.config.recover_running_at_start {
-            let recovered = inner.store.recover(Timestamp::now(), Recover::AllRunning).await?;
+            let recovered = inner
+                .store
+                .recover(Timestamp::now(), Recover::AllRunning)
+                .await?;
             if !recovered.is_empty() {
                 tracing::warn!(
                     count = recovered.len(),
@@ -211,7 +214,11 @@ impl EngineLoops {
 impl Engine {
     /// Starts building an engine on a store.
     pub fn builder(store: Arc<dyn Store>) -> EngineBuilder {
-        EngineBuilder { store, handlers: HashMap::new(), config: EngineConfig::default() }
+        EngineBuilder {
+            store,
+            handlers: HashMap::new(),
+            config: EngineConfig::default(),
+        }
     }
 
     /// The store the engine runs on.
@@ -232,9 +239,15 @@ impl Engine {
         let cancel = CancellationToken::new();
         let tracker = TaskTracker::new();
         let loops: [(&str, LoopFn); 3] = [
-            ("dispatcher", |e, c| Box::pin(async move { e.run_dispatcher(c).await })),
-            ("lease reaper", |e, c| Box::pin(async move { e.run_lease_reaper(c).await })),
-            ("pruner", |e, c| Box::pin(async move { e.run_pruner(c).await })),
+            ("dispatcher", |e, c| {
+                Box::pin(async move { e.run_dispatcher(c).await })
+            }),
+            ("lease reaper", |e, c| {
+                Box::pin(async move { e.run_lease_reaper(c).await })
+            }),
+            ("pruner", |e, c| {
+                Box::pin(async move { e.run_pruner(c).await })
+            }),
         ];
         for (name, run) in loops {
             let engine = self.clone();
@@ -260,7 +273,9 @@ impl Engine {
     /// Submits one task.
     pub async fn submit(&self, task: NewTask) -> Result<Submitted> {
         let mut submitted = self.submit_many(vec![task]).await?;
-        submitted.pop().ok_or_else(|| Error::store("submitting", "the store answered nothing"))
+        submitted
+            .pop()
+            .ok_or_else(|| Error::store("submitting", "the store answered nothing"))
     }
 
     /// Submits tasks in one store request (one transaction in the SQL stores).
@@ -283,7 +298,11 @@ impl Engine {
                 (Status::Scheduled, Some(at)) => inner.note_due(at),
                 _ => any_queued = true,
             }
-            inner.publish(TaskEvent::Status { id: task.id, status: task.status, attempt: 0 });
+            inner.publish(TaskEvent::Status {
+                id: task.id,
+                status: task.status,
+                attempt: 0,
+            });
         }
         if any_queued || !submitted.is_empty() {
             inner.wake.notify_one();
@@ -293,7 +312,11 @@ impl Engine {
 
     /// One task.
     pub async fn get(&self, id: TaskId) -> Result<Task> {
-        self.inner.store.get(id).await?.ok_or(Error::TaskNotFound { id })
+        self.inner
+            .store
+            .get(id)
+            .await?
+            .ok_or(Error::TaskNotFound { id })
     }
 
     /// A page of tasks, newest first.
@@ -310,11 +333,18 @@ impl Engine {
     /// to stop (its handler's token is cancelled) and becomes `cancelled` when it has.
     pub async fn cancel(&self, id: TaskId) -> Result<Task> {
         let inner = &self.inner;
-        let task = inner.store.command(id, Command::Cancel, Timestamp::now()).await?;
+        let task = inner
+            .store
+            .command(id, Command::Cancel, Timestamp::now())
+            .await?;
         if task.status == Status::Running {
             inner.stop_running(id, StopReason::Cancelled);
         } else {
-            inner.publish(TaskEvent::Status { id, status: task.status, attempt: task.attempt });
+            inner.publish(TaskEvent::Status {
+                id,
+                status: task.status,
+                attempt: task.attempt,
+            });
             inner.wake_waiters(id);
         }
         Ok(task)
@@ -322,18 +352,34 @@ impl Engine {
 
     /// Holds a queued or scheduled task until it is resumed.
     pub async fn pause_task(&self, id: TaskId) -> Result<Task> {
-        let task = self.inner.store.command(id, Command::Pause, Timestamp::now()).await?;
-        self.inner.publish(TaskEvent::Status { id, status: task.status, attempt: task.attempt });
+        let task = self
+            .inner
+            .store
+            .command(id, Command::Pause, Timestamp::now())
+            .await?;
+        self.inner.publish(TaskEvent::Status {
+            id,
+            status: task.status,
+            attempt: task.attempt,
+        });
         Ok(task)
     }
 
     /// Releases a paused task: back to the queue, or scheduled if its `run_at` is still ahead.
     pub async fn resume_task(&self, id: TaskId) -> Result<Task> {
-        let task = self.inner.store.command(id, Command::Resume, Timestamp::now()).await?;
+        let task = self
+            .inner
+            .store
+            .command(id, Command::Resume, Timestamp::now())
+            .await?;
         if let (Status::Scheduled, Some(at)) = (task.status, task.run_at) {
             self.inner.note_due(at);
         }
-        self.inner.publish(TaskEvent::Status { id, status: task.status, attempt: task.attempt });
+        self.inner.publish(TaskEvent::Status {
+            id,
+            status: task.status,
+            attempt: task.attempt,
+        });
         self.inner.wake.notify_one();
         Ok(task)
     }
@@ -356,7 +402,10 @@ impl Engine {
 
     /// Stops starting tasks of one type.
     pub fn pause_type(&self, task_type: &str) {
-        self.inner.limits().paused_types.insert(task_type.to_owned());
+        self.inner
+            .limits()
+            .paused_types
+            .insert(task_type.to_owned());
     }
 
     /// Starts tasks of one type again.
@@ -374,7 +423,9 @@ impl Engine {
 
     /// Sets the most tasks running at once (at least 1).
     pub fn set_concurrency(&self, concurrency: usize) {
-        self.inner.concurrency.store(concurrency.max(1), Ordering::Release);
+        self.inner
+            .concurrency
+            .store(concurrency.max(1), Ordering::Release);
         self.inner.wake.notify_one();
     }
 
@@ -478,7 +529,10 @@ impl Engine {
                 }
             }
             let next_due = inner.next_due.load(Ordering::Acquire);
-            let poll_at = Timestamp::now().after(inner.config.idle_poll).0.min(next_due);
+            let poll_at = Timestamp::now()
+                .after(inner.config.idle_poll)
+                .0
+                .min(next_due);
             let sleep_for = Duration::from_millis((poll_at - Timestamp::now().0).max(0) as u64);
             tokio::select! {
                 _ = cancel.cancelled() => return Ok(()),
@@ -495,9 +549,15 @@ impl Engine {
     pub async fn run_lease_reaper(&self, cancel: CancellationToken) -> Result<()> {
         let inner = &self.inner;
         loop {
-            let recovered = inner.store.recover(Timestamp::now(), Recover::Expired).await?;
+            let recovered = inner
+                .store
+                .recover(Timestamp::now(), Recover::Expired)
+                .await?;
             if !recovered.is_empty() {
-                tracing::warn!(count = recovered.len(), "recovered tasks whose lease expired");
+                tracing::warn!(
+                    count = recovered.len(),
+                    "recovered tasks whose lease expired"
+                );
             }
             inner.after_recovery(&recovered);
             tokio::select! {
@@ -545,13 +605,21 @@ impl Engine {
         inner.accepting.store(false, Ordering::Release);
         inner.draining.cancel();
         let running_at_start = inner.running_count.load(Ordering::Acquire);
-        let drain_until = started + deadline.saturating_sub(inner.config.cancel_grace);
+        // Leave the cancel grace, and a margin for the last writes, before the deadline.
+        let margin = (deadline / 10).min(Duration::from_millis(250));
+        let drain_until = started
+            + deadline
+                .saturating_sub(inner.config.cancel_grace)
+                .saturating_sub(margin);
         loop {
             let idle = inner.idle.notified();
             if inner.running_count.load(Ordering::Acquire) == 0 {
                 break;
             }
-            if tokio::time::timeout_at(drain_until.into(), idle).await.is_err() {
+            if tokio::time::timeout_at(drain_until.into(), idle)
+                .await
+                .is_err()
+            {
                 break;
             }
         }
@@ -564,7 +632,11 @@ impl Engine {
         if let Err(error) = inner.store.flush().await {
             tracing::error!(%error, "flushing the store at shutdown failed");
         }
-        ShutdownReport { running_at_start, interrupted: left.len(), duration: started.elapsed() }
+        ShutdownReport {
+            running_at_start,
+            interrupted: left.len(),
+            duration: started.elapsed(),
+        }
     }
 }
 
@@ -653,7 +725,9 @@ pub(crate) struct Inner {
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // Every critical section leaves its data whole before anything that could panic.
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl Inner {
@@ -671,7 +745,11 @@ impl Inner {
             known.sort_unstable();
             return Err(Error::UnknownTaskType {
                 task_type: task.task_type.chars().take(100).collect(),
-                known: if known.is_empty() { "(none)".into() } else { known.join(", ") },
+                known: if known.is_empty() {
+                    "(none)".into()
+                } else {
+                    known.join(", ")
+                },
             });
         }
         if let Some(key) = &task.idempotency_key
@@ -729,7 +807,11 @@ impl Inner {
 
     fn after_recovery(&self, recovered: &[Task]) {
         for task in recovered {
-            self.publish(TaskEvent::Status { id: task.id, status: task.status, attempt: task.attempt });
+            self.publish(TaskEvent::Status {
+                id: task.id,
+                status: task.status,
+                attempt: task.attempt,
+            });
             if task.status.is_terminal() {
                 self.wake_waiters(task.id);
             }
@@ -752,7 +834,10 @@ impl Inner {
         if !limits.type_limits.is_empty() {
             let running = self.lock_running();
             for (task_type, limit) in &limits.type_limits {
-                let busy = running.values().filter(|r| r.task_type == *task_type).count();
+                let busy = running
+                    .values()
+                    .filter(|r| r.task_type == *task_type)
+                    .count();
                 match limit.saturating_sub(busy) {
                     0 => exclude_types.push(task_type.clone()),
                     room => type_room.push((task_type.clone(), room)),
@@ -769,8 +854,10 @@ impl Inner {
     }
 
     fn start(self: &Arc<Self>, task: Task) {
-        let control =
-            Arc::new(Control { cancel: CancellationToken::new(), reason: AtomicU8::new(0) });
+        let control = Arc::new(Control {
+            cancel: CancellationToken::new(),
+            reason: AtomicU8::new(0),
+        });
         self.lock_running().insert(
             task.id,
             RunningTask {
@@ -780,9 +867,14 @@ impl Inner {
             },
         );
         self.running_count.fetch_add(1, Ordering::AcqRel);
-        self.publish(TaskEvent::Status { id: task.id, status: Status::Running, attempt: task.attempt });
+        self.publish(TaskEvent::Status {
+            id: task.id,
+            status: Status::Running,
+            attempt: task.attempt,
+        });
         let inner = Arc::clone(self);
-        self.workers.spawn(async move { inner.run_attempt(task, control).await });
+        self.workers
+            .spawn(async move { inner.run_attempt(task, control).await });
     }
 
     async fn run_attempt(self: Arc<Self>, task: Task, control: Arc<Control>) {
@@ -813,14 +905,30 @@ impl Inner {
         let outcome = self.outcome(&task, verdict, &control, now);
         let completed = matches!(outcome, Some(Outcome::Completed { .. }));
         if let Some(outcome) = outcome {
-            match self.store.finish(Finish { id, attempt, now, outcome: outcome.clone() }).await {
+            match self
+                .store
+                .finish(Finish {
+                    id,
+                    attempt,
+                    now,
+                    outcome: outcome.clone(),
+                })
+                .await
+            {
                 Ok(true) => {
                     let status = outcome.status();
-                    self.publish(TaskEvent::Status { id, status, attempt });
+                    self.publish(TaskEvent::Status {
+                        id,
+                        status,
+                        attempt,
+                    });
                     if status.is_terminal() {
                         self.wake_waiters(id);
                     }
-                    if let Outcome::Failed { retry_at: Some(at), .. } = outcome {
+                    if let Outcome::Failed {
+                        retry_at: Some(at), ..
+                    } = outcome
+                    {
                         self.note_due(at);
                     }
                 }
@@ -881,9 +989,16 @@ impl Inner {
 
     /// What the store should record for an attempt's verdict; `None` when nothing may be
     /// written (the attempt lost its lease).
-    fn outcome(&self, task: &Task, verdict: Verdict, control: &Control, now: Timestamp) -> Option<Outcome> {
+    fn outcome(
+        &self,
+        task: &Task,
+        verdict: Verdict,
+        control: &Control,
+        now: Timestamp,
+    ) -> Option<Outcome> {
         let retry_at = |retryable: bool| {
-            (retryable && task.has_attempts_left()).then(|| now.after(task.retry.delay_after(task.attempt)))
+            (retryable && task.has_attempts_left())
+                .then(|| now.after(task.retry.delay_after(task.attempt)))
         };
         let failed = |kind: FailureKind, message: String, retryable: bool| Outcome::Failed {
             error: TaskError { kind, message },
@@ -895,7 +1010,11 @@ impl Inner {
                 if size > self.config.max_result_bytes {
                     Some(failed(
                         FailureKind::Error,
-                        Error::ResultTooLarge { size, limit: self.config.max_result_bytes }.to_string(),
+                        Error::ResultTooLarge {
+                            size,
+                            limit: self.config.max_result_bytes,
+                        }
+                        .to_string(),
                         false,
                     ))
                 } else {
@@ -905,9 +1024,11 @@ impl Inner {
             (StopReason::None, Verdict::Returned(Err(TaskFailure { message, retryable }))) => {
                 Some(failed(FailureKind::Error, message, retryable))
             }
-            (StopReason::None, Verdict::Panicked(message)) => {
-                Some(failed(FailureKind::Error, format!("the handler panicked: {message}"), true))
-            }
+            (StopReason::None, Verdict::Panicked(message)) => Some(failed(
+                FailureKind::Error,
+                format!("the handler panicked: {message}"),
+                true,
+            )),
             (_, Verdict::Rejected(message)) => Some(failed(FailureKind::Rejected, message, false)),
             (StopReason::LeaseLost, _) => None,
             (StopReason::Cancelled, _) => Some(Outcome::Cancelled),
@@ -920,9 +1041,11 @@ impl Inner {
                     true,
                 ))
             }
-            (StopReason::None, Verdict::Stopped | Verdict::Aborted) => {
-                Some(failed(FailureKind::Error, "the attempt stopped for no recorded reason".into(), true))
-            }
+            (StopReason::None, Verdict::Stopped | Verdict::Aborted) => Some(failed(
+                FailureKind::Error,
+                "the attempt stopped for no recorded reason".into(),
+                true,
+            )),
         }
     }
 
@@ -933,13 +1056,19 @@ impl Inner {
     }
 
     async fn heartbeat(&self) -> Result<()> {
-        let held: Vec<(TaskId, u32)> =
-            self.lock_running().iter().map(|(id, r)| (*id, r.attempt)).collect();
+        let held: Vec<(TaskId, u32)> = self
+            .lock_running()
+            .iter()
+            .map(|(id, r)| (*id, r.attempt))
+            .collect();
         if held.is_empty() {
             return Ok(());
         }
         let lease_until = Timestamp::now().after(self.config.lease);
-        let reply = self.store.heartbeat(Heartbeat { held, lease_until }).await?;
+        let reply = self
+            .store
+            .heartbeat(Heartbeat { held, lease_until })
+            .await?;
         for id in reply.lost {
             tracing::warn!(%id, "a running attempt lost its lease; stopping it");
             self.stop_running(id, StopReason::LeaseLost);
@@ -960,11 +1089,21 @@ impl Inner {
         if !progress.is_finite() || !(0.0..=1.0).contains(&progress) {
             return Err(Error::InvalidProgress { value: progress });
         }
-        let update = ProgressUpdate { id, attempt, progress, message: message.clone(), now: Timestamp::now() };
+        let update = ProgressUpdate {
+            id,
+            attempt,
+            progress,
+            message: message.clone(),
+            now: Timestamp::now(),
+        };
         if !self.store.progress(update).await? {
             return Err(Error::Fenced { id, attempt });
         }
-        self.publish(TaskEvent::Progress { id, progress, message });
+        self.publish(TaskEvent::Progress {
+            id,
+            progress,
+            message,
+        });
         Ok(())
     }
 

@@ -39,7 +39,9 @@ pub enum Error {
         limit: usize,
     },
     /// No handler for the task's type.
-    #[error("no handler is registered for task type `{task_type}`; the registered types are: {known}")]
+    #[error(
+        "no handler is registered for task type `{task_type}`; the registered types are: {known}"
+    )]
     UnknownTaskType {
         /// The type asked for.
         task_type: String,
@@ -61,7 +63,9 @@ pub enum Error {
         message: String,
     },
     /// The engine is stopping.
-    #[error("the task engine is shutting down and accepts no new work; try again once it has restarted")]
+    #[error(
+        "the task engine is shutting down and accepts no new work; try again once it has restarted"
+    )]
     ShuttingDown,
     /// A write of a running attempt that no longer holds the task (its lease expired and the
     /// task was recovered, or it was cancelled).
@@ -87,7 +91,10 @@ pub enum Error {
 impl Error {
     /// A store failure while doing `action`.
     pub fn store(action: &'static str, error: impl std::fmt::Display) -> Error {
-        Error::Store { action, message: error.to_string() }
+        Error::Store {
+            action,
+            message: error.to_string(),
+        }
     }
 }
 

@@ -77,12 +77,18 @@ pub struct TaskFailure {
 impl TaskFailure {
     /// A failure that another attempt might not repeat.
     pub fn retryable(message: impl Into<String>) -> TaskFailure {
-        TaskFailure { message: message.into(), retryable: true }
+        TaskFailure {
+            message: message.into(),
+            retryable: true,
+        }
     }
 
     /// A failure that retrying cannot fix (bad params, say).
     pub fn permanent(message: impl Into<String>) -> TaskFailure {
-        TaskFailure { message: message.into(), retryable: false }
+        TaskFailure {
+            message: message.into(),
+            retryable: false,
+        }
     }
 }
 
@@ -161,6 +167,8 @@ impl TaskContext {
     /// (or NaN), and with [`crate::Error::Fenced`] when this attempt no longer holds the task:
     /// then the handler should stop.
     pub async fn progress(&self, fraction: f64, message: Option<String>) -> Result<()> {
-        self.engine.report_progress(self.id, self.attempt, fraction, message).await
+        self.engine
+            .report_progress(self.id, self.attempt, fraction, message)
+            .await
     }
 }

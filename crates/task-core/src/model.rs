@@ -49,7 +49,9 @@ impl fmt::Debug for TaskId {
 
 /// The error of parsing a [`TaskId`] from text.
 #[derive(Debug, Clone, thiserror::Error)]
-#[error("`{input}` is not a task id: a task id is a UUID such as 01890a5d-ac96-774b-bcce-b302099a8057")]
+#[error(
+    "`{input}` is not a task id: a task id is a UUID such as 01890a5d-ac96-774b-bcce-b302099a8057"
+)]
 pub struct ParseTaskIdError {
     input: String,
 }
@@ -60,7 +62,9 @@ impl FromStr for TaskId {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         uuid::Uuid::parse_str(s.trim())
             .map(TaskId)
-            .map_err(|_| ParseTaskIdError { input: s.chars().take(80).collect() })
+            .map_err(|_| ParseTaskIdError {
+                input: s.chars().take(80).collect(),
+            })
     }
 }
 
@@ -120,7 +124,11 @@ impl Priority {
 
     /// A priority from its number; `None` above 9.
     pub const fn new(value: u8) -> Option<Priority> {
-        if value <= 9 { Some(Priority(value)) } else { None }
+        if value <= 9 {
+            Some(Priority(value))
+        } else {
+            None
+        }
     }
 
     /// The priority's number, 0 to 9.
@@ -154,7 +162,9 @@ impl TryFrom<u8> for Priority {
     type Error = ParsePriorityError;
 
     fn try_from(value: u8) -> Result<Self, Self::Error> {
-        Priority::new(value).ok_or(ParsePriorityError { input: value.to_string() })
+        Priority::new(value).ok_or(ParsePriorityError {
+            input: value.to_string(),
+        })
     }
 }
 
@@ -178,7 +188,9 @@ impl FromStr for Priority {
         };
         named
             .or_else(|| trimmed.parse::<u8>().ok().and_then(Priority::new))
-            .ok_or_else(|| ParsePriorityError { input: s.chars().take(40).collect() })
+            .ok_or_else(|| ParsePriorityError {
+                input: s.chars().take(40).collect(),
+            })
     }
 }
 
@@ -283,7 +295,9 @@ impl FromStr for Status {
         Status::ALL
             .into_iter()
             .find(|status| status.as_str() == lower)
-            .ok_or_else(|| ParseStatusError { input: s.chars().take(40).collect() })
+            .ok_or_else(|| ParseStatusError {
+                input: s.chars().take(40).collect(),
+            })
     }
 }
 
@@ -365,7 +379,10 @@ pub struct RetryPolicy {
 
 impl Default for RetryPolicy {
     fn default() -> Self {
-        RetryPolicy { base_delay_ms: 1_000, max_delay_ms: 300_000 }
+        RetryPolicy {
+            base_delay_ms: 1_000,
+            max_delay_ms: 300_000,
+        }
     }
 }
 
@@ -375,8 +392,11 @@ impl RetryPolicy {
     /// (so retries of many tasks that failed together spread out, and none comes too early).
     pub fn delay_after(&self, attempt: u32) -> Duration {
         let exponent = attempt.saturating_sub(1).min(32);
-        let ceiling =
-            self.base_delay_ms.saturating_mul(1u64 << exponent).min(self.max_delay_ms).max(1);
+        let ceiling = self
+            .base_delay_ms
+            .saturating_mul(1u64 << exponent)
+            .min(self.max_delay_ms)
+            .max(1);
         let floor = ceiling / 2;
         let jittered = floor + rand::random_range(0..=ceiling - floor);
         Duration::from_millis(jittered)
@@ -551,7 +571,11 @@ impl NewTask {
             task_type: self.task_type,
             params: self.params,
             priority: self.priority,
-            status: if scheduled { Status::Scheduled } else { Status::Queued },
+            status: if scheduled {
+                Status::Scheduled
+            } else {
+                Status::Queued
+            },
             attempt: 0,
             max_attempts: self.max_attempts.max(1),
             retry: self.retry,
@@ -614,7 +638,10 @@ mod tests {
 
     #[test]
     fn retry_delays_grow_and_stay_within_bounds() {
-        let policy = RetryPolicy { base_delay_ms: 100, max_delay_ms: 1_000 };
+        let policy = RetryPolicy {
+            base_delay_ms: 100,
+            max_delay_ms: 1_000,
+        };
         for _ in 0..100 {
             let first = policy.delay_after(1).as_millis();
             assert!((50..=100).contains(&first), "{first}");

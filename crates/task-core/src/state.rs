@@ -78,9 +78,7 @@ impl fmt::Display for IllegalTransition {
             }
             (Status::Running, Event::Resume { .. }) => ": it is already running",
             (Status::Paused, Event::Pause) => ": it is already paused",
-            (Status::Queued | Status::Scheduled, Event::Resume { .. }) => {
-                ": it is not paused"
-            }
+            (Status::Queued | Status::Scheduled, Event::Resume { .. }) => ": it is not paused",
             (_, Event::Complete | Event::Fail { .. } | Event::Abandon { .. }) => {
                 ": only a running attempt can end"
             }
@@ -104,8 +102,20 @@ pub fn decide(from: Status, event: Event) -> Result<Status, IllegalTransition> {
         (Queued | Scheduled | Paused | Running, Event::Cancel) => Cancelled,
         (Queued | Scheduled | Running, Event::Pause) => Paused,
         (Paused, Event::Resume { frozen: true, .. }) => Running,
-        (Paused, Event::Resume { frozen: false, due: true }) => Queued,
-        (Paused, Event::Resume { frozen: false, due: false }) => Scheduled,
+        (
+            Paused,
+            Event::Resume {
+                frozen: false,
+                due: true,
+            },
+        ) => Queued,
+        (
+            Paused,
+            Event::Resume {
+                frozen: false,
+                due: false,
+            },
+        ) => Scheduled,
         _ => return Err(IllegalTransition { from, event }),
     };
     Ok(to)
@@ -123,12 +133,24 @@ pub const ALL_EVENTS: [Event; 12] = [
     Event::Abandon { retry: false },
     Event::Cancel,
     Event::Pause,
-    Event::Resume { frozen: true, due: true },
-    Event::Resume { frozen: false, due: true },
-    Event::Resume { frozen: false, due: false },
+    Event::Resume {
+        frozen: true,
+        due: true,
+    },
+    Event::Resume {
+        frozen: false,
+        due: true,
+    },
+    Event::Resume {
+        frozen: false,
+        due: false,
+    },
 ];
 
 /// The statuses from which `event` is allowed.
 pub fn allowed_from(event: Event) -> Vec<Status> {
-    Status::ALL.into_iter().filter(|from| decide(*from, event).is_ok()).collect()
+    Status::ALL
+        .into_iter()
+        .filter(|from| decide(*from, event).is_ok())
+        .collect()
 }

@@ -10,7 +10,10 @@ use crate::state::{Event, decide};
 use crate::store::{Command, Finish, Outcome};
 
 fn illegal(task: &Task, transition: crate::state::IllegalTransition) -> Error {
-    Error::IllegalTransition { id: task.id, transition }
+    Error::IllegalTransition {
+        id: task.id,
+        transition,
+    }
 }
 
 /// Starts a new attempt of a queued task.
@@ -142,7 +145,12 @@ pub(crate) fn recover(task: &mut Task, now: Timestamp) -> Result<()> {
                 "the worker running attempt {attempt} stopped renewing its lease (it died or the daemon was killed)"
             ),
         };
-        (Event::Abandon { retry: task.has_attempts_left() }, Some(error))
+        (
+            Event::Abandon {
+                retry: task.has_attempts_left(),
+            },
+            Some(error),
+        )
     };
     task.status = decide(task.status, event).map_err(|t| illegal(task, t))?;
     task.updated_at = now;

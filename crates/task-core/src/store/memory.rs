@@ -26,7 +26,9 @@ impl MemoryStore {
     fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while the lock was held cannot leave an index half-updated (each update is
         // applied in full before any call that could panic), so a poisoned lock is still usable.
-        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
@@ -60,13 +62,15 @@ impl State {
                 self.queued.insert((Reverse(task.priority.get()), seq, id));
             }
             Status::Scheduled => {
-                self.scheduled.insert((task.run_at.unwrap_or_default(), seq, id));
+                self.scheduled
+                    .insert((task.run_at.unwrap_or_default(), seq, id));
             }
             Status::Running => {
                 self.running.insert((seq, id));
             }
             Status::Completed | Status::Failed | Status::Cancelled => {
-                self.finished.insert((task.finished_at.unwrap_or_default(), seq, id));
+                self.finished
+                    .insert((task.finished_at.unwrap_or_default(), seq, id));
             }
             Status::Paused => {}
         }
@@ -79,13 +83,15 @@ impl State {
                 self.queued.remove(&(Reverse(task.priority.get()), seq, id));
             }
             Status::Scheduled => {
-                self.scheduled.remove(&(task.run_at.unwrap_or_default(), seq, id));
+                self.scheduled
+                    .remove(&(task.run_at.unwrap_or_default(), seq, id));
             }
             Status::Running => {
                 self.running.remove(&(seq, id));
             }
             Status::Completed | Status::Failed | Status::Cancelled => {
-                self.finished.remove(&(task.finished_at.unwrap_or_default(), seq, id));
+                self.finished
+                    .remove(&(task.finished_at.unwrap_or_default(), seq, id));
             }
             Status::Paused => {}
         }
@@ -113,7 +119,8 @@ impl State {
         self.index(seq, &task);
         self.by_seq.insert((seq, task.id));
         if let Some(key) = &task.idempotency_key {
-            self.idempotency.insert((task.owner.clone(), key.clone()), task.id);
+            self.idempotency
+                .insert((task.owner.clone(), key.clone()), task.id);
         }
         self.stats_mut().add(&task.task_type, task.status, 1);
         self.tasks.insert(task.id, Entry { seq, task });
@@ -126,16 +133,15 @@ impl State {
             if let Some(key) = entry.task.idempotency_key.clone() {
                 self.idempotency.remove(&(entry.task.owner.clone(), key));
             }
-            self.stats_mut().add(&entry.task.task_type, entry.task.status, -1);
+            self.stats_mut()
+                .add(&entry.task.task_type, entry.task.status, -1);
         }
     }
 
     fn claim(&mut self, request: &ClaimRequest) -> Vec<Task> {
-        let candidates = pick_claimable(
-            self.queued.iter().map(|(_, _, id)| *id),
-            request,
-            |id| &self.tasks[id].task.task_type,
-        );
+        let candidates = pick_claimable(self.queued.iter().map(|(_, _, id)| *id), request, |id| {
+            &self.tasks[id].task.task_type
+        });
         let mut claimed = Vec::with_capacity(candidates.len());
         for id in candidates {
             let done = self.update(id, |task| {
@@ -191,12 +197,21 @@ impl Store for MemoryStore {
         let mut out = Vec::with_capacity(tasks.len());
         for task in tasks {
             let existing = task.idempotency_key.as_ref().and_then(|key| {
-                state.idempotency.get(&(task.owner.clone(), key.clone())).copied()
+                state
+                    .idempotency
+                    .get(&(task.owner.clone(), key.clone()))
+                    .copied()
             });
             match existing.and_then(|id| state.tasks.get(&id)) {
-                Some(entry) => out.push(Submitted { task: entry.task.clone(), created: false }),
+                Some(entry) => out.push(Submitted {
+                    task: entry.task.clone(),
+                    created: false,
+                }),
                 None => {
-                    out.push(Submitted { task: task.clone(), created: true });
+                    out.push(Submitted {
+                        task: task.clone(),
+                        created: true,
+                    });
                     state.insert(task);
                 }
             }
@@ -221,20 +236,33 @@ impl Store for MemoryStore {
             state.update(*id, |task| apply::promote(task, now));
         }
         let next_due = state.scheduled.first().map(|(at, _, _)| *at);
-        ready(Ok(Promoted { count: due.len(), next_due }))
+        ready(Ok(Promoted {
+            count: due.len(),
+            next_due,
+        }))
     }
 
     fn finish(&self, finish: Finish) -> StoreFuture<'_, bool> {
-        let applied =
-            self.lock().update(finish.id, |task| apply::finish(task, &finish)).unwrap_or(false);
+        let applied = self
+            .lock()
+            .update(finish.id, |task| apply::finish(task, &finish))
+            .unwrap_or(false);
         ready(Ok(applied))
     }
 
     fn progress(&self, update: ProgressUpdate) -> StoreFuture<'_, bool> {
-        let ProgressUpdate { id, attempt, progress, message, now } = update;
+        let ProgressUpdate {
+            id,
+            attempt,
+            progress,
+            message,
+            now,
+        } = update;
         let applied = self
             .lock()
-            .update(id, |task| apply::progress(task, attempt, progress, message, now))
+            .update(id, |task| {
+                apply::progress(task, attempt, progress, message, now)
+            })
             .unwrap_or(false);
         ready(Ok(applied))
     }
@@ -259,7 +287,9 @@ impl Store for MemoryStore {
     fn command(&self, id: TaskId, command: Command, now: Timestamp) -> StoreFuture<'_, Task> {
         let result = self
             .lock()
-            .update(id, |task| apply::command(task, command, now).map(|()| task.clone()))
+            .update(id, |task| {
+                apply::command(task, command, now).map(|()| task.clone())
+            })
             .unwrap_or(Err(Error::TaskNotFound { id }));
         ready(result)
     }
@@ -272,7 +302,10 @@ impl Store for MemoryStore {
             .map(|(_, id)| *id)
             .filter(|id| {
                 which == Recover::AllRunning
-                    || state.tasks[id].task.lease_until.is_none_or(|until| until < now)
+                    || state.tasks[id]
+                        .task
+                        .lease_until
+                        .is_none_or(|until| until < now)
             })
             .collect();
         let mut recovered = Vec::with_capacity(stale.len());
@@ -313,7 +346,11 @@ impl Store for MemoryStore {
         let mut tasks = Vec::new();
         let mut last_seq = None;
         let mut more = false;
-        for (seq, id) in state.by_seq.range(..(upper, TaskId::from_bytes([0; 16]))).rev() {
+        for (seq, id) in state
+            .by_seq
+            .range(..(upper, TaskId::from_bytes([0; 16])))
+            .rev()
+        {
             let task = &state.tasks[id].task;
             if !filter.matches(task) {
                 continue;

@@ -105,7 +105,10 @@ impl ClaimRequest {
         if self.exclude_types.iter().any(|t| t == task_type) {
             return Some(0);
         }
-        self.type_room.iter().find(|(t, _)| t == task_type).map(|(_, room)| *room)
+        self.type_room
+            .iter()
+            .find(|(t, _)| t == task_type)
+            .map(|(_, room)| *room)
     }
 }
 
@@ -158,7 +161,9 @@ impl Outcome {
     pub fn event(&self) -> Event {
         match self {
             Outcome::Completed { .. } => Event::Complete,
-            Outcome::Failed { retry_at, .. } => Event::Fail { retry: retry_at.is_some() },
+            Outcome::Failed { retry_at, .. } => Event::Fail {
+                retry: retry_at.is_some(),
+            },
             Outcome::Interrupted => Event::Abandon { retry: true },
             Outcome::Cancelled => Event::Cancel,
         }
@@ -246,10 +251,18 @@ impl ListFilter {
     pub fn matches(&self, task: &Task) -> bool {
         (self.statuses.is_empty() || self.statuses.contains(&task.status))
             && self.task_type.as_ref().is_none_or(|t| *t == task.task_type)
-            && self.owner.as_ref().is_none_or(|o| Some(o) == task.owner.as_ref())
-            && self.session_id.as_ref().is_none_or(|s| Some(s) == task.session_id.as_ref())
+            && self
+                .owner
+                .as_ref()
+                .is_none_or(|o| Some(o) == task.owner.as_ref())
+            && self
+                .session_id
+                .as_ref()
+                .is_none_or(|s| Some(s) == task.session_id.as_ref())
             && self.created_from.is_none_or(|from| task.created_at >= from)
-            && self.created_until.is_none_or(|until| task.created_at < until)
+            && self
+                .created_until
+                .is_none_or(|until| task.created_at < until)
     }
 }
 
@@ -268,7 +281,10 @@ impl PageRequest {
 
     /// The first page of `limit` tasks.
     pub fn first(limit: usize) -> PageRequest {
-        PageRequest { cursor: None, limit }
+        PageRequest {
+            cursor: None,
+            limit,
+        }
     }
 
     /// The limit, clamped to 1..=MAX_LIMIT.
@@ -361,6 +377,9 @@ impl Stats {
 
     /// Stats with every status present.
     pub(crate) fn empty() -> Stats {
-        Stats { by_status: Status::ALL.into_iter().map(|s| (s, 0)).collect(), by_type: BTreeMap::new() }
+        Stats {
+            by_status: Status::ALL.into_iter().map(|s| (s, 0)).collect(),
+            by_type: BTreeMap::new(),
+        }
     }
 }

@@ -149,7 +149,12 @@ impl SqliteStore {
             .truncate(false)
             .write(true)
             .open(&lock_path)
-            .map_err(|e| Error::store("opening the lock file", format!("{}: {e}", lock_path.display())))?;
+            .map_err(|e| {
+                Error::store(
+                    "opening the lock file",
+                    format!("{}: {e}", lock_path.display()),
+                )
+            })?;
         lock.try_lock().map_err(|_| Error::Store {
             action: "opening the database",
             message: format!(
@@ -159,13 +164,21 @@ impl SqliteStore {
             ),
         })?;
 
-        let mut writer = Connection::open(&config.path)
-            .map_err(|e| Error::store("opening the database", format!("{}: {e}", config.path.display())))?;
+        let mut writer = Connection::open(&config.path).map_err(|e| {
+            Error::store(
+                "opening the database",
+                format!("{}: {e}", config.path.display()),
+            )
+        })?;
         configure(&writer, &config, false)?;
         migrate(&mut writer)?;
         let stats = load_stats(&writer)?;
-        let reader = Connection::open(&config.path)
-            .map_err(|e| Error::store("opening the database", format!("{}: {e}", config.path.display())))?;
+        let reader = Connection::open(&config.path).map_err(|e| {
+            Error::store(
+                "opening the database",
+                format!("{}: {e}", config.path.display()),
+            )
+        })?;
         configure(&reader, &config, true)?;
 
         let stats = Arc::new(Mutex::new(stats));
@@ -175,7 +188,14 @@ impl SqliteStore {
         let max_batch = config.max_batch.max(1);
         let writer_thread = std::thread::Builder::new()
             .name("sqlite-writer".into())
-            .spawn(move || Writer { conn: writer, stats: writer_stats, max_batch }.run(write_rx))
+            .spawn(move || {
+                Writer {
+                    conn: writer,
+                    stats: writer_stats,
+                    max_batch,
+                }
+                .run(write_rx)
+            })
             .map_err(|e| Error::store("starting the writer thread", e))?;
         let reader_thread = std::thread::Builder::new()
             .name("sqlite-reader".into())
@@ -257,7 +277,10 @@ fn closed() -> Error {
 }
 
 fn lock_path(path: &Path) -> PathBuf {
-    let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    let mut name = path
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_default();
     name.push("-lock");
     path.with_file_name(name)
 }
@@ -267,14 +290,22 @@ fn configure(conn: &Connection, config: &SqliteConfig, reader: bool) -> Result<(
         Synchronous::Normal => "NORMAL",
         Synchronous::Full => "FULL",
     };
-    let cache = if reader { config.cache_kib / 4 } else { config.cache_kib };
-    conn.busy_timeout(Duration::from_secs(5)).map_err(|e| Error::store("configuring", e))?;
+    let cache = if reader {
+        config.cache_kib / 4
+    } else {
+        config.cache_kib
+    };
+    conn.busy_timeout(Duration::from_secs(5))
+        .map_err(|e| Error::store("configuring", e))?;
     conn.set_prepared_statement_cache_capacity(64);
     let journal: String = conn
         .query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))
         .map_err(|e| Error::store("turning on the WAL", e))?;
     if !journal.eq_ignore_ascii_case("wal") {
-        return Err(Error::store("turning on the WAL", format!("journal mode is {journal}")));
+        return Err(Error::store(
+            "turning on the WAL",
+            format!("journal mode is {journal}"),
+        ));
     }
     conn.execute_batch(&format!(
         "PRAGMA synchronous = {synchronous}; PRAGMA cache_size = -{cache}; PRAGMA temp_store = MEMORY;"
@@ -298,9 +329,13 @@ fn migrate(conn: &mut Connection) -> Result<()> {
         });
     }
     for (index, migration) in MIGRATIONS.iter().enumerate().skip(version) {
-        let tx = conn.transaction().map_err(|e| Error::store("migrating", e))?;
-        tx.execute_batch(migration).map_err(|e| Error::store("migrating", e))?;
-        tx.pragma_update(None, "user_version", (index + 1) as i64).map_err(|e| Error::store("migrating", e))?;
+        let tx = conn
+            .transaction()
+            .map_err(|e| Error::store("migrating", e))?;
+        tx.execute_batch(migration)
+            .map_err(|e| Error::store("migrating", e))?;
+        tx.pragma_update(None, "user_version", (index + 1) as i64)
+            .map_err(|e| Error::store("migrating", e))?;
         tx.commit().map_err(|e| Error::store("migrating", e))?;
     }
     Ok(())
@@ -312,7 +347,13 @@ fn load_stats(conn: &Connection) -> Result<Stats> {
         .prepare("SELECT task_type, status, count(*) FROM tasks INDEXED BY tasks_by_type_status GROUP BY task_type, status")
         .map_err(|e| Error::store("counting tasks", e))?;
     let rows = statement
-        .query_map([], |row| Ok((row.get::<_, String>(0)?, row.get::<_, u8>(1)?, row.get::<_, i64>(2)?)))
+        .query_map([], |row| {
+            Ok((
+                row.get::<_, String>(0)?,
+                row.get::<_, u8>(1)?,
+                row.get::<_, i64>(2)?,
+            ))
+        })
         .map_err(|e| Error::store("counting tasks", e))?;
     for row in rows {
         let (task_type, code, count) = row.map_err(|e| Error::store("counting tasks", e))?;
@@ -325,7 +366,11 @@ fn load_stats(conn: &Connection) -> Result<Stats> {
 
 fn task_from_row(row: &Row<'_>) -> rusqlite::Result<Task> {
     fn bad(index: usize, message: String) -> rusqlite::Error {
-        rusqlite::Error::FromSqlConversionFailure(index, rusqlite::types::Type::Integer, message.into())
+        rusqlite::Error::FromSqlConversionFailure(
+            index,
+            rusqlite::types::Type::Integer,
+            message.into(),
+        )
     }
     let id: [u8; 16] = row.get(0)?;
     let params: String = row.get(2)?;
@@ -336,7 +381,8 @@ fn task_from_row(row: &Row<'_>) -> rusqlite::Result<Task> {
     let tags: Option<String> = row.get(23)?;
     let error = match error_kind {
         Some(code) => Some(TaskError {
-            kind: FailureKind::from_code(code).ok_or_else(|| bad(17, format!("failure kind {code}")))?,
+            kind: FailureKind::from_code(code)
+                .ok_or_else(|| bad(17, format!("failure kind {code}")))?,
             message: row.get::<_, Option<String>>(18)?.unwrap_or_default(),
         }),
         None => None,
@@ -353,7 +399,9 @@ fn task_from_row(row: &Row<'_>) -> rusqlite::Result<Task> {
             base_delay_ms: row.get::<_, i64>(7)?.max(0) as u64,
             max_delay_ms: row.get::<_, i64>(8)?.max(0) as u64,
         },
-        timeout: row.get::<_, Option<i64>>(9)?.map(|ms| Duration::from_millis(ms.max(0) as u64)),
+        timeout: row
+            .get::<_, Option<i64>>(9)?
+            .map(|ms| Duration::from_millis(ms.max(0) as u64)),
         run_at: row.get::<_, Option<i64>>(10)?.map(Timestamp),
         idempotency_key: row.get(11)?,
         owner: row.get(12)?,
@@ -384,7 +432,11 @@ fn json_text(value: &Value) -> String {
 }
 
 fn tags_text(tags: &[String]) -> Option<String> {
-    if tags.is_empty() { None } else { serde_json::to_string(tags).ok() }
+    if tags.is_empty() {
+        None
+    } else {
+        serde_json::to_string(tags).ok()
+    }
 }
 
 fn millis(duration: Option<Duration>) -> Option<i64> {
@@ -481,7 +533,10 @@ impl Writer {
         }
         let outcome = match broken {
             Some(error) => Err(error),
-            None => self.conn.execute_batch("COMMIT").map_err(|e| Error::store("committing", e)),
+            None => self
+                .conn
+                .execute_batch("COMMIT")
+                .map_err(|e| Error::store("committing", e)),
         };
         match outcome {
             Ok(()) => {
@@ -523,12 +578,18 @@ impl Writer {
                 pending(reply, self.command(id, command, now, counts))
             }
             WriteOp::Recover(now, which, reply) => pending(reply, self.recover(now, which, counts)),
-            WriteOp::Prune(before, limit, reply) => pending(reply, self.prune(before, limit, counts)),
+            WriteOp::Prune(before, limit, reply) => {
+                pending(reply, self.prune(before, limit, counts))
+            }
             WriteOp::Flush(reply) => pending(reply, Ok(())),
         }
     }
 
-    fn submit(&mut self, tasks: Vec<Task>, counts: &mut Vec<CountChange>) -> Result<Vec<Submitted>> {
+    fn submit(
+        &mut self,
+        tasks: Vec<Task>,
+        counts: &mut Vec<CountChange>,
+    ) -> Result<Vec<Submitted>> {
         let mut out = Vec::with_capacity(tasks.len());
         for task in tasks {
             if let Some(key) = &task.idempotency_key {
@@ -540,7 +601,10 @@ impl Writer {
                     .and_then(|mut s| s.query_row(params![task.owner, key], task_from_row).optional())
                     .map_err(|e| Error::store("looking up an idempotency key", e))?;
                 if let Some(existing) = existing {
-                    out.push(Submitted { task: existing, created: false });
+                    out.push(Submitted {
+                        task: existing,
+                        created: false,
+                    });
                     continue;
                 }
             }
@@ -573,14 +637,26 @@ impl Writer {
                     ])
                 })
                 .map_err(|e| Error::store("inserting a task", e))?;
-            counts.push(CountChange { task_type: task.task_type.clone(), from: None, to: Some(task.status) });
-            out.push(Submitted { task, created: true });
+            counts.push(CountChange {
+                task_type: task.task_type.clone(),
+                from: None,
+                to: Some(task.status),
+            });
+            out.push(Submitted {
+                task,
+                created: true,
+            });
         }
         Ok(out)
     }
 
-    fn claim(&mut self, request: &ClaimRequest, counts: &mut Vec<CountChange>) -> Result<Vec<Task>> {
-        let running = decide(Status::Queued, Event::Claim).map_err(|t| Error::store("claiming", t))?;
+    fn claim(
+        &mut self,
+        request: &ClaimRequest,
+        counts: &mut Vec<CountChange>,
+    ) -> Result<Vec<Task>> {
+        let running =
+            decide(Status::Queued, Event::Claim).map_err(|t| Error::store("claiming", t))?;
         let mut claimed = Vec::new();
         let mut excluded: Vec<String> = request.exclude_types.clone();
         let mut taken_by_type: Vec<(String, usize)> = Vec::new();
@@ -595,8 +671,10 @@ impl Writer {
                      ORDER BY priority DESC, seq LIMIT ?2",
                 )
                 .and_then(|mut s| {
-                    s.query_map(params![excluded_json, remaining as i64], |row| Ok((row.get(0)?, row.get(1)?)))?
-                        .collect()
+                    s.query_map(params![excluded_json, remaining as i64], |row| {
+                        Ok((row.get(0)?, row.get(1)?))
+                    })?
+                    .collect()
                 })
                 .map_err(|e| Error::store("finding tasks to claim", e))?;
             if candidates.is_empty() {
@@ -634,7 +712,11 @@ impl Writer {
                         )
                     })
                     .map_err(|e| Error::store("claiming a task", e))?;
-                counts.push(CountChange { task_type, from: Some(Status::Queued), to: Some(running) });
+                counts.push(CountChange {
+                    task_type,
+                    from: Some(Status::Queued),
+                    to: Some(running),
+                });
                 claimed.push(task);
             }
             if !type_full {
@@ -645,7 +727,8 @@ impl Writer {
     }
 
     fn promote(&mut self, now: Timestamp, counts: &mut Vec<CountChange>) -> Result<Promoted> {
-        let queued = decide(Status::Scheduled, Event::Promote).map_err(|t| Error::store("promoting", t))?;
+        let queued =
+            decide(Status::Scheduled, Event::Promote).map_err(|t| Error::store("promoting", t))?;
         let promoted: Vec<String> = self
             .conn
             .prepare_cached(
@@ -657,7 +740,9 @@ impl Writer {
             .map_err(|e| Error::store("promoting scheduled tasks", e))?;
         let next_due: Option<i64> = self
             .conn
-            .prepare_cached("SELECT min(run_at) FROM tasks INDEXED BY tasks_scheduled WHERE status = 1")
+            .prepare_cached(
+                "SELECT min(run_at) FROM tasks INDEXED BY tasks_scheduled WHERE status = 1",
+            )
             .and_then(|mut s| s.query_row([], |row| row.get(0)))
             .map_err(|e| Error::store("finding the next scheduled task", e))?;
         let count = promoted.len();
@@ -666,11 +751,15 @@ impl Writer {
             from: Some(Status::Scheduled),
             to: Some(queued),
         }));
-        Ok(Promoted { count, next_due: next_due.map(Timestamp) })
+        Ok(Promoted {
+            count,
+            next_due: next_due.map(Timestamp),
+        })
     }
 
     fn finish(&mut self, finish: &Finish, counts: &mut Vec<CountChange>) -> Result<bool> {
-        let to = decide(Status::Running, finish.outcome.event()).map_err(|t| Error::store("finishing", t))?;
+        let to = decide(Status::Running, finish.outcome.event())
+            .map_err(|t| Error::store("finishing", t))?;
         let (result, error, run_at, extra_attempts) = match &finish.outcome {
             Outcome::Completed { result } => (Some(json_text(result)), None, None, 0),
             Outcome::Failed { error, retry_at } => (None, Some(error), *retry_at, 0),
@@ -709,7 +798,11 @@ impl Writer {
             .map_err(|e| Error::store("finishing a task", e))?;
         match task_type {
             Some(task_type) => {
-                counts.push(CountChange { task_type, from: Some(Status::Running), to: Some(to) });
+                counts.push(CountChange {
+                    task_type,
+                    from: Some(Status::Running),
+                    to: Some(to),
+                });
                 Ok(true)
             }
             None => Ok(false),
@@ -747,7 +840,10 @@ impl Writer {
             .map_err(|e| Error::store("renewing leases", e))?;
         for (id, attempt) in &heartbeat.held {
             let cancel: Option<bool> = statement
-                .query_row(params![&id.as_bytes()[..], attempt, heartbeat.lease_until.0], |row| row.get(0))
+                .query_row(
+                    params![&id.as_bytes()[..], attempt, heartbeat.lease_until.0],
+                    |row| row.get(0),
+                )
                 .optional()
                 .map_err(|e| Error::store("renewing leases", e))?;
             match cancel {
@@ -804,7 +900,11 @@ impl Writer {
         let before = task.status;
         apply::command(&mut task, command, now)?;
         self.save(&task)?;
-        counts.push(CountChange { task_type: task.task_type.clone(), from: Some(before), to: Some(task.status) });
+        counts.push(CountChange {
+            task_type: task.task_type.clone(),
+            from: Some(before),
+            to: Some(task.status),
+        });
         Ok(task)
     }
 
@@ -841,7 +941,12 @@ impl Writer {
         Ok(recovered)
     }
 
-    fn prune(&mut self, before: Timestamp, limit: usize, counts: &mut Vec<CountChange>) -> Result<usize> {
+    fn prune(
+        &mut self,
+        before: Timestamp,
+        limit: usize,
+        counts: &mut Vec<CountChange>,
+    ) -> Result<usize> {
         let removed: Vec<(String, u8)> = self
             .conn
             .prepare_cached(
@@ -898,24 +1003,38 @@ fn run_reader(conn: Connection, requests: mpsc::Receiver<ReadOp>) {
 fn list(conn: &Connection, filter: &ListFilter, page: &PageRequest) -> Result<Page> {
     let limit = page.clamped_limit();
     let mut clauses = vec!["seq < ?1".to_owned()];
-    let mut values: Vec<rusqlite::types::Value> =
-        vec![rusqlite::types::Value::Integer(page.cursor.map_or(i64::MAX, |c| c.0.min(i64::MAX as u64) as i64))];
+    let mut values: Vec<rusqlite::types::Value> = vec![rusqlite::types::Value::Integer(
+        page.cursor
+            .map_or(i64::MAX, |c| c.0.min(i64::MAX as u64) as i64),
+    )];
     let mut bind = |clause: String, value: rusqlite::types::Value, clauses: &mut Vec<String>| {
         values.push(value);
         clauses.push(clause.replace('?', &format!("?{}", values.len())));
     };
     if !filter.statuses.is_empty() {
-        let codes: Vec<String> = filter.statuses.iter().map(|s| s.code().to_string()).collect();
+        let codes: Vec<String> = filter
+            .statuses
+            .iter()
+            .map(|s| s.code().to_string())
+            .collect();
         clauses.push(format!("status IN ({})", codes.join(", ")));
     }
     if let Some(task_type) = &filter.task_type {
-        bind("task_type = ?".into(), task_type.clone().into(), &mut clauses);
+        bind(
+            "task_type = ?".into(),
+            task_type.clone().into(),
+            &mut clauses,
+        );
     }
     if let Some(owner) = &filter.owner {
         bind("owner = ?".into(), owner.clone().into(), &mut clauses);
     }
     if let Some(session) = &filter.session_id {
-        bind("session_id = ?".into(), session.clone().into(), &mut clauses);
+        bind(
+            "session_id = ?".into(),
+            session.clone().into(),
+            &mut clauses,
+        );
     }
     if let Some(from) = filter.created_from {
         bind("created_at >= ?".into(), from.0.into(), &mut clauses);
@@ -944,7 +1063,10 @@ fn list(conn: &Connection, filter: &ListFilter, page: &PageRequest) -> Result<Pa
     } else {
         None
     };
-    Ok(Page { tasks: rows.into_iter().map(|(_, task)| task).collect(), next_cursor })
+    Ok(Page {
+        tasks: rows.into_iter().map(|(_, task)| task).collect(),
+        next_cursor,
+    })
 }
 
 impl Store for SqliteStore {

@@ -1,0 +1,761 @@
+//! The engine end to end on real stores: ordering, limits, pauses, delays, idempotency,
+//! timeouts, retries, cancellation, progress, events, waiting, ETA, leases, retention, shutdown.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use task_core::store::memory::MemoryStore;
+use task_core::store::sqlite::{SqliteConfig, SqliteStore};
+use task_core::store::{ClaimRequest, Store};
+use task_core::{
+    Engine, EngineConfig, EngineLoops, Error, FailureKind, NewTask, Priority, RetryPolicy, Status,
+    TaskEvent, TaskFailure, TaskId, Timestamp, handler_fn,
+};
+use tokio::sync::{Notify, mpsc};
+
+const LONG: Duration = Duration::from_secs(20);
+
+fn quick_config() -> EngineConfig {
+    EngineConfig {
+        concurrency: 4,
+        cancel_grace: Duration::from_millis(200),
+        idle_poll: Duration::from_millis(50),
+        reaper_interval: Duration::from_millis(50),
+        ..EngineConfig::default()
+    }
+}
+
+fn fast_retry() -> RetryPolicy {
+    RetryPolicy {
+        base_delay_ms: 10,
+        max_delay_ms: 20,
+    }
+}
+
+/// An engine on a memory store with an `echo` handler (returns its params), started.
+async fn started(
+    config: EngineConfig,
+    extra: impl FnOnce(task_core::EngineBuilder) -> task_core::EngineBuilder,
+) -> (Engine, EngineLoops) {
+    started_on(Arc::new(MemoryStore::new()), config, extra).await
+}
+
+async fn started_on(
+    store: Arc<dyn Store>,
+    config: EngineConfig,
+    extra: impl FnOnce(task_core::EngineBuilder) -> task_core::EngineBuilder,
+) -> (Engine, EngineLoops) {
+    let builder = Engine::builder(store).config(config).handler(
+        "echo",
+        handler_fn(|ctx| async move { Ok(ctx.params().clone()) }),
+    );
+    let engine = extra(builder).build().await.expect("engine builds");
+    let loops = engine.start();
+    (engine, loops)
+}
+
+async fn submit(engine: &Engine, task: NewTask) -> TaskId {
+    engine.submit(task).await.expect("submit").task.id
+}
+
+async fn finished(engine: &Engine, id: TaskId) -> task_core::Task {
+    let task = engine.wait(id, LONG).await.expect("wait");
+    assert!(
+        task.status.is_terminal(),
+        "task {id} still {} after {LONG:?}",
+        task.status
+    );
+    task
+}
+
+#[tokio::test]
+async fn runs_by_priority_then_submission_order() {
+    let (order_tx, mut order_rx) = mpsc::unbounded_channel();
+    let (engine, loops) = started(
+        EngineConfig {
+            concurrency: 1,
+            ..quick_config()
+        },
+        |b| {
+            b.handler(
+                "record",
+                handler_fn(move |ctx| {
+                    let order_tx = order_tx.clone();
+                    async move {
+                        let _ = order_tx.send(ctx.params()["n"].as_i64().unwrap_or(-1));
+                        Ok(Value::Null)
+                    }
+                }),
+            )
+        },
+    )
+    .await;
+    engine.pause_queue();
+    let priorities = [2, 9, 5, 9, 2, 5, 8];
+    let mut ids = Vec::new();
+    for (n, p) in priorities.iter().enumerate() {
+        let task = NewTask::new("record", json!({ "n": n }))
+            .with_priority(Priority::new(*p).expect("valid priority"));
+        ids.push(submit(&engine, task).await);
+    }
+    engine.resume_queue();
+    for id in &ids {
+        finished(&engine, *id).await;
+    }
+    let mut order = Vec::new();
+    while let Ok(n) = order_rx.try_recv() {
+        order.push(n);
+    }
+    assert_eq!(order, vec![1, 3, 6, 2, 5, 0, 4]);
+    loops.stop().await;
+}
+
+/// A handler that counts how many run at once, and holds each run until released.
+struct Gate {
+    now: AtomicUsize,
+    peak: AtomicUsize,
+    release: Notify,
+    started: Notify,
+}
+
+impl Gate {
+    fn new() -> Arc<Gate> {
+        Arc::new(Gate {
+            now: AtomicUsize::new(0),
+            peak: AtomicUsize::new(0),
+            release: Notify::new(),
+            started: Notify::new(),
+        })
+    }
+
+    fn handler(self: &Arc<Gate>) -> impl task_core::TaskHandler {
+        let gate = Arc::clone(self);
+        handler_fn(move |_ctx| {
+            let gate = Arc::clone(&gate);
+            async move {
+                let now = gate.now.fetch_add(1, Ordering::SeqCst) + 1;
+                gate.peak.fetch_max(now, Ordering::SeqCst);
+                let released = gate.release.notified();
+                gate.started.notify_waiters();
+                released.await;
+                gate.now.fetch_sub(1, Ordering::SeqCst);
+                Ok(Value::Null)
+            }
+        })
+    }
+
+    /// Waits until `count` runs are in the handler at once.
+    async fn wait_running(&self, count: usize) {
+        tokio::time::timeout(LONG, async {
+            loop {
+                let started = self.started.notified();
+                if self.now.load(Ordering::SeqCst) >= count {
+                    return;
+                }
+                started.await;
+            }
+        })
+        .await
+        .expect("handlers started in time");
+    }
+}
+
+#[tokio::test]
+async fn global_and_per_type_concurrency_limits_hold() {
+    let gate = Gate::new();
+    let limited = Gate::new();
+    let config = EngineConfig {
+        concurrency: 3,
+        type_limits: [("limited".to_owned(), 1)].into_iter().collect(),
+        ..quick_config()
+    };
+    let (engine, loops) = started(config, |b| {
+        b.handler("gate", gate.handler())
+            .handler("limited", limited.handler())
+    })
+    .await;
+    let mut ids = Vec::new();
+    for _ in 0..4 {
+        ids.push(submit(&engine, NewTask::new("limited", Value::Null)).await);
+    }
+    for _ in 0..6 {
+        ids.push(submit(&engine, NewTask::new("gate", Value::Null)).await);
+    }
+    // One limited task and two gate tasks fill the three slots.
+    limited.wait_running(1).await;
+    gate.wait_running(2).await;
+    assert_eq!(engine.running_count(), 3);
+    // Keep releasing whoever is in the handlers until all ten completed.
+    tokio::time::timeout(LONG, async {
+        loop {
+            gate.release.notify_waiters();
+            limited.release.notify_waiters();
+            let stats = engine.stats().await.expect("stats");
+            if stats.count(Status::Completed) == 10 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    })
+    .await
+    .expect("all tasks completed in time");
+    assert_eq!(
+        limited.peak.load(Ordering::SeqCst),
+        1,
+        "the per-type limit of 1 was exceeded"
+    );
+    assert!(gate.peak.load(Ordering::SeqCst) <= 3);
+    loops.stop().await;
+}
+
+#[tokio::test]
+async fn paused_queue_and_paused_type_start_nothing_until_resumed() {
+    let (engine, loops) = started(quick_config(), |b| b).await;
+    engine.pause_queue();
+    let id = submit(&engine, NewTask::new("echo", json!(1))).await;
+    let still = engine
+        .wait(id, Duration::from_millis(150))
+        .await
+        .expect("wait");
+    assert_eq!(still.status, Status::Queued);
+    engine.resume_queue();
+    assert_eq!(finished(&engine, id).await.status, Status::Completed);
+
+    engine.pause_type("echo");
+    assert_eq!(engine.paused_types(), vec!["echo".to_owned()]);
+    let id = submit(&engine, NewTask::new("echo", json!(2))).await;
+    let still = engine
+        .wait(id, Duration::from_millis(150))
+        .await
+        .expect("wait");
+    assert_eq!(still.status, Status::Queued);
+    engine.resume_type("echo");
+    assert_eq!(finished(&engine, id).await.result, Some(json!(2)));
+    loops.stop().await;
+}
+
+#[tokio::test]
+async fn a_paused_task_waits_until_resumed_and_a_resume_of_a_queued_task_is_refused() {
+    let (engine, loops) = started(quick_config(), |b| b).await;
+    engine.pause_queue();
+    let id = submit(&engine, NewTask::new("echo", json!("held"))).await;
+    assert_eq!(
+        engine.pause_task(id).await.expect("pause").status,
+        Status::Paused
+    );
+    engine.resume_queue();
+    let still = engine
+        .wait(id, Duration::from_millis(150))
+        .await
+        .expect("wait");
+    assert_eq!(still.status, Status::Paused);
+    let error = engine.pause_task(id).await.expect_err("already paused");
+    assert!(error.to_string().contains("already paused"), "{error}");
+    assert_eq!(
+        engine.resume_task(id).await.expect("resume").status,
+        Status::Queued
+    );
+    assert_eq!(finished(&engine, id).await.status, Status::Completed);
+    let error = engine.resume_task(id).await.expect_err("completed");
+    assert!(matches!(error, Error::IllegalTransition { .. }), "{error}");
+    loops.stop().await;
+}
+
+#[tokio::test]
+async fn delayed_tasks_wait_for_run_at() {
+    let (engine, loops) = started(quick_config(), |b| b).await;
+    let run_at = Timestamp::now().after(Duration::from_millis(300));
+    let id = submit(&engine, NewTask::new("echo", json!(1)).with_run_at(run_at)).await;
+    assert_eq!(engine.get(id).await.expect("get").status, Status::Scheduled);
+    let task = finished(&engine, id).await;
+    assert_eq!(task.status, Status::Completed);
+    assert!(
+        task.started_at.expect("started") >= run_at,
+        "started before its run_at"
+    );
+    loops.stop().await;
+}
+
+#[tokio::test]
+async fn an_idempotency_key_returns_the_first_task() {
+    let (engine, loops) = started(quick_config(), |b| b).await;
+    let first = engine
+        .submit(
+            NewTask::new("echo", json!(1))
+                .with_idempotency_key("k")
+                .with_owner("alice"),
+        )
+        .await
+        .expect("submit");
+    let second = engine
+        .submit(
+            NewTask::new("echo", json!(2))
+                .with_idempotency_key("k")
+                .with_owner("alice"),
+        )
+        .await
+        .expect("submit");
+    assert!(first.created);
+    assert!(!second.created);
+    assert_eq!(first.task.id, second.task.id);
+    let other = engine
+        .submit(
+            NewTask::new("echo", json!(3))
+                .with_idempotency_key("k")
+                .with_owner("bob"),
+        )
+        .await
+        .expect("submit");
+    assert!(other.created);
+    assert_ne!(other.task.id, first.task.id);
+    loops.stop().await;
+}
+
+#[tokio::test]
+async fn a_timeout_fails_the_attempt_and_retries_follow_until_attempts_run_out() {
+    let attempts = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&attempts);
+    let (engine, loops) = started(quick_config(), |b| {
+        b.handler(
+            "slow",
+            handler_fn(move |ctx| {
+                counted.fetch_add(1, Ordering::SeqCst);
+                async move {
+                    ctx.cancellation().cancelled().await;
+                    Err(TaskFailure::retryable("stopped"))
+                }
+            }),
+        )
+    })
+    .await;
+    let task = NewTask::new("slow", Value::Null)
+        .with_timeout(Duration::from_millis(50))
+        .with_max_attempts(3)
+        .with_retry(fast_retry());
+    let id = submit(&engine, task).await;
+    let task = finished(&engine, id).await;
+    assert_eq!(task.status, Status::Failed);
+    assert_eq!(task.attempt, 3);
+    let error = task.error.expect("an error");
+    assert_eq!(error.kind, FailureKind::Timeout);
+    assert!(
+        error.message.contains("timed out after 0.1 s"),
+        "{}",
+        error.message
+    );
+    assert_eq!(attempts.load(Ordering::SeqCst), 3);
+    loops.stop().await;
+}
+
+#[tokio::test]
+async fn errors_retry_when_retryable_and_stop_when_permanent() {
+    let (engine, loops) = started(quick_config(), |b| {
+        b.handler(
+            "flaky",
+            handler_fn(|ctx| async move {
+                if ctx.attempt() < 3 {
+                    Err(TaskFailure::retryable(format!(
+                        "attempt {} failed",
+                        ctx.attempt()
+                    )))
+                } else {
+                    Ok(json!({"attempt": ctx.attempt()}))
+                }
+            }),
+        )
+        .handler(
+            "broken",
+            handler_fn(|_ctx| async { Err(TaskFailure::permanent("bad params")) }),
+        )
+        .handler(
+            "panics",
+            handler_fn(|ctx| async move {
+                if ctx.attempt() == 1 {
+                    panic!("boom");
+                }
+                Ok(json!("recovered"))
+            }),
+        )
+    })
+    .await;
+    let flaky = submit(
+        &engine,
+        NewTask::new("flaky", Value::Null)
+            .with_max_attempts(5)
+            .with_retry(fast_retry()),
+    )
+    .await;
+    let broken = submit(
+        &engine,
+        NewTask::new("broken", Value::Null).with_max_attempts(5),
+    )
+    .await;
+    let panics = submit(
+        &engine,
+        NewTask::new("panics", Value::Null)
+            .with_max_attempts(2)
+            .with_retry(fast_retry()),
+    )
+    .await;
+    let flaky = finished(&engine, flaky).await;
+    assert_eq!((flaky.status, flaky.attempt), (Status::Completed, 3));
+    assert_eq!(flaky.result, Some(json!({"attempt": 3})));
+    let broken = finished(&engine, broken).await;
+    assert_eq!((broken.status, broken.attempt), (Status::Failed, 1));
+    assert_eq!(broken.error.expect("error").message, "bad params");
+    let panics = finished(&engine, panics).await;
+    assert_eq!((panics.status, panics.attempt), (Status::Completed, 2));
+    loops.stop().await;
+}
+
+#[tokio::test]
+async fn cancelling_queued_and_running_tasks() {
+    let (engine, loops) = started(quick_config(), |b| {
+        b.handler(
+            "cooperative",
+            handler_fn(|ctx| async move {
+                ctx.progress(0.1, Some("started".into())).await?;
+                ctx.cancellation().cancelled().await;
+                Ok(json!("stopped"))
+            }),
+        )
+        .handler(
+            "stubborn",
+            handler_fn(|ctx| async move {
+                ctx.progress(0.1, None).await?;
+                std::future::pending::<()>().await;
+                Ok(Value::Null)
+            }),
+        )
+    })
+    .await;
+    let mut events = engine.subscribe();
+    engine.pause_queue();
+    let queued = submit(&engine, NewTask::new("echo", Value::Null)).await;
+    let task = engine.cancel(queued).await.expect("cancel");
+    assert_eq!(task.status, Status::Cancelled);
+    let error = engine.cancel(queued).await.expect_err("twice");
+    assert!(error.to_string().contains("already finished"), "{error}");
+    engine.resume_queue();
+
+    for task_type in ["cooperative", "stubborn"] {
+        let id = submit(
+            &engine,
+            NewTask::new(task_type, Value::Null).with_max_attempts(3),
+        )
+        .await;
+        // Wait until it runs (its progress event), then cancel.
+        tokio::time::timeout(LONG, async {
+            loop {
+                if let Ok(TaskEvent::Progress { id: seen, .. }) = events.recv().await
+                    && seen == id
+                {
+                    return;
+                }
+            }
+        })
+        .await
+        .expect("the task started");
+        let running = engine.cancel(id).await.expect("cancel running");
+        assert_eq!(running.status, Status::Running);
+        assert!(running.cancel_requested);
+        let task = finished(&engine, id).await;
+        assert_eq!(task.status, Status::Cancelled, "{task_type}");
+        assert_eq!(
+            task.attempt, 1,
+            "{task_type}: a cancelled task is not retried"
+        );
+    }
+    loops.stop().await;
+}
+
+#[tokio::test]
+async fn progress_is_validated_recorded_and_published() {
+    let (seen_tx, mut seen_rx) = mpsc::unbounded_channel();
+    let (engine, loops) = started(quick_config(), |b| {
+        b.handler(
+            "steps",
+            handler_fn(move |ctx| {
+                let seen_tx = seen_tx.clone();
+                async move {
+                    for bad in [f64::NAN, -0.1, 1.5, f64::INFINITY] {
+                        let error = ctx.progress(bad, None).await.expect_err("invalid progress");
+                        let _ = seen_tx.send(error.to_string());
+                    }
+                    ctx.progress(0.25, Some("a quarter".into())).await?;
+                    ctx.progress(0.5, None).await?;
+                    Ok(Value::Null)
+                }
+            }),
+        )
+    })
+    .await;
+    let mut events = engine.subscribe();
+    let id = submit(&engine, NewTask::new("steps", Value::Null)).await;
+    let task = finished(&engine, id).await;
+    assert_eq!(task.status, Status::Completed);
+    assert_eq!(task.progress, Some(1.0));
+    assert_eq!(task.progress_message.as_deref(), Some("a quarter"));
+    for _ in 0..4 {
+        let message = seen_rx.recv().await.expect("a refusal");
+        assert!(message.contains("from 0.0 to 1.0"), "{message}");
+    }
+    let mut seen = Vec::new();
+    while let Ok(event) = events.try_recv() {
+        if event.task_id() == id {
+            seen.push(event);
+        }
+    }
+    let statuses: Vec<Status> = seen
+        .iter()
+        .filter_map(|e| match e {
+            TaskEvent::Status { status, .. } => Some(*status),
+            TaskEvent::Progress { .. } => None,
+        })
+        .collect();
+    assert_eq!(
+        statuses,
+        vec![Status::Queued, Status::Running, Status::Completed]
+    );
+    let progress: Vec<f64> = seen
+        .iter()
+        .filter_map(|e| match e {
+            TaskEvent::Progress { progress, .. } => Some(*progress),
+            TaskEvent::Status { .. } => None,
+        })
+        .collect();
+    assert_eq!(progress, vec![0.25, 0.5]);
+    loops.stop().await;
+}
+
+#[tokio::test]
+async fn eta_comes_from_progress_then_from_recent_durations() {
+    let gate = Notify::new();
+    let gate = Arc::new(gate);
+    let hold = Arc::clone(&gate);
+    let (engine, loops) = started(quick_config(), |b| {
+        b.handler(
+            "half",
+            handler_fn(move |ctx| {
+                let hold = Arc::clone(&hold);
+                async move {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    ctx.progress(0.5, None).await?;
+                    hold.notified().await;
+                    Ok(Value::Null)
+                }
+            }),
+        )
+    })
+    .await;
+    let queued = engine
+        .get(submit(&engine, NewTask::new("echo", Value::Null)).await)
+        .await
+        .expect("get");
+    let id = queued.id;
+    finished(&engine, id).await;
+    let done = engine.get(id).await.expect("get");
+    assert_eq!(engine.eta(&done), Some(Duration::ZERO));
+    // A type that has completed tasks has a typical duration.
+    let next = NewTask::new("echo", Value::Null);
+    let pending = next.into_task(TaskId::new(), Timestamp::now());
+    assert!(engine.eta(&pending).is_some());
+
+    let mut events = engine.subscribe();
+    let id = submit(&engine, NewTask::new("half", Value::Null)).await;
+    let fresh = NewTask::new("half", Value::Null).into_task(TaskId::new(), Timestamp::now());
+    assert_eq!(
+        engine.eta(&fresh),
+        None,
+        "no progress and no history: unknown"
+    );
+    tokio::time::timeout(LONG, async {
+        loop {
+            if let Ok(TaskEvent::Progress { id: seen, .. }) = events.recv().await
+                && seen == id
+            {
+                return;
+            }
+        }
+    })
+    .await
+    .expect("progress reported");
+    let running = engine.get(id).await.expect("get");
+    let eta = engine.eta(&running).expect("an ETA from progress");
+    // Half done after about 100 ms: about 100 ms to go.
+    assert!(
+        eta >= Duration::from_millis(50) && eta <= Duration::from_secs(5),
+        "{eta:?}"
+    );
+    gate.notify_waiters();
+    finished(&engine, id).await;
+    loops.stop().await;
+}
+
+#[tokio::test]
+async fn results_over_the_cap_fail_the_task() {
+    let config = EngineConfig {
+        max_result_bytes: 64,
+        ..quick_config()
+    };
+    let (engine, loops) = started(config, |b| b).await;
+    let id = submit(&engine, NewTask::new("echo", json!("x".repeat(100)))).await;
+    let task = finished(&engine, id).await;
+    assert_eq!(task.status, Status::Failed);
+    let message = task.error.expect("error").message;
+    assert!(message.contains("over the limit of 64 bytes"), "{message}");
+    loops.stop().await;
+}
+
+#[tokio::test]
+async fn unknown_task_types_are_refused_at_submit() {
+    let (engine, loops) = started(quick_config(), |b| b).await;
+    let error = engine
+        .submit(NewTask::new("nope", Value::Null))
+        .await
+        .expect_err("unknown");
+    let message = error.to_string();
+    assert!(
+        message.contains("`nope`") && message.contains("echo"),
+        "{message}"
+    );
+    loops.stop().await;
+}
+
+#[tokio::test]
+async fn wait_returns_the_current_state_at_its_timeout() {
+    let (engine, loops) = started(quick_config(), |b| b).await;
+    engine.pause_queue();
+    let id = submit(&engine, NewTask::new("echo", Value::Null)).await;
+    let task = engine
+        .wait(id, Duration::from_millis(20))
+        .await
+        .expect("wait");
+    assert_eq!(task.status, Status::Queued);
+    let missing = engine
+        .wait(TaskId::new(), Duration::from_millis(20))
+        .await
+        .expect_err("missing");
+    assert!(matches!(missing, Error::TaskNotFound { .. }));
+    loops.stop().await;
+}
+
+#[tokio::test]
+async fn the_lease_reaper_recovers_a_dead_workers_task() {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let config = EngineConfig {
+        recover_running_at_start: false,
+        ..quick_config()
+    };
+    let (engine, loops) = started_on(Arc::clone(&store), config, |b| b).await;
+    engine.pause_queue();
+    let retried = submit(
+        &engine,
+        NewTask::new("echo", json!("again")).with_max_attempts(2),
+    )
+    .await;
+    let lost = submit(&engine, NewTask::new("echo", json!("once"))).await;
+    // Another "worker" claims both with a lease that has already run out, and dies.
+    let now = Timestamp::now();
+    let claimed = store
+        .claim(ClaimRequest {
+            max: 10,
+            now,
+            lease_until: now,
+            exclude_types: vec![],
+            type_room: vec![],
+        })
+        .await
+        .expect("claim");
+    assert_eq!(claimed.len(), 2);
+    engine.resume_queue();
+    let retried = finished(&engine, retried).await;
+    assert_eq!((retried.status, retried.attempt), (Status::Completed, 2));
+    let lost = finished(&engine, lost).await;
+    assert_eq!(lost.status, Status::Failed);
+    assert_eq!(lost.error.expect("error").kind, FailureKind::WorkerLost);
+    loops.stop().await;
+}
+
+#[tokio::test]
+async fn retention_prunes_old_terminal_tasks_only() {
+    let (engine, loops) = started(quick_config(), |b| b).await;
+    let done = submit(&engine, NewTask::new("echo", Value::Null)).await;
+    finished(&engine, done).await;
+    engine.pause_queue();
+    let queued = submit(&engine, NewTask::new("echo", Value::Null)).await;
+    assert_eq!(
+        engine
+            .prune_older_than(Duration::from_secs(3600))
+            .await
+            .expect("prune"),
+        0
+    );
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    assert_eq!(
+        engine
+            .prune_older_than(Duration::ZERO)
+            .await
+            .expect("prune"),
+        1
+    );
+    assert!(matches!(
+        engine.get(done).await,
+        Err(Error::TaskNotFound { .. })
+    ));
+    assert_eq!(
+        engine.get(queued).await.expect("kept").status,
+        Status::Queued
+    );
+    loops.stop().await;
+}
+
+#[tokio::test]
+async fn shutdown_lets_short_tasks_finish_and_requeues_the_rest_for_the_next_start() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("tasks.sqlite3");
+    let store = Arc::new(SqliteStore::open(SqliteConfig::new(&path)).expect("open"));
+    let gate = Gate::new();
+    let (engine, loops) =
+        started_on(store, quick_config(), |b| b.handler("gate", gate.handler())).await;
+    let quick = submit(&engine, NewTask::new("echo", json!(1))).await;
+    finished(&engine, quick).await;
+    let held = submit(&engine, NewTask::new("gate", Value::Null)).await;
+    gate.wait_running(1).await;
+    let report = engine.shutdown(Duration::from_millis(400)).await;
+    assert_eq!(report.running_at_start, 1);
+    assert_eq!(report.interrupted, 1);
+    let error = engine
+        .submit(NewTask::new("echo", Value::Null))
+        .await
+        .expect_err("closed");
+    assert!(matches!(error, Error::ShuttingDown));
+    loops.stop().await;
+    let task = engine.get(held).await.expect("get");
+    assert_eq!(
+        task.status,
+        Status::Queued,
+        "an interrupted task goes back to the queue"
+    );
+    assert_eq!(
+        task.max_attempts, 2,
+        "the interrupted attempt does not count"
+    );
+    drop(engine);
+
+    // The next start runs it.
+    let store = Arc::new(SqliteStore::open(SqliteConfig::new(&path)).expect("reopen"));
+    let (engine, loops) = started_on(store, quick_config(), |b| {
+        b.handler(
+            "gate",
+            handler_fn(|_ctx| async { Ok(json!("second life")) }),
+        )
+    })
+    .await;
+    let task = finished(&engine, held).await;
+    assert_eq!(task.status, Status::Completed);
+    assert_eq!(task.result, Some(json!("second life")));
+    loops.stop().await;
+}
