@@ -304,7 +304,7 @@ impl Engine {
                 attempt: 0,
             });
         }
-        if any_queued || !submitted.is_empty() {
+        if any_queued {
             inner.wake.notify_one();
         }
         Ok(submitted)
@@ -466,6 +466,7 @@ impl Engine {
             return Ok(task);
         }
         let _ = tokio::time::timeout(timeout, receiver).await;
+        inner.forget_closed_waiters(id);
         self.get(id).await
     }
 
@@ -496,9 +497,7 @@ impl Engine {
     /// until `cancel` fires or the engine drains.
     pub async fn run_dispatcher(&self, cancel: CancellationToken) -> Result<()> {
         let inner = &self.inner;
-        let mut heartbeat = tokio::time::interval(inner.config.heartbeat_interval);
-        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        heartbeat.tick().await;
+        let mut next_heartbeat = tokio::time::Instant::now() + inner.config.heartbeat_interval;
         // Promote whatever became due while no dispatcher ran.
         inner.next_due.store(0, Ordering::Release);
         loop {
@@ -506,6 +505,11 @@ impl Engine {
             woken.as_mut().enable();
             if cancel.is_cancelled() || inner.draining.is_cancelled() {
                 return Ok(());
+            }
+            // Renew leases first: a dispatcher that is kept busy must still renew them.
+            if tokio::time::Instant::now() >= next_heartbeat {
+                inner.heartbeat().await?;
+                next_heartbeat = tokio::time::Instant::now() + inner.config.heartbeat_interval;
             }
             let now = Timestamp::now();
             if inner.next_due.load(Ordering::Acquire) <= now.0 {
@@ -539,7 +543,7 @@ impl Engine {
                 _ = inner.draining.cancelled() => return Ok(()),
                 _ = woken => {}
                 _ = tokio::time::sleep(sleep_for) => {}
-                _ = heartbeat.tick() => inner.heartbeat().await?,
+                _ = tokio::time::sleep_until(next_heartbeat) => {}
             }
         }
     }
@@ -790,6 +794,17 @@ impl Inner {
         list.push(tx);
         self.waiter_count.store(waiters.len(), Ordering::Release);
         rx
+    }
+
+    fn forget_closed_waiters(&self, id: TaskId) {
+        let mut waiters = lock(&self.waiters);
+        if let Some(list) = waiters.get_mut(&id) {
+            list.retain(|sender| !sender.is_closed());
+            if list.is_empty() {
+                waiters.remove(&id);
+            }
+        }
+        self.waiter_count.store(waiters.len(), Ordering::Release);
     }
 
     fn wake_waiters(&self, id: TaskId) {

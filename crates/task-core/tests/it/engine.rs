@@ -759,3 +759,34 @@ async fn shutdown_lets_short_tasks_finish_and_requeues_the_rest_for_the_next_sta
     assert_eq!(task.result, Some(json!("second life")));
     loops.stop().await;
 }
+
+#[tokio::test]
+async fn heartbeats_keep_a_long_attempt_s_lease_alive() {
+    let config = EngineConfig {
+        lease: Duration::from_millis(300),
+        heartbeat_interval: Duration::from_millis(50),
+        ..quick_config()
+    };
+    let (engine, loops) = started(config, |b| {
+        b.handler(
+            "long",
+            handler_fn(|_ctx| async {
+                tokio::time::sleep(Duration::from_millis(900)).await;
+                Ok(json!("done"))
+            }),
+        )
+    })
+    .await;
+    let id = submit(
+        &engine,
+        NewTask::new("long", Value::Null).with_max_attempts(3),
+    )
+    .await;
+    let task = finished(&engine, id).await;
+    assert_eq!(task.status, Status::Completed);
+    assert_eq!(
+        task.attempt, 1,
+        "the lease expired although the worker was alive"
+    );
+    loops.stop().await;
+}
