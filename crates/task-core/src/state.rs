@@ -123,7 +123,7 @@ pub fn decide(from: Status, event: Event) -> Result<Status, IllegalTransition> {
 
 /// Every event, with each flag set both ways: for exhaustive tests and for callers that want to
 /// know which events a status allows.
-pub const ALL_EVENTS: [Event; 12] = [
+pub const ALL_EVENTS: [Event; 13] = [
     Event::Promote,
     Event::Claim,
     Event::Complete,
@@ -136,6 +136,10 @@ pub const ALL_EVENTS: [Event; 12] = [
     Event::Resume {
         frozen: true,
         due: true,
+    },
+    Event::Resume {
+        frozen: true,
+        due: false,
     },
     Event::Resume {
         frozen: false,

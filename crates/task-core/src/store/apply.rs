@@ -125,6 +125,10 @@ pub(crate) fn command(task: &mut Task, command: Command, now: Timestamp) -> Resu
     }
     task.status = to;
     task.updated_at = now;
+    if to == Status::Queued {
+        // A resumed task whose run_at has passed runs now; run_at is kept only while scheduled.
+        task.run_at = None;
+    }
     if to.is_terminal() {
         task.finished_at = Some(now);
         task.lease_until = None;

@@ -41,7 +41,7 @@ struct State {
     scheduled: BTreeSet<(Timestamp, u64, TaskId)>,
     running: BTreeSet<(u64, TaskId)>,
     finished: BTreeSet<(Timestamp, u64, TaskId)>,
-    idempotency: HashMap<(Option<String>, String), TaskId>,
+    idempotency: HashMap<(String, String), TaskId>,
     stats: Option<Stats>,
 }
 
@@ -120,7 +120,7 @@ impl State {
         self.by_seq.insert((seq, task.id));
         if let Some(key) = &task.idempotency_key {
             self.idempotency
-                .insert((task.owner.clone(), key.clone()), task.id);
+                .insert(idempotency_slot(&task.owner, key), task.id);
         }
         self.stats_mut().add(&task.task_type, task.status, 1);
         self.tasks.insert(task.id, Entry { seq, task });
@@ -131,7 +131,8 @@ impl State {
             self.unindex(entry.seq, &entry.task);
             self.by_seq.remove(&(entry.seq, id));
             if let Some(key) = entry.task.idempotency_key.clone() {
-                self.idempotency.remove(&(entry.task.owner.clone(), key));
+                self.idempotency
+                    .remove(&idempotency_slot(&entry.task.owner, &key));
             }
             self.stats_mut()
                 .add(&entry.task.task_type, entry.task.status, -1);
@@ -187,6 +188,12 @@ fn pick_claimable<'a>(
     picked
 }
 
+/// Where an idempotency key is kept: per owner, with no owner and an empty owner the same (as in
+/// the SQL stores).
+fn idempotency_slot(owner: &Option<String>, key: &str) -> (String, String) {
+    (owner.clone().unwrap_or_default(), key.to_owned())
+}
+
 fn ready<T: Send + 'static>(value: Result<T>) -> StoreFuture<'static, T> {
     Box::pin(std::future::ready(value))
 }
@@ -199,7 +206,7 @@ impl Store for MemoryStore {
             let existing = task.idempotency_key.as_ref().and_then(|key| {
                 state
                     .idempotency
-                    .get(&(task.owner.clone(), key.clone()))
+                    .get(&idempotency_slot(&task.owner, key))
                     .copied()
             });
             match existing.and_then(|id| state.tasks.get(&id)) {
