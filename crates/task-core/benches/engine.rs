@@ -1,1 +1,1059 @@
-fn main() {}
+//! Benchmarks of the task engine and its stores, run by `cargo xtask bench` (or
+//! `cargo bench -p task-core --bench engine [-- FILTER]`).
+//!
+//! A plain program (`harness = false`): it builds its own Tokio runtime (multi-thread, 2 workers),
+//! measures, prints one line per figure and a summary table, and writes the figures as one JSON
+//! object (name → number) to `$MSBD_BENCH_PARTS_DIR/engine.json` (or, without that variable, to
+//! `target/bench/parts/engine.json` in the workspace).
+//!
+//! The figures:
+//! - `engine_sqlite_tasks_per_s`, `engine_memory_tasks_per_s`: burn-down of 100,000 no-op tasks
+//!   at concurrency 64, all submitted first with the queue paused; median of 3 runs.
+//! - `submit_to_start_p50_us`, `submit_to_start_p99_us`: an idle engine on SQLite, one task at a
+//!   time, from just before `submit` to the moment its handler starts.
+//! - `sqlite_1m_rss_mb`, `sqlite_1m_list_page_ms`, `sqlite_1m_list_sparse_page_ms`,
+//!   `sqlite_1m_open_ms`: a SQLite file holding 1,000,000 finished tasks.
+//!
+//! An optional argument keeps only the figures whose name contains it; arguments that start with
+//! `--` (cargo passes `--bench`) are ignored.
+//!
+//! Diagnostics, printed only (no figures), run with a filter starting with `diag`:
+//! `diag_engine` runs one burn-down per store through a wrapper that counts and times the
+//! engine's claims and finishes; `diag_store` drives the SQLite store alone (claim N, finish them
+//! concurrently) for N in `MSBD_DIAG_BATCHES` (default 1,8,64,256,1000), after dropping the
+//! indexes named in `MSBD_DIAG_DROP_INDEXES` if set.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use task_core::store::memory::MemoryStore;
+use task_core::store::sqlite::{SqliteConfig, SqliteStore};
+use task_core::store::{
+    ClaimRequest, Command as StoreCommand, Finish, Heartbeat, HeartbeatReply, ListFilter, Outcome,
+    Page, PageRequest, ProgressUpdate, Promoted, Recover, Stats, Store, StoreFuture, Submitted,
+};
+use task_core::{
+    Engine, EngineConfig, FailureKind, NewTask, Status, Task, TaskError, TaskEvent, TaskFailure,
+    TaskId, Timestamp, handler_fn,
+};
+use tokio::runtime::Runtime;
+use tokio::sync::broadcast;
+use tokio::sync::broadcast::error::RecvError;
+use tokio::task::JoinSet;
+
+type BenchResult<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
+
+/// Tasks in each burn-down.
+const BURN_TASKS: usize = 100_000;
+/// The engine's concurrency in the burn-downs.
+const BURN_CONCURRENCY: usize = 64;
+/// Tasks per `submit_many` / `Store::submit` call.
+const SUBMIT_BATCH: usize = 1_000;
+/// Runs of each burn-down (the median is reported).
+const BURN_RUNS: usize = 3;
+/// Submit-to-start samples thrown away first.
+const LATENCY_WARMUP: usize = 200;
+/// Submit-to-start samples kept.
+const LATENCY_SAMPLES: usize = 2_000;
+/// Finished tasks in the large store file.
+const RETAINED: usize = 1_000_000;
+/// One retained task in this many ends `failed` (the rest `completed`): the sparse listing.
+const FAIL_EVERY: usize = 1_000;
+/// Timed repetitions of each listing (the median is reported).
+const LIST_REPEATS: usize = 31;
+/// Timed opens of the large file (the median is reported).
+const OPEN_RUNS: usize = 3;
+
+/// Set (to the store file) in the child process that measures the RSS of a fresh process.
+const RSS_PROBE_ENV: &str = "MSBD_BENCH_ENGINE_RSS_PROBE";
+/// How the child reports its RSS on stdout.
+const RSS_PROBE_PREFIX: &str = "rss_probe_kib=";
+
+/// The task type every bench uses.
+const NOOP: &str = "noop";
+
+fn main() -> BenchResult<()> {
+    if let Some(path) = std::env::var_os(RSS_PROBE_ENV) {
+        return rss_probe(Path::new(&path));
+    }
+    let filter = std::env::args().skip(1).find(|arg| !arg.starts_with("--"));
+    let wants = |names: &[&str]| {
+        filter
+            .as_deref()
+            .is_none_or(|f| names.iter().any(|name| name.contains(f)))
+    };
+    let runtime = runtime()?;
+    let mut figures = Figures::default();
+
+    if wants(&["engine_sqlite_tasks_per_s"]) {
+        bench_burn_down(&runtime, &mut figures, Backend::Sqlite)?;
+    }
+    if wants(&["engine_memory_tasks_per_s"]) {
+        bench_burn_down(&runtime, &mut figures, Backend::Memory)?;
+    }
+    if wants(&["submit_to_start_p50_us", "submit_to_start_p99_us"]) {
+        bench_submit_to_start(&runtime, &mut figures)?;
+    }
+    let large = [
+        "sqlite_1m_rss_mb",
+        "sqlite_1m_list_page_ms",
+        "sqlite_1m_list_sparse_page_ms",
+        "sqlite_1m_open_ms",
+    ];
+    if wants(&large) {
+        bench_large_store(&runtime, &mut figures)?;
+    }
+    if filter.as_deref().is_some_and(|f| f.starts_with("diag")) {
+        diagnostics(&runtime, filter.as_deref().unwrap_or_default())?;
+    }
+    drop(runtime);
+
+    if figures.list.is_empty() {
+        eprintln!(
+            "no bench matches the filter {filter:?}; the names are engine_sqlite_tasks_per_s, engine_memory_tasks_per_s, submit_to_start_p50_us, submit_to_start_p99_us, {}",
+            large.join(", ")
+        );
+    }
+    let path = figures.write()?;
+    println!();
+    print!("{}", figures.table());
+    println!("(written to {})", path.display());
+    Ok(())
+}
+
+/// Runs a future as a task of the runtime, so that it runs on the 2 worker threads (as the
+/// daemon's work would) rather than on this thread, a third one.
+fn on_workers<T: Send + 'static>(
+    runtime: &Runtime,
+    future: impl Future<Output = BenchResult<T>> + Send + 'static,
+) -> BenchResult<T> {
+    runtime.block_on(runtime.spawn(future))?
+}
+
+fn runtime() -> BenchResult<Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Burn-down throughput.
+
+#[derive(Clone, Copy)]
+enum Backend {
+    Sqlite,
+    Memory,
+}
+
+impl Backend {
+    fn name(self) -> &'static str {
+        match self {
+            Backend::Sqlite => "engine_sqlite_tasks_per_s",
+            Backend::Memory => "engine_memory_tasks_per_s",
+        }
+    }
+
+    fn target(self) -> Target {
+        match self {
+            Backend::Sqlite => Target::AtLeast(50_000.0),
+            Backend::Memory => Target::AtLeast(500_000.0),
+        }
+    }
+}
+
+fn bench_burn_down(runtime: &Runtime, figures: &mut Figures, backend: Backend) -> BenchResult<()> {
+    let mut rates = Vec::with_capacity(BURN_RUNS);
+    for run in 1..=BURN_RUNS {
+        let dir = tempfile::tempdir()?;
+        let store: Arc<dyn Store> = match backend {
+            Backend::Sqlite => Arc::new(SqliteStore::open(SqliteConfig::new(
+                dir.path().join("burn.sqlite3"),
+            ))?),
+            Backend::Memory => Arc::new(MemoryStore::new()),
+        };
+        let report = on_workers(runtime, burn_down(store))?;
+        let rate = BURN_TASKS as f64 / report.run.as_secs_f64();
+        println!(
+            "  {} run {run}: {BURN_TASKS} tasks in {:.3} s = {rate:.0} tasks/s (submitting them took {:.3} s = {:.0} tasks/s; events lost to lag: {})",
+            backend.name(),
+            report.run.as_secs_f64(),
+            report.submit.as_secs_f64(),
+            BURN_TASKS as f64 / report.submit.as_secs_f64(),
+            report.lost_events,
+        );
+        rates.push(rate);
+    }
+    figures.add(backend.name(), rates, "tasks/s", 0, backend.target());
+    Ok(())
+}
+
+struct BurnDown {
+    submit: Duration,
+    run: Duration,
+    lost_events: u64,
+}
+
+async fn burn_down(store: Arc<dyn Store>) -> BenchResult<BurnDown> {
+    let engine = Engine::builder(store)
+        .handler(
+            NOOP,
+            handler_fn(|_ctx| async { Ok::<_, TaskFailure>(Value::Null) }),
+        )
+        .config(EngineConfig {
+            concurrency: BURN_CONCURRENCY,
+            ..EngineConfig::default()
+        })
+        .build()
+        .await?;
+    engine.pause_queue();
+    let submit_started = Instant::now();
+    for _ in 0..BURN_TASKS / SUBMIT_BATCH {
+        let batch = (0..SUBMIT_BATCH)
+            .map(|_| NewTask::new(NOOP, Value::Null))
+            .collect();
+        engine.submit_many(batch).await?;
+    }
+    let submit = submit_started.elapsed();
+
+    // Subscribe after submitting, so that the channel holds only the run's events.
+    let mut events = engine.subscribe();
+    let loops = engine.start();
+    let started = Instant::now();
+    engine.resume_queue();
+    let lost_events = wait_for_completions(&engine, &mut events, BURN_TASKS as u64).await?;
+    let run = started.elapsed();
+    drop(events);
+
+    let stats = engine.stats().await?;
+    if stats.count(Status::Completed) != BURN_TASKS as u64 || stats.total() != BURN_TASKS as u64 {
+        return Err(format!(
+            "the burn-down ended with unexpected counts: {:?}",
+            stats.by_status
+        )
+        .into());
+    }
+    engine.shutdown(Duration::from_secs(10)).await;
+    loops.stop().await;
+    Ok(BurnDown {
+        submit,
+        run,
+        lost_events,
+    })
+}
+
+/// Waits until `expected` tasks are completed, counting `Completed` events. The channel drops the
+/// oldest events of a receiver that falls behind; once that has happened the event count is only
+/// a lower bound, so the store's counts decide (asked on each lag, every 1,024 events, and whenever
+/// no event came for 2 ms). Returns the number of events lost.
+async fn wait_for_completions(
+    engine: &Engine,
+    events: &mut broadcast::Receiver<TaskEvent>,
+    expected: u64,
+) -> BenchResult<u64> {
+    let give_up = Instant::now() + Duration::from_secs(600);
+    let mut completed = 0u64;
+    let mut lost = 0u64;
+    let mut since_check = 0u32;
+    loop {
+        let mut check = false;
+        match tokio::time::timeout(Duration::from_millis(2), events.recv()).await {
+            Ok(Ok(TaskEvent::Status { status, .. })) => {
+                if status == Status::Completed {
+                    completed += 1;
+                    if completed >= expected {
+                        return Ok(lost);
+                    }
+                } else if status.is_terminal() {
+                    return Err(format!("a no-op task ended {status}").into());
+                }
+                since_check += 1;
+                check = lost > 0 && since_check >= 1_024;
+            }
+            Ok(Ok(TaskEvent::Progress { .. })) => {}
+            Ok(Err(RecvError::Lagged(n))) => {
+                lost += n;
+                check = true;
+            }
+            Ok(Err(RecvError::Closed)) => return Err("the engine's event channel closed".into()),
+            Err(_elapsed) => check = true,
+        }
+        if check {
+            since_check = 0;
+            if engine.stats().await?.count(Status::Completed) >= expected {
+                return Ok(lost);
+            }
+            if Instant::now() > give_up {
+                return Err(
+                    format!("only {completed} of {expected} tasks completed in time").into(),
+                );
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Submit-to-start latency.
+
+fn bench_submit_to_start(runtime: &Runtime, figures: &mut Figures) -> BenchResult<()> {
+    let dir = tempfile::tempdir()?;
+    let store = SqliteStore::open(SqliteConfig::new(dir.path().join("latency.sqlite3")))?;
+    let (mut to_start, mut to_done) = on_workers(runtime, submit_to_start(Arc::new(store)))?;
+    to_start.sort_unstable();
+    to_done.sort_unstable();
+    let us = |d: Duration| d.as_secs_f64() * 1e6;
+    println!(
+        "  submit_to_start over {LATENCY_SAMPLES} samples: min {:.0} µs, p50 {:.0} µs, p90 {:.0} µs, p99 {:.0} µs, p99.9 {:.0} µs, max {:.0} µs",
+        us(to_start[0]),
+        us(percentile(&to_start, 50.0)),
+        us(percentile(&to_start, 90.0)),
+        us(percentile(&to_start, 99.0)),
+        us(percentile(&to_start, 99.9)),
+        us(to_start[to_start.len() - 1]),
+    );
+    println!(
+        "  submit to `wait` returning the completed task: p50 {:.0} µs, p99 {:.0} µs",
+        us(percentile(&to_done, 50.0)),
+        us(percentile(&to_done, 99.0)),
+    );
+    figures.add(
+        "submit_to_start_p50_us",
+        vec![us(percentile(&to_start, 50.0))],
+        "µs",
+        1,
+        Target::AtMost(200.0),
+    );
+    figures.add(
+        "submit_to_start_p99_us",
+        vec![us(percentile(&to_start, 99.0))],
+        "µs",
+        1,
+        Target::AtMost(2_000.0),
+    );
+    Ok(())
+}
+
+/// Submits one task at a time to an idle engine and waits for it to complete. Returns, per kept
+/// sample, the time from just before `submit` to the handler's start, and to `wait` returning.
+async fn submit_to_start(store: Arc<dyn Store>) -> BenchResult<(Vec<Duration>, Vec<Duration>)> {
+    let (started_tx, mut started_rx) = tokio::sync::mpsc::unbounded_channel::<Instant>();
+    let engine = Engine::builder(store)
+        .handler(
+            NOOP,
+            handler_fn(move |_ctx| {
+                let _ = started_tx.send(Instant::now());
+                async { Ok::<_, TaskFailure>(Value::Null) }
+            }),
+        )
+        .build()
+        .await?;
+    let loops = engine.start();
+    let mut to_start = Vec::with_capacity(LATENCY_SAMPLES);
+    let mut to_done = Vec::with_capacity(LATENCY_SAMPLES);
+    for sample in 0..LATENCY_WARMUP + LATENCY_SAMPLES {
+        let before = Instant::now();
+        let id = engine
+            .submit(NewTask::new(NOOP, Value::Null))
+            .await?
+            .task
+            .id;
+        let started = started_rx
+            .recv()
+            .await
+            .ok_or("the handler's channel closed")?;
+        let done = engine.wait(id, Duration::from_secs(10)).await?;
+        let finished = Instant::now();
+        if done.status != Status::Completed {
+            return Err(format!("task {id} ended {} instead of completed", done.status).into());
+        }
+        if sample >= LATENCY_WARMUP {
+            to_start.push(started.saturating_duration_since(before));
+            to_done.push(finished.saturating_duration_since(before));
+        }
+    }
+    engine.shutdown(Duration::from_secs(10)).await;
+    loops.stop().await;
+    Ok((to_start, to_done))
+}
+
+/// The nearest-rank percentile of sorted samples.
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+// ---------------------------------------------------------------------------------------------
+// A store file with 1,000,000 finished tasks.
+
+fn bench_large_store(runtime: &Runtime, figures: &mut Figures) -> BenchResult<()> {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("retained.sqlite3");
+
+    let started = Instant::now();
+    let (submitted, finished) = on_workers(runtime, build_retained(path.clone()))?;
+    let db_bytes = std::fs::metadata(&path)?.len();
+    println!(
+        "  built {RETAINED} finished tasks in {:.1} s (submit {:.1} s, claim + finish {:.1} s); file {:.0} MB = {:.0} bytes a task",
+        started.elapsed().as_secs_f64(),
+        submitted.as_secs_f64(),
+        finished.as_secs_f64(),
+        db_bytes as f64 / 1e6,
+        db_bytes as f64 / RETAINED as f64,
+    );
+
+    // RSS: measured in a child process (this same program, told so by an environment variable)
+    // that does nothing but open the file as msbd would (store + engine, which runs recovery),
+    // list one page and read the stats. So it counts: the program's resident code and data, the
+    // Tokio runtime and its 2 worker threads, the store's writer and reader threads with their
+    // SQLite connections (and whatever of their page caches was filled: the writer's is up to
+    // 32 MiB, the reader's 8 MiB; counting tasks at open reads a whole index), the counts kept in
+    // memory, and the page of 50 tasks. It does not count this process's own allocations from
+    // building the file, which glibc would not have returned to the system anyway.
+    let probe = Command::new(std::env::current_exe()?)
+        .env(RSS_PROBE_ENV, &path)
+        .output()?;
+    let stdout = String::from_utf8_lossy(&probe.stdout);
+    if !probe.status.success() {
+        return Err(format!(
+            "the RSS probe failed ({}): {stdout}{}",
+            probe.status,
+            String::from_utf8_lossy(&probe.stderr)
+        )
+        .into());
+    }
+    let probe_value = |key: &str| -> BenchResult<f64> {
+        stdout
+            .lines()
+            .find_map(|line| line.strip_prefix(RSS_PROBE_PREFIX)?.strip_prefix(key))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .ok_or_else(|| format!("the RSS probe said no `{key}`: {stdout}").into())
+    };
+    let baseline_mb = probe_value("baseline:")? / 1024.0;
+    let rss_mb = probe_value("after:")? / 1024.0;
+    println!(
+        "  sqlite_1m_rss_mb: {rss_mb:.1} MB in a fresh process after open + engine build + list + stats ({baseline_mb:.1} MB before opening the store)"
+    );
+    figures.add(
+        "sqlite_1m_rss_mb",
+        vec![rss_mb],
+        "MB",
+        1,
+        Target::AtMost(100.0),
+    );
+
+    // Open: the store and an engine on it (whose build runs recovery), dropped in between.
+    let mut opens = Vec::with_capacity(OPEN_RUNS);
+    for run in 1..=OPEN_RUNS {
+        let (open, build) = runtime.block_on(open_once(&path))?;
+        let total = open + build;
+        println!(
+            "  sqlite_1m_open_ms run {run}: {:.1} ms (SqliteStore::open {:.1} ms, Engine build {:.1} ms)",
+            ms(total),
+            ms(open),
+            ms(build),
+        );
+        opens.push(ms(total));
+    }
+    figures.add("sqlite_1m_open_ms", opens, "ms", 2, Target::AtMost(1_000.0));
+
+    // Listings.
+    let store = Arc::new(SqliteStore::open(SqliteConfig::new(&path))?);
+    let listings = on_workers(runtime, time_listings(Arc::clone(&store)))?;
+    drop(store);
+    let [first, second, sparse, empty] = listings;
+    println!(
+        "  sqlite_1m_list_page_ms: completed, first page of 50 {:.3} ms, second page {:.3} ms (medians of {LIST_REPEATS})",
+        first.0, second.0
+    );
+    println!(
+        "  sqlite_1m_list_sparse_page_ms: failed (1 task in {FAIL_EVERY}), first page of 50 {:.3} ms; cancelled (no task) {:.3} ms",
+        sparse.0, empty.0
+    );
+    // The slower of the two pages (their medians) is the figure.
+    figures.add(
+        "sqlite_1m_list_page_ms",
+        vec![first.0.max(second.0)],
+        "ms",
+        3,
+        Target::AtMost(5.0),
+    );
+    figures.add(
+        "sqlite_1m_list_sparse_page_ms",
+        vec![sparse.0],
+        "ms",
+        3,
+        Target::AtMost(5.0),
+    );
+    Ok(())
+}
+
+/// Builds the file: submits [`RETAINED`] tasks through [`Store::submit`] in batches, then claims
+/// them in batches and finishes each (one in [`FAIL_EVERY`] as failed), the finishes of a batch
+/// in flight together so that the writer commits them in groups. Returns the two phases' times.
+async fn build_retained(path: PathBuf) -> BenchResult<(Duration, Duration)> {
+    let store = Arc::new(SqliteStore::open(SqliteConfig::new(path))?);
+    let started = Instant::now();
+    for batch in 0..RETAINED / SUBMIT_BATCH {
+        let now = Timestamp::now();
+        let tasks = (0..SUBMIT_BATCH)
+            .map(|i| {
+                NewTask::new(NOOP, json!({ "n": batch * SUBMIT_BATCH + i }))
+                    .into_task(TaskId::new(), now)
+            })
+            .collect();
+        store.submit(tasks).await?;
+    }
+    let submitted = started.elapsed();
+
+    let started = Instant::now();
+    let mut finished = 0usize;
+    loop {
+        let now = Timestamp::now();
+        let claimed = store
+            .claim(ClaimRequest {
+                max: SUBMIT_BATCH,
+                now,
+                lease_until: now.after(Duration::from_secs(3_600)),
+                exclude_types: Vec::new(),
+                type_room: Vec::new(),
+            })
+            .await?;
+        if claimed.is_empty() {
+            break;
+        }
+        let mut finishes = JoinSet::new();
+        for task in claimed {
+            let outcome = if finished.is_multiple_of(FAIL_EVERY) {
+                Outcome::Failed {
+                    error: TaskError {
+                        kind: FailureKind::Error,
+                        message: "bench failure".into(),
+                    },
+                    retry_at: None,
+                }
+            } else {
+                Outcome::Completed {
+                    result: json!({ "ok": true }),
+                }
+            };
+            finished += 1;
+            let store = Arc::clone(&store);
+            let finish = Finish {
+                id: task.id,
+                attempt: task.attempt,
+                now: Timestamp::now(),
+                outcome,
+            };
+            finishes.spawn(async move { store.finish(finish).await });
+        }
+        while let Some(joined) = finishes.join_next().await {
+            if !joined?? {
+                return Err("a finish of the bench's own claim was fenced out".into());
+            }
+        }
+    }
+    let stats = store.stats().await?;
+    if finished != RETAINED
+        || stats.count(Status::Completed) + stats.count(Status::Failed) != RETAINED as u64
+    {
+        return Err(format!(
+            "building the file went wrong: {finished} finished, {:?}",
+            stats.by_status
+        )
+        .into());
+    }
+    store.flush().await?;
+    // Close the file (the store's threads stop when its last handle goes).
+    let store = Arc::try_unwrap(store).map_err(|_| "the store is still shared")?;
+    drop(store);
+    Ok((submitted, started.elapsed()))
+}
+
+/// Opens the store and builds an engine on it; returns the two times. Both are dropped before
+/// returning, which closes the file.
+async fn open_once(path: &Path) -> BenchResult<(Duration, Duration)> {
+    let started = Instant::now();
+    let store = SqliteStore::open(SqliteConfig::new(path))?;
+    let opened = started.elapsed();
+    let engine = engine_on(Arc::new(store)).await?;
+    let built = started.elapsed() - opened;
+    drop(engine);
+    Ok((opened, built))
+}
+
+async fn engine_on(store: Arc<dyn Store>) -> BenchResult<Engine> {
+    Ok(Engine::builder(store)
+        .handler(
+            NOOP,
+            handler_fn(|_ctx| async { Ok::<_, TaskFailure>(Value::Null) }),
+        )
+        .build()
+        .await?)
+}
+
+/// Times, as medians in ms: the first page of completed tasks, the second page (via the first's
+/// cursor), the first page of failed tasks (sparse), and of cancelled tasks (none).
+async fn time_listings(store: Arc<SqliteStore>) -> BenchResult<[(f64, usize); 4]> {
+    let by_status = |status: Status| ListFilter {
+        statuses: vec![status],
+        ..ListFilter::default()
+    };
+    let first_page = store
+        .list(by_status(Status::Completed), PageRequest::first(50))
+        .await?;
+    let cursor = first_page
+        .next_cursor
+        .ok_or("the first page of completed tasks has no next page")?;
+    let requests = [
+        (by_status(Status::Completed), PageRequest::first(50)),
+        (
+            by_status(Status::Completed),
+            PageRequest {
+                cursor: Some(cursor),
+                limit: 50,
+            },
+        ),
+        (by_status(Status::Failed), PageRequest::first(50)),
+        (by_status(Status::Cancelled), PageRequest::first(50)),
+    ];
+    let mut out = [(0.0, 0); 4];
+    for (slot, (filter, page)) in out.iter_mut().zip(requests) {
+        let mut times = Vec::with_capacity(LIST_REPEATS);
+        let mut found = 0;
+        for _ in 0..LIST_REPEATS {
+            let started = Instant::now();
+            let Page { tasks, .. } = store.list(filter.clone(), page.clone()).await?;
+            times.push(ms(started.elapsed()));
+            found = tasks.len();
+            if tasks.iter().any(|task| !filter.matches(task)) {
+                return Err("a listing returned a task that does not match its filter".into());
+            }
+        }
+        *slot = (median(&mut times), found);
+    }
+    let expected = [50, 50, 50, 0];
+    if out.iter().map(|(_, found)| *found).ne(expected) {
+        return Err(format!(
+            "the listings found {:?} tasks, expected {expected:?}",
+            out.map(|o| o.1)
+        )
+        .into());
+    }
+    Ok(out)
+}
+
+/// The child process of the RSS measurement: opens the file at `path` as msbd would, lists a page,
+/// reads the counts, and prints its RSS before and after.
+fn rss_probe(path: &Path) -> BenchResult<()> {
+    let runtime = runtime()?;
+    let baseline = runtime.block_on(async { rss_kib() })?;
+    let after = runtime.block_on(async {
+        let store = SqliteStore::open(SqliteConfig::new(path))?;
+        let engine = engine_on(Arc::new(store)).await?;
+        let filter = ListFilter {
+            statuses: vec![Status::Completed],
+            ..ListFilter::default()
+        };
+        let page = engine.list(filter, PageRequest::first(50)).await?;
+        let stats = engine.stats().await?;
+        if page.tasks.len() != 50 || stats.total() != RETAINED as u64 {
+            return Err(format!("the file holds {} tasks", stats.total()).into());
+        }
+        let rss = rss_kib()?;
+        drop((page, engine));
+        Ok::<_, Box<dyn std::error::Error + Send + Sync>>(rss)
+    })?;
+    println!("{RSS_PROBE_PREFIX}baseline:{baseline}");
+    println!("{RSS_PROBE_PREFIX}after:{after}");
+    Ok(())
+}
+
+/// This process's resident set size (`VmRSS`), in KiB.
+fn rss_kib() -> BenchResult<u64> {
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+        .ok_or_else(|| "no VmRSS in /proc/self/status".into())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Diagnostics: not figures; run only with a filter that starts with `diag`.
+
+fn diagnostics(runtime: &Runtime, filter: &str) -> BenchResult<()> {
+    if "diag_engine".contains(filter) || filter.starts_with("diag_engine") {
+        for backend in [Backend::Sqlite, Backend::Memory] {
+            let dir = tempfile::tempdir()?;
+            let inner: Arc<dyn Store> = match backend {
+                Backend::Sqlite => Arc::new(SqliteStore::open(SqliteConfig::new(
+                    dir.path().join("d.sqlite3"),
+                ))?),
+                Backend::Memory => Arc::new(MemoryStore::new()),
+            };
+            let counting = Arc::new(CountingStore {
+                inner,
+                counters: Mutex::default(),
+            });
+            let report = on_workers(runtime, burn_down(counting.clone()))?;
+            let c = counting
+                .counters
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            println!(
+                "  diag {}: {:.0} tasks/s; claims {} (empty {}), mean claimed {:.2} of mean max {:.2}; claim mean {:.1} µs; finishes {} mean {:.1} µs; submit {:.0} tasks/s",
+                backend.name(),
+                BURN_TASKS as f64 / report.run.as_secs_f64(),
+                c.claims,
+                c.empty_claims,
+                c.claimed as f64 / c.claims.max(1) as f64,
+                c.claim_max as f64 / c.claims.max(1) as f64,
+                c.claim_time.as_secs_f64() * 1e6 / c.claims.max(1) as f64,
+                c.finishes,
+                c.finish_time.as_secs_f64() * 1e6 / c.finishes.max(1) as f64,
+                BURN_TASKS as f64 / report.submit.as_secs_f64(),
+            );
+        }
+    }
+    if "diag_store".contains(filter) || filter.starts_with("diag_store") {
+        const N: usize = 50_000;
+        let batches: Vec<usize> = match std::env::var("MSBD_DIAG_BATCHES") {
+            Ok(list) => list
+                .split(',')
+                .filter_map(|b| b.trim().parse().ok())
+                .collect(),
+            Err(_) => vec![1, 8, 64, 256, 1_000],
+        };
+        for batch in batches {
+            let n = if batch == 1 { N / 5 } else { N };
+            let dir = tempfile::tempdir()?;
+            let path = dir.path().join("s.sqlite3");
+            // Indexes to drop before the run (an experiment: what each costs the writer).
+            if let Ok(drop_list) = std::env::var("MSBD_DIAG_DROP_INDEXES") {
+                drop(SqliteStore::open(SqliteConfig::new(&path))?);
+                let conn = rusqlite::Connection::open(&path)?;
+                for index in drop_list.split(',').filter(|i| !i.is_empty()) {
+                    conn.execute_batch(&format!("DROP INDEX {index}"))?;
+                }
+            }
+            let store = Arc::new(SqliteStore::open(SqliteConfig::new(&path))?);
+            let (submit, claim, finish) = runtime.block_on(async {
+                let started = Instant::now();
+                for _ in 0..n / SUBMIT_BATCH {
+                    let now = Timestamp::now();
+                    let tasks = (0..SUBMIT_BATCH)
+                        .map(|_| NewTask::new(NOOP, Value::Null).into_task(TaskId::new(), now))
+                        .collect();
+                    store.submit(tasks).await?;
+                }
+                let submit = started.elapsed();
+                let mut claim = Duration::ZERO;
+                let mut finish = Duration::ZERO;
+                loop {
+                    let now = Timestamp::now();
+                    let started = Instant::now();
+                    let claimed = store
+                        .claim(ClaimRequest {
+                            max: batch,
+                            now,
+                            lease_until: now.after(Duration::from_secs(600)),
+                            exclude_types: Vec::new(),
+                            type_room: Vec::new(),
+                        })
+                        .await?;
+                    claim += started.elapsed();
+                    if claimed.is_empty() {
+                        break;
+                    }
+                    let started = Instant::now();
+                    let mut set = JoinSet::new();
+                    for task in claimed {
+                        let store = Arc::clone(&store);
+                        let f = Finish {
+                            id: task.id,
+                            attempt: task.attempt,
+                            now,
+                            outcome: Outcome::Completed {
+                                result: Value::Null,
+                            },
+                        };
+                        set.spawn(async move { store.finish(f).await });
+                    }
+                    while let Some(joined) = set.join_next().await {
+                        joined??;
+                    }
+                    finish += started.elapsed();
+                }
+                Ok::<_, Box<dyn std::error::Error + Send + Sync>>((submit, claim, finish))
+            })?;
+            println!(
+                "  diag store sqlite, {n} tasks, claim {batch} then finish them concurrently: {:.0} tasks/s (claim {:.1} µs/task, finish {:.1} µs/task); submit {:.0} tasks/s",
+                n as f64 / (claim + finish).as_secs_f64(),
+                claim.as_secs_f64() * 1e6 / n as f64,
+                finish.as_secs_f64() * 1e6 / n as f64,
+                n as f64 / submit.as_secs_f64(),
+            );
+        }
+    }
+    Ok(())
+}
+
+#[derive(Clone, Default)]
+struct Counters {
+    claims: u64,
+    empty_claims: u64,
+    claimed: u64,
+    claim_max: u64,
+    claim_time: Duration,
+    finishes: u64,
+    finish_time: Duration,
+}
+
+/// A store that counts and times the engine's claims and finishes.
+struct CountingStore {
+    inner: Arc<dyn Store>,
+    counters: Mutex<Counters>,
+}
+
+impl CountingStore {
+    fn count(&self, change: impl FnOnce(&mut Counters)) {
+        change(&mut self.counters.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+}
+
+impl Store for CountingStore {
+    fn submit(&self, tasks: Vec<Task>) -> StoreFuture<'_, Vec<Submitted>> {
+        self.inner.submit(tasks)
+    }
+    fn claim(&self, request: ClaimRequest) -> StoreFuture<'_, Vec<Task>> {
+        Box::pin(async move {
+            let max = request.max as u64;
+            let started = Instant::now();
+            let claimed = self.inner.claim(request).await?;
+            let n = claimed.len() as u64;
+            self.count(|c| {
+                c.claims += 1;
+                c.empty_claims += u64::from(n == 0);
+                c.claimed += n;
+                c.claim_max += max;
+                c.claim_time += started.elapsed();
+            });
+            Ok(claimed)
+        })
+    }
+    fn promote_due(&self, now: Timestamp) -> StoreFuture<'_, Promoted> {
+        self.inner.promote_due(now)
+    }
+    fn finish(&self, finish: Finish) -> StoreFuture<'_, bool> {
+        Box::pin(async move {
+            let started = Instant::now();
+            let done = self.inner.finish(finish).await?;
+            self.count(|c| {
+                c.finishes += 1;
+                c.finish_time += started.elapsed();
+            });
+            Ok(done)
+        })
+    }
+    fn progress(&self, update: ProgressUpdate) -> StoreFuture<'_, bool> {
+        self.inner.progress(update)
+    }
+    fn heartbeat(&self, heartbeat: Heartbeat) -> StoreFuture<'_, HeartbeatReply> {
+        self.inner.heartbeat(heartbeat)
+    }
+    fn command(&self, id: TaskId, command: StoreCommand, now: Timestamp) -> StoreFuture<'_, Task> {
+        self.inner.command(id, command, now)
+    }
+    fn recover(&self, now: Timestamp, which: Recover) -> StoreFuture<'_, Vec<Task>> {
+        self.inner.recover(now, which)
+    }
+    fn prune(&self, before: Timestamp, limit: usize) -> StoreFuture<'_, usize> {
+        self.inner.prune(before, limit)
+    }
+    fn get(&self, id: TaskId) -> StoreFuture<'_, Option<Task>> {
+        self.inner.get(id)
+    }
+    fn list(&self, filter: ListFilter, page: PageRequest) -> StoreFuture<'_, Page> {
+        self.inner.list(filter, page)
+    }
+    fn stats(&self) -> StoreFuture<'_, Stats> {
+        self.inner.stats()
+    }
+    fn flush(&self) -> StoreFuture<'_, ()> {
+        self.inner.flush()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Figures, the table and the JSON file.
+
+fn ms(duration: Duration) -> f64 {
+    duration.as_secs_f64() * 1e3
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+#[derive(Clone, Copy)]
+enum Target {
+    AtLeast(f64),
+    AtMost(f64),
+}
+
+impl Target {
+    fn met(self, value: f64) -> bool {
+        match self {
+            Target::AtLeast(target) => value >= target,
+            Target::AtMost(target) => value <= target,
+        }
+    }
+
+    fn describe(self) -> String {
+        match self {
+            Target::AtLeast(target) => format!(">= {target}"),
+            Target::AtMost(target) => format!("<= {target}"),
+        }
+    }
+}
+
+struct Figure {
+    name: &'static str,
+    /// The median of the runs, rounded to `decimals`.
+    value: f64,
+    runs: Vec<f64>,
+    unit: &'static str,
+    decimals: usize,
+    target: Target,
+}
+
+#[derive(Default)]
+struct Figures {
+    list: Vec<Figure>,
+}
+
+impl Figures {
+    fn add(
+        &mut self,
+        name: &'static str,
+        mut runs: Vec<f64>,
+        unit: &'static str,
+        decimals: usize,
+        target: Target,
+    ) {
+        let scale = 10f64.powi(decimals as i32);
+        let value = (median(&mut runs.clone()) * scale).round() / scale;
+        runs.iter_mut()
+            .for_each(|run| *run = (*run * scale).round() / scale);
+        let spread = if runs.len() > 1 {
+            let (lo, hi) = (
+                runs.iter().copied().fold(f64::MAX, f64::min),
+                runs.iter().copied().fold(f64::MIN, f64::max),
+            );
+            format!(
+                " (runs {}; spread {:.1}% of the median)",
+                join(&runs, decimals),
+                (hi - lo) / value * 100.0
+            )
+        } else {
+            String::new()
+        };
+        println!(
+            "{name}: {value:.decimals$} {unit}{spread}  [target {} {unit}: {}]",
+            target.describe(),
+            if target.met(value) { "met" } else { "MISSED" }
+        );
+        self.list.push(Figure {
+            name,
+            value,
+            runs,
+            unit,
+            decimals,
+            target,
+        });
+    }
+
+    fn write(&self) -> BenchResult<PathBuf> {
+        let dir = match std::env::var_os("MSBD_BENCH_PARTS_DIR") {
+            Some(dir) => PathBuf::from(dir),
+            None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/bench/parts"),
+        };
+        std::fs::create_dir_all(&dir)?;
+        let mut object = serde_json::Map::new();
+        for figure in &self.list {
+            let number = if figure.decimals == 0 {
+                json!(figure.value as i64)
+            } else {
+                json!(figure.value)
+            };
+            object.insert(figure.name.to_owned(), number);
+        }
+        let path = dir.join("engine.json");
+        std::fs::write(
+            &path,
+            serde_json::to_string_pretty(&Value::Object(object))? + "\n",
+        )?;
+        Ok(path)
+    }
+
+    fn table(&self) -> String {
+        let rows: Vec<[String; 5]> = self
+            .list
+            .iter()
+            .map(|f| {
+                [
+                    f.name.to_owned(),
+                    format!("{:.*} {}", f.decimals, f.value, f.unit),
+                    join(&f.runs, f.decimals),
+                    format!("{} {}", f.target.describe(), f.unit),
+                    if f.target.met(f.value) {
+                        "met".into()
+                    } else {
+                        "MISSED".into()
+                    },
+                ]
+            })
+            .collect();
+        let header = ["figure", "value", "runs", "target", "status"].map(String::from);
+        let mut widths = [0; 5];
+        for row in std::iter::once(&header).chain(&rows) {
+            for (width, cell) in widths.iter_mut().zip(row) {
+                *width = (*width).max(cell.chars().count());
+            }
+        }
+        let mut out = String::new();
+        for (index, row) in std::iter::once(&header).chain(&rows).enumerate() {
+            for (column, (cell, width)) in row.iter().zip(widths).enumerate() {
+                let pad = width - cell.chars().count();
+                let sep = if column == 0 { "" } else { " | " };
+                if column == 1 {
+                    let _ = write!(out, "{sep}{}{cell}", " ".repeat(pad));
+                } else {
+                    let _ = write!(out, "{sep}{cell}{}", " ".repeat(pad));
+                }
+            }
+            out = out.trim_end().to_owned();
+            out.push('\n');
+            if index == 0 {
+                let total = widths.iter().sum::<usize>() + 3 * (widths.len() - 1);
+                out.push_str(&"-".repeat(total));
+                out.push('\n');
+            }
+        }
+        out
+    }
+}
+
+fn join(values: &[f64], decimals: usize) -> String {
+    values
+        .iter()
+        .map(|v| format!("{v:.decimals$}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
