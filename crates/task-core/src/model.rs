@@ -2,6 +2,7 @@
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
@@ -13,9 +14,33 @@ use serde_json::Value;
 pub struct TaskId(uuid::Uuid);
 
 impl TaskId {
-    /// A new identifier for a task created now.
+    /// A new identifier for a task created now: a UUIDv7 whose 48-bit millisecond timestamp
+    /// and 12-bit counter increase strictly within the process (so ids created in the same
+    /// millisecond still sort in creation order), followed by 62 random bits.
     pub fn new() -> TaskId {
-        TaskId(uuid::Uuid::now_v7())
+        static LAST: AtomicU64 = AtomicU64::new(0);
+        let now_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        let candidate = now_ms << 12;
+        let mut previous = LAST.load(Ordering::Relaxed);
+        let stamp = loop {
+            let next = candidate.max(previous + 1);
+            match LAST.compare_exchange_weak(previous, next, Ordering::Relaxed, Ordering::Relaxed) {
+                Ok(_) => break next,
+                Err(seen) => previous = seen,
+            }
+        };
+        let millis = stamp >> 12;
+        let counter = (stamp & 0xFFF) as u16;
+        let mut bytes = [0u8; 16];
+        bytes[..6].copy_from_slice(&millis.to_be_bytes()[2..]);
+        bytes[6] = 0x70 | ((counter >> 8) as u8 & 0x0F);
+        bytes[7] = counter as u8;
+        bytes[8..].copy_from_slice(&rand::random::<u64>().to_be_bytes());
+        bytes[8] = 0x80 | (bytes[8] & 0x3F);
+        TaskId(uuid::Uuid::from_bytes(bytes))
     }
 
     /// The identifier as 16 bytes, the form the stores keep.
@@ -632,6 +657,13 @@ mod tests {
         let first = TaskId::new();
         let second = TaskId::new();
         assert!(first < second);
+        let many: Vec<TaskId> = (0..10_000).map(|_| TaskId::new()).collect();
+        assert!(
+            many.windows(2).all(|pair| pair[0] < pair[1]),
+            "ids out of order"
+        );
+        assert_eq!(first.0.get_version_num(), 7);
+        assert_eq!(first.0.get_variant(), uuid::Variant::RFC4122);
         assert_eq!(first.to_string().parse::<TaskId>().unwrap(), first);
         assert!("nope".parse::<TaskId>().is_err());
     }

@@ -37,12 +37,9 @@ struct State {
     next_seq: u64,
     tasks: HashMap<TaskId, Entry>,
     by_seq: BTreeSet<(u64, TaskId)>,
-    queued: BTreeSet<(Reverse<u8>, u64, TaskId)>,
-    scheduled: BTreeSet<(Timestamp, u64, TaskId)>,
-    running: BTreeSet<(u64, TaskId)>,
-    finished: BTreeSet<(Timestamp, u64, TaskId)>,
+    indexes: Indexes,
     idempotency: HashMap<(String, String), TaskId>,
-    stats: Option<Stats>,
+    stats: Stats,
 }
 
 struct Entry {
@@ -50,99 +47,110 @@ struct Entry {
     task: Task,
 }
 
+/// The orders in which the store finds tasks by status.
+#[derive(Default)]
+struct Indexes {
+    queued: BTreeSet<(Reverse<u8>, u64, TaskId)>,
+    scheduled: BTreeSet<(Timestamp, u64, TaskId)>,
+    running: BTreeSet<(u64, TaskId)>,
+    finished: BTreeSet<(Timestamp, u64, TaskId)>,
+}
+
+/// Where a task sits in [`Indexes`].
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Slot {
+    Queued(Reverse<u8>, u64, TaskId),
+    Scheduled(Timestamp, u64, TaskId),
+    Running(u64, TaskId),
+    Finished(Timestamp, u64, TaskId),
+    Unindexed,
+}
+
+impl Slot {
+    fn of(seq: u64, task: &Task) -> Slot {
+        let id = task.id;
+        match task.status {
+            Status::Queued => Slot::Queued(Reverse(task.priority.get()), seq, id),
+            Status::Scheduled => Slot::Scheduled(task.run_at.unwrap_or_default(), seq, id),
+            Status::Running => Slot::Running(seq, id),
+            Status::Completed | Status::Failed | Status::Cancelled => {
+                Slot::Finished(task.finished_at.unwrap_or_default(), seq, id)
+            }
+            Status::Paused => Slot::Unindexed,
+        }
+    }
+}
+
+impl Indexes {
+    fn insert(&mut self, slot: Slot) {
+        match slot {
+            Slot::Queued(p, seq, id) => self.queued.insert((p, seq, id)),
+            Slot::Scheduled(at, seq, id) => self.scheduled.insert((at, seq, id)),
+            Slot::Running(seq, id) => self.running.insert((seq, id)),
+            Slot::Finished(at, seq, id) => self.finished.insert((at, seq, id)),
+            Slot::Unindexed => false,
+        };
+    }
+
+    fn remove(&mut self, slot: Slot) {
+        match slot {
+            Slot::Queued(p, seq, id) => self.queued.remove(&(p, seq, id)),
+            Slot::Scheduled(at, seq, id) => self.scheduled.remove(&(at, seq, id)),
+            Slot::Running(seq, id) => self.running.remove(&(seq, id)),
+            Slot::Finished(at, seq, id) => self.finished.remove(&(at, seq, id)),
+            Slot::Unindexed => false,
+        };
+    }
+}
+
 impl State {
-    fn stats_mut(&mut self) -> &mut Stats {
-        self.stats.get_or_insert_with(Stats::empty)
-    }
-
-    fn index(&mut self, seq: u64, task: &Task) {
-        let id = task.id;
-        match task.status {
-            Status::Queued => {
-                self.queued.insert((Reverse(task.priority.get()), seq, id));
-            }
-            Status::Scheduled => {
-                self.scheduled
-                    .insert((task.run_at.unwrap_or_default(), seq, id));
-            }
-            Status::Running => {
-                self.running.insert((seq, id));
-            }
-            Status::Completed | Status::Failed | Status::Cancelled => {
-                self.finished
-                    .insert((task.finished_at.unwrap_or_default(), seq, id));
-            }
-            Status::Paused => {}
-        }
-    }
-
-    fn unindex(&mut self, seq: u64, task: &Task) {
-        let id = task.id;
-        match task.status {
-            Status::Queued => {
-                self.queued.remove(&(Reverse(task.priority.get()), seq, id));
-            }
-            Status::Scheduled => {
-                self.scheduled
-                    .remove(&(task.run_at.unwrap_or_default(), seq, id));
-            }
-            Status::Running => {
-                self.running.remove(&(seq, id));
-            }
-            Status::Completed | Status::Failed | Status::Cancelled => {
-                self.finished
-                    .remove(&(task.finished_at.unwrap_or_default(), seq, id));
-            }
-            Status::Paused => {}
-        }
-    }
-
-    /// Runs `change` on a task, keeping the indexes and counts in step with its status.
+    /// Runs `change` on a task in place, keeping the indexes and counts in step with it.
     fn update<R>(&mut self, id: TaskId, change: impl FnOnce(&mut Task) -> R) -> Option<R> {
-        let mut entry = self.tasks.remove(&id)?;
-        let before = entry.task.status;
-        self.unindex(entry.seq, &entry.task);
+        let entry = self.tasks.get_mut(&id)?;
+        let before = (entry.task.status, Slot::of(entry.seq, &entry.task));
         let result = change(&mut entry.task);
-        self.index(entry.seq, &entry.task);
-        let after = entry.task.status;
-        if before != after {
-            let task_type = entry.task.task_type.clone();
-            self.stats_mut().moved(&task_type, before, after);
+        let after = (entry.task.status, Slot::of(entry.seq, &entry.task));
+        if before.1 != after.1 {
+            self.indexes.remove(before.1);
+            self.indexes.insert(after.1);
         }
-        self.tasks.insert(id, entry);
+        if before.0 != after.0 {
+            self.stats.moved(&entry.task.task_type, before.0, after.0);
+        }
         Some(result)
     }
 
     fn insert(&mut self, task: Task) {
         self.next_seq += 1;
         let seq = self.next_seq;
-        self.index(seq, &task);
+        self.indexes.insert(Slot::of(seq, &task));
         self.by_seq.insert((seq, task.id));
         if let Some(key) = &task.idempotency_key {
             self.idempotency
                 .insert(idempotency_slot(&task.owner, key), task.id);
         }
-        self.stats_mut().add(&task.task_type, task.status, 1);
+        self.stats.add(&task.task_type, task.status, 1);
         self.tasks.insert(task.id, Entry { seq, task });
     }
 
     fn remove(&mut self, id: TaskId) {
         if let Some(entry) = self.tasks.remove(&id) {
-            self.unindex(entry.seq, &entry.task);
+            self.indexes.remove(Slot::of(entry.seq, &entry.task));
             self.by_seq.remove(&(entry.seq, id));
             if let Some(key) = entry.task.idempotency_key.clone() {
                 self.idempotency
                     .remove(&idempotency_slot(&entry.task.owner, &key));
             }
-            self.stats_mut()
-                .add(&entry.task.task_type, entry.task.status, -1);
+            self.stats.add(&entry.task.task_type, entry.task.status, -1);
         }
     }
 
     fn claim(&mut self, request: &ClaimRequest) -> Vec<Task> {
-        let candidates = pick_claimable(self.queued.iter().map(|(_, _, id)| *id), request, |id| {
-            &self.tasks[id].task.task_type
-        });
+        let candidates = pick_claimable(
+            self.indexes.queued.iter().map(|(_, _, id)| *id),
+            request,
+            |id| &self.tasks[id].task.task_type,
+        );
         let mut claimed = Vec::with_capacity(candidates.len());
         for id in candidates {
             let done = self.update(id, |task| {
@@ -234,6 +242,7 @@ impl Store for MemoryStore {
     fn promote_due(&self, now: Timestamp) -> StoreFuture<'_, Promoted> {
         let mut state = self.lock();
         let due: Vec<TaskId> = state
+            .indexes
             .scheduled
             .iter()
             .take_while(|(at, _, _)| *at <= now)
@@ -242,7 +251,7 @@ impl Store for MemoryStore {
         for id in &due {
             state.update(*id, |task| apply::promote(task, now));
         }
-        let next_due = state.scheduled.first().map(|(at, _, _)| *at);
+        let next_due = state.indexes.scheduled.first().map(|(at, _, _)| *at);
         ready(Ok(Promoted {
             count: due.len(),
             next_due,
@@ -304,6 +313,7 @@ impl Store for MemoryStore {
     fn recover(&self, now: Timestamp, which: Recover) -> StoreFuture<'_, Vec<Task>> {
         let mut state = self.lock();
         let stale: Vec<TaskId> = state
+            .indexes
             .running
             .iter()
             .map(|(_, id)| *id)
@@ -329,6 +339,7 @@ impl Store for MemoryStore {
     fn prune(&self, before: Timestamp, limit: usize) -> StoreFuture<'_, usize> {
         let mut state = self.lock();
         let old: Vec<TaskId> = state
+            .indexes
             .finished
             .iter()
             .take_while(|(at, _, _)| *at < before)
@@ -374,8 +385,7 @@ impl Store for MemoryStore {
     }
 
     fn stats(&self) -> StoreFuture<'_, Stats> {
-        let mut state = self.lock();
-        let stats = state.stats_mut().clone();
+        let stats = self.lock().stats.clone();
         ready(Ok(stats))
     }
 

@@ -330,12 +330,19 @@ impl FromStr for Cursor {
 }
 
 /// Counts of tasks.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Stats {
     /// Tasks by status (every status present, zero included).
     pub by_status: BTreeMap<Status, u64>,
     /// Tasks by type, then by status (statuses with no task left out).
     pub by_type: BTreeMap<String, BTreeMap<Status, u64>>,
+}
+
+impl Default for Stats {
+    /// No tasks: every status present with a zero count.
+    fn default() -> Self {
+        Stats::empty()
+    }
 }
 
 impl Stats {

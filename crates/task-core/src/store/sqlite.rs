@@ -25,6 +25,7 @@
 //! second open fails with a clear error. Because of that, every task found `running` when the
 //! store opens belongs to a process that is gone; the engine recovers them at once.
 
+use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
@@ -83,10 +84,11 @@ impl SqliteConfig {
 
 /// The SQLite task store. See the module docs.
 pub struct SqliteStore {
-    writer: Mutex<Option<mpsc::Sender<WriteOp>>>,
-    reader: Mutex<Option<mpsc::Sender<ReadOp>>>,
-    writer_thread: Mutex<Option<JoinHandle<()>>>,
-    reader_thread: Mutex<Option<JoinHandle<()>>>,
+    // `None` only while the store is dropped.
+    writer: Option<mpsc::Sender<WriteOp>>,
+    reader: Option<mpsc::Sender<ReadOp>>,
+    checkpointer: Option<mpsc::Sender<()>>,
+    threads: Vec<JoinHandle<()>>,
     stats: Arc<Mutex<Stats>>,
     path: PathBuf,
     _lock: File,
@@ -128,7 +130,12 @@ CREATE INDEX tasks_scheduled ON tasks (run_at) WHERE status = 1;
 CREATE INDEX tasks_running ON tasks (lease_until) WHERE status = 3;
 CREATE INDEX tasks_finished ON tasks (finished_at) WHERE status >= 4;
 CREATE INDEX tasks_by_status ON tasks (status, seq);
-CREATE INDEX tasks_by_type_status ON tasks (task_type, status);
+CREATE TABLE task_counts (
+    task_type TEXT NOT NULL,
+    status INTEGER NOT NULL,
+    count INTEGER NOT NULL,
+    PRIMARY KEY (task_type, status)
+) WITHOUT ROWID;
 CREATE UNIQUE INDEX tasks_idempotency ON tasks (coalesce(owner, ''), idempotency_key)
     WHERE idempotency_key IS NOT NULL;
 "#];
@@ -180,6 +187,13 @@ impl SqliteStore {
             )
         })?;
         configure(&reader, &config, true)?;
+        let checkpoints = Connection::open(&config.path).map_err(|e| {
+            Error::store(
+                "opening the database",
+                format!("{}: {e}", config.path.display()),
+            )
+        })?;
+        configure(&checkpoints, &config, true)?;
 
         let stats = Arc::new(Mutex::new(stats));
         let (write_tx, write_rx) = mpsc::channel();
@@ -201,11 +215,16 @@ impl SqliteStore {
             .name("sqlite-reader".into())
             .spawn(move || run_reader(reader, read_rx))
             .map_err(|e| Error::store("starting the reader thread", e))?;
+        let (checkpoint_tx, checkpoint_rx) = mpsc::channel();
+        let checkpoint_thread = std::thread::Builder::new()
+            .name("sqlite-checkpointer".into())
+            .spawn(move || run_checkpointer(checkpoints, checkpoint_rx))
+            .map_err(|e| Error::store("starting the checkpoint thread", e))?;
         Ok(SqliteStore {
-            writer: Mutex::new(Some(write_tx)),
-            reader: Mutex::new(Some(read_tx)),
-            writer_thread: Mutex::new(Some(writer_thread)),
-            reader_thread: Mutex::new(Some(reader_thread)),
+            writer: Some(write_tx),
+            reader: Some(read_tx),
+            checkpointer: Some(checkpoint_tx),
+            threads: vec![writer_thread, reader_thread, checkpoint_thread],
             stats,
             path: config.path,
             _lock: lock,
@@ -222,7 +241,7 @@ impl SqliteStore {
         make: impl FnOnce(oneshot::Sender<Result<T>>) -> WriteOp,
     ) -> StoreFuture<'_, T> {
         let (tx, rx) = oneshot::channel();
-        let sent = match &*self.writer.lock().unwrap_or_else(|p| p.into_inner()) {
+        let sent = match &self.writer {
             Some(sender) => sender.send(make(tx)).is_ok(),
             None => false,
         };
@@ -239,7 +258,7 @@ impl SqliteStore {
         make: impl FnOnce(oneshot::Sender<Result<T>>) -> ReadOp,
     ) -> StoreFuture<'_, T> {
         let (tx, rx) = oneshot::channel();
-        let sent = match &*self.reader.lock().unwrap_or_else(|p| p.into_inner()) {
+        let sent = match &self.reader {
             Some(sender) => sender.send(make(tx)).is_ok(),
             None => false,
         };
@@ -250,22 +269,17 @@ impl SqliteStore {
             rx.await.unwrap_or_else(|_| Err(closed()))
         })
     }
-
-    /// Stops the threads after every accepted write is committed, and closes the file.
-    pub fn close(&self) {
-        self.writer.lock().unwrap_or_else(|p| p.into_inner()).take();
-        self.reader.lock().unwrap_or_else(|p| p.into_inner()).take();
-        for slot in [&self.writer_thread, &self.reader_thread] {
-            if let Some(handle) = slot.lock().unwrap_or_else(|p| p.into_inner()).take() {
-                let _ = handle.join();
-            }
-        }
-    }
 }
 
 impl Drop for SqliteStore {
+    /// Stops the threads after every accepted write is committed, and closes the file.
     fn drop(&mut self) {
-        self.close();
+        self.writer.take();
+        self.reader.take();
+        self.checkpointer.take();
+        for handle in self.threads.drain(..) {
+            let _ = handle.join();
+        }
     }
 }
 
@@ -307,8 +321,11 @@ fn configure(conn: &Connection, config: &SqliteConfig, reader: bool) -> Result<(
             format!("journal mode is {journal}"),
         ));
     }
+    // The checkpointer thread keeps the WAL short; the writer's own checkpoint is a safety net
+    // for when the checkpointer falls behind (about 40 MiB of WAL).
     conn.execute_batch(&format!(
-        "PRAGMA synchronous = {synchronous}; PRAGMA cache_size = -{cache}; PRAGMA temp_store = MEMORY;"
+        "PRAGMA synchronous = {synchronous}; PRAGMA cache_size = -{cache}; PRAGMA temp_store = MEMORY; \
+         PRAGMA wal_autocheckpoint = 10000;"
     ))
     .map_err(|e| Error::store("configuring", e))?;
     Ok(())
@@ -344,7 +361,7 @@ fn migrate(conn: &mut Connection) -> Result<()> {
 fn load_stats(conn: &Connection) -> Result<Stats> {
     let mut stats = Stats::empty();
     let mut statement = conn
-        .prepare("SELECT task_type, status, count(*) FROM tasks INDEXED BY tasks_by_type_status GROUP BY task_type, status")
+        .prepare("SELECT task_type, status, count FROM task_counts")
         .map_err(|e| Error::store("counting tasks", e))?;
     let rows = statement
         .query_map([], |row| {
@@ -483,6 +500,21 @@ struct CountChange {
     to: Option<Status>,
 }
 
+/// The net change of each (type, status) count in a batch; zero changes left out.
+fn net_counts(changes: &[CountChange]) -> BTreeMap<(&str, Status), i64> {
+    let mut net: BTreeMap<(&str, Status), i64> = BTreeMap::new();
+    for change in changes {
+        if let Some(from) = change.from {
+            *net.entry((change.task_type.as_str(), from)).or_insert(0) -= 1;
+        }
+        if let Some(to) = change.to {
+            *net.entry((change.task_type.as_str(), to)).or_insert(0) += 1;
+        }
+    }
+    net.retain(|_, delta| *delta != 0);
+    net
+}
+
 struct Writer {
     conn: Connection,
     stats: Arc<Mutex<Stats>>,
@@ -502,7 +534,9 @@ impl Writer {
             }
             self.commit_batch(&mut batch);
         }
-        let _ = self.conn.execute_batch("PRAGMA optimize;");
+        let _ = self
+            .conn
+            .execute_batch("PRAGMA optimize; PRAGMA wal_checkpoint(TRUNCATE);");
     }
 
     fn commit_batch(&mut self, batch: &mut Vec<WriteOp>) {
@@ -531,23 +565,20 @@ impl Writer {
                 ));
             }
         }
+        let net = net_counts(&counts);
         let outcome = match broken {
             Some(error) => Err(error),
-            None => self
-                .conn
-                .execute_batch("COMMIT")
-                .map_err(|e| Error::store("committing", e)),
+            None => self.write_counts(&net).and_then(|()| {
+                self.conn
+                    .execute_batch("COMMIT")
+                    .map_err(|e| Error::store("committing", e))
+            }),
         };
         match outcome {
             Ok(()) => {
                 let mut stats = self.stats.lock().unwrap_or_else(|p| p.into_inner());
-                for change in counts {
-                    if let Some(from) = change.from {
-                        stats.add(&change.task_type, from, -1);
-                    }
-                    if let Some(to) = change.to {
-                        stats.add(&change.task_type, to, 1);
-                    }
+                for ((task_type, status), delta) in net {
+                    stats.add(task_type, status, delta);
                 }
                 drop(stats);
                 for reply in replies {
@@ -564,6 +595,28 @@ impl Writer {
                 }
             }
         }
+    }
+
+    /// Adds the batch's net changes to the persistent counts, in its transaction.
+    fn write_counts(&mut self, net: &BTreeMap<(&str, Status), i64>) -> Result<()> {
+        let mut emptied = false;
+        for ((task_type, status), delta) in net {
+            self.conn
+                .prepare_cached(
+                    "INSERT INTO task_counts (task_type, status, count) VALUES (?1, ?2, ?3) \
+                     ON CONFLICT (task_type, status) DO UPDATE SET count = count + excluded.count",
+                )
+                .and_then(|mut s| s.execute(params![task_type, status.code(), delta]))
+                .map_err(|e| Error::store("updating the task counts", e))?;
+            emptied |= *delta < 0;
+        }
+        if emptied {
+            self.conn
+                .prepare_cached("DELETE FROM task_counts WHERE count <= 0")
+                .and_then(|mut s| s.execute([]))
+                .map_err(|e| Error::store("updating the task counts", e))?;
+        }
+        Ok(())
     }
 
     fn execute(&mut self, op: WriteOp, counts: &mut Vec<CountChange>) -> PendingReply {
@@ -610,7 +663,7 @@ impl Writer {
             }
             self.conn
                 .prepare_cached(
-                    "INSERT INTO tasks (id, task_type, params, priority, status, attempt, max_attempts, \
+                    "INSERT OR FAIL INTO tasks (id, task_type, params, priority, status, attempt, max_attempts, \
                      retry_base_ms, retry_max_ms, timeout_ms, run_at, idempotency_key, owner, session_id, \
                      created_at, updated_at, tags) \
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
@@ -657,6 +710,9 @@ impl Writer {
     ) -> Result<Vec<Task>> {
         let running =
             decide(Status::Queued, Event::Claim).map_err(|t| Error::store("claiming", t))?;
+        if request.type_room.is_empty() {
+            return self.claim_in_order(request, running, counts);
+        }
         let mut claimed = Vec::new();
         let mut excluded: Vec<String> = request.exclude_types.clone();
         let mut taken_by_type: Vec<(String, usize)> = Vec::new();
@@ -701,7 +757,7 @@ impl Writer {
                 let task = self
                     .conn
                     .prepare_cached(&format!(
-                        "UPDATE tasks SET status = ?2, attempt = attempt + 1, started_at = ?3, updated_at = ?3, \
+                        "UPDATE OR FAIL tasks SET status = ?2, attempt = attempt + 1, started_at = ?3, updated_at = ?3, \
                          lease_until = ?4, run_at = NULL, progress = NULL, progress_message = NULL \
                          WHERE seq = ?1 AND status = 0 RETURNING {COLUMNS}"
                     ))
@@ -724,6 +780,49 @@ impl Writer {
             }
         }
         Ok(claimed)
+    }
+
+    /// Claims the first `max` queued tasks of the types not excluded, in one statement.
+    fn claim_in_order(
+        &mut self,
+        request: &ClaimRequest,
+        running: Status,
+        counts: &mut Vec<CountChange>,
+    ) -> Result<Vec<Task>> {
+        let excluded_json =
+            serde_json::to_string(&request.exclude_types).unwrap_or_else(|_| "[]".into());
+        let mut claimed: Vec<(i64, Task)> = self
+            .conn
+            .prepare_cached(&format!(
+                "UPDATE OR FAIL tasks SET status = ?1, attempt = attempt + 1, started_at = ?2, \
+                 updated_at = ?2, lease_until = ?3, run_at = NULL, progress = NULL, progress_message = NULL \
+                 WHERE seq IN (SELECT seq FROM tasks INDEXED BY tasks_queued \
+                   WHERE status = 0 AND task_type NOT IN (SELECT value FROM json_each(?4)) \
+                   ORDER BY priority DESC, seq LIMIT ?5) \
+                 RETURNING {COLUMNS}, seq"
+            ))
+            .and_then(|mut s| {
+                s.query_map(
+                    params![
+                        running.code(),
+                        request.now.0,
+                        request.lease_until.0,
+                        excluded_json,
+                        request.max as i64
+                    ],
+                    |row| Ok((row.get(26)?, task_from_row(row)?)),
+                )?
+                .collect()
+            })
+            .map_err(|e| Error::store("claiming tasks", e))?;
+        // RETURNING gives rows in no particular order: put them back in queue order.
+        claimed.sort_unstable_by_key(|(seq, task)| (std::cmp::Reverse(task.priority), *seq));
+        counts.extend(claimed.iter().map(|(_, task)| CountChange {
+            task_type: task.task_type.clone(),
+            from: Some(Status::Queued),
+            to: Some(running),
+        }));
+        Ok(claimed.into_iter().map(|(_, task)| task).collect())
     }
 
     fn promote(&mut self, now: Timestamp, counts: &mut Vec<CountChange>) -> Result<Promoted> {
@@ -770,7 +869,7 @@ impl Writer {
         let task_type: Option<String> = self
             .conn
             .prepare_cached(
-                "UPDATE tasks SET status = ?3, result = coalesce(?4, result), \
+                "UPDATE OR FAIL tasks SET status = ?3, result = coalesce(?4, result), \
                  progress = CASE WHEN ?3 = 4 THEN 1.0 ELSE progress END, \
                  error_kind = coalesce(?5, error_kind), error_message = coalesce(?6, error_message), \
                  run_at = ?7, finished_at = ?8, updated_at = ?9, max_attempts = max_attempts + ?10, \
@@ -813,7 +912,7 @@ impl Writer {
         let changed = self
             .conn
             .prepare_cached(
-                "UPDATE tasks SET progress = ?3, progress_message = coalesce(?4, progress_message), updated_at = ?5 \
+                "UPDATE OR FAIL tasks SET progress = ?3, progress_message = coalesce(?4, progress_message), updated_at = ?5 \
                  WHERE id = ?1 AND status = 3 AND attempt = ?2",
             )
             .and_then(|mut s| {
@@ -834,7 +933,7 @@ impl Writer {
         let mut statement = self
             .conn
             .prepare_cached(
-                "UPDATE tasks SET lease_until = ?3 WHERE id = ?1 AND status = 3 AND attempt = ?2 \
+                "UPDATE OR FAIL tasks SET lease_until = ?3 WHERE id = ?1 AND status = 3 AND attempt = ?2 \
                  RETURNING cancel_requested",
             )
             .map_err(|e| Error::store("renewing leases", e))?;
@@ -980,6 +1079,20 @@ fn fail_op(op: WriteOp, error: &Error) {
         WriteOp::Recover(_, _, reply) => drop(reply.send(Err(error))),
         WriteOp::Prune(_, _, reply) => drop(reply.send(Err(error))),
         WriteOp::Flush(reply) => drop(reply.send(Err(error))),
+    }
+}
+
+/// How often the checkpointer copies the WAL back into the database file.
+const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(250);
+
+/// Checkpoints the WAL from its own connection, so that the writer never stops for a checkpoint
+/// (and its fsyncs) in the middle of a burst. The writer still checkpoints by itself if the WAL
+/// outgrows `wal_autocheckpoint` pages, as a safety net.
+fn run_checkpointer(conn: Connection, stop: mpsc::Receiver<()>) {
+    while let Err(mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(CHECKPOINT_INTERVAL) {
+        if let Err(error) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+            tracing::warn!(%error, "a WAL checkpoint failed; the writer will checkpoint instead");
+        }
     }
 }
 
