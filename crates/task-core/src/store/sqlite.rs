@@ -127,7 +127,6 @@ CREATE TABLE tasks (
 );
 CREATE INDEX tasks_queued ON tasks (priority DESC, seq) WHERE status = 0;
 CREATE INDEX tasks_scheduled ON tasks (run_at) WHERE status = 1;
-CREATE INDEX tasks_running ON tasks (lease_until) WHERE status = 3;
 CREATE INDEX tasks_finished ON tasks (finished_at) WHERE status >= 4;
 CREATE INDEX tasks_by_status ON tasks (status, seq);
 CREATE TABLE task_counts (
@@ -789,31 +788,36 @@ impl Writer {
         running: Status,
         counts: &mut Vec<CountChange>,
     ) -> Result<Vec<Task>> {
+        // Without exclusions, the statement has no `NOT IN`: one ephemeral table less.
+        let exclusion = if request.exclude_types.is_empty() {
+            ""
+        } else {
+            "AND task_type NOT IN (SELECT value FROM json_each(?5))"
+        };
         let excluded_json =
             serde_json::to_string(&request.exclude_types).unwrap_or_else(|_| "[]".into());
-        let mut claimed: Vec<(i64, Task)> = self
+        let mut statement = self
             .conn
             .prepare_cached(&format!(
                 "UPDATE OR FAIL tasks SET status = ?1, attempt = attempt + 1, started_at = ?2, \
                  updated_at = ?2, lease_until = ?3, run_at = NULL, progress = NULL, progress_message = NULL \
                  WHERE seq IN (SELECT seq FROM tasks INDEXED BY tasks_queued \
-                   WHERE status = 0 AND task_type NOT IN (SELECT value FROM json_each(?4)) \
-                   ORDER BY priority DESC, seq LIMIT ?5) \
+                   WHERE status = 0 {exclusion} ORDER BY priority DESC, seq LIMIT ?4) \
                  RETURNING {COLUMNS}, seq"
             ))
-            .and_then(|mut s| {
-                s.query_map(
-                    params![
-                        running.code(),
-                        request.now.0,
-                        request.lease_until.0,
-                        excluded_json,
-                        request.max as i64
-                    ],
-                    |row| Ok((row.get(26)?, task_from_row(row)?)),
-                )?
-                .collect()
+            .map_err(|e| Error::store("claiming tasks", e))?;
+        let values = params![
+            running.code(),
+            request.now.0,
+            request.lease_until.0,
+            request.max as i64,
+            excluded_json
+        ];
+        let mut claimed: Vec<(i64, Task)> = statement
+            .query_map(&values[..if exclusion.is_empty() { 4 } else { 5 }], |row| {
+                Ok((row.get(26)?, task_from_row(row)?))
             })
+            .and_then(|rows| rows.collect())
             .map_err(|e| Error::store("claiming tasks", e))?;
         // RETURNING gives rows in no particular order: put them back in queue order.
         claimed.sort_unstable_by_key(|(seq, task)| (std::cmp::Reverse(task.priority), *seq));
@@ -1015,10 +1019,10 @@ impl Writer {
     ) -> Result<Vec<Task>> {
         let sql = match which {
             Recover::Expired => format!(
-                "SELECT {COLUMNS} FROM tasks INDEXED BY tasks_running WHERE status = 3 AND lease_until < ?1"
+                "SELECT {COLUMNS} FROM tasks INDEXED BY tasks_by_status WHERE status = 3 AND lease_until < ?1"
             ),
             Recover::AllRunning => format!(
-                "SELECT {COLUMNS} FROM tasks INDEXED BY tasks_running WHERE status = 3 AND ?1 IS NOT NULL"
+                "SELECT {COLUMNS} FROM tasks INDEXED BY tasks_by_status WHERE status = 3 AND ?1 IS NOT NULL"
             ),
         };
         let stale: Vec<Task> = self

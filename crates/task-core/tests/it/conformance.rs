@@ -1880,10 +1880,10 @@ async fn sqlite_hot_queries_use_the_partial_indexes() {
 
     // The lease reaper and the pruner.
     let recover_plan = plan(
-        "SELECT id FROM tasks INDEXED BY tasks_running WHERE status = 3 AND lease_until < ?1",
+        "SELECT id FROM tasks INDEXED BY tasks_by_status WHERE status = 3 AND lease_until < ?1",
         &[&at(100).0],
     );
-    assert!(recover_plan.contains("tasks_running"), "{recover_plan}");
+    assert!(recover_plan.contains("tasks_by_status"), "{recover_plan}");
     let prune_plan = plan(
         "SELECT seq FROM tasks INDEXED BY tasks_finished \
          WHERE status >= 4 AND finished_at < ?1 ORDER BY finished_at LIMIT ?2",
