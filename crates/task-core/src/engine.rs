@@ -24,7 +24,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::error::{Error, Result};
 use crate::handler::{ErasedHandler, TaskContext, TaskFailure, TaskHandler};
-use crate::model::{FailureKind, NewTask, Status, Task, TaskError, TaskId, Timestamp};
+use crate::model::{FailureKind, IdMap, NewTask, Status, Task, TaskError, TaskId, Timestamp};
 use crate::store::{
     ClaimRequest, Command, Finish, Heartbeat, ListFilter, Outcome, Page, PageRequest,
     ProgressUpdate, Recover, Stats, Store, Submitted,
@@ -111,14 +111,19 @@ impl TaskEvent {
 /// Builds an [`Engine`]: register handlers, then [`EngineBuilder::build`].
 pub struct EngineBuilder {
     store: Arc<dyn Store>,
-    handlers: HashMap<String, Arc<dyn ErasedHandler>>,
+    handlers: HashMap<String, Registered>,
     config: EngineConfig,
 }
 
 impl EngineBuilder {
     /// Registers the handler of a task type (replacing any earlier one).
     pub fn handler(mut self, task_type: impl Into<String>, handler: impl TaskHandler) -> Self {
-        self.handlers.insert(task_type.into(), Arc::new(handler));
+        let task_type: String = task_type.into();
+        let registered = Registered {
+            name: Arc::from(task_type.as_str()),
+            handler: Arc::new(handler),
+        };
+        self.handlers.insert(task_type, registered);
         self
     }
 
@@ -148,7 +153,7 @@ impl EngineBuilder {
                 paused_types: HashSet::new(),
             }),
             config,
-            running: Mutex::new(HashMap::new()),
+            running: Mutex::new(IdMap::default()),
             running_count: AtomicUsize::new(0),
             queue_paused: AtomicBool::new(false),
             accepting: AtomicBool::new(true),
@@ -157,7 +162,7 @@ impl EngineBuilder {
             idle: Notify::new(),
             next_due: AtomicI64::new(0),
             events,
-            waiters: Mutex::new(HashMap::new()),
+            waiters: Mutex::new(IdMap::default()),
             waiter_count: AtomicUsize::new(0),
             durations: Mutex::new(HashMap::new()),
             workers: TaskTracker::new(),
@@ -500,6 +505,9 @@ impl Engine {
         let mut next_heartbeat = tokio::time::Instant::now() + inner.config.heartbeat_interval;
         // Promote whatever became due while no dispatcher ran.
         inner.next_due.store(0, Ordering::Release);
+        // While tasks run and few slots are free, a claim waits briefly for more slots to free,
+        // so that a saturated engine claims in batches rather than one task per completion.
+        let mut gather_until: Option<tokio::time::Instant> = None;
         loop {
             let mut woken = pin!(inner.wake.notified());
             woken.as_mut().enable();
@@ -520,7 +528,14 @@ impl Engine {
                 }
             }
             let free = inner.free_slots();
-            if free > 0 && !inner.queue_paused.load(Ordering::Acquire) {
+            let gathering = free > 0
+                && free < inner.claim_batch()
+                && inner.running_count.load(Ordering::Acquire) > 0
+                && tokio::time::Instant::now()
+                    < *gather_until
+                        .get_or_insert_with(|| tokio::time::Instant::now() + CLAIM_GATHER);
+            if free > 0 && !gathering && !inner.queue_paused.load(Ordering::Acquire) {
+                gather_until = None;
                 let request = inner.claim_request(free, now);
                 let claimed = inner.store.claim(request).await?;
                 let full = claimed.len() == free;
@@ -538,12 +553,15 @@ impl Engine {
                 .0
                 .min(next_due);
             let sleep_for = Duration::from_millis((poll_at - Timestamp::now().0).max(0) as u64);
+            let mut wake_at = (tokio::time::Instant::now() + sleep_for).min(next_heartbeat);
+            if gathering && let Some(until) = gather_until {
+                wake_at = wake_at.min(until);
+            }
             tokio::select! {
                 _ = cancel.cancelled() => return Ok(()),
                 _ = inner.draining.cancelled() => return Ok(()),
                 _ = woken => {}
-                _ = tokio::time::sleep(sleep_for) => {}
-                _ = tokio::time::sleep_until(next_heartbeat) => {}
+                _ = tokio::time::sleep_until(wake_at) => {}
             }
         }
     }
@@ -670,9 +688,16 @@ impl StopReason {
     }
 }
 
+/// A registered handler, with its type name shared by every attempt it runs.
+#[derive(Clone)]
+struct Registered {
+    name: Arc<str>,
+    handler: Arc<dyn ErasedHandler>,
+}
+
 struct RunningTask {
     attempt: u32,
-    task_type: String,
+    task_type: Arc<str>,
     control: Arc<Control>,
 }
 
@@ -703,16 +728,19 @@ struct Limits {
     paused_types: HashSet<String>,
 }
 
+/// The longest a busy dispatcher waits for more free slots before claiming.
+const CLAIM_GATHER: Duration = Duration::from_millis(1);
+
 /// How many recent durations per type the ETA remembers.
 const DURATION_WINDOW: usize = 32;
 
 pub(crate) struct Inner {
     store: Arc<dyn Store>,
-    handlers: HashMap<String, Arc<dyn ErasedHandler>>,
+    handlers: HashMap<String, Registered>,
     config: EngineConfig,
     concurrency: AtomicUsize,
     limits: Mutex<Limits>,
-    running: Mutex<HashMap<TaskId, RunningTask>>,
+    running: Mutex<IdMap<RunningTask>>,
     running_count: AtomicUsize,
     queue_paused: AtomicBool,
     accepting: AtomicBool,
@@ -721,7 +749,7 @@ pub(crate) struct Inner {
     idle: Notify,
     next_due: AtomicI64,
     events: broadcast::Sender<TaskEvent>,
-    waiters: Mutex<HashMap<TaskId, Vec<oneshot::Sender<()>>>>,
+    waiters: Mutex<IdMap<Vec<oneshot::Sender<()>>>>,
     waiter_count: AtomicUsize,
     durations: Mutex<HashMap<String, VecDeque<Duration>>>,
     workers: TaskTracker,
@@ -739,7 +767,7 @@ impl Inner {
         lock(&self.limits)
     }
 
-    fn lock_running(&self) -> MutexGuard<'_, HashMap<TaskId, RunningTask>> {
+    fn lock_running(&self) -> MutexGuard<'_, IdMap<RunningTask>> {
         lock(&self.running)
     }
 
@@ -836,6 +864,11 @@ impl Inner {
         }
     }
 
+    /// How many free slots a busy dispatcher waits for (up to [`CLAIM_GATHER`]) before claiming.
+    fn claim_batch(&self) -> usize {
+        (self.concurrency.load(Ordering::Acquire) / 4).max(1)
+    }
+
     fn free_slots(&self) -> usize {
         self.concurrency
             .load(Ordering::Acquire)
@@ -851,7 +884,7 @@ impl Inner {
             for (task_type, limit) in &limits.type_limits {
                 let busy = running
                     .values()
-                    .filter(|r| r.task_type == *task_type)
+                    .filter(|r| *r.task_type == **task_type)
                     .count();
                 match limit.saturating_sub(busy) {
                     0 => exclude_types.push(task_type.clone()),
@@ -873,11 +906,16 @@ impl Inner {
             cancel: CancellationToken::new(),
             reason: AtomicU8::new(0),
         });
+        let registered = self.handlers.get(&task.task_type).cloned();
+        let task_type = match &registered {
+            Some(registered) => Arc::clone(&registered.name),
+            None => Arc::from(task.task_type.as_str()),
+        };
         self.lock_running().insert(
             task.id,
             RunningTask {
                 attempt: task.attempt,
-                task_type: task.task_type.clone(),
+                task_type,
                 control: Arc::clone(&control),
             },
         );
@@ -889,26 +927,31 @@ impl Inner {
         });
         let inner = Arc::clone(self);
         self.workers
-            .spawn(async move { inner.run_attempt(task, control).await });
+            .spawn(async move { inner.run_attempt(task, registered, control).await });
     }
 
-    async fn run_attempt(self: Arc<Self>, task: Task, control: Arc<Control>) {
+    async fn run_attempt(
+        self: Arc<Self>,
+        mut task: Task,
+        registered: Option<Registered>,
+        control: Arc<Control>,
+    ) {
         let started = Instant::now();
         let id = task.id;
         let attempt = task.attempt;
-        let verdict = match self.handlers.get(&task.task_type) {
-            Some(handler) => {
+        let verdict = match registered {
+            Some(Registered { name, handler }) => {
                 let context = TaskContext {
                     id,
-                    task_type: task.task_type.clone(),
-                    params: task.params.clone(),
+                    task_type: name,
+                    params: std::mem::take(&mut task.params),
                     attempt,
                     max_attempts: task.max_attempts,
-                    session_id: task.session_id.clone(),
+                    session_id: task.session_id.take(),
                     cancel: control.cancel.clone(),
                     engine: Arc::clone(&self),
                 };
-                let future = Arc::clone(handler).start(context);
+                let future = handler.start(context);
                 self.drive(future, task.timeout, &control).await
             }
             None => Verdict::Rejected(format!(
@@ -920,18 +963,22 @@ impl Inner {
         let outcome = self.outcome(&task, verdict, &control, now);
         let completed = matches!(outcome, Some(Outcome::Completed { .. }));
         if let Some(outcome) = outcome {
+            let status = outcome.status();
+            let retry_at = match &outcome {
+                Outcome::Failed { retry_at, .. } => *retry_at,
+                _ => None,
+            };
             match self
                 .store
                 .finish(Finish {
                     id,
                     attempt,
                     now,
-                    outcome: outcome.clone(),
+                    outcome,
                 })
                 .await
             {
                 Ok(true) => {
-                    let status = outcome.status();
                     self.publish(TaskEvent::Status {
                         id,
                         status,
@@ -940,10 +987,7 @@ impl Inner {
                     if status.is_terminal() {
                         self.wake_waiters(id);
                     }
-                    if let Outcome::Failed {
-                        retry_at: Some(at), ..
-                    } = outcome
-                    {
+                    if let Some(at) = retry_at {
                         self.note_due(at);
                     }
                 }

@@ -108,7 +108,7 @@ impl<E: std::error::Error> From<E> for TaskFailure {
 /// What a handler knows of the task it runs.
 pub struct TaskContext {
     pub(crate) id: TaskId,
-    pub(crate) task_type: String,
+    pub(crate) task_type: Arc<str>,
     pub(crate) params: Value,
     pub(crate) attempt: u32,
     pub(crate) max_attempts: u32,

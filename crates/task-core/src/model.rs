@@ -1,6 +1,7 @@
 //! The task model: identifiers, priorities, statuses, failure kinds and the task record itself.
 
 use std::fmt;
+use std::hash::{BuildHasherDefault, Hash, Hasher};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -9,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 /// A task's identifier: a UUIDv7, so identifiers sort by creation time.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct TaskId(uuid::Uuid);
 
@@ -53,6 +54,45 @@ impl TaskId {
         TaskId(uuid::Uuid::from_bytes(bytes))
     }
 }
+
+impl Hash for TaskId {
+    /// Hashes the 64 bits that end the id (random in the ids this crate makes), so that maps
+    /// keyed by id need no general-purpose hash function; see [`IdHasher`].
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        let bytes = self.0.as_bytes();
+        let mut low = [0u8; 8];
+        low.copy_from_slice(&bytes[8..]);
+        state.write_u64(
+            u64::from_le_bytes(low)
+                ^ u64::from_le_bytes([
+                    bytes[0], bytes[1], bytes[2], bytes[3], bytes[4], bytes[5], bytes[6], bytes[7],
+                ]),
+        );
+    }
+}
+
+/// The hasher of maps keyed by [`TaskId`]: one multiply of the 64 bits the id hashes to.
+#[derive(Default, Clone, Copy)]
+pub struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for byte in bytes {
+            self.write_u64(u64::from(*byte));
+        }
+    }
+
+    fn write_u64(&mut self, value: u64) {
+        self.0 = (self.0.rotate_left(5) ^ value).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+}
+
+/// A map keyed by task id, with [`IdHasher`].
+pub type IdMap<V> = std::collections::HashMap<TaskId, V, BuildHasherDefault<IdHasher>>;
 
 impl Default for TaskId {
     fn default() -> Self {

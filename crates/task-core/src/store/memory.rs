@@ -5,7 +5,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::{Mutex, MutexGuard};
 
 use crate::error::{Error, Result};
-use crate::model::{Status, Task, TaskId, Timestamp};
+use crate::model::{IdMap, Status, Task, TaskId, Timestamp};
 use crate::store::{
     ClaimRequest, Command, Cursor, Finish, Heartbeat, HeartbeatReply, ListFilter, Page,
     PageRequest, ProgressUpdate, Promoted, Recover, Stats, Store, StoreFuture, Submitted, apply,
@@ -35,7 +35,7 @@ impl MemoryStore {
 #[derive(Default)]
 struct State {
     next_seq: u64,
-    tasks: HashMap<TaskId, Entry>,
+    tasks: IdMap<Entry>,
     by_seq: BTreeSet<(u64, TaskId)>,
     indexes: Indexes,
     idempotency: HashMap<(String, String), TaskId>,
