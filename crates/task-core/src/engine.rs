@@ -154,7 +154,7 @@ impl EngineBuilder {
             }),
             config,
             running: Mutex::new(IdMap::default()),
-            running_count: AtomicUsize::new(0),
+            slots_taken: AtomicUsize::new(0),
             queue_paused: AtomicBool::new(false),
             accepting: AtomicBool::new(true),
             draining: CancellationToken::new(),
@@ -295,7 +295,22 @@ impl Engine {
             inner.validate(&task)?;
             records.push(task.into_task(TaskId::new(), now));
         }
-        let submitted = inner.store.submit(records).await?;
+        // When slots are free, the submission claims in the same store request: the task starts
+        // one commit after it is accepted instead of two.
+        let reserved = inner.reserve_for_submit(records.len());
+        let (submitted, claimed) = if reserved > 0 {
+            let request = inner.claim_request(reserved, now);
+            match inner.store.submit_and_claim(records, request).await {
+                Ok(answer) => answer,
+                Err(error) => {
+                    inner.release(reserved);
+                    return Err(error);
+                }
+            }
+        } else {
+            (inner.store.submit(records).await?, Vec::new())
+        };
+        inner.release(reserved - claimed.len().min(reserved));
         let mut any_queued = false;
         for entry in submitted.iter().filter(|s| s.created) {
             let task = &entry.task;
@@ -308,6 +323,9 @@ impl Engine {
                 status: task.status,
                 attempt: 0,
             });
+        }
+        for task in claimed {
+            inner.start(task);
         }
         if any_queued {
             inner.wake.notify_one();
@@ -452,7 +470,7 @@ impl Engine {
 
     /// The number of tasks this engine is running now.
     pub fn running_count(&self) -> usize {
-        self.inner.running_count.load(Ordering::Acquire)
+        self.inner.lock_running().len()
     }
 
     /// Every status and progress change from now on. A receiver that falls behind by more than
@@ -530,21 +548,31 @@ impl Engine {
             let free = inner.free_slots();
             let gathering = free > 0
                 && free < inner.claim_batch()
-                && inner.running_count.load(Ordering::Acquire) > 0
+                && inner.slots_taken.load(Ordering::Acquire) > 0
                 && tokio::time::Instant::now()
                     < *gather_until
                         .get_or_insert_with(|| tokio::time::Instant::now() + CLAIM_GATHER);
             if free > 0 && !gathering && !inner.queue_paused.load(Ordering::Acquire) {
                 gather_until = None;
-                let request = inner.claim_request(free, now);
-                let claimed = inner.store.claim(request).await?;
-                let full = claimed.len() == free;
-                for task in claimed {
-                    inner.start(task);
-                }
-                if full {
-                    // There may be more: look again as soon as a slot frees.
-                    continue;
+                let free = inner.reserve(free);
+                if free > 0 {
+                    let request = inner.claim_request(free, now);
+                    let claimed = match inner.store.claim(request).await {
+                        Ok(claimed) => claimed,
+                        Err(error) => {
+                            inner.release(free);
+                            return Err(error);
+                        }
+                    };
+                    inner.release(free - claimed.len().min(free));
+                    let full = claimed.len() == free;
+                    for task in claimed {
+                        inner.start(task);
+                    }
+                    if full {
+                        // There may be more: look again as soon as a slot frees.
+                        continue;
+                    }
                 }
             }
             let next_due = inner.next_due.load(Ordering::Acquire);
@@ -626,7 +654,7 @@ impl Engine {
         let started = Instant::now();
         inner.accepting.store(false, Ordering::Release);
         inner.draining.cancel();
-        let running_at_start = inner.running_count.load(Ordering::Acquire);
+        let running_at_start = inner.lock_running().len();
         // Leave the cancel grace, and a margin for the last writes, before the deadline.
         let margin = (deadline / 10).min(Duration::from_millis(250));
         let drain_until = started
@@ -635,7 +663,7 @@ impl Engine {
                 .saturating_sub(margin);
         loop {
             let idle = inner.idle.notified();
-            if inner.running_count.load(Ordering::Acquire) == 0 {
+            if inner.slots_taken.load(Ordering::Acquire) == 0 {
                 break;
             }
             if tokio::time::timeout_at(drain_until.into(), idle)
@@ -741,7 +769,8 @@ pub(crate) struct Inner {
     concurrency: AtomicUsize,
     limits: Mutex<Limits>,
     running: Mutex<IdMap<RunningTask>>,
-    running_count: AtomicUsize,
+    /// Slots taken: running attempts plus slots reserved for claims in flight.
+    slots_taken: AtomicUsize,
     queue_paused: AtomicBool,
     accepting: AtomicBool,
     draining: CancellationToken,
@@ -869,10 +898,49 @@ impl Inner {
         (self.concurrency.load(Ordering::Acquire) / 4).max(1)
     }
 
+    /// Takes up to `want` free slots for tasks about to be claimed; returns how many it took.
+    /// Every slot taken is given back by [`Inner::release`]: at the end of the attempt it held,
+    /// or at once if the claim found fewer tasks.
+    fn reserve(&self, want: usize) -> usize {
+        let concurrency = self.concurrency.load(Ordering::Acquire);
+        let mut taken = self.slots_taken.load(Ordering::Acquire);
+        loop {
+            let grant = want.min(concurrency.saturating_sub(taken));
+            if grant == 0 {
+                return 0;
+            }
+            match self.slots_taken.compare_exchange_weak(
+                taken,
+                taken + grant,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return grant,
+                Err(seen) => taken = seen,
+            }
+        }
+    }
+
+    /// Slots a submission may claim at once: none while the queue is paused or per-type limits
+    /// apply (those are the dispatcher's to count).
+    fn reserve_for_submit(&self, tasks: usize) -> usize {
+        if self.queue_paused.load(Ordering::Acquire) || !self.limits().type_limits.is_empty() {
+            return 0;
+        }
+        self.reserve(tasks)
+    }
+
+    /// Gives back slots taken by [`Inner::reserve`].
+    fn release(&self, slots: usize) {
+        if slots > 0 && self.slots_taken.fetch_sub(slots, Ordering::AcqRel) == slots {
+            self.idle.notify_waiters();
+        }
+    }
+
     fn free_slots(&self) -> usize {
         self.concurrency
             .load(Ordering::Acquire)
-            .saturating_sub(self.running_count.load(Ordering::Acquire))
+            .saturating_sub(self.slots_taken.load(Ordering::Acquire))
     }
 
     fn claim_request(&self, max: usize, now: Timestamp) -> ClaimRequest {
@@ -919,7 +987,6 @@ impl Inner {
                 control: Arc::clone(&control),
             },
         );
-        self.running_count.fetch_add(1, Ordering::AcqRel);
         self.publish(TaskEvent::Status {
             id: task.id,
             status: Status::Running,
@@ -1003,9 +1070,7 @@ impl Inner {
             self.record_duration(&task.task_type, started.elapsed());
         }
         self.lock_running().remove(&id);
-        if self.running_count.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.idle.notify_waiters();
-        }
+        self.release(1);
         self.wake.notify_one();
     }
 

@@ -33,6 +33,20 @@ pub trait Store: Send + Sync + 'static {
     /// inserted; the existing task is returned with `created: false`.
     fn submit(&self, tasks: Vec<Task>) -> StoreFuture<'_, Vec<Submitted>>;
 
+    /// Submits tasks, then claims as [`Store::claim`] does, in one request (one transaction where
+    /// the store has them), so that a task submitted to an idle engine starts one commit sooner.
+    fn submit_and_claim(
+        &self,
+        tasks: Vec<Task>,
+        request: ClaimRequest,
+    ) -> StoreFuture<'_, (Vec<Submitted>, Vec<Task>)> {
+        Box::pin(async move {
+            let submitted = self.submit(tasks).await?;
+            let claimed = self.claim(request).await?;
+            Ok((submitted, claimed))
+        })
+    }
+
     /// Claims up to `request.max` queued tasks, highest priority first and oldest first within a
     /// priority, moving them to `running` with a new attempt and a lease.
     fn claim(&self, request: ClaimRequest) -> StoreFuture<'_, Vec<Task>>;

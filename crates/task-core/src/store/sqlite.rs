@@ -31,7 +31,7 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rusqlite::{Connection, OptionalExtension, Row, params};
 use serde_json::Value;
@@ -170,7 +170,7 @@ impl SqliteStore {
             ),
         })?;
 
-        let mut writer = Connection::open(&config.path).map_err(|e| {
+        let mut writer = open_connection(&config.path).map_err(|e| {
             Error::store(
                 "opening the database",
                 format!("{}: {e}", config.path.display()),
@@ -179,14 +179,14 @@ impl SqliteStore {
         configure(&writer, &config, false)?;
         migrate(&mut writer)?;
         let stats = load_stats(&writer)?;
-        let reader = Connection::open(&config.path).map_err(|e| {
+        let reader = open_connection(&config.path).map_err(|e| {
             Error::store(
                 "opening the database",
                 format!("{}: {e}", config.path.display()),
             )
         })?;
         configure(&reader, &config, true)?;
-        let checkpoints = Connection::open(&config.path).map_err(|e| {
+        let checkpoints = open_connection(&config.path).map_err(|e| {
             Error::store(
                 "opening the database",
                 format!("{}: {e}", config.path.display()),
@@ -287,6 +287,17 @@ fn closed() -> Error {
         action: "sending a request",
         message: "the store is closed (or its thread stopped after an error; see the log)".into(),
     }
+}
+
+/// Opens a connection through SQLite's `unix-excl` VFS: the process takes an exclusive lock on
+/// the file once and keeps the WAL index in its own memory, so that transactions take no file
+/// locks (a store file belongs to one process anyway; see the module docs). Other connections of
+/// this process (reader, checkpointer) share that memory.
+fn open_connection(path: &Path) -> rusqlite::Result<Connection> {
+    let flags = rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE
+        | rusqlite::OpenFlags::SQLITE_OPEN_CREATE
+        | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    Connection::open_with_flags_and_vfs(path, flags, c"unix-excl")
 }
 
 fn lock_path(path: &Path) -> PathBuf {
@@ -463,6 +474,7 @@ type Reply<T> = oneshot::Sender<Result<T>>;
 
 enum WriteOp {
     Submit(Vec<Task>, Reply<Vec<Submitted>>),
+    SubmitAndClaim(Vec<Task>, ClaimRequest, Reply<(Vec<Submitted>, Vec<Task>)>),
     Claim(ClaimRequest, Reply<Vec<Task>>),
     Promote(Timestamp, Reply<Promoted>),
     Finish(Finish, Reply<bool>),
@@ -621,6 +633,12 @@ impl Writer {
     fn execute(&mut self, op: WriteOp, counts: &mut Vec<CountChange>) -> PendingReply {
         match op {
             WriteOp::Submit(tasks, reply) => pending(reply, self.submit(tasks, counts)),
+            WriteOp::SubmitAndClaim(tasks, request, reply) => {
+                let answer = self
+                    .submit(tasks, counts)
+                    .and_then(|submitted| Ok((submitted, self.claim(&request, counts)?)));
+                pending(reply, answer)
+            }
             WriteOp::Claim(request, reply) => pending(reply, self.claim(&request, counts)),
             WriteOp::Promote(now, reply) => pending(reply, self.promote(now, counts)),
             WriteOp::Finish(finish, reply) => pending(reply, self.finish(&finish, counts)),
@@ -702,75 +720,62 @@ impl Writer {
         Ok(out)
     }
 
+    /// Claims in queue order, honouring per-type room: reads the head of the queue, then marks
+    /// each task it takes (no `UPDATE … RETURNING`, which costs SQLite an ephemeral table per
+    /// statement). When a type runs out of room, it asks again without that type.
     fn claim(
         &mut self,
         request: &ClaimRequest,
         counts: &mut Vec<CountChange>,
     ) -> Result<Vec<Task>> {
-        let running =
-            decide(Status::Queued, Event::Claim).map_err(|t| Error::store("claiming", t))?;
-        if request.type_room.is_empty() {
-            return self.claim_in_order(request, running, counts);
-        }
         let mut claimed = Vec::new();
         let mut excluded: Vec<String> = request.exclude_types.clone();
         let mut taken_by_type: Vec<(String, usize)> = Vec::new();
         while claimed.len() < request.max {
-            let remaining = request.max - claimed.len();
-            let excluded_json = serde_json::to_string(&excluded).unwrap_or_else(|_| "[]".into());
-            let candidates: Vec<(i64, String)> = self
-                .conn
-                .prepare_cached(
-                    "SELECT seq, task_type FROM tasks INDEXED BY tasks_queued \
-                     WHERE status = 0 AND task_type NOT IN (SELECT value FROM json_each(?1)) \
-                     ORDER BY priority DESC, seq LIMIT ?2",
-                )
-                .and_then(|mut s| {
-                    s.query_map(params![excluded_json, remaining as i64], |row| {
-                        Ok((row.get(0)?, row.get(1)?))
-                    })?
-                    .collect()
-                })
-                .map_err(|e| Error::store("finding tasks to claim", e))?;
+            let candidates = self.queue_head(&excluded, request.max - claimed.len())?;
             if candidates.is_empty() {
                 break;
             }
             let mut type_full = false;
-            for (seq, task_type) in candidates {
-                if let Some(room) = request.room_for(&task_type) {
-                    let taken = match taken_by_type.iter_mut().find(|(t, _)| *t == task_type) {
+            for (seq, mut task) in candidates {
+                if let Some(room) = request.room_for(&task.task_type) {
+                    let taken = match taken_by_type.iter_mut().find(|(t, _)| *t == task.task_type) {
                         Some((_, taken)) => taken,
                         None => {
-                            taken_by_type.push((task_type.clone(), 0));
+                            taken_by_type.push((task.task_type.clone(), 0));
                             &mut taken_by_type.last_mut().expect("just pushed").1
                         }
                     };
                     if *taken >= room {
                         // The queue order continues past this type: ask again without it.
-                        excluded.push(task_type);
+                        excluded.push(task.task_type);
                         type_full = true;
                         break;
                     }
                     *taken += 1;
                 }
-                let task = self
-                    .conn
-                    .prepare_cached(&format!(
-                        "UPDATE OR FAIL tasks SET status = ?2, attempt = attempt + 1, started_at = ?3, updated_at = ?3, \
-                         lease_until = ?4, run_at = NULL, progress = NULL, progress_message = NULL \
-                         WHERE seq = ?1 AND status = 0 RETURNING {COLUMNS}"
-                    ))
+                let before = task.status;
+                apply::claim(&mut task, request.now, request.lease_until)?;
+                self.conn
+                    .prepare_cached(
+                        "UPDATE OR FAIL tasks SET status = ?2, attempt = ?3, started_at = ?4, updated_at = ?5, \
+                         lease_until = ?6, run_at = NULL, progress = NULL, progress_message = NULL WHERE seq = ?1",
+                    )
                     .and_then(|mut s| {
-                        s.query_row(
-                            params![seq, running.code(), request.now.0, request.lease_until.0],
-                            task_from_row,
-                        )
+                        s.execute(params![
+                            seq,
+                            task.status.code(),
+                            task.attempt,
+                            task.started_at.map(|t| t.0),
+                            task.updated_at.0,
+                            task.lease_until.map(|t| t.0),
+                        ])
                     })
                     .map_err(|e| Error::store("claiming a task", e))?;
                 counts.push(CountChange {
-                    task_type,
-                    from: Some(Status::Queued),
-                    to: Some(running),
+                    task_type: task.task_type.clone(),
+                    from: Some(before),
+                    to: Some(task.status),
                 });
                 claimed.push(task);
             }
@@ -781,52 +786,44 @@ impl Writer {
         Ok(claimed)
     }
 
-    /// Claims the first `max` queued tasks of the types not excluded, in one statement.
-    fn claim_in_order(
-        &mut self,
-        request: &ClaimRequest,
-        running: Status,
-        counts: &mut Vec<CountChange>,
-    ) -> Result<Vec<Task>> {
+    /// The first `limit` queued tasks of the types not excluded, in claim order, with their `seq`.
+    fn queue_head(&mut self, excluded: &[String], limit: usize) -> Result<Vec<(i64, Task)>> {
         // Without exclusions, the statement has no `NOT IN`: one ephemeral table less.
-        let exclusion = if request.exclude_types.is_empty() {
+        let exclusion = if excluded.is_empty() {
             ""
         } else {
-            "AND task_type NOT IN (SELECT value FROM json_each(?5))"
+            "AND task_type NOT IN (SELECT value FROM json_each(?2))"
         };
-        let excluded_json =
-            serde_json::to_string(&request.exclude_types).unwrap_or_else(|_| "[]".into());
+        let excluded_json = serde_json::to_string(excluded).unwrap_or_else(|_| "[]".into());
         let mut statement = self
             .conn
             .prepare_cached(&format!(
-                "UPDATE OR FAIL tasks SET status = ?1, attempt = attempt + 1, started_at = ?2, \
-                 updated_at = ?2, lease_until = ?3, run_at = NULL, progress = NULL, progress_message = NULL \
-                 WHERE seq IN (SELECT seq FROM tasks INDEXED BY tasks_queued \
-                   WHERE status = 0 {exclusion} ORDER BY priority DESC, seq LIMIT ?4) \
-                 RETURNING {COLUMNS}, seq"
+                "SELECT {COLUMNS}, seq FROM tasks INDEXED BY tasks_queued \
+                 WHERE status = 0 {exclusion} ORDER BY priority DESC, seq LIMIT ?1"
             ))
-            .map_err(|e| Error::store("claiming tasks", e))?;
-        let values = params![
-            running.code(),
-            request.now.0,
-            request.lease_until.0,
-            request.max as i64,
-            excluded_json
-        ];
-        let mut claimed: Vec<(i64, Task)> = statement
-            .query_map(&values[..if exclusion.is_empty() { 4 } else { 5 }], |row| {
+            .map_err(|e| Error::store("finding tasks to claim", e))?;
+        let values = params![limit as i64, excluded_json];
+        statement
+            .query_map(&values[..if excluded.is_empty() { 1 } else { 2 }], |row| {
                 Ok((row.get(26)?, task_from_row(row)?))
             })
             .and_then(|rows| rows.collect())
-            .map_err(|e| Error::store("claiming tasks", e))?;
-        // RETURNING gives rows in no particular order: put them back in queue order.
-        claimed.sort_unstable_by_key(|(seq, task)| (std::cmp::Reverse(task.priority), *seq));
-        counts.extend(claimed.iter().map(|(_, task)| CountChange {
-            task_type: task.task_type.clone(),
-            from: Some(Status::Queued),
-            to: Some(running),
-        }));
-        Ok(claimed.into_iter().map(|(_, task)| task).collect())
+            .map_err(|e| Error::store("finding tasks to claim", e))
+    }
+
+    /// The `seq` and type of a task that attempt `attempt` still holds (the fence).
+    fn held(&mut self, id: TaskId, attempt: u32) -> Result<Option<(i64, String, bool)>> {
+        self.conn
+            .prepare_cached(
+                "SELECT seq, task_type, cancel_requested FROM tasks WHERE id = ?1 AND status = 3 AND attempt = ?2",
+            )
+            .and_then(|mut s| {
+                s.query_row(params![&id.as_bytes()[..], attempt], |row| {
+                    Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+                })
+                .optional()
+            })
+            .map_err(|e| Error::store("checking a lease", e))
     }
 
     fn promote(&mut self, now: Timestamp, counts: &mut Vec<CountChange>) -> Result<Promoted> {
@@ -870,46 +867,37 @@ impl Writer {
             Outcome::Cancelled => (None, None, None, 0),
         };
         let finished_at = to.is_terminal().then_some(finish.now.0);
-        let task_type: Option<String> = self
-            .conn
+        let Some((seq, task_type, _)) = self.held(finish.id, finish.attempt)? else {
+            return Ok(false);
+        };
+        self.conn
             .prepare_cached(
-                "UPDATE OR FAIL tasks SET status = ?3, result = coalesce(?4, result), \
-                 progress = CASE WHEN ?3 = 4 THEN 1.0 ELSE progress END, \
-                 error_kind = coalesce(?5, error_kind), error_message = coalesce(?6, error_message), \
-                 run_at = ?7, finished_at = ?8, updated_at = ?9, max_attempts = max_attempts + ?10, \
-                 lease_until = NULL, cancel_requested = 0 \
-                 WHERE id = ?1 AND status = 3 AND attempt = ?2 RETURNING task_type",
+                "UPDATE OR FAIL tasks SET status = ?2, result = coalesce(?3, result), \
+                 progress = CASE WHEN ?2 = 4 THEN 1.0 ELSE progress END, \
+                 error_kind = coalesce(?4, error_kind), error_message = coalesce(?5, error_message), \
+                 run_at = ?6, finished_at = ?7, updated_at = ?8, max_attempts = max_attempts + ?9, \
+                 lease_until = NULL, cancel_requested = 0 WHERE seq = ?1",
             )
             .and_then(|mut s| {
-                s.query_row(
-                    params![
-                        &finish.id.as_bytes()[..],
-                        finish.attempt,
-                        to.code(),
-                        result,
-                        error.map(|e| e.kind.code()),
-                        error.map(|e| e.message.as_str()),
-                        run_at.map(|t| t.0),
-                        finished_at,
-                        finish.now.0,
-                        extra_attempts,
-                    ],
-                    |row| row.get(0),
-                )
-                .optional()
+                s.execute(params![
+                    seq,
+                    to.code(),
+                    result,
+                    error.map(|e| e.kind.code()),
+                    error.map(|e| e.message.as_str()),
+                    run_at.map(|t| t.0),
+                    finished_at,
+                    finish.now.0,
+                    extra_attempts,
+                ])
             })
             .map_err(|e| Error::store("finishing a task", e))?;
-        match task_type {
-            Some(task_type) => {
-                counts.push(CountChange {
-                    task_type,
-                    from: Some(Status::Running),
-                    to: Some(to),
-                });
-                Ok(true)
-            }
-            None => Ok(false),
-        }
+        counts.push(CountChange {
+            task_type,
+            from: Some(Status::Running),
+            to: Some(to),
+        });
+        Ok(true)
     }
 
     fn progress(&mut self, update: ProgressUpdate) -> Result<bool> {
@@ -934,25 +922,17 @@ impl Writer {
 
     fn heartbeat(&mut self, heartbeat: &Heartbeat) -> Result<HeartbeatReply> {
         let mut reply = HeartbeatReply::default();
-        let mut statement = self
-            .conn
-            .prepare_cached(
-                "UPDATE OR FAIL tasks SET lease_until = ?3 WHERE id = ?1 AND status = 3 AND attempt = ?2 \
-                 RETURNING cancel_requested",
-            )
-            .map_err(|e| Error::store("renewing leases", e))?;
         for (id, attempt) in &heartbeat.held {
-            let cancel: Option<bool> = statement
-                .query_row(
-                    params![&id.as_bytes()[..], attempt, heartbeat.lease_until.0],
-                    |row| row.get(0),
-                )
-                .optional()
+            let Some((seq, _, cancel_requested)) = self.held(*id, *attempt)? else {
+                reply.lost.push(*id);
+                continue;
+            };
+            self.conn
+                .prepare_cached("UPDATE OR FAIL tasks SET lease_until = ?2 WHERE seq = ?1")
+                .and_then(|mut s| s.execute(params![seq, heartbeat.lease_until.0]))
                 .map_err(|e| Error::store("renewing leases", e))?;
-            match cancel {
-                None => reply.lost.push(*id),
-                Some(true) => reply.cancel_requested.push(*id),
-                Some(false) => {}
+            if cancel_requested {
+                reply.cancel_requested.push(*id);
             }
         }
         Ok(reply)
@@ -1074,6 +1054,7 @@ fn fail_op(op: WriteOp, error: &Error) {
     let error = error.clone();
     match op {
         WriteOp::Submit(_, reply) => drop(reply.send(Err(error))),
+        WriteOp::SubmitAndClaim(_, _, reply) => drop(reply.send(Err(error))),
         WriteOp::Claim(_, reply) => drop(reply.send(Err(error))),
         WriteOp::Promote(_, reply) => drop(reply.send(Err(error))),
         WriteOp::Finish(_, reply) => drop(reply.send(Err(error))),
@@ -1086,21 +1067,26 @@ fn fail_op(op: WriteOp, error: &Error) {
     }
 }
 
-/// How many times the writer yields its core, looking for a request, before it sleeps.
-const WRITER_SPINS: u32 = 64;
+/// How long the writer keeps looking for the next request (yielding its core in between) before
+/// it sleeps on the channel.
+const WRITER_SPIN: Duration = Duration::from_micros(300);
 
-/// The next write request: a busy engine sends one while the writer commits, so the writer
-/// first looks for one a few times (yielding the core in between) before it sleeps on the
-/// channel: a sleep and a wake-up cost more than the look. `None` once the store is closed.
+/// The next write request. Requests come in bursts (a claim follows a submit, a finish follows a
+/// claim), so the writer first looks for one for a short while, yielding its core in between,
+/// before it sleeps on the channel: waking a sleeping thread costs more than the looking.
+/// `None` once the store is closed.
 fn next_request(requests: &mpsc::Receiver<WriteOp>) -> Option<WriteOp> {
-    for _ in 0..WRITER_SPINS {
+    let spin_until = Instant::now() + WRITER_SPIN;
+    loop {
         match requests.try_recv() {
             Ok(op) => return Some(op),
             Err(mpsc::TryRecvError::Disconnected) => return None,
-            Err(mpsc::TryRecvError::Empty) => std::thread::yield_now(),
+            Err(mpsc::TryRecvError::Empty) if Instant::now() < spin_until => {
+                std::thread::yield_now()
+            }
+            Err(mpsc::TryRecvError::Empty) => return requests.recv().ok(),
         }
     }
-    requests.recv().ok()
 }
 
 /// How often the checkpointer copies the WAL back into the database file.
@@ -1210,6 +1196,14 @@ impl Store for SqliteStore {
 
     fn claim(&self, request: ClaimRequest) -> StoreFuture<'_, Vec<Task>> {
         self.write(|reply| WriteOp::Claim(request, reply))
+    }
+
+    fn submit_and_claim(
+        &self,
+        tasks: Vec<Task>,
+        request: ClaimRequest,
+    ) -> StoreFuture<'_, (Vec<Submitted>, Vec<Task>)> {
+        self.write(|reply| WriteOp::SubmitAndClaim(tasks, request, reply))
     }
 
     fn promote_due(&self, now: Timestamp) -> StoreFuture<'_, Promoted> {

@@ -46,6 +46,7 @@ conformance!(
     submit_with_an_idempotency_key_returns_the_first_task,
     claim_takes_higher_priorities_first_and_equal_priorities_in_order,
     claim_takes_at_most_max,
+    submit_and_claim_inserts_then_claims_in_queue_order,
     claim_skips_excluded_types_and_types_without_room,
     claim_starts_an_attempt_with_a_lease,
     scheduled_tasks_wait_for_promotion_past_their_run_at,
@@ -452,6 +453,53 @@ async fn claim_takes_at_most_max(store: &dyn Store) {
     assert_eq!(
         (stats.count(Status::Running), stats.count(Status::Queued)),
         (5, 0)
+    );
+}
+
+async fn submit_and_claim_inserts_then_claims_in_queue_order(store: &dyn Store) {
+    // An older, higher-priority task is claimed before the new ones.
+    let old = submit(
+        store,
+        NewTask::new("job", json!("old")).with_priority(Priority::HIGH),
+        at(0),
+    )
+    .await;
+    let news: Vec<Task> = (0..3)
+        .map(|i| NewTask::new("job", json!(i)).into_task(TaskId::new(), at(1)))
+        .collect();
+    let keyed = NewTask::new("job", json!("keyed"))
+        .with_idempotency_key("k")
+        .into_task(TaskId::new(), at(1));
+    let mut batch = news.clone();
+    batch.push(keyed.clone());
+    let (submitted, claimed) = store
+        .submit_and_claim(batch, request(2, at(1)))
+        .await
+        .expect("submit and claim");
+    assert_eq!(submitted.len(), 4);
+    assert!(submitted.iter().all(|answer| answer.created));
+    assert_eq!(ids(&claimed), [old.id, news[0].id]);
+    assert!(
+        claimed
+            .iter()
+            .all(|task| task.status == Status::Running && task.attempt == 1)
+    );
+
+    // A repeated key is answered with the first task, and nothing more is claimed than asked.
+    let again = NewTask::new("job", json!("again"))
+        .with_idempotency_key("k")
+        .into_task(TaskId::new(), at(2));
+    let (submitted, claimed) = store
+        .submit_and_claim(vec![again], request(0, at(2)))
+        .await
+        .expect("submit and claim");
+    assert!(!submitted[0].created);
+    assert_eq!(submitted[0].task.id, keyed.id);
+    assert!(claimed.is_empty());
+    let stats = store.stats().await.expect("stats");
+    assert_eq!(
+        (stats.count(Status::Running), stats.count(Status::Queued)),
+        (2, 3)
     );
 }
 
