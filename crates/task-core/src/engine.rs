@@ -156,6 +156,7 @@ impl EngineBuilder {
             running: Mutex::new(IdMap::default()),
             slots_taken: AtomicUsize::new(0),
             queue_paused: AtomicBool::new(false),
+            gathering: AtomicBool::new(false),
             accepting: AtomicBool::new(true),
             draining: CancellationToken::new(),
             wake: Notify::new(),
@@ -527,6 +528,7 @@ impl Engine {
         // so that a saturated engine claims in batches rather than one task per completion.
         let mut gather_until: Option<tokio::time::Instant> = None;
         loop {
+            inner.gathering.store(false, Ordering::Release);
             let mut woken = pin!(inner.wake.notified());
             woken.as_mut().enable();
             if cancel.is_cancelled() || inner.draining.is_cancelled() {
@@ -584,6 +586,7 @@ impl Engine {
             let mut wake_at = (tokio::time::Instant::now() + sleep_for).min(next_heartbeat);
             if gathering && let Some(until) = gather_until {
                 wake_at = wake_at.min(until);
+                inner.gathering.store(true, Ordering::Release);
             }
             tokio::select! {
                 _ = cancel.cancelled() => return Ok(()),
@@ -772,6 +775,8 @@ pub(crate) struct Inner {
     /// Slots taken: running attempts plus slots reserved for claims in flight.
     slots_taken: AtomicUsize,
     queue_paused: AtomicBool,
+    /// Whether the dispatcher sleeps with a gather deadline (see `run_dispatcher`).
+    gathering: AtomicBool,
     accepting: AtomicBool,
     draining: CancellationToken,
     wake: Notify,
@@ -931,10 +936,16 @@ impl Inner {
     }
 
     /// Gives back slots taken by [`Inner::reserve`].
-    fn release(&self, slots: usize) {
-        if slots > 0 && self.slots_taken.fetch_sub(slots, Ordering::AcqRel) == slots {
+    /// Returns how many slots are taken afterwards.
+    fn release(&self, slots: usize) -> usize {
+        if slots == 0 {
+            return self.slots_taken.load(Ordering::Acquire);
+        }
+        let taken = self.slots_taken.fetch_sub(slots, Ordering::AcqRel) - slots;
+        if taken == 0 {
             self.idle.notify_waiters();
         }
+        taken
     }
 
     fn free_slots(&self) -> usize {
@@ -1070,8 +1081,16 @@ impl Inner {
             self.record_duration(&task.task_type, started.elapsed());
         }
         self.lock_running().remove(&id);
-        self.release(1);
-        self.wake.notify_one();
+        let taken = self.release(1);
+        // A gathering dispatcher claims at its deadline anyway: wake it only when a claim
+        // batch's worth of slots is free, or nothing runs. Any other dispatcher is woken.
+        let free = self
+            .concurrency
+            .load(Ordering::Acquire)
+            .saturating_sub(taken);
+        if !self.gathering.load(Ordering::Acquire) || free == self.claim_batch() || taken == 0 {
+            self.wake.notify_one();
+        }
     }
 
     /// Runs the handler's future to its end, a timeout, or a stop, catching panics.
@@ -1130,7 +1149,7 @@ impl Inner {
         };
         match (control.reason(), verdict) {
             (StopReason::None, Verdict::Returned(Ok(result))) => {
-                let size = serde_json::to_vec(&result).map(|v| v.len()).unwrap_or(0);
+                let size = json_size(&result);
                 if size > self.config.max_result_bytes {
                     Some(failed(
                         FailureKind::Error,
@@ -1267,6 +1286,24 @@ async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
         Some(deadline) => tokio::time::sleep_until(deadline).await,
         None => std::future::pending().await,
     }
+}
+
+/// The length of a value's JSON text, counted without building the text.
+fn json_size(value: &Value) -> usize {
+    struct Counter(usize);
+    impl std::io::Write for Counter {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0 += bytes.len();
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut counter = Counter(0);
+    // Writing a `Value` to a writer that cannot fail cannot fail.
+    let _ = serde_json::to_writer(&mut counter, value);
+    counter.0
 }
 
 fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {

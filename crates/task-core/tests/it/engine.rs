@@ -790,3 +790,39 @@ async fn heartbeats_keep_a_long_attempt_s_lease_alive() {
     );
     loops.stop().await;
 }
+
+#[tokio::test]
+async fn a_freed_slot_of_a_limited_type_is_used_at_once_while_other_tasks_run() {
+    // Ten long tasks hold slots of a large engine while quick tasks of a type limited to one at
+    // a time go through. Without a wake-up on each of their ends, each would wait for the idle
+    // poll or heartbeat (made a minute long here) and the test would time out.
+    let gate = Gate::new();
+    let config = EngineConfig {
+        concurrency: 64,
+        idle_poll: Duration::from_secs(60),
+        heartbeat_interval: Duration::from_secs(60),
+        lease: Duration::from_secs(180),
+        type_limits: [("one_at_a_time".to_owned(), 1)].into_iter().collect(),
+        ..quick_config()
+    };
+    let (engine, loops) = started(config, |b| {
+        b.handler("gate", gate.handler()).handler(
+            "one_at_a_time",
+            handler_fn(|_ctx| async { Ok(json!("done")) }),
+        )
+    })
+    .await;
+    for _ in 0..10 {
+        submit(&engine, NewTask::new("gate", Value::Null)).await;
+    }
+    gate.wait_running(10).await;
+    let mut ids = Vec::new();
+    for _ in 0..5 {
+        ids.push(submit(&engine, NewTask::new("one_at_a_time", Value::Null)).await);
+    }
+    for id in ids {
+        assert_eq!(finished(&engine, id).await.status, Status::Completed);
+    }
+    gate.release.notify_waiters();
+    loops.stop().await;
+}
