@@ -153,7 +153,7 @@ impl EngineBuilder {
                 paused_types: HashSet::new(),
             }),
             config,
-            running: Mutex::new(IdMap::default()),
+            running: Mutex::new(Running::default()),
             slots_taken: AtomicUsize::new(0),
             queue_paused: AtomicBool::new(false),
             gathering: AtomicBool::new(false),
@@ -165,7 +165,6 @@ impl EngineBuilder {
             events,
             waiters: Mutex::new(IdMap::default()),
             waiter_count: AtomicUsize::new(0),
-            durations: Mutex::new(HashMap::new()),
             workers: TaskTracker::new(),
         });
         if inner.config.recover_running_at_start {
@@ -471,7 +470,7 @@ impl Engine {
 
     /// The number of tasks this engine is running now.
     pub fn running_count(&self) -> usize {
-        self.inner.lock_running().len()
+        self.inner.lock_running().tasks.len()
     }
 
     /// Every status and progress change from now on. A receiver that falls behind by more than
@@ -657,7 +656,7 @@ impl Engine {
         let started = Instant::now();
         inner.accepting.store(false, Ordering::Release);
         inner.draining.cancel();
-        let running_at_start = inner.lock_running().len();
+        let running_at_start = inner.lock_running().tasks.len();
         // Leave the cancel grace, and a margin for the last writes, before the deadline.
         let margin = (deadline / 10).min(Duration::from_millis(250));
         let drain_until = started
@@ -676,7 +675,7 @@ impl Engine {
                 break;
             }
         }
-        let left: Vec<TaskId> = inner.lock_running().keys().copied().collect();
+        let left: Vec<TaskId> = inner.lock_running().tasks.keys().copied().collect();
         for id in &left {
             inner.stop_running(*id, StopReason::Shutdown);
         }
@@ -726,6 +725,27 @@ struct Registered {
     handler: Arc<dyn ErasedHandler>,
 }
 
+/// The attempts this engine runs, and the recent durations of completed ones (one lock for both:
+/// an attempt's end touches both).
+#[derive(Default)]
+struct Running {
+    tasks: IdMap<RunningTask>,
+    durations: HashMap<String, VecDeque<Duration>>,
+}
+
+impl Running {
+    fn record_duration(&mut self, task_type: &str, duration: Duration) {
+        let window = match self.durations.get_mut(task_type) {
+            Some(window) => window,
+            None => self.durations.entry(task_type.to_owned()).or_default(),
+        };
+        if window.len() == DURATION_WINDOW {
+            window.pop_front();
+        }
+        window.push_back(duration);
+    }
+}
+
 struct RunningTask {
     attempt: u32,
     task_type: Arc<str>,
@@ -771,7 +791,7 @@ pub(crate) struct Inner {
     config: EngineConfig,
     concurrency: AtomicUsize,
     limits: Mutex<Limits>,
-    running: Mutex<IdMap<RunningTask>>,
+    running: Mutex<Running>,
     /// Slots taken: running attempts plus slots reserved for claims in flight.
     slots_taken: AtomicUsize,
     queue_paused: AtomicBool,
@@ -785,7 +805,6 @@ pub(crate) struct Inner {
     events: broadcast::Sender<TaskEvent>,
     waiters: Mutex<IdMap<Vec<oneshot::Sender<()>>>>,
     waiter_count: AtomicUsize,
-    durations: Mutex<HashMap<String, VecDeque<Duration>>>,
     workers: TaskTracker,
 }
 
@@ -801,7 +820,7 @@ impl Inner {
         lock(&self.limits)
     }
 
-    fn lock_running(&self) -> MutexGuard<'_, IdMap<RunningTask>> {
+    fn lock_running(&self) -> MutexGuard<'_, Running> {
         lock(&self.running)
     }
 
@@ -962,6 +981,7 @@ impl Inner {
             let running = self.lock_running();
             for (task_type, limit) in &limits.type_limits {
                 let busy = running
+                    .tasks
                     .values()
                     .filter(|r| *r.task_type == **task_type)
                     .count();
@@ -990,7 +1010,7 @@ impl Inner {
             Some(registered) => Arc::clone(&registered.name),
             None => Arc::from(task.task_type.as_str()),
         };
-        self.lock_running().insert(
+        self.lock_running().tasks.insert(
             task.id,
             RunningTask {
                 attempt: task.attempt,
@@ -1077,10 +1097,13 @@ impl Inner {
                 }
             }
         }
-        if completed {
-            self.record_duration(&task.task_type, started.elapsed());
+        {
+            let mut running = self.lock_running();
+            running.tasks.remove(&id);
+            if completed {
+                running.record_duration(&task.task_type, started.elapsed());
+            }
         }
-        self.lock_running().remove(&id);
         let taken = self.release(1);
         // A gathering dispatcher claims at its deadline anyway: wake it only when a claim
         // batch's worth of slots is free, or nothing runs. Any other dispatcher is woken.
@@ -1193,7 +1216,7 @@ impl Inner {
     }
 
     fn stop_running(&self, id: TaskId, reason: StopReason) {
-        if let Some(running) = self.lock_running().get(&id) {
+        if let Some(running) = self.lock_running().tasks.get(&id) {
             running.control.stop(reason);
         }
     }
@@ -1201,6 +1224,7 @@ impl Inner {
     async fn heartbeat(&self) -> Result<()> {
         let held: Vec<(TaskId, u32)> = self
             .lock_running()
+            .tasks
             .iter()
             .map(|(id, r)| (*id, r.attempt))
             .collect();
@@ -1250,22 +1274,10 @@ impl Inner {
         Ok(())
     }
 
-    fn record_duration(&self, task_type: &str, duration: Duration) {
-        let mut durations = lock(&self.durations);
-        let window = match durations.get_mut(task_type) {
-            Some(window) => window,
-            None => durations.entry(task_type.to_owned()).or_default(),
-        };
-        if window.len() == DURATION_WINDOW {
-            window.pop_front();
-        }
-        window.push_back(duration);
-    }
-
     fn median_duration(&self, task_type: &str) -> Option<Duration> {
-        let durations = lock(&self.durations);
-        let mut recent: Vec<Duration> = durations.get(task_type)?.iter().copied().collect();
-        drop(durations);
+        let running = self.lock_running();
+        let mut recent: Vec<Duration> = running.durations.get(task_type)?.iter().copied().collect();
+        drop(running);
         recent.sort_unstable();
         recent.get(recent.len() / 2).copied()
     }
