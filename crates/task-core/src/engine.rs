@@ -2,11 +2,12 @@
 //! concurrency limits, enforces timeouts, retries with backoff, renews leases, recovers the tasks
 //! of dead workers, prunes old tasks, and publishes every change as an event.
 //!
-//! The engine's background work is three loops, each an `async fn` that runs until its
+//! The engine's background work is four loops, each an `async fn` that runs until its
 //! cancellation token fires, so that a supervisor can own them: [`Engine::run_dispatcher`]
-//! (claims and starts tasks, renews leases), [`Engine::run_lease_reaper`] (recovers expired
-//! leases) and [`Engine::run_pruner`] (retention). [`Engine::start`] spawns all three for
-//! standalone use.
+//! (claims and starts tasks), [`Engine::run_heartbeat`] (renews the leases of running attempts,
+//! also while a shutdown drains), [`Engine::run_lease_reaper`] (recovers expired leases) and
+//! [`Engine::run_pruner`] (retention). [`Engine::start`] spawns all four for standalone use;
+//! stop them after [`Engine::shutdown`].
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::{Future, poll_fn};
@@ -25,6 +26,7 @@ use tokio_util::task::TaskTracker;
 use crate::error::{Error, Result};
 use crate::handler::{ErasedHandler, TaskContext, TaskFailure, TaskHandler};
 use crate::model::{FailureKind, IdMap, NewTask, Status, Task, TaskError, TaskId, Timestamp};
+use crate::store::apply::settle;
 use crate::store::{
     ClaimRequest, Command, Finish, Heartbeat, ListFilter, Outcome, Page, PageRequest,
     ProgressUpdate, Recover, Stats, Store, Submitted,
@@ -157,6 +159,7 @@ impl EngineBuilder {
             slots_taken: AtomicUsize::new(0),
             queue_paused: AtomicBool::new(false),
             gathering: AtomicBool::new(false),
+            stop_deadline: Mutex::new(None),
             accepting: AtomicBool::new(true),
             draining: CancellationToken::new(),
             wake: Notify::new(),
@@ -238,12 +241,15 @@ impl Engine {
         types
     }
 
-    /// Spawns the dispatcher, the lease reaper and the pruner on the current Tokio runtime, each
-    /// restarted after an error (with a pause), for use without a supervisor.
+    /// Spawns the heartbeat, the dispatcher, the lease reaper and the pruner on the current Tokio
+    /// runtime, each restarted after an error (with a pause), for use without a supervisor.
     pub fn start(&self) -> EngineLoops {
         let cancel = CancellationToken::new();
         let tracker = TaskTracker::new();
-        let loops: [(&str, LoopFn); 3] = [
+        let loops: [(&str, LoopFn); 4] = [
+            ("heartbeat", |e, c| {
+                Box::pin(async move { e.run_heartbeat(c).await })
+            }),
             ("dispatcher", |e, c| {
                 Box::pin(async move { e.run_dispatcher(c).await })
             }),
@@ -310,7 +316,9 @@ impl Engine {
         } else {
             (inner.store.submit(records).await?, Vec::new())
         };
-        inner.release(reserved - claimed.len().min(reserved));
+        if inner.release_unused(reserved, claimed.len()) {
+            inner.wake.notify_one();
+        }
         let mut any_queued = false;
         for entry in submitted.iter().filter(|s| s.created) {
             let task = &entry.task;
@@ -483,13 +491,15 @@ impl Engine {
     /// (check its status to know which). Waits on events, never by polling the store.
     pub async fn wait(&self, id: TaskId, timeout: Duration) -> Result<Task> {
         let inner = &self.inner;
+        // Registered before the first read, so that an end between the read and the wait is
+        // not missed; forgotten however this function ends (even if its future is dropped).
+        let _forget = ForgetWaiter { inner, id };
         let receiver = inner.add_waiter(id);
         let task = self.get(id).await?;
         if task.status.is_terminal() {
             return Ok(task);
         }
         let _ = tokio::time::timeout(timeout, receiver).await;
-        inner.forget_closed_waiters(id);
         self.get(id).await
     }
 
@@ -503,8 +513,12 @@ impl Engine {
             Status::Paused => None,
             Status::Running => {
                 let elapsed = now.since(task.started_at.unwrap_or(now));
+                // A rate from a sliver of progress says little (and could overflow a duration).
                 match task.progress {
-                    Some(p) if p > 0.0 => Some(elapsed.mul_f64((1.0 - p).max(0.0) / p)),
+                    Some(p) if p >= 0.001 => {
+                        Duration::try_from_secs_f64(elapsed.as_secs_f64() * (1.0 - p).max(0.0) / p)
+                            .ok()
+                    }
                     _ => typical().map(|d| d.saturating_sub(elapsed)),
                 }
             }
@@ -520,7 +534,6 @@ impl Engine {
     /// until `cancel` fires or the engine drains.
     pub async fn run_dispatcher(&self, cancel: CancellationToken) -> Result<()> {
         let inner = &self.inner;
-        let mut next_heartbeat = tokio::time::Instant::now() + inner.config.heartbeat_interval;
         // Promote whatever became due while no dispatcher ran.
         inner.next_due.store(0, Ordering::Release);
         // While tasks run and few slots are free, a claim waits briefly for more slots to free,
@@ -532,11 +545,6 @@ impl Engine {
             woken.as_mut().enable();
             if cancel.is_cancelled() || inner.draining.is_cancelled() {
                 return Ok(());
-            }
-            // Renew leases first: a dispatcher that is kept busy must still renew them.
-            if tokio::time::Instant::now() >= next_heartbeat {
-                inner.heartbeat().await?;
-                next_heartbeat = tokio::time::Instant::now() + inner.config.heartbeat_interval;
             }
             let now = Timestamp::now();
             if inner.next_due.load(Ordering::Acquire) <= now.0 {
@@ -565,7 +573,7 @@ impl Engine {
                             return Err(error);
                         }
                     };
-                    inner.release(free - claimed.len().min(free));
+                    inner.release_unused(free, claimed.len());
                     let full = claimed.len() == free;
                     for task in claimed {
                         inner.start(task);
@@ -582,7 +590,7 @@ impl Engine {
                 .0
                 .min(next_due);
             let sleep_for = Duration::from_millis((poll_at - Timestamp::now().0).max(0) as u64);
-            let mut wake_at = (tokio::time::Instant::now() + sleep_for).min(next_heartbeat);
+            let mut wake_at = tokio::time::Instant::now() + sleep_for;
             if gathering && let Some(until) = gather_until {
                 wake_at = wake_at.min(until);
                 inner.gathering.store(true, Ordering::Release);
@@ -593,6 +601,21 @@ impl Engine {
                 _ = woken => {}
                 _ = tokio::time::sleep_until(wake_at) => {}
             }
+        }
+    }
+
+    /// Renews the leases of this engine's running attempts every `heartbeat_interval`, and stops
+    /// those that lost their lease or were cancelled elsewhere, until `cancel` fires. It goes on
+    /// while the engine drains, so that tasks finishing during a shutdown keep their leases: stop
+    /// it after [`Engine::shutdown`].
+    pub async fn run_heartbeat(&self, cancel: CancellationToken) -> Result<()> {
+        let inner = &self.inner;
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return Ok(()),
+                _ = tokio::time::sleep(inner.config.heartbeat_interval) => {}
+            }
+            inner.heartbeat().await?;
         }
     }
 
@@ -654,15 +677,18 @@ impl Engine {
     pub async fn shutdown(&self, deadline: Duration) -> ShutdownReport {
         let inner = &self.inner;
         let started = Instant::now();
+        // Handlers still running are dropped a margin before the deadline, so that their
+        // attempts can still be recorded as interrupted; before that they get the cancel grace
+        // (or what is left of it).
+        let margin = (deadline / 10).min(Duration::from_millis(250));
+        let abort_by = started + deadline.saturating_sub(margin);
+        *lock(&inner.stop_deadline) = Some(abort_by);
         inner.accepting.store(false, Ordering::Release);
         inner.draining.cancel();
         let running_at_start = inner.lock_running().tasks.len();
-        // Leave the cancel grace, and a margin for the last writes, before the deadline.
-        let margin = (deadline / 10).min(Duration::from_millis(250));
-        let drain_until = started
-            + deadline
-                .saturating_sub(inner.config.cancel_grace)
-                .saturating_sub(margin);
+        let drain_until = abort_by
+            .checked_sub(inner.config.cancel_grace)
+            .map_or(started, |at| at.max(started));
         loop {
             let idle = inner.idle.notified();
             if inner.slots_taken.load(Ordering::Acquire) == 0 {
@@ -694,6 +720,33 @@ impl Engine {
 
 type LoopFn =
     fn(Engine, CancellationToken) -> std::pin::Pin<Box<dyn Future<Output = Result<()>> + Send>>;
+
+/// The slot of a running attempt, given back when the attempt ends however it ends.
+struct AttemptSlot<'a> {
+    inner: &'a Inner,
+    id: TaskId,
+    task_type: &'a str,
+    completed_in: Option<Duration>,
+}
+
+impl Drop for AttemptSlot<'_> {
+    fn drop(&mut self) {
+        self.inner
+            .end_attempt(self.id, self.task_type, self.completed_in);
+    }
+}
+
+/// Forgets a `wait`'s waiter when the wait ends.
+struct ForgetWaiter<'a> {
+    inner: &'a Inner,
+    id: TaskId,
+}
+
+impl Drop for ForgetWaiter<'_> {
+    fn drop(&mut self) {
+        self.inner.forget_closed_waiters(self.id);
+    }
+}
 
 /// Why a running attempt is being stopped.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -755,11 +808,25 @@ struct RunningTask {
 struct Control {
     cancel: CancellationToken,
     reason: AtomicU8,
+    /// Set by a cancel even when the attempt was already stopping for another reason: a
+    /// cancelled task is not retried or re-queued, whatever stopped its attempt.
+    cancel_requested: AtomicBool,
 }
 
 impl Control {
+    fn new() -> Control {
+        Control {
+            cancel: CancellationToken::new(),
+            reason: AtomicU8::new(StopReason::None as u8),
+            cancel_requested: AtomicBool::new(false),
+        }
+    }
+
     /// Asks the attempt to stop; the first reason given wins.
     fn stop(&self, reason: StopReason) {
+        if reason == StopReason::Cancelled {
+            self.cancel_requested.store(true, Ordering::Release);
+        }
         let _ = self.reason.compare_exchange(
             StopReason::None as u8,
             reason as u8,
@@ -797,6 +864,8 @@ pub(crate) struct Inner {
     queue_paused: AtomicBool,
     /// Whether the dispatcher sleeps with a gather deadline (see `run_dispatcher`).
     gathering: AtomicBool,
+    /// When a shutdown must be over, once one has begun.
+    stop_deadline: Mutex<Option<Instant>>,
     accepting: AtomicBool,
     draining: CancellationToken,
     wake: Notify,
@@ -843,6 +912,12 @@ impl Inner {
             return Err(Error::InvalidInput {
                 field: "idempotency_key",
                 message: format!("must be 1 to 256 bytes long, got {}", key.len()),
+            });
+        }
+        if let Err(message) = check_json_depth(&task.params) {
+            return Err(Error::InvalidInput {
+                field: "params",
+                message,
             });
         }
         if task.tags.len() > 32 || task.tags.iter().any(|t| t.is_empty() || t.len() > 128) {
@@ -955,6 +1030,13 @@ impl Inner {
     }
 
     /// Gives back slots taken by [`Inner::reserve`].
+    /// Gives back the slots of a reservation that a claim did not fill; says whether any were.
+    fn release_unused(&self, reserved: usize, claimed: usize) -> bool {
+        let unused = reserved.saturating_sub(claimed);
+        self.release(unused);
+        unused > 0
+    }
+
     /// Returns how many slots are taken afterwards.
     fn release(&self, slots: usize) -> usize {
         if slots == 0 {
@@ -1001,10 +1083,7 @@ impl Inner {
     }
 
     fn start(self: &Arc<Self>, task: Task) {
-        let control = Arc::new(Control {
-            cancel: CancellationToken::new(),
-            reason: AtomicU8::new(0),
-        });
+        let control = Arc::new(Control::new());
         let registered = self.handlers.get(&task.task_type).cloned();
         let task_type = match &registered {
             Some(registered) => Arc::clone(&registered.name),
@@ -1018,6 +1097,10 @@ impl Inner {
                 control: Arc::clone(&control),
             },
         );
+        if self.draining.is_cancelled() {
+            // A claim that was in flight when the shutdown began: back to the queue.
+            control.stop(StopReason::Shutdown);
+        }
         self.publish(TaskEvent::Status {
             id: task.id,
             status: Status::Running,
@@ -1037,7 +1120,16 @@ impl Inner {
         let started = Instant::now();
         let id = task.id;
         let attempt = task.attempt;
+        // Gives the slot back however this function ends, a panic included.
+        let mut slot = AttemptSlot {
+            inner: &self,
+            id,
+            task_type: &task.task_type,
+            completed_in: None,
+        };
         let verdict = match registered {
+            // Started while the engine drains: it goes back to the queue without running.
+            Some(_) if control.cancel.is_cancelled() => Verdict::Stopped,
             Some(Registered { name, handler }) => {
                 let context = TaskContext {
                     id,
@@ -1059,7 +1151,9 @@ impl Inner {
         };
         let now = Timestamp::now();
         let outcome = self.outcome(&task, verdict, &control, now);
-        let completed = matches!(outcome, Some(Outcome::Completed { .. }));
+        if let Some(Outcome::Completed { .. }) = outcome {
+            slot.completed_in = Some(started.elapsed());
+        }
         if let Some(outcome) = outcome {
             let status = outcome.status();
             let retry_at = match &outcome {
@@ -1097,11 +1191,17 @@ impl Inner {
                 }
             }
         }
+        drop(slot);
+    }
+
+    /// Forgets a finished attempt: removes it from the running attempts, gives its slot back,
+    /// and wakes the dispatcher if it should claim.
+    fn end_attempt(&self, id: TaskId, task_type: &str, completed_in: Option<Duration>) {
         {
             let mut running = self.lock_running();
             running.tasks.remove(&id);
-            if completed {
-                running.record_duration(&task.task_type, started.elapsed());
+            if let Some(duration) = completed_in {
+                running.record_duration(task_type, duration);
             }
         }
         let taken = self.release(1);
@@ -1116,46 +1216,92 @@ impl Inner {
         }
     }
 
-    /// Runs the handler's future to its end, a timeout, or a stop, catching panics.
+    /// Runs the handler's future to its end, a timeout, or a stop, catching panics (in its
+    /// polls and in its drop).
     async fn drive(
         &self,
-        mut future: crate::handler::HandlerFuture,
+        future: crate::handler::HandlerFuture,
         timeout: Option<Duration>,
         control: &Control,
     ) -> Verdict {
-        let mut guarded = pin!(poll_fn(move |cx| {
-            match std::panic::catch_unwind(AssertUnwindSafe(|| future.as_mut().poll(cx))) {
-                Ok(Poll::Ready(result)) => Poll::Ready(Verdict::Returned(result)),
-                Ok(Poll::Pending) => Poll::Pending,
-                Err(payload) => Poll::Ready(Verdict::Panicked(panic_message(payload.as_ref()))),
+        let mut slot = Some(future);
+        let verdict = {
+            let mut guarded = pin!(poll_fn(|cx| {
+                let Some(future) = slot.as_mut() else {
+                    return Poll::Ready(Verdict::Aborted);
+                };
+                match std::panic::catch_unwind(AssertUnwindSafe(|| future.as_mut().poll(cx))) {
+                    Ok(Poll::Ready(result)) => Poll::Ready(Verdict::Returned(result)),
+                    Ok(Poll::Pending) => Poll::Pending,
+                    Err(payload) => Poll::Ready(Verdict::Panicked(panic_message(payload.as_ref()))),
+                }
+            }));
+            // A timeout too large to add to the clock is no timeout.
+            let deadline = timeout.and_then(|t| tokio::time::Instant::now().checked_add(t));
+            let first = tokio::select! {
+                biased;
+                verdict = &mut guarded => Ok(verdict),
+                _ = control.cancel.cancelled() => Err(None),
+                _ = sleep_until_opt(deadline) => Err(Some(StopReason::TimedOut)),
+            };
+            match first {
+                Ok(verdict) => verdict,
+                Err(reason) => {
+                    if let Some(reason) = reason {
+                        control.stop(reason);
+                    }
+                    // Give the handler its grace period to notice the cancel and return.
+                    let grace = self.grace();
+                    match tokio::time::timeout(grace, &mut guarded).await {
+                        Ok(_) => Verdict::Stopped,
+                        Err(_) => {
+                            tracing::warn!(
+                                grace_ms = grace.as_millis() as u64,
+                                "a handler ignored its cancellation past the grace period; its future was dropped"
+                            );
+                            Verdict::Aborted
+                        }
+                    }
+                }
             }
-        }));
-        let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
-        let first = tokio::select! {
-            biased;
-            verdict = &mut guarded => return verdict,
-            _ = control.cancel.cancelled() => None,
-            _ = sleep_until_opt(deadline) => Some(StopReason::TimedOut),
         };
-        if let Some(reason) = first {
-            control.stop(reason);
+        // Drop the handler's future here, where a panic in its drop is caught too.
+        if let Err(payload) = std::panic::catch_unwind(AssertUnwindSafe(|| drop(slot.take()))) {
+            tracing::error!(
+                panic = panic_message(payload.as_ref()),
+                "a handler's future panicked when dropped"
+            );
         }
-        // Give the handler its grace period to notice the cancel and return.
-        match tokio::time::timeout(self.config.cancel_grace, &mut guarded).await {
-            Ok(_) => Verdict::Stopped,
-            Err(_) => {
-                tracing::warn!(
-                    grace_ms = self.config.cancel_grace.as_millis() as u64,
-                    "a handler ignored its cancellation past the grace period; its future was dropped"
-                );
-                Verdict::Aborted
-            }
+        verdict
+    }
+
+    /// How long a stopped handler may take to return: the configured grace, or less when a
+    /// shutdown's deadline is nearer.
+    fn grace(&self) -> Duration {
+        let grace = self.config.cancel_grace;
+        match *lock(&self.stop_deadline) {
+            Some(deadline) => grace.min(deadline.saturating_duration_since(Instant::now())),
+            None => grace,
         }
     }
 
     /// What the store should record for an attempt's verdict; `None` when nothing may be
     /// written (the attempt lost its lease).
     fn outcome(
+        &self,
+        task: &Task,
+        verdict: Verdict,
+        control: &Control,
+        now: Timestamp,
+    ) -> Option<Outcome> {
+        let outcome = self.verdict_outcome(task, verdict, control, now)?;
+        Some(settle(
+            outcome,
+            control.cancel_requested.load(Ordering::Acquire),
+        ))
+    }
+
+    fn verdict_outcome(
         &self,
         task: &Task,
         verdict: Verdict,
@@ -1173,7 +1319,13 @@ impl Inner {
         match (control.reason(), verdict) {
             (StopReason::None, Verdict::Returned(Ok(result))) => {
                 let size = json_size(&result);
-                if size > self.config.max_result_bytes {
+                if let Err(message) = check_json_depth(&result) {
+                    Some(failed(
+                        FailureKind::Error,
+                        format!("the result {message}"),
+                        false,
+                    ))
+                } else if size > self.config.max_result_bytes {
                     Some(failed(
                         FailureKind::Error,
                         Error::ResultTooLarge {
@@ -1234,11 +1386,25 @@ impl Inner {
         let lease_until = Timestamp::now().after(self.config.lease);
         let reply = self
             .store
-            .heartbeat(Heartbeat { held, lease_until })
+            .heartbeat(Heartbeat {
+                held: held.clone(),
+                lease_until,
+            })
             .await?;
         for id in reply.lost {
-            tracing::warn!(%id, "a running attempt lost its lease; stopping it");
-            self.stop_running(id, StopReason::LeaseLost);
+            // Only the attempt the heartbeat was about: a newer one of the same task may have
+            // started since.
+            let running = self.lock_running();
+            let Some(entry) = running.tasks.get(&id) else {
+                continue;
+            };
+            if held
+                .iter()
+                .any(|(held_id, attempt)| *held_id == id && *attempt == entry.attempt)
+            {
+                tracing::warn!(%id, attempt = entry.attempt, "a running attempt lost its lease; stopping it");
+                entry.control.stop(StopReason::LeaseLost);
+            }
         }
         for id in reply.cancel_requested {
             self.stop_running(id, StopReason::Cancelled);
@@ -1298,6 +1464,31 @@ async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
         Some(deadline) => tokio::time::sleep_until(deadline).await,
         None => std::future::pending().await,
     }
+}
+
+/// The deepest nesting of arrays and objects accepted in params and results: well below the
+/// depth at which JSON parsers give up (128 in serde_json), so that whatever is stored can be
+/// read back.
+pub const MAX_JSON_DEPTH: usize = 64;
+
+/// Refuses values nested deeper than [`MAX_JSON_DEPTH`]; walks without recursion, so that
+/// even an absurdly deep value cannot overflow the stack.
+fn check_json_depth(value: &Value) -> std::result::Result<(), String> {
+    let mut stack: Vec<(&Value, usize)> = vec![(value, 1)];
+    while let Some((value, depth)) = stack.pop() {
+        let children: Box<dyn Iterator<Item = &Value>> = match value {
+            Value::Array(items) => Box::new(items.iter()),
+            Value::Object(fields) => Box::new(fields.values()),
+            _ => continue,
+        };
+        if depth > MAX_JSON_DEPTH {
+            return Err(format!(
+                "nests arrays and objects more than {MAX_JSON_DEPTH} levels deep; flatten it"
+            ));
+        }
+        stack.extend(children.map(|child| (child, depth + 1)));
+    }
+    Ok(())
 }
 
 /// The length of a value's JSON text, counted without building the text.

@@ -42,11 +42,34 @@ pub(crate) fn holds(task: &Task, attempt: u32) -> bool {
     task.status == Status::Running && task.attempt == attempt
 }
 
+/// The outcome to record for an attempt: a task whose cancel was asked for is not retried or
+/// re-queued, whatever ended its attempt (a timeout or a shutdown that came first, say).
+pub(crate) fn settle(outcome: Outcome, cancel_requested: bool) -> Outcome {
+    if cancel_requested && !outcome.status().is_terminal() {
+        Outcome::Cancelled
+    } else {
+        outcome
+    }
+}
+
 /// Ends a running attempt. Returns `false` (and changes nothing) when the attempt is fenced out.
 pub(crate) fn finish(task: &mut Task, finish: &Finish) -> bool {
     if !holds(task, finish.attempt) {
         return false;
     }
+    let cancelled;
+    let finish = if task.cancel_requested && !finish.outcome.status().is_terminal() {
+        // As `settle` decides, without cloning the outcome in the common case.
+        cancelled = Finish {
+            id: finish.id,
+            attempt: finish.attempt,
+            now: finish.now,
+            outcome: Outcome::Cancelled,
+        };
+        &cancelled
+    } else {
+        finish
+    };
     let now = finish.now;
     let Ok(to) = decide(task.status, finish.outcome.event()) else {
         return false;

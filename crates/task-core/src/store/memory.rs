@@ -209,6 +209,17 @@ fn ready<T: Send + 'static>(value: Result<T>) -> StoreFuture<'static, T> {
 impl Store for MemoryStore {
     fn submit(&self, tasks: Vec<Task>) -> StoreFuture<'_, Vec<Submitted>> {
         let mut state = self.lock();
+        // All or nothing, as in the SQL stores: an id already taken refuses the whole batch.
+        let mut ids = std::collections::HashSet::with_capacity(tasks.len());
+        if let Some(task) = tasks
+            .iter()
+            .find(|task| state.tasks.contains_key(&task.id) || !ids.insert(task.id))
+        {
+            return ready(Err(Error::store(
+                "inserting a task",
+                format!("the id {} is already taken", task.id),
+            )));
+        }
         let mut out = Vec::with_capacity(tasks.len());
         for task in tasks {
             let existing = task.idempotency_key.as_ref().and_then(|key| {

@@ -17,7 +17,7 @@ use crate::error::{Error, Result};
 use crate::model::{Status, Task, TaskError, TaskId, Timestamp};
 use crate::state::{Event, decide};
 
-mod apply;
+pub(crate) mod apply;
 pub mod memory;
 pub mod sqlite;
 

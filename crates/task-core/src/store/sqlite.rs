@@ -669,14 +669,27 @@ impl Writer {
 
     fn execute(&mut self, op: WriteOp, counts: &mut Vec<CountChange>) -> PendingReply {
         match op {
-            WriteOp::Submit(tasks, reply) => pending(reply, self.submit(tasks, counts)),
-            WriteOp::SubmitAndClaim(tasks, request, reply) => {
-                let answer = self
-                    .submit(tasks, counts)
-                    .and_then(|submitted| Ok((submitted, self.claim(&request, counts)?)));
+            WriteOp::Submit(tasks, reply) => {
+                let answer = self.atomically(counts, |w, counts| w.submit(tasks, counts));
                 pending(reply, answer)
             }
-            WriteOp::Claim(request, reply) => pending(reply, self.claim(&request, counts)),
+            WriteOp::SubmitAndClaim(tasks, request, reply) => {
+                let answer = self.atomically(counts, |w, counts| {
+                    let submitted = w.submit(tasks, counts)?;
+                    Ok((submitted, w.claim(&request, counts)?))
+                });
+                pending(reply, answer)
+            }
+            WriteOp::Claim(request, reply) => {
+                let answer = self.atomically(counts, |w, counts| w.claim(&request, counts));
+                pending(reply, answer)
+            }
+            WriteOp::Recover(now, which, reply) => {
+                let answer = self.atomically(counts, |w, counts| w.recover(now, which, counts));
+                pending(reply, answer)
+            }
+            // The others write with at most one statement, which SQLite applies whole or not
+            // at all (a heartbeat's renewals are independent of each other).
             WriteOp::Promote(now, reply) => pending(reply, self.promote(now, counts)),
             WriteOp::Finish(finish, reply) => pending(reply, self.finish(&finish, counts)),
             WriteOp::Progress(update, reply) => pending(reply, self.progress(update)),
@@ -684,11 +697,38 @@ impl Writer {
             WriteOp::Command(id, command, now, reply) => {
                 pending(reply, self.command(id, command, now, counts))
             }
-            WriteOp::Recover(now, which, reply) => pending(reply, self.recover(now, which, counts)),
             WriteOp::Prune(before, limit, reply) => {
                 pending(reply, self.prune(before, limit, counts))
             }
             WriteOp::Flush(reply) => pending(reply, Ok(())),
+        }
+    }
+
+    /// Runs a request of several statements inside a savepoint, so that a request that fails
+    /// leaves nothing behind in the group's transaction (and no count changes).
+    fn atomically<T>(
+        &mut self,
+        counts: &mut Vec<CountChange>,
+        request: impl FnOnce(&mut Self, &mut Vec<CountChange>) -> Result<T>,
+    ) -> Result<T> {
+        self.conn
+            .execute_batch("SAVEPOINT request")
+            .map_err(|e| Error::store("starting a savepoint", e))?;
+        let mark = counts.len();
+        let result = request(self, counts);
+        let end = match &result {
+            Ok(_) => "RELEASE request",
+            Err(_) => {
+                counts.truncate(mark);
+                "ROLLBACK TO request; RELEASE request"
+            }
+        };
+        match self.conn.execute_batch(end) {
+            Ok(()) => result,
+            Err(error) => {
+                counts.truncate(mark);
+                Err(Error::store("ending a savepoint", error))
+            }
         }
     }
 
@@ -895,18 +935,25 @@ impl Writer {
     }
 
     fn finish(&mut self, finish: &Finish, counts: &mut Vec<CountChange>) -> Result<bool> {
-        let to = decide(Status::Running, finish.outcome.event())
-            .map_err(|t| Error::store("finishing", t))?;
-        let (result, error, run_at, extra_attempts) = match &finish.outcome {
+        let Some((seq, task_type, cancel_requested)) = self.held(finish.id, finish.attempt)? else {
+            return Ok(false);
+        };
+        let cancelled = Outcome::Cancelled;
+        let outcome = if cancel_requested && !finish.outcome.status().is_terminal() {
+            // As `apply::settle` decides: a task whose cancel was asked for is not retried.
+            &cancelled
+        } else {
+            &finish.outcome
+        };
+        let to =
+            decide(Status::Running, outcome.event()).map_err(|t| Error::store("finishing", t))?;
+        let (result, error, run_at, extra_attempts) = match outcome {
             Outcome::Completed { result } => (Some(json_text(result)), None, None, 0),
             Outcome::Failed { error, retry_at } => (None, Some(error), *retry_at, 0),
             Outcome::Interrupted => (None, None, None, 1),
             Outcome::Cancelled => (None, None, None, 0),
         };
         let finished_at = to.is_terminal().then_some(finish.now.0);
-        let Some((seq, task_type, _)) = self.held(finish.id, finish.attempt)? else {
-            return Ok(false);
-        };
         self.conn
             .prepare_cached(
                 "UPDATE OR FAIL tasks SET status = ?2, result = coalesce(?3, result), \

@@ -47,6 +47,7 @@ conformance!(
     claim_takes_higher_priorities_first_and_equal_priorities_in_order,
     claim_takes_at_most_max,
     submit_and_claim_inserts_then_claims_in_queue_order,
+    a_submission_that_fails_inserts_nothing,
     claim_skips_excluded_types_and_types_without_room,
     claim_starts_an_attempt_with_a_lease,
     scheduled_tasks_wait_for_promotion_past_their_run_at,
@@ -55,6 +56,7 @@ conformance!(
     finish_failed_without_a_retry_fails_the_task,
     finish_interrupted_requeues_without_using_an_attempt,
     finish_cancelled_cancels_the_task,
+    a_retry_or_interruption_after_a_cancel_request_cancels_the_task,
     writes_of_a_fenced_out_attempt_change_nothing,
     heartbeat_renews_leases_and_reports_lost_and_cancelled_attempts,
     commands_on_every_status,
@@ -503,6 +505,28 @@ async fn submit_and_claim_inserts_then_claims_in_queue_order(store: &dyn Store) 
     );
 }
 
+async fn a_submission_that_fails_inserts_nothing(store: &dyn Store) {
+    // The second task reuses the first one's id: the batch fails as a whole.
+    let first = NewTask::new("job", json!(1)).into_task(TaskId::new(), at(0));
+    let mut second = NewTask::new("job", json!(2)).into_task(TaskId::new(), at(0));
+    second.id = first.id;
+    assert!(
+        store
+            .submit(vec![first.clone(), second.clone()])
+            .await
+            .is_err()
+    );
+    assert!(
+        store
+            .submit_and_claim(vec![first, second], request(5, at(1)))
+            .await
+            .is_err()
+    );
+    let stats = store.stats().await.expect("stats");
+    assert_eq!(stats.total(), 0, "{stats:?}");
+    assert!(all_tasks(store).await.is_empty());
+}
+
 async fn claim_skips_excluded_types_and_types_without_room(store: &dyn Store) {
     // Five tasks of a crowded type ahead of the others.
     let mut news: Vec<NewTask> = (0..5)
@@ -777,6 +801,44 @@ async fn finish_cancelled_cancels_the_task(store: &dyn Store) {
         (None, None)
     );
     check_stats(store, "after a cancellation").await;
+}
+
+async fn a_retry_or_interruption_after_a_cancel_request_cancels_the_task(store: &dyn Store) {
+    let retry = Outcome::Failed {
+        error: TaskError {
+            kind: FailureKind::Timeout,
+            message: "timed out".into(),
+        },
+        retry_at: Some(at(60)),
+    };
+    for outcome in [retry, Outcome::Interrupted] {
+        let task = submit(
+            store,
+            NewTask::new("job", json!({})).with_max_attempts(3),
+            at(0),
+        )
+        .await;
+        let running = claim_one(store, &task, at(1)).await;
+        store
+            .command(task.id, Command::Cancel, at(2))
+            .await
+            .expect("cancel");
+        assert!(finish(store, &running, at(3), outcome.clone()).await);
+        let ended = get(store, task.id).await;
+        assert_eq!(ended.status, Status::Cancelled, "{outcome:?}");
+        assert_eq!(ended.finished_at, Some(at(3)));
+        assert_eq!((ended.run_at, ended.max_attempts), (None, 3));
+        check_stats(store, "after a cancelled retry").await;
+    }
+    // A completion that came first still stands.
+    let task = submit(store, NewTask::new("job", json!({})), at(10)).await;
+    let running = claim_one(store, &task, at(11)).await;
+    store
+        .command(task.id, Command::Cancel, at(12))
+        .await
+        .expect("cancel");
+    assert!(finish(store, &running, at(13), completed()).await);
+    assert_eq!(get(store, task.id).await.status, Status::Completed);
 }
 
 async fn writes_of_a_fenced_out_attempt_change_nothing(store: &dyn Store) {

@@ -826,3 +826,151 @@ async fn a_freed_slot_of_a_limited_type_is_used_at_once_while_other_tasks_run() 
     gate.release.notify_waiters();
     loops.stop().await;
 }
+
+#[tokio::test]
+async fn leases_are_renewed_while_a_shutdown_waits_for_running_tasks() {
+    let config = EngineConfig {
+        lease: Duration::from_millis(600),
+        heartbeat_interval: Duration::from_millis(100),
+        recover_running_at_start: false,
+        ..quick_config()
+    };
+    let (engine, loops) = started(config, |b| {
+        b.handler(
+            "slow",
+            handler_fn(|_ctx| async {
+                tokio::time::sleep(Duration::from_millis(1_500)).await;
+                Ok(json!("finished during the drain"))
+            }),
+        )
+    })
+    .await;
+    let mut events = engine.subscribe();
+    let id = submit(&engine, NewTask::new("slow", Value::Null)).await;
+    tokio::time::timeout(LONG, async {
+        loop {
+            if let Ok(TaskEvent::Status {
+                id: seen,
+                status: Status::Running,
+                ..
+            }) = events.recv().await
+                && seen == id
+            {
+                return;
+            }
+        }
+    })
+    .await
+    .expect("the task started");
+    let report = engine.shutdown(Duration::from_secs(8)).await;
+    assert_eq!(report.interrupted, 0, "the task had time to finish");
+    let task = engine.get(id).await.expect("get");
+    assert_eq!(task.status, Status::Completed, "{task:?}");
+    assert_eq!(task.attempt, 1);
+    loops.stop().await;
+}
+
+#[tokio::test]
+async fn a_shutdown_shorter_than_the_cancel_grace_still_requeues_a_stubborn_task() {
+    let config = EngineConfig {
+        cancel_grace: Duration::from_secs(30),
+        ..quick_config()
+    };
+    let gate = Gate::new();
+    let (engine, loops) = started(config, |b| b.handler("gate", gate.handler())).await;
+    let id = submit(&engine, NewTask::new("gate", Value::Null)).await;
+    gate.wait_running(1).await;
+    let report = engine.shutdown(Duration::from_millis(500)).await;
+    assert_eq!(report.interrupted, 1);
+    assert!(
+        report.duration < Duration::from_secs(10),
+        "the shutdown waited for the whole grace: {:?}",
+        report.duration
+    );
+    let task = engine.get(id).await.expect("get");
+    assert_eq!(task.status, Status::Queued, "{task:?}");
+    loops.stop().await;
+}
+
+#[tokio::test]
+async fn a_cancel_during_a_timeouts_grace_is_not_lost_to_a_retry() {
+    let (engine, loops) = started(quick_config(), |b| {
+        b.handler(
+            "stubborn",
+            handler_fn(|_ctx| async {
+                std::future::pending::<()>().await;
+                Ok(Value::Null)
+            }),
+        )
+    })
+    .await;
+    let mut events = engine.subscribe();
+    let task = NewTask::new("stubborn", Value::Null)
+        .with_timeout(Duration::from_millis(50))
+        .with_max_attempts(3)
+        .with_retry(fast_retry());
+    let id = submit(&engine, task).await;
+    tokio::time::timeout(LONG, async {
+        loop {
+            if let Ok(TaskEvent::Status {
+                id: seen,
+                status: Status::Running,
+                ..
+            }) = events.recv().await
+                && seen == id
+            {
+                return;
+            }
+        }
+    })
+    .await
+    .expect("the task started");
+    // The timeout fires after 50 ms and the handler ignores it for its 200 ms grace: cancel
+    // within that window.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    engine.cancel(id).await.expect("cancel");
+    let task = finished(&engine, id).await;
+    assert_eq!(task.status, Status::Cancelled, "{task:?}");
+    assert_eq!(task.attempt, 1);
+    loops.stop().await;
+}
+
+#[tokio::test]
+async fn values_nested_too_deep_are_refused_and_a_huge_timeout_is_no_timeout() {
+    fn nested(depth: usize) -> Value {
+        (0..depth).fold(json!(1), |inner, _| json!([inner]))
+    }
+    let (engine, loops) = started(quick_config(), |b| {
+        b.handler("deep_result", handler_fn(|_ctx| async { Ok(nested(100)) }))
+    })
+    .await;
+    let error = engine
+        .submit(NewTask::new("echo", nested(100)))
+        .await
+        .expect_err("too deep");
+    assert!(error.to_string().contains("64 levels"), "{error}");
+    let fine = submit(&engine, NewTask::new("echo", nested(60))).await;
+    assert_eq!(finished(&engine, fine).await.status, Status::Completed);
+    let deep = submit(&engine, NewTask::new("deep_result", Value::Null)).await;
+    let deep = finished(&engine, deep).await;
+    assert_eq!(deep.status, Status::Failed);
+    assert!(deep.error.expect("error").message.contains("64 levels"));
+
+    let forever = submit(
+        &engine,
+        NewTask::new("echo", json!("x")).with_timeout(Duration::MAX),
+    )
+    .await;
+    assert_eq!(finished(&engine, forever).await.status, Status::Completed);
+    assert_eq!(engine.running_count(), 0);
+
+    // A sliver of progress gives no estimate from its rate, rather than a panic.
+    let mut running = NewTask::new("echo", Value::Null).into_task(TaskId::new(), Timestamp::now());
+    running.status = Status::Running;
+    running.started_at = Some(Timestamp(Timestamp::now().0 - 1_000));
+    running.progress = Some(5e-324);
+    let _ = engine.eta(&running);
+    running.progress = Some(1e-9);
+    let _ = engine.eta(&running);
+    loops.stop().await;
+}

@@ -249,6 +249,19 @@ impl ModelTask {
 
     /// A running attempt ends with `outcome` (the fence already checked).
     fn finish(&mut self, outcome: &Outcome) {
+        // A task whose cancel was asked for is not retried or re-queued.
+        let cancelled = Outcome::Cancelled;
+        let outcome = match outcome {
+            Outcome::Failed {
+                retry_at: Some(_), ..
+            }
+            | Outcome::Interrupted
+                if self.cancel_requested =>
+            {
+                &cancelled
+            }
+            other => other,
+        };
         self.lease_until = None;
         self.cancel_requested = false;
         match outcome {
