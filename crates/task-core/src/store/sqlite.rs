@@ -189,28 +189,13 @@ impl SqliteStore {
             },
         })?;
 
-        let mut writer = open_connection(&config.path).map_err(|e| {
-            Error::store(
-                "opening the database",
-                format!("{}: {e}", config.path.display()),
-            )
-        })?;
+        let mut writer = open_connection(&config.path)?;
         configure(&writer, &config, false)?;
         migrate(&mut writer)?;
         let stats = load_stats(&writer)?;
-        let reader = open_connection(&config.path).map_err(|e| {
-            Error::store(
-                "opening the database",
-                format!("{}: {e}", config.path.display()),
-            )
-        })?;
+        let reader = open_connection(&config.path)?;
         configure(&reader, &config, true)?;
-        let checkpoints = open_connection(&config.path).map_err(|e| {
-            Error::store(
-                "opening the database",
-                format!("{}: {e}", config.path.display()),
-            )
-        })?;
+        let checkpoints = open_connection(&config.path)?;
         configure(&checkpoints, &config, true)?;
 
         let stats = Arc::new(Mutex::new(stats));
@@ -312,11 +297,12 @@ fn closed() -> Error {
 /// the file once and keeps the WAL index in its own memory, so that transactions take no file
 /// locks (a store file belongs to one process anyway; see the module docs). Other connections of
 /// this process (reader, checkpointer) share that memory.
-fn open_connection(path: &Path) -> rusqlite::Result<Connection> {
+fn open_connection(path: &Path) -> Result<Connection> {
     let flags = rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE
         | rusqlite::OpenFlags::SQLITE_OPEN_CREATE
         | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX;
     Connection::open_with_flags_and_vfs(path, flags, c"unix-excl")
+        .map_err(|e| Error::store("opening the database", format!("{}: {e}", path.display())))
 }
 
 /// How long opening waits for a lock held by someone else. A lock can outlive its store for a

@@ -60,6 +60,26 @@ async fn submit(engine: &Engine, task: NewTask) -> TaskId {
     engine.submit(task).await.expect("submit").task.id
 }
 
+/// Waits (up to [`LONG`]) for an event about task `id` that `wanted` accepts.
+async fn seen(
+    events: &mut tokio::sync::broadcast::Receiver<TaskEvent>,
+    id: TaskId,
+    wanted: impl Fn(&TaskEvent) -> bool,
+) {
+    tokio::time::timeout(LONG, async {
+        loop {
+            if let Ok(event) = events.recv().await
+                && event.task_id() == id
+                && wanted(&event)
+            {
+                return;
+            }
+        }
+    })
+    .await
+    .expect("the awaited event came in time");
+}
+
 async fn finished(engine: &Engine, id: TaskId) -> task_core::Task {
     let task = engine.wait(id, LONG).await.expect("wait");
     assert!(
@@ -447,17 +467,7 @@ async fn cancelling_queued_and_running_tasks() {
         )
         .await;
         // Wait until it runs (its progress event), then cancel.
-        tokio::time::timeout(LONG, async {
-            loop {
-                if let Ok(TaskEvent::Progress { id: seen, .. }) = events.recv().await
-                    && seen == id
-                {
-                    return;
-                }
-            }
-        })
-        .await
-        .expect("the task started");
+        seen(&mut events, id, |e| matches!(e, TaskEvent::Progress { .. })).await;
         let running = engine.cancel(id).await.expect("cancel running");
         assert_eq!(running.status, Status::Running);
         assert!(running.cancel_requested);
@@ -571,17 +581,7 @@ async fn eta_comes_from_progress_then_from_recent_durations() {
         None,
         "no progress and no history: unknown"
     );
-    tokio::time::timeout(LONG, async {
-        loop {
-            if let Ok(TaskEvent::Progress { id: seen, .. }) = events.recv().await
-                && seen == id
-            {
-                return;
-            }
-        }
-    })
-    .await
-    .expect("progress reported");
+    seen(&mut events, id, |e| matches!(e, TaskEvent::Progress { .. })).await;
     let running = engine.get(id).await.expect("get");
     let eta = engine.eta(&running).expect("an ETA from progress");
     // Half done after about 100 ms: about 100 ms to go.
@@ -847,21 +847,16 @@ async fn leases_are_renewed_while_a_shutdown_waits_for_running_tasks() {
     .await;
     let mut events = engine.subscribe();
     let id = submit(&engine, NewTask::new("slow", Value::Null)).await;
-    tokio::time::timeout(LONG, async {
-        loop {
-            if let Ok(TaskEvent::Status {
-                id: seen,
+    seen(&mut events, id, |e| {
+        matches!(
+            e,
+            TaskEvent::Status {
                 status: Status::Running,
                 ..
-            }) = events.recv().await
-                && seen == id
-            {
-                return;
             }
-        }
+        )
     })
-    .await
-    .expect("the task started");
+    .await;
     let report = engine.shutdown(Duration::from_secs(8)).await;
     assert_eq!(report.interrupted, 0, "the task had time to finish");
     let task = engine.get(id).await.expect("get");
@@ -910,21 +905,16 @@ async fn a_cancel_during_a_timeouts_grace_is_not_lost_to_a_retry() {
         .with_max_attempts(3)
         .with_retry(fast_retry());
     let id = submit(&engine, task).await;
-    tokio::time::timeout(LONG, async {
-        loop {
-            if let Ok(TaskEvent::Status {
-                id: seen,
+    seen(&mut events, id, |e| {
+        matches!(
+            e,
+            TaskEvent::Status {
                 status: Status::Running,
                 ..
-            }) = events.recv().await
-                && seen == id
-            {
-                return;
             }
-        }
+        )
     })
-    .await
-    .expect("the task started");
+    .await;
     // The timeout fires after 50 ms and the handler ignores it for its 200 ms grace: cancel
     // within that window.
     tokio::time::sleep(Duration::from_millis(100)).await;
