@@ -1107,8 +1107,10 @@ impl Inner {
             attempt: task.attempt,
         });
         let inner = Arc::clone(self);
+        // Boxed: the attempt's future is large (about 1.8 KiB), and Tokio moves a spawned future
+        // several times (into its cell, through its stages); moving a box costs a pointer.
         self.workers
-            .spawn(async move { inner.run_attempt(task, registered, control).await });
+            .spawn(Box::pin(inner.run_attempt(task, registered, control)));
     }
 
     async fn run_attempt(
