@@ -1152,7 +1152,10 @@ impl Inner {
             )),
         };
         let now = Timestamp::now();
-        let outcome = self.outcome(&task, verdict, &control, now);
+        let cancel_requested = control.cancel_requested.load(Ordering::Acquire);
+        let outcome = self
+            .outcome(&task, verdict, &control, now)
+            .map(|outcome| settle(outcome, cancel_requested));
         if let Some(Outcome::Completed { .. }) = outcome {
             slot.completed_in = Some(started.elapsed());
         }
@@ -1287,23 +1290,10 @@ impl Inner {
         }
     }
 
-    /// What the store should record for an attempt's verdict; `None` when nothing may be
-    /// written (the attempt lost its lease).
+    /// What the store should record for an attempt's verdict, before a cancel request is taken
+    /// into account (see `settle`); `None` when nothing may be written (the attempt lost its
+    /// lease).
     fn outcome(
-        &self,
-        task: &Task,
-        verdict: Verdict,
-        control: &Control,
-        now: Timestamp,
-    ) -> Option<Outcome> {
-        let outcome = self.verdict_outcome(task, verdict, control, now)?;
-        Some(settle(
-            outcome,
-            control.cancel_requested.load(Ordering::Acquire),
-        ))
-    }
-
-    fn verdict_outcome(
         &self,
         task: &Task,
         verdict: Verdict,
