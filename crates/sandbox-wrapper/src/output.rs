@@ -1,0 +1,270 @@
+//! A task's output: captured to a file with a size cap, readable by cursor while the task runs,
+//! with `::progress:: <fraction or percent> [message]` lines turned into progress reports.
+//!
+//! Memory stays flat whatever a process prints: bytes go straight to the file (and past the cap
+//! they are counted, not kept); only a bounded tail and one partial line per stream are held.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+/// How many bytes of output a task keeps by default (10 MiB).
+pub const DEFAULT_OUTPUT_CAP: u64 = 10 * 1024 * 1024;
+
+/// How many bytes of the output's end a result carries.
+pub const TAIL_BYTES: usize = 4096;
+
+/// The longest line examined for a progress report; longer lines are output, nothing more.
+const MAX_PROGRESS_LINE: usize = 4096;
+
+/// Which of a process's streams bytes came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stream {
+    /// Standard output.
+    Stdout,
+    /// Standard error.
+    Stderr,
+}
+
+/// A progress report read from a `::progress::` line.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ProgressLine {
+    /// How far along, from 0 to 1.
+    pub fraction: f64,
+    /// What the process said it is doing.
+    pub message: Option<String>,
+}
+
+/// Where a running task's output goes. Shared by reference between the reader of a process's
+/// pipes and whoever reads the output while it runs.
+pub struct OutputSink {
+    path: PathBuf,
+    cap: u64,
+    state: Mutex<SinkState>,
+    progress: watch::Sender<Option<ProgressLine>>,
+}
+
+struct SinkState {
+    file: Option<File>,
+    written: u64,
+    dropped: u64,
+    tail: Vec<u8>,
+    partial: [Vec<u8>; 2],
+    /// Whether the partial line of a stream grew past the examined length (then the rest of the
+    /// line is not a progress line).
+    overlong: [bool; 2],
+}
+
+impl OutputSink {
+    /// Creates (or truncates) the output file at `path`, keeping at most `cap` bytes.
+    pub fn create(path: impl Into<PathBuf>, cap: u64) -> std::io::Result<OutputSink> {
+        let path = path.into();
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        let file = OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(true)
+            .open(&path)?;
+        let (progress, _) = watch::channel(None);
+        Ok(OutputSink {
+            path,
+            cap,
+            state: Mutex::new(SinkState {
+                file: Some(file),
+                written: 0,
+                dropped: 0,
+                tail: Vec::new(),
+                partial: [Vec::new(), Vec::new()],
+                overlong: [false, false],
+            }),
+            progress,
+        })
+    }
+
+    /// The output file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Follows the progress lines: the receiver always holds the latest one.
+    pub fn progress(&self) -> watch::Receiver<Option<ProgressLine>> {
+        self.progress.subscribe()
+    }
+
+    /// Appends bytes from a stream: to the file while under the cap, to the tail always, and
+    /// through the progress parser.
+    pub fn write(&self, stream: Stream, bytes: &[u8]) {
+        let mut state = self.lock();
+        let room = self.cap.saturating_sub(state.written);
+        let keep = (bytes.len() as u64).min(room) as usize;
+        if keep > 0 {
+            let failed = match state.file.as_mut() {
+                Some(file) => file.write_all(&bytes[..keep]).is_err(),
+                None => true,
+            };
+            if failed {
+                // A full disk, say: stop writing rather than fail the task.
+                state.file = None;
+                state.dropped += keep as u64;
+            } else {
+                state.written += keep as u64;
+            }
+        }
+        state.dropped += (bytes.len() - keep) as u64;
+        let tail = &mut state.tail;
+        tail.extend_from_slice(&bytes[bytes.len().saturating_sub(TAIL_BYTES)..]);
+        if tail.len() > TAIL_BYTES {
+            tail.drain(..tail.len() - TAIL_BYTES);
+        }
+        let latest = scan_progress(&mut state, stream, bytes);
+        drop(state);
+        if let Some(line) = latest {
+            self.progress.send_replace(Some(line));
+        }
+    }
+
+    /// Appends a note from msbd itself (not the process), such as why the output stopped.
+    pub fn note(&self, text: &str) {
+        let mut state = self.lock();
+        if let Some(file) = state.file.as_mut() {
+            let _ = file.write_all(text.as_bytes());
+        }
+    }
+
+    /// Bytes kept in the file, bytes dropped past the cap.
+    pub fn sizes(&self) -> (u64, u64) {
+        let state = self.lock();
+        (state.written, state.dropped)
+    }
+
+    /// The output's last bytes (at most [`TAIL_BYTES`]), as text.
+    pub fn tail(&self) -> String {
+        String::from_utf8_lossy(&self.lock().tail).into_owned()
+    }
+
+    /// Flushes the file.
+    pub fn flush(&self) {
+        if let Some(file) = self.lock().file.as_mut() {
+            let _ = file.flush();
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, SinkState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Feeds bytes through the line splitter of their stream and returns the last progress line
+/// among the lines they complete.
+fn scan_progress(state: &mut SinkState, stream: Stream, bytes: &[u8]) -> Option<ProgressLine> {
+    let index = match stream {
+        Stream::Stdout => 0,
+        Stream::Stderr => 1,
+    };
+    let mut latest = None;
+    let mut rest = bytes;
+    while let Some(newline) = rest.iter().position(|&b| b == b'\n') {
+        let (line, after) = rest.split_at(newline);
+        if !state.overlong[index] {
+            let partial = &mut state.partial[index];
+            let take = line
+                .len()
+                .min(MAX_PROGRESS_LINE.saturating_sub(partial.len()));
+            partial.extend_from_slice(&line[..take]);
+            if take == line.len()
+                && let Some(progress) = parse_progress_line(&String::from_utf8_lossy(partial))
+            {
+                latest = Some(progress);
+            }
+        }
+        state.partial[index].clear();
+        state.overlong[index] = false;
+        rest = &after[1..];
+    }
+    if !state.overlong[index] {
+        let partial = &mut state.partial[index];
+        if partial.len() + rest.len() > MAX_PROGRESS_LINE {
+            partial.clear();
+            state.overlong[index] = true;
+        } else {
+            partial.extend_from_slice(rest);
+        }
+    }
+    latest
+}
+
+/// Reads a `::progress:: <fraction or percent> [message]` line: `0.25`, `25%` and `25 %` all
+/// mean a quarter. Other lines, and values outside 0–1 (0–100 %), are not progress.
+pub fn parse_progress_line(line: &str) -> Option<ProgressLine> {
+    let rest = line
+        .trim_end_matches('\r')
+        .trim_start()
+        .strip_prefix("::progress::")?;
+    let rest = rest.trim_start();
+    let (number, message) = match rest.find(char::is_whitespace) {
+        Some(at) => (&rest[..at], rest[at..].trim()),
+        None => (rest, ""),
+    };
+    let (number, message) = if let Some(value) = number.strip_suffix('%') {
+        (value.parse::<f64>().ok()? / 100.0, message)
+    } else if let Some(after) = message.strip_prefix('%') {
+        (number.parse::<f64>().ok()? / 100.0, after.trim())
+    } else {
+        (number.parse::<f64>().ok()?, message)
+    };
+    if !number.is_finite() || !(0.0..=1.0).contains(&number) {
+        return None;
+    }
+    Some(ProgressLine {
+        fraction: number,
+        message: (!message.is_empty()).then(|| message.to_owned()),
+    })
+}
+
+/// A piece of a task's output read by cursor.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutputChunk {
+    /// The bytes read, as text (invalid UTF-8 replaced).
+    pub data: String,
+    /// Where the next read starts.
+    pub next_cursor: u64,
+    /// How many bytes the file holds now.
+    pub size: u64,
+}
+
+/// Reads up to `max` bytes of an output file from byte `cursor` on. A cursor past the end reads
+/// nothing (the output may still grow). A chunk never ends inside a UTF-8 character unless the
+/// output itself is not UTF-8.
+pub fn read_output(path: &Path, cursor: u64, max: usize) -> std::io::Result<OutputChunk> {
+    let mut file = File::open(path)?;
+    let size = file.metadata()?.len();
+    if cursor >= size {
+        return Ok(OutputChunk {
+            data: String::new(),
+            next_cursor: cursor.min(size),
+            size,
+        });
+    }
+    file.seek(SeekFrom::Start(cursor))?;
+    let want = ((size - cursor) as usize).min(max);
+    let mut buffer = vec![0; want];
+    file.read_exact(&mut buffer)?;
+    // Stop before a character cut in two, so that the next read starts on its first byte.
+    let cut = match std::str::from_utf8(&buffer) {
+        Ok(_) => buffer.len(),
+        Err(error) if error.error_len().is_none() && error.valid_up_to() > 0 => error.valid_up_to(),
+        Err(_) => buffer.len(),
+    };
+    buffer.truncate(cut);
+    Ok(OutputChunk {
+        data: String::from_utf8_lossy(&buffer).into_owned(),
+        next_cursor: cursor + cut as u64,
+        size,
+    })
+}

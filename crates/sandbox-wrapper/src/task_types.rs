@@ -1,0 +1,1 @@
+//! Operator-defined task types, loaded from a TOML file.

@@ -1,0 +1,1 @@
+//! Integration tests of sandbox-wrapper: one binary, one module per area.
