@@ -1,1 +1,3 @@
 //! Integration tests of sandbox-wrapper: one binary, one module per area.
+
+mod local;

@@ -1,1 +1,1040 @@
-//! The `local` backend: processes on this host, in a private work directory per session, under the strongest isolation the host offers.
+//! The `local` backend: processes on this host, in a private work directory per session, under
+//! the strongest isolation the host offers, detected at start.
+//!
+//! The layers, strongest first (see `docs/sandboxing.md` for what each one stops):
+//! - **cgroups**: memory, process-count and CPU limits per session (the flavor's), and a group
+//!   per run so that a timeout or cancel kills the whole tree, escapees included, and a pause
+//!   freezes it (v2 where it has controllers, else v1, with a controller-less v2 tree used for
+//!   `cgroup.kill` and `cgroup.freeze` where it exists);
+//! - **an unprivileged uid** (65534 by default) when msbd runs as root: bubblewrap started as root
+//!   would keep every capability inside, so the uid is dropped before bubblewrap runs;
+//! - **bubblewrap**: new user, network, pid, mount, ipc and uts namespaces (no network at all), the
+//!   host's system read-only, private `/tmp`, `/dev` and `/proc`, `/run` and msbd's data directory
+//!   hidden, only the work directory and the volumes writable;
+//! - **seccomp**: mounting, module loading, ptrace, namespaces, keyrings, BPF, io_uring and clock
+//!   changes refused (loaded by bubblewrap just before the program, or directly without it);
+//! - **Landlock** when bubblewrap is absent: writes only in the work directory, no TCP, no
+//!   signals or abstract sockets outside the sandbox. A Landlock domain forbids `mount`, which
+//!   bubblewrap needs, so the two are not stacked: bubblewrap's mount namespace does that job;
+//! - **rlimits** (open files, file size, core dumps; address space when no memory cgroup), a new
+//!   session and a parent-death signal, always.
+//!
+//! Each missing layer falls back to the next; [`LocalBackend::isolation_report`] says which ran.
+
+mod cgroup;
+mod repl;
+mod spawn;
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use nix::sys::resource::Resource;
+use nix::unistd::{Gid, Uid};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use self::cgroup::{Cgroups, Group, Limits};
+use super::{
+    BackendError, BoxFuture, EndReason, ExecControl, ExecOutcome, ExecRequest, ExitStatus, Flavor,
+    Language, ReplRequest, SandboxBackend, SandboxInfo, SandboxMetrics, SandboxSpec, SweepReport,
+    VolumeMapping,
+};
+use crate::output::{OutputSink, Stream};
+
+/// How much isolation to use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IsolationMode {
+    /// The strongest the host offers (the default).
+    #[default]
+    Strongest,
+    /// None at all: processes run as msbd's user, with only a new session and the work
+    /// directory. For tests and benchmarks that measure the cost of isolation; never for use.
+    Off,
+}
+
+/// The local backend's configuration.
+#[derive(Clone, Debug)]
+pub struct LocalConfig {
+    /// msbd's data directory: work directories go under `<data_dir>/sandboxes/`.
+    pub data_dir: PathBuf,
+    /// This instance's marker, carried by everything it creates (cgroups `msbd-<marker>`,
+    /// directories, the `MSBD_SANDBOX` variable of every process), so that the orphan sweep
+    /// removes only this instance's leftovers. Keep it stable across restarts of one instance.
+    pub instance_marker: String,
+    /// How much isolation to use.
+    pub isolation: IsolationMode,
+    /// The user and group sandboxed processes run as when msbd runs as root.
+    pub sandbox_uid: u32,
+    /// See `sandbox_uid`.
+    pub sandbox_gid: u32,
+    /// The bubblewrap program; `None` looks for `bwrap` in the usual places.
+    pub bwrap: Option<PathBuf>,
+    /// Host directories bound into every sandbox.
+    pub volumes: Vec<VolumeMapping>,
+}
+
+impl LocalConfig {
+    /// A configuration with the defaults: strongest isolation, uid/gid 65534 (`nobody`).
+    pub fn new(data_dir: impl Into<PathBuf>, instance_marker: impl Into<String>) -> LocalConfig {
+        LocalConfig {
+            data_dir: data_dir.into(),
+            instance_marker: instance_marker.into(),
+            isolation: IsolationMode::Strongest,
+            sandbox_uid: 65534,
+            sandbox_gid: 65534,
+            bwrap: None,
+            volumes: Vec::new(),
+        }
+    }
+}
+
+/// How strong the isolation in use is, in one word.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IsolationLevel {
+    /// Isolation switched off (tests and benchmarks only).
+    Off,
+    /// Only process-level measures (new session, rlimits): nothing restricts files or network.
+    Minimal,
+    /// Files and network are restricted (bubblewrap or Landlock), but a layer of the strong level
+    /// is missing (cgroups, or the uid drop).
+    Standard,
+    /// cgroups (limits, whole-tree kill), an unprivileged uid, bubblewrap namespaces and seccomp.
+    Strong,
+}
+
+/// What isolation the local backend uses, and why not more.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IsolationReport {
+    /// The level, in one word.
+    pub level: IsolationLevel,
+    /// The layers in use, as `+`-joined words.
+    pub layers: String,
+    /// Layers that are missing, each with why.
+    pub missing: Vec<String>,
+}
+
+/// The local backend. Cheap to share behind an `Arc`.
+pub struct LocalBackend {
+    config: LocalConfig,
+    cgroups: Cgroups,
+    drop_to: Option<(Uid, Gid)>,
+    bwrap: Option<PathBuf>,
+    seccomp_file: Option<PathBuf>,
+    seccomp: Option<seccompiler::BpfProgram>,
+    landlock: bool,
+    report: IsolationReport,
+    sandboxes: Mutex<HashMap<String, Arc<LocalSandbox>>>,
+    next_run: AtomicU64,
+}
+
+struct LocalSandbox {
+    info: SandboxInfo,
+    work_dir: PathBuf,
+    group: Option<Group>,
+    limits: Limits,
+    /// The session's interpreters, one per language; a call holds its language's lock.
+    interpreters: HashMap<Language, tokio::sync::Mutex<Option<repl::Interpreter>>>,
+}
+
+/// The processes a session may hold at once, per flavor.
+fn pids_limit(flavor: Flavor) -> u64 {
+    256 * u64::from(flavor.cpus())
+}
+
+const ENV_MARKER: &str = "MSBD_SANDBOX";
+
+impl LocalBackend {
+    /// Detects what the host offers and prepares the backend. Fails only when the data
+    /// directory cannot be used.
+    pub fn new(config: LocalConfig) -> Result<LocalBackend, BackendError> {
+        if config.instance_marker.is_empty()
+            || !config
+                .instance_marker
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Err(BackendError::InvalidRequest(format!(
+                "instance marker {:?} must be non-empty letters, digits, '-' or '_'",
+                config.instance_marker
+            )));
+        }
+        let root = config.data_dir.join("sandboxes");
+        std::fs::create_dir_all(&root)
+            .map_err(|e| BackendError::io(format!("creating {}", root.display()), e))?;
+        set_mode(&root, 0o711)?;
+        set_mode(&config.data_dir, 0o711)?;
+        let mut backend = LocalBackend {
+            cgroups: Cgroups::none(),
+            drop_to: None,
+            bwrap: None,
+            seccomp_file: None,
+            seccomp: None,
+            landlock: false,
+            report: IsolationReport {
+                level: IsolationLevel::Off,
+                layers: "setsid".into(),
+                missing: vec!["everything: isolation is switched off".into()],
+            },
+            sandboxes: Mutex::new(HashMap::new()),
+            next_run: AtomicU64::new(1),
+            config,
+        };
+        if backend.config.isolation == IsolationMode::Off {
+            return Ok(backend);
+        }
+        backend.detect();
+        Ok(backend)
+    }
+
+    fn detect(&mut self) {
+        let mut missing = Vec::new();
+        let root = nix::unistd::geteuid().is_root();
+        self.cgroups = Cgroups::detect(&self.config.instance_marker);
+        if !self.cgroups.any() {
+            missing.push("cgroups: no writable cgroup hierarchy (run as root for limits and whole-tree kill)".into());
+        }
+        if root {
+            self.drop_to = Some((
+                Uid::from_raw(self.config.sandbox_uid),
+                Gid::from_raw(self.config.sandbox_gid),
+            ));
+        }
+        match spawn::seccomp_program() {
+            Ok(program) => {
+                let path = self.config.data_dir.join("seccomp.bpf");
+                match std::fs::write(&path, spawn::seccomp_bytes(&program)) {
+                    Ok(()) => self.seccomp_file = Some(path),
+                    Err(error) => {
+                        missing.push(format!("seccomp: cannot write {}: {error}", path.display()))
+                    }
+                }
+                self.seccomp = Some(program);
+            }
+            Err(error) => missing.push(format!("seccomp: {error}")),
+        }
+        self.landlock = spawn::landlock_abi() > 0;
+        let candidate = self.config.bwrap.clone().or_else(|| {
+            ["/usr/bin/bwrap", "/bin/bwrap", "/usr/local/bin/bwrap"]
+                .iter()
+                .map(PathBuf::from)
+                .find(|p| p.exists())
+        });
+        match candidate {
+            Some(bwrap) => {
+                self.bwrap = Some(bwrap);
+                if let Err(error) = self.probe() {
+                    missing.push(format!("bubblewrap: it failed to start a process here ({error})"));
+                    self.bwrap = None;
+                }
+            }
+            None => missing.push(
+                "bubblewrap: not installed (apt-get install bubblewrap) — Landlock restricts files and network instead".into(),
+            ),
+        }
+        if self.bwrap.is_none() && !self.landlock {
+            missing.push("landlock: the kernel does not offer it".into());
+        }
+        if self.bwrap.is_none() && self.probe().is_err() {
+            // Last resort: without seccomp and Landlock, which the probe showed failing.
+            missing.push("seccomp/landlock: failed to apply here".into());
+            self.seccomp = None;
+            self.landlock = false;
+        }
+        if !root {
+            missing.push("uid drop: msbd is not root; sandboxes run as msbd's own user".into());
+        }
+        let mut layers = Vec::new();
+        if let Some(cgroups) = self.cgroups.describe() {
+            layers.push(cgroups);
+        }
+        if let Some((uid, _)) = self.drop_to {
+            layers.push(format!("uid({uid})"));
+        }
+        if self.bwrap.is_some() {
+            layers.push("bwrap(user,net,pid,ipc,uts,mount)".into());
+        } else if self.landlock {
+            layers.push(format!("landlock(abi{})", spawn::landlock_abi()));
+        }
+        if self.seccomp.is_some() {
+            layers.push("seccomp".into());
+        }
+        layers.push("rlimits+setsid+pdeathsig".into());
+        let fs_restricted = self.bwrap.is_some() || self.landlock;
+        let level = if fs_restricted
+            && self.drop_to.is_some()
+            && self.bwrap.is_some()
+            && self.cgroups.can_kill_tree()
+            && self.cgroups.limits_memory()
+        {
+            IsolationLevel::Strong
+        } else if fs_restricted {
+            IsolationLevel::Standard
+        } else {
+            IsolationLevel::Minimal
+        };
+        self.report = IsolationReport {
+            level,
+            layers: layers.join("+"),
+            missing,
+        };
+    }
+
+    /// Runs `true` under the current layers, to see that they work on this host.
+    fn probe(&self) -> Result<(), String> {
+        let dir = self.config.data_dir.join("sandboxes").join(".probe");
+        std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+        self.prepare_work_dir(&dir).map_err(|e| e.to_string())?;
+        let argv = vec!["true".to_owned()];
+        let launch = self.launch(&argv, Vec::new(), &dir, false, Vec::new(), Flavor::Small);
+        let result = spawn::command(launch)
+            .map_err(|e| e.to_string())
+            .and_then(|mut command| command.status().map_err(|e| e.to_string()));
+        let _ = std::fs::remove_dir_all(&dir);
+        match result {
+            Ok(status) if status.success() => Ok(()),
+            Ok(status) => Err(format!("`true` ended with {status}")),
+            Err(error) => Err(error),
+        }
+    }
+
+    /// The isolation in use, and what is missing.
+    pub fn isolation_report(&self) -> &IsolationReport {
+        &self.report
+    }
+
+    /// The work directory of a live sandbox.
+    pub fn work_dir(&self, sandbox: &SandboxInfo) -> Result<PathBuf, BackendError> {
+        Ok(self.sandbox(sandbox)?.work_dir.clone())
+    }
+
+    fn sandbox(&self, info: &SandboxInfo) -> Result<Arc<LocalSandbox>, BackendError> {
+        self.lock()
+            .get(&info.name)
+            .cloned()
+            .ok_or_else(|| BackendError::NoSuchSandbox(info.name.clone()))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, Arc<LocalSandbox>>> {
+        self.sandboxes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn sandbox_name(&self, session: &str) -> String {
+        format!("msbd-{}-{session}", self.config.instance_marker)
+    }
+
+    fn prepare_work_dir(&self, dir: &Path) -> Result<(), BackendError> {
+        set_mode(dir, 0o700)?;
+        if let Some((uid, gid)) = self.drop_to {
+            nix::unistd::chown(dir, Some(uid), Some(gid)).map_err(|e| {
+                BackendError::io(format!("giving {} to uid {uid}", dir.display()), e.into())
+            })?;
+        }
+        Ok(())
+    }
+
+    fn launch<'a>(
+        &'a self,
+        argv: &'a [String],
+        env: Vec<(String, String)>,
+        work_dir: &'a Path,
+        stdin: bool,
+        cgroup_procs: Vec<std::os::fd::OwnedFd>,
+        flavor: Flavor,
+    ) -> spawn::Launch<'a> {
+        let off = self.config.isolation == IsolationMode::Off;
+        let mut rlimits = Vec::new();
+        if !off {
+            rlimits.push((Resource::RLIMIT_NOFILE, 4096));
+            rlimits.push((Resource::RLIMIT_CORE, 0));
+            rlimits.push((Resource::RLIMIT_FSIZE, 4 << 30));
+            if !self.cgroups.limits_memory() {
+                rlimits.push((Resource::RLIMIT_AS, flavor.memory_mb() * 2 << 20));
+            }
+        }
+        spawn::Launch {
+            argv,
+            env,
+            work_dir,
+            volumes: &self.config.volumes,
+            hide: std::slice::from_ref(&self.config.data_dir),
+            stdin,
+            cgroup_procs,
+            rlimits,
+            drop_to: self.drop_to,
+            bwrap: self.bwrap.as_deref(),
+            seccomp_file: if self.bwrap.is_some() {
+                self.seccomp_file.as_deref()
+            } else {
+                None
+            },
+            seccomp_direct: if self.bwrap.is_none() {
+                self.seccomp.as_ref()
+            } else {
+                None
+            },
+            landlock: if self.bwrap.is_none() && self.landlock {
+                spawn::landlock_ruleset(work_dir, &self.config.volumes)
+            } else {
+                None
+            },
+        }
+    }
+
+    fn environment(
+        &self,
+        sandbox: &LocalSandbox,
+        extra: &[(String, String)],
+    ) -> Vec<(String, String)> {
+        let mut env: Vec<(String, String)> = vec![
+            ("PATH".into(), "/usr/local/bin:/usr/bin:/bin".into()),
+            ("HOME".into(), sandbox.work_dir.display().to_string()),
+            ("TMPDIR".into(), "/tmp".into()),
+            ("LANG".into(), "C.UTF-8".into()),
+        ];
+        for (key, value) in extra {
+            env.retain(|(k, _)| k != key);
+            env.push((key.clone(), value.clone()));
+        }
+        env.retain(|(k, _)| k != ENV_MARKER);
+        env.push((
+            ENV_MARKER.into(),
+            format!(
+                "{}/{}",
+                self.config.instance_marker, sandbox.info.session_id
+            ),
+        ));
+        env
+    }
+
+    /// Runs one process in a sandbox to its end (or timeout, or cancel).
+    async fn run(
+        &self,
+        sandbox: Arc<LocalSandbox>,
+        request: ExecRequest,
+        output: &OutputSink,
+        mut control: ExecControl,
+    ) -> Result<ExecOutcome, BackendError> {
+        let Some(program) = request.argv.first() else {
+            return Err(BackendError::InvalidRequest(
+                "the command is empty: give a program to run".into(),
+            ));
+        };
+        if program.is_empty() || request.argv.iter().any(|a| a.contains('\0')) {
+            return Err(BackendError::InvalidRequest(
+                "the command has an empty program name or a NUL byte in an argument".into(),
+            ));
+        }
+        if let Some((key, _)) = request
+            .env
+            .iter()
+            .find(|(k, v)| k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0'))
+        {
+            return Err(BackendError::InvalidRequest(format!(
+                "environment variable {key:?} is not valid: names must be non-empty without '=' or NUL"
+            )));
+        }
+        let run_name = format!("x-{}", self.next_run.fetch_add(1, Ordering::Relaxed));
+        let group = match &sandbox.group {
+            Some(session_group) => Some(
+                session_group
+                    .child(&run_name, sandbox.limits, self.cgroups.v2_controllers())
+                    .map_err(|e| BackendError::io("creating the run's cgroup", e))?,
+            ),
+            None => None,
+        };
+        let cgroup_procs = match &group {
+            Some(group) => group
+                .open_procs()
+                .map_err(|e| BackendError::io("opening the run's cgroup", e))?,
+            None => Vec::new(),
+        };
+        let env = self.environment(&sandbox, &request.env);
+        let launch = self.launch(
+            &request.argv,
+            env,
+            &sandbox.work_dir,
+            request.stdin.is_some(),
+            cgroup_procs,
+            sandbox.info.flavor,
+        );
+        let spawn_error = |error: std::io::Error| BackendError::Spawn {
+            program: program.clone(),
+            reason: error.to_string(),
+        };
+        let mut command =
+            tokio::process::Command::from(spawn::command(launch).map_err(spawn_error)?);
+        command.kill_on_drop(true);
+        let started = Instant::now();
+        let mut child = match command.spawn() {
+            Ok(child) => child,
+            Err(error) => {
+                if let Some(group) = group {
+                    remove_group(group).await;
+                }
+                return Err(spawn_error(error));
+            }
+        };
+        let pid = child.id().map(|p| p as i32);
+        let tree = Tree {
+            group: group.clone(),
+            pid,
+        };
+        let mut stdout = child.stdout.take();
+        let mut stderr = child.stderr.take();
+        let stdin_task = match (child.stdin.take(), request.stdin) {
+            (Some(mut pipe), Some(bytes)) => Some(tokio::spawn(async move {
+                let _ = pipe.write_all(&bytes).await;
+            })),
+            _ => None,
+        };
+        let mut out_buf = vec![0u8; 16 * 1024];
+        let mut err_buf = vec![0u8; 16 * 1024];
+        let mut exit: Option<std::process::ExitStatus> = None;
+        let mut reason: Option<EndReason> = None;
+        let mut paused_since: Option<Instant> = None;
+        let mut paused_total = Duration::ZERO;
+        let mut drain_until: Option<tokio::time::Instant> = None;
+        let far = tokio::time::Instant::now() + Duration::from_secs(86_400 * 365);
+        loop {
+            if exit.is_some() && stdout.is_none() && stderr.is_none() {
+                break;
+            }
+            let deadline = match (
+                request.timeout,
+                paused_since,
+                reason.is_some() || exit.is_some(),
+            ) {
+                (Some(timeout), None, false) => (started + timeout + paused_total).into(),
+                _ => far,
+            };
+            tokio::select! {
+                read = read_some(&mut stdout, &mut out_buf) => match read {
+                    Some(n) => output.write(Stream::Stdout, &out_buf[..n]),
+                    None => stdout = None,
+                },
+                read = read_some(&mut stderr, &mut err_buf) => match read {
+                    Some(n) => output.write(Stream::Stderr, &err_buf[..n]),
+                    None => stderr = None,
+                },
+                status = child.wait(), if exit.is_none() => {
+                    exit = Some(status.map_err(|e| BackendError::io("waiting for the process", e))?);
+                    // What the program left behind (background children) goes with it, so
+                    // that the pipes close and nothing outlives the run.
+                    tree.kill();
+                    drain_until = Some(tokio::time::Instant::now() + Duration::from_secs(1));
+                }
+                _ = control.cancel.cancelled(), if reason.is_none() && exit.is_none() => {
+                    reason = Some(EndReason::Cancelled);
+                    tree.thaw_and_kill();
+                }
+                _ = tokio::time::sleep_until(deadline), if deadline != far => {
+                    let after_ms = request.timeout.map_or(0, |t| t.as_millis() as u64);
+                    reason = Some(EndReason::TimedOut { after_ms });
+                    tree.thaw_and_kill();
+                }
+                changed = control.paused.changed(), if exit.is_none() && reason.is_none() => {
+                    if changed.is_err() {
+                        // The pause switch is gone: it can no longer change.
+                        control.paused = {
+                            let (_sender, receiver) = tokio::sync::watch::channel(false);
+                            receiver
+                        };
+                        continue;
+                    }
+                    let pause = *control.paused.borrow_and_update();
+                    match (pause, paused_since) {
+                        (true, None) => {
+                            tree.freeze(true);
+                            paused_since = Some(Instant::now());
+                        }
+                        (false, Some(since)) => {
+                            tree.freeze(false);
+                            paused_total += since.elapsed();
+                            paused_since = None;
+                        }
+                        _ => {}
+                    }
+                }
+                _ = tokio::time::sleep_until(drain_until.unwrap_or(far)), if drain_until.is_some() => {
+                    // Something holds the pipes open past the run's end: stop reading.
+                    output.note("\n[msbd: output closed: a process outside the run held it open]\n");
+                    break;
+                }
+            }
+        }
+        if let Some(task) = stdin_task {
+            task.abort();
+        }
+        let duration = started.elapsed();
+        let peak_memory_bytes = group.as_ref().and_then(Group::peak_memory);
+        let oom = group.as_ref().is_some_and(|g| g.oom_kills() > 0);
+        if let Some(group) = group {
+            remove_group(group).await;
+        }
+        output.flush();
+        let exit = exit.map(|status| {
+            use std::os::unix::process::ExitStatusExt;
+            match (status.code(), status.signal()) {
+                (Some(code), _) => ExitStatus::Code(code),
+                (None, Some(signal)) => ExitStatus::Signal(signal),
+                (None, None) => ExitStatus::Code(-1),
+            }
+        });
+        let reason = match reason {
+            Some(reason) => reason,
+            None if oom => EndReason::MemoryLimit,
+            None => EndReason::Exited,
+        };
+        Ok(ExecOutcome {
+            exit,
+            reason,
+            duration_ms: duration.as_millis() as u64,
+            peak_memory_bytes,
+            isolation: self.report.layers.clone(),
+        })
+    }
+}
+
+impl LocalBackend {
+    async fn call_interpreter(
+        &self,
+        sandbox: Arc<LocalSandbox>,
+        request: ReplRequest,
+        output: &OutputSink,
+        mut control: ExecControl,
+    ) -> Result<ExecOutcome, BackendError> {
+        let slot = sandbox.interpreters.get(&request.language).ok_or_else(|| {
+            BackendError::InvalidRequest(format!("no interpreter for {}", request.language))
+        })?;
+        let mut slot = slot.lock().await;
+        if slot.is_none() {
+            *slot = Some(self.start_interpreter(&sandbox, request.language)?);
+        }
+        let Some(interpreter) = slot.as_mut() else {
+            return Err(BackendError::Unavailable(
+                "the interpreter did not start".into(),
+            ));
+        };
+        let started = Instant::now();
+        let end = interpreter
+            .call(&request.code, request.timeout, output, &mut control)
+            .await;
+        let peak_memory_bytes = interpreter.tree.group.as_ref().and_then(Group::peak_memory);
+        let alive = matches!(&end, Ok(end) if end.alive);
+        if !alive {
+            if let Some(mut dead) = slot.take() {
+                dead.tree.kill();
+                let _ = dead.child.wait().await;
+                if let Some(group) = dead.tree.group.clone() {
+                    remove_group(group).await;
+                }
+            }
+            if matches!(&end, Ok(end) if end.reason == EndReason::Exited || end.reason == EndReason::MemoryLimit)
+            {
+                output.note(&format!(
+                    "\n[msbd: the {} interpreter exited; its state is lost and the next call starts a fresh one]\n",
+                    request.language
+                ));
+            }
+        }
+        let end = end?;
+        output.flush();
+        Ok(ExecOutcome {
+            exit: end.status.map(ExitStatus::Code),
+            reason: end.reason,
+            duration_ms: started.elapsed().as_millis() as u64,
+            peak_memory_bytes,
+            isolation: self.report.layers.clone(),
+        })
+    }
+
+    fn start_interpreter(
+        &self,
+        sandbox: &LocalSandbox,
+        language: Language,
+    ) -> Result<repl::Interpreter, BackendError> {
+        let argv = repl::driver_argv(language);
+        let token = repl::new_token();
+        let run_name = format!(
+            "r-{}-{}",
+            language,
+            self.next_run.fetch_add(1, Ordering::Relaxed)
+        );
+        let group = match &sandbox.group {
+            Some(session_group) => Some(
+                session_group
+                    .child(&run_name, sandbox.limits, self.cgroups.v2_controllers())
+                    .map_err(|e| BackendError::io("creating the interpreter's cgroup", e))?,
+            ),
+            None => None,
+        };
+        let cgroup_procs = match &group {
+            Some(group) => group
+                .open_procs()
+                .map_err(|e| BackendError::io("opening the interpreter's cgroup", e))?,
+            None => Vec::new(),
+        };
+        let env = self.environment(sandbox, &[("MSBD_REPL_TOKEN".to_owned(), token.clone())]);
+        let launch = self.launch(
+            &argv,
+            env,
+            &sandbox.work_dir,
+            true,
+            cgroup_procs,
+            sandbox.info.flavor,
+        );
+        let spawn_error = |error: std::io::Error| BackendError::Spawn {
+            program: argv[0].clone(),
+            reason: error.to_string(),
+        };
+        let mut command =
+            tokio::process::Command::from(spawn::command(launch).map_err(spawn_error)?);
+        command.kill_on_drop(true);
+        let mut child = command.spawn().map_err(spawn_error)?;
+        let pid = child.id().map(|p| p as i32);
+        let (Some(stdin), Some(stdout), Some(stderr)) =
+            (child.stdin.take(), child.stdout.take(), child.stderr.take())
+        else {
+            return Err(BackendError::Unavailable(
+                "the interpreter has no pipes".into(),
+            ));
+        };
+        Ok(repl::Interpreter {
+            language,
+            child,
+            stdin,
+            stdout,
+            stderr,
+            tree: Arc::new(Tree { group, pid }),
+            token,
+        })
+    }
+}
+
+/// What to kill or freeze for one run: its cgroup when there is one, else its process group.
+struct Tree {
+    group: Option<Group>,
+    pid: Option<i32>,
+}
+
+impl Tree {
+    fn kill(&self) {
+        if let Some(group) = &self.group {
+            group.kill();
+        }
+        if let Some(pid) = self.pid {
+            // The run's leader called setsid: its process group has its pid.
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+
+    fn thaw_and_kill(&self) {
+        self.kill();
+        self.freeze(false);
+    }
+
+    fn freeze(&self, frozen: bool) {
+        if let Some(group) = &self.group
+            && group.freeze(frozen)
+        {
+            return;
+        }
+        if let Some(pid) = self.pid {
+            let signal = if frozen {
+                nix::sys::signal::Signal::SIGSTOP
+            } else {
+                nix::sys::signal::Signal::SIGCONT
+            };
+            let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), signal);
+        }
+    }
+}
+
+async fn remove_group(group: Group) {
+    let _ = tokio::task::spawn_blocking(move || group.remove(Duration::from_secs(2))).await;
+}
+
+async fn read_some<R: tokio::io::AsyncRead + Unpin>(
+    pipe: &mut Option<R>,
+    buffer: &mut [u8],
+) -> Option<usize> {
+    match pipe {
+        Some(pipe) => match pipe.read(buffer).await {
+            Ok(0) | Err(_) => None,
+            Ok(n) => Some(n),
+        },
+        None => std::future::pending().await,
+    }
+}
+
+fn set_mode(path: &Path, mode: u32) -> Result<(), BackendError> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .map_err(|e| BackendError::io(format!("setting the mode of {}", path.display()), e))
+}
+
+/// Checks a session id: it names a directory, so only letters, digits, `-` and `_`.
+pub fn validate_session_id(session: &str) -> Result<(), BackendError> {
+    if session.is_empty()
+        || session.len() > 64
+        || !session
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        return Err(BackendError::InvalidRequest(format!(
+            "session id {session:?} is not valid: use 1 to 64 letters, digits, '-' or '_'"
+        )));
+    }
+    Ok(())
+}
+
+impl SandboxBackend for LocalBackend {
+    fn name(&self) -> &'static str {
+        "local"
+    }
+
+    fn isolation(&self) -> String {
+        format!(
+            "{} ({})",
+            serde_json::to_value(self.report.level)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .unwrap_or_default(),
+            self.report.layers
+        )
+    }
+
+    fn create<'a>(
+        &'a self,
+        spec: &'a SandboxSpec,
+    ) -> BoxFuture<'a, Result<SandboxInfo, BackendError>> {
+        Box::pin(async move {
+            validate_session_id(&spec.session_id)?;
+            let name = self.sandbox_name(&spec.session_id);
+            if let Some(existing) = self.lock().get(&name) {
+                return Ok(existing.info.clone());
+            }
+            let home = self
+                .config
+                .data_dir
+                .join("sandboxes")
+                .join(&spec.session_id);
+            let work_dir = home.join("work");
+            std::fs::create_dir_all(&work_dir)
+                .map_err(|e| BackendError::io(format!("creating {}", work_dir.display()), e))?;
+            set_mode(&home, 0o711)?;
+            std::fs::write(home.join("marker"), &self.config.instance_marker)
+                .map_err(|e| BackendError::io("writing the sandbox marker", e))?;
+            self.prepare_work_dir(&work_dir)?;
+            let limits = Limits {
+                memory_bytes: spec.flavor.memory_mb() << 20,
+                pids: pids_limit(spec.flavor),
+                cpus: spec.flavor.cpus(),
+            };
+            let group = if self.cgroups.any() {
+                Some(
+                    self.cgroups
+                        .session(&spec.session_id, limits)
+                        .map_err(|e| BackendError::io("creating the session's cgroup", e))?,
+                )
+            } else {
+                None
+            };
+            let info = SandboxInfo {
+                name: name.clone(),
+                session_id: spec.session_id.clone(),
+                flavor: spec.flavor,
+                work_dir: Some(work_dir.clone()),
+            };
+            let sandbox = Arc::new(LocalSandbox {
+                info: info.clone(),
+                work_dir,
+                group,
+                limits,
+                interpreters: [Language::Python, Language::Node, Language::Bash]
+                    .into_iter()
+                    .map(|l| (l, tokio::sync::Mutex::new(None)))
+                    .collect(),
+            });
+            self.lock().insert(name, sandbox);
+            Ok(info)
+        })
+    }
+
+    fn exec<'a>(
+        &'a self,
+        sandbox: &'a SandboxInfo,
+        request: ExecRequest,
+        output: &'a OutputSink,
+        control: ExecControl,
+    ) -> BoxFuture<'a, Result<ExecOutcome, BackendError>> {
+        Box::pin(async move {
+            let sandbox = self.sandbox(sandbox)?;
+            self.run(sandbox, request, output, control).await
+        })
+    }
+
+    fn repl<'a>(
+        &'a self,
+        sandbox: &'a SandboxInfo,
+        request: ReplRequest,
+        output: &'a OutputSink,
+        control: ExecControl,
+    ) -> BoxFuture<'a, Result<ExecOutcome, BackendError>> {
+        Box::pin(async move {
+            let sandbox = self.sandbox(sandbox)?;
+            self.call_interpreter(sandbox, request, output, control)
+                .await
+        })
+    }
+
+    fn stop<'a>(&'a self, sandbox: &'a SandboxInfo) -> BoxFuture<'a, Result<(), BackendError>> {
+        Box::pin(async move {
+            let removed = self.lock().remove(&sandbox.name);
+            let Some(sandbox) = removed else {
+                return Ok(());
+            };
+            if let Some(group) = sandbox.group.clone() {
+                remove_group(group).await;
+            }
+            kill_marked_processes(&self.config.instance_marker, |s| {
+                s == sandbox.info.session_id
+            });
+            let home = self
+                .config
+                .data_dir
+                .join("sandboxes")
+                .join(&sandbox.info.session_id);
+            tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&home))
+                .await
+                .map_err(|e| BackendError::Unavailable(e.to_string()))?
+                .or_else(|e| {
+                    if e.kind() == std::io::ErrorKind::NotFound {
+                        Ok(())
+                    } else {
+                        Err(e)
+                    }
+                })
+                .map_err(|e| BackendError::io("removing the sandbox's directory", e))
+        })
+    }
+
+    fn list(&self) -> BoxFuture<'_, Result<Vec<SandboxInfo>, BackendError>> {
+        Box::pin(async move {
+            let mut list: Vec<SandboxInfo> = self.lock().values().map(|s| s.info.clone()).collect();
+            list.sort_by(|a, b| a.name.cmp(&b.name));
+            Ok(list)
+        })
+    }
+
+    fn metrics<'a>(
+        &'a self,
+        sandbox: &'a SandboxInfo,
+    ) -> BoxFuture<'a, Result<SandboxMetrics, BackendError>> {
+        Box::pin(async move {
+            let sandbox = self.sandbox(sandbox)?;
+            Ok(match &sandbox.group {
+                Some(group) => SandboxMetrics {
+                    memory_bytes: group.memory(),
+                    peak_memory_bytes: group.peak_memory(),
+                    cpu_usage_us: group.cpu_usage_us(),
+                    processes: Some(group.process_count()),
+                },
+                None => SandboxMetrics::default(),
+            })
+        })
+    }
+
+    fn sweep_orphans<'a>(
+        &'a self,
+        live: &'a HashSet<String>,
+    ) -> BoxFuture<'a, Result<SweepReport, BackendError>> {
+        Box::pin(async move {
+            let known: HashSet<String> = self
+                .lock()
+                .values()
+                .map(|s| s.info.session_id.clone())
+                .collect();
+            let orphan = |session: &str| !live.contains(session) && !known.contains(session);
+            let mut report = SweepReport::default();
+            for session in self.cgroups.sessions() {
+                if orphan(&session) {
+                    let group = self.cgroups.session_group(&session);
+                    report.processes += group.process_count() as usize;
+                    remove_group(group).await;
+                    report.cgroups += 1;
+                }
+            }
+            report.processes += kill_marked_processes(&self.config.instance_marker, orphan);
+            let root = self.config.data_dir.join("sandboxes");
+            if let Ok(entries) = std::fs::read_dir(&root) {
+                for entry in entries.flatten() {
+                    let Some(session) = entry.file_name().to_str().map(str::to_owned) else {
+                        continue;
+                    };
+                    let marker =
+                        std::fs::read_to_string(entry.path().join("marker")).unwrap_or_default();
+                    if marker == self.config.instance_marker && orphan(&session) {
+                        let path = entry.path();
+                        let removed =
+                            tokio::task::spawn_blocking(move || std::fs::remove_dir_all(path))
+                                .await
+                                .is_ok_and(|r| r.is_ok());
+                        if removed {
+                            report.directories += 1;
+                        }
+                    }
+                }
+            }
+            report.sandboxes = report.cgroups.max(report.directories);
+            Ok(report)
+        })
+    }
+}
+
+/// Kills the processes whose environment carries this instance's marker and a session that
+/// `select` picks (this finds sandboxed processes even without cgroups). Returns how many.
+fn kill_marked_processes(marker: &str, select: impl Fn(&str) -> bool) -> usize {
+    let prefix = format!("{ENV_MARKER}={marker}/");
+    let mut killed = 0;
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let Ok(environ) = std::fs::read(entry.path().join("environ")) else {
+            continue;
+        };
+        let found = environ
+            .split(|&b| b == 0)
+            .filter_map(|var| std::str::from_utf8(var).ok())
+            .find_map(|var| var.strip_prefix(&prefix));
+        if let Some(session) = found
+            && select(session)
+            && nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            )
+            .is_ok()
+        {
+            killed += 1;
+        }
+    }
+    killed
+}

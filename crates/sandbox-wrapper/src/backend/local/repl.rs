@@ -1,0 +1,357 @@
+//! Interpreters whose state lives on between calls: one long-lived python, node or bash process
+//! per session and language, driven by a small script over its standard input.
+//!
+//! The protocol: msbd writes one line per call (JSON `{"code": ...}` for python and node, base64
+//! of the code for bash); the driver runs the code with its output going to its own stdout and
+//! stderr (so it streams into the task's output as it comes), then writes `\n<token> <status>`
+//! on stdout and `\n<token>` on stderr. The token is random per process, so code cannot end a
+//! call early by printing a look-alike. As in a REPL, python and node print the value of a last
+//! expression. A timeout or cancel kills the interpreter (its state is lost; the next call starts
+//! a fresh one), and the result says so.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::process::{Child, ChildStderr, ChildStdin, ChildStdout};
+
+use super::Tree;
+use crate::backend::{BackendError, EndReason, ExecControl, Language};
+use crate::output::{OutputSink, Stream};
+
+const PYTHON_DRIVER: &str = r#"
+import ast, json, os, sys, traceback
+token = os.environ.pop("MSBD_REPL_TOKEN")
+proto = os.fdopen(os.dup(0), "r")
+null = os.open(os.devnull, os.O_RDONLY)
+os.dup2(null, 0)
+sys.stdin = open(os.devnull)
+scope = {"__name__": "__main__", "__builtins__": __builtins__}
+for line in proto:
+    ok = True
+    try:
+        tree = ast.parse(json.loads(line)["code"], "<msbd>", "exec")
+        last = None
+        if tree.body and isinstance(tree.body[-1], ast.Expr):
+            last = ast.Expression(tree.body.pop().value)
+        exec(compile(tree, "<msbd>", "exec"), scope)
+        if last is not None:
+            value = eval(compile(last, "<msbd>", "eval"), scope)
+            if value is not None:
+                print(repr(value))
+    except SystemExit as exit:
+        ok = exit.code in (None, 0)
+    except BaseException:
+        ok = False
+        traceback.print_exc()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    sys.stdout.write("\n%s %d\n" % (token, 0 if ok else 1))
+    sys.stdout.flush()
+    sys.stderr.write("\n%s\n" % token)
+    sys.stderr.flush()
+"#;
+
+const NODE_DRIVER: &str = r#"
+const vm = require('vm');
+const util = require('util');
+const readline = require('readline');
+const token = process.env.MSBD_REPL_TOKEN;
+delete process.env.MSBD_REPL_TOKEN;
+globalThis.require = require;
+const lines = readline.createInterface({ input: process.stdin });
+let queue = Promise.resolve();
+const done = (ok) => {
+  process.stdout.write('\n' + token + ' ' + (ok ? 0 : 1) + '\n', () => {
+    process.stderr.write('\n' + token + '\n');
+  });
+};
+lines.on('line', (line) => {
+  queue = queue.then(async () => {
+    let ok = true;
+    try {
+      let value = vm.runInThisContext(JSON.parse(line).code, { filename: '<msbd>' });
+      if (value && typeof value.then === 'function') value = await value;
+      if (value !== undefined) console.log(util.inspect(value));
+    } catch (error) {
+      ok = false;
+      console.error(error && error.stack ? error.stack : String(error));
+    }
+    await new Promise((resolve) => done(ok) || setImmediate(resolve));
+  });
+});
+"#;
+
+const BASH_DRIVER: &str = r#"
+token="$MSBD_REPL_TOKEN"
+unset MSBD_REPL_TOKEN
+exec 3<&0 </dev/null
+while IFS= read -r __msbd_line <&3; do
+  eval "$(printf '%s' "$__msbd_line" | base64 -d)"
+  __msbd_status=$?
+  printf '\n%s %d\n' "$token" "$__msbd_status"
+  printf '\n%s\n' "$token" >&2
+done
+"#;
+
+/// The program and arguments that start a language's driver.
+pub(crate) fn driver_argv(language: Language) -> Vec<String> {
+    let (program, flag, script) = match language {
+        Language::Python => ("python3", "-c", PYTHON_DRIVER),
+        Language::Node => ("node", "-e", NODE_DRIVER),
+        Language::Bash => ("bash", "-c", BASH_DRIVER),
+    };
+    let mut argv = vec![program.to_owned()];
+    if language == Language::Python {
+        argv.push("-u".into());
+    }
+    if language == Language::Bash {
+        argv.extend(["--noprofile".into(), "--norc".into()]);
+    }
+    argv.extend([flag.to_owned(), script.to_owned()]);
+    argv
+}
+
+/// A random token, fresh per interpreter.
+pub(crate) fn new_token() -> String {
+    format!(
+        "__MSBD_REPL_{:016x}{:016x}__",
+        rand::random::<u64>(),
+        rand::random::<u64>()
+    )
+}
+
+/// A live interpreter.
+pub(crate) struct Interpreter {
+    pub(crate) language: Language,
+    pub(crate) child: Child,
+    pub(crate) stdin: ChildStdin,
+    pub(crate) stdout: ChildStdout,
+    pub(crate) stderr: ChildStderr,
+    pub(crate) tree: Arc<Tree>,
+    pub(crate) token: String,
+}
+
+/// How a call ended.
+pub(crate) struct CallEnd {
+    /// The status the driver reported (0 ok, 1 error), or none when the interpreter died.
+    pub(crate) status: Option<i32>,
+    /// Why it ended.
+    pub(crate) reason: EndReason,
+    /// Whether the interpreter is still usable.
+    pub(crate) alive: bool,
+}
+
+/// Splits a stream at the token: passes through what comes before it, holds back what could be
+/// the token's beginning.
+struct Splitter {
+    marker: Vec<u8>,
+    pending: Vec<u8>,
+    found: bool,
+    after: Vec<u8>,
+}
+
+impl Splitter {
+    fn new(token: &str) -> Splitter {
+        let mut marker = b"\n".to_vec();
+        marker.extend_from_slice(token.as_bytes());
+        Splitter {
+            marker,
+            pending: Vec::new(),
+            found: false,
+            after: Vec::new(),
+        }
+    }
+
+    /// Feeds bytes; returns those that are surely output.
+    fn feed(&mut self, bytes: &[u8]) -> Vec<u8> {
+        if self.found {
+            self.after.extend_from_slice(bytes);
+            return Vec::new();
+        }
+        self.pending.extend_from_slice(bytes);
+        if let Some(at) = find(&self.pending, &self.marker) {
+            self.found = true;
+            self.after = self.pending.split_off(at + self.marker.len());
+            self.pending.truncate(at);
+            return std::mem::take(&mut self.pending);
+        }
+        let keep = (self.marker.len() - 1).min(self.pending.len());
+        let out = self.pending.len() - keep;
+        let rest = self.pending.split_off(out);
+        std::mem::replace(&mut self.pending, rest)
+    }
+
+    /// The status after the token on stdout (` 0\n`), once the line is complete.
+    fn status(&self) -> Option<Option<i32>> {
+        let newline = self.after.iter().position(|&b| b == b'\n')?;
+        let text = String::from_utf8_lossy(&self.after[..newline]);
+        Some(text.trim().parse().ok())
+    }
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+impl Interpreter {
+    /// Runs one call: sends the code, streams the output until the driver reports the end, the
+    /// timeout passes or the call is cancelled.
+    pub(crate) async fn call(
+        &mut self,
+        code: &str,
+        timeout: Option<Duration>,
+        output: &OutputSink,
+        control: &mut ExecControl,
+    ) -> Result<CallEnd, BackendError> {
+        let line = match self.language {
+            Language::Bash => base64(code.as_bytes()),
+            _ => serde_json::json!({ "code": code }).to_string(),
+        };
+        let mut request = line.into_bytes();
+        request.push(b'\n');
+        if let Err(error) = self.stdin.write_all(&request).await {
+            return Err(BackendError::Unavailable(format!(
+                "the {} interpreter is gone ({error}); run the code again to start a fresh one",
+                self.language
+            )));
+        }
+        let started = Instant::now();
+        let mut out = Splitter::new(&self.token);
+        let mut err = Splitter::new(&self.token);
+        let mut out_buf = vec![0u8; 16 * 1024];
+        let mut err_buf = vec![0u8; 16 * 1024];
+        let mut paused_since: Option<Instant> = None;
+        let mut paused_total = Duration::ZERO;
+        let far = tokio::time::Instant::now() + Duration::from_secs(86_400 * 365);
+        let mut out_open = true;
+        let mut err_open = true;
+        loop {
+            if let Some(status) = out.status()
+                && (err.found || !err_open)
+            {
+                return Ok(CallEnd {
+                    status,
+                    reason: EndReason::Exited,
+                    alive: true,
+                });
+            }
+            if !out_open && !err_open {
+                let status = self.child.wait().await.ok();
+                let oom = self.tree.group.as_ref().is_some_and(|g| g.oom_kills() > 0);
+                let _ = status;
+                return Ok(CallEnd {
+                    status: None,
+                    reason: if oom {
+                        EndReason::MemoryLimit
+                    } else {
+                        EndReason::Exited
+                    },
+                    alive: false,
+                });
+            }
+            let deadline = match (timeout, paused_since) {
+                (Some(timeout), None) => (started + timeout + paused_total).into(),
+                _ => far,
+            };
+            tokio::select! {
+                read = self.stdout.read(&mut out_buf), if out_open => match read {
+                    Ok(0) | Err(_) => out_open = false,
+                    Ok(n) => {
+                        let pass = out.feed(&out_buf[..n]);
+                        if !pass.is_empty() {
+                            output.write(Stream::Stdout, &pass);
+                        }
+                    }
+                },
+                read = self.stderr.read(&mut err_buf), if err_open => match read {
+                    Ok(0) | Err(_) => err_open = false,
+                    Ok(n) => {
+                        let pass = err.feed(&err_buf[..n]);
+                        if !pass.is_empty() {
+                            output.write(Stream::Stderr, &pass);
+                        }
+                    }
+                },
+                _ = control.cancel.cancelled() => {
+                    self.tree.kill();
+                    self.tree.freeze(false);
+                    return Ok(CallEnd { status: None, reason: EndReason::Cancelled, alive: false });
+                }
+                _ = tokio::time::sleep_until(deadline), if deadline != far => {
+                    self.tree.kill();
+                    self.tree.freeze(false);
+                    let after_ms = timeout.map_or(0, |t| t.as_millis() as u64);
+                    return Ok(CallEnd { status: None, reason: EndReason::TimedOut { after_ms }, alive: false });
+                }
+                changed = control.paused.changed() => {
+                    if changed.is_err() {
+                        let (_sender, receiver) = tokio::sync::watch::channel(false);
+                        control.paused = receiver;
+                        continue;
+                    }
+                    let pause = *control.paused.borrow_and_update();
+                    match (pause, paused_since) {
+                        (true, None) => {
+                            self.tree.freeze(true);
+                            paused_since = Some(Instant::now());
+                        }
+                        (false, Some(since)) => {
+                            self.tree.freeze(false);
+                            paused_total += since.elapsed();
+                            paused_since = None;
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn base64(bytes: &[u8]) -> String {
+    const TABLE: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut text = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                text.push(TABLE[((n >> (18 - 6 * i)) & 63) as usize] as char);
+            } else {
+                text.push('=');
+            }
+        }
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64_matches_the_standard_alphabet() {
+        assert_eq!(base64(b""), "");
+        assert_eq!(base64(b"f"), "Zg==");
+        assert_eq!(base64(b"fo"), "Zm8=");
+        assert_eq!(base64(b"foo"), "Zm9v");
+        assert_eq!(base64(b"echo $x\n"), "ZWNobyAkeAo=");
+    }
+
+    #[test]
+    fn the_splitter_passes_output_and_stops_at_the_token() {
+        let mut splitter = Splitter::new("TOK");
+        let mut passed = splitter.feed(b"hello\nwor");
+        passed.extend(splitter.feed(b"ld\n"));
+        passed.extend(splitter.feed(b"\nTO"));
+        assert!(splitter.status().is_none());
+        passed.extend(splitter.feed(b"K 1\n"));
+        assert_eq!(passed, b"hello\nworld\n");
+        assert_eq!(splitter.status(), Some(Some(1)));
+    }
+}

@@ -1,0 +1,312 @@
+//! Starting a process in a local sandbox: the command line (bubblewrap around the program when
+//! available), and what the child does between fork and exec (new session, cgroups, rlimits,
+//! uid drop, parent-death signal, and Landlock + seccomp when bubblewrap is absent).
+//!
+//! This is the one module of the crate with `unsafe` code: [`CommandExt::pre_exec`] is unsafe
+//! because the closure runs in a forked child where only async-signal-safe calls are sound. The
+//! closure below allocates nothing and makes only raw system calls (through `nix` wrappers that
+//! are thin over libc); everything it needs is prepared before the fork.
+#![allow(unsafe_code)]
+
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+use landlock::RulesetCreated;
+use nix::sys::resource::{Resource, setrlimit};
+use nix::sys::signal::Signal;
+use nix::unistd::{Gid, Pid, Uid};
+use seccompiler::BpfProgram;
+
+use super::cgroup;
+use crate::backend::VolumeMapping;
+
+/// The file descriptor number at which bubblewrap finds the seccomp program.
+const SECCOMP_FD: i32 = 3;
+
+/// How one process is to be started.
+pub(crate) struct Launch<'a> {
+    /// The program and its arguments.
+    pub(crate) argv: &'a [String],
+    /// The whole environment of the program.
+    pub(crate) env: Vec<(String, String)>,
+    /// The work directory (also the only writable place, with `/tmp`).
+    pub(crate) work_dir: &'a Path,
+    /// Host directories bound into the sandbox.
+    pub(crate) volumes: &'a [VolumeMapping],
+    /// Directories to hide from the sandbox (the data directory, say).
+    pub(crate) hide: &'a [PathBuf],
+    /// Whether standard input is a pipe (else `/dev/null`).
+    pub(crate) stdin: bool,
+    /// Open `cgroup.procs` files the child joins before exec.
+    pub(crate) cgroup_procs: Vec<OwnedFd>,
+    /// Resource limits (soft and hard) set in the child.
+    pub(crate) rlimits: Vec<(Resource, u64)>,
+    /// The unprivileged user and group to run as, when we are root.
+    pub(crate) drop_to: Option<(Uid, Gid)>,
+    /// bubblewrap, when used.
+    pub(crate) bwrap: Option<&'a Path>,
+    /// A file holding the seccomp program for bubblewrap to load.
+    pub(crate) seccomp_file: Option<&'a Path>,
+    /// The seccomp program to load directly (when bubblewrap is not used).
+    pub(crate) seccomp_direct: Option<&'a BpfProgram>,
+    /// A Landlock ruleset to enforce (when bubblewrap is not used).
+    pub(crate) landlock: Option<RulesetCreated>,
+}
+
+/// Builds the command for a launch: the program itself, or bubblewrap around it.
+pub(crate) fn command(mut launch: Launch<'_>) -> std::io::Result<std::process::Command> {
+    let mut command = match launch.bwrap {
+        Some(bwrap) => {
+            let mut command = std::process::Command::new(bwrap);
+            command.args(bwrap_args(&launch));
+            if launch.seccomp_file.is_some() {
+                command.args(["--seccomp", "3"]);
+            }
+            command.arg("--").args(launch.argv);
+            command
+        }
+        None => {
+            let mut command = std::process::Command::new(&launch.argv[0]);
+            command.args(&launch.argv[1..]);
+            command
+        }
+    };
+    command
+        .env_clear()
+        .envs(launch.env.iter().map(|(k, v)| (k, v)))
+        .current_dir(launch.work_dir)
+        .stdin(if launch.stdin {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+
+    let seccomp_fd: Option<OwnedFd> = match launch.seccomp_file {
+        Some(path) => Some(std::fs::File::open(path)?.into()),
+        None => None,
+    };
+    let cgroup_procs = std::mem::take(&mut launch.cgroup_procs);
+    let rlimits = std::mem::take(&mut launch.rlimits);
+    let drop_to = launch.drop_to;
+    let mut landlock = launch.landlock.take();
+    let seccomp_direct: Option<BpfProgram> = launch.seccomp_direct.cloned();
+    let parent = Pid::this();
+
+    // SAFETY: the closure runs in the forked child before exec. It only makes system calls
+    // (setsid, write, setrlimit, dup2, fcntl, setgroups, setgid, setuid, prctl, getppid,
+    // landlock_restrict_self, seccomp) on values prepared before the fork; it allocates nothing
+    // on its success path and returns an error (which std reports to the parent) on failure.
+    unsafe {
+        command.pre_exec(move || {
+            nix::unistd::setsid()?;
+            cgroup::join_in_child(&cgroup_procs)?;
+            for (resource, limit) in &rlimits {
+                setrlimit(*resource, *limit, *limit)?;
+            }
+            if let Some(fd) = &seccomp_fd {
+                if nix::libc::dup2(fd.as_raw_fd(), SECCOMP_FD) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if nix::libc::fcntl(SECCOMP_FD, nix::libc::F_SETFD, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            if let Some((uid, gid)) = drop_to {
+                nix::unistd::setgroups(&[])?;
+                nix::unistd::setgid(gid)?;
+                nix::unistd::setuid(uid)?;
+            }
+            // After the uid change, which clears it.
+            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)?;
+            if nix::unistd::getppid() != parent {
+                // The daemon died between fork and here.
+                nix::libc::_exit(137);
+            }
+            if let Some(ruleset) = landlock.take() {
+                ruleset
+                    .restrict_self()
+                    .map_err(|_| std::io::Error::from_raw_os_error(nix::libc::EPERM))?;
+            }
+            if let Some(program) = &seccomp_direct {
+                seccompiler::apply_filter(program)
+                    .map_err(|_| std::io::Error::from_raw_os_error(nix::libc::EPERM))?;
+            }
+            Ok(())
+        });
+    }
+    Ok(command)
+}
+
+/// bubblewrap's arguments: every namespace (so no network), the host's system read-only, a
+/// private `/tmp`, `/dev` and `/proc`, the data directory hidden, the work directory and the
+/// volumes bound read-write, and death with its parent.
+fn bwrap_args(launch: &Launch<'_>) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "--unshare-all",
+        "--die-with-parent",
+        "--new-session",
+        "--ro-bind",
+        "/",
+        "/",
+        "--dev",
+        "/dev",
+        "--proc",
+        "/proc",
+        "--tmpfs",
+        "/tmp",
+        "--tmpfs",
+        "/run",
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect();
+    for hidden in launch.hide {
+        args.push("--tmpfs".into());
+        args.push(hidden.display().to_string());
+    }
+    let work = launch.work_dir.display().to_string();
+    args.extend(["--bind".into(), work.clone(), work.clone()]);
+    for volume in launch.volumes {
+        args.push(
+            if volume.read_only {
+                "--ro-bind"
+            } else {
+                "--bind"
+            }
+            .into(),
+        );
+        args.push(volume.host.display().to_string());
+        args.push(volume.guest.display().to_string());
+    }
+    args.extend(["--chdir".into(), work]);
+    args
+}
+
+/// The system calls a sandboxed program is refused (`EPERM`): mounting, loading kernel code,
+/// tracing other processes, entering or making namespaces, keyrings, BPF, io_uring, clocks,
+/// rebooting. Everything else is allowed; the other layers do the rest.
+pub(crate) fn seccomp_program() -> Result<BpfProgram, String> {
+    use nix::libc;
+    use seccompiler::{SeccompAction, SeccompFilter, TargetArch};
+
+    let denied: &[i64] = &[
+        libc::SYS_mount,
+        libc::SYS_umount2,
+        libc::SYS_pivot_root,
+        libc::SYS_swapon,
+        libc::SYS_swapoff,
+        libc::SYS_reboot,
+        libc::SYS_kexec_load,
+        libc::SYS_kexec_file_load,
+        libc::SYS_init_module,
+        libc::SYS_finit_module,
+        libc::SYS_delete_module,
+        libc::SYS_bpf,
+        libc::SYS_perf_event_open,
+        libc::SYS_ptrace,
+        libc::SYS_process_vm_readv,
+        libc::SYS_process_vm_writev,
+        libc::SYS_keyctl,
+        libc::SYS_add_key,
+        libc::SYS_request_key,
+        libc::SYS_userfaultfd,
+        libc::SYS_setns,
+        libc::SYS_unshare,
+        libc::SYS_open_by_handle_at,
+        libc::SYS_name_to_handle_at,
+        libc::SYS_acct,
+        libc::SYS_quotactl,
+        libc::SYS_syslog,
+        libc::SYS_settimeofday,
+        libc::SYS_clock_settime,
+        libc::SYS_clock_adjtime,
+        libc::SYS_adjtimex,
+        libc::SYS_io_uring_setup,
+        libc::SYS_fanotify_init,
+    ];
+    let arch = if cfg!(target_arch = "x86_64") {
+        TargetArch::x86_64
+    } else if cfg!(target_arch = "aarch64") {
+        TargetArch::aarch64
+    } else {
+        return Err("seccomp filters are built for x86_64 and aarch64 only".into());
+    };
+    let rules = denied.iter().map(|&nr| (nr, Vec::new())).collect();
+    let filter = SeccompFilter::new(
+        rules,
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::EPERM as u32),
+        arch,
+    )
+    .map_err(|e| e.to_string())?;
+    BpfProgram::try_from(filter).map_err(|e| e.to_string())
+}
+
+/// The program as bytes, the form bubblewrap's `--seccomp` reads.
+pub(crate) fn seccomp_bytes(program: &BpfProgram) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(program.len() * 8);
+    for instruction in program {
+        bytes.extend_from_slice(&instruction.code.to_ne_bytes());
+        bytes.push(instruction.jt);
+        bytes.push(instruction.jf);
+        bytes.extend_from_slice(&instruction.k.to_ne_bytes());
+    }
+    bytes
+}
+
+/// A Landlock ruleset for a process without bubblewrap: read and execute everywhere, write only
+/// in the work directory, `/dev` devices and the volumes; no TCP bind or connect; no signals or
+/// abstract sockets outside the sandbox. `None` when the kernel lacks Landlock.
+pub(crate) fn landlock_ruleset(
+    work_dir: &Path,
+    volumes: &[VolumeMapping],
+) -> Option<RulesetCreated> {
+    use landlock::{
+        ABI, Access, AccessFs, AccessNet, CompatLevel, Compatible, Ruleset, RulesetAttr,
+        RulesetCreatedAttr, Scope, path_beneath_rules,
+    };
+    let abi = ABI::V6;
+    let build = || -> Result<RulesetCreated, landlock::RulesetError> {
+        let mut writable = vec![work_dir.to_path_buf(), PathBuf::from("/dev")];
+        writable.extend(
+            volumes
+                .iter()
+                .filter(|v| !v.read_only)
+                .map(|v| v.host.clone()),
+        );
+        Ruleset::default()
+            .set_compatibility(CompatLevel::BestEffort)
+            .handle_access(AccessFs::from_all(abi))?
+            .handle_access(AccessNet::BindTcp | AccessNet::ConnectTcp)?
+            .scope(Scope::AbstractUnixSocket | Scope::Signal)?
+            .create()?
+            .add_rules(path_beneath_rules(["/"], AccessFs::from_read(abi)))?
+            .add_rules(path_beneath_rules(writable, AccessFs::from_all(abi)))
+    };
+    if landlock_abi() == 0 {
+        // Without Landlock in the kernel the ruleset would enforce nothing: report it absent.
+        return None;
+    }
+    build().ok()
+}
+
+/// The Landlock ABI version the kernel offers (0: none), asked with
+/// `landlock_create_ruleset(NULL, 0, LANDLOCK_CREATE_RULESET_VERSION)`.
+pub(crate) fn landlock_abi() -> i64 {
+    const LANDLOCK_CREATE_RULESET_VERSION: u32 = 1;
+    // SAFETY: this form of the call takes no pointers the kernel reads or writes (NULL, size 0)
+    // and returns a number.
+    let version = unsafe {
+        nix::libc::syscall(
+            nix::libc::SYS_landlock_create_ruleset,
+            std::ptr::null::<u8>(),
+            0usize,
+            LANDLOCK_CREATE_RULESET_VERSION,
+        )
+    };
+    version.max(0)
+}

@@ -1,0 +1,569 @@
+//! The local backend against real processes: containment (files, secrets, network), limits
+//! (processes, memory, output), whole-tree kill on timeout and cancel, pause. Every test prints
+//! the isolation it ran under, and asserts what that level promises.
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sandbox_wrapper::backend::local::{IsolationLevel, LocalBackend, LocalConfig};
+use sandbox_wrapper::backend::{
+    EndReason, ExecControl, ExecOutcome, ExecRequest, ExitStatus, Flavor, SandboxBackend,
+    SandboxInfo, SandboxSpec,
+};
+use sandbox_wrapper::output::OutputSink;
+use tokio_util::sync::CancellationToken;
+
+pub(crate) struct Fixture {
+    pub(crate) dir: tempfile::TempDir,
+    pub(crate) backend: Arc<LocalBackend>,
+    /// This fixture's own instance marker, so that concurrent tests never sweep each other.
+    pub(crate) marker: String,
+}
+
+pub(crate) fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let marker = format!("test{}-{}", std::process::id(), rand_suffix());
+    let backend =
+        LocalBackend::new(LocalConfig::new(dir.path().join("data"), marker.clone())).unwrap();
+    let report = backend.isolation_report();
+    eprintln!(
+        "isolation: {:?} — {} (missing: {:?})",
+        report.level, report.layers, report.missing
+    );
+    Fixture {
+        dir,
+        backend: Arc::new(backend),
+        marker,
+    }
+}
+
+impl Fixture {
+    pub(crate) fn level(&self) -> IsolationLevel {
+        self.backend.isolation_report().level
+    }
+
+    pub(crate) async fn session(&self, id: &str) -> SandboxInfo {
+        self.backend
+            .create(&SandboxSpec {
+                session_id: id.into(),
+                flavor: Flavor::Small,
+                template: "python".into(),
+                volumes: Vec::new(),
+            })
+            .await
+            .unwrap()
+    }
+
+    pub(crate) async fn sh(&self, sandbox: &SandboxInfo, script: &str) -> (ExecOutcome, String) {
+        self.sh_with(
+            sandbox,
+            script,
+            Some(Duration::from_secs(30)),
+            CancellationToken::new(),
+        )
+        .await
+    }
+
+    pub(crate) async fn sh_with(
+        &self,
+        sandbox: &SandboxInfo,
+        script: &str,
+        timeout: Option<Duration>,
+        cancel: CancellationToken,
+    ) -> (ExecOutcome, String) {
+        let sink = OutputSink::create(
+            self.dir.path().join(format!("out-{}", rand_suffix())),
+            1 << 20,
+        )
+        .unwrap();
+        let outcome = self
+            .backend
+            .exec(
+                sandbox,
+                ExecRequest {
+                    argv: vec!["/bin/sh".into(), "-c".into(), script.into()],
+                    timeout,
+                    ..ExecRequest::default()
+                },
+                &sink,
+                ExecControl::new(cancel),
+            )
+            .await
+            .unwrap();
+        let text = std::fs::read_to_string(sink.path()).unwrap();
+        (outcome, text)
+    }
+}
+
+fn rand_suffix() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    NEXT.fetch_add(1, Ordering::Relaxed).to_string()
+}
+
+fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+/// Whether a process with this marker value in its environment is alive.
+fn marked_processes(marker: &str) -> Vec<i32> {
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        if let Ok(environ) = std::fs::read(entry.path().join("environ"))
+            && environ
+                .split(|&b| b == 0)
+                .any(|var| var == format!("MSBD_SANDBOX={marker}").as_bytes())
+        {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+async fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
+    let until = Instant::now() + Duration::from_secs(10);
+    while !condition() {
+        assert!(Instant::now() < until, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_a_command_and_reports_its_exit() {
+    let fixture = fixture();
+    let sandbox = fixture.session("basic").await;
+    let (outcome, text) = fixture
+        .sh(&sandbox, "echo hello; echo oops >&2; exit 3")
+        .await;
+    assert_eq!(outcome.exit, Some(ExitStatus::Code(3)), "{outcome:?}");
+    assert_eq!(outcome.reason, EndReason::Exited);
+    assert!(text.contains("hello") && text.contains("oops"), "{text}");
+    let (outcome, text) = fixture.sh(&sandbox, "pwd; echo $HOME").await;
+    assert!(outcome.success(), "{outcome:?} {text}");
+    let work = sandbox.work_dir.as_ref().unwrap().display().to_string();
+    assert_eq!(text.lines().next(), Some(work.as_str()), "{text}");
+    fixture.backend.stop(&sandbox).await.unwrap();
+    assert!(!Path::new(&work).exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sandboxed_process_cannot_write_outside_its_work_directory() {
+    let fixture = fixture();
+    let level = fixture.level();
+    if level < IsolationLevel::Standard {
+        eprintln!("SKIPPED the assertions: level {level:?} does not restrict files");
+        return;
+    }
+    let ours = fixture.session("writer").await;
+    let other = fixture.session("victim").await;
+    let other_dir = other.work_dir.clone().unwrap();
+    let script = format!(
+        "echo x > /etc/msbd-escape && echo WROTE-ETC; \
+         echo x > {other}/stolen && echo WROTE-OTHER; \
+         ln -s {other} link && echo x > link/through-link && echo WROTE-LINK; \
+         ln -s /etc etclink && echo x > etclink/msbd-escape2 && echo WROTE-ETC-LINK; \
+         echo x > mine && echo WROTE-MINE",
+        other = other_dir.display()
+    );
+    let (_, text) = fixture.sh(&ours, &script).await;
+    assert!(text.contains("WROTE-MINE"), "{text}");
+    for escape in ["WROTE-ETC\n", "WROTE-OTHER", "WROTE-LINK", "WROTE-ETC-LINK"] {
+        assert!(!text.contains(escape), "{escape} in: {text}");
+    }
+    assert!(!Path::new("/etc/msbd-escape").exists());
+    assert!(!Path::new("/etc/msbd-escape2").exists());
+    assert!(!other_dir.join("stolen").exists());
+    assert!(!other_dir.join("through-link").exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sandboxed_process_cannot_read_a_root_only_file() {
+    let fixture = fixture();
+    if !is_root() || fixture.level() < IsolationLevel::Standard {
+        eprintln!(
+            "SKIPPED the assertions: level {:?}, root: {} (no uid drop, nothing to test)",
+            fixture.level(),
+            is_root()
+        );
+        return;
+    }
+    // Outside /tmp, which the sandbox sees as its own empty tmpfs.
+    let secret_dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let secret = secret_dir.path().join("secret");
+    std::fs::write(&secret, "TOP-SECRET-VALUE").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::fs::set_permissions(secret_dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let sandbox = fixture.session("reader").await;
+    let (_, text) = fixture
+        .sh(
+            &sandbox,
+            &format!("cat {}; cat /etc/shadow; id -u", secret.display()),
+        )
+        .await;
+    assert!(!text.contains("TOP-SECRET-VALUE"), "{text}");
+    assert!(!text.contains("root:"), "{text}");
+    assert!(!text.lines().any(|l| l == "0"), "ran as root: {text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sandboxed_process_cannot_reach_the_hosts_loopback() {
+    let fixture = fixture();
+    if fixture.level() < IsolationLevel::Standard {
+        eprintln!(
+            "SKIPPED the assertions: level {:?} leaves the network open",
+            fixture.level()
+        );
+        return;
+    }
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    listener.set_nonblocking(true).unwrap();
+    let sandbox = fixture.session("net").await;
+    let (_, text) = fixture
+        .sh(
+            &sandbox,
+            &format!("(echo hi > /dev/tcp/127.0.0.1/{port}) 2>/dev/null && echo CONNECTED || echo REFUSED"),
+        )
+        .await;
+    // The shell may be dash (no /dev/tcp): then try python.
+    let (_, text2) = fixture
+        .sh(
+            &sandbox,
+            &format!(
+                "python3 -c 'import socket; socket.create_connection((\"127.0.0.1\", {port}), 2); print(\"CONNECTED\")' 2>&1 || echo REFUSED"
+            ),
+        )
+        .await;
+    assert!(
+        !text.contains("CONNECTED") && !text2.contains("CONNECTED"),
+        "{text} {text2}"
+    );
+    assert!(listener.accept().is_err(), "the listener saw a connection");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fork_bomb_is_stopped_by_the_pids_limit() {
+    let fixture = fixture();
+    if !is_root() || fixture.level() < IsolationLevel::Strong {
+        eprintln!("SKIPPED: level {:?} has no pids limit", fixture.level());
+        return;
+    }
+    let sandbox = fixture.session("bomb").await;
+    // Spawn far more than the limit (256 for small); each child sleeps, so they accumulate.
+    let (outcome, text) = fixture
+        .sh_with(
+            &sandbox,
+            "i=0; while [ $i -lt 2000 ]; do sleep 30 & i=$((i+1)); done 2>/dev/null; echo DONE",
+            Some(Duration::from_secs(20)),
+            CancellationToken::new(),
+        )
+        .await;
+    eprintln!("fork bomb: {outcome:?}");
+    // Either the shell saw fork fail (and went on), or it died of it; the machine is fine and
+    // nothing is left.
+    assert!(
+        outcome.reason == EndReason::Exited,
+        "{outcome:?} {}",
+        &text[..text.len().min(500)]
+    );
+    eventually("the bomb's processes to be gone", || {
+        marked_processes(&format!("{}/bomb", marker_of(&fixture))).is_empty()
+    })
+    .await;
+}
+
+fn marker_of(fixture: &Fixture) -> String {
+    fixture.marker.clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_memory_hog_is_killed_and_reported() {
+    let fixture = fixture();
+    if fixture.level() < IsolationLevel::Strong {
+        eprintln!("SKIPPED: level {:?} has no memory cgroup", fixture.level());
+        return;
+    }
+    let sandbox = fixture.session("hog").await;
+    let (outcome, _) = fixture
+        .sh(
+            &sandbox,
+            "python3 -c 'x = []\nwhile True: x.append(bytearray(64 << 20))'",
+        )
+        .await;
+    eprintln!("memory hog: {outcome:?}");
+    assert_eq!(outcome.reason, EndReason::MemoryLimit, "{outcome:?}");
+    assert_eq!(outcome.reason.to_string(), "killed: memory limit");
+    assert!(
+        outcome.peak_memory_bytes.unwrap() > 512 << 20,
+        "{outcome:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_output_flood_is_capped() {
+    let fixture = fixture();
+    let sandbox = fixture.session("flood").await;
+    let sink = OutputSink::create(fixture.dir.path().join("flood.out"), 1 << 20).unwrap();
+    let outcome = fixture
+        .backend
+        .exec(
+            &sandbox,
+            ExecRequest {
+                argv: vec![
+                    "/bin/sh".into(),
+                    "-c".into(),
+                    "head -c 300000000 /dev/zero | tr '\\0' x; echo; echo END".into(),
+                ],
+                timeout: Some(Duration::from_secs(60)),
+                ..ExecRequest::default()
+            },
+            &sink,
+            ExecControl::new(CancellationToken::new()),
+        )
+        .await
+        .unwrap();
+    assert!(outcome.success(), "{outcome:?}");
+    let (kept, dropped) = sink.sizes();
+    assert_eq!(kept, 1 << 20);
+    assert!(dropped >= 300_000_000 - (1 << 20), "{dropped}");
+    assert_eq!(std::fs::metadata(sink.path()).unwrap().len(), 1 << 20);
+    assert!(sink.tail().ends_with("END\n"), "{:?}", &sink.tail()[..20]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_escaping_double_fork_is_gone_after_timeout_and_after_cancel() {
+    let fixture = fixture();
+    let marker = marker_of(&fixture);
+    // A grandchild that starts its own session (escaping kill(-pgid)) and outlives its parent.
+    let script = "setsid sh -c 'sleep 300' & sleep 300";
+    let sandbox = fixture.session("escape1").await;
+    let (outcome, _) = fixture
+        .sh_with(
+            &sandbox,
+            script,
+            Some(Duration::from_millis(500)),
+            CancellationToken::new(),
+        )
+        .await;
+    assert_eq!(outcome.reason, EndReason::TimedOut { after_ms: 500 });
+    assert_eq!(outcome.reason.to_string(), "timed out after 500 ms");
+    eventually("the timed-out tree to be gone", || {
+        marked_processes(&format!("{marker}/escape1")).is_empty()
+    })
+    .await;
+
+    let sandbox = fixture.session("escape2").await;
+    let cancel = CancellationToken::new();
+    let trigger = cancel.clone();
+    let backend_marker = format!("{marker}/escape2");
+    let watcher = tokio::spawn(async move {
+        eventually("the escapee to start", || {
+            marked_processes(&backend_marker).len() >= 3
+        })
+        .await;
+        trigger.cancel();
+    });
+    let (outcome, _) = fixture
+        .sh_with(&sandbox, script, Some(Duration::from_secs(60)), cancel)
+        .await;
+    watcher.await.unwrap();
+    assert_eq!(outcome.reason, EndReason::Cancelled);
+    eventually("the cancelled tree to be gone", || {
+        marked_processes(&format!("{marker}/escape2")).is_empty()
+    })
+    .await;
+    eprintln!("isolation: {}", outcome.isolation);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_run_is_frozen_and_its_timeout_clock_stops() {
+    let fixture = fixture();
+    let sandbox = fixture.session("pause").await;
+    let sink = OutputSink::create(fixture.dir.path().join("pause.out"), 1 << 20).unwrap();
+    let (pause, paused) = tokio::sync::watch::channel(false);
+    let control = ExecControl {
+        cancel: CancellationToken::new(),
+        paused,
+    };
+    let request = ExecRequest {
+        // Prints a tick every 50 ms for 1.5 s, under a 1 s timeout that only holds while paused
+        // time is not counted.
+        argv: vec![
+            "/bin/sh".into(),
+            "-c".into(),
+            "i=0; while [ $i -lt 10 ]; do echo tick; sleep 0.05; i=$((i+1)); done".into(),
+        ],
+        timeout: Some(Duration::from_millis(1500)),
+        ..ExecRequest::default()
+    };
+    let run = fixture.backend.exec(&sandbox, request, &sink, control);
+    let steer = async {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        pause.send_replace(true);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let frozen_at = sink.sizes().0;
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let still = sink.sizes().0;
+        pause.send_replace(false);
+        (frozen_at, still)
+    };
+    let (outcome, (frozen_at, still)) = tokio::join!(run, steer);
+    let outcome = outcome.unwrap();
+    assert_eq!(frozen_at, still, "output grew while frozen");
+    assert!(
+        outcome.success(),
+        "the paused time counted against the timeout: {outcome:?}"
+    );
+    assert!(outcome.duration_ms >= 1500, "{outcome:?}");
+    let text = std::fs::read_to_string(sink.path()).unwrap();
+    assert_eq!(text.matches("tick").count(), 10, "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_orphan_sweep_removes_only_this_instances_leftovers() {
+    let fixture = fixture();
+    let sandbox = fixture.session("left").await;
+    let keep = fixture.session("kept").await;
+    // Leave a process running in "left", then forget the session as a crash would.
+    let backend = fixture.backend.clone();
+    let sink = OutputSink::create(fixture.dir.path().join("left.out"), 1 << 20).unwrap();
+    let run = tokio::spawn({
+        let sandbox = sandbox.clone();
+        async move {
+            backend
+                .exec(
+                    &sandbox,
+                    ExecRequest {
+                        argv: vec!["/bin/sh".into(), "-c".into(), "sleep 300".into()],
+                        ..ExecRequest::default()
+                    },
+                    &sink,
+                    ExecControl::new(CancellationToken::new()),
+                )
+                .await
+        }
+    });
+    let marker = marker_of(&fixture);
+    eventually("the sleeper to start", || {
+        !marked_processes(&format!("{marker}/left")).is_empty()
+    })
+    .await;
+    // A fresh backend on the same data directory knows no session: both are orphans unless live.
+    let second = LocalBackend::new(LocalConfig::new(
+        fixture.dir.path().join("data"),
+        marker.clone(),
+    ))
+    .unwrap();
+    let live: HashSet<String> = ["kept".to_owned()].into();
+    let report = second.sweep_orphans(&live).await.unwrap();
+    eprintln!("sweep: {report:?}");
+    assert!(report.directories >= 1, "{report:?}");
+    eventually("the orphan's process to be gone", || {
+        marked_processes(&format!("{marker}/left")).is_empty()
+    })
+    .await;
+    assert!(!sandbox.work_dir.as_ref().unwrap().exists());
+    assert!(keep.work_dir.as_ref().unwrap().exists());
+    let _ = run.await;
+}
+
+async fn code(
+    fixture: &Fixture,
+    sandbox: &SandboxInfo,
+    language: sandbox_wrapper::backend::Language,
+    source: &str,
+) -> (ExecOutcome, String) {
+    let sink = OutputSink::create(
+        fixture.dir.path().join(format!("code-{}", rand_suffix())),
+        1 << 20,
+    )
+    .unwrap();
+    let outcome = fixture
+        .backend
+        .repl(
+            sandbox,
+            sandbox_wrapper::backend::ReplRequest {
+                language,
+                code: source.into(),
+                timeout: Some(Duration::from_secs(30)),
+            },
+            &sink,
+            ExecControl::new(CancellationToken::new()),
+        )
+        .await
+        .unwrap();
+    (outcome, std::fs::read_to_string(sink.path()).unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interpreter_state_persists_within_a_session_and_not_across() {
+    use sandbox_wrapper::backend::Language;
+    let fixture = fixture();
+    let one = fixture.session("repl-one").await;
+    let two = fixture.session("repl-two").await;
+
+    let (outcome, text) = code(
+        &fixture,
+        &one,
+        Language::Python,
+        "import math\nx = 40\ndef f(y):\n    return x + y",
+    )
+    .await;
+    assert!(outcome.success(), "{outcome:?} {text}");
+    assert_eq!(text, "");
+    let (outcome, text) = code(&fixture, &one, Language::Python, "f(2)").await;
+    assert!(outcome.success(), "{outcome:?} {text}");
+    assert_eq!(text, "42\n");
+    let (outcome, text) = code(
+        &fixture,
+        &one,
+        Language::Python,
+        "print(math.floor(2.5), end='')",
+    )
+    .await;
+    assert_eq!((outcome.success(), text.as_str()), (true, "2"));
+    let (outcome, text) = code(&fixture, &two, Language::Python, "x").await;
+    assert_eq!(outcome.exit, Some(ExitStatus::Code(1)), "{text}");
+    assert!(text.contains("NameError"), "{text}");
+
+    let (outcome, text) = code(
+        &fixture,
+        &one,
+        Language::Node,
+        "var n = 20; function g(a) { return n + a }",
+    )
+    .await;
+    assert!(outcome.success(), "{outcome:?} {text}");
+    let (outcome, text) = code(&fixture, &one, Language::Node, "g(22)").await;
+    assert_eq!(
+        (outcome.success(), text.as_str()),
+        (true, "42\n"),
+        "{outcome:?}"
+    );
+    let (_, text) = code(&fixture, &two, Language::Node, "typeof g").await;
+    assert_eq!(text, "'undefined'\n");
+
+    let (outcome, _) = code(
+        &fixture,
+        &one,
+        Language::Bash,
+        "v=41\nw() { echo $((v + 1)); }",
+    )
+    .await;
+    assert!(outcome.success(), "{outcome:?}");
+    let (outcome, text) = code(&fixture, &one, Language::Bash, "w").await;
+    assert_eq!((outcome.success(), text.as_str()), (true, "42\n"));
+    let (_, text) = code(&fixture, &two, Language::Bash, "echo \"[$v]\"").await;
+    assert_eq!(text, "[]\n");
+    eprintln!("isolation: {}", outcome.isolation);
+}
