@@ -17,6 +17,8 @@
 //! environment; it takes plain config structs from its caller.
 
 pub mod backend;
+pub mod handlers;
 pub mod output;
+pub mod session;
 pub mod supervisor;
 pub mod task_types;

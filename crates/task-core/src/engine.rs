@@ -622,37 +622,63 @@ impl Engine {
     /// Recovers the tasks whose lease expired (their worker died), every `reaper_interval`,
     /// until `cancel` fires.
     pub async fn run_lease_reaper(&self, cancel: CancellationToken) -> Result<()> {
-        let inner = &self.inner;
         loop {
-            let recovered = inner
-                .store
-                .recover(Timestamp::now(), Recover::Expired)
-                .await?;
-            if !recovered.is_empty() {
-                tracing::warn!(
-                    count = recovered.len(),
-                    "recovered tasks whose lease expired"
-                );
-            }
-            inner.after_recovery(&recovered);
+            self.recover_expired().await?;
             tokio::select! {
                 _ = cancel.cancelled() => return Ok(()),
-                _ = tokio::time::sleep(inner.config.reaper_interval) => {}
+                _ = tokio::time::sleep(self.inner.config.reaper_interval) => {}
             }
         }
+    }
+
+    /// One round of the lease reaper: recovers the tasks whose lease expired (retried, or
+    /// failed when out of attempts). Returns how many. For a supervisor that runs the loop
+    /// itself, every [`EngineConfig::reaper_interval`].
+    pub async fn recover_expired(&self) -> Result<usize> {
+        let inner = &self.inner;
+        let recovered = inner
+            .store
+            .recover(Timestamp::now(), Recover::Expired)
+            .await?;
+        if !recovered.is_empty() {
+            tracing::warn!(
+                count = recovered.len(),
+                "recovered tasks whose lease expired"
+            );
+        }
+        inner.after_recovery(&recovered);
+        Ok(recovered.len())
+    }
+
+    /// One round of the heartbeat: renews the leases of this engine's running attempts and
+    /// stops those that lost theirs. For a supervisor that runs the loop itself, every
+    /// [`EngineConfig::heartbeat_interval`].
+    pub async fn renew_leases(&self) -> Result<()> {
+        self.inner.heartbeat().await
+    }
+
+    /// One round of the pruner: deletes terminal tasks older than the retention period (none
+    /// when retention is off). Returns how many.
+    pub async fn prune_expired(&self) -> Result<usize> {
+        match self.inner.config.retention {
+            Some(retention) => self.prune_older_than(retention).await,
+            None => Ok(0),
+        }
+    }
+
+    /// The engine's settings.
+    pub fn config(&self) -> &EngineConfig {
+        &self.inner.config
     }
 
     /// Deletes terminal tasks older than the retention period, every `prune_interval`, until
     /// `cancel` fires. Does nothing when retention is `None`.
     pub async fn run_pruner(&self, cancel: CancellationToken) -> Result<()> {
-        let inner = &self.inner;
         loop {
-            if let Some(retention) = inner.config.retention {
-                self.prune_older_than(retention).await?;
-            }
+            self.prune_expired().await?;
             tokio::select! {
                 _ = cancel.cancelled() => return Ok(()),
-                _ = tokio::time::sleep(inner.config.prune_interval) => {}
+                _ = tokio::time::sleep(self.inner.config.prune_interval) => {}
             }
         }
     }
@@ -894,7 +920,7 @@ impl Inner {
     }
 
     fn validate(&self, task: &NewTask) -> Result<()> {
-        if !self.handlers.contains_key(&task.task_type) {
+        let Some(handler) = self.handlers.get(&task.task_type) else {
             let mut known: Vec<&str> = self.handlers.keys().map(String::as_str).collect();
             known.sort_unstable();
             return Err(Error::UnknownTaskType {
@@ -905,7 +931,7 @@ impl Inner {
                     known.join(", ")
                 },
             });
-        }
+        };
         if let Some(key) = &task.idempotency_key
             && (key.is_empty() || key.len() > 256)
         {
@@ -915,6 +941,12 @@ impl Inner {
             });
         }
         if let Err(message) = check_json_depth(&task.params) {
+            return Err(Error::InvalidInput {
+                field: "params",
+                message,
+            });
+        }
+        if let Err(message) = handler.handler.check(&task.params) {
             return Err(Error::InvalidInput {
                 field: "params",
                 message,

@@ -24,6 +24,13 @@ pub trait TaskHandler: Send + Sync + 'static {
         &self,
         context: TaskContext,
     ) -> impl Future<Output = std::result::Result<Value, TaskFailure>> + Send;
+
+    /// Checks a task's params when it is submitted, so that bad params are refused at once
+    /// (with this message) instead of failing when the task runs. Accepts anything by default.
+    fn validate(&self, params: &Value) -> std::result::Result<(), String> {
+        let _ = params;
+        Ok(())
+    }
 }
 
 /// A handler made of a closure; see [`handler_fn`].
@@ -57,11 +64,16 @@ pub(crate) type HandlerFuture =
 /// A handler behind a pointer, so that handlers of different types sit in one table.
 pub(crate) trait ErasedHandler: Send + Sync + 'static {
     fn start(self: Arc<Self>, context: TaskContext) -> HandlerFuture;
+    fn check(&self, params: &Value) -> std::result::Result<(), String>;
 }
 
 impl<H: TaskHandler> ErasedHandler for H {
     fn start(self: Arc<Self>, context: TaskContext) -> HandlerFuture {
         Box::pin(async move { self.run(context).await })
+    }
+
+    fn check(&self, params: &Value) -> std::result::Result<(), String> {
+        self.validate(params)
     }
 }
 

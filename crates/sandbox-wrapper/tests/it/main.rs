@@ -1,3 +1,4 @@
 //! Integration tests of sandbox-wrapper: one binary, one module per area.
-
 mod local;
+mod supervisor;
+mod task_types;

@@ -355,7 +355,7 @@ impl LocalBackend {
             rlimits.push((Resource::RLIMIT_CORE, 0));
             rlimits.push((Resource::RLIMIT_FSIZE, 4 << 30));
             if !self.cgroups.limits_memory() {
-                rlimits.push((Resource::RLIMIT_AS, flavor.memory_mb() * 2 << 20));
+                rlimits.push((Resource::RLIMIT_AS, (flavor.memory_mb() * 2) << 20));
             }
         }
         spawn::Launch {

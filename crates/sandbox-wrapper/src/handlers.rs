@@ -1,0 +1,438 @@
+//! The task handlers that run in sandboxes, registered into the `task-core` engine:
+//! [`CommandHandler`] (`command`), [`CodeHandler`] (`code`) and [`OperatorHandler`] (each
+//! operator-defined task type).
+//!
+//! Each attempt takes a session (the one named by `session_id`, or a fresh one; the result says
+//! which), captures its output to `<outputs>/<task id>.log` (capped; readable by cursor while it
+//! runs; each attempt starts it afresh), turns `::progress::` lines into progress reports, and
+//! ends with a result that holds the exit code or signal, the duration, the peak memory where
+//! measured, the output's tail, why it ended and the isolation it ran under. A non-zero exit, a
+//! timeout or a kill is a failure whose message carries the same facts.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_json::{Value, json};
+use task_core::{TaskContext, TaskFailure, TaskHandler, TaskId};
+
+use crate::backend::{
+    EndReason, ExecControl, ExecOutcome, ExecRequest, ExitStatus, Flavor, Language, ReplRequest,
+};
+use crate::output::OutputSink;
+use crate::session::{SessionError, SessionManager};
+use crate::task_types::TaskTypeSpec;
+
+/// What every sandboxed handler shares.
+#[derive(Clone)]
+pub struct HandlerShared {
+    /// The sessions tasks run in.
+    pub sessions: SessionManager,
+    /// Where output files go.
+    pub outputs_dir: PathBuf,
+    /// The most bytes of output kept per task.
+    pub output_cap: u64,
+}
+
+impl HandlerShared {
+    /// The output file of a task.
+    pub fn output_path(&self, id: TaskId) -> PathBuf {
+        output_path(&self.outputs_dir, id)
+    }
+}
+
+/// The output file of a task under an outputs directory.
+pub fn output_path(outputs_dir: &Path, id: TaskId) -> PathBuf {
+    outputs_dir.join(format!("{id}.log"))
+}
+
+/// Options every sandboxed task type accepts.
+#[derive(Debug, Default, Deserialize)]
+struct SessionOptions {
+    session_id: Option<String>,
+    flavor: Option<Flavor>,
+    timeout_seconds: Option<f64>,
+}
+
+/// `command` params.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CommandParams {
+    command: Option<String>,
+    argv: Option<Vec<String>>,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    stdin: Option<String>,
+    template: Option<String>,
+    #[serde(flatten)]
+    session: SessionOptionsFlat,
+}
+
+/// `code` params.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CodeParams {
+    language: String,
+    code: String,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    stdin: Option<String>,
+    #[serde(flatten)]
+    session: SessionOptionsFlat,
+}
+
+/// The session options, flattened into each params object (serde's `flatten` and
+/// `deny_unknown_fields` do not mix, so the fields are spelled out here).
+#[derive(Debug, Default, Deserialize)]
+struct SessionOptionsFlat {
+    session_id: Option<String>,
+    flavor: Option<String>,
+    timeout_seconds: Option<f64>,
+}
+
+impl SessionOptionsFlat {
+    fn check(self) -> Result<SessionOptions, String> {
+        let flavor = match self.flavor.as_deref() {
+            Some(name) => Some(Flavor::parse(name).map_err(|e| e.to_string())?),
+            None => None,
+        };
+        if let Some(id) = &self.session_id {
+            crate::backend::local::validate_session_id(id).map_err(|e| e.to_string())?;
+        }
+        if let Some(timeout) = self.timeout_seconds
+            && !(timeout.is_finite() && timeout > 0.0 && timeout <= 86_400.0)
+        {
+            return Err(format!(
+                "timeout_seconds must be a number of seconds above 0 and at most 86400, got {timeout}"
+            ));
+        }
+        Ok(SessionOptions {
+            session_id: self.session_id,
+            flavor,
+            timeout_seconds: self.timeout_seconds,
+        })
+    }
+}
+
+fn parse<T: for<'de> Deserialize<'de>>(params: &Value, what: &str) -> Result<T, String> {
+    T::deserialize(params).map_err(|e| format!("{what} params: {e}"))
+}
+
+/// A command, checked.
+struct CommandJob {
+    argv: Vec<String>,
+    env: Vec<(String, String)>,
+    stdin: Option<Vec<u8>>,
+    template: String,
+    session: SessionOptions,
+}
+
+fn command_job(params: &Value) -> Result<CommandJob, String> {
+    let params: CommandParams = parse(params, "command")?;
+    let argv = match (params.command, params.argv) {
+        (Some(line), None) => {
+            if line.trim().is_empty() {
+                return Err("command params: \"command\" is empty".into());
+            }
+            vec!["/bin/sh".to_owned(), "-c".to_owned(), line]
+        }
+        (None, Some(argv)) => {
+            if argv.first().is_none_or(|p| p.is_empty()) {
+                return Err("command params: \"argv\" must start with a program name".into());
+            }
+            argv
+        }
+        (Some(_), Some(_)) => {
+            return Err(
+                "command params: give either \"command\" (a shell line) or \"argv\" (a list), not both"
+                    .into(),
+            );
+        }
+        (None, None) => {
+            return Err(
+                "command params: give \"command\" (a shell line, run with /bin/sh -c) or \"argv\" (a list: program and arguments)"
+                    .into(),
+            );
+        }
+    };
+    Ok(CommandJob {
+        argv,
+        env: params.env.into_iter().collect(),
+        stdin: params.stdin.map(String::into_bytes),
+        template: params.template.unwrap_or_else(|| "python".into()),
+        session: params.session.check()?,
+    })
+}
+
+/// Runs `command` tasks: a shell line (`{"command": "make test"}`) or an argv list
+/// (`{"argv": ["make", "test"]}`), with optional `env`, `stdin`, `session_id`, `flavor`,
+/// `timeout_seconds` and `template`.
+pub struct CommandHandler {
+    shared: Arc<HandlerShared>,
+}
+
+impl CommandHandler {
+    /// A `command` handler.
+    pub fn new(shared: Arc<HandlerShared>) -> CommandHandler {
+        CommandHandler { shared }
+    }
+}
+
+impl TaskHandler for CommandHandler {
+    async fn run(&self, context: TaskContext) -> Result<Value, TaskFailure> {
+        let job = command_job(context.params()).map_err(TaskFailure::permanent)?;
+        let request = ExecRequest {
+            argv: job.argv,
+            env: job.env,
+            stdin: job.stdin,
+            timeout: job.session.timeout_seconds.map(Duration::from_secs_f64),
+        };
+        run_job(&self.shared, &context, &job.template, job.session, Job::Exec(request)).await
+    }
+
+    fn validate(&self, params: &Value) -> Result<(), String> {
+        command_job(params).map(|_| ())
+    }
+}
+
+/// Runs `code` tasks: `{"language": "python"|"node"|"bash", "code": "..."}` plus the session
+/// options. Within one session, interpreter state persists from one call to the next.
+pub struct CodeHandler {
+    shared: Arc<HandlerShared>,
+}
+
+impl CodeHandler {
+    /// A `code` handler.
+    pub fn new(shared: Arc<HandlerShared>) -> CodeHandler {
+        CodeHandler { shared }
+    }
+}
+
+struct CodeJob {
+    language: Language,
+    code: String,
+    session: SessionOptions,
+}
+
+fn code_job(params: &Value) -> Result<CodeJob, String> {
+    let params: CodeParams = parse(params, "code")?;
+    let language = Language::parse(&params.language).map_err(|e| format!("code params: {e}"))?;
+    if !params.env.is_empty() || params.stdin.is_some() {
+        return Err(
+            "code params: \"env\" and \"stdin\" are not supported for code (the interpreter is shared by the session); use a command task"
+                .into(),
+        );
+    }
+    Ok(CodeJob {
+        language,
+        code: params.code,
+        session: params.session.check()?,
+    })
+}
+
+impl TaskHandler for CodeHandler {
+    async fn run(&self, context: TaskContext) -> Result<Value, TaskFailure> {
+        let job = code_job(context.params()).map_err(TaskFailure::permanent)?;
+        let request = ReplRequest {
+            language: job.language,
+            code: job.code,
+            timeout: job.session.timeout_seconds.map(Duration::from_secs_f64),
+        };
+        let template = match job.language {
+            Language::Node => "node",
+            _ => "python",
+        };
+        run_job(&self.shared, &context, template, job.session, Job::Repl(request)).await
+    }
+
+    fn validate(&self, params: &Value) -> Result<(), String> {
+        code_job(params).map(|_| ())
+    }
+}
+
+/// Runs one operator-defined task type: its command template filled with the task's params,
+/// each placeholder one whole argument, never through a shell.
+pub struct OperatorHandler {
+    shared: Arc<HandlerShared>,
+    spec: Arc<TaskTypeSpec>,
+}
+
+impl OperatorHandler {
+    /// A handler for one operator-defined type.
+    pub fn new(shared: Arc<HandlerShared>, spec: Arc<TaskTypeSpec>) -> OperatorHandler {
+        OperatorHandler { shared, spec }
+    }
+}
+
+impl TaskHandler for OperatorHandler {
+    async fn run(&self, context: TaskContext) -> Result<Value, TaskFailure> {
+        let params = context.params();
+        self.spec
+            .validate(params)
+            .map_err(|e| TaskFailure::permanent(e.to_string()))?;
+        let argv = self
+            .spec
+            .render_argv(params)
+            .map_err(|e| TaskFailure::permanent(e.to_string()))?;
+        let flavor = match self.spec.defaults().flavor.as_deref() {
+            Some(name) => Some(Flavor::parse(name).map_err(|e| TaskFailure::permanent(e.to_string()))?),
+            None => None,
+        };
+        let session = SessionOptions {
+            session_id: context.session_id().map(str::to_owned),
+            flavor,
+            timeout_seconds: self.spec.defaults().timeout.map(|t| t.as_secs_f64()),
+        };
+        let request = ExecRequest {
+            argv,
+            env: Vec::new(),
+            stdin: None,
+            timeout: self.spec.defaults().timeout,
+        };
+        run_job(&self.shared, &context, "python", session, Job::Exec(request)).await
+    }
+
+    fn validate(&self, params: &Value) -> Result<(), String> {
+        self.spec.validate(params).map_err(|e| e.to_string())?;
+        self.spec.render_argv(params).map(|_| ()).map_err(|e| e.to_string())
+    }
+}
+
+enum Job {
+    Exec(ExecRequest),
+    Repl(ReplRequest),
+}
+
+async fn run_job(
+    shared: &HandlerShared,
+    context: &TaskContext,
+    template: &str,
+    options: SessionOptions,
+    job: Job,
+) -> Result<Value, TaskFailure> {
+    let session_id = options.session_id.as_deref().or(context.session_id());
+    let lease = shared
+        .sessions
+        .acquire(session_id, options.flavor, template)
+        .await
+        .map_err(session_failure)?;
+    let path = shared.output_path(context.id());
+    let sink = OutputSink::create(&path, shared.output_cap).map_err(|e| {
+        TaskFailure::retryable(format!("cannot create the output file {}: {e}", path.display()))
+    })?;
+    let mut progress = sink.progress();
+    let control = ExecControl::new(context.cancellation().clone());
+    let backend = shared.sessions.backend();
+    let language = match &job {
+        Job::Repl(request) => Some(request.language),
+        Job::Exec(_) => None,
+    };
+    let run = async {
+        match job {
+            Job::Exec(request) => backend.exec(lease.sandbox(), request, &sink, control).await,
+            Job::Repl(request) => backend.repl(lease.sandbox(), request, &sink, control).await,
+        }
+    };
+    let forward = async {
+        while progress.changed().await.is_ok() {
+            let latest = progress.borrow_and_update().clone();
+            if let Some(line) = latest {
+                // A report the engine refuses (the task is ending) is not the task's failure.
+                let _ = context.progress(line.fraction, line.message).await;
+            }
+        }
+        std::future::pending::<()>().await;
+    };
+    let outcome = tokio::select! {
+        outcome = run => outcome,
+        () = forward => unreachable!("progress forwarding never ends on its own"),
+    };
+    let outcome = outcome.map_err(|e| TaskFailure::retryable(e.to_string()))?;
+    let (kept, dropped) = sink.sizes();
+    let tail = sink.tail();
+    let result = report(&outcome, lease.id(), language, &tail, kept, dropped);
+    drop(lease);
+    if outcome.success() {
+        return Ok(result);
+    }
+    Err(failure(&outcome, &tail, lease_flavor_hint(options.flavor)))
+}
+
+fn lease_flavor_hint(flavor: Option<Flavor>) -> String {
+    match flavor {
+        Some(Flavor::Large) => "the large flavor is the biggest".into(),
+        _ => "use a larger flavor (\"medium\" or \"large\")".into(),
+    }
+}
+
+fn session_failure(error: SessionError) -> TaskFailure {
+    match error {
+        SessionError::LimitReached { .. }
+        | SessionError::ShuttingDown
+        | SessionError::Backend(_) => TaskFailure::retryable(error.to_string()),
+        SessionError::NotFound(_) | SessionError::FlavorMismatch { .. } => {
+            TaskFailure::permanent(error.to_string())
+        }
+    }
+}
+
+fn report(
+    outcome: &ExecOutcome,
+    session: &str,
+    language: Option<Language>,
+    tail: &str,
+    kept: u64,
+    dropped: u64,
+) -> Value {
+    let (exit_code, signal) = match outcome.exit {
+        Some(ExitStatus::Code(code)) => (Some(code), None),
+        Some(ExitStatus::Signal(signal)) => (None, Some(signal)),
+        None => (None, None),
+    };
+    let mut value = json!({
+        "session_id": session,
+        "exit_code": exit_code,
+        "signal": signal,
+        "reason": outcome.reason.to_string(),
+        "duration_ms": outcome.duration_ms,
+        "peak_memory_bytes": outcome.peak_memory_bytes,
+        "output_tail": tail,
+        "output_bytes": kept,
+        "output_dropped_bytes": dropped,
+        "isolation": outcome.isolation,
+    });
+    if let Some(language) = language {
+        value["language"] = json!(language.as_str());
+    }
+    value
+}
+
+fn failure(outcome: &ExecOutcome, tail: &str, flavor_hint: String) -> TaskFailure {
+    let what = match (&outcome.reason, outcome.exit) {
+        (EndReason::Exited, Some(ExitStatus::Code(code))) => format!("exit code {code}"),
+        (EndReason::Exited, Some(ExitStatus::Signal(signal))) => format!("killed by signal {signal}"),
+        (EndReason::MemoryLimit, _) => format!("killed: memory limit ({flavor_hint})"),
+        (reason, _) => reason.to_string(),
+    };
+    let tail: String = {
+        let trimmed = tail.trim_end();
+        let start = trimmed
+            .char_indices()
+            .rev()
+            .nth(499)
+            .map_or(0, |(i, _)| i);
+        trimmed[start..].to_owned()
+    };
+    let message = if tail.is_empty() {
+        format!("{what} after {} ms (no output)", outcome.duration_ms)
+    } else {
+        format!("{what} after {} ms; output ends with:\n{tail}", outcome.duration_ms)
+    };
+    match outcome.reason {
+        // The same program in the same sandbox would hit the same limit.
+        EndReason::MemoryLimit => TaskFailure::permanent(message),
+        _ => TaskFailure::retryable(message),
+    }
+}

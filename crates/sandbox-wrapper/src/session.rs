@@ -1,0 +1,617 @@
+//! Sessions and the resources they hold.
+//!
+//! A session is a sandbox that lives across tasks: its work directory, its interpreters, its
+//! flavor's share of memory. [`SessionManager`] creates sessions on first use (with the id a
+//! client names, or a fresh one), marks them busy while tasks run in them, expires those idle
+//! longer than the session timeout (the session cleanup loop), and stops them. [`ResourceManager`]
+//! decides whether a new session fits: at most `max_sessions`, at most `max_total_memory_mb` of
+//! flavor memory summed; at a limit it names the least recently used idle sessions to evict (when
+//! eviction is on) or refuses with an error that names the limit and what to do. It also keeps
+//! the orphan sweep's statistics.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::backend::{BackendError, Flavor, SandboxBackend, SandboxInfo, SandboxSpec, SweepReport};
+
+/// Limits and timings of sessions.
+#[derive(Clone, Debug)]
+pub struct SessionConfig {
+    /// A session idle (no task running) longer than this is stopped (`MSB_SESSION_TIMEOUT`).
+    pub session_timeout: Duration,
+    /// How often the session cleanup loop runs (`MSB_CLEANUP_INTERVAL`).
+    pub cleanup_interval: Duration,
+    /// How often the orphan cleanup loop runs (`MSB_ORPHAN_CLEANUP_INTERVAL`).
+    pub orphan_cleanup_interval: Duration,
+    /// The most sessions at once (`MSB_MAX_SESSIONS`).
+    pub max_sessions: usize,
+    /// The most flavor memory summed over sessions, in MiB (`MSB_MAX_TOTAL_MEMORY_MB`).
+    pub max_total_memory_mb: u64,
+    /// Whether to stop the least recently used idle session to make room
+    /// (`MSB_ENABLE_LRU_EVICTION`).
+    pub lru_eviction: bool,
+    /// The flavor of a session when none is asked for (`MSB_DEFAULT_FLAVOR`).
+    pub default_flavor: Flavor,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        SessionConfig {
+            session_timeout: Duration::from_secs(1800),
+            cleanup_interval: Duration::from_secs(60),
+            orphan_cleanup_interval: Duration::from_secs(600),
+            max_sessions: 10,
+            max_total_memory_mb: 10 * 1024,
+            lru_eviction: true,
+            default_flavor: Flavor::Small,
+        }
+    }
+}
+
+/// Where a session is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SessionStatus {
+    /// Its sandbox is being made.
+    Creating,
+    /// Idle, ready for work.
+    Ready,
+    /// At least one task runs in it.
+    Running,
+    /// Stopped; it holds nothing.
+    Stopped,
+}
+
+/// What is known of a session.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SessionInfo {
+    /// Its id.
+    pub id: String,
+    /// Its template (`python`, `node`, ...).
+    pub template: String,
+    /// Its size.
+    pub flavor: Flavor,
+    /// Where it is in its life.
+    pub status: SessionStatus,
+    /// When it was made, in Unix seconds.
+    pub created_at: f64,
+    /// When a task last started or ended in it, in Unix seconds.
+    pub last_used_at: f64,
+    /// Tasks running in it now.
+    pub running_tasks: usize,
+    /// The backend's name for its sandbox.
+    pub sandbox: Option<String>,
+}
+
+/// Why a session could not be had.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    /// A limit is reached and nothing could be evicted.
+    #[error(
+        "{limit} limit reached: {current} in use, at most {max}{unit}. {hint}"
+    )]
+    LimitReached {
+        /// `sessions` or `memory`.
+        limit: &'static str,
+        /// What is in use now (sessions, or MiB).
+        current: u64,
+        /// The limit.
+        max: u64,
+        /// ` MB` for memory, empty for sessions.
+        unit: &'static str,
+        /// What to do.
+        hint: String,
+    },
+    /// No session has that id.
+    #[error("session {0:?} does not exist (it expired, was stopped, or never existed); omit session_id to get a new one")]
+    NotFound(String),
+    /// The session exists with another flavor.
+    #[error("session {id:?} is {has}, not {asked}: omit flavor, or use another session for a {asked} sandbox")]
+    FlavorMismatch {
+        /// The session.
+        id: String,
+        /// Its flavor.
+        has: Flavor,
+        /// The flavor asked for.
+        asked: Flavor,
+    },
+    /// The manager is stopping.
+    #[error("sessions are shutting down; no new work is accepted")]
+    ShuttingDown,
+    /// The backend failed.
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+}
+
+/// A session in use by one task: the session stays `running` (and is not expired or evicted)
+/// until the lease is dropped.
+pub struct SessionLease {
+    manager: Arc<Inner>,
+    id: String,
+    sandbox: SandboxInfo,
+}
+
+impl SessionLease {
+    /// The session's id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The session's sandbox.
+    pub fn sandbox(&self) -> &SandboxInfo {
+        &self.sandbox
+    }
+}
+
+impl Drop for SessionLease {
+    fn drop(&mut self) {
+        let mut sessions = self.manager.lock();
+        if let Some(entry) = sessions.get_mut(&self.id) {
+            entry.running = entry.running.saturating_sub(1);
+            entry.last_used = now();
+        }
+    }
+}
+
+/// Decides whether a new session fits, and what to evict to make room.
+#[derive(Clone, Debug)]
+pub struct ResourceManager {
+    max_sessions: usize,
+    max_total_memory_mb: u64,
+    lru_eviction: bool,
+    orphan_cycles: Arc<AtomicU64>,
+    orphans_cleaned: Arc<AtomicU64>,
+}
+
+/// A session as the resource manager sees it.
+#[derive(Clone, Debug)]
+pub struct Holding {
+    /// The session.
+    pub id: String,
+    /// Its flavor's memory, in MiB.
+    pub memory_mb: u64,
+    /// Whether a task runs in it (then it cannot be evicted).
+    pub busy: bool,
+    /// When it was last used, in Unix seconds.
+    pub last_used: f64,
+}
+
+/// Resource statistics.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ResourceStats {
+    /// Sessions alive.
+    pub sessions: usize,
+    /// The limit on sessions.
+    pub max_sessions: usize,
+    /// Flavor memory held, in MiB.
+    pub memory_mb: u64,
+    /// The limit on flavor memory, in MiB.
+    pub max_total_memory_mb: u64,
+    /// Whether LRU eviction is on.
+    pub lru_eviction: bool,
+    /// Orphan sweeps run.
+    pub total_cleanup_cycles: u64,
+    /// Orphans removed by them.
+    pub total_orphans_cleaned: u64,
+}
+
+impl ResourceManager {
+    /// A resource manager with these limits.
+    pub fn new(config: &SessionConfig) -> ResourceManager {
+        ResourceManager {
+            max_sessions: config.max_sessions,
+            max_total_memory_mb: config.max_total_memory_mb,
+            lru_eviction: config.lru_eviction,
+            orphan_cycles: Arc::new(AtomicU64::new(0)),
+            orphans_cleaned: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// Decides whether a session of `flavor` fits beside `holdings`: the ids to evict first
+    /// (least recently used idle sessions), or the limit that refuses it.
+    pub fn admit(&self, holdings: &[Holding], flavor: Flavor) -> Result<Vec<String>, SessionError> {
+        let want = flavor.memory_mb();
+        if want > self.max_total_memory_mb {
+            return Err(SessionError::LimitReached {
+                limit: "memory",
+                current: 0,
+                max: self.max_total_memory_mb,
+                unit: " MB",
+                hint: format!(
+                    "a {flavor} session needs {want} MB on its own: use a smaller flavor or raise MSB_MAX_TOTAL_MEMORY_MB"
+                ),
+            });
+        }
+        let mut idle: Vec<&Holding> = holdings.iter().filter(|h| !h.busy).collect();
+        idle.sort_by(|a, b| a.last_used.total_cmp(&b.last_used));
+        let mut sessions = holdings.len();
+        let mut memory: u64 = holdings.iter().map(|h| h.memory_mb).sum();
+        let mut evict = Vec::new();
+        let mut candidates = idle.into_iter();
+        loop {
+            let over_sessions = sessions + 1 > self.max_sessions;
+            let over_memory = memory + want > self.max_total_memory_mb;
+            if !over_sessions && !over_memory {
+                return Ok(evict);
+            }
+            let next = if self.lru_eviction { candidates.next() } else { None };
+            let Some(victim) = next else {
+                let busy = holdings.iter().filter(|h| h.busy).count();
+                return Err(if over_sessions {
+                    SessionError::LimitReached {
+                        limit: "sessions",
+                        current: holdings.len() as u64,
+                        max: self.max_sessions as u64,
+                        unit: "",
+                        hint: if self.lru_eviction {
+                            format!("all {busy} busy sessions are running tasks: wait for one to finish, reuse a session_id, stop a session, or raise MSB_MAX_SESSIONS")
+                        } else {
+                            "reuse a session_id, stop a session (stop_session), enable MSB_ENABLE_LRU_EVICTION, or raise MSB_MAX_SESSIONS".to_owned()
+                        },
+                    }
+                } else {
+                    SessionError::LimitReached {
+                        limit: "memory",
+                        current: holdings.iter().map(|h| h.memory_mb).sum(),
+                        max: self.max_total_memory_mb,
+                        unit: " MB",
+                        hint: format!(
+                            "a {flavor} session needs {want} MB more: use a smaller flavor, stop a session, {}or raise MSB_MAX_TOTAL_MEMORY_MB",
+                            if self.lru_eviction { "wait for a busy one to finish, " } else { "enable MSB_ENABLE_LRU_EVICTION, " }
+                        ),
+                    }
+                });
+            };
+            sessions -= 1;
+            memory -= victim.memory_mb;
+            evict.push(victim.id.clone());
+        }
+    }
+
+    /// Records an orphan sweep.
+    pub fn record_sweep(&self, report: &SweepReport) {
+        self.orphan_cycles.fetch_add(1, Ordering::Relaxed);
+        self.orphans_cleaned
+            .fetch_add(report.total() as u64, Ordering::Relaxed);
+    }
+}
+
+/// The sessions of one msbd instance.
+#[derive(Clone)]
+pub struct SessionManager {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    backend: Arc<dyn SandboxBackend>,
+    config: SessionConfig,
+    resources: ResourceManager,
+    sessions: Mutex<HashMap<String, Entry>>,
+    /// Serializes admission, so that two new sessions cannot both take the last room.
+    admission: tokio::sync::Mutex<()>,
+    closed: std::sync::atomic::AtomicBool,
+    expired_total: AtomicU64,
+    started_at: f64,
+}
+
+struct Entry {
+    template: String,
+    flavor: Flavor,
+    created: f64,
+    last_used: f64,
+    running: usize,
+    sandbox: Option<SandboxInfo>,
+}
+
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, Entry>> {
+        self.sessions.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+fn now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// A fresh session id: `s` and 12 hex digits.
+fn new_session_id() -> String {
+    format!("s{:012x}", rand::random::<u64>() & 0xffff_ffff_ffff)
+}
+
+impl SessionManager {
+    /// A session manager on a backend.
+    pub fn new(backend: Arc<dyn SandboxBackend>, config: SessionConfig) -> SessionManager {
+        SessionManager {
+            inner: Arc::new(Inner {
+                backend,
+                resources: ResourceManager::new(&config),
+                config,
+                sessions: Mutex::new(HashMap::new()),
+                admission: tokio::sync::Mutex::new(()),
+                closed: std::sync::atomic::AtomicBool::new(false),
+                expired_total: AtomicU64::new(0),
+                started_at: now(),
+            }),
+        }
+    }
+
+    /// The backend sessions run on.
+    pub fn backend(&self) -> &Arc<dyn SandboxBackend> {
+        &self.inner.backend
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &SessionConfig {
+        &self.inner.config
+    }
+
+    /// The resource manager.
+    pub fn resources(&self) -> &ResourceManager {
+        &self.inner.resources
+    }
+
+    /// Takes a session for one task: the named one (made if it does not exist yet), or a new
+    /// one. Makes room by evicting idle sessions, or refuses at a limit.
+    pub async fn acquire(
+        &self,
+        id: Option<&str>,
+        flavor: Option<Flavor>,
+        template: &str,
+    ) -> Result<SessionLease, SessionError> {
+        let inner = &self.inner;
+        if inner.closed.load(Ordering::Acquire) {
+            return Err(SessionError::ShuttingDown);
+        }
+        if let Some(id) = id {
+            crate::backend::local::validate_session_id(id)?;
+            if let Some(lease) = self.take_existing(id, flavor)? {
+                return Ok(lease);
+            }
+        }
+        let _admission = inner.admission.lock().await;
+        // It may have been made while we waited.
+        if let Some(id) = id
+            && let Some(lease) = self.take_existing(id, flavor)?
+        {
+            return Ok(lease);
+        }
+        let flavor = flavor.unwrap_or(inner.config.default_flavor);
+        let id = id.map_or_else(new_session_id, str::to_owned);
+        let holdings: Vec<Holding> = inner
+            .lock()
+            .iter()
+            .map(|(id, e)| Holding {
+                id: id.clone(),
+                memory_mb: e.flavor.memory_mb(),
+                busy: e.running > 0 || e.sandbox.is_none(),
+                last_used: e.last_used,
+            })
+            .collect();
+        let evict = inner.resources.admit(&holdings, flavor)?;
+        for victim in evict {
+            tracing::info!(session = %victim, "evicting the least recently used idle session to make room");
+            self.stop_if_idle(&victim).await?;
+        }
+        let created = now();
+        inner.lock().insert(
+            id.clone(),
+            Entry {
+                template: template.to_owned(),
+                flavor,
+                created,
+                last_used: created,
+                running: 1,
+                sandbox: None,
+            },
+        );
+        let spec = SandboxSpec {
+            session_id: id.clone(),
+            flavor,
+            template: template.to_owned(),
+            volumes: Vec::new(),
+        };
+        match inner.backend.create(&spec).await {
+            Ok(sandbox) => {
+                if let Some(entry) = inner.lock().get_mut(&id) {
+                    entry.sandbox = Some(sandbox.clone());
+                }
+                Ok(SessionLease {
+                    manager: inner.clone(),
+                    id,
+                    sandbox,
+                })
+            }
+            Err(error) => {
+                inner.lock().remove(&id);
+                Err(error.into())
+            }
+        }
+    }
+
+    fn take_existing(
+        &self,
+        id: &str,
+        flavor: Option<Flavor>,
+    ) -> Result<Option<SessionLease>, SessionError> {
+        let mut sessions = self.inner.lock();
+        let Some(entry) = sessions.get_mut(id) else {
+            return Ok(None);
+        };
+        if let Some(asked) = flavor
+            && asked != entry.flavor
+        {
+            return Err(SessionError::FlavorMismatch {
+                id: id.to_owned(),
+                has: entry.flavor,
+                asked,
+            });
+        }
+        let Some(sandbox) = entry.sandbox.clone() else {
+            // Still being made by another task: wait for admission, which the maker holds.
+            return Ok(None);
+        };
+        entry.running += 1;
+        entry.last_used = now();
+        Ok(Some(SessionLease {
+            manager: self.inner.clone(),
+            id: id.to_owned(),
+            sandbox,
+        }))
+    }
+
+    async fn stop_if_idle(&self, id: &str) -> Result<bool, SessionError> {
+        let sandbox = {
+            let mut sessions = self.inner.lock();
+            match sessions.get(id) {
+                Some(entry) if entry.running == 0 => {
+                    sessions.remove(id).and_then(|e| e.sandbox)
+                }
+                _ => return Ok(false),
+            }
+        };
+        if let Some(sandbox) = sandbox {
+            self.inner.backend.stop(&sandbox).await?;
+        }
+        Ok(true)
+    }
+
+    /// Stops a session: kills what runs in it and removes its files.
+    pub async fn stop(&self, id: &str) -> Result<SessionInfo, SessionError> {
+        let entry = self
+            .inner
+            .lock()
+            .remove(id)
+            .ok_or_else(|| SessionError::NotFound(id.to_owned()))?;
+        if let Some(sandbox) = &entry.sandbox {
+            self.inner.backend.stop(sandbox).await?;
+        }
+        Ok(info(id, &entry, SessionStatus::Stopped))
+    }
+
+    /// Stops every session (at shutdown); no new session is made afterwards.
+    pub async fn stop_all(&self) -> usize {
+        self.inner.closed.store(true, Ordering::Release);
+        let entries: Vec<(String, Entry)> = self.inner.lock().drain().collect();
+        let mut stopped = 0;
+        for (id, entry) in entries {
+            if let Some(sandbox) = entry.sandbox {
+                match self.inner.backend.stop(&sandbox).await {
+                    Ok(()) => stopped += 1,
+                    Err(error) => tracing::warn!(session = %id, %error, "could not stop a session"),
+                }
+            }
+        }
+        stopped
+    }
+
+    /// One session.
+    pub fn get(&self, id: &str) -> Result<SessionInfo, SessionError> {
+        let sessions = self.inner.lock();
+        let entry = sessions
+            .get(id)
+            .ok_or_else(|| SessionError::NotFound(id.to_owned()))?;
+        Ok(info(id, entry, status_of(entry)))
+    }
+
+    /// Every live session, oldest first.
+    pub fn list(&self) -> Vec<SessionInfo> {
+        let sessions = self.inner.lock();
+        let mut list: Vec<SessionInfo> = sessions
+            .iter()
+            .map(|(id, e)| info(id, e, status_of(e)))
+            .collect();
+        list.sort_by(|a, b| a.created_at.total_cmp(&b.created_at).then(a.id.cmp(&b.id)));
+        list
+    }
+
+    /// The ids of live sessions.
+    pub fn live_ids(&self) -> HashSet<String> {
+        self.inner.lock().keys().cloned().collect()
+    }
+
+    /// One round of the session cleanup loop: stops sessions idle longer than the timeout.
+    /// Returns how many.
+    pub async fn expire_idle(&self) -> Result<u64, SessionError> {
+        let timeout = self.inner.config.session_timeout.as_secs_f64();
+        let cutoff = now() - timeout;
+        let idle: Vec<String> = self
+            .inner
+            .lock()
+            .iter()
+            .filter(|(_, e)| e.running == 0 && e.sandbox.is_some() && e.last_used < cutoff)
+            .map(|(id, _)| id.clone())
+            .collect();
+        let mut expired = 0;
+        for id in idle {
+            if self.stop_if_idle(&id).await? {
+                tracing::info!(session = %id, "stopped a session idle longer than the session timeout");
+                expired += 1;
+            }
+        }
+        self.inner.expired_total.fetch_add(expired, Ordering::Relaxed);
+        Ok(expired)
+    }
+
+    /// One round of the orphan cleanup loop: removes this instance's sandboxes that belong to no
+    /// live session. Returns what it removed.
+    pub async fn sweep_orphans(&self) -> Result<SweepReport, SessionError> {
+        let live = self.live_ids();
+        let report = self.inner.backend.sweep_orphans(&live).await?;
+        self.inner.resources.record_sweep(&report);
+        if report.total() > 0 {
+            tracing::warn!(?report, "removed orphaned sandboxes");
+        }
+        Ok(report)
+    }
+
+    /// Resource statistics.
+    pub fn resource_stats(&self) -> ResourceStats {
+        let sessions = self.inner.lock();
+        ResourceStats {
+            sessions: sessions.len(),
+            max_sessions: self.inner.resources.max_sessions,
+            memory_mb: sessions.values().map(|e| e.flavor.memory_mb()).sum(),
+            max_total_memory_mb: self.inner.resources.max_total_memory_mb,
+            lru_eviction: self.inner.resources.lru_eviction,
+            total_cleanup_cycles: self.inner.resources.orphan_cycles.load(Ordering::Relaxed),
+            total_orphans_cleaned: self.inner.resources.orphans_cleaned.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Sessions expired since start.
+    pub fn expired_total(&self) -> u64 {
+        self.inner.expired_total.load(Ordering::Relaxed)
+    }
+
+    /// When the manager started, in Unix seconds.
+    pub fn started_at(&self) -> f64 {
+        self.inner.started_at
+    }
+}
+
+fn status_of(entry: &Entry) -> SessionStatus {
+    match (&entry.sandbox, entry.running) {
+        (None, _) => SessionStatus::Creating,
+        (Some(_), 0) => SessionStatus::Ready,
+        (Some(_), _) => SessionStatus::Running,
+    }
+}
+
+fn info(id: &str, entry: &Entry, status: SessionStatus) -> SessionInfo {
+    SessionInfo {
+        id: id.to_owned(),
+        template: entry.template.clone(),
+        flavor: entry.flavor,
+        status,
+        created_at: entry.created,
+        last_used_at: entry.last_used,
+        running_tasks: entry.running,
+        sandbox: entry.sandbox.as_ref().map(|s| s.name.clone()),
+    }
+}
