@@ -189,7 +189,14 @@ impl TaskHandler for CommandHandler {
             stdin: job.stdin,
             timeout: job.session.timeout_seconds.map(Duration::from_secs_f64),
         };
-        run_job(&self.shared, &context, &job.template, job.session, Job::Exec(request)).await
+        run_job(
+            &self.shared,
+            &context,
+            &job.template,
+            job.session,
+            Job::Exec(request),
+        )
+        .await
     }
 
     fn validate(&self, params: &Value) -> Result<(), String> {
@@ -244,7 +251,14 @@ impl TaskHandler for CodeHandler {
             Language::Node => "node",
             _ => "python",
         };
-        run_job(&self.shared, &context, template, job.session, Job::Repl(request)).await
+        run_job(
+            &self.shared,
+            &context,
+            template,
+            job.session,
+            Job::Repl(request),
+        )
+        .await
     }
 
     fn validate(&self, params: &Value) -> Result<(), String> {
@@ -277,7 +291,9 @@ impl TaskHandler for OperatorHandler {
             .render_argv(params)
             .map_err(|e| TaskFailure::permanent(e.to_string()))?;
         let flavor = match self.spec.defaults().flavor.as_deref() {
-            Some(name) => Some(Flavor::parse(name).map_err(|e| TaskFailure::permanent(e.to_string()))?),
+            Some(name) => {
+                Some(Flavor::parse(name).map_err(|e| TaskFailure::permanent(e.to_string()))?)
+            }
             None => None,
         };
         let session = SessionOptions {
@@ -291,12 +307,22 @@ impl TaskHandler for OperatorHandler {
             stdin: None,
             timeout: self.spec.defaults().timeout,
         };
-        run_job(&self.shared, &context, "python", session, Job::Exec(request)).await
+        run_job(
+            &self.shared,
+            &context,
+            "python",
+            session,
+            Job::Exec(request),
+        )
+        .await
     }
 
     fn validate(&self, params: &Value) -> Result<(), String> {
         self.spec.validate(params).map_err(|e| e.to_string())?;
-        self.spec.render_argv(params).map(|_| ()).map_err(|e| e.to_string())
+        self.spec
+            .render_argv(params)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
     }
 }
 
@@ -320,7 +346,10 @@ async fn run_job(
         .map_err(session_failure)?;
     let path = shared.output_path(context.id());
     let sink = OutputSink::create(&path, shared.output_cap).map_err(|e| {
-        TaskFailure::retryable(format!("cannot create the output file {}: {e}", path.display()))
+        TaskFailure::retryable(format!(
+            "cannot create the output file {}: {e}",
+            path.display()
+        ))
     })?;
     let mut progress = sink.progress();
     let control = ExecControl::new(context.cancellation().clone());
@@ -412,23 +441,24 @@ fn report(
 fn failure(outcome: &ExecOutcome, tail: &str, flavor_hint: String) -> TaskFailure {
     let what = match (&outcome.reason, outcome.exit) {
         (EndReason::Exited, Some(ExitStatus::Code(code))) => format!("exit code {code}"),
-        (EndReason::Exited, Some(ExitStatus::Signal(signal))) => format!("killed by signal {signal}"),
+        (EndReason::Exited, Some(ExitStatus::Signal(signal))) => {
+            format!("killed by signal {signal}")
+        }
         (EndReason::MemoryLimit, _) => format!("killed: memory limit ({flavor_hint})"),
         (reason, _) => reason.to_string(),
     };
     let tail: String = {
         let trimmed = tail.trim_end();
-        let start = trimmed
-            .char_indices()
-            .rev()
-            .nth(499)
-            .map_or(0, |(i, _)| i);
+        let start = trimmed.char_indices().rev().nth(499).map_or(0, |(i, _)| i);
         trimmed[start..].to_owned()
     };
     let message = if tail.is_empty() {
         format!("{what} after {} ms (no output)", outcome.duration_ms)
     } else {
-        format!("{what} after {} ms; output ends with:\n{tail}", outcome.duration_ms)
+        format!(
+            "{what} after {} ms; output ends with:\n{tail}",
+            outcome.duration_ms
+        )
     };
     match outcome.reason {
         // The same program in the same sandbox would hit the same limit.

@@ -22,3 +22,6 @@ pub mod output;
 pub mod session;
 pub mod supervisor;
 pub mod task_types;
+pub mod wrapper;
+
+pub use wrapper::{Wrapper, WrapperConfig};

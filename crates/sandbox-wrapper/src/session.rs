@@ -91,9 +91,7 @@ pub struct SessionInfo {
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
     /// A limit is reached and nothing could be evicted.
-    #[error(
-        "{limit} limit reached: {current} in use, at most {max}{unit}. {hint}"
-    )]
+    #[error("{limit} limit reached: {current} in use, at most {max}{unit}. {hint}")]
     LimitReached {
         /// `sessions` or `memory`.
         limit: &'static str,
@@ -107,10 +105,14 @@ pub enum SessionError {
         hint: String,
     },
     /// No session has that id.
-    #[error("session {0:?} does not exist (it expired, was stopped, or never existed); omit session_id to get a new one")]
+    #[error(
+        "session {0:?} does not exist (it expired, was stopped, or never existed); omit session_id to get a new one"
+    )]
     NotFound(String),
     /// The session exists with another flavor.
-    #[error("session {id:?} is {has}, not {asked}: omit flavor, or use another session for a {asked} sandbox")]
+    #[error(
+        "session {id:?} is {has}, not {asked}: omit flavor, or use another session for a {asked} sandbox"
+    )]
     FlavorMismatch {
         /// The session.
         id: String,
@@ -238,7 +240,11 @@ impl ResourceManager {
             if !over_sessions && !over_memory {
                 return Ok(evict);
             }
-            let next = if self.lru_eviction { candidates.next() } else { None };
+            let next = if self.lru_eviction {
+                candidates.next()
+            } else {
+                None
+            };
             let Some(victim) = next else {
                 let busy = holdings.iter().filter(|h| h.busy).count();
                 return Err(if over_sessions {
@@ -248,7 +254,9 @@ impl ResourceManager {
                         max: self.max_sessions as u64,
                         unit: "",
                         hint: if self.lru_eviction {
-                            format!("all {busy} busy sessions are running tasks: wait for one to finish, reuse a session_id, stop a session, or raise MSB_MAX_SESSIONS")
+                            format!(
+                                "all {busy} busy sessions are running tasks: wait for one to finish, reuse a session_id, stop a session, or raise MSB_MAX_SESSIONS"
+                            )
                         } else {
                             "reuse a session_id, stop a session (stop_session), enable MSB_ENABLE_LRU_EVICTION, or raise MSB_MAX_SESSIONS".to_owned()
                         },
@@ -261,7 +269,11 @@ impl ResourceManager {
                         unit: " MB",
                         hint: format!(
                             "a {flavor} session needs {want} MB more: use a smaller flavor, stop a session, {}or raise MSB_MAX_TOTAL_MEMORY_MB",
-                            if self.lru_eviction { "wait for a busy one to finish, " } else { "enable MSB_ENABLE_LRU_EVICTION, " }
+                            if self.lru_eviction {
+                                "wait for a busy one to finish, "
+                            } else {
+                                "enable MSB_ENABLE_LRU_EVICTION, "
+                            }
                         ),
                     }
                 });
@@ -469,9 +481,7 @@ impl SessionManager {
         let sandbox = {
             let mut sessions = self.inner.lock();
             match sessions.get(id) {
-                Some(entry) if entry.running == 0 => {
-                    sessions.remove(id).and_then(|e| e.sandbox)
-                }
+                Some(entry) if entry.running == 0 => sessions.remove(id).and_then(|e| e.sandbox),
                 _ => return Ok(false),
             }
         };
@@ -554,7 +564,9 @@ impl SessionManager {
                 expired += 1;
             }
         }
-        self.inner.expired_total.fetch_add(expired, Ordering::Relaxed);
+        self.inner
+            .expired_total
+            .fetch_add(expired, Ordering::Relaxed);
         Ok(expired)
     }
 

@@ -1,4 +1,5 @@
 //! Integration tests of sandbox-wrapper: one binary, one module per area.
 mod local;
+mod microsandbox;
 mod supervisor;
 mod task_types;

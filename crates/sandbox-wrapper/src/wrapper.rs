@@ -1,0 +1,812 @@
+//! [`Wrapper`]: the one facade over everything this crate runs — the sandbox backend, sessions
+//! and resources, the sandboxed task handlers registered into a `task-core` engine, and the
+//! supervisor of every background loop — with the operations the microsandbox wrapper's users
+//! know: start, `health_check`, `get_background_task_status`, `restart_background_tasks`,
+//! `pause_background_tasks`, `resume_background_tasks`, `graceful_shutdown(timeout)` and `stop`.
+//!
+//! The supervised loops, in start order (shutdown goes the other way):
+//! `session_cleanup`, `orphan_cleanup`, `task_heartbeat`, `lease_reaper`, `retention_pruner`,
+//! `task_dispatcher`.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use task_core::store::{Store, Submitted};
+use task_core::{Engine, EngineConfig, NewTask, TaskId};
+
+use crate::backend::local::{IsolationMode, IsolationReport, LocalBackend, LocalConfig};
+use crate::backend::microsandbox::{MicrosandboxBackend, MicrosandboxConfig};
+use crate::backend::{BackendError, SandboxBackend, VolumeMapping};
+use crate::handlers::{CodeHandler, CommandHandler, HandlerShared, OperatorHandler};
+use crate::output::{DEFAULT_OUTPUT_CAP, OutputChunk, read_output};
+use crate::session::{SessionConfig, SessionManager};
+use crate::supervisor::{
+    ActionReport, ChildSpec, ChildStatus, HealthStatus, RestartPolicy, Supervisor, TickFuture,
+};
+use crate::task_types::TaskTypes;
+
+/// Which backend sandboxes run on.
+#[derive(Clone, Debug, Default)]
+pub enum BackendKind {
+    /// Processes on this host (the default).
+    #[default]
+    Local,
+    /// A microsandbox server.
+    Microsandbox(MicrosandboxConfig),
+}
+
+/// Everything the wrapper needs to start. Plain values: the caller (msbd) reads them from the
+/// environment; this crate never does.
+#[derive(Clone, Debug)]
+pub struct WrapperConfig {
+    /// msbd's data directory: work directories, outputs and the seccomp program go here.
+    pub data_dir: PathBuf,
+    /// This instance's marker on everything it creates; `None` derives a stable one from the
+    /// data directory, so that a restarted instance sweeps its predecessor's orphans.
+    pub instance_marker: Option<String>,
+    /// The backend.
+    pub backend: BackendKind,
+    /// How much isolation the local backend uses.
+    pub isolation: IsolationMode,
+    /// Host directories bound into every local sandbox.
+    pub volumes: Vec<VolumeMapping>,
+    /// Sessions and their limits.
+    pub sessions: SessionConfig,
+    /// The task engine's settings.
+    pub engine: EngineConfig,
+    /// The most bytes of output kept per task.
+    pub output_cap: u64,
+    /// Operator-defined task types.
+    pub task_types: TaskTypes,
+    /// How supervised loops are restarted.
+    pub restart_policy: RestartPolicy,
+}
+
+impl WrapperConfig {
+    /// The defaults, on a data directory.
+    pub fn new(data_dir: impl Into<PathBuf>) -> WrapperConfig {
+        WrapperConfig {
+            data_dir: data_dir.into(),
+            instance_marker: None,
+            backend: BackendKind::Local,
+            isolation: IsolationMode::Strongest,
+            volumes: Vec::new(),
+            sessions: SessionConfig::default(),
+            engine: EngineConfig::default(),
+            output_cap: DEFAULT_OUTPUT_CAP,
+            task_types: TaskTypes::default(),
+            restart_policy: RestartPolicy::default(),
+        }
+    }
+}
+
+/// Why the wrapper could not start or do what was asked.
+#[derive(Debug, thiserror::Error)]
+pub enum WrapperError {
+    /// The backend could not be prepared.
+    #[error("sandbox backend: {0}")]
+    Backend(#[from] BackendError),
+    /// The engine could not start.
+    #[error("task engine: {0}")]
+    Engine(#[from] task_core::Error),
+    /// A file could not be used.
+    #[error("{action}: {source}")]
+    Io {
+        /// What was being done.
+        action: String,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The wrapper. Cheap to clone: clones share one instance.
+#[derive(Clone)]
+pub struct Wrapper {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    engine: Engine,
+    sessions: SessionManager,
+    supervisor: Supervisor,
+    shared: Arc<HandlerShared>,
+    task_types: TaskTypes,
+    isolation_report: Option<IsolationReport>,
+    backend_name: &'static str,
+    isolation: String,
+    marker: String,
+    started: Instant,
+    shutdown: tokio::sync::Mutex<Option<GracefulShutdownReport>>,
+    startup_sweep: Mutex<Option<String>>,
+}
+
+/// The status of the session manager, as the microsandbox wrapper reported it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SessionManagerStatus {
+    /// `healthy`, `degraded` or `unhealthy`.
+    pub status: HealthStatus,
+    /// Whether the session cleanup loop is healthy.
+    pub cleanup_task_healthy: bool,
+    /// Whether it is alive.
+    pub cleanup_task_exists: bool,
+    /// How often it runs.
+    pub cleanup_interval_seconds: f64,
+    /// How long an idle session lives.
+    pub session_timeout_seconds: f64,
+    /// How long the manager has run.
+    pub manager_uptime_seconds: f64,
+    /// Sessions alive.
+    pub active_sessions: usize,
+    /// Sessions expired since start.
+    pub total_sessions_expired: u64,
+}
+
+/// The status of the resource manager, as the microsandbox wrapper reported it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ResourceManagerStatus {
+    /// `healthy`, `degraded` or `unhealthy`.
+    pub status: HealthStatus,
+    /// Whether the orphan cleanup loop is healthy.
+    pub orphan_cleanup_task_healthy: bool,
+    /// Whether it is alive.
+    pub orphan_cleanup_task_exists: bool,
+    /// How often it runs.
+    pub orphan_cleanup_interval_seconds: f64,
+    /// Orphan sweeps run.
+    pub total_cleanup_cycles: u64,
+    /// Orphans removed.
+    pub total_orphans_cleaned: u64,
+    /// Sessions alive and their limit.
+    pub sessions: usize,
+    /// The limit on sessions.
+    pub max_sessions: usize,
+    /// Flavor memory held, in MiB.
+    pub memory_mb: u64,
+    /// The limit, in MiB.
+    pub max_total_memory_mb: u64,
+}
+
+/// Every component: the two managers, then each supervised loop by name.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Components {
+    /// The session manager.
+    pub session_manager: SessionManagerStatus,
+    /// The resource manager.
+    pub resource_manager: ResourceManagerStatus,
+    /// Each supervised loop (`session_cleanup`, `task_dispatcher`, ...).
+    #[serde(flatten)]
+    pub loops: BTreeMap<String, ChildStatus>,
+}
+
+/// What `get_background_task_status` answers.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BackgroundTaskStatus {
+    /// The worst of the components.
+    pub overall_status: HealthStatus,
+    /// When, in Unix seconds.
+    pub timestamp: f64,
+    /// One entry per component.
+    pub components: Components,
+}
+
+/// The task engine's part of a health check.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EngineHealth {
+    /// `healthy` unless its loops are not.
+    pub status: HealthStatus,
+    /// Tasks running in this process.
+    pub running_tasks: usize,
+    /// The most tasks running at once.
+    pub concurrency: usize,
+    /// Whether the queue is paused by an operator.
+    pub queue_paused: bool,
+    /// Task types it runs.
+    pub task_types: Vec<String>,
+}
+
+/// The sandbox backend's part of a health check.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SandboxHealth {
+    /// `healthy`, or `degraded` when isolation is below the strong level.
+    pub status: HealthStatus,
+    /// `local` or `microsandbox`.
+    pub backend: String,
+    /// The isolation in use, in words.
+    pub isolation: String,
+    /// The local backend's report (level, layers, what is missing and why).
+    pub isolation_report: Option<IsolationReport>,
+}
+
+/// What `health_check` answers.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct HealthReport {
+    /// The worst of the components.
+    pub status: HealthStatus,
+    /// When, in Unix seconds.
+    pub timestamp: f64,
+    /// How long the wrapper has run.
+    pub uptime_seconds: f64,
+    /// The components, each with `status` and `background_task_healthy` where it has a loop.
+    pub components: BTreeMap<String, Value>,
+    /// The background loops in detail.
+    pub background_tasks: BackgroundTaskStatus,
+}
+
+/// What `graceful_shutdown` answers.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct GracefulShutdownReport {
+    /// `success`, `partial_success` or `timeout`.
+    pub status: String,
+    /// When it began, in Unix seconds.
+    pub start_time: f64,
+    /// When it ended.
+    pub end_time: f64,
+    /// How long it took.
+    pub duration_seconds: f64,
+    /// Loops stopped.
+    pub components_stopped: usize,
+    /// Loops there were.
+    pub components_expected: usize,
+    /// Tasks running when it began.
+    pub tasks_running_at_start: usize,
+    /// Tasks cancelled at the deadline and put back in the queue for the next start.
+    pub tasks_interrupted: usize,
+    /// Sessions (sandboxes) stopped.
+    pub sandboxes_stopped: usize,
+    /// How many things went wrong.
+    pub error_count: usize,
+    /// What went wrong.
+    pub errors: Vec<String>,
+}
+
+fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// A stable marker for a data directory: `i` and 10 hex digits of a hash of its path.
+pub fn marker_for(data_dir: &std::path::Path) -> String {
+    let path = data_dir
+        .canonicalize()
+        .unwrap_or_else(|_| data_dir.to_path_buf());
+    // FNV-1a: stable across Rust versions, unlike the standard library's hasher.
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in path.as_os_str().as_encoded_bytes() {
+        hash ^= u64::from(*byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("i{:010x}", hash & 0xff_ffff_ffff)
+}
+
+impl Wrapper {
+    /// Starts everything: prepares the backend (detecting isolation), sweeps orphans left by a
+    /// previous run, builds the engine on `store` with the sandboxed handlers (recovering tasks
+    /// left running), and starts the supervised loops.
+    pub async fn start(
+        store: Arc<dyn Store>,
+        config: WrapperConfig,
+    ) -> Result<Wrapper, WrapperError> {
+        std::fs::create_dir_all(&config.data_dir).map_err(|source| WrapperError::Io {
+            action: format!("creating the data directory {}", config.data_dir.display()),
+            source,
+        })?;
+        let marker = config
+            .instance_marker
+            .clone()
+            .unwrap_or_else(|| marker_for(&config.data_dir));
+        let (backend, isolation_report): (Arc<dyn SandboxBackend>, Option<IsolationReport>) =
+            match &config.backend {
+                BackendKind::Local => {
+                    let mut local = LocalConfig::new(&config.data_dir, marker.clone());
+                    local.isolation = config.isolation;
+                    local.volumes = config.volumes.clone();
+                    let backend = LocalBackend::new(local)?;
+                    let report = backend.isolation_report().clone();
+                    (Arc::new(backend), Some(report))
+                }
+                BackendKind::Microsandbox(microsandbox) => {
+                    let mut microsandbox = microsandbox.clone();
+                    if microsandbox.instance_marker.is_empty() {
+                        microsandbox.instance_marker = marker.clone();
+                    }
+                    (Arc::new(MicrosandboxBackend::new(microsandbox)?), None)
+                }
+            };
+        let backend_name = backend.name();
+        let isolation = backend.isolation();
+        tracing::info!(backend = backend_name, %isolation, "sandbox backend ready");
+        let sessions = SessionManager::new(backend, config.sessions.clone());
+        // Whatever a previous run left behind goes before anything new starts.
+        let startup_sweep = match sessions.sweep_orphans().await {
+            Ok(_) => None,
+            Err(error) => {
+                tracing::warn!(%error, "the orphan sweep at start failed");
+                Some(error.to_string())
+            }
+        };
+        let outputs_dir = config.data_dir.join("outputs");
+        std::fs::create_dir_all(&outputs_dir).map_err(|source| WrapperError::Io {
+            action: format!("creating {}", outputs_dir.display()),
+            source,
+        })?;
+        let shared = Arc::new(HandlerShared {
+            sessions: sessions.clone(),
+            outputs_dir,
+            output_cap: config.output_cap,
+        });
+        let mut engine_config = config.engine.clone();
+        for spec in config.task_types.iter() {
+            if let Some(limit) = spec.defaults().concurrency {
+                engine_config
+                    .type_limits
+                    .entry(spec.name().to_owned())
+                    .or_insert(limit);
+            }
+        }
+        let mut builder = Engine::builder(store)
+            .config(engine_config)
+            .handler("command", CommandHandler::new(shared.clone()))
+            .handler("code", CodeHandler::new(shared.clone()));
+        for spec in config.task_types.iter() {
+            builder = builder.handler(
+                spec.name(),
+                OperatorHandler::new(shared.clone(), Arc::new(spec.clone())),
+            );
+        }
+        let engine = builder.build().await?;
+        let supervisor = Supervisor::new();
+        let wrapper = Wrapper {
+            inner: Arc::new(Inner {
+                engine,
+                sessions,
+                supervisor,
+                shared,
+                task_types: config.task_types.clone(),
+                isolation_report,
+                backend_name,
+                isolation,
+                marker,
+                started: Instant::now(),
+                shutdown: tokio::sync::Mutex::new(None),
+                startup_sweep: Mutex::new(startup_sweep),
+            }),
+        };
+        wrapper.start_loops(&config);
+        Ok(wrapper)
+    }
+
+    fn start_loops(&self, config: &WrapperConfig) {
+        let inner = &self.inner;
+        let policy = config.restart_policy;
+        let engine_config = inner.engine.config().clone();
+        let periodic = |name: &str,
+                        interval: Duration,
+                        label: &str,
+                        tick: Box<dyn Fn() -> TickFuture + Send + Sync>| {
+            ChildSpec::periodic(name, interval, move || tick())
+                .item_label(label)
+                .policy(policy)
+        };
+        let sessions = inner.sessions.clone();
+        let cleanup = periodic(
+            "session_cleanup",
+            config.sessions.cleanup_interval,
+            "sessions_expired",
+            Box::new(move || {
+                let sessions = sessions.clone();
+                Box::pin(async move { sessions.expire_idle().await.map_err(|e| e.to_string()) })
+            }),
+        )
+        .run_at_start(false);
+        let sessions = inner.sessions.clone();
+        let orphans = periodic(
+            "orphan_cleanup",
+            config.sessions.orphan_cleanup_interval,
+            "orphans_removed",
+            Box::new(move || {
+                let sessions = sessions.clone();
+                Box::pin(async move {
+                    sessions
+                        .sweep_orphans()
+                        .await
+                        .map(|r| r.total() as u64)
+                        .map_err(|e| e.to_string())
+                })
+            }),
+        )
+        // It ran once at start already.
+        .run_at_start(false);
+        let engine = inner.engine.clone();
+        let heartbeat = periodic(
+            "task_heartbeat",
+            engine_config.heartbeat_interval,
+            "lease_renewals",
+            Box::new(move || {
+                let engine = engine.clone();
+                Box::pin(async move {
+                    engine.renew_leases().await.map_err(|e| e.to_string())?;
+                    Ok(engine.running_count() as u64)
+                })
+            }),
+        )
+        .run_at_start(false)
+        // Pausing it would let running tasks' leases expire and the reaper take them back.
+        .pausable(false);
+        let engine = inner.engine.clone();
+        let reaper = periodic(
+            "lease_reaper",
+            engine_config.reaper_interval,
+            "tasks_recovered",
+            Box::new(move || {
+                let engine = engine.clone();
+                Box::pin(async move {
+                    engine
+                        .recover_expired()
+                        .await
+                        .map(|n| n as u64)
+                        .map_err(|e| e.to_string())
+                })
+            }),
+        );
+        let engine = inner.engine.clone();
+        let pruner = periodic(
+            "retention_pruner",
+            engine_config.prune_interval,
+            "tasks_pruned",
+            Box::new(move || {
+                let engine = engine.clone();
+                Box::pin(async move {
+                    engine
+                        .prune_expired()
+                        .await
+                        .map(|n| n as u64)
+                        .map_err(|e| e.to_string())
+                })
+            }),
+        );
+        let engine = inner.engine.clone();
+        let dispatcher = ChildSpec::service("task_dispatcher", move |mut context| {
+            let engine = engine.clone();
+            Box::pin(async move {
+                loop {
+                    if !context.wait_unpaused().await {
+                        return Ok(());
+                    }
+                    // Runs until paused (then it waits above, claiming nothing), stopped, or
+                    // the engine drains.
+                    let round = context.cancel.child_token();
+                    let mut paused = context.paused.clone();
+                    let run = engine.run_dispatcher(round.clone());
+                    tokio::pin!(run);
+                    let ended = tokio::select! {
+                        result = &mut run => Some(result),
+                        _ = paused.wait_for(|p| *p) => None,
+                    };
+                    match ended {
+                        Some(result) => {
+                            result.map_err(|e| e.to_string())?;
+                            // It returns only when stopped or drained: either way, done.
+                            return Ok(());
+                        }
+                        None => {
+                            round.cancel();
+                            run.await.map_err(|e| e.to_string())?;
+                            context.skip_cycle();
+                        }
+                    }
+                }
+            })
+        })
+        .interval_hint(engine_config.idle_poll)
+        .policy(policy);
+        for spec in [cleanup, orphans, heartbeat, reaper, pruner, dispatcher] {
+            if let Err(error) = inner.supervisor.start_child(spec) {
+                tracing::error!(%error, "could not start a background loop");
+            }
+        }
+    }
+
+    /// The task engine (submit, get, list, wait, cancel...).
+    pub fn engine(&self) -> &Engine {
+        &self.inner.engine
+    }
+
+    /// The sessions.
+    pub fn sessions(&self) -> &SessionManager {
+        &self.inner.sessions
+    }
+
+    /// The supervisor of the background loops.
+    pub fn supervisor(&self) -> &Supervisor {
+        &self.inner.supervisor
+    }
+
+    /// The operator-defined task types.
+    pub fn task_types(&self) -> &TaskTypes {
+        &self.inner.task_types
+    }
+
+    /// This instance's marker.
+    pub fn instance_marker(&self) -> &str {
+        &self.inner.marker
+    }
+
+    /// The isolation in use, in words.
+    pub fn isolation(&self) -> &str {
+        &self.inner.isolation
+    }
+
+    /// A task of a type with its params, with an operator-defined type's defaults applied
+    /// (priority, attempts, timeout).
+    pub fn new_task(&self, task_type: &str, params: Value) -> NewTask {
+        match self.inner.task_types.get(task_type) {
+            Some(spec) => spec.new_task(params),
+            None => NewTask::new(task_type, params),
+        }
+    }
+
+    /// Submits a task (see [`Engine::submit`]).
+    pub async fn submit(&self, task: NewTask) -> Result<Submitted, task_core::Error> {
+        self.inner.engine.submit(task).await
+    }
+
+    /// Reads a task's output from byte `cursor` on, at most `max` bytes; works while the task
+    /// runs. A task that has not started yet has no output: an empty chunk.
+    pub fn read_output(&self, id: TaskId, cursor: u64, max: usize) -> std::io::Result<OutputChunk> {
+        let path = self.inner.shared.output_path(id);
+        match read_output(&path, cursor, max) {
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(OutputChunk {
+                data: String::new(),
+                next_cursor: 0,
+                size: 0,
+            }),
+            other => other,
+        }
+    }
+
+    /// The background loops' status, in the shape the microsandbox wrapper's users know.
+    pub fn get_background_task_status(&self) -> BackgroundTaskStatus {
+        let inner = &self.inner;
+        let health = inner.supervisor.health();
+        let loops = health.components;
+        let child_health = |name: &str| {
+            loops
+                .get(name)
+                .map_or((HealthStatus::Unhealthy, false, false), |c| {
+                    let status = if !c.healthy {
+                        if c.state == crate::supervisor::ChildState::Failed {
+                            HealthStatus::Unhealthy
+                        } else {
+                            HealthStatus::Degraded
+                        }
+                    } else if c.state == crate::supervisor::ChildState::Paused {
+                        HealthStatus::Degraded
+                    } else {
+                        HealthStatus::Healthy
+                    };
+                    (status, c.healthy, c.exists)
+                })
+        };
+        let (cleanup_status, cleanup_healthy, cleanup_exists) = child_health("session_cleanup");
+        let (orphan_status, orphan_healthy, orphan_exists) = child_health("orphan_cleanup");
+        let config = inner.sessions.config();
+        let resources = inner.sessions.resource_stats();
+        let startup_sweep_failed = inner
+            .startup_sweep
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_some()
+            && loops.get("orphan_cleanup").is_none_or(|c| c.cycles == 0);
+        let orphan_status = if startup_sweep_failed {
+            orphan_status.max(HealthStatus::Degraded)
+        } else {
+            orphan_status
+        };
+        BackgroundTaskStatus {
+            overall_status: health.overall_status.max(orphan_status),
+            timestamp: unix_now(),
+            components: Components {
+                session_manager: SessionManagerStatus {
+                    status: cleanup_status,
+                    cleanup_task_healthy: cleanup_healthy,
+                    cleanup_task_exists: cleanup_exists,
+                    cleanup_interval_seconds: config.cleanup_interval.as_secs_f64(),
+                    session_timeout_seconds: config.session_timeout.as_secs_f64(),
+                    manager_uptime_seconds: inner.started.elapsed().as_secs_f64(),
+                    active_sessions: resources.sessions,
+                    total_sessions_expired: inner.sessions.expired_total(),
+                },
+                resource_manager: ResourceManagerStatus {
+                    status: orphan_status,
+                    orphan_cleanup_task_healthy: orphan_healthy && !startup_sweep_failed,
+                    orphan_cleanup_task_exists: orphan_exists,
+                    orphan_cleanup_interval_seconds: config.orphan_cleanup_interval.as_secs_f64(),
+                    total_cleanup_cycles: resources.total_cleanup_cycles,
+                    total_orphans_cleaned: resources.total_orphans_cleaned,
+                    sessions: resources.sessions,
+                    max_sessions: resources.max_sessions,
+                    memory_mb: resources.memory_mb,
+                    max_total_memory_mb: resources.max_total_memory_mb,
+                },
+                loops,
+            },
+        }
+    }
+
+    /// A health check of every component: the managers, the engine, the sandbox backend (with
+    /// the isolation level), and the background loops.
+    pub async fn health_check(&self) -> HealthReport {
+        let inner = &self.inner;
+        let background = self.get_background_task_status();
+        let loops = &background.components.loops;
+        let engine_loops = [
+            "task_dispatcher",
+            "task_heartbeat",
+            "lease_reaper",
+            "retention_pruner",
+        ];
+        let engine_status = engine_loops
+            .iter()
+            .map(|name| match loops.get(*name) {
+                Some(c) if c.state == crate::supervisor::ChildState::Failed => {
+                    HealthStatus::Unhealthy
+                }
+                Some(c) if !c.healthy || c.state == crate::supervisor::ChildState::Paused => {
+                    HealthStatus::Degraded
+                }
+                Some(_) => HealthStatus::Healthy,
+                None => HealthStatus::Unhealthy,
+            })
+            .max()
+            .unwrap_or(HealthStatus::Healthy);
+        let engine = &inner.engine;
+        let engine_health = EngineHealth {
+            status: engine_status,
+            running_tasks: engine.running_count(),
+            concurrency: engine.concurrency(),
+            queue_paused: engine.is_queue_paused(),
+            task_types: engine.task_types(),
+        };
+        let sandbox_status = match &inner.isolation_report {
+            Some(report) if report.level < crate::backend::local::IsolationLevel::Strong => {
+                HealthStatus::Degraded
+            }
+            _ => HealthStatus::Healthy,
+        };
+        let sandbox = SandboxHealth {
+            status: sandbox_status,
+            backend: inner.backend_name.to_owned(),
+            isolation: inner.isolation.clone(),
+            isolation_report: inner.isolation_report.clone(),
+        };
+        let session_manager = &background.components.session_manager;
+        let resource_manager = &background.components.resource_manager;
+        let mut components = BTreeMap::new();
+        let mut with_flag = |name: &str, value: Value, healthy: bool| {
+            let mut value = value;
+            value["background_task_healthy"] = Value::Bool(healthy);
+            components.insert(name.to_owned(), value);
+        };
+        with_flag(
+            "session_manager",
+            serde_json::to_value(session_manager).unwrap_or(Value::Null),
+            session_manager.cleanup_task_healthy,
+        );
+        with_flag(
+            "resource_manager",
+            serde_json::to_value(resource_manager).unwrap_or(Value::Null),
+            resource_manager.orphan_cleanup_task_healthy,
+        );
+        with_flag(
+            "task_engine",
+            serde_json::to_value(&engine_health).unwrap_or(Value::Null),
+            engine_status == HealthStatus::Healthy,
+        );
+        components.insert(
+            "sandbox".to_owned(),
+            serde_json::to_value(&sandbox).unwrap_or(Value::Null),
+        );
+        // The isolation level lowers health only to `degraded`: it is the host's, not a fault.
+        let status = background
+            .overall_status
+            .max(engine_status)
+            .max(sandbox_status);
+        HealthReport {
+            status,
+            timestamp: unix_now(),
+            uptime_seconds: inner.started.elapsed().as_secs_f64(),
+            components,
+            background_tasks: background,
+        }
+    }
+
+    /// Restarts every failed loop (or one stopped by an error).
+    pub async fn restart_background_tasks(&self) -> ActionReport {
+        self.inner.supervisor.restart_unhealthy().await
+    }
+
+    /// Pauses every loop that can pause (they stay alive and skip their work). The heartbeat
+    /// does not pause: running tasks would lose their leases.
+    pub fn pause_background_tasks(&self) -> ActionReport {
+        self.inner.supervisor.pause_all()
+    }
+
+    /// Resumes every paused loop.
+    pub fn resume_background_tasks(&self) -> ActionReport {
+        self.inner.supervisor.resume_all()
+    }
+
+    /// Stops gracefully within `timeout`: stops accepting tasks, lets running ones finish, then
+    /// cancels what is left (those tasks go back to the queue for the next start), stops the
+    /// loops in reverse start order, stops every sandbox, and flushes the store. A second call
+    /// returns the first call's report.
+    pub async fn graceful_shutdown(&self, timeout: Duration) -> GracefulShutdownReport {
+        let inner = &self.inner;
+        let mut done = inner.shutdown.lock().await;
+        if let Some(report) = done.as_ref() {
+            return report.clone();
+        }
+        let start_time = unix_now();
+        let started = Instant::now();
+        let deadline = started + timeout;
+        // Keep a little for the sandboxes and the flush.
+        let reserve = (timeout / 5).min(Duration::from_secs(2));
+        let engine_report = inner.engine.shutdown(timeout.saturating_sub(reserve)).await;
+        let left = deadline.saturating_duration_since(Instant::now());
+        let loops = inner
+            .supervisor
+            .shutdown(left.max(Duration::from_millis(100)))
+            .await;
+        let mut errors = loops.errors.clone();
+        let left = deadline.saturating_duration_since(Instant::now());
+        let sandboxes_stopped = match tokio::time::timeout(
+            left.max(Duration::from_millis(500)),
+            inner.sessions.stop_all(),
+        )
+        .await
+        {
+            Ok(stopped) => stopped,
+            Err(_) => {
+                errors.push("stopping the sandboxes did not finish within the deadline".into());
+                0
+            }
+        };
+        inner.engine.store().flush().await.unwrap_or_else(|error| {
+            errors.push(format!("flushing the store: {error}"));
+        });
+        let status = if started.elapsed() > timeout + Duration::from_millis(500) {
+            "timeout"
+        } else if errors.is_empty() {
+            "success"
+        } else {
+            "partial_success"
+        };
+        let report = GracefulShutdownReport {
+            status: status.to_owned(),
+            start_time,
+            end_time: unix_now(),
+            duration_seconds: started.elapsed().as_secs_f64(),
+            components_stopped: loops.components_stopped,
+            components_expected: loops.components_expected,
+            tasks_running_at_start: engine_report.running_at_start,
+            tasks_interrupted: engine_report.interrupted,
+            sandboxes_stopped,
+            error_count: errors.len(),
+            errors,
+        };
+        tracing::info!(?report, "sandbox wrapper stopped");
+        *done = Some(report.clone());
+        report
+    }
+
+    /// The same as [`Wrapper::graceful_shutdown`].
+    pub async fn stop(&self, timeout: Duration) -> GracefulShutdownReport {
+        self.graceful_shutdown(timeout).await
+    }
+}
