@@ -3,3 +3,4 @@ mod local;
 mod microsandbox;
 mod supervisor;
 mod task_types;
+mod wrapper;

@@ -1,0 +1,570 @@
+//! The whole wrapper, end to end: tasks submitted to the engine run in real sandboxes; output is
+//! read by cursor while a task runs; progress lines become progress; operator-defined types are
+//! checked at submit; the supervised loops report health and pause, resume and restart; a
+//! graceful shutdown with running tasks keeps its deadline, leaves no process, and the tasks run
+//! again after a restart; a SIGKILLed instance's sandboxes are swept by the next start.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sandbox_wrapper::supervisor::{ActionStatus, ChildState, HealthStatus};
+use sandbox_wrapper::task_types::TaskTypes;
+use sandbox_wrapper::{Wrapper, WrapperConfig};
+use serde_json::json;
+use task_core::store::sqlite::{SqliteConfig, SqliteStore};
+use task_core::{EngineConfig, NewTask, Status, Task, TaskId};
+
+fn config(data_dir: &Path, marker: &str) -> WrapperConfig {
+    let mut config = WrapperConfig::new(data_dir);
+    config.instance_marker = Some(marker.to_owned());
+    config.engine = EngineConfig {
+        concurrency: 4,
+        lease: Duration::from_secs(5),
+        heartbeat_interval: Duration::from_millis(500),
+        reaper_interval: Duration::from_millis(500),
+        cancel_grace: Duration::from_millis(500),
+        ..EngineConfig::default()
+    };
+    config
+}
+
+fn unique_marker() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "w{}x{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+async fn start(data_dir: &Path, config: WrapperConfig) -> Wrapper {
+    let store = SqliteStore::open(SqliteConfig::new(data_dir.join("tasks.sqlite3"))).unwrap();
+    let wrapper = Wrapper::start(Arc::new(store), config).await.unwrap();
+    eprintln!("isolation: {}", wrapper.isolation());
+    wrapper
+}
+
+async fn run(wrapper: &Wrapper, task: NewTask) -> Task {
+    let id = wrapper.submit(task).await.unwrap().task.id;
+    wrapper
+        .engine()
+        .wait(id, Duration::from_secs(60))
+        .await
+        .unwrap()
+}
+
+async fn eventually<F: FnMut() -> bool>(what: &str, mut condition: F) {
+    let until = Instant::now() + Duration::from_secs(20);
+    while !condition() {
+        assert!(Instant::now() < until, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Processes whose environment marks them as sandboxed by this instance marker.
+fn marked_processes(marker: &str) -> Vec<i32> {
+    let prefix = format!("MSBD_SANDBOX={marker}/");
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        if let Ok(environ) = std::fs::read(entry.path().join("environ"))
+            && environ
+                .split(|&b| b == 0)
+                .any(|var| var.starts_with(prefix.as_bytes()))
+        {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// This instance's cgroup directories for sessions, in every hierarchy.
+fn session_cgroups(marker: &str) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let mut stack = vec![PathBuf::from("/sys/fs/cgroup")];
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            if !entry.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            let path = entry.path();
+            if entry.file_name() == format!("msbd-{marker}").as_str() {
+                if let Ok(sessions) = std::fs::read_dir(&path) {
+                    found.extend(
+                        sessions
+                            .flatten()
+                            .filter(|s| s.file_name().to_string_lossy().starts_with("s-"))
+                            .map(|s| s.path()),
+                    );
+                }
+            } else if path.components().count() < 9 {
+                stack.push(path);
+            }
+        }
+    }
+    found
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_task_runs_in_a_sandbox_with_output_and_progress() {
+    let dir = tempfile::tempdir().unwrap();
+    let wrapper = start(dir.path(), config(dir.path(), &unique_marker())).await;
+    let task = NewTask::new(
+        "command",
+        json!({"command": "echo start; echo '::progress:: 40% compiling'; sleep 1; echo done"}),
+    );
+    let id = wrapper.submit(task).await.unwrap().task.id;
+    // The output is readable while the task runs, and the progress line became progress.
+    let seen;
+    let until = Instant::now() + Duration::from_secs(20);
+    loop {
+        let chunk = wrapper.read_output(id, 0, 1 << 16).unwrap();
+        let task = wrapper.engine().get(id).await.unwrap();
+        if chunk.data.contains("start") && task.progress == Some(0.4) {
+            assert_eq!(task.status, Status::Running, "{task:?}");
+            assert_eq!(task.progress_message.as_deref(), Some("compiling"));
+            seen = chunk.data;
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "no output while running: {chunk:?} {task:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!seen.contains("done"), "{seen}");
+    let task = wrapper
+        .engine()
+        .wait(id, Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(task.status, Status::Completed, "{task:?}");
+    let result = task.result.unwrap();
+    assert_eq!(result["exit_code"], 0);
+    assert_eq!(result["reason"], "exited");
+    assert!(result["output_tail"].as_str().unwrap().ends_with("done\n"));
+    assert!(result["session_id"].as_str().unwrap().starts_with('s'));
+    assert!(result["isolation"].as_str().is_some());
+    // Reading on from the cursor gives the rest.
+    let first = wrapper.read_output(id, 0, 6).unwrap();
+    assert_eq!(first.data, "start\n");
+    let rest = wrapper.read_output(id, first.next_cursor, 1 << 16).unwrap();
+    assert!(rest.data.ends_with("done\n"), "{rest:?}");
+    wrapper.graceful_shutdown(Duration::from_secs(10)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failures_say_why_and_code_keeps_state_within_a_session() {
+    let dir = tempfile::tempdir().unwrap();
+    let wrapper = start(dir.path(), config(dir.path(), &unique_marker())).await;
+    let failed = run(
+        &wrapper,
+        NewTask::new(
+            "command",
+            json!({"argv": ["sh", "-c", "echo boom >&2; exit 3"]}),
+        )
+        .with_max_attempts(1),
+    )
+    .await;
+    assert_eq!(failed.status, Status::Failed);
+    let message = failed.error.unwrap().message;
+    assert!(message.starts_with("exit code 3 after"), "{message}");
+    assert!(message.ends_with("boom"), "{message}");
+
+    let first = run(
+        &wrapper,
+        NewTask::new(
+            "code",
+            json!({"language": "python", "code": "total = 40", "session_id": "calc"}),
+        ),
+    )
+    .await;
+    assert_eq!(first.status, Status::Completed, "{first:?}");
+    let second = run(
+        &wrapper,
+        NewTask::new(
+            "code",
+            json!({"language": "python", "code": "total + 2", "session_id": "calc"}),
+        ),
+    )
+    .await;
+    assert_eq!(
+        second.result.as_ref().unwrap()["output_tail"],
+        "42\n",
+        "{second:?}"
+    );
+    assert_eq!(second.result.as_ref().unwrap()["session_id"], "calc");
+
+    // Bad params are refused at submit, with what to do.
+    let error = wrapper
+        .submit(NewTask::new("command", json!({"comand": "ls"})))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("unknown field `comand`"), "{error}");
+    let error = wrapper
+        .submit(NewTask::new(
+            "code",
+            json!({"language": "cobol", "code": "x"}),
+        ))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.contains("use \"python\", \"node\" or \"bash\""),
+        "{error}"
+    );
+    wrapper.graceful_shutdown(Duration::from_secs(10)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_task_types_are_checked_at_submit_and_run_their_template() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(dir.path(), &unique_marker());
+    config.task_types = TaskTypes::from_toml_str(
+        r#"
+[[task_type]]
+name = "greet"
+command = ["printf", "%s|%s\n", "{name}", "{punct}"]
+max_retries = 0
+[task_type.params_schema]
+type = "object"
+required = ["name"]
+properties.name = { type = "string", minLength = 1 }
+properties.punct = { type = "string", default = "!" }
+"#,
+    )
+    .unwrap();
+    let wrapper = start(dir.path(), config).await;
+    let error = wrapper
+        .submit(wrapper.new_task("greet", json!({})))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("\"name\" is a required property"), "{error}");
+    let task = run(
+        &wrapper,
+        wrapper.new_task("greet", json!({"name": "a; rm -rf / #"})),
+    )
+    .await;
+    assert_eq!(task.status, Status::Completed, "{task:?}");
+    assert_eq!(task.result.unwrap()["output_tail"], "a; rm -rf / #|!\n");
+    assert_eq!(task.max_attempts, 1);
+    wrapper.graceful_shutdown(Duration::from_secs(10)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_pause_resume_and_restart_of_the_background_loops() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(dir.path(), &unique_marker());
+    config.sessions.cleanup_interval = Duration::from_millis(50);
+    let wrapper = start(dir.path(), config).await;
+    eventually("every loop to be running", || {
+        wrapper.supervisor().status().iter().all(|c| c.exists)
+    })
+    .await;
+    let health = wrapper.health_check().await;
+    let text = serde_json::to_value(&health).unwrap();
+    for loop_name in [
+        "session_cleanup",
+        "orphan_cleanup",
+        "task_heartbeat",
+        "lease_reaper",
+        "retention_pruner",
+        "task_dispatcher",
+    ] {
+        assert!(
+            text["background_tasks"]["components"][loop_name]["exists"] == true,
+            "{loop_name}: {text:#}"
+        );
+    }
+    assert_eq!(
+        text["components"]["session_manager"]["background_task_healthy"],
+        true
+    );
+    assert_eq!(
+        text["components"]["resource_manager"]["background_task_healthy"],
+        true
+    );
+    assert_eq!(
+        text["background_tasks"]["components"]["session_manager"]["cleanup_interval_seconds"],
+        0.05
+    );
+    assert!(
+        text["components"]["sandbox"]["isolation"]
+            .as_str()
+            .is_some()
+    );
+
+    // Paused: the loops stay alive and skip their work; the dispatcher starts nothing.
+    let report = wrapper.pause_background_tasks();
+    assert_eq!(report.status, ActionStatus::PartialSuccess, "{report:?}");
+    assert!(
+        report.errors.iter().any(|e| e.contains("task_heartbeat")),
+        "{report:?}"
+    );
+    assert_eq!(
+        wrapper.get_background_task_status().overall_status,
+        HealthStatus::Degraded
+    );
+    let id = wrapper
+        .submit(NewTask::new("command", json!({"argv": ["true"]})))
+        .await
+        .unwrap()
+        .task
+        .id;
+    let skipped_before = wrapper
+        .supervisor()
+        .child("session_cleanup")
+        .unwrap()
+        .skipped_cycles;
+    eventually("skipped cleanup cycles", || {
+        wrapper
+            .supervisor()
+            .child("session_cleanup")
+            .unwrap()
+            .skipped_cycles
+            > skipped_before + 2
+    })
+    .await;
+    assert!(
+        wrapper
+            .supervisor()
+            .child("session_cleanup")
+            .unwrap()
+            .exists
+    );
+    // The submit itself may claim the task at once (a free slot); otherwise it waits.
+    let status = wrapper.engine().get(id).await.unwrap().status;
+    let report = wrapper.resume_background_tasks();
+    assert_eq!(report.status, ActionStatus::Success, "{report:?}");
+    let task = wrapper
+        .engine()
+        .wait(id, Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(task.status, Status::Completed, "was {status:?}: {task:?}");
+    assert_eq!(
+        wrapper
+            .health_check()
+            .await
+            .status
+            .max(HealthStatus::Degraded),
+        HealthStatus::Degraded
+    );
+
+    // Restarting when nothing is wrong does nothing; a restart of one loop revives it.
+    assert_eq!(
+        wrapper.restart_background_tasks().await.status,
+        ActionStatus::NoActionNeeded
+    );
+    wrapper.supervisor().restart("lease_reaper").await.unwrap();
+    eventually("the reaper to run again", || {
+        wrapper.supervisor().child("lease_reaper").unwrap().state == ChildState::Running
+    })
+    .await;
+    let report = wrapper.graceful_shutdown(Duration::from_secs(10)).await;
+    assert_eq!(report.components_expected, 6);
+    assert_eq!(report.components_stopped, 6, "{report:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_shutdown_keeps_its_deadline_and_interrupted_tasks_run_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let marker = unique_marker();
+    let wrapper = start(dir.path(), config(dir.path(), &marker)).await;
+    let mut ids: Vec<TaskId> = Vec::new();
+    for _ in 0..2 {
+        let task = NewTask::new(
+            "command",
+            json!({"command": "setsid sh -c 'sleep 300' & sleep 300"}),
+        );
+        ids.push(wrapper.submit(task).await.unwrap().task.id);
+    }
+    eventually("both tasks to run", || marked_processes(&marker).len() >= 4).await;
+    let started = Instant::now();
+    let report = wrapper.graceful_shutdown(Duration::from_secs(3)).await;
+    let took = started.elapsed();
+    eprintln!("shutdown: {report:?} in {took:?}");
+    assert!(took < Duration::from_millis(3500), "{took:?}");
+    assert_eq!(report.tasks_running_at_start, 2);
+    assert_eq!(report.tasks_interrupted, 2);
+    assert_eq!(report.status, "success", "{report:?}");
+    eventually("no sandboxed process left", || {
+        marked_processes(&marker).is_empty()
+    })
+    .await;
+    assert!(
+        session_cgroups(&marker).is_empty(),
+        "{:?}",
+        session_cgroups(&marker)
+    );
+    drop(wrapper);
+
+    // The next start runs them again (as new attempts that do not count against the limit).
+    let wrapper = start(dir.path(), config(dir.path(), &marker)).await;
+    for id in &ids {
+        let task = wrapper.engine().get(*id).await.unwrap();
+        assert!(
+            matches!(task.status, Status::Queued | Status::Running),
+            "{task:?}"
+        );
+    }
+    eventually("the interrupted tasks to run again", || {
+        marked_processes(&marker).len() >= 4
+    })
+    .await;
+    for id in &ids {
+        wrapper.engine().cancel(*id).await.unwrap();
+        let task = wrapper
+            .engine()
+            .wait(*id, Duration::from_secs(10))
+            .await
+            .unwrap();
+        assert_eq!(task.status, Status::Cancelled);
+    }
+    eventually("no process after cancel", || {
+        marked_processes(&marker).is_empty()
+    })
+    .await;
+    wrapper.graceful_shutdown(Duration::from_secs(5)).await;
+}
+
+/// Set for the child process of the SIGKILL test: the data directory to run in.
+const CHILD_DATA_DIR: &str = "SANDBOX_WRAPPER_KILL_TEST_DIR";
+const CHILD_MARKER: &str = "SANDBOX_WRAPPER_KILL_TEST_MARKER";
+
+/// The child of [`a_sigkilled_instances_sandboxes_are_swept_at_the_next_start`]: starts a wrapper
+/// with two escaping tasks, prints `ready` once they run, and waits to be killed.
+#[test]
+fn kill_test_child() {
+    let (Some(dir), Some(marker)) = (
+        std::env::var_os(CHILD_DATA_DIR),
+        std::env::var(CHILD_MARKER).ok(),
+    ) else {
+        return;
+    };
+    let dir = PathBuf::from(dir);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async move {
+        let wrapper = start(&dir, config(&dir, &marker)).await;
+        for session in ["k1", "k2"] {
+            let task = NewTask::new(
+                "command",
+                json!({"command": "setsid sh -c 'sleep 300' & sleep 300", "session_id": session}),
+            );
+            wrapper.submit(task).await.unwrap();
+        }
+        eventually("the tasks to run", || marked_processes(&marker).len() >= 4).await;
+        println!("ready");
+        tokio::time::sleep(Duration::from_secs(300)).await;
+    });
+}
+
+#[test]
+fn a_sigkilled_instances_sandboxes_are_swept_at_the_next_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let marker = unique_marker();
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "wrapper::kill_test_child",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CHILD_DATA_DIR, dir.path())
+        .env(CHILD_MARKER, &marker)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if line.contains("ready") {
+                let _ = ready_tx.send(());
+            }
+        }
+    });
+    ready_rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the child to start its tasks");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    child.wait().unwrap();
+    let left_processes = marked_processes(&marker);
+    let left_cgroups = session_cgroups(&marker);
+    let sessions_dir = dir.path().join("sandboxes");
+    let left_dirs: Vec<_> = std::fs::read_dir(&sessions_dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    eprintln!(
+        "after SIGKILL: {} processes, {} session cgroups, directories {left_dirs:?}",
+        left_processes.len(),
+        left_cgroups.len()
+    );
+    assert!(
+        !left_dirs.is_empty(),
+        "the killed instance left no sandbox to sweep"
+    );
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let mut config = config(dir.path(), &marker);
+        // Keep the recovered tasks from starting new sandboxes while we look.
+        config.engine.concurrency = 1;
+        let wrapper = start(dir.path(), config).await;
+        wrapper.engine().pause_queue();
+        let status = wrapper.get_background_task_status();
+        assert!(
+            status.components.resource_manager.total_orphans_cleaned > 0
+                || left_processes.is_empty() && left_cgroups.is_empty(),
+            "{status:?}"
+        );
+        eventually("the orphaned processes to be gone", || {
+            marked_processes(&marker)
+                .iter()
+                .all(|pid| !left_processes.contains(pid))
+        })
+        .await;
+        let still: Vec<_> = session_cgroups(&marker)
+            .into_iter()
+            .filter(|p| left_cgroups.contains(p))
+            .collect();
+        assert!(still.is_empty(), "{still:?}");
+        for name in &left_dirs {
+            assert!(!sessions_dir.join(name).exists(), "{name:?} is still there");
+        }
+        wrapper.graceful_shutdown(Duration::from_secs(5)).await;
+    });
+}
