@@ -1,17 +1,65 @@
-//! Sandboxes, sessions and the supervision of msbd's background loops.
+//! sandbox-wrapper: sandboxes, sessions and resources, the task handlers that run in sandboxes,
+//! and the supervisor of every background loop — usable without MCP.
 //!
-//! This crate sits directly above `task-core`:
+//! Start a [`Wrapper`] on a task store, open a session, run a command task in it, read its
+//! output, and shut down gracefully:
 //!
-//! - [`backend`]: the sandbox backend trait (create, exec with streaming output, stop, list,
-//!   metrics, orphan sweep) and its backends: [`backend::local`], which runs processes under the
-//!   strongest isolation the host offers (cgroups, an unprivileged uid, bubblewrap namespaces,
-//!   Landlock and seccomp, rlimits), and [`backend::microsandbox`], which talks to the
+//! ```
+//! use std::sync::Arc;
+//! use std::time::Duration;
+//!
+//! use sandbox_wrapper::{Wrapper, WrapperConfig};
+//! use serde_json::json;
+//! use task_core::store::sqlite::{SqliteConfig, SqliteStore};
+//! use task_core::{NewTask, Status};
+//!
+//! # #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let dir = tempfile::tempdir()?;
+//! let store = SqliteStore::open(SqliteConfig::new(dir.path().join("tasks.sqlite3")))?;
+//! let wrapper = Wrapper::start(Arc::new(store), WrapperConfig::new(dir.path())).await?;
+//! println!("isolation: {}", wrapper.isolation());
+//!
+//! // A session is made on first use of its id; its work directory and interpreters persist
+//! // from one task to the next until it is stopped or idle past the session timeout.
+//! let task = NewTask::new(
+//!     "command",
+//!     json!({"command": "echo hello from $(pwd) > greeting; cat greeting", "session_id": "demo"}),
+//! );
+//! let id = wrapper.submit(task).await?.task.id;
+//! let done = wrapper.engine().wait(id, Duration::from_secs(30)).await?;
+//! assert_eq!(done.status, Status::Completed);
+//! assert_eq!(done.result.as_ref().unwrap()["exit_code"], 0);
+//!
+//! // The output is a file, readable by cursor (also while the task runs).
+//! let output = wrapper.read_output(id, 0, 64 * 1024)?;
+//! assert!(output.data.starts_with("hello from "));
+//! assert_eq!(wrapper.sessions().get("demo")?.id, "demo");
+//!
+//! let health = wrapper.health_check().await;
+//! println!("{}", serde_json::to_string_pretty(&health)?);
+//!
+//! let report = wrapper.graceful_shutdown(Duration::from_secs(10)).await;
+//! assert_eq!(report.status, "success");
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! The pieces:
+//! - [`backend`]: the sandbox backend trait (create, exec with streaming output, REPL, stop,
+//!   list, metrics, orphan sweep) and its backends: [`backend::local`], which runs processes
+//!   under the strongest isolation the host offers (cgroups, an unprivileged uid, bubblewrap
+//!   namespaces, seccomp, Landlock, rlimits), and [`backend::microsandbox`], a client of the
 //!   microsandbox server's JSON-RPC API;
 //! - [`output`]: a task's output captured to a capped file, readable by cursor, with
 //!   `::progress::` lines turned into progress reports;
-//! - [`task_types`]: operator-defined task types loaded from a TOML file;
+//! - [`session`]: sessions (made on first use, expired when idle) and the resource manager
+//!   (limits on sessions and memory, least-recently-used eviction);
+//! - [`handlers`]: the `command` and `code` task types, and operator-defined ones from
+//!   [`task_types`] (a TOML file);
 //! - [`supervisor`]: every background loop is a named child with a restart policy, pause and
-//!   resume, statistics, health, and shutdown in reverse start order within a deadline.
+//!   resume, statistics, health, and shutdown in reverse start order within a deadline;
+//! - [`wrapper`]: the facade over all of it.
 //!
 //! Architecture invariant: this crate knows nothing of MCP or the CLI and never reads the
 //! environment; it takes plain config structs from its caller.
