@@ -19,7 +19,8 @@ use serde_json::{Value, json};
 use task_core::{TaskContext, TaskFailure, TaskHandler, TaskId};
 
 use crate::backend::{
-    EndReason, ExecControl, ExecOutcome, ExecRequest, ExitStatus, Flavor, Language, ReplRequest,
+    BackendError, EndReason, ExecControl, ExecOutcome, ExecRequest, ExitStatus, Flavor, Language,
+    ReplRequest,
 };
 use crate::output::OutputSink;
 use crate::session::{SessionError, SessionManager};
@@ -378,7 +379,17 @@ async fn run_job(
         outcome = run => outcome,
         () = forward => unreachable!("progress forwarding never ends on its own"),
     };
-    let outcome = outcome.map_err(|e| TaskFailure::retryable(e.to_string()))?;
+    let outcome = match outcome {
+        Ok(outcome) => outcome,
+        Err(BackendError::NoSuchSandbox(name)) => {
+            shared.sessions.forget(lease.id());
+            return Err(TaskFailure::retryable(format!(
+                "the sandbox {name:?} of session {:?} is gone (stopped by a cancel, or lost by its server); the session was forgotten and the next attempt starts a fresh one",
+                lease.id()
+            )));
+        }
+        Err(error) => return Err(TaskFailure::retryable(error.to_string())),
+    };
     let (kept, dropped) = sink.sizes();
     let tail = sink.tail();
     let result = report(&outcome, lease.id(), language, &tail, kept, dropped);

@@ -504,6 +504,12 @@ impl SessionManager {
         Ok(info(id, &entry, SessionStatus::Stopped))
     }
 
+    /// Forgets a session whose sandbox is gone (the backend stopped it, or its server lost
+    /// it), so that the next use of the id makes a fresh one.
+    pub fn forget(&self, id: &str) -> bool {
+        self.inner.lock().remove(id).is_some()
+    }
+
     /// Stops every session (at shutdown); no new session is made afterwards.
     pub async fn stop_all(&self) -> usize {
         self.inner.closed.store(true, Ordering::Release);

@@ -180,6 +180,14 @@ impl Cgroups {
         (!parts.is_empty()).then(|| parts.join("+"))
     }
 
+    /// Removes our base groups where they are empty (a group with leftovers stays for the
+    /// next instance's orphan sweep).
+    pub(crate) fn remove_bases_if_empty(&self) {
+        for (_, base) in &self.bases {
+            let _ = fs::remove_dir(base);
+        }
+    }
+
     fn has(&self, kind: Kind) -> bool {
         self.bases.iter().any(|(k, _)| *k == kind)
     }

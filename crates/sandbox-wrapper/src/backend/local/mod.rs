@@ -718,6 +718,21 @@ impl LocalBackend {
     }
 }
 
+impl Drop for LocalBackend {
+    /// Nothing outlives its owner: the processes of the sandboxes this backend still knows are
+    /// killed and their groups removed (their directories stay for the next orphan sweep), and
+    /// the instance's base groups go when empty.
+    fn drop(&mut self) {
+        let sandboxes: Vec<Arc<LocalSandbox>> = self.lock().drain().map(|(_, s)| s).collect();
+        for sandbox in sandboxes {
+            if let Some(group) = &sandbox.group {
+                group.remove(Duration::from_millis(500));
+            }
+        }
+        self.cgroups.remove_bases_if_empty();
+    }
+}
+
 /// What to kill or freeze for one run: its cgroup when there is one, else its process group.
 struct Tree {
     group: Option<Group>,
