@@ -567,3 +567,50 @@ async fn interpreter_state_persists_within_a_session_and_not_across() {
     assert_eq!(text, "[]\n");
     eprintln!("isolation: {}", outcome.isolation);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn volumes_are_bound_into_the_sandbox() {
+    use sandbox_wrapper::backend::VolumeMapping;
+    let dir = tempfile::tempdir().unwrap();
+    let shared = dir.path().join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    std::fs::write(shared.join("input.txt"), "from the host").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o777)).unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut config = LocalConfig::new(
+        dir.path().join("data"),
+        format!("vol{}", std::process::id()),
+    );
+    config.volumes =
+        vec![VolumeMapping::parse(&format!("{}:/tmp/shared", shared.display())).unwrap()];
+    let backend = Arc::new(LocalBackend::new(config).unwrap());
+    let fixture = Fixture {
+        dir,
+        backend,
+        marker: format!("vol{}", std::process::id()),
+    };
+    let sandbox = fixture.session("volumes").await;
+    let (outcome, text) = fixture
+        .sh(
+            &sandbox,
+            "cat /tmp/shared/input.txt; echo; echo back > /tmp/shared/output.txt",
+        )
+        .await;
+    assert!(outcome.success(), "{outcome:?} {text}");
+    assert_eq!(text, "from the host\n");
+    assert_eq!(
+        std::fs::read_to_string(shared.join("output.txt")).unwrap(),
+        "back\n"
+    );
+
+    // A guest path bubblewrap could not create is refused up front, with what to do.
+    let mut config = LocalConfig::new(fixture.dir.path().join("data2"), "volbad");
+    config.volumes =
+        vec![VolumeMapping::parse(&format!("{}:/no-such-dir", shared.display())).unwrap()];
+    let error = LocalBackend::new(config).err().unwrap().to_string();
+    assert!(
+        error.contains("must exist on this host") && error.contains("/tmp/<name>"),
+        "{error}"
+    );
+}

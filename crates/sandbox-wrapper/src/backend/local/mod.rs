@@ -163,6 +163,9 @@ impl LocalBackend {
                 config.instance_marker
             )));
         }
+        for volume in &config.volumes {
+            check_volume(volume)?;
+        }
         let root = config.data_dir.join("sandboxes");
         std::fs::create_dir_all(&root)
             .map_err(|e| BackendError::io(format!("creating {}", root.display()), e))?;
@@ -796,6 +799,29 @@ fn set_mode(path: &Path, mode: u32) -> Result<(), BackendError> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
         .map_err(|e| BackendError::io(format!("setting the mode of {}", path.display()), e))
+}
+
+/// Checks a volume mapping: the host directory must exist, and the guest path must be one
+/// bubblewrap can mount on: a path that exists on the host (the system is bound read-only, so
+/// no new directory can be made in it) or one under `/tmp` (the sandbox's own).
+fn check_volume(volume: &VolumeMapping) -> Result<(), BackendError> {
+    if !volume.host.is_dir() {
+        return Err(BackendError::InvalidRequest(format!(
+            "volume {}:{}: the host directory does not exist (create it, or fix the mapping)",
+            volume.host.display(),
+            volume.guest.display()
+        )));
+    }
+    let under_tmp = volume.guest.starts_with("/tmp") && volume.guest != Path::new("/tmp");
+    if !under_tmp && !volume.guest.exists() {
+        return Err(BackendError::InvalidRequest(format!(
+            "volume {}:{}: the guest path must exist on this host (sandboxes see the host's system read-only, so it cannot be created) or lie under /tmp: create {} or map to /tmp/<name>",
+            volume.host.display(),
+            volume.guest.display(),
+            volume.guest.display()
+        )));
+    }
+    Ok(())
 }
 
 /// Checks a session id: it names a directory, so only letters, digits, `-` and `_`.
