@@ -134,6 +134,9 @@ pub enum SessionError {
 pub struct SessionLease {
     manager: Arc<Inner>,
     id: String,
+    /// Which incarnation of the id this lease belongs to: a session stopped and made again
+    /// under the same id is another one, which this lease must not release.
+    generation: u64,
     sandbox: SandboxInfo,
 }
 
@@ -152,7 +155,9 @@ impl SessionLease {
 impl Drop for SessionLease {
     fn drop(&mut self) {
         let mut sessions = self.manager.lock();
-        if let Some(entry) = sessions.get_mut(&self.id) {
+        if let Some(entry) = sessions.get_mut(&self.id)
+            && entry.generation == self.generation
+        {
             entry.running = entry.running.saturating_sub(1);
             entry.last_used = now();
         }
@@ -220,7 +225,7 @@ impl ResourceManager {
         if want > self.max_total_memory_mb {
             return Err(SessionError::LimitReached {
                 limit: "memory",
-                current: 0,
+                current: holdings.iter().map(|h| h.memory_mb).sum(),
                 max: self.max_total_memory_mb,
                 unit: " MB",
                 hint: format!(
@@ -288,7 +293,7 @@ impl ResourceManager {
     pub fn record_sweep(&self, report: &SweepReport) {
         self.orphan_cycles.fetch_add(1, Ordering::Relaxed);
         self.orphans_cleaned
-            .fetch_add(report.total() as u64, Ordering::Relaxed);
+            .fetch_add(report.sandboxes as u64, Ordering::Relaxed);
     }
 }
 
@@ -307,10 +312,12 @@ struct Inner {
     admission: tokio::sync::Mutex<()>,
     closed: std::sync::atomic::AtomicBool,
     expired_total: AtomicU64,
+    generations: AtomicU64,
     started_at: f64,
 }
 
 struct Entry {
+    generation: u64,
     template: String,
     flavor: Flavor,
     created: f64,
@@ -348,6 +355,7 @@ impl SessionManager {
                 admission: tokio::sync::Mutex::new(()),
                 closed: std::sync::atomic::AtomicBool::new(false),
                 expired_total: AtomicU64::new(0),
+                generations: AtomicU64::new(0),
                 started_at: now(),
             }),
         }
@@ -395,25 +403,37 @@ impl SessionManager {
         }
         let flavor = flavor.unwrap_or(inner.config.default_flavor);
         let id = id.map_or_else(new_session_id, str::to_owned);
-        let holdings: Vec<Holding> = inner
-            .lock()
-            .iter()
-            .map(|(id, e)| Holding {
-                id: id.clone(),
-                memory_mb: e.flavor.memory_mb(),
-                busy: e.running > 0 || e.sandbox.is_none(),
-                last_used: e.last_used,
-            })
-            .collect();
-        let evict = inner.resources.admit(&holdings, flavor)?;
-        for victim in evict {
-            tracing::info!(session = %victim, "evicting the least recently used idle session to make room");
-            self.stop_if_idle(&victim).await?;
+        // Evict what admission names; if a victim got busy meanwhile (a task took it), nothing
+        // was freed: look again, a few times at most.
+        let mut rounds = 0;
+        loop {
+            let holdings: Vec<Holding> = inner
+                .lock()
+                .iter()
+                .map(|(id, e)| Holding {
+                    id: id.clone(),
+                    memory_mb: e.flavor.memory_mb(),
+                    busy: e.running > 0 || e.sandbox.is_none(),
+                    last_used: e.last_used,
+                })
+                .collect();
+            let evict = inner.resources.admit(&holdings, flavor)?;
+            let mut all_freed = true;
+            for victim in evict {
+                tracing::info!(session = %victim, "evicting the least recently used idle session to make room");
+                all_freed &= self.stop_if_idle(&victim).await?;
+            }
+            rounds += 1;
+            if all_freed || rounds == 5 {
+                break;
+            }
         }
         let created = now();
+        let generation = inner.generations.fetch_add(1, Ordering::Relaxed);
         inner.lock().insert(
             id.clone(),
             Entry {
+                generation,
                 template: template.to_owned(),
                 flavor,
                 created,
@@ -436,6 +456,7 @@ impl SessionManager {
                 Ok(SessionLease {
                     manager: inner.clone(),
                     id,
+                    generation,
                     sandbox,
                 })
             }
@@ -473,6 +494,7 @@ impl SessionManager {
         Ok(Some(SessionLease {
             manager: self.inner.clone(),
             id: id.to_owned(),
+            generation: entry.generation,
             sandbox,
         }))
     }

@@ -415,7 +415,7 @@ impl Wrapper {
                     sessions
                         .sweep_orphans()
                         .await
-                        .map(|r| r.total() as u64)
+                        .map(|r| r.sandboxes as u64)
                         .map_err(|e| e.to_string())
                 })
             }),
