@@ -353,7 +353,11 @@ async fn run_job(
         ))
     })?;
     let mut progress = sink.progress();
-    let control = ExecControl::new(context.cancellation().clone());
+    // A pause of the running task freezes its process tree and stops its timeout clock.
+    let control = ExecControl {
+        cancel: context.cancellation().clone(),
+        paused: context.paused(),
+    };
     let backend = shared.sessions.backend();
     let language = match &job {
         Job::Repl(request) => Some(request.language),

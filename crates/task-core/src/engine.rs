@@ -368,7 +368,9 @@ impl Engine {
             .store
             .command(id, Command::Cancel, Timestamp::now())
             .await?;
-        if task.status == Status::Running {
+        if task.cancel_requested {
+            // Running (or frozen): its attempt stops, thawed first, and records the cancel.
+            inner.set_paused(id, false);
             inner.stop_running(id, StopReason::Cancelled);
         } else {
             inner.publish(TaskEvent::Status {
@@ -381,13 +383,18 @@ impl Engine {
         Ok(task)
     }
 
-    /// Holds a queued or scheduled task until it is resumed.
+    /// Holds a queued or scheduled task until it is resumed; a running one is frozen: its
+    /// handler is told (see [`TaskContext::paused`]), its timeout clock stops, and its attempt
+    /// keeps the task until it is resumed.
     pub async fn pause_task(&self, id: TaskId) -> Result<Task> {
         let task = self
             .inner
             .store
             .command(id, Command::Pause, Timestamp::now())
             .await?;
+        if task.status == Status::Paused && task.lease_until.is_some() {
+            self.inner.set_paused(id, true);
+        }
         self.inner.publish(TaskEvent::Status {
             id,
             status: task.status,
@@ -403,6 +410,10 @@ impl Engine {
             .store
             .command(id, Command::Resume, Timestamp::now())
             .await?;
+        if task.status == Status::Running {
+            // It was frozen: its attempt goes on.
+            self.inner.set_paused(id, false);
+        }
         if let (Status::Scheduled, Some(at)) = (task.status, task.run_at) {
             self.inner.note_due(at);
         }
@@ -833,6 +844,8 @@ struct RunningTask {
 
 struct Control {
     cancel: CancellationToken,
+    /// `true` while the task is paused (frozen) as it runs.
+    pause: tokio::sync::watch::Sender<bool>,
     reason: AtomicU8,
     /// Set by a cancel even when the attempt was already stopping for another reason: a
     /// cancelled task is not retried or re-queued, whatever stopped its attempt.
@@ -843,6 +856,7 @@ impl Control {
     fn new() -> Control {
         Control {
             cancel: CancellationToken::new(),
+            pause: tokio::sync::watch::Sender::new(false),
             reason: AtomicU8::new(StopReason::None as u8),
             cancel_requested: AtomicBool::new(false),
         }
@@ -1173,6 +1187,7 @@ impl Inner {
                     max_attempts: task.max_attempts,
                     session_id: task.session_id.take(),
                     cancel: control.cancel.clone(),
+                    paused: control.pause.subscribe(),
                     engine: Arc::clone(&self),
                 };
                 let future = handler.start(context);
@@ -1273,13 +1288,36 @@ impl Inner {
                     Err(payload) => Poll::Ready(Verdict::Panicked(panic_message(payload.as_ref()))),
                 }
             }));
-            // A timeout too large to add to the clock is no timeout.
-            let deadline = timeout.and_then(|t| tokio::time::Instant::now().checked_add(t));
-            let first = tokio::select! {
-                biased;
-                verdict = &mut guarded => Ok(verdict),
-                _ = control.cancel.cancelled() => Err(None),
-                _ = sleep_until_opt(deadline) => Err(Some(StopReason::TimedOut)),
+            // A timeout too large to add to the clock is no timeout. The clock stops while the
+            // task is paused (frozen): the deadline moves by the time spent paused.
+            let mut deadline = timeout.and_then(|t| tokio::time::Instant::now().checked_add(t));
+            let mut paused = control.pause.subscribe();
+            // It may have been paused before this attempt got here.
+            let mut paused_since = (*paused.borrow_and_update()).then(tokio::time::Instant::now);
+            let first = loop {
+                let clock = if paused_since.is_some() {
+                    None
+                } else {
+                    deadline
+                };
+                tokio::select! {
+                    biased;
+                    verdict = &mut guarded => break Ok(verdict),
+                    _ = control.cancel.cancelled() => break Err(None),
+                    _ = sleep_until_opt(clock) => break Err(Some(StopReason::TimedOut)),
+                    _ = paused.changed() => {
+                        let now_paused = *paused.borrow_and_update();
+                        match (now_paused, paused_since) {
+                            (true, None) => paused_since = Some(tokio::time::Instant::now()),
+                            (false, Some(since)) => {
+                                let frozen_for = since.elapsed();
+                                deadline = deadline.and_then(|d| d.checked_add(frozen_for));
+                                paused_since = None;
+                            }
+                            _ => {}
+                        }
+                    }
+                }
             };
             match first {
                 Ok(verdict) => verdict,
@@ -1388,6 +1426,13 @@ impl Inner {
                 "the attempt stopped for no recorded reason".into(),
                 true,
             )),
+        }
+    }
+
+    /// Tells a running attempt of this engine that its task is paused (frozen) or resumed.
+    fn set_paused(&self, id: TaskId, paused: bool) {
+        if let Some(running) = self.lock_running().tasks.get(&id) {
+            running.control.pause.send_replace(paused);
         }
     }
 

@@ -126,6 +126,7 @@ pub struct TaskContext {
     pub(crate) max_attempts: u32,
     pub(crate) session_id: Option<String>,
     pub(crate) cancel: CancellationToken,
+    pub(crate) paused: tokio::sync::watch::Receiver<bool>,
     pub(crate) engine: Arc<Inner>,
 }
 
@@ -168,6 +169,14 @@ impl TaskContext {
     /// Cancelled when the attempt must stop.
     pub fn cancellation(&self) -> &CancellationToken {
         &self.cancel
+    }
+
+    /// Follows whether the task is paused while it runs (`true`: frozen). A handler that can
+    /// freeze its work (a sandboxed process tree, say) freezes it while this is `true`; the
+    /// engine's timeout clock stops meanwhile. Handlers that cannot may ignore it: their work
+    /// goes on, and the task shows `paused` until resumed.
+    pub fn paused(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.paused.clone()
     }
 
     /// Whether the attempt must stop.

@@ -166,6 +166,76 @@ async fn a_command_task_runs_in_a_sandbox_with_output_and_progress() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pausing_a_running_task_freezes_its_tree_and_its_timeout_clocks() {
+    let dir = tempfile::tempdir().unwrap();
+    let wrapper = start(dir.path(), config(dir.path(), &unique_marker())).await;
+    // 1.5 s of ticks under a 2 s sandbox timeout and a 2 s task timeout, paused for 2.5 s.
+    let task = NewTask::new(
+        "command",
+        json!({
+            "command": "i=0; while [ $i -lt 15 ]; do echo tick; sleep 0.1; i=$((i+1)); done",
+            "timeout_seconds": 2,
+        }),
+    )
+    .with_timeout(Duration::from_secs(2));
+    let id = wrapper.submit(task).await.unwrap().task.id;
+    eventually_async(|| async {
+        wrapper
+            .read_output(id, 0, 1 << 16)
+            .unwrap()
+            .data
+            .contains("tick")
+    })
+    .await;
+    let frozen = wrapper.engine().pause_task(id).await.unwrap();
+    assert_eq!(frozen.status, Status::Paused);
+    // Let the freeze land, then see that nothing more is printed.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let size = wrapper.read_output(id, 0, 1 << 16).unwrap().size;
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    assert_eq!(
+        wrapper.read_output(id, 0, 1 << 16).unwrap().size,
+        size,
+        "output grew while frozen"
+    );
+    assert_eq!(
+        wrapper.engine().get(id).await.unwrap().status,
+        Status::Paused
+    );
+    assert_eq!(
+        wrapper.engine().resume_task(id).await.unwrap().status,
+        Status::Running
+    );
+    let done = wrapper
+        .engine()
+        .wait(id, Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(done.status, Status::Completed, "{done:?}");
+    assert_eq!(
+        done.result.unwrap()["output_tail"]
+            .as_str()
+            .unwrap()
+            .matches("tick")
+            .count(),
+        15
+    );
+    wrapper.graceful_shutdown(Duration::from_secs(10)).await;
+}
+
+async fn eventually_async<F, Fut>(mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let until = Instant::now() + Duration::from_secs(20);
+    while !condition().await {
+        assert!(Instant::now() < until, "timed out waiting");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failures_say_why_and_code_keeps_state_within_a_session() {
     let dir = tempfile::tempdir().unwrap();
     let wrapper = start(dir.path(), config(dir.path(), &unique_marker())).await;

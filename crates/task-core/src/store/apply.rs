@@ -39,7 +39,22 @@ pub(crate) fn promote(task: &mut Task, now: Timestamp) -> Result<()> {
 
 /// Whether `attempt` still holds the task: the fence of every write of a running attempt.
 pub(crate) fn holds(task: &Task, attempt: u32) -> bool {
-    task.status == Status::Running && task.attempt == attempt
+    (task.status == Status::Running || frozen(task)) && task.attempt == attempt
+}
+
+/// Whether a task is paused while its attempt runs (frozen): status `paused`, and its attempt
+/// still holds a lease. A task paused before it started has no lease.
+pub(crate) fn frozen(task: &Task) -> bool {
+    task.status == Status::Paused && task.lease_until.is_some()
+}
+
+/// The status an attempt's end moves from: a frozen task ends as a running one would.
+fn attempt_status(task: &Task) -> Status {
+    if frozen(task) {
+        Status::Running
+    } else {
+        task.status
+    }
 }
 
 /// The outcome to record for an attempt: a task whose cancel was asked for is not retried or
@@ -71,7 +86,7 @@ pub(crate) fn finish(task: &mut Task, finish: &Finish) -> bool {
         finish
     };
     let now = finish.now;
-    let Ok(to) = decide(task.status, finish.outcome.event()) else {
+    let Ok(to) = decide(attempt_status(task), finish.outcome.event()) else {
         return false;
     };
     task.status = to;
@@ -124,28 +139,19 @@ pub(crate) fn command(task: &mut Task, command: Command, now: Timestamp) -> Resu
         Command::Cancel => Event::Cancel,
         Command::Pause => Event::Pause,
         Command::Resume => Event::Resume {
-            frozen: false,
+            frozen: frozen(task),
             due: task.run_at.is_none_or(|at| at <= now),
         },
     };
     let to = decide(task.status, event).map_err(|t| illegal(task, t))?;
-    match (task.status, command) {
-        (Status::Running, Command::Cancel) => {
-            // The worker holding the attempt stops it and records the cancel.
-            task.cancel_requested = true;
-            task.updated_at = now;
-            return Ok(());
-        }
-        (Status::Running, Command::Pause) => {
-            return Err(Error::NotSupported {
-                message: format!(
-                    "task {} is running; this engine pauses tasks before they start. Running tasks can be frozen only by sandboxed handlers; cancel it instead, or pause it before it starts",
-                    task.id
-                ),
-            });
-        }
-        _ => {}
+    if command == Command::Cancel && (task.status == Status::Running || frozen(task)) {
+        // The worker holding the attempt stops it (thawing it first) and records the cancel.
+        task.cancel_requested = true;
+        task.updated_at = now;
+        return Ok(());
     }
+    // Pausing a running task freezes it: its attempt keeps its lease (the worker freezes the
+    // work and renews the lease), and resuming gives it back to the same attempt.
     task.status = to;
     task.updated_at = now;
     if to == Status::Queued {
@@ -179,7 +185,7 @@ pub(crate) fn recover(task: &mut Task, now: Timestamp) -> Result<()> {
             Some(error),
         )
     };
-    task.status = decide(task.status, event).map_err(|t| illegal(task, t))?;
+    task.status = decide(attempt_status(task), event).map_err(|t| illegal(task, t))?;
     task.updated_at = now;
     task.lease_until = None;
     task.cancel_requested = false;

@@ -72,7 +72,10 @@ impl Slot {
         match task.status {
             Status::Queued => Slot::Queued(Reverse(task.priority.get()), seq, id),
             Status::Scheduled => Slot::Scheduled(task.run_at.unwrap_or_default(), seq, id),
+            // A frozen task (paused while its attempt runs) holds a lease like a running one:
+            // recovery must find it.
             Status::Running => Slot::Running(seq, id),
+            Status::Paused if task.lease_until.is_some() => Slot::Running(seq, id),
             Status::Completed | Status::Failed | Status::Cancelled => {
                 Slot::Finished(task.finished_at.unwrap_or_default(), seq, id)
             }

@@ -874,15 +874,23 @@ impl Writer {
             .map_err(|e| Error::store("finding tasks to claim", e))
     }
 
-    /// The `seq` and type of a task that attempt `attempt` still holds (the fence).
-    fn held(&mut self, id: TaskId, attempt: u32) -> Result<Option<(i64, String, bool)>> {
+    /// The `seq`, type, cancel request and status of a task that attempt `attempt` still holds
+    /// (the fence): running, or frozen (paused while its attempt runs, lease kept).
+    fn held(&mut self, id: TaskId, attempt: u32) -> Result<Option<(i64, String, bool, Status)>> {
         self.conn
             .prepare_cached(
-                "SELECT seq, task_type, cancel_requested FROM tasks WHERE id = ?1 AND status = 3 AND attempt = ?2",
+                "SELECT seq, task_type, cancel_requested, status FROM tasks WHERE id = ?1 AND attempt = ?2 \
+                 AND (status = 3 OR (status = 2 AND lease_until IS NOT NULL))",
             )
             .and_then(|mut s| {
                 s.query_row(params![&id.as_bytes()[..], attempt], |row| {
-                    Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+                    let code: u8 = row.get(3)?;
+                    Ok((
+                        row.get(0)?,
+                        row.get(1)?,
+                        row.get(2)?,
+                        Status::from_code(code).unwrap_or(Status::Running),
+                    ))
                 })
                 .optional()
             })
@@ -921,7 +929,9 @@ impl Writer {
     }
 
     fn finish(&mut self, finish: &Finish, counts: &mut Vec<CountChange>) -> Result<bool> {
-        let Some((seq, task_type, cancel_requested)) = self.held(finish.id, finish.attempt)? else {
+        let Some((seq, task_type, cancel_requested, held_status)) =
+            self.held(finish.id, finish.attempt)?
+        else {
             return Ok(false);
         };
         let cancelled = Outcome::Cancelled;
@@ -964,7 +974,7 @@ impl Writer {
             .map_err(|e| Error::store("finishing a task", e))?;
         counts.push(CountChange {
             task_type,
-            from: Some(Status::Running),
+            from: Some(held_status),
             to: Some(to),
         });
         Ok(true)
@@ -975,7 +985,7 @@ impl Writer {
             .conn
             .prepare_cached(
                 "UPDATE OR FAIL tasks SET progress = ?3, progress_message = coalesce(?4, progress_message), updated_at = ?5 \
-                 WHERE id = ?1 AND status = 3 AND attempt = ?2",
+                 WHERE id = ?1 AND attempt = ?2 AND (status = 3 OR (status = 2 AND lease_until IS NOT NULL))",
             )
             .and_then(|mut s| {
                 s.execute(params![
@@ -993,7 +1003,7 @@ impl Writer {
     fn heartbeat(&mut self, heartbeat: &Heartbeat) -> Result<HeartbeatReply> {
         let mut reply = HeartbeatReply::default();
         for (id, attempt) in &heartbeat.held {
-            let Some((seq, _, cancel_requested)) = self.held(*id, *attempt)? else {
+            let Some((seq, _, cancel_requested, _)) = self.held(*id, *attempt)? else {
                 reply.lost.push(*id);
                 continue;
             };
@@ -1069,10 +1079,11 @@ impl Writer {
     ) -> Result<Vec<Task>> {
         let sql = match which {
             Recover::Expired => format!(
-                "SELECT {COLUMNS} FROM tasks INDEXED BY tasks_by_status WHERE status = 3 AND lease_until < ?1"
+                "SELECT {COLUMNS} FROM tasks INDEXED BY tasks_by_status WHERE status IN (2, 3) AND lease_until < ?1"
             ),
+            // Running, and frozen (paused while running: they hold a lease).
             Recover::AllRunning => format!(
-                "SELECT {COLUMNS} FROM tasks INDEXED BY tasks_by_status WHERE status = 3 AND ?1 IS NOT NULL"
+                "SELECT {COLUMNS} FROM tasks INDEXED BY tasks_by_status WHERE (status = 3 OR (status = 2 AND lease_until IS NOT NULL)) AND ?1 IS NOT NULL"
             ),
         };
         let stale: Vec<Task> = self
@@ -1082,11 +1093,12 @@ impl Writer {
             .map_err(|e| Error::store("finding expired leases", e))?;
         let mut recovered = Vec::with_capacity(stale.len());
         for mut task in stale {
+            let before = task.status;
             apply::recover(&mut task, now)?;
             self.save(&task)?;
             counts.push(CountChange {
                 task_type: task.task_type.clone(),
-                from: Some(Status::Running),
+                from: Some(before),
                 to: Some(task.status),
             });
             recovered.push(task);

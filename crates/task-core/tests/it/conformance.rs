@@ -60,6 +60,7 @@ conformance!(
     writes_of_a_fenced_out_attempt_change_nothing,
     heartbeat_renews_leases_and_reports_lost_and_cancelled_attempts,
     commands_on_every_status,
+    a_frozen_task_stays_with_its_attempt,
     commands_on_an_unknown_task_are_not_found,
     resume_of_a_paused_delayed_task_reschedules_or_queues_it,
     recover_expired_takes_only_expired_leases,
@@ -1042,8 +1043,8 @@ enum Expect {
     Moves(Status),
     /// Applied to a running task: it keeps running, marked for cancellation.
     MarkedForCancel,
-    /// Refused with `Error::NotSupported`.
-    NotSupported,
+    /// Applied to a running task: paused while its attempt runs (frozen, the lease kept).
+    Freezes,
     /// Refused with `Error::IllegalTransition`.
     Illegal,
 }
@@ -1056,7 +1057,7 @@ async fn commands_on_every_status(store: &dyn Store) {
         (Status::Queued,    [Moves(Status::Cancelled), Moves(Status::Paused), Illegal]),
         (Status::Scheduled, [Moves(Status::Cancelled), Moves(Status::Paused), Illegal]),
         (Status::Paused,    [Moves(Status::Cancelled), Illegal,              Moves(Status::Queued)]),
-        (Status::Running,   [MarkedForCancel,          NotSupported,         Illegal]),
+        (Status::Running,   [MarkedForCancel,          Freezes,              Illegal]),
         (Status::Completed, [Illegal,                  Illegal,              Illegal]),
         (Status::Failed,    [Illegal,                  Illegal,              Illegal]),
         (Status::Cancelled, [Illegal,                  Illegal,              Illegal]),
@@ -1092,14 +1093,17 @@ async fn commands_on_every_status(store: &dyn Store) {
                     );
                     assert_eq!(after.finished_at, None, "{what}");
                 }
-                NotSupported => {
-                    match result {
-                        Err(Error::NotSupported { message }) => {
-                            assert!(message.contains("running"), "{what}: {message}");
-                        }
-                        other => panic!("{what}: expected NotSupported, got {other:?}"),
-                    }
-                    assert_eq!(after, task, "{what} changes nothing");
+                Freezes => {
+                    let returned = result.unwrap_or_else(|e| panic!("{what}: {e}"));
+                    assert_eq!(returned, after, "{what}");
+                    assert_eq!(after.status, Status::Paused, "{what}");
+                    assert_eq!(
+                        (after.attempt, after.lease_until),
+                        (task.attempt, task.lease_until),
+                        "{what}: the attempt keeps its lease"
+                    );
+                    assert!(!after.cancel_requested, "{what}");
+                    assert_eq!(after.finished_at, None, "{what}");
                 }
                 Illegal => {
                     let error = result.expect_err(&what);
@@ -1134,6 +1138,106 @@ async fn commands_on_every_status(store: &dyn Store) {
         }
     }
     check_stats(store, "after commands").await;
+}
+
+/// A running task paused (frozen) stays with its attempt: the worker renews its lease, reports
+/// progress and may still finish it; resume gives it back as running; cancel marks it for the
+/// worker; recovery finds it when its worker dies.
+async fn a_frozen_task_stays_with_its_attempt(store: &dyn Store) {
+    let task = task_in(store, Status::Running, at(0)).await;
+    let frozen = store.command(task.id, Command::Pause, at(1)).await.unwrap();
+    assert_eq!(frozen.status, Status::Paused);
+    check_stats(store, "frozen").await;
+    // Its worker still holds it.
+    let reply = store
+        .heartbeat(Heartbeat {
+            held: vec![(task.id, task.attempt)],
+            lease_until: at(5_000),
+        })
+        .await
+        .unwrap();
+    assert!(reply.lost.is_empty(), "{reply:?}");
+    assert_eq!(get(store, task.id).await.lease_until, Some(at(5_000)));
+    let update = ProgressUpdate {
+        id: task.id,
+        attempt: task.attempt,
+        progress: 0.5,
+        message: None,
+        now: at(2),
+    };
+    assert!(store.progress(update).await.unwrap());
+    // Pausing again is refused; resuming gives it back to its attempt.
+    assert!(store.command(task.id, Command::Pause, at(3)).await.is_err());
+    let resumed = store
+        .command(task.id, Command::Resume, at(4))
+        .await
+        .unwrap();
+    assert_eq!(resumed.status, Status::Running);
+    assert_eq!(resumed.attempt, task.attempt);
+    check_stats(store, "resumed").await;
+
+    // Frozen, then cancelled: marked for its worker, which records the end.
+    store.command(task.id, Command::Pause, at(5)).await.unwrap();
+    let marked = store
+        .command(task.id, Command::Cancel, at(6))
+        .await
+        .unwrap();
+    assert_eq!(marked.status, Status::Paused);
+    assert!(marked.cancel_requested);
+    let finish = Finish {
+        id: task.id,
+        attempt: task.attempt,
+        now: at(7),
+        outcome: Outcome::Cancelled,
+    };
+    assert!(store.finish(finish).await.unwrap());
+    assert_eq!(get(store, task.id).await.status, Status::Cancelled);
+    check_stats(store, "cancelled while frozen").await;
+
+    // A frozen task whose attempt ends (it raced the pause) completes.
+    let racer = task_in(store, Status::Running, at(10)).await;
+    store
+        .command(racer.id, Command::Pause, at(11))
+        .await
+        .unwrap();
+    let finish = Finish {
+        id: racer.id,
+        attempt: racer.attempt,
+        now: at(12),
+        outcome: completed(),
+    };
+    assert!(store.finish(finish).await.unwrap());
+    assert_eq!(get(store, racer.id).await.status, Status::Completed);
+    check_stats(store, "completed while frozen").await;
+
+    // A frozen task whose worker died is recovered like a running one.
+    let orphan = task_in(store, Status::Running, at(20)).await;
+    let frozen = store
+        .command(orphan.id, Command::Pause, at(21))
+        .await
+        .unwrap();
+    let expiry = frozen.lease_until.unwrap().after(Duration::from_millis(1));
+    let recovered = store.recover(expiry, Recover::Expired).await.unwrap();
+    assert_eq!(
+        recovered.iter().map(|t| t.id).collect::<Vec<_>>(),
+        [orphan.id]
+    );
+    // Out of attempts (one by default): failed, the worker lost.
+    assert_eq!(recovered[0].status, Status::Failed);
+    assert_eq!(
+        recovered[0].error.as_ref().unwrap().kind,
+        FailureKind::WorkerLost
+    );
+    assert_eq!(recovered[0].lease_until, None);
+    check_stats(store, "recovered from frozen").await;
+    let other = task_in(store, Status::Running, expiry).await;
+    store
+        .command(other.id, Command::Pause, expiry)
+        .await
+        .unwrap();
+    let all = store.recover(expiry, Recover::AllRunning).await.unwrap();
+    assert_eq!(all.iter().map(|t| t.id).collect::<Vec<_>>(), [other.id]);
+    check_stats(store, "recovered all").await;
 }
 
 async fn commands_on_an_unknown_task_are_not_found(store: &dyn Store) {

@@ -964,3 +964,65 @@ async fn values_nested_too_deep_are_refused_and_a_huge_timeout_is_no_timeout() {
     let _ = engine.eta(&running);
     loops.stop().await;
 }
+
+#[tokio::test]
+async fn a_running_task_paused_is_frozen_and_its_timeout_clock_stops() {
+    // Ten steps of 30 ms, each taken only while the task is not paused: 300 ms of work under a
+    // 450 ms timeout, paused for 600 ms in the middle.
+    let (engine, loops) = started(quick_config(), |b| {
+        b.handler(
+            "steps",
+            handler_fn(|ctx| async move {
+                let mut paused = ctx.paused();
+                for _ in 0..10 {
+                    while *paused.borrow_and_update() {
+                        if paused.changed().await.is_err() {
+                            break;
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(30)).await;
+                }
+                Ok(json!("done"))
+            }),
+        )
+    })
+    .await;
+    let running = |e: &TaskEvent| {
+        matches!(
+            e,
+            TaskEvent::Status {
+                status: Status::Running,
+                ..
+            }
+        )
+    };
+    let mut events = engine.subscribe();
+    let id = submit(
+        &engine,
+        NewTask::new("steps", json!({})).with_timeout(Duration::from_millis(450)),
+    )
+    .await;
+    seen(&mut events, id, running).await;
+    let frozen = engine.pause_task(id).await.expect("pause a running task");
+    assert_eq!(frozen.status, Status::Paused);
+    assert!(frozen.lease_until.is_some(), "the attempt keeps its lease");
+    let error = engine.pause_task(id).await.expect_err("already paused");
+    assert!(error.to_string().contains("already paused"), "{error}");
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(engine.get(id).await.unwrap().status, Status::Paused);
+    let resumed = engine.resume_task(id).await.expect("resume");
+    assert_eq!(resumed.status, Status::Running);
+    let done = finished(&engine, id).await;
+    assert_eq!(done.status, Status::Completed, "{done:?}");
+    assert_eq!(done.attempt, 1);
+
+    // Cancelled while frozen: the handler is stopped, the task cancelled.
+    let mut events = engine.subscribe();
+    let id = submit(&engine, NewTask::new("steps", json!({}))).await;
+    seen(&mut events, id, running).await;
+    engine.pause_task(id).await.expect("pause");
+    let marked = engine.cancel(id).await.expect("cancel");
+    assert!(marked.cancel_requested);
+    assert_eq!(finished(&engine, id).await.status, Status::Cancelled);
+    loops.stop().await;
+}

@@ -247,6 +247,11 @@ impl ModelTask {
         self.attempt < self.max_attempts
     }
 
+    /// Paused while its attempt runs: the attempt still holds the task.
+    fn frozen(&self) -> bool {
+        self.status == Status::Paused && self.lease_until.is_some()
+    }
+
     /// A running attempt ends with `outcome` (the fence already checked).
     fn finish(&mut self, outcome: &Outcome) {
         // A task whose cancel was asked for is not retried or re-queued.
@@ -311,12 +316,18 @@ impl ModelTask {
     /// What a command does: `Ok(changed task)` or `Err(())` for a refused one.
     fn command(&self, command: Command, now: Timestamp) -> Result<ModelTask, ()> {
         let mut next = self.clone();
+        let frozen = self.frozen();
         match (self.status, command) {
             (Status::Completed | Status::Failed | Status::Cancelled, _) => return Err(()),
             (Status::Running, Command::Cancel) => next.cancel_requested = true,
+            (Status::Paused, Command::Cancel) if frozen => next.cancel_requested = true,
             (_, Command::Cancel) => next.status = Status::Cancelled,
-            (Status::Queued | Status::Scheduled, Command::Pause) => next.status = Status::Paused,
-            (Status::Running | Status::Paused, Command::Pause) => return Err(()),
+            // Paused while running: frozen, the attempt keeps its lease.
+            (Status::Queued | Status::Scheduled | Status::Running, Command::Pause) => {
+                next.status = Status::Paused
+            }
+            (Status::Paused, Command::Pause) => return Err(()),
+            (Status::Paused, Command::Resume) if frozen => next.status = Status::Running,
             (Status::Paused, Command::Resume) => {
                 if self.run_at.is_none_or(|at| at <= now) {
                     // Queued at once, like a promoted task: no run_at left on a queued task.
@@ -400,7 +411,9 @@ impl Model {
         let mut ids = Vec::new();
         for task in &mut self.tasks {
             let expired = task.lease_until.is_none_or(|until| until < now);
-            if task.status == Status::Running && (which == Recover::AllRunning || expired) {
+            if (task.status == Status::Running || task.frozen())
+                && (which == Recover::AllRunning || expired)
+            {
                 ids.push((task.id, task.attempt));
                 task.recover();
             }
@@ -923,7 +936,9 @@ async fn check(store: &dyn Store, model: &mut Model) -> TestResult {
     // The live workers are exactly the running attempts.
     let mut running: Vec<(TaskId, u32)> = listed
         .iter()
-        .filter(|t| t.status == Status::Running)
+        .filter(|t| {
+            t.status == Status::Running || (t.status == Status::Paused && t.lease_until.is_some())
+        })
         .map(|t| (t.id, t.attempt))
         .collect();
     running.sort();
