@@ -103,6 +103,17 @@ fn rand_suffix() -> String {
     NEXT.fetch_add(1, Ordering::Relaxed).to_string()
 }
 
+/// This process's resident memory, from `/proc/self/status`.
+fn rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .unwrap()
+        * 1024
+}
+
 fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
 }
@@ -314,6 +325,7 @@ async fn an_output_flood_is_capped() {
     let fixture = fixture();
     let sandbox = fixture.session("flood").await;
     let sink = OutputSink::create(fixture.dir.path().join("flood.out"), 1 << 20).unwrap();
+    let rss_before = rss_bytes();
     let outcome = fixture
         .backend
         .exec(
@@ -333,6 +345,17 @@ async fn an_output_flood_is_capped() {
         .await
         .unwrap();
     assert!(outcome.success(), "{outcome:?}");
+    // 300 MB went through this process; it kept none of it (other tests share the process, so
+    // the bound is loose).
+    let grown = rss_bytes().saturating_sub(rss_before);
+    eprintln!(
+        "resident memory grew by {} KiB during the flood",
+        grown / 1024
+    );
+    assert!(
+        grown < 64 << 20,
+        "the daemon's memory grew by {grown} bytes"
+    );
     let (kept, dropped) = sink.sizes();
     assert_eq!(kept, 1 << 20);
     assert!(dropped >= 300_000_000 - (1 << 20), "{dropped}");
