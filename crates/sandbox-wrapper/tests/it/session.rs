@@ -977,8 +977,7 @@ async fn sweep_orphans_removes_a_session_this_manager_does_not_know_and_keeps_a_
     let stats = second.resource_stats();
     assert_eq!(stats.total_cleanup_cycles, 1, "{stats:?}");
     assert_eq!(
-        stats.total_orphans_cleaned,
-        report.sandboxes as u64,
+        stats.total_orphans_cleaned, report.sandboxes as u64,
         "{stats:?}"
     );
     assert!(stats.total_orphans_cleaned >= 1, "{stats:?}");
