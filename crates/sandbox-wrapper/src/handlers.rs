@@ -386,7 +386,7 @@ async fn run_job(
     let outcome = match outcome {
         Ok(outcome) => outcome,
         Err(BackendError::NoSuchSandbox(name)) => {
-            shared.sessions.forget(lease.id());
+            shared.sessions.forget(&lease);
             return Err(TaskFailure::retryable(format!(
                 "the sandbox {name:?} of session {:?} is gone (stopped by a cancel, or lost by its server); the session was forgotten and the next attempt starts a fresh one",
                 lease.id()

@@ -132,8 +132,17 @@ impl OutputSink {
     /// Appends a note from msbd itself (not the process), such as why the output stopped.
     pub fn note(&self, text: &str) {
         let mut state = self.lock();
-        if let Some(file) = state.file.as_mut() {
-            let _ = file.write_all(text.as_bytes());
+        // Notes are short; one may pass the cap by its own length, never more.
+        if state.written < self.cap
+            && let Some(file) = state.file.as_mut()
+            && file.write_all(text.as_bytes()).is_ok()
+        {
+            state.written += text.len() as u64;
+        }
+        let tail = &mut state.tail;
+        tail.extend_from_slice(text.as_bytes());
+        if tail.len() > TAIL_BYTES {
+            tail.drain(..tail.len() - TAIL_BYTES);
         }
     }
 

@@ -421,7 +421,7 @@ impl SessionManager {
             let mut all_freed = true;
             for victim in evict {
                 tracing::info!(session = %victim, "evicting the least recently used idle session to make room");
-                all_freed &= self.stop_if_idle(&victim).await?;
+                all_freed &= self.stop_if_idle_admitted(&victim).await?;
             }
             rounds += 1;
             if all_freed || rounds == 5 {
@@ -448,7 +448,18 @@ impl SessionManager {
             template: template.to_owned(),
             volumes: Vec::new(),
         };
-        match inner.backend.create(&spec).await {
+        // If this future is dropped while the backend creates (a handler past its grace, say),
+        // the half-made entry must not stay behind holding room forever.
+        let mut pending = PendingEntry {
+            inner,
+            id: &id,
+            generation,
+            armed: true,
+        };
+        let created = inner.backend.create(&spec).await;
+        pending.armed = false;
+        drop(pending);
+        match created {
             Ok(sandbox) => {
                 if let Some(entry) = inner.lock().get_mut(&id) {
                     entry.sandbox = Some(sandbox.clone());
@@ -499,7 +510,15 @@ impl SessionManager {
         }))
     }
 
+    /// Stops a session if no task runs in it. Takes the admission lock, so that no acquire of
+    /// the same id can make it again before its sandbox is gone.
     async fn stop_if_idle(&self, id: &str) -> Result<bool, SessionError> {
+        let _admission = self.inner.admission.lock().await;
+        self.stop_if_idle_admitted(id).await
+    }
+
+    /// [`SessionManager::stop_if_idle`] for a caller that holds the admission lock.
+    async fn stop_if_idle_admitted(&self, id: &str) -> Result<bool, SessionError> {
         let sandbox = {
             let mut sessions = self.inner.lock();
             match sessions.get(id) {
@@ -515,6 +534,8 @@ impl SessionManager {
 
     /// Stops a session: kills what runs in it and removes its files.
     pub async fn stop(&self, id: &str) -> Result<SessionInfo, SessionError> {
+        // No acquire makes the id again until its sandbox is gone.
+        let _admission = self.inner.admission.lock().await;
         let entry = self
             .inner
             .lock()
@@ -528,13 +549,21 @@ impl SessionManager {
 
     /// Forgets a session whose sandbox is gone (the backend stopped it, or its server lost
     /// it), so that the next use of the id makes a fresh one.
-    pub fn forget(&self, id: &str) -> bool {
-        self.inner.lock().remove(id).is_some()
+    pub fn forget(&self, lease: &SessionLease) -> bool {
+        let mut sessions = self.inner.lock();
+        match sessions.get(&lease.id) {
+            Some(entry) if entry.generation == lease.generation => {
+                sessions.remove(&lease.id);
+                true
+            }
+            _ => false,
+        }
     }
 
     /// Stops every session (at shutdown); no new session is made afterwards.
     pub async fn stop_all(&self) -> usize {
         self.inner.closed.store(true, Ordering::Release);
+        let _admission = self.inner.admission.lock().await;
         let entries: Vec<(String, Entry)> = self.inner.lock().drain().collect();
         let mut stopped = 0;
         for (id, entry) in entries {
@@ -632,6 +661,29 @@ impl SessionManager {
     /// When the manager started, in Unix seconds.
     pub fn started_at(&self) -> f64 {
         self.inner.started_at
+    }
+}
+
+/// Removes a session entry whose creation was abandoned (see `acquire`).
+struct PendingEntry<'a> {
+    inner: &'a Arc<Inner>,
+    id: &'a str,
+    generation: u64,
+    armed: bool,
+}
+
+impl Drop for PendingEntry<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let mut sessions = self.inner.lock();
+        if sessions
+            .get(self.id)
+            .is_some_and(|e| e.generation == self.generation)
+        {
+            sessions.remove(self.id);
+        }
     }
 }
 

@@ -273,9 +273,11 @@ impl Group {
             .collect()
     }
 
-    /// Whether the group is empty of processes (or gone).
+    /// Whether the group and its sub-groups are empty of processes (or gone).
     pub(crate) fn is_empty(&self) -> bool {
-        self.dirs.iter().all(|(_, dir)| procs(dir).is_empty())
+        self.dirs
+            .iter()
+            .all(|(_, dir)| all_procs_under(dir).is_empty())
     }
 
     /// Kills every process in the group and its descendants, escapees included: `cgroup.kill`
@@ -293,7 +295,9 @@ impl Group {
             for pid in all_procs_under(dir) {
                 kill_pid(pid);
             }
-            let _ = fs::write(dir.join("freezer.state"), "THAWED");
+            // A sub-group frozen on its own (a paused run) stays frozen when its parent thaws,
+            // and a killed process in it cannot die until it thaws.
+            thaw_all_under(dir);
             return before;
         }
         for pid in self.all_procs() {
@@ -481,6 +485,17 @@ fn apply_limits(
         Kind::Freezer | Kind::Unified => {}
     }
     Ok(())
+}
+
+fn thaw_all_under(dir: &Path) {
+    let _ = fs::write(dir.join("freezer.state"), "THAWED");
+    if let Ok(entries) = fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                thaw_all_under(&entry.path());
+            }
+        }
+    }
 }
 
 fn wait_frozen(dir: &Path) {

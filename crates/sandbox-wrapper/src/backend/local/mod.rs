@@ -67,10 +67,12 @@ pub struct LocalConfig {
     pub instance_marker: String,
     /// How much isolation to use.
     pub isolation: IsolationMode,
-    /// The user and group sandboxed processes run as when msbd runs as root.
-    pub sandbox_uid: u32,
-    /// See `sandbox_uid`.
-    pub sandbox_gid: u32,
+    /// When msbd runs as root, each session runs as its own unprivileged user and group, taken
+    /// from `sandbox_uid_base .. sandbox_uid_base + sandbox_uid_count` (uid = gid), so that no
+    /// session can read another's files whatever else is missing.
+    pub sandbox_uid_base: u32,
+    /// See `sandbox_uid_base`.
+    pub sandbox_uid_count: u32,
     /// The bubblewrap program; `None` looks for `bwrap` in the usual places.
     pub bwrap: Option<PathBuf>,
     /// Host directories bound into every sandbox.
@@ -78,14 +80,14 @@ pub struct LocalConfig {
 }
 
 impl LocalConfig {
-    /// A configuration with the defaults: strongest isolation, uid/gid 65534 (`nobody`).
+    /// A configuration with the defaults: strongest isolation, a uid per session from 200000.
     pub fn new(data_dir: impl Into<PathBuf>, instance_marker: impl Into<String>) -> LocalConfig {
         LocalConfig {
             data_dir: data_dir.into(),
             instance_marker: instance_marker.into(),
             isolation: IsolationMode::Strongest,
-            sandbox_uid: 65534,
-            sandbox_gid: 65534,
+            sandbox_uid_base: 200_000,
+            sandbox_uid_count: 65_536,
             bwrap: None,
             volumes: Vec::new(),
         }
@@ -122,7 +124,13 @@ pub struct IsolationReport {
 pub struct LocalBackend {
     config: LocalConfig,
     cgroups: Cgroups,
-    drop_to: Option<(Uid, Gid)>,
+    /// Whether processes run as per-session unprivileged users (msbd is root).
+    drop_uid: bool,
+    /// The uid offsets in use by live sessions.
+    uids: Mutex<std::collections::BTreeSet<u32>>,
+    /// Held by `create` and by the orphan sweep, so that a sweep never removes a session made
+    /// while it runs.
+    lifecycle: tokio::sync::Mutex<()>,
     bwrap: Option<PathBuf>,
     seccomp_file: Option<PathBuf>,
     seccomp: Option<seccompiler::BpfProgram>,
@@ -135,6 +143,8 @@ pub struct LocalBackend {
 struct LocalSandbox {
     info: SandboxInfo,
     work_dir: PathBuf,
+    /// The user and group its processes run as (when msbd is root), and its uid offset.
+    uid: Option<(Uid, Gid, u32)>,
     group: Option<Group>,
     limits: Limits,
     /// The session's interpreters, one per language; a call holds its language's lock.
@@ -171,9 +181,17 @@ impl LocalBackend {
             .map_err(|e| BackendError::io(format!("creating {}", root.display()), e))?;
         set_mode(&root, 0o711)?;
         set_mode(&config.data_dir, 0o711)?;
+        // bubblewrap resolves relative paths inside the sandbox: work with the absolute one.
+        let mut config = config;
+        config.data_dir = config
+            .data_dir
+            .canonicalize()
+            .map_err(|e| BackendError::io(format!("resolving {}", config.data_dir.display()), e))?;
         let mut backend = LocalBackend {
             cgroups: Cgroups::none(),
-            drop_to: None,
+            drop_uid: false,
+            uids: Mutex::new(std::collections::BTreeSet::new()),
+            lifecycle: tokio::sync::Mutex::new(()),
             bwrap: None,
             seccomp_file: None,
             seccomp: None,
@@ -201,12 +219,7 @@ impl LocalBackend {
         if !self.cgroups.any() {
             missing.push("cgroups: no writable cgroup hierarchy (run as root for limits and whole-tree kill)".into());
         }
-        if root {
-            self.drop_to = Some((
-                Uid::from_raw(self.config.sandbox_uid),
-                Gid::from_raw(self.config.sandbox_gid),
-            ));
-        }
+        self.drop_uid = root && self.config.sandbox_uid_count > 0;
         match spawn::seccomp_program() {
             Ok(program) => {
                 let path = self.config.data_dir.join("seccomp.bpf");
@@ -242,6 +255,11 @@ impl LocalBackend {
         if self.bwrap.is_none() && !self.landlock {
             missing.push("landlock: the kernel does not offer it".into());
         }
+        if self.bwrap.is_none() {
+            missing.push(
+                "without bubblewrap: host unix sockets stay reachable, and volumes appear at their host path (no mount namespace)".into(),
+            );
+        }
         if self.bwrap.is_none() && self.probe().is_err() {
             // Last resort: without seccomp and Landlock, which the probe showed failing.
             missing.push("seccomp/landlock: failed to apply here".into());
@@ -255,8 +273,8 @@ impl LocalBackend {
         if let Some(cgroups) = self.cgroups.describe() {
             layers.push(cgroups);
         }
-        if let Some((uid, _)) = self.drop_to {
-            layers.push(format!("uid({uid})"));
+        if self.drop_uid {
+            layers.push("uid-per-session".to_owned());
         }
         if self.bwrap.is_some() {
             layers.push("bwrap(user,net,pid,ipc,uts,mount)".into());
@@ -269,7 +287,7 @@ impl LocalBackend {
         layers.push("rlimits+setsid+pdeathsig".into());
         let fs_restricted = self.bwrap.is_some() || self.landlock;
         let level = if fs_restricted
-            && self.drop_to.is_some()
+            && self.drop_uid
             && self.bwrap.is_some()
             && self.cgroups.can_kill_tree()
             && self.cgroups.limits_memory()
@@ -291,9 +309,21 @@ impl LocalBackend {
     fn probe(&self) -> Result<(), String> {
         let dir = self.config.data_dir.join("sandboxes").join(".probe");
         std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-        self.prepare_work_dir(&dir).map_err(|e| e.to_string())?;
+        let uid = self.drop_uid.then(|| {
+            let id = self.config.sandbox_uid_base;
+            (Uid::from_raw(id), Gid::from_raw(id))
+        });
+        self.prepare_work_dir(&dir, uid)
+            .map_err(|e| e.to_string())?;
         let argv = vec!["true".to_owned()];
-        let launch = self.launch(&argv, Vec::new(), &dir, false, Vec::new(), Flavor::Small);
+        let launch = self.launch(
+            &argv,
+            Vec::new(),
+            &dir,
+            false,
+            Vec::new(),
+            (Flavor::Small, uid),
+        );
         let result = spawn::command(launch)
             .map_err(|e| e.to_string())
             .and_then(|mut command| command.status().map_err(|e| e.to_string()));
@@ -332,9 +362,9 @@ impl LocalBackend {
         format!("msbd-{}-{session}", self.config.instance_marker)
     }
 
-    fn prepare_work_dir(&self, dir: &Path) -> Result<(), BackendError> {
+    fn prepare_work_dir(&self, dir: &Path, uid: Option<(Uid, Gid)>) -> Result<(), BackendError> {
         set_mode(dir, 0o700)?;
-        if let Some((uid, gid)) = self.drop_to {
+        if let Some((uid, gid)) = uid {
             nix::unistd::chown(dir, Some(uid), Some(gid)).map_err(|e| {
                 BackendError::io(format!("giving {} to uid {uid}", dir.display()), e.into())
             })?;
@@ -349,7 +379,7 @@ impl LocalBackend {
         work_dir: &'a Path,
         stdin: bool,
         cgroup_procs: Vec<std::os::fd::OwnedFd>,
-        flavor: Flavor,
+        (flavor, drop_to): (Flavor, Option<(Uid, Gid)>),
     ) -> spawn::Launch<'a> {
         let off = self.config.isolation == IsolationMode::Off;
         let mut rlimits = Vec::new();
@@ -370,7 +400,7 @@ impl LocalBackend {
             stdin,
             cgroup_procs,
             rlimits,
-            drop_to: self.drop_to,
+            drop_to,
             bwrap: self.bwrap.as_deref(),
             seccomp_file: if self.bwrap.is_some() {
                 self.seccomp_file.as_deref()
@@ -387,6 +417,9 @@ impl LocalBackend {
             } else {
                 None
             },
+            // Without bubblewrap, root can still take the network away (Landlock covers TCP
+            // only).
+            new_netns: !off && self.bwrap.is_none() && drop_to.is_some(),
         }
     }
 
@@ -452,6 +485,7 @@ impl LocalBackend {
             ),
             None => None,
         };
+        let mut guard = GroupGuard(group.clone());
         let cgroup_procs = match &group {
             Some(group) => group
                 .open_procs()
@@ -465,7 +499,10 @@ impl LocalBackend {
             &sandbox.work_dir,
             request.stdin.is_some(),
             cgroup_procs,
-            sandbox.info.flavor,
+            (
+                sandbox.info.flavor,
+                sandbox.uid.map(|(uid, gid, _)| (uid, gid)),
+            ),
         );
         let spawn_error = |error: std::io::Error| BackendError::Spawn {
             program: program.clone(),
@@ -475,19 +512,12 @@ impl LocalBackend {
             tokio::process::Command::from(spawn::command(launch).map_err(spawn_error)?);
         command.kill_on_drop(true);
         let started = Instant::now();
-        let mut child = match command.spawn() {
-            Ok(child) => child,
-            Err(error) => {
-                if let Some(group) = group {
-                    remove_group(group).await;
-                }
-                return Err(spawn_error(error));
-            }
-        };
+        let mut child = command.spawn().map_err(spawn_error)?;
         let pid = child.id().map(|p| p as i32);
         let tree = Tree {
             group: group.clone(),
             pid,
+            signals_reach_tree: self.bwrap.is_none(),
         };
         let mut stdout = child.stdout.take();
         let mut stderr = child.stderr.take();
@@ -502,6 +532,14 @@ impl LocalBackend {
         let mut exit: Option<std::process::ExitStatus> = None;
         let mut reason: Option<EndReason> = None;
         let mut paused_since: Option<Instant> = None;
+        // Paused before it started: frozen from the first instant.
+        if *control.paused.borrow_and_update() {
+            if tree.freeze(true) {
+                paused_since = Some(Instant::now());
+            } else {
+                output.note(CANNOT_FREEZE);
+            }
+        }
         let mut paused_total = Duration::ZERO;
         let mut drain_until: Option<tokio::time::Instant> = None;
         let far = tokio::time::Instant::now() + Duration::from_secs(86_400 * 365);
@@ -554,8 +592,11 @@ impl LocalBackend {
                     let pause = *control.paused.borrow_and_update();
                     match (pause, paused_since) {
                         (true, None) => {
-                            tree.freeze(true);
-                            paused_since = Some(Instant::now());
+                            if tree.freeze(true) {
+                                paused_since = Some(Instant::now());
+                            } else {
+                                output.note(CANNOT_FREEZE);
+                            }
                         }
                         (false, Some(since)) => {
                             tree.freeze(false);
@@ -578,7 +619,7 @@ impl LocalBackend {
         let duration = started.elapsed();
         let peak_memory_bytes = group.as_ref().and_then(Group::peak_memory);
         let oom = group.as_ref().is_some_and(|g| g.oom_kills() > 0);
-        if let Some(group) = group {
+        if let Some(group) = guard.take() {
             remove_group(group).await;
         }
         output.flush();
@@ -664,7 +705,6 @@ impl LocalBackend {
         language: Language,
     ) -> Result<repl::Interpreter, BackendError> {
         let argv = repl::driver_argv(language);
-        let token = repl::new_token();
         let run_name = format!(
             "r-{}-{}",
             language,
@@ -678,20 +718,24 @@ impl LocalBackend {
             ),
             None => None,
         };
+        let mut guard = GroupGuard(group.clone());
         let cgroup_procs = match &group {
             Some(group) => group
                 .open_procs()
                 .map_err(|e| BackendError::io("opening the interpreter's cgroup", e))?,
             None => Vec::new(),
         };
-        let env = self.environment(sandbox, &[("MSBD_REPL_TOKEN".to_owned(), token.clone())]);
+        let env = self.environment(sandbox, &[]);
         let launch = self.launch(
             &argv,
             env,
             &sandbox.work_dir,
             true,
             cgroup_procs,
-            sandbox.info.flavor,
+            (
+                sandbox.info.flavor,
+                sandbox.uid.map(|(uid, gid, _)| (uid, gid)),
+            ),
         );
         let spawn_error = |error: std::io::Error| BackendError::Spawn {
             program: argv[0].clone(),
@@ -709,14 +753,19 @@ impl LocalBackend {
                 "the interpreter has no pipes".into(),
             ));
         };
+        // From here the interpreter's tree owns the group.
+        guard.take();
         Ok(repl::Interpreter {
             language,
             child,
             stdin,
             stdout,
             stderr,
-            tree: Arc::new(Tree { group, pid }),
-            token,
+            tree: Arc::new(Tree {
+                group,
+                pid,
+                signals_reach_tree: self.bwrap.is_none(),
+            }),
         })
     }
 }
@@ -736,11 +785,97 @@ impl Drop for LocalBackend {
     }
 }
 
+impl LocalBackend {
+    fn make_sandbox(
+        &self,
+        spec: &SandboxSpec,
+        name: String,
+        uid: Option<(Uid, Gid, u32)>,
+    ) -> Result<SandboxInfo, BackendError> {
+        let home = self
+            .config
+            .data_dir
+            .join("sandboxes")
+            .join(&spec.session_id);
+        let work_dir = home.join("work");
+        std::fs::create_dir_all(&work_dir)
+            .map_err(|e| BackendError::io(format!("creating {}", work_dir.display()), e))?;
+        set_mode(&home, 0o711)?;
+        std::fs::write(home.join("marker"), &self.config.instance_marker)
+            .map_err(|e| BackendError::io("writing the sandbox marker", e))?;
+        self.prepare_work_dir(&work_dir, uid.map(|(u, g, _)| (u, g)))?;
+        let limits = Limits {
+            memory_bytes: spec.flavor.memory_mb() << 20,
+            pids: pids_limit(spec.flavor),
+            cpus: spec.flavor.cpus(),
+        };
+        let group = if self.cgroups.any() {
+            Some(
+                self.cgroups
+                    .session(&spec.session_id, limits)
+                    .map_err(|e| BackendError::io("creating the session's cgroup", e))?,
+            )
+        } else {
+            None
+        };
+        let info = SandboxInfo {
+            name: name.clone(),
+            session_id: spec.session_id.clone(),
+            flavor: spec.flavor,
+            work_dir: Some(work_dir.clone()),
+        };
+        let sandbox = Arc::new(LocalSandbox {
+            info: info.clone(),
+            work_dir,
+            uid,
+            group,
+            limits,
+            interpreters: [Language::Python, Language::Node, Language::Bash]
+                .into_iter()
+                .map(|l| (l, tokio::sync::Mutex::new(None)))
+                .collect(),
+        });
+        self.lock().insert(name, sandbox);
+        Ok(info)
+    }
+
+    fn release_uid(&self, offset: u32) {
+        self.uids
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&offset);
+    }
+}
+
 /// What to kill or freeze for one run: its cgroup when there is one, else its process group.
 struct Tree {
     group: Option<Group>,
     pid: Option<i32>,
+    /// Whether signals to the leader's process group reach the whole tree (no bubblewrap,
+    /// whose `--new-session` puts the program in a group of its own).
+    signals_reach_tree: bool,
 }
+
+/// Removes a run's cgroup on every path out of a run, early returns included.
+struct GroupGuard(Option<Group>);
+
+impl GroupGuard {
+    /// The normal end: hands the group over for an asynchronous removal.
+    fn take(&mut self) -> Option<Group> {
+        self.0.take()
+    }
+}
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        if let Some(group) = self.0.take() {
+            group.remove(Duration::from_millis(200));
+        }
+    }
+}
+
+/// What the output says when a pause cannot freeze the work.
+const CANNOT_FREEZE: &str = "\n[msbd: this host cannot freeze a process tree (no cgroup freezer): the task keeps running while paused, and its timeout clock too]\n";
 
 impl Tree {
     fn kill(&self) {
@@ -761,20 +896,24 @@ impl Tree {
         self.freeze(false);
     }
 
-    fn freeze(&self, frozen: bool) {
+    /// Freezes or thaws the tree; `false` when this host cannot (then the work goes on).
+    fn freeze(&self, frozen: bool) -> bool {
         if let Some(group) = &self.group
             && group.freeze(frozen)
         {
-            return;
+            return true;
         }
-        if let Some(pid) = self.pid {
+        if let Some(pid) = self.pid
+            && self.signals_reach_tree
+        {
             let signal = if frozen {
                 nix::sys::signal::Signal::SIGSTOP
             } else {
                 nix::sys::signal::Signal::SIGCONT
             };
-            let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), signal);
+            return nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), signal).is_ok();
         }
+        false
     }
 }
 
@@ -812,13 +951,29 @@ fn check_volume(volume: &VolumeMapping) -> Result<(), BackendError> {
             volume.guest.display()
         )));
     }
-    let under_tmp = volume.guest.starts_with("/tmp") && volume.guest != Path::new("/tmp");
-    if !under_tmp && !volume.guest.exists() {
+    let guest = &volume.guest;
+    if guest == Path::new("/")
+        || ["/proc", "/dev", "/sys", "/tmp"]
+            .iter()
+            .any(|d| guest == Path::new(d))
+        || ["/proc", "/dev", "/sys"]
+            .iter()
+            .any(|d| guest.starts_with(d))
+    {
         return Err(BackendError::InvalidRequest(format!(
-            "volume {}:{}: the guest path must exist on this host (sandboxes see the host's system read-only, so it cannot be created) or lie under /tmp: create {} or map to /tmp/<name>",
+            "volume {}:{}: the guest path cannot be /, /tmp itself, or under /proc, /dev or /sys: map to a directory such as /data or /tmp/<name>",
             volume.host.display(),
-            volume.guest.display(),
-            volume.guest.display()
+            guest.display()
+        )));
+    }
+    // Sandboxes see the system directories read-only, so no mount point can be made in them.
+    let in_system = spawn::SYSTEM_DIRS.iter().any(|d| guest.starts_with(d));
+    if in_system && !guest.exists() {
+        return Err(BackendError::InvalidRequest(format!(
+            "volume {}:{}: the guest path lies in a system directory the sandbox sees read-only and does not exist there; map to a new directory such as /data or /tmp/<name>, or create {}",
+            volume.host.display(),
+            guest.display(),
+            guest.display()
         )));
     }
     Ok(())
@@ -861,54 +1016,36 @@ impl SandboxBackend for LocalBackend {
     ) -> BoxFuture<'a, Result<SandboxInfo, BackendError>> {
         Box::pin(async move {
             validate_session_id(&spec.session_id)?;
+            let _lifecycle = self.lifecycle.lock().await;
             let name = self.sandbox_name(&spec.session_id);
             if let Some(existing) = self.lock().get(&name) {
                 return Ok(existing.info.clone());
             }
-            let home = self
-                .config
-                .data_dir
-                .join("sandboxes")
-                .join(&spec.session_id);
-            let work_dir = home.join("work");
-            std::fs::create_dir_all(&work_dir)
-                .map_err(|e| BackendError::io(format!("creating {}", work_dir.display()), e))?;
-            set_mode(&home, 0o711)?;
-            std::fs::write(home.join("marker"), &self.config.instance_marker)
-                .map_err(|e| BackendError::io("writing the sandbox marker", e))?;
-            self.prepare_work_dir(&work_dir)?;
-            let limits = Limits {
-                memory_bytes: spec.flavor.memory_mb() << 20,
-                pids: pids_limit(spec.flavor),
-                cpus: spec.flavor.cpus(),
-            };
-            let group = if self.cgroups.any() {
-                Some(
-                    self.cgroups
-                        .session(&spec.session_id, limits)
-                        .map_err(|e| BackendError::io("creating the session's cgroup", e))?,
-                )
+            let uid = if self.drop_uid {
+                let offset = {
+                    let mut used = self.uids.lock().unwrap_or_else(PoisonError::into_inner);
+                    let free = (0..self.config.sandbox_uid_count).find(|o| !used.contains(o));
+                    let Some(offset) = free else {
+                        return Err(BackendError::Unavailable(format!(
+                            "all {} sandbox uids are in use: stop a session or raise the uid range",
+                            self.config.sandbox_uid_count
+                        )));
+                    };
+                    used.insert(offset);
+                    offset
+                };
+                let id = self.config.sandbox_uid_base + offset;
+                Some((Uid::from_raw(id), Gid::from_raw(id), offset))
             } else {
                 None
             };
-            let info = SandboxInfo {
-                name: name.clone(),
-                session_id: spec.session_id.clone(),
-                flavor: spec.flavor,
-                work_dir: Some(work_dir.clone()),
-            };
-            let sandbox = Arc::new(LocalSandbox {
-                info: info.clone(),
-                work_dir,
-                group,
-                limits,
-                interpreters: [Language::Python, Language::Node, Language::Bash]
-                    .into_iter()
-                    .map(|l| (l, tokio::sync::Mutex::new(None)))
-                    .collect(),
-            });
-            self.lock().insert(name, sandbox);
-            Ok(info)
+            let created = self.make_sandbox(spec, name, uid);
+            if created.is_err()
+                && let Some((_, _, offset)) = uid
+            {
+                self.release_uid(offset);
+            }
+            created
         })
     }
 
@@ -924,7 +1061,6 @@ impl SandboxBackend for LocalBackend {
             self.run(sandbox, request, output, control).await
         })
     }
-
     fn repl<'a>(
         &'a self,
         sandbox: &'a SandboxInfo,
@@ -941,12 +1077,17 @@ impl SandboxBackend for LocalBackend {
 
     fn stop<'a>(&'a self, sandbox: &'a SandboxInfo) -> BoxFuture<'a, Result<(), BackendError>> {
         Box::pin(async move {
+            // A create of the same session waits until this one is gone for good.
+            let _lifecycle = self.lifecycle.lock().await;
             let removed = self.lock().remove(&sandbox.name);
             let Some(sandbox) = removed else {
                 return Ok(());
             };
             if let Some(group) = sandbox.group.clone() {
                 remove_group(group).await;
+            }
+            if let Some((_, _, offset)) = sandbox.uid {
+                self.release_uid(offset);
             }
             kill_marked_processes(&self.config.instance_marker, |s| {
                 s == sandbox.info.session_id
@@ -1001,6 +1142,8 @@ impl SandboxBackend for LocalBackend {
         live: &'a HashSet<String>,
     ) -> BoxFuture<'a, Result<SweepReport, BackendError>> {
         Box::pin(async move {
+            // No session is made while the sweep runs, so none can be taken for an orphan.
+            let _lifecycle = self.lifecycle.lock().await;
             let known: HashSet<String> = self
                 .lock()
                 .values()

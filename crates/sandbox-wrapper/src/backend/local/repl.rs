@@ -4,10 +4,11 @@
 //! The protocol: msbd writes one line per call (JSON `{"code": ...}` for python and node, base64
 //! of the code for bash); the driver runs the code with its output going to its own stdout and
 //! stderr (so it streams into the task's output as it comes), then writes `\n<token> <status>`
-//! on stdout and `\n<token>` on stderr. The token is random per process, so code cannot end a
-//! call early by printing a look-alike. As in a REPL, python and node print the value of a last
-//! expression. A timeout or cancel kills the interpreter (its state is lost; the next call starts
-//! a fresh one), and the result says so.
+//! on stdout and `\n<token>` on stderr. The token is random per call and sent with the call, so
+//! no output of an earlier call can end a later one; code that goes looking for its own call's
+//! token can end that call early, which only fools the code itself. As in a REPL, python and
+//! node print the value of a last expression. A timeout or cancel kills the interpreter (its
+//! state is lost; the next call starts a fresh one), and the result says so.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -21,7 +22,6 @@ use crate::output::{OutputSink, Stream};
 
 const PYTHON_DRIVER: &str = r#"
 import ast, json, os, sys, traceback
-token = os.environ.pop("MSBD_REPL_TOKEN")
 proto = os.fdopen(os.dup(0), "r")
 null = os.open(os.devnull, os.O_RDONLY)
 os.dup2(null, 0)
@@ -29,8 +29,10 @@ sys.stdin = open(os.devnull)
 scope = {"__name__": "__main__", "__builtins__": __builtins__}
 for line in proto:
     ok = True
+    request = json.loads(line)
+    token = request["token"]
     try:
-        tree = ast.parse(json.loads(line)["code"], "<msbd>", "exec")
+        tree = ast.parse(request["code"], "<msbd>", "exec")
         last = None
         if tree.body and isinstance(tree.body[-1], ast.Expr):
             last = ast.Expression(tree.body.pop().value)
@@ -56,41 +58,38 @@ const NODE_DRIVER: &str = r#"
 const vm = require('vm');
 const util = require('util');
 const readline = require('readline');
-const token = process.env.MSBD_REPL_TOKEN;
-delete process.env.MSBD_REPL_TOKEN;
 globalThis.require = require;
 const lines = readline.createInterface({ input: process.stdin });
 let queue = Promise.resolve();
-const done = (ok) => {
+const done = (token, ok) => new Promise((resolve) => {
   process.stdout.write('\n' + token + ' ' + (ok ? 0 : 1) + '\n', () => {
-    process.stderr.write('\n' + token + '\n');
+    process.stderr.write('\n' + token + '\n', resolve);
   });
-};
+});
 lines.on('line', (line) => {
   queue = queue.then(async () => {
     let ok = true;
+    const request = JSON.parse(line);
     try {
-      let value = vm.runInThisContext(JSON.parse(line).code, { filename: '<msbd>' });
+      let value = vm.runInThisContext(request.code, { filename: '<msbd>' });
       if (value && typeof value.then === 'function') value = await value;
       if (value !== undefined) console.log(util.inspect(value));
     } catch (error) {
       ok = false;
       console.error(error && error.stack ? error.stack : String(error));
     }
-    await new Promise((resolve) => done(ok) || setImmediate(resolve));
+    await done(request.token, ok);
   });
 });
 "#;
 
 const BASH_DRIVER: &str = r#"
-token="$MSBD_REPL_TOKEN"
-unset MSBD_REPL_TOKEN
 exec 3<&0 </dev/null
-while IFS= read -r __msbd_line <&3; do
+while IFS=' ' read -r __msbd_token __msbd_line <&3; do
   eval "$(printf '%s' "$__msbd_line" | base64 -d)"
   __msbd_status=$?
-  printf '\n%s %d\n' "$token" "$__msbd_status"
-  printf '\n%s\n' "$token" >&2
+  printf '\n%s %d\n' "$__msbd_token" "$__msbd_status"
+  printf '\n%s\n' "$__msbd_token" >&2
 done
 "#;
 
@@ -129,7 +128,6 @@ pub(crate) struct Interpreter {
     pub(crate) stdout: ChildStdout,
     pub(crate) stderr: ChildStderr,
     pub(crate) tree: Arc<Tree>,
-    pub(crate) token: String,
 }
 
 /// How a call ended.
@@ -182,6 +180,15 @@ impl Splitter {
         std::mem::replace(&mut self.pending, rest)
     }
 
+    /// What is held back (no token came): output after all.
+    fn rest(&mut self) -> Vec<u8> {
+        if self.found {
+            Vec::new()
+        } else {
+            std::mem::take(&mut self.pending)
+        }
+    }
+
     /// The status after the token on stdout (` 0\n`), once the line is complete.
     fn status(&self) -> Option<Option<i32>> {
         let newline = self.after.iter().position(|&b| b == b'\n')?;
@@ -204,9 +211,10 @@ impl Interpreter {
         output: &OutputSink,
         control: &mut ExecControl,
     ) -> Result<CallEnd, BackendError> {
+        let token = new_token();
         let line = match self.language {
-            Language::Bash => base64(code.as_bytes()),
-            _ => serde_json::json!({ "code": code }).to_string(),
+            Language::Bash => format!("{token} {}", base64(code.as_bytes())),
+            _ => serde_json::json!({ "code": code, "token": token }).to_string(),
         };
         let mut request = line.into_bytes();
         request.push(b'\n');
@@ -217,8 +225,8 @@ impl Interpreter {
             )));
         }
         let started = Instant::now();
-        let mut out = Splitter::new(&self.token);
-        let mut err = Splitter::new(&self.token);
+        let mut out = Splitter::new(&token);
+        let mut err = Splitter::new(&token);
         let mut out_buf = vec![0u8; 16 * 1024];
         let mut err_buf = vec![0u8; 16 * 1024];
         let mut paused_since: Option<Instant> = None;
@@ -226,6 +234,25 @@ impl Interpreter {
         let far = tokio::time::Instant::now() + Duration::from_secs(86_400 * 365);
         let mut out_open = true;
         let mut err_open = true;
+        // Paused before it started: frozen from the first instant.
+        if *control.paused.borrow_and_update() {
+            if self.tree.freeze(true) {
+                paused_since = Some(Instant::now());
+            } else {
+                output.note(super::CANNOT_FREEZE);
+            }
+        }
+        // Whatever was held back as a possible token start is output after all.
+        let flush = |out: &mut Splitter, err: &mut Splitter| {
+            let rest = out.rest();
+            if !rest.is_empty() {
+                output.write(Stream::Stdout, &rest);
+            }
+            let rest = err.rest();
+            if !rest.is_empty() {
+                output.write(Stream::Stderr, &rest);
+            }
+        };
         loop {
             if let Some(status) = out.status()
                 && (err.found || !err_open)
@@ -234,20 +261,6 @@ impl Interpreter {
                     status,
                     reason: EndReason::Exited,
                     alive: true,
-                });
-            }
-            if !out_open && !err_open {
-                let status = self.child.wait().await.ok();
-                let oom = self.tree.group.as_ref().is_some_and(|g| g.oom_kills() > 0);
-                let _ = status;
-                return Ok(CallEnd {
-                    status: None,
-                    reason: if oom {
-                        EndReason::MemoryLimit
-                    } else {
-                        EndReason::Exited
-                    },
-                    alive: false,
                 });
             }
             let deadline = match (timeout, paused_since) {
@@ -273,12 +286,25 @@ impl Interpreter {
                         }
                     }
                 },
+                // Both pipes closed without the token: the interpreter died (or closed them and
+                // lives on, which the deadline and cancel below still catch).
+                _ = self.child.wait(), if !out_open && !err_open => {
+                    flush(&mut out, &mut err);
+                    let oom = self.tree.group.as_ref().is_some_and(|g| g.oom_kills() > 0);
+                    return Ok(CallEnd {
+                        status: None,
+                        reason: if oom { EndReason::MemoryLimit } else { EndReason::Exited },
+                        alive: false,
+                    });
+                }
                 _ = control.cancel.cancelled() => {
+                    flush(&mut out, &mut err);
                     self.tree.kill();
                     self.tree.freeze(false);
                     return Ok(CallEnd { status: None, reason: EndReason::Cancelled, alive: false });
                 }
                 _ = tokio::time::sleep_until(deadline), if deadline != far => {
+                    flush(&mut out, &mut err);
                     self.tree.kill();
                     self.tree.freeze(false);
                     let after_ms = timeout.map_or(0, |t| t.as_millis() as u64);
@@ -293,8 +319,11 @@ impl Interpreter {
                     let pause = *control.paused.borrow_and_update();
                     match (pause, paused_since) {
                         (true, None) => {
-                            self.tree.freeze(true);
-                            paused_since = Some(Instant::now());
+                            if self.tree.freeze(true) {
+                                paused_since = Some(Instant::now());
+                            } else {
+                                output.note(super::CANNOT_FREEZE);
+                            }
                         }
                         (false, Some(since)) => {
                             self.tree.freeze(false);

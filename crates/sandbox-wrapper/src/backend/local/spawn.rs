@@ -53,6 +53,9 @@ pub(crate) struct Launch<'a> {
     pub(crate) seccomp_direct: Option<&'a BpfProgram>,
     /// A Landlock ruleset to enforce (when bubblewrap is not used).
     pub(crate) landlock: Option<RulesetCreated>,
+    /// Whether to give the process a network namespace of its own (no network) before the uid
+    /// drop: for root without bubblewrap, where Landlock covers TCP only.
+    pub(crate) new_netns: bool,
 }
 
 /// Builds the command for a launch: the program itself, or bubblewrap around it.
@@ -94,12 +97,23 @@ pub(crate) fn command(mut launch: Launch<'_>) -> std::io::Result<std::process::C
     let drop_to = launch.drop_to;
     let mut landlock = launch.landlock.take();
     let seccomp_direct: Option<BpfProgram> = launch.seccomp_direct.cloned();
+    let new_netns = launch.new_netns;
     let parent = Pid::this();
+    // A hard limit can be lowered, never raised (without CAP_SYS_RESOURCE): never ask for more
+    // than the current one.
+    let rlimits: Vec<(Resource, u64)> = rlimits
+        .into_iter()
+        .map(|(resource, limit)| {
+            let hard = nix::sys::resource::getrlimit(resource).map_or(limit, |(_, hard)| hard);
+            (resource, limit.min(hard))
+        })
+        .collect();
 
     // SAFETY: the closure runs in the forked child before exec. It only makes system calls
-    // (setsid, write, setrlimit, dup2, fcntl, setgroups, setgid, setuid, prctl, getppid,
-    // landlock_restrict_self, seccomp) on values prepared before the fork; it allocates nothing
-    // on its success path and returns an error (which std reports to the parent) on failure.
+    // (setsid, write, setrlimit, dup2, close_range, fcntl, unshare, setgroups, setgid, setuid,
+    // prctl, getppid, landlock_restrict_self, seccomp) on values prepared before the fork; it
+    // allocates nothing on its success path and returns an error (which std reports to the
+    // parent) on failure.
     unsafe {
         command.pre_exec(move || {
             nix::unistd::setsid()?;
@@ -107,13 +121,20 @@ pub(crate) fn command(mut launch: Launch<'_>) -> std::io::Result<std::process::C
             for (resource, limit) in &rlimits {
                 setrlimit(*resource, *limit, *limit)?;
             }
-            if let Some(fd) = &seccomp_fd {
-                if nix::libc::dup2(fd.as_raw_fd(), SECCOMP_FD) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                if nix::libc::fcntl(SECCOMP_FD, nix::libc::F_SETFD, 0) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
+            if let Some(fd) = &seccomp_fd
+                && nix::libc::dup2(fd.as_raw_fd(), SECCOMP_FD) < 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            // Nothing this process inherited without close-on-exec (a socket from a service
+            // manager, say) reaches the sandbox: every descriptor above stderr closes at exec,
+            // except the seccomp program bubblewrap reads.
+            close_inherited_on_exec();
+            if seccomp_fd.is_some() && nix::libc::fcntl(SECCOMP_FD, nix::libc::F_SETFD, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if new_netns {
+                nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)?;
             }
             if let Some((uid, gid)) = drop_to {
                 nix::unistd::setgroups(&[])?;
@@ -141,29 +162,72 @@ pub(crate) fn command(mut launch: Launch<'_>) -> std::io::Result<std::process::C
     Ok(command)
 }
 
+/// Marks every descriptor from 3 up close-on-exec: `close_range(CLOSE_RANGE_CLOEXEC)` (Linux
+/// 5.11), else one `fcntl` per descriptor up to the descriptor limit. Async-signal-safe.
+fn close_inherited_on_exec() {
+    const CLOSE_RANGE_CLOEXEC: u32 = 1 << 2;
+    // SAFETY: plain system calls on descriptor numbers; no memory is passed.
+    unsafe {
+        if nix::libc::syscall(
+            nix::libc::SYS_close_range,
+            3u32,
+            u32::MAX,
+            CLOSE_RANGE_CLOEXEC,
+        ) == 0
+        {
+            return;
+        }
+        let mut limit = nix::libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        let top = if nix::libc::getrlimit(nix::libc::RLIMIT_NOFILE, &mut limit) == 0 {
+            limit.rlim_cur.min(1 << 20) as i32
+        } else {
+            4096
+        };
+        for fd in 3..top {
+            let flags = nix::libc::fcntl(fd, nix::libc::F_GETFD);
+            if flags >= 0 && flags & nix::libc::FD_CLOEXEC == 0 {
+                nix::libc::fcntl(fd, nix::libc::F_SETFD, flags | nix::libc::FD_CLOEXEC);
+            }
+        }
+    }
+}
+
+/// The host directories a sandbox sees (read-only) under bubblewrap: the system, nothing else.
+/// Not `/`: a read-only bind does not stop `connect()` on a unix socket, and the host has
+/// sockets (databases, agents) all over `/var`, `/home` and elsewhere.
+pub(crate) const SYSTEM_DIRS: &[&str] = &[
+    "/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc", "/opt",
+];
+
 /// bubblewrap's arguments: every namespace (so no network), the host's system read-only, a
 /// private `/tmp`, `/dev` and `/proc`, the data directory hidden, the work directory and the
 /// volumes bound read-write, and death with its parent.
 fn bwrap_args(launch: &Launch<'_>) -> Vec<String> {
-    let mut args: Vec<String> = [
-        "--unshare-all",
-        "--die-with-parent",
-        "--new-session",
-        "--ro-bind",
-        "/",
-        "/",
-        "--dev",
-        "/dev",
-        "--proc",
-        "/proc",
-        "--tmpfs",
-        "/tmp",
-        "--tmpfs",
-        "/run",
-    ]
-    .iter()
-    .map(|s| (*s).to_owned())
-    .collect();
+    let mut args: Vec<String> = ["--unshare-all", "--die-with-parent", "--new-session"]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect();
+    for dir in SYSTEM_DIRS {
+        let path = Path::new(dir);
+        match std::fs::read_link(path) {
+            // `/bin -> usr/bin` on merged-/usr systems: the same link inside.
+            Ok(target) => args.extend([
+                "--symlink".into(),
+                target.display().to_string(),
+                (*dir).into(),
+            ]),
+            Err(_) if path.is_dir() => {
+                args.extend(["--ro-bind".into(), (*dir).into(), (*dir).into()])
+            }
+            Err(_) => {}
+        }
+    }
+    for (flag, dir) in [("--dev", "/dev"), ("--proc", "/proc"), ("--tmpfs", "/tmp")] {
+        args.extend([flag.to_owned(), dir.to_owned()]);
+    }
     for hidden in launch.hide {
         args.push("--tmpfs".into());
         args.push(hidden.display().to_string());
@@ -182,16 +246,23 @@ fn bwrap_args(launch: &Launch<'_>) -> Vec<String> {
         args.push(volume.host.display().to_string());
         args.push(volume.guest.display().to_string());
     }
-    args.extend(["--chdir".into(), work]);
+    // The root is bubblewrap's own tmpfs, where the mount points above were made: read-only
+    // from here on.
+    args.extend(["--remount-ro".into(), "/".into(), "--chdir".into(), work]);
     args
 }
 
-/// The system calls a sandboxed program is refused (`EPERM`): mounting, loading kernel code,
-/// tracing other processes, entering or making namespaces, keyrings, BPF, io_uring, clocks,
-/// rebooting. Everything else is allowed; the other layers do the rest.
+/// The system calls a sandboxed program is refused: mounting (old and new mount API), loading
+/// kernel code, tracing other processes, entering or making namespaces (`unshare`, `setns`, and
+/// `clone` with any `CLONE_NEW*` flag), keyrings, BPF, io_uring, clocks, rebooting. They fail
+/// with `ENOSYS`, which is also what makes the C library fall back from `clone3` (whose flags
+/// a filter cannot see) to `clone`. Everything else is allowed; the other layers do the rest.
 pub(crate) fn seccomp_program() -> Result<BpfProgram, String> {
     use nix::libc;
-    use seccompiler::{SeccompAction, SeccompFilter, TargetArch};
+    use seccompiler::{
+        SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+        SeccompRule, TargetArch,
+    };
 
     let denied: &[i64] = &[
         libc::SYS_mount,
@@ -227,6 +298,24 @@ pub(crate) fn seccomp_program() -> Result<BpfProgram, String> {
         libc::SYS_adjtimex,
         libc::SYS_io_uring_setup,
         libc::SYS_fanotify_init,
+        libc::SYS_clone3,
+        libc::SYS_fsopen,
+        libc::SYS_fsconfig,
+        libc::SYS_fsmount,
+        libc::SYS_fspick,
+        libc::SYS_move_mount,
+        libc::SYS_open_tree,
+        libc::SYS_mount_setattr,
+    ];
+    let namespace_flags = [
+        libc::CLONE_NEWNS,
+        libc::CLONE_NEWCGROUP,
+        libc::CLONE_NEWUTS,
+        libc::CLONE_NEWIPC,
+        libc::CLONE_NEWUSER,
+        libc::CLONE_NEWPID,
+        libc::CLONE_NEWNET,
+        0x80, // CLONE_NEWTIME
     ];
     let arch = if cfg!(target_arch = "x86_64") {
         TargetArch::x86_64
@@ -235,11 +324,28 @@ pub(crate) fn seccomp_program() -> Result<BpfProgram, String> {
     } else {
         return Err("seccomp filters are built for x86_64 and aarch64 only".into());
     };
-    let rules = denied.iter().map(|&nr| (nr, Vec::new())).collect();
+    let mut rules: std::collections::BTreeMap<i64, Vec<SeccompRule>> =
+        denied.iter().map(|&nr| (nr, Vec::new())).collect();
+    // `clone`'s flags are its first argument on x86_64 and aarch64.
+    let clone_rules = namespace_flags
+        .iter()
+        .map(|&flag| {
+            let flag = flag as u64;
+            SeccompCondition::new(
+                0,
+                SeccompCmpArgLen::Qword,
+                SeccompCmpOp::MaskedEq(flag),
+                flag,
+            )
+            .and_then(|condition| SeccompRule::new(vec![condition]))
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| e.to_string())?;
+    rules.insert(libc::SYS_clone, clone_rules);
     let filter = SeccompFilter::new(
         rules,
         SeccompAction::Allow,
-        SeccompAction::Errno(libc::EPERM as u32),
+        SeccompAction::Errno(libc::ENOSYS as u32),
         arch,
     )
     .map_err(|e| e.to_string())?;
