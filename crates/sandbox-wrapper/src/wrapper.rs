@@ -331,10 +331,16 @@ impl Wrapper {
             }
         };
         let outputs_dir = config.data_dir.join("outputs");
-        std::fs::create_dir_all(&outputs_dir).map_err(|source| WrapperError::Io {
-            action: format!("creating {}", outputs_dir.display()),
-            source,
-        })?;
+        std::fs::create_dir_all(&outputs_dir)
+            .and_then(|()| {
+                use std::os::unix::fs::PermissionsExt;
+                // Outputs are the tasks' own: no sandbox may read another's.
+                std::fs::set_permissions(&outputs_dir, std::fs::Permissions::from_mode(0o700))
+            })
+            .map_err(|source| WrapperError::Io {
+                action: format!("creating {}", outputs_dir.display()),
+                source,
+            })?;
         let shared = Arc::new(HandlerShared {
             sessions: sessions.clone(),
             outputs_dir,

@@ -192,6 +192,24 @@ impl SqliteStore {
         let mut writer = open_connection(&config.path)?;
         configure(&writer, &config, false)?;
         migrate(&mut writer)?;
+        // Tasks hold whatever clients send: readable by this user only (SQLite gives the WAL
+        // and shared-memory files the database's mode).
+        for suffix in ["", "-wal", "-shm"] {
+            let mut name = config.path.as_os_str().to_owned();
+            name.push(suffix);
+            let path = std::path::PathBuf::from(name);
+            if path.exists() {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).map_err(
+                    |e| {
+                        Error::store(
+                            "restricting the database file",
+                            format!("{}: {e}", path.display()),
+                        )
+                    },
+                )?;
+            }
+        }
         let stats = load_stats(&writer)?;
         let reader = open_connection(&config.path)?;
         configure(&reader, &config, true)?;
