@@ -1,10 +1,11 @@
 //! `cargo xtask bench`: run the benchmarks and merge their results.
 //!
-//! Each bench binary writes one JSON object per bench, mapping a result name to a
-//! number, into a file in `target/bench/parts/`. The directory's absolute path is
-//! also passed to the bench binaries in the environment variable named by
-//! [`PARTS_DIR_ENV`]. After every bench has run, the parts are merged into
-//! `target/bench/results.json` and printed as a table.
+//! Each bench binary ([`BENCH_TARGETS`]: task-core's `engine`, sandbox-wrapper's
+//! `sandbox`) writes one JSON object per bench, mapping a result name to a number, into a
+//! file in `target/bench/parts/`. The directory's absolute path is also passed to the
+//! bench binaries in the environment variable named by [`PARTS_DIR_ENV`]. Arguments
+//! after `--` (a name filter, say) go to every binary. After every bench has run, the
+//! parts are merged into `target/bench/results.json` and printed as a table.
 
 use std::{
     collections::BTreeMap,
@@ -28,10 +29,19 @@ struct BenchTarget {
 }
 
 /// Every bench that `cargo xtask bench` runs, in order. Add new ones here.
-const BENCH_TARGETS: &[BenchTarget] = &[BenchTarget {
-    package: "task-core",
-    bench: "engine",
-}];
+const BENCH_TARGETS: &[BenchTarget] = &[
+    // The task engine and its stores: writes `engine.json`.
+    BenchTarget {
+        package: "task-core",
+        bench: "engine",
+    },
+    // Sandboxed tasks end to end through the wrapper, and where their time goes: writes
+    // `sandbox.json`.
+    BenchTarget {
+        package: "sandbox-wrapper",
+        bench: "sandbox",
+    },
+];
 
 pub(crate) fn run(extra_args: &[String]) -> anyhow::Result<()> {
     let sh = Shell::new()?;

@@ -229,10 +229,11 @@ pub struct ExecControl {
 }
 
 impl ExecControl {
-    /// A control that is never cancelled or paused unless `cancel` fires.
+    /// A control that is never paused: only `cancel` steers the run.
     pub fn new(cancel: CancellationToken) -> ExecControl {
         let (sender, paused) = watch::channel(false);
-        // The receiver keeps working after its sender is gone: it just never changes.
+        // With its sender gone the receiver keeps its value and never changes; backends stop
+        // watching it once they see that.
         drop(sender);
         ExecControl { cancel, paused }
     }

@@ -763,3 +763,36 @@ async fn a_sandboxed_process_cannot_make_namespaces_mount_or_reach_host_sockets_
         "the host socket saw a connection"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn isolation_off_runs_plainly_and_still_kills_on_timeout() {
+    use sandbox_wrapper::backend::local::IsolationMode;
+    let dir = tempfile::tempdir().unwrap();
+    let marker = format!("off{}", std::process::id());
+    let mut config = LocalConfig::new(dir.path().join("data"), marker.clone());
+    config.isolation = IsolationMode::Off;
+    let backend = Arc::new(LocalBackend::new(config).unwrap());
+    assert_eq!(backend.isolation_report().level, IsolationLevel::Off);
+    let fixture = Fixture {
+        dir,
+        backend,
+        marker: marker.clone(),
+    };
+    let sandbox = fixture.session("plain").await;
+    let (outcome, text) = fixture.sh(&sandbox, "echo plain").await;
+    assert!(outcome.success(), "{outcome:?}");
+    assert_eq!(text, "plain\n");
+    let (outcome, _) = fixture
+        .sh_with(
+            &sandbox,
+            "sleep 300 & sleep 300",
+            Some(Duration::from_millis(300)),
+            CancellationToken::new(),
+        )
+        .await;
+    assert_eq!(outcome.reason, EndReason::TimedOut { after_ms: 300 });
+    eventually("the plain run's processes to be gone", || {
+        marked_processes(&format!("{marker}/plain")).is_empty()
+    })
+    .await;
+}

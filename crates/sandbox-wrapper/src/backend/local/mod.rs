@@ -532,6 +532,7 @@ impl LocalBackend {
         let mut exit: Option<std::process::ExitStatus> = None;
         let mut reason: Option<EndReason> = None;
         let mut paused_since: Option<Instant> = None;
+        let mut pause_open = true;
         // Paused before it started: frozen from the first instant.
         if *control.paused.borrow_and_update() {
             if tree.freeze(true) {
@@ -580,13 +581,10 @@ impl LocalBackend {
                     reason = Some(EndReason::TimedOut { after_ms });
                     tree.thaw_and_kill();
                 }
-                changed = control.paused.changed(), if exit.is_none() && reason.is_none() => {
+                changed = control.paused.changed(), if pause_open && exit.is_none() && reason.is_none() => {
                     if changed.is_err() {
                         // The pause switch is gone: it can no longer change.
-                        control.paused = {
-                            let (_sender, receiver) = tokio::sync::watch::channel(false);
-                            receiver
-                        };
+                        pause_open = false;
                         continue;
                     }
                     let pause = *control.paused.borrow_and_update();

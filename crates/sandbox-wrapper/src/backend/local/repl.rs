@@ -234,6 +234,7 @@ impl Interpreter {
         let far = tokio::time::Instant::now() + Duration::from_secs(86_400 * 365);
         let mut out_open = true;
         let mut err_open = true;
+        let mut pause_open = true;
         // Paused before it started: frozen from the first instant.
         if *control.paused.borrow_and_update() {
             if self.tree.freeze(true) {
@@ -310,10 +311,10 @@ impl Interpreter {
                     let after_ms = timeout.map_or(0, |t| t.as_millis() as u64);
                     return Ok(CallEnd { status: None, reason: EndReason::TimedOut { after_ms }, alive: false });
                 }
-                changed = control.paused.changed() => {
+                changed = control.paused.changed(), if pause_open => {
                     if changed.is_err() {
-                        let (_sender, receiver) = tokio::sync::watch::channel(false);
-                        control.paused = receiver;
+                        // The pause switch is gone: it can no longer change.
+                        pause_open = false;
                         continue;
                     }
                     let pause = *control.paused.borrow_and_update();

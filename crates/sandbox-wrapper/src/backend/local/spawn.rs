@@ -88,6 +88,19 @@ pub(crate) fn command(mut launch: Launch<'_>) -> std::io::Result<std::process::C
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
 
+    let plain = launch.bwrap.is_none()
+        && launch.cgroup_procs.is_empty()
+        && launch.rlimits.is_empty()
+        && launch.drop_to.is_none()
+        && launch.landlock.is_none()
+        && launch.seccomp_direct.is_none()
+        && !launch.new_netns;
+    if plain {
+        // Isolation off: no code between fork and exec, so that the standard library can use
+        // posix_spawn; the process still leads a group of its own, for whole-group signals.
+        command.process_group(0);
+        return Ok(command);
+    }
     let seccomp_fd: Option<OwnedFd> = match launch.seccomp_file {
         Some(path) => Some(std::fs::File::open(path)?.into()),
         None => None,
