@@ -259,6 +259,14 @@ async fn a_sandboxed_process_cannot_reach_the_hosts_loopback() {
         !text.contains("CONNECTED") && !text2.contains("CONNECTED"),
         "{text} {text2}"
     );
+    // Its own loopback works: a server and a client inside the sandbox.
+    let (_, own) = fixture
+        .sh(
+            &sandbox,
+            "python3 -c 'import socket; s = socket.socket(); s.bind((\"127.0.0.1\", 0)); s.listen(); c = socket.create_connection(s.getsockname(), 2); print(\"LOOPBACK-OK\")'",
+        )
+        .await;
+    assert!(own.contains("LOOPBACK-OK"), "{own}");
     assert!(listener.accept().is_err(), "the listener saw a connection");
 }
 

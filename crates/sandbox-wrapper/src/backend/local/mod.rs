@@ -145,6 +145,8 @@ struct LocalSandbox {
     work_dir: PathBuf,
     /// The user and group its processes run as (when msbd is root), and its uid offset.
     uid: Option<(Uid, Gid, u32)>,
+    /// Its network namespace (loopback only), when msbd can make one (root).
+    netns: Option<std::os::fd::OwnedFd>,
     group: Option<Group>,
     limits: Limits,
     /// The session's interpreters, one per language; a call holds its language's lock.
@@ -322,7 +324,7 @@ impl LocalBackend {
             &dir,
             false,
             Vec::new(),
-            (Flavor::Small, uid),
+            (Flavor::Small, uid, None),
         );
         let result = spawn::command(launch)
             .map_err(|e| e.to_string())
@@ -379,7 +381,7 @@ impl LocalBackend {
         work_dir: &'a Path,
         stdin: bool,
         cgroup_procs: Vec<std::os::fd::OwnedFd>,
-        (flavor, drop_to): (Flavor, Option<(Uid, Gid)>),
+        (flavor, drop_to, netns): (Flavor, Option<(Uid, Gid)>, Option<&'a std::os::fd::OwnedFd>),
     ) -> spawn::Launch<'a> {
         let off = self.config.isolation == IsolationMode::Off;
         let mut rlimits = Vec::new();
@@ -420,6 +422,7 @@ impl LocalBackend {
             // Without bubblewrap, root can still take the network away (Landlock covers TCP
             // only).
             new_netns: !off && self.bwrap.is_none() && drop_to.is_some(),
+            netns: if off { None } else { netns },
         }
     }
 
@@ -502,6 +505,7 @@ impl LocalBackend {
             (
                 sandbox.info.flavor,
                 sandbox.uid.map(|(uid, gid, _)| (uid, gid)),
+                sandbox.netns.as_ref(),
             ),
         );
         let spawn_error = |error: std::io::Error| BackendError::Spawn {
@@ -733,6 +737,7 @@ impl LocalBackend {
             (
                 sandbox.info.flavor,
                 sandbox.uid.map(|(uid, gid, _)| (uid, gid)),
+                sandbox.netns.as_ref(),
             ),
         );
         let spawn_error = |error: std::io::Error| BackendError::Spawn {
@@ -822,10 +827,24 @@ impl LocalBackend {
             flavor: spec.flavor,
             work_dir: Some(work_dir.clone()),
         };
+        // One network namespace per session (root only): runs join it, and bubblewrap need not
+        // make one per run. Without it, bubblewrap makes its own, as it does for non-root.
+        let netns = if uid.is_some() {
+            match spawn::new_network_namespace() {
+                Ok(fd) => Some(fd),
+                Err(error) => {
+                    tracing::warn!(%error, "could not make a network namespace for the session; each run gets its own");
+                    None
+                }
+            }
+        } else {
+            None
+        };
         let sandbox = Arc::new(LocalSandbox {
             info: info.clone(),
             work_dir,
             uid,
+            netns,
             group,
             limits,
             interpreters: [Language::Python, Language::Node, Language::Bash]

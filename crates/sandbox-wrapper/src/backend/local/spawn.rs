@@ -56,6 +56,9 @@ pub(crate) struct Launch<'a> {
     /// Whether to give the process a network namespace of its own (no network) before the uid
     /// drop: for root without bubblewrap, where Landlock covers TCP only.
     pub(crate) new_netns: bool,
+    /// The session's network namespace (loopback only) to join before the uid drop; bubblewrap
+    /// then keeps it rather than making one per run, which costs a millisecond or two.
+    pub(crate) netns: Option<&'a OwnedFd>,
 }
 
 /// Builds the command for a launch: the program itself, or bubblewrap around it.
@@ -94,7 +97,8 @@ pub(crate) fn command(mut launch: Launch<'_>) -> std::io::Result<std::process::C
         && launch.drop_to.is_none()
         && launch.landlock.is_none()
         && launch.seccomp_direct.is_none()
-        && !launch.new_netns;
+        && !launch.new_netns
+        && launch.netns.is_none();
     if plain {
         // Isolation off: no code between fork and exec, so that the standard library can use
         // posix_spawn; the process still leads a group of its own, for whole-group signals.
@@ -110,7 +114,11 @@ pub(crate) fn command(mut launch: Launch<'_>) -> std::io::Result<std::process::C
     let drop_to = launch.drop_to;
     let mut landlock = launch.landlock.take();
     let seccomp_direct: Option<BpfProgram> = launch.seccomp_direct.cloned();
-    let new_netns = launch.new_netns;
+    let new_netns = launch.new_netns && launch.netns.is_none();
+    let netns: Option<OwnedFd> = match launch.netns {
+        Some(fd) => Some(fd.try_clone()?),
+        None => None,
+    };
     let parent = Pid::this();
     // A hard limit can be lowered, never raised (without CAP_SYS_RESOURCE): never ask for more
     // than the current one.
@@ -146,7 +154,9 @@ pub(crate) fn command(mut launch: Launch<'_>) -> std::io::Result<std::process::C
             if seccomp_fd.is_some() && nix::libc::fcntl(SECCOMP_FD, nix::libc::F_SETFD, 0) < 0 {
                 return Err(std::io::Error::last_os_error());
             }
-            if new_netns {
+            if let Some(fd) = &netns {
+                nix::sched::setns(fd, nix::sched::CloneFlags::CLONE_NEWNET)?;
+            } else if new_netns {
                 nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)?;
             }
             if let Some((uid, gid)) = drop_to {
@@ -173,6 +183,50 @@ pub(crate) fn command(mut launch: Launch<'_>) -> std::io::Result<std::process::C
         });
     }
     Ok(command)
+}
+
+/// Makes a network namespace with only a loopback interface (up), for a session's processes to
+/// join: no route anywhere else. Needs CAP_SYS_ADMIN (msbd as root). The namespace lives as long
+/// as the returned descriptor.
+pub(crate) fn new_network_namespace() -> std::io::Result<OwnedFd> {
+    // A namespace change affects only the calling thread: do it on a thread of its own.
+    std::thread::spawn(|| -> std::io::Result<OwnedFd> {
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)?;
+        loopback_up()?;
+        Ok(std::fs::File::open("/proc/thread-self/ns/net")?.into())
+    })
+    .join()
+    .map_err(|_| std::io::Error::other("the namespace thread panicked"))?
+}
+
+/// Sets the loopback interface of the current network namespace up (`SIOCSIFFLAGS`).
+fn loopback_up() -> std::io::Result<()> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: a socket descriptor owned at once; `ifreq` is plain old data, zeroed, with the
+    // interface name written in bounds; both ioctls take a pointer to it.
+    unsafe {
+        let raw = nix::libc::socket(
+            nix::libc::AF_INET,
+            nix::libc::SOCK_DGRAM | nix::libc::SOCK_CLOEXEC,
+            0,
+        );
+        if raw < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let socket = OwnedFd::from_raw_fd(raw);
+        let mut request: nix::libc::ifreq = std::mem::zeroed();
+        for (slot, byte) in request.ifr_name.iter_mut().zip(b"lo\0") {
+            *slot = *byte as nix::libc::c_char;
+        }
+        if nix::libc::ioctl(socket.as_raw_fd(), nix::libc::SIOCGIFFLAGS, &mut request) < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        request.ifr_ifru.ifru_flags |= (nix::libc::IFF_UP | nix::libc::IFF_RUNNING) as i16;
+        if nix::libc::ioctl(socket.as_raw_fd(), nix::libc::SIOCSIFFLAGS, &request) < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 /// Marks every descriptor from 3 up close-on-exec: `close_range(CLOSE_RANGE_CLOEXEC)` (Linux
@@ -219,8 +273,21 @@ pub(crate) const SYSTEM_DIRS: &[&str] = &[
 /// private `/tmp`, `/dev` and `/proc`, the data directory hidden, the work directory and the
 /// volumes bound read-write, and death with its parent.
 fn bwrap_args(launch: &Launch<'_>) -> Vec<String> {
-    let mut args: Vec<String> = ["--unshare-all", "--die-with-parent", "--new-session"]
+    let namespaces: &[&str] = if launch.netns.is_some() {
+        // The network namespace is the session's, joined before bubblewrap starts.
+        &[
+            "--unshare-user",
+            "--unshare-ipc",
+            "--unshare-pid",
+            "--unshare-uts",
+            "--unshare-cgroup-try",
+        ]
+    } else {
+        &["--unshare-all"]
+    };
+    let mut args: Vec<String> = namespaces
         .iter()
+        .chain(&["--die-with-parent", "--new-session"])
         .map(|s| (*s).to_owned())
         .collect();
     for dir in SYSTEM_DIRS {
