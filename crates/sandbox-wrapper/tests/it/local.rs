@@ -804,3 +804,12 @@ async fn isolation_off_runs_plainly_and_still_kills_on_timeout() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_death_by_signal_is_reported_as_the_signal() {
+    let fixture = fixture();
+    let sandbox = fixture.session("signal").await;
+    let (outcome, _) = fixture.sh(&sandbox, "kill -TERM $$").await;
+    assert_eq!(outcome.exit, Some(ExitStatus::Signal(15)), "{outcome:?}");
+    assert_eq!(outcome.reason, EndReason::Exited);
+}

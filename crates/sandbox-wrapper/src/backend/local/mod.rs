@@ -625,9 +625,16 @@ impl LocalBackend {
             remove_group(group).await;
         }
         output.flush();
+        let through_bwrap = self.bwrap.is_some();
         let exit = exit.map(|status| {
             use std::os::unix::process::ExitStatusExt;
             match (status.code(), status.signal()) {
+                // bubblewrap reports its program's death by signal N as exit code 128 + N, the
+                // shell's convention; read it back as the signal (a program that exits 128 + N
+                // on its own reads the same, as under any shell).
+                (Some(code), _) if through_bwrap && (129..=128 + 64).contains(&code) => {
+                    ExitStatus::Signal(code - 128)
+                }
                 (Some(code), _) => ExitStatus::Code(code),
                 (None, Some(signal)) => ExitStatus::Signal(signal),
                 (None, None) => ExitStatus::Code(-1),
