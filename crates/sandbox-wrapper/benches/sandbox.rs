@@ -622,6 +622,8 @@ impl Setup {
         ))?);
         let mut config = WrapperConfig::new(dir.join("data"));
         config.isolation = isolation;
+        // The strongest isolation stacks Landlock under bubblewrap through the shim.
+        config.landlock_shim = Some(env!("CARGO_BIN_EXE_msbd-sandbox-shim").into());
         let wrapper = Wrapper::start(store, config).await?;
         println!("  wrapper isolation: {}", wrapper.isolation());
         let marker = wrapper.instance_marker().to_owned();
@@ -645,6 +647,7 @@ impl Setup {
         );
         let mut config = LocalConfig::new(dir.join("data"), marker.clone());
         config.isolation = isolation;
+        config.landlock_shim = Some(env!("CARGO_BIN_EXE_msbd-sandbox-shim").into());
         let backend = Arc::new(LocalBackend::new(config)?);
         println!("  local backend isolation: {}", backend.isolation());
         let spec = SandboxSpec {

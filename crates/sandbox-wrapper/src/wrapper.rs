@@ -54,6 +54,8 @@ pub struct WrapperConfig {
     pub isolation: IsolationMode,
     /// Host directories bound into every local sandbox.
     pub volumes: Vec<VolumeMapping>,
+    /// The Landlock shim (see [`crate::backend::local::shim`]): `msbd` passes its own path.
+    pub landlock_shim: Option<PathBuf>,
     /// Sessions and their limits.
     pub sessions: SessionConfig,
     /// The task engine's settings.
@@ -75,6 +77,7 @@ impl WrapperConfig {
             backend: BackendKind::Local,
             isolation: IsolationMode::Strongest,
             volumes: Vec::new(),
+            landlock_shim: None,
             sessions: SessionConfig::default(),
             engine: EngineConfig::default(),
             output_cap: DEFAULT_OUTPUT_CAP,
@@ -306,6 +309,7 @@ impl Wrapper {
                     let mut local = LocalConfig::new(&config.data_dir, marker.clone());
                     local.isolation = config.isolation;
                     local.volumes = config.volumes.clone();
+                    local.landlock_shim = config.landlock_shim.clone();
                     let backend = LocalBackend::new(local)?;
                     let report = backend.isolation_report().clone();
                     (Arc::new(backend), Some(report))

@@ -25,8 +25,9 @@ pub(crate) struct Fixture {
 pub(crate) fn fixture() -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let marker = format!("test{}-{}", std::process::id(), rand_suffix());
-    let backend =
-        LocalBackend::new(LocalConfig::new(dir.path().join("data"), marker.clone())).unwrap();
+    let mut config = LocalConfig::new(dir.path().join("data"), marker.clone());
+    config.landlock_shim = Some(shim());
+    let backend = LocalBackend::new(config).unwrap();
     let report = backend.isolation_report();
     eprintln!(
         "isolation: {:?} — {} (missing: {:?})",
@@ -95,6 +96,11 @@ impl Fixture {
         let text = std::fs::read_to_string(sink.path()).unwrap();
         (outcome, text)
     }
+}
+
+/// This crate's Landlock shim, built by Cargo for the tests.
+pub(crate) fn shim() -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_BIN_EXE_msbd-sandbox-shim"))
 }
 
 fn rand_suffix() -> String {
@@ -812,4 +818,25 @@ async fn a_death_by_signal_is_reported_as_the_signal() {
     let (outcome, _) = fixture.sh(&sandbox, "kill -TERM $$").await;
     assert_eq!(outcome.exit, Some(ExitStatus::Signal(15)), "{outcome:?}");
     assert_eq!(outcome.reason, EndReason::Exited);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn landlock_is_stacked_under_bubblewrap() {
+    let fixture = fixture();
+    let layers = &fixture.backend.isolation_report().layers;
+    if !(layers.contains("bwrap") && layers.contains("landlock")) {
+        eprintln!("SKIPPED: layers {layers}");
+        return;
+    }
+    let sandbox = fixture.session("stacked").await;
+    // PID 1 is bubblewrap's init, the same user but outside the Landlock domain: Landlock's
+    // signal scoping (ABI 6) refuses the signal; bubblewrap alone would allow it.
+    let (outcome, text) = fixture
+        .sh(
+            &sandbox,
+            "kill -0 1 2>/dev/null && echo SIGNALLED || echo REFUSED; echo x > mine && echo WROTE",
+        )
+        .await;
+    assert!(outcome.success(), "{outcome:?} {text}");
+    assert_eq!(text, "REFUSED\nWROTE\n");
 }

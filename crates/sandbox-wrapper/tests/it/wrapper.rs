@@ -19,6 +19,7 @@ use task_core::{EngineConfig, NewTask, Status, Task, TaskId};
 fn config(data_dir: &Path, marker: &str) -> WrapperConfig {
     let mut config = WrapperConfig::new(data_dir);
     config.instance_marker = Some(marker.to_owned());
+    config.landlock_shim = Some(PathBuf::from(env!("CARGO_BIN_EXE_msbd-sandbox-shim")));
     config.engine = EngineConfig {
         concurrency: 4,
         lease: Duration::from_secs(5),

@@ -23,6 +23,7 @@
 
 mod cgroup;
 mod repl;
+pub mod shim;
 mod spawn;
 
 use std::collections::{HashMap, HashSet};
@@ -77,6 +78,10 @@ pub struct LocalConfig {
     pub bwrap: Option<PathBuf>,
     /// Host directories bound into every sandbox.
     pub volumes: Vec<VolumeMapping>,
+    /// A program that calls [`shim::run_if_requested`] first thing (`msbd`, or this crate's
+    /// `msbd-sandbox-shim`), run by bubblewrap to stack Landlock under it. `None`: Landlock is
+    /// used only where bubblewrap is missing.
+    pub landlock_shim: Option<PathBuf>,
 }
 
 impl LocalConfig {
@@ -90,6 +95,7 @@ impl LocalConfig {
             sandbox_uid_count: 65_536,
             bwrap: None,
             volumes: Vec::new(),
+            landlock_shim: None,
         }
     }
 }
@@ -135,6 +141,8 @@ pub struct LocalBackend {
     seccomp_file: Option<PathBuf>,
     seccomp: Option<seccompiler::BpfProgram>,
     landlock: bool,
+    /// The Landlock shim in use under bubblewrap.
+    shim: Option<PathBuf>,
     report: IsolationReport,
     sandboxes: Mutex<HashMap<String, Arc<LocalSandbox>>>,
     next_run: AtomicU64,
@@ -198,6 +206,7 @@ impl LocalBackend {
             seccomp_file: None,
             seccomp: None,
             landlock: false,
+            shim: None,
             report: IsolationReport {
                 level: IsolationLevel::Off,
                 layers: "setsid".into(),
@@ -254,6 +263,23 @@ impl LocalBackend {
                 "bubblewrap: not installed (apt-get install bubblewrap) — Landlock restricts files and network instead".into(),
             ),
         }
+        if self.bwrap.is_some() && self.landlock {
+            match self.config.landlock_shim.clone() {
+                Some(shim) => {
+                    self.shim = Some(shim);
+                    if let Err(error) = self.probe() {
+                        missing.push(format!(
+                            "landlock under bubblewrap: the shim failed to run a process here ({error})"
+                        ));
+                        self.shim = None;
+                    }
+                }
+                None => missing.push(
+                    "landlock under bubblewrap: no shim configured (LocalConfig::landlock_shim)"
+                        .into(),
+                ),
+            }
+        }
         if self.bwrap.is_none() && !self.landlock {
             missing.push("landlock: the kernel does not offer it".into());
         }
@@ -280,6 +306,9 @@ impl LocalBackend {
         }
         if self.bwrap.is_some() {
             layers.push("bwrap(user,net,pid,ipc,uts,mount)".into());
+            if self.shim.is_some() {
+                layers.push(format!("landlock(abi{})", spawn::landlock_abi()));
+            }
         } else if self.landlock {
             layers.push(format!("landlock(abi{})", spawn::landlock_abi()));
         }
@@ -393,8 +422,36 @@ impl LocalBackend {
                 rlimits.push((Resource::RLIMIT_AS, (flavor.memory_mb() * 2) << 20));
             }
         }
+        // Under bubblewrap, the shim stacks Landlock before the program runs.
+        let shim = if off || self.bwrap.is_none() {
+            None
+        } else {
+            self.shim.as_deref()
+        };
+        let argv = match shim {
+            Some(_) => {
+                let mut wrapped = vec![shim::SHIM_PATH.to_owned(), shim::SHIM_FLAG.to_owned()];
+                let mut writable =
+                    vec![work_dir.display().to_string(), "/tmp".into(), "/dev".into()];
+                writable.extend(
+                    self.config
+                        .volumes
+                        .iter()
+                        .filter(|v| !v.read_only)
+                        .map(|v| v.guest.display().to_string()),
+                );
+                for dir in writable {
+                    wrapped.extend(["--write".to_owned(), dir]);
+                }
+                wrapped.push("--".into());
+                wrapped.extend(argv.iter().cloned());
+                wrapped
+            }
+            None => argv.to_vec(),
+        };
         spawn::Launch {
             argv,
+            shim,
             env,
             work_dir,
             volumes: &self.config.volumes,

@@ -28,7 +28,7 @@ const SECCOMP_FD: i32 = 3;
 /// How one process is to be started.
 pub(crate) struct Launch<'a> {
     /// The program and its arguments.
-    pub(crate) argv: &'a [String],
+    pub(crate) argv: Vec<String>,
     /// The whole environment of the program.
     pub(crate) env: Vec<(String, String)>,
     /// The work directory (also the only writable place, with `/tmp`).
@@ -59,6 +59,8 @@ pub(crate) struct Launch<'a> {
     /// The session's network namespace (loopback only) to join before the uid drop; bubblewrap
     /// then keeps it rather than making one per run, which costs a millisecond or two.
     pub(crate) netns: Option<&'a OwnedFd>,
+    /// The Landlock shim to bind into the sandbox (`argv` already runs it).
+    pub(crate) shim: Option<&'a Path>,
 }
 
 /// Builds the command for a launch: the program itself, or bubblewrap around it.
@@ -70,7 +72,7 @@ pub(crate) fn command(mut launch: Launch<'_>) -> std::io::Result<std::process::C
             if launch.seccomp_file.is_some() {
                 command.args(["--seccomp", "3"]);
             }
-            command.arg("--").args(launch.argv);
+            command.arg("--").args(&launch.argv);
             command
         }
         None => {
@@ -326,6 +328,13 @@ fn bwrap_args(launch: &Launch<'_>) -> Vec<String> {
         args.push(volume.host.display().to_string());
         args.push(volume.guest.display().to_string());
     }
+    if let Some(shim) = launch.shim {
+        args.extend([
+            "--ro-bind".into(),
+            shim.display().to_string(),
+            super::shim::SHIM_PATH.into(),
+        ]);
+    }
     // The root is bubblewrap's own tmpfs, where the mount points above were made: read-only
     // from here on.
     args.extend(["--remount-ro".into(), "/".into(), "--chdir".into(), work]);
@@ -451,23 +460,37 @@ pub(crate) fn landlock_ruleset(
     work_dir: &Path,
     volumes: &[VolumeMapping],
 ) -> Option<RulesetCreated> {
+    let mut writable = vec![work_dir.to_path_buf(), PathBuf::from("/dev")];
+    writable.extend(
+        volumes
+            .iter()
+            .filter(|v| !v.read_only)
+            .map(|v| v.host.clone()),
+    );
+    landlock_ruleset_writing(writable, true)
+}
+
+/// A Landlock ruleset: read and execute everywhere, write only under `writable`; no signals or
+/// abstract sockets outside the domain; with `restrict_tcp`, no TCP bind or connect either
+/// (under bubblewrap the network namespace already confines TCP to the sandbox's own loopback,
+/// which the sandbox may use). `None` when the kernel lacks Landlock or a path cannot be opened.
+pub(crate) fn landlock_ruleset_writing(
+    writable: Vec<PathBuf>,
+    restrict_tcp: bool,
+) -> Option<RulesetCreated> {
     use landlock::{
         ABI, Access, AccessFs, AccessNet, CompatLevel, Compatible, Ruleset, RulesetAttr,
         RulesetCreatedAttr, Scope, path_beneath_rules,
     };
     let abi = ABI::V6;
     let build = || -> Result<RulesetCreated, landlock::RulesetError> {
-        let mut writable = vec![work_dir.to_path_buf(), PathBuf::from("/dev")];
-        writable.extend(
-            volumes
-                .iter()
-                .filter(|v| !v.read_only)
-                .map(|v| v.host.clone()),
-        );
-        Ruleset::default()
+        let mut ruleset = Ruleset::default()
             .set_compatibility(CompatLevel::BestEffort)
-            .handle_access(AccessFs::from_all(abi))?
-            .handle_access(AccessNet::BindTcp | AccessNet::ConnectTcp)?
+            .handle_access(AccessFs::from_all(abi))?;
+        if restrict_tcp {
+            ruleset = ruleset.handle_access(AccessNet::BindTcp | AccessNet::ConnectTcp)?;
+        }
+        ruleset
             .scope(Scope::AbstractUnixSocket | Scope::Signal)?
             .create()?
             .add_rules(path_beneath_rules(["/"], AccessFs::from_read(abi)))?
