@@ -124,6 +124,12 @@ impl Cgroups {
                 .join(format!("msbd-{marker}"));
             if fs::create_dir_all(&base).is_ok() && base.join("cgroup.kill").exists() {
                 found.bases.push((Kind::Unified, base));
+                // The v2 tree kills and freezes: the v1 freezer would only add one more
+                // migration to every start.
+                if let Some(at) = found.bases.iter().position(|(k, _)| *k == Kind::Freezer) {
+                    let (_, freezer) = found.bases.remove(at);
+                    let _ = fs::remove_dir(freezer);
+                }
             }
         }
         found

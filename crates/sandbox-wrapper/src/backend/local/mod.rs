@@ -153,8 +153,8 @@ struct LocalSandbox {
     work_dir: PathBuf,
     /// The user and group its processes run as (when msbd is root), and its uid offset.
     uid: Option<(Uid, Gid, u32)>,
-    /// Its network namespace (loopback only), when msbd can make one (root).
-    netns: Option<std::os::fd::OwnedFd>,
+    /// Its network (loopback only), IPC and UTS namespaces, when msbd can make them (root).
+    netns: Option<spawn::SessionNamespaces>,
     group: Option<Group>,
     limits: Limits,
     /// The session's interpreters, one per language; a call holds its language's lock.
@@ -410,7 +410,11 @@ impl LocalBackend {
         work_dir: &'a Path,
         stdin: bool,
         cgroup_procs: Vec<std::os::fd::OwnedFd>,
-        (flavor, drop_to, netns): (Flavor, Option<(Uid, Gid)>, Option<&'a std::os::fd::OwnedFd>),
+        (flavor, drop_to, netns): (
+            Flavor,
+            Option<(Uid, Gid)>,
+            Option<&'a spawn::SessionNamespaces>,
+        ),
     ) -> spawn::Launch<'a> {
         let off = self.config.isolation == IsolationMode::Off;
         let mut rlimits = Vec::new();
@@ -894,7 +898,7 @@ impl LocalBackend {
         // One network namespace per session (root only): runs join it, and bubblewrap need not
         // make one per run. Without it, bubblewrap makes its own, as it does for non-root.
         let netns = if uid.is_some() {
-            match spawn::new_network_namespace() {
+            match spawn::new_session_namespaces() {
                 Ok(fd) => Some(fd),
                 Err(error) => {
                     tracing::warn!(%error, "could not make a network namespace for the session; each run gets its own");

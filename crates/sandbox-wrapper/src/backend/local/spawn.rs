@@ -56,9 +56,10 @@ pub(crate) struct Launch<'a> {
     /// Whether to give the process a network namespace of its own (no network) before the uid
     /// drop: for root without bubblewrap, where Landlock covers TCP only.
     pub(crate) new_netns: bool,
-    /// The session's network namespace (loopback only) to join before the uid drop; bubblewrap
-    /// then keeps it rather than making one per run, which costs a millisecond or two.
-    pub(crate) netns: Option<&'a OwnedFd>,
+    /// The session's network (loopback only), IPC and UTS namespaces, to join before the uid
+    /// drop; bubblewrap then keeps them rather than making them per run, which costs a
+    /// millisecond or two.
+    pub(crate) netns: Option<&'a SessionNamespaces>,
     /// The Landlock shim to bind into the sandbox (`argv` already runs it).
     pub(crate) shim: Option<&'a Path>,
 }
@@ -117,8 +118,12 @@ pub(crate) fn command(mut launch: Launch<'_>) -> std::io::Result<std::process::C
     let mut landlock = launch.landlock.take();
     let seccomp_direct: Option<BpfProgram> = launch.seccomp_direct.cloned();
     let new_netns = launch.new_netns && launch.netns.is_none();
-    let netns: Option<OwnedFd> = match launch.netns {
-        Some(fd) => Some(fd.try_clone()?),
+    let netns: Option<[OwnedFd; 3]> = match launch.netns {
+        Some(ns) => Some([
+            ns.net.try_clone()?,
+            ns.ipc.try_clone()?,
+            ns.uts.try_clone()?,
+        ]),
         None => None,
     };
     let parent = Pid::this();
@@ -156,8 +161,10 @@ pub(crate) fn command(mut launch: Launch<'_>) -> std::io::Result<std::process::C
             if seccomp_fd.is_some() && nix::libc::fcntl(SECCOMP_FD, nix::libc::F_SETFD, 0) < 0 {
                 return Err(std::io::Error::last_os_error());
             }
-            if let Some(fd) = &netns {
-                nix::sched::setns(fd, nix::sched::CloneFlags::CLONE_NEWNET)?;
+            if let Some([net, ipc, uts]) = &netns {
+                nix::sched::setns(net, nix::sched::CloneFlags::CLONE_NEWNET)?;
+                nix::sched::setns(ipc, nix::sched::CloneFlags::CLONE_NEWIPC)?;
+                nix::sched::setns(uts, nix::sched::CloneFlags::CLONE_NEWUTS)?;
             } else if new_netns {
                 nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)?;
             }
@@ -187,15 +194,32 @@ pub(crate) fn command(mut launch: Launch<'_>) -> std::io::Result<std::process::C
     Ok(command)
 }
 
-/// Makes a network namespace with only a loopback interface (up), for a session's processes to
-/// join: no route anywhere else. Needs CAP_SYS_ADMIN (msbd as root). The namespace lives as long
-/// as the returned descriptor.
-pub(crate) fn new_network_namespace() -> std::io::Result<OwnedFd> {
+/// A session's own namespaces, made once and joined by each of its runs.
+pub(crate) struct SessionNamespaces {
+    net: OwnedFd,
+    ipc: OwnedFd,
+    uts: OwnedFd,
+}
+
+/// Makes a session's network namespace (only a loopback interface, up: no route anywhere else),
+/// IPC namespace and UTS namespace, for its processes to join. Needs CAP_SYS_ADMIN (msbd as
+/// root). The namespaces live as long as the returned descriptors.
+pub(crate) fn new_session_namespaces() -> std::io::Result<SessionNamespaces> {
+    use nix::sched::CloneFlags;
     // A namespace change affects only the calling thread: do it on a thread of its own.
-    std::thread::spawn(|| -> std::io::Result<OwnedFd> {
-        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)?;
+    std::thread::spawn(|| -> std::io::Result<SessionNamespaces> {
+        nix::sched::unshare(
+            CloneFlags::CLONE_NEWNET | CloneFlags::CLONE_NEWIPC | CloneFlags::CLONE_NEWUTS,
+        )?;
         loopback_up()?;
-        Ok(std::fs::File::open("/proc/thread-self/ns/net")?.into())
+        let open = |kind: &str| -> std::io::Result<OwnedFd> {
+            Ok(std::fs::File::open(format!("/proc/thread-self/ns/{kind}"))?.into())
+        };
+        Ok(SessionNamespaces {
+            net: open("net")?,
+            ipc: open("ipc")?,
+            uts: open("uts")?,
+        })
     })
     .join()
     .map_err(|_| std::io::Error::other("the namespace thread panicked"))?
@@ -276,14 +300,8 @@ pub(crate) const SYSTEM_DIRS: &[&str] = &[
 /// volumes bound read-write, and death with its parent.
 fn bwrap_args(launch: &Launch<'_>) -> Vec<String> {
     let namespaces: &[&str] = if launch.netns.is_some() {
-        // The network namespace is the session's, joined before bubblewrap starts.
-        &[
-            "--unshare-user",
-            "--unshare-ipc",
-            "--unshare-pid",
-            "--unshare-uts",
-            "--unshare-cgroup-try",
-        ]
+        // The network, IPC and UTS namespaces are the session's, joined before bubblewrap.
+        &["--unshare-user", "--unshare-pid", "--unshare-cgroup-try"]
     } else {
         &["--unshare-all"]
     };
