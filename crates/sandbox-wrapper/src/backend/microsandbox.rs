@@ -422,6 +422,29 @@ impl MicrosandboxBackend {
         }
     }
 
+    /// Runs (see [`MicrosandboxBackend::run`]) and writes the run's output lines: the server's
+    /// result, its lines and the duration, or the outcome of a run that did not finish on its
+    /// own.
+    async fn run_to_output(
+        &self,
+        sandbox: &SandboxInfo,
+        method: &'static str,
+        params: Value,
+        timeout: Option<Duration>,
+        control: ExecControl,
+        output: &OutputSink,
+    ) -> Result<Result<(Value, Vec<(Stream, String)>, Duration), ExecOutcome>, BackendError> {
+        let end = self.run(sandbox, method, params, timeout, control).await?;
+        let (result, took) = match self.finished(end, timeout) {
+            Ok(done) => done,
+            Err(outcome) => return Ok(Err(outcome)),
+        };
+        let lines =
+            output_lines(&result).map_err(|detail| self.inner.protocol_error(method, detail))?;
+        write_lines(output, &lines);
+        Ok(Ok((result, lines, took)))
+    }
+
     fn outcome(&self, exit: Option<ExitStatus>, reason: EndReason, took: Duration) -> ExecOutcome {
         ExecOutcome {
             exit,
@@ -751,22 +774,20 @@ impl SandboxBackend for MicrosandboxBackend {
                 "command": command,
                 "args": args,
             });
-            let end = self
-                .run(
+            let ran = self
+                .run_to_output(
                     sandbox,
                     "sandbox.command.run",
                     params,
                     request.timeout,
                     control,
+                    output,
                 )
                 .await?;
-            let (result, took) = match self.finished(end, request.timeout) {
+            let (result, _, took) = match ran {
                 Ok(done) => done,
                 Err(outcome) => return Ok(outcome),
             };
-            let lines = output_lines(&result)
-                .map_err(|detail| self.inner.protocol_error("sandbox.command.run", detail))?;
-            write_lines(output, &lines);
             let code = match result.get("exit_code").and_then(Value::as_i64) {
                 Some(code) => Some(i32::try_from(code).unwrap_or(i32::MAX)),
                 None => result
@@ -805,22 +826,20 @@ impl SandboxBackend for MicrosandboxBackend {
                 "language": language,
                 "code": request.code,
             });
-            let end = self
-                .run(
+            let ran = self
+                .run_to_output(
                     sandbox,
                     "sandbox.repl.run",
                     params,
                     request.timeout,
                     control,
+                    output,
                 )
                 .await?;
-            let (result, took) = match self.finished(end, request.timeout) {
+            let (result, lines, took) = match ran {
                 Ok(done) => done,
                 Err(outcome) => return Ok(outcome),
             };
-            let lines = output_lines(&result)
-                .map_err(|detail| self.inner.protocol_error("sandbox.repl.run", detail))?;
-            write_lines(output, &lines);
             let status = result.get("status").and_then(Value::as_str).unwrap_or("");
             let failed = matches!(status, "error" | "exception")
                 || result.get("has_error").and_then(Value::as_bool) == Some(true)
