@@ -328,7 +328,13 @@ fn bwrap_args(launch: &Launch<'_>) -> Vec<String> {
     for (flag, dir) in [("--dev", "/dev"), ("--proc", "/proc"), ("--tmpfs", "/tmp")] {
         args.extend([flag.to_owned(), dir.to_owned()]);
     }
-    for hidden in launch.hide {
+    // Only what lies in a bound system directory is visible, and so needs hiding (the root
+    // is bubblewrap's own tmpfs; `/tmp` is a fresh one): a mount per run saved elsewhere.
+    for hidden in launch
+        .hide
+        .iter()
+        .filter(|h| SYSTEM_DIRS.iter().any(|d| h.starts_with(d)))
+    {
         args.push("--tmpfs".into());
         args.push(hidden.display().to_string());
     }
