@@ -598,7 +598,11 @@ fn local_exec_probe(
                 let outcome = backend.exec(&sandbox, request, &sink, control).await?;
                 let elapsed = before.elapsed();
                 if !outcome.success() {
-                    return Err(format!("`true` in the sandbox ended {outcome:?}").into());
+                    let output = std::fs::read_to_string(sink.path()).unwrap_or_default();
+                    return Err(format!(
+                        "`true` in the sandbox ended {outcome:?}; its output: {output:?}"
+                    )
+                    .into());
                 }
                 Ok(Sample::timed(elapsed))
             })

@@ -216,6 +216,9 @@ impl LocalBackend {
             next_run: AtomicU64::new(1),
             config,
         };
+        // Orphans of its sandboxes (bubblewrap's init, killed background processes) come back to
+        // this process to be reaped, rather than piling up as zombies under a slow init.
+        spawn::become_subreaper();
         if backend.config.isolation == IsolationMode::Off {
             return Ok(backend);
         }
@@ -356,8 +359,11 @@ impl LocalBackend {
             (Flavor::Small, uid, None),
         );
         let result = spawn::command(launch)
-            .map_err(|e| e.to_string())
-            .and_then(|mut command| command.status().map_err(|e| e.to_string()));
+            .and_then(|mut command| {
+                let (mut child, _owned) = spawn::spawn_owned_std(&mut command)?;
+                child.wait()
+            })
+            .map_err(|e| e.to_string());
         let _ = std::fs::remove_dir_all(&dir);
         match result {
             Ok(status) if status.success() => Ok(()),
@@ -577,7 +583,7 @@ impl LocalBackend {
             tokio::process::Command::from(spawn::command(launch).map_err(spawn_error)?);
         command.kill_on_drop(true);
         let started = Instant::now();
-        let mut child = command.spawn().map_err(spawn_error)?;
+        let (mut child, owned) = spawn::spawn_owned(&mut command).map_err(spawn_error)?;
         let pid = child.id().map(|p| p as i32);
         let tree = Tree {
             group: group.clone(),
@@ -680,6 +686,10 @@ impl LocalBackend {
             task.abort();
         }
         let duration = started.elapsed();
+        // Tokio has reaped the child (or will, if the loop ended on an error): what bubblewrap's
+        // init and the run's killed processes left as zombies is reaped now.
+        drop(owned);
+        spawn::reap_orphans();
         let peak_memory_bytes = group.as_ref().and_then(Group::peak_memory);
         let oom = group.as_ref().is_some_and(|g| g.oom_kills() > 0);
         if let Some(group) = guard.take() {
@@ -815,7 +825,7 @@ impl LocalBackend {
         let mut command =
             tokio::process::Command::from(spawn::command(launch).map_err(spawn_error)?);
         command.kill_on_drop(true);
-        let mut child = command.spawn().map_err(spawn_error)?;
+        let (mut child, owned) = spawn::spawn_owned(&mut command).map_err(spawn_error)?;
         let pid = child.id().map(|p| p as i32);
         let (Some(stdin), Some(stdout), Some(stderr)) =
             (child.stdin.take(), child.stdout.take(), child.stderr.take())
@@ -829,6 +839,7 @@ impl LocalBackend {
         Ok(repl::Interpreter {
             language,
             child,
+            _owned: owned,
             stdin,
             stdout,
             stderr,
@@ -1245,6 +1256,7 @@ impl SandboxBackend for LocalBackend {
                 }
             }
             report.processes += kill_marked_processes(&self.config.instance_marker, orphan);
+            spawn::reap_orphans();
             let root = self.config.data_dir.join("sandboxes");
             if let Ok(entries) = std::fs::read_dir(&root) {
                 for entry in entries.flatten() {

@@ -124,6 +124,8 @@ pub(crate) fn new_token() -> String {
 pub(crate) struct Interpreter {
     pub(crate) language: Language,
     pub(crate) child: Child,
+    /// Keeps the child out of the orphan reaper's reach while it is ours.
+    pub(crate) _owned: Option<super::spawn::OwnedPid>,
     pub(crate) stdin: ChildStdin,
     pub(crate) stdout: ChildStdout,
     pub(crate) stderr: ChildStderr,

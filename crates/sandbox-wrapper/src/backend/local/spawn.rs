@@ -8,10 +8,13 @@
 //! are thin over libc); everything it needs is prepared before the fork.
 #![allow(unsafe_code)]
 
+use std::collections::BTreeSet;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, PoisonError, RwLock};
 
 use landlock::RulesetCreated;
 use nix::sys::resource::{Resource, setrlimit};
@@ -542,4 +545,136 @@ pub(crate) fn landlock_abi() -> i64 {
         )
     };
     version.max(0)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reaping orphans.
+//
+// bubblewrap leaves a zombie behind on every run: its outer process exits as soon as its init
+// in the new pid namespace reports the program's status, without waiting for that init, which
+// exits a moment later and is reparented. So is anything a sandboxed program left running
+// when its tree is killed. Reparented to an init that reaps slowly (or not at all, when msbd
+// is pid 1 of a container), such zombies pile up, and they still count against the session's
+// pids limit: a burst of short runs in one session then fails with "Can't fork". msbd
+// therefore makes itself a child subreaper, so that orphans of its sandboxes come back to it,
+// and reaps them after every run and in every orphan sweep.
+
+/// Children the backend spawned and waits for itself (Tokio reaps them): never reaped here.
+static OWNED: Mutex<BTreeSet<i32>> = Mutex::new(BTreeSet::new());
+/// Held shared while spawning (until the child is in [`OWNED`]), exclusively while reaping, so
+/// that a child cannot be reaped between its fork and its registration.
+static SPAWN_GATE: RwLock<()> = RwLock::new(());
+/// Whether this process is a child subreaper (see [`become_subreaper`]).
+static SUBREAPER: AtomicBool = AtomicBool::new(false);
+
+/// Makes this process a child subreaper (`PR_SET_CHILD_SUBREAPER`): orphans of its sandboxes
+/// are reparented to it, not to init, and [`reap_orphans`] reaps them. Process-wide; once set,
+/// it stays. Returns whether it is set.
+pub(crate) fn become_subreaper() -> bool {
+    if SUBREAPER.load(Ordering::Acquire) {
+        return true;
+    }
+    let set = nix::sys::prctl::set_child_subreaper(true).is_ok();
+    SUBREAPER.store(set, Ordering::Release);
+    set
+}
+
+/// A child registered as the backend's own until it is dropped (after its owner has waited for
+/// it, or has given it to Tokio to reap).
+pub(crate) struct OwnedPid(i32);
+
+impl Drop for OwnedPid {
+    fn drop(&mut self) {
+        lock(&OWNED).remove(&self.0);
+    }
+}
+
+/// Spawns the command and registers the child as the backend's own, so that [`reap_orphans`]
+/// never takes its exit status from Tokio.
+pub(crate) fn spawn_owned(
+    command: &mut tokio::process::Command,
+) -> std::io::Result<(tokio::process::Child, Option<OwnedPid>)> {
+    let _gate = SPAWN_GATE.read().unwrap_or_else(PoisonError::into_inner);
+    let child = command.spawn()?;
+    let owned = child.id().map(|pid| {
+        let pid = pid as i32;
+        lock(&OWNED).insert(pid);
+        OwnedPid(pid)
+    });
+    Ok((child, owned))
+}
+
+/// [`spawn_owned`] for a standard library command (which its caller waits for).
+pub(crate) fn spawn_owned_std(
+    command: &mut std::process::Command,
+) -> std::io::Result<(std::process::Child, OwnedPid)> {
+    let _gate = SPAWN_GATE.read().unwrap_or_else(PoisonError::into_inner);
+    let child = command.spawn()?;
+    let pid = child.id() as i32;
+    lock(&OWNED).insert(pid);
+    Ok((child, OwnedPid(pid)))
+}
+
+/// Reaps the zombie children this process did not spawn itself: orphans reparented to it (see
+/// [`become_subreaper`]). A child counts as an orphan of a sandbox only when it is not one of the
+/// backend's own children and it left this process's session or process group, as every
+/// sandboxed process does (`setsid`, or a group of its own with isolation off); so a child that
+/// other code in the process spawned, and will wait for, is left alone. Returns how many were
+/// reaped. Cheap: it reads this process's children lists, not all of `/proc`.
+pub(crate) fn reap_orphans() -> usize {
+    if !SUBREAPER.load(Ordering::Acquire) {
+        return 0;
+    }
+    let _gate = SPAWN_GATE.write().unwrap_or_else(PoisonError::into_inner);
+    let owned = lock(&OWNED).clone();
+    let (Ok(our_sid), our_pgid) = (nix::unistd::getsid(None), nix::unistd::getpgrp()) else {
+        return 0;
+    };
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return 0;
+    };
+    let mut reaped = 0;
+    for task in tasks.flatten() {
+        let Ok(children) = std::fs::read_to_string(task.path().join("children")) else {
+            continue;
+        };
+        for pid in children
+            .split_whitespace()
+            .filter_map(|p| p.parse::<i32>().ok())
+        {
+            if owned.contains(&pid) {
+                continue;
+            }
+            let Some((state, pgid, sid)) = zombie_stat(pid) else {
+                continue;
+            };
+            if state != 'Z' || (sid == our_sid.as_raw() && pgid == our_pgid.as_raw()) {
+                continue;
+            }
+            let flags = nix::sys::wait::WaitPidFlag::WNOHANG;
+            if let Ok(status) = nix::sys::wait::waitpid(Pid::from_raw(pid), Some(flags))
+                && status != nix::sys::wait::WaitStatus::StillAlive
+            {
+                reaped += 1;
+            }
+        }
+    }
+    reaped
+}
+
+/// A process's state, process group and session, from `/proc/<pid>/stat`.
+fn zombie_stat(pid: i32) -> Option<(char, i32, i32)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name is in parentheses and may hold anything: read after its last `)`.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace();
+    let state = fields.next()?.chars().next()?;
+    let _ppid = fields.next()?;
+    let pgid = fields.next()?.parse().ok()?;
+    let sid = fields.next()?.parse().ok()?;
+    Some((state, pgid, sid))
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
