@@ -837,6 +837,14 @@ impl Store for CountingStore {
     fn prune(&self, before: Timestamp, limit: usize) -> StoreFuture<'_, usize> {
         self.inner.prune(before, limit)
     }
+    fn delete_finished(
+        &self,
+        filter: ListFilter,
+        finished_before: Timestamp,
+        limit: usize,
+    ) -> StoreFuture<'_, usize> {
+        self.inner.delete_finished(filter, finished_before, limit)
+    }
     fn get(&self, id: TaskId) -> StoreFuture<'_, Option<Task>> {
         self.inner.get(id)
     }

@@ -25,7 +25,9 @@ use tokio_util::task::TaskTracker;
 
 use crate::error::{Error, Result};
 use crate::handler::{ErasedHandler, TaskContext, TaskFailure, TaskHandler};
-use crate::model::{FailureKind, IdMap, NewTask, Status, Task, TaskError, TaskId, Timestamp};
+use crate::model::{
+    FailureKind, IdMap, NewTask, Priority, Status, Task, TaskError, TaskId, Timestamp,
+};
 use crate::store::apply::settle;
 use crate::store::{
     ClaimRequest, Command, Finish, Heartbeat, ListFilter, Outcome, Page, PageRequest,
@@ -426,6 +428,24 @@ impl Engine {
         Ok(task)
     }
 
+    /// Changes the priority of a task that has not started yet: queued, scheduled, or paused
+    /// before it started. Its status stays; a queued task takes its new place in the claim order
+    /// at once (the dispatcher is woken to claim by it). Returns the task as it now is.
+    ///
+    /// A task that has started (running, or paused while running) or finished keeps its
+    /// priority: that is an [`Error::IllegalTransition`] that says its status.
+    pub async fn set_priority(&self, id: TaskId, priority: Priority) -> Result<Task> {
+        let task = self
+            .inner
+            .store
+            .command(id, Command::SetPriority(priority), Timestamp::now())
+            .await?;
+        if task.status == Status::Queued {
+            self.inner.wake.notify_one();
+        }
+        Ok(task)
+    }
+
     /// Stops starting tasks (running ones go on).
     pub fn pause_queue(&self) {
         self.inner.queue_paused.store(true, Ordering::Release);
@@ -706,6 +726,39 @@ impl Engine {
                 return Ok(total);
             }
         }
+    }
+
+    /// Deletes up to `limit` finished tasks (completed, failed or cancelled) that match `filter`
+    /// and finished before `finished_before`, those that finished first first. Returns how many.
+    ///
+    /// For cleaning up on request (one owner's or one session's finished tasks, say), apart from
+    /// the retention pruner. Tasks that have not finished are never deleted, even when
+    /// `filter.statuses` names their status (such a status matches nothing); an empty filter
+    /// matches the finished tasks of every owner, so set `filter.owner` to clean up after one
+    /// owner only. The deletion goes to the store in batches of at most 1,000, each its own
+    /// request, so that a large cleanup does not hold up other writes; a failure part-way
+    /// leaves the batches before it deleted.
+    pub async fn delete_finished(
+        &self,
+        filter: ListFilter,
+        finished_before: Timestamp,
+        limit: usize,
+    ) -> Result<usize> {
+        const BATCH: usize = 1_000;
+        let mut total = 0;
+        while total < limit {
+            let batch = (limit - total).min(BATCH);
+            let deleted = self
+                .inner
+                .store
+                .delete_finished(filter.clone(), finished_before, batch)
+                .await?;
+            total += deleted;
+            if deleted < batch {
+                break;
+            }
+        }
+        Ok(total)
     }
 
     /// Stops gracefully: refuses new tasks, stops starting queued ones, lets running tasks finish

@@ -40,6 +40,13 @@ pub enum Event {
         /// Whether it may run now.
         due: bool,
     },
+    /// Someone changes the priority of a task that has not started (queued, scheduled, or paused
+    /// before it started). The status stays as it is. `frozen`: the task is paused while its
+    /// attempt runs (only a paused task can be), so it has started and keeps its priority.
+    Reprioritize {
+        /// Whether it was paused while running.
+        frozen: bool,
+    },
 }
 
 impl Event {
@@ -54,6 +61,7 @@ impl Event {
             Event::Cancel => "cancel",
             Event::Pause => "pause",
             Event::Resume { .. } => "resume",
+            Event::Reprioritize { .. } => "reprioritize",
         }
     }
 }
@@ -73,6 +81,15 @@ impl fmt::Display for IllegalTransition {
         let from = self.from;
         write!(f, "cannot {verb} a task that is {from}")?;
         let advice = match (self.from, self.event) {
+            (from, Event::Reprioritize { .. }) if from.is_terminal() => {
+                ": it has already finished; only waiting tasks (queued, scheduled, or paused before they started) can be reprioritized; submit a new task to run it again at another priority"
+            }
+            (Status::Paused, Event::Reprioritize { frozen: true }) => {
+                ": it was paused while running, so it has already started; only waiting tasks (queued, scheduled, or paused before they started) can be reprioritized"
+            }
+            (_, Event::Reprioritize { .. }) => {
+                ": it has already started; only waiting tasks (queued, scheduled, or paused before they started) can be reprioritized"
+            }
             (from, _) if from.is_terminal() => {
                 ": it has already finished and its status is final; submit a new task to run it again"
             }
@@ -116,6 +133,9 @@ pub fn decide(from: Status, event: Event) -> Result<Status, IllegalTransition> {
                 due: false,
             },
         ) => Scheduled,
+        // A priority changes only while the task waits; its status stays.
+        (Queued | Scheduled, Event::Reprioritize { .. })
+        | (Paused, Event::Reprioritize { frozen: false }) => from,
         _ => return Err(IllegalTransition { from, event }),
     };
     Ok(to)
@@ -123,7 +143,7 @@ pub fn decide(from: Status, event: Event) -> Result<Status, IllegalTransition> {
 
 /// Every event, with each flag set both ways: for exhaustive tests and for callers that want to
 /// know which events a status allows.
-pub const ALL_EVENTS: [Event; 13] = [
+pub const ALL_EVENTS: [Event; 15] = [
     Event::Promote,
     Event::Claim,
     Event::Complete,
@@ -149,6 +169,8 @@ pub const ALL_EVENTS: [Event; 13] = [
         frozen: false,
         due: false,
     },
+    Event::Reprioritize { frozen: true },
+    Event::Reprioritize { frozen: false },
 ];
 
 /// The statuses from which `event` is allowed.

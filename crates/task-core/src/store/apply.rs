@@ -142,8 +142,17 @@ pub(crate) fn command(task: &mut Task, command: Command, now: Timestamp) -> Resu
             frozen: frozen(task),
             due: task.run_at.is_none_or(|at| at <= now),
         },
+        Command::SetPriority(_) => Event::Reprioritize {
+            frozen: frozen(task),
+        },
     };
     let to = decide(task.status, event).map_err(|t| illegal(task, t))?;
+    if let Command::SetPriority(priority) = command {
+        // Only a waiting task gets here, and its status stays (`to` is its status).
+        task.priority = priority;
+        task.updated_at = now;
+        return Ok(());
+    }
     if command == Command::Cancel && (task.status == Status::Running || frozen(task)) {
         // The worker holding the attempt stops it (thawing it first) and records the cancel.
         task.cancel_requested = true;

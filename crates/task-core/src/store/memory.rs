@@ -366,6 +366,28 @@ impl Store for MemoryStore {
         ready(Ok(old.len()))
     }
 
+    fn delete_finished(
+        &self,
+        filter: ListFilter,
+        finished_before: Timestamp,
+        limit: usize,
+    ) -> StoreFuture<'_, usize> {
+        let mut state = self.lock();
+        let doomed: Vec<TaskId> = state
+            .indexes
+            .finished
+            .iter()
+            .take_while(|(at, _, _)| *at < finished_before)
+            .map(|(_, _, id)| *id)
+            .filter(|id| filter.matches_finished(&state.tasks[id].task))
+            .take(limit)
+            .collect();
+        for id in &doomed {
+            state.remove(*id);
+        }
+        ready(Ok(doomed.len()))
+    }
+
     fn get(&self, id: TaskId) -> StoreFuture<'_, Option<Task>> {
         let task = self.lock().tasks.get(&id).map(|entry| entry.task.clone());
         ready(Ok(task))

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::error::{Error, Result};
-use crate::model::{Status, Task, TaskError, TaskId, Timestamp};
+use crate::model::{Priority, Status, Task, TaskError, TaskId, Timestamp};
 use crate::state::{Event, decide};
 
 pub(crate) mod apply;
@@ -64,8 +64,9 @@ pub trait Store: Send + Sync + 'static {
     /// asked to stop.
     fn heartbeat(&self, heartbeat: Heartbeat) -> StoreFuture<'_, HeartbeatReply>;
 
-    /// Applies a person's command (cancel, pause, resume) to one task. Cancelling a running task
-    /// marks it `cancel_requested`; its worker ends it.
+    /// Applies a person's command (cancel, pause, resume, set the priority) to one task.
+    /// Cancelling a running task marks it `cancel_requested`; its worker ends it. A new priority
+    /// orders the next claim at once.
     fn command(&self, id: TaskId, command: Command, now: Timestamp) -> StoreFuture<'_, Task>;
 
     /// Recovers running attempts whose worker is gone: those whose lease expired before `now`,
@@ -75,6 +76,19 @@ pub trait Store: Send + Sync + 'static {
 
     /// Deletes up to `limit` terminal tasks that finished before `before`. Returns how many.
     fn prune(&self, before: Timestamp, limit: usize) -> StoreFuture<'_, usize>;
+
+    /// Deletes up to `limit` terminal tasks (completed, failed or cancelled) that match `filter`
+    /// and finished before `finished_before`, those that finished first first. Returns how many.
+    ///
+    /// Only terminal tasks are ever deleted: `filter.statuses` narrows the terminal statuses
+    /// (empty means all three), and a non-terminal status in it matches nothing. The filter's
+    /// other fields match as in [`Store::list`]; an empty filter matches every owner's tasks.
+    fn delete_finished(
+        &self,
+        filter: ListFilter,
+        finished_before: Timestamp,
+        limit: usize,
+    ) -> StoreFuture<'_, usize>;
 
     /// One task.
     fn get(&self, id: TaskId) -> StoreFuture<'_, Option<Task>>;
@@ -232,6 +246,10 @@ pub enum Command {
     Pause,
     /// Release a paused task.
     Resume,
+    /// Change the priority of a task that waits: queued, scheduled, or paused before it started.
+    /// Its status stays; a queued task takes its new place in the claim order at once. A task
+    /// that has started (running, or paused while running) or finished is refused.
+    SetPriority(Priority),
 }
 
 /// Which running attempts [`Store::recover`] takes.
@@ -261,6 +279,12 @@ pub struct ListFilter {
 }
 
 impl ListFilter {
+    /// Whether `task` matches and may be deleted by [`Store::delete_finished`]: it matches and
+    /// is terminal.
+    pub(crate) fn matches_finished(&self, task: &Task) -> bool {
+        task.status.is_terminal() && self.matches(task)
+    }
+
     /// Whether `task` matches.
     pub fn matches(&self, task: &Task) -> bool {
         (self.statuses.is_empty() || self.statuses.contains(&task.status))

@@ -524,6 +524,7 @@ enum WriteOp {
     Command(TaskId, Command, Timestamp, Reply<Task>),
     Recover(Timestamp, Recover, Reply<Vec<Task>>),
     Prune(Timestamp, usize, Reply<usize>),
+    DeleteFinished(ListFilter, Timestamp, usize, Reply<usize>),
     Flush(Reply<()>),
 }
 
@@ -703,6 +704,9 @@ impl Writer {
             }
             WriteOp::Prune(before, limit, reply) => {
                 pending(reply, self.prune(before, limit, counts))
+            }
+            WriteOp::DeleteFinished(filter, before, limit, reply) => {
+                pending(reply, self.delete_finished(&filter, before, limit, counts))
             }
             WriteOp::Flush(reply) => pending(reply, Ok(())),
         }
@@ -1043,13 +1047,14 @@ impl Writer {
             .map_err(|e| Error::store("reading a task", e))
     }
 
-    /// Writes back the fields that commands and recovery change.
+    /// Writes back the fields that commands and recovery change. The priority is among them,
+    /// so that the queue index (priority, then age) orders the next claim by the new one.
     fn save(&mut self, task: &Task) -> Result<()> {
         self.conn
             .prepare_cached(
                 "UPDATE tasks SET status = ?2, attempt = ?3, max_attempts = ?4, run_at = ?5, \
                  error_kind = ?6, error_message = ?7, updated_at = ?8, finished_at = ?9, \
-                 lease_until = ?10, cancel_requested = ?11 WHERE id = ?1",
+                 lease_until = ?10, cancel_requested = ?11, priority = ?12 WHERE id = ?1",
             )
             .and_then(|mut s| {
                 s.execute(params![
@@ -1064,6 +1069,7 @@ impl Writer {
                     task.finished_at.map(|t| t.0),
                     task.lease_until.map(|t| t.0),
                     task.cancel_requested,
+                    task.priority.get(),
                 ])
             })
             .map_err(|e| Error::store("updating a task", e))?;
@@ -1148,6 +1154,58 @@ impl Writer {
         }));
         Ok(count)
     }
+
+    /// Deletes the oldest finished tasks that match `filter`, in one statement: the pruner's
+    /// query (on the finished index) with the filter's conditions added.
+    fn delete_finished(
+        &mut self,
+        filter: &ListFilter,
+        before: Timestamp,
+        limit: usize,
+        counts: &mut Vec<CountChange>,
+    ) -> Result<usize> {
+        // The terminal statuses the filter names (all of them when it names none): a
+        // non-terminal status in the filter matches nothing here.
+        let statuses: Vec<Status> = Status::ALL
+            .into_iter()
+            .filter(|s| s.is_terminal())
+            .filter(|s| filter.statuses.is_empty() || filter.statuses.contains(s))
+            .collect();
+        if statuses.is_empty() || limit == 0 {
+            return Ok(0);
+        }
+        let mut values: Vec<rusqlite::types::Value> = vec![
+            before.0.into(),
+            i64::try_from(limit).unwrap_or(i64::MAX).into(),
+        ];
+        let mut clauses = vec!["status >= 4".to_owned(), "finished_at < ?1".to_owned()];
+        if statuses.len() < 3 {
+            clauses.push(status_in(&statuses));
+        }
+        clauses.extend(field_clauses(filter, &mut values));
+        let sql = format!(
+            "DELETE FROM tasks WHERE seq IN (SELECT seq FROM tasks INDEXED BY tasks_finished \
+             WHERE {} ORDER BY finished_at, seq LIMIT ?2) RETURNING task_type, status",
+            clauses.join(" AND ")
+        );
+        let removed: Vec<(String, u8)> = self
+            .conn
+            .prepare_cached(&sql)
+            .and_then(|mut s| {
+                s.query_map(rusqlite::params_from_iter(values.iter()), |row| {
+                    Ok((row.get(0)?, row.get(1)?))
+                })?
+                .collect()
+            })
+            .map_err(|e| Error::store("deleting finished tasks", e))?;
+        let count = removed.len();
+        counts.extend(removed.into_iter().map(|(task_type, code)| CountChange {
+            task_type,
+            from: Status::from_code(code),
+            to: None,
+        }));
+        Ok(count)
+    }
 }
 
 fn fail_op(op: WriteOp, error: &Error) {
@@ -1163,6 +1221,7 @@ fn fail_op(op: WriteOp, error: &Error) {
         WriteOp::Command(_, _, _, reply) => drop(reply.send(Err(error))),
         WriteOp::Recover(_, _, reply) => drop(reply.send(Err(error))),
         WriteOp::Prune(_, _, reply) => drop(reply.send(Err(error))),
+        WriteOp::DeleteFinished(_, _, _, reply) => drop(reply.send(Err(error))),
         WriteOp::Flush(reply) => drop(reply.send(Err(error))),
     }
 }
@@ -1220,25 +1279,20 @@ fn run_reader(conn: Connection, requests: mpsc::Receiver<ReadOp>) {
     }
 }
 
-fn list(conn: &Connection, filter: &ListFilter, page: &PageRequest) -> Result<Page> {
-    let limit = page.clamped_limit();
-    let mut clauses = vec!["seq < ?1".to_owned()];
-    let mut values: Vec<rusqlite::types::Value> = vec![rusqlite::types::Value::Integer(
-        page.cursor
-            .map_or(i64::MAX, |c| c.0.min(i64::MAX as u64) as i64),
-    )];
+/// The condition `status IN (…)` of these statuses (their codes are written in the SQL).
+fn status_in(statuses: &[Status]) -> String {
+    let codes: Vec<String> = statuses.iter().map(|s| s.code().to_string()).collect();
+    format!("status IN ({})", codes.join(", "))
+}
+
+/// The conditions of a filter's fields other than its statuses, each with its value appended
+/// to `values` and bound as `?n` after the values already there.
+fn field_clauses(filter: &ListFilter, values: &mut Vec<rusqlite::types::Value>) -> Vec<String> {
+    let mut clauses = Vec::new();
     let mut bind = |clause: String, value: rusqlite::types::Value, clauses: &mut Vec<String>| {
         values.push(value);
         clauses.push(clause.replace('?', &format!("?{}", values.len())));
     };
-    if !filter.statuses.is_empty() {
-        let codes: Vec<String> = filter
-            .statuses
-            .iter()
-            .map(|s| s.code().to_string())
-            .collect();
-        clauses.push(format!("status IN ({})", codes.join(", ")));
-    }
     if let Some(task_type) = &filter.task_type {
         bind(
             "task_type = ?".into(),
@@ -1262,6 +1316,20 @@ fn list(conn: &Connection, filter: &ListFilter, page: &PageRequest) -> Result<Pa
     if let Some(until) = filter.created_until {
         bind("created_at < ?".into(), until.0.into(), &mut clauses);
     }
+    clauses
+}
+
+fn list(conn: &Connection, filter: &ListFilter, page: &PageRequest) -> Result<Page> {
+    let limit = page.clamped_limit();
+    let mut clauses = vec!["seq < ?1".to_owned()];
+    let mut values: Vec<rusqlite::types::Value> = vec![rusqlite::types::Value::Integer(
+        page.cursor
+            .map_or(i64::MAX, |c| c.0.min(i64::MAX as u64) as i64),
+    )];
+    if !filter.statuses.is_empty() {
+        clauses.push(status_in(&filter.statuses));
+    }
+    clauses.extend(field_clauses(filter, &mut values));
     let sql = format!(
         "SELECT {COLUMNS}, seq FROM tasks WHERE {} ORDER BY seq DESC LIMIT {}",
         clauses.join(" AND "),
@@ -1332,6 +1400,15 @@ impl Store for SqliteStore {
 
     fn prune(&self, before: Timestamp, limit: usize) -> StoreFuture<'_, usize> {
         self.write(|reply| WriteOp::Prune(before, limit, reply))
+    }
+
+    fn delete_finished(
+        &self,
+        filter: ListFilter,
+        finished_before: Timestamp,
+        limit: usize,
+    ) -> StoreFuture<'_, usize> {
+        self.write(|reply| WriteOp::DeleteFinished(filter, finished_before, limit, reply))
     }
 
     fn get(&self, id: TaskId) -> StoreFuture<'_, Option<Task>> {

@@ -66,6 +66,8 @@ conformance!(
     recover_expired_takes_only_expired_leases,
     recover_all_running_takes_every_running_attempt,
     prune_deletes_only_old_terminal_tasks_up_to_the_limit,
+    set_priority_reorders_waiting_tasks_and_refuses_started_ones,
+    delete_finished_deletes_only_matching_old_terminal_tasks_up_to_the_limit,
     list_filters_by_every_field,
     list_pages_newest_first_without_gaps_or_duplicates,
     stats_follow_every_kind_of_change,
@@ -1045,6 +1047,8 @@ enum Expect {
     MarkedForCancel,
     /// Applied to a running task: paused while its attempt runs (frozen, the lease kept).
     Freezes,
+    /// Applied to a waiting task: its priority is the new one, its status and all else stay.
+    Reprioritized,
     /// Refused with `Error::IllegalTransition`.
     Illegal,
 }
@@ -1052,17 +1056,23 @@ enum Expect {
 async fn commands_on_every_status(store: &dyn Store) {
     use Expect::*;
     #[rustfmt::skip]
-    let table: [(Status, [Expect; 3]); 7] = [
-        //                  cancel                     pause              resume
-        (Status::Queued,    [Moves(Status::Cancelled), Moves(Status::Paused), Illegal]),
-        (Status::Scheduled, [Moves(Status::Cancelled), Moves(Status::Paused), Illegal]),
-        (Status::Paused,    [Moves(Status::Cancelled), Illegal,              Moves(Status::Queued)]),
-        (Status::Running,   [MarkedForCancel,          Freezes,              Illegal]),
-        (Status::Completed, [Illegal,                  Illegal,              Illegal]),
-        (Status::Failed,    [Illegal,                  Illegal,              Illegal]),
-        (Status::Cancelled, [Illegal,                  Illegal,              Illegal]),
+    let table: [(Status, [Expect; 4]); 7] = [
+        //                  cancel                     pause              resume                 set priority
+        (Status::Queued,    [Moves(Status::Cancelled), Moves(Status::Paused), Illegal,              Reprioritized]),
+        (Status::Scheduled, [Moves(Status::Cancelled), Moves(Status::Paused), Illegal,              Reprioritized]),
+        (Status::Paused,    [Moves(Status::Cancelled), Illegal,              Moves(Status::Queued), Reprioritized]),
+        (Status::Running,   [MarkedForCancel,          Freezes,              Illegal,              Illegal]),
+        (Status::Completed, [Illegal,                  Illegal,              Illegal,              Illegal]),
+        (Status::Failed,    [Illegal,                  Illegal,              Illegal,              Illegal]),
+        (Status::Cancelled, [Illegal,                  Illegal,              Illegal,              Illegal]),
     ];
-    let commands = [Command::Cancel, Command::Pause, Command::Resume];
+    // `task_in` gives tasks the normal or the critical priority: high is a change for all.
+    let commands = [
+        Command::Cancel,
+        Command::Pause,
+        Command::Resume,
+        Command::SetPriority(Priority::HIGH),
+    ];
     let mut clock = 0;
     for (status, row) in table {
         for (command, expect) in commands.into_iter().zip(row) {
@@ -1105,6 +1115,14 @@ async fn commands_on_every_status(store: &dyn Store) {
                     assert!(!after.cancel_requested, "{what}");
                     assert_eq!(after.finished_at, None, "{what}");
                 }
+                Reprioritized => {
+                    let returned = result.unwrap_or_else(|e| panic!("{what}: {e}"));
+                    assert_eq!(returned, after, "{what}: the answer is the stored task");
+                    let mut expected = task.clone();
+                    expected.priority = Priority::HIGH;
+                    expected.updated_at = now;
+                    assert_eq!(after, expected, "{what}: only the priority changes");
+                }
                 Illegal => {
                     let error = result.expect_err(&what);
                     let Error::IllegalTransition { id, transition } = &error else {
@@ -1118,6 +1136,7 @@ async fn commands_on_every_status(store: &dyn Store) {
                             frozen: false,
                             due: true,
                         },
+                        Command::SetPriority(_) => Event::Reprioritize { frozen: false },
                     };
                     assert_eq!(
                         std::mem::discriminant(&transition.event),
@@ -1132,6 +1151,12 @@ async fn commands_on_every_status(store: &dyn Store) {
                         transition.event.verb()
                     );
                     assert!(text.starts_with(&sentence), "{what}: {text}");
+                    if let Command::SetPriority(_) = command {
+                        assert!(
+                            text.contains("only waiting tasks (queued, scheduled, or paused before they started) can be reprioritized"),
+                            "{what}: {text}"
+                        );
+                    }
                     assert_eq!(after, task, "{what} changes nothing");
                 }
             }
@@ -1563,6 +1588,384 @@ async fn prune_deletes_only_old_terminal_tasks_up_to_the_limit(store: &dyn Store
         .await
         .expect("submit");
     assert!(answers[0].created);
+}
+
+async fn set_priority_reorders_waiting_tasks_and_refuses_started_ones(store: &dyn Store) {
+    // Raised: of two low tasks, the later one raised to high is claimed first.
+    let a = submit(
+        store,
+        NewTask::new("a", json!({})).with_priority(Priority::LOW),
+        at(0),
+    )
+    .await;
+    let b = submit(
+        store,
+        NewTask::new("b", json!({})).with_priority(Priority::LOW),
+        at(1),
+    )
+    .await;
+    let raised = store
+        .command(b.id, Command::SetPriority(Priority::HIGH), at(2))
+        .await
+        .expect("set priority");
+    assert_eq!(
+        (raised.status, raised.priority, raised.updated_at),
+        (Status::Queued, Priority::HIGH, at(2))
+    );
+    assert_eq!(get(store, b.id).await, raised);
+    let running_b = claim_one(store, &b, at(3)).await;
+    assert_eq!(running_b.priority, Priority::HIGH);
+    check_stats(store, "after raising a queued task").await;
+
+    // Lowered: a normal task lowered to the minimum comes after the low one.
+    let c = submit(store, NewTask::new("c", json!({})), at(4)).await;
+    store
+        .command(c.id, Command::SetPriority(Priority::MIN), at(5))
+        .await
+        .expect("set priority");
+    claim_one(store, &a, at(6)).await;
+    claim_one(store, &c, at(7)).await;
+
+    // A scheduled task keeps its status and run_at, and takes its priority to the queue.
+    let d = submit(store, NewTask::new("d", json!({})), at(10)).await;
+    let s = submit(
+        store,
+        NewTask::new("s", json!({}))
+            .with_priority(Priority::LOW)
+            .with_run_at(at(20)),
+        at(10),
+    )
+    .await;
+    let scheduled = store
+        .command(s.id, Command::SetPriority(Priority::CRITICAL), at(11))
+        .await
+        .expect("set priority");
+    assert_eq!(
+        (scheduled.status, scheduled.run_at, scheduled.priority),
+        (Status::Scheduled, Some(at(20)), Priority::CRITICAL)
+    );
+    assert_eq!(store.promote_due(at(20)).await.expect("promote").count, 1);
+    claim_one(store, &s, at(21)).await;
+
+    // A task paused before it started stays paused, and resumes with its new priority.
+    let p = submit(
+        store,
+        NewTask::new("p", json!({})).with_priority(Priority::MIN),
+        at(22),
+    )
+    .await;
+    store
+        .command(p.id, Command::Pause, at(23))
+        .await
+        .expect("pause");
+    let paused = store
+        .command(p.id, Command::SetPriority(Priority::CRITICAL), at(24))
+        .await
+        .expect("set priority");
+    assert_eq!(
+        (paused.status, paused.priority, paused.lease_until),
+        (Status::Paused, Priority::CRITICAL, None)
+    );
+    store
+        .command(p.id, Command::Resume, at(25))
+        .await
+        .expect("resume");
+    claim_one(store, &p, at(26)).await;
+    claim_one(store, &d, at(27)).await;
+    check_stats(store, "after reprioritizing waiting tasks").await;
+
+    // Started tasks keep their priority: running, and frozen (paused while running).
+    let refuse = |status: Status, frozen: bool, text: String| {
+        assert!(
+            text.contains(&format!("cannot reprioritize a task that is {status}")),
+            "{text}"
+        );
+        assert!(text.contains("already started"), "{text}");
+        assert!(
+            text.contains("only waiting tasks (queued, scheduled, or paused before they started) can be reprioritized"),
+            "{text}"
+        );
+        assert_eq!(text.contains("paused while running"), frozen, "{text}");
+    };
+    let before = get(store, running_b.id).await;
+    let error = store
+        .command(running_b.id, Command::SetPriority(Priority::MIN), at(30))
+        .await
+        .expect_err("a running task");
+    assert!(
+        matches!(error, Error::IllegalTransition { id, .. } if id == running_b.id),
+        "{error:?}"
+    );
+    refuse(Status::Running, false, error.to_string());
+    assert_eq!(get(store, running_b.id).await, before);
+
+    let frozen = store
+        .command(running_b.id, Command::Pause, at(31))
+        .await
+        .expect("freeze");
+    assert!(frozen.lease_until.is_some());
+    let error = store
+        .command(running_b.id, Command::SetPriority(Priority::MIN), at(32))
+        .await
+        .expect_err("a frozen task");
+    let Error::IllegalTransition { transition, .. } = &error else {
+        panic!("expected IllegalTransition, got {error:?}");
+    };
+    assert_eq!(transition.event, Event::Reprioritize { frozen: true });
+    refuse(Status::Paused, true, error.to_string());
+    assert_eq!(get(store, running_b.id).await, frozen);
+
+    // Finished tasks too; and an unknown task is not found.
+    assert!(finish(store, &running_b, at(33), completed()).await);
+    let error = store
+        .command(running_b.id, Command::SetPriority(Priority::MIN), at(34))
+        .await
+        .expect_err("a completed task");
+    let text = error.to_string();
+    assert!(
+        text.contains("cannot reprioritize a task that is completed")
+            && text.contains("only waiting tasks")
+            && text.contains("submit a new task"),
+        "{text}"
+    );
+    let unknown = TaskId::new();
+    assert!(matches!(
+        store
+            .command(unknown, Command::SetPriority(Priority::HIGH), at(35))
+            .await,
+        Err(Error::TaskNotFound { id }) if id == unknown
+    ));
+    check_stats(store, "after refused reprioritizations").await;
+}
+
+/// A task of `owner` with `task_type` and `session` that ends in `status` at `when`, claimed with
+/// the critical priority so that no waiting task is claimed in its place.
+async fn finished_task(
+    store: &dyn Store,
+    owner: Option<&str>,
+    task_type: &str,
+    session: &str,
+    status: Status,
+    when: Timestamp,
+) -> Task {
+    let mut new = NewTask::new(task_type, json!({}))
+        .with_session(session)
+        .with_priority(Priority::CRITICAL);
+    if let Some(owner) = owner {
+        new = new.with_owner(owner);
+    }
+    let task = submit(store, new, at(0)).await;
+    let running = claim_one(store, &task, at(0)).await;
+    let outcome = match status {
+        Status::Completed => completed(),
+        Status::Failed => Outcome::Failed {
+            error: error("broke"),
+            retry_at: None,
+        },
+        Status::Cancelled => Outcome::Cancelled,
+        other => panic!("{other} is not a terminal status"),
+    };
+    assert!(finish(store, &running, when, outcome).await);
+    let done = get(store, task.id).await;
+    assert_eq!((done.status, done.finished_at), (status, Some(when)));
+    done
+}
+
+async fn delete_finished_deletes_only_matching_old_terminal_tasks_up_to_the_limit(
+    store: &dyn Store,
+) {
+    use Status::{Cancelled, Completed, Failed};
+    let alice = Some("alice");
+    let a1 = finished_task(store, alice, "build", "s1", Completed, at(1)).await;
+    let a2 = finished_task(store, alice, "test", "s1", Failed, at(2)).await;
+    let a3 = finished_task(store, alice, "build", "s2", Cancelled, at(3)).await;
+    let a4 = finished_task(store, alice, "test", "s2", Completed, at(4)).await;
+    let a5 = finished_task(store, alice, "build", "s1", Completed, at(5)).await;
+    let a6 = finished_task(store, alice, "build", "s1", Completed, at(10)).await;
+    let b1 = finished_task(store, Some("bob"), "build", "s1", Completed, at(1)).await;
+    let b2 = finished_task(store, Some("bob"), "build", "s1", Failed, at(2)).await;
+    let n1 = finished_task(store, None, "build", "s1", Completed, at(1)).await;
+
+    // Alice's live tasks, however old: running, frozen, queued, scheduled, paused.
+    let live_new = || {
+        NewTask::new("build", json!({}))
+            .with_owner("alice")
+            .with_session("s1")
+    };
+    let running = submit(store, live_new().with_priority(Priority::CRITICAL), at(0)).await;
+    claim_one(store, &running, at(0)).await;
+    let frozen = submit(store, live_new().with_priority(Priority::CRITICAL), at(0)).await;
+    claim_one(store, &frozen, at(0)).await;
+    store
+        .command(frozen.id, Command::Pause, at(0))
+        .await
+        .expect("freeze");
+    let queued = submit(store, live_new(), at(0)).await;
+    let scheduled = submit(store, live_new().with_run_at(at(1_000)), at(0)).await;
+    let paused = submit(store, live_new(), at(0)).await;
+    store
+        .command(paused.id, Command::Pause, at(0))
+        .await
+        .expect("pause");
+    let live = [&running, &frozen, &queued, &scheduled, &paused];
+    check_stats(store, "before deleting").await;
+
+    let of_alice = || ListFilter {
+        owner: Some("alice".into()),
+        ..ListFilter::default()
+    };
+    let exists = |id: TaskId| async move { store.get(id).await.expect("get").is_some() };
+
+    // A filter that names only live statuses deletes nothing.
+    let live_only = ListFilter {
+        statuses: vec![
+            Status::Queued,
+            Status::Scheduled,
+            Status::Paused,
+            Status::Running,
+        ],
+        ..of_alice()
+    };
+    let deleted = store
+        .delete_finished(live_only, at(1_000_000), 100)
+        .await
+        .expect("delete");
+    assert_eq!(deleted, 0);
+    assert_eq!(all_tasks(store).await.len(), 14);
+
+    // Alice's only, strictly before the time.
+    let deleted = store
+        .delete_finished(of_alice(), at(3), 100)
+        .await
+        .expect("delete");
+    assert_eq!(deleted, 2);
+    assert!(!exists(a1.id).await && !exists(a2.id).await);
+    for kept in [&a3, &b1, &b2, &n1] {
+        assert!(exists(kept.id).await, "{} was deleted", kept.id);
+    }
+    check_stats(store, "after deleting alice's oldest").await;
+
+    // Narrowed by status (a live status in the list matches nothing)...
+    let cancelled = ListFilter {
+        statuses: vec![Cancelled, Status::Running],
+        ..of_alice()
+    };
+    let deleted = store
+        .delete_finished(cancelled, at(1_000), 100)
+        .await
+        .expect("delete");
+    assert_eq!(deleted, 1);
+    assert!(!exists(a3.id).await);
+    // ...by type and session...
+    let build_s1 = ListFilter {
+        task_type: Some("build".into()),
+        session_id: Some("s1".into()),
+        ..of_alice()
+    };
+    let deleted = store
+        .delete_finished(build_s1, at(10), 100)
+        .await
+        .expect("delete");
+    assert_eq!(deleted, 1, "a5 only: a6 finished at the time, not before");
+    assert!(!exists(a5.id).await && exists(a6.id).await && exists(a4.id).await);
+    let tests = ListFilter {
+        task_type: Some("test".into()),
+        ..of_alice()
+    };
+    assert_eq!(
+        store
+            .delete_finished(tests, at(1_000), 100)
+            .await
+            .expect("delete"),
+        1
+    );
+    assert!(!exists(a4.id).await);
+    // ...and by creation time.
+    let created_later = ListFilter {
+        created_from: Some(at(1)),
+        ..of_alice()
+    };
+    assert_eq!(
+        store
+            .delete_finished(created_later, at(1_000), 100)
+            .await
+            .expect("delete"),
+        0
+    );
+    check_stats(store, "after filtered deletes").await;
+
+    // At most `limit`, those that finished first first.
+    let of_bob = ListFilter {
+        owner: Some("bob".into()),
+        ..ListFilter::default()
+    };
+    let deleted = store
+        .delete_finished(of_bob.clone(), at(1_000), 1)
+        .await
+        .expect("delete");
+    assert_eq!(deleted, 1);
+    assert!(!exists(b1.id).await && exists(b2.id).await);
+    assert_eq!(
+        store
+            .delete_finished(of_bob.clone(), at(1_000), 0)
+            .await
+            .expect("delete"),
+        0
+    );
+    assert_eq!(
+        store
+            .delete_finished(of_bob.clone(), at(1_000), 5)
+            .await
+            .expect("delete"),
+        1
+    );
+    assert_eq!(
+        store
+            .delete_finished(of_bob, at(1_000), 5)
+            .await
+            .expect("delete"),
+        0
+    );
+    check_stats(store, "after deleting with a limit").await;
+
+    // Everything of alice's that finished; then an empty filter takes every owner's.
+    assert_eq!(
+        store
+            .delete_finished(of_alice(), at(1_000_000), usize::MAX)
+            .await
+            .expect("delete"),
+        1
+    );
+    assert!(!exists(a6.id).await && exists(n1.id).await);
+    assert_eq!(
+        store
+            .delete_finished(ListFilter::default(), at(1_000_000), 100)
+            .await
+            .expect("delete"),
+        1
+    );
+    assert!(!exists(n1.id).await);
+
+    // Live tasks were never touched; the counts are theirs alone.
+    for task in live {
+        assert!(exists(task.id).await, "a live task was deleted");
+    }
+    check_stats(store, "after deleting every finished task").await;
+    let stats = store.stats().await.expect("stats");
+    assert_eq!(stats.total(), 5);
+    for status in [Completed, Failed, Cancelled] {
+        assert_eq!(stats.count(status), 0, "{status}");
+    }
+    assert_eq!(
+        (
+            stats.count(Status::Running),
+            stats.count(Status::Paused),
+            stats.count(Status::Queued),
+            stats.count(Status::Scheduled)
+        ),
+        (1, 2, 1, 1)
+    );
+    assert_eq!(stats.by_type.keys().collect::<Vec<_>>(), ["build"]);
 }
 
 async fn list_filters_by_every_field(store: &dyn Store) {
@@ -2000,6 +2403,28 @@ async fn sqlite_reopening_the_file_keeps_tasks_and_stats() {
 }
 
 #[tokio::test]
+async fn sqlite_a_new_priority_is_kept_across_a_reopen() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let path = dir.path().join("tasks.sqlite3");
+    let (a, b) = {
+        let store = SqliteStore::open(SqliteConfig::new(&path)).expect("open");
+        let low = |name: &str| NewTask::new(name, json!({})).with_priority(Priority::LOW);
+        let a = submit(&store, low("a"), at(0)).await;
+        let b = submit(&store, low("b"), at(1)).await;
+        store
+            .command(b.id, Command::SetPriority(Priority::HIGH), at(2))
+            .await
+            .expect("set priority");
+        (a, b)
+    };
+    let store = SqliteStore::open(SqliteConfig::new(&path)).expect("reopen");
+    assert_eq!(get(&store, b.id).await.priority, Priority::HIGH);
+    assert_eq!(get(&store, a.id).await.priority, Priority::LOW);
+    claim_one(&store, &b, at(3)).await;
+    claim_one(&store, &a, at(4)).await;
+}
+
+#[tokio::test]
 async fn sqlite_refuses_a_second_open_of_the_same_file() {
     let dir = tempfile::tempdir().expect("a temporary directory");
     let path = dir.path().join("tasks.sqlite3");
@@ -2105,4 +2530,14 @@ async fn sqlite_hot_queries_use_the_partial_indexes() {
     );
     assert!(prune_plan.contains("tasks_finished"), "{prune_plan}");
     assert!(!prune_plan.contains("TEMP B-TREE"), "{prune_plan}");
+
+    // The deletion of one owner's finished tasks walks the same index, in its order.
+    let delete_plan = plan(
+        "SELECT seq FROM tasks INDEXED BY tasks_finished \
+         WHERE status >= 4 AND finished_at < ?1 AND status IN (4, 6) AND owner = ?3 \
+         ORDER BY finished_at, seq LIMIT ?2",
+        &[&at(100).0, &100_i64, &"alice"],
+    );
+    assert!(delete_plan.contains("tasks_finished"), "{delete_plan}");
+    assert!(!delete_plan.contains("TEMP B-TREE"), "{delete_plan}");
 }

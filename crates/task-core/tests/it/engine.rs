@@ -182,6 +182,148 @@ impl Gate {
     }
 }
 
+/// With the one slot busy, two low tasks wait; the later one, raised to high while the
+/// dispatcher runs, starts first when the slot frees. A started task keeps its priority.
+#[tokio::test]
+async fn a_new_priority_orders_the_next_claims_of_a_running_dispatcher() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Arc::new(
+        SqliteStore::open(SqliteConfig::new(dir.path().join("tasks.sqlite3"))).expect("open"),
+    );
+    let gate = Gate::new();
+    let (order_tx, mut order_rx) = mpsc::unbounded_channel();
+    let (engine, loops) = started_on(
+        store,
+        EngineConfig {
+            concurrency: 1,
+            ..quick_config()
+        },
+        |b| {
+            b.handler("gate", gate.handler()).handler(
+                "record",
+                handler_fn(move |ctx| {
+                    let order_tx = order_tx.clone();
+                    async move {
+                        let _ = order_tx.send(ctx.params()["name"].clone());
+                        Ok(Value::Null)
+                    }
+                }),
+            )
+        },
+    )
+    .await;
+    let busy = submit(&engine, NewTask::new("gate", Value::Null)).await;
+    gate.wait_running(1).await;
+    let low =
+        |name: &str| NewTask::new("record", json!({ "name": name })).with_priority(Priority::LOW);
+    let a = submit(&engine, low("a")).await;
+    let b = submit(&engine, low("b")).await;
+    let raised = engine
+        .set_priority(b, Priority::HIGH)
+        .await
+        .expect("set priority");
+    assert_eq!(
+        (raised.status, raised.priority),
+        (Status::Queued, Priority::HIGH)
+    );
+
+    let error = engine
+        .set_priority(busy, Priority::CRITICAL)
+        .await
+        .expect_err("a running task");
+    assert!(
+        matches!(error, Error::IllegalTransition { .. }),
+        "{error:?}"
+    );
+    let text = error.to_string();
+    assert!(
+        text.contains("that is running") && text.contains("only waiting tasks"),
+        "{text}"
+    );
+    assert_eq!(
+        engine.get(busy).await.expect("get").priority,
+        Priority::NORMAL
+    );
+
+    gate.release.notify_waiters();
+    finished(&engine, a).await;
+    finished(&engine, b).await;
+    let mut order = Vec::new();
+    while let Ok(name) = order_rx.try_recv() {
+        order.push(name);
+    }
+    assert_eq!(order, [json!("b"), json!("a")]);
+    loops.stop().await;
+}
+
+/// The engine deletes one owner's finished tasks on request, in batches, and nothing else.
+#[tokio::test]
+async fn delete_finished_cleans_up_one_owners_finished_tasks() {
+    let (engine, loops) = started(quick_config(), |b| b).await;
+    let mut mine = Vec::new();
+    for n in 0..5 {
+        mine.push(submit(&engine, NewTask::new("echo", json!(n)).with_owner("me")).await);
+    }
+    let theirs = submit(&engine, NewTask::new("echo", json!("x")).with_owner("them")).await;
+    for id in mine.iter().chain([&theirs]) {
+        finished(&engine, *id).await;
+    }
+    engine.pause_queue();
+    let waiting = submit(&engine, NewTask::new("echo", json!("w")).with_owner("me")).await;
+    let later = Timestamp::now().after(Duration::from_secs(1));
+    let of_mine = task_core::store::ListFilter {
+        owner: Some("me".into()),
+        ..Default::default()
+    };
+
+    assert_eq!(
+        engine
+            .delete_finished(of_mine.clone(), Timestamp(0), 100)
+            .await
+            .expect("delete"),
+        0,
+        "nothing finished before 1970"
+    );
+    assert_eq!(
+        engine
+            .delete_finished(of_mine.clone(), later, 3)
+            .await
+            .expect("delete"),
+        3
+    );
+    assert_eq!(
+        engine
+            .delete_finished(of_mine.clone(), later, usize::MAX)
+            .await
+            .expect("delete"),
+        2
+    );
+    for id in &mine {
+        assert!(matches!(
+            engine.get(*id).await,
+            Err(Error::TaskNotFound { .. })
+        ));
+    }
+    assert_eq!(
+        engine.get(theirs).await.expect("kept").status,
+        Status::Completed
+    );
+    assert_eq!(
+        engine.get(waiting).await.expect("kept").status,
+        Status::Queued
+    );
+    let stats = engine.stats().await.expect("stats");
+    assert_eq!(
+        (
+            stats.total(),
+            stats.count(Status::Completed),
+            stats.count(Status::Queued)
+        ),
+        (2, 1, 1)
+    );
+    loops.stop().await;
+}
+
 #[tokio::test]
 async fn global_and_per_type_concurrency_limits_hold() {
     let gate = Gate::new();

@@ -1,5 +1,6 @@
 //! Property tests of the stores: random interleavings of submits, claims, progress, finishes,
-//! commands, lease expiries, promotions and restarts, driven through the `Store` trait with a
+//! commands (a new priority among them), lease expiries, promotions, deletions of finished tasks
+//! and restarts, driven through the `Store` trait with a
 //! simulated clock, against a reference model and a set of invariants checked after every step.
 //!
 //! Simulated workers hold (task, attempt) pairs. A worker whose attempt ended (it finished, or its
@@ -113,6 +114,14 @@ enum Op {
         end: Option<End>,
         tenths: u8,
     },
+    /// Delete finished tasks of one type (or any) and these statuses (any if empty; live ones
+    /// named match nothing) that finished more than `back_ms` ago, up to `limit`.
+    DeleteFinished {
+        type_b: Option<bool>,
+        statuses: Vec<Status>,
+        back_ms: u64,
+        limit: usize,
+    },
 }
 
 fn end_strategy() -> impl Strategy<Value = End> {
@@ -157,7 +166,12 @@ fn op_strategy() -> impl Strategy<Value = Op> {
         1 => (proptest::collection::vec(any::<Index>(), 0..3), proptest::collection::vec(any::<Index>(), 0..3))
             .prop_map(|(live, stale)| Op::Heartbeat { live, stale }),
         4 => (
-            prop_oneof![Just(Command::Cancel), Just(Command::Pause), Just(Command::Resume)],
+            prop_oneof![
+                Just(Command::Cancel),
+                Just(Command::Pause),
+                Just(Command::Resume),
+                (0u8..=9).prop_map(|p| Command::SetPriority(Priority::new(p).expect("0..=9"))),
+            ],
             any::<Index>(),
             any::<bool>(),
         )
@@ -168,6 +182,18 @@ fn op_strategy() -> impl Strategy<Value = Op> {
         1 => Just(Op::Restart),
         2 => (any::<Index>(), proptest::option::weighted(0.7, end_strategy()), 0u8..=10)
             .prop_map(|(worker, end, tenths)| Op::StaleWrite { worker, end, tenths }),
+        2 => (
+            proptest::option::of(any::<bool>()),
+            proptest::sample::subsequence(Status::ALL.to_vec(), 0..=3),
+            0u64..3_000,
+            0usize..4,
+        )
+            .prop_map(|(type_b, statuses, back_ms, limit)| Op::DeleteFinished {
+                type_b,
+                statuses,
+                back_ms,
+                limit,
+            }),
     ]
 }
 
@@ -240,6 +266,7 @@ struct ModelTask {
     progress: Option<f64>,
     result: Option<Value>,
     error_kind: Option<FailureKind>,
+    finished_at: Option<Timestamp>,
 }
 
 impl ModelTask {
@@ -252,8 +279,8 @@ impl ModelTask {
         self.status == Status::Paused && self.lease_until.is_some()
     }
 
-    /// A running attempt ends with `outcome` (the fence already checked).
-    fn finish(&mut self, outcome: &Outcome) {
+    /// A running attempt ends with `outcome` at `now` (the fence already checked).
+    fn finish(&mut self, outcome: &Outcome, now: Timestamp) {
         // A task whose cancel was asked for is not retried or re-queued.
         let cancelled = Outcome::Cancelled;
         let outcome = match outcome {
@@ -295,10 +322,13 @@ impl ModelTask {
                 self.run_at = None;
             }
         }
+        if self.status.is_terminal() {
+            self.finished_at = Some(now);
+        }
     }
 
-    /// A running attempt whose worker is gone is recovered.
-    fn recover(&mut self) {
+    /// A running attempt whose worker is gone is recovered at `now`.
+    fn recover(&mut self, now: Timestamp) {
         if self.cancel_requested {
             self.status = Status::Cancelled;
         } else {
@@ -311,6 +341,9 @@ impl ModelTask {
         }
         self.lease_until = None;
         self.cancel_requested = false;
+        if self.status.is_terminal() {
+            self.finished_at = Some(now);
+        }
     }
 
     /// What a command does: `Ok(changed task)` or `Err(())` for a refused one.
@@ -319,6 +352,12 @@ impl ModelTask {
         let frozen = self.frozen();
         match (self.status, command) {
             (Status::Completed | Status::Failed | Status::Cancelled, _) => return Err(()),
+            // Only a task that waits (not one frozen while running) gets a new priority.
+            (Status::Queued | Status::Scheduled, Command::SetPriority(p)) => {
+                next.priority = p.get()
+            }
+            (Status::Paused, Command::SetPriority(p)) if !frozen => next.priority = p.get(),
+            (_, Command::SetPriority(_)) => return Err(()),
             (Status::Running, Command::Cancel) => next.cancel_requested = true,
             (Status::Paused, Command::Cancel) if frozen => next.cancel_requested = true,
             (_, Command::Cancel) => next.status = Status::Cancelled,
@@ -338,6 +377,9 @@ impl ModelTask {
                 }
             }
             (_, Command::Resume) => return Err(()),
+        }
+        if next.status.is_terminal() {
+            next.finished_at = Some(now);
         }
         Ok(next)
     }
@@ -405,6 +447,46 @@ impl Model {
         self.stale.push(worker);
     }
 
+    /// The finished tasks that a deletion with these terms takes: those that finished first
+    /// first, then in submission order (the stores' age order).
+    fn expected_deletion(
+        &self,
+        type_b: Option<bool>,
+        statuses: &[Status],
+        before: Timestamp,
+        limit: usize,
+    ) -> Vec<TaskId> {
+        let mut matching: Vec<(Timestamp, usize)> = self
+            .tasks
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| t.status.is_terminal())
+            .filter(|(_, t)| statuses.is_empty() || statuses.contains(&t.status))
+            .filter(|(_, t)| type_b.is_none_or(|b| (t.task_type == "b") == b))
+            .filter_map(|(i, t)| t.finished_at.filter(|at| *at < before).map(|at| (at, i)))
+            .collect();
+        matching.sort();
+        matching
+            .into_iter()
+            .take(limit)
+            .map(|(_, i)| self.tasks[i].id)
+            .collect()
+    }
+
+    /// Forgets deleted tasks: their keys are free again, and their stale workers gone.
+    fn delete(&mut self, ids: &[TaskId]) {
+        self.tasks.retain(|t| !ids.contains(&t.id));
+        self.index = self
+            .tasks
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.id, i))
+            .collect();
+        self.keys.retain(|_, id| !ids.contains(id));
+        self.stale.retain(|(id, _)| !ids.contains(id));
+        self.submitted -= ids.len();
+    }
+
     /// Recovers the model's running tasks that `which` selects; returns their ids, sorted.
     fn recover(&mut self, which: Recover) -> Vec<TaskId> {
         let now = self.now;
@@ -415,7 +497,7 @@ impl Model {
                 && (which == Recover::AllRunning || expired)
             {
                 ids.push((task.id, task.attempt));
-                task.recover();
+                task.recover(now);
             }
         }
         for worker in &ids {
@@ -528,6 +610,7 @@ async fn apply(
                             progress: None,
                             result: None,
                             error_kind: None,
+                            finished_at: None,
                         });
                         model.submitted += 1;
                     }
@@ -606,7 +689,7 @@ async fn apply(
                 applied,
                 "the finish of a worker holding its attempt was refused"
             );
-            model.task_mut(id).finish(&outcome);
+            model.task_mut(id).finish(&outcome, now);
             model.end_worker((id, attempt));
         }
         Op::Heartbeat { live, stale } => {
@@ -798,6 +881,33 @@ async fn apply(
             prop_assert_eq!(before, after, "a fenced-out write changed the task");
             model.fenced_writes += 1;
         }
+        Op::DeleteFinished {
+            type_b,
+            statuses,
+            back_ms,
+            limit,
+        } => {
+            let before = Timestamp(now.0 - *back_ms as i64);
+            let expected = model.expected_deletion(*type_b, statuses, before, *limit);
+            let filter = ListFilter {
+                statuses: statuses.clone(),
+                task_type: type_b.map(|b| if b { "b" } else { "a" }.to_owned()),
+                ..ListFilter::default()
+            };
+            let deleted = ok(
+                backend
+                    .store()
+                    .delete_finished(filter, before, *limit)
+                    .await,
+                "delete_finished",
+            )?;
+            prop_assert_eq!(deleted, expected.len(), "deleted count");
+            for id in &expected {
+                let gone = ok(backend.store().get(*id).await, "get")?;
+                prop_assert!(gone.is_none(), "task {} should have been deleted", id);
+            }
+            model.delete(&expected);
+        }
     }
     Ok(())
 }
@@ -931,6 +1041,12 @@ async fn check(store: &dyn Store, model: &mut Model) -> TestResult {
             what
         );
         prop_assert_eq!(task.priority.get(), want.priority, "priority of {}", what);
+        prop_assert_eq!(
+            task.finished_at,
+            want.finished_at,
+            "finished_at of {}",
+            what
+        );
     }
 
     // The live workers are exactly the running attempts.

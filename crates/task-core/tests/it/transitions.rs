@@ -7,8 +7,9 @@ use task_core::state::{ALL_EVENTS, Event, IllegalTransition, allowed_from, decid
 /// The columns of [`EXPECTED`]: every event with every combination of its flags.
 ///
 /// The same set as [`ALL_EVENTS`], spelled out so that the table's columns are visible here
-/// (a frozen task resumes to running whether or not it is due).
-const EVENTS: [Event; 13] = [
+/// (a frozen task resumes to running whether or not it is due; a priority changes only while the
+/// task waits, and its status stays).
+const EVENTS: [Event; 15] = [
     Event::Promote,
     Event::Claim,
     Event::Complete,
@@ -34,6 +35,8 @@ const EVENTS: [Event; 13] = [
         frozen: false,
         due: false,
     },
+    Event::Reprioritize { frozen: true },
+    Event::Reprioritize { frozen: false },
 ];
 
 /// Refused: an [`IllegalTransition`].
@@ -47,15 +50,15 @@ const fn to(status: Status) -> Option<Status> {
 /// The expected result of every event (the columns, in the order of [`EVENTS`]) in every status
 /// (the rows, in the order of [`Status::ALL`]).
 #[rustfmt::skip]
-const EXPECTED: [(Status, [Option<Status>; 13]); 7] = [
-    //          promote    claim        complete       fail+retry     fail        abandon+retry abandon     cancel          pause       resume:frozen frozen,later  due         later
-    (Queued,    [NO,       to(Running), NO,            NO,            NO,         NO,           NO,         to(Cancelled),  to(Paused), NO,           NO,           NO,         NO]),
-    (Scheduled, [to(Queued), NO,        NO,            NO,            NO,         NO,           NO,         to(Cancelled),  to(Paused), NO,           NO,           NO,         NO]),
-    (Paused,    [NO,       NO,          NO,            NO,            NO,         NO,           NO,         to(Cancelled),  NO,         to(Running),  to(Running),  to(Queued), to(Scheduled)]),
-    (Running,   [NO,       NO,          to(Completed), to(Scheduled), to(Failed), to(Queued),   to(Failed), to(Cancelled),  to(Paused), NO,           NO,           NO,         NO]),
-    (Completed, [NO,       NO,          NO,            NO,            NO,         NO,           NO,         NO,             NO,         NO,           NO,           NO,         NO]),
-    (Failed,    [NO,       NO,          NO,            NO,            NO,         NO,           NO,         NO,             NO,         NO,           NO,           NO,         NO]),
-    (Cancelled, [NO,       NO,          NO,            NO,            NO,         NO,           NO,         NO,             NO,         NO,           NO,           NO,         NO]),
+const EXPECTED: [(Status, [Option<Status>; 15]); 7] = [
+    //          promote    claim        complete       fail+retry     fail        abandon+retry abandon     cancel          pause       resume:frozen frozen,later  due         later          reprioritize:frozen  waiting
+    (Queued,    [NO,       to(Running), NO,            NO,            NO,         NO,           NO,         to(Cancelled),  to(Paused), NO,           NO,           NO,         NO,            to(Queued),          to(Queued)]),
+    (Scheduled, [to(Queued), NO,        NO,            NO,            NO,         NO,           NO,         to(Cancelled),  to(Paused), NO,           NO,           NO,         NO,            to(Scheduled),       to(Scheduled)]),
+    (Paused,    [NO,       NO,          NO,            NO,            NO,         NO,           NO,         to(Cancelled),  NO,         to(Running),  to(Running),  to(Queued), to(Scheduled), NO,                  to(Paused)]),
+    (Running,   [NO,       NO,          to(Completed), to(Scheduled), to(Failed), to(Queued),   to(Failed), to(Cancelled),  to(Paused), NO,           NO,           NO,         NO,            NO,                  NO]),
+    (Completed, [NO,       NO,          NO,            NO,            NO,         NO,           NO,         NO,             NO,         NO,           NO,           NO,         NO,            NO,                  NO]),
+    (Failed,    [NO,       NO,          NO,            NO,            NO,         NO,           NO,         NO,             NO,         NO,           NO,           NO,         NO,            NO,                  NO]),
+    (Cancelled, [NO,       NO,          NO,            NO,            NO,         NO,           NO,         NO,             NO,         NO,           NO,           NO,         NO,            NO,                  NO]),
 ];
 
 #[test]
@@ -139,7 +142,20 @@ fn check_message(refusal: &IllegalTransition) {
         refusal.event,
         Event::Complete | Event::Fail { .. } | Event::Abandon { .. }
     );
-    if refusal.from.is_terminal() {
+    if matches!(refusal.event, Event::Reprioritize { .. }) {
+        assert!(
+            reason.contains("only waiting tasks") && reason.contains("can be reprioritized"),
+            "`{message}` should say that only waiting tasks can be reprioritized"
+        );
+        if refusal.from.is_terminal() {
+            assert!(
+                reason.contains("already finished") && reason.contains("submit a new task"),
+                "`{message}` should say the task has finished and what to do"
+            );
+        } else {
+            assert!(reason.contains("already started"), "`{message}`");
+        }
+    } else if refusal.from.is_terminal() {
         assert!(
             reason.contains("already finished") && reason.contains("submit a new task"),
             "`{message}` should say the task has finished and what to do"
@@ -220,6 +236,21 @@ fn refusals_read_as_sentences() {
             "cannot recover a task that is scheduled: only a running attempt can end",
         ),
         (Running, Event::Claim, "cannot start a task that is running"),
+        (
+            Running,
+            Event::Reprioritize { frozen: false },
+            "cannot reprioritize a task that is running: it has already started; only waiting tasks (queued, scheduled, or paused before they started) can be reprioritized",
+        ),
+        (
+            Paused,
+            Event::Reprioritize { frozen: true },
+            "cannot reprioritize a task that is paused: it was paused while running, so it has already started; only waiting tasks (queued, scheduled, or paused before they started) can be reprioritized",
+        ),
+        (
+            Completed,
+            Event::Reprioritize { frozen: false },
+            "cannot reprioritize a task that is completed: it has already finished; only waiting tasks (queued, scheduled, or paused before they started) can be reprioritized; submit a new task to run it again at another priority",
+        ),
         (
             Queued,
             Event::Promote,
