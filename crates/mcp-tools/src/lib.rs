@@ -1,18 +1,37 @@
-//! The MCP surface of msbd.
+//! The MCP surface of msbd: an [`McpServer`] (an rmcp `ServerHandler`) over a started
+//! [`sandbox_wrapper::Wrapper`].
 //!
-//! This crate sits above `sandbox-wrapper` and `task-core` and will own:
+//! - Background-task tools (`create_background_task`, `submit_task`, `check_task_status`,
+//!   `get_task_result`, `cancel_task`, `list_tasks`, `read_task_output`,
+//!   `manage_background_tasks`, `manage_task_queue`), sandbox tools (`execute_code`,
+//!   `execute_command`, `get_sessions`, `stop_session`, `get_volume_mappings`) and supervision
+//!   tools (`health_check`, `get_background_task_status`, `restart_background_tasks`,
+//!   `pause_background_tasks`, `resume_background_tasks`; listed only when enabled). Each has
+//!   an input schema with descriptions, a structured answer with its output schema, and a text
+//!   answer for clients that ignore structured output.
+//! - The MCP tasks extension, served from the durable task store: for a client that declares
+//!   it, `execute_command` and `execute_code` answer with a task whose id is msbd's task id;
+//!   `tasks/get` and `tasks/cancel` work across restarts.
+//! - Progress: `notifications/progress` to a caller that sent a progress token, for the task it
+//!   runs (`execute_*`) or awaits (`get_task_result(wait=true)`).
+//! - Ownership: tasks and sessions belong to the principal that made them; another
+//!   principal's are "not found".
+//! - Errors: a malformed request is a JSON-RPC error (rmcp answers it); a call that cannot be
+//!   done is a tool error (`isError: true`) whose text says what happened and what to do.
 //!
-//! - the MCP tools for background tasks (`create_background_task`, `submit_task`,
-//!   `check_task_status`, `get_task_result`, `cancel_task`, `list_tasks`,
-//!   `read_task_output`, ...), for sandboxes (`execute_code`, `execute_command`,
-//!   `get_sessions`, `stop_session`, ...) and for supervision (`health_check`,
-//!   `pause_background_tasks`, ...), each with an input schema and structured output;
-//! - the MCP tasks extension, served from the durable task store;
-//! - progress notifications;
-//! - the wire types, which are this crate's own and are converted by hand from the
-//!   core types.
-//!
-//! Architecture invariant: this is the only crate that knows MCP and JSON-RPC. It
-//! never reads the environment, parses flags or installs signal handlers.
-//!
-//! Nothing is implemented yet.
+//! Architecture invariant: this is the only crate that knows MCP and JSON-RPC. It never reads
+//! the environment, parses flags or installs signal handlers. Its wire types ([`wire`]) are its
+//! own, converted by hand from the core types.
+
+mod server;
+mod tools_sandbox;
+mod tools_supervision;
+mod tools_tasks;
+pub mod wire;
+
+pub use server::{McpServer, STDIO_PRINCIPAL, SUPERVISION_TOOLS, ServerOptions, TASK_TOOLS};
+pub use tools_sandbox::{
+    ExecuteCodeArgs, ExecuteCommandArgs, ExecutionAnswer, GetSessionsArgs, SessionView,
+    SessionsAnswer, StopAnswer, StopSessionArgs, VolumeView, VolumesAnswer,
+};
+pub use tools_supervision::ReportAnswer;

@@ -208,7 +208,7 @@ fn scan_progress(state: &mut SinkState, stream: Stream, bytes: &[u8]) -> Option<
     latest
 }
 
-/// Reads a `::progress:: <fraction or percent> [message]` line: `0.25`, `25%` and `25 %` all
+/// Reads a `::progress:: <fraction or percent> [message]` line: `0.25`, `25%`, `25 %` and `25` (a bare number above 1 is a percent) all
 /// mean a quarter. Other lines, and values outside 0–1 (0–100 %), are not progress.
 pub fn parse_progress_line(line: &str) -> Option<ProgressLine> {
     let rest = line
@@ -225,7 +225,9 @@ pub fn parse_progress_line(line: &str) -> Option<ProgressLine> {
     } else if let Some(after) = message.strip_prefix('%') {
         (number.parse::<f64>().ok()? / 100.0, after.trim())
     } else {
-        (number.parse::<f64>().ok()?, message)
+        // A bare number: a fraction up to 1, a percent above it (`40` is 40 %).
+        let value = number.parse::<f64>().ok()?;
+        (if value > 1.0 { value / 100.0 } else { value }, message)
     };
     if !number.is_finite() || !(0.0..=1.0).contains(&number) {
         return None;
@@ -276,4 +278,42 @@ pub fn read_output(path: &Path, cursor: u64, max: usize) -> std::io::Result<Outp
         next_cursor: cursor + cut as u64,
         size,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_progress_line;
+
+    fn read(line: &str) -> Option<(f64, Option<String>)> {
+        parse_progress_line(line).map(|p| (p.fraction, p.message))
+    }
+
+    #[test]
+    fn progress_lines_take_fractions_and_percents() {
+        assert_eq!(read("::progress:: 0.25"), Some((0.25, None)));
+        assert_eq!(
+            read("::progress:: 40% compiling"),
+            Some((0.4, Some("compiling".into())))
+        );
+        assert_eq!(
+            read("::progress:: 40 % compiling"),
+            Some((0.4, Some("compiling".into())))
+        );
+        assert_eq!(
+            read("::progress:: 40 compiling"),
+            Some((0.4, Some("compiling".into())))
+        );
+        assert_eq!(read("  ::progress:: 1\r"), Some((1.0, None)));
+        assert_eq!(read("::progress:: 100"), Some((1.0, None)));
+        for bad in [
+            "::progress:: 101",
+            "::progress:: -1",
+            "::progress:: NaN",
+            "::progress:: x",
+            "progress 5",
+            "::progress::",
+        ] {
+            assert_eq!(read(bad), None, "{bad}");
+        }
+    }
 }

@@ -1,0 +1,589 @@
+//! [`McpServer`]: the MCP server handler. It owns nothing but a [`Wrapper`] handle and the
+//! principal it serves; the tools live in `tools_*.rs`, each an `impl McpServer` block with its
+//! own router, merged here.
+//!
+//! The MCP tasks extension: for a client that declares it, `execute_command` and `execute_code`
+//! answer at once with a task whose id is the engine's task id; `tasks/get` and `tasks/cancel`
+//! read and change the durable task store, so they answer across restarts of msbd.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use rmcp::handler::server::router::tool::ToolRouter;
+use rmcp::handler::server::tool::ToolCallContext;
+use rmcp::model::{
+    CallToolRequestParams, CallToolResponse, CallToolResult, CancelTaskParams, ContentBlock,
+    CreateTaskResult, DetailedTask, GetTaskParams, GetTaskResult, Implementation, ListToolsResult,
+    PaginatedRequestParams, ProgressNotificationParam, ServerCapabilities, ServerConfig,
+    Task as McpTask, TaskPayload, TaskStatus, Tool,
+};
+use rmcp::service::RequestContext;
+use rmcp::{ErrorData as McpError, RoleServer, ServerHandler};
+use sandbox_wrapper::Wrapper;
+use sandbox_wrapper::backend::VolumeMapping;
+use serde::Serialize;
+use serde_json::Value;
+use task_core::{Status, Task, TaskEvent, TaskId};
+
+use crate::wire::{self, TaskView};
+
+/// The principal of a stdio connection: whoever started msbd. Stable across restarts, so that
+/// the tasks it created are still its own after one.
+pub const STDIO_PRINCIPAL: &str = "stdio";
+
+/// The tools that only operators should see (listed when [`ServerOptions::supervision_tools`]).
+pub const SUPERVISION_TOOLS: [&str; 5] = [
+    "get_background_task_status",
+    "restart_background_tasks",
+    "pause_background_tasks",
+    "resume_background_tasks",
+    "health_check",
+];
+
+/// The tools that run as an MCP task for a client that declares the tasks extension.
+pub const TASK_TOOLS: [&str; 2] = ["execute_command", "execute_code"];
+
+/// What the server offers; plain values (msbd fills them from its configuration).
+#[derive(Clone, Debug)]
+pub struct ServerOptions {
+    /// Whether the supervision tools are listed and callable.
+    pub supervision_tools: bool,
+    /// The timeout of `execute_command` and `execute_code` when none is given (and the default
+    /// of background tasks of the built-in types).
+    pub default_timeout: Duration,
+    /// The longest `get_task_result(wait=true)` waits in one call.
+    pub max_wait: Duration,
+    /// The poll interval suggested to tasks-extension clients.
+    pub poll_interval: Duration,
+    /// How long finished tasks are kept (the task's TTL in the tasks extension); `None` forever.
+    pub retention: Option<Duration>,
+    /// The host directories bound into sandboxes (for `get_volume_mappings`).
+    pub volumes: Vec<VolumeMapping>,
+    /// The server's name and version in `initialize`.
+    pub server_name: String,
+    /// See `server_name`.
+    pub server_version: String,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        ServerOptions {
+            supervision_tools: true,
+            default_timeout: Duration::from_secs(300),
+            max_wait: Duration::from_secs(3600),
+            poll_interval: Duration::from_millis(500),
+            retention: Some(Duration::from_secs(7 * 86_400)),
+            volumes: Vec::new(),
+            server_name: "msbd".into(),
+            server_version: env!("CARGO_PKG_VERSION").into(),
+        }
+    }
+}
+
+/// State shared by every handler (one per connection or HTTP session).
+pub(crate) struct Core {
+    pub(crate) wrapper: Wrapper,
+    pub(crate) options: ServerOptions,
+    /// Which principal made each session (sessions live in memory only, as does this).
+    pub(crate) session_owners: Mutex<HashMap<String, String>>,
+}
+
+/// The MCP server: cheap to clone; clones share the daemon's state. One per connection, each
+/// with the principal it serves ([`McpServer::with_principal`]).
+#[derive(Clone)]
+pub struct McpServer {
+    pub(crate) core: Arc<Core>,
+    pub(crate) principal: Arc<str>,
+    tool_router: ToolRouter<McpServer>,
+}
+
+impl McpServer {
+    /// A server over a started wrapper, serving [`STDIO_PRINCIPAL`].
+    pub fn new(wrapper: Wrapper, options: ServerOptions) -> McpServer {
+        let mut tool_router =
+            Self::task_tools() + Self::sandbox_tools() + Self::supervision_tools();
+        if !options.supervision_tools {
+            for name in SUPERVISION_TOOLS {
+                tool_router.remove_route(name);
+            }
+        }
+        McpServer {
+            core: Arc::new(Core {
+                wrapper,
+                options,
+                session_owners: Mutex::new(HashMap::new()),
+            }),
+            principal: Arc::from(STDIO_PRINCIPAL),
+            tool_router,
+        }
+    }
+
+    /// The same server, serving another principal: its tasks and sessions are its own, and
+    /// another principal's are "not found".
+    pub fn with_principal(&self, principal: impl AsRef<str>) -> McpServer {
+        McpServer {
+            principal: Arc::from(principal.as_ref()),
+            ..self.clone()
+        }
+    }
+
+    /// The principal served.
+    pub fn principal(&self) -> &str {
+        &self.principal
+    }
+
+    /// The wrapper underneath.
+    pub fn wrapper(&self) -> &Wrapper {
+        &self.core.wrapper
+    }
+
+    /// The tools this server lists.
+    pub fn tools(&self) -> Vec<Tool> {
+        self.tool_router.list_all()
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Helpers for the tools.
+
+    /// A task of this principal, or "not found" (also for another principal's task, and for
+    /// text that is not a task id).
+    pub(crate) async fn owned_task(&self, task_id: &str) -> Result<Task, ToolError> {
+        let id = parse_task_id(task_id)?;
+        match self.core.wrapper.engine().get(id).await {
+            Ok(task) if task.owner.as_deref() == Some(&*self.principal) => Ok(task),
+            Ok(_) | Err(task_core::Error::TaskNotFound { .. }) => {
+                Err(ToolError::task_not_found(task_id))
+            }
+            Err(error) => Err(ToolError::from_core(error)),
+        }
+    }
+
+    /// The view of a task, with its ETA.
+    pub(crate) fn view(&self, task: &Task) -> TaskView {
+        TaskView::new(task, self.core.wrapper.engine().eta(task))
+    }
+
+    /// Whether this principal may use a session: it made it, or nobody has yet.
+    pub(crate) fn check_session(&self, session_id: &str) -> Result<(), ToolError> {
+        let owners = self
+            .core
+            .session_owners
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        match owners.get(session_id) {
+            Some(owner) if **owner != *self.principal => Err(ToolError::new(
+                "SESSION_NOT_FOUND",
+                format!("session {session_id:?} belongs to another client"),
+                "use a session id of your own, or omit session_id for a fresh session",
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// Records that this principal uses a session (from a task's result or request).
+    pub(crate) fn claim_session(&self, session_id: &str) {
+        let mut owners = self
+            .core
+            .session_owners
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        owners
+            .entry(session_id.to_owned())
+            .or_insert_with(|| self.principal.to_string());
+    }
+
+    /// Whether a session is this principal's.
+    pub(crate) fn owns_session(&self, session_id: &str) -> bool {
+        let owners = self
+            .core
+            .session_owners
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        owners
+            .get(session_id)
+            .is_some_and(|o| **o == *self.principal)
+    }
+
+    /// Waits for a task to finish (up to `timeout`), forwarding its progress to a caller that
+    /// sent a progress token, and cancelling it if `cancel_on_drop` and the request is
+    /// cancelled. Returns the task as it then is.
+    pub(crate) async fn await_task(
+        &self,
+        id: TaskId,
+        timeout: Duration,
+        context: &RequestContext<RoleServer>,
+        cancel_with_request: bool,
+    ) -> Result<Task, ToolError> {
+        let engine = self.core.wrapper.engine();
+        let mut events = engine.subscribe();
+        let token = context.meta.get_progress_token();
+        let wait = engine.wait(id, timeout);
+        tokio::pin!(wait);
+        loop {
+            tokio::select! {
+                task = &mut wait => return task.map_err(ToolError::from_core),
+                () = context.ct.cancelled(), if cancel_with_request => {
+                    let _ = engine.cancel(id).await;
+                    return engine.get(id).await.map_err(ToolError::from_core);
+                }
+                event = events.recv() => match event {
+                    Ok(TaskEvent::Progress { id: of, progress, message }) if of == id => {
+                        if let Some(token) = &token {
+                            let mut param = ProgressNotificationParam::new(token.clone(), progress * 100.0)
+                                .with_total(100.0);
+                            if let Some(message) = message {
+                                param = param.with_message(message);
+                            }
+                            let _ = context.peer.notify_progress(param).await;
+                        }
+                    }
+                    Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                        // No more events: only the wait can end this.
+                        return (&mut wait).await.map_err(ToolError::from_core);
+                    }
+                },
+            }
+        }
+    }
+
+    /// The answer a finished sandbox task gives as a tool result (also the `tasks/get` result).
+    pub(crate) fn sandbox_answer(&self, task: &Task) -> CallToolResult {
+        let view = self.view(task);
+        let session = view.session_id.clone().unwrap_or_default();
+        match task.status {
+            Status::Completed => {
+                let result = task.result.clone().unwrap_or(Value::Null);
+                let tail = result
+                    .get("output_tail")
+                    .and_then(Value::as_str)
+                    .unwrap_or("");
+                let exit = result.get("exit_code").and_then(Value::as_i64);
+                let duration = result
+                    .get("duration_ms")
+                    .and_then(Value::as_u64)
+                    .unwrap_or(0);
+                let mut text = String::new();
+                text.push_str(tail);
+                if !text.is_empty() && !text.ends_with('\n') {
+                    text.push('\n');
+                }
+                text.push_str(&format!(
+                    "[Session: {session}] [Time: {duration} ms] [Exit: {}] [Task: {}]",
+                    exit.map_or("-".into(), |c| c.to_string()),
+                    task.id
+                ));
+                let mut structured = serde_json::Map::new();
+                structured.insert("task_id".into(), task.id.to_string().into());
+                structured.insert("status".into(), view.status.clone().into());
+                if let Value::Object(fields) = result {
+                    structured.extend(fields);
+                }
+                answer_value(text, Value::Object(structured))
+            }
+            _ => {
+                let error = task.error.as_ref().map_or_else(
+                    || format!("the task is {}", view.status),
+                    |e| e.message.clone(),
+                );
+                let text = format!(
+                    "{error}\n[Session: {session}] [Status: {}] [Task: {}]\nWhat to do: read the whole output with read_task_output(task_id=\"{}\"); a session's files persist, so fix and run again in session {session:?}.",
+                    view.status, task.id, task.id
+                );
+                CallToolResult::error(vec![ContentBlock::text(text)])
+            }
+        }
+    }
+
+    /// The MCP task for an engine task.
+    fn mcp_task(&self, task: &Task) -> McpTask {
+        let view = self.view(task);
+        let status = match task.status {
+            Status::Cancelled => TaskStatus::Cancelled,
+            Status::Completed | Status::Failed => TaskStatus::Completed,
+            _ => TaskStatus::Working,
+        };
+        let mut message = format!("{} ({:.0}%)", view.status, view.progress);
+        if let Some(progress) = &view.progress_message {
+            message = format!("{message}: {progress}");
+        }
+        let mut mcp = McpTask::new(
+            task.id.to_string(),
+            status,
+            wire::rfc3339(task.created_at),
+            wire::rfc3339(task.updated_at),
+        )
+        .with_status_message(message)
+        .with_poll_interval_ms(self.core.options.poll_interval.as_millis() as u64);
+        if let Some(retention) = self.core.options.retention {
+            mcp = mcp.with_ttl_ms(retention.as_millis() as u64);
+        }
+        mcp
+    }
+
+    fn detailed(&self, task: &Task) -> Result<DetailedTask, McpError> {
+        let mcp = self.mcp_task(task);
+        let payload = match task.status {
+            Status::Cancelled => TaskPayload::Cancelled,
+            Status::Completed | Status::Failed => {
+                let answer = if crate::tools_sandbox::is_sandbox_type(&task.task_type) {
+                    self.sandbox_answer(task)
+                } else {
+                    generic_answer(self, task)
+                };
+                let Value::Object(result) = serde_json::to_value(answer)
+                    .map_err(|e| McpError::internal_error(e.to_string(), None))?
+                else {
+                    return Err(McpError::internal_error(
+                        "a tool result is not an object",
+                        None,
+                    ));
+                };
+                TaskPayload::Completed { result }
+            }
+            _ => TaskPayload::Working,
+        };
+        Ok(DetailedTask::new(mcp, payload))
+    }
+}
+
+/// A finished task of any type as a tool result.
+fn generic_answer(server: &McpServer, task: &Task) -> CallToolResult {
+    let view = server.view(task);
+    match task.status {
+        Status::Completed => answer_value(
+            format!(
+                "task {} completed: {}",
+                task.id,
+                task.result.clone().unwrap_or(Value::Null)
+            ),
+            serde_json::json!({"task_id": view.task_id, "status": view.status, "result": task.result}),
+        ),
+        _ => CallToolResult::error(vec![ContentBlock::text(format!(
+            "task {} {}: {}",
+            task.id,
+            view.status,
+            view.error.unwrap_or_default()
+        ))]),
+    }
+}
+
+/// A task id from text, or "not found".
+pub(crate) fn parse_task_id(text: &str) -> Result<TaskId, ToolError> {
+    text.trim()
+        .parse::<TaskId>()
+        .map_err(|_| ToolError::task_not_found(text))
+}
+
+/// A successful tool answer: readable text, and the structured value.
+pub(crate) fn answer<T: Serialize>(text: impl Into<String>, value: &T) -> CallToolResult {
+    match serde_json::to_value(value) {
+        Ok(value) => answer_value(text, value),
+        Err(error) => CallToolResult::error(vec![ContentBlock::text(format!(
+            "msbd could not encode its answer: {error}; please report this"
+        ))]),
+    }
+}
+
+fn answer_value(text: impl Into<String>, value: Value) -> CallToolResult {
+    let mut result = CallToolResult::success(vec![ContentBlock::text(text.into())]);
+    result.structured_content = Some(value);
+    result
+}
+
+/// A call that could not be done: a tool error (`isError: true`) whose text says what happened
+/// and what to do.
+#[derive(Clone, Debug)]
+pub(crate) struct ToolError {
+    pub(crate) code: &'static str,
+    pub(crate) message: String,
+    pub(crate) hint: String,
+}
+
+impl ToolError {
+    pub(crate) fn new(
+        code: &'static str,
+        message: impl Into<String>,
+        hint: impl Into<String>,
+    ) -> ToolError {
+        ToolError {
+            code,
+            message: message.into(),
+            hint: hint.into(),
+        }
+    }
+
+    pub(crate) fn invalid(message: impl Into<String>, hint: impl Into<String>) -> ToolError {
+        ToolError::new("INVALID_ARGUMENT", message, hint)
+    }
+
+    pub(crate) fn task_not_found(task_id: &str) -> ToolError {
+        ToolError::new(
+            "TASK_NOT_FOUND",
+            format!("no task with id {task_id:?}"),
+            "check the id (list_tasks shows yours); finished tasks are deleted after the retention period",
+        )
+    }
+
+    pub(crate) fn from_core(error: task_core::Error) -> ToolError {
+        use task_core::Error as E;
+        let code = match &error {
+            E::TaskNotFound { .. } => "TASK_NOT_FOUND",
+            E::IllegalTransition { .. } => "ILLEGAL_TRANSITION",
+            E::UnknownTaskType { .. } => "INVALID_TASK_TYPE",
+            E::InvalidInput { .. } => "INVALID_ARGUMENT",
+            E::ShuttingDown => "SHUTTING_DOWN",
+            _ => "OPERATION_FAILED",
+        };
+        let hint = match code {
+            "ILLEGAL_TRANSITION" => "check the task's status with check_task_status first",
+            "INVALID_TASK_TYPE" => "use one of the listed types",
+            "INVALID_ARGUMENT" => "fix the argument as the message says and call again",
+            "SHUTTING_DOWN" => "msbd is shutting down: call again once it has restarted",
+            "TASK_NOT_FOUND" => "check the id (list_tasks shows yours)",
+            _ => "try again; if it persists, check msbd's log",
+        };
+        ToolError::new(code, error.to_string(), hint)
+    }
+
+    /// As a tool result.
+    pub(crate) fn into_result(self) -> CallToolResult {
+        let text = format!(
+            "Error {}: {}\nWhat to do: {}",
+            self.code, self.message, self.hint
+        );
+        CallToolResult::error(vec![ContentBlock::text(text)])
+    }
+}
+
+/// Turns a tool body's outcome into the tool's answer.
+pub(crate) fn finish(
+    outcome: Result<CallToolResult, ToolError>,
+) -> Result<CallToolResult, McpError> {
+    Ok(outcome.unwrap_or_else(ToolError::into_result))
+}
+
+impl ServerHandler for McpServer {
+    fn get_info(&self) -> ServerConfig {
+        ServerConfig::new(
+            ServerCapabilities::builder()
+                .enable_tools()
+                .enable_tasks()
+                .build(),
+        )
+        .with_server_info(Implementation::new(
+            self.core.options.server_name.clone(),
+            self.core.options.server_version.clone(),
+        ))
+        .with_instructions(INSTRUCTIONS)
+    }
+
+    async fn list_tools(
+        &self,
+        _request: Option<PaginatedRequestParams>,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<ListToolsResult, McpError> {
+        Ok(ListToolsResult::with_all_items(self.tool_router.list_all()))
+    }
+
+    fn get_tool(&self, name: &str) -> Option<Tool> {
+        self.tool_router.get(name).cloned()
+    }
+
+    async fn call_tool(
+        &self,
+        request: CallToolRequestParams,
+        mut context: RequestContext<RoleServer>,
+    ) -> Result<CallToolResponse, McpError> {
+        let tasks_client = context
+            .client_capabilities()
+            .is_some_and(|c| c.supports_tasks());
+        if tasks_client && TASK_TOOLS.contains(&&*request.name) {
+            // The request's token fires once the task answer is sent: the task has its own life.
+            context.ct = Default::default();
+            return match self.start_sandbox_task(&request).await {
+                Ok(task) => Ok(CallToolResponse::Task(CreateTaskResult::new(
+                    self.mcp_task(&task),
+                ))),
+                Err(error) => Ok(CallToolResponse::Complete(error.into_result())),
+            };
+        }
+        let name = request.name.clone();
+        let response = self
+            .tool_router
+            .call(ToolCallContext::new(self, request, context))
+            .await?;
+        Ok(explain_argument_errors(&name, response))
+    }
+
+    async fn get_task(
+        &self,
+        request: GetTaskParams,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<GetTaskResult, McpError> {
+        let task = self
+            .owned_task(&request.task_id)
+            .await
+            .map_err(|e| McpError::invalid_params(format!("{}: {}", e.message, e.hint), None))?;
+        Ok(GetTaskResult::new(self.detailed(&task)?))
+    }
+
+    async fn cancel_task(
+        &self,
+        request: CancelTaskParams,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<(), McpError> {
+        let task = self
+            .owned_task(&request.task_id)
+            .await
+            .map_err(|e| McpError::invalid_params(format!("{}: {}", e.message, e.hint), None))?;
+        if task.status.is_terminal() {
+            return Ok(());
+        }
+        self.core
+            .wrapper
+            .engine()
+            .cancel(task.id)
+            .await
+            .map(|_| ())
+            .map_err(|e| McpError::invalid_params(e.to_string(), None))
+    }
+}
+
+/// rmcp answers arguments that do not fit a tool's input (a wrong type, a missing required
+/// argument) with a bare tool error; this one says which tool and what to do, like the others.
+fn explain_argument_errors(tool: &str, response: CallToolResponse) -> CallToolResponse {
+    let CallToolResponse::Complete(result) = &response else {
+        return response;
+    };
+    let text = match (
+        result.is_error,
+        result.content.first().and_then(|c| c.as_text()),
+    ) {
+        (Some(true), Some(text)) if text.text.starts_with("failed to deserialize parameters") => {
+            text.text.clone()
+        }
+        _ => return response,
+    };
+    let detail = text
+        .trim_start_matches("failed to deserialize parameters")
+        .trim_start_matches(':')
+        .trim();
+    let error = ToolError::invalid(
+        format!("the arguments of {tool} are not valid: {detail}"),
+        format!(
+            "fix the named argument as the {tool} tool's input schema says (tools/list shows it) and call again"
+        ),
+    );
+    CallToolResponse::Complete(error.into_result())
+}
+
+/// What `initialize` tells the client about msbd.
+const INSTRUCTIONS: &str = "msbd runs durable background tasks in sandboxes. \
+Run a shell command with execute_command, or code (python, node, bash) with execute_code: \
+they wait for the result (up to `timeout` seconds). For long work, submit_task / \
+create_background_task return a task_id at once; follow it with check_task_status (status, \
+progress, eta_seconds), read_task_output (cursor paging, while it runs), get_task_result \
+(wait=true to block), cancel_task. Tasks survive restarts of msbd. Sessions (session_id) keep \
+a work directory and interpreter state between calls.";

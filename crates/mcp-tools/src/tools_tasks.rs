@@ -1,0 +1,1228 @@
+//! The background-task tools: `create_background_task`, `submit_task`, `check_task_status`,
+//! `get_task_result`, `cancel_task`, `list_tasks`, `read_task_output`,
+//! `manage_background_tasks`, `manage_task_queue`.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use rmcp::handler::server::common::schema_for_output;
+use rmcp::handler::server::wrapper::Parameters;
+use rmcp::model::CallToolResult;
+use rmcp::service::RequestContext;
+use rmcp::{ErrorData as McpError, RoleServer, tool, tool_router};
+use serde_json::{Map, Value, json};
+use task_core::store::{ListFilter, PageRequest};
+use task_core::{NewTask, Status, Task, Timestamp};
+
+use crate::server::{McpServer, ToolError, answer, finish};
+use crate::wire::{
+    self, ActionAnswer, CancelAnswer, CheckStatusArgs, Created, GetResultArgs, ListArgs,
+    ManageQueueArgs, ManageTasksArgs, OutputAnswer, QueueStatistics, ReadOutputArgs, ResultAnswer,
+    StatusAnswer, SubmitArgs, SubmitOptions, TaskIdArgs, TaskList, TaskView,
+};
+
+/// The default page size of listings.
+const DEFAULT_LIMIT: u32 = 20;
+/// The largest page.
+const MAX_LIMIT: u32 = 500;
+/// The default and largest chunk of output read at once.
+const DEFAULT_OUTPUT_BYTES: u64 = 64 * 1024;
+const MAX_OUTPUT_BYTES: u64 = 1024 * 1024;
+
+#[tool_router(router = task_tools, vis = "pub(crate)")]
+impl McpServer {
+    #[tool(
+        description = "Start a background task and return its task_id at once (it runs in a sandbox; follow it with check_task_status, read_task_output, get_task_result). task_type: \"command\" (params {\"command\": \"<shell line>\"} or {\"argv\": [..]}, optional env, stdin, flavor small|medium|large), \"code\" (params {\"language\": \"python\"|\"node\"|\"bash\", \"code\": \"...\"}), or an operator-defined type. Options: priority (0-9 or low/normal/high/critical), timeout_seconds, max_retries, delay_seconds, idempotency_key, session_id, tags.",
+        output_schema = schema_for_output::<Created>()
+    )]
+    async fn create_background_task(
+        &self,
+        Parameters(args): Parameters<SubmitArgs>,
+    ) -> Result<CallToolResult, McpError> {
+        finish(self.submit(args.task_type, args.params, args.options).await)
+    }
+
+    #[tool(
+        description = "Submit a task to the durable queue and return its task_id at once: the same as create_background_task (task_type, params, priority, max_retries, timeout_seconds, delay_seconds, idempotency_key, session_id, tags).",
+        output_schema = schema_for_output::<Created>()
+    )]
+    async fn submit_task(
+        &self,
+        Parameters(args): Parameters<SubmitArgs>,
+    ) -> Result<CallToolResult, McpError> {
+        finish(self.submit(args.task_type, args.params, args.options).await)
+    }
+
+    #[tool(
+        description = "The status of a task: task_id, status (pending, scheduled, running, paused, completed, failed, timeout, cancelled), progress (percent), eta_seconds, progress_message, attempts, error. Without task_id: a list of your tasks, filtered by task_type and status_filter (limit, default 20).",
+        output_schema = schema_for_output::<StatusAnswer>(),
+        annotations(read_only_hint = true)
+    )]
+    async fn check_task_status(
+        &self,
+        Parameters(args): Parameters<CheckStatusArgs>,
+    ) -> Result<CallToolResult, McpError> {
+        finish(self.check_status(args).await)
+    }
+
+    #[tool(
+        description = "The result of a task: with wait=true, waits until it finishes (up to timeout seconds, default 300) and sends progress notifications if you gave a progress token; else answers at once. `finished` says whether it is done; `result` holds what it returned (for command and code tasks: exit_code, output_tail, duration_ms, session_id...), `error` why it failed.",
+        output_schema = schema_for_output::<ResultAnswer>(),
+        annotations(read_only_hint = true)
+    )]
+    async fn get_task_result(
+        &self,
+        Parameters(args): Parameters<GetResultArgs>,
+        context: RequestContext<RoleServer>,
+    ) -> Result<CallToolResult, McpError> {
+        finish(self.get_result(args, &context).await)
+    }
+
+    #[tool(
+        description = "Cancel a task: a waiting one never starts; a running one has its whole process tree killed. Cancelling a finished task changes nothing (cancelled: false).",
+        output_schema = schema_for_output::<CancelAnswer>(),
+        annotations(destructive_hint = true, idempotent_hint = true)
+    )]
+    async fn cancel_task(
+        &self,
+        Parameters(args): Parameters<TaskIdArgs>,
+    ) -> Result<CallToolResult, McpError> {
+        finish(self.cancel(&args.task_id).await)
+    }
+
+    #[tool(
+        description = "List your tasks, newest first: filter by status (pending, scheduled, running, paused, completed, failed, timeout, cancelled, active, all), task_type, session_id, tag; page with limit (default 20) and cursor (the previous answer's next_cursor).",
+        output_schema = schema_for_output::<TaskList>(),
+        annotations(read_only_hint = true)
+    )]
+    async fn list_tasks(
+        &self,
+        Parameters(args): Parameters<ListArgs>,
+    ) -> Result<CallToolResult, McpError> {
+        finish(self.list(args).await)
+    }
+
+    #[tool(
+        description = "Read a task's output (stdout and stderr as written), also while it runs: start at cursor 0, then pass the answer's next_cursor to read on; max_bytes per call (default 65536). complete=true once the task has finished and everything was read.",
+        output_schema = schema_for_output::<OutputAnswer>(),
+        annotations(read_only_hint = true)
+    )]
+    async fn read_task_output(
+        &self,
+        Parameters(args): Parameters<ReadOutputArgs>,
+    ) -> Result<CallToolResult, McpError> {
+        finish(self.read_output(args).await)
+    }
+
+    #[tool(
+        description = "Manage background tasks with one tool. action: create | schedule (task_type, parameters, priority, task_config {timeout_seconds, max_retries, delay_seconds, idempotency_key, session_id, tags}; schedule also delay_seconds), cancel | pause | resume | retry (task_id), list (task_type, status, limit), get_stats, cleanup (older_than_seconds: delete your finished tasks), list_types.",
+        output_schema = schema_for_output::<ActionAnswer>()
+    )]
+    async fn manage_background_tasks(
+        &self,
+        Parameters(args): Parameters<ManageTasksArgs>,
+    ) -> Result<CallToolResult, McpError> {
+        finish(self.manage_tasks(args).await)
+    }
+
+    #[tool(
+        description = "Manage the task queue. action: get_stats (queue_statistics), pause | resume (stop or restart starting queued tasks; all types, or task_type only), clear_queue (cancel your tasks that have not started; optionally only task_type or priority), set_limits (max_concurrent: tasks running at once, overall or for task_type), reorder (task_id and a new priority for a waiting task).",
+        output_schema = schema_for_output::<ActionAnswer>()
+    )]
+    async fn manage_task_queue(
+        &self,
+        Parameters(args): Parameters<ManageQueueArgs>,
+    ) -> Result<CallToolResult, McpError> {
+        finish(self.manage_queue(args).await)
+    }
+}
+
+impl McpServer {
+    /// Builds the task a submitting tool asks for.
+    pub(crate) fn new_task(
+        &self,
+        task_type: &str,
+        params: Option<Value>,
+        options: &SubmitOptions,
+    ) -> Result<NewTask, ToolError> {
+        let task_type = task_type.trim();
+        if task_type.is_empty() {
+            return Err(ToolError::new(
+                "INVALID_TASK_TYPE",
+                "task_type is empty",
+                format!("give one of: {}", self.task_types().join(", ")),
+            ));
+        }
+        if !self.task_types().iter().any(|t| t == task_type) {
+            return Err(ToolError::new(
+                "INVALID_TASK_TYPE",
+                format!("task type {task_type:?} is not known"),
+                format!(
+                    "use one of: {} (\"command\" runs a shell command, \"code\" runs python, node or bash)",
+                    self.task_types().join(", ")
+                ),
+            ));
+        }
+        let params = match params {
+            None | Some(Value::Null) => json!({}),
+            Some(Value::Object(map)) => Value::Object(map),
+            Some(Value::String(text)) => match serde_json::from_str::<Value>(&text) {
+                Ok(Value::Object(map)) => Value::Object(map),
+                _ => {
+                    return Err(ToolError::invalid(
+                        "params must be an object",
+                        "pass params as a JSON object, e.g. {\"command\": \"echo hi\"}",
+                    ));
+                }
+            },
+            Some(_) => {
+                return Err(ToolError::invalid(
+                    "params must be an object",
+                    "pass params as a JSON object, e.g. {\"command\": \"echo hi\"}",
+                ));
+            }
+        };
+        let mut task = self.core.wrapper.new_task(task_type, params);
+        task.owner = Some(self.principal.to_string());
+        if let Some(priority) = &options.priority {
+            task.priority = priority.to_priority().map_err(|m| {
+                ToolError::invalid(m, "priority: 0 to 9, or low, normal, high, critical")
+            })?;
+        }
+        if let Some(seconds) = options.timeout_seconds {
+            task.timeout = Some(seconds_arg("timeout_seconds", seconds, false)?);
+        } else if task.timeout.is_none() && crate::tools_sandbox::is_sandbox_type(task_type) {
+            task.timeout = Some(self.core.options.default_timeout);
+        }
+        if let Some(retries) = options.max_retries {
+            if retries > 100 {
+                return Err(ToolError::invalid(
+                    format!("max_retries {retries} is too many"),
+                    "give 0 to 100",
+                ));
+            }
+            task.max_attempts = retries + 1;
+        }
+        if let Some(seconds) = options.delay_seconds {
+            let delay = seconds_arg("delay_seconds", seconds, true)?;
+            if !delay.is_zero() {
+                task.run_at = Some(Timestamp(
+                    Timestamp::now().0.saturating_add(delay.as_millis() as i64),
+                ));
+            }
+        }
+        if let Some(key) = &options.idempotency_key {
+            if key.is_empty() || key.len() > 256 {
+                return Err(ToolError::invalid(
+                    "idempotency_key must be 1 to 256 characters",
+                    "pass a shorter key, or none",
+                ));
+            }
+            task.idempotency_key = Some(key.clone());
+        }
+        if let Some(session) = &options.session_id {
+            crate::tools_sandbox::check_session_id(session)?;
+            self.check_session(session)?;
+            task.session_id = Some(session.clone());
+        }
+        if let Some(tags) = &options.tags {
+            if tags.len() > 32 || tags.iter().any(|t| t.is_empty() || t.len() > 128) {
+                return Err(ToolError::invalid(
+                    "tags: at most 32, each 1 to 128 characters",
+                    "pass fewer or shorter tags",
+                ));
+            }
+            task.tags = tags.clone();
+        }
+        Ok(task)
+    }
+
+    /// The task types this server runs.
+    pub(crate) fn task_types(&self) -> Vec<String> {
+        self.core.wrapper.engine().task_types()
+    }
+
+    async fn submit(
+        &self,
+        task_type: String,
+        params: Option<Value>,
+        options: SubmitOptions,
+    ) -> Result<CallToolResult, ToolError> {
+        let new = self.new_task(&task_type, params, &options)?;
+        if let Some(session) = &new.session_id {
+            self.claim_session(session);
+        }
+        let submitted = self
+            .core
+            .wrapper
+            .submit(new)
+            .await
+            .map_err(ToolError::from_core)?;
+        let task = submitted.task;
+        let created = Created {
+            task_id: task.id.to_string(),
+            status: wire::status_name(&task).to_owned(),
+            task_type: task.task_type.clone(),
+            priority: task.priority.get(),
+            deduplicated: !submitted.created,
+            run_at: task
+                .run_at
+                .filter(|_| task.status == Status::Scheduled)
+                .map(wire::rfc3339),
+            created_at: wire::rfc3339(task.created_at),
+            message: format!(
+                "Task {} {}. Follow it with check_task_status(task_id=\"{}\"), read its output with read_task_output, wait for it with get_task_result(wait=true).",
+                task.id,
+                if submitted.created {
+                    "submitted"
+                } else {
+                    "already existed with this idempotency_key"
+                },
+                task.id
+            ),
+        };
+        Ok(answer(
+            format!(
+                "task_id: {}\nstatus: {}\ntype: {}, priority {}{}\n{}",
+                created.task_id,
+                created.status,
+                created.task_type,
+                created.priority,
+                if created.deduplicated {
+                    " (deduplicated)"
+                } else {
+                    ""
+                },
+                created.message
+            ),
+            &created,
+        ))
+    }
+
+    async fn check_status(&self, args: CheckStatusArgs) -> Result<CallToolResult, ToolError> {
+        if let Some(task_id) = args.task_id.as_deref().filter(|t| !t.trim().is_empty()) {
+            let task = self.owned_task(task_id).await?;
+            let view = self.view(&task);
+            let text = status_text(&view);
+            let status = StatusAnswer {
+                task: Some(view),
+                tasks: None,
+                count: None,
+                filters: None,
+            };
+            return Ok(answer(text, &status));
+        }
+        let task_type = args.task_type.filter(|t| !t.is_empty() && t != "all");
+        let status_filter = args.status_filter.filter(|s| !s.is_empty());
+        let limit = limit_arg(args.limit)?;
+        let tasks = self
+            .filtered(
+                status_filter.as_deref(),
+                task_type.clone(),
+                None,
+                None,
+                limit,
+                None,
+            )
+            .await?
+            .0;
+        let mut filters = BTreeMap::new();
+        filters.insert(
+            "task_type".to_owned(),
+            task_type.unwrap_or_else(|| "all".into()),
+        );
+        filters.insert(
+            "status_filter".to_owned(),
+            status_filter.unwrap_or_else(|| "all".into()),
+        );
+        filters.insert("limit".to_owned(), limit.to_string());
+        let text = list_text(&tasks, None);
+        let status = StatusAnswer {
+            task: None,
+            count: Some(tasks.len()),
+            tasks: Some(tasks),
+            filters: Some(filters),
+        };
+        Ok(answer(text, &status))
+    }
+
+    /// A page of this principal's tasks that pass the filters.
+    async fn filtered(
+        &self,
+        status: Option<&str>,
+        task_type: Option<String>,
+        session_id: Option<String>,
+        tag: Option<String>,
+        limit: u32,
+        cursor: Option<String>,
+    ) -> Result<(Vec<TaskView>, Option<String>), ToolError> {
+        let statuses = wire::parse_status_filter(status)
+            .map_err(|m| ToolError::invalid(m, "use one of the listed statuses"))?
+            .unwrap_or_default();
+        let filter = ListFilter {
+            statuses,
+            task_type,
+            owner: Some(self.principal.to_string()),
+            session_id,
+            ..ListFilter::default()
+        };
+        let mut cursor = match cursor.filter(|c| !c.is_empty()) {
+            Some(text) => Some(text.parse().map_err(|_| {
+                ToolError::invalid(
+                    format!("cursor {text:?} is not one this server gave"),
+                    "pass the next_cursor of the previous answer unchanged, or none for the first page",
+                )
+            })?),
+            None => None,
+        };
+        // A filter the store cannot apply (tag, timeout versus failed) may thin a page: read on
+        // until the page is full or the listing ends.
+        let mut views = Vec::new();
+        loop {
+            let page = self
+                .core
+                .wrapper
+                .engine()
+                .list(
+                    filter.clone(),
+                    PageRequest {
+                        cursor,
+                        limit: limit as usize,
+                    },
+                )
+                .await
+                .map_err(ToolError::from_core)?;
+            for task in &page.tasks {
+                if views.len() == limit as usize {
+                    break;
+                }
+                let tagged = tag.as_ref().is_none_or(|t| task.tags.contains(t));
+                if tagged && wire::passes_status_filter(status, task) {
+                    views.push(self.view(task));
+                }
+            }
+            cursor = page.next_cursor;
+            if views.len() == limit as usize || cursor.is_none() {
+                break;
+            }
+        }
+        Ok((views, cursor.map(|c| c.to_string())))
+    }
+
+    async fn list(&self, args: ListArgs) -> Result<CallToolResult, ToolError> {
+        let limit = limit_arg(args.limit)?;
+        let (tasks, next_cursor) = self
+            .filtered(
+                args.status.as_deref(),
+                args.task_type.filter(|t| !t.is_empty() && t != "all"),
+                args.session_id.filter(|s| !s.is_empty()),
+                args.tag.filter(|t| !t.is_empty()),
+                limit,
+                args.cursor,
+            )
+            .await?;
+        let text = list_text(&tasks, next_cursor.as_deref());
+        let list = TaskList {
+            count: tasks.len(),
+            tasks,
+            next_cursor,
+        };
+        Ok(answer(text, &list))
+    }
+
+    async fn get_result(
+        &self,
+        args: GetResultArgs,
+        context: &RequestContext<RoleServer>,
+    ) -> Result<CallToolResult, ToolError> {
+        let mut task = self.owned_task(&args.task_id).await?;
+        if args.wait.unwrap_or(false) && !task.status.is_terminal() {
+            let timeout = match args.timeout {
+                Some(seconds) => seconds_arg("timeout", seconds, true)?,
+                None => Duration::from_secs(300),
+            }
+            .min(self.core.options.max_wait);
+            task = self.await_task(task.id, timeout, context, false).await?;
+        }
+        let view = self.view(&task);
+        let finished = task.status.is_terminal();
+        let message = if finished {
+            match task.status {
+                Status::Completed => "The task completed; its result is in `result`.".to_owned(),
+                Status::Cancelled => "The task was cancelled.".to_owned(),
+                _ => format!(
+                    "The task {}: see `error`; read_task_output(task_id=\"{}\") has its whole output; manage_background_tasks(action=\"retry\") runs it again.",
+                    view.status, task.id
+                ),
+            }
+        } else {
+            format!(
+                "The task is {} ({:.0}%); call get_task_result(task_id=\"{}\", wait=true) to wait for it.",
+                view.status, view.progress, task.id
+            )
+        };
+        let result = ResultAnswer {
+            task_id: view.task_id.clone(),
+            status: view.status.clone(),
+            finished,
+            result: task.result.clone(),
+            error: view.error.clone(),
+            progress: view.progress,
+            eta_seconds: if finished { None } else { view.eta_seconds },
+            message,
+        };
+        let mut text = format!("task {}: {}\n", result.task_id, result.status);
+        if let Some(value) = &result.result {
+            match value.get("output_tail").and_then(Value::as_str) {
+                Some(tail) => {
+                    text.push_str(tail);
+                    if !tail.ends_with('\n') && !tail.is_empty() {
+                        text.push('\n');
+                    }
+                    let exit = value
+                        .get("exit_code")
+                        .map(Value::to_string)
+                        .unwrap_or_default();
+                    text.push_str(&format!("[exit code {exit}]\n"));
+                }
+                None => text.push_str(&format!("result: {value}\n")),
+            }
+        }
+        if let Some(error) = &result.error {
+            text.push_str(&format!("error: {error}\n"));
+        }
+        text.push_str(&result.message);
+        Ok(answer(text, &result))
+    }
+
+    async fn cancel(&self, task_id: &str) -> Result<CallToolResult, ToolError> {
+        let task = self.owned_task(task_id).await?;
+        if task.status.is_terminal() {
+            let view = self.view(&task);
+            let cancel = CancelAnswer {
+                task_id: view.task_id.clone(),
+                message: format!(
+                    "The task had already finished ({}); nothing was cancelled.",
+                    view.status
+                ),
+                status: view.status,
+                cancelled: false,
+            };
+            return Ok(answer(cancel.message.clone(), &cancel));
+        }
+        let task = self
+            .core
+            .wrapper
+            .engine()
+            .cancel(task.id)
+            .await
+            .map_err(ToolError::from_core)?;
+        let view = self.view(&task);
+        let message = if task.status == Status::Cancelled {
+            format!("Task {} is cancelled.", task.id)
+        } else {
+            format!(
+                "Task {} is being cancelled: its processes are being stopped; check_task_status shows \"cancelled\" in a moment.",
+                task.id
+            )
+        };
+        let cancel = CancelAnswer {
+            task_id: view.task_id,
+            status: view.status,
+            cancelled: true,
+            message,
+        };
+        Ok(answer(cancel.message.clone(), &cancel))
+    }
+
+    async fn read_output(&self, args: ReadOutputArgs) -> Result<CallToolResult, ToolError> {
+        let task = self.owned_task(&args.task_id).await?;
+        let cursor = args.cursor.unwrap_or(0);
+        let max = args.max_bytes.unwrap_or(DEFAULT_OUTPUT_BYTES);
+        if max == 0 || max > MAX_OUTPUT_BYTES {
+            return Err(ToolError::invalid(
+                format!("max_bytes {max} is out of range"),
+                format!("give 1 to {MAX_OUTPUT_BYTES}"),
+            ));
+        }
+        let chunk = self
+            .core
+            .wrapper
+            .read_output(task.id, cursor, max as usize)
+            .map_err(|e| {
+                ToolError::new(
+                    "OPERATION_FAILED",
+                    format!("cannot read the output of task {}: {e}", task.id),
+                    "try again; if the task is old its output may have been pruned",
+                )
+            })?;
+        let complete = task.status.is_terminal() && chunk.next_cursor >= chunk.size;
+        let output = OutputAnswer {
+            task_id: task.id.to_string(),
+            data: chunk.data,
+            cursor,
+            next_cursor: chunk.next_cursor,
+            size: chunk.size,
+            complete,
+            status: wire::status_name(&task).to_owned(),
+        };
+        let footer = if complete {
+            format!("[end of output; task {}]", output.status)
+        } else {
+            format!(
+                "[bytes {}..{} of {}; task {}; read on with cursor={}]",
+                cursor, output.next_cursor, output.size, output.status, output.next_cursor
+            )
+        };
+        let mut text = output.data.clone();
+        if !text.is_empty() && !text.ends_with('\n') {
+            text.push('\n');
+        }
+        text.push_str(&footer);
+        Ok(answer(text, &output))
+    }
+
+    async fn manage_tasks(&self, args: ManageTasksArgs) -> Result<CallToolResult, ToolError> {
+        let action = args.action.trim().to_ascii_lowercase();
+        let task_id = || {
+            args.task_id
+                .clone()
+                .filter(|t| !t.trim().is_empty())
+                .ok_or_else(|| {
+                    ToolError::new(
+                        "MISSING_TASK_ID",
+                        format!("action {action:?} needs a task_id"),
+                        "pass the task_id of one of your tasks (list_tasks shows them)",
+                    )
+                })
+        };
+        match action.as_str() {
+            "create" | "schedule" => {
+                let task_type = args.task_type.clone().ok_or_else(|| {
+                    ToolError::new(
+                        "INVALID_TASK_TYPE",
+                        format!("action {action:?} needs a task_type"),
+                        format!("give one of: {}", self.task_types().join(", ")),
+                    )
+                })?;
+                let mut options: SubmitOptions = match &args.task_config {
+                    None | Some(Value::Null) => SubmitOptions::default(),
+                    Some(config) => serde_json::from_value(config.clone()).map_err(|e| {
+                        ToolError::invalid(
+                            format!("task_config is not valid: {e}"),
+                            "task_config takes timeout_seconds, max_retries, delay_seconds, idempotency_key, session_id, tags",
+                        )
+                    })?,
+                };
+                if args.priority.is_some() {
+                    options.priority = args.priority.clone();
+                }
+                if args.delay_seconds.is_some() {
+                    options.delay_seconds = args.delay_seconds;
+                }
+                if action == "schedule" && options.delay_seconds.is_none() {
+                    return Err(ToolError::invalid(
+                        "action \"schedule\" needs delay_seconds (here or in task_config)",
+                        "give delay_seconds, or use action \"create\" to start as soon as possible",
+                    ));
+                }
+                let result = self
+                    .submit(task_type, args.parameters.clone(), options)
+                    .await?;
+                action_from(&action, result)
+            }
+            "cancel" => {
+                let result = self.cancel(&task_id()?).await?;
+                action_from(&action, result)
+            }
+            "pause" | "resume" => {
+                let task = self.owned_task(&task_id()?).await?;
+                let engine = self.core.wrapper.engine();
+                let task = if action == "pause" {
+                    engine.pause_task(task.id).await
+                } else {
+                    engine.resume_task(task.id).await
+                }
+                .map_err(ToolError::from_core)?;
+                let view = self.view(&task);
+                let message = match (action.as_str(), task.lease_until.is_some()) {
+                    ("pause", true) => format!(
+                        "Task {} is paused: its processes are frozen and its timeout clock stopped; resume it to go on.",
+                        task.id
+                    ),
+                    ("pause", false) => format!(
+                        "Task {} is paused: it will not start until resumed.",
+                        task.id
+                    ),
+                    _ => format!("Task {} is resumed ({}).", task.id, view.status),
+                };
+                Ok(action_answer(
+                    &action,
+                    "success",
+                    message,
+                    json!({ "task": view }),
+                ))
+            }
+            "retry" => {
+                let task = self.owned_task(&task_id()?).await?;
+                self.retry(task).await
+            }
+            "list" => {
+                let limit = limit_arg(args.limit)?;
+                let (tasks, next_cursor) = self
+                    .filtered(
+                        args.status.as_deref(),
+                        args.task_type.clone(),
+                        None,
+                        None,
+                        limit,
+                        None,
+                    )
+                    .await?;
+                let message = list_text(&tasks, next_cursor.as_deref());
+                Ok(action_answer(
+                    &action,
+                    "success",
+                    message,
+                    json!({ "tasks": tasks, "count": tasks.len(), "next_cursor": next_cursor }),
+                ))
+            }
+            "get_stats" | "stats" => {
+                let stats = self.queue_statistics().await?;
+                let message = stats_text(&stats);
+                Ok(action_answer(
+                    &action,
+                    "success",
+                    message,
+                    json!({ "statistics": stats }),
+                ))
+            }
+            "cleanup" => {
+                let age = match args.older_than_seconds {
+                    Some(seconds) => seconds_arg("older_than_seconds", seconds, true)?,
+                    None => Duration::from_secs(3600),
+                };
+                let before = Timestamp(Timestamp::now().0.saturating_sub(age.as_millis() as i64));
+                let filter = ListFilter {
+                    owner: Some(self.principal.to_string()),
+                    task_type: args.task_type.clone(),
+                    ..ListFilter::default()
+                };
+                let deleted = self
+                    .core
+                    .wrapper
+                    .engine()
+                    .delete_finished(filter, before, 10_000)
+                    .await
+                    .map_err(ToolError::from_core)?;
+                let status = if deleted == 0 {
+                    "no_action_needed"
+                } else {
+                    "success"
+                };
+                Ok(action_answer(
+                    &action,
+                    status,
+                    format!(
+                        "Deleted {deleted} of your finished tasks that finished more than {} s ago.",
+                        age.as_secs()
+                    ),
+                    json!({ "deleted": deleted }),
+                ))
+            }
+            "list_types" | "types" => {
+                let types: Vec<Value> = self
+                    .task_types()
+                    .into_iter()
+                    .map(|name| {
+                        let description = match name.as_str() {
+                            "command" => "a shell command: params {\"command\": \"...\"} or {\"argv\": [...]}".to_owned(),
+                            "code" => "code in a persistent interpreter: params {\"language\": \"python\"|\"node\"|\"bash\", \"code\": \"...\"}".to_owned(),
+                            other => self
+                                .core
+                                .wrapper
+                                .task_types()
+                                .get(other)
+                                .map(|spec| spec.description().to_owned())
+                                .unwrap_or_default(),
+                        };
+                        json!({ "name": name, "description": description })
+                    })
+                    .collect();
+                let message = types
+                    .iter()
+                    .map(|t| {
+                        format!(
+                            "{}: {}",
+                            t["name"].as_str().unwrap_or(""),
+                            t["description"].as_str().unwrap_or("")
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n");
+                Ok(action_answer(
+                    &action,
+                    "success",
+                    message,
+                    json!({ "task_types": types }),
+                ))
+            }
+            other => Err(ToolError::new(
+                "UNKNOWN_ACTION",
+                format!("action {other:?} is not known"),
+                "use create, schedule, cancel, pause, resume, retry, list, get_stats, cleanup or list_types",
+            )),
+        }
+    }
+
+    /// Runs a finished task again, as a new task with the same type, params and options.
+    async fn retry(&self, task: Task) -> Result<CallToolResult, ToolError> {
+        if !matches!(task.status, Status::Failed | Status::Cancelled) {
+            return Err(ToolError::new(
+                "ILLEGAL_TRANSITION",
+                format!(
+                    "task {} is {}: only a failed, timed-out or cancelled task can be retried",
+                    task.id,
+                    wire::status_name(&task)
+                ),
+                "wait for it to finish, or cancel it first",
+            ));
+        }
+        let mut new = NewTask::new(task.task_type.clone(), task.params.clone());
+        new.priority = task.priority;
+        new.max_attempts = task.max_attempts;
+        new.retry = task.retry;
+        new.timeout = task.timeout;
+        new.owner = task.owner.clone();
+        new.session_id = task.session_id.clone();
+        new.tags = task.tags.clone();
+        new.tags.push(format!("retry_of:{}", task.id));
+        let submitted = self
+            .core
+            .wrapper
+            .submit(new)
+            .await
+            .map_err(ToolError::from_core)?;
+        let view = self.view(&submitted.task);
+        Ok(action_answer(
+            "retry",
+            "success",
+            format!(
+                "Task {} runs again as the new task {} (tag retry_of:{}).",
+                task.id, view.task_id, task.id
+            ),
+            json!({ "task": view, "task_id": view.task_id, "retry_of": task.id.to_string() }),
+        ))
+    }
+
+    pub(crate) async fn queue_statistics(&self) -> Result<QueueStatistics, ToolError> {
+        let engine = self.core.wrapper.engine();
+        let stats = engine.stats().await.map_err(ToolError::from_core)?;
+        let mut by_priority: BTreeMap<String, u64> = BTreeMap::new();
+        // Waiting tasks by priority: from a listing of the waiting ones (bounded).
+        let filter = ListFilter {
+            statuses: vec![Status::Queued, Status::Scheduled],
+            ..ListFilter::default()
+        };
+        let mut cursor = None;
+        for _ in 0..20 {
+            let page = engine
+                .list(filter.clone(), PageRequest { cursor, limit: 500 })
+                .await
+                .map_err(ToolError::from_core)?;
+            for task in &page.tasks {
+                *by_priority
+                    .entry(wire::priority_name(task.priority))
+                    .or_default() += 1;
+            }
+            cursor = page.next_cursor;
+            if cursor.is_none() {
+                break;
+            }
+        }
+        let by_type = stats
+            .by_type
+            .iter()
+            .map(|(name, counts)| {
+                (
+                    name.clone(),
+                    counts
+                        .iter()
+                        .map(|(status, n)| (wire::core_status_name(*status).to_owned(), *n))
+                        .collect(),
+                )
+            })
+            .collect();
+        Ok(QueueStatistics {
+            total_queued: stats.count(Status::Queued) + stats.count(Status::Scheduled),
+            by_priority,
+            running_tasks: stats.count(Status::Running),
+            paused_tasks: stats.count(Status::Paused),
+            total_tasks_created: stats.total(),
+            total_tasks_completed: stats.count(Status::Completed),
+            total_tasks_failed: stats.count(Status::Failed),
+            total_tasks_cancelled: stats.count(Status::Cancelled),
+            by_type,
+            max_concurrent: engine.concurrency(),
+            queue_paused: engine.is_queue_paused(),
+            paused_types: engine.paused_types(),
+        })
+    }
+
+    async fn manage_queue(&self, args: ManageQueueArgs) -> Result<CallToolResult, ToolError> {
+        let action = args.action.trim().to_ascii_lowercase();
+        let engine = self.core.wrapper.engine();
+        let task_type = args
+            .task_type
+            .clone()
+            .filter(|t| !t.is_empty() && t != "all");
+        if let Some(t) = &task_type
+            && !self.task_types().contains(t)
+        {
+            return Err(ToolError::new(
+                "INVALID_TASK_TYPE",
+                format!("task type {t:?} is not known"),
+                format!("use one of: {}", self.task_types().join(", ")),
+            ));
+        }
+        match action.as_str() {
+            "get_stats" | "stats" => {
+                let stats = self.queue_statistics().await?;
+                Ok(action_answer(
+                    &action,
+                    "success",
+                    stats_text(&stats),
+                    json!({ "queue_statistics": stats }),
+                ))
+            }
+            "pause" | "resume" => {
+                let pause = action == "pause";
+                let (before, message) = match &task_type {
+                    Some(t) => {
+                        let before = engine.paused_types().contains(t);
+                        if pause {
+                            engine.pause_type(t)
+                        } else {
+                            engine.resume_type(t)
+                        }
+                        (
+                            before,
+                            format!(
+                                "The queue of task type {t:?} is {}.",
+                                if pause {
+                                    "paused: its queued tasks wait; running ones go on"
+                                } else {
+                                    "running again"
+                                }
+                            ),
+                        )
+                    }
+                    None => {
+                        let before = engine.is_queue_paused();
+                        if pause {
+                            engine.pause_queue()
+                        } else {
+                            engine.resume_queue()
+                        }
+                        (
+                            before,
+                            format!(
+                                "The queue is {}.",
+                                if pause {
+                                    "paused: queued tasks wait; running ones go on"
+                                } else {
+                                    "running again"
+                                }
+                            ),
+                        )
+                    }
+                };
+                let status = if before == pause {
+                    "no_action_needed"
+                } else {
+                    "success"
+                };
+                Ok(action_answer(
+                    &action,
+                    status,
+                    message,
+                    json!({ "queue_paused": engine.is_queue_paused(), "paused_types": engine.paused_types() }),
+                ))
+            }
+            "clear_queue" | "clear" => {
+                let priority = match &args.priority {
+                    Some(p) => Some(p.to_priority().map_err(|m| {
+                        ToolError::invalid(m, "priority: 0 to 9, or low, normal, high, critical")
+                    })?),
+                    None => None,
+                };
+                let filter = ListFilter {
+                    statuses: vec![Status::Queued, Status::Scheduled, Status::Paused],
+                    owner: Some(self.principal.to_string()),
+                    task_type: task_type.clone(),
+                    ..ListFilter::default()
+                };
+                let mut cancelled = Vec::new();
+                loop {
+                    let page = engine
+                        .list(
+                            filter.clone(),
+                            PageRequest {
+                                cursor: None,
+                                limit: 500,
+                            },
+                        )
+                        .await
+                        .map_err(ToolError::from_core)?;
+                    let mut any = false;
+                    for task in page.tasks {
+                        // A frozen (running, paused) task is not in the queue.
+                        if task.lease_until.is_some()
+                            || priority.is_some_and(|p| p != task.priority)
+                        {
+                            continue;
+                        }
+                        if engine.cancel(task.id).await.is_ok() {
+                            cancelled.push(task.id.to_string());
+                            any = true;
+                        }
+                    }
+                    if !any || page.next_cursor.is_none() {
+                        break;
+                    }
+                }
+                let status = if cancelled.is_empty() {
+                    "no_action_needed"
+                } else {
+                    "success"
+                };
+                Ok(action_answer(
+                    &action,
+                    status,
+                    format!(
+                        "Cancelled {} of your tasks that had not started.",
+                        cancelled.len()
+                    ),
+                    json!({ "cancelled": cancelled.len(), "task_ids": cancelled }),
+                ))
+            }
+            "set_limits" | "set_limit" => {
+                let Some(max) = args.max_concurrent else {
+                    return Err(ToolError::invalid(
+                        "action \"set_limits\" needs max_concurrent",
+                        "give max_concurrent: the most tasks running at once (overall, or for task_type)",
+                    ));
+                };
+                match &task_type {
+                    Some(t) => {
+                        let limit = (max > 0).then_some(max as usize);
+                        engine.set_type_limit(t, limit);
+                        Ok(action_answer(
+                            &action,
+                            "success",
+                            match limit {
+                                Some(n) => format!("At most {n} tasks of type {t:?} run at once."),
+                                None => format!("Task type {t:?} has no limit of its own now."),
+                            },
+                            json!({ "task_type": t, "max_concurrent": max }),
+                        ))
+                    }
+                    None => {
+                        if max == 0 || max > 1024 {
+                            return Err(ToolError::invalid(
+                                format!("max_concurrent {max} is out of range"),
+                                "give 1 to 1024 (to stop starting tasks, use action \"pause\")",
+                            ));
+                        }
+                        engine.set_concurrency(max as usize);
+                        Ok(action_answer(
+                            &action,
+                            "success",
+                            format!("At most {max} tasks run at once."),
+                            json!({ "max_concurrent": max }),
+                        ))
+                    }
+                }
+            }
+            "reorder" | "set_priority" => {
+                let task_id = args.task_id.clone().ok_or_else(|| {
+                    ToolError::new(
+                        "MISSING_TASK_ID",
+                        "action \"reorder\" needs a task_id",
+                        "pass the task_id of a waiting task and its new priority",
+                    )
+                })?;
+                let priority = args
+                    .priority
+                    .as_ref()
+                    .ok_or_else(|| {
+                        ToolError::invalid(
+                            "action \"reorder\" needs a priority",
+                            "give priority: 0 to 9, or low, normal, high, critical",
+                        )
+                    })?
+                    .to_priority()
+                    .map_err(|m| {
+                        ToolError::invalid(m, "priority: 0 to 9, or low, normal, high, critical")
+                    })?;
+                let task = self.owned_task(&task_id).await?;
+                let task = engine
+                    .set_priority(task.id, priority)
+                    .await
+                    .map_err(ToolError::from_core)?;
+                let view = self.view(&task);
+                Ok(action_answer(
+                    &action,
+                    "success",
+                    format!(
+                        "Task {} now has priority {} ({}).",
+                        task.id,
+                        priority.get(),
+                        wire::priority_name(priority)
+                    ),
+                    json!({ "task": view }),
+                ))
+            }
+            other => Err(ToolError::new(
+                "UNKNOWN_ACTION",
+                format!("action {other:?} is not known"),
+                "use get_stats, pause, resume, clear_queue, set_limits or reorder",
+            )),
+        }
+    }
+}
+
+/// A duration argument in seconds, or what was wrong.
+pub(crate) fn seconds_arg(name: &str, seconds: f64, zero_ok: bool) -> Result<Duration, ToolError> {
+    let max = 30.0 * 86_400.0;
+    if !seconds.is_finite() || seconds < 0.0 || (!zero_ok && seconds == 0.0) || seconds > max {
+        return Err(ToolError::invalid(
+            format!("{name} {seconds} is out of range"),
+            format!(
+                "give {} to {max} seconds",
+                if zero_ok { "0" } else { "more than 0" }
+            ),
+        ));
+    }
+    Ok(Duration::from_secs_f64(seconds))
+}
+
+fn limit_arg(limit: Option<u32>) -> Result<u32, ToolError> {
+    match limit.unwrap_or(DEFAULT_LIMIT) {
+        0 => Err(ToolError::invalid(
+            "limit 0 is out of range",
+            format!("give 1 to {MAX_LIMIT}"),
+        )),
+        n => Ok(n.min(MAX_LIMIT)),
+    }
+}
+
+fn action_answer(action: &str, status: &str, message: String, data: Value) -> CallToolResult {
+    let data = match data {
+        Value::Object(map) => map,
+        other => {
+            let mut map = Map::new();
+            map.insert("data".into(), other);
+            map
+        }
+    };
+    let text = message.clone();
+    answer(
+        text,
+        &ActionAnswer {
+            action: action.to_owned(),
+            status: status.to_owned(),
+            message,
+            data,
+        },
+    )
+}
+
+/// Wraps another tool's answer as an action's.
+fn action_from(action: &str, result: CallToolResult) -> Result<CallToolResult, ToolError> {
+    let data = match result.structured_content.clone() {
+        Some(Value::Object(mut map)) => {
+            // The action's own fields win; the wrapped answer's are renamed.
+            for key in ["status", "message", "action"] {
+                if let Some(value) = map.remove(key) {
+                    map.insert(format!("task_{key}"), value);
+                }
+            }
+            Value::Object(map)
+        }
+        _ => json!({}),
+    };
+    let message = result
+        .content
+        .first()
+        .and_then(|c| c.as_text())
+        .map(|t| t.text.clone())
+        .unwrap_or_default();
+    Ok(action_answer(action, "success", message, data))
+}
+
+fn status_text(view: &TaskView) -> String {
+    let mut text = format!(
+        "task {} ({}): {}, {:.0}% done",
+        view.task_id, view.task_type, view.status, view.progress
+    );
+    if let Some(eta) = view.eta_seconds.filter(|_| {
+        !matches!(
+            view.status.as_str(),
+            "completed" | "failed" | "timeout" | "cancelled"
+        )
+    }) {
+        text.push_str(&format!(", about {eta:.0} s left"));
+    }
+    if let Some(message) = &view.progress_message {
+        text.push_str(&format!("\nprogress: {message}"));
+    }
+    text.push_str(&format!(
+        "\nattempt {} of {}",
+        view.attempt, view.max_attempts
+    ));
+    if let Some(session) = &view.session_id {
+        text.push_str(&format!(", session {session}"));
+    }
+    if let Some(error) = &view.error {
+        text.push_str(&format!("\nerror: {error}"));
+    }
+    text
+}
+
+fn list_text(tasks: &[TaskView], next_cursor: Option<&str>) -> String {
+    if tasks.is_empty() {
+        return "No tasks match.".into();
+    }
+    let mut text = format!("{} task(s):\n", tasks.len());
+    for view in tasks {
+        text.push_str(&format!(
+            "- {} {} {} {:.0}% (created {})\n",
+            view.task_id, view.task_type, view.status, view.progress, view.created_at
+        ));
+    }
+    if let Some(cursor) = next_cursor {
+        text.push_str(&format!("More: pass cursor={cursor:?}."));
+    }
+    text
+}
+
+fn stats_text(stats: &QueueStatistics) -> String {
+    format!(
+        "queued {} (by priority {:?}), running {}, paused {}, completed {}, failed {}, cancelled {}, total {}; at most {} at once{}",
+        stats.total_queued,
+        stats.by_priority,
+        stats.running_tasks,
+        stats.paused_tasks,
+        stats.total_tasks_completed,
+        stats.total_tasks_failed,
+        stats.total_tasks_cancelled,
+        stats.total_tasks_created,
+        stats.max_concurrent,
+        if stats.queue_paused {
+            "; the queue is paused"
+        } else {
+            ""
+        }
+    )
+}

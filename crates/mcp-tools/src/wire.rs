@@ -1,0 +1,594 @@
+//! The wire types: tool arguments and structured answers. They are this crate's own, converted by
+//! hand from `task-core` and `sandbox-wrapper` types, so that the core types can change without
+//! changing what clients see.
+//!
+//! Names follow the background-task tools and the microsandbox wrapper that msbd replaces
+//! (`task_id`, `task_type`, `status`, `progress`, `eta_seconds`, `priority`, ...).
+
+use std::collections::BTreeMap;
+
+use rmcp::schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use task_core::{FailureKind, Priority, Status, Task, Timestamp};
+
+// ---------------------------------------------------------------------------------------------
+// Arguments shared by the submitting tools.
+
+/// A priority: a number from 0 (lowest) to 9 (highest), or a name.
+#[derive(Clone, Debug, Deserialize, JsonSchema)]
+#[schemars(crate = "rmcp::schemars")]
+#[serde(untagged)]
+pub enum PriorityArg {
+    /// 0 (lowest) to 9 (highest); 5 is normal.
+    Number(i64),
+    /// `low` (2), `normal` (5), `high` (8) or `critical` (9).
+    Name(String),
+}
+
+impl PriorityArg {
+    /// The core priority, or what was wrong.
+    pub fn to_priority(&self) -> Result<Priority, String> {
+        match self {
+            PriorityArg::Number(n) => u8::try_from(*n)
+                .ok()
+                .and_then(Priority::new)
+                .ok_or_else(|| {
+                    format!("priority {n} is out of range: give 0 (lowest) to 9 (highest), or low, normal, high, critical")
+                }),
+            PriorityArg::Name(name) => match name.to_ascii_lowercase().as_str() {
+                "low" => Ok(Priority::LOW),
+                "normal" | "medium" | "default" => Ok(Priority::NORMAL),
+                "high" => Ok(Priority::HIGH),
+                "critical" | "urgent" => Ok(Priority::CRITICAL),
+                other => other.parse::<u8>().ok().and_then(Priority::new).ok_or_else(|| {
+                    format!("priority {name:?} is not known: give low, normal, high, critical, or a number from 0 to 9")
+                }),
+            },
+        }
+    }
+}
+
+/// How a task is to be run: the options every submitting tool accepts.
+#[derive(Clone, Debug, Default, Deserialize, JsonSchema)]
+#[schemars(crate = "rmcp::schemars")]
+pub struct SubmitOptions {
+    /// Priority: 0 (lowest) to 9 (highest), or "low" (2), "normal" (5), "high" (8), "critical"
+    /// (9). Higher runs sooner. Default: the task type's default, else normal.
+    #[serde(default)]
+    pub priority: Option<PriorityArg>,
+    /// The longest one attempt may run, in seconds; then it is killed and counts as failed
+    /// (status "timeout"). Default: the task type's default, else the server's.
+    #[serde(default)]
+    pub timeout_seconds: Option<f64>,
+    /// How many times to retry a failed attempt (0 = run once). Default: the task type's
+    /// default, else 0.
+    #[serde(default)]
+    pub max_retries: Option<u32>,
+    /// Wait this many seconds before starting (status "scheduled" until then).
+    #[serde(default)]
+    pub delay_seconds: Option<f64>,
+    /// A key that makes submitting idempotent: a second submission with the same key returns
+    /// the first task (`deduplicated: true`) instead of creating another.
+    #[serde(default)]
+    pub idempotency_key: Option<String>,
+    /// The sandbox session to run in (for `command`, `code` and operator types): its work
+    /// directory and interpreters persist between tasks. Omit for a fresh session; the result
+    /// says which session ran the task.
+    #[serde(default)]
+    pub session_id: Option<String>,
+    /// Free labels, to find tasks again with `list_tasks(tag=...)`.
+    #[serde(default)]
+    pub tags: Option<Vec<String>>,
+}
+
+/// `create_background_task` and `submit_task`.
+#[derive(Clone, Debug, Deserialize, JsonSchema)]
+#[schemars(crate = "rmcp::schemars")]
+pub struct SubmitArgs {
+    /// The kind of work: "command" (params {"command": "<shell line>"} or {"argv": [...]}, plus
+    /// optional env, stdin, flavor), "code" (params {"language": "python"|"node"|"bash",
+    /// "code": "..."}), or an operator-defined type (see `manage_background_tasks(action="list_types")`).
+    pub task_type: String,
+    /// The task's input, an object whose shape depends on `task_type`.
+    #[serde(default, alias = "parameters")]
+    pub params: Option<Value>,
+    /// Submission options.
+    #[serde(flatten)]
+    pub options: SubmitOptions,
+}
+
+/// `check_task_status`.
+#[derive(Clone, Debug, Default, Deserialize, JsonSchema)]
+#[schemars(crate = "rmcp::schemars")]
+pub struct CheckStatusArgs {
+    /// The task to look at. Omit to list tasks instead (filtered by `task_type`,
+    /// `status_filter`, `limit`).
+    #[serde(default)]
+    pub task_id: Option<String>,
+    /// Without a task_id: only tasks of this type ("all" for every type).
+    #[serde(default)]
+    pub task_type: Option<String>,
+    /// Without a task_id: only tasks in this status ("all", "pending", "scheduled", "running",
+    /// "paused", "completed", "failed", "timeout", "cancelled", or "active" for the unfinished
+    /// ones).
+    #[serde(default)]
+    pub status_filter: Option<String>,
+    /// Without a task_id: the most tasks to return (1 to 500; default 20).
+    #[serde(default)]
+    pub limit: Option<u32>,
+}
+
+/// `get_task_result`.
+#[derive(Clone, Debug, Deserialize, JsonSchema)]
+#[schemars(crate = "rmcp::schemars")]
+pub struct GetResultArgs {
+    /// The task.
+    pub task_id: String,
+    /// Whether to wait for the task to finish (up to `timeout` seconds). Default false: answer
+    /// at once with the current state.
+    #[serde(default)]
+    pub wait: Option<bool>,
+    /// With wait: the most seconds to wait (default 300). The answer says `finished: false` if
+    /// the task was still running then; call again to keep waiting.
+    #[serde(default)]
+    pub timeout: Option<f64>,
+}
+
+/// Tools that take only a task id (`cancel_task`).
+#[derive(Clone, Debug, Deserialize, JsonSchema)]
+#[schemars(crate = "rmcp::schemars")]
+pub struct TaskIdArgs {
+    /// The task.
+    pub task_id: String,
+}
+
+/// `list_tasks`.
+#[derive(Clone, Debug, Default, Deserialize, JsonSchema)]
+#[schemars(crate = "rmcp::schemars")]
+pub struct ListArgs {
+    /// Only tasks in this status: "pending", "scheduled", "running", "paused", "completed",
+    /// "failed", "timeout", "cancelled", "active" (unfinished) or "all" (default).
+    #[serde(default)]
+    pub status: Option<String>,
+    /// Only tasks of this type.
+    #[serde(default)]
+    pub task_type: Option<String>,
+    /// Only tasks that ran (or will run) in this session.
+    #[serde(default)]
+    pub session_id: Option<String>,
+    /// Only tasks with this tag.
+    #[serde(default)]
+    pub tag: Option<String>,
+    /// The most tasks per page (1 to 500; default 20).
+    #[serde(default)]
+    pub limit: Option<u32>,
+    /// Where to continue: the `next_cursor` of the previous page.
+    #[serde(default)]
+    pub cursor: Option<String>,
+}
+
+/// `read_task_output`.
+#[derive(Clone, Debug, Deserialize, JsonSchema)]
+#[schemars(crate = "rmcp::schemars")]
+pub struct ReadOutputArgs {
+    /// The task.
+    pub task_id: String,
+    /// The byte offset to read from: 0 at first, then the previous answer's `next_cursor`.
+    #[serde(default)]
+    pub cursor: Option<u64>,
+    /// The most bytes to return (1 to 1048576; default 65536).
+    #[serde(default)]
+    pub max_bytes: Option<u64>,
+}
+
+/// `manage_background_tasks`.
+#[derive(Clone, Debug, Deserialize, JsonSchema)]
+#[schemars(crate = "rmcp::schemars")]
+pub struct ManageTasksArgs {
+    /// What to do: "create" (submit task_type with parameters now), "schedule" (the same,
+    /// delayed by delay_seconds or task_config.delay_seconds), "cancel", "pause" (a waiting task
+    /// is held; a running one is frozen), "resume", "retry" (run a failed, timed-out or
+    /// cancelled task again as a new task), "list", "get_stats", "cleanup" (delete your finished
+    /// tasks older than older_than_seconds, default 3600), "list_types" (the task types this
+    /// server runs).
+    pub action: String,
+    /// The task, for cancel, pause, resume and retry.
+    #[serde(default)]
+    pub task_id: Option<String>,
+    /// The task type, for create and schedule (and a filter for list).
+    #[serde(default)]
+    pub task_type: Option<String>,
+    /// The task's input, for create and schedule.
+    #[serde(default, alias = "params")]
+    pub parameters: Option<Value>,
+    /// Priority, for create and schedule: 0 to 9, or low, normal, high, critical.
+    #[serde(default)]
+    pub priority: Option<PriorityArg>,
+    /// More submission options for create and schedule (timeout_seconds, max_retries,
+    /// delay_seconds, idempotency_key, session_id, tags), as an object.
+    #[serde(default)]
+    pub task_config: Option<Value>,
+    /// For schedule: seconds from now.
+    #[serde(default)]
+    pub delay_seconds: Option<f64>,
+    /// For list: only tasks in this status.
+    #[serde(default)]
+    pub status: Option<String>,
+    /// For list: the most tasks (default 20).
+    #[serde(default)]
+    pub limit: Option<u32>,
+    /// For cleanup: delete finished tasks that finished more than this many seconds ago.
+    #[serde(default)]
+    pub older_than_seconds: Option<f64>,
+}
+
+/// `manage_task_queue`.
+#[derive(Clone, Debug, Deserialize, JsonSchema)]
+#[schemars(crate = "rmcp::schemars")]
+pub struct ManageQueueArgs {
+    /// What to do: "get_stats"; "pause" / "resume" (stop / restart starting queued tasks,
+    /// of every type, or of task_type only; running tasks go on); "clear_queue" (cancel your
+    /// tasks that have not started, optionally only of task_type or priority); "set_limits"
+    /// (max_concurrent tasks at once, overall or for task_type); "reorder" (give the waiting
+    /// task task_id a new priority).
+    pub action: String,
+    /// For pause, resume, clear_queue and set_limits: only this task type.
+    #[serde(default)]
+    pub task_type: Option<String>,
+    /// For clear_queue: only tasks of this priority. For reorder: the new priority.
+    #[serde(default)]
+    pub priority: Option<PriorityArg>,
+    /// For set_limits: the most tasks running at once (overall, or of task_type; with a
+    /// task_type, 0 removes the type's own limit).
+    #[serde(default)]
+    pub max_concurrent: Option<u32>,
+    /// For reorder: the waiting task.
+    #[serde(default)]
+    pub task_id: Option<String>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Answers.
+
+/// A task as clients see it.
+#[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
+#[schemars(crate = "rmcp::schemars")]
+pub struct TaskView {
+    /// The task's id.
+    pub task_id: String,
+    /// Its type.
+    pub task_type: String,
+    /// "pending" (queued), "scheduled" (waiting for its start time or a retry), "running",
+    /// "paused", "completed", "failed", "timeout" (its last attempt ran out of time) or
+    /// "cancelled".
+    pub status: String,
+    /// Percent done, 0 to 100 (100 once completed).
+    pub progress: f64,
+    /// The latest progress message.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress_message: Option<String>,
+    /// Estimated seconds until it finishes; null when unknown (0 once finished).
+    pub eta_seconds: Option<f64>,
+    /// 0 (lowest) to 9 (highest).
+    pub priority: u8,
+    /// The current (or last) attempt, from 1; 0 before the first.
+    pub attempt: u32,
+    /// The most attempts it may have.
+    pub max_attempts: u32,
+    /// The sandbox session it runs in, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_id: Option<String>,
+    /// Its tags.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
+    /// When it was created (RFC 3339).
+    pub created_at: String,
+    /// When its current attempt started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<String>,
+    /// When it finished.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completed_at: Option<String>,
+    /// When it may start (a delayed or retried task).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_at: Option<String>,
+    /// Why it failed, when it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Whether a cancel was asked for and is being carried out.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cancel_requested: bool,
+}
+
+/// The wire name of a task's status.
+pub fn status_name(task: &Task) -> &'static str {
+    match task.status {
+        Status::Queued => "pending",
+        Status::Scheduled => "scheduled",
+        Status::Paused => "paused",
+        Status::Running => "running",
+        Status::Completed => "completed",
+        Status::Failed => match task.error.as_ref().map(|e| e.kind) {
+            Some(FailureKind::Timeout) => "timeout",
+            _ => "failed",
+        },
+        Status::Cancelled => "cancelled",
+    }
+}
+
+/// The core statuses a wire status filter stands for, or what was wrong. `None` means all.
+pub fn parse_status_filter(filter: Option<&str>) -> Result<Option<Vec<Status>>, String> {
+    let Some(filter) = filter.map(str::trim).filter(|f| !f.is_empty()) else {
+        return Ok(None);
+    };
+    let statuses = match filter.to_ascii_lowercase().as_str() {
+        "all" | "any" => return Ok(None),
+        "pending" | "queued" => vec![Status::Queued],
+        "scheduled" => vec![Status::Scheduled],
+        "running" => vec![Status::Running],
+        "paused" => vec![Status::Paused],
+        "completed" => vec![Status::Completed],
+        // A timeout is a failed task whose error says so: filtered again by the caller.
+        "failed" | "timeout" => vec![Status::Failed],
+        "cancelled" | "canceled" => vec![Status::Cancelled],
+        "active" | "unfinished" => vec![
+            Status::Queued,
+            Status::Scheduled,
+            Status::Paused,
+            Status::Running,
+        ],
+        "finished" | "done" | "terminal" => {
+            vec![Status::Completed, Status::Failed, Status::Cancelled]
+        }
+        other => {
+            return Err(format!(
+                "status {other:?} is not known: give all, pending, scheduled, running, paused, completed, failed, timeout, cancelled, active or finished"
+            ));
+        }
+    };
+    Ok(Some(statuses))
+}
+
+/// Whether a task passes a wire status filter beyond its core status (`timeout` versus
+/// `failed`).
+pub fn passes_status_filter(filter: Option<&str>, task: &Task) -> bool {
+    match filter.map(|f| f.trim().to_ascii_lowercase()) {
+        Some(f) if f == "timeout" => status_name(task) == "timeout",
+        Some(f) if f == "failed" => status_name(task) == "failed",
+        _ => true,
+    }
+}
+
+/// RFC 3339 text of a timestamp.
+pub fn rfc3339(at: Timestamp) -> String {
+    chrono::DateTime::<chrono::Utc>::from_timestamp_millis(at.0)
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+        .unwrap_or_else(|| at.0.to_string())
+}
+
+impl TaskView {
+    /// The view of a task, with its ETA (from the engine).
+    pub fn new(task: &Task, eta: Option<std::time::Duration>) -> TaskView {
+        let progress = match task.status {
+            Status::Completed => 100.0,
+            _ => task.progress.unwrap_or(0.0) * 100.0,
+        };
+        TaskView {
+            task_id: task.id.to_string(),
+            task_type: task.task_type.clone(),
+            status: status_name(task).to_owned(),
+            progress: (progress * 10.0).round() / 10.0,
+            progress_message: task.progress_message.clone(),
+            eta_seconds: eta.map(|d| (d.as_secs_f64() * 10.0).round() / 10.0),
+            priority: task.priority.get(),
+            attempt: task.attempt,
+            max_attempts: task.max_attempts,
+            session_id: task
+                .session_id
+                .clone()
+                .or_else(|| session_of_result(task.result.as_ref())),
+            tags: task.tags.clone(),
+            created_at: rfc3339(task.created_at),
+            started_at: task.started_at.map(rfc3339),
+            completed_at: task.finished_at.map(rfc3339),
+            run_at: match task.status {
+                Status::Scheduled => task.run_at.map(rfc3339),
+                _ => None,
+            },
+            error: task.error.as_ref().map(|e| e.message.clone()),
+            cancel_requested: task.cancel_requested && !task.status.is_terminal(),
+        }
+    }
+}
+
+/// The session a sandboxed task's result names.
+fn session_of_result(result: Option<&Value>) -> Option<String> {
+    result?.get("session_id")?.as_str().map(str::to_owned)
+}
+
+/// The answer of `create_background_task` and `submit_task`.
+#[derive(Clone, Debug, Serialize, JsonSchema)]
+#[schemars(crate = "rmcp::schemars")]
+pub struct Created {
+    /// The new task's id: pass it to check_task_status, read_task_output, get_task_result,
+    /// cancel_task.
+    pub task_id: String,
+    /// "pending" or "scheduled" (or, for a deduplicated submission, the existing task's status).
+    pub status: String,
+    /// Its type.
+    pub task_type: String,
+    /// 0 (lowest) to 9 (highest).
+    pub priority: u8,
+    /// True when the idempotency key matched an existing task, which is returned instead.
+    pub deduplicated: bool,
+    /// When it may start, for a delayed task.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub run_at: Option<String>,
+    /// When it was created.
+    pub created_at: String,
+    /// What to do next.
+    pub message: String,
+}
+
+/// The answer of `check_task_status`: one task (flattened), or a list.
+#[derive(Clone, Debug, Serialize, JsonSchema)]
+#[schemars(crate = "rmcp::schemars")]
+pub struct StatusAnswer {
+    /// With a task_id: that task.
+    #[serde(flatten)]
+    pub task: Option<TaskView>,
+    /// Without a task_id: the tasks that pass the filters, newest first.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tasks: Option<Vec<TaskView>>,
+    /// Without a task_id: how many tasks are listed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub count: Option<usize>,
+    /// Without a task_id: the filters applied.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub filters: Option<BTreeMap<String, String>>,
+}
+
+/// The answer of `list_tasks`.
+#[derive(Clone, Debug, Serialize, JsonSchema)]
+#[schemars(crate = "rmcp::schemars")]
+pub struct TaskList {
+    /// The tasks, newest first.
+    pub tasks: Vec<TaskView>,
+    /// How many are in this page.
+    pub count: usize,
+    /// Pass as `cursor` to get the next page; absent on the last page.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_cursor: Option<String>,
+}
+
+/// The answer of `get_task_result`.
+#[derive(Clone, Debug, Serialize, JsonSchema)]
+#[schemars(crate = "rmcp::schemars")]
+pub struct ResultAnswer {
+    /// The task's id.
+    pub task_id: String,
+    /// Its status (see check_task_status).
+    pub status: String,
+    /// Whether it has finished (completed, failed, timeout or cancelled).
+    pub finished: bool,
+    /// What the task returned, once completed. For command and code tasks: exit_code,
+    /// signal, reason, duration_ms, peak_memory_bytes, output_tail, session_id, isolation.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub result: Option<Value>,
+    /// Why it failed, when it did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Percent done.
+    pub progress: f64,
+    /// Estimated seconds until it finishes, when unfinished and known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eta_seconds: Option<f64>,
+    /// What to do next.
+    pub message: String,
+}
+
+/// The answer of `cancel_task`.
+#[derive(Clone, Debug, Serialize, JsonSchema)]
+#[schemars(crate = "rmcp::schemars")]
+pub struct CancelAnswer {
+    /// The task's id.
+    pub task_id: String,
+    /// Its status after the cancel: "cancelled", or still "running" while its process is
+    /// being stopped (cancel_requested true).
+    pub status: String,
+    /// Whether the cancel took effect or is under way (false when it had already finished).
+    pub cancelled: bool,
+    /// What happened.
+    pub message: String,
+}
+
+/// The answer of `read_task_output`.
+#[derive(Clone, Debug, Serialize, JsonSchema)]
+#[schemars(crate = "rmcp::schemars")]
+pub struct OutputAnswer {
+    /// The task's id.
+    pub task_id: String,
+    /// The output from `cursor` on (stdout and stderr interleaved as written; invalid UTF-8
+    /// replaced).
+    pub data: String,
+    /// Where this chunk started.
+    pub cursor: u64,
+    /// Pass as `cursor` to read on.
+    pub next_cursor: u64,
+    /// The output's size so far, in bytes.
+    pub size: u64,
+    /// Whether all output has been read and the task has finished: nothing more will come.
+    pub complete: bool,
+    /// The task's status.
+    pub status: String,
+}
+
+/// The answer of the `manage_*` tools and other actions: what was done, and its data.
+#[derive(Clone, Debug, Serialize, JsonSchema)]
+#[schemars(crate = "rmcp::schemars")]
+pub struct ActionAnswer {
+    /// The action.
+    pub action: String,
+    /// "success", or "no_action_needed" when nothing had to change.
+    pub status: String,
+    /// What happened, in words.
+    pub message: String,
+    /// The action's data (a task, a list, statistics...).
+    #[serde(flatten)]
+    pub data: Map<String, Value>,
+}
+
+/// Queue statistics, in the shape of the background-task tools' `queue_statistics`.
+#[derive(Clone, Debug, Serialize, JsonSchema)]
+#[schemars(crate = "rmcp::schemars")]
+pub struct QueueStatistics {
+    /// Tasks waiting to start (pending and scheduled).
+    pub total_queued: u64,
+    /// Waiting tasks by priority name (low, normal, high, critical, or the number).
+    pub by_priority: BTreeMap<String, u64>,
+    /// Tasks running now.
+    pub running_tasks: u64,
+    /// Tasks paused.
+    pub paused_tasks: u64,
+    /// All tasks the store holds.
+    pub total_tasks_created: u64,
+    /// Completed tasks held.
+    pub total_tasks_completed: u64,
+    /// Failed tasks held (timeouts included).
+    pub total_tasks_failed: u64,
+    /// Cancelled tasks held.
+    pub total_tasks_cancelled: u64,
+    /// Tasks by type, then by status.
+    pub by_type: BTreeMap<String, BTreeMap<String, u64>>,
+    /// The most tasks running at once.
+    pub max_concurrent: usize,
+    /// Whether the whole queue is paused.
+    pub queue_paused: bool,
+    /// Task types whose queue is paused.
+    pub paused_types: Vec<String>,
+}
+
+/// The wire name of a core status (without the timeout distinction).
+pub fn core_status_name(status: Status) -> &'static str {
+    match status {
+        Status::Queued => "pending",
+        Status::Scheduled => "scheduled",
+        Status::Paused => "paused",
+        Status::Running => "running",
+        Status::Completed => "completed",
+        Status::Failed => "failed",
+        Status::Cancelled => "cancelled",
+    }
+}
+
+/// The wire name of a priority.
+pub fn priority_name(priority: Priority) -> String {
+    match priority {
+        Priority::LOW => "low".into(),
+        Priority::NORMAL => "normal".into(),
+        Priority::HIGH => "high".into(),
+        Priority::CRITICAL => "critical".into(),
+        other => other.get().to_string(),
+    }
+}

@@ -1,0 +1,664 @@
+//! The MCP tools against a real rmcp client over an in-process byte stream, on a real wrapper
+//! (SQLite store in a temporary directory, real sandboxes at the strongest isolation the host
+//! offers). The binary's end-to-end tests (stdio, HTTP, restarts) live in the msbd crate.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use mcp_tools::{McpServer, SUPERVISION_TOOLS, ServerOptions};
+use rmcp::model::{
+    CallToolRequestParams, CallToolResponse, CallToolResult, CancelTaskParams, ClientCapabilities,
+    ClientConfig, GetTaskParams, Implementation, NumberOrString, ProgressNotificationParam,
+    ProgressToken, RequestMetaObject, TaskPayload,
+};
+use rmcp::service::{NotificationContext, RunningService};
+use rmcp::{ClientHandler, RoleClient, ServiceExt};
+use sandbox_wrapper::{Wrapper, WrapperConfig};
+use serde_json::{Value, json};
+use task_core::store::Store;
+use task_core::store::sqlite::{SqliteConfig, SqliteStore};
+
+/// The progress notifications a client received: (progress, message).
+type Received = Arc<Mutex<Vec<(f64, Option<String>)>>>;
+
+#[derive(Clone, Default)]
+struct Client {
+    tasks: bool,
+    progress: Received,
+}
+
+impl ClientHandler for Client {
+    fn get_info(&self) -> ClientConfig {
+        let caps = if self.tasks {
+            ClientCapabilities::builder().enable_tasks().build()
+        } else {
+            ClientCapabilities::default()
+        };
+        ClientConfig::new(caps, Implementation::new("tools-test", "0.0.0"))
+    }
+
+    async fn on_progress(&self, p: ProgressNotificationParam, _c: NotificationContext<RoleClient>) {
+        self.progress.lock().unwrap().push((p.progress, p.message));
+    }
+}
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    server: McpServer,
+}
+
+async fn fixture(options: ServerOptions) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn Store> =
+        Arc::new(SqliteStore::open(SqliteConfig::new(dir.path().join("tasks.sqlite3"))).unwrap());
+    let mut config = WrapperConfig::new(dir.path().join("data"));
+    config.engine.concurrency = 4;
+    let wrapper = Wrapper::start(store, config).await.unwrap();
+    eprintln!("isolation: {}", wrapper.isolation());
+    Fixture {
+        _dir: dir,
+        server: McpServer::new(wrapper, options),
+    }
+}
+
+async fn connect(server: McpServer, handler: Client) -> RunningService<RoleClient, Client> {
+    let (server_io, client_io) = tokio::io::duplex(1 << 20);
+    tokio::spawn(async move {
+        if let Ok(running) = server.serve(server_io).await {
+            let _ = running.waiting().await;
+        }
+    });
+    handler.serve(client_io).await.unwrap()
+}
+
+fn args(value: Value) -> rmcp::model::JsonObject {
+    value.as_object().unwrap().clone()
+}
+
+async fn call(
+    client: &RunningService<RoleClient, Client>,
+    tool: &str,
+    arguments: Value,
+) -> CallToolResult {
+    client
+        .call_tool(CallToolRequestParams::new(tool.to_owned()).with_arguments(args(arguments)))
+        .await
+        .unwrap_or_else(|e| panic!("{tool}: {e}"))
+}
+
+/// A successful call's structured answer.
+async fn ok(client: &RunningService<RoleClient, Client>, tool: &str, arguments: Value) -> Value {
+    let result = call(client, tool, arguments.clone()).await;
+    assert_ne!(
+        result.is_error,
+        Some(true),
+        "{tool}({arguments}) failed: {result:?}"
+    );
+    let text = result.content[0].as_text().unwrap().text.clone();
+    assert!(!text.is_empty(), "{tool} has no text answer");
+    result
+        .structured_content
+        .unwrap_or_else(|| panic!("{tool}: no structured answer"))
+}
+
+/// A failed call's text.
+async fn tool_error(
+    client: &RunningService<RoleClient, Client>,
+    tool: &str,
+    arguments: Value,
+) -> String {
+    let result = call(client, tool, arguments.clone()).await;
+    assert_eq!(
+        result.is_error,
+        Some(true),
+        "{tool}({arguments}) should fail: {result:?}"
+    );
+    result.content[0].as_text().unwrap().text.clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_tool_is_listed_with_schemas_and_supervision_can_be_hidden() {
+    let full = fixture(ServerOptions::default()).await;
+    let client = connect(full.server.clone(), Client::default()).await;
+    let tools = client.list_all_tools().await.unwrap();
+    let names: Vec<&str> = tools.iter().map(|t| &*t.name).collect();
+    for name in [
+        "create_background_task",
+        "check_task_status",
+        "manage_background_tasks",
+        "manage_task_queue",
+        "submit_task",
+        "get_task_result",
+        "cancel_task",
+        "list_tasks",
+        "read_task_output",
+        "execute_code",
+        "execute_command",
+        "get_sessions",
+        "stop_session",
+        "get_volume_mappings",
+        "get_background_task_status",
+        "restart_background_tasks",
+        "pause_background_tasks",
+        "resume_background_tasks",
+        "health_check",
+    ] {
+        let tool = tools
+            .iter()
+            .find(|t| t.name == name)
+            .unwrap_or_else(|| panic!("{name} missing from {names:?}"));
+        assert!(
+            tool.description.as_ref().is_some_and(|d| d.len() > 30),
+            "{name}: no description"
+        );
+        assert!(tool.output_schema.is_some(), "{name}: no output schema");
+    }
+    client.cancel().await.unwrap();
+
+    let hidden = fixture(ServerOptions {
+        supervision_tools: false,
+        ..ServerOptions::default()
+    })
+    .await;
+    let client = connect(hidden.server.clone(), Client::default()).await;
+    let tools = client.list_all_tools().await.unwrap();
+    for name in SUPERVISION_TOOLS {
+        assert!(
+            tools.iter().all(|t| t.name != name),
+            "{name} is listed though disabled"
+        );
+    }
+    let error = client
+        .call_tool(CallToolRequestParams::new("health_check"))
+        .await
+        .unwrap_err();
+    eprintln!("calling a hidden tool: {error}");
+    client.cancel().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_background_task_lives_its_whole_life_through_the_tools() {
+    let fixture = fixture(ServerOptions::default()).await;
+    let client = connect(fixture.server.clone(), Client::default()).await;
+    let created = ok(&client, "submit_task", json!({
+        "task_type": "command",
+        "params": {"command": "echo first; echo '::progress:: 40 working'; sleep 1; echo second"},
+        "priority": "high",
+        "max_retries": 1,
+        "tags": ["life"],
+    })).await;
+    let id = created["task_id"].as_str().unwrap().to_owned();
+    assert_eq!(created["priority"], 8);
+    assert_eq!(created["deduplicated"], false);
+
+    // Status with progress while it runs, and the output so far by cursor.
+    let mut seen_progress = false;
+    let mut output = String::new();
+    let mut cursor = 0;
+    for _ in 0..100 {
+        let status = ok(&client, "check_task_status", json!({"task_id": id})).await;
+        for key in ["task_id", "status", "progress", "eta_seconds"] {
+            assert!(
+                status.get(key).is_some(),
+                "check_task_status lacks {key}: {status}"
+            );
+        }
+        if status["status"] == "running" && status["progress"].as_f64() == Some(40.0) {
+            seen_progress = true;
+            assert_eq!(status["progress_message"], "working");
+        }
+        let chunk = ok(
+            &client,
+            "read_task_output",
+            json!({"task_id": id, "cursor": cursor, "max_bytes": 4}),
+        )
+        .await;
+        output.push_str(chunk["data"].as_str().unwrap());
+        cursor = chunk["next_cursor"].as_u64().unwrap();
+        if chunk["complete"] == true {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(seen_progress, "never saw the task at 40 %");
+    assert!(
+        output.contains("first") && output.contains("second"),
+        "{output:?}"
+    );
+
+    let result = ok(
+        &client,
+        "get_task_result",
+        json!({"task_id": id, "wait": true, "timeout": 30}),
+    )
+    .await;
+    assert_eq!(result["status"], "completed", "{result}");
+    assert_eq!(result["finished"], true);
+    assert_eq!(result["result"]["exit_code"], 0);
+    let listed = ok(
+        &client,
+        "list_tasks",
+        json!({"status": "completed", "tag": "life"}),
+    )
+    .await;
+    assert_eq!(listed["count"], 1, "{listed}");
+    let listed = ok(
+        &client,
+        "check_task_status",
+        json!({"status_filter": "completed"}),
+    )
+    .await;
+    assert_eq!(listed["count"], 1, "{listed}");
+
+    // A finished task cannot be paused: a tool error that says so.
+    let text = tool_error(
+        &client,
+        "manage_background_tasks",
+        json!({"action": "pause", "task_id": id}),
+    )
+    .await;
+    assert!(
+        text.contains("ILLEGAL_TRANSITION") && text.contains("What to do"),
+        "{text}"
+    );
+    // Cancelling it changes nothing.
+    let cancel = ok(&client, "cancel_task", json!({"task_id": id})).await;
+    assert_eq!(cancel["cancelled"], false);
+    client.cancel().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_pause_resume_and_the_queue_tools_do_what_they_say() {
+    let fixture = fixture(ServerOptions::default()).await;
+    let client = connect(fixture.server.clone(), Client::default()).await;
+    let sleeper = ok(
+        &client,
+        "create_background_task",
+        json!({
+            "task_type": "command", "params": {"command": "sleep 30"},
+        }),
+    )
+    .await["task_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    for _ in 0..100 {
+        if ok(&client, "check_task_status", json!({"task_id": sleeper})).await["status"]
+            == "running"
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let paused = ok(
+        &client,
+        "manage_background_tasks",
+        json!({"action": "pause", "task_id": sleeper}),
+    )
+    .await;
+    assert_eq!(paused["task"]["status"], "paused", "{paused}");
+    let resumed = ok(
+        &client,
+        "manage_background_tasks",
+        json!({"action": "resume", "task_id": sleeper}),
+    )
+    .await;
+    assert_eq!(resumed["task"]["status"], "running", "{resumed}");
+    ok(&client, "cancel_task", json!({"task_id": sleeper})).await;
+    let done = ok(
+        &client,
+        "get_task_result",
+        json!({"task_id": sleeper, "wait": true, "timeout": 20}),
+    )
+    .await;
+    assert_eq!(done["status"], "cancelled", "{done}");
+
+    // The queue: paused, tasks wait; reordered; cleared; limits; stats.
+    let paused = ok(&client, "manage_task_queue", json!({"action": "pause"})).await;
+    assert_eq!(paused["queue_paused"], true);
+    let low = ok(
+        &client,
+        "submit_task",
+        json!({"task_type": "command", "params": {"command": "true"}, "priority": "low"}),
+    )
+    .await["task_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let other = ok(
+        &client,
+        "submit_task",
+        json!({"task_type": "command", "params": {"command": "true"}, "priority": 3}),
+    )
+    .await["task_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let stats = ok(&client, "manage_task_queue", json!({"action": "get_stats"})).await;
+    assert_eq!(stats["queue_statistics"]["total_queued"], 2, "{stats}");
+    assert_eq!(
+        stats["queue_statistics"]["by_priority"]["low"], 1,
+        "{stats}"
+    );
+    let reordered = ok(
+        &client,
+        "manage_task_queue",
+        json!({"action": "reorder", "task_id": low, "priority": "critical"}),
+    )
+    .await;
+    assert_eq!(reordered["task"]["priority"], 9, "{reordered}");
+    let cleared = ok(
+        &client,
+        "manage_task_queue",
+        json!({"action": "clear_queue", "priority": 3}),
+    )
+    .await;
+    assert_eq!(cleared["cancelled"], 1, "{cleared}");
+    assert_eq!(
+        ok(&client, "check_task_status", json!({"task_id": other})).await["status"],
+        "cancelled"
+    );
+    ok(
+        &client,
+        "manage_task_queue",
+        json!({"action": "set_limits", "max_concurrent": 2}),
+    )
+    .await;
+    ok(&client, "manage_task_queue", json!({"action": "resume"})).await;
+    let done = ok(
+        &client,
+        "get_task_result",
+        json!({"task_id": low, "wait": true, "timeout": 30}),
+    )
+    .await;
+    assert_eq!(done["status"], "completed", "{done}");
+    let stats = ok(
+        &client,
+        "manage_background_tasks",
+        json!({"action": "get_stats"}),
+    )
+    .await;
+    assert_eq!(stats["statistics"]["max_concurrent"], 2, "{stats}");
+
+    // Retry a cancelled task; schedule one; clean up finished ones.
+    let retried = ok(
+        &client,
+        "manage_background_tasks",
+        json!({"action": "retry", "task_id": other}),
+    )
+    .await;
+    let again = retried["task_id"].as_str().unwrap().to_owned();
+    assert_ne!(again, other);
+    let scheduled = ok(&client, "manage_background_tasks", json!({"action": "schedule", "task_type": "command", "parameters": {"command": "true"}, "delay_seconds": 3600})).await;
+    assert_eq!(scheduled["status"], "success");
+    assert_eq!(
+        scheduled["task_id"].as_str().map(|s| s.len()),
+        Some(36),
+        "{scheduled}"
+    );
+    let done = ok(
+        &client,
+        "get_task_result",
+        json!({"task_id": again, "wait": true, "timeout": 30}),
+    )
+    .await;
+    assert_eq!(done["status"], "completed", "{done}");
+    let cleaned = ok(
+        &client,
+        "manage_background_tasks",
+        json!({"action": "cleanup", "older_than_seconds": 0}),
+    )
+    .await;
+    assert!(cleaned["deleted"].as_u64().unwrap() >= 3, "{cleaned}");
+    let text = tool_error(&client, "check_task_status", json!({"task_id": sleeper})).await;
+    assert!(text.contains("TASK_NOT_FOUND"), "{text}");
+    let text = tool_error(&client, "manage_task_queue", json!({"action": "explode"})).await;
+    assert!(text.contains("UNKNOWN_ACTION"), "{text}");
+    client.cancel().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn execute_code_keeps_state_in_a_session_and_reports_progress() {
+    let fixture = fixture(ServerOptions::default()).await;
+    let handler = Client::default();
+    let client = connect(fixture.server.clone(), handler.clone()).await;
+    let first = ok(
+        &client,
+        "execute_code",
+        json!({"code": "x = 41\nprint('set')"}),
+    )
+    .await;
+    let session = first["session_id"].as_str().unwrap().to_owned();
+    let second = ok(
+        &client,
+        "execute_code",
+        json!({"code": "print(x + 1)", "session_id": session}),
+    )
+    .await;
+    assert!(
+        second["output_tail"].as_str().unwrap().contains("42"),
+        "{second}"
+    );
+    let text = call(&client, "execute_code", json!({"code": "print(x)"})).await;
+    assert_eq!(
+        text.is_error,
+        Some(true),
+        "a fresh session must not know x: {text:?}"
+    );
+    let sessions = ok(&client, "get_sessions", json!({})).await;
+    assert!(sessions["count"].as_u64().unwrap() >= 1, "{sessions}");
+
+    // Progress notifications for a caller that sent a token.
+    let mut params = CallToolRequestParams::new("execute_command").with_arguments(args(
+        json!({"command": "echo '::progress:: 0.5 halfway'; sleep 0.5; echo done"}),
+    ));
+    params.meta = Some(RequestMetaObject::with_progress_token(ProgressToken(
+        NumberOrString::Number(7),
+    )));
+    let result = client.call_tool(params).await.unwrap();
+    assert_ne!(result.is_error, Some(true), "{result:?}");
+    let progress = handler.progress.lock().unwrap().clone();
+    assert!(
+        progress
+            .iter()
+            .any(|(p, m)| *p == 50.0 && m.as_deref() == Some("halfway")),
+        "{progress:?}"
+    );
+
+    let stopped = ok(&client, "stop_session", json!({"session_id": session})).await;
+    assert_eq!(stopped["status"], "stopped");
+    let text = tool_error(&client, "stop_session", json!({"session_id": session})).await;
+    assert!(text.contains("SESSION_NOT_FOUND"), "{text}");
+    let volumes = ok(&client, "get_volume_mappings", json!({})).await;
+    assert_eq!(volumes["count"], 0);
+    client.cancel().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tasks_client_gets_a_task_it_can_poll_and_cancel() {
+    let fixture = fixture(ServerOptions::default()).await;
+    let client = connect(
+        fixture.server.clone(),
+        Client {
+            tasks: true,
+            ..Client::default()
+        },
+    )
+    .await;
+    let response = client
+        .call_tool_once(
+            CallToolRequestParams::new("execute_command")
+                .with_arguments(args(json!({"command": "sleep 0.3; echo from-a-task"}))),
+        )
+        .await
+        .unwrap();
+    let CallToolResponse::Task(created) = response else {
+        panic!("expected a task, got {response:?}")
+    };
+    let id = created.task.task_id.clone();
+    // The same id works with the background-task tools.
+    let status = ok(&client, "check_task_status", json!({"task_id": id})).await;
+    assert_eq!(status["task_type"], "command");
+    let result = loop {
+        let got = client
+            .peer()
+            .get_task(GetTaskParams::new(id.clone()))
+            .await
+            .unwrap();
+        match got.task.payload {
+            TaskPayload::Completed { result } => break result,
+            TaskPayload::Working => tokio::time::sleep(Duration::from_millis(50)).await,
+            other => panic!("{other:?}"),
+        }
+    };
+    let result: CallToolResult = serde_json::from_value(Value::Object(result)).unwrap();
+    assert!(
+        result.content[0]
+            .as_text()
+            .unwrap()
+            .text
+            .contains("from-a-task"),
+        "{result:?}"
+    );
+
+    let response = client
+        .call_tool_once(
+            CallToolRequestParams::new("execute_command")
+                .with_arguments(args(json!({"command": "sleep 60"}))),
+        )
+        .await
+        .unwrap();
+    let CallToolResponse::Task(created) = response else {
+        panic!("expected a task")
+    };
+    client
+        .peer()
+        .cancel_task(CancelTaskParams::new(created.task.task_id.clone()))
+        .await
+        .unwrap();
+    for _ in 0..200 {
+        let got = client
+            .peer()
+            .get_task(GetTaskParams::new(created.task.task_id.clone()))
+            .await
+            .unwrap();
+        if matches!(got.task.payload, TaskPayload::Cancelled) {
+            client.cancel().await.unwrap();
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the cancelled task never read cancelled");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_principals_tasks_and_sessions_are_not_found() {
+    let fixture = fixture(ServerOptions::default()).await;
+    let alice = connect(fixture.server.with_principal("alice"), Client::default()).await;
+    let bob = connect(
+        fixture.server.with_principal("bob"),
+        Client {
+            tasks: true,
+            ..Client::default()
+        },
+    )
+    .await;
+    let run = ok(&alice, "execute_command", json!({"command": "echo mine"})).await;
+    let id = run["task_id"].as_str().unwrap().to_owned();
+    let session = run["session_id"].as_str().unwrap().to_owned();
+    for (tool, arguments) in [
+        ("check_task_status", json!({"task_id": id})),
+        ("read_task_output", json!({"task_id": id})),
+        ("get_task_result", json!({"task_id": id})),
+        ("cancel_task", json!({"task_id": id})),
+    ] {
+        let text = tool_error(&bob, tool, arguments).await;
+        assert!(text.contains("TASK_NOT_FOUND"), "{tool}: {text}");
+    }
+    assert!(
+        bob.peer()
+            .get_task(GetTaskParams::new(id.clone()))
+            .await
+            .is_err()
+    );
+    let text = tool_error(
+        &bob,
+        "execute_command",
+        json!({"command": "ls", "session_id": session}),
+    )
+    .await;
+    assert!(text.contains("SESSION_NOT_FOUND"), "{text}");
+    assert_eq!(ok(&bob, "get_sessions", json!({})).await["count"], 0);
+    assert_eq!(ok(&bob, "list_tasks", json!({})).await["count"], 0);
+    assert_eq!(ok(&alice, "list_tasks", json!({})).await["count"], 1);
+    alice.cancel().await.unwrap();
+    bob.cancel().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_clear_errors_and_the_server_keeps_serving() {
+    let fixture = fixture(ServerOptions::default()).await;
+    let client = connect(fixture.server.clone(), Client::default()).await;
+    // Wrong types and missing required arguments: tool errors that name the argument.
+    for (tool, arguments, named) in [
+        ("check_task_status", json!({"task_id": 42}), "integer"),
+        ("cancel_task", json!({}), "task_id"),
+        ("submit_task", json!({"params": {}}), "task_type"),
+        (
+            "read_task_output",
+            json!({"task_id": "x", "cursor": "far"}),
+            "far",
+        ),
+    ] {
+        let text = tool_error(&client, tool, arguments).await;
+        assert!(
+            text.contains("INVALID_ARGUMENT") && text.contains(named) && text.contains(tool),
+            "{tool}: {text}"
+        );
+    }
+    let error = client
+        .call_tool(CallToolRequestParams::new("no_such_tool"))
+        .await
+        .unwrap_err();
+    eprintln!("unknown tool: {error}");
+    // Impossible calls: tool errors that say what to do.
+    let text = tool_error(&client, "submit_task", json!({"task_type": "nope"})).await;
+    assert!(
+        text.contains("INVALID_TASK_TYPE") && text.contains("command"),
+        "{text}"
+    );
+    let text = tool_error(
+        &client,
+        "submit_task",
+        json!({"task_type": "command", "params": {"cmd": "x"}}),
+    )
+    .await;
+    assert!(text.contains("params"), "{text}");
+    let text = tool_error(
+        &client,
+        "submit_task",
+        json!({"task_type": "command", "params": {"command": "x"}, "priority": 12}),
+    )
+    .await;
+    assert!(text.contains("priority"), "{text}");
+    let text = tool_error(
+        &client,
+        "get_task_result",
+        json!({"task_id": "0192f3c4-0000-7000-8000-000000000000"}),
+    )
+    .await;
+    assert!(text.contains("TASK_NOT_FOUND"), "{text}");
+    let text = tool_error(&client, "list_tasks", json!({"status": "sleeping"})).await;
+    assert!(text.contains("status"), "{text}");
+    let text = tool_error(
+        &client,
+        "execute_command",
+        json!({"command": "true", "session_id": "../etc"}),
+    )
+    .await;
+    assert!(text.contains("session"), "{text}");
+    // Still serving.
+    let health = ok(&client, "health_check", json!({})).await;
+    assert!(health.get("status").is_some(), "{health}");
+    client.cancel().await.unwrap();
+}
