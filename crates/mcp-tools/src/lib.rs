@@ -29,7 +29,10 @@ mod tools_supervision;
 mod tools_tasks;
 pub mod wire;
 
-pub use server::{McpServer, STDIO_PRINCIPAL, SUPERVISION_TOOLS, ServerOptions, TASK_TOOLS};
+pub use server::{
+    McpServer, REQUEST_TOO_LARGE_METHOD, STDIO_PRINCIPAL, SUPERVISION_TOOLS, ServerOptions,
+    TASK_TOOLS,
+};
 pub use tools_sandbox::{
     ExecuteCodeArgs, ExecuteCommandArgs, ExecutionAnswer, GetSessionsArgs, SessionView,
     SessionsAnswer, StopAnswer, StopSessionArgs, VolumeView, VolumesAnswer,

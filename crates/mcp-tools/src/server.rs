@@ -14,9 +14,9 @@ use rmcp::handler::server::router::tool::ToolRouter;
 use rmcp::handler::server::tool::ToolCallContext;
 use rmcp::model::{
     CallToolRequestParams, CallToolResponse, CallToolResult, CancelTaskParams, ContentBlock,
-    CreateTaskResult, DetailedTask, GetTaskParams, GetTaskResult, Implementation, ListToolsResult,
-    PaginatedRequestParams, ProgressNotificationParam, ServerCapabilities, ServerConfig,
-    Task as McpTask, TaskPayload, TaskStatus, Tool,
+    CreateTaskResult, CustomRequest, CustomResult, DetailedTask, GetTaskParams, GetTaskResult,
+    Implementation, ListToolsResult, PaginatedRequestParams, ProgressNotificationParam,
+    ServerCapabilities, ServerConfig, Task as McpTask, TaskPayload, TaskStatus, Tool,
 };
 use rmcp::service::RequestContext;
 use rmcp::{ErrorData as McpError, RoleServer, ServerHandler};
@@ -40,6 +40,10 @@ pub const SUPERVISION_TOOLS: [&str; 5] = [
     "resume_background_tasks",
     "health_check",
 ];
+
+/// The method a transport substitutes for a request over its size limit (params `bytes`,
+/// `limit`), so that the server answers it with a clear JSON-RPC error under the request's id.
+pub const REQUEST_TOO_LARGE_METHOD: &str = "msbd/request_too_large";
 
 /// The tools that run as an MCP task for a client that declares the tasks extension.
 pub const TASK_TOOLS: [&str; 2] = ["execute_command", "execute_code"];
@@ -515,6 +519,36 @@ impl ServerHandler for McpServer {
             .call(ToolCallContext::new(self, request, context))
             .await?;
         Ok(explain_argument_errors(&name, response))
+    }
+
+    async fn on_custom_request(
+        &self,
+        request: CustomRequest,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<CustomResult, McpError> {
+        if request.method == REQUEST_TOO_LARGE_METHOD {
+            let field = |name: &str| {
+                request
+                    .params
+                    .as_ref()
+                    .and_then(|p| p.get(name))
+                    .and_then(Value::as_u64)
+                    .unwrap_or(0)
+            };
+            return Err(McpError::invalid_request(
+                format!(
+                    "the request is {} bytes, over the limit of {} bytes (MSB_MAX_REQUEST_BYTES): send less per call (for large inputs, put them in a file in a mapped volume and pass its path)",
+                    field("bytes"),
+                    field("limit")
+                ),
+                None,
+            ));
+        }
+        Err(McpError::new(
+            rmcp::model::ErrorCode::METHOD_NOT_FOUND,
+            format!("method {:?} is not known to msbd", request.method),
+            None,
+        ))
     }
 
     async fn get_task(

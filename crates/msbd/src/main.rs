@@ -1,24 +1,38 @@
 //! The `msbd` binary: the command line, configuration and process lifecycle.
 //!
-//! This crate sits on top of every other crate and will own the `MSB_*`
-//! configuration (read from the environment into one typed struct), tracing, the
-//! stdio and HTTP transports, and signal handling with a graceful shutdown. It is the
-//! only crate that reads the environment, parses flags or installs signal handlers.
+//! This crate sits on top of every other crate and owns the `MSB_*` configuration (read
+//! from the environment into one typed struct, [`config`]), tracing (to stderr, never
+//! stdout), the stdio and HTTP transports, and signal handling with a graceful shutdown. It
+//! is the only crate that reads the environment, parses flags or installs signal handlers.
 //!
-//! For now only `--help` and `--version` work; every subcommand reports that it is
-//! not yet implemented and exits with status 2.
+//! `msbd serve` serves MCP clients, `msbd config` prints the effective configuration,
+//! `msbd doctor` checks what the host offers. The same binary is also the Landlock shim
+//! the local sandbox backend stacks under bubblewrap (see `run_if_requested` below).
 
+use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 
-/// Exit status of a subcommand that this build does not implement yet.
-const NOT_IMPLEMENTED_EXIT_CODE: u8 = 2;
+pub mod config;
+mod doctor;
+mod serve;
+mod stdio;
+
+/// Exit status when the configuration is invalid (a usage error: nothing was started).
+const CONFIG_ERROR_EXIT_CODE: u8 = 2;
 
 /// Durable, supervised background tasks in sandboxes, for MCP clients.
 #[derive(Debug, Parser)]
 #[command(name = "msbd", version, about)]
 struct Cli {
+    /// msbd's data directory [overrides MSB_DATA_DIR].
+    #[arg(long, global = true, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// What is logged: a level or tracing filter directives [overrides MSB_LOG_LEVEL].
+    #[arg(long, global = true, value_name = "FILTER")]
+    log_level: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -26,36 +40,139 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Serve MCP clients (over stdio or HTTP).
-    Serve,
+    Serve(ServeArgs),
     /// Print the effective configuration, with where each value came from.
-    Config,
+    Config(ConfigArgs),
     /// Check sandbox isolation and the task store.
     Doctor,
 }
 
-impl Command {
-    fn name(&self) -> &'static str {
-        match self {
-            Command::Serve => "serve",
-            Command::Config => "config",
-            Command::Doctor => "doctor",
+/// The flags of `serve` (also accepted by `config`, to show what `serve` would use).
+#[derive(Debug, Args)]
+struct ServeArgs {
+    /// How MCP clients reach msbd: stdio or http [overrides MSB_TRANSPORT].
+    #[arg(long, value_name = "stdio|http")]
+    transport: Option<config::Transport>,
+    /// Where the HTTP transport listens, IP:PORT [overrides MSB_HTTP_ADDR].
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<SocketAddr>,
+}
+
+#[derive(Debug, Args)]
+struct ConfigArgs {
+    /// Print the configuration reference (docs/configuration.md) in Markdown instead.
+    #[arg(long)]
+    markdown: bool,
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+impl Cli {
+    /// The flags that override the environment.
+    fn overrides(&self) -> config::Overrides {
+        let serve = match &self.command {
+            Command::Serve(serve) | Command::Config(ConfigArgs { serve, .. }) => Some(serve),
+            Command::Doctor => None,
+        };
+        config::Overrides {
+            transport: serve.and_then(|serve| serve.transport),
+            listen: serve.and_then(|serve| serve.listen),
+            data_dir: self.data_dir.clone(),
+            log_level: self.log_level.clone(),
         }
     }
 }
 
 fn main() -> anyhow::Result<ExitCode> {
+    // When a sandbox starts this binary as its Landlock shim, it becomes the sandboxed program
+    // here and never returns.
+    sandbox_wrapper::backend::local::shim::run_if_requested();
     let cli = Cli::parse();
-    run(cli.command)
+    run(cli)
 }
 
-fn run(command: Command) -> anyhow::Result<ExitCode> {
-    match command {
-        Command::Serve | Command::Config | Command::Doctor => {
-            eprintln!(
-                "msbd {}: not yet implemented in this build: see issue #4",
-                command.name()
-            );
-            Ok(ExitCode::from(NOT_IMPLEMENTED_EXIT_CODE))
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let overrides = cli.overrides();
+    match &cli.command {
+        Command::Config(args) => Ok(show_config(args, &overrides)),
+        Command::Serve(_) | Command::Doctor => {
+            let loaded = match config::load(config::environment(), &overrides) {
+                Ok(loaded) => loaded,
+                Err(errors) => {
+                    for warning in &errors.warnings {
+                        eprintln!("msbd: warning: {warning}");
+                    }
+                    eprintln!("msbd: {errors}");
+                    return Ok(ExitCode::from(CONFIG_ERROR_EXIT_CODE));
+                }
+            };
+            init_tracing(&loaded.config);
+            for warning in &loaded.warnings {
+                tracing::warn!("{warning}");
+            }
+            if matches!(cli.command, Command::Doctor) {
+                return Ok(run_doctor(&loaded.config));
+            }
+            Ok(serve::run(loaded))
+        }
+    }
+}
+
+/// Logs go to stderr only: over stdio, stdout carries MCP frames and nothing else.
+fn init_tracing(config: &config::Config) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_new(&config.log_level).unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    let _ = match config.log_format {
+        config::LogFormat::Json => builder.json().try_init(),
+        config::LogFormat::Text => builder.try_init(),
+    };
+}
+
+/// `msbd doctor`.
+fn run_doctor(config: &config::Config) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("msbd: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let healthy = runtime.block_on(doctor::run(config, std::env::current_exe().ok()));
+    if healthy {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// `msbd config`: the effective configuration on stdout (warnings on stderr), or every
+/// problem on stderr and exit status 2; with `--markdown`, the configuration reference.
+fn show_config(args: &ConfigArgs, overrides: &config::Overrides) -> ExitCode {
+    if args.markdown {
+        print!("{}", config::markdown_reference());
+        return ExitCode::SUCCESS;
+    }
+    match config::load(config::environment(), overrides) {
+        Ok(loaded) => {
+            for warning in &loaded.warnings {
+                eprintln!("msbd: warning: {warning}");
+            }
+            print!("{}", config::render(&loaded));
+            ExitCode::SUCCESS
+        }
+        Err(errors) => {
+            for warning in &errors.warnings {
+                eprintln!("msbd: warning: {warning}");
+            }
+            eprintln!("msbd: {errors}");
+            ExitCode::from(CONFIG_ERROR_EXIT_CODE)
         }
     }
 }

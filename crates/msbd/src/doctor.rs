@@ -1,0 +1,212 @@
+//! `msbd doctor`: what this host gives msbd, checked for real. It starts a local backend on a
+//! scratch directory, runs processes and interpreters in a sandbox under the strongest isolation
+//! the host offers, opens the task store, and prints one line per check. The exit status is 0
+//! when msbd can serve, 1 when something it needs is broken.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use sandbox_wrapper::backend::local::{IsolationLevel, LocalBackend, LocalConfig};
+use sandbox_wrapper::backend::{ExecControl, ExecRequest, Flavor, SandboxBackend, SandboxSpec};
+use sandbox_wrapper::output::OutputSink;
+use task_core::store::Store;
+use task_core::store::sqlite::{SqliteConfig, SqliteStore};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{BackendChoice, Config, Database};
+
+/// One check's outcome.
+struct Check {
+    name: &'static str,
+    ok: bool,
+    /// A failed check that msbd can live without (an interpreter, a weaker isolation).
+    optional: bool,
+    detail: String,
+}
+
+/// Runs every check, prints them, and says whether msbd can serve.
+pub(crate) async fn run(config: &Config, own_exe: Option<PathBuf>) -> bool {
+    let mut checks = Vec::new();
+    match config.backend {
+        BackendChoice::Local => sandbox_checks(config, own_exe, &mut checks).await,
+        BackendChoice::Microsandbox => checks.push(Check {
+            name: "sandbox backend",
+            ok: true,
+            optional: false,
+            detail: format!(
+                "microsandbox at {} (not contacted by doctor; msbd serve checks it at start)",
+                config.server_url
+            ),
+        }),
+    }
+    checks.push(store_check(config).await);
+    let mut healthy = true;
+    for check in &checks {
+        let mark = match (check.ok, check.optional) {
+            (true, _) => "ok  ",
+            (false, true) => "warn",
+            (false, false) => "FAIL",
+        };
+        println!("[{mark}] {}: {}", check.name, check.detail);
+        healthy &= check.ok || check.optional;
+    }
+    println!(
+        "{}",
+        if healthy {
+            "msbd can serve on this host."
+        } else {
+            "msbd cannot serve as configured: fix the FAIL lines above."
+        }
+    );
+    healthy
+}
+
+async fn sandbox_checks(config: &Config, own_exe: Option<PathBuf>, checks: &mut Vec<Check>) {
+    let scratch = std::env::temp_dir().join(format!("msbd-doctor-{}", std::process::id()));
+    let marker = format!("doctor{}", std::process::id());
+    let mut local = LocalConfig::new(scratch.join("data"), marker);
+    local.isolation = config.isolation;
+    local.volumes = config.volumes.clone();
+    local.landlock_shim = own_exe;
+    let backend = match LocalBackend::new(local) {
+        Ok(backend) => backend,
+        Err(error) => {
+            checks.push(Check {
+                name: "isolation",
+                ok: false,
+                optional: false,
+                detail: format!("the local backend cannot start: {error}"),
+            });
+            return;
+        }
+    };
+    let report = backend.isolation_report().clone();
+    let mut detail = format!("{:?}: {}", report.level, report.layers).to_lowercase();
+    if !report.missing.is_empty() {
+        detail.push_str(&format!("; missing: {}", report.missing.join("; ")));
+    }
+    checks.push(Check {
+        name: "isolation",
+        ok: report.level >= IsolationLevel::Strong,
+        optional: true,
+        detail,
+    });
+    let spec = SandboxSpec {
+        session_id: "doctor".into(),
+        flavor: Flavor::Small,
+        template: "python".into(),
+        volumes: Vec::new(),
+    };
+    let sandbox = match backend.create(&spec).await {
+        Ok(sandbox) => sandbox,
+        Err(error) => {
+            checks.push(Check {
+                name: "sandbox",
+                ok: false,
+                optional: false,
+                detail: format!("cannot make a sandbox: {error}"),
+            });
+            let _ = std::fs::remove_dir_all(&scratch);
+            return;
+        }
+    };
+    let runs: [(&'static str, &[&str], bool); 4] = [
+        ("run a command", &["/bin/sh", "-c", "echo ok"], false),
+        ("python3", &["python3", "--version"], true),
+        ("node", &["node", "--version"], true),
+        ("bash", &["bash", "--version"], true),
+    ];
+    for (name, argv, optional) in runs {
+        let sink_path = scratch.join(format!("{name}.out").replace(' ', "-"));
+        let sink = match OutputSink::create(&sink_path, 64 * 1024) {
+            Ok(sink) => sink,
+            Err(error) => {
+                checks.push(Check {
+                    name,
+                    ok: false,
+                    optional,
+                    detail: error.to_string(),
+                });
+                continue;
+            }
+        };
+        let request = ExecRequest {
+            argv: argv.iter().map(|s| (*s).to_owned()).collect(),
+            timeout: Some(Duration::from_secs(20)),
+            ..ExecRequest::default()
+        };
+        let started = Instant::now();
+        let outcome = backend
+            .exec(
+                &sandbox,
+                request,
+                &sink,
+                ExecControl::new(CancellationToken::new()),
+            )
+            .await;
+        let output = std::fs::read_to_string(sink.path()).unwrap_or_default();
+        let first = output.lines().next().unwrap_or("").trim().to_owned();
+        let check = match outcome {
+            Ok(outcome) if outcome.success() => Check {
+                name,
+                ok: true,
+                optional,
+                detail: format!(
+                    "{first} (in the sandbox, {} ms)",
+                    started.elapsed().as_millis()
+                ),
+            },
+            Ok(outcome) => Check {
+                name,
+                ok: false,
+                optional,
+                detail: format!("{:?} {}: {first}", outcome.exit, outcome.reason),
+            },
+            Err(error) => Check {
+                name,
+                ok: false,
+                optional,
+                detail: error.to_string(),
+            },
+        };
+        checks.push(check);
+    }
+    let _ = backend.stop(&sandbox).await;
+    drop(backend);
+    let _ = std::fs::remove_dir_all(&scratch);
+}
+
+async fn store_check(config: &Config) -> Check {
+    let Database::Sqlite { path } = &config.database;
+    let (ok, detail) = match sqlite_check(path).await {
+        Ok(detail) => (true, detail),
+        Err(detail) => (false, detail),
+    };
+    Check {
+        name: "task store",
+        ok,
+        optional: false,
+        detail,
+    }
+}
+
+async fn sqlite_check(path: &Path) -> Result<String, String> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    if !dir.exists() {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    }
+    let existed = path.exists();
+    let store = SqliteStore::open(SqliteConfig::new(path))
+        .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    let stats = store
+        .stats()
+        .await
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    Ok(format!(
+        "SQLite at {} ({}; {} tasks)",
+        path.display(),
+        if existed { "existing" } else { "new" },
+        stats.total()
+    ))
+}

@@ -1,0 +1,190 @@
+//! `msbd serve`: start the wrapper on the configured store, serve MCP over stdio or HTTP, and
+//! shut down gracefully on SIGTERM or SIGINT (or, over stdio, when the client closes stdin)
+//! within `MSB_SHUTDOWN_TIMEOUT`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use mcp_tools::{McpServer, ServerOptions};
+use rmcp::ServiceExt;
+use sandbox_wrapper::Wrapper;
+use task_core::store::Store;
+use task_core::store::sqlite::{SqliteConfig, SqliteStore};
+use tokio::signal::unix::{SignalKind, signal};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, Database, Loaded, Transport};
+
+/// Serves until a signal or the end of stdin; the exit status says how it went.
+pub(crate) fn run(loaded: Loaded) -> ExitCode {
+    let config = loaded.config;
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            tracing::error!(%error, "cannot start the async runtime");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(serve(config)) {
+        Ok(code) => code,
+        Err(error) => {
+            tracing::error!("msbd cannot serve: {error:#}");
+            eprintln!("msbd: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The store the configuration names.
+fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
+    let Database::Sqlite { path } = &config.database;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| {
+            format!(
+                "creating the directory of the task store, {}",
+                dir.display()
+            )
+        })?;
+    }
+    let store = SqliteStore::open(SqliteConfig::new(path)).with_context(|| {
+        format!(
+            "opening the task store {} (MSB_DATABASE_URL)",
+            path.display()
+        )
+    })?;
+    Ok(Arc::new(store))
+}
+
+/// The MCP server's options from the configuration.
+fn server_options(config: &Config) -> ServerOptions {
+    ServerOptions {
+        supervision_tools: config.supervision_tools,
+        default_timeout: config.execution_timeout,
+        retention: config.task_retention,
+        volumes: config.volumes.clone(),
+        ..ServerOptions::default()
+    }
+}
+
+async fn serve(config: Config) -> anyhow::Result<ExitCode> {
+    std::fs::create_dir_all(&config.data_dir).with_context(|| {
+        format!(
+            "creating the data directory {} (MSB_DATA_DIR)",
+            config.data_dir.display()
+        )
+    })?;
+    let store = open_store(&config)?;
+    let own_exe: Option<PathBuf> = std::env::current_exe().ok();
+    let wrapper_config = config.wrapper_config(own_exe)?;
+    let wrapper = Wrapper::start(store, wrapper_config)
+        .await
+        .context("starting the sandbox wrapper")?;
+    tracing::info!(
+        transport = ?config.transport,
+        data_dir = %config.data_dir.display(),
+        isolation = %wrapper.isolation(),
+        "msbd is serving"
+    );
+    let server = McpServer::new(wrapper.clone(), server_options(&config));
+    let shutdown = CancellationToken::new();
+    let signals = watch_signals(shutdown.clone())?;
+
+    let served = match config.transport {
+        Transport::Stdio => serve_stdio(server, &config, shutdown.clone()).await,
+        Transport::Http => serve_http(server, &config, shutdown.clone()).await,
+    };
+    if let Err(error) = &served {
+        tracing::error!("the transport failed: {error:#}");
+    }
+    shutdown.cancel();
+    signals.abort();
+    tracing::info!(
+        timeout_s = config.shutdown_timeout.as_secs(),
+        "shutting down"
+    );
+    let report = wrapper.graceful_shutdown(config.shutdown_timeout).await;
+    tracing::info!(
+        status = ?report.status,
+        duration_s = report.duration_seconds,
+        errors = ?report.errors,
+        "msbd stopped"
+    );
+    Ok(if served.is_ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// SIGTERM and SIGINT cancel `shutdown`; a second one exits at once.
+fn watch_signals(shutdown: CancellationToken) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    Ok(tokio::spawn(async move {
+        let mut received = 0;
+        loop {
+            let name = tokio::select! {
+                _ = term.recv() => "SIGTERM",
+                _ = int.recv() => "SIGINT",
+            };
+            received += 1;
+            if received == 1 {
+                tracing::info!("{name}: shutting down gracefully (again to stop at once)");
+                shutdown.cancel();
+            } else {
+                tracing::warn!("{name} again: stopping at once");
+                std::process::exit(130);
+            }
+        }
+    }))
+}
+
+/// MCP over stdin and stdout until the client closes stdin or `shutdown` fires.
+async fn serve_stdio(
+    server: McpServer,
+    config: &Config,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let (stdin, stdout) = rmcp::transport::io::stdio_pipes();
+    // Lines over the size limit never reach rmcp (see `stdio.rs`): a pipe in between.
+    let (filtered_reader, filtered_writer) = tokio::io::duplex(256 * 1024);
+    let limit = config.max_request_bytes;
+    let filter = tokio::spawn(async move {
+        let input = tokio::io::BufReader::with_capacity(64 * 1024, stdin);
+        if let Err(error) = crate::stdio::limit_lines(input, filtered_writer, limit).await {
+            tracing::warn!(%error, "reading stdin failed");
+        }
+    });
+    let running = server
+        .serve((filtered_reader, stdout))
+        .await
+        .context("starting the MCP session on stdio")?;
+    let cancel = running.cancellation_token();
+    tokio::select! {
+        ended = running.waiting() => {
+            if let Err(error) = ended {
+                tracing::warn!(%error, "the stdio session ended with an error");
+            }
+            tracing::info!("the client closed stdin");
+        }
+        () = shutdown.cancelled() => {
+            cancel.cancel();
+        }
+    }
+    filter.abort();
+    Ok(())
+}
+
+/// MCP over streamable HTTP (TEMP: until the HTTP module lands).
+async fn serve_http(
+    _server: McpServer,
+    _config: &Config,
+    _shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    anyhow::bail!("the HTTP transport is not in this build yet: use --transport stdio")
+}

@@ -1,0 +1,502 @@
+//! End to end over stdio: the built `msbd` binary, started by an rmcp client as MCP clients
+//! start it, on a fresh data directory, with real sandboxes. Every tool at least once; a task's
+//! whole life; the tasks extension across a restart; bad input; SIGTERM with running tasks.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use rmcp::model::{
+    CallToolRequestParams, CallToolResponse, CallToolResult, CancelTaskParams, ClientCapabilities,
+    ClientConfig, GetTaskParams, Implementation, TaskPayload,
+};
+use rmcp::service::RunningService;
+use rmcp::transport::TokioChildProcess;
+use rmcp::{ClientHandler, RoleClient, ServiceExt};
+use serde_json::{Value, json};
+
+const MSBD: &str = env!("CARGO_BIN_EXE_msbd");
+
+#[derive(Clone, Default)]
+struct Client {
+    tasks: bool,
+}
+
+impl ClientHandler for Client {
+    fn get_info(&self) -> ClientConfig {
+        let caps = if self.tasks {
+            ClientCapabilities::builder().enable_tasks().build()
+        } else {
+            ClientCapabilities::default()
+        };
+        ClientConfig::new(caps, Implementation::new("e2e", "0.0.0"))
+    }
+}
+
+type Connection = RunningService<RoleClient, Client>;
+
+fn command(data_dir: &Path) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(MSBD);
+    command
+        .arg("serve")
+        .env("MSB_DATA_DIR", data_dir)
+        .env("MSB_LOG_LEVEL", "warn")
+        .env("MSB_SHUTDOWN_TIMEOUT", "10")
+        .stderr(Stdio::inherit());
+    command
+}
+
+async fn start(data_dir: &Path, client: Client) -> Connection {
+    let transport = TokioChildProcess::new(command(data_dir)).unwrap();
+    client.serve(transport).await.unwrap()
+}
+
+fn args(value: Value) -> rmcp::model::JsonObject {
+    value.as_object().unwrap().clone()
+}
+
+async fn call(client: &Connection, tool: &str, arguments: Value) -> CallToolResult {
+    client
+        .call_tool(CallToolRequestParams::new(tool.to_owned()).with_arguments(args(arguments)))
+        .await
+        .unwrap_or_else(|e| panic!("{tool}: {e}"))
+}
+
+async fn ok(client: &Connection, tool: &str, arguments: Value) -> Value {
+    let result = call(client, tool, arguments.clone()).await;
+    assert_ne!(
+        result.is_error,
+        Some(true),
+        "{tool}({arguments}): {result:?}"
+    );
+    result
+        .structured_content
+        .unwrap_or_else(|| panic!("{tool}: no structured answer"))
+}
+
+async fn wait_status(client: &Connection, id: &str, status: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let view = ok(client, "check_task_status", json!({"task_id": id})).await;
+        if view["status"] == status {
+            return view;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "task {id} never became {status}: {view}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_tool_over_stdio_and_a_tasks_whole_life() {
+    let dir = tempfile::tempdir().unwrap();
+    let client = start(dir.path(), Client::default()).await;
+    let info = client.peer_info().unwrap();
+    assert_eq!(
+        info.server_info.as_ref().map(|s| s.name.as_str()),
+        Some("msbd")
+    );
+
+    // A task's whole life: create, progress, output by cursor, result.
+    let created = ok(
+        &client,
+        "create_background_task",
+        json!({
+            "task_type": "command",
+            "params": {"command": "echo one; echo '::progress:: 50 half'; sleep 1; echo two"},
+        }),
+    )
+    .await;
+    let id = created["task_id"].as_str().unwrap().to_owned();
+    let running = wait_status(&client, &id, "running").await;
+    assert!(running.get("eta_seconds").is_some());
+    let result = ok(
+        &client,
+        "get_task_result",
+        json!({"task_id": id, "wait": true, "timeout": 60}),
+    )
+    .await;
+    assert_eq!(result["status"], "completed", "{result}");
+    let mut output = String::new();
+    let mut cursor = 0;
+    loop {
+        let chunk = ok(
+            &client,
+            "read_task_output",
+            json!({"task_id": id, "cursor": cursor, "max_bytes": 5}),
+        )
+        .await;
+        output.push_str(chunk["data"].as_str().unwrap());
+        cursor = chunk["next_cursor"].as_u64().unwrap();
+        if chunk["complete"] == true {
+            break;
+        }
+    }
+    assert!(output.contains("one") && output.contains("two"), "{output}");
+
+    // Cancel; pause and resume.
+    let long = ok(&client, "submit_task", json!({"task_type": "command", "params": {"command": "sleep 30"}, "max_retries": 0, "timeout_seconds": 60})).await;
+    let long = long["task_id"].as_str().unwrap().to_owned();
+    wait_status(&client, &long, "running").await;
+    ok(
+        &client,
+        "manage_background_tasks",
+        json!({"action": "pause", "task_id": long}),
+    )
+    .await;
+    wait_status(&client, &long, "paused").await;
+    ok(
+        &client,
+        "manage_background_tasks",
+        json!({"action": "resume", "task_id": long}),
+    )
+    .await;
+    wait_status(&client, &long, "running").await;
+    ok(&client, "cancel_task", json!({"task_id": long})).await;
+    wait_status(&client, &long, "cancelled").await;
+
+    // The rest of the tools, once each.
+    ok(&client, "list_tasks", json!({"status": "all"})).await;
+    ok(&client, "check_task_status", json!({})).await;
+    ok(&client, "manage_task_queue", json!({"action": "get_stats"})).await;
+    let code = ok(&client, "execute_code", json!({"code": "print(2 ** 10)"})).await;
+    assert!(
+        code["output_tail"].as_str().unwrap().contains("1024"),
+        "{code}"
+    );
+    let session = code["session_id"].as_str().unwrap().to_owned();
+    let command = ok(
+        &client,
+        "execute_command",
+        json!({"command": "pwd", "session_id": session}),
+    )
+    .await;
+    assert_eq!(command["exit_code"], 0);
+    let sessions = ok(&client, "get_sessions", json!({})).await;
+    assert!(sessions["count"].as_u64().unwrap() >= 1);
+    ok(&client, "stop_session", json!({"session_id": session})).await;
+    ok(&client, "get_volume_mappings", json!({})).await;
+    for tool in [
+        "health_check",
+        "get_background_task_status",
+        "pause_background_tasks",
+        "resume_background_tasks",
+        "restart_background_tasks",
+    ] {
+        ok(&client, tool, json!({})).await;
+    }
+    client.cancel().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_answer_survives_a_restart_of_msbd() {
+    let dir = tempfile::tempdir().unwrap();
+    let client = start(dir.path(), Client { tasks: true }).await;
+    let response = client
+        .call_tool_once(
+            CallToolRequestParams::new("execute_command")
+                .with_arguments(args(json!({"command": "sleep 1; echo survived"}))),
+        )
+        .await
+        .unwrap();
+    let CallToolResponse::Task(created) = response else {
+        panic!("expected a task, got {response:?}")
+    };
+    let id = created.task.task_id.clone();
+    let got = client
+        .peer()
+        .get_task(GetTaskParams::new(id.clone()))
+        .await
+        .unwrap();
+    assert!(matches!(got.task.payload, TaskPayload::Working), "{got:?}");
+    // msbd stops (its stdin closes) while the task runs: the task is interrupted and queued again.
+    client.cancel().await.unwrap();
+
+    let client = start(dir.path(), Client { tasks: true }).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let result = loop {
+        let got = client
+            .peer()
+            .get_task(GetTaskParams::new(id.clone()))
+            .await
+            .unwrap();
+        match got.task.payload {
+            TaskPayload::Completed { result } => break result,
+            TaskPayload::Working => {}
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the task never completed after the restart"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let result: CallToolResult = serde_json::from_value(Value::Object(result)).unwrap();
+    assert!(
+        result.content[0]
+            .as_text()
+            .unwrap()
+            .text
+            .contains("survived"),
+        "{result:?}"
+    );
+
+    // tasks/cancel after a restart too.
+    let response = client
+        .call_tool_once(
+            CallToolRequestParams::new("execute_command")
+                .with_arguments(args(json!({"command": "sleep 60"}))),
+        )
+        .await
+        .unwrap();
+    let CallToolResponse::Task(created) = response else {
+        panic!("expected a task")
+    };
+    client
+        .peer()
+        .cancel_task(CancelTaskParams::new(created.task.task_id.clone()))
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let got = client
+            .peer()
+            .get_task(GetTaskParams::new(created.task.task_id.clone()))
+            .await
+            .unwrap();
+        if matches!(got.task.payload, TaskPayload::Cancelled) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never cancelled");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Another connection's view of an unknown id: an error, and the server keeps serving.
+    assert!(
+        client
+            .peer()
+            .get_task(GetTaskParams::new("not-a-task"))
+            .await
+            .is_err()
+    );
+    client.cancel().await.unwrap();
+}
+
+/// A raw stdio session: lines in, lines out.
+struct Raw {
+    child: std::process::Child,
+    stdin: std::process::ChildStdin,
+    stdout: BufReader<std::process::ChildStdout>,
+}
+
+impl Raw {
+    fn start(data_dir: &Path, extra_env: &[(&str, &str)]) -> Raw {
+        let mut command = std::process::Command::new(MSBD);
+        command
+            .arg("serve")
+            .env("MSB_DATA_DIR", data_dir)
+            .env("MSB_LOG_LEVEL", "warn")
+            .env("MSB_SHUTDOWN_TIMEOUT", "10")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        for (key, value) in extra_env {
+            command.env(key, value);
+        }
+        let mut child = command.spawn().unwrap();
+        let stdin = child.stdin.take().unwrap();
+        let stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut raw = Raw {
+            child,
+            stdin,
+            stdout,
+        };
+        raw.send(r#"{"jsonrpc":"2.0","id":0,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"raw","version":"0"}}}"#);
+        let answer = raw.receive();
+        assert!(answer.get("result").is_some(), "{answer}");
+        raw.send(r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#);
+        raw
+    }
+
+    fn send(&mut self, line: &str) {
+        self.stdin.write_all(line.as_bytes()).unwrap();
+        self.stdin.write_all(b"\n").unwrap();
+        self.stdin.flush().unwrap();
+    }
+
+    fn receive(&mut self) -> Value {
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).unwrap();
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line:?}"))
+    }
+
+    /// The answer to request `id` (skipping notifications).
+    fn answer(&mut self, id: i64) -> Value {
+        loop {
+            let message = self.receive();
+            if message.get("id").and_then(Value::as_i64) == Some(id) {
+                return message;
+            }
+        }
+    }
+
+    fn call(&mut self, id: i64, tool: &str, arguments: Value) -> Value {
+        let request = json!({"jsonrpc": "2.0", "id": id, "method": "tools/call", "params": {"name": tool, "arguments": arguments}});
+        self.send(&request.to_string());
+        self.answer(id)
+    }
+}
+
+#[test]
+fn bad_input_keeps_the_server_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut raw = Raw::start(dir.path(), &[("MSB_MAX_REQUEST_BYTES", "65536")]);
+    // Malformed JSON: a JSON-RPC parse error (or nothing), and the next request is answered.
+    raw.send("{this is not json");
+    // An unknown method, an unknown tool, wrong types, a missing argument.
+    raw.send(r#"{"jsonrpc":"2.0","id":1,"method":"no/such/method"}"#);
+    let answer = raw.answer(1);
+    assert!(answer.get("error").is_some(), "{answer}");
+    let answer = raw.call(2, "no_such_tool", json!({}));
+    assert!(
+        answer.get("error").is_some() || answer["result"]["isError"] == true,
+        "{answer}"
+    );
+    let answer = raw.call(3, "check_task_status", json!({"task_id": 5}));
+    assert_eq!(answer["result"]["isError"], true, "{answer}");
+    let answer = raw.call(4, "cancel_task", json!({}));
+    assert_eq!(answer["result"]["isError"], true, "{answer}");
+    // An unknown task id; an illegal transition.
+    let answer = raw.call(
+        5,
+        "get_task_result",
+        json!({"task_id": "0192f3c4-0000-7000-8000-000000000000"}),
+    );
+    assert!(
+        answer["result"]["content"][0]["text"]
+            .as_str()
+            .unwrap()
+            .contains("TASK_NOT_FOUND"),
+        "{answer}"
+    );
+    let created = raw.call(
+        6,
+        "submit_task",
+        json!({"task_type": "command", "params": {"command": "true"}}),
+    );
+    let id = created["result"]["structuredContent"]["task_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let done = raw.call(
+        7,
+        "get_task_result",
+        json!({"task_id": id, "wait": true, "timeout": 60}),
+    );
+    assert_eq!(
+        done["result"]["structuredContent"]["status"], "completed",
+        "{done}"
+    );
+    let answer = raw.call(
+        8,
+        "manage_background_tasks",
+        json!({"action": "resume", "task_id": id}),
+    );
+    assert!(
+        answer["result"]["content"][0]["text"]
+            .as_str()
+            .unwrap()
+            .contains("ILLEGAL_TRANSITION"),
+        "{answer}"
+    );
+    // An oversized request: a clear JSON-RPC error under its id.
+    let big = "x".repeat(200_000);
+    let answer = raw.call(
+        9,
+        "execute_command",
+        json!({"command": format!("echo {big}")}),
+    );
+    let message = answer["error"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(message.contains("MSB_MAX_REQUEST_BYTES"), "{answer}");
+    // Still serving.
+    let answer = raw.call(10, "list_tasks", json!({}));
+    assert_eq!(
+        answer["result"]["structuredContent"]["count"], 1,
+        "{answer}"
+    );
+    drop(raw.stdin);
+    let status = raw.child.wait().unwrap();
+    assert!(status.success(), "{status}");
+}
+
+/// The processes whose environment carries a sandbox marker of this data directory's instance.
+fn sandboxed_processes() -> Vec<i32> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        if let Ok(environ) = std::fs::read(entry.path().join("environ"))
+            && environ
+                .split(|b| *b == 0)
+                .any(|v| v.starts_with(b"MSBD_E2E_SIGTERM=1"))
+        {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+#[test]
+fn sigterm_with_running_tasks_exits_within_the_timeout_and_leaves_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut raw = Raw::start(dir.path(), &[("MSB_SHUTDOWN_TIMEOUT", "5")]);
+    for id in 1..=2 {
+        let answer = raw.call(id, "submit_task", json!({"task_type": "command", "params": {"command": "sleep 120", "env": {"MSBD_E2E_SIGTERM": "1"}}}));
+        assert!(
+            answer["result"]["structuredContent"]["task_id"].is_string(),
+            "{answer}"
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while sandboxed_processes().len() < 2 {
+        assert!(Instant::now() < deadline, "the tasks never started");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let pid = nix::unistd::Pid::from_raw(raw.child.id() as i32);
+    let sent = Instant::now();
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let status = loop {
+        if let Some(status) = raw.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            sent.elapsed() < Duration::from_secs(15),
+            "msbd did not exit within its shutdown timeout"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    eprintln!(
+        "msbd exited with {status} {} ms after SIGTERM",
+        sent.elapsed().as_millis()
+    );
+    assert!(
+        sent.elapsed() < Duration::from_secs(7),
+        "took {:?}",
+        sent.elapsed()
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !sandboxed_processes().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "left behind: {:?}",
+            sandboxed_processes()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -1,0 +1,91 @@
+"""Interoperability check: the official Python MCP SDK (`pip install mcp`) drives msbd over stdio.
+
+Usage: python interop/python_client.py PATH/TO/msbd
+
+It starts `msbd serve` on a fresh data directory, lists the tools, runs a command task to its
+result through the background-task tools (submit, status, output by cursor, result), runs code
+with `execute_code`, and checks every structured answer against the tool's output schema (the
+SDK does that itself for successful calls). Exits non-zero on the first failure. `cargo xtask ci`
+runs it.
+"""
+
+import asyncio
+import os
+import sys
+import tempfile
+
+from mcp import ClientSession, StdioServerParameters
+from mcp.client.stdio import stdio_client
+
+EXPECTED_TOOLS = {
+    "create_background_task", "submit_task", "check_task_status", "get_task_result",
+    "cancel_task", "list_tasks", "read_task_output", "manage_background_tasks",
+    "manage_task_queue", "execute_code", "execute_command", "get_sessions", "stop_session",
+    "get_volume_mappings", "health_check", "get_background_task_status",
+    "restart_background_tasks", "pause_background_tasks", "resume_background_tasks",
+}
+
+
+def check(condition, message):
+    if not condition:
+        raise SystemExit(f"interop FAILED: {message}")
+
+
+async def call(session, tool, arguments):
+    result = await session.call_tool(tool, arguments)
+    check(not result.is_error, f"{tool}({arguments}) failed: {result.content}")
+    check(result.structured_content is not None, f"{tool} gave no structured content")
+    text = result.content[0].text if result.content else ""
+    check(text, f"{tool} gave no text content")
+    return result.structured_content
+
+
+async def main(msbd):
+    with tempfile.TemporaryDirectory() as data_dir:
+        env = dict(os.environ)
+        env["MSB_DATA_DIR"] = data_dir
+        env.setdefault("MSB_LOG_LEVEL", "warn")
+        params = StdioServerParameters(command=msbd, args=["serve"], env=env)
+        async with stdio_client(params) as (read, write):
+            async with ClientSession(read, write) as session:
+                init = await session.initialize()
+                print(f"connected to {init.server_info.name} {init.server_info.version}")
+                tools = await session.list_tools()
+                names = {tool.name for tool in tools.tools}
+                check(EXPECTED_TOOLS <= names, f"missing tools: {sorted(EXPECTED_TOOLS - names)}")
+                print(f"{len(names)} tools listed")
+
+                created = await call(session, "submit_task", {
+                    "task_type": "command",
+                    "params": {"command": "echo hello-from-python; echo '::progress:: 50 half'; sleep 0.3; echo bye"},
+                    "priority": "high",
+                })
+                task_id = created["task_id"]
+                status = await call(session, "check_task_status", {"task_id": task_id})
+                for key in ("task_id", "status", "progress", "eta_seconds"):
+                    check(key in status, f"check_task_status lacks {key}: {status}")
+                result = await call(session, "get_task_result", {"task_id": task_id, "wait": True, "timeout": 60})
+                check(result["status"] == "completed", f"task ended {result}")
+                check(result["result"]["exit_code"] == 0, f"exit code {result}")
+                output, cursor = "", 0
+                while True:
+                    chunk = await call(session, "read_task_output", {"task_id": task_id, "cursor": cursor, "max_bytes": 8})
+                    output += chunk["data"]
+                    cursor = chunk["next_cursor"]
+                    if chunk["complete"]:
+                        break
+                check("hello-from-python" in output and "bye" in output, f"output {output!r}")
+                print(f"task {task_id} completed; output read by cursor: {output!r}")
+
+                code = await call(session, "execute_code", {"code": "print(6 * 7)", "template": "python"})
+                check("42" in code.get("output_tail", ""), f"execute_code answered {code}")
+                listed = await call(session, "list_tasks", {"status": "completed"})
+                check(listed["count"] == 2, f"list_tasks {listed}")
+                print("execute_code and list_tasks ok")
+    print("interop ok: the official Python MCP SDK lists msbd's tools and runs a task to its result over stdio")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        raise SystemExit("usage: python interop/python_client.py PATH/TO/msbd")
+    asyncio.run(main(sys.argv[1]))
