@@ -1,7 +1,10 @@
 //! `cargo xtask ci`: every check that CI runs, in order, stopping at the first failure.
 //!
 //! The steps are: rustfmt, clippy, doctests and tests (with cargo-nextest when it is
-//! installed, else `cargo test`), and rustdoc with warnings denied.
+//! installed, else `cargo test`), the interoperability check with the official Python MCP SDK
+//! (`interop/python_client.py` against the built `msbd`, with the Python named by
+//! `MSBD_INTEROP_PYTHON`, else `target/interop-venv/bin/python`; `.ci/run` makes that
+//! environment), and rustdoc with warnings denied.
 
 use xshell::{Shell, cmd};
 
@@ -34,6 +37,20 @@ pub(crate) fn run() -> anyhow::Result<()> {
         print_step_header("tests (cargo test: cargo-nextest is not installed)");
         cmd!(sh, "cargo test --workspace --locked").run()?;
     }
+
+    print_step_header("interoperability: the official Python MCP SDK drives msbd over stdio");
+    let python = std::env::var_os("MSBD_INTEROP_PYTHON")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| project_root().join("target/interop-venv/bin/python"));
+    if !python.exists() {
+        anyhow::bail!(
+            "no Python with the MCP SDK at {}: run `python3 -m venv target/interop-venv && target/interop-venv/bin/pip install mcp` (as .ci/run does), or point MSBD_INTEROP_PYTHON at one",
+            python.display()
+        );
+    }
+    cmd!(sh, "cargo build --locked -p msbd").run()?;
+    let msbd = project_root().join("target/debug/msbd");
+    cmd!(sh, "{python} interop/python_client.py {msbd}").run()?;
 
     print_step_header("rustdoc (warnings denied)");
     let _rustdocflags = sh.push_env("RUSTDOCFLAGS", "-D warnings");
