@@ -1,7 +1,7 @@
 //! `cargo xtask bench`: run the benchmarks and merge their results.
 //!
 //! Each bench binary ([`BENCH_TARGETS`]: task-core's `engine`, sandbox-wrapper's
-//! `sandbox`) writes one JSON object per bench, mapping a result name to a number, into a
+//! `sandbox`, msbd's `mcp`) writes one JSON object per bench, mapping a result name to a number, into a
 //! file in `target/bench/parts/`. The directory's absolute path is also passed to the
 //! bench binaries in the environment variable named by [`PARTS_DIR_ENV`]. Arguments
 //! after `--` (a name filter, say) go to every binary. After every bench has run, the
@@ -40,6 +40,12 @@ const BENCH_TARGETS: &[BenchTarget] = &[
     BenchTarget {
         package: "sandbox-wrapper",
         bench: "sandbox",
+    },
+    // The MCP surface: round trips over stdio and HTTP to the built binary, and durable
+    // `tasks/get` against rmcp's in-memory task manager: writes `mcp.json`.
+    BenchTarget {
+        package: "msbd",
+        bench: "mcp",
     },
 ];
 

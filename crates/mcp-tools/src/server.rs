@@ -45,6 +45,11 @@ pub const SUPERVISION_TOOLS: [&str; 5] = [
 /// `limit`), so that the server answers it with a clear JSON-RPC error under the request's id.
 pub const REQUEST_TOO_LARGE_METHOD: &str = "msbd/request_too_large";
 
+/// When the session owners map is this large, gone sessions are forgotten.
+const SESSION_OWNERS_PRUNE_AT: usize = 4096;
+/// How long a claimed session that does not exist (yet) is remembered.
+const SESSION_CLAIM_KEPT: Duration = Duration::from_secs(24 * 3600);
+
 /// The tools that run as an MCP task for a client that declares the tasks extension.
 pub const TASK_TOOLS: [&str; 2] = ["execute_command", "execute_code"];
 
@@ -89,8 +94,9 @@ impl Default for ServerOptions {
 pub(crate) struct Core {
     pub(crate) wrapper: Wrapper,
     pub(crate) options: ServerOptions,
-    /// Which principal made each session (sessions live in memory only, as does this).
-    pub(crate) session_owners: Mutex<HashMap<String, String>>,
+    /// Which principal made each session, and when it claimed it (sessions live in memory
+    /// only, as does this; pruned of gone sessions as it grows).
+    pub(crate) session_owners: Mutex<HashMap<String, (String, std::time::Instant)>>,
 }
 
 /// The MCP server: cheap to clone; clones share the daemon's state. One per connection, each
@@ -176,7 +182,7 @@ impl McpServer {
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         match owners.get(session_id) {
-            Some(owner) if **owner != *self.principal => Err(ToolError::new(
+            Some((owner, _)) if **owner != *self.principal => Err(ToolError::new(
                 "SESSION_NOT_FOUND",
                 format!("session {session_id:?} belongs to another client"),
                 "use a session id of your own, or omit session_id for a fresh session",
@@ -185,16 +191,25 @@ impl McpServer {
         }
     }
 
-    /// Records that this principal uses a session (from a task's result or request).
+    /// Records that this principal uses a session (named by it, or made fresh for its task).
     pub(crate) fn claim_session(&self, session_id: &str) {
         let mut owners = self
             .core
             .session_owners
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
+        if owners.len() >= SESSION_OWNERS_PRUNE_AT {
+            // Forget the sessions that are gone, keeping those claimed lately (their task may
+            // still wait to start).
+            let live = self.core.wrapper.sessions().live_ids();
+            let now = std::time::Instant::now();
+            owners.retain(|id, (_, claimed)| {
+                live.contains(id) || now.duration_since(*claimed) < SESSION_CLAIM_KEPT
+            });
+        }
         owners
             .entry(session_id.to_owned())
-            .or_insert_with(|| self.principal.to_string());
+            .or_insert_with(|| (self.principal.to_string(), std::time::Instant::now()));
     }
 
     /// Whether a session is this principal's.
@@ -206,7 +221,7 @@ impl McpServer {
             .unwrap_or_else(PoisonError::into_inner);
         owners
             .get(session_id)
-            .is_some_and(|o| **o == *self.principal)
+            .is_some_and(|(owner, _)| **owner == *self.principal)
     }
 
     /// Waits for a task to finish (up to `timeout`), forwarding its progress to a caller that
@@ -295,7 +310,14 @@ impl McpServer {
                     "{error}\n[Session: {session}] [Status: {}] [Task: {}]\nWhat to do: read the whole output with read_task_output(task_id=\"{}\"); a session's files persist, so fix and run again in session {session:?}.",
                     view.status, task.id, task.id
                 );
-                CallToolResult::error(vec![ContentBlock::text(text)])
+                let mut result = CallToolResult::error(vec![ContentBlock::text(text)]);
+                result.structured_content = Some(serde_json::json!({
+                    "task_id": task.id.to_string(),
+                    "status": view.status,
+                    "session_id": view.session_id,
+                    "error": error,
+                }));
+                result
             }
         }
     }

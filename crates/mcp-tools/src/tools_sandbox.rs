@@ -34,7 +34,7 @@ pub(crate) fn check_session_id(session: &str) -> Result<(), ToolError> {
 }
 
 /// A fresh session id: `s` and 12 random hex digits.
-fn fresh_session_id() -> String {
+pub(crate) fn fresh_session_id() -> String {
     let id = TaskId::new().to_string().replace('-', "");
     format!("s{}", &id[id.len() - 12..])
 }
@@ -366,17 +366,15 @@ impl McpServer {
                 format!("give 1 to {max_timeout} seconds"),
             ));
         }
-        let session = match session.filter(|s| !s.is_empty()) {
-            Some(session) => session,
-            None => fresh_session_id(),
-        };
         let options = SubmitOptions {
             timeout_seconds: timeout,
-            session_id: Some(session.clone()),
+            session_id: session.filter(|s| !s.is_empty()),
             ..SubmitOptions::default()
         };
         let new = self.new_task(task_type, Some(params), &options)?;
-        self.claim_session(&session);
+        if let Some(session) = &new.session_id {
+            self.claim_session(session);
+        }
         let submitted = self
             .core
             .wrapper

@@ -220,11 +220,34 @@ impl McpServer {
             }
             task.idempotency_key = Some(key.clone());
         }
-        if let Some(session) = &options.session_id {
-            crate::tools_sandbox::check_session_id(session)?;
-            self.check_session(session)?;
-            task.session_id = Some(session.clone());
-        }
+        // A session named inside params (which the handlers also read) is checked like the
+        // option; two different ones are a mistake.
+        let in_params = task
+            .params
+            .get("session_id")
+            .and_then(Value::as_str)
+            .map(str::to_owned);
+        let session = match (&options.session_id, in_params) {
+            (Some(option), Some(param)) if *option != param => {
+                return Err(ToolError::invalid(
+                    format!("session_id {option:?} and params.session_id {param:?} differ"),
+                    "name the session once, as the session_id argument",
+                ));
+            }
+            (Some(option), _) => Some(option.clone()),
+            (None, param) => param,
+        };
+        // Every task runs in a session: a fresh one when none is named, named here so that it
+        // is this principal's from the start (get_sessions lists it, stop_session stops it).
+        let session = match session.filter(|s| !s.is_empty()) {
+            Some(session) => {
+                crate::tools_sandbox::check_session_id(&session)?;
+                self.check_session(&session)?;
+                session
+            }
+            None => crate::tools_sandbox::fresh_session_id(),
+        };
+        task.session_id = Some(session);
         if let Some(tags) = &options.tags {
             if tags.len() > 32 || tags.iter().any(|t| t.is_empty() || t.len() > 128) {
                 return Err(ToolError::invalid(
@@ -705,7 +728,10 @@ impl McpServer {
                 let before = Timestamp(Timestamp::now().0.saturating_sub(age.as_millis() as i64));
                 let filter = ListFilter {
                     owner: Some(self.principal.to_string()),
-                    task_type: args.task_type.clone(),
+                    task_type: args
+                        .task_type
+                        .clone()
+                        .filter(|t| !t.is_empty() && t != "all"),
                     ..ListFilter::default()
                 };
                 let deleted = self
@@ -937,10 +963,18 @@ impl McpServer {
                         )
                     }
                 };
-                let status = if before == pause {
-                    "no_action_needed"
+                let (status, message) = if before == pause {
+                    let what = match &task_type {
+                        Some(t) => format!("The queue of task type {t:?}"),
+                        None => "The queue".to_owned(),
+                    };
+                    let state = if pause { "paused" } else { "running" };
+                    (
+                        "no_action_needed",
+                        format!("{what} was already {state}; nothing changed."),
+                    )
                 } else {
-                    "success"
+                    ("success", message)
                 };
                 Ok(action_answer(
                     &action,

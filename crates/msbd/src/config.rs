@@ -115,6 +115,13 @@ pub struct Config {
     pub auth_token: Option<Secret>,
     /// The largest HTTP request body accepted, in bytes (`MSB_MAX_REQUEST_BYTES`).
     pub max_request_bytes: usize,
+    /// The `Host` header values the HTTP transport accepts besides the loopback names and the
+    /// listen address (`MSB_HTTP_ALLOWED_HOSTS`): `name` for any port, or `name:port`; empty
+    /// for none.
+    pub http_allowed_hosts: Vec<String>,
+    /// The browser `Origin` values allowed on `/mcp` (`MSB_HTTP_ALLOWED_ORIGINS`):
+    /// `scheme://host[:port]` (`:*` for any port) or `null`; empty: `Origin` is not checked.
+    pub http_allowed_origins: Vec<String>,
     /// Whether the supervision (admin) tools are offered (`MSB_SUPERVISION_TOOLS`; when unset,
     /// on for stdio and off for HTTP, already resolved here).
     pub supervision_tools: bool,
@@ -827,6 +834,27 @@ variables! {
         group = Group::Daemon, flag = None, secret = false,
         show = |c| Some(c.max_request_bytes.to_string());
 
+    /// Further `Host` header values the HTTP transport accepts, comma-separated: `name` for any
+    /// port or `name:port` for one, such as `msbd.example.com,192.0.2.10:8765`. The loopback
+    /// names (`localhost`, `127.0.0.1`, `[::1]`) and the listen address are always accepted;
+    /// a request with any other `Host` is refused with 403, which guards against DNS
+    /// rebinding. When msbd listens beyond loopback (`MSB_HTTP_ADDR=0.0.0.0:8765`), list the
+    /// DNS names and addresses clients reach it by; msbd warns at start while it is unset.
+    MSB_HTTP_ALLOWED_HOSTS: http_allowed_hosts: HostList =
+        unset("only the loopback names and the listen address"),
+        group = Group::Daemon, flag = None, secret = false,
+        show = |c| (!c.http_allowed_hosts.is_empty()).then(|| c.http_allowed_hosts.join(","));
+
+    /// The browser origins allowed to call `/mcp`, comma-separated, each as browsers send it:
+    /// a scheme and a host, with the port unless it is the scheme's default, such as
+    /// `https://app.example.com,http://localhost:3000` (`:*` allows any port), or `null`. A
+    /// request whose `Origin` header is not listed is refused with 403; requests without one,
+    /// as MCP clients send them, always pass.
+    MSB_HTTP_ALLOWED_ORIGINS: http_allowed_origins: OriginList =
+        unset("the `Origin` header is not checked"),
+        group = Group::Daemon, flag = None, secret = false,
+        show = |c| (!c.http_allowed_origins.is_empty()).then(|| c.http_allowed_origins.join(","));
+
     /// Whether the supervision (admin) tools are offered: `get_background_task_status`,
     /// `restart_background_tasks`, `pause_background_tasks`, `resume_background_tasks` and
     /// `health_check`. Unset: on for the stdio transport (its one client is whoever started
@@ -1118,6 +1146,8 @@ fn build(
         max_request_bytes,
         MIN_REQUEST_BYTES,
     );
+    let http_allowed_hosts = raw.http_allowed_hosts.map(|h| h.0).unwrap_or_default();
+    let http_allowed_origins = raw.http_allowed_origins.map(|o| o.0).unwrap_or_default();
     let supervision_tools = raw
         .supervision_tools
         .map_or(transport == Transport::Stdio, |switch| switch.0);
@@ -1232,6 +1262,28 @@ fn build(
         );
         check.fail("MSB_HTTP_ADDR", message);
     }
+    if !loopback
+        && http_allowed_hosts.is_empty()
+        && check.usable(&["MSB_HTTP_ADDR", "MSB_HTTP_ALLOWED_HOSTS"])
+    {
+        let every = if http_addr.ip().is_unspecified() {
+            format!(
+                " ({} listens on every interface, so that is every client that does not connect \
+                 through localhost)",
+                http_addr.ip()
+            )
+        } else {
+            String::new()
+        };
+        warnings.push(format!(
+            "{} is not a loopback address and MSB_HTTP_ALLOWED_HOSTS is not set: clients that \
+             connect by a name or address other than the listen IP{every} will be refused with \
+             403 until they are listed in MSB_HTTP_ALLOWED_HOSTS (the Host check guards against \
+             DNS rebinding), such as MSB_HTTP_ALLOWED_HOSTS=msbd.example.com,192.0.2.10:{}",
+            check.origin("MSB_HTTP_ADDR", &http_addr.to_string()),
+            http_addr.port(),
+        ));
+    }
     if let Some(token) = &auth_token
         && token.expose().chars().count() < MIN_AUTH_TOKEN_LEN
     {
@@ -1317,6 +1369,8 @@ fn build(
         http_addr,
         auth_token,
         max_request_bytes,
+        http_allowed_hosts,
+        http_allowed_origins,
         supervision_tools,
         log_level,
         log_format,
@@ -1534,6 +1588,8 @@ deserialize_with_parse!(
     DatabaseUrl,
     Addr,
     LogFilter,
+    HostList,
+    OriginList,
 );
 
 impl<'de, T: Named> Deserialize<'de> for Choice<T> {
@@ -1582,6 +1638,14 @@ struct Addr(SocketAddr);
 /// A tracing filter.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct LogFilter(String);
+
+/// `Host` header values (`name` or `name:port`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct HostList(Vec<String>);
+
+/// Browser origins (`scheme://host[:port]`) or `null`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct OriginList(Vec<String>);
 
 /// The digits of a whole number, or why the text is not one.
 fn whole_number(text: &str, what: &str, example: &str) -> Result<u64, String> {
@@ -1987,6 +2051,217 @@ impl Value for Volumes {
     }
 }
 
+impl Value for HostList {
+    fn kind() -> String {
+        "comma-separated `HOST` or `HOST:PORT`".to_owned()
+    }
+
+    fn parse(text: &str) -> Result<HostList, String> {
+        let mut hosts = Vec::new();
+        let mut problems = Vec::new();
+        for entry in text.split(',').map(str::trim) {
+            match host_entry(entry) {
+                Ok(()) => hosts.push(entry.to_owned()),
+                Err(problem) if !problems.contains(&problem) => problems.push(problem),
+                Err(_) => {}
+            }
+        }
+        if !problems.is_empty() {
+            return Err(format!(
+                "{}; list host names or IP addresses, each with an optional :PORT, separated by \
+                 commas, such as msbd.example.com,192.0.2.10:8765",
+                problems.join("; ")
+            ));
+        }
+        Ok(HostList(hosts))
+    }
+
+    fn describe(&self) -> String {
+        self.0.join(",")
+    }
+}
+
+impl Value for OriginList {
+    fn kind() -> String {
+        "comma-separated origins (`http[s]://HOST[:PORT]`) or `null`".to_owned()
+    }
+
+    fn parse(text: &str) -> Result<OriginList, String> {
+        let mut origins = Vec::new();
+        let mut problems = Vec::new();
+        for entry in text.split(',').map(str::trim) {
+            match origin_entry(entry) {
+                Ok(origin) => origins.push(origin),
+                Err(problem) if !problems.contains(&problem) => problems.push(problem),
+                Err(_) => {}
+            }
+        }
+        if !problems.is_empty() {
+            return Err(format!(
+                "{}; list origins as browsers send them (a scheme and a host, with the port \
+                 unless it is the scheme's default), separated by commas, such as \
+                 https://app.example.com,http://localhost:3000, or null",
+                problems.join("; ")
+            ));
+        }
+        Ok(OriginList(origins))
+    }
+
+    fn describe(&self) -> String {
+        self.0.join(",")
+    }
+}
+
+/// Checks one entry of `MSB_HTTP_ALLOWED_HOSTS`: `HOST` or `HOST:PORT` (an IPv6 address in
+/// brackets, or bare without a port). The problem names the entry.
+fn host_entry(entry: &str) -> Result<(), String> {
+    if entry.is_empty() {
+        return Err("an entry is empty (two commas?)".to_owned());
+    }
+    let named = quoted(entry);
+    if entry.contains(char::is_whitespace) {
+        return Err(format!("the entry {named} holds spaces"));
+    }
+    if let Some((scheme, rest)) = entry.split_once("://") {
+        let host = rest.split(['/', '?', '#']).next().unwrap_or_default();
+        let host = if host.is_empty() {
+            "msbd.example.com"
+        } else {
+            host
+        };
+        return Err(format!(
+            "the entry {named} has a scheme ({scheme}://): give only the host, such as {}",
+            quoted(host)
+        ));
+    }
+    if let Some(at) = entry.find(['/', '?', '#']) {
+        let host = &entry[..at];
+        let host = if host.is_empty() {
+            "msbd.example.com"
+        } else {
+            host
+        };
+        return Err(format!(
+            "the entry {named} has a path: give only the host, such as {}",
+            quoted(host)
+        ));
+    }
+    if entry.parse::<std::net::Ipv6Addr>().is_ok() {
+        return Ok(());
+    }
+    authority(entry, false).map_err(|reason| format!("the entry {named} {reason}"))
+}
+
+/// Checks one entry of `MSB_HTTP_ALLOWED_ORIGINS`: `http://` or `https://`, a host and an
+/// optional port (`:*` for any), or `null`; answers it without a trailing `/`. The problem
+/// names the entry.
+fn origin_entry(entry: &str) -> Result<String, String> {
+    if entry.is_empty() {
+        return Err("an entry is empty (two commas?)".to_owned());
+    }
+    let named = quoted(entry);
+    if entry.contains(char::is_whitespace) {
+        return Err(format!("the entry {named} holds spaces"));
+    }
+    if entry.eq_ignore_ascii_case("null") {
+        return Ok("null".to_owned());
+    }
+    let lower = entry.to_ascii_lowercase();
+    let scheme_len = if lower.starts_with("http://") {
+        "http://".len()
+    } else if lower.starts_with("https://") {
+        "https://".len()
+    } else if let Some((scheme, _)) = entry.split_once("://") {
+        return Err(format!(
+            "the entry {named} has the scheme {scheme}://; an origin is http:// or https://"
+        ));
+    } else {
+        return Err(format!(
+            "the entry {named} has no scheme; write it as browsers send it, such as {}",
+            quoted(&format!("https://{entry}"))
+        ));
+    };
+    // The scheme is ASCII, so `scheme_len` is a character boundary of `entry` too.
+    let (scheme, rest) = entry.split_at(scheme_len);
+    let rest = rest.strip_suffix('/').unwrap_or(rest);
+    if let Some(at) = rest.find(['/', '?', '#']) {
+        return Err(format!(
+            "the entry {named} has a path; an origin is only a scheme, a host and a port, such \
+             as {}",
+            quoted(&format!("{scheme}{}", &rest[..at]))
+        ));
+    }
+    authority(rest, true).map_err(|reason| format!("the entry {named} {reason}"))?;
+    Ok(format!("{scheme}{rest}"))
+}
+
+/// Checks `HOST` or `HOST:PORT`: a name, an IPv4 address or an IPv6 address in brackets, and a
+/// port from 1 to 65535 (or `*` when `any_port`). The reason follows the entry's name.
+fn authority(text: &str, any_port: bool) -> Result<(), String> {
+    if text.is_empty() {
+        return Err("names no host".to_owned());
+    }
+    let (host, port) = if let Some(rest) = text.strip_prefix('[') {
+        let Some((inside, after)) = rest.split_once(']') else {
+            return Err("has a [ without its ]".to_owned());
+        };
+        if inside.parse::<std::net::Ipv6Addr>().is_err() {
+            return Err(format!(
+                "has {inside:?} in brackets, which is not an IPv6 address"
+            ));
+        }
+        match after.strip_prefix(':') {
+            Some(port) => (inside, Some(port)),
+            None if after.is_empty() => (inside, None),
+            None => return Err("has text after the ] that is not a :PORT".to_owned()),
+        }
+    } else {
+        match text.split_once(':') {
+            Some((_, port)) if port.contains(':') => {
+                return Err(
+                    "has more than one `:`; write an IPv6 address in brackets, such as \
+                     [2001:db8::1]:8765"
+                        .to_owned(),
+                );
+            }
+            Some((host, port)) => {
+                if host.is_empty() {
+                    return Err("names no host".to_owned());
+                }
+                (host, Some(port))
+            }
+            None => (text, None),
+        }
+    };
+    if host.contains('*') {
+        return Err("has a wildcard, which is not supported: list each name".to_owned());
+    }
+    if !text.starts_with('[')
+        && !host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
+    {
+        return Err("is not a host name or IP address".to_owned());
+    }
+    match port {
+        None => Ok(()),
+        Some("*") if any_port => Ok(()),
+        Some(port) => {
+            let valid = !port.is_empty()
+                && port.bytes().all(|b| b.is_ascii_digit())
+                && port.parse::<u16>().is_ok_and(|port| port > 0);
+            if valid {
+                Ok(())
+            } else {
+                Err(format!(
+                    "has the port {}, which is not a number from 1 to 65535",
+                    quoted(port)
+                ))
+            }
+        }
+    }
+}
+
 /// Parses a JSON array of strings (the one JSON form `MSB_SHARED_VOLUME_PATH` accepts).
 fn json_strings(text: &str) -> Result<Vec<String>, String> {
     let mut chars = text.trim().chars().peekable();
@@ -2177,6 +2452,8 @@ mod tests {
         assert_eq!(c.http_addr, "127.0.0.1:8765".parse::<SocketAddr>().unwrap());
         assert!(c.auth_token.is_none());
         assert_eq!(c.max_request_bytes, 4 * 1024 * 1024);
+        assert!(c.http_allowed_hosts.is_empty());
+        assert!(c.http_allowed_origins.is_empty());
         assert!(c.supervision_tools, "on for stdio by default");
         assert_eq!(c.log_level, "info");
         assert_eq!(c.log_format, LogFormat::Text);
@@ -2250,6 +2527,8 @@ mod tests {
             ("MSB_HTTP_ADDR", "0.0.0.0:9000"),
             ("MSB_AUTH_TOKEN", "0123456789abcdef0123"),
             ("MSB_MAX_REQUEST_BYTES", "65536"),
+            ("MSB_HTTP_ALLOWED_HOSTS", "msbd.example.com,10.0.0.5:9000"),
+            ("MSB_HTTP_ALLOWED_ORIGINS", "https://app.example.com"),
             ("MSB_SUPERVISION_TOOLS", "yes"),
             ("MSB_LOG_LEVEL", "info,msbd=debug"),
             ("MSB_LOG_FORMAT", "json"),
@@ -2283,6 +2562,8 @@ mod tests {
             "0123456789abcdef0123"
         );
         assert_eq!(c.max_request_bytes, 65536);
+        assert_eq!(c.http_allowed_hosts, ["msbd.example.com", "10.0.0.5:9000"]);
+        assert_eq!(c.http_allowed_origins, ["https://app.example.com"]);
         assert!(c.supervision_tools);
         assert_eq!(c.log_level, "info,msbd=debug");
         assert_eq!(c.log_format, LogFormat::Json);
@@ -2604,6 +2885,318 @@ mod tests {
         let message = one_error(&[("MSB_AUTH_TOKEN", "short")], "MSB_AUTH_TOKEN");
         assert!(message.contains("shorter than 16"), "{message}");
         assert!(!message.contains("short:"), "the token leaked: {message}");
+    }
+
+    #[test]
+    fn allowed_hosts_and_origins() {
+        let hosts = |text: &str| {
+            ok(&[("MSB_HTTP_ALLOWED_HOSTS", text)])
+                .config
+                .http_allowed_hosts
+        };
+        assert_eq!(
+            hosts(" msbd.example.com , 192.0.2.10:8765,Example.COM,[2001:db8::1]:8765,fe80::1"),
+            [
+                "msbd.example.com",
+                "192.0.2.10:8765",
+                "Example.COM",
+                "[2001:db8::1]:8765",
+                "fe80::1",
+            ]
+        );
+        assert_eq!(hosts("localhost:1,a:65535"), ["localhost:1", "a:65535"]);
+        let origins = |text: &str| {
+            ok(&[("MSB_HTTP_ALLOWED_ORIGINS", text)])
+                .config
+                .http_allowed_origins
+        };
+        assert_eq!(
+            origins(
+                "https://app.example.com, http://localhost:3000,NULL,http://[::1]:*,\
+                 https://x.example/"
+            ),
+            [
+                "https://app.example.com",
+                "http://localhost:3000",
+                "null",
+                "http://[::1]:*",
+                "https://x.example",
+            ]
+        );
+
+        let loaded = ok(&[
+            ("MSB_HTTP_ALLOWED_HOSTS", "a.example,b.example:80"),
+            ("MSB_HTTP_ALLOWED_ORIGINS", "null"),
+        ]);
+        assert_eq!(
+            loaded.sources["MSB_HTTP_ALLOWED_HOSTS"],
+            Source::Environment
+        );
+        let text = render(&loaded);
+        assert!(
+            text.contains("MSB_HTTP_ALLOWED_HOSTS=a.example,b.example:80  (environment)\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("MSB_HTTP_ALLOWED_ORIGINS=null  (environment)\n"),
+            "{text}"
+        );
+        let unset = render(&ok(&[]));
+        assert!(
+            unset.contains("MSB_HTTP_ALLOWED_HOSTS=(unset)  (default)\n"),
+            "{unset}"
+        );
+        assert!(
+            unset.contains("MSB_HTTP_ALLOWED_ORIGINS=(unset)  (default)\n"),
+            "{unset}"
+        );
+    }
+
+    #[test]
+    fn each_kind_of_bad_host_or_origin_names_the_variable_and_the_entry() {
+        let cases: &[(&str, &str, &str, &str)] = &[
+            (
+                "MSB_HTTP_ALLOWED_HOSTS",
+                "a.example,,b.example",
+                "",
+                "an entry is empty",
+            ),
+            (
+                "MSB_HTTP_ALLOWED_HOSTS",
+                "a.example,",
+                "",
+                "an entry is empty",
+            ),
+            (
+                "MSB_HTTP_ALLOWED_HOSTS",
+                "a b.example",
+                "\"a b.example\"",
+                "holds spaces",
+            ),
+            (
+                "MSB_HTTP_ALLOWED_HOSTS",
+                "http://msbd.example.com:8765/mcp",
+                "http://msbd.example.com:8765/mcp",
+                "give only the host, such as msbd.example.com:8765",
+            ),
+            (
+                "MSB_HTTP_ALLOWED_HOSTS",
+                "msbd.example.com/mcp",
+                "msbd.example.com/mcp",
+                "has a path: give only the host",
+            ),
+            (
+                "MSB_HTTP_ALLOWED_HOSTS",
+                "a.example:0",
+                "a.example:0",
+                "from 1 to 65535",
+            ),
+            (
+                "MSB_HTTP_ALLOWED_HOSTS",
+                "a.example:65536",
+                "a.example:65536",
+                "from 1 to 65535",
+            ),
+            (
+                "MSB_HTTP_ALLOWED_HOSTS",
+                "a.example:http",
+                "a.example:http",
+                "from 1 to 65535",
+            ),
+            (
+                "MSB_HTTP_ALLOWED_HOSTS",
+                "a.example:",
+                "a.example:",
+                "from 1 to 65535",
+            ),
+            (
+                "MSB_HTTP_ALLOWED_HOSTS",
+                "[::1]:99999",
+                "[::1]:99999",
+                "from 1 to 65535",
+            ),
+            ("MSB_HTTP_ALLOWED_HOSTS", ":8765", ":8765", "names no host"),
+            (
+                "MSB_HTTP_ALLOWED_HOSTS",
+                "*.example.com",
+                "*.example.com",
+                "wildcard",
+            ),
+            (
+                "MSB_HTTP_ALLOWED_HOSTS",
+                "user@host",
+                "user@host",
+                "not a host name",
+            ),
+            ("MSB_HTTP_ALLOWED_HOSTS", "[::1", "[::1", "without its ]"),
+            (
+                "MSB_HTTP_ALLOWED_HOSTS",
+                "[nope]:80",
+                "[nope]:80",
+                "not an IPv6 address",
+            ),
+            (
+                "MSB_HTTP_ALLOWED_HOSTS",
+                "fe80::1:99999",
+                "fe80::1:99999",
+                "in brackets",
+            ),
+            (
+                "MSB_HTTP_ALLOWED_ORIGINS",
+                "https://a.example,,null",
+                "",
+                "an entry is empty",
+            ),
+            (
+                "MSB_HTTP_ALLOWED_ORIGINS",
+                "https://a b",
+                "\"https://a b\"",
+                "holds spaces",
+            ),
+            (
+                "MSB_HTTP_ALLOWED_ORIGINS",
+                "app.example.com",
+                "app.example.com",
+                "has no scheme; write it as browsers send it, such as https://app.example.com",
+            ),
+            (
+                "MSB_HTTP_ALLOWED_ORIGINS",
+                "ftp://app.example.com",
+                "ftp://app.example.com",
+                "an origin is http:// or https://",
+            ),
+            (
+                "MSB_HTTP_ALLOWED_ORIGINS",
+                "https://app.example.com/mcp",
+                "https://app.example.com/mcp",
+                "has a path; an origin is only a scheme, a host and a port, such as \
+                 https://app.example.com",
+            ),
+            (
+                "MSB_HTTP_ALLOWED_ORIGINS",
+                "https://a.example?x=1",
+                "https://a.example?x=1",
+                "has a path",
+            ),
+            (
+                "MSB_HTTP_ALLOWED_ORIGINS",
+                "http://",
+                "http://",
+                "names no host",
+            ),
+            (
+                "MSB_HTTP_ALLOWED_ORIGINS",
+                "http://:3000",
+                "http://:3000",
+                "names no host",
+            ),
+            (
+                "MSB_HTTP_ALLOWED_ORIGINS",
+                "http://a.example:0",
+                "http://a.example:0",
+                "from 1 to 65535",
+            ),
+            (
+                "MSB_HTTP_ALLOWED_ORIGINS",
+                "http://::1",
+                "http://::1",
+                "in brackets",
+            ),
+            (
+                "MSB_HTTP_ALLOWED_ORIGINS",
+                "http://u@a.example",
+                "http://u@a.example",
+                "not a host name",
+            ),
+        ];
+        for (name, value, entry, expected) in cases {
+            let message = one_error(&[(name, value)], name);
+            assert!(
+                message.starts_with(&format!("{name}=")),
+                "{name}={value}: the message does not start with the variable: {message}"
+            );
+            assert!(
+                entry.is_empty() || message.contains(&format!("the entry {entry} ")),
+                "{name}={value}: the message does not name the entry {entry}: {message}"
+            );
+            assert!(
+                message.contains(expected),
+                "{name}={value}: expected {expected:?} in: {message}"
+            );
+        }
+        // Every bad entry is named, once.
+        let message = one_error(
+            &[(
+                "MSB_HTTP_ALLOWED_HOSTS",
+                "ok.example,http://a.example,b.example:0,,,",
+            )],
+            "MSB_HTTP_ALLOWED_HOSTS",
+        );
+        assert!(message.contains("the entry http://a.example "), "{message}");
+        assert!(message.contains("the entry b.example:0 "), "{message}");
+        assert_eq!(message.matches("an entry is empty").count(), 1, "{message}");
+        assert!(!message.contains("the entry ok.example"), "{message}");
+    }
+
+    #[test]
+    fn listening_off_loopback_without_allowed_hosts_is_warned_about() {
+        const TOKEN: (&str, &str) = ("MSB_AUTH_TOKEN", "a-long-enough-random-token");
+        let loaded = ok(&[("MSB_HTTP_ADDR", "0.0.0.0:8765"), TOKEN]);
+        assert_eq!(loaded.warnings.len(), 1, "{:?}", loaded.warnings);
+        let warning = &loaded.warnings[0];
+        assert!(
+            warning.starts_with("MSB_HTTP_ADDR=0.0.0.0:8765 is not a loopback address"),
+            "{warning}"
+        );
+        assert!(warning.contains("refused with 403"), "{warning}");
+        assert!(warning.contains("every client"), "{warning}");
+        assert!(
+            warning.contains("listed in MSB_HTTP_ALLOWED_HOSTS"),
+            "{warning}"
+        );
+        let loaded = ok(&[("MSB_HTTP_ADDR", "192.168.1.10:8765"), TOKEN]);
+        assert_eq!(loaded.warnings.len(), 1, "{:?}", loaded.warnings);
+        assert!(
+            loaded.warnings[0].contains("other than the listen IP will be refused"),
+            "{:?}",
+            loaded.warnings
+        );
+        let overrides = Overrides {
+            listen: Some("[::]:9000".parse().unwrap()),
+            transport: Some(Transport::Http),
+            ..Overrides::default()
+        };
+        let loaded = ok_with(&[TOKEN], &overrides);
+        assert!(
+            loaded.warnings[0].starts_with("--listen [::]:9000 is not a loopback address"),
+            "{:?}",
+            loaded.warnings
+        );
+
+        // Not when the hosts are listed, nor on loopback.
+        let loaded = ok(&[
+            ("MSB_HTTP_ADDR", "0.0.0.0:8765"),
+            ("MSB_HTTP_ALLOWED_HOSTS", "msbd.example.com"),
+            TOKEN,
+        ]);
+        assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
+        for addr in ["127.0.0.1:8765", "[::1]:8765"] {
+            let loaded = ok(&[("MSB_HTTP_ADDR", addr)]);
+            assert!(loaded.warnings.is_empty(), "{addr}: {:?}", loaded.warnings);
+        }
+        // A bad MSB_HTTP_ALLOWED_HOSTS is an error, not also a warning that it is unset.
+        let errors = load(
+            vars(&[
+                HOME,
+                ("MSB_HTTP_ADDR", "0.0.0.0:8765"),
+                ("MSB_HTTP_ALLOWED_HOSTS", "http://msbd.example.com"),
+                TOKEN,
+            ]),
+            &Overrides::default(),
+        )
+        .unwrap_err();
+        assert_eq!(errors.errors.len(), 1, "{errors:#?}");
+        assert!(errors.warnings.is_empty(), "{:?}", errors.warnings);
     }
 
     #[test]

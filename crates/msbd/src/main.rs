@@ -17,6 +17,8 @@ use clap::{Args, Parser, Subcommand};
 
 pub mod config;
 mod doctor;
+mod http;
+mod metrics;
 mod serve;
 mod stdio;
 

@@ -151,17 +151,10 @@ async fn serve_stdio(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let (stdin, stdout) = rmcp::transport::io::stdio_pipes();
-    // Lines over the size limit never reach rmcp (see `stdio.rs`): a pipe in between.
-    let (filtered_reader, filtered_writer) = tokio::io::duplex(256 * 1024);
-    let limit = config.max_request_bytes;
-    let filter = tokio::spawn(async move {
-        let input = tokio::io::BufReader::with_capacity(64 * 1024, stdin);
-        if let Err(error) = crate::stdio::limit_lines(input, filtered_writer, limit).await {
-            tracing::warn!(%error, "reading stdin failed");
-        }
-    });
+    // Lines over the size limit never reach rmcp (see `stdio.rs`).
+    let stdin = crate::stdio::LimitedLines::new(stdin, config.max_request_bytes);
     let running = server
-        .serve((filtered_reader, stdout))
+        .serve((stdin, stdout))
         .await
         .context("starting the MCP session on stdio")?;
     let cancel = running.cancellation_token();
@@ -176,15 +169,38 @@ async fn serve_stdio(
             cancel.cancel();
         }
     }
-    filter.abort();
     Ok(())
 }
 
-/// MCP over streamable HTTP (TEMP: until the HTTP module lands).
+/// MCP over streamable HTTP, with health, readiness and metrics, until `shutdown` fires.
 async fn serve_http(
-    _server: McpServer,
-    _config: &Config,
-    _shutdown: CancellationToken,
+    server: McpServer,
+    config: &Config,
+    shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    anyhow::bail!("the HTTP transport is not in this build yet: use --transport stdio")
+    let listener = tokio::net::TcpListener::bind(config.http_addr)
+        .await
+        .with_context(|| format!("listening on {} (MSB_HTTP_ADDR)", config.http_addr))?;
+    let address = listener.local_addr().unwrap_or(config.http_addr);
+    let readiness = Arc::new(crate::http::Readiness::new());
+    let options = crate::http::HttpOptions {
+        listen: address,
+        auth_token: config.auth_token.as_ref().map(|t| t.expose().to_owned()),
+        max_request_bytes: config.max_request_bytes,
+        allowed_hosts: config.http_allowed_hosts.clone(),
+        allowed_origins: config.http_allowed_origins.clone(),
+    };
+    tracing::info!(%address, "serving MCP over HTTP at /mcp");
+    eprintln!("msbd: listening on http://{address}/mcp");
+    let serving = crate::http::serve(
+        listener,
+        server,
+        options,
+        readiness.clone(),
+        shutdown.clone(),
+    );
+    readiness.set_ready();
+    let result = serving.await;
+    readiness.set_draining();
+    result
 }

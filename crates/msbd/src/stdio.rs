@@ -1,94 +1,159 @@
 //! The stdio transport's input side: newline-delimited JSON-RPC from stdin, with a size limit.
 //!
-//! rmcp's line codec would buffer a line of any length. [`limit_lines`] passes each line
+//! rmcp's line codec would buffer a line of any length. [`LimitedLines`] passes each line
 //! through unchanged up to `MSB_MAX_REQUEST_BYTES`; a longer one is skipped as it streams in
 //! (never held in memory) and replaced by a small request for
 //! [`mcp_tools::REQUEST_TOO_LARGE_METHOD`] under the same id, which the server answers with a
 //! JSON-RPC error that names the limit. A long line without a readable id (a notification) is
 //! dropped with a warning. The server goes on serving either way.
 
-use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWrite, AsyncWriteExt};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, ReadBuf};
 
 /// How many bytes at the start of an oversized line are searched for its id.
 const ID_WINDOW: usize = 4096;
 
-/// Copies `input` to `output` line by line, replacing lines over `limit` bytes (without the
-/// newline) as the module says. Ends at the end of `input` (or when `output` is closed).
-pub(crate) async fn limit_lines<R, W>(
-    mut input: R,
-    mut output: W,
+/// An [`AsyncRead`] over newline-delimited messages that passes each line through unchanged
+/// up to `limit` bytes (without the newline) and replaces longer ones as the module says. It
+/// reads on the caller's task (no thread or task in between), holding at most one chunk of
+/// input and `limit` bytes of the current line.
+pub(crate) struct LimitedLines<R> {
+    inner: R,
     limit: usize,
-) -> std::io::Result<()>
-where
-    R: AsyncBufRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    let mut line: Vec<u8> = Vec::new();
-    // Bytes of the current line seen so far, and whether it is being skipped.
-    let mut seen = 0usize;
-    let mut skipping = false;
-    let mut head: Vec<u8> = Vec::new();
-    loop {
-        let available = input.fill_buf().await?;
-        if available.is_empty() {
-            // End of input: a last line without a newline goes through as it is.
-            if !skipping && !line.is_empty() {
-                output.write_all(&line).await?;
-                output.flush().await?;
-            }
-            return Ok(());
+    /// Bytes ready for the reader.
+    out: Vec<u8>,
+    /// Where the reader is in `out`.
+    out_at: usize,
+    /// The current line so far (passed on once its end shows it is within the limit).
+    line: Vec<u8>,
+    /// Whether the current line is over the limit (being skipped).
+    skipping: bool,
+    /// The first bytes of a skipped line, for its id.
+    head: Vec<u8>,
+    /// Bytes of the current line seen so far.
+    seen: usize,
+    /// The inner reader has ended.
+    done: bool,
+    scratch: Box<[u8]>,
+}
+
+impl<R> LimitedLines<R> {
+    /// Wraps `inner`.
+    pub(crate) fn new(inner: R, limit: usize) -> LimitedLines<R> {
+        LimitedLines {
+            inner,
+            limit,
+            out: Vec::new(),
+            out_at: 0,
+            line: Vec::new(),
+            skipping: false,
+            head: Vec::new(),
+            seen: 0,
+            done: false,
+            scratch: vec![0; 64 * 1024].into_boxed_slice(),
         }
-        let (chunk, ends_line) = match memchr_newline(available) {
-            Some(at) => (&available[..=at], true),
-            None => (available, false),
-        };
-        let taken = chunk.len();
-        let content = if ends_line {
-            &chunk[..taken - 1]
-        } else {
-            chunk
-        };
-        if !skipping {
-            if seen + content.len() > limit {
-                skipping = true;
-                head = line;
-                head.extend_from_slice(
-                    &content[..(ID_WINDOW.saturating_sub(head.len())).min(content.len())],
-                );
-                head.truncate(ID_WINDOW);
-                line = Vec::new();
+    }
+
+    /// Takes in a chunk of input.
+    fn take(&mut self, mut input: &[u8]) {
+        while !input.is_empty() {
+            let (content, ends_line, taken) = match memchr_newline(input) {
+                Some(at) => (&input[..at], true, at + 1),
+                None => (input, false, input.len()),
+            };
+            if !self.skipping && self.seen + content.len() > self.limit {
+                self.skipping = true;
+                self.head = std::mem::take(&mut self.line);
+                self.head.truncate(ID_WINDOW);
+            }
+            if self.skipping {
+                let room = ID_WINDOW.saturating_sub(self.head.len()).min(content.len());
+                self.head.extend_from_slice(&content[..room]);
+            } else if ends_line && self.line.is_empty() {
+                // The common case: a whole line in one chunk goes straight out.
+                self.out.extend_from_slice(&input[..taken]);
             } else {
-                line.extend_from_slice(chunk);
+                self.line.extend_from_slice(&input[..taken]);
             }
-        } else if head.len() < ID_WINDOW {
-            head.extend_from_slice(&content[..(ID_WINDOW - head.len()).min(content.len())]);
-        }
-        seen += content.len();
-        input.consume(taken);
-        if ends_line {
-            if skipping {
-                match request_id(&head) {
-                    Some(id) => {
-                        let replacement = format!(
-                            "{{\"jsonrpc\":\"2.0\",\"id\":{id},\"method\":\"{}\",\"params\":{{\"bytes\":{seen},\"limit\":{limit}}}}}\n",
-                            mcp_tools::REQUEST_TOO_LARGE_METHOD
-                        );
-                        output.write_all(replacement.as_bytes()).await?;
-                    }
-                    None => tracing::warn!(
-                        bytes = seen,
-                        limit,
-                        "dropped a message over MSB_MAX_REQUEST_BYTES that carries no request id"
-                    ),
+            self.seen += content.len();
+            if ends_line {
+                if self.skipping {
+                    self.replace_skipped();
+                } else {
+                    self.out.append(&mut self.line);
                 }
-                head = Vec::new();
-                skipping = false;
-            } else {
-                output.write_all(&line).await?;
-                line.clear();
+                self.seen = 0;
             }
-            output.flush().await?;
-            seen = 0;
+            input = &input[taken..];
+        }
+    }
+
+    /// Ends a skipped line: a request for the error under its id, or nothing.
+    fn replace_skipped(&mut self) {
+        match request_id(&self.head) {
+            Some(id) => {
+                let replacement = format!(
+                    "{{\"jsonrpc\":\"2.0\",\"id\":{id},\"method\":\"{}\",\"params\":{{\"bytes\":{},\"limit\":{}}}}}\n",
+                    mcp_tools::REQUEST_TOO_LARGE_METHOD,
+                    self.seen,
+                    self.limit
+                );
+                self.out.extend_from_slice(replacement.as_bytes());
+            }
+            None => tracing::warn!(
+                bytes = self.seen,
+                limit = self.limit,
+                "dropped a message over MSB_MAX_REQUEST_BYTES that carries no request id"
+            ),
+        }
+        self.head = Vec::new();
+        self.skipping = false;
+    }
+}
+
+impl<R: AsyncRead + Unpin> AsyncRead for LimitedLines<R> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        loop {
+            if this.out_at < this.out.len() {
+                let n = (this.out.len() - this.out_at).min(buf.remaining());
+                buf.put_slice(&this.out[this.out_at..this.out_at + n]);
+                this.out_at += n;
+                if this.out_at == this.out.len() {
+                    this.out.clear();
+                    this.out_at = 0;
+                }
+                return Poll::Ready(Ok(()));
+            }
+            if this.done {
+                return Poll::Ready(Ok(()));
+            }
+            let mut read = ReadBuf::new(&mut this.scratch);
+            match Pin::new(&mut this.inner).poll_read(cx, &mut read) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
+                Poll::Ready(Ok(())) => {
+                    let filled = read.filled().len();
+                    if filled == 0 {
+                        this.done = true;
+                        // A last line without a newline goes through as it is.
+                        if !this.skipping {
+                            let rest = std::mem::take(&mut this.line);
+                            this.out.extend_from_slice(&rest);
+                        }
+                        continue;
+                    }
+                    let scratch = std::mem::take(&mut this.scratch);
+                    this.take(&scratch[..filled]);
+                    this.scratch = scratch;
+                }
+            }
         }
     }
 }
@@ -138,18 +203,27 @@ fn request_id(head: &[u8]) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
-    use super::{limit_lines, request_id};
+    use tokio::io::AsyncReadExt;
+
+    use super::{LimitedLines, request_id};
 
     async fn run(input: &[u8], limit: usize) -> String {
-        let mut output = Vec::new();
-        limit_lines(
-            tokio::io::BufReader::with_capacity(7, input),
-            &mut output,
-            limit,
-        )
-        .await
-        .unwrap();
-        String::from_utf8(output).unwrap()
+        // The input in small pieces, so that lines span chunks.
+        let (mut writer, reader) = tokio::io::duplex(7);
+        let input = input.to_vec();
+        let feeding = tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            for piece in input.chunks(5) {
+                writer.write_all(piece).await.unwrap();
+            }
+        });
+        let mut output = String::new();
+        LimitedLines::new(reader, limit)
+            .read_to_string(&mut output)
+            .await
+            .unwrap();
+        feeding.await.unwrap();
+        output
     }
 
     #[tokio::test]

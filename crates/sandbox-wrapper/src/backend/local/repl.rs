@@ -176,7 +176,14 @@ impl Splitter {
             self.pending.truncate(at);
             return std::mem::take(&mut self.pending);
         }
-        let keep = (self.marker.len() - 1).min(self.pending.len());
+        // Hold back only a tail that could be the marker's beginning (the longest suffix of
+        // the pending bytes that is a prefix of the marker): everything else is output now, so
+        // a running call's output and progress lines are seen as they come.
+        let longest = (self.marker.len() - 1).min(self.pending.len());
+        let keep = (1..=longest)
+            .rev()
+            .find(|&n| self.pending[self.pending.len() - n..] == self.marker[..n])
+            .unwrap_or(0);
         let out = self.pending.len() - keep;
         let rest = self.pending.split_off(out);
         std::mem::replace(&mut self.pending, rest)
@@ -385,5 +392,18 @@ mod tests {
         passed.extend(splitter.feed(b"K 1\n"));
         assert_eq!(passed, b"hello\nworld\n");
         assert_eq!(splitter.status(), Some(Some(1)));
+    }
+
+    #[test]
+    fn the_splitter_holds_back_only_what_could_start_the_token() {
+        let mut splitter = Splitter::new("TOKEN");
+        // Nothing here can begin the token: all of it passes at once.
+        assert_eq!(
+            splitter.feed(b"::progress:: 50 half"),
+            b"::progress:: 50 half"
+        );
+        // A tail that could: held back until the next bytes say.
+        assert_eq!(splitter.feed(b" done\nTO"), b" done");
+        assert_eq!(splitter.feed(b"P"), b"\nTOP");
     }
 }

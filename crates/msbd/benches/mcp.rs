@@ -1,0 +1,435 @@
+//! Benchmarks of the MCP surface, run by `cargo xtask bench` (or
+//! `cargo bench -p msbd --bench mcp [-- FILTER]`). A plain program (`harness = false`) that
+//! writes its figures (name → number) to `$MSBD_BENCH_PARTS_DIR/mcp.json` (else
+//! `target/bench/parts/mcp.json`).
+//!
+//! - `mcp_stdio_call_p50_us`: the median round trip of `check_task_status` (one finished task)
+//!   from an rmcp client to the built `msbd serve` over its stdin and stdout (a real child
+//!   process, as MCP clients start it), one call at a time, after 200 warm-up calls;
+//! - `mcp_stdio_calls_per_s`: how many such calls one client makes per second, one after the
+//!   other (the count over the wall-clock time of the whole run);
+//! - `mcp_http_call_p50_us`: the same round trip over streamable HTTP on loopback
+//!   (`msbd serve --transport http`);
+//! - `mcp_tasks_get_vs_rmcp_ratio`: the median `tasks/get` of msbd (its durable SQLite store)
+//!   over the median `tasks/get` of a minimal rmcp server whose tasks live in rmcp's in-memory
+//!   `TaskManager`, both in this process over the same in-memory byte stream, measured in turns
+//!   in the same run (the ratio is what the target is about; both medians are in the part as
+//!   `diag_mcp_tasks_get_msbd_us` and `diag_mcp_tasks_get_rmcp_us`).
+//!
+//! An optional argument keeps only the figures whose name contains it.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mcp_tools::{McpServer, ServerOptions};
+use rmcp::model::{
+    CallToolRequestParams, CallToolResponse, CallToolResult, ClientCapabilities, ClientConfig,
+    ContentBlock, GetTaskParams, GetTaskResult, Implementation, ServerCapabilities, ServerConfig,
+};
+use rmcp::service::{RequestContext, RunningService};
+use rmcp::task_manager::{TaskManager, TaskOptions};
+use rmcp::transport::TokioChildProcess;
+use rmcp::{
+    ClientHandler, ErrorData as McpError, RoleClient, RoleServer, ServerHandler, ServiceExt,
+};
+use serde_json::{Value, json};
+
+type BenchResult<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
+
+const WARMUP: usize = 200;
+const CALLS: usize = 5000;
+/// More calls, for profiling (`MSBD_BENCH_CALLS`).
+fn calls() -> usize {
+    std::env::var("MSBD_BENCH_CALLS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(CALLS)
+}
+const TASKS_GET_CALLS: usize = 2000;
+
+#[derive(Clone)]
+struct Client {
+    tasks: bool,
+}
+
+impl ClientHandler for Client {
+    fn get_info(&self) -> ClientConfig {
+        let caps = if self.tasks {
+            ClientCapabilities::builder().enable_tasks().build()
+        } else {
+            ClientCapabilities::default()
+        };
+        ClientConfig::new(caps, Implementation::new("bench", "0.0.0"))
+    }
+}
+
+fn main() -> BenchResult<()> {
+    let filter = std::env::args().skip(1).find(|a| !a.starts_with("--"));
+    let wanted = |name: &str| filter.as_deref().is_none_or(|f| name.contains(f));
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let mut part = serde_json::Map::new();
+    runtime.block_on(async {
+        if wanted("mcp_stdio_call_p50_us") || wanted("mcp_stdio_calls_per_s") {
+            let (p50, per_s) = tokio::task::spawn_blocking(raw_stdio_calls).await.map_err(|e| e.to_string())??;
+            println!("mcp_stdio_call_p50_us: {p50:.1} (target <= 100); mcp_stdio_calls_per_s: {per_s:.0} (target >= 20000)");
+            part.insert("mcp_stdio_call_p50_us".into(), json!(round(p50)));
+            part.insert("mcp_stdio_calls_per_s".into(), json!(per_s.round()));
+            let (p50, per_s) = stdio_calls().await?;
+            println!("  with rmcp's client: diag_mcp_stdio_rmcp_client_call_p50_us {p50:.1}, diag_mcp_stdio_rmcp_client_calls_per_s {per_s:.0}");
+            part.insert("diag_mcp_stdio_rmcp_client_call_p50_us".into(), json!(round(p50)));
+            part.insert("diag_mcp_stdio_rmcp_client_calls_per_s".into(), json!(per_s.round()));
+        }
+        if wanted("mcp_http_call_p50_us") {
+            let p50 = http_calls().await?;
+            println!("mcp_http_call_p50_us: {p50:.1} (target <= 300)");
+            part.insert("mcp_http_call_p50_us".into(), json!(round(p50)));
+        }
+        if wanted("mcp_tasks_get_vs_rmcp_ratio") {
+            let (msbd, rmcp) = tasks_get().await?;
+            let ratio = msbd / rmcp;
+            println!("mcp_tasks_get_vs_rmcp_ratio: {ratio:.2} (target <= 1.5): msbd {msbd:.1} us, rmcp TaskManager {rmcp:.1} us");
+            part.insert("mcp_tasks_get_vs_rmcp_ratio".into(), json!(round(ratio)));
+            part.insert("diag_mcp_tasks_get_msbd_us".into(), json!(round(msbd)));
+            part.insert("diag_mcp_tasks_get_rmcp_us".into(), json!(round(rmcp)));
+        }
+        BenchResult::Ok(())
+    })?;
+    let dir = std::env::var_os("MSBD_BENCH_PARTS_DIR").map_or_else(
+        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/bench/parts"),
+        PathBuf::from,
+    );
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join("mcp.json");
+    std::fs::write(
+        &path,
+        serde_json::to_string_pretty(&Value::Object(part))? + "\n",
+    )?;
+    println!("(written to {})", path.display());
+    Ok(())
+}
+
+fn round(value: f64) -> f64 {
+    (value * 100.0).round() / 100.0
+}
+
+fn median_us(samples: &mut [Duration]) -> f64 {
+    samples.sort_unstable();
+    samples[samples.len() / 2].as_secs_f64() * 1e6
+}
+
+fn args(value: Value) -> rmcp::model::JsonObject {
+    value.as_object().cloned().unwrap_or_default()
+}
+
+/// Submits one quick task and waits for it; returns its id.
+async fn finished_task(client: &RunningService<RoleClient, Client>) -> BenchResult<String> {
+    let created = client
+        .call_tool(
+            CallToolRequestParams::new("submit_task").with_arguments(args(
+                json!({"task_type": "command", "params": {"command": "true"}}),
+            )),
+        )
+        .await?;
+    let id = created
+        .structured_content
+        .as_ref()
+        .and_then(|v| v["task_id"].as_str())
+        .ok_or("submit_task gave no task id")?
+        .to_owned();
+    client
+        .call_tool(
+            CallToolRequestParams::new("get_task_result")
+                .with_arguments(args(json!({"task_id": id, "wait": true, "timeout": 60}))),
+        )
+        .await?;
+    Ok(id)
+}
+
+/// Round trips of `check_task_status`: the median and the calls per second.
+async fn status_calls(
+    client: &RunningService<RoleClient, Client>,
+    id: &str,
+) -> BenchResult<(f64, f64)> {
+    let params = CallToolRequestParams::new("check_task_status")
+        .with_arguments(args(json!({"task_id": id})));
+    for _ in 0..WARMUP {
+        client.call_tool(params.clone()).await?;
+    }
+    let mut samples = Vec::with_capacity(calls());
+    let started = Instant::now();
+    for _ in 0..calls() {
+        let before = Instant::now();
+        let result = client.call_tool(params.clone()).await?;
+        samples.push(before.elapsed());
+        if result.is_error == Some(true) {
+            return Err(format!("check_task_status failed: {result:?}").into());
+        }
+    }
+    let per_s = calls() as f64 / started.elapsed().as_secs_f64();
+    Ok((median_us(&mut samples), per_s))
+}
+
+fn msbd_command(data_dir: &std::path::Path) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_msbd"));
+    command
+        .arg("serve")
+        .env("MSB_DATA_DIR", data_dir)
+        .env("MSB_LOG_LEVEL", "warn");
+    command
+}
+
+/// The same round trips from a lean client: raw JSON-RPC lines over the child's pipes, with
+/// blocking reads and writes on one thread (what the server costs, without a client runtime's
+/// thread hand-offs or rmcp's client-side machinery).
+fn raw_stdio_calls() -> BenchResult<(f64, f64)> {
+    use std::io::{BufRead, BufReader, Write};
+    let dir = tempfile::tempdir()?;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_msbd"))
+        .arg("serve")
+        .env("MSB_DATA_DIR", dir.path())
+        .env("MSB_LOG_LEVEL", "warn")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let mut stdin = child.stdin.take().ok_or("no stdin")?;
+    let mut stdout = BufReader::new(child.stdout.take().ok_or("no stdout")?);
+    let mut line = String::new();
+    let mut next_id = 0u64;
+    let mut request = |method: &str, params: Value| -> BenchResult<Value> {
+        next_id += 1;
+        let mut text = json!({"jsonrpc": "2.0", "id": next_id, "method": method, "params": params})
+            .to_string();
+        text.push('\n');
+        if next_id == 2 {
+            // After `initialize`, the notification every client sends.
+            text.insert_str(
+                0,
+                "{\"jsonrpc\":\"2.0\",\"method\":\"notifications/initialized\"}\n",
+            );
+        }
+        stdin.write_all(text.as_bytes())?;
+        stdin.flush()?;
+        loop {
+            line.clear();
+            if stdout.read_line(&mut line)? == 0 {
+                return Err("msbd closed its stdout".into());
+            }
+            let answer: Value = serde_json::from_str(&line)?;
+            if answer["id"] == json!(next_id) {
+                return Ok(answer);
+            }
+        }
+    };
+    request(
+        "initialize",
+        json!({"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "bench", "version": "0"}}),
+    )?;
+    let created = request(
+        "tools/call",
+        json!({"name": "submit_task", "arguments": {"task_type": "command", "params": {"command": "true"}}}),
+    )?;
+    let id = created["result"]["structuredContent"]["task_id"]
+        .as_str()
+        .ok_or("no task id")?
+        .to_owned();
+    request(
+        "tools/call",
+        json!({"name": "get_task_result", "arguments": {"task_id": id, "wait": true, "timeout": 60}}),
+    )?;
+    let params = json!({"name": "check_task_status", "arguments": {"task_id": id}});
+    for _ in 0..WARMUP {
+        request("tools/call", params.clone())?;
+    }
+    let mut samples = Vec::with_capacity(calls());
+    let started = Instant::now();
+    for _ in 0..calls() {
+        let before = Instant::now();
+        let answer = request("tools/call", params.clone())?;
+        samples.push(before.elapsed());
+        if answer["result"]["isError"] == json!(true) || answer.get("error").is_some() {
+            return Err(format!("check_task_status failed: {answer}").into());
+        }
+    }
+    let per_s = calls() as f64 / started.elapsed().as_secs_f64();
+    drop(stdin);
+    let _ = child.wait();
+    Ok((median_us(&mut samples), per_s))
+}
+
+async fn stdio_calls() -> BenchResult<(f64, f64)> {
+    let dir = tempfile::tempdir()?;
+    let client = Client { tasks: false }
+        .serve(TokioChildProcess::new(msbd_command(dir.path()))?)
+        .await?;
+    let id = finished_task(&client).await?;
+    let figures = status_calls(&client, &id).await?;
+    client.cancel().await?;
+    Ok(figures)
+}
+
+async fn http_calls() -> BenchResult<f64> {
+    use rmcp::transport::StreamableHttpClientTransport;
+    let dir = tempfile::tempdir()?;
+    let port = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        listener.local_addr()?.port()
+    };
+    let mut command = msbd_command(dir.path());
+    command
+        .args([
+            "--transport",
+            "http",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .kill_on_drop(true)
+        .stdin(std::process::Stdio::null());
+    let mut child = command.spawn()?;
+    let url = format!("http://127.0.0.1:{port}/mcp");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err()
+    {
+        if Instant::now() > deadline {
+            return Err("msbd never listened".into());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let client = Client { tasks: false }
+        .serve(StreamableHttpClientTransport::from_uri(url))
+        .await?;
+    let id = finished_task(&client).await?;
+    let (p50, _) = status_calls(&client, &id).await?;
+    client.cancel().await?;
+    child.start_kill()?;
+    let _ = child.wait().await;
+    Ok(p50)
+}
+
+/// A minimal server whose tasks live in rmcp's in-memory `TaskManager`: `tools/call` answers
+/// with a task that completes at once.
+#[derive(Clone)]
+struct InMemory {
+    tasks: TaskManager,
+}
+
+impl ServerHandler for InMemory {
+    fn get_info(&self) -> ServerConfig {
+        ServerConfig::new(
+            ServerCapabilities::builder()
+                .enable_tools()
+                .enable_tasks()
+                .build(),
+        )
+    }
+
+    async fn call_tool(
+        &self,
+        _request: CallToolRequestParams,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<CallToolResponse, McpError> {
+        let task = self.tasks.spawn(TaskOptions::new(), |_ctx| {
+            Box::pin(async { Ok(CallToolResult::success(vec![ContentBlock::text("done")])) })
+        });
+        Ok(CallToolResponse::Task(rmcp::model::CreateTaskResult::new(
+            task,
+        )))
+    }
+
+    async fn get_task(
+        &self,
+        request: GetTaskParams,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<GetTaskResult, McpError> {
+        Ok(GetTaskResult::new(self.tasks.get_task(&request.task_id)?))
+    }
+}
+
+/// Connects a tasks client to a server over an in-memory byte stream.
+async fn duplex_client<S: ServerHandler>(
+    server: S,
+) -> BenchResult<RunningService<RoleClient, Client>> {
+    let (server_io, client_io) = tokio::io::duplex(1 << 20);
+    tokio::spawn(async move {
+        if let Ok(running) = server.serve(server_io).await {
+            let _ = running.waiting().await;
+        }
+    });
+    Ok(Client { tasks: true }.serve(client_io).await?)
+}
+
+/// Starts a task through `tools/call` and returns its id once `tasks/get` says it completed.
+async fn completed_task(
+    client: &RunningService<RoleClient, Client>,
+    tool: &str,
+    arguments: Value,
+) -> BenchResult<String> {
+    let response = client
+        .call_tool_once(CallToolRequestParams::new(tool.to_owned()).with_arguments(args(arguments)))
+        .await?;
+    let CallToolResponse::Task(created) = response else {
+        return Err(format!("{tool} did not answer with a task: {response:?}").into());
+    };
+    let id = created.task.task_id;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let got = client
+            .peer()
+            .get_task(GetTaskParams::new(id.clone()))
+            .await?;
+        if got.task.task.status.is_terminal() {
+            return Ok(id);
+        }
+        if Instant::now() > deadline {
+            return Err("the task never finished".into());
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn tasks_get() -> BenchResult<(f64, f64)> {
+    let dir = tempfile::tempdir()?;
+    let store: Arc<dyn task_core::store::Store> =
+        Arc::new(task_core::store::sqlite::SqliteStore::open(
+            task_core::store::sqlite::SqliteConfig::new(dir.path().join("tasks.sqlite3")),
+        )?);
+    let wrapper = sandbox_wrapper::Wrapper::start(
+        store,
+        sandbox_wrapper::WrapperConfig::new(dir.path().join("data")),
+    )
+    .await?;
+    let msbd = duplex_client(McpServer::new(wrapper.clone(), ServerOptions::default())).await?;
+    let rmcp = duplex_client(InMemory {
+        tasks: TaskManager::new(),
+    })
+    .await?;
+    let msbd_id = completed_task(&msbd, "execute_command", json!({"command": "true"})).await?;
+    let rmcp_id = completed_task(&rmcp, "anything", json!({})).await?;
+    let mut msbd_samples = Vec::with_capacity(TASKS_GET_CALLS);
+    let mut rmcp_samples = Vec::with_capacity(TASKS_GET_CALLS);
+    // In turns, so that both see the same machine.
+    for round in 0..(WARMUP + TASKS_GET_CALLS) {
+        for (client, id, samples) in [
+            (&msbd, &msbd_id, &mut msbd_samples),
+            (&rmcp, &rmcp_id, &mut rmcp_samples),
+        ] {
+            let before = Instant::now();
+            client
+                .peer()
+                .get_task(GetTaskParams::new(id.clone()))
+                .await?;
+            if round >= WARMUP {
+                samples.push(before.elapsed());
+            }
+        }
+    }
+    msbd.cancel().await?;
+    rmcp.cancel().await?;
+    wrapper.graceful_shutdown(Duration::from_secs(10)).await;
+    Ok((median_us(&mut msbd_samples), median_us(&mut rmcp_samples)))
+}

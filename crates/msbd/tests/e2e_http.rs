@@ -1,0 +1,353 @@
+//! End to end over streamable HTTP: the built `msbd serve --transport http` with a bearer
+//! token, driven by rmcp's HTTP client. Every tool at least once (the supervision tools
+//! switched on), a task's whole life, the tasks extension across a restart of msbd, the probes,
+//! and a token's tasks invisible to another token.
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use rmcp::model::{
+    CallToolRequestParams, CallToolResponse, CallToolResult, CancelTaskParams, ClientCapabilities,
+    ClientConfig, GetTaskParams, Implementation, TaskPayload,
+};
+use rmcp::service::RunningService;
+use rmcp::transport::StreamableHttpClientTransport;
+use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
+use rmcp::{ClientHandler, RoleClient, ServiceExt};
+use serde_json::{Value, json};
+
+const MSBD: &str = env!("CARGO_BIN_EXE_msbd");
+const TOKEN: &str = "e2e-token-0123456789abcdef";
+
+#[derive(Clone, Default)]
+struct Client {
+    tasks: bool,
+}
+
+impl ClientHandler for Client {
+    fn get_info(&self) -> ClientConfig {
+        let caps = if self.tasks {
+            ClientCapabilities::builder().enable_tasks().build()
+        } else {
+            ClientCapabilities::default()
+        };
+        ClientConfig::new(caps, Implementation::new("e2e-http", "0.0.0"))
+    }
+}
+
+type Connection = RunningService<RoleClient, Client>;
+
+/// A running `msbd serve --transport http`.
+struct Daemon {
+    child: tokio::process::Child,
+    port: u16,
+}
+
+impl Daemon {
+    async fn start(data_dir: &Path, token: &str) -> Daemon {
+        let port = {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            listener.local_addr().unwrap().port()
+        };
+        let child = tokio::process::Command::new(MSBD)
+            .args([
+                "serve",
+                "--transport",
+                "http",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+            ])
+            .env("MSB_DATA_DIR", data_dir)
+            .env("MSB_AUTH_TOKEN", token)
+            .env("MSB_SUPERVISION_TOOLS", "true")
+            .env("MSB_LOG_LEVEL", "warn")
+            .env("MSB_SHUTDOWN_TIMEOUT", "10")
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let daemon = Daemon { child, port };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(response) = reqwest::get(daemon.url("/readyz")).await
+                && response.status() == 200
+            {
+                return daemon;
+            }
+            assert!(Instant::now() < deadline, "msbd never became ready");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    async fn connect(&self, token: &str, client: Client) -> Connection {
+        let transport = StreamableHttpClientTransport::from_config(
+            StreamableHttpClientTransportConfig::with_uri(self.url("/mcp"))
+                .auth_header(token.to_owned()),
+        );
+        client.serve(transport).await.unwrap()
+    }
+
+    /// SIGTERM, and the exit.
+    async fn stop(mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id().unwrap() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+        let status = tokio::time::timeout(Duration::from_secs(20), self.child.wait())
+            .await
+            .expect("msbd did not exit after SIGTERM")
+            .unwrap();
+        assert!(status.success(), "{status}");
+    }
+}
+
+fn args(value: Value) -> rmcp::model::JsonObject {
+    value.as_object().unwrap().clone()
+}
+
+async fn ok(client: &Connection, tool: &str, arguments: Value) -> Value {
+    let result: CallToolResult = client
+        .call_tool(
+            CallToolRequestParams::new(tool.to_owned()).with_arguments(args(arguments.clone())),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{tool}: {e}"));
+    assert_ne!(
+        result.is_error,
+        Some(true),
+        "{tool}({arguments}): {result:?}"
+    );
+    result
+        .structured_content
+        .unwrap_or_else(|| panic!("{tool}: no structured answer"))
+}
+
+async fn wait_status(client: &Connection, id: &str, status: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let view = ok(client, "check_task_status", json!({"task_id": id})).await;
+        if view["status"] == status {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "task {id} never became {status}: {view}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_tool_over_http_with_probes_and_ownership() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(dir.path(), TOKEN).await;
+    assert_eq!(
+        reqwest::get(daemon.url("/healthz")).await.unwrap().status(),
+        200
+    );
+    let unauthorized = reqwest::Client::new()
+        .post(daemon.url("/mcp"))
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unauthorized.status(), 401);
+    let client = daemon.connect(TOKEN, Client::default()).await;
+
+    let created = ok(
+        &client,
+        "create_background_task",
+        json!({
+            "task_type": "command",
+            "params": {"command": "echo one; echo '::progress:: 50 half'; sleep 1; echo two"},
+            "tags": ["http"],
+        }),
+    )
+    .await;
+    let id = created["task_id"].as_str().unwrap().to_owned();
+    wait_status(&client, &id, "running").await;
+    let result = ok(
+        &client,
+        "get_task_result",
+        json!({"task_id": id, "wait": true, "timeout": 60}),
+    )
+    .await;
+    assert_eq!(result["status"], "completed", "{result}");
+    let output = ok(
+        &client,
+        "read_task_output",
+        json!({"task_id": id, "cursor": 0}),
+    )
+    .await;
+    assert!(output["data"].as_str().unwrap().contains("two"), "{output}");
+
+    let long = ok(
+        &client,
+        "submit_task",
+        json!({"task_type": "command", "params": {"command": "sleep 30"}}),
+    )
+    .await;
+    let long = long["task_id"].as_str().unwrap().to_owned();
+    wait_status(&client, &long, "running").await;
+    ok(
+        &client,
+        "manage_background_tasks",
+        json!({"action": "pause", "task_id": long}),
+    )
+    .await;
+    wait_status(&client, &long, "paused").await;
+    ok(
+        &client,
+        "manage_background_tasks",
+        json!({"action": "resume", "task_id": long}),
+    )
+    .await;
+    ok(&client, "cancel_task", json!({"task_id": long})).await;
+    wait_status(&client, &long, "cancelled").await;
+
+    ok(&client, "list_tasks", json!({"tag": "http"})).await;
+    ok(&client, "check_task_status", json!({})).await;
+    ok(&client, "manage_task_queue", json!({"action": "get_stats"})).await;
+    let code = ok(&client, "execute_code", json!({"code": "print(3 * 14)"})).await;
+    assert!(
+        code["output_tail"].as_str().unwrap().contains("42"),
+        "{code}"
+    );
+    let session = code["session_id"].as_str().unwrap().to_owned();
+    ok(
+        &client,
+        "execute_command",
+        json!({"command": "true", "session_id": session}),
+    )
+    .await;
+    ok(&client, "get_sessions", json!({})).await;
+    ok(&client, "stop_session", json!({"session_id": session})).await;
+    ok(&client, "get_volume_mappings", json!({})).await;
+    for tool in [
+        "health_check",
+        "get_background_task_status",
+        "pause_background_tasks",
+        "resume_background_tasks",
+        "restart_background_tasks",
+    ] {
+        ok(&client, tool, json!({})).await;
+    }
+
+    // /metrics with the token counts what ran.
+    let metrics = reqwest::Client::new()
+        .get(daemon.url("/metrics"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("msbd_tasks{") && metrics.contains("msbd_loop_healthy"),
+        "{metrics}"
+    );
+    client.cancel().await.unwrap();
+    daemon.stop().await;
+
+    // Another token is another principal: the first one's tasks are not found.
+    let daemon = Daemon::start(dir.path(), "another-token-0123456789").await;
+    let other = daemon
+        .connect("another-token-0123456789", Client::default())
+        .await;
+    let answer = other
+        .call_tool(
+            CallToolRequestParams::new("check_task_status")
+                .with_arguments(args(json!({"task_id": id}))),
+        )
+        .await
+        .unwrap();
+    assert_eq!(answer.is_error, Some(true), "{answer:?}");
+    assert_eq!(ok(&other, "list_tasks", json!({})).await["count"], 0);
+    other.cancel().await.unwrap();
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_answer_over_http_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(dir.path(), TOKEN).await;
+    let client = daemon.connect(TOKEN, Client { tasks: true }).await;
+    let response = client
+        .call_tool_once(
+            CallToolRequestParams::new("execute_command")
+                .with_arguments(args(json!({"command": "sleep 1; echo over-http"}))),
+        )
+        .await
+        .unwrap();
+    let CallToolResponse::Task(created) = response else {
+        panic!("expected a task, got {response:?}")
+    };
+    let id = created.task.task_id.clone();
+    client.cancel().await.unwrap();
+    daemon.stop().await;
+
+    let daemon = Daemon::start(dir.path(), TOKEN).await;
+    let client = daemon.connect(TOKEN, Client { tasks: true }).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let result = loop {
+        let got = client
+            .peer()
+            .get_task(GetTaskParams::new(id.clone()))
+            .await
+            .unwrap();
+        match got.task.payload {
+            TaskPayload::Completed { result } => break result,
+            TaskPayload::Working => {}
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never completed after the restart"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let result: CallToolResult = serde_json::from_value(Value::Object(result)).unwrap();
+    assert!(
+        result.content[0]
+            .as_text()
+            .unwrap()
+            .text
+            .contains("over-http"),
+        "{result:?}"
+    );
+
+    let response = client
+        .call_tool_once(
+            CallToolRequestParams::new("execute_command")
+                .with_arguments(args(json!({"command": "sleep 60"}))),
+        )
+        .await
+        .unwrap();
+    let CallToolResponse::Task(created) = response else {
+        panic!("expected a task")
+    };
+    client
+        .peer()
+        .cancel_task(CancelTaskParams::new(created.task.task_id.clone()))
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let got = client
+            .peer()
+            .get_task(GetTaskParams::new(created.task.task_id.clone()))
+            .await
+            .unwrap();
+        if matches!(got.task.payload, TaskPayload::Cancelled) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never cancelled");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    client.cancel().await.unwrap();
+    daemon.stop().await;
+}
