@@ -741,6 +741,9 @@ impl McpServer {
                     .delete_finished(filter, before, 10_000)
                     .await
                     .map_err(ToolError::from_core)?;
+                if deleted > 0 {
+                    self.core.wrapper.remove_stale_outputs().await;
+                }
                 let status = if deleted == 0 {
                     "no_action_needed"
                 } else {

@@ -86,7 +86,7 @@ pub struct SubmitOptions {
 #[derive(Clone, Debug, Deserialize, JsonSchema)]
 #[schemars(crate = "rmcp::schemars")]
 pub struct SubmitArgs {
-    /// The kind of work: "command" (params {"command": "<shell line>"} or {"argv": [...]}, plus
+    /// The kind of work: "command" (params `{"command": "<shell line>"}` or `{"argv": [...]}`, plus
     /// optional env, stdin, flavor), "code" (params {"language": "python"|"node"|"bash",
     /// "code": "..."}), or an operator-defined type (see `manage_background_tasks(action="list_types")`).
     pub task_type: String,

@@ -403,6 +403,13 @@ async fn cancel_pause_resume_and_the_queue_tools_do_what_they_say() {
     )
     .await;
     assert_eq!(done["status"], "completed", "{done}");
+    let outputs = fixture._dir.path().join("data/outputs");
+    for id in [&sleeper, &again] {
+        assert!(
+            outputs.join(format!("{id}.log")).exists(),
+            "no output file for {id}"
+        );
+    }
     let cleaned = ok(
         &client,
         "manage_background_tasks",
@@ -412,6 +419,13 @@ async fn cancel_pause_resume_and_the_queue_tools_do_what_they_say() {
     assert!(cleaned["deleted"].as_u64().unwrap() >= 3, "{cleaned}");
     let text = tool_error(&client, "check_task_status", json!({"task_id": sleeper})).await;
     assert!(text.contains("TASK_NOT_FOUND"), "{text}");
+    // Their output files went with them.
+    for id in [&sleeper, &again] {
+        assert!(
+            !outputs.join(format!("{id}.log")).exists(),
+            "the output of {id} is left"
+        );
+    }
     let text = tool_error(&client, "manage_task_queue", json!({"action": "explode"})).await;
     assert!(text.contains("UNKNOWN_ACTION"), "{text}");
     client.cancel().await.unwrap();

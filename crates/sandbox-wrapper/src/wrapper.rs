@@ -465,18 +465,19 @@ impl Wrapper {
             }),
         );
         let engine = inner.engine.clone();
+        let outputs_dir = inner.shared.outputs_dir.clone();
         let pruner = periodic(
             "retention_pruner",
             engine_config.prune_interval,
             "tasks_pruned",
             Box::new(move || {
                 let engine = engine.clone();
+                let outputs_dir = outputs_dir.clone();
                 Box::pin(async move {
-                    engine
-                        .prune_expired()
-                        .await
-                        .map(|n| n as u64)
-                        .map_err(|e| e.to_string())
+                    let pruned = engine.prune_expired().await.map_err(|e| e.to_string())?;
+                    // The output files of the tasks that are gone go too.
+                    remove_stale_outputs(&engine, &outputs_dir).await;
+                    Ok(pruned as u64)
                 })
             }),
         );
@@ -578,6 +579,13 @@ impl Wrapper {
             }),
             other => other,
         }
+    }
+
+    /// Deletes the output files of tasks that no longer exist (pruned, or deleted with
+    /// [`Engine::delete_finished`]); returns how many. The retention pruner does this on every
+    /// round; call it after deleting tasks to free their disk at once.
+    pub async fn remove_stale_outputs(&self) -> usize {
+        remove_stale_outputs(&self.inner.engine, &self.inner.shared.outputs_dir).await
     }
 
     /// The background loops' status, in the shape the microsandbox wrapper's users know.
@@ -819,4 +827,29 @@ impl Wrapper {
     pub async fn stop(&self, timeout: Duration) -> GracefulShutdownReport {
         self.graceful_shutdown(timeout).await
     }
+}
+
+/// Deletes the `<task id>.log` files under `outputs_dir` whose task the store no longer holds.
+/// Files that are not named after a task id are left alone.
+async fn remove_stale_outputs(engine: &Engine, outputs_dir: &std::path::Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(outputs_dir) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(id) = name
+            .to_str()
+            .and_then(|n| n.strip_suffix(".log"))
+            .and_then(|n| n.parse::<TaskId>().ok())
+        else {
+            continue;
+        };
+        if let Err(task_core::Error::TaskNotFound { .. }) = engine.get(id).await
+            && std::fs::remove_file(entry.path()).is_ok()
+        {
+            removed += 1;
+        }
+    }
+    removed
 }
