@@ -84,9 +84,11 @@ fn main() -> BenchResult<()> {
             part.insert("diag_mcp_stdio_rmcp_client_calls_per_s".into(), json!(per_s.round()));
         }
         if wanted("mcp_http_call_p50_us") {
-            let p50 = http_calls().await?;
+            let (p50, rmcp) = http_calls().await?;
             println!("mcp_http_call_p50_us: {p50:.1} (target <= 300)");
+            println!("  with rmcp's client: diag_mcp_http_rmcp_client_call_p50_us {rmcp:.1}");
             part.insert("mcp_http_call_p50_us".into(), json!(round(p50)));
+            part.insert("diag_mcp_http_rmcp_client_call_p50_us".into(), json!(round(rmcp)));
         }
         if wanted("mcp_tasks_get_vs_rmcp_ratio") {
             let (msbd, rmcp) = tasks_get().await?;
@@ -271,7 +273,7 @@ async fn stdio_calls() -> BenchResult<(f64, f64)> {
     Ok(figures)
 }
 
-async fn http_calls() -> BenchResult<f64> {
+async fn http_calls() -> BenchResult<(f64, f64)> {
     use rmcp::transport::StreamableHttpClientTransport;
     let dir = tempfile::tempdir()?;
     let port = {
@@ -301,14 +303,83 @@ async fn http_calls() -> BenchResult<f64> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let client = Client { tasks: false }
-        .serve(StreamableHttpClientTransport::from_uri(url))
+        .serve(StreamableHttpClientTransport::from_uri(url.clone()))
         .await?;
     let id = finished_task(&client).await?;
-    let (p50, _) = status_calls(&client, &id).await?;
+    let (rmcp_p50, _) = status_calls(&client, &id).await?;
     client.cancel().await?;
+    let lean_p50 = lean_http_calls(&url, &id).await?;
     child.start_kill()?;
     let _ = child.wait().await;
-    Ok(p50)
+    Ok((lean_p50, rmcp_p50))
+}
+
+/// Round trips of `check_task_status` over streamable HTTP from a lean client: one keep-alive
+/// connection, one POST per call, the answer read whole (a JSON body, or the one `data:` line
+/// of an event stream).
+async fn lean_http_calls(url: &str, id: &str) -> BenchResult<f64> {
+    let http = reqwest::Client::builder().tcp_nodelay(true).build()?;
+    let post = |body: Value, session: Option<String>| {
+        let mut request = http
+            .post(url)
+            .header("content-type", "application/json")
+            .header("accept", "application/json, text/event-stream")
+            .body(body.to_string());
+        if let Some(session) = session {
+            request = request.header("mcp-session-id", session);
+        }
+        request
+    };
+    let answer = |text: &str| -> BenchResult<Value> {
+        // An event stream may open with a priming event whose data is empty.
+        let json = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("data:"))
+            .map(str::trim)
+            .find(|d| !d.is_empty())
+            .unwrap_or(text)
+            .trim();
+        Ok(serde_json::from_str(json)?)
+    };
+    let init = post(
+        json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "bench", "version": "0"}}}),
+        None,
+    )
+    .send()
+    .await?;
+    let session = init
+        .headers()
+        .get("mcp-session-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    init.text().await?;
+    post(
+        json!({"jsonrpc": "2.0", "method": "notifications/initialized"}),
+        session.clone(),
+    )
+    .send()
+    .await?
+    .text()
+    .await?;
+    let call = json!({"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "check_task_status", "arguments": {"task_id": id}}});
+    let mut samples = Vec::with_capacity(calls());
+    for round in 0..(WARMUP + calls()) {
+        let before = Instant::now();
+        let text = post(call.clone(), session.clone())
+            .send()
+            .await?
+            .text()
+            .await?;
+        let elapsed = before.elapsed();
+        let value = answer(&text)?;
+        if value["result"]["isError"] == json!(true) || value.get("error").is_some() {
+            return Err(format!("check_task_status over HTTP failed: {value}").into());
+        }
+        if round >= WARMUP {
+            samples.push(elapsed);
+        }
+    }
+    Ok(median_us(&mut samples))
 }
 
 /// A minimal server whose tasks live in rmcp's in-memory `TaskManager`: `tools/call` answers

@@ -184,6 +184,14 @@ pub(crate) async fn serve(
         authentication = options.auth_token.is_some(),
         "serving MCP over HTTP at /mcp"
     );
+    // No Nagle delay: a JSON-RPC answer (or an event of a stream) goes out as soon as it is
+    // written, not after the client's delayed ACK (up to 40 ms per call otherwise).
+    let listener =
+        axum::serve::ListenerExt::tap_io(listener, |stream: &mut tokio::net::TcpStream| {
+            if let Err(error) = stream.set_nodelay(true) {
+                tracing::debug!(%error, "cannot set TCP_NODELAY on a connection");
+            }
+        });
     let served = axum::serve(listener, app)
         .with_graceful_shutdown(async move {
             shutdown.cancelled().await;
