@@ -80,8 +80,12 @@ pub(crate) fn command(mut launch: Launch<'_>) -> std::io::Result<std::process::C
             command
         }
         None => {
-            let mut command = std::process::Command::new(&launch.argv[0]);
-            command.args(&launch.argv[1..]);
+            // The program found on the sandbox's own PATH up front: std spawns with
+            // posix_spawn (no copy of this process's page tables) only when it need not search
+            // a PATH that differs from its own; argv[0] stays as given.
+            let program = resolve_program(&launch.argv[0], &launch.env);
+            let mut command = std::process::Command::new(&program);
+            command.arg0(&launch.argv[0]).args(&launch.argv[1..]);
             command
         }
     };
@@ -195,6 +199,30 @@ pub(crate) fn command(mut launch: Launch<'_>) -> std::io::Result<std::process::C
         });
     }
     Ok(command)
+}
+
+/// A program name without a `/` looked up on the `PATH` of `env` (the one the program will
+/// run with); the name itself when it has a `/` or is not found there (the spawn then reports
+/// it missing).
+fn resolve_program(name: &str, env: &[(String, String)]) -> PathBuf {
+    if name.contains('/') {
+        return PathBuf::from(name);
+    }
+    let path = env
+        .iter()
+        .rev()
+        .find(|(key, _)| key == "PATH")
+        .map_or("", |(_, value)| value.as_str());
+    for dir in path.split(':').filter(|d| d.starts_with('/')) {
+        let candidate = Path::new(dir).join(name);
+        if let Ok(meta) = std::fs::metadata(&candidate) {
+            use std::os::unix::fs::PermissionsExt;
+            if meta.is_file() && meta.permissions().mode() & 0o111 != 0 {
+                return candidate;
+            }
+        }
+    }
+    PathBuf::from(name)
 }
 
 /// A session's own namespaces, made once and joined by each of its runs.
@@ -677,4 +705,36 @@ fn zombie_stat(pid: i32) -> Option<(char, i32, i32)> {
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::resolve_program;
+
+    fn env(path: &str) -> Vec<(String, String)> {
+        vec![
+            ("HOME".into(), "/nowhere".into()),
+            ("PATH".into(), path.into()),
+        ]
+    }
+
+    #[test]
+    fn programs_are_found_on_the_sandbox_path() {
+        let sh = resolve_program("sh", &env("/nonexistent:/usr/bin:/bin"));
+        assert!(sh.is_absolute() && sh.ends_with("sh"), "{sh:?}");
+        // A name with a slash is taken as it is; a missing one stays a bare name.
+        assert_eq!(
+            resolve_program("./run.sh", &env("/bin")),
+            PathBuf::from("./run.sh")
+        );
+        assert_eq!(
+            resolve_program("no-such-program-here", &env("/usr/bin:/bin")),
+            PathBuf::from("no-such-program-here")
+        );
+        // Relative PATH entries are ignored; no PATH at all finds nothing.
+        assert_eq!(resolve_program("sh", &env("bin")), PathBuf::from("sh"));
+        assert_eq!(resolve_program("sh", &[]), PathBuf::from("sh"));
+    }
 }
