@@ -725,7 +725,15 @@ impl McpServer {
                     Some(seconds) => seconds_arg("older_than_seconds", seconds, true)?,
                     None => Duration::from_secs(3600),
                 };
-                let before = Timestamp(Timestamp::now().0.saturating_sub(age.as_millis() as i64));
+                // "Finished at least `age` ago", this millisecond included (the store deletes
+                // strictly before the cutoff): with 0, every finished task goes, also one that
+                // finished in the same millisecond.
+                let before = Timestamp(
+                    Timestamp::now()
+                        .0
+                        .saturating_sub(age.as_millis() as i64)
+                        .saturating_add(1),
+                );
                 let filter = ListFilter {
                     owner: Some(self.principal.to_string()),
                     task_type: args
