@@ -192,6 +192,7 @@ pub struct ManageTasksArgs {
     /// cancelled task again as a new task), "list", "get_stats", "cleanup" (delete your finished
     /// tasks older than older_than_seconds, default 3600), "list_types" (the task types this
     /// server runs).
+    #[schemars(extend("enum" = ["create", "schedule", "cancel", "pause", "resume", "retry", "list", "get_stats", "cleanup", "list_types"]))]
     pub action: String,
     /// The task, for cancel, pause, resume and retry.
     #[serde(default)]
@@ -232,6 +233,7 @@ pub struct ManageQueueArgs {
     /// tasks that have not started, optionally only of task_type or priority); "set_limits"
     /// (max_concurrent tasks at once, overall or for task_type); "reorder" (give the waiting
     /// task task_id a new priority).
+    #[schemars(extend("enum" = ["get_stats", "pause", "resume", "clear_queue", "set_limits", "reorder"]))]
     pub action: String,
     /// For pause, resume, clear_queue and set_limits: only this task type.
     #[serde(default)]

@@ -676,3 +676,16 @@ async fn bad_input_gets_clear_errors_and_the_server_keeps_serving() {
     assert!(health.get("status").is_some(), "{health}");
     client.cancel().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_manage_tools_list_their_actions_in_the_schema() {
+    let fixture = fixture(ServerOptions::default()).await;
+    let tools = fixture.server.tools();
+    for (tool, actions) in [("manage_background_tasks", 10), ("manage_task_queue", 6)] {
+        let tool = tools.iter().find(|t| t.name == tool).unwrap();
+        let listed = tool.input_schema["properties"]["action"]["enum"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{}: no action enum in {:?}", tool.name, tool.input_schema));
+        assert_eq!(listed.len(), actions, "{}: {listed:?}", tool.name);
+    }
+}
