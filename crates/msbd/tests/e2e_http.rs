@@ -3,40 +3,21 @@
 //! switched on), a task's whole life, the tasks extension across a restart of msbd, the probes,
 //! and a token's tasks invisible to another token.
 
+mod common;
+
 use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use rmcp::model::{
-    CallToolRequestParams, CallToolResponse, CallToolResult, CancelTaskParams, ClientCapabilities,
-    ClientConfig, GetTaskParams, Implementation, TaskPayload,
-};
-use rmcp::service::RunningService;
+use common::{Client, Connection, args, completed_result, ok, wait_status, wait_task_payload};
+use rmcp::ServiceExt;
+use rmcp::model::{CallToolRequestParams, CallToolResponse, CancelTaskParams, TaskPayload};
 use rmcp::transport::StreamableHttpClientTransport;
 use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
-use rmcp::{ClientHandler, RoleClient, ServiceExt};
-use serde_json::{Value, json};
+use serde_json::json;
 
 const MSBD: &str = env!("CARGO_BIN_EXE_msbd");
 const TOKEN: &str = "e2e-token-0123456789abcdef";
-
-#[derive(Clone, Default)]
-struct Client {
-    tasks: bool,
-}
-
-impl ClientHandler for Client {
-    fn get_info(&self) -> ClientConfig {
-        let caps = if self.tasks {
-            ClientCapabilities::builder().enable_tasks().build()
-        } else {
-            ClientCapabilities::default()
-        };
-        ClientConfig::new(caps, Implementation::new("e2e-http", "0.0.0"))
-    }
-}
-
-type Connection = RunningService<RoleClient, Client>;
 
 /// A running `msbd serve --transport http`.
 struct Daemon {
@@ -101,42 +82,6 @@ impl Daemon {
             .expect("msbd did not exit after SIGTERM")
             .unwrap();
         assert!(status.success(), "{status}");
-    }
-}
-
-fn args(value: Value) -> rmcp::model::JsonObject {
-    value.as_object().unwrap().clone()
-}
-
-async fn ok(client: &Connection, tool: &str, arguments: Value) -> Value {
-    let result: CallToolResult = client
-        .call_tool(
-            CallToolRequestParams::new(tool.to_owned()).with_arguments(args(arguments.clone())),
-        )
-        .await
-        .unwrap_or_else(|e| panic!("{tool}: {e}"));
-    assert_ne!(
-        result.is_error,
-        Some(true),
-        "{tool}({arguments}): {result:?}"
-    );
-    result
-        .structured_content
-        .unwrap_or_else(|| panic!("{tool}: no structured answer"))
-}
-
-async fn wait_status(client: &Connection, id: &str, status: &str) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let view = ok(client, "check_task_status", json!({"task_id": id})).await;
-        if view["status"] == status {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "task {id} never became {status}: {view}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
@@ -292,25 +237,7 @@ async fn a_task_answer_over_http_survives_a_restart() {
 
     let daemon = Daemon::start(dir.path(), TOKEN).await;
     let client = daemon.connect(TOKEN, Client { tasks: true }).await;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let result = loop {
-        let got = client
-            .peer()
-            .get_task(GetTaskParams::new(id.clone()))
-            .await
-            .unwrap();
-        match got.task.payload {
-            TaskPayload::Completed { result } => break result,
-            TaskPayload::Working => {}
-            other => panic!("{other:?}"),
-        }
-        assert!(
-            Instant::now() < deadline,
-            "never completed after the restart"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    let result: CallToolResult = serde_json::from_value(Value::Object(result)).unwrap();
+    let result = completed_result(&client, &id).await;
     assert!(
         result.content[0]
             .as_text()
@@ -335,19 +262,8 @@ async fn a_task_answer_over_http_survives_a_restart() {
         .cancel_task(CancelTaskParams::new(created.task.task_id.clone()))
         .await
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let got = client
-            .peer()
-            .get_task(GetTaskParams::new(created.task.task_id.clone()))
-            .await
-            .unwrap();
-        if matches!(got.task.payload, TaskPayload::Cancelled) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "never cancelled");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let payload = wait_task_payload(&client, &created.task.task_id).await;
+    assert!(matches!(payload, TaskPayload::Cancelled), "{payload:?}");
     client.cancel().await.unwrap();
     daemon.stop().await;
 }

@@ -2,39 +2,22 @@
 //! start it, on a fresh data directory, with real sandboxes. Every tool at least once; a task's
 //! whole life; the tasks extension across a restart; bad input; SIGTERM with running tasks.
 
+mod common;
+
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use common::{Client, Connection, args, completed_result, ok, wait_status, wait_task_payload};
+use rmcp::ServiceExt;
 use rmcp::model::{
-    CallToolRequestParams, CallToolResponse, CallToolResult, CancelTaskParams, ClientCapabilities,
-    ClientConfig, GetTaskParams, Implementation, TaskPayload,
+    CallToolRequestParams, CallToolResponse, CancelTaskParams, GetTaskParams, TaskPayload,
 };
-use rmcp::service::RunningService;
 use rmcp::transport::TokioChildProcess;
-use rmcp::{ClientHandler, RoleClient, ServiceExt};
 use serde_json::{Value, json};
 
 const MSBD: &str = env!("CARGO_BIN_EXE_msbd");
-
-#[derive(Clone, Default)]
-struct Client {
-    tasks: bool,
-}
-
-impl ClientHandler for Client {
-    fn get_info(&self) -> ClientConfig {
-        let caps = if self.tasks {
-            ClientCapabilities::builder().enable_tasks().build()
-        } else {
-            ClientCapabilities::default()
-        };
-        ClientConfig::new(caps, Implementation::new("e2e", "0.0.0"))
-    }
-}
-
-type Connection = RunningService<RoleClient, Client>;
 
 fn command(data_dir: &Path) -> tokio::process::Command {
     let mut command = tokio::process::Command::new(MSBD);
@@ -50,44 +33,6 @@ fn command(data_dir: &Path) -> tokio::process::Command {
 async fn start(data_dir: &Path, client: Client) -> Connection {
     let transport = TokioChildProcess::new(command(data_dir)).unwrap();
     client.serve(transport).await.unwrap()
-}
-
-fn args(value: Value) -> rmcp::model::JsonObject {
-    value.as_object().unwrap().clone()
-}
-
-async fn call(client: &Connection, tool: &str, arguments: Value) -> CallToolResult {
-    client
-        .call_tool(CallToolRequestParams::new(tool.to_owned()).with_arguments(args(arguments)))
-        .await
-        .unwrap_or_else(|e| panic!("{tool}: {e}"))
-}
-
-async fn ok(client: &Connection, tool: &str, arguments: Value) -> Value {
-    let result = call(client, tool, arguments.clone()).await;
-    assert_ne!(
-        result.is_error,
-        Some(true),
-        "{tool}({arguments}): {result:?}"
-    );
-    result
-        .structured_content
-        .unwrap_or_else(|| panic!("{tool}: no structured answer"))
-}
-
-async fn wait_status(client: &Connection, id: &str, status: &str) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let view = ok(client, "check_task_status", json!({"task_id": id})).await;
-        if view["status"] == status {
-            return view;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "task {id} never became {status}: {view}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -216,25 +161,7 @@ async fn a_task_answer_survives_a_restart_of_msbd() {
     client.cancel().await.unwrap();
 
     let client = start(dir.path(), Client { tasks: true }).await;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let result = loop {
-        let got = client
-            .peer()
-            .get_task(GetTaskParams::new(id.clone()))
-            .await
-            .unwrap();
-        match got.task.payload {
-            TaskPayload::Completed { result } => break result,
-            TaskPayload::Working => {}
-            other => panic!("{other:?}"),
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the task never completed after the restart"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    let result: CallToolResult = serde_json::from_value(Value::Object(result)).unwrap();
+    let result = completed_result(&client, &id).await;
     assert!(
         result.content[0]
             .as_text()
@@ -260,19 +187,8 @@ async fn a_task_answer_survives_a_restart_of_msbd() {
         .cancel_task(CancelTaskParams::new(created.task.task_id.clone()))
         .await
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let got = client
-            .peer()
-            .get_task(GetTaskParams::new(created.task.task_id.clone()))
-            .await
-            .unwrap();
-        if matches!(got.task.payload, TaskPayload::Cancelled) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "never cancelled");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let payload = wait_task_payload(&client, &created.task.task_id).await;
+    assert!(matches!(payload, TaskPayload::Cancelled), "{payload:?}");
     // Another connection's view of an unknown id: an error, and the server keeps serving.
     assert!(
         client
