@@ -198,7 +198,9 @@ impl McpServer {
             .session_owners
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        if owners.len() >= SESSION_OWNERS_PRUNE_AT {
+        // At each power of two from the threshold on, so that the scan is paid once per
+        // doubling, not on every claim while most entries are still live.
+        if owners.len() >= SESSION_OWNERS_PRUNE_AT && owners.len().is_power_of_two() {
             // Forget the sessions that are gone, keeping those claimed lately (their task may
             // still wait to start).
             let live = self.core.wrapper.sessions().live_ids();

@@ -9,7 +9,10 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::{Client, Connection, args, completed_result, ok, wait_status, wait_task_payload};
+use common::{
+    Client, Connection, args, completed_result, every_tool_and_a_tasks_whole_life, ok,
+    wait_task_payload,
+};
 use rmcp::ServiceExt;
 use rmcp::model::{CallToolRequestParams, CallToolResponse, CancelTaskParams, TaskPayload};
 use rmcp::transport::StreamableHttpClientTransport;
@@ -102,84 +105,7 @@ async fn every_tool_over_http_with_probes_and_ownership() {
     assert_eq!(unauthorized.status(), 401);
     let client = daemon.connect(TOKEN, Client::default()).await;
 
-    let created = ok(
-        &client,
-        "create_background_task",
-        json!({
-            "task_type": "command",
-            "params": {"command": "echo one; echo '::progress:: 50 half'; sleep 1; echo two"},
-            "tags": ["http"],
-        }),
-    )
-    .await;
-    let id = created["task_id"].as_str().unwrap().to_owned();
-    wait_status(&client, &id, "running").await;
-    let result = ok(
-        &client,
-        "get_task_result",
-        json!({"task_id": id, "wait": true, "timeout": 60}),
-    )
-    .await;
-    assert_eq!(result["status"], "completed", "{result}");
-    let output = ok(
-        &client,
-        "read_task_output",
-        json!({"task_id": id, "cursor": 0}),
-    )
-    .await;
-    assert!(output["data"].as_str().unwrap().contains("two"), "{output}");
-
-    let long = ok(
-        &client,
-        "submit_task",
-        json!({"task_type": "command", "params": {"command": "sleep 30"}}),
-    )
-    .await;
-    let long = long["task_id"].as_str().unwrap().to_owned();
-    wait_status(&client, &long, "running").await;
-    ok(
-        &client,
-        "manage_background_tasks",
-        json!({"action": "pause", "task_id": long}),
-    )
-    .await;
-    wait_status(&client, &long, "paused").await;
-    ok(
-        &client,
-        "manage_background_tasks",
-        json!({"action": "resume", "task_id": long}),
-    )
-    .await;
-    ok(&client, "cancel_task", json!({"task_id": long})).await;
-    wait_status(&client, &long, "cancelled").await;
-
-    ok(&client, "list_tasks", json!({"tag": "http"})).await;
-    ok(&client, "check_task_status", json!({})).await;
-    ok(&client, "manage_task_queue", json!({"action": "get_stats"})).await;
-    let code = ok(&client, "execute_code", json!({"code": "print(3 * 14)"})).await;
-    assert!(
-        code["output_tail"].as_str().unwrap().contains("42"),
-        "{code}"
-    );
-    let session = code["session_id"].as_str().unwrap().to_owned();
-    ok(
-        &client,
-        "execute_command",
-        json!({"command": "true", "session_id": session}),
-    )
-    .await;
-    ok(&client, "get_sessions", json!({})).await;
-    ok(&client, "stop_session", json!({"session_id": session})).await;
-    ok(&client, "get_volume_mappings", json!({})).await;
-    for tool in [
-        "health_check",
-        "get_background_task_status",
-        "pause_background_tasks",
-        "resume_background_tasks",
-        "restart_background_tasks",
-    ] {
-        ok(&client, tool, json!({})).await;
-    }
+    let id = every_tool_and_a_tasks_whole_life(&client).await;
 
     // /metrics with the token counts what ran.
     let metrics = reqwest::Client::new()

@@ -475,8 +475,11 @@ impl Wrapper {
                 let outputs_dir = outputs_dir.clone();
                 Box::pin(async move {
                     let pruned = engine.prune_expired().await.map_err(|e| e.to_string())?;
-                    // The output files of the tasks that are gone go too.
-                    remove_stale_outputs(&engine, &outputs_dir).await;
+                    // The output files of the tasks that are gone go too (a scan of the
+                    // outputs, so only after a round that pruned something).
+                    if pruned > 0 {
+                        remove_stale_outputs(&engine, &outputs_dir).await;
+                    }
                     Ok(pruned as u64)
                 })
             }),
@@ -582,8 +585,8 @@ impl Wrapper {
     }
 
     /// Deletes the output files of tasks that no longer exist (pruned, or deleted with
-    /// [`Engine::delete_finished`]); returns how many. The retention pruner does this on every
-    /// round; call it after deleting tasks to free their disk at once.
+    /// [`Engine::delete_finished`]); returns how many. The retention pruner does this after every
+    /// round that pruned tasks; call it after deleting tasks to free their disk at once.
     pub async fn remove_stale_outputs(&self) -> usize {
         remove_stale_outputs(&self.inner.engine, &self.inner.shared.outputs_dir).await
     }

@@ -98,3 +98,104 @@ pub async fn completed_result(client: &Connection, id: &str) -> CallToolResult {
         other => panic!("task {id} ended as {other:?}"),
     }
 }
+
+/// Every tool at least once, and a task's whole life: create, progress, output by cursor,
+/// result; pause, resume, cancel; the queue, sandbox and supervision tools. Returns the id of
+/// the completed task (tagged `e2e`).
+pub async fn every_tool_and_a_tasks_whole_life(client: &Connection) -> String {
+    let created = ok(
+        client,
+        "create_background_task",
+        json!({
+            "task_type": "command",
+            "params": {"command": "echo one; echo '::progress:: 50 half'; sleep 1; echo two"},
+            "tags": ["e2e"],
+        }),
+    )
+    .await;
+    let id = created["task_id"].as_str().unwrap().to_owned();
+    let running = wait_status(client, &id, "running").await;
+    assert!(running.get("eta_seconds").is_some());
+    let result = ok(
+        client,
+        "get_task_result",
+        json!({"task_id": id, "wait": true, "timeout": 60}),
+    )
+    .await;
+    assert_eq!(result["status"], "completed", "{result}");
+    let mut output = String::new();
+    let mut cursor = 0;
+    loop {
+        let chunk = ok(
+            client,
+            "read_task_output",
+            json!({"task_id": id, "cursor": cursor, "max_bytes": 5}),
+        )
+        .await;
+        output.push_str(chunk["data"].as_str().unwrap());
+        cursor = chunk["next_cursor"].as_u64().unwrap();
+        if chunk["complete"] == true {
+            break;
+        }
+    }
+    assert!(output.contains("one") && output.contains("two"), "{output}");
+
+    // Cancel; pause and resume.
+    let long = ok(
+        client,
+        "submit_task",
+        json!({"task_type": "command", "params": {"command": "sleep 30"}, "max_retries": 0, "timeout_seconds": 60}),
+    )
+    .await;
+    let long = long["task_id"].as_str().unwrap().to_owned();
+    wait_status(client, &long, "running").await;
+    ok(
+        client,
+        "manage_background_tasks",
+        json!({"action": "pause", "task_id": long}),
+    )
+    .await;
+    wait_status(client, &long, "paused").await;
+    ok(
+        client,
+        "manage_background_tasks",
+        json!({"action": "resume", "task_id": long}),
+    )
+    .await;
+    wait_status(client, &long, "running").await;
+    ok(client, "cancel_task", json!({"task_id": long})).await;
+    wait_status(client, &long, "cancelled").await;
+
+    // The rest of the tools, once each.
+    let tagged = ok(client, "list_tasks", json!({"tag": "e2e"})).await;
+    assert_eq!(tagged["count"], 1, "{tagged}");
+    ok(client, "check_task_status", json!({})).await;
+    ok(client, "manage_task_queue", json!({"action": "get_stats"})).await;
+    let code = ok(client, "execute_code", json!({"code": "print(2 ** 10)"})).await;
+    assert!(
+        code["output_tail"].as_str().unwrap().contains("1024"),
+        "{code}"
+    );
+    let session = code["session_id"].as_str().unwrap().to_owned();
+    let command = ok(
+        client,
+        "execute_command",
+        json!({"command": "pwd", "session_id": session}),
+    )
+    .await;
+    assert_eq!(command["exit_code"], 0);
+    let sessions = ok(client, "get_sessions", json!({})).await;
+    assert!(sessions["count"].as_u64().unwrap() >= 1);
+    ok(client, "stop_session", json!({"session_id": session})).await;
+    ok(client, "get_volume_mappings", json!({})).await;
+    for tool in [
+        "health_check",
+        "get_background_task_status",
+        "pause_background_tasks",
+        "resume_background_tasks",
+        "restart_background_tasks",
+    ] {
+        ok(client, tool, json!({})).await;
+    }
+    id
+}
