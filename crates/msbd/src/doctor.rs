@@ -25,7 +25,7 @@ struct Check {
 }
 
 /// Runs every check, prints them, and says whether msbd can serve.
-pub(crate) async fn run(config: &Config, own_exe: Option<PathBuf>) -> bool {
+pub async fn run(config: &Config, own_exe: Option<PathBuf>) -> bool {
     let mut checks = Vec::new();
     match config.backend {
         BackendChoice::Local => sandbox_checks(config, own_exe, &mut checks).await,

@@ -1,9 +1,4 @@
-//! The `msbd` binary: the command line, configuration and process lifecycle.
-//!
-//! This crate sits on top of every other crate and owns the `MSB_*` configuration (read
-//! from the environment into one typed struct, [`config`]), tracing (to stderr, never
-//! stdout), the stdio and HTTP transports, and signal handling with a graceful shutdown. It
-//! is the only crate that reads the environment, parses flags or installs signal handlers.
+//! The `msbd` binary: the command line (see the library crate, `msbd`, for the rest).
 //!
 //! `msbd serve` serves MCP clients, `msbd config` prints the effective configuration,
 //! `msbd doctor` checks what the host offers. The same binary is also the Landlock shim
@@ -15,12 +10,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
-pub mod config;
-mod doctor;
-mod http;
-mod metrics;
-mod serve;
-mod stdio;
+use msbd::{config, doctor, serve};
 
 /// Exit status when the configuration is invalid (a usage error: nothing was started).
 const CONFIG_ERROR_EXIT_CODE: u8 = 2;

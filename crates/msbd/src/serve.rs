@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{Config, Database, Loaded, Transport};
 
 /// Serves until a signal or the end of stdin; the exit status says how it went.
-pub(crate) fn run(loaded: Loaded) -> ExitCode {
+pub fn run(loaded: Loaded) -> ExitCode {
     let config = loaded.config;
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -19,7 +19,7 @@ const ID_WINDOW: usize = 4096;
 /// up to `limit` bytes (without the newline) and replaces longer ones as the module says. It
 /// reads on the caller's task (no thread or task in between), holding at most one chunk of
 /// input and `limit` bytes of the current line.
-pub(crate) struct LimitedLines<R> {
+pub struct LimitedLines<R> {
     inner: R,
     limit: usize,
     /// Bytes ready for the reader.
@@ -41,7 +41,7 @@ pub(crate) struct LimitedLines<R> {
 
 impl<R> LimitedLines<R> {
     /// Wraps `inner`.
-    pub(crate) fn new(inner: R, limit: usize) -> LimitedLines<R> {
+    pub fn new(inner: R, limit: usize) -> LimitedLines<R> {
         LimitedLines {
             inner,
             limit,
