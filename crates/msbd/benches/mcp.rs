@@ -16,6 +16,11 @@
 //!   in the same run (the ratio is what the target is about; both medians are in the part as
 //!   `diag_mcp_tasks_get_msbd_us` and `diag_mcp_tasks_get_rmcp_us`).
 //!
+//! Two floors put the round trips in proportion on the machine at hand:
+//! `diag_stdio_pipe_floor_*` (`cat` echoing the same request line over pipes: what any stdio
+//! server pays before doing any work) and `diag_http_floor_p50_us` (a bare axum route in this
+//! process answering the same POST).
+//!
 //! An optional argument keeps only the figures whose name contains it.
 
 use std::path::PathBuf;
@@ -78,6 +83,10 @@ fn main() -> BenchResult<()> {
             println!("mcp_stdio_call_p50_us: {p50:.1} (target <= 100); mcp_stdio_calls_per_s: {per_s:.0} (target >= 20000)");
             part.insert("mcp_stdio_call_p50_us".into(), json!(round(p50)));
             part.insert("mcp_stdio_calls_per_s".into(), json!(per_s.round()));
+            let (p50, per_s) = tokio::task::spawn_blocking(pipe_floor).await.map_err(|e| e.to_string())??;
+            println!("  the floor, `cat` echoing the same request over pipes: diag_stdio_pipe_floor_p50_us {p50:.1}, diag_stdio_pipe_floor_per_s {per_s:.0}");
+            part.insert("diag_stdio_pipe_floor_p50_us".into(), json!(round(p50)));
+            part.insert("diag_stdio_pipe_floor_per_s".into(), json!(per_s.round()));
             let (p50, per_s) = stdio_calls().await?;
             println!("  with rmcp's client: diag_mcp_stdio_rmcp_client_call_p50_us {p50:.1}, diag_mcp_stdio_rmcp_client_calls_per_s {per_s:.0}");
             part.insert("diag_mcp_stdio_rmcp_client_call_p50_us".into(), json!(round(p50)));
@@ -89,6 +98,9 @@ fn main() -> BenchResult<()> {
             println!("  with rmcp's client: diag_mcp_http_rmcp_client_call_p50_us {rmcp:.1}");
             part.insert("mcp_http_call_p50_us".into(), json!(round(p50)));
             part.insert("diag_mcp_http_rmcp_client_call_p50_us".into(), json!(round(rmcp)));
+            let floor = http_floor().await?;
+            println!("  the floor, a bare axum route answering the same POST in this process: diag_http_floor_p50_us {floor:.1}");
+            part.insert("diag_http_floor_p50_us".into(), json!(round(floor)));
         }
         if wanted("mcp_tasks_get_vs_rmcp_ratio") {
             let (msbd, rmcp) = tasks_get().await?;
@@ -260,6 +272,84 @@ fn raw_stdio_calls() -> BenchResult<(f64, f64)> {
     drop(stdin);
     let _ = child.wait();
     Ok((median_us(&mut samples), per_s))
+}
+
+/// The floor under `mcp_stdio_*` on this machine: the same request line sent to `cat` and read
+/// back, one at a time, over the same kind of pipes to a child process (two wake-ups per round
+/// trip, no work at all). Returns the median round trip and the calls per second.
+fn pipe_floor() -> BenchResult<(f64, f64)> {
+    use std::io::{BufRead, BufReader, Write};
+    let mut child = std::process::Command::new("cat")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let mut stdin = child.stdin.take().ok_or("no stdin")?;
+    let mut stdout = BufReader::new(child.stdout.take().ok_or("no stdout")?);
+    let mut text = json!({"jsonrpc": "2.0", "id": 1000, "method": "tools/call", "params": {"name": "check_task_status", "arguments": {"task_id": "019ad6c2-8f3e-7c4a-9b1d-2e5f6a7b8c9d"}}}).to_string();
+    text.push('\n');
+    let mut line = String::new();
+    let mut samples = Vec::with_capacity(calls());
+    let mut started = Instant::now();
+    for round in 0..(WARMUP + calls()) {
+        if round == WARMUP {
+            started = Instant::now();
+        }
+        let before = Instant::now();
+        stdin.write_all(text.as_bytes())?;
+        stdin.flush()?;
+        line.clear();
+        if stdout.read_line(&mut line)? == 0 {
+            return Err("cat closed its stdout".into());
+        }
+        if round >= WARMUP {
+            samples.push(before.elapsed());
+        }
+    }
+    let per_s = calls() as f64 / started.elapsed().as_secs_f64();
+    drop(stdin);
+    let _ = child.wait();
+    Ok((median_us(&mut samples), per_s))
+}
+
+/// The floor under `mcp_http_call_p50_us`: the lean client's POST to a bare axum route in this
+/// process that answers with a fixed JSON body of a `check_task_status` answer's size (no MCP,
+/// no store). A lower bound: client and server share a process.
+async fn http_floor() -> BenchResult<f64> {
+    let body = json!({"jsonrpc": "2.0", "id": 2, "result": {"content": [{"type": "text", "text": "x".repeat(400)}], "structuredContent": {"pad": "y".repeat(500)}}}).to_string();
+    let app = axum::Router::new().route(
+        "/mcp",
+        axum::routing::post(move || {
+            let body = body.clone();
+            async move { ([("content-type", "application/json")], body) }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}/mcp", listener.local_addr()?);
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    let http = reqwest::Client::builder().tcp_nodelay(true).build()?;
+    let call = json!({"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "check_task_status", "arguments": {"task_id": "019ad6c2-8f3e-7c4a-9b1d-2e5f6a7b8c9d"}}}).to_string();
+    let mut samples = Vec::with_capacity(calls());
+    for round in 0..(WARMUP + calls()) {
+        let before = Instant::now();
+        let text = http
+            .post(&url)
+            .header("content-type", "application/json")
+            .header("accept", "application/json, text/event-stream")
+            .body(call.clone())
+            .send()
+            .await?
+            .text()
+            .await?;
+        let elapsed = before.elapsed();
+        if text.is_empty() {
+            return Err("the floor server answered nothing".into());
+        }
+        if round >= WARMUP {
+            samples.push(elapsed);
+        }
+    }
+    server.abort();
+    Ok(median_us(&mut samples))
 }
 
 async fn stdio_calls() -> BenchResult<(f64, f64)> {
