@@ -325,6 +325,10 @@ impl Wrapper {
         let backend_name = backend.name();
         let isolation = backend.isolation();
         tracing::info!(backend = backend_name, %isolation, "sandbox backend ready");
+        // What the host lacks is worth a warning: tasks run, but with less isolation.
+        for missing in isolation_report.iter().flat_map(|r| r.missing.iter()) {
+            tracing::warn!("sandbox isolation is weaker on this host: {missing}");
+        }
         let sessions = SessionManager::new(backend, config.sessions.clone());
         // Whatever a previous run left behind goes before anything new starts.
         let startup_sweep = match sessions.sweep_orphans().await {
@@ -706,9 +710,19 @@ impl Wrapper {
             isolation: inner.isolation.clone(),
             isolation_report: inner.isolation_report.clone(),
         };
+        let store = engine.store_health();
+        let store_status = match store.status {
+            task_core::store::StoreStatus::Healthy => HealthStatus::Healthy,
+            task_core::store::StoreStatus::Degraded => HealthStatus::Degraded,
+            task_core::store::StoreStatus::Unhealthy => HealthStatus::Unhealthy,
+        };
         let session_manager = &background.components.session_manager;
         let resource_manager = &background.components.resource_manager;
         let mut components = BTreeMap::new();
+        components.insert(
+            "task_store".to_owned(),
+            serde_json::to_value(&store).unwrap_or(Value::Null),
+        );
         let mut with_flag = |name: &str, value: Value, healthy: bool| {
             let mut value = value;
             value["background_task_healthy"] = Value::Bool(healthy);
@@ -737,7 +751,8 @@ impl Wrapper {
         let status = background
             .overall_status
             .max(engine_status)
-            .max(sandbox_status);
+            .max(sandbox_status)
+            .max(store_status);
         HealthReport {
             status,
             timestamp: unix_now(),

@@ -507,6 +507,11 @@ impl Engine {
         self.inner.wake.notify_one();
     }
 
+    /// How the store is doing (see [`Store::health`]).
+    pub fn store_health(&self) -> crate::store::StoreHealth {
+        self.inner.store.health()
+    }
+
     /// The number of tasks this engine is running now.
     pub fn running_count(&self) -> usize {
         self.inner.lock_running().tasks.len()

@@ -101,6 +101,37 @@ pub trait Store: Send + Sync + 'static {
 
     /// Waits until every write accepted so far is durable.
     fn flush(&self) -> StoreFuture<'_, ()>;
+
+    /// How the store is doing: whether writes currently fail, and why. Cheap (no I/O); a
+    /// store that cannot fail this way keeps the default, always healthy.
+    fn health(&self) -> StoreHealth {
+        StoreHealth::default()
+    }
+}
+
+/// How a store is doing, for health checks.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct StoreHealth {
+    /// Whether writes work.
+    pub status: StoreStatus,
+    /// While not healthy: what is wrong and what to do.
+    pub problem: Option<String>,
+    /// While not healthy: since when (milliseconds since the Unix epoch).
+    pub since_ms: Option<i64>,
+}
+
+/// The state of a store's writes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StoreStatus {
+    /// Reads and writes work.
+    #[default]
+    Healthy,
+    /// Reads work; the last write failed for a reason that may pass (a full disk, an I/O
+    /// error). Writes are tried again as they come.
+    Degraded,
+    /// Writes are refused until an operator acts (the problem says what to do).
+    Unhealthy,
 }
 
 /// The answer to one submitted task.

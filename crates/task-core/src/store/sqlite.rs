@@ -58,7 +58,8 @@ use crate::model::{
 use crate::state::{Event, decide};
 use crate::store::{
     ClaimRequest, Command, Cursor, Finish, Heartbeat, HeartbeatReply, ListFilter, Outcome, Page,
-    PageRequest, ProgressUpdate, Promoted, Recover, Stats, Store, StoreFuture, Submitted, apply,
+    PageRequest, ProgressUpdate, Promoted, Recover, Stats, Store, StoreFuture, StoreHealth,
+    StoreStatus, Submitted, apply,
 };
 
 /// How hard SQLite works to make each commit durable. See the module docs.
@@ -106,6 +107,7 @@ pub struct SqliteStore {
     checkpointer: Option<mpsc::Sender<()>>,
     threads: Vec<JoinHandle<()>>,
     stats: Arc<Mutex<Stats>>,
+    health: Arc<HealthCell>,
     path: PathBuf,
     _lock: File,
 }
@@ -165,6 +167,11 @@ impl SqliteStore {
     /// Opens (creating if needed) the store file, runs pending migrations, and starts the writer
     /// and reader threads.
     pub fn open(config: SqliteConfig) -> Result<SqliteStore> {
+        let path = config.path.clone();
+        SqliteStore::open_inner(config).map_err(|error| with_hint(error, &path))
+    }
+
+    fn open_inner(config: SqliteConfig) -> Result<SqliteStore> {
         let lock_path = lock_path(&config.path);
         let lock = OpenOptions::new()
             .create(true)
@@ -221,10 +228,14 @@ impl SqliteStore {
         configure(&inline_reader, &config, true)?;
 
         let stats = Arc::new(Mutex::new(stats));
+        let health = Arc::new(HealthCell::default());
+        let identity = file_identity(&config.path);
         let (write_tx, write_rx) = mpsc::channel();
         let (read_tx, read_rx) = mpsc::channel();
         let writer_stats = Arc::clone(&stats);
         let max_batch = config.max_batch.max(1);
+        let writer_health = Arc::clone(&health);
+        let writer_path = config.path.clone();
         let writer_thread = std::thread::Builder::new()
             .name("sqlite-writer".into())
             .spawn(move || {
@@ -232,6 +243,10 @@ impl SqliteStore {
                     conn: writer,
                     stats: writer_stats,
                     max_batch,
+                    health: writer_health,
+                    path: writer_path,
+                    frozen: None,
+                    restored_lock: None,
                 }
                 .run(write_rx)
             })
@@ -241,9 +256,15 @@ impl SqliteStore {
             .spawn(move || run_reader(reader, read_rx))
             .map_err(|e| Error::store("starting the reader thread", e))?;
         let (checkpoint_tx, checkpoint_rx) = mpsc::channel();
+        let watch = Watch {
+            path: config.path.clone(),
+            identity,
+            health: Arc::clone(&health),
+            writer: write_tx.clone(),
+        };
         let checkpoint_thread = std::thread::Builder::new()
             .name("sqlite-checkpointer".into())
-            .spawn(move || run_checkpointer(checkpoints, checkpoint_rx))
+            .spawn(move || run_checkpointer(checkpoints, checkpoint_rx, watch))
             .map_err(|e| Error::store("starting the checkpoint thread", e))?;
         Ok(SqliteStore {
             writer: Some(write_tx),
@@ -252,6 +273,7 @@ impl SqliteStore {
             checkpointer: Some(checkpoint_tx),
             threads: vec![writer_thread, reader_thread, checkpoint_thread],
             stats,
+            health,
             path: config.path,
             _lock: lock,
         })
@@ -294,6 +316,13 @@ impl SqliteStore {
             }
             rx.await.unwrap_or_else(|_| Err(closed()))
         })
+    }
+}
+
+impl SqliteStore {
+    /// See [`Store::health`].
+    fn current_health(&self) -> StoreHealth {
+        self.health.get()
     }
 }
 
@@ -531,6 +560,9 @@ enum WriteOp {
     Prune(Timestamp, usize, Reply<usize>),
     DeleteFinished(ListFilter, Timestamp, usize, Reply<usize>),
     Flush(Reply<()>),
+    /// The store file was deleted or replaced under the open store: copy what the open
+    /// database holds back to its path and refuse writes from then on (see [`Writer::restore`]).
+    Restore,
 }
 
 enum ReadOp {
@@ -577,20 +609,43 @@ struct Writer {
     conn: Connection,
     stats: Arc<Mutex<Stats>>,
     max_batch: usize,
+    health: Arc<HealthCell>,
+    path: PathBuf,
+    /// Set once the file was deleted under the store: why every write is refused.
+    frozen: Option<Error>,
+    /// The lock on the restored copy, held until the store closes.
+    restored_lock: Option<File>,
 }
 
 impl Writer {
     fn run(mut self, requests: mpsc::Receiver<WriteOp>) {
         let mut batch = Vec::with_capacity(self.max_batch);
         while let Some(first) = next_request(&requests) {
+            if matches!(first, WriteOp::Restore) {
+                self.restore();
+                continue;
+            }
             batch.push(first);
             while batch.len() < self.max_batch {
                 match requests.try_recv() {
+                    Ok(WriteOp::Restore) => {
+                        self.commit_batch(&mut batch);
+                        self.restore();
+                    }
                     Ok(op) => batch.push(op),
                     Err(_) => break,
                 }
             }
+            if let Some(error) = &self.frozen {
+                for op in batch.drain(..) {
+                    fail_op(op, error);
+                }
+                continue;
+            }
             self.commit_batch(&mut batch);
+        }
+        if self.frozen.is_some() {
+            return;
         }
         let _ = self
             .conn
@@ -600,8 +655,12 @@ impl Writer {
     fn commit_batch(&mut self, batch: &mut Vec<WriteOp>) {
         let mut replies: Vec<PendingReply> = Vec::with_capacity(batch.len());
         let mut counts = Vec::new();
+        if batch.is_empty() {
+            return;
+        }
         if let Err(error) = self.conn.execute_batch("BEGIN IMMEDIATE") {
-            let error = Error::store("starting a transaction", error);
+            let error = with_hint(Error::store("starting a transaction", error), &self.path);
+            self.health.degraded(&error);
             for op in batch.drain(..) {
                 fail_op(op, &error);
             }
@@ -619,7 +678,10 @@ impl Writer {
                 // holds, so every request of the batch fails.
                 broken = Some(Error::store(
                     "writing",
-                    "the transaction was rolled back by SQLite (is the disk full or failing?)",
+                    format!(
+                        "the transaction was rolled back by SQLite: is the disk holding {} full or failing? msbd keeps answering reads and tries writes again as they come",
+                        self.path.display()
+                    ),
                 ));
             }
         }
@@ -629,11 +691,12 @@ impl Writer {
             None => self.write_counts(&net).and_then(|()| {
                 self.conn
                     .execute_batch("COMMIT")
-                    .map_err(|e| Error::store("committing", e))
+                    .map_err(|e| with_hint(Error::store("committing", e), &self.path))
             }),
         };
         match outcome {
             Ok(()) => {
+                self.health.written();
                 let mut stats = self.stats.lock().unwrap_or_else(|p| p.into_inner());
                 for ((task_type, status), delta) in net {
                     stats.add(task_type, status, delta);
@@ -647,12 +710,75 @@ impl Writer {
                 if !self.conn.is_autocommit() {
                     let _ = self.conn.execute_batch("ROLLBACK");
                 }
-                tracing::error!(%error, "a group commit failed; its requests were refused");
+                if self.health.degraded(&error) {
+                    tracing::error!(%error, "a group commit failed; its requests were refused (logged again only once writes have worked in between)");
+                }
                 for reply in replies {
                     reply(Some(&error));
                 }
             }
         }
+    }
+
+    /// The store file was deleted (or replaced) while open. Everything committed is still in
+    /// the open database, but it would be gone once msbd exits: write a copy of it back to the
+    /// path (recreating the directory; beside the path if another file took it), lock the copy
+    /// like a freshly opened store, and refuse every write from now on so that the copy stays
+    /// complete. A restart opens the copy and recovers the tasks that were running.
+    fn restore(&mut self) {
+        if self.frozen.is_some() {
+            return;
+        }
+        let target = if self.path.exists() {
+            let mut name = self.path.as_os_str().to_owned();
+            name.push(format!(".restored-{}", Timestamp::now().as_millis()));
+            PathBuf::from(name)
+        } else {
+            self.path.clone()
+        };
+        let copied = (|| -> std::result::Result<(), String> {
+            if let Some(dir) = target.parent() {
+                std::fs::create_dir_all(dir)
+                    .map_err(|e| format!("creating {}: {e}", dir.display()))?;
+            }
+            self.conn
+                .execute("VACUUM INTO ?1", [target.to_string_lossy()])
+                .map_err(|e| format!("copying the open database to {}: {e}", target.display()))?;
+            if target == self.path {
+                let lock = OpenOptions::new()
+                    .create(true)
+                    .truncate(false)
+                    .write(true)
+                    .open(lock_path(&target))
+                    .map_err(|e| format!("recreating the lock file: {e}"))?;
+                if lock.try_lock().is_ok() {
+                    self.restored_lock = Some(lock);
+                }
+            }
+            Ok(())
+        })();
+        let problem = match copied {
+            Ok(()) => format!(
+                "the task store file {} was deleted or replaced while msbd was running; msbd wrote everything it holds to {} and refuses new writes so that the copy stays complete: restart msbd to go on (it opens the copy{} and recovers the tasks that were running)",
+                self.path.display(),
+                target.display(),
+                if target == self.path {
+                    ""
+                } else {
+                    " once you move it to the store's path"
+                },
+            ),
+            Err(error) => format!(
+                "the task store file {} was deleted or replaced while msbd was running, and copying what msbd holds back failed ({error}): keep msbd running, free the path or fix the directory, and restart msbd only after a copy exists; until then new writes are refused",
+                self.path.display(),
+            ),
+        };
+        tracing::error!("{problem}");
+        self.health.unhealthy(problem.clone());
+        self.frozen = Some(Error::Store {
+            action: "writing",
+            message: problem,
+        });
     }
 
     /// Adds the batch's net changes to the persistent counts, in its transaction.
@@ -714,6 +840,8 @@ impl Writer {
                 pending(reply, self.delete_finished(&filter, before, limit, counts))
             }
             WriteOp::Flush(reply) => pending(reply, Ok(())),
+            // Handled by `run` before a batch forms; never part of one.
+            WriteOp::Restore => Box::new(|_| {}),
         }
     }
 
@@ -1228,6 +1356,7 @@ fn fail_op(op: WriteOp, error: &Error) {
         WriteOp::Prune(_, _, reply) => drop(reply.send(Err(error))),
         WriteOp::DeleteFinished(_, _, _, reply) => drop(reply.send(Err(error))),
         WriteOp::Flush(reply) => drop(reply.send(Err(error))),
+        WriteOp::Restore => {}
     }
 }
 
@@ -1259,11 +1388,126 @@ const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(250);
 /// Checkpoints the WAL from its own connection, so that the writer never stops for a checkpoint
 /// (and its fsyncs) in the middle of a burst. The writer still checkpoints by itself if the WAL
 /// outgrows `wal_autocheckpoint` pages, as a safety net.
-fn run_checkpointer(conn: Connection, stop: mpsc::Receiver<()>) {
+fn run_checkpointer(conn: Connection, stop: mpsc::Receiver<()>, watch: Watch) {
+    let mut failing = false;
+    let mut restored = false;
     while let Err(mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(CHECKPOINT_INTERVAL) {
-        if let Err(error) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
-            tracing::warn!(%error, "a WAL checkpoint failed; the writer will checkpoint instead");
+        if !restored && file_identity(&watch.path) != watch.identity {
+            // The file was deleted or replaced: checkpointing into it would only lose more.
+            restored = true;
+            let _ = watch.writer.send(WriteOp::Restore);
+            continue;
         }
+        if restored {
+            continue;
+        }
+        match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+            Err(error) if !failing => {
+                failing = true;
+                let error = with_hint(Error::store("checkpointing the WAL", error), &watch.path);
+                tracing::warn!(%error, "a WAL checkpoint failed; the WAL grows until one works (logged again only after one has worked)");
+                watch.health.degraded(&error);
+            }
+            Err(_) => {}
+            Ok(()) if failing => {
+                failing = false;
+                tracing::info!("WAL checkpoints work again");
+            }
+            Ok(()) => {}
+        }
+    }
+}
+
+/// What the checkpointer watches besides the WAL: that the store file is still the one opened.
+struct Watch {
+    path: PathBuf,
+    identity: Option<(u64, u64)>,
+    health: Arc<HealthCell>,
+    writer: mpsc::Sender<WriteOp>,
+}
+
+/// The device and inode of a file, `None` when it does not exist.
+fn file_identity(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+}
+
+/// The store's health as its threads see it (see [`Store::health`]).
+#[derive(Default)]
+struct HealthCell {
+    state: Mutex<StoreHealth>,
+}
+
+impl HealthCell {
+    /// Records a failed write; true when the store was healthy until now (worth a log line).
+    fn degraded(&self, error: &Error) -> bool {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if state.status == StoreStatus::Unhealthy {
+            return false;
+        }
+        let first = state.status == StoreStatus::Healthy;
+        state.status = StoreStatus::Degraded;
+        state.problem = Some(error.to_string());
+        if first {
+            state.since_ms = Some(Timestamp::now().as_millis());
+        }
+        first
+    }
+
+    /// Records that writes are refused until an operator acts.
+    fn unhealthy(&self, problem: String) {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        state.status = StoreStatus::Unhealthy;
+        state.problem = Some(problem);
+        state.since_ms = Some(Timestamp::now().as_millis());
+    }
+
+    /// Records a committed write: a passing problem has passed.
+    fn written(&self) {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if state.status == StoreStatus::Degraded {
+            tracing::info!("the task store takes writes again");
+            *state = StoreHealth::default();
+        }
+    }
+
+    fn get(&self) -> StoreHealth {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+/// Adds what to do to a store error whose SQLite message names a known cause.
+fn with_hint(error: Error, path: &Path) -> Error {
+    let Error::Store { action, message } = error else {
+        return error;
+    };
+    let path = path.display();
+    let hint = if message.contains("database or disk is full") {
+        format!(
+            "the disk holding {path} is full: free space there; msbd keeps answering reads and takes writes again as soon as there is room"
+        )
+    } else if message.contains("readonly database") || message.contains("Read-only file system") {
+        format!(
+            "{path} cannot be written (a read-only file or file system): make it writable, or point MSB_DATA_DIR at a writable directory, and restart msbd"
+        )
+    } else if message.contains("file is not a database")
+        || message.contains("database disk image is malformed")
+    {
+        format!(
+            "{path} is damaged or is not a task store: stop msbd and move the file aside (msbd then starts an empty store; it never deletes the file), or restore it from a backup; `sqlite3 {path} .recover` may salvage its tasks"
+        )
+    } else if message.contains("disk I/O error") {
+        format!(
+            "reading or writing {path} failed at the disk: check the disk and the kernel log; msbd tries again as requests come"
+        )
+    } else if message.contains("unable to open database file") {
+        format!("{path} cannot be opened: check that its directory exists and is writable by msbd")
+    } else {
+        return Error::Store { action, message };
+    };
+    Error::Store {
+        action,
+        message: format!("{message} — {hint}"),
     }
 }
 
@@ -1442,5 +1686,9 @@ impl Store for SqliteStore {
 
     fn flush(&self) -> StoreFuture<'_, ()> {
         self.write(WriteOp::Flush)
+    }
+
+    fn health(&self) -> StoreHealth {
+        self.current_health()
     }
 }
