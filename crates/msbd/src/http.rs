@@ -39,7 +39,7 @@ use http_body_util::{BodyExt as _, LengthLimitError, Limited};
 use mcp_tools::McpServer;
 use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
 use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, StreamableHttpService};
-use serde_json::json;
+use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::{self, Metrics};
@@ -144,6 +144,8 @@ impl Readiness {
 struct AppState {
     /// For `/readyz`.
     readiness: Arc<Readiness>,
+    /// For `/healthz` and `/readyz`.
+    wrapper: sandbox_wrapper::Wrapper,
     /// For `/metrics`.
     metrics: Arc<Metrics>,
     /// The expected bearer token.
@@ -214,6 +216,7 @@ fn router(
 ) -> Router {
     let hosts = allowed_hosts(options, local);
     let principal = principal_for(options.auth_token.as_deref());
+    let wrapper = server.wrapper().clone();
     let config = StreamableHttpServerConfig::default()
         .with_allowed_hosts(hosts.clone())
         .with_allowed_origins(options.allowed_origins.clone())
@@ -226,6 +229,7 @@ fn router(
     );
     let state = AppState {
         readiness,
+        wrapper,
         metrics: Arc::clone(metrics),
         auth_token: options.auth_token.as_deref().map(Arc::from),
         max_request_bytes: options.max_request_bytes,
@@ -422,20 +426,65 @@ fn too_large(limit: usize) -> Response {
     response
 }
 
-/// `/healthz`.
-async fn healthz() -> Response {
-    axum::Json(json!({ "status": "ok" })).into_response()
+/// `/healthz`: 200 while msbd is `healthy` or `degraded` (serving, with something the operator
+/// should look at), 503 when `unhealthy` (something needs an operator or a restart, such as a
+/// store whose file was deleted). The body names each component that is not healthy and why.
+async fn healthz(State(state): State<AppState>) -> Response {
+    let (status, body) = health_summary(&state).await;
+    (status, axum::Json(body)).into_response()
 }
 
-/// `/readyz`.
+/// The overall health, with every component that is not healthy (and the store's problem).
+async fn health_summary(state: &AppState) -> (StatusCode, Value) {
+    let report = state.wrapper.health_check().await;
+    let not_healthy: serde_json::Map<String, Value> = report
+        .components
+        .iter()
+        .filter(|(_, c)| c["status"].as_str().is_some_and(|s| s != "healthy"))
+        .map(|(name, c)| {
+            let detail = c
+                .get("problem")
+                .or_else(|| c.get("isolation_report").and_then(|r| r.get("missing")))
+                .cloned()
+                .unwrap_or(Value::Null);
+            (
+                name.clone(),
+                json!({"status": c["status"], "detail": detail}),
+            )
+        })
+        .collect();
+    let status = serde_json::to_value(report.status).unwrap_or(Value::Null);
+    let code = if report.status == sandbox_wrapper::supervisor::HealthStatus::Unhealthy {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        StatusCode::OK
+    };
+    (code, json!({"status": status, "not_healthy": not_healthy}))
+}
+
+/// `/readyz`: 200 once serving, 503 while starting, draining, or unhealthy.
 async fn readyz(State(state): State<AppState>) -> Response {
     let ready = state.readiness.state();
-    let status = if ready == ReadinessState::Ready {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
-    (status, axum::Json(json!({ "status": ready.as_str() }))).into_response()
+    if ready == ReadinessState::Ready {
+        let (code, body) = health_summary(&state).await;
+        if code != StatusCode::OK {
+            return (
+                code,
+                axum::Json(json!({"status": "unhealthy", "health": body})),
+            )
+                .into_response();
+        }
+        return (
+            StatusCode::OK,
+            axum::Json(json!({ "status": ready.as_str() })),
+        )
+            .into_response();
+    }
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        axum::Json(json!({ "status": ready.as_str() })),
+    )
+        .into_response()
 }
 
 /// `/metrics`.

@@ -92,10 +92,21 @@ impl Daemon {
 async fn every_tool_over_http_with_probes_and_ownership() {
     let dir = tempfile::tempdir().unwrap();
     let daemon = Daemon::start(dir.path(), TOKEN).await;
-    assert_eq!(
-        reqwest::get(daemon.url("/healthz")).await.unwrap().status(),
-        200
+    let healthz = reqwest::get(daemon.url("/healthz")).await.unwrap();
+    assert_eq!(healthz.status(), 200);
+    let healthz: serde_json::Value = healthz.json().await.unwrap();
+    // Degraded where the host lacks an isolation layer; the body says which and why.
+    assert!(
+        ["healthy", "degraded"].contains(&healthz["status"].as_str().unwrap()),
+        "{healthz}"
     );
+    assert!(healthz["not_healthy"].is_object(), "{healthz}");
+    if healthz["status"] == "degraded" {
+        assert!(
+            healthz["not_healthy"]["sandbox"]["detail"].is_array(),
+            "{healthz}"
+        );
+    }
     let unauthorized = reqwest::Client::new()
         .post(daemon.url("/mcp"))
         .body("{}")
