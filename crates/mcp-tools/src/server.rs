@@ -176,23 +176,35 @@ impl McpServer {
 
     /// Whether this principal may use a session: it made it, or nobody has yet.
     pub(crate) fn check_session(&self, session_id: &str) -> Result<(), ToolError> {
+        let not_yours = || {
+            ToolError::new(
+                "SESSION_NOT_FOUND",
+                format!("session {session_id:?} belongs to another client"),
+                "use a session id of your own, or omit session_id for a fresh session",
+            )
+        };
+        match crate::tools_sandbox::session_tag_owner(session_id, &self.principal) {
+            Some(true) => return Ok(()),
+            Some(false) => return Err(not_yours()),
+            None => {}
+        }
         let owners = self
             .core
             .session_owners
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         match owners.get(session_id) {
-            Some((owner, _)) if **owner != *self.principal => Err(ToolError::new(
-                "SESSION_NOT_FOUND",
-                format!("session {session_id:?} belongs to another client"),
-                "use a session id of your own, or omit session_id for a fresh session",
-            )),
+            Some((owner, _)) if **owner != *self.principal => Err(not_yours()),
             _ => Ok(()),
         }
     }
 
     /// Records that this principal uses a session (named by it, or made fresh for its task).
     pub(crate) fn claim_session(&self, session_id: &str) {
+        if crate::tools_sandbox::session_tag_owner(session_id, &self.principal).is_some() {
+            // A fresh id names its owner itself: nothing to record.
+            return;
+        }
         let mut owners = self
             .core
             .session_owners
@@ -216,6 +228,9 @@ impl McpServer {
 
     /// Whether a session is this principal's.
     pub(crate) fn owns_session(&self, session_id: &str) -> bool {
+        if let Some(owned) = crate::tools_sandbox::session_tag_owner(session_id, &self.principal) {
+            return owned;
+        }
         let owners = self
             .core
             .session_owners

@@ -33,10 +33,38 @@ pub(crate) fn check_session_id(session: &str) -> Result<(), ToolError> {
     })
 }
 
-/// A fresh session id: `s` and 12 random hex digits.
-pub(crate) fn fresh_session_id() -> String {
+/// A fresh session id for `principal`: `s`, 12 random hex digits, and 8 hex digits that name
+/// the principal (see [`session_tag_owner`]).
+pub(crate) fn fresh_session_id(principal: &str) -> String {
     let id = TaskId::new().to_string().replace('-', "");
-    format!("s{}", &id[id.len() - 12..])
+    format!("s{}{}", &id[id.len() - 12..], principal_tag(principal))
+}
+
+/// Eight hex digits naming a principal (FNV-1a, 32 bits): not a secret, only a label. Whoever
+/// knows a principal's name can make ids labelled with it, which gives them nothing: a label
+/// lets its principal use the id, and a session's random part is still needed to reach it.
+fn principal_tag(principal: &str) -> String {
+    let mut hash: u32 = 0x811c_9dc5;
+    for byte in principal.bytes() {
+        hash ^= u32::from(byte);
+        hash = hash.wrapping_mul(0x0100_0193);
+    }
+    format!("{hash:08x}")
+}
+
+/// For an id made by [`fresh_session_id`], whether `principal` owns it: `Some(true|false)`;
+/// `None` for any other id. Fresh sessions (one per task that names none) need no record of
+/// their owner, so msbd keeps nothing per task in memory for them.
+pub(crate) fn session_tag_owner(session_id: &str, principal: &str) -> Option<bool> {
+    let rest = session_id.strip_prefix('s')?;
+    if rest.len() != 20
+        || !rest
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+    {
+        return None;
+    }
+    Some(rest[12..] == principal_tag(principal))
 }
 
 /// The arguments of an `execute_*` call.
@@ -516,10 +544,33 @@ fn session_not_found(id: &str) -> ToolError {
 mod tests {
     #[test]
     fn fresh_session_ids_are_valid_and_distinct() {
-        let a = super::fresh_session_id();
-        let b = super::fresh_session_id();
+        let a = super::fresh_session_id("stdio");
+        let b = super::fresh_session_id("stdio");
         assert_ne!(a, b);
-        assert_eq!(a.len(), 13);
+        assert_eq!(a.len(), 21);
         super::check_session_id(&a).unwrap();
+    }
+
+    #[test]
+    fn a_fresh_session_id_names_its_owner_and_no_one_else() {
+        let id = super::fresh_session_id("token:00000000000000aa");
+        assert_eq!(
+            super::session_tag_owner(&id, "token:00000000000000aa"),
+            Some(true)
+        );
+        assert_eq!(
+            super::session_tag_owner(&id, "token:00000000000000ab"),
+            Some(false)
+        );
+        assert_eq!(super::session_tag_owner(&id, "stdio"), Some(false));
+        // Names a client chose are not fresh ids: their owners are recorded instead.
+        for named in [
+            "build",
+            "s0123",
+            "S0123456789ab01234567",
+            "s0123456789abX1234567",
+        ] {
+            assert_eq!(super::session_tag_owner(named, "stdio"), None, "{named}");
+        }
     }
 }

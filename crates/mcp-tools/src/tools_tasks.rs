@@ -245,7 +245,7 @@ impl McpServer {
                 self.check_session(&session)?;
                 session
             }
-            None => crate::tools_sandbox::fresh_session_id(),
+            None => crate::tools_sandbox::fresh_session_id(&self.principal),
         };
         task.session_id = Some(session);
         if let Some(tags) = &options.tags {

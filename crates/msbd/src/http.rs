@@ -428,9 +428,19 @@ fn too_large(limit: usize) -> Response {
 
 /// `/healthz`: 200 while msbd is `healthy` or `degraded` (serving, with something the operator
 /// should look at), 503 when `unhealthy` (something needs an operator or a restart, such as a
-/// store whose file was deleted). The body names each component that is not healthy and why.
-async fn healthz(State(state): State<AppState>) -> Response {
-    let (status, body) = health_summary(&state).await;
+/// store whose file was deleted). It needs no token; with the token (or when none is set), the
+/// body also names each component that is not healthy and why (paths and host details that a
+/// stranger should not read).
+async fn healthz(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    let (status, mut body) = health_summary(&state).await;
+    let trusted = match &state.auth_token {
+        None => true,
+        Some(expected) => bearer_token(&headers)
+            .is_some_and(|given| constant_time_eq(expected.as_bytes(), given.as_bytes())),
+    };
+    if !trusted {
+        body = json!({"status": body["status"]});
+    }
     (status, axum::Json(body)).into_response()
 }
 
@@ -715,10 +725,20 @@ mod tests {
             .unwrap();
         assert_eq!(response.status(), 200);
 
-        // Health and readiness need no token, and say nothing more than their status.
+        // Health and readiness need no token, and without it say nothing more than their
+        // status (degraded where the host lacks an isolation layer).
         let response = client().get(fixture.url("/healthz")).send().await.unwrap();
         assert_eq!(response.status(), 200);
-        assert_eq!(json_body(response).await, json!({"status": "ok"}));
+        let body = json_body(response).await;
+        assert_eq!(body.as_object().map(|o| o.len()), Some(1), "{body}");
+        assert!(["healthy", "degraded"].contains(&body["status"].as_str().unwrap()));
+        let response = client()
+            .get(fixture.url("/healthz"))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap();
+        assert!(json_body(response).await["not_healthy"].is_object());
         let response = client().get(fixture.url("/readyz")).send().await.unwrap();
         assert_eq!(response.status(), 503);
         assert_eq!(json_body(response).await, json!({"status": "starting"}));
@@ -813,7 +833,7 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn readiness_follows_its_owner_and_health_is_always_ok() {
+    async fn readiness_follows_its_owner_and_health_is_the_health_check() {
         let fixture = Fixture::start(None, 1 << 20).await;
         let readyz = || async {
             let response = client().get(fixture.url("/readyz")).send().await.unwrap();
@@ -828,8 +848,13 @@ mod tests {
         fixture.readiness.set_ready(); // draining is final
         assert_eq!(readyz().await, (503, json!({"status": "draining"})));
         let response = client().get(fixture.url("/healthz")).send().await.unwrap();
+        // Draining is not a health problem: healthz still answers 200 with the health check.
         assert_eq!(response.status(), 200);
-        assert_eq!(json_body(response).await, json!({"status": "ok"}));
+        let body = json_body(response).await;
+        assert!(
+            ["healthy", "degraded"].contains(&body["status"].as_str().unwrap()),
+            "{body}"
+        );
         fixture.stop().await;
     }
 

@@ -94,7 +94,17 @@ async fn every_tool_over_http_with_probes_and_ownership() {
     let daemon = Daemon::start(dir.path(), TOKEN).await;
     let healthz = reqwest::get(daemon.url("/healthz")).await.unwrap();
     assert_eq!(healthz.status(), 200);
-    let healthz: serde_json::Value = healthz.json().await.unwrap();
+    let anonymous: serde_json::Value = healthz.json().await.unwrap();
+    assert_eq!(anonymous.as_object().unwrap().len(), 1, "{anonymous}");
+    let healthz: serde_json::Value = reqwest::Client::new()
+        .get(daemon.url("/healthz"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     // Degraded where the host lacks an isolation layer; the body says which and why.
     assert!(
         ["healthy", "degraded"].contains(&healthz["status"].as_str().unwrap()),
