@@ -27,6 +27,13 @@ Commands:
                            target/bench/results.json and print them as a table.
                            Arguments after `--` go to each bench binary
                            (for example a name filter).
+  load [-- <phase>]        Load msbd (release build) over HTTP: 50 clients for 60 s,
+                           then 100,000 tasks behind a paused queue; prints and
+                           writes target/load/results.json; fails on any error,
+                           RSS growth over 10% or unbounded memory. A phase name
+                           (`clients` or `paused`) runs only that phase; the
+                           MSBD_LOAD_* variables set the sizes (see
+                           crates/msbd/benches/load.rs).
   help                     Print this message.
 ";
 
@@ -62,6 +69,25 @@ fn run() -> anyhow::Result<()> {
                 ),
             };
             bench::run(extra_args)
+        }
+        "load" => {
+            let extra_args = match rest.split_first() {
+                None => &[][..],
+                Some((separator, extra)) if separator == "--" => extra,
+                Some((unexpected, _)) => bail!(
+                    "unexpected argument `{unexpected}` for `load`: pass a phase after `--`, \
+                     as in `cargo xtask load -- clients`"
+                ),
+            };
+            let sh = xshell::Shell::new()?;
+            sh.change_dir(project_root());
+            print_step_header("load: msbd over HTTP under 50 clients, then a paused queue");
+            xshell::cmd!(
+                sh,
+                "cargo bench --locked -p msbd --bench load -- {extra_args...}"
+            )
+            .run()?;
+            Ok(())
         }
         "help" | "--help" | "-h" => {
             print!("{HELP}");

@@ -137,6 +137,8 @@ pub struct Config {
     pub database: Database,
     /// How long finished tasks are kept; `None` keeps them forever (`MSB_TASK_RETENTION`).
     pub task_retention: Option<Duration>,
+    /// The SQLite store's page cache, in MiB (`MSB_SQLITE_CACHE_MB`).
+    pub sqlite_cache_mb: u64,
     /// The most tasks running at once (`MSB_MAX_CONCURRENT_TASKS`).
     pub max_concurrent_tasks: usize,
     /// The timeout of a task that sets none (`MSB_EXECUTION_TIMEOUT`). The MCP layer applies it
@@ -901,6 +903,14 @@ variables! {
         group = Group::Storage, flag = None, secret = false,
         show = |c| Some(c.database.url());
 
+    /// The page cache of the SQLite store's writer connection, in MiB; each of its three reading
+    /// connections gets a quarter of it. It fills as the store grows and then stays that size:
+    /// msbd's memory grows by up to 1.75 times this value over its first hours of work and no
+    /// further. Lower it on a small machine; raise it when the store is large and reads miss.
+    MSB_SQLITE_CACHE_MB: sqlite_cache_mb: Count = fixed(Count(32)),
+        group = Group::Storage, flag = None, secret = false,
+        show = |c| Some(c.sqlite_cache_mb.to_string());
+
     /// How long finished tasks (completed, failed or cancelled), with their results, are kept
     /// before the retention pruner deletes them, in seconds; `0` keeps them forever.
     MSB_TASK_RETENTION: task_retention: Seconds = fixed(Seconds(7 * 24 * 3600)),
@@ -1186,6 +1196,8 @@ fn build(
     let task_retention = raw.task_retention.unwrap_or(d.task_retention);
     let task_retention = check.seconds("MSB_TASK_RETENTION", task_retention, 0, MAX_RETENTION_SECS);
     let task_retention = (task_retention > 0).then(|| Duration::from_secs(task_retention));
+    let sqlite_cache_mb = raw.sqlite_cache_mb.unwrap_or(d.sqlite_cache_mb);
+    let sqlite_cache_mb = check.count("MSB_SQLITE_CACHE_MB", sqlite_cache_mb, 1) as u64;
 
     let max_concurrent_tasks = raw.max_concurrent_tasks.unwrap_or(d.max_concurrent_tasks);
     let max_concurrent_tasks = check.count("MSB_MAX_CONCURRENT_TASKS", max_concurrent_tasks, 1);
@@ -1378,6 +1390,7 @@ fn build(
         data_dir,
         database,
         task_retention,
+        sqlite_cache_mb,
         max_concurrent_tasks,
         execution_timeout: Duration::from_secs(execution_timeout),
         task_types_file,
@@ -2536,6 +2549,7 @@ mod tests {
             ("MSB_DATA_DIR", "/srv/msbd"),
             ("MSB_DATABASE_URL", "sqlite:///var/lib/tasks.db"),
             ("MSB_TASK_RETENTION", "0"),
+            ("MSB_SQLITE_CACHE_MB", "8"),
             ("MSB_MAX_CONCURRENT_TASKS", "32"),
             ("MSB_EXECUTION_TIMEOUT", "60"),
             ("MSB_TASK_TYPES_FILE", "/etc/msbd/types.toml"),
@@ -2576,6 +2590,7 @@ mod tests {
             }
         );
         assert_eq!(c.task_retention, None);
+        assert_eq!(c.sqlite_cache_mb, 8);
         assert_eq!(c.max_concurrent_tasks, 32);
         assert_eq!(c.execution_timeout, Duration::from_secs(60));
         assert_eq!(

@@ -51,7 +51,10 @@ fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
             )
         })?;
     }
-    let store = SqliteStore::open(SqliteConfig::new(path)).with_context(|| {
+    let mut sqlite = SqliteConfig::new(path);
+    sqlite.cache_kib =
+        u32::try_from(config.sqlite_cache_mb.saturating_mul(1024)).unwrap_or(u32::MAX);
+    let store = SqliteStore::open(sqlite).with_context(|| {
         format!(
             "opening the task store {} (MSB_DATABASE_URL)",
             path.display()
