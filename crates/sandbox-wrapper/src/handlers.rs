@@ -340,11 +340,7 @@ async fn run_job(
     job: Job,
 ) -> Result<Value, TaskFailure> {
     let session_id = options.session_id.as_deref().or(context.session_id());
-    let lease = shared
-        .sessions
-        .acquire(session_id, options.flavor, template)
-        .await
-        .map_err(session_failure)?;
+    let lease = acquire_waiting(shared, context, session_id, options.flavor, template).await?;
     let path = shared.output_path(context.id());
     let sink = OutputSink::create(&path, shared.output_cap).map_err(|e| {
         TaskFailure::retryable(format!(
@@ -408,6 +404,50 @@ fn lease_flavor_hint(flavor: Option<Flavor>) -> String {
     match flavor {
         Some(Flavor::Large) => "the large flavor is the biggest".into(),
         _ => "use a larger flavor (\"medium\" or \"large\")".into(),
+    }
+}
+
+/// Takes the task's session. When every session is taken and some are busy running tasks, the
+/// limit passes as they finish (an idle session can then be evicted, or its slot is free): the
+/// attempt waits for that, as it would for a free slot in the queue, until it is cancelled or
+/// times out, rather than failing for a moment's crowding (more tasks may run at once than there
+/// are sessions). A limit that waiting cannot lift fails the attempt at once.
+async fn acquire_waiting(
+    shared: &HandlerShared,
+    context: &TaskContext,
+    session_id: Option<&str>,
+    flavor: Option<crate::backend::Flavor>,
+    template: &str,
+) -> Result<crate::session::SessionLease, TaskFailure> {
+    let mut pause = Duration::from_millis(20);
+    let mut waited = false;
+    loop {
+        match shared.sessions.acquire(session_id, flavor, template).await {
+            Ok(lease) => {
+                if waited {
+                    tracing::debug!(task = %context.id(), "a session came free");
+                }
+                return Ok(lease);
+            }
+            Err(error @ SessionError::LimitReached { .. })
+                if shared.sessions.list().iter().any(|s| s.running_tasks > 0) =>
+            {
+                if !waited {
+                    tracing::debug!(task = %context.id(), %error, "waiting for a session to come free");
+                    waited = true;
+                }
+                tokio::select! {
+                    () = context.cancellation().cancelled() => {
+                        return Err(TaskFailure::retryable(format!(
+                            "stopped while waiting for a session: {error}"
+                        )));
+                    }
+                    () = tokio::time::sleep(pause) => {}
+                }
+                pause = (pause * 2).min(Duration::from_millis(500));
+            }
+            Err(error) => return Err(session_failure(error)),
+        }
     }
 }
 

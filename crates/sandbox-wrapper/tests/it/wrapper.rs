@@ -166,6 +166,34 @@ async fn a_command_task_runs_in_a_sandbox_with_output_and_progress() {
     wrapper.graceful_shutdown(Duration::from_secs(10)).await;
 }
 
+/// More tasks may run at once than there are sessions: a task that finds every session busy
+/// waits for one to come free (a load test saw such tasks fail instead).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tasks_beyond_the_session_limit_wait_for_a_session_instead_of_failing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(dir.path(), &unique_marker());
+    config.sessions.max_sessions = 2;
+    let wrapper = start(dir.path(), config).await;
+    let mut ids = Vec::new();
+    for n in 0..6 {
+        let task = NewTask::new(
+            "command",
+            json!({"command": format!("sleep 0.3; echo {n}")}),
+        );
+        ids.push(wrapper.submit(task).await.unwrap().task.id);
+    }
+    for id in ids {
+        let task = wrapper
+            .engine()
+            .wait(id, Duration::from_secs(60))
+            .await
+            .unwrap();
+        assert_eq!(task.status, Status::Completed, "{task:?}");
+        assert_eq!(task.attempt, 1, "{task:?}");
+    }
+    wrapper.graceful_shutdown(Duration::from_secs(10)).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pausing_a_running_task_freezes_its_tree_and_its_timeout_clocks() {
     let dir = tempfile::tempdir().unwrap();
