@@ -99,12 +99,39 @@ pub(crate) struct Core {
     pub(crate) session_owners: Mutex<HashMap<String, (String, std::time::Instant)>>,
 }
 
+/// How long a cancelled request is remembered for the task of its `execute_*` call.
+const CANCELLED_CALL_KEPT: Duration = Duration::from_secs(600);
+
+/// The `execute_*` calls of one connection whose client may still cancel them
+/// (`notifications/cancelled`): the request's cancellation token alone cannot tell a client's
+/// cancel from the connection or msbd going away, which must not cancel the task (a graceful
+/// shutdown lets it finish, or queues it again for the next start).
+#[derive(Default)]
+pub(crate) struct Calls {
+    /// The task of each call, from its submission until it is answered.
+    tasks: HashMap<rmcp::model::RequestId, (TaskId, std::time::Instant)>,
+    /// Requests the client cancelled before their task was submitted.
+    cancelled: HashMap<rmcp::model::RequestId, std::time::Instant>,
+}
+
+impl Calls {
+    fn prune(&mut self) {
+        let now = std::time::Instant::now();
+        self.tasks
+            .retain(|_, (_, at)| now.duration_since(*at) < CANCELLED_CALL_KEPT);
+        self.cancelled
+            .retain(|_, at| now.duration_since(*at) < CANCELLED_CALL_KEPT);
+    }
+}
+
 /// The MCP server: cheap to clone; clones share the daemon's state. One per connection, each
 /// with the principal it serves ([`McpServer::with_principal`]).
 #[derive(Clone)]
 pub struct McpServer {
     pub(crate) core: Arc<Core>,
     pub(crate) principal: Arc<str>,
+    /// This connection's `execute_*` calls (see [`Calls`]).
+    calls: Arc<Mutex<Calls>>,
     tool_router: ToolRouter<McpServer>,
 }
 
@@ -125,6 +152,7 @@ impl McpServer {
                 session_owners: Mutex::new(HashMap::new()),
             }),
             principal: Arc::from(STDIO_PRINCIPAL),
+            calls: Arc::default(),
             tool_router,
         }
     }
@@ -134,6 +162,7 @@ impl McpServer {
     pub fn with_principal(&self, principal: impl AsRef<str>) -> McpServer {
         McpServer {
             principal: Arc::from(principal.as_ref()),
+            calls: Arc::default(),
             ..self.clone()
         }
     }
@@ -241,15 +270,47 @@ impl McpServer {
             .is_some_and(|(owner, _)| **owner == *self.principal)
     }
 
+    /// Records the task of an `execute_*` call, so that the client's cancel of the request
+    /// cancels it ([`ServerHandler::on_cancelled`]); cancels it at once when that cancel came
+    /// first.
+    pub(crate) async fn track_call(&self, request: &rmcp::model::RequestId, task: TaskId) {
+        let cancelled = {
+            let mut calls = self.calls.lock().unwrap_or_else(PoisonError::into_inner);
+            calls.prune();
+            let cancelled = calls.cancelled.remove(request).is_some();
+            if !cancelled {
+                calls
+                    .tasks
+                    .insert(request.clone(), (task, std::time::Instant::now()));
+            }
+            cancelled
+        };
+        if cancelled {
+            let _ = self.core.wrapper.engine().cancel(task).await;
+        }
+    }
+
+    /// The end of an `execute_*` call: its answer is on its way, so a cancel of the request
+    /// has nothing left to cancel. A call whose request was cancelled stays recorded, for the
+    /// client's cancel notification that may follow.
+    pub(crate) fn untrack_call(&self, request: &rmcp::model::RequestId) {
+        self.calls
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .tasks
+            .remove(request);
+    }
+
     /// Waits for a task to finish (up to `timeout`), forwarding its progress to a caller that
-    /// sent a progress token, and cancelling it if `cancel_on_drop` and the request is
-    /// cancelled. Returns the task as it then is.
+    /// sent a progress token; with `stop_with_request`, it stops waiting when the request is
+    /// cancelled (the task goes on: only the client's cancel notification cancels it, see
+    /// [`McpServer::track_call`]). Returns the task as it then is.
     pub(crate) async fn await_task(
         &self,
         id: TaskId,
         timeout: Duration,
         context: &RequestContext<RoleServer>,
-        cancel_with_request: bool,
+        stop_with_request: bool,
     ) -> Result<Task, ToolError> {
         let engine = self.core.wrapper.engine();
         let mut events = engine.subscribe();
@@ -259,8 +320,7 @@ impl McpServer {
         loop {
             tokio::select! {
                 task = &mut wait => return task.map_err(ToolError::from_core),
-                () = context.ct.cancelled(), if cancel_with_request => {
-                    let _ = engine.cancel(id).await;
+                () = context.ct.cancelled(), if stop_with_request => {
                     return engine.get(id).await.map_err(ToolError::from_core);
                 }
                 event = events.recv() => match event {
@@ -602,6 +662,32 @@ impl ServerHandler for McpServer {
         Ok(GetTaskResult::new(self.detailed(&task)?))
     }
 
+    async fn on_cancelled(
+        &self,
+        notification: rmcp::model::CancelledNotificationParam,
+        _context: rmcp::service::NotificationContext<RoleServer>,
+    ) {
+        let Some(request) = notification.request_id else {
+            return;
+        };
+        let task = {
+            let mut calls = self.calls.lock().unwrap_or_else(PoisonError::into_inner);
+            match calls.tasks.remove(&request) {
+                Some((task, _)) => Some(task),
+                None => {
+                    // Its task is not submitted yet (or the call is over: then this is
+                    // forgotten with time).
+                    calls.prune();
+                    calls.cancelled.insert(request, std::time::Instant::now());
+                    None
+                }
+            }
+        };
+        if let Some(task) = task {
+            let _ = self.core.wrapper.engine().cancel(task).await;
+        }
+    }
+
     async fn cancel_task(
         &self,
         request: CancelTaskParams,
@@ -626,7 +712,9 @@ impl ServerHandler for McpServer {
 
 /// rmcp answers arguments that do not fit a tool's input (a wrong type, a missing required
 /// argument) with a bare tool error; this one says which tool and what to do, like the others.
-fn explain_argument_errors(tool: &str, response: CallToolResponse) -> CallToolResponse {
+/// Public only for the fuzz targets (`fuzz/fuzz_targets/tool_args.rs`).
+#[doc(hidden)]
+pub fn explain_argument_errors(tool: &str, response: CallToolResponse) -> CallToolResponse {
     let CallToolResponse::Complete(result) = &response else {
         return response;
     };

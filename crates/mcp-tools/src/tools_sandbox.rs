@@ -419,10 +419,15 @@ impl McpServer {
         context: RequestContext<RoleServer>,
     ) -> Result<CallToolResult, ToolError> {
         let task = self.submit_sandbox_call(call).await?;
+        self.track_call(&context.id, task.id).await;
         // The task's own timeout bounds the run; the wait allows for queueing too.
         let wait =
             task.timeout.unwrap_or(self.core.options.default_timeout) + Duration::from_secs(3600);
-        let task = self.await_task(task.id, wait, &context, true).await?;
+        let waited = self.await_task(task.id, wait, &context, true).await;
+        if !context.ct.is_cancelled() {
+            self.untrack_call(&context.id);
+        }
+        let task = waited?;
         if !task.status.is_terminal() {
             return Err(ToolError::new(
                 "STILL_RUNNING",

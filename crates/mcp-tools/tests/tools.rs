@@ -689,3 +689,70 @@ async fn the_manage_tools_list_their_actions_in_the_schema() {
         assert_eq!(listed.len(), actions, "{}: {listed:?}", tool.name);
     }
 }
+
+/// The newest task of the fixture's principal, once one is `running`.
+async fn running_task(observer: &RunningService<RoleClient, Client>) -> String {
+    for _ in 0..400 {
+        let listed = ok(observer, "list_tasks", json!({"status": "running"})).await;
+        if let Some(id) = listed["tasks"][0]["task_id"].as_str() {
+            return id.to_owned();
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("no task started running");
+}
+
+/// A task's final status (waiting up to 30 s).
+async fn final_status(observer: &RunningService<RoleClient, Client>, id: &str) -> String {
+    for _ in 0..600 {
+        let view = ok(observer, "check_task_status", json!({"task_id": id})).await;
+        let status = view["status"].as_str().unwrap().to_owned();
+        if ["completed", "failed", "timeout", "cancelled"].contains(&status.as_str()) {
+            return status;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("task {id} never finished");
+}
+
+/// The task of an `execute_command` call is cancelled when its client cancels the request, and
+/// only then: the connection or msbd going away while the call waits leaves the task to finish
+/// (a graceful shutdown lets it, or queues it again for the next start). Found by
+/// `cargo xtask chaos`: every SIGTERM cancelled the tasks that `execute_*` calls waited for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_execute_call_cancels_its_task_only_when_its_client_cancels_it() {
+    let fixture = fixture(ServerOptions::default()).await;
+    let observer = connect(fixture.server.clone(), Client::default()).await;
+
+    // The client gives up on the call (its future is dropped): notifications/cancelled.
+    let client = connect(fixture.server.clone(), Client::default()).await;
+    let call = client.call_tool(
+        CallToolRequestParams::new("execute_command")
+            .with_arguments(args(json!({"command": "sleep 60"}))),
+    );
+    let (gave_up, id) = tokio::join!(
+        tokio::time::timeout(Duration::from_secs(3), call),
+        running_task(&observer)
+    );
+    assert!(gave_up.is_err(), "the call should still be waiting");
+    assert_eq!(final_status(&observer, &id).await, "cancelled");
+
+    // The server side of the connection goes away while a call waits, as on SIGTERM.
+    let (server_io, client_io) = tokio::io::duplex(1 << 20);
+    let server = fixture.server.clone();
+    let serving = tokio::spawn(async move { server.serve(server_io).await.unwrap() });
+    let client = Client::default().serve(client_io).await.unwrap();
+    let service = serving.await.unwrap();
+    let waiting = tokio::spawn(async move {
+        client
+            .call_tool(
+                CallToolRequestParams::new("execute_command")
+                    .with_arguments(args(json!({"command": "sleep 1; echo finished"}))),
+            )
+            .await
+    });
+    let id = running_task(&observer).await;
+    service.cancel().await.unwrap();
+    let _ = waiting.await;
+    assert_eq!(final_status(&observer, &id).await, "completed");
+}

@@ -865,3 +865,83 @@ async fn landlock_is_stacked_under_bubblewrap() {
     assert!(outcome.success(), "{outcome:?} {text}");
     assert_eq!(text, "REFUSED\nWROTE\n");
 }
+
+/// msbd killed while it starts can leave the process of its isolation probe behind
+/// (bubblewrap's parent-death signal is racy; found by `cargo xtask chaos`): the probe carries
+/// the instance's marker, so that the orphan sweep of the next start kills it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_left_by_the_start_probe_is_swept_at_the_next_start() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    // The probe runs as an unprivileged uid when the tests run as root.
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    // A bubblewrap whose probe leaves a process running, as one cut short by a kill does.
+    let leaky = dir.path().join("leaky-bwrap");
+    std::fs::write(
+        &leaky,
+        "#!/bin/sh\nsleep 300 </dev/null >/dev/null 2>&1 &\nexit 0\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&leaky, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let marker = format!("test{}-probe-{}", std::process::id(), rand_suffix());
+    let data = dir.path().join("data");
+    let mut config = LocalConfig::new(&data, marker.clone());
+    config.bwrap = Some(leaky);
+    let _first = LocalBackend::new(config).unwrap();
+    let probe = format!("{marker}/.probe");
+    eventually("the probe's leftover to carry the marker", || {
+        !marked_processes(&probe).is_empty()
+    })
+    .await;
+    // The next start sweeps it (isolation off: no probe of its own).
+    let mut config = LocalConfig::new(&data, marker.clone());
+    config.isolation = sandbox_wrapper::backend::local::IsolationMode::Off;
+    let second = LocalBackend::new(config).unwrap();
+    let report = second.sweep_orphans(&HashSet::new()).await.unwrap();
+    assert!(report.processes >= 1, "{report:?}");
+    eventually("the probe's leftover to be gone", || {
+        marked_processes(&probe).is_empty()
+    })
+    .await;
+    // Reap it.
+    second.sweep_orphans(&HashSet::new()).await.unwrap();
+}
+
+/// msbd killed while it makes or removes a session's directory left an empty directory without
+/// a marker file that no sweep ever removed (found by `cargo xtask chaos`). Session directories
+/// are now made and removed under scratch names that carry the instance's marker
+/// (`.new-<marker>-…`, `.gone-<marker>-…`); the orphan sweep removes those, and only this
+/// instance's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn directories_left_half_made_or_half_removed_are_swept() {
+    let fixture = fixture();
+    let sandbox = fixture.session("whole").await;
+    let root = fixture.dir.path().join("data").join("sandboxes");
+    assert_eq!(
+        std::fs::read_to_string(root.join("whole").join("marker")).unwrap(),
+        fixture.marker
+    );
+    // What a kill leaves: one half made (no marker file yet), one half removed, and another
+    // instance's.
+    let marker = &fixture.marker;
+    let half_made = root.join(format!(".new-{marker}-made-1-0"));
+    std::fs::create_dir_all(half_made.join("work")).unwrap();
+    let half_removed = root.join(format!(".gone-{marker}-removed-1-1"));
+    std::fs::create_dir_all(half_removed.join("work").join("sub")).unwrap();
+    let other = root.join(".new-someoneelse-made-1-0");
+    std::fs::create_dir_all(&other).unwrap();
+    let live: HashSet<String> = ["whole".to_owned()].into();
+    let report = fixture.backend.sweep_orphans(&live).await.unwrap();
+    assert!(!half_made.exists(), "{report:?}");
+    assert!(!half_removed.exists(), "{report:?}");
+    assert!(other.exists());
+    assert!(root.join("whole").join("work").exists());
+    // Stopping the session leaves nothing of it, not even a scratch name.
+    fixture.backend.stop(&sandbox).await.unwrap();
+    let left: Vec<String> = std::fs::read_dir(&root)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(left, vec![".new-someoneelse-made-1-0".to_owned()]);
+}

@@ -168,6 +168,10 @@ fn pids_limit(flavor: Flavor) -> u64 {
 
 const ENV_MARKER: &str = "MSBD_SANDBOX";
 
+/// The work directory, and the session in the marker, of the probe run at start: not a valid
+/// session id, so that it never names a session.
+const PROBE_SESSION: &str = ".probe";
+
 impl LocalBackend {
     /// Detects what the host offers and prepares the backend. Fails only when the data
     /// directory cannot be used.
@@ -341,7 +345,7 @@ impl LocalBackend {
 
     /// Runs `true` under the current layers, to see that they work on this host.
     fn probe(&self) -> Result<(), String> {
-        let dir = self.config.data_dir.join("sandboxes").join(".probe");
+        let dir = self.config.data_dir.join("sandboxes").join(PROBE_SESSION);
         std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
         let uid = self.drop_uid.then(|| {
             let id = self.config.sandbox_uid_base;
@@ -350,9 +354,16 @@ impl LocalBackend {
         self.prepare_work_dir(&dir, uid)
             .map_err(|e| e.to_string())?;
         let argv = vec!["true".to_owned()];
+        // A probe cut short (msbd killed while it starts) can leave a process that nobody
+        // waits for (bubblewrap's own parent-death signal is racy): it carries the marker, so
+        // that the orphan sweep of the next start kills it.
+        let env = vec![(
+            ENV_MARKER.to_owned(),
+            format!("{}/{PROBE_SESSION}", self.config.instance_marker),
+        )];
         let launch = self.launch(
             &argv,
-            Vec::new(),
+            env,
             &dir,
             false,
             Vec::new(),
@@ -393,6 +404,24 @@ impl LocalBackend {
         self.sandboxes
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The start of the names of this instance's scratch directories of one kind (sessions
+    /// being made, `new`, or removed, `gone`) under `<data_dir>/sandboxes/`: a dot, which no
+    /// session id has, the kind and the instance marker.
+    fn scratch_prefix(&self, kind: &str) -> String {
+        format!(".{kind}-{}-", self.config.instance_marker)
+    }
+
+    /// A fresh scratch directory name for a session (see [`LocalBackend::scratch_prefix`]).
+    fn scratch_name(&self, kind: &str, session: &str) -> String {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        format!(
+            "{}{session}-{}-{}",
+            self.scratch_prefix(kind),
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        )
     }
 
     fn sandbox_name(&self, session: &str) -> String {
@@ -874,17 +903,31 @@ impl LocalBackend {
         name: String,
         uid: Option<(Uid, Gid, u32)>,
     ) -> Result<SandboxInfo, BackendError> {
-        let home = self
-            .config
-            .data_dir
-            .join("sandboxes")
-            .join(&spec.session_id);
+        let root = self.config.data_dir.join("sandboxes");
+        let home = root.join(&spec.session_id);
         let work_dir = home.join("work");
-        std::fs::create_dir_all(&work_dir)
-            .map_err(|e| BackendError::io(format!("creating {}", work_dir.display()), e))?;
-        set_mode(&home, 0o711)?;
-        std::fs::write(home.join("marker"), &self.config.instance_marker)
-            .map_err(|e| BackendError::io("writing the sandbox marker", e))?;
+        // Made under a scratch name that carries the marker, then renamed into place: msbd
+        // killed midway leaves a directory the orphan sweep recognizes as this instance's,
+        // never one without its marker.
+        let scratch = root.join(self.scratch_name("new", &spec.session_id));
+        let made = std::fs::create_dir(&scratch)
+            .and_then(|()| std::fs::write(scratch.join("marker"), &self.config.instance_marker))
+            .and_then(|()| std::fs::create_dir(scratch.join("work")))
+            .map_err(|e| BackendError::io(format!("creating {}", scratch.display()), e))
+            .and_then(|()| set_mode(&scratch, 0o711));
+        let placed = made.and_then(|()| {
+            std::fs::rename(&scratch, &home)
+                .map_err(|e| BackendError::io(format!("creating {}", home.display()), e))
+        });
+        if placed.is_err() {
+            // Not in place (a directory of that name was left there, say): the old way.
+            let _ = std::fs::remove_dir_all(&scratch);
+            std::fs::create_dir_all(&work_dir)
+                .map_err(|e| BackendError::io(format!("creating {}", work_dir.display()), e))?;
+            set_mode(&home, 0o711)?;
+            std::fs::write(home.join("marker"), &self.config.instance_marker)
+                .map_err(|e| BackendError::io("writing the sandbox marker", e))?;
+        }
         self.prepare_work_dir(&work_dir, uid.map(|(u, g, _)| (u, g)))?;
         let limits = Limits {
             memory_bytes: spec.flavor.memory_mb() << 20,
@@ -1188,11 +1231,17 @@ impl SandboxBackend for LocalBackend {
             kill_marked_processes(&self.config.instance_marker, |s| {
                 s == sandbox.info.session_id
             });
-            let home = self
-                .config
-                .data_dir
-                .join("sandboxes")
-                .join(&sandbox.info.session_id);
+            let root = self.config.data_dir.join("sandboxes");
+            let home = root.join(&sandbox.info.session_id);
+            // Out of the way under a scratch name that carries the marker first: msbd killed
+            // while the tree is removed (its marker file may go first) leaves a directory the
+            // orphan sweep recognizes.
+            let scratch = root.join(self.scratch_name("gone", &sandbox.info.session_id));
+            let home = match std::fs::rename(&home, &scratch) {
+                Ok(()) => scratch,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+                Err(_) => home,
+            };
             tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&home))
                 .await
                 .map_err(|e| BackendError::Unavailable(e.to_string()))?
@@ -1265,7 +1314,12 @@ impl SandboxBackend for LocalBackend {
                     };
                     let marker =
                         std::fs::read_to_string(entry.path().join("marker")).unwrap_or_default();
-                    if marker == self.config.instance_marker && orphan(&session) {
+                    // A directory being made or removed when a previous msbd died carries the
+                    // marker in its name (no session is made or stopped while the sweep runs).
+                    let scratch = ["new", "gone"]
+                        .iter()
+                        .any(|kind| session.starts_with(&self.scratch_prefix(kind)));
+                    if scratch || (marker == self.config.instance_marker && orphan(&session)) {
                         let path = entry.path();
                         let removed =
                             tokio::task::spawn_blocking(move || std::fs::remove_dir_all(path))
