@@ -29,6 +29,8 @@ mod tools_supervision;
 mod tools_tasks;
 pub mod wire;
 
+#[doc(hidden)]
+pub use server::explain_argument_errors;
 pub use server::{
     McpServer, REQUEST_TOO_LARGE_METHOD, STDIO_PRINCIPAL, SUPERVISION_TOOLS, ServerOptions,
     TASK_TOOLS,

@@ -162,43 +162,67 @@ fn memchr_newline(bytes: &[u8]) -> Option<usize> {
     bytes.iter().position(|b| *b == b'\n')
 }
 
-/// The JSON text of a request's `"id"` (a number or a string), from the start of its line.
+/// The JSON text of a request's `"id"` (an integer or a string), from the start of its line.
+///
+/// Only the top-level key counts (not an `"id"` inside `params`), and the id is written back as
+/// JSON, so that the replacement request is always one rmcp reads, under the request's own id.
+/// `None` when the window holds no such id (then the line is dropped).
 fn request_id(head: &[u8]) -> Option<String> {
     let text = String::from_utf8_lossy(head);
-    let mut from = 0;
-    while let Some(at) = text[from..].find("\"id\"") {
-        let rest = text[from + at + 4..].trim_start();
-        if let Some(value) = rest.strip_prefix(':') {
-            let value = value.trim_start();
-            if let Some(string) = value.strip_prefix('"') {
-                let mut end = None;
-                let mut escaped = false;
-                for (i, c) in string.char_indices() {
-                    match (escaped, c) {
-                        (true, _) => escaped = false,
-                        (false, '\\') => escaped = true,
-                        (false, '"') => {
-                            end = Some(i);
-                            break;
-                        }
-                        _ => {}
-                    }
+    let bytes = text.as_bytes();
+    let mut depth = 0usize;
+    let mut at = 0;
+    while at < bytes.len() {
+        match bytes[at] {
+            b'"' => {
+                let end = string_end(bytes, at)?;
+                if depth == 1
+                    && &text[at..end] == "\"id\""
+                    && let Some(value) = text[end..].trim_start().strip_prefix(':')
+                {
+                    return id_value(value.trim_start());
                 }
-                let end = end?;
-                return Some(format!("\"{}\"", &string[..end]));
+                at = end;
+                continue;
             }
-            let digits: String = value
-                .chars()
-                .take_while(|c| c.is_ascii_digit() || *c == '-')
-                .collect();
-            if !digits.is_empty() && digits.parse::<i64>().is_ok() {
-                return Some(digits);
-            }
-            return None;
+            b'{' | b'[' => depth += 1,
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            _ => {}
         }
-        from += at + 4;
+        at += 1;
     }
     None
+}
+
+/// Where the JSON string whose opening quote is at `start` ends: just after its closing quote.
+fn string_end(bytes: &[u8], start: usize) -> Option<usize> {
+    let mut escaped = false;
+    for (i, &byte) in bytes.iter().enumerate().skip(start + 1) {
+        match (escaped, byte) {
+            (true, _) => escaped = false,
+            (false, b'\\') => escaped = true,
+            (false, b'"') => return Some(i + 1),
+            _ => {}
+        }
+    }
+    None
+}
+
+/// An id's JSON text, checked and written back: a string, or an integer that fits in `i64`
+/// and ends where the value ends (not `007`, `1.5`, `1e3`, nor one the window cuts).
+fn id_value(value: &str) -> Option<String> {
+    if value.starts_with('"') {
+        let end = string_end(value.as_bytes(), 0)?;
+        let id: String = serde_json::from_str(&value[..end]).ok()?;
+        return serde_json::to_string(&id).ok();
+    }
+    let end = value.find(|c: char| !(c.is_ascii_digit() || c == '-'))?;
+    let (number, rest) = value.split_at(end);
+    if !rest.starts_with([',', '}', ' ', '\t', '\r', '\n']) {
+        return None;
+    }
+    let id: i64 = serde_json::from_str(number).ok()?;
+    Some(id.to_string())
 }
 
 #[cfg(test)]
@@ -259,6 +283,61 @@ mod tests {
             "b".repeat(300)
         );
         assert_eq!(run(input.as_bytes(), 50).await, "{\"id\":3}\n");
+    }
+
+    #[test]
+    fn only_the_top_level_id_counts_and_it_is_written_as_json() {
+        // Found by the `stdio_framing` fuzz target: an `"id"` inside `params` was taken for the
+        // request's, and an id that is not valid JSON (`007`) or not an integer (`1.5`, read as
+        // 1) was copied into the replacement.
+        assert_eq!(
+            request_id(
+                br#"{"jsonrpc":"2.0","method":"tools/call","params":{"arguments":{"id":5}},"id":"r\"9","#
+            ),
+            Some(r#""r\"9""#.into())
+        );
+        assert_eq!(
+            request_id(br#"{"params":{"x":"\"id\":3"},"id":7}"#),
+            Some("7".into())
+        );
+        assert_eq!(request_id(br#"{"id":007,"x":"#), None);
+        assert_eq!(request_id(br#"{"id":1.5,"x":"#), None);
+        assert_eq!(request_id(br#"{"id":"a\qb","x":"#), None);
+        // Cut by the window: the number may go on.
+        assert_eq!(request_id(br#"{"id":12"#), None);
+        assert_eq!(request_id(br#"{"id":"\u00e9","#), Some("\"\u{e9}\"".into()));
+        assert_eq!(request_id(br#"{"id" : -42 ,"#), Some("-42".into()));
+    }
+
+    #[tokio::test]
+    async fn replacements_are_json_rpc_requests_under_the_request_id() {
+        // The input on which the `stdio_framing` fuzz target failed, over a limit of 20 bytes.
+        let input = concat!(
+            r#"{"id": -42, "method":"dddddddddddddddddddddddddddddddddddddddd"}"#,
+            "\n",
+            r#"{"id":"\u00e9\\","x":"eeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeee"}"#,
+            "\n",
+            r#"{"id":007,"x":"ffffffffffffffffffffffffffffff"}"#,
+            "\n",
+            r#"{"id":1.5,"x":"gggggggggggggggggggggggggggggg"}"#,
+            "\n",
+            r#"{"jsonrpc":"2.0","method":"tools/call","params":{"arguments":{"id":5}},"id":"r"}"#,
+            "\n",
+        );
+        let output = run(input.as_bytes(), 20).await;
+        let ids: Vec<serde_json::Value> = output
+            .lines()
+            .map(|line| {
+                let request: serde_json::Value = serde_json::from_str(line).unwrap();
+                assert_eq!(
+                    request["method"],
+                    mcp_tools::REQUEST_TOO_LARGE_METHOD,
+                    "{line}"
+                );
+                request["id"].clone()
+            })
+            .collect();
+        assert_eq!(ids, [serde_json::json!(-42), "\u{e9}\\".into(), "r".into()]);
     }
 
     #[test]

@@ -19,7 +19,9 @@ pub const DEFAULT_OUTPUT_CAP: u64 = 10 * 1024 * 1024;
 pub const TAIL_BYTES: usize = 4096;
 
 /// The longest line examined for a progress report; longer lines are output, nothing more.
-const MAX_PROGRESS_LINE: usize = 4096;
+/// Public only for the fuzz targets (`fuzz/fuzz_targets/output_sink.rs`).
+#[doc(hidden)]
+pub const MAX_PROGRESS_LINE: usize = 4096;
 
 /// Which of a process's streams bytes came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
