@@ -507,6 +507,20 @@ impl Engine {
         self.inner.wake.notify_one();
     }
 
+    /// Wakes the dispatcher to claim at once: for a store shared with other processes, whose
+    /// tasks become claimable without this engine knowing (see
+    /// [`crate::store::postgres::PostgresStore::run_wakeups`]).
+    pub fn wake(&self) {
+        self.inner.wake.notify_one();
+    }
+
+    /// Tells the dispatcher that a scheduled task is due at `at`, so that it promotes due tasks
+    /// then: for a store shared with other processes, whose scheduled tasks this engine did not
+    /// submit.
+    pub fn note_due(&self, at: Timestamp) {
+        self.inner.note_due(at);
+    }
+
     /// How the store is doing (see [`Store::health`]).
     pub fn store_health(&self) -> crate::store::StoreHealth {
         self.inner.store.health()

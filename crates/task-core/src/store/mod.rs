@@ -19,6 +19,7 @@ use crate::state::{Event, decide};
 
 pub(crate) mod apply;
 pub mod memory;
+pub mod postgres;
 pub mod sqlite;
 
 /// The future a store method returns.

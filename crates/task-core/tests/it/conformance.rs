@@ -1,5 +1,6 @@
 //! One conformance suite for every task store: each case is an async function over `&dyn Store`,
-//! run against a fresh `MemoryStore` and a fresh `SqliteStore`. Time is driven by explicit
+//! run against a fresh `MemoryStore`, a fresh `SqliteStore`, and a `PostgresStore` in a schema of
+//! its own (see `postgres.rs` for the database it needs). Time is driven by explicit
 //! timestamps; nothing sleeps.
 
 use std::collections::{BTreeMap, HashSet};
@@ -35,6 +36,17 @@ macro_rules! conformance {
                 async fn $case() {
                     let (store, _dir) = super::sqlite_store();
                     super::$case(&store).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test]
+                async fn $case() {
+                    let schema = crate::postgres::TestSchema::new();
+                    let store = schema.store("conformance").await;
+                    super::$case(&store).await;
+                    store.close().await;
                 }
             )*
         }

@@ -3,5 +3,6 @@
 mod conformance;
 mod crash;
 mod engine;
+mod postgres;
 mod properties;
 mod transitions;

@@ -1,0 +1,141 @@
+//! How tasks are written to and read from PostgreSQL rows: the column list, and the conversions
+//! between the task model and column values.
+
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio_postgres::Row;
+
+use crate::error::{Error, Result};
+use crate::model::{
+    FailureKind, Priority, RetryPolicy, Status, Task, TaskError, TaskId, Timestamp,
+};
+
+/// The columns of a task, in the order [`task_from_row`] reads them; `seq` follows them in the
+/// queries that need it (at [`SEQ`]).
+pub(super) const COLUMNS: &str = "id, task_type, params, priority, status, attempt, max_attempts, \
+    retry_base_ms, retry_max_ms, timeout_ms, run_at, idempotency_key, owner, session_id, \
+    progress, progress_message, result, error_kind, error_message, created_at, started_at, \
+    updated_at, finished_at, tags, lease_until, cancel_requested";
+
+/// The index of `seq` in a row that has it after [`COLUMNS`].
+pub(super) const SEQ: usize = 26;
+
+/// A task's id as the `uuid` column holds it.
+pub(super) fn uuid(id: TaskId) -> uuid::Uuid {
+    uuid::Uuid::from_bytes(*id.as_bytes())
+}
+
+/// A status as the `status` column holds it.
+pub(super) fn code(status: Status) -> i16 {
+    i16::from(status.code())
+}
+
+/// A status from the `status` column.
+pub(super) fn status(code: i16) -> Result<Status> {
+    u8::try_from(code)
+        .ok()
+        .and_then(Status::from_code)
+        .ok_or_else(|| Error::store("reading a task", format!("unknown status code {code}")))
+}
+
+/// A count or a duration in milliseconds, as a `bigint`.
+pub(super) fn big(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+/// A duration as milliseconds.
+pub(super) fn millis(duration: Option<Duration>) -> Option<i64> {
+    duration.map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// A JSON value as text. Serializing a `Value` cannot fail.
+pub(super) fn json_text(value: &Value) -> String {
+    serde_json::to_string(value).unwrap_or_else(|_| "null".into())
+}
+
+/// Tags as JSON text; `None` for none (as the SQLite store keeps them).
+pub(super) fn tags_text(tags: &[String]) -> Option<String> {
+    if tags.is_empty() {
+        None
+    } else {
+        serde_json::to_string(tags).ok()
+    }
+}
+
+/// Reads one column, naming it in the error.
+fn column<'a, T: tokio_postgres::types::FromSql<'a>>(row: &'a Row, index: usize) -> Result<T> {
+    row.try_get(index)
+        .map_err(|e| Error::store("reading a task", format!("column {index}: {e}")))
+}
+
+fn bad(what: &str, value: impl std::fmt::Display) -> Error {
+    Error::store("reading a task", format!("{what} {value} is out of range"))
+}
+
+/// A task from a row whose first columns are [`COLUMNS`].
+pub(super) fn task_from_row(row: &Row) -> Result<Task> {
+    let id: uuid::Uuid = column(row, 0)?;
+    let params: String = column(row, 2)?;
+    let priority: i16 = column(row, 3)?;
+    let attempt: i64 = column(row, 5)?;
+    let max_attempts: i64 = column(row, 6)?;
+    let result: Option<String> = column(row, 16)?;
+    let error_kind: Option<i16> = column(row, 17)?;
+    let tags: Option<String> = column(row, 23)?;
+    let error = match error_kind {
+        Some(code) => Some(TaskError {
+            kind: u8::try_from(code)
+                .ok()
+                .and_then(FailureKind::from_code)
+                .ok_or_else(|| bad("the failure kind", code))?,
+            message: column::<Option<String>>(row, 18)?.unwrap_or_default(),
+        }),
+        None => None,
+    };
+    let json = |text: &str| {
+        serde_json::from_str::<Value>(text).map_err(|e| Error::store("reading a task", e))
+    };
+    Ok(Task {
+        id: TaskId::from_bytes(*id.as_bytes()),
+        task_type: column(row, 1)?,
+        params: json(&params)?,
+        priority: u8::try_from(priority)
+            .ok()
+            .and_then(Priority::new)
+            .ok_or_else(|| bad("the priority", priority))?,
+        status: status(column(row, 4)?)?,
+        attempt: u32::try_from(attempt).map_err(|_| bad("the attempt", attempt))?,
+        max_attempts: u32::try_from(max_attempts).map_err(|_| bad("max_attempts", max_attempts))?,
+        retry: RetryPolicy {
+            base_delay_ms: column::<i64>(row, 7)?.max(0) as u64,
+            max_delay_ms: column::<i64>(row, 8)?.max(0) as u64,
+        },
+        timeout: column::<Option<i64>>(row, 9)?.map(|ms| Duration::from_millis(ms.max(0) as u64)),
+        run_at: column::<Option<i64>>(row, 10)?.map(Timestamp),
+        idempotency_key: column(row, 11)?,
+        owner: column(row, 12)?,
+        session_id: column(row, 13)?,
+        progress: column(row, 14)?,
+        progress_message: column(row, 15)?,
+        result: result.as_deref().map(json).transpose()?,
+        error,
+        created_at: Timestamp(column(row, 19)?),
+        started_at: column::<Option<i64>>(row, 20)?.map(Timestamp),
+        updated_at: Timestamp(column(row, 21)?),
+        finished_at: column::<Option<i64>>(row, 22)?.map(Timestamp),
+        tags: match tags {
+            Some(text) => {
+                serde_json::from_str(&text).map_err(|e| Error::store("reading a task", e))?
+            }
+            None => Vec::new(),
+        },
+        lease_until: column::<Option<i64>>(row, 24)?.map(Timestamp),
+        cancel_requested: column(row, 25)?,
+    })
+}
+
+/// The `seq` of a row that has it at [`SEQ`].
+pub(super) fn seq_of(row: &Row) -> Result<i64> {
+    column(row, SEQ)
+}

@@ -1,0 +1,1312 @@
+//! The writer: one task that owns the writing connection and commits the requests waiting for it
+//! in one transaction (group commit), answering each only after the commit.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::{mpsc, oneshot};
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Client, Row, Statement};
+
+use crate::error::{Error, Result};
+use crate::model::{Status, Task, TaskId, Timestamp};
+use crate::state::decide;
+use crate::store::{
+    ClaimRequest, Command, Finish, Heartbeat, HeartbeatReply, ListFilter, Outcome, ProgressUpdate,
+    Promoted, Recover, Submitted, apply,
+};
+
+use super::listen::payload;
+use super::rows::{
+    COLUMNS, big, code, json_text, millis, seq_of, status, tags_text, task_from_row, uuid,
+};
+use super::{Backoff, Part, Shared, describe, is_lost};
+
+/// A write request.
+pub(super) enum Request {
+    Submit(Vec<Task>),
+    SubmitAndClaim(Vec<Task>, ClaimRequest),
+    Claim(ClaimRequest),
+    Promote(Timestamp),
+    Finish(Finish),
+    /// A finish run again because the connection broke while its commit was in flight: if it is
+    /// fenced out now, it may be by its own first run, which the task's record tells.
+    FinishAgain(Finish),
+    Progress(ProgressUpdate),
+    Heartbeat(Heartbeat),
+    Command(TaskId, Command, Timestamp),
+    Recover(Timestamp, Recover),
+    Prune(Timestamp, usize),
+    DeleteFinished(ListFilter, Timestamp, usize),
+    Flush,
+}
+
+impl Request {
+    /// Whether running the request twice does what running it once does, so that it may be run
+    /// again when a commit's outcome is unknown.
+    fn repeatable(&self) -> bool {
+        matches!(
+            self,
+            Request::Promote(_)
+                | Request::Progress(_)
+                | Request::Heartbeat(_)
+                | Request::FinishAgain(_)
+                | Request::Flush
+        )
+    }
+}
+
+/// The answer to a write request.
+pub(super) enum Answer {
+    Submitted(Vec<Submitted>),
+    SubmittedAndClaimed(Vec<Submitted>, Vec<Task>),
+    Tasks(Vec<Task>),
+    Promoted(Promoted),
+    Applied(bool),
+    Heartbeat(HeartbeatReply),
+    Task(Box<Task>),
+    Count(usize),
+    Done,
+}
+
+/// A request waiting for its answer.
+pub(super) struct Pending {
+    pub(super) request: Request,
+    pub(super) reply: oneshot::Sender<Result<Answer>>,
+    /// When it was sent: it waits at most `unavailable_wait` for an unreachable database.
+    pub(super) since: Instant,
+    /// How many times its transaction was cut off by a broken connection.
+    pub(super) tries: u32,
+}
+
+/// How many times a writer yields to other tasks for more requests before it starts a
+/// transaction.
+const LINGER_YIELDS: usize = 3;
+
+/// How many times a request is run again after its connection broke under it, before it fails.
+const MAX_TRIES: u32 = 5;
+
+type PgError = tokio_postgres::Error;
+
+/// The writing connection, with its prepared statements.
+pub(super) struct WriteConn {
+    client: Client,
+    statements: HashMap<String, Statement>,
+    /// A transaction was begun and `BEGIN` is not sent yet: it goes out with the next statement,
+    /// in the same round trip.
+    begin_pending: bool,
+}
+
+impl WriteConn {
+    pub(super) async fn open(shared: &Shared) -> std::result::Result<WriteConn, PgError> {
+        let client = shared.connect().await?;
+        // Every statement of the writer is meant to walk an index (the claim the queue index,
+        // in its order; the others primary-key or id lookups). Pinned here, as `INDEXED BY` pins
+        // them in SQLite: with statistics that lag behind the table (a fresh table, a burst of
+        // submissions before autovacuum analyzes it) the planner takes the queue for a few rows,
+        // then sorts all of it on every claim, or hashes the whole table to update a batch.
+        // A statement with no other way still runs: these settings only make the others costly.
+        client
+            .batch_execute(
+                "SET enable_seqscan = off; SET enable_bitmapscan = off; SET enable_sort = off",
+            )
+            .await?;
+        Ok(WriteConn {
+            client,
+            statements: HashMap::new(),
+            begin_pending: false,
+        })
+    }
+
+    pub(super) fn client_mut(&mut self) -> &mut Client {
+        &mut self.client
+    }
+
+    async fn statement(&mut self, sql: &str) -> std::result::Result<Statement, PgError> {
+        if let Some(statement) = self.statements.get(sql) {
+            return Ok(statement.clone());
+        }
+        let statement = self.client.prepare(sql).await?;
+        if self.statements.len() >= 256 {
+            self.statements.clear();
+        }
+        self.statements.insert(sql.to_owned(), statement.clone());
+        Ok(statement)
+    }
+
+    async fn query(
+        &mut self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> std::result::Result<Vec<Row>, PgError> {
+        let statement = self.statement(sql).await?;
+        if std::mem::take(&mut self.begin_pending) {
+            let (begun, rows) = tokio::join!(
+                biased;
+                self.client.batch_execute("BEGIN"),
+                self.client.query(&statement, params),
+            );
+            begun?;
+            return rows;
+        }
+        self.client.query(&statement, params).await
+    }
+
+    async fn execute(
+        &mut self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> std::result::Result<u64, PgError> {
+        let statement = self.statement(sql).await?;
+        if std::mem::take(&mut self.begin_pending) {
+            let (begun, changed) = tokio::join!(
+                biased;
+                self.client.batch_execute("BEGIN"),
+                self.client.execute(&statement, params),
+            );
+            begun?;
+            return changed;
+        }
+        self.client.execute(&statement, params).await
+    }
+}
+
+/// Runs the writer until the store is closed and every request sent is answered.
+/// The requests of a store, taken by its writers in turn.
+pub(super) type Requests = Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<Pending>>>;
+
+/// Runs writer number `index` until the store is closed and every request sent is answered.
+/// The writers of a store take turns at the channel: each takes what is waiting, and commits it
+/// while the next one takes what arrives meanwhile, so that their commits overlap (PostgreSQL
+/// flushes the WAL of commits that wait together once).
+pub(super) async fn run(shared: Arc<Shared>, index: usize, first: WriteConn, requests: Requests) {
+    let max_batch = shared.config.max_batch.max(1);
+    let mut conn = Some(first);
+    let mut backoff = Backoff::new(&shared.config);
+    let mut batch: Vec<Pending> = Vec::with_capacity(max_batch);
+    loop {
+        if batch.is_empty() {
+            let mut receiver = requests.lock().await;
+            match receiver.recv().await {
+                Some(pending) => batch.push(pending),
+                None => return,
+            }
+            take_waiting(&mut receiver, &mut batch, max_batch);
+            // Requests come in bursts (the finishes of a claimed batch): let the tasks that are
+            // about to send theirs run first, a few times, before the transaction starts.
+            for _ in 0..LINGER_YIELDS {
+                if batch.len() >= max_batch {
+                    break;
+                }
+                tokio::task::yield_now().await;
+                take_waiting(&mut receiver, &mut batch, max_batch);
+            }
+        } else if let Ok(mut receiver) = requests.try_lock() {
+            take_waiting(&mut receiver, &mut batch, max_batch);
+        }
+        let live = match conn.as_mut() {
+            Some(live) if !live.client.is_closed() => live,
+            _ => {
+                conn = None;
+                match WriteConn::open(&shared).await {
+                    Ok(opened) => {
+                        backoff.reset();
+                        conn.insert(opened)
+                    }
+                    Err(error) => {
+                        let error = shared.unreachable("writing", &error);
+                        shared
+                            .health
+                            .failing(Part::Writer(index), error.to_string());
+                        let oldest = batch.iter().map(|p| p.since).min();
+                        if oldest.is_some_and(|at| at.elapsed() >= shared.config.unavailable_wait) {
+                            for pending in batch.drain(..) {
+                                let _ = pending.reply.send(Err(error.clone()));
+                            }
+                        } else {
+                            tokio::time::sleep(backoff.pause()).await;
+                        }
+                        continue;
+                    }
+                }
+            }
+        };
+        if let Err(lost) = commit_group(live, &shared, index, &mut batch).await {
+            // The connection broke: the requests left in the batch run again on a new one, a
+            // few times at most.
+            shared.health.failing(Part::Writer(index), lost.to_string());
+            conn = None;
+            let mut kept = Vec::with_capacity(batch.len());
+            for mut pending in batch.drain(..) {
+                pending.tries += 1;
+                if pending.tries >= MAX_TRIES {
+                    let _ = pending.reply.send(Err(lost.clone()));
+                } else {
+                    kept.push(pending);
+                }
+            }
+            batch = kept;
+        }
+    }
+}
+
+/// Moves the requests waiting in the channel to `batch`, up to `max_batch`.
+fn take_waiting(
+    receiver: &mut mpsc::UnboundedReceiver<Pending>,
+    batch: &mut Vec<Pending>,
+    max_batch: usize,
+) {
+    while batch.len() < max_batch {
+        match receiver.try_recv() {
+            Ok(pending) => batch.push(pending),
+            Err(_) => break,
+        }
+    }
+}
+
+/// Why a transaction did not commit.
+enum Failed {
+    /// A deadlock or a serialization failure with another node's transaction: try again.
+    Conflict(Error),
+    /// A statement failed (bad data, a broken constraint): the transaction rolled back.
+    Statement(Error),
+    /// The connection broke; `committing`: while `COMMIT` was in flight, so the outcome is not
+    /// known.
+    Lost { error: Error, committing: bool },
+}
+
+/// Commits `batch` and answers its requests, emptying it. When a statement fails, runs each
+/// request in a transaction of its own, so that one bad request fails alone. Returns the error
+/// when the connection broke, leaving in `batch` the requests still to run.
+async fn commit_group(
+    conn: &mut WriteConn,
+    shared: &Shared,
+    index: usize,
+    batch: &mut Vec<Pending>,
+) -> std::result::Result<(), Error> {
+    let mut conflicts = 0;
+    loop {
+        let requests: Vec<&Request> = batch.iter().map(|p| &p.request).collect();
+        match transaction(conn, shared, &requests).await {
+            Ok(answers) => {
+                shared.health.working(Part::Writer(index));
+                for (pending, answer) in batch.drain(..).zip(answers) {
+                    let _ = pending.reply.send(answer);
+                }
+                return Ok(());
+            }
+            Err(Failed::Conflict(_)) if conflicts < 3 => conflicts += 1,
+            Err(Failed::Conflict(error) | Failed::Statement(error)) => {
+                if batch.len() == 1 {
+                    let pending = batch.remove(0);
+                    let _ = pending.reply.send(Err(error));
+                    return Ok(());
+                }
+                return one_by_one(conn, shared, index, batch).await;
+            }
+            Err(Failed::Lost { error, committing }) => {
+                if committing {
+                    fail_unknown(batch, &error);
+                }
+                return Err(error);
+            }
+        }
+    }
+}
+
+/// Runs each request of `batch` in a transaction of its own.
+async fn one_by_one(
+    conn: &mut WriteConn,
+    shared: &Shared,
+    index: usize,
+    batch: &mut Vec<Pending>,
+) -> std::result::Result<(), Error> {
+    while !batch.is_empty() {
+        let mut answers = match transaction(conn, shared, &[&batch[0].request]).await {
+            Ok(answers) => answers,
+            Err(Failed::Conflict(error) | Failed::Statement(error)) => vec![Err(error)],
+            Err(Failed::Lost { error, committing }) => {
+                if committing {
+                    fail_unknown(batch, &error);
+                }
+                return Err(error);
+            }
+        };
+        let pending = batch.remove(0);
+        let _ = pending.reply.send(
+            answers
+                .pop()
+                .unwrap_or_else(|| Err(Error::store("writing", "no answer"))),
+        );
+    }
+    shared.health.working(Part::Writer(index));
+    Ok(())
+}
+
+/// Fails the requests whose commit may or may not have happened, keeping those safe to repeat
+/// (a finish is repeated as [`Request::FinishAgain`]).
+fn fail_unknown(batch: &mut Vec<Pending>, error: &Error) {
+    let mut kept = Vec::with_capacity(batch.len());
+    for mut pending in batch.drain(..) {
+        if let Request::Finish(_) = pending.request
+            && let Request::Finish(finish) = std::mem::replace(&mut pending.request, Request::Flush)
+        {
+            pending.request = Request::FinishAgain(finish);
+        }
+        if pending.request.repeatable() {
+            kept.push(pending);
+        } else {
+            let _ = pending.reply.send(Err(Error::Store {
+                action: "committing",
+                message: format!(
+                    "the connection to the database broke while the change was being committed, so it may or may not have been made (read the task to see): {error}"
+                ),
+            }));
+        }
+    }
+    *batch = kept;
+}
+
+/// What a transaction changed besides its rows: counts, and the work it made ready.
+#[derive(Default)]
+struct Effects {
+    counts: Vec<CountChange>,
+    /// A task became claimable.
+    queued: bool,
+    /// The earliest `run_at` of tasks that became scheduled.
+    due: Option<i64>,
+}
+
+impl Effects {
+    fn moved(&mut self, task_type: &str, from: Option<Status>, to: Option<Status>) {
+        self.counts.push(CountChange {
+            task_type: task_type.to_owned(),
+            from,
+            to,
+        });
+        match to {
+            Some(Status::Queued) if from != Some(Status::Queued) => self.queued = true,
+            _ => {}
+        }
+    }
+
+    fn scheduled(&mut self, run_at: Option<Timestamp>) {
+        if let Some(at) = run_at {
+            self.due = Some(self.due.map_or(at.0, |due| due.min(at.0)));
+        }
+    }
+
+    /// Notes a task that moved to `task.status`.
+    fn task(&mut self, task: &Task, from: Option<Status>) {
+        self.moved(&task.task_type, from, Some(task.status));
+        if task.status == Status::Scheduled {
+            self.scheduled(task.run_at);
+        }
+    }
+}
+
+/// A change of the counts, written with its transaction.
+struct CountChange {
+    task_type: String,
+    from: Option<Status>,
+    to: Option<Status>,
+}
+
+/// How a request failed inside a transaction.
+enum Exec {
+    /// Refused before it wrote anything (an illegal transition, an unknown task): the
+    /// transaction goes on for the other requests.
+    Refused(Error),
+    /// Failed after it may have written: the transaction must not commit.
+    Abort(Error),
+    /// A statement failed.
+    Db(PgError),
+}
+
+impl From<PgError> for Exec {
+    fn from(error: PgError) -> Exec {
+        Exec::Db(error)
+    }
+}
+
+fn classify(error: PgError, action: &'static str, committing: bool) -> Failed {
+    let words = Error::store(action, describe(&error));
+    if is_lost(&error) {
+        return Failed::Lost {
+            error: words,
+            committing,
+        };
+    }
+    match error.code().map(|c| c.code()) {
+        Some("40P01" | "40001") => Failed::Conflict(words),
+        _ => Failed::Statement(words),
+    }
+}
+
+/// Runs `requests` in one transaction and commits it; the answers are in their order.
+async fn transaction(
+    conn: &mut WriteConn,
+    shared: &Shared,
+    requests: &[&Request],
+) -> std::result::Result<Vec<Result<Answer>>, Failed> {
+    if requests.iter().all(|r| matches!(r, Request::Flush)) {
+        return Ok(requests.iter().map(|_| Ok(Answer::Done)).collect());
+    }
+    // `BEGIN` goes out with the first statement (see `WriteConn::begin`).
+    conn.begin_pending = true;
+    let mut effects = Effects::default();
+    let mut answers = Vec::with_capacity(requests.len());
+    let mut index = 0;
+    let mut failure = None;
+    while index < requests.len() {
+        // Finishes that come together are written together (when no task repeats among them).
+        let mut end = index;
+        let mut ids = HashSet::new();
+        while let Some(Request::Finish(finish)) = requests.get(end)
+            && ids.insert(finish.id)
+        {
+            end += 1;
+        }
+        let result = if end > index {
+            let finishes: Vec<&Finish> = requests[index..end]
+                .iter()
+                .filter_map(|r| match r {
+                    Request::Finish(finish) => Some(finish),
+                    _ => None,
+                })
+                .collect();
+            finish_all(conn, &finishes, &mut effects)
+                .await
+                .map(|applied| {
+                    answers.extend(applied.into_iter().map(|a| Ok(Answer::Applied(a))));
+                })
+        } else {
+            end = index + 1;
+            match execute(conn, shared, requests[index], &mut effects).await {
+                Ok(answer) => {
+                    answers.push(Ok(answer));
+                    Ok(())
+                }
+                Err(Exec::Refused(error)) => {
+                    answers.push(Err(error));
+                    Ok(())
+                }
+                Err(other) => Err(other),
+            }
+        };
+        if let Err(error) = result {
+            failure = Some(error);
+            break;
+        }
+        index = end;
+    }
+    if let Some(failure) = failure {
+        let failed = match failure {
+            Exec::Db(error) => classify(error, "writing", false),
+            Exec::Abort(error) | Exec::Refused(error) => Failed::Statement(error),
+        };
+        // Nothing to roll back when nothing was sent.
+        if !std::mem::take(&mut conn.begin_pending)
+            && let Err(error) = conn.client.batch_execute("ROLLBACK").await
+        {
+            return Err(classify(error, "rolling back", false));
+        }
+        return Err(failed);
+    }
+    commit(conn, shared, &effects).await?;
+    Ok(answers)
+}
+
+/// The upsert of this node's partial counts.
+const COUNTS: &str = "INSERT INTO task_counts (node, task_type, status, count) \
+    SELECT $1, t, s, c FROM unnest($2::text[], $3::int2[], $4::int8[]) AS u(t, s, c) \
+    ON CONFLICT (node, task_type, status) DO UPDATE SET count = task_counts.count + excluded.count";
+
+/// Writes the transaction's count changes (this node's partial sums) and its wake-up notice,
+/// and commits: all in one round trip (the statements are sent without waiting for each other's
+/// answers). A statement that fails makes PostgreSQL answer the `COMMIT` with a rollback.
+async fn commit(
+    conn: &mut WriteConn,
+    shared: &Shared,
+    effects: &Effects,
+) -> std::result::Result<(), Failed> {
+    let mut net: BTreeMap<(&str, i16), i64> = BTreeMap::new();
+    for change in &effects.counts {
+        if let Some(from) = change.from {
+            *net.entry((change.task_type.as_str(), code(from)))
+                .or_insert(0) -= 1;
+        }
+        if let Some(to) = change.to {
+            *net.entry((change.task_type.as_str(), code(to)))
+                .or_insert(0) += 1;
+        }
+    }
+    net.retain(|_, delta| *delta != 0);
+    let notice = (effects.queued || effects.due.is_some())
+        .then(|| payload(effects.queued, effects.due, &shared.config.node_id));
+    if conn.begin_pending && net.is_empty() && notice.is_none() {
+        // No statement was sent: there is no transaction to commit.
+        conn.begin_pending = false;
+        return Ok(());
+    }
+    let prepare = |e| classify(e, "writing", false);
+    let counts = match net.is_empty() {
+        true => None,
+        false => Some(conn.statement(COUNTS).await.map_err(prepare)?),
+    };
+    let notify = match notice {
+        Some(_) => Some(
+            conn.statement("SELECT pg_notify($1, $2)")
+                .await
+                .map_err(prepare)?,
+        ),
+        None => None,
+    };
+    let types: Vec<&str> = net.keys().map(|(t, _)| *t).collect();
+    let statuses: Vec<i16> = net.keys().map(|(_, s)| *s).collect();
+    let deltas: Vec<i64> = net.values().copied().collect();
+    let begin = std::mem::take(&mut conn.begin_pending);
+    let client = &conn.client;
+    let (begun, counted, notified, committed) = tokio::join!(
+        biased;
+        async {
+            match begin {
+                true => client.batch_execute("BEGIN").await,
+                false => Ok(()),
+            }
+        },
+        async {
+            match &counts {
+                Some(statement) => client
+                    .execute(statement, &[&shared.config.node_id, &types, &statuses, &deltas])
+                    .await
+                    .map(drop),
+                None => Ok(()),
+            }
+        },
+        async {
+            match (&notify, &notice) {
+                (Some(statement), Some(notice)) => client
+                    .execute(statement, &[&shared.channel, notice])
+                    .await
+                    .map(drop),
+                _ => Ok(()),
+            }
+        },
+        client.batch_execute("COMMIT"),
+    );
+    for result in [begun, counted, notified] {
+        if let Err(error) = result {
+            // Rolled back by the server, unless the connection broke: then it is not known.
+            return Err(classify(error, "committing", true));
+        }
+    }
+    committed.map_err(|e| classify(e, "committing", true))
+}
+
+async fn execute(
+    conn: &mut WriteConn,
+    shared: &Shared,
+    request: &Request,
+    effects: &mut Effects,
+) -> std::result::Result<Answer, Exec> {
+    let node = shared.config.node_id.as_str();
+    match request {
+        Request::Submit(tasks) => Ok(Answer::Submitted(
+            submit(conn, shared, tasks, effects).await?,
+        )),
+        Request::SubmitAndClaim(tasks, claim_request) => {
+            let submitted = submit(conn, shared, tasks, effects).await?;
+            let claimed = claim(conn, node, claim_request, effects).await?;
+            Ok(Answer::SubmittedAndClaimed(submitted, claimed))
+        }
+        Request::Claim(claim_request) => Ok(Answer::Tasks(
+            claim(conn, node, claim_request, effects).await?,
+        )),
+        Request::Promote(now) => Ok(Answer::Promoted(promote(conn, *now, effects).await?)),
+        Request::Finish(finish) => {
+            let applied = finish_all(conn, &[finish], effects).await?;
+            Ok(Answer::Applied(applied.first().copied().unwrap_or(false)))
+        }
+        Request::FinishAgain(finish) => {
+            let applied = finish_all(conn, &[finish], effects).await?;
+            if applied.first().copied().unwrap_or(false) {
+                return Ok(Answer::Applied(true));
+            }
+            // Fenced out: by its own first run if the record ends this attempt at its time.
+            let rows = conn
+                .query(
+                    "SELECT 1 FROM tasks WHERE id = $1 AND attempt = $2 AND updated_at = $3 \
+                     AND status NOT IN (2, 3)",
+                    &[&uuid(finish.id), &i64::from(finish.attempt), &finish.now.0],
+                )
+                .await?;
+            Ok(Answer::Applied(!rows.is_empty()))
+        }
+        Request::Progress(update) => Ok(Answer::Applied(progress(conn, update).await?)),
+        Request::Heartbeat(heartbeat) => {
+            Ok(Answer::Heartbeat(heartbeat_all(conn, heartbeat).await?))
+        }
+        Request::Command(id, command, now) => Ok(Answer::Task(Box::new(
+            apply_command(conn, *id, *command, *now, effects).await?,
+        ))),
+        Request::Recover(now, which) => Ok(Answer::Tasks(
+            recover(conn, node, *now, *which, effects).await?,
+        )),
+        Request::Prune(before, limit) => {
+            Ok(Answer::Count(prune(conn, *before, *limit, effects).await?))
+        }
+        Request::DeleteFinished(filter, before, limit) => Ok(Answer::Count(
+            delete_finished(conn, filter, *before, *limit, effects).await?,
+        )),
+        Request::Flush => Ok(Answer::Done),
+    }
+}
+
+/// The columns a submission writes, in the order of [`SUBMIT`]'s arrays.
+const SUBMIT: &str = "INSERT INTO tasks (id, task_type, params, priority, status, attempt, \
+    max_attempts, retry_base_ms, retry_max_ms, timeout_ms, run_at, idempotency_key, owner, \
+    session_id, created_at, updated_at, tags, home_node) \
+    SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::int2[], $5::int2[], $6::int8[], \
+    $7::int8[], $8::int8[], $9::int8[], $10::int8[], $11::int8[], $12::text[], $13::text[], \
+    $14::text[], $15::int8[], $16::int8[], $17::text[], $18::text[]) \
+    ON CONFLICT ((coalesce(owner, '')), idempotency_key) WHERE idempotency_key IS NOT NULL \
+    DO NOTHING RETURNING id";
+
+/// Inserts the tasks in one statement, in their order; a task whose idempotency key (with its
+/// owner) is taken, by an older task or one earlier in the same submission, is answered with
+/// the task that has it.
+async fn submit(
+    conn: &mut WriteConn,
+    shared: &Shared,
+    tasks: &[Task],
+    effects: &mut Effects,
+) -> std::result::Result<Vec<Submitted>, Exec> {
+    if tasks.is_empty() {
+        return Ok(Vec::new());
+    }
+    let node = shared.config.node_id.as_str();
+    let ids: Vec<uuid::Uuid> = tasks.iter().map(|t| uuid(t.id)).collect();
+    let types: Vec<&str> = tasks.iter().map(|t| t.task_type.as_str()).collect();
+    let params: Vec<String> = tasks.iter().map(|t| json_text(&t.params)).collect();
+    let priorities: Vec<i16> = tasks.iter().map(|t| i16::from(t.priority.get())).collect();
+    let statuses: Vec<i16> = tasks.iter().map(|t| code(t.status)).collect();
+    let attempts: Vec<i64> = tasks.iter().map(|t| i64::from(t.attempt)).collect();
+    let max_attempts: Vec<i64> = tasks.iter().map(|t| i64::from(t.max_attempts)).collect();
+    let bases: Vec<i64> = tasks.iter().map(|t| big(t.retry.base_delay_ms)).collect();
+    let maxes: Vec<i64> = tasks.iter().map(|t| big(t.retry.max_delay_ms)).collect();
+    let timeouts: Vec<Option<i64>> = tasks.iter().map(|t| millis(t.timeout)).collect();
+    let run_ats: Vec<Option<i64>> = tasks.iter().map(|t| t.run_at.map(|at| at.0)).collect();
+    let keys: Vec<Option<&str>> = tasks.iter().map(|t| t.idempotency_key.as_deref()).collect();
+    let owners: Vec<Option<&str>> = tasks.iter().map(|t| t.owner.as_deref()).collect();
+    let sessions: Vec<Option<&str>> = tasks.iter().map(|t| t.session_id.as_deref()).collect();
+    let created: Vec<i64> = tasks.iter().map(|t| t.created_at.0).collect();
+    let updated: Vec<i64> = tasks.iter().map(|t| t.updated_at.0).collect();
+    let tags: Vec<Option<String>> = tasks.iter().map(|t| tags_text(&t.tags)).collect();
+    let homes: Vec<Option<&str>> = tasks
+        .iter()
+        .map(|t| (shared.config.session_affinity && t.session_id.is_some()).then_some(node))
+        .collect();
+    let inserted: HashSet<uuid::Uuid> = conn
+        .query(
+            SUBMIT,
+            &[
+                &ids,
+                &types,
+                &params,
+                &priorities,
+                &statuses,
+                &attempts,
+                &max_attempts,
+                &bases,
+                &maxes,
+                &timeouts,
+                &run_ats,
+                &keys,
+                &owners,
+                &sessions,
+                &created,
+                &updated,
+                &tags,
+                &homes,
+            ],
+        )
+        .await?
+        .iter()
+        .map(|row| row.try_get(0))
+        .collect::<std::result::Result<_, _>>()?;
+    let mut out = Vec::with_capacity(tasks.len());
+    for (task, id) in tasks.iter().zip(&ids) {
+        if inserted.contains(id) {
+            effects.task(task, None);
+            out.push(Submitted {
+                task: task.clone(),
+                created: true,
+            });
+            continue;
+        }
+        // Not inserted: only an idempotency key does that (a taken id is an error).
+        let rows = conn
+            .query(
+                &format!(
+                    "SELECT {COLUMNS} FROM tasks \
+                     WHERE coalesce(owner, '') = coalesce($1::text, '') AND idempotency_key = $2"
+                ),
+                &[&task.owner, &task.idempotency_key],
+            )
+            .await?;
+        let existing = rows.first().ok_or_else(|| {
+            Exec::Abort(Error::store(
+                "submitting",
+                "the task holding this idempotency key was deleted at the same moment; submit again",
+            ))
+        })?;
+        out.push(Submitted {
+            task: task_from_row(existing).map_err(Exec::Abort)?,
+            created: false,
+        });
+    }
+    Ok(out)
+}
+
+/// Claims in one statement: the head of the queue, skipping rows that other transactions hold.
+/// The rows are then updated by `seq = ANY(ARRAY(…))`, a primary-key lookup whatever the batch
+/// size (a join with the head can make the planner hash the whole table).
+pub(super) const CLAIM: &str = "UPDATE tasks SET status = 3, attempt = attempt + 1, \
+    started_at = $4, updated_at = $4, lease_until = $5, run_at = NULL, progress = NULL, \
+    progress_message = NULL, claimed_by = $2 \
+    WHERE seq = ANY(ARRAY(SELECT seq FROM tasks \
+    WHERE status = 0 AND task_type <> ALL($1::text[]) AND (home_node IS NULL OR home_node = $2) \
+    ORDER BY priority DESC, seq LIMIT $3 FOR UPDATE SKIP LOCKED))";
+
+/// The head of the queue, locked, for a claim with per-type room.
+const CANDIDATES: &str = "SELECT seq, task_type FROM tasks \
+    WHERE status = 0 AND task_type <> ALL($1::text[]) AND (home_node IS NULL OR home_node = $2) \
+    ORDER BY priority DESC, seq LIMIT $3 FOR UPDATE SKIP LOCKED";
+
+/// Starts the attempts of locked queued rows.
+const MARK: &str = "UPDATE tasks SET status = 3, attempt = attempt + 1, started_at = $3, \
+    updated_at = $3, lease_until = $4, run_at = NULL, progress = NULL, progress_message = NULL, \
+    claimed_by = $2 WHERE seq = ANY($1::bigint[])";
+
+/// Claims in queue order, honouring per-type room.
+async fn claim(
+    conn: &mut WriteConn,
+    node: &str,
+    request: &ClaimRequest,
+    effects: &mut Effects,
+) -> std::result::Result<Vec<Task>, Exec> {
+    if request.max == 0 {
+        return Ok(Vec::new());
+    }
+    let now = request.now.0;
+    let lease = request.lease_until.0;
+    let mut claimed: Vec<(i64, Task)> = Vec::new();
+    if request.type_room.is_empty() {
+        let rows = conn
+            .query(
+                &format!("{CLAIM} RETURNING {COLUMNS}, seq"),
+                &[
+                    &request.exclude_types,
+                    &node,
+                    &big(request.max as u64),
+                    &now,
+                    &lease,
+                ],
+            )
+            .await?;
+        for row in &rows {
+            claimed.push((
+                seq_of(row).map_err(Exec::Abort)?,
+                task_from_row(row).map_err(Exec::Abort)?,
+            ));
+        }
+    } else {
+        let mut excluded = request.exclude_types.clone();
+        let mut taken_by_type: HashMap<String, usize> = HashMap::new();
+        loop {
+            let want = request.max - claimed.len();
+            if want == 0 {
+                break;
+            }
+            let rows = conn
+                .query(CANDIDATES, &[&excluded, &node, &big(want as u64)])
+                .await?;
+            let mut picked: Vec<i64> = Vec::new();
+            let mut skipped = false;
+            for row in &rows {
+                let seq: i64 = row.try_get(0)?;
+                let task_type: String = row.try_get(1)?;
+                if let Some(room) = request.room_for(&task_type) {
+                    let taken = taken_by_type.entry(task_type.clone()).or_insert(0);
+                    if *taken >= room {
+                        skipped = true;
+                        if !excluded.contains(&task_type) {
+                            excluded.push(task_type);
+                        }
+                        continue;
+                    }
+                    *taken += 1;
+                }
+                picked.push(seq);
+            }
+            if !picked.is_empty() {
+                let marked = conn
+                    .query(
+                        &format!("{MARK} RETURNING {COLUMNS}, seq"),
+                        &[&picked, &node, &now, &lease],
+                    )
+                    .await?;
+                for row in &marked {
+                    claimed.push((
+                        seq_of(row).map_err(Exec::Abort)?,
+                        task_from_row(row).map_err(Exec::Abort)?,
+                    ));
+                }
+            }
+            // A short head is the whole queue; a head with nothing skipped was all taken.
+            if rows.len() < want || !skipped {
+                break;
+            }
+        }
+    }
+    claimed.sort_by_key(|(seq, task)| (std::cmp::Reverse(task.priority), *seq));
+    for (_, task) in &claimed {
+        effects.moved(&task.task_type, Some(Status::Queued), Some(Status::Running));
+    }
+    Ok(claimed.into_iter().map(|(_, task)| task).collect())
+}
+
+async fn promote(
+    conn: &mut WriteConn,
+    now: Timestamp,
+    effects: &mut Effects,
+) -> std::result::Result<Promoted, Exec> {
+    let queued = decide(Status::Scheduled, crate::state::Event::Promote)
+        .map_err(|t| Exec::Refused(Error::store("promoting", t)))?;
+    let promoted = conn
+        .query(
+            "UPDATE tasks SET status = $2, run_at = NULL, updated_at = $1 \
+             WHERE seq = ANY(ARRAY(SELECT seq FROM tasks WHERE status = 1 AND run_at <= $1 \
+             ORDER BY run_at FOR UPDATE SKIP LOCKED)) RETURNING task_type",
+            &[&now.0, &code(queued)],
+        )
+        .await?;
+    for row in &promoted {
+        let task_type: String = row.try_get(0)?;
+        effects.moved(&task_type, Some(Status::Scheduled), Some(queued));
+    }
+    let next_due: Option<i64> = conn
+        .query("SELECT min(run_at) FROM tasks WHERE status = 1", &[])
+        .await?
+        .first()
+        .map(|row| row.try_get(0))
+        .transpose()?
+        .flatten();
+    Ok(Promoted {
+        count: promoted.len(),
+        next_due: next_due.map(Timestamp),
+    })
+}
+
+/// The rows held by running (or frozen) attempts among `ids`, locked in `seq` order.
+const HELD: &str = "SELECT seq, id, attempt, task_type, cancel_requested, status FROM tasks \
+    WHERE id = ANY($1::uuid[]) AND (status = 3 OR (status = 2 AND lease_until IS NOT NULL)) \
+    ORDER BY seq FOR UPDATE";
+
+/// Ends many attempts at once.
+const FINISH: &str = "UPDATE tasks SET status = u_status, result = coalesce(u_result, result), \
+    progress = CASE WHEN u_status = 4 THEN 1.0 ELSE progress END, \
+    error_kind = coalesce(u_error_kind, error_kind), \
+    error_message = coalesce(u_error_message, error_message), \
+    run_at = u_run_at, finished_at = u_finished_at, updated_at = u_updated_at, \
+    max_attempts = least(max_attempts + u_extra, 4294967295), lease_until = NULL, \
+    cancel_requested = false \
+    FROM unnest($1::int8[], $2::int2[], $3::text[], $4::int2[], $5::text[], $6::int8[], \
+    $7::int8[], $8::int8[], $9::int8[]) AS u(u_seq, u_status, u_result, u_error_kind, \
+    u_error_message, u_run_at, u_finished_at, u_updated_at, u_extra) \
+    WHERE seq = u_seq AND seq = ANY($1::int8[])";
+
+/// Ends the attempts of `finishes` (no task twice) with two statements: a read of the rows
+/// their attempts still hold (the fence), and one update of those. Says which were applied.
+async fn finish_all(
+    conn: &mut WriteConn,
+    finishes: &[&Finish],
+    effects: &mut Effects,
+) -> std::result::Result<Vec<bool>, Exec> {
+    let ids: Vec<uuid::Uuid> = finishes.iter().map(|f| uuid(f.id)).collect();
+    let mut held: HashMap<uuid::Uuid, (i64, i64, String, bool, i16)> = HashMap::new();
+    for row in conn.query(HELD, &[&ids]).await? {
+        held.insert(
+            row.try_get(1)?,
+            (
+                row.try_get(0)?,
+                row.try_get(2)?,
+                row.try_get(3)?,
+                row.try_get(4)?,
+                row.try_get(5)?,
+            ),
+        );
+    }
+    let mut applied = Vec::with_capacity(finishes.len());
+    let mut seqs = Vec::new();
+    let mut statuses = Vec::new();
+    let mut results: Vec<Option<String>> = Vec::new();
+    let mut error_kinds: Vec<Option<i16>> = Vec::new();
+    let mut error_messages: Vec<Option<&str>> = Vec::new();
+    let mut run_ats: Vec<Option<i64>> = Vec::new();
+    let mut finished_ats: Vec<Option<i64>> = Vec::new();
+    let mut updated_ats = Vec::new();
+    let mut extras: Vec<i64> = Vec::new();
+    let cancelled = Outcome::Cancelled;
+    for (finish, id) in finishes.iter().zip(&ids) {
+        let Some((seq, attempt, task_type, cancel_requested, held_status)) = held.get(id) else {
+            applied.push(false);
+            continue;
+        };
+        if *attempt != i64::from(finish.attempt) {
+            applied.push(false);
+            continue;
+        }
+        let outcome = if *cancel_requested && !finish.outcome.status().is_terminal() {
+            // As `apply::settle` decides: a task whose cancel was asked for is not retried.
+            &cancelled
+        } else {
+            &finish.outcome
+        };
+        let to = decide(Status::Running, outcome.event())
+            .map_err(|t| Exec::Abort(Error::store("finishing", t)))?;
+        let (result, error, run_at, extra) = match outcome {
+            Outcome::Completed { result } => (Some(json_text(result)), None, None, 0),
+            Outcome::Failed { error, retry_at } => (None, Some(error), *retry_at, 0),
+            Outcome::Interrupted => (None, None, None, 1),
+            Outcome::Cancelled => (None, None, None, 0),
+        };
+        seqs.push(*seq);
+        statuses.push(code(to));
+        results.push(result);
+        error_kinds.push(error.map(|e| i16::from(e.kind.code())));
+        error_messages.push(error.map(|e| e.message.as_str()));
+        run_ats.push(run_at.map(|t| t.0));
+        finished_ats.push(to.is_terminal().then_some(finish.now.0));
+        updated_ats.push(finish.now.0);
+        extras.push(extra);
+        effects.moved(
+            task_type,
+            Some(status(*held_status).map_err(Exec::Abort)?),
+            Some(to),
+        );
+        if to == Status::Scheduled {
+            effects.scheduled(run_at);
+        }
+        applied.push(true);
+    }
+    if !seqs.is_empty() {
+        conn.execute(
+            FINISH,
+            &[
+                &seqs,
+                &statuses,
+                &results,
+                &error_kinds,
+                &error_messages,
+                &run_ats,
+                &finished_ats,
+                &updated_ats,
+                &extras,
+            ],
+        )
+        .await?;
+    }
+    Ok(applied)
+}
+
+async fn progress(
+    conn: &mut WriteConn,
+    update: &ProgressUpdate,
+) -> std::result::Result<bool, Exec> {
+    let changed = conn
+        .execute(
+            "UPDATE tasks SET progress = $3, progress_message = coalesce($4, progress_message), \
+             updated_at = $5 WHERE id = $1 AND attempt = $2 \
+             AND (status = 3 OR (status = 2 AND lease_until IS NOT NULL))",
+            &[
+                &uuid(update.id),
+                &i64::from(update.attempt),
+                &update.progress,
+                &update.message,
+                &update.now.0,
+            ],
+        )
+        .await?;
+    Ok(changed == 1)
+}
+
+async fn heartbeat_all(
+    conn: &mut WriteConn,
+    heartbeat: &Heartbeat,
+) -> std::result::Result<HeartbeatReply, Exec> {
+    let mut reply = HeartbeatReply::default();
+    if heartbeat.held.is_empty() {
+        return Ok(reply);
+    }
+    let ids: Vec<uuid::Uuid> = heartbeat.held.iter().map(|(id, _)| uuid(*id)).collect();
+    let attempts: Vec<i64> = heartbeat.held.iter().map(|(_, a)| i64::from(*a)).collect();
+    let renewed: HashMap<(uuid::Uuid, i64), bool> = conn
+        .query(
+            "UPDATE tasks SET lease_until = $3 \
+             FROM unnest($1::uuid[], $2::int8[]) AS h(h_id, h_attempt) \
+             WHERE id = h_id AND id = ANY($1::uuid[]) AND attempt = h_attempt \
+             AND (status = 3 OR (status = 2 AND lease_until IS NOT NULL)) \
+             RETURNING id, attempt, cancel_requested",
+            &[&ids, &attempts, &heartbeat.lease_until.0],
+        )
+        .await?
+        .iter()
+        .map(|row| Ok(((row.try_get(0)?, row.try_get(1)?), row.try_get(2)?)))
+        .collect::<std::result::Result<_, PgError>>()?;
+    for (id, attempt) in &heartbeat.held {
+        match renewed.get(&(uuid(*id), i64::from(*attempt))) {
+            Some(true) => reply.cancel_requested.push(*id),
+            Some(false) => {}
+            None => reply.lost.push(*id),
+        }
+    }
+    Ok(reply)
+}
+
+/// Reads one task with its `seq`, locked for the rest of the transaction.
+async fn load(conn: &mut WriteConn, id: TaskId) -> std::result::Result<Option<(i64, Task)>, Exec> {
+    let rows = conn
+        .query(
+            &format!("SELECT {COLUMNS}, seq FROM tasks WHERE id = $1 FOR UPDATE"),
+            &[&uuid(id)],
+        )
+        .await?;
+    match rows.first() {
+        Some(row) => Ok(Some((
+            seq_of(row).map_err(Exec::Abort)?,
+            task_from_row(row).map_err(Exec::Abort)?,
+        ))),
+        None => Ok(None),
+    }
+}
+
+/// Writes back the fields that commands and recovery change (the priority among them).
+async fn save(conn: &mut WriteConn, seq: i64, task: &Task) -> std::result::Result<(), Exec> {
+    conn.execute(
+        "UPDATE tasks SET status = $2, attempt = $3, max_attempts = $4, run_at = $5, \
+         error_kind = $6, error_message = $7, updated_at = $8, finished_at = $9, \
+         lease_until = $10, cancel_requested = $11, priority = $12 WHERE seq = $1",
+        &[
+            &seq,
+            &code(task.status),
+            &i64::from(task.attempt),
+            &i64::from(task.max_attempts),
+            &task.run_at.map(|t| t.0),
+            &task.error.as_ref().map(|e| i16::from(e.kind.code())),
+            &task.error.as_ref().map(|e| e.message.as_str()),
+            &task.updated_at.0,
+            &task.finished_at.map(|t| t.0),
+            &task.lease_until.map(|t| t.0),
+            &task.cancel_requested,
+            &i16::from(task.priority.get()),
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+async fn apply_command(
+    conn: &mut WriteConn,
+    id: TaskId,
+    command: Command,
+    now: Timestamp,
+    effects: &mut Effects,
+) -> std::result::Result<Task, Exec> {
+    let (seq, mut task) = load(conn, id)
+        .await?
+        .ok_or(Exec::Refused(Error::TaskNotFound { id }))?;
+    let before = task.status;
+    // Refused before anything is written.
+    apply::command(&mut task, command, now).map_err(Exec::Refused)?;
+    save(conn, seq, &task).await?;
+    if task.status != before {
+        effects.task(&task, Some(before));
+    }
+    Ok(task)
+}
+
+async fn recover(
+    conn: &mut WriteConn,
+    node: &str,
+    now: Timestamp,
+    which: Recover,
+    effects: &mut Effects,
+) -> std::result::Result<Vec<Task>, Exec> {
+    let rows = match which {
+        // Rows another transaction holds are being finished or changed: not stale now.
+        Recover::Expired => {
+            conn.query(
+                &format!(
+                    "SELECT {COLUMNS}, seq FROM tasks WHERE status IN (2, 3) AND lease_until < $1 \
+                     ORDER BY seq FOR UPDATE SKIP LOCKED"
+                ),
+                &[&now.0],
+            )
+            .await?
+        }
+        // This node's attempts only: other nodes' are alive as far as this one knows.
+        Recover::AllRunning => {
+            conn.query(
+                &format!(
+                    "SELECT {COLUMNS}, seq FROM tasks \
+                     WHERE (status = 3 OR (status = 2 AND lease_until IS NOT NULL)) \
+                     AND claimed_by = $1 ORDER BY seq FOR UPDATE"
+                ),
+                &[&node],
+            )
+            .await?
+        }
+    };
+    let mut recovered = Vec::with_capacity(rows.len());
+    for row in &rows {
+        let seq = seq_of(row).map_err(Exec::Abort)?;
+        let mut task = task_from_row(row).map_err(Exec::Abort)?;
+        let before = task.status;
+        apply::recover(&mut task, now).map_err(Exec::Abort)?;
+        save(conn, seq, &task).await?;
+        effects.task(&task, Some(before));
+        recovered.push(task);
+    }
+    Ok(recovered)
+}
+
+/// Folds every node's partial counts into the node `''`, keeping the sums (run by the pruner).
+const FOLD_COUNTS: &str = "WITH moved AS (DELETE FROM task_counts WHERE node <> '' \
+    RETURNING task_type, status, count) \
+    INSERT INTO task_counts (node, task_type, status, count) \
+    SELECT '', task_type, status, sum(count) FROM moved GROUP BY task_type, status \
+    ON CONFLICT (node, task_type, status) DO UPDATE SET count = task_counts.count + excluded.count";
+
+async fn prune(
+    conn: &mut WriteConn,
+    before: Timestamp,
+    limit: usize,
+    effects: &mut Effects,
+) -> std::result::Result<usize, Exec> {
+    let removed = conn
+        .query(
+            "DELETE FROM tasks WHERE seq = ANY(ARRAY(SELECT seq FROM tasks \
+             WHERE status >= 4 AND finished_at < $1 ORDER BY finished_at, seq LIMIT $2 \
+             FOR UPDATE SKIP LOCKED)) RETURNING task_type, status",
+            &[&before.0, &big(limit as u64)],
+        )
+        .await?;
+    for row in &removed {
+        let task_type: String = row.try_get(0)?;
+        let code: i16 = row.try_get(1)?;
+        effects.moved(&task_type, Some(status(code).map_err(Exec::Abort)?), None);
+    }
+    conn.execute(FOLD_COUNTS, &[]).await?;
+    conn.execute("DELETE FROM task_counts WHERE count = 0", &[])
+        .await?;
+    Ok(removed.len())
+}
+
+/// Deletes the oldest finished tasks that match `filter`: the pruner's query with the filter's
+/// conditions added.
+async fn delete_finished(
+    conn: &mut WriteConn,
+    filter: &ListFilter,
+    before: Timestamp,
+    limit: usize,
+    effects: &mut Effects,
+) -> std::result::Result<usize, Exec> {
+    // The terminal statuses the filter names (all of them when it names none): a non-terminal
+    // status in the filter matches nothing here.
+    let statuses: Vec<Status> = Status::ALL
+        .into_iter()
+        .filter(|s| s.is_terminal())
+        .filter(|s| filter.statuses.is_empty() || filter.statuses.contains(s))
+        .collect();
+    if statuses.is_empty() || limit == 0 {
+        return Ok(0);
+    }
+    let mut values = Values::default();
+    let mut clauses = vec![
+        "status >= 4".to_owned(),
+        format!("finished_at < {}", values.push(before.0)),
+    ];
+    if statuses.len() < 3 {
+        clauses.push(status_in(&statuses));
+    }
+    clauses.extend(field_clauses(filter, &mut values));
+    let limit = values.push(big(limit as u64));
+    let sql = format!(
+        "DELETE FROM tasks WHERE seq = ANY(ARRAY(SELECT seq FROM tasks WHERE {} \
+         ORDER BY finished_at, seq LIMIT {limit} FOR UPDATE SKIP LOCKED)) \
+         RETURNING task_type, status",
+        clauses.join(" AND ")
+    );
+    let removed = conn.query(&sql, &values.refs()).await?;
+    for row in &removed {
+        let task_type: String = row.try_get(0)?;
+        let code: i16 = row.try_get(1)?;
+        effects.moved(&task_type, Some(status(code).map_err(Exec::Abort)?), None);
+    }
+    Ok(removed.len())
+}
+
+/// The values bound to a statement built at run time, numbered as they are pushed.
+#[derive(Default)]
+pub(super) struct Values(Vec<Box<dyn ToSql + Sync + Send>>);
+
+impl Values {
+    /// Adds a value; returns its placeholder (`$n`).
+    pub(super) fn push(&mut self, value: impl ToSql + Sync + Send + 'static) -> String {
+        self.0.push(Box::new(value));
+        format!("${}", self.0.len())
+    }
+
+    pub(super) fn refs(&self) -> Vec<&(dyn ToSql + Sync)> {
+        self.0
+            .iter()
+            .map(|value| value.as_ref() as &(dyn ToSql + Sync))
+            .collect()
+    }
+}
+
+/// The condition `status IN (…)` of these statuses (their codes are written in the SQL).
+pub(super) fn status_in(statuses: &[Status]) -> String {
+    let codes: Vec<String> = statuses.iter().map(|s| s.code().to_string()).collect();
+    format!("status IN ({})", codes.join(", "))
+}
+
+/// The conditions of a filter's fields other than its statuses, their values pushed to `values`.
+pub(super) fn field_clauses(filter: &ListFilter, values: &mut Values) -> Vec<String> {
+    let mut clauses = Vec::new();
+    if let Some(task_type) = &filter.task_type {
+        clauses.push(format!(
+            "task_type = {}::text",
+            values.push(task_type.clone())
+        ));
+    }
+    if let Some(owner) = &filter.owner {
+        clauses.push(format!("owner = {}::text", values.push(owner.clone())));
+    }
+    if let Some(session) = &filter.session_id {
+        clauses.push(format!(
+            "session_id = {}::text",
+            values.push(session.clone())
+        ));
+    }
+    if let Some(from) = filter.created_from {
+        clauses.push(format!("created_at >= {}::int8", values.push(from.0)));
+    }
+    if let Some(until) = filter.created_until {
+        clauses.push(format!("created_at < {}::int8", values.push(until.0)));
+    }
+    clauses
+}

@@ -1,0 +1,752 @@
+//! The PostgreSQL store beyond the conformance suite: several nodes on one queue, wake-ups by
+//! `NOTIFY`, migrations, leadership, and connections that break.
+//!
+//! Every test runs in a schema of its own, created by the store and dropped afterwards, in the
+//! database at `MSB_TEST_DATABASE_URL` (by default `postgres://postgres@127.0.0.1:5432/test`).
+//! A database that cannot be reached fails the tests: CI starts PostgreSQL.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use task_core::store::postgres::{PostgresConfig, PostgresStore};
+use task_core::store::{ClaimRequest, Finish, Outcome, Store, StoreStatus};
+use task_core::{
+    Engine, EngineConfig, NewTask, Status, TaskFailure, TaskId, Timestamp, handler_fn,
+};
+use tokio_postgres::{Client, NoTls};
+
+/// The database the tests use.
+pub(crate) fn database_url() -> String {
+    std::env::var("MSB_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+/// A plain connection for the tests' own statements (not the store's).
+pub(crate) async fn admin() -> Client {
+    let url = database_url();
+    let (client, connection) = tokio_postgres::connect(&url, NoTls).await.unwrap_or_else(|e| {
+        panic!(
+            "cannot reach the test database at {url} ({e}); start PostgreSQL (CI does) or set MSB_TEST_DATABASE_URL"
+        )
+    });
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    client
+}
+
+/// A schema of one test: a fresh name, dropped (with everything in it) when the value is dropped.
+pub(crate) struct TestSchema {
+    pub(crate) name: String,
+}
+
+impl TestSchema {
+    pub(crate) fn new() -> TestSchema {
+        let id = TaskId::new().to_string().replace('-', "");
+        TestSchema {
+            name: format!("t_{}", &id[id.len() - 16..]),
+        }
+    }
+
+    /// The settings of a node on this schema.
+    pub(crate) fn config(&self, node: &str) -> PostgresConfig {
+        PostgresConfig {
+            schema: self.name.clone(),
+            ..PostgresConfig::new(database_url(), node)
+        }
+    }
+
+    /// A store of node `node` on this schema.
+    pub(crate) async fn store(&self, node: &str) -> PostgresStore {
+        let url = database_url();
+        PostgresStore::connect(self.config(node))
+            .await
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot open the PostgreSQL store on {url}: {e}; start PostgreSQL (CI does) or set MSB_TEST_DATABASE_URL"
+                )
+            })
+    }
+}
+
+impl Drop for TestSchema {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        // On a thread of its own: dropped inside a runtime, which cannot block on another.
+        let dropped = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a runtime");
+            runtime.block_on(async {
+                let client = admin().await;
+                client
+                    .batch_execute(&format!("DROP SCHEMA IF EXISTS \"{name}\" CASCADE"))
+                    .await
+            })
+        })
+        .join();
+        if let Ok(Err(error)) = dropped {
+            eprintln!("dropping the test schema {}: {error}", self.name);
+        }
+    }
+}
+
+fn request(max: usize, now: Timestamp) -> ClaimRequest {
+    ClaimRequest {
+        max,
+        now,
+        lease_until: now.after(Duration::from_secs(30)),
+        exclude_types: Vec::new(),
+        type_room: Vec::new(),
+    }
+}
+
+fn tasks(count: usize, now: Timestamp) -> Vec<task_core::Task> {
+    (0..count)
+        .map(|i| NewTask::new("job", json!(i)).into_task(TaskId::new(), now))
+        .collect()
+}
+
+/// The backends of a node's store (its application name is `msbd <node>`).
+async fn backends_of(admin: &Client, node: &str) -> Vec<i32> {
+    admin
+        .query(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = $1",
+            &[&format!("msbd {node}")],
+        )
+        .await
+        .expect("pg_stat_activity")
+        .iter()
+        .map(|row| row.get(0))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_claiming_at_once_never_claim_the_same_task() {
+    const TASKS: usize = 3_000;
+    let schema = TestSchema::new();
+    let a = Arc::new(schema.store("node-a").await);
+    let b = Arc::new(schema.store("node-b").await);
+    for chunk in tasks(TASKS, Timestamp::now()).chunks(500) {
+        a.submit(chunk.to_vec()).await.expect("submit");
+    }
+    let drain = |store: Arc<PostgresStore>| {
+        tokio::spawn(async move {
+            let mut mine = Vec::new();
+            loop {
+                let claimed = store
+                    .claim(request(25, Timestamp::now()))
+                    .await
+                    .expect("claim");
+                if claimed.is_empty() {
+                    return mine;
+                }
+                for task in claimed {
+                    let finish = Finish {
+                        id: task.id,
+                        attempt: task.attempt,
+                        now: Timestamp::now(),
+                        outcome: Outcome::Completed { result: json!(1) },
+                    };
+                    assert!(store.finish(finish).await.expect("finish"), "fenced out");
+                    mine.push(task.id);
+                }
+            }
+        })
+    };
+    let (from_a, from_b) = tokio::join!(drain(Arc::clone(&a)), drain(Arc::clone(&b)));
+    let (from_a, from_b) = (from_a.expect("node a"), from_b.expect("node b"));
+    assert!(
+        !from_a.is_empty() && !from_b.is_empty(),
+        "both nodes claimed ({} and {})",
+        from_a.len(),
+        from_b.len()
+    );
+    let mut seen = HashSet::new();
+    for id in from_a.iter().chain(&from_b) {
+        assert!(seen.insert(*id), "task {id} was claimed twice");
+    }
+    assert_eq!(seen.len(), TASKS);
+    let stats = b.stats().await.expect("stats");
+    assert_eq!(stats.count(Status::Completed), TASKS as u64, "{stats:?}");
+    assert_eq!(stats.total(), TASKS as u64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_submitted_on_one_node_wakes_the_other() {
+    let schema = TestSchema::new();
+    let a = schema.store("node-a").await;
+    let b = Arc::new(schema.store("node-b").await);
+
+    // The store hands the other node's notice over.
+    let waiting = tokio::spawn({
+        let b = Arc::clone(&b);
+        async move {
+            let wakeup = b.next_wakeup().await;
+            (wakeup, Instant::now())
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let sent = Instant::now();
+    a.submit(tasks(1, Timestamp::now())).await.expect("submit");
+    let (wakeup, woken) = tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .expect("woken within 5 s")
+        .expect("the waiter");
+    assert!(wakeup.queued, "{wakeup:?}");
+    let latency = woken.duration_since(sent);
+    assert!(latency < Duration::from_millis(500), "{latency:?}");
+    eprintln!("NOTIFY wake-up latency: {latency:?}");
+
+    // A node's own notices do not wake it.
+    b.submit(tasks(1, Timestamp::now())).await.expect("submit");
+    let own = tokio::time::timeout(Duration::from_millis(300), b.next_wakeup()).await;
+    assert!(own.is_err(), "woken by its own notice: {own:?}");
+
+    // End to end: an engine on node b, idle poll of a minute, runs a task submitted on node a.
+    let claim_all = b.claim(request(10, Timestamp::now())).await.expect("claim");
+    assert_eq!(claim_all.len(), 2, "the two tasks above");
+    let engine = Engine::builder(Arc::clone(&b) as Arc<dyn Store>)
+        .handler(
+            "job",
+            handler_fn(|_ctx| async { Ok::<_, TaskFailure>(Value::Null) }),
+        )
+        .config(PostgresStore::engine_config(EngineConfig {
+            idle_poll: Duration::from_secs(60),
+            ..EngineConfig::default()
+        }))
+        .build()
+        .await
+        .expect("engine");
+    assert!(!engine.config().recover_running_at_start);
+    let loops = engine.start();
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let forward = tokio::spawn({
+        let (b, engine, cancel) = (Arc::clone(&b), engine.clone(), cancel.clone());
+        async move { b.run_wakeups(&engine, cancel).await }
+    });
+    // Let the dispatcher go idle first.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let sent = Instant::now();
+    let task = a
+        .submit(tasks(1, Timestamp::now()))
+        .await
+        .expect("submit")
+        .remove(0)
+        .task;
+    let done = engine
+        .wait(task.id, Duration::from_secs(10))
+        .await
+        .expect("wait");
+    let elapsed = sent.elapsed();
+    assert_eq!(done.status, Status::Completed);
+    assert!(elapsed < Duration::from_secs(2), "{elapsed:?}");
+    eprintln!("submitted on node a, completed on node b in {elapsed:?}");
+
+    // A scheduled task of node a is announced with its due time, and node b promotes it then.
+    let due = Timestamp::now().after(Duration::from_millis(300));
+    let scheduled = a
+        .submit(vec![
+            NewTask::new("job", json!("later"))
+                .with_run_at(due)
+                .into_task(TaskId::new(), Timestamp::now()),
+        ])
+        .await
+        .expect("submit")
+        .remove(0)
+        .task;
+    assert_eq!(scheduled.status, Status::Scheduled);
+    let done = engine
+        .wait(scheduled.id, Duration::from_secs(10))
+        .await
+        .expect("wait");
+    assert_eq!(done.status, Status::Completed);
+    assert!(done.started_at.is_some_and(|at| at >= due));
+
+    cancel.cancel();
+    forward.await.expect("forwarder").expect("forwarding");
+    engine.shutdown(Duration::from_secs(5)).await;
+    loops.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrations_are_idempotent_and_safe_when_nodes_start_at_once() {
+    let schema = TestSchema::new();
+    let starts = (0..4).map(|i| {
+        let config = schema.config(&format!("node-{i}"));
+        tokio::spawn(async move { PostgresStore::connect(config).await })
+    });
+    let mut stores = Vec::new();
+    for start in starts {
+        stores.push(start.await.expect("a start").expect("every node starts"));
+    }
+    let admin = admin().await;
+    let versions = async |admin: &Client| -> Vec<(i32, String)> {
+        admin
+            .query(
+                &format!(
+                    "SELECT version, name FROM \"{}\".schema_migrations ORDER BY version",
+                    schema.name
+                ),
+                &[],
+            )
+            .await
+            .expect("schema_migrations")
+            .iter()
+            .map(|row| (row.get(0), row.get(1)))
+            .collect()
+    };
+    let before = versions(&admin).await;
+    assert_eq!(
+        before,
+        [(1, "tasks".to_owned())],
+        "each migration applied once"
+    );
+    assert_eq!(PostgresStore::schema_version(), 1);
+    // Once more, with tasks in the store: nothing changes, nothing is lost.
+    stores[0]
+        .submit(tasks(3, Timestamp::now()))
+        .await
+        .expect("submit");
+    drop(stores);
+    let again = schema.store("node-0").await;
+    assert_eq!(versions(&admin).await, before);
+    assert_eq!(again.stats().await.expect("stats").total(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_connections_are_reopened_and_nothing_acknowledged_is_lost() {
+    let schema = TestSchema::new();
+    let mut config = schema.config("node-k");
+    config.reconnect_min = Duration::from_millis(20);
+    config.reconnect_max = Duration::from_millis(200);
+    let store = Arc::new(PostgresStore::connect(config).await.expect("store"));
+    let admin = admin().await;
+
+    // Submissions go on while the store's connections are killed again and again.
+    let writer = tokio::spawn({
+        let store = Arc::clone(&store);
+        async move {
+            let mut acknowledged = Vec::new();
+            let mut failed = 0;
+            let deadline = Instant::now() + Duration::from_secs(3);
+            while Instant::now() < deadline {
+                match store.submit(tasks(5, Timestamp::now())).await {
+                    Ok(submitted) => acknowledged.extend(submitted.into_iter().map(|s| s.task.id)),
+                    Err(_) => failed += 1,
+                }
+            }
+            (acknowledged, failed)
+        }
+    });
+    let mut kills = 0;
+    let mut degraded_seen = false;
+    for _ in 0..6 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        for pid in backends_of(&admin, "node-k").await {
+            admin
+                .execute("SELECT pg_terminate_backend($1)", &[&pid])
+                .await
+                .expect("terminate");
+            kills += 1;
+        }
+        // Reads notice the broken connection too, and reconnect.
+        let _ = store.stats().await;
+        degraded_seen |= store.health().status == StoreStatus::Degraded;
+    }
+    let (acknowledged, failed) = writer.await.expect("writer");
+    assert!(kills >= 6, "{kills} backends killed");
+    assert!(
+        acknowledged.len() > 100,
+        "{} acknowledged",
+        acknowledged.len()
+    );
+    eprintln!(
+        "{kills} backends killed; {} tasks acknowledged, {failed} submissions failed; degraded seen: {degraded_seen}",
+        acknowledged.len()
+    );
+
+    // Every acknowledged task is there, once.
+    let stats = store.stats().await.expect("stats after the kills");
+    for id in &acknowledged {
+        assert!(
+            store.get(*id).await.expect("get").is_some(),
+            "{id} was lost"
+        );
+    }
+    let total: i64 = admin
+        .query_one(
+            &format!("SELECT count(*) FROM \"{}\".tasks", schema.name),
+            &[],
+        )
+        .await
+        .expect("count")
+        .get(0);
+    // A submission whose commit's outcome was unknown may exist without an acknowledgement.
+    assert!(total as usize >= acknowledged.len());
+    assert_eq!(stats.total(), total as u64, "the counts match the rows");
+
+    // The store works and is healthy again; its listener is back too.
+    store
+        .submit(tasks(1, Timestamp::now()))
+        .await
+        .expect("submit");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while store.health().status != StoreStatus::Healthy {
+        assert!(Instant::now() < deadline, "{:?}", store.health());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let _ = store.stats().await;
+    }
+    // The writers, the reader and the listener.
+    let expected = schema.config("node-k").writers + 2;
+    assert_eq!(backends_of(&admin, "node-k").await.len(), expected);
+}
+
+#[tokio::test]
+async fn a_second_node_with_the_same_name_is_refused() {
+    let schema = TestSchema::new();
+    let first = schema.store("twin").await;
+    let error = match PostgresStore::connect(schema.config("twin")).await {
+        Ok(_) => panic!("a second node named twin was let in"),
+        Err(error) => error.to_string(),
+    };
+    assert!(error.contains("another msbd node named `twin`"), "{error}");
+    first.close().await;
+    // Once the first is gone, the name is free.
+    schema.store("twin").await.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn maintenance_leadership_fails_over_when_the_leader_goes() {
+    let schema = TestSchema::new();
+    let quick = |node: &str| PostgresConfig {
+        leader_retry: Duration::from_millis(100),
+        ..schema.config(node)
+    };
+    let a = PostgresStore::connect(quick("lead-a")).await.expect("a");
+    let b = PostgresStore::connect(quick("lead-b")).await.expect("b");
+    assert!(a.is_maintenance_leader());
+    assert!(!b.is_maintenance_leader());
+
+    // The leader goes: its connection closes, and the other node takes the lock.
+    let before = Instant::now();
+    a.close().await;
+    while !b.is_maintenance_leader() {
+        assert!(
+            before.elapsed() < Duration::from_secs(5),
+            "no failover within 5 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    eprintln!("maintenance failover took {:?}", before.elapsed());
+}
+
+#[tokio::test]
+async fn an_unreachable_database_fails_with_a_clear_error() {
+    let mut config = PostgresConfig::new("postgres://postgres@127.0.0.1:1/test", "n");
+    config.connect_timeout = Duration::from_secs(2);
+    let error = match PostgresStore::connect(config).await {
+        Ok(_) => panic!("connected to port 1"),
+        Err(error) => error.to_string(),
+    };
+    assert!(
+        error.contains("cannot reach PostgreSQL at 127.0.0.1:1"),
+        "{error}"
+    );
+    assert!(
+        !error.contains("postgres@"),
+        "no credentials in messages: {error}"
+    );
+    let error = match PostgresStore::connect(PostgresConfig::new("nonsense://", "n")).await {
+        Ok(_) => panic!("a bad URL was accepted"),
+        Err(error) => error.to_string(),
+    };
+    assert!(error.contains("database url"), "{error}");
+}
+
+#[tokio::test]
+async fn tasks_bound_to_a_session_run_on_their_node_only() {
+    let schema = TestSchema::new();
+    let a = schema.store("home").await;
+    let b = schema.store("away").await;
+    let now = Timestamp::now();
+    let bound = NewTask::new("job", json!("bound"))
+        .with_session("s-1")
+        .with_priority(task_core::Priority::CRITICAL)
+        .into_task(TaskId::new(), now);
+    let free = NewTask::new("job", json!("free")).into_task(TaskId::new(), now);
+    a.submit(vec![bound.clone(), free.clone()])
+        .await
+        .expect("submit");
+    let away: Vec<TaskId> = b
+        .claim(request(10, now))
+        .await
+        .expect("claim")
+        .iter()
+        .map(|t| t.id)
+        .collect();
+    assert_eq!(away, [free.id]);
+    let home: Vec<TaskId> = a
+        .claim(request(10, now))
+        .await
+        .expect("claim")
+        .iter()
+        .map(|t| t.id)
+        .collect();
+    assert_eq!(home, [bound.id]);
+}
+
+/// The plan of the claim on a table of 20,000 tasks, half of them finished: the queue's partial
+/// index, in its order (no sort), never the whole table. (The store plans each execution for its
+/// values, as `EXPLAIN` with values does: a generic plan sorts the queue.)
+#[tokio::test]
+async fn the_claim_walks_the_queue_index() {
+    let schema = TestSchema::new();
+    let store = Arc::new(schema.store("plan").await);
+    let now = Timestamp::now();
+    for chunk in tasks(20_000, now).chunks(2_000) {
+        store.submit(chunk.to_vec()).await.expect("submit");
+    }
+    for _ in 0..10 {
+        // Finished all at once, so that the writer commits them in groups.
+        let finishes: Vec<_> = store
+            .claim(request(1_000, now))
+            .await
+            .expect("claim")
+            .into_iter()
+            .map(|task| {
+                let store = Arc::clone(&store);
+                tokio::spawn(async move {
+                    let finish = Finish {
+                        id: task.id,
+                        attempt: task.attempt,
+                        now,
+                        outcome: Outcome::Completed { result: json!(1) },
+                    };
+                    store.finish(finish).await.expect("finish")
+                })
+            })
+            .collect();
+        for finish in finishes {
+            assert!(finish.await.expect("a finish"));
+        }
+    }
+    let admin = admin().await;
+    admin
+        .batch_execute(&format!(
+            "SET search_path TO \"{}\"; ANALYZE tasks",
+            schema.name
+        ))
+        .await
+        .expect("analyze");
+    let plan: Vec<String> = admin
+        .query(
+            &format!("EXPLAIN {}", task_core::store::postgres::CLAIM_SQL),
+            &[&Vec::<String>::new(), &"plan", &64_i64, &now.0, &now.0],
+        )
+        .await
+        .expect("explain")
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    let plan = plan.join("\n");
+    assert!(plan.contains("tasks_queued"), "{plan}");
+    assert!(!plan.contains("Sort"), "the claim sorts the queue:\n{plan}");
+    assert!(!plan.contains("Seq Scan"), "{plan}");
+}
+
+/// Store throughput: submit in batches of 1,000, then two nodes claim in batches of 64 and
+/// finish each task as its own request (grouped by the writer), as an engine does. Prints the
+/// rate; `MSB_PG_THROUGHPUT_TASKS` sets the count (10,000 by default). Run it in release for a
+/// number worth reporting:
+/// `cargo test --release -p task-core --test it postgres::store_throughput -- --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_throughput_of_submit_claim_and_finish() {
+    let count: usize = std::env::var("MSB_PG_THROUGHPUT_TASKS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(10_000);
+    let writers: usize = std::env::var("MSB_PG_WRITERS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(2);
+    let schema = TestSchema::new();
+    let node = async |name: &str| {
+        let config = PostgresConfig {
+            writers,
+            ..schema.config(name)
+        };
+        Arc::new(PostgresStore::connect(config).await.expect("a node"))
+    };
+    let nodes = [node("bench-a").await, node("bench-b").await];
+    let report = throughput(&nodes, count, 64).await;
+    eprintln!("{report}");
+}
+
+/// Runs `count` no-op tasks through `nodes`: submits them in batches of 1,000, then each node
+/// claims up to `batch` at a time and finishes every claimed task as a request of its own, all
+/// at once. Returns a line with the rates.
+pub(crate) async fn throughput(nodes: &[Arc<PostgresStore>], count: usize, batch: usize) -> String {
+    let started = Instant::now();
+    for (index, chunk) in tasks(count, Timestamp::now()).chunks(1_000).enumerate() {
+        nodes[index % nodes.len()]
+            .submit(chunk.to_vec())
+            .await
+            .expect("submit");
+    }
+    let submitted = started.elapsed();
+    let started = Instant::now();
+    let mut workers = Vec::new();
+    for node in nodes {
+        let node = Arc::clone(node);
+        workers.push(tokio::spawn(async move {
+            let mut done = 0;
+            loop {
+                let claimed = node
+                    .claim(request(batch, Timestamp::now()))
+                    .await
+                    .expect("claim");
+                if claimed.is_empty() {
+                    return done;
+                }
+                let finishes = claimed.into_iter().map(|task| {
+                    let node = Arc::clone(&node);
+                    tokio::spawn(async move {
+                        node.finish(Finish {
+                            id: task.id,
+                            attempt: task.attempt,
+                            now: Timestamp::now(),
+                            outcome: Outcome::Completed {
+                                result: Value::Null,
+                            },
+                        })
+                        .await
+                        .expect("finish")
+                    })
+                });
+                for finish in finishes.collect::<Vec<_>>() {
+                    assert!(finish.await.expect("a finish"));
+                    done += 1;
+                }
+            }
+        }));
+    }
+    let mut finished = 0;
+    for worker in workers {
+        finished += worker.await.expect("a worker");
+    }
+    let run = started.elapsed();
+    assert_eq!(finished, count);
+    format!(
+        "postgres store, {} nodes, {count} tasks: submit {:.0} tasks/s; claim+finish {:.0} tasks/s ({:.2} s)",
+        nodes.len(),
+        count as f64 / submitted.as_secs_f64(),
+        count as f64 / run.as_secs_f64(),
+        run.as_secs_f64()
+    )
+}
+
+/// The engine's burn-down on two nodes: two engines (concurrency 64 each) on two stores of one
+/// schema run `MSB_PG_THROUGHPUT_TASKS` no-op tasks (5,000 by default), submitted beforehand in
+/// batches of 1,000 while the queues are paused. Prints the rate; run it in release for a number
+/// worth reporting (the shape of the `engine_postgres_tasks_per_s` benchmark):
+/// `cargo test --release -p task-core --test it postgres::engine_burn_down -- --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn engine_burn_down_on_two_nodes() {
+    let count: usize = std::env::var("MSB_PG_THROUGHPUT_TASKS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(5_000);
+    let writers: usize = std::env::var("MSB_PG_WRITERS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(2);
+    let schema = TestSchema::new();
+    let mut engines = Vec::new();
+    for name in ["burn-a", "burn-b"] {
+        let config = PostgresConfig {
+            writers,
+            ..schema.config(name)
+        };
+        let store = Arc::new(PostgresStore::connect(config).await.expect("a node"));
+        let engine = Engine::builder(Arc::clone(&store) as Arc<dyn Store>)
+            .handler(
+                "job",
+                handler_fn(|_ctx| async { Ok::<_, TaskFailure>(Value::Null) }),
+            )
+            .config(PostgresStore::engine_config(EngineConfig {
+                concurrency: 64,
+                lease: Duration::from_secs(10),
+                heartbeat_interval: Duration::from_secs(3),
+                ..EngineConfig::default()
+            }))
+            .build()
+            .await
+            .expect("engine");
+        engine.pause_queue();
+        engines.push((store, engine));
+    }
+    let started = Instant::now();
+    for (index, chunk) in (0..count)
+        .map(|i| NewTask::new("job", json!(i)))
+        .collect::<Vec<_>>()
+        .chunks(1_000)
+        .enumerate()
+    {
+        engines[index % 2]
+            .1
+            .submit_many(chunk.to_vec())
+            .await
+            .expect("submit");
+    }
+    let submitted = started.elapsed();
+    let mut running = Vec::new();
+    for (store, engine) in &engines {
+        let cancel = tokio_util::sync::CancellationToken::new();
+        let forward = tokio::spawn({
+            let (store, engine, cancel) = (Arc::clone(store), engine.clone(), cancel.clone());
+            async move { store.run_wakeups(&engine, cancel).await }
+        });
+        running.push((engine.start(), cancel, forward));
+    }
+    let started = Instant::now();
+    for (_, engine) in &engines {
+        engine.resume_queue();
+    }
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        // Read through either node; while the database restarts, reads fail for a moment.
+        let Ok(stats) = engines[0].1.stats().await else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        let ended = stats.count(Status::Completed)
+            + stats.count(Status::Failed)
+            + stats.count(Status::Cancelled);
+        if ended == count as u64 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not done in 600 s: {stats:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let run = started.elapsed();
+    eprintln!(
+        "engine burn-down, 2 nodes x 64, {writers} writers each, {count} tasks: {:.0} tasks/s ({:.2} s); submit {:.0} tasks/s",
+        count as f64 / run.as_secs_f64(),
+        run.as_secs_f64(),
+        count as f64 / submitted.as_secs_f64()
+    );
+    for ((_, engine), (loops, cancel, forward)) in engines.iter().zip(running) {
+        engine.shutdown(Duration::from_secs(10)).await;
+        cancel.cancel();
+        forward.await.expect("forwarder").expect("forwarding");
+        loops.stop().await;
+    }
+    let stats = engines[0].0.stats().await.expect("stats");
+    eprintln!("counts at the end: {:?}", stats.by_status);
+    assert_eq!(stats.count(Status::Completed), count as u64, "{stats:?}");
+    assert_eq!(stats.total(), count as u64);
+}
