@@ -52,6 +52,13 @@ fn principal_tag(principal: &str) -> String {
     format!("{hash:08x}")
 }
 
+/// Whether `session_id` is one msbd made for a single task that named no session (see
+/// [`fresh_session_id`]): nothing else runs in it, so any node of a shared queue can make it
+/// again, and such a task is bound to no node.
+pub fn is_fresh_session_id(session_id: &str) -> bool {
+    session_tag_owner(session_id, "").is_some()
+}
+
 /// For an id made by [`fresh_session_id`], whether `principal` owns it: `Some(true|false)`;
 /// `None` for any other id. Fresh sessions (one per task that names none) need no record of
 /// their owner, so msbd keeps nothing per task in memory for them.
@@ -568,6 +575,8 @@ mod tests {
             Some(false)
         );
         assert_eq!(super::session_tag_owner(&id, "stdio"), Some(false));
+        assert!(super::is_fresh_session_id(&id));
+        assert!(!super::is_fresh_session_id("my-session"));
         // Names a client chose are not fresh ids: their owners are recorded instead.
         for named in [
             "build",

@@ -101,6 +101,13 @@ pub enum Database {
         /// The database file (its directory must exist when the store opens it).
         path: PathBuf,
     },
+    /// The PostgreSQL store, shared by every msbd node that names the same database and
+    /// schema (`docs/cluster.md`).
+    Postgres {
+        /// The URL (`postgres://user:password@host:port/database`) as given: it may hold a
+        /// password, so it is shown only through [`Database::url`], which hides it.
+        url: String,
+    },
 }
 
 /// msbd's effective configuration: every `MSB_*` variable, typed, defaulted and checked.
@@ -135,6 +142,10 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// Where tasks are stored (`MSB_DATABASE_URL`; by default `<data_dir>/tasks.sqlite3`).
     pub database: Database,
+    /// The PostgreSQL schema of the shared queue (`MSB_DATABASE_SCHEMA`).
+    pub database_schema: String,
+    /// This node's name on a shared PostgreSQL store (`MSB_NODE_ID`; by default the host name).
+    pub node_id: String,
     /// How long finished tasks are kept; `None` keeps them forever (`MSB_TASK_RETENTION`).
     pub task_retention: Option<Duration>,
     /// The SQLite store's page cache, in MiB (`MSB_SQLITE_CACHE_MB`).
@@ -602,6 +613,7 @@ impl Database {
     pub fn url(&self) -> String {
         match self {
             Database::Sqlite { path } => format!("sqlite://{}", path.display()),
+            Database::Postgres { url } => hide_password(url),
         }
     }
 }
@@ -896,12 +908,30 @@ variables! {
         show = |c| Some(c.data_dir.display().to_string());
 
     /// Where tasks are stored: `sqlite://PATH` or a plain file path, for the embedded SQLite
-    /// store (a relative path is relative to the current directory, and the file's directory
-    /// must exist). `postgres://` URLs are refused for now: the PostgreSQL store is not built
-    /// yet (issue 6).
+    /// store of one msbd (a relative path is relative to the current directory, and the file's
+    /// directory must exist); or `postgres://user:password@host:port/database`, for a queue
+    /// shared by several msbd nodes (`docs/cluster.md`; plain TCP or a Unix socket, no TLS).
+    /// `msbd config` shows the password as `***`.
     MSB_DATABASE_URL: database_url: DatabaseUrl = derived("`sqlite://<data dir>/tasks.sqlite3`"),
         group = Group::Storage, flag = None, secret = false,
         show = |c| Some(c.database.url());
+
+    /// The PostgreSQL schema that holds the shared queue's tables (created, with them, when
+    /// missing): nodes that share a queue name the same schema; another schema is another
+    /// queue in the same database. Letters, digits and `_`. Only with a `postgres://`
+    /// `MSB_DATABASE_URL`.
+    MSB_DATABASE_SCHEMA: database_schema: SqlName = fixed(SqlName("msbd".to_owned())),
+        group = Group::Storage, flag = None, secret = false,
+        show = |c| Some(c.database_schema.clone());
+
+    /// This node's name among the msbd nodes sharing a PostgreSQL queue: unique among the
+    /// nodes running at once (a second node with the same name is refused at start) and the
+    /// same across restarts, because tasks bound to a session run only on the node that owns
+    /// the session. Letters, digits, `.`, `_` and `-`, up to 64. Only with a `postgres://`
+    /// `MSB_DATABASE_URL`.
+    MSB_NODE_ID: node_id: NodeName = derived("the host name"),
+        group = Group::Storage, flag = None, secret = false,
+        show = |c| Some(c.node_id.clone());
 
     /// The page cache of the SQLite store's writer connection, in MiB; each of its three reading
     /// connections gets a quarter of it. It fills as the store grows and then stays that size:
@@ -1193,6 +1223,11 @@ fn build(
             path: data_dir.join("tasks.sqlite3"),
         },
     };
+    let database_schema = raw.database_schema.unwrap_or(d.database_schema).0;
+    let node_id = match raw.node_id {
+        Some(NodeName(name)) => name,
+        None => host_name(),
+    };
     let task_retention = raw.task_retention.unwrap_or(d.task_retention);
     let task_retention = check.seconds("MSB_TASK_RETENTION", task_retention, 0, MAX_RETENTION_SECS);
     let task_retention = (task_retention > 0).then(|| Duration::from_secs(task_retention));
@@ -1389,6 +1424,8 @@ fn build(
         shutdown_timeout: Duration::from_secs(shutdown_timeout),
         data_dir,
         database,
+        database_schema,
+        node_id,
         task_retention,
         sqlite_cache_mb,
         max_concurrent_tasks,
@@ -1544,9 +1581,25 @@ fn hide_password(value: &str) -> String {
             .find(':')
             .map(|colon| (start + colon + 1, start + at))
     }) {
-        Some((from, to)) if from < to => format!("{}***{}", &value[..from], &value[to..]),
-        _ => value.to_owned(),
+        Some((from, to)) if from < to => {
+            hide_password_option(&format!("{}***{}", &value[..from], &value[to..]))
+        }
+        _ => hide_password_option(value),
     }
+}
+
+/// A URL with the value of a `password=` option (a PostgreSQL URL may carry one) replaced by
+/// `***`.
+fn hide_password_option(value: &str) -> String {
+    let Some(at) = value.find(['?', '&']).and_then(|query| {
+        value[query..]
+            .find("password=")
+            .map(|at| query + at + "password=".len())
+    }) else {
+        return value.to_owned();
+    };
+    let end = value[at..].find('&').map_or(value.len(), |end| at + end);
+    format!("{}***{}", &value[..at], &value[end..])
 }
 
 /// A value for `msbd config`: control characters (which could fake a line) escaped.
@@ -1599,6 +1652,8 @@ deserialize_with_parse!(
     PathValue,
     Volumes,
     DatabaseUrl,
+    SqlName,
+    NodeName,
     Addr,
     LogFilter,
     HostList,
@@ -1643,6 +1698,37 @@ struct Volumes(Vec<VolumeMapping>);
 /// A database URL or path.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct DatabaseUrl(Database);
+
+/// An SQL name (a schema).
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct SqlName(String);
+
+/// A node's name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct NodeName(String);
+
+/// The host name (the default node name): the kernel's, made a valid [`NodeName`]; `msbd`
+/// when there is none.
+fn host_name() -> String {
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let name: String = name
+        .trim()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(64)
+        .collect();
+    if name.is_empty() {
+        "msbd".to_owned()
+    } else {
+        name
+    }
+}
 
 /// An IP address and port.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -1949,10 +2035,15 @@ impl Value for DatabaseUrl {
         let text = text.trim();
         let lower = text.to_ascii_lowercase();
         if lower.starts_with("postgres://") || lower.starts_with("postgresql://") {
-            return Err(format!(
-                "the PostgreSQL store is not built yet (issue 6), so msbd cannot use a postgres:// \
-                 database; {FORMS}"
-            ));
+            return match task_core::store::postgres::check_url(text) {
+                Ok(()) => Ok(DatabaseUrl(Database::Postgres {
+                    url: text.to_owned(),
+                })),
+                Err(reason) => Err(format!(
+                    "is not a PostgreSQL URL msbd can use ({reason}); write \
+                     postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE"
+                )),
+            };
         }
         let path = if let Some(rest) = lower.strip_prefix("sqlite://").map(|_| &text[9..]) {
             rest
@@ -1991,6 +2082,58 @@ impl Value for DatabaseUrl {
 
     fn describe(&self) -> String {
         self.0.url()
+    }
+}
+
+impl Value for SqlName {
+    fn kind() -> String {
+        "SQL name (letters, digits, `_`)".to_owned()
+    }
+
+    fn parse(text: &str) -> Result<SqlName, String> {
+        let text = text.trim();
+        let plain = text.len() <= 63
+            && text.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+            && text.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !plain {
+            return Err(
+                "is not a plain SQL name: use up to 63 letters, digits and `_`, not starting \
+                 with a digit, such as msbd"
+                    .to_owned(),
+            );
+        }
+        Ok(SqlName(text.to_owned()))
+    }
+
+    fn describe(&self) -> String {
+        self.0.clone()
+    }
+}
+
+impl Value for NodeName {
+    fn kind() -> String {
+        "name (letters, digits, `.`, `_`, `-`)".to_owned()
+    }
+
+    fn parse(text: &str) -> Result<NodeName, String> {
+        let text = text.trim();
+        let plain = !text.is_empty()
+            && text.len() <= 64
+            && text
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+        if !plain {
+            return Err(
+                "is not a node name: use 1 to 64 letters, digits, `.`, `_` and `-`, such as \
+                 worker-1"
+                    .to_owned(),
+            );
+        }
+        Ok(NodeName(text.to_owned()))
+    }
+
+    fn describe(&self) -> String {
+        self.0.clone()
     }
 }
 
@@ -2548,6 +2691,8 @@ mod tests {
             ("MSB_SHUTDOWN_TIMEOUT", "5"),
             ("MSB_DATA_DIR", "/srv/msbd"),
             ("MSB_DATABASE_URL", "sqlite:///var/lib/tasks.db"),
+            ("MSB_DATABASE_SCHEMA", "queue_2"),
+            ("MSB_NODE_ID", "worker-2.example"),
             ("MSB_TASK_RETENTION", "0"),
             ("MSB_SQLITE_CACHE_MB", "8"),
             ("MSB_MAX_CONCURRENT_TASKS", "32"),
@@ -2589,6 +2734,8 @@ mod tests {
                 path: PathBuf::from("/var/lib/tasks.db")
             }
         );
+        assert_eq!(c.database_schema, "queue_2");
+        assert_eq!(c.node_id, "worker-2.example");
         assert_eq!(c.task_retention, None);
         assert_eq!(c.sqlite_cache_mb, 8);
         assert_eq!(c.max_concurrent_tasks, 32);
@@ -2725,7 +2872,10 @@ mod tests {
             ("MSB_MAX_SESSIONS", "0"),
             ("MSB_DEFAULT_FLAVOR", "huge"),
             ("MSB_TRANSPORT", "pigeon"),
-            ("MSB_DATABASE_URL", "postgres://u:p@db/msbd"),
+            (
+                "MSB_DATABASE_URL",
+                "postgres://u:p@db/msbd?sslmode=sideways",
+            ),
             ("MSB_HTTP_ADDR", "0.0.0.0:8765"),
         ]);
         let mut named: Vec<&str> = errors.iter().map(|e| e.variable).collect();
@@ -3251,6 +3401,7 @@ mod tests {
     fn database_url_forms() {
         let path = |url: &str| match ok(&[("MSB_DATABASE_URL", url)]).config.database {
             Database::Sqlite { path } => path,
+            other => panic!("{url}: {other:?}"),
         };
         assert_eq!(
             path("sqlite:///var/lib/msbd.db"),
@@ -3270,12 +3421,38 @@ mod tests {
         assert_eq!(path("/odd/na?me.db"), PathBuf::from("/odd/na?me.db"));
 
         for url in ["postgres://msbd:hunter2@db/msbd", "postgresql://db/msbd"] {
-            let message = one_error(&[("MSB_DATABASE_URL", url)], "MSB_DATABASE_URL");
-            assert!(
-                message.contains("PostgreSQL store is not built yet (issue 6)"),
-                "{message}"
-            );
+            let database = ok(&[("MSB_DATABASE_URL", url)]).config.database;
+            assert_eq!(database, Database::Postgres { url: url.into() });
         }
+        for (variable, value) in [
+            ("MSB_NODE_ID", "two words"),
+            ("MSB_NODE_ID", "x/y"),
+            ("MSB_DATABASE_SCHEMA", "1queue"),
+            ("MSB_DATABASE_SCHEMA", "msbd; drop table x"),
+        ] {
+            let message = one_error(&[(variable, value)], variable);
+            assert!(message.contains("such as"), "{variable}={value}: {message}");
+        }
+        let message = one_error(
+            &[("MSB_DATABASE_URL", "postgres://db/msbd?colour=blue")],
+            "MSB_DATABASE_URL",
+        );
+        assert!(message.contains("not a PostgreSQL URL"), "{message}");
+        let loaded = ok(&[(
+            "MSB_DATABASE_URL",
+            "postgres://msbd:hunter2@db/msbd?password=sesame&application_name=x",
+        )]);
+        let text = render(&loaded);
+        assert!(
+            !text.contains("hunter2") && !text.contains("sesame"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "MSB_DATABASE_URL=postgres://msbd:***@db/msbd?password=***&application_name=x"
+            ),
+            "{text}"
+        );
         for (url, expected) in [
             ("sqlite://", "names no file"),
             ("sqlite::memory:", "in-memory"),

@@ -177,8 +177,11 @@ async fn sandbox_checks(config: &Config, own_exe: Option<PathBuf>, checks: &mut 
 }
 
 async fn store_check(config: &Config) -> Check {
-    let Database::Sqlite { path } = &config.database;
-    let (ok, detail) = match sqlite_check(path).await {
+    let checked = match &config.database {
+        Database::Sqlite { path } => sqlite_check(path).await,
+        Database::Postgres { url } => postgres_check(config, url).await,
+    };
+    let (ok, detail) = match checked {
         Ok(detail) => (true, detail),
         Err(detail) => (false, detail),
     };
@@ -188,6 +191,31 @@ async fn store_check(config: &Config) -> Check {
         optional: false,
         detail,
     }
+}
+
+async fn postgres_check(config: &Config, url: &str) -> Result<String, String> {
+    use task_core::store::Store as _;
+    use task_core::store::postgres::{PostgresConfig, PostgresStore};
+    // Under a name of its own: the node's may be in use by the running msbd.
+    let node = format!("{}-doctor-{}", config.node_id, std::process::id());
+    let pg = PostgresConfig {
+        schema: config.database_schema.clone(),
+        ..PostgresConfig::new(url, node)
+    };
+    let shown = config.database.url();
+    let store = PostgresStore::connect(pg)
+        .await
+        .map_err(|e| format!("cannot open {shown}: {e}"))?;
+    let stats = store.stats().await;
+    store.close().await;
+    let stats = stats.map_err(|e| format!("cannot read {shown}: {e}"))?;
+    Ok(format!(
+        "PostgreSQL at {shown}, schema {} (version {}; {} tasks; node {})",
+        config.database_schema,
+        PostgresStore::schema_version(),
+        stats.total(),
+        config.node_id
+    ))
 }
 
 async fn sqlite_check(path: &Path) -> Result<String, String> {

@@ -11,6 +11,7 @@ use mcp_tools::{McpServer, ServerOptions};
 use rmcp::ServiceExt;
 use sandbox_wrapper::Wrapper;
 use task_core::store::Store;
+use task_core::store::postgres::{PostgresConfig, PostgresStore};
 use task_core::store::sqlite::{SqliteConfig, SqliteStore};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
@@ -40,9 +41,40 @@ pub fn run(loaded: Loaded) -> ExitCode {
     }
 }
 
-/// The store the configuration names.
-fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
-    let Database::Sqlite { path } = &config.database;
+/// The store the configuration names, and the same store again when it is shared with other
+/// nodes (PostgreSQL).
+async fn open_store(
+    config: &Config,
+) -> anyhow::Result<(Arc<dyn Store>, Option<Arc<PostgresStore>>)> {
+    let path = match &config.database {
+        Database::Sqlite { path } => path,
+        Database::Postgres { url } => {
+            let pg = PostgresConfig {
+                schema: config.database_schema.clone(),
+                // A task's own fresh session can be made on any node: only the sessions
+                // clients name bind their tasks to a node.
+                portable_session: Some(mcp_tools::is_fresh_session_id),
+                ..PostgresConfig::new(url.clone(), config.node_id.clone())
+            };
+            let store = PostgresStore::connect(pg).await.with_context(|| {
+                format!(
+                    "opening the shared task store at {} (MSB_DATABASE_URL), schema {} \
+                     (MSB_DATABASE_SCHEMA), as node {} (MSB_NODE_ID)",
+                    config.database.url(),
+                    config.database_schema,
+                    config.node_id
+                )
+            })?;
+            tracing::info!(
+                database = %config.database.url(),
+                schema = %config.database_schema,
+                node = %config.node_id,
+                "the task store is shared (PostgreSQL)"
+            );
+            let store = Arc::new(store);
+            return Ok((store.clone(), Some(store)));
+        }
+    };
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| {
             format!(
@@ -60,7 +92,7 @@ fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
             path.display()
         )
     })?;
-    Ok(Arc::new(store))
+    Ok((Arc::new(store), None))
 }
 
 /// The MCP server's options from the configuration.
@@ -81,9 +113,10 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
             config.data_dir.display()
         )
     })?;
-    let store = open_store(&config)?;
+    let (store, shared_store) = open_store(&config).await?;
     let own_exe: Option<PathBuf> = std::env::current_exe().ok();
-    let wrapper_config = config.wrapper_config(own_exe)?;
+    let mut wrapper_config = config.wrapper_config(own_exe)?;
+    wrapper_config.shared_store = shared_store;
     let wrapper = Wrapper::start(store, wrapper_config)
         .await
         .context("starting the sandbox wrapper")?;

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use task_core::store::postgres::PostgresStore;
 use task_core::store::{Store, Submitted};
 use task_core::{Engine, EngineConfig, NewTask, TaskId};
 
@@ -66,6 +67,12 @@ pub struct WrapperConfig {
     pub task_types: TaskTypes,
     /// How supervised loops are restarted.
     pub restart_policy: RestartPolicy,
+    /// The store again, when it is a PostgreSQL store shared with other msbd nodes: then the
+    /// engine does not recover running tasks at start (they may be another node's; expired
+    /// leases are recovered by the lease reaper), the lease reaper and the retention pruner run
+    /// only while this node is the maintenance leader, and a `store_wakeups` loop starts
+    /// claiming at once when another node queues work (`docs/cluster.md`).
+    pub shared_store: Option<Arc<PostgresStore>>,
 }
 
 impl WrapperConfig {
@@ -83,6 +90,7 @@ impl WrapperConfig {
             output_cap: DEFAULT_OUTPUT_CAP,
             task_types: TaskTypes::default(),
             restart_policy: RestartPolicy::default(),
+            shared_store: None,
         }
     }
 }
@@ -355,6 +363,9 @@ impl Wrapper {
             output_cap: config.output_cap,
         });
         let mut engine_config = config.engine.clone();
+        if config.shared_store.is_some() {
+            engine_config = PostgresStore::engine_config(engine_config);
+        }
         for spec in config.task_types.iter() {
             if let Some(limit) = spec.defaults().concurrency {
                 engine_config
@@ -452,14 +463,26 @@ impl Wrapper {
         .run_at_start(false)
         // Pausing it would let running tasks' leases expire and the reaper take them back.
         .pausable(false);
+        // On a shared store, the maintenance of the queue is the leader's alone.
+        let shared_store = config.shared_store.clone();
+        let maintains = move || {
+            shared_store
+                .as_ref()
+                .is_none_or(|store| store.is_maintenance_leader())
+        };
         let engine = inner.engine.clone();
+        let leader = maintains.clone();
         let reaper = periodic(
             "lease_reaper",
             engine_config.reaper_interval,
             "tasks_recovered",
             Box::new(move || {
                 let engine = engine.clone();
+                let leader = leader();
                 Box::pin(async move {
+                    if !leader {
+                        return Ok(0);
+                    }
                     engine
                         .recover_expired()
                         .await
@@ -477,7 +500,11 @@ impl Wrapper {
             Box::new(move || {
                 let engine = engine.clone();
                 let outputs_dir = outputs_dir.clone();
+                let leader = maintains();
                 Box::pin(async move {
+                    if !leader {
+                        return Ok(0);
+                    }
                     let pruned = engine.prune_expired().await.map_err(|e| e.to_string())?;
                     // The output files of the tasks that are gone go too (a scan of the
                     // outputs, so only after a round that pruned something).
@@ -523,7 +550,26 @@ impl Wrapper {
         })
         .interval_hint(engine_config.idle_poll)
         .policy(policy);
-        for spec in [cleanup, orphans, heartbeat, reaper, pruner, dispatcher] {
+        let mut specs = vec![cleanup, orphans, heartbeat, reaper, pruner, dispatcher];
+        if let Some(store) = config.shared_store.clone() {
+            let engine = inner.engine.clone();
+            specs.push(
+                ChildSpec::service("store_wakeups", move |context| {
+                    let engine = engine.clone();
+                    let store = store.clone();
+                    Box::pin(async move {
+                        store
+                            .run_wakeups(&engine, context.cancel.clone())
+                            .await
+                            .map_err(|e| e.to_string())
+                    })
+                })
+                .interval_hint(engine_config.idle_poll)
+                .pausable(false)
+                .policy(policy),
+            );
+        }
+        for spec in specs {
             if let Err(error) = inner.supervisor.start_child(spec) {
                 tracing::error!(%error, "could not start a background loop");
             }

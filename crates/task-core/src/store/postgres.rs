@@ -12,8 +12,9 @@
 //!   recover at start: build it with [`PostgresStore::engine_config`], which turns
 //!   `recover_running_at_start` off, and let the lease reaper recover expired leases.
 //! - A task bound to a session (`session_id` set) is claimed only by the node it was submitted
-//!   to, because sessions and their sandboxes live on one node; tasks without a session run on
-//!   any node (see [`PostgresConfig::session_affinity`]).
+//!   to, because sessions and their sandboxes live on one node; tasks without a session, or with
+//!   a session made for them alone ([`PostgresConfig::portable_session`]), run on any node (see
+//!   [`PostgresConfig::session_affinity`]).
 //!
 //! # How it goes fast, and stays fast
 //! - **Group commit.** Every write request goes over a channel to the store's writers
@@ -128,6 +129,10 @@ pub struct PostgresConfig {
     pub node_id: String,
     /// Whether a task bound to a session runs only on the node it was submitted to.
     pub session_affinity: bool,
+    /// Session ids that bind a task to no node although affinity is on: a session made for
+    /// that one task, which any node can make again (msbd gives every task that names no
+    /// session one of these). `None`: every session binds.
+    pub portable_session: Option<fn(&str) -> bool>,
     /// The most requests committed in one transaction.
     pub max_batch: usize,
     /// How many writing connections take turns at the requests (see the module docs). More of
@@ -153,6 +158,7 @@ impl std::fmt::Debug for PostgresConfig {
             .field("schema", &self.schema)
             .field("node_id", &self.node_id)
             .field("session_affinity", &self.session_affinity)
+            .field("portable_session", &self.portable_session.is_some())
             .field("max_batch", &self.max_batch)
             .field("writers", &self.writers)
             .field("unavailable_wait", &self.unavailable_wait)
@@ -175,6 +181,7 @@ impl PostgresConfig {
             schema: "msbd".into(),
             node_id: node_id.into(),
             session_affinity: true,
+            portable_session: None,
             max_batch: 1_024,
             writers: 2,
             unavailable_wait: Duration::from_secs(10),
@@ -390,6 +397,15 @@ impl PostgresStore {
     }
 }
 
+impl std::fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresStore")
+            .field("schema", &self.shared.config.schema)
+            .field("node_id", &self.shared.config.node_id)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Drop for PostgresStore {
     /// Stops the store's tasks: the writer ends after answering the requests already sent, the
     /// listener at once. [`PostgresStore::close`] waits for them.
@@ -403,6 +419,19 @@ fn closed() -> Error {
         action: "sending a request",
         message: "the store is closed".into(),
     }
+}
+
+/// Checks a database URL (or key=value string) the way [`PostgresStore::connect`] reads it,
+/// without connecting: `Err` says what is wrong. TLS is not built in, so an `sslmode` that
+/// requires it is refused.
+pub fn check_url(url: &str) -> std::result::Result<(), String> {
+    let config = url
+        .parse::<tokio_postgres::Config>()
+        .map_err(|e| e.to_string())?;
+    if config.get_ssl_mode() == tokio_postgres::config::SslMode::Require {
+        return Err("sslmode=require needs TLS, which this build does not have".into());
+    }
+    Ok(())
 }
 
 /// Refuses a name that is not a plain SQL identifier.

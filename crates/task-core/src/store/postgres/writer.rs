@@ -706,7 +706,15 @@ async fn submit(
     let tags: Vec<Option<String>> = tasks.iter().map(|t| tags_text(&t.tags)).collect();
     let homes: Vec<Option<&str>> = tasks
         .iter()
-        .map(|t| (shared.config.session_affinity && t.session_id.is_some()).then_some(node))
+        .map(|t| {
+            let bound = t.session_id.as_deref().is_some_and(|session| {
+                !shared
+                    .config
+                    .portable_session
+                    .is_some_and(|portable| portable(session))
+            });
+            (shared.config.session_affinity && bound).then_some(node)
+        })
         .collect();
     let inserted: HashSet<uuid::Uuid> = conn
         .query(
