@@ -4,7 +4,8 @@
 //! installed, else `cargo test`), the interoperability check with the official Python MCP SDK
 //! (`interop/python_client.py` against the built `msbd`, with the Python named by
 //! `MSBD_INTEROP_PYTHON`, else `target/interop-venv/bin/python`; `.ci/run` makes that
-//! environment), and rustdoc with warnings denied.
+//! environment), a short run of every fuzz target (`cargo xtask fuzz`), a reduced crash-chaos
+//! run (`cargo xtask chaos`: about 2,000 tasks, 3 kills), and rustdoc with warnings denied.
 
 use xshell::{Shell, cmd};
 
@@ -51,6 +52,10 @@ pub(crate) fn run() -> anyhow::Result<()> {
     cmd!(sh, "cargo build --locked -p msbd").run()?;
     let msbd = project_root().join("target/debug/msbd");
     cmd!(sh, "{python} interop/python_client.py {msbd}").run()?;
+
+    crate::fuzz::ci_smoke()?;
+
+    crate::chaos::ci_reduced()?;
 
     print_step_header("rustdoc (warnings denied)");
     let _rustdocflags = sh.push_env("RUSTDOCFLAGS", "-D warnings");

@@ -6,7 +6,9 @@
 //! This crate is never a dependency of any other crate in the workspace.
 
 mod bench;
+mod chaos;
 mod ci;
+mod fuzz;
 #[cfg(test)]
 mod tidy;
 
@@ -34,6 +36,15 @@ Commands:
                            (`clients` or `paused`) runs only that phase; the
                            MSBD_LOAD_* variables set the sizes (see
                            crates/msbd/benches/load.rs).
+  fuzz [--seconds N | --runs N] [TARGET...]
+                           Run the cargo-fuzz targets in fuzz/ (default: all, 60 s
+                           each) on the stable toolchain; fails on a crash
+                           (docs/fuzzing.md). Needs `cargo install cargo-fuzz`.
+  chaos [--tasks N] [--kills K] [--seed S]
+                           Crash chaos: the release msbd driven over MCP with N
+                           tasks (default 20,000), SIGKILLed and restarted K times
+                           (default 10); checks nothing is lost or done twice and
+                           nothing is left behind (docs/reliability.md).
   help                     Print this message.
 ";
 
@@ -89,6 +100,8 @@ fn run() -> anyhow::Result<()> {
             .run()?;
             Ok(())
         }
+        "fuzz" => fuzz::run(rest),
+        "chaos" => chaos::run(rest),
         "help" | "--help" | "-h" => {
             print!("{HELP}");
             Ok(())
