@@ -52,9 +52,9 @@ fn principal_tag(principal: &str) -> String {
     format!("{hash:08x}")
 }
 
-/// Whether `session_id` is one msbd made for a single task that named no session (see
-/// [`fresh_session_id`]): nothing else runs in it, so any node of a shared queue can make it
-/// again, and such a task is bound to no node.
+/// Whether `session_id` is one msbd made for a single task that named no session (`s`, 12
+/// random hex digits, 8 naming its principal): nothing else runs in it, so any node of a shared
+/// queue can make it again, and such a task is bound to no node.
 pub fn is_fresh_session_id(session_id: &str) -> bool {
     session_tag_owner(session_id, "").is_some()
 }
