@@ -484,7 +484,10 @@ async fn shutdown_stops_children_in_reverse_start_order() {
     .unwrap();
     assert!(
         eventually(
-            || sup.status().iter().all(|s| s.state == ChildState::Running),
+            || sup
+                .status()
+                .iter()
+                .all(|s| s.state == ChildState::Running && s.exists),
             PATIENCE
         )
         .await
@@ -542,7 +545,14 @@ async fn a_child_that_ignores_cancellation_is_aborted_at_the_deadline() {
     .unwrap();
     sup.start_child(recording_service("polite", &exits))
         .unwrap();
-    assert!(eventually(|| status(&sup, "stubborn").exists, PATIENCE).await);
+    // Both must have begun: a child stopped before its first incarnation never runs its body.
+    assert!(
+        eventually(
+            || status(&sup, "stubborn").exists && status(&sup, "polite").exists,
+            PATIENCE
+        )
+        .await
+    );
 
     let deadline = Duration::from_millis(200);
     let began = Instant::now();
