@@ -49,6 +49,11 @@ pub const MICROSANDBOX_NAMESPACE: &str = "msbd";
 /// The longest duration a timeout or interval variable accepts: 365 days, in seconds.
 pub const MAX_DURATION_SECS: u64 = 365 * 24 * 3600;
 
+/// The shortest `MSB_LEASE_TIMEOUT` accepted, in seconds: renewals every second at least.
+const MIN_LEASE_SECS: u64 = 3;
+/// The longest `MSB_LEASE_TIMEOUT` accepted, in seconds (an hour).
+const MAX_LEASE_SECS: u64 = 3600;
+
 /// The longest `MSB_TASK_RETENTION` accepted: 100 years, in seconds (use 0 for forever).
 pub const MAX_RETENTION_SECS: u64 = 36_500 * 24 * 3600;
 
@@ -155,6 +160,8 @@ pub struct Config {
     /// The timeout of a task that sets none (`MSB_EXECUTION_TIMEOUT`). The MCP layer applies it
     /// when it submits a task; the engine itself has no default timeout.
     pub execution_timeout: Duration,
+    /// How long a running task's lease lasts without renewal (`MSB_LEASE_TIMEOUT`).
+    pub lease_timeout: Duration,
     /// The file of operator-defined task types, if any (`MSB_TASK_TYPES_FILE`); read by
     /// [`Config::wrapper_config`].
     pub task_types_file: Option<PathBuf>,
@@ -527,10 +534,14 @@ impl Config {
             lru_eviction: self.lru_eviction,
             default_flavor: self.default_flavor,
         };
+        let defaults = EngineConfig::default();
         wrapper.engine = EngineConfig {
             concurrency: self.max_concurrent_tasks,
             retention: self.task_retention,
-            ..EngineConfig::default()
+            lease: self.lease_timeout,
+            heartbeat_interval: self.lease_timeout / 3,
+            reaper_interval: defaults.reaper_interval.min(self.lease_timeout / 5),
+            ..defaults
         };
         wrapper.output_cap = self.output_cap_bytes;
         if let Some(path) = &self.task_types_file {
@@ -959,6 +970,17 @@ variables! {
         group = Group::Tasks, flag = None, secret = false,
         show = |c| Some(c.execution_timeout.as_secs().to_string());
 
+    /// How long a running task's claim (its lease) lasts without renewal, in seconds (3 to
+    /// 3600). msbd renews the leases of its running tasks every third of this; the lease reaper
+    /// looks every fifth of it (at most every 5 seconds) and queues again the tasks whose lease
+    /// ran out (their msbd was killed, or lost its database), so this bounds how long a dead
+    /// node's tasks wait. Shorter recovers sooner;
+    /// longer survives longer stalls (a paused VM, a slow database) without running a task
+    /// twice.
+    MSB_LEASE_TIMEOUT: lease_timeout: Seconds = fixed(Seconds(30)),
+        group = Group::Tasks, flag = None, secret = false,
+        show = |c| Some(c.lease_timeout.as_secs().to_string());
+
     /// A TOML file of operator-defined task types (a name, a command template, a params
     /// schema, defaults); `examples/task-types.toml` documents the format. It is read at
     /// start, and a file that cannot be read or has a mistake stops msbd with an error naming
@@ -1126,11 +1148,15 @@ impl Check<'_> {
             return min;
         }
         if secs > max {
+            let span = if max >= 2 * 24 * 3600 {
+                format!(" ({} days)", max / (24 * 3600))
+            } else {
+                String::new()
+            };
             let message = format!(
-                "{}: must be at most {max} seconds ({} days); set a smaller value, or unset \
+                "{}: must be at most {max} seconds{span}; set a smaller value, or unset \
                  {name} for the default ({})",
                 self.origin(name, &secs.to_string()),
-                max / (24 * 3600),
                 default_of(name),
             );
             self.fail(name, message);
@@ -1238,6 +1264,13 @@ fn build(
     let max_concurrent_tasks = check.count("MSB_MAX_CONCURRENT_TASKS", max_concurrent_tasks, 1);
     let execution_timeout = raw.execution_timeout.unwrap_or(d.execution_timeout);
     let execution_timeout = check.positive_seconds("MSB_EXECUTION_TIMEOUT", execution_timeout);
+    let lease_timeout = raw.lease_timeout.unwrap_or(d.lease_timeout);
+    let lease_timeout = check.seconds(
+        "MSB_LEASE_TIMEOUT",
+        lease_timeout,
+        MIN_LEASE_SECS,
+        MAX_LEASE_SECS,
+    );
     let task_types_file = raw.task_types_file.map(|path| path.0);
     let output_cap_bytes = raw.output_cap_bytes.unwrap_or(d.output_cap_bytes);
     let output_cap_bytes = check.count("MSB_OUTPUT_CAP_BYTES", output_cap_bytes, 1) as u64;
@@ -1430,6 +1463,7 @@ fn build(
         sqlite_cache_mb,
         max_concurrent_tasks,
         execution_timeout: Duration::from_secs(execution_timeout),
+        lease_timeout: Duration::from_secs(lease_timeout),
         task_types_file,
         output_cap_bytes,
         backend,
@@ -2697,6 +2731,7 @@ mod tests {
             ("MSB_SQLITE_CACHE_MB", "8"),
             ("MSB_MAX_CONCURRENT_TASKS", "32"),
             ("MSB_EXECUTION_TIMEOUT", "60"),
+            ("MSB_LEASE_TIMEOUT", "12"),
             ("MSB_TASK_TYPES_FILE", "/etc/msbd/types.toml"),
             ("MSB_OUTPUT_CAP_BYTES", "1024"),
             ("MSB_SANDBOX_BACKEND", "microsandbox"),
@@ -2740,6 +2775,7 @@ mod tests {
         assert_eq!(c.sqlite_cache_mb, 8);
         assert_eq!(c.max_concurrent_tasks, 32);
         assert_eq!(c.execution_timeout, Duration::from_secs(60));
+        assert_eq!(c.lease_timeout, Duration::from_secs(12));
         assert_eq!(
             c.task_types_file,
             Some(PathBuf::from("/etc/msbd/types.toml"))
@@ -2799,6 +2835,8 @@ mod tests {
             ("MSB_MAX_TOTAL_MEMORY_MB", "0", "must be at least 1"),
             ("MSB_EXECUTION_TIMEOUT", "0", "must be at least 1 second"),
             ("MSB_SHUTDOWN_TIMEOUT", "0", "must be at least 1 second"),
+            ("MSB_LEASE_TIMEOUT", "2", "must be at least 3 seconds"),
+            ("MSB_LEASE_TIMEOUT", "3601", "at most 3600 seconds; set"),
             (
                 "MSB_ORPHAN_CLEANUP_INTERVAL",
                 "0",
@@ -3627,6 +3665,7 @@ mod tests {
             ("MSB_TASK_RETENTION", "0"),
             ("MSB_SHARED_VOLUME_PATH", "/srv:/srv"),
             ("MSB_OUTPUT_CAP_BYTES", "4096"),
+            ("MSB_LEASE_TIMEOUT", "6"),
         ]);
         let wrapper = loaded
             .config
@@ -3649,6 +3688,9 @@ mod tests {
         }
         assert_eq!(wrapper.engine.concurrency, 7);
         assert_eq!(wrapper.engine.retention, None);
+        assert_eq!(wrapper.engine.lease, Duration::from_secs(6));
+        assert_eq!(wrapper.engine.heartbeat_interval, Duration::from_secs(2));
+        assert_eq!(wrapper.engine.reaper_interval, Duration::from_millis(1200));
         assert_eq!(wrapper.volumes.len(), 1);
         assert_eq!(wrapper.output_cap, 4096);
         assert_eq!(wrapper.sessions.max_total_memory_mb, u64::MAX);
