@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use common::{Client, Connection, ok, wait_status};
 use rmcp::ServiceExt;
+use rmcp::model::CallToolRequestParams;
 use rmcp::transport::TokioChildProcess;
 use serde_json::json;
 use tokio_postgres::NoTls;
@@ -55,7 +56,7 @@ impl Schema {
     }
 }
 
-async fn node(data_dir: &Path, schema: &Schema, name: &str) -> Connection {
+fn node_command(data_dir: &Path, schema: &Schema, name: &str) -> tokio::process::Command {
     let mut command = tokio::process::Command::new(MSBD);
     command
         .arg("serve")
@@ -67,6 +68,11 @@ async fn node(data_dir: &Path, schema: &Schema, name: &str) -> Connection {
         .env("MSB_LOG_LEVEL", "warn")
         .env("MSB_SHUTDOWN_TIMEOUT", "10")
         .stderr(Stdio::inherit());
+    command
+}
+
+async fn node(data_dir: &Path, schema: &Schema, name: &str) -> Connection {
+    let command = node_command(data_dir, schema, name);
     Client::default()
         .serve(TokioChildProcess::new(command).unwrap())
         .await
@@ -161,4 +167,477 @@ async fn two_nodes_share_one_queue() {
     a.cancel().await.unwrap();
     b.cancel().await.unwrap();
     schema.drop_it().await;
+}
+
+/// The lease of the kill test's nodes, in seconds (`MSB_LEASE_TIMEOUT`); its reaper then looks
+/// every second.
+const KILL_TEST_LEASE_S: i64 = 5;
+
+/// Three nodes share 10,000 tasks (run without isolation, see below); one is SIGKILLed while it
+/// runs some. The other two recover
+/// its running tasks once their leases run out (within the lease plus the reaper's interval,
+/// with a second of slack), and every task ends exactly once: completed, after one attempt,
+/// or two for the tasks the dead node was running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_nodes_tasks_are_recovered_by_the_others() {
+    const TASKS: usize = 10_000;
+    let schema = Schema::new();
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let types = dirs[0].path().join("task-types.toml");
+    // With retries: an attempt cut off by its node's death counts as an attempt, and a task
+    // with none left is failed (kind `lost`) rather than run again.
+    std::fs::write(
+        &types,
+        "[[task_type]]\nname = \"noop\"\ndescription = \"does nothing\"\ncommand = [\"true\"]\nmax_retries = 2\n",
+    )
+    .unwrap();
+    let start = |i: usize, name: &'static str| {
+        let mut command = node_command(dirs[i].path(), &schema, name);
+        command
+            .env("MSB_TASK_TYPES_FILE", &types)
+            .env("MSB_LEASE_TIMEOUT", KILL_TEST_LEASE_S.to_string())
+            .env("MSB_MAX_CONCURRENT_TASKS", "4")
+            // What is tested is the shared queue, not the sandbox: plain processes keep 10,000
+            // tasks within a minute on two cores (bubblewrap takes about three).
+            .env("MSB_ISOLATION", "off");
+        TokioChildProcess::new(command).unwrap()
+    };
+    let a = Client::default().serve(start(0, "node-a")).await.unwrap();
+    let b = Client::default().serve(start(1, "node-b")).await.unwrap();
+    let victim = start(2, "node-c");
+    let victim_pid = victim.id().expect("node-c's pid");
+    let c = Client::default().serve(victim).await.unwrap();
+
+    // Queued first (a paused queue is paused on its node only), then run by all three at once,
+    // so that node-c dies with work left for the others. Submitted through all three, so every
+    // node's intake is exercised.
+    for via in [&a, &b, &c] {
+        ok(via, "manage_task_queue", json!({"action": "pause"})).await;
+    }
+    let mut ids = std::collections::HashSet::with_capacity(TASKS);
+    for n in 0..TASKS {
+        let via = [&a, &b, &c][n % 3];
+        let submitted = ok(
+            via,
+            "submit_task",
+            json!({"task_type": "noop", "params": {}}),
+        )
+        .await;
+        ids.insert(submitted["task_id"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(ids.len(), TASKS);
+    for via in [&a, &b, &c] {
+        ok(via, "manage_task_queue", json!({"action": "resume"})).await;
+    }
+
+    // Kill node-c once it has finished some tasks and is running others.
+    let db = admin().await;
+    let t = &schema.0;
+    let count = async |sql: String| -> i64 { db.query_one(&sql, &[]).await.unwrap().get(0) };
+    let waited = Instant::now();
+    loop {
+        let done_by_c = count(format!(
+            "SELECT count(*) FROM {t}.tasks WHERE claimed_by = 'node-c' AND status >= 4"
+        ))
+        .await;
+        let running_on_c = count(format!(
+            "SELECT count(*) FROM {t}.tasks WHERE claimed_by = 'node-c' AND status = 3"
+        ))
+        .await;
+        if done_by_c >= 100 && running_on_c > 0 {
+            break;
+        }
+        assert!(
+            waited.elapsed() < Duration::from_secs(120),
+            "node-c never got going: {done_by_c} done, {running_on_c} running"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(victim_pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let killed_at_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    drop(c);
+    // Let a commit node-c had already sent land before looking (it dies at once; its
+    // database connection's last statement may not).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // What node-c was running when it died: nobody else can have touched these rows yet (their
+    // leases are live for seconds more).
+    let orphans: Vec<String> = db
+        .query(
+            &format!("SELECT id::text FROM {t}.tasks WHERE claimed_by = 'node-c' AND status = 3"),
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert!(!orphans.is_empty());
+
+    let waited = Instant::now();
+    loop {
+        let finished = count(format!("SELECT count(*) FROM {t}.tasks WHERE status >= 4")).await;
+        if finished == TASKS as i64 {
+            break;
+        }
+        assert!(
+            waited.elapsed() < Duration::from_secs(600),
+            "only {finished} of {TASKS} tasks finished"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // Every task ended once (a task row is unique and ends at most once), completed, and ran
+    // once unless node-c died under it; then it ran twice and keeps the first attempt's error,
+    // `worker_lost`.
+    let rows = db
+        .query(
+            &format!(
+                "SELECT id::text, status, attempt, claimed_by, started_at, error_kind FROM {t}.tasks"
+            ),
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), TASKS);
+    let mut slowest_ms = 0;
+    for row in &rows {
+        let (id, status, attempt, claimed_by, started_at, error_kind): (
+            String,
+            i16,
+            i64,
+            String,
+            i64,
+            Option<i16>,
+        ) = (
+            row.get(0),
+            row.get(1),
+            row.get(2),
+            row.get(3),
+            row.get(4),
+            row.get(5),
+        );
+        assert!(ids.contains(&id), "{id} was never submitted");
+        assert_eq!(status, 4, "{id} should have completed");
+        if orphans.contains(&id) {
+            assert_eq!(attempt, 2, "{id}: the dead node's attempt, then one more");
+            assert_ne!(claimed_by, "node-c", "{id} was recovered by another node");
+            assert_eq!(
+                error_kind,
+                Some(2),
+                "{id}: its first attempt was lost (worker_lost)"
+            );
+            let took = started_at - killed_at_ms;
+            slowest_ms = slowest_ms.max(took);
+        } else {
+            assert_eq!((attempt, error_kind), (1, None), "{id} ran once");
+        }
+    }
+    let bound_ms = (KILL_TEST_LEASE_S + 1 + 1) * 1000;
+    assert!(
+        slowest_ms <= bound_ms,
+        "the last of {} orphaned tasks restarted {slowest_ms} ms after the kill (bound {bound_ms} ms)",
+        orphans.len()
+    );
+    eprintln!(
+        "{} tasks over 3 nodes; node-c killed running {}, all restarted elsewhere within {slowest_ms} ms (lease {KILL_TEST_LEASE_S} s)",
+        TASKS,
+        orphans.len()
+    );
+
+    a.cancel().await.unwrap();
+    b.cancel().await.unwrap();
+    schema.drop_it().await;
+}
+
+/// A PostgreSQL server of one test, on a port of its own, in a temporary directory: the test
+/// restarts it without disturbing the shared server other tests use. As root, the server's
+/// programs run as the `postgres` user (PostgreSQL refuses to run as root).
+struct PrivatePostgres {
+    dir: tempfile::TempDir,
+    bin: std::path::PathBuf,
+    port: u16,
+}
+
+impl PrivatePostgres {
+    fn start() -> PrivatePostgres {
+        let bin = std::env::var_os("MSB_TEST_PG_BIN")
+            .map(std::path::PathBuf::from)
+            .or_else(|| {
+                let mut found: Vec<_> = std::fs::read_dir("/usr/lib/postgresql")
+                    .ok()?
+                    .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+                    .filter(|bin| bin.join("pg_ctl").exists())
+                    .collect();
+                found.sort();
+                found.pop()
+            })
+            .expect(
+                "no PostgreSQL programs in /usr/lib/postgresql/*/bin: install postgresql (CI \
+                 does) or set MSB_TEST_PG_BIN to the directory of initdb and pg_ctl",
+            );
+        let dir = tempfile::tempdir().unwrap();
+        if nix::unistd::geteuid().is_root() {
+            let status = std::process::Command::new("chown")
+                .args(["postgres:"])
+                .arg(dir.path())
+                .status()
+                .unwrap();
+            assert!(status.success(), "chown postgres: {}", dir.path().display());
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let server = PrivatePostgres { dir, bin, port };
+        server.run(
+            "initdb",
+            &[
+                "-D",
+                &server.data(),
+                "-A",
+                "trust",
+                "-U",
+                "postgres",
+                "--no-sync",
+            ],
+        );
+        server.start_again();
+        server
+    }
+
+    fn data(&self) -> String {
+        self.dir.path().join("data").display().to_string()
+    }
+
+    fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    fn run(&self, program: &str, args: &[&str]) {
+        let program = self.bin.join(program);
+        let mut command = if nix::unistd::geteuid().is_root() {
+            let mut command = std::process::Command::new("runuser");
+            command.args(["-u", "postgres", "--"]).arg(&program);
+            command
+        } else {
+            std::process::Command::new(&program)
+        };
+        let output = command
+            .args(args)
+            .current_dir(self.dir.path())
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{} {args:?}: {}{}",
+            program.display(),
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+
+    fn start_again(&self) {
+        let options = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c max_connections=50",
+            self.port,
+            self.dir.path().display()
+        );
+        let log = self.dir.path().join("server.log").display().to_string();
+        self.run(
+            "pg_ctl",
+            &[
+                "-D",
+                &self.data(),
+                "-l",
+                &log,
+                "-o",
+                &options,
+                "-w",
+                "start",
+            ],
+        );
+    }
+
+    /// Stops the server the hard way: every backend killed, no checkpoint, crash recovery at
+    /// the next start.
+    fn crash(&self) {
+        self.run(
+            "pg_ctl",
+            &["-D", &self.data(), "-m", "immediate", "-w", "stop"],
+        );
+    }
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new(self.bin.join("pg_ctl"))
+            .args(["-D", &self.data(), "-m", "immediate", "stop"])
+            .output();
+        if nix::unistd::geteuid().is_root() {
+            let _ = std::process::Command::new("runuser")
+                .args(["-u", "postgres", "--"])
+                .arg(self.bin.join("pg_ctl"))
+                .args(["-D", &self.data(), "-m", "immediate", "stop"])
+                .output();
+        }
+    }
+}
+
+/// PostgreSQL crashes and comes back while two nodes run tasks: the nodes say `degraded`
+/// meanwhile, reconnect, and every task, including those submitted while the database was
+/// down, ends exactly once (one row each, completed, and the per-status counts agree with
+/// the rows).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_restart_loses_nothing() {
+    const TASKS: usize = 1_500;
+    let server = PrivatePostgres::start();
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let types = dirs[0].path().join("task-types.toml");
+    std::fs::write(
+        &types,
+        "[[task_type]]\nname = \"noop\"\ndescription = \"does nothing\"\ncommand = [\"true\"]\n",
+    )
+    .unwrap();
+    let schema = "restart";
+    let start = |i: usize, name: &str| {
+        let mut command = tokio::process::Command::new(MSBD);
+        command
+            .arg("serve")
+            .env("MSB_DATA_DIR", dirs[i].path())
+            .env("MSB_DATABASE_URL", server.url())
+            .env("MSB_DATABASE_SCHEMA", schema)
+            .env("MSB_NODE_ID", name)
+            .env("MSB_TASK_TYPES_FILE", &types)
+            .env("MSB_LEASE_TIMEOUT", "5")
+            .env("MSB_MAX_CONCURRENT_TASKS", "4")
+            .env("MSB_LOG_LEVEL", "error")
+            .env("MSB_SHUTDOWN_TIMEOUT", "10")
+            .stderr(Stdio::inherit());
+        TokioChildProcess::new(command).unwrap()
+    };
+    let a = Client::default().serve(start(0, "node-a")).await.unwrap();
+    let b = Client::default().serve(start(1, "node-b")).await.unwrap();
+
+    let mut ids = std::collections::HashSet::new();
+    for n in 0..TASKS {
+        let via = if n % 2 == 0 { &a } else { &b };
+        let submitted = ok(
+            via,
+            "submit_task",
+            json!({"task_type": "noop", "params": {}}),
+        )
+        .await;
+        ids.insert(submitted["task_id"].as_str().unwrap().to_owned());
+    }
+
+    let connect = async || {
+        let (client, connection) = tokio_postgres::connect(&server.url(), NoTls).await.unwrap();
+        tokio::spawn(connection);
+        client
+    };
+    let db = connect().await;
+    let finished_sql = format!("SELECT count(*) FROM {schema}.tasks WHERE status >= 4");
+    let waited = Instant::now();
+    loop {
+        let finished: i64 = db.query_one(&finished_sql, &[]).await.unwrap().get(0);
+        if finished >= (TASKS / 4) as i64 {
+            break;
+        }
+        assert!(
+            waited.elapsed() < Duration::from_secs(120),
+            "{finished} finished"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    server.crash();
+    // Submitted while the database is down: each call waits for it (up to 10 s) and then
+    // answers, so what it acknowledges is stored.
+    let during = {
+        let peer = a.peer().clone();
+        tokio::spawn(async move {
+            let mut ids = Vec::new();
+            for _ in 0..5 {
+                let request = CallToolRequestParams::new("submit_task")
+                    .with_arguments(common::args(json!({"task_type": "noop", "params": {}})));
+                let answer = peer.call_tool(request).await.unwrap();
+                assert_ne!(answer.is_error, Some(true), "{answer:?}");
+                let submitted = answer.structured_content.unwrap();
+                ids.push(submitted["task_id"].as_str().unwrap().to_owned());
+            }
+            ids
+        })
+    };
+    let waited = Instant::now();
+    loop {
+        let health = ok(&b, "health_check", json!({})).await;
+        let store = &health["components"]["task_store"]["status"];
+        if store == "degraded" {
+            break;
+        }
+        assert!(
+            waited.elapsed() < Duration::from_secs(10),
+            "the task store never said degraded: {health}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    server.start_again();
+    ids.extend(during.await.unwrap());
+    let total = TASKS + 5;
+    assert_eq!(ids.len(), total);
+
+    let db = connect().await;
+    let waited = Instant::now();
+    loop {
+        let finished: i64 = db.query_one(&finished_sql, &[]).await.unwrap().get(0);
+        if finished == total as i64 {
+            break;
+        }
+        assert!(
+            waited.elapsed() < Duration::from_secs(300),
+            "only {finished} of {total} tasks finished"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let rows = db
+        .query(&format!("SELECT id::text, status FROM {schema}.tasks"), &[])
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), total, "one row per acknowledged task");
+    for row in &rows {
+        let (id, status): (String, i16) = (row.get(0), row.get(1));
+        assert!(ids.contains(&id), "{id} was never acknowledged");
+        assert_eq!(status, 4, "{id} should have completed");
+    }
+    let counted: i64 = db
+        .query_one(
+            &format!(
+                "SELECT coalesce(sum(count), 0)::bigint FROM {schema}.task_counts WHERE status = 4"
+            ),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        counted, total as i64,
+        "the counts record each completion once"
+    );
+    let health = ok(&a, "health_check", json!({})).await;
+    assert_eq!(
+        health["components"]["task_store"]["status"], "healthy",
+        "{health}"
+    );
+
+    a.cancel().await.unwrap();
+    b.cancel().await.unwrap();
 }
