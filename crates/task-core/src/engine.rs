@@ -13,7 +13,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::{Future, poll_fn};
 use std::panic::AssertUnwindSafe;
 use std::pin::pin;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::Poll;
 use std::time::{Duration, Instant};
@@ -171,6 +171,7 @@ impl EngineBuilder {
             waiters: Mutex::new(IdMap::default()),
             waiter_count: AtomicUsize::new(0),
             workers: TaskTracker::new(),
+            leases_lost: AtomicU64::new(0),
         });
         if inner.config.recover_running_at_start {
             let recovered = inner
@@ -716,6 +717,13 @@ impl Engine {
         }
     }
 
+    /// How many of this engine's running attempts were stopped because their lease was lost
+    /// (the store gave the task to another attempt, or the lease ran out unrenewed) since it
+    /// started. Attempts that ended while a heartbeat was under way are not counted.
+    pub fn leases_lost(&self) -> u64 {
+        self.inner.leases_lost.load(Ordering::Relaxed)
+    }
+
     /// The engine's settings.
     pub fn config(&self) -> &EngineConfig {
         &self.inner.config
@@ -922,6 +930,9 @@ struct Control {
     /// Set by a cancel even when the attempt was already stopping for another reason: a
     /// cancelled task is not retried or re-queued, whatever stopped its attempt.
     cancel_requested: AtomicBool,
+    /// Set once the attempt's end is being recorded: from then on the store may no longer
+    /// count it as running, and a heartbeat that says so is not news.
+    finishing: AtomicBool,
 }
 
 impl Control {
@@ -931,6 +942,7 @@ impl Control {
             pause: tokio::sync::watch::Sender::new(false),
             reason: AtomicU8::new(StopReason::None as u8),
             cancel_requested: AtomicBool::new(false),
+            finishing: AtomicBool::new(false),
         }
     }
 
@@ -987,6 +999,8 @@ pub(crate) struct Inner {
     waiters: Mutex<IdMap<Vec<oneshot::Sender<()>>>>,
     waiter_count: AtomicUsize,
     workers: TaskTracker,
+    /// Running attempts stopped because their lease was lost.
+    leases_lost: AtomicU64,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -1284,6 +1298,7 @@ impl Inner {
                 Outcome::Failed { retry_at, .. } => *retry_at,
                 _ => None,
             };
+            control.finishing.store(true, Ordering::Release);
             match self
                 .store
                 .finish(Finish {
@@ -1539,13 +1554,20 @@ impl Inner {
             let Some(entry) = running.tasks.get(&id) else {
                 continue;
             };
-            if held
+            if !held
                 .iter()
                 .any(|(held_id, attempt)| *held_id == id && *attempt == entry.attempt)
             {
-                tracing::warn!(%id, attempt = entry.attempt, "a running attempt lost its lease; stopping it");
-                entry.control.stop(StopReason::LeaseLost);
+                continue;
             }
+            if entry.control.finishing.load(Ordering::Acquire) {
+                // Its end was being recorded as the heartbeat ran: the store no longer counts
+                // it as running because it has ended, not because another took it.
+                continue;
+            }
+            self.leases_lost.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(%id, attempt = entry.attempt, "a running attempt lost its lease; stopping it");
+            entry.control.stop(StopReason::LeaseLost);
         }
         for id in reply.cancel_requested {
             self.stop_running(id, StopReason::Cancelled);

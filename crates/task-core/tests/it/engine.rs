@@ -1168,3 +1168,131 @@ async fn a_running_task_paused_is_frozen_and_its_timeout_clock_stops() {
     assert_eq!(finished(&engine, id).await.status, Status::Cancelled);
     loops.stop().await;
 }
+
+/// A memory store whose `finish` records the end, says so, then waits to be let go before
+/// answering: the window in which the engine still counts the attempt as running.
+struct ParkedFinish {
+    inner: MemoryStore,
+    parked: Notify,
+    go: Notify,
+}
+
+mod parked_finish {
+    use task_core::store::{
+        ClaimRequest, Command, Finish, Heartbeat, HeartbeatReply, ListFilter, Page, PageRequest,
+        ProgressUpdate, Promoted, Recover, Stats, Store, StoreFuture, Submitted,
+    };
+    use task_core::{Task, TaskId, Timestamp};
+
+    impl Store for super::ParkedFinish {
+        fn submit(&self, tasks: Vec<Task>) -> StoreFuture<'_, Vec<Submitted>> {
+            self.inner.submit(tasks)
+        }
+        fn claim(&self, request: ClaimRequest) -> StoreFuture<'_, Vec<Task>> {
+            self.inner.claim(request)
+        }
+        fn promote_due(&self, now: Timestamp) -> StoreFuture<'_, Promoted> {
+            self.inner.promote_due(now)
+        }
+        fn finish(&self, finish: Finish) -> StoreFuture<'_, bool> {
+            Box::pin(async move {
+                let done = self.inner.finish(finish).await?;
+                let go = self.go.notified();
+                self.parked.notify_one();
+                go.await;
+                Ok(done)
+            })
+        }
+        fn progress(&self, update: ProgressUpdate) -> StoreFuture<'_, bool> {
+            self.inner.progress(update)
+        }
+        fn heartbeat(&self, heartbeat: Heartbeat) -> StoreFuture<'_, HeartbeatReply> {
+            self.inner.heartbeat(heartbeat)
+        }
+        fn command(&self, id: TaskId, command: Command, now: Timestamp) -> StoreFuture<'_, Task> {
+            self.inner.command(id, command, now)
+        }
+        fn recover(&self, now: Timestamp, which: Recover) -> StoreFuture<'_, Vec<Task>> {
+            self.inner.recover(now, which)
+        }
+        fn prune(&self, before: Timestamp, limit: usize) -> StoreFuture<'_, usize> {
+            self.inner.prune(before, limit)
+        }
+        fn delete_finished(
+            &self,
+            filter: ListFilter,
+            finished_before: Timestamp,
+            limit: usize,
+        ) -> StoreFuture<'_, usize> {
+            self.inner.delete_finished(filter, finished_before, limit)
+        }
+        fn get(&self, id: TaskId) -> StoreFuture<'_, Option<Task>> {
+            self.inner.get(id)
+        }
+        fn list(&self, filter: ListFilter, page: PageRequest) -> StoreFuture<'_, Page> {
+            self.inner.list(filter, page)
+        }
+        fn stats(&self) -> StoreFuture<'_, Stats> {
+            self.inner.stats()
+        }
+        fn flush(&self) -> StoreFuture<'_, ()> {
+            self.inner.flush()
+        }
+    }
+}
+
+/// A heartbeat that runs while an attempt's end is being recorded finds the task no longer
+/// running in the store: that is the attempt ending, not a lost lease (the load test logged
+/// "lost its lease" warnings for such tasks). A lease that really ran out is counted.
+#[tokio::test]
+async fn a_heartbeat_during_an_attempts_finish_is_not_a_lost_lease() {
+    let store = Arc::new(ParkedFinish {
+        inner: MemoryStore::new(),
+        parked: Notify::new(),
+        go: Notify::new(),
+    });
+    let config = EngineConfig {
+        recover_running_at_start: false,
+        heartbeat_interval: Duration::from_secs(3600),
+        ..quick_config()
+    };
+    let (engine, loops) = started_on(Arc::clone(&store) as Arc<dyn Store>, config, |b| b).await;
+    let parked = store.parked.notified();
+    let id = submit(&engine, NewTask::new("echo", json!("done"))).await;
+    tokio::time::timeout(LONG, parked)
+        .await
+        .expect("the finish was recorded");
+    // The store has the task completed; the engine still holds the attempt.
+    engine.renew_leases().await.expect("heartbeat");
+    assert_eq!(engine.leases_lost(), 0);
+    store.go.notify_one();
+    let task = finished(&engine, id).await;
+    assert_eq!(task.status, Status::Completed);
+    assert_eq!(engine.leases_lost(), 0);
+    loops.stop().await;
+
+    // A lease that runs out while its attempt runs: the reaper takes the task back, and the
+    // next heartbeat stops the attempt and counts it.
+    let config = EngineConfig {
+        lease: Duration::from_millis(100),
+        heartbeat_interval: Duration::from_secs(3600),
+        recover_running_at_start: false,
+        ..quick_config()
+    };
+    let (engine, loops) = started(config, |b| {
+        b.handler(
+            "stuck",
+            handler_fn(|ctx| async move {
+                ctx.cancellation().cancelled().await;
+                Ok(Value::Null)
+            }),
+        )
+    })
+    .await;
+    let id = submit(&engine, NewTask::new("stuck", Value::Null)).await;
+    let task = finished(&engine, id).await;
+    assert_eq!(task.error.expect("error").kind, FailureKind::WorkerLost);
+    engine.renew_leases().await.expect("heartbeat");
+    assert_eq!(engine.leases_lost(), 1);
+    loops.stop().await;
+}
