@@ -880,6 +880,7 @@ mod tests {
             ("msbd_tasks", "gauge"),
             ("msbd_queue_depth", "gauge"),
             ("msbd_tasks_running", "gauge"),
+            ("msbd_leases_lost_total", "counter"),
             ("msbd_task_duration_seconds", "histogram"),
             ("msbd_loop_healthy", "gauge"),
             ("msbd_loop_runs_total", "counter"),
@@ -896,6 +897,7 @@ mod tests {
         assert!(text.contains("\nmsbd_up 1\n"), "{text}");
         assert!(text.contains("\nmsbd_queue_depth 0\n"), "{text}");
         assert!(text.contains("\nmsbd_sessions 0\n"), "{text}");
+        assert!(text.contains("\nmsbd_leases_lost_total 0\n"), "{text}");
         assert!(text.contains("msbd_loop_runs_total{loop=\""), "{text}");
         assert!(text.contains("msbd_loop_healthy{loop=\""), "{text}");
 

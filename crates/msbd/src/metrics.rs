@@ -9,6 +9,7 @@
 //! | `msbd_tasks` | gauge | `type`, `status` | the task store's counts ([`task_core::store::Stats`]) |
 //! | `msbd_queue_depth` | gauge | | tasks waiting: pending + scheduled |
 //! | `msbd_tasks_running` | gauge | | tasks running |
+//! | `msbd_leases_lost_total` | counter | | running attempts of this process stopped because their lease was lost ([`task_core::Engine::leases_lost`]) |
 //! | `msbd_task_duration_seconds` | histogram | `type` | started → finished of each task that finished while this process ran |
 //! | `msbd_loop_healthy` | gauge | `loop` | 1 when the supervised loop is healthy, else 0 |
 //! | `msbd_loop_runs_total` | counter | `loop` | the loop's cycles |
@@ -202,6 +203,16 @@ impl Metrics {
             out.sample("msbd_queue_depth", &[], waiting);
             out.sample("msbd_tasks_running", &[], stats.count(Status::Running));
         }
+        out.family(
+            "msbd_leases_lost_total",
+            "counter",
+            "Running attempts of this process stopped because their lease was lost (the task was recovered elsewhere, or its lease ran out unrenewed).",
+        );
+        out.sample(
+            "msbd_leases_lost_total",
+            &[],
+            self.wrapper.engine().leases_lost(),
+        );
 
         out.family(
             "msbd_task_duration_seconds",
