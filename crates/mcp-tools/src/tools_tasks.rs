@@ -521,25 +521,20 @@ impl McpServer {
     async fn cancel(&self, task_id: &str) -> Result<CallToolResult, ToolError> {
         let task = self.owned_task(task_id).await?;
         if task.status.is_terminal() {
-            let view = self.view(&task);
-            let cancel = CancelAnswer {
-                task_id: view.task_id.clone(),
-                message: format!(
-                    "The task had already finished ({}); nothing was cancelled.",
-                    view.status
-                ),
-                status: view.status,
-                cancelled: false,
-            };
-            return Ok(answer(cancel.message.clone(), &cancel));
+            return Ok(self.already_finished(&task));
         }
-        let task = self
-            .core
-            .wrapper
-            .engine()
-            .cancel(task.id)
-            .await
-            .map_err(ToolError::from_core)?;
+        let task = match self.core.wrapper.engine().cancel(task.id).await {
+            Ok(task) => task,
+            // It finished between the read above and the cancel: the same answer as when it
+            // had finished before the call.
+            Err(task_core::Error::IllegalTransition { transition, .. })
+                if transition.from.is_terminal() =>
+            {
+                let task = self.owned_task(task_id).await?;
+                return Ok(self.already_finished(&task));
+            }
+            Err(error) => return Err(ToolError::from_core(error)),
+        };
         let view = self.view(&task);
         let message = if task.status == Status::Cancelled {
             format!("Task {} is cancelled.", task.id)
@@ -556,6 +551,21 @@ impl McpServer {
             message,
         };
         Ok(answer(cancel.message.clone(), &cancel))
+    }
+
+    /// `cancel_task`'s answer for a task that had already finished.
+    fn already_finished(&self, task: &Task) -> CallToolResult {
+        let view = self.view(task);
+        let cancel = CancelAnswer {
+            task_id: view.task_id.clone(),
+            message: format!(
+                "The task had already finished ({}); nothing was cancelled.",
+                view.status
+            ),
+            status: view.status,
+            cancelled: false,
+        };
+        answer(cancel.message.clone(), &cancel)
     }
 
     async fn read_output(&self, args: ReadOutputArgs) -> Result<CallToolResult, ToolError> {
