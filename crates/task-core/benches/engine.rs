@@ -9,6 +9,13 @@
 //! The figures:
 //! - `engine_sqlite_tasks_per_s`, `engine_memory_tasks_per_s`: burn-down of 100,000 no-op tasks
 //!   at concurrency 64, all submitted first with the queue paused; median of 3 runs.
+//! - `engine_postgres_tasks_per_s`: the same burn-down by two engines (nodes) sharing one
+//!   PostgreSQL queue, concurrency 64 each; median of 3 runs.
+//! - `engine_postgres_sustained_ratio`: two nodes run no-op tasks for 5 minutes
+//!   (`MSBD_BENCH_PG_SUSTAINED_SECS` shortens it) with about 20,000 always queued: throughput in
+//!   the last fifth over the first, with finished tasks and dead row versions piling up.
+//!   The PostgreSQL benches use the database at `MSB_TEST_DATABASE_URL` (by default
+//!   `postgres://postgres@127.0.0.1:5432/test`), a fresh schema per run, dropped afterwards.
 //! - `submit_to_start_p50_us`, `submit_to_start_p99_us`: an idle engine on SQLite, one task at a
 //!   time, from just before `submit` to the moment its handler starts.
 //! - `sqlite_1m_rss_mb`, `sqlite_1m_list_page_ms`, `sqlite_1m_list_sparse_page_ms`,
@@ -26,11 +33,13 @@
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use task_core::store::memory::MemoryStore;
+use task_core::store::postgres::{PostgresConfig, PostgresStore};
 use task_core::store::sqlite::{SqliteConfig, SqliteStore};
 use task_core::store::{
     ClaimRequest, Command as StoreCommand, Finish, Heartbeat, HeartbeatReply, ListFilter, Outcome,
@@ -41,7 +50,8 @@ use task_core::{
     Timestamp, handler_fn,
 };
 use tokio::runtime::Runtime;
-use tokio::task::JoinSet;
+use tokio::task::{JoinHandle, JoinSet};
+use tokio_util::sync::CancellationToken;
 
 type BenchResult<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
@@ -93,6 +103,12 @@ fn main() -> BenchResult<()> {
     if wants(&["engine_memory_tasks_per_s"]) {
         bench_burn_down(&runtime, &mut figures, Backend::Memory)?;
     }
+    if wants(&["engine_postgres_tasks_per_s"]) {
+        bench_postgres_burn_down(&runtime, &mut figures)?;
+    }
+    if wants(&["engine_postgres_sustained_ratio"]) {
+        bench_postgres_sustained(&runtime, &mut figures)?;
+    }
     if wants(&["submit_to_start_p50_us", "submit_to_start_p99_us"]) {
         bench_submit_to_start(&runtime, &mut figures)?;
     }
@@ -112,7 +128,7 @@ fn main() -> BenchResult<()> {
 
     if figures.list.is_empty() {
         eprintln!(
-            "no bench matches the filter {filter:?}; the names are engine_sqlite_tasks_per_s, engine_memory_tasks_per_s, submit_to_start_p50_us, submit_to_start_p99_us, {}",
+            "no bench matches the filter {filter:?}; the names are engine_sqlite_tasks_per_s, engine_memory_tasks_per_s, engine_postgres_tasks_per_s, engine_postgres_sustained_ratio, submit_to_start_p50_us, submit_to_start_p99_us, {}",
             large.join(", ")
         );
     }
@@ -247,6 +263,323 @@ async fn wait_until_completed(engine: &Engine, expected: u64) -> BenchResult<()>
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// PostgreSQL: two nodes on one queue.
+
+/// The database of the PostgreSQL benches (each run makes a schema of its own and drops it).
+const PG_URL_ENV: &str = "MSB_TEST_DATABASE_URL";
+/// The database when [`PG_URL_ENV`] is not set: the one these machines run.
+const PG_DEFAULT_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
+/// Overrides the length of the sustained run (seconds; five equal windows).
+const PG_SUSTAINED_ENV: &str = "MSBD_BENCH_PG_SUSTAINED_SECS";
+/// The nodes sharing the queue.
+const PG_NODES: usize = 2;
+/// Each node's concurrency.
+const PG_CONCURRENCY: usize = 64;
+/// In the sustained run, the producer keeps about this many tasks queued.
+const PG_BACKLOG: u64 = 20_000;
+
+fn pg_url() -> String {
+    std::env::var(PG_URL_ENV).unwrap_or_else(|_| PG_DEFAULT_URL.to_owned())
+}
+
+/// A schema name of one run.
+fn pg_schema() -> String {
+    let id = TaskId::new().to_string().replace('-', "");
+    format!("bench_{}", &id[id.len() - 12..])
+}
+
+/// A plain connection for the bench's own statements.
+async fn pg_admin(url: &str) -> BenchResult<tokio_postgres::Client> {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .map_err(|e| {
+            format!(
+                "cannot reach PostgreSQL at {url} ({e}): start it (`pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start`) or set {PG_URL_ENV}"
+            )
+        })?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(client)
+}
+
+/// One node: its store, its engine, and once started, its loops and `NOTIFY` forwarder.
+struct PgNode {
+    store: Arc<PostgresStore>,
+    engine: Engine,
+    running: Option<(task_core::EngineLoops, CancellationToken, JoinHandle<()>)>,
+}
+
+impl PgNode {
+    /// Connects node `name` to `schema` with a no-op handler that counts its calls in `handled`;
+    /// the node's queue starts paused.
+    async fn open(
+        url: &str,
+        schema: &str,
+        name: &str,
+        handled: Arc<AtomicU64>,
+    ) -> BenchResult<PgNode> {
+        let store = Arc::new(
+            PostgresStore::connect(PostgresConfig {
+                schema: schema.to_owned(),
+                ..PostgresConfig::new(url, name)
+            })
+            .await
+            .map_err(|e| format!("cannot open the PostgreSQL store at {url}: {e}"))?,
+        );
+        let engine = Engine::builder(Arc::clone(&store) as Arc<dyn Store>)
+            .handler(
+                NOOP,
+                handler_fn(move |_ctx| {
+                    handled.fetch_add(1, Ordering::Relaxed);
+                    async { Ok::<_, TaskFailure>(Value::Null) }
+                }),
+            )
+            .config(PostgresStore::engine_config(EngineConfig {
+                concurrency: PG_CONCURRENCY,
+                ..EngineConfig::default()
+            }))
+            .build()
+            .await?;
+        engine.pause_queue();
+        Ok(PgNode {
+            store,
+            engine,
+            running: None,
+        })
+    }
+
+    fn start(&mut self) {
+        let loops = self.engine.start();
+        let cancel = CancellationToken::new();
+        let forward = tokio::spawn({
+            let (store, engine, cancel) =
+                (Arc::clone(&self.store), self.engine.clone(), cancel.clone());
+            async move {
+                let _ = store.run_wakeups(&engine, cancel).await;
+            }
+        });
+        self.running = Some((loops, cancel, forward));
+        self.engine.resume_queue();
+    }
+
+    async fn stop(self) {
+        self.engine.shutdown(Duration::from_secs(10)).await;
+        if let Some((loops, cancel, forward)) = self.running {
+            loops.stop().await;
+            cancel.cancel();
+            let _ = forward.await;
+        }
+        drop(self.engine);
+        if let Ok(store) = Arc::try_unwrap(self.store) {
+            store.close().await;
+        }
+    }
+}
+
+/// Opens the nodes of one run on a fresh schema.
+async fn pg_nodes(url: &str, schema: &str, handled: &Arc<AtomicU64>) -> BenchResult<Vec<PgNode>> {
+    let mut nodes = Vec::with_capacity(PG_NODES);
+    for index in 0..PG_NODES {
+        nodes
+            .push(PgNode::open(url, schema, &format!("bench-{index}"), Arc::clone(handled)).await?);
+    }
+    Ok(nodes)
+}
+
+async fn pg_drop_schema(url: &str, schema: &str) -> BenchResult<()> {
+    pg_admin(url)
+        .await?
+        .batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
+        .await?;
+    Ok(())
+}
+
+/// `engine_postgres_tasks_per_s`: the burn-down of [`BURN_TASKS`] no-op tasks by two nodes, all
+/// submitted first (half through each node) with both queues paused; median of 3 runs.
+fn bench_postgres_burn_down(runtime: &Runtime, figures: &mut Figures) -> BenchResult<()> {
+    let url = pg_url();
+    let mut rates = Vec::with_capacity(BURN_RUNS);
+    for run in 1..=BURN_RUNS {
+        let schema = pg_schema();
+        let report = on_workers(runtime, {
+            let (url, schema) = (url.clone(), schema.clone());
+            async move {
+                let report = postgres_burn_down(&url, &schema).await;
+                pg_drop_schema(&url, &schema).await?;
+                report
+            }
+        })?;
+        let rate = BURN_TASKS as f64 / report.run.as_secs_f64();
+        println!(
+            "  engine_postgres_tasks_per_s run {run}: {BURN_TASKS} tasks on {PG_NODES} nodes in {:.3} s = {rate:.0} tasks/s (submitting them took {:.3} s = {:.0} tasks/s)",
+            report.run.as_secs_f64(),
+            report.submit.as_secs_f64(),
+            BURN_TASKS as f64 / report.submit.as_secs_f64(),
+        );
+        rates.push(rate);
+    }
+    figures.add(
+        "engine_postgres_tasks_per_s",
+        rates,
+        "tasks/s",
+        0,
+        Target::AtLeast(15_000.0),
+    );
+    Ok(())
+}
+
+async fn postgres_burn_down(url: &str, schema: &str) -> BenchResult<BurnDown> {
+    let handled = Arc::new(AtomicU64::new(0));
+    let mut nodes = pg_nodes(url, schema, &handled).await?;
+    let submit_started = Instant::now();
+    for batch_index in 0..BURN_TASKS / SUBMIT_BATCH {
+        let batch = (0..SUBMIT_BATCH)
+            .map(|_| NewTask::new(NOOP, Value::Null))
+            .collect();
+        nodes[batch_index % PG_NODES]
+            .engine
+            .submit_many(batch)
+            .await?;
+    }
+    let submit = submit_started.elapsed();
+
+    let started = Instant::now();
+    for node in &mut nodes {
+        node.start();
+    }
+    // Looking every 5 ms: each look is a query (of the per-node counters table, not the tasks).
+    let give_up = Instant::now() + Duration::from_secs(600);
+    while nodes[0].engine.stats().await?.count(Status::Completed) < BURN_TASKS as u64 {
+        if Instant::now() > give_up {
+            return Err("the PostgreSQL burn-down did not finish within 600 s".into());
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let run = started.elapsed();
+
+    let stats = nodes[0].engine.stats().await?;
+    let handled = handled.load(Ordering::Relaxed);
+    for node in nodes {
+        node.stop().await;
+    }
+    if stats.count(Status::Completed) != BURN_TASKS as u64
+        || stats.total() != BURN_TASKS as u64
+        || handled != BURN_TASKS as u64
+    {
+        return Err(format!(
+            "the PostgreSQL burn-down ended with unexpected counts: {:?}, {handled} handler calls",
+            stats.by_status
+        )
+        .into());
+    }
+    Ok(BurnDown { submit, run })
+}
+
+/// `engine_postgres_sustained_ratio`: two nodes run no-op tasks for 5 minutes (or
+/// `MSBD_BENCH_PG_SUSTAINED_SECS`) while a producer keeps about [`PG_BACKLOG`] queued; the
+/// figure is the throughput of the last fifth over the first. Finished tasks stay in the table
+/// (the default retention is 7 days) and every task leaves dead row versions behind, so this
+/// is where bloat would show.
+fn bench_postgres_sustained(runtime: &Runtime, figures: &mut Figures) -> BenchResult<()> {
+    let url = pg_url();
+    let total =
+        match std::env::var(PG_SUSTAINED_ENV) {
+            Ok(secs) => Duration::from_secs(secs.parse().map_err(|e| {
+                format!("{PG_SUSTAINED_ENV}={secs:?} is not a number of seconds: {e}")
+            })?),
+            Err(_) => Duration::from_secs(300),
+        };
+    let schema = pg_schema();
+    let windows = on_workers(runtime, {
+        let schema = schema.clone();
+        async move {
+            let windows = postgres_sustained(&url, &schema, total / 5).await;
+            pg_drop_schema(&url, &schema).await?;
+            windows
+        }
+    })?;
+    let first = windows[0];
+    let last = windows[windows.len() - 1];
+    figures.add(
+        "engine_postgres_sustained_ratio",
+        vec![last / first],
+        "",
+        2,
+        Target::AtLeast(0.7),
+    );
+    Ok(())
+}
+
+/// Runs five windows of `window` and returns the tasks/s of each.
+async fn postgres_sustained(url: &str, schema: &str, window: Duration) -> BenchResult<Vec<f64>> {
+    let handled = Arc::new(AtomicU64::new(0));
+    let mut nodes = pg_nodes(url, schema, &handled).await?;
+    let admin = pg_admin(url).await?;
+    let engines: Vec<Engine> = nodes.iter().map(|node| node.engine.clone()).collect();
+    let stop = CancellationToken::new();
+    let producer = tokio::spawn({
+        let (handled, stop) = (Arc::clone(&handled), stop.clone());
+        async move {
+            let mut submitted = 0u64;
+            let mut turn = 0;
+            while !stop.is_cancelled() {
+                if submitted.saturating_sub(handled.load(Ordering::Relaxed)) < PG_BACKLOG {
+                    let batch = (0..SUBMIT_BATCH)
+                        .map(|_| NewTask::new(NOOP, Value::Null))
+                        .collect();
+                    engines[turn % engines.len()].submit_many(batch).await?;
+                    submitted += SUBMIT_BATCH as u64;
+                    turn += 1;
+                } else {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+            BenchResult::Ok(submitted)
+        }
+    });
+    // Let the producer fill the backlog before the clock starts.
+    while nodes[0].engine.stats().await?.count(Status::Queued) < PG_BACKLOG {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for node in &mut nodes {
+        node.start();
+    }
+    let mut rates = Vec::with_capacity(5);
+    let mut window_start = (Instant::now(), handled.load(Ordering::Relaxed));
+    for index in 1..=5 {
+        tokio::time::sleep_until((window_start.0 + window).into()).await;
+        let now = (Instant::now(), handled.load(Ordering::Relaxed));
+        let rate = (now.1 - window_start.1) as f64 / (now.0 - window_start.0).as_secs_f64();
+        let (live, dead) = admin
+            .query_opt(
+                "SELECT n_live_tup, n_dead_tup FROM pg_stat_user_tables WHERE schemaname = $1 AND relname = 'tasks'",
+                &[&schema],
+            )
+            .await?
+            .map(|row| (row.get::<_, i64>(0), row.get::<_, i64>(1)))
+            .unwrap_or_default();
+        println!(
+            "  engine_postgres_sustained window {index}/5 ({:.0} s): {rate:.0} tasks/s; tasks table: {live} live rows, {dead} dead",
+            window.as_secs_f64()
+        );
+        rates.push(rate);
+        window_start = now;
+    }
+    stop.cancel();
+    let submitted = producer.await??;
+    for node in nodes {
+        node.stop().await;
+    }
+    println!(
+        "  engine_postgres_sustained: {submitted} submitted, {} handled in {:.0} s",
+        handled.load(Ordering::Relaxed),
+        window.as_secs_f64() * 5.0
+    );
+    Ok(rates)
 }
 
 // ---------------------------------------------------------------------------------------------
