@@ -1298,17 +1298,13 @@ impl Inner {
                 Outcome::Failed { retry_at, .. } => *retry_at,
                 _ => None,
             };
-            control.finishing.store(true, Ordering::Release);
-            match self
-                .store
-                .finish(Finish {
-                    id,
-                    attempt,
-                    now,
-                    outcome,
-                })
-                .await
-            {
+            let finish = Finish {
+                id,
+                attempt,
+                now,
+                outcome,
+            };
+            match self.record_end(finish, &control).await {
                 Ok(true) => {
                     self.publish(TaskEvent::Status {
                         id,
@@ -1326,11 +1322,40 @@ impl Inner {
                     tracing::warn!(%id, attempt, "the attempt no longer held its task; its outcome was dropped");
                 }
                 Err(error) => {
-                    tracing::error!(%id, attempt, %error, "recording the end of an attempt failed; the lease reaper will recover the task");
+                    tracing::error!(%id, attempt, %error, "recording the end of an attempt failed until the engine stopped; the lease reaper will recover the task");
                 }
             }
         }
         drop(slot);
+    }
+
+    /// Records the end of an attempt. A store that fails (a database that is down, a full disk)
+    /// is asked again, after pauses from 100 ms doubling up to 5 s, until it answers or the
+    /// engine's shutdown deadline comes: an outcome is not dropped for a passing failure. While
+    /// it waits, heartbeats go on renewing the attempt's lease, so that the reaper does not take
+    /// the task back meanwhile.
+    async fn record_end(&self, finish: Finish, control: &Control) -> Result<bool> {
+        let mut pause = Duration::from_millis(100);
+        loop {
+            control.finishing.store(true, Ordering::Release);
+            let error = match self.store.finish(finish.clone()).await {
+                Ok(applied) => return Ok(applied),
+                Err(error) => error,
+            };
+            let stop_by = *lock(&self.stop_deadline);
+            let retry_at = Instant::now() + pause;
+            if stop_by.is_some_and(|at| at <= retry_at) {
+                return Err(error);
+            }
+            tracing::warn!(id = %finish.id, attempt = finish.attempt, %error, retry_in_ms = pause.as_millis() as u64, "recording the end of an attempt failed; trying again");
+            control.finishing.store(false, Ordering::Release);
+            // A shutdown that starts meanwhile gets one more try at once, before its deadline.
+            tokio::select! {
+                _ = tokio::time::sleep_until(retry_at.into()) => {}
+                _ = self.draining.cancelled(), if stop_by.is_none() => {}
+            }
+            pause = (pause * 2).min(Duration::from_secs(5));
+        }
     }
 
     /// Forgets a finished attempt: removes it from the running attempts, gives its slot back,

@@ -1170,11 +1170,27 @@ async fn a_running_task_paused_is_frozen_and_its_timeout_clock_stops() {
 }
 
 /// A memory store whose `finish` records the end, says so, then waits to be let go before
-/// answering: the window in which the engine still counts the attempt as running.
+/// answering: the window in which the engine still counts the attempt as running. With
+/// `failing` above zero, that many calls of `finish` fail first (a database that is down),
+/// and no call waits.
 struct ParkedFinish {
     inner: MemoryStore,
     parked: Notify,
     go: Notify,
+    failing: AtomicUsize,
+    park: bool,
+}
+
+impl ParkedFinish {
+    fn new(failing: usize) -> ParkedFinish {
+        ParkedFinish {
+            inner: MemoryStore::new(),
+            parked: Notify::new(),
+            go: Notify::new(),
+            failing: AtomicUsize::new(failing),
+            park: failing == 0,
+        }
+    }
 }
 
 mod parked_finish {
@@ -1183,6 +1199,8 @@ mod parked_finish {
         ProgressUpdate, Promoted, Recover, Stats, Store, StoreFuture, Submitted,
     };
     use task_core::{Task, TaskId, Timestamp};
+
+    use std::sync::atomic::Ordering;
 
     impl Store for super::ParkedFinish {
         fn submit(&self, tasks: Vec<Task>) -> StoreFuture<'_, Vec<Submitted>> {
@@ -1196,10 +1214,19 @@ mod parked_finish {
         }
         fn finish(&self, finish: Finish) -> StoreFuture<'_, bool> {
             Box::pin(async move {
+                if self.failing.load(Ordering::Acquire) > 0 {
+                    self.failing.fetch_sub(1, Ordering::AcqRel);
+                    return Err(task_core::Error::store(
+                        "writing",
+                        "the database is down (a test's store)",
+                    ));
+                }
                 let done = self.inner.finish(finish).await?;
-                let go = self.go.notified();
-                self.parked.notify_one();
-                go.await;
+                if self.park {
+                    let go = self.go.notified();
+                    self.parked.notify_one();
+                    go.await;
+                }
                 Ok(done)
             })
         }
@@ -1246,11 +1273,7 @@ mod parked_finish {
 /// "lost its lease" warnings for such tasks). A lease that really ran out is counted.
 #[tokio::test]
 async fn a_heartbeat_during_an_attempts_finish_is_not_a_lost_lease() {
-    let store = Arc::new(ParkedFinish {
-        inner: MemoryStore::new(),
-        parked: Notify::new(),
-        go: Notify::new(),
-    });
+    let store = Arc::new(ParkedFinish::new(0));
     let config = EngineConfig {
         recover_running_at_start: false,
         heartbeat_interval: Duration::from_secs(3600),
@@ -1294,5 +1317,32 @@ async fn a_heartbeat_during_an_attempts_finish_is_not_a_lost_lease() {
     assert_eq!(task.error.expect("error").kind, FailureKind::WorkerLost);
     engine.renew_leases().await.expect("heartbeat");
     assert_eq!(engine.leases_lost(), 1);
+    loops.stop().await;
+}
+
+/// A store that fails to record an attempt's end (a database restarting) is asked again until
+/// it answers: the task completes with its result, once, instead of being left to the lease
+/// reaper (which would fail it as `worker_lost` when it has no attempts left).
+#[tokio::test]
+async fn an_attempts_end_is_recorded_once_the_store_answers_again() {
+    let store = Arc::new(ParkedFinish::new(3));
+    let config = EngineConfig {
+        recover_running_at_start: false,
+        ..quick_config()
+    };
+    let (engine, loops) = started_on(Arc::clone(&store) as Arc<dyn Store>, config, |b| b).await;
+    let id = submit(&engine, NewTask::new("echo", json!("kept"))).await;
+    let task = finished(&engine, id).await;
+    assert_eq!(task.status, Status::Completed);
+    assert_eq!(task.result, Some(json!("kept")));
+    assert_eq!(
+        task.attempt, 1,
+        "one attempt: its end was recorded late, not lost"
+    );
+    assert_eq!(
+        store.failing.load(Ordering::Acquire),
+        0,
+        "three failures, then it answered"
+    );
     loops.stop().await;
 }
