@@ -470,8 +470,20 @@ impl Wrapper {
                 .as_ref()
                 .is_none_or(|store| store.is_maintenance_leader())
         };
+        // After this node regains the database, leases that ran out meanwhile say nothing
+        // about their workers: wait two lease periods (every live node reconnects and renews
+        // its leases) before taking tasks back.
+        let reap_grace = engine_config.lease * 2;
+        let shared_store = config.shared_store.clone();
+        let leader = move || {
+            shared_store.as_ref().is_none_or(|store| {
+                store.is_maintenance_leader()
+                    && store
+                        .healthy_for()
+                        .is_some_and(|healthy| healthy >= reap_grace)
+            })
+        };
         let engine = inner.engine.clone();
-        let leader = maintains.clone();
         let reaper = periodic(
             "lease_reaper",
             engine_config.reaper_interval,

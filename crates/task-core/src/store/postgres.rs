@@ -64,7 +64,13 @@
 //! connection broke before `COMMIT` was sent is run again on the new connection. Only when a
 //! connection breaks while `COMMIT` is in flight is the outcome unknown: requests that are safe to
 //! repeat (heartbeats, progress, promotion) are repeated, the others fail with an error that says
-//! so (a finish that failed this way is settled by lease expiry, as if its worker had died).
+//! so (the engine asks again until the finish is recorded, fenced by its attempt number, or
+//! the engine stops; then lease expiry settles it, as if its worker had died).
+//!
+//! Leases run out while the database is away, because no node can renew them: after an outage
+//! the reaper must give live nodes time to reconnect and renew before it takes tasks back.
+//! [`PostgresStore::healthy_for`] says how long this node has been reaching the database
+//! again; sandbox-wrapper's reaper waits until it exceeds two lease periods.
 //!
 //! # Connections
 //! `writers + 2` per store: the writers, a reader (gets, listings and counts, pipelined on one
@@ -331,6 +337,16 @@ impl PostgresStore {
         self.shared.leader.load(Ordering::Acquire)
     }
 
+    /// How long this node has reached the database without a problem since its last
+    /// connection problem went away (`Duration::MAX` when it had none since it was opened);
+    /// `None` while it has one. After an
+    /// outage, leases that ran out meanwhile say nothing about their workers: a lease reaper
+    /// should wait until this is longer than the nodes need to reconnect and renew them
+    /// (sandbox-wrapper waits two lease periods).
+    pub fn healthy_for(&self) -> Option<Duration> {
+        self.shared.health.healthy_for()
+    }
+
     /// Waits until other nodes make work ready (or this node's listening connection was
     /// re-established, when notices may have been missed: then both fields say "look now").
     pub async fn next_wakeup(&self) -> Wakeup {
@@ -593,6 +609,8 @@ enum Part {
 #[derive(Default)]
 struct HealthCell {
     problems: Mutex<Vec<(Part, String, i64)>>,
+    /// When the last problem went away; `None` when there was none since the store opened.
+    clear_since: Mutex<Option<Instant>>,
 }
 
 impl HealthCell {
@@ -614,7 +632,20 @@ impl HealthCell {
         if let Some(index) = problems.iter().position(|(p, _, _)| *p == part) {
             problems.remove(index);
             tracing::info!(part = ?part, "the PostgreSQL task store works again");
+            if problems.is_empty() {
+                *self.clear_since.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+            }
         }
+    }
+
+    /// How long the store has had no problem; `None` while it has one.
+    fn healthy_for(&self) -> Option<Duration> {
+        let problems = self.problems.lock().unwrap_or_else(|p| p.into_inner());
+        if !problems.is_empty() {
+            return None;
+        }
+        let since = *self.clear_since.lock().unwrap_or_else(|p| p.into_inner());
+        Some(since.map_or(Duration::MAX, |at| at.elapsed()))
     }
 
     fn get(&self) -> StoreHealth {

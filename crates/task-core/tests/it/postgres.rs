@@ -325,6 +325,11 @@ async fn killed_connections_are_reopened_and_nothing_acknowledged_is_lost() {
     config.reconnect_max = Duration::from_millis(200);
     let store = Arc::new(PostgresStore::connect(config).await.expect("store"));
     let admin = admin().await;
+    assert_eq!(
+        store.healthy_for(),
+        Some(Duration::MAX),
+        "no problem since the store opened"
+    );
 
     // Submissions go on while the store's connections are killed again and again.
     let writer = tokio::spawn({
@@ -371,6 +376,24 @@ async fn killed_connections_are_reopened_and_nothing_acknowledged_is_lost() {
 
     // Every acknowledged task is there, once.
     let stats = store.stats().await.expect("stats after the kills");
+    // Healthy again (the listener may take a moment longer), and recently: a reaper counts from
+    // the end of the outage, not from the opening.
+    let waited = Instant::now();
+    let healthy_for = loop {
+        if let Some(healthy_for) = store.healthy_for() {
+            break healthy_for;
+        }
+        assert!(
+            waited.elapsed() < Duration::from_secs(10),
+            "never healthy again: {:?}",
+            store.health()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(
+        healthy_for < Duration::from_secs(60),
+        "healthy for {healthy_for:?}: the outage was not noticed"
+    );
     for id in &acknowledged {
         assert!(
             store.get(*id).await.expect("get").is_some(),
