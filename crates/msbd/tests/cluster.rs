@@ -609,14 +609,24 @@ async fn a_database_restart_loses_nothing() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let rows = db
-        .query(&format!("SELECT id::text, status FROM {schema}.tasks"), &[])
+        .query(
+            &format!(
+                "SELECT id::text, status, attempt, error_message, claimed_by FROM {schema}.tasks"
+            ),
+            &[],
+        )
         .await
         .unwrap();
     assert_eq!(rows.len(), total, "one row per acknowledged task");
     for row in &rows {
         let (id, status): (String, i16) = (row.get(0), row.get(1));
         assert!(ids.contains(&id), "{id} was never acknowledged");
-        assert_eq!(status, 4, "{id} should have completed");
+        let (attempt, error, node): (i64, Option<String>, Option<String>) =
+            (row.get(2), row.get(3), row.get(4));
+        assert_eq!(
+            status, 4,
+            "{id} should have completed (attempt {attempt} on {node:?}, error {error:?})"
+        );
     }
     let counted: i64 = db
         .query_one(
