@@ -1051,6 +1051,18 @@ async fn progress(
     Ok(changed == 1)
 }
 
+/// Renews the leases of the attempts still held. The rows are locked first, in `seq` order,
+/// as a finish locks them ([`HELD`]): an update that locked them in the order it met them
+/// deadlocked with a finish on the node's other writer (each deadlock stalls both for
+/// PostgreSQL's `deadlock_timeout`, 1 s by default; the sustained bench hit several a minute).
+const HEARTBEAT: &str = "UPDATE tasks SET lease_until = $3 \
+    FROM unnest($1::uuid[], $2::int8[]) AS h(h_id, h_attempt) \
+    WHERE id = h_id AND attempt = h_attempt \
+    AND seq = ANY(ARRAY(SELECT seq FROM tasks WHERE id = ANY($1::uuid[]) \
+    AND (status = 3 OR (status = 2 AND lease_until IS NOT NULL)) ORDER BY seq FOR UPDATE)) \
+    AND (status = 3 OR (status = 2 AND lease_until IS NOT NULL)) \
+    RETURNING id, attempt, cancel_requested";
+
 async fn heartbeat_all(
     conn: &mut WriteConn,
     heartbeat: &Heartbeat,
@@ -1062,14 +1074,7 @@ async fn heartbeat_all(
     let ids: Vec<uuid::Uuid> = heartbeat.held.iter().map(|(id, _)| uuid(*id)).collect();
     let attempts: Vec<i64> = heartbeat.held.iter().map(|(_, a)| i64::from(*a)).collect();
     let renewed: HashMap<(uuid::Uuid, i64), bool> = conn
-        .query(
-            "UPDATE tasks SET lease_until = $3 \
-             FROM unnest($1::uuid[], $2::int8[]) AS h(h_id, h_attempt) \
-             WHERE id = h_id AND id = ANY($1::uuid[]) AND attempt = h_attempt \
-             AND (status = 3 OR (status = 2 AND lease_until IS NOT NULL)) \
-             RETURNING id, attempt, cancel_requested",
-            &[&ids, &attempts, &heartbeat.lease_until.0],
-        )
+        .query(HEARTBEAT, &[&ids, &attempts, &heartbeat.lease_until.0])
         .await?
         .iter()
         .map(|row| Ok(((row.try_get(0)?, row.try_get(1)?), row.try_get(2)?)))
