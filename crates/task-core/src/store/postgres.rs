@@ -41,7 +41,9 @@
 //!   column and the table keeps free room on its pages (`fillfactor = 80`), so they are HOT updates
 //!   (no new index entries); autovacuum is set to run early on the task table; counts by type and
 //!   status are partial sums per node (no row that every node updates); the pruner deletes old
-//!   terminal tasks in batches.
+//!   terminal tasks in batches; the maintenance leader vacuums the task table itself when dead
+//!   row versions pile up ([`PostgresConfig::vacuum_check`]), rather than wait for
+//!   autovacuum's once-a-minute visit.
 //!
 //! # Wake-ups
 //! A transaction that makes work ready (a task queued, a scheduled task with its due time, a
@@ -155,6 +157,14 @@ pub struct PostgresConfig {
     /// How often a node that is not the maintenance leader tries to become it, and the leader
     /// checks that its listening connection is alive.
     pub leader_retry: Duration,
+    /// How often the maintenance leader looks at the task table's dead row versions, and
+    /// vacuums it when they exceed `vacuum_min_dead` and a tenth of its live rows. `None`
+    /// leaves it to autovacuum alone, whose launcher visits each database only once a minute
+    /// by default: long enough for a busy queue to leave millions of dead versions (the
+    /// sustained bench fell from 8,800 to 3,600 tasks/s in 5 minutes that way).
+    pub vacuum_check: Option<Duration>,
+    /// The fewest dead row versions worth a vacuum (see `vacuum_check`).
+    pub vacuum_min_dead: i64,
 }
 
 impl std::fmt::Debug for PostgresConfig {
@@ -172,6 +182,8 @@ impl std::fmt::Debug for PostgresConfig {
             .field("reconnect_max", &self.reconnect_max)
             .field("connect_timeout", &self.connect_timeout)
             .field("leader_retry", &self.leader_retry)
+            .field("vacuum_check", &self.vacuum_check)
+            .field("vacuum_min_dead", &self.vacuum_min_dead)
             .finish_non_exhaustive()
     }
 }
@@ -195,6 +207,8 @@ impl PostgresConfig {
             reconnect_max: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(5),
             leader_retry: Duration::from_secs(2),
+            vacuum_check: Some(Duration::from_secs(10)),
+            vacuum_min_dead: 50_000,
         }
     }
 }
@@ -295,6 +309,7 @@ impl PostgresStore {
             ));
         }
         tracker.spawn(listen::run(Arc::clone(&shared), listening, cancel.clone()));
+        tracker.spawn(run_vacuums(Arc::clone(&shared), cancel.clone()));
         Ok(PostgresStore {
             shared,
             writer: Some(sender),
@@ -563,6 +578,73 @@ impl Shared {
             .await?;
         Ok(client)
     }
+}
+
+/// On the maintenance leader, every `vacuum_check`: vacuums the task table when its dead row
+/// versions pile up, on a connection of its own (a `VACUUM` on the listening connection would
+/// hold back the wake-ups it receives). Errors are logged and tried again next time.
+async fn run_vacuums(shared: Arc<Shared>, cancel: CancellationToken) {
+    let Some(every) = shared.config.vacuum_check else {
+        return;
+    };
+    let mut client: Option<Client> = None;
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        if !shared.leader.load(Ordering::Acquire) {
+            client = None;
+            continue;
+        }
+        if client.as_ref().is_none_or(Client::is_closed) {
+            client = shared.connect().await.ok();
+        }
+        let Some(conn) = client.as_ref() else {
+            continue;
+        };
+        let started = Instant::now();
+        let vacuumed = tokio::select! {
+            _ = cancel.cancelled() => return,
+            vacuumed = vacuum_if_needed(conn, shared.config.vacuum_min_dead) => vacuumed,
+        };
+        match vacuumed {
+            Ok(Some((live, dead))) => tracing::debug!(
+                live,
+                dead,
+                took_ms = started.elapsed().as_millis() as u64,
+                "vacuumed the task table"
+            ),
+            Ok(None) => {}
+            Err(error) => {
+                tracing::debug!(error = %describe(&error), "vacuuming the task table failed");
+                client = None;
+            }
+        }
+    }
+}
+
+/// Vacuums the task table if its dead row versions exceed `min_dead` and a tenth of its live
+/// rows; returns the live and dead counts it acted on.
+async fn vacuum_if_needed(
+    client: &Client,
+    min_dead: i64,
+) -> std::result::Result<Option<(i64, i64)>, tokio_postgres::Error> {
+    let Some(row) = client
+        .query_opt(
+            "SELECT n_live_tup, n_dead_tup FROM pg_stat_user_tables WHERE relid = 'tasks'::regclass",
+            &[],
+        )
+        .await?
+    else {
+        return Ok(None);
+    };
+    let (live, dead): (i64, i64) = (row.try_get(0)?, row.try_get(1)?);
+    if dead < min_dead.max(live / 10) {
+        return Ok(None);
+    }
+    client.batch_execute("VACUUM tasks").await?;
+    Ok(Some((live, dead)))
 }
 
 /// Exponential backoff with jitter.

@@ -773,3 +773,59 @@ async fn engine_burn_down_on_two_nodes() {
     assert_eq!(stats.count(Status::Completed), count as u64, "{stats:?}");
     assert_eq!(stats.total(), count as u64);
 }
+
+/// The maintenance leader vacuums the task table once dead row versions pile up past its
+/// threshold (here 200, checked every 100 ms), without waiting for autovacuum.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leader_vacuums_the_task_table_when_dead_rows_pile_up() {
+    let schema = TestSchema::new();
+    let store = PostgresStore::connect(PostgresConfig {
+        vacuum_check: Some(Duration::from_millis(100)),
+        vacuum_min_dead: 200,
+        ..schema.config("node-v")
+    })
+    .await
+    .expect("store");
+    assert!(store.is_maintenance_leader());
+    let admin = admin().await;
+    let vacuums = async || -> i64 {
+        admin
+            .query_one(
+                "SELECT vacuum_count FROM pg_stat_user_tables WHERE schemaname = $1 AND relname = 'tasks'",
+                &[&schema.name],
+            )
+            .await
+            .expect("vacuum count")
+            .get(0)
+    };
+    assert_eq!(vacuums().await, 0);
+    // 500 tasks claimed and finished: two dead versions each.
+    store
+        .submit(tasks(500, Timestamp::now()))
+        .await
+        .expect("submit");
+    let claimed = store
+        .claim(request(500, Timestamp::now()))
+        .await
+        .expect("claim");
+    for task in &claimed {
+        let finish = Finish {
+            id: task.id,
+            attempt: task.attempt,
+            now: Timestamp::now(),
+            outcome: Outcome::Completed {
+                result: Value::Null,
+            },
+        };
+        assert!(store.finish(finish).await.expect("finish"));
+    }
+    let waited = Instant::now();
+    while vacuums().await == 0 {
+        assert!(
+            waited.elapsed() < Duration::from_secs(20),
+            "the task table was never vacuumed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    store.close().await;
+}
