@@ -479,6 +479,18 @@ async fn postgres_burn_down(url: &str, schema: &str) -> BenchResult<BurnDown> {
     Ok(BurnDown { submit, run })
 }
 
+/// Deadlocks PostgreSQL detected in the current database so far (each stalls its transactions
+/// for `deadlock_timeout`).
+async fn pg_deadlocks(admin: &tokio_postgres::Client) -> BenchResult<i64> {
+    Ok(admin
+        .query_one(
+            "SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()",
+            &[],
+        )
+        .await?
+        .get(0))
+}
+
 /// `engine_postgres_sustained_ratio`: two nodes run no-op tasks for 5 minutes (or
 /// `MSBD_BENCH_PG_SUSTAINED_SECS`) while a producer keeps about [`PG_BACKLOG`] queued; the
 /// figure is the throughput of the last fifth over the first. Finished tasks stay in the table
@@ -548,6 +560,7 @@ async fn postgres_sustained(url: &str, schema: &str, window: Duration) -> BenchR
     for node in &mut nodes {
         node.start();
     }
+    let deadlocks_before = pg_deadlocks(&admin).await?;
     let mut rates = Vec::with_capacity(5);
     let mut window_start = (Instant::now(), handled.load(Ordering::Relaxed));
     for index in 1..=5 {
@@ -570,14 +583,16 @@ async fn postgres_sustained(url: &str, schema: &str, window: Duration) -> BenchR
         window_start = now;
     }
     stop.cancel();
+    let deadlocks_after = pg_deadlocks(&admin).await?;
     let submitted = producer.await??;
     for node in nodes {
         node.stop().await;
     }
     println!(
-        "  engine_postgres_sustained: {submitted} submitted, {} handled in {:.0} s",
+        "  engine_postgres_sustained: {submitted} submitted, {} handled in {:.0} s; {} deadlocks in the database meanwhile",
         handled.load(Ordering::Relaxed),
-        window.as_secs_f64() * 5.0
+        window.as_secs_f64() * 5.0,
+        deadlocks_after - deadlocks_before
     );
     Ok(rates)
 }
