@@ -1051,17 +1051,24 @@ async fn progress(
     Ok(changed == 1)
 }
 
-/// Renews the leases of the attempts still held. The rows are locked first, in `seq` order,
-/// as a finish locks them ([`HELD`]): an update that locked them in the order it met them
-/// deadlocked with a finish on the node's other writer (each deadlock stalls both for
-/// PostgreSQL's `deadlock_timeout`, 1 s by default; the sustained bench hit several a minute).
+/// Renews the leases of the attempts still held, skipping rows another transaction has locked
+/// (a finish, a command, or another writer's batch that holds earlier rows): waiting for them
+/// deadlocked with the finishes on the node's other writer, since a transaction of several
+/// requests does not take its locks in one order (each deadlock stalls both for PostgreSQL's
+/// `deadlock_timeout`, 1 s by default; the sustained bench hit several a minute).
 const HEARTBEAT: &str = "UPDATE tasks SET lease_until = $3 \
     FROM unnest($1::uuid[], $2::int8[]) AS h(h_id, h_attempt) \
     WHERE id = h_id AND attempt = h_attempt \
     AND seq = ANY(ARRAY(SELECT seq FROM tasks WHERE id = ANY($1::uuid[]) \
-    AND (status = 3 OR (status = 2 AND lease_until IS NOT NULL)) ORDER BY seq FOR UPDATE)) \
+    AND (status = 3 OR (status = 2 AND lease_until IS NOT NULL)) ORDER BY seq \
+    FOR UPDATE SKIP LOCKED)) \
     AND (status = 3 OR (status = 2 AND lease_until IS NOT NULL)) \
     RETURNING id, attempt, cancel_requested";
+
+/// Of the attempts a heartbeat did not renew, those whose rows still show them running (their
+/// rows were locked by another transaction): not lost, renewed by the next heartbeat.
+const STILL_HELD: &str = "SELECT id, attempt FROM tasks WHERE id = ANY($1::uuid[]) \
+    AND (status = 3 OR (status = 2 AND lease_until IS NOT NULL))";
 
 async fn heartbeat_all(
     conn: &mut WriteConn,
@@ -1079,10 +1086,24 @@ async fn heartbeat_all(
         .iter()
         .map(|row| Ok(((row.try_get(0)?, row.try_get(1)?), row.try_get(2)?)))
         .collect::<std::result::Result<_, PgError>>()?;
+    let missing: Vec<uuid::Uuid> = heartbeat
+        .held
+        .iter()
+        .filter(|(id, attempt)| !renewed.contains_key(&(uuid(*id), i64::from(*attempt))))
+        .map(|(id, _)| uuid(*id))
+        .collect();
+    let mut still_held = HashSet::new();
+    if !missing.is_empty() {
+        for row in conn.query(STILL_HELD, &[&missing]).await? {
+            still_held.insert((row.try_get::<_, uuid::Uuid>(0)?, row.try_get::<_, i64>(1)?));
+        }
+    }
     for (id, attempt) in &heartbeat.held {
-        match renewed.get(&(uuid(*id), i64::from(*attempt))) {
+        let key = (uuid(*id), i64::from(*attempt));
+        match renewed.get(&key) {
             Some(true) => reply.cancel_requested.push(*id),
             Some(false) => {}
+            None if still_held.contains(&key) => {}
             None => reply.lost.push(*id),
         }
     }
