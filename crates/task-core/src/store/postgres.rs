@@ -76,7 +76,7 @@
 //!
 //! # Connections
 //! `writers + 2` per store: the writers, a reader (gets, listings and counts, pipelined on one
-//! connection), and the listener. Plain TCP or Unix sockets; TLS is not built in. Sessions are
+//! connection), and the listener; one more on the maintenance leader, for its vacuums. Plain TCP or Unix sockets; TLS is not built in. Sessions are
 //! long-lived and keep settings (`search_path`, the plan settings): a pooler in transaction
 //! mode (PgBouncer) between msbd and PostgreSQL is not supported, and `LISTEN` needs a session
 //! anyway.
