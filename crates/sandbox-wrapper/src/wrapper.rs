@@ -475,13 +475,14 @@ impl Wrapper {
         // its leases) before taking tasks back.
         let reap_grace = engine_config.lease * 2;
         let shared_store = config.shared_store.clone();
+        let maintains_now = maintains.clone();
         let leader = move || {
-            shared_store.as_ref().is_none_or(|store| {
-                store.is_maintenance_leader()
-                    && store
+            maintains_now()
+                && shared_store.as_ref().is_none_or(|store| {
+                    store
                         .healthy_for()
                         .is_some_and(|healthy| healthy >= reap_grace)
-            })
+                })
         };
         let engine = inner.engine.clone();
         let reaper = periodic(
