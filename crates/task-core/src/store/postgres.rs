@@ -63,11 +63,17 @@
 //! [`Store::health`] says `degraded`, and requests wait up to
 //! [`PostgresConfig::unavailable_wait`] for the database before failing. A request is answered
 //! only after its transaction committed, so nothing acknowledged is lost; a transaction whose
-//! connection broke before `COMMIT` was sent is run again on the new connection. Only when a
-//! connection breaks while `COMMIT` is in flight is the outcome unknown: requests that are safe to
-//! repeat (heartbeats, progress, promotion) are repeated, the others fail with an error that says
-//! so (the engine asks again until the finish is recorded, fenced by its attempt number, or
-//! the engine stops; then lease expiry settles it, as if its worker had died).
+//! connection broke before `COMMIT` was sent is run again on the new connection. When a
+//! connection breaks while `COMMIT` is in flight, the writer settles it on the next connection:
+//! a transaction that holds a request not safe to repeat (a submission, a claim, a finish, a
+//! command...) asked for its transaction id just before `COMMIT`, in the same round trip, and
+//! `txid_status` tells whether it committed (its answers go out: a claim's tasks are handed to
+//! the engine instead of being left running with no worker) or rolled back (its requests run
+//! again). Only when that cannot be known (the id's answer was lost too, or the database still
+//! runs the transaction after [`PostgresConfig::unavailable_wait`]) are requests that are safe
+//! to repeat (heartbeats, progress, promotion) repeated and the others failed with an error that
+//! says so (the engine asks again until the finish is recorded, fenced by its attempt number,
+//! or the engine stops; then lease expiry settles it, as if its worker had died).
 //!
 //! Leases run out while the database is away, because no node can renew them: after an outage
 //! the reaper must give live nodes time to reconnect and renew before it takes tasks back.

@@ -1,5 +1,6 @@
 //! task-core's integration tests, one binary with a module per subject.
 
+mod commit_cutter;
 mod conformance;
 mod crash;
 mod engine;

@@ -17,6 +17,8 @@ use task_core::{
 };
 use tokio_postgres::{Client, NoTls};
 
+use crate::commit_cutter::CommitCutter;
+
 /// The database the tests use.
 pub(crate) fn database_url() -> String {
     std::env::var("MSB_TEST_DATABASE_URL")
@@ -426,6 +428,120 @@ async fn killed_connections_are_reopened_and_nothing_acknowledged_is_lost() {
     // The writers, the reader and the listener.
     let expected = schema.config("node-k").writers + 2;
     assert_eq!(backends_of(&admin, "node-k").await.len(), expected);
+}
+
+/// The answer to a `COMMIT` is lost (the connection breaks after the server committed and
+/// before the store heard it): the store asks the database how the transaction ended and
+/// answers as if nothing had happened. A claim's tasks are handed over rather than left
+/// running with no worker (the lease reaper would fail them as `worker_lost`), a submission is
+/// acknowledged (not refused with "it may or may not have been made"), a finish is recorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_whose_answer_is_lost_is_settled_by_asking_the_database() {
+    let schema = TestSchema::new();
+    let cutter = CommitCutter::start(&database_url()).await;
+    let mut config = PostgresConfig {
+        schema: schema.name.clone(),
+        ..PostgresConfig::new(cutter.url(&database_url()), "node-c")
+    };
+    config.reconnect_min = Duration::from_millis(20);
+    config.reconnect_max = Duration::from_millis(200);
+    let store = PostgresStore::connect(config).await.expect("store");
+    let admin = admin().await;
+    let now = Timestamp::now();
+
+    cutter.arm();
+    let submitted = store.submit(tasks(10, now)).await.expect("submit");
+    assert_eq!(cutter.cut(), 1, "the submission's commit answer was lost");
+    assert_eq!(submitted.len(), 10);
+
+    cutter.arm();
+    let claimed = store.claim(request(4, now)).await.expect("claim");
+    assert_eq!(cutter.cut(), 2, "the claim's commit answer was lost");
+    assert_eq!(claimed.len(), 4, "the tasks the claim took are handed over");
+    assert!(
+        claimed
+            .iter()
+            .all(|t| t.attempt == 1 && t.status == Status::Running)
+    );
+
+    cutter.arm();
+    let first = &claimed[0];
+    let applied = store
+        .finish(Finish {
+            id: first.id,
+            attempt: first.attempt,
+            now: Timestamp::now(),
+            outcome: Outcome::Completed { result: json!(1) },
+        })
+        .await
+        .expect("finish");
+    assert_eq!(cutter.cut(), 3, "the finish's commit answer was lost");
+    assert!(applied, "the finish is recorded, and said to be");
+
+    // The rows say the same: ten tasks, the four claimed ones running (or completed) on this
+    // node at attempt 1, the others queued and never attempted; the counts agree.
+    let rows = admin
+        .query(
+            &format!(
+                "SELECT id::text, status, attempt, claimed_by FROM \"{}\".tasks",
+                schema.name
+            ),
+            &[],
+        )
+        .await
+        .expect("rows");
+    assert_eq!(rows.len(), 10, "each submitted task once");
+    let claimed_ids: HashSet<String> = claimed.iter().map(|t| t.id.to_string()).collect();
+    for row in &rows {
+        let (id, status, attempt, node): (String, i16, i64, Option<String>) =
+            (row.get(0), row.get(1), row.get(2), row.get(3));
+        if id == first.id.to_string() {
+            assert_eq!((status, attempt), (4, 1), "{id}: completed");
+        } else if claimed_ids.contains(&id) {
+            assert_eq!((status, attempt), (3, 1), "{id}: running");
+            assert_eq!(node.as_deref(), Some("node-c"));
+        } else {
+            assert_eq!((status, attempt), (0, 0), "{id}: queued, never attempted");
+        }
+    }
+
+    // The connection breaks before the server sees the `COMMIT`: the transaction is rolled
+    // back (the database says so once its backend is gone), and its requests run again.
+    cutter.arm_before();
+    let more = store
+        .submit(tasks(5, Timestamp::now()))
+        .await
+        .expect("submit");
+    assert_eq!(cutter.cut(), 4, "the submission's commit was cut off");
+    assert_eq!(more.len(), 5);
+    cutter.arm_before();
+    let claimed_again = store
+        .claim(request(2, Timestamp::now()))
+        .await
+        .expect("claim");
+    assert_eq!(cutter.cut(), 5, "the claim's commit was cut off");
+    assert_eq!(claimed_again.len(), 2);
+    assert!(claimed_again.iter().all(|t| t.attempt == 1));
+
+    let total: i64 = admin
+        .query_one(
+            &format!("SELECT count(*) FROM \"{}\".tasks", schema.name),
+            &[],
+        )
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(total, 15, "each submitted task once");
+    let stats = store.stats().await.expect("stats");
+    assert_eq!(
+        (
+            stats.count(Status::Queued),
+            stats.count(Status::Running),
+            stats.count(Status::Completed)
+        ),
+        (9, 5, 1),
+        "the counts agree with the rows"
+    );
 }
 
 #[tokio::test]

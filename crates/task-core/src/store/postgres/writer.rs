@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::types::ToSql;
@@ -185,6 +185,8 @@ pub(super) async fn run(shared: Arc<Shared>, index: usize, first: WriteConn, req
     let mut conn = Some(first);
     let mut backoff = Backoff::new(&shared.config);
     let mut batch: Vec<Pending> = Vec::with_capacity(max_batch);
+    // The transaction of the first requests of `batch`, when its commit was cut off.
+    let mut doubt: Option<InDoubt> = None;
     loop {
         if batch.is_empty() {
             let mut receiver = requests.lock().await;
@@ -221,6 +223,9 @@ pub(super) async fn run(shared: Arc<Shared>, index: usize, first: WriteConn, req
                             .failing(Part::Writer(index), error.to_string());
                         let oldest = batch.iter().map(|p| p.since).min();
                         if oldest.is_some_and(|at| at.elapsed() >= shared.config.unavailable_wait) {
+                            if let Some(doubt) = doubt.take() {
+                                fail_unknown(&mut batch, doubt.answers.len(), &error);
+                            }
                             for pending in batch.drain(..) {
                                 let _ = pending.reply.send(Err(error.clone()));
                             }
@@ -232,11 +237,64 @@ pub(super) async fn run(shared: Arc<Shared>, index: usize, first: WriteConn, req
                 }
             }
         };
-        if let Err(lost) = commit_group(live, &shared, index, &mut batch).await {
+        if let Some(open) = doubt.take() {
+            // Settle the transaction cut off on the last connection before anything else.
+            match fate(live, open.xid).await {
+                Ok(Fate::Committed) => {
+                    shared.health.working(Part::Writer(index));
+                    let settled: Vec<Pending> = batch.drain(..open.answers.len()).collect();
+                    for (pending, answer) in settled.into_iter().zip(open.answers) {
+                        let _ = pending.reply.send(answer);
+                    }
+                }
+                // Nothing of it was written: its requests run again.
+                Ok(Fate::RolledBack) => {}
+                Ok(Fate::Running)
+                    if batch
+                        .iter()
+                        .map(|p| p.since)
+                        .min()
+                        .is_some_and(|at| at.elapsed() < shared.config.unavailable_wait) =>
+                {
+                    doubt = Some(open);
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Ok(Fate::Running | Fate::Forgotten) => {
+                    let error = Error::store(
+                        "committing",
+                        "the database could not say whether the transaction committed",
+                    );
+                    fail_unknown(&mut batch, open.answers.len(), &error);
+                }
+                Err(error) => {
+                    let error = Error::store("committing", describe(&error));
+                    if !live.client.is_closed() {
+                        fail_unknown(&mut batch, open.answers.len(), &error);
+                    } else {
+                        // Ask again on the next connection.
+                        shared
+                            .health
+                            .failing(Part::Writer(index), error.to_string());
+                        conn = None;
+                        doubt = Some(open);
+                    }
+                }
+            }
+            continue;
+        }
+        if let Err(broken) = commit_group(live, &shared, index, &mut batch).await {
             // The connection broke: the requests left in the batch run again on a new one, a
-            // few times at most.
+            // few times at most (a transaction in doubt is settled first; its requests wait).
+            let Broken {
+                error: lost,
+                doubt: cut_off,
+            } = broken;
             shared.health.failing(Part::Writer(index), lost.to_string());
             conn = None;
+            if cut_off.is_some() {
+                doubt = cut_off;
+                continue;
+            }
             let mut kept = Vec::with_capacity(batch.len());
             for mut pending in batch.drain(..) {
                 pending.tries += 1;
@@ -274,17 +332,46 @@ enum Failed {
     /// The connection broke; `committing`: while `COMMIT` was in flight, so the outcome is not
     /// known.
     Lost { error: Error, committing: bool },
+    /// The connection broke while `COMMIT` was in flight, but the transaction's id is known:
+    /// the database can say how it ended.
+    InDoubt { error: Error, doubt: InDoubt },
+}
+
+/// A transaction whose connection broke while its `COMMIT` was in flight: its id (asked for
+/// just before `COMMIT`, in the same round trip) and the answers its requests get if it
+/// committed. On the next connection, the writer asks `txid_status` how it ended: committed,
+/// the answers go out; rolled back (a crash before the commit record was flushed, say), the
+/// requests run again. So a claim whose answer was lost does not leave its tasks running with
+/// no worker (they would be failed as `worker_lost` when their lease ran out), and a submission
+/// is not refused with "it may or may not have been made".
+pub(super) struct InDoubt {
+    xid: i64,
+    /// The answers of the first `answers.len()` requests of the batch.
+    answers: Vec<Result<Answer>>,
+}
+
+/// A connection that broke under a batch, and the transaction left in doubt, if any.
+pub(super) struct Broken {
+    error: Error,
+    doubt: Option<InDoubt>,
+}
+
+impl From<Error> for Broken {
+    fn from(error: Error) -> Broken {
+        Broken { error, doubt: None }
+    }
 }
 
 /// Commits `batch` and answers its requests, emptying it. When a statement fails, runs each
 /// request in a transaction of its own, so that one bad request fails alone. Returns the error
-/// when the connection broke, leaving in `batch` the requests still to run.
+/// when the connection broke, leaving in `batch` the requests still to run (and with it the
+/// transaction left in doubt, whose requests are the first of `batch`).
 async fn commit_group(
     conn: &mut WriteConn,
     shared: &Shared,
     index: usize,
     batch: &mut Vec<Pending>,
-) -> std::result::Result<(), Error> {
+) -> std::result::Result<(), Broken> {
     let mut conflicts = 0;
     loop {
         let requests: Vec<&Request> = batch.iter().map(|p| &p.request).collect();
@@ -307,9 +394,16 @@ async fn commit_group(
             }
             Err(Failed::Lost { error, committing }) => {
                 if committing {
-                    fail_unknown(batch, &error);
+                    let all = batch.len();
+                    fail_unknown(batch, all, &error);
                 }
-                return Err(error);
+                return Err(error.into());
+            }
+            Err(Failed::InDoubt { error, doubt }) => {
+                return Err(Broken {
+                    error,
+                    doubt: Some(doubt),
+                });
             }
         }
     }
@@ -321,16 +415,23 @@ async fn one_by_one(
     shared: &Shared,
     index: usize,
     batch: &mut Vec<Pending>,
-) -> std::result::Result<(), Error> {
+) -> std::result::Result<(), Broken> {
     while !batch.is_empty() {
         let mut answers = match transaction(conn, shared, &[&batch[0].request]).await {
             Ok(answers) => answers,
             Err(Failed::Conflict(error) | Failed::Statement(error)) => vec![Err(error)],
             Err(Failed::Lost { error, committing }) => {
                 if committing {
-                    fail_unknown(batch, &error);
+                    // Only the first request was in the transaction; the others never ran.
+                    fail_unknown(batch, 1, &error);
                 }
-                return Err(error);
+                return Err(error.into());
+            }
+            Err(Failed::InDoubt { error, doubt }) => {
+                return Err(Broken {
+                    error,
+                    doubt: Some(doubt),
+                });
             }
         };
         let pending = batch.remove(0);
@@ -344,10 +445,11 @@ async fn one_by_one(
     Ok(())
 }
 
-/// Fails the requests whose commit may or may not have happened, keeping those safe to repeat
-/// (a finish is repeated as [`Request::FinishAgain`]).
-fn fail_unknown(batch: &mut Vec<Pending>, error: &Error) {
+/// Fails the first `count` requests of `batch`, whose commit may or may not have happened,
+/// keeping those safe to repeat (a finish is repeated as [`Request::FinishAgain`]).
+fn fail_unknown(batch: &mut Vec<Pending>, count: usize, error: &Error) {
     let mut kept = Vec::with_capacity(batch.len());
+    let rest = batch.split_off(count.min(batch.len()));
     for mut pending in batch.drain(..) {
         if let Request::Finish(_) = pending.request
             && let Request::Finish(finish) = std::mem::replace(&mut pending.request, Request::Flush)
@@ -365,6 +467,7 @@ fn fail_unknown(batch: &mut Vec<Pending>, error: &Error) {
             }));
         }
     }
+    kept.extend(rest);
     *batch = kept;
 }
 
@@ -514,8 +617,17 @@ async fn transaction(
         }
         return Err(failed);
     }
-    commit(conn, shared, &effects).await?;
-    Ok(answers)
+    // The transaction's id is asked for when it holds a request not safe to repeat, so that a
+    // commit whose answer is lost can be settled (see `InDoubt`).
+    let ask_xid = requests.iter().any(|r| !r.repeatable());
+    match commit(conn, shared, &effects, ask_xid).await {
+        Ok(()) => Ok(answers),
+        Err(Failed::InDoubt { error, doubt }) => Err(Failed::InDoubt {
+            error,
+            doubt: InDoubt { answers, ..doubt },
+        }),
+        Err(failed) => Err(failed),
+    }
 }
 
 /// The upsert of this node's partial counts.
@@ -526,10 +638,17 @@ const COUNTS: &str = "INSERT INTO task_counts (node, task_type, status, count) \
 /// Writes the transaction's count changes (this node's partial sums) and its wake-up notice,
 /// and commits: all in one round trip (the statements are sent without waiting for each other's
 /// answers). A statement that fails makes PostgreSQL answer the `COMMIT` with a rollback.
+///
+/// With `ask_xid`, the transaction's id goes in the same round trip, just before `COMMIT`
+/// (`txid_current_if_assigned`, so that a transaction that wrote nothing is not given one, and
+/// its commit stays free of a WAL flush): when the connection then breaks before the `COMMIT`
+/// is answered, the failure is [`Failed::InDoubt`] (with no answers yet), or no failure at all
+/// when the transaction had written nothing.
 async fn commit(
     conn: &mut WriteConn,
     shared: &Shared,
     effects: &Effects,
+    ask_xid: bool,
 ) -> std::result::Result<(), Failed> {
     let mut net: BTreeMap<(&str, i16), i64> = BTreeMap::new();
     for change in &effects.counts {
@@ -563,12 +682,20 @@ async fn commit(
         ),
         None => None,
     };
+    let xid = match ask_xid {
+        true => Some(
+            conn.statement("SELECT txid_current_if_assigned()")
+                .await
+                .map_err(prepare)?,
+        ),
+        false => None,
+    };
     let types: Vec<&str> = net.keys().map(|(t, _)| *t).collect();
     let statuses: Vec<i16> = net.keys().map(|(_, s)| *s).collect();
     let deltas: Vec<i64> = net.values().copied().collect();
     let begin = std::mem::take(&mut conn.begin_pending);
     let client = &conn.client;
-    let (begun, counted, notified, committed) = tokio::join!(
+    let (begun, counted, notified, asked, committed) = tokio::join!(
         biased;
         async {
             match begin {
@@ -594,6 +721,16 @@ async fn commit(
                 _ => Ok(()),
             }
         },
+        async {
+            match &xid {
+                Some(statement) => client
+                    .query_one(statement, &[])
+                    .await
+                    .and_then(|row| row.try_get::<_, Option<i64>>(0))
+                    .map(Some),
+                None => Ok(None),
+            }
+        },
         client.batch_execute("COMMIT"),
     );
     for result in [begun, counted, notified] {
@@ -602,7 +739,56 @@ async fn commit(
             return Err(classify(error, "committing", true));
         }
     }
-    committed.map_err(|e| classify(e, "committing", true))
+    let xid = match asked {
+        Ok(xid) => xid,
+        Err(error) => return Err(classify(error, "committing", true)),
+    };
+    match committed.map_err(|e| classify(e, "committing", true)) {
+        Ok(()) => Ok(()),
+        Err(Failed::Lost {
+            error,
+            committing: true,
+        }) => match xid {
+            Some(Some(xid)) => Err(Failed::InDoubt {
+                error,
+                doubt: InDoubt {
+                    xid,
+                    answers: Vec::new(),
+                },
+            }),
+            // It had written nothing: committed or not, its answers hold.
+            Some(None) => Ok(()),
+            None => Err(Failed::Lost {
+                error,
+                committing: true,
+            }),
+        },
+        Err(failed) => Err(failed),
+    }
+}
+
+/// How a transaction left in doubt ended, as the database tells (`txid_status`).
+enum Fate {
+    Committed,
+    RolledBack,
+    /// Still running: the server has not yet noticed that its connection is gone.
+    Running,
+    /// Too old for the database to remember.
+    Forgotten,
+}
+
+/// Asks the database how the transaction `xid` ended.
+async fn fate(conn: &mut WriteConn, xid: i64) -> std::result::Result<Fate, PgError> {
+    let row = conn
+        .client
+        .query_one("SELECT txid_status($1)", &[&xid])
+        .await?;
+    Ok(match row.try_get::<_, Option<String>>(0)?.as_deref() {
+        Some("committed") => Fate::Committed,
+        Some("aborted") => Fate::RolledBack,
+        Some(_) => Fate::Running,
+        None => Fate::Forgotten,
+    })
 }
 
 async fn execute(
