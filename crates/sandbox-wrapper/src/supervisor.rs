@@ -146,6 +146,18 @@ impl Default for RestartPolicy {
 }
 
 impl RestartPolicy {
+    /// This policy, except that the child is never given up on, and waits at most `max_backoff`
+    /// before a restart. For a loop that must come back on its own once what it depends on is
+    /// back: a heartbeat that stopped for good after a long database outage would let every
+    /// running task's lease run out.
+    pub fn never_give_up(self, max_backoff: Duration) -> RestartPolicy {
+        RestartPolicy {
+            max_restarts: u32::MAX,
+            max_backoff: self.max_backoff.min(max_backoff),
+            ..self
+        }
+    }
+
     /// The wait before restart number `n` (counted from 1) within the window.
     pub fn backoff(&self, n: u32) -> Duration {
         let factor = 2u32.saturating_pow(n.saturating_sub(1));

@@ -410,6 +410,13 @@ impl Wrapper {
         let inner = &self.inner;
         let policy = config.restart_policy;
         let engine_config = inner.engine.config().clone();
+        // The loops that talk to the task store come back on their own once it answers again,
+        // however long it was away (a database outage fails every call of theirs after
+        // `unavailable_wait`): given up, the heartbeat would let every running task's lease run
+        // out, the dispatcher would claim nothing more. The heartbeat restarts within one of
+        // its intervals.
+        let store_policy = policy.never_give_up(Duration::from_secs(1));
+        let heartbeat_policy = policy.never_give_up(engine_config.heartbeat_interval);
         let periodic = |name: &str,
                         interval: Duration,
                         label: &str,
@@ -462,7 +469,8 @@ impl Wrapper {
         )
         .run_at_start(false)
         // Pausing it would let running tasks' leases expire and the reaper take them back.
-        .pausable(false);
+        .pausable(false)
+        .policy(heartbeat_policy);
         // On a shared store, the maintenance of the queue is the leader's alone.
         let shared_store = config.shared_store.clone();
         let maintains = move || {
@@ -503,7 +511,8 @@ impl Wrapper {
                         .map_err(|e| e.to_string())
                 })
             }),
-        );
+        )
+        .policy(store_policy);
         let engine = inner.engine.clone();
         let outputs_dir = inner.shared.outputs_dir.clone();
         let pruner = periodic(
@@ -527,7 +536,8 @@ impl Wrapper {
                     Ok(pruned as u64)
                 })
             }),
-        );
+        )
+        .policy(store_policy);
         let engine = inner.engine.clone();
         let dispatcher = ChildSpec::service("task_dispatcher", move |mut context| {
             let engine = engine.clone();
@@ -562,7 +572,7 @@ impl Wrapper {
             })
         })
         .interval_hint(engine_config.idle_poll)
-        .policy(policy);
+        .policy(store_policy);
         let mut specs = vec![cleanup, orphans, heartbeat, reaper, pruner, dispatcher];
         if let Some(store) = config.shared_store.clone() {
             let engine = inner.engine.clone();
@@ -579,7 +589,7 @@ impl Wrapper {
                 })
                 .interval_hint(engine_config.idle_poll)
                 .pausable(false)
-                .policy(policy),
+                .policy(store_policy),
             );
         }
         for spec in specs {

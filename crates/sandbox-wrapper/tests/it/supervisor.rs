@@ -246,6 +246,59 @@ async fn exceeding_the_intensity_fails_the_child_until_restarted() {
     sup.shutdown(Duration::from_secs(5)).await;
 }
 
+/// A child that must never be given up on (the task heartbeat, the dispatcher: a long
+/// database outage fails every call of theirs) restarts past the restart intensity, with its
+/// backoff capped, and runs again once the fault is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_child_that_is_never_given_up_on_outlasts_a_long_fault() {
+    let sup = Supervisor::new();
+    let faulty = Arc::new(AtomicBool::new(true));
+    let fault = Arc::clone(&faulty);
+    let policy = quick(3).never_give_up(Duration::from_millis(10));
+    assert_eq!(policy.max_backoff, Duration::from_millis(10));
+    assert_eq!(policy.backoff(1_000), Duration::from_millis(10));
+    sup.start_child(
+        ChildSpec::periodic("task_heartbeat", Duration::from_millis(5), move || {
+            let fault = Arc::clone(&fault);
+            Box::pin(async move {
+                if fault.load(Ordering::SeqCst) {
+                    Err("database unreachable".to_owned())
+                } else {
+                    Ok(1)
+                }
+            })
+        })
+        .policy(policy),
+    )
+    .unwrap();
+
+    // Well past the 3 restarts that fail a child with `quick(3)`.
+    assert!(
+        eventually(|| status(&sup, "task_heartbeat").restarts >= 12, PATIENCE).await,
+        "{:?}",
+        status(&sup, "task_heartbeat")
+    );
+    let st = status(&sup, "task_heartbeat");
+    assert_ne!(st.state, ChildState::Failed);
+    assert_eq!(st.last_error.as_deref(), Some("database unreachable"));
+
+    faulty.store(false, Ordering::SeqCst);
+    assert!(
+        eventually(
+            || {
+                let st = status(&sup, "task_heartbeat");
+                st.healthy && st.items_total > 0
+            },
+            PATIENCE
+        )
+        .await,
+        "{:?}",
+        status(&sup, "task_heartbeat")
+    );
+    assert_eq!(sup.health().overall_status, HealthStatus::Healthy);
+    sup.shutdown(Duration::from_secs(5)).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pause_skips_ticks_and_keeps_the_child_alive() {
     let sup = Supervisor::new();
