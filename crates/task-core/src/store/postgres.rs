@@ -69,11 +69,14 @@
 //! command...) asked for its transaction id just before `COMMIT`, in the same round trip, and
 //! `txid_status` tells whether it committed (its answers go out: a claim's tasks are handed to
 //! the engine instead of being left running with no worker) or rolled back (its requests run
-//! again). Only when that cannot be known (the id's answer was lost too, or the database still
-//! runs the transaction after [`PostgresConfig::unavailable_wait`]) are requests that are safe
-//! to repeat (heartbeats, progress, promotion) repeated and the others failed with an error that
-//! says so (the engine asks again until the finish is recorded, fenced by its attempt number,
-//! or the engine stops; then lease expiry settles it, as if its worker had died).
+//! again). Such a transaction waits for the database however long it is away (only the
+//! database can tell; the store's closing ends the wait), and one the database still runs (it
+//! has not noticed the broken connection) is ended with `pg_terminate_backend` and asked about
+//! again. Only when it cannot be known (the id's answer was lost too, or the database still
+//! runs the transaction [`PostgresConfig::unavailable_wait`] after that) are requests that are
+//! safe to repeat (heartbeats, progress, promotion) repeated and the others failed with an error
+//! that says so (the engine asks again until the finish is recorded, fenced by its attempt
+//! number, or the engine stops; then lease expiry settles it, as if its worker had died).
 //!
 //! Leases run out while the database is away, because no node can renew them: after an outage
 //! the reaper must give live nodes time to reconnect and renew before it takes tasks back.
@@ -312,6 +315,7 @@ impl PostgresStore {
                 index,
                 conn,
                 Arc::clone(&requests),
+                cancel.clone(),
             ));
         }
         tracker.spawn(listen::run(Arc::clone(&shared), listening, cancel.clone()));

@@ -544,6 +544,74 @@ async fn a_commit_whose_answer_is_lost_is_settled_by_asking_the_database() {
     );
 }
 
+/// A transaction in doubt is settled however long the database stays away (only the database
+/// can say whether it committed), and one the database still runs, because it has not noticed
+/// that the connection broke, is ended by the store and then settled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_in_doubt_outlasts_a_long_outage_and_a_hung_transaction() {
+    let schema = TestSchema::new();
+    let cutter = CommitCutter::start(&database_url()).await;
+    let mut config = PostgresConfig {
+        schema: schema.name.clone(),
+        ..PostgresConfig::new(cutter.url(&database_url()), "node-d")
+    };
+    config.reconnect_min = Duration::from_millis(20);
+    config.reconnect_max = Duration::from_millis(100);
+    config.unavailable_wait = Duration::from_millis(300);
+    let store = PostgresStore::connect(config).await.expect("store");
+    let admin = admin().await;
+    let now = Timestamp::now();
+    store.submit(tasks(6, now)).await.expect("submit");
+
+    // The claim's answer is lost, then the database cannot be reached for five times the
+    // store's wait: the claim waits it out and hands its tasks over.
+    cutter.blackout_after_cut(Duration::from_millis(1_500));
+    cutter.arm();
+    let claimed = store
+        .claim(request(3, now))
+        .await
+        .expect("a claim in doubt waits for the database");
+    assert_eq!(cutter.cut(), 1);
+    assert_eq!(claimed.len(), 3);
+
+    // The `COMMIT` never reaches the server, whose side of the connection stays open: the
+    // database still runs the transaction, the store ends its server process, the transaction
+    // rolls back, and the claim runs again.
+    cutter.blackout_after_cut(Duration::ZERO);
+    cutter.arm_hold();
+    let claimed_again = store
+        .claim(request(2, Timestamp::now()))
+        .await
+        .expect("a claim whose transaction hung runs again");
+    assert_eq!(cutter.cut(), 2);
+    assert_eq!(claimed_again.len(), 2);
+
+    let rows = admin
+        .query(
+            &format!(
+                "SELECT status, attempt, count(*) FROM \"{}\".tasks GROUP BY 1, 2 ORDER BY 1",
+                schema.name
+            ),
+            &[],
+        )
+        .await
+        .expect("rows");
+    let groups: Vec<(i16, i64, i64)> = rows
+        .iter()
+        .map(|row| (row.get(0), row.get(1), row.get(2)))
+        .collect();
+    assert_eq!(
+        groups,
+        [(0, 0, 1), (3, 1, 5)],
+        "five running at their first attempt, one queued"
+    );
+    let stats = store.stats().await.expect("stats");
+    assert_eq!(
+        (stats.count(Status::Queued), stats.count(Status::Running)),
+        (1, 5)
+    );
+}
+
 #[tokio::test]
 async fn a_second_node_with_the_same_name_is_refused() {
     let schema = TestSchema::new();

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Row, Statement};
+use tokio_util::sync::CancellationToken;
 
 use crate::error::{Error, Result};
 use crate::model::{Status, Task, TaskId, Timestamp};
@@ -96,6 +97,8 @@ pub(super) struct WriteConn {
     /// A transaction was begun and `BEGIN` is not sent yet: it goes out with the next statement,
     /// in the same round trip.
     begin_pending: bool,
+    /// The connection's server process (`pg_backend_pid`).
+    backend: Option<i32>,
 }
 
 impl WriteConn {
@@ -112,10 +115,16 @@ impl WriteConn {
                 "SET enable_seqscan = off; SET enable_bitmapscan = off; SET enable_sort = off",
             )
             .await?;
+        let backend = client
+            .query_one("SELECT pg_backend_pid()", &[])
+            .await?
+            .try_get(0)
+            .ok();
         Ok(WriteConn {
             client,
             statements: HashMap::new(),
             begin_pending: false,
+            backend,
         })
     }
 
@@ -180,7 +189,16 @@ pub(super) type Requests = Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<Pendin
 /// The writers of a store take turns at the channel: each takes what is waiting, and commits it
 /// while the next one takes what arrives meanwhile, so that their commits overlap (PostgreSQL
 /// flushes the WAL of commits that wait together once).
-pub(super) async fn run(shared: Arc<Shared>, index: usize, first: WriteConn, requests: Requests) {
+///
+/// `closing` fires when the store closes: a transaction in doubt then stops waiting for the
+/// database.
+pub(super) async fn run(
+    shared: Arc<Shared>,
+    index: usize,
+    first: WriteConn,
+    requests: Requests,
+    closing: CancellationToken,
+) {
     let max_batch = shared.config.max_batch.max(1);
     let mut conn = Some(first);
     let mut backoff = Backoff::new(&shared.config);
@@ -221,16 +239,28 @@ pub(super) async fn run(shared: Arc<Shared>, index: usize, first: WriteConn, req
                         shared
                             .health
                             .failing(Part::Writer(index), error.to_string());
-                        let oldest = batch.iter().map(|p| p.since).min();
+                        // A transaction in doubt waits for the database however long it
+                        // is away, since only the database can say whether it committed (a
+                        // claim given up on would leave its tasks running with no worker),
+                        // unless the store is closing. The other requests wait at most
+                        // `unavailable_wait`.
+                        if closing.is_cancelled()
+                            && let Some(open) = doubt.take()
+                        {
+                            fail_unknown(&mut batch, open.answers.len(), &error);
+                        }
+                        let in_doubt = doubt.as_ref().map_or(0, |open| open.answers.len());
+                        let oldest = batch[in_doubt..].iter().map(|p| p.since).min();
                         if oldest.is_some_and(|at| at.elapsed() >= shared.config.unavailable_wait) {
-                            if let Some(doubt) = doubt.take() {
-                                fail_unknown(&mut batch, doubt.answers.len(), &error);
-                            }
-                            for pending in batch.drain(..) {
+                            for pending in batch.drain(in_doubt..) {
                                 let _ = pending.reply.send(Err(error.clone()));
                             }
-                        } else {
-                            tokio::time::sleep(backoff.pause()).await;
+                        }
+                        if !batch.is_empty() {
+                            tokio::select! {
+                                _ = tokio::time::sleep(backoff.pause()) => {}
+                                _ = closing.cancelled(), if doubt.is_some() => {}
+                            }
                         }
                         continue;
                     }
@@ -250,14 +280,26 @@ pub(super) async fn run(shared: Arc<Shared>, index: usize, first: WriteConn, req
                 // Nothing of it was written: its requests run again.
                 Ok(Fate::RolledBack) => {}
                 Ok(Fate::Running)
-                    if batch
-                        .iter()
-                        .map(|p| p.since)
-                        .min()
-                        .is_some_and(|at| at.elapsed() < shared.config.unavailable_wait) =>
+                    if open
+                        .running_since
+                        .is_none_or(|at| at.elapsed() < shared.config.unavailable_wait) =>
                 {
-                    doubt = Some(open);
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    // The server has not noticed that the connection is gone (a network break
+                    // rather than a crash): end its process, which ends the transaction one
+                    // way or the other, and ask again.
+                    if open.running_since.is_none()
+                        && let Some(pid) = open.backend
+                    {
+                        let _ = live
+                            .client
+                            .execute("SELECT pg_terminate_backend($1)", &[&pid])
+                            .await;
+                    }
+                    doubt = Some(InDoubt {
+                        running_since: open.running_since.or(Some(Instant::now())),
+                        ..open
+                    });
+                    tokio::time::sleep(Duration::from_millis(20)).await;
                 }
                 Ok(Fate::Running | Fate::Forgotten) => {
                     let error = Error::store(
@@ -346,6 +388,11 @@ enum Failed {
 /// is not refused with "it may or may not have been made".
 pub(super) struct InDoubt {
     xid: i64,
+    /// The server process of the broken connection: when the database still runs the
+    /// transaction (it has not noticed that the connection is gone), it is told to end it.
+    backend: Option<i32>,
+    /// When the database was first seen still running the transaction.
+    running_since: Option<Instant>,
     /// The answers of the first `answers.len()` requests of the batch.
     answers: Vec<Result<Answer>>,
 }
@@ -753,6 +800,8 @@ async fn commit(
                 error,
                 doubt: InDoubt {
                     xid,
+                    backend: conn.backend,
+                    running_since: None,
                     answers: Vec::new(),
                 },
             }),
