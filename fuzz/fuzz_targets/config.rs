@@ -129,7 +129,9 @@ fuzz_target!(|data: &[u8]| {
     }
 });
 
-/// Every text a load's outcome prints.
+/// Every text a load's outcome prints, each as it is printed: the messages as they are, not
+/// only inside `Debug`, which escapes some characters (`\u{19e59}`) so that a secret holding
+/// them would not be found there.
 fn everything_printed(outcome: &Result<config::Loaded, config::ConfigErrors>) -> String {
     match outcome {
         Ok(loaded) => format!(
@@ -137,7 +139,14 @@ fn everything_printed(outcome: &Result<config::Loaded, config::ConfigErrors>) ->
             config::render(loaded),
             loaded.warnings.join("\n")
         ),
-        Err(errors) => format!("{errors:?}"),
+        Err(errors) => {
+            let messages: Vec<&str> = errors.errors.iter().map(|e| e.message.as_str()).collect();
+            format!(
+                "{}\n{}\n{errors:?}",
+                messages.join("\n"),
+                errors.warnings.join("\n")
+            )
+        }
     }
 }
 
