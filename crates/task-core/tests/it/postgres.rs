@@ -60,6 +60,17 @@ impl TestSchema {
         }
     }
 
+    /// The settings of a node on this schema that reaches the database at `url` (through a
+    /// proxy, say), reconnecting quickly.
+    pub(crate) fn config_at(&self, url: String, node: &str) -> PostgresConfig {
+        PostgresConfig {
+            schema: self.name.clone(),
+            reconnect_min: Duration::from_millis(20),
+            reconnect_max: Duration::from_millis(100),
+            ..PostgresConfig::new(url, node)
+        }
+    }
+
     /// A store of node `node` on this schema.
     pub(crate) async fn store(&self, node: &str) -> PostgresStore {
         let url = database_url();
@@ -439,12 +450,7 @@ async fn killed_connections_are_reopened_and_nothing_acknowledged_is_lost() {
 async fn a_commit_whose_answer_is_lost_is_settled_by_asking_the_database() {
     let schema = TestSchema::new();
     let cutter = CommitCutter::start(&database_url()).await;
-    let mut config = PostgresConfig {
-        schema: schema.name.clone(),
-        ..PostgresConfig::new(cutter.url(&database_url()), "node-c")
-    };
-    config.reconnect_min = Duration::from_millis(20);
-    config.reconnect_max = Duration::from_millis(200);
+    let config = schema.config_at(cutter.url(&database_url()), "node-c");
     let store = PostgresStore::connect(config).await.expect("store");
     let admin = admin().await;
     let now = Timestamp::now();
@@ -551,12 +557,7 @@ async fn a_commit_whose_answer_is_lost_is_settled_by_asking_the_database() {
 async fn a_commit_in_doubt_outlasts_a_long_outage_and_a_hung_transaction() {
     let schema = TestSchema::new();
     let cutter = CommitCutter::start(&database_url()).await;
-    let mut config = PostgresConfig {
-        schema: schema.name.clone(),
-        ..PostgresConfig::new(cutter.url(&database_url()), "node-d")
-    };
-    config.reconnect_min = Duration::from_millis(20);
-    config.reconnect_max = Duration::from_millis(100);
+    let mut config = schema.config_at(cutter.url(&database_url()), "node-d");
     config.unavailable_wait = Duration::from_millis(300);
     let store = PostgresStore::connect(config).await.expect("store");
     let admin = admin().await;
