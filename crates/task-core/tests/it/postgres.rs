@@ -71,6 +71,18 @@ impl TestSchema {
         }
     }
 
+    /// How many rows its task table holds.
+    pub(crate) async fn rows(&self, admin: &Client) -> i64 {
+        admin
+            .query_one(
+                &format!("SELECT count(*) FROM \"{}\".tasks", self.name),
+                &[],
+            )
+            .await
+            .expect("count")
+            .get(0)
+    }
+
     /// A store of node `node` on this schema.
     pub(crate) async fn store(&self, node: &str) -> PostgresStore {
         let url = database_url();
@@ -413,14 +425,7 @@ async fn killed_connections_are_reopened_and_nothing_acknowledged_is_lost() {
             "{id} was lost"
         );
     }
-    let total: i64 = admin
-        .query_one(
-            &format!("SELECT count(*) FROM \"{}\".tasks", schema.name),
-            &[],
-        )
-        .await
-        .expect("count")
-        .get(0);
+    let total = schema.rows(&admin).await;
     // A submission whose commit's outcome was unknown may exist without an acknowledgement.
     assert!(total as usize >= acknowledged.len());
     assert_eq!(stats.total(), total as u64, "the counts match the rows");
@@ -529,14 +534,7 @@ async fn a_commit_whose_answer_is_lost_is_settled_by_asking_the_database() {
     assert_eq!(claimed_again.len(), 2);
     assert!(claimed_again.iter().all(|t| t.attempt == 1));
 
-    let total: i64 = admin
-        .query_one(
-            &format!("SELECT count(*) FROM \"{}\".tasks", schema.name),
-            &[],
-        )
-        .await
-        .expect("count")
-        .get(0);
+    let total = schema.rows(&admin).await;
     assert_eq!(total, 15, "each submitted task once");
     let stats = store.stats().await.expect("stats");
     assert_eq!(
