@@ -23,12 +23,14 @@
 //! the environment, parses flags or installs signal handlers. Its wire types ([`wire`]) are its
 //! own, converted by hand from the core types.
 
+mod fast_lane;
 mod server;
 mod tools_sandbox;
 mod tools_supervision;
 mod tools_tasks;
 pub mod wire;
 
+pub use fast_lane::{AT_ONCE_TOOLS, FastLane};
 #[doc(hidden)]
 pub use server::explain_argument_errors;
 pub use server::{

@@ -567,6 +567,43 @@ pub(crate) fn finish(
     Ok(outcome.unwrap_or_else(ToolError::into_result))
 }
 
+impl McpServer {
+    /// The answer to a call of one of [`crate::AT_ONCE_TOOLS`], for a transport that runs it
+    /// where it read it ([`crate::FastLane`]): the same tool body rmcp's router runs. `None`
+    /// for any other tool and for arguments that do not decode (rmcp's way words that error).
+    pub fn answer_at_once(
+        self: Arc<Self>,
+        request: &CallToolRequestParams,
+    ) -> Option<impl Future<Output = CallToolResult> + Send + 'static> {
+        enum Call {
+            Status(wire::CheckStatusArgs),
+            List(wire::ListArgs),
+            Output(wire::ReadOutputArgs),
+        }
+        fn decode<T: serde::de::DeserializeOwned>(request: &CallToolRequestParams) -> Option<T> {
+            let arguments = request.arguments.clone().unwrap_or_default();
+            serde_json::from_value(Value::Object(arguments)).ok()
+        }
+        if !self.tool_router.has_route(&request.name) {
+            return None;
+        }
+        let call = match &*request.name {
+            "check_task_status" => Call::Status(decode(request)?),
+            "list_tasks" => Call::List(decode(request)?),
+            "read_task_output" => Call::Output(decode(request)?),
+            _ => return None,
+        };
+        Some(async move {
+            let outcome = match call {
+                Call::Status(args) => self.check_status(args).await,
+                Call::List(args) => self.list(args).await,
+                Call::Output(args) => self.read_output(args).await,
+            };
+            outcome.unwrap_or_else(ToolError::into_result)
+        })
+    }
+}
+
 impl ServerHandler for McpServer {
     fn get_info(&self) -> ServerConfig {
         ServerConfig::new(

@@ -322,7 +322,10 @@ impl McpServer {
         ))
     }
 
-    async fn check_status(&self, args: CheckStatusArgs) -> Result<CallToolResult, ToolError> {
+    pub(crate) async fn check_status(
+        &self,
+        args: CheckStatusArgs,
+    ) -> Result<CallToolResult, ToolError> {
         if let Some(task_id) = args.task_id.as_deref().filter(|t| !t.trim().is_empty()) {
             let task = self.owned_task(task_id).await?;
             let view = self.view(&task);
@@ -432,7 +435,7 @@ impl McpServer {
         Ok((views, cursor.map(|c| c.to_string())))
     }
 
-    async fn list(&self, args: ListArgs) -> Result<CallToolResult, ToolError> {
+    pub(crate) async fn list(&self, args: ListArgs) -> Result<CallToolResult, ToolError> {
         let limit = limit_arg(args.limit)?;
         let (tasks, next_cursor) = self
             .filtered(
@@ -568,7 +571,10 @@ impl McpServer {
         answer(cancel.message.clone(), &cancel)
     }
 
-    async fn read_output(&self, args: ReadOutputArgs) -> Result<CallToolResult, ToolError> {
+    pub(crate) async fn read_output(
+        &self,
+        args: ReadOutputArgs,
+    ) -> Result<CallToolResult, ToolError> {
         let task = self.owned_task(&args.task_id).await?;
         let cursor = args.cursor.unwrap_or(0);
         let max = args.max_bytes.unwrap_or(DEFAULT_OUTPUT_BYTES);

@@ -5,14 +5,16 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use mcp_tools::{McpServer, SUPERVISION_TOOLS, ServerOptions};
+use mcp_tools::{FastLane, McpServer, SUPERVISION_TOOLS, ServerOptions};
 use rmcp::model::{
     CallToolRequestParams, CallToolResponse, CallToolResult, CancelTaskParams, ClientCapabilities,
-    ClientConfig, GetTaskParams, Implementation, NumberOrString, ProgressNotificationParam,
-    ProgressToken, RequestMetaObject, TaskPayload,
+    ClientConfig, ClientRequest, GetTaskParams, Implementation, JsonRpcMessage, NumberOrString,
+    ProgressNotificationParam, ProgressToken, RequestMetaObject, TaskPayload,
 };
-use rmcp::service::{NotificationContext, RunningService};
-use rmcp::{ClientHandler, RoleClient, ServiceExt};
+use rmcp::service::{NotificationContext, RunningService, RxJsonRpcMessage, TxJsonRpcMessage};
+use rmcp::transport::Transport;
+use rmcp::transport::async_rw::AsyncRwTransport;
+use rmcp::{ClientHandler, RoleClient, RoleServer, ServiceExt};
 use sandbox_wrapper::{Wrapper, WrapperConfig};
 use serde_json::{Value, json};
 use task_core::store::Store;
@@ -755,4 +757,131 @@ async fn an_execute_call_cancels_its_task_only_when_its_client_cancels_it() {
     service.cancel().await.unwrap();
     let _ = waiting.await;
     assert_eq!(final_status(&observer, &id).await, "completed");
+}
+
+/// A transport that notes the tool calls it hands on to rmcp's service.
+struct Noting<T> {
+    inner: T,
+    seen: Arc<Mutex<Vec<String>>>,
+}
+
+impl<T: Transport<RoleServer>> Transport<RoleServer> for Noting<T> {
+    type Error = T::Error;
+
+    fn send(
+        &mut self,
+        item: TxJsonRpcMessage<RoleServer>,
+    ) -> impl Future<Output = Result<(), Self::Error>> + Send + 'static {
+        self.inner.send(item)
+    }
+
+    async fn receive(&mut self) -> Option<RxJsonRpcMessage<RoleServer>> {
+        let message = self.inner.receive().await?;
+        if let JsonRpcMessage::Request(request) = &message
+            && let ClientRequest::CallToolRequest(call) = &request.request
+        {
+            self.seen.lock().unwrap().push(call.params.name.to_string());
+        }
+        Some(message)
+    }
+
+    async fn close(&mut self) -> Result<(), Self::Error> {
+        self.inner.close().await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fast_lane_answers_quick_calls_itself_as_rmcp_would() {
+    let fixture = fixture(ServerOptions::default()).await;
+    let plain = connect(fixture.server.clone(), Client::default()).await;
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let (server_io, client_io) = tokio::io::duplex(1 << 20);
+    let (read, write) = tokio::io::split(server_io);
+    let transport = Noting {
+        inner: FastLane::new(
+            AsyncRwTransport::new_server(read, write),
+            fixture.server.clone(),
+        ),
+        seen: seen.clone(),
+    };
+    let server = fixture.server.clone();
+    tokio::spawn(async move {
+        if let Ok(running) = server.serve(transport).await {
+            let _ = running.waiting().await;
+        }
+    });
+    let fast = Client::default().serve(client_io).await.unwrap();
+
+    let created = ok(
+        &plain,
+        "submit_task",
+        json!({"task_type": "command", "params": {"command": "echo one; echo two"}}),
+    )
+    .await;
+    let id = created["task_id"].as_str().unwrap().to_owned();
+    ok(
+        &plain,
+        "get_task_result",
+        json!({"task_id": id, "wait": true, "timeout": 60}),
+    )
+    .await;
+    let both_ways = async |tool: &str, arguments: Value| {
+        let lane = call(&fast, tool, arguments.clone()).await;
+        let rmcp = call(&plain, tool, arguments.clone()).await;
+        assert_eq!(
+            serde_json::to_value(&lane).unwrap(),
+            serde_json::to_value(&rmcp).unwrap(),
+            "{tool}({arguments}): the fast lane's answer differs from rmcp's"
+        );
+        lane
+    };
+    // Answers, listings (which wait for SQLite's reader thread) and tool errors.
+    let status = both_ways("check_task_status", json!({"task_id": id})).await;
+    assert_eq!(status.structured_content.unwrap()["status"], "completed");
+    both_ways("check_task_status", json!({})).await;
+    both_ways(
+        "check_task_status",
+        json!({"task_id": "0192f3c4-0000-7000-8000-000000000000"}),
+    )
+    .await;
+    both_ways("list_tasks", json!({"status": "completed"})).await;
+    both_ways("list_tasks", json!({"cursor": "not-one-of-ours"})).await;
+    let output = both_ways("read_task_output", json!({"task_id": id})).await;
+    assert_eq!(
+        output.structured_content.unwrap()["data"],
+        "one\ntwo\n",
+        "the whole output"
+    );
+    both_ways(
+        "read_task_output",
+        json!({"task_id": id, "cursor": 4, "max_bytes": 3}),
+    )
+    .await;
+    let error = both_ways("read_task_output", json!({"task_id": id, "max_bytes": 0})).await;
+    assert_eq!(error.is_error, Some(true));
+    assert!(
+        seen.lock().unwrap().is_empty(),
+        "quick calls reached rmcp's service: {:?}",
+        seen.lock().unwrap()
+    );
+
+    // Arguments that do not decode, other tools and calls with more _meta than a progress
+    // token (rmcp's client sends one with every call) take rmcp's way.
+    both_ways("check_task_status", json!({"task_id": 5})).await;
+    both_ways("get_task_result", json!({"task_id": id})).await;
+    let mut params = CallToolRequestParams::new("check_task_status")
+        .with_arguments(args(json!({"task_id": id})));
+    let mut meta = RequestMetaObject::default();
+    meta.0.0.insert("example.com/trace".into(), json!("abc"));
+    params.meta = Some(meta);
+    let with_meta = fast.call_tool(params).await.unwrap();
+    assert_eq!(
+        serde_json::to_value(&with_meta).unwrap(),
+        serde_json::to_value(call(&plain, "check_task_status", json!({"task_id": id})).await)
+            .unwrap()
+    );
+    assert_eq!(
+        *seen.lock().unwrap(),
+        ["check_task_status", "get_task_result", "check_task_status"]
+    );
 }

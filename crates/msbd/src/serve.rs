@@ -189,8 +189,13 @@ async fn serve_stdio(
     let (stdin, stdout) = rmcp::transport::io::stdio_pipes();
     // Lines over the size limit never reach rmcp (see `stdio.rs`).
     let stdin = crate::stdio::LimitedLines::new(stdin, config.max_request_bytes);
+    // Quick read-only calls are answered where they are read (see `mcp_tools::FastLane`).
+    let transport = mcp_tools::FastLane::new(
+        rmcp::transport::async_rw::AsyncRwTransport::new_server(stdin, stdout),
+        server.clone(),
+    );
     let running = server
-        .serve((stdin, stdout))
+        .serve(transport)
         .await
         .context("starting the MCP session on stdio")?;
     let cancel = running.cancellation_token();

@@ -1,0 +1,185 @@
+//! [`FastLane`]: a transport wrapper that answers the quick read-only tool calls on the task
+//! that read them.
+//!
+//! rmcp's service hands every request to a task of its own, whose answer goes back through a
+//! channel to the service loop, which hands the write to yet another task: three hand-offs,
+//! each of which can wake a parked thread, for a call whose work (one store read) takes a
+//! few microseconds. [`FastLane`] sits between rmcp's service and its transport: a
+//! `tools/call` of a tool in [`AT_ONCE_TOOLS`] is run where it was read and, if it finishes
+//! without waiting (a SQLite point read does), its answer is written at once; if it must wait
+//! (a listing on SQLite's reader thread, any PostgreSQL read), it goes on on a task of its own
+//! and its answer is written when ready, while reading goes on. Every other message, a call
+//! before the session is initialized and a call whose `_meta` holds more than a progress token
+//! (per-request protocol metadata, say) go to rmcp unchanged. The answer is the one rmcp would send: the same
+//! tool body, the same result shaping for the negotiated protocol version (checked by
+//! `mcp-tools/tests/tools.rs`, which compares both ways).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::Poll;
+
+use rmcp::RoleServer;
+use rmcp::model::{
+    CallToolResult, ClientNotification, ClientRequest, GetMeta, JsonRpcMessage, ProtocolVersion,
+    RequestId, ServerResult,
+};
+use rmcp::service::{RxJsonRpcMessage, TxJsonRpcMessage};
+use rmcp::transport::Transport;
+use tokio::sync::mpsc;
+
+use crate::McpServer;
+
+/// The tools [`FastLane`] answers itself: they read the store and answer, and never wait for
+/// a task, send notifications or depend on the client's capabilities.
+pub const AT_ONCE_TOOLS: [&str; 3] = ["check_task_status", "list_tasks", "read_task_output"];
+
+type Sending<E> = Pin<Box<dyn Future<Output = Result<(), E>> + Send>>;
+type Answering = Pin<Box<dyn Future<Output = CallToolResult> + Send>>;
+
+/// A [`Transport`] that answers quick read-only tool calls itself (see the module docs).
+pub struct FastLane<T: Transport<RoleServer>> {
+    inner: T,
+    server: Arc<McpServer>,
+    /// The protocol version of the `initialize` answer sent, once sent.
+    negotiated: Option<ProtocolVersion>,
+    /// Set once the client said `notifications/initialized` after that answer.
+    open: bool,
+    /// An answer being written (kept here so that a `receive` cancelled by rmcp's service
+    /// loop finishes it on its next call instead of losing it).
+    sending: Option<Sending<T::Error>>,
+    /// Answers of calls that had to wait, from their tasks.
+    finished_tx: mpsc::UnboundedSender<(RequestId, CallToolResult)>,
+    finished_rx: mpsc::UnboundedReceiver<(RequestId, CallToolResult)>,
+}
+
+impl<T: Transport<RoleServer>> FastLane<T> {
+    /// Wraps `inner`, answering for `server` (the handler rmcp serves on the same connection).
+    pub fn new(inner: T, server: McpServer) -> FastLane<T> {
+        let (finished_tx, finished_rx) = mpsc::unbounded_channel();
+        FastLane {
+            inner,
+            server: Arc::new(server),
+            negotiated: None,
+            open: false,
+            sending: None,
+            finished_tx,
+            finished_rx,
+        }
+    }
+
+    /// Starts answering `message` if it is a quick call (`None`: it is for rmcp).
+    fn take_call(&self, message: &RxJsonRpcMessage<RoleServer>) -> Option<(RequestId, Answering)> {
+        if !self.open {
+            return None;
+        }
+        let JsonRpcMessage::Request(request) = message else {
+            return None;
+        };
+        let ClientRequest::CallToolRequest(call) = &request.request else {
+            return None;
+        };
+        // rmcp moves a request's `_meta` into its extensions as it decodes it. A progress
+        // token (rmcp's client sends one with every request) means nothing to these tools;
+        // anything else (per-request protocol metadata, say) is for rmcp to read.
+        let meta = request.request.get_meta();
+        if meta.0.0.keys().any(|key| key != "progressToken")
+            || call.params.meta.is_some()
+            || call.params.input_responses.is_some()
+            || call.params.request_state.is_some()
+        {
+            return None;
+        }
+        let answer = Arc::clone(&self.server).answer_at_once(&call.params)?;
+        Some((request.id.clone(), Box::pin(answer)))
+    }
+
+    /// The JSON-RPC answer, shaped as rmcp shapes a result for the negotiated version
+    /// (`handle_request`).
+    fn response(&self, id: RequestId, result: CallToolResult) -> TxJsonRpcMessage<RoleServer> {
+        let mut result = ServerResult::CallToolResult(result);
+        let current = self
+            .negotiated
+            .as_ref()
+            .is_some_and(|v| v.as_str() >= ProtocolVersion::V_2026_07_28.as_str());
+        if current {
+            result.fill_missing_cache_hints();
+        } else {
+            result.strip_result_type_for_legacy_peer();
+        }
+        JsonRpcMessage::response(result, id)
+    }
+}
+
+impl<T> Transport<RoleServer> for FastLane<T>
+where
+    T: Transport<RoleServer>,
+    T::Error: 'static,
+{
+    type Error = T::Error;
+
+    fn send(
+        &mut self,
+        item: TxJsonRpcMessage<RoleServer>,
+    ) -> impl Future<Output = Result<(), Self::Error>> + Send + 'static {
+        if let JsonRpcMessage::Response(response) = &item
+            && let ServerResult::InitializeResult(initialized) = &response.result
+        {
+            self.negotiated = Some(initialized.protocol_version.clone());
+        }
+        self.inner.send(item)
+    }
+
+    async fn receive(&mut self) -> Option<RxJsonRpcMessage<RoleServer>> {
+        loop {
+            if let Some(sending) = self.sending.as_mut() {
+                let sent = sending.await;
+                self.sending = None;
+                if let Err(error) = sent {
+                    tracing::warn!(%error, "could not write an answer to the client");
+                }
+            }
+            let message = tokio::select! {
+                biased;
+                Some((id, result)) = self.finished_rx.recv() => {
+                    let answer = self.response(id, result);
+                    self.sending = Some(Box::pin(self.inner.send(answer)));
+                    continue;
+                }
+                message = self.inner.receive() => message?,
+            };
+            if let JsonRpcMessage::Notification(notification) = &message
+                && let ClientNotification::InitializedNotification(_) = notification.notification
+            {
+                self.open = self.negotiated.is_some();
+                return Some(message);
+            }
+            let Some((id, mut answering)) = self.take_call(&message) else {
+                return Some(message);
+            };
+            drop(message);
+            // One poll here: a call that finishes without waiting is answered with no hand-off.
+            let polled = std::future::poll_fn(|cx| Poll::Ready(answering.as_mut().poll(cx))).await;
+            match polled {
+                Poll::Ready(result) => {
+                    let answer = self.response(id, result);
+                    self.sending = Some(Box::pin(self.inner.send(answer)));
+                }
+                Poll::Pending => {
+                    let finished = self.finished_tx.clone();
+                    tokio::spawn(async move {
+                        let result = answering.await;
+                        let _ = finished.send((id, result));
+                    });
+                }
+            }
+        }
+    }
+
+    async fn close(&mut self) -> Result<(), Self::Error> {
+        if let Some(sending) = self.sending.take() {
+            let _ = sending.await;
+        }
+        self.inner.close().await
+    }
+}
