@@ -1,31 +1,32 @@
-//! [`FastLane`]: a transport wrapper that answers the quick read-only tool calls on the task
-//! that read them.
+//! [`FastLane`]: a transport wrapper that answers the quick read-only calls on the task that
+//! read them.
 //!
 //! rmcp's service hands every request to a task of its own, whose answer goes back through a
 //! channel to the service loop, which hands the write to yet another task: three hand-offs,
 //! each of which can wake a parked thread, for a call whose work (one store read) takes a
 //! few microseconds. [`FastLane`] sits between rmcp's service and its transport: a
-//! `tools/call` of a tool in [`AT_ONCE_TOOLS`] is run where it was read and, if it finishes
+//! `tools/call` of a tool in [`AT_ONCE_TOOLS`], and `tasks/get` from a client that declared the
+//! tasks extension (what such a client polls), is run where it was read and, if it finishes
 //! without waiting (a SQLite point read does), its answer is written at once; if it must wait
 //! (a listing on SQLite's reader thread, any PostgreSQL read), it goes on on a task of its own
 //! and its answer is written when ready, while reading goes on. Every other message, a call
 //! before the session is initialized and a call whose `_meta` holds more than a progress token
-//! (per-request protocol metadata, say) go to rmcp unchanged. The answer is the one rmcp would send: the same
-//! tool body, the same result shaping for the negotiated protocol version (checked by
-//! `mcp-tools/tests/tools.rs`, which compares both ways).
+//! (per-request protocol metadata, say) go to rmcp unchanged. The answer is the one rmcp would
+//! send: the same handler body, the same shaping of results and errors for the negotiated
+//! protocol version (checked by `mcp-tools/tests/tools.rs`, which compares both ways).
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::Poll;
 
-use rmcp::RoleServer;
 use rmcp::model::{
-    CallToolResult, ClientNotification, ClientRequest, GetMeta, JsonRpcMessage, ProtocolVersion,
+    ClientNotification, ClientRequest, ErrorCode, GetMeta, JsonRpcMessage, ProtocolVersion,
     RequestId, ServerResult,
 };
 use rmcp::service::{RxJsonRpcMessage, TxJsonRpcMessage};
 use rmcp::transport::Transport;
+use rmcp::{ErrorData as McpError, RoleServer};
 use tokio::sync::mpsc;
 
 use crate::McpServer;
@@ -35,7 +36,8 @@ use crate::McpServer;
 pub const AT_ONCE_TOOLS: [&str; 3] = ["check_task_status", "list_tasks", "read_task_output"];
 
 type Sending<E> = Pin<Box<dyn Future<Output = Result<(), E>> + Send>>;
-type Answering = Pin<Box<dyn Future<Output = CallToolResult> + Send>>;
+type Answer = Result<ServerResult, McpError>;
+type Answering = Pin<Box<dyn Future<Output = Answer> + Send>>;
 
 /// A [`Transport`] that answers quick read-only tool calls itself (see the module docs).
 pub struct FastLane<T: Transport<RoleServer>> {
@@ -45,12 +47,14 @@ pub struct FastLane<T: Transport<RoleServer>> {
     negotiated: Option<ProtocolVersion>,
     /// Set once the client said `notifications/initialized` after that answer.
     open: bool,
+    /// Whether the client declared the tasks extension in its `initialize`.
+    tasks_client: bool,
     /// An answer being written (kept here so that a `receive` cancelled by rmcp's service
     /// loop finishes it on its next call instead of losing it).
     sending: Option<Sending<T::Error>>,
     /// Answers of calls that had to wait, from their tasks.
-    finished_tx: mpsc::UnboundedSender<(RequestId, CallToolResult)>,
-    finished_rx: mpsc::UnboundedReceiver<(RequestId, CallToolResult)>,
+    finished_tx: mpsc::UnboundedSender<(RequestId, Answer)>,
+    finished_rx: mpsc::UnboundedReceiver<(RequestId, Answer)>,
 }
 
 impl<T: Transport<RoleServer>> FastLane<T> {
@@ -62,6 +66,7 @@ impl<T: Transport<RoleServer>> FastLane<T> {
             server: Arc::new(server),
             negotiated: None,
             open: false,
+            tasks_client: false,
             sending: None,
             finished_tx,
             finished_rx,
@@ -76,38 +81,55 @@ impl<T: Transport<RoleServer>> FastLane<T> {
         let JsonRpcMessage::Request(request) = message else {
             return None;
         };
-        let ClientRequest::CallToolRequest(call) = &request.request else {
-            return None;
-        };
         // rmcp moves a request's `_meta` into its extensions as it decodes it. A progress
-        // token (rmcp's client sends one with every request) means nothing to these tools;
+        // token (rmcp's client sends one with every request) means nothing to these calls;
         // anything else (per-request protocol metadata, say) is for rmcp to read.
         let meta = request.request.get_meta();
-        if meta.0.0.keys().any(|key| key != "progressToken")
-            || call.params.meta.is_some()
-            || call.params.input_responses.is_some()
-            || call.params.request_state.is_some()
-        {
+        if meta.0.0.keys().any(|key| key != "progressToken") {
             return None;
         }
-        let answer = Arc::clone(&self.server).answer_at_once(&call.params)?;
-        Some((request.id.clone(), Box::pin(answer)))
+        let server = Arc::clone(&self.server);
+        let answering: Answering = match &request.request {
+            ClientRequest::CallToolRequest(call)
+                if call.params.meta.is_none()
+                    && call.params.input_responses.is_none()
+                    && call.params.request_state.is_none() =>
+            {
+                let answer = server.answer_at_once(&call.params)?;
+                Box::pin(async move { Ok(ServerResult::CallToolResult(answer.await)) })
+            }
+            ClientRequest::GetTaskRequest(get) if self.tasks_client => {
+                let answer = server.task_at_once(&get.params);
+                Box::pin(async move { answer.await.map(ServerResult::GetTaskResult) })
+            }
+            _ => return None,
+        };
+        Some((request.id.clone(), answering))
     }
 
-    /// The JSON-RPC answer, shaped as rmcp shapes a result for the negotiated version
-    /// (`handle_request`).
-    fn response(&self, id: RequestId, result: CallToolResult) -> TxJsonRpcMessage<RoleServer> {
-        let mut result = ServerResult::CallToolResult(result);
+    /// The JSON-RPC answer, shaped as rmcp shapes results and errors for the negotiated
+    /// version (`handle_request`).
+    fn response(&self, id: RequestId, answer: Answer) -> TxJsonRpcMessage<RoleServer> {
         let current = self
             .negotiated
             .as_ref()
             .is_some_and(|v| v.as_str() >= ProtocolVersion::V_2026_07_28.as_str());
-        if current {
-            result.fill_missing_cache_hints();
-        } else {
-            result.strip_result_type_for_legacy_peer();
+        match answer {
+            Ok(mut result) => {
+                if current {
+                    result.fill_missing_cache_hints();
+                } else {
+                    result.strip_result_type_for_legacy_peer();
+                }
+                JsonRpcMessage::response(result, id)
+            }
+            Err(mut error) => {
+                if current && error.code == ErrorCode::RESOURCE_NOT_FOUND {
+                    error.code = ErrorCode::INVALID_PARAMS;
+                }
+                JsonRpcMessage::error(error, Some(id))
+            }
         }
-        JsonRpcMessage::response(result, id)
     }
 }
 
@@ -148,6 +170,12 @@ where
                 }
                 message = self.inner.receive() => message?,
             };
+            if let JsonRpcMessage::Request(request) = &message
+                && let ClientRequest::InitializeRequest(initialize) = &request.request
+            {
+                self.tasks_client = initialize.params.capabilities.supports_tasks();
+                return Some(message);
+            }
             if let JsonRpcMessage::Notification(notification) = &message
                 && let ClientNotification::InitializedNotification(_) = notification.notification
             {

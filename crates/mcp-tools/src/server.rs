@@ -604,6 +604,27 @@ impl McpServer {
     }
 }
 
+impl McpServer {
+    /// The answer to `tasks/get` for a transport that runs it where it read it
+    /// ([`crate::FastLane`], for a client that declared the tasks extension): the same body
+    /// as [`ServerHandler::get_task`].
+    pub fn task_at_once(
+        self: Arc<Self>,
+        request: &GetTaskParams,
+    ) -> impl Future<Output = Result<GetTaskResult, McpError>> + Send + 'static {
+        let task_id = request.task_id.clone();
+        async move { self.task_result(&task_id).await }
+    }
+
+    async fn task_result(&self, task_id: &str) -> Result<GetTaskResult, McpError> {
+        let task = self
+            .owned_task(task_id)
+            .await
+            .map_err(|e| McpError::invalid_params(format!("{}: {}", e.message, e.hint), None))?;
+        Ok(GetTaskResult::new(self.detailed(&task)?))
+    }
+}
+
 impl ServerHandler for McpServer {
     fn get_info(&self) -> ServerConfig {
         ServerConfig::new(
@@ -692,11 +713,7 @@ impl ServerHandler for McpServer {
         request: GetTaskParams,
         _context: RequestContext<RoleServer>,
     ) -> Result<GetTaskResult, McpError> {
-        let task = self
-            .owned_task(&request.task_id)
-            .await
-            .map_err(|e| McpError::invalid_params(format!("{}: {}", e.message, e.hint), None))?;
-        Ok(GetTaskResult::new(self.detailed(&task)?))
+        self.task_result(&request.task_id).await
     }
 
     async fn on_cancelled(

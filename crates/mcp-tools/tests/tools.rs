@@ -777,10 +777,12 @@ impl<T: Transport<RoleServer>> Transport<RoleServer> for Noting<T> {
 
     async fn receive(&mut self) -> Option<RxJsonRpcMessage<RoleServer>> {
         let message = self.inner.receive().await?;
-        if let JsonRpcMessage::Request(request) = &message
-            && let ClientRequest::CallToolRequest(call) = &request.request
-        {
-            self.seen.lock().unwrap().push(call.params.name.to_string());
+        if let JsonRpcMessage::Request(request) = &message {
+            let name = match &request.request {
+                ClientRequest::CallToolRequest(call) => call.params.name.to_string(),
+                other => other.method().to_owned(),
+            };
+            self.seen.lock().unwrap().push(name);
         }
         Some(message)
     }
@@ -790,27 +792,34 @@ impl<T: Transport<RoleServer>> Transport<RoleServer> for Noting<T> {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_fast_lane_answers_quick_calls_itself_as_rmcp_would() {
-    let fixture = fixture(ServerOptions::default()).await;
-    let plain = connect(fixture.server.clone(), Client::default()).await;
+/// A client of `server` through a [`FastLane`], and the requests that got through it to
+/// rmcp's service (tool calls by tool name, the rest by method).
+async fn connect_fast(
+    server: McpServer,
+    handler: Client,
+) -> (RunningService<RoleClient, Client>, Arc<Mutex<Vec<String>>>) {
     let seen = Arc::new(Mutex::new(Vec::new()));
     let (server_io, client_io) = tokio::io::duplex(1 << 20);
     let (read, write) = tokio::io::split(server_io);
     let transport = Noting {
-        inner: FastLane::new(
-            AsyncRwTransport::new_server(read, write),
-            fixture.server.clone(),
-        ),
+        inner: FastLane::new(AsyncRwTransport::new_server(read, write), server.clone()),
         seen: seen.clone(),
     };
-    let server = fixture.server.clone();
     tokio::spawn(async move {
         if let Ok(running) = server.serve(transport).await {
             let _ = running.waiting().await;
         }
     });
-    let fast = Client::default().serve(client_io).await.unwrap();
+    let client = handler.serve(client_io).await.unwrap();
+    seen.lock().unwrap().clear(); // `initialize`
+    (client, seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fast_lane_answers_quick_calls_itself_as_rmcp_would() {
+    let fixture = fixture(ServerOptions::default()).await;
+    let plain = connect(fixture.server.clone(), Client::default()).await;
+    let (fast, seen) = connect_fast(fixture.server.clone(), Client::default()).await;
 
     let created = ok(
         &plain,
@@ -884,4 +893,71 @@ async fn the_fast_lane_answers_quick_calls_itself_as_rmcp_would() {
         *seen.lock().unwrap(),
         ["check_task_status", "get_task_result", "check_task_status"]
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fast_lane_answers_tasks_get_as_rmcp_would() {
+    let fixture = fixture(ServerOptions::default()).await;
+    let tasks = Client {
+        tasks: true,
+        ..Client::default()
+    };
+    let plain = connect(fixture.server.clone(), tasks.clone()).await;
+    let (fast, seen) = connect_fast(fixture.server.clone(), tasks).await;
+    let (untasked, untasked_seen) = connect_fast(fixture.server.clone(), Client::default()).await;
+    let response = plain
+        .call_tool_once(
+            CallToolRequestParams::new("execute_command")
+                .with_arguments(args(json!({"command": "sleep 0.2; echo polled"}))),
+        )
+        .await
+        .unwrap();
+    let CallToolResponse::Task(created) = response else {
+        panic!("expected a task, got {response:?}")
+    };
+    let id = created.task.task_id.clone();
+    let get = async |client: &RunningService<RoleClient, Client>, id: &str| {
+        client
+            .peer()
+            .get_task(GetTaskParams::new(id.to_owned()))
+            .await
+            .map(|got| serde_json::to_value(got).unwrap())
+            .map_err(|error| error.to_string())
+    };
+    // While it runs, and once it has finished: the same answers both ways.
+    let mut polls = 0;
+    loop {
+        let lane = get(&fast, &id).await.unwrap();
+        let rmcp = get(&plain, &id).await.unwrap();
+        // The status message carries the progress, which may move between the two reads.
+        if lane["status"] == rmcp["status"] && lane["status"] == "completed" {
+            assert_eq!(lane, rmcp, "the fast lane's tasks/get differs from rmcp's");
+            break;
+        }
+        polls += 1;
+        assert!(polls < 600, "the task never finished: {lane}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        get(&fast, &id)
+            .await
+            .unwrap()
+            .to_string()
+            .contains("polled"),
+        "the result holds the output"
+    );
+    // An unknown id: the same JSON-RPC error.
+    let lane = get(&fast, "0192f3c4-0000-7000-8000-000000000000").await;
+    let rmcp = get(&plain, "0192f3c4-0000-7000-8000-000000000000").await;
+    assert!(lane.is_err());
+    assert_eq!(lane, rmcp);
+    assert!(
+        !seen.lock().unwrap().iter().any(|m| m == "tasks/get"),
+        "tasks/get reached rmcp's service: {:?}",
+        seen.lock().unwrap()
+    );
+    // A client without the tasks extension gets rmcp's answer (an error), from rmcp.
+    let refused = get(&untasked, &id).await;
+    assert!(refused.is_err(), "{refused:?}");
+    assert_eq!(*untasked_seen.lock().unwrap(), ["tasks/get"]);
 }

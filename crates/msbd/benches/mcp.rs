@@ -10,11 +10,13 @@
 //!   other (the count over the wall-clock time of the whole run);
 //! - `mcp_http_call_p50_us`: the same round trip over streamable HTTP on loopback
 //!   (`msbd serve --transport http`);
-//! - `mcp_tasks_get_vs_rmcp_ratio`: the median `tasks/get` of msbd (its durable SQLite store)
-//!   over the median `tasks/get` of a minimal rmcp server whose tasks live in rmcp's in-memory
-//!   `TaskManager`, both in this process over the same in-memory byte stream, measured in turns
-//!   in the same run (the ratio is what the target is about; both medians are in the part as
-//!   `diag_mcp_tasks_get_msbd_us` and `diag_mcp_tasks_get_rmcp_us`).
+//! - `mcp_tasks_get_vs_rmcp_ratio`: the median `tasks/get` of msbd (its durable SQLite store,
+//!   served as `msbd serve` serves it: through its `FastLane`) over the median `tasks/get` of a
+//!   minimal rmcp server whose tasks live in rmcp's in-memory `TaskManager`, both in this
+//!   process over the same in-memory byte stream, measured in turns in the same run (the ratio
+//!   is what the target is about; the medians are in the part as `diag_mcp_tasks_get_msbd_us`
+//!   and `diag_mcp_tasks_get_rmcp_us`, and msbd's through rmcp's own service, without the fast
+//!   lane, as `diag_mcp_tasks_get_msbd_plain_us`).
 //!
 //! Two floors put the round trips in proportion on the machine at hand:
 //! `diag_stdio_pipe_floor_*` (`cat` echoing the same request line over pipes: what any stdio
@@ -27,7 +29,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mcp_tools::{McpServer, ServerOptions};
+use mcp_tools::{FastLane, McpServer, ServerOptions};
 use rmcp::model::{
     CallToolRequestParams, CallToolResponse, CallToolResult, ClientCapabilities, ClientConfig,
     ContentBlock, GetTaskParams, GetTaskResult, Implementation, ServerCapabilities, ServerConfig,
@@ -35,6 +37,7 @@ use rmcp::model::{
 use rmcp::service::{RequestContext, RunningService};
 use rmcp::task_manager::{TaskManager, TaskOptions};
 use rmcp::transport::TokioChildProcess;
+use rmcp::transport::async_rw::AsyncRwTransport;
 use rmcp::{
     ClientHandler, ErrorData as McpError, RoleClient, RoleServer, ServerHandler, ServiceExt,
 };
@@ -103,11 +106,13 @@ fn main() -> BenchResult<()> {
             part.insert("diag_http_floor_p50_us".into(), json!(round(floor)));
         }
         if wanted("mcp_tasks_get_vs_rmcp_ratio") {
-            let (msbd, rmcp) = tasks_get().await?;
+            let (msbd, plain, rmcp) = tasks_get().await?;
             let ratio = msbd / rmcp;
             println!("mcp_tasks_get_vs_rmcp_ratio: {ratio:.2} (target <= 1.5): msbd {msbd:.1} us, rmcp TaskManager {rmcp:.1} us");
+            println!("  msbd through rmcp's own service (no fast lane): diag_mcp_tasks_get_msbd_plain_us {plain:.1} ({:.2} x rmcp)", plain / rmcp);
             part.insert("mcp_tasks_get_vs_rmcp_ratio".into(), json!(round(ratio)));
             part.insert("diag_mcp_tasks_get_msbd_us".into(), json!(round(msbd)));
+            part.insert("diag_mcp_tasks_get_msbd_plain_us".into(), json!(round(plain)));
             part.insert("diag_mcp_tasks_get_rmcp_us".into(), json!(round(rmcp)));
         }
         BenchResult::Ok(())
@@ -524,6 +529,20 @@ async fn duplex_client<S: ServerHandler>(
     Ok(Client { tasks: true }.serve(client_io).await?)
 }
 
+/// Connects a tasks client to msbd's server over an in-memory byte stream, through the
+/// [`FastLane`] `msbd serve` puts in front of rmcp's service on every connection.
+async fn fast_lane_client(server: McpServer) -> BenchResult<RunningService<RoleClient, Client>> {
+    let (server_io, client_io) = tokio::io::duplex(1 << 20);
+    let (read, write) = tokio::io::split(server_io);
+    let transport = FastLane::new(AsyncRwTransport::new_server(read, write), server.clone());
+    tokio::spawn(async move {
+        if let Ok(running) = server.serve(transport).await {
+            let _ = running.waiting().await;
+        }
+    });
+    Ok(Client { tasks: true }.serve(client_io).await?)
+}
+
 /// Starts a task through `tools/call` and returns its id once `tasks/get` says it completed.
 async fn completed_task(
     client: &RunningService<RoleClient, Client>,
@@ -553,7 +572,7 @@ async fn completed_task(
     }
 }
 
-async fn tasks_get() -> BenchResult<(f64, f64)> {
+async fn tasks_get() -> BenchResult<(f64, f64, f64)> {
     let dir = tempfile::tempdir()?;
     let store: Arc<dyn task_core::store::Store> =
         Arc::new(task_core::store::sqlite::SqliteStore::open(
@@ -564,7 +583,9 @@ async fn tasks_get() -> BenchResult<(f64, f64)> {
         sandbox_wrapper::WrapperConfig::new(dir.path().join("data")),
     )
     .await?;
-    let msbd = duplex_client(McpServer::new(wrapper.clone(), ServerOptions::default())).await?;
+    let server = McpServer::new(wrapper.clone(), ServerOptions::default());
+    let msbd = fast_lane_client(server.clone()).await?;
+    let plain = duplex_client(server).await?;
     let rmcp = duplex_client(InMemory {
         tasks: TaskManager::new(),
     })
@@ -572,11 +593,13 @@ async fn tasks_get() -> BenchResult<(f64, f64)> {
     let msbd_id = completed_task(&msbd, "execute_command", json!({"command": "true"})).await?;
     let rmcp_id = completed_task(&rmcp, "anything", json!({})).await?;
     let mut msbd_samples = Vec::with_capacity(TASKS_GET_CALLS);
+    let mut plain_samples = Vec::with_capacity(TASKS_GET_CALLS);
     let mut rmcp_samples = Vec::with_capacity(TASKS_GET_CALLS);
     // In turns, so that both see the same machine.
     for round in 0..(WARMUP + TASKS_GET_CALLS) {
         for (client, id, samples) in [
             (&msbd, &msbd_id, &mut msbd_samples),
+            (&plain, &msbd_id, &mut plain_samples),
             (&rmcp, &rmcp_id, &mut rmcp_samples),
         ] {
             let before = Instant::now();
@@ -590,7 +613,12 @@ async fn tasks_get() -> BenchResult<(f64, f64)> {
         }
     }
     msbd.cancel().await?;
+    plain.cancel().await?;
     rmcp.cancel().await?;
     wrapper.graceful_shutdown(Duration::from_secs(10)).await;
-    Ok((median_us(&mut msbd_samples), median_us(&mut rmcp_samples)))
+    Ok((
+        median_us(&mut msbd_samples),
+        median_us(&mut plain_samples),
+        median_us(&mut rmcp_samples),
+    ))
 }
