@@ -16,9 +16,11 @@
 //! protocol version (checked by `mcp-tools/tests/tools.rs`, which compares both ways).
 
 use std::future::Future;
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::Poll;
+use std::task::{Context, Poll};
+use std::time::Duration;
 
 use rmcp::model::{
     ClientNotification, ClientRequest, ErrorCode, GetMeta, JsonRpcMessage, ProtocolVersion,
@@ -28,6 +30,7 @@ use rmcp::service::{RxJsonRpcMessage, TxJsonRpcMessage};
 use rmcp::transport::Transport;
 use rmcp::{ErrorData as McpError, RoleServer};
 use tokio::sync::mpsc;
+use tokio::task::JoinSet;
 
 use crate::McpServer;
 
@@ -35,7 +38,10 @@ use crate::McpServer;
 /// a task, send notifications or depend on the client's capabilities.
 pub const AT_ONCE_TOOLS: [&str; 3] = ["check_task_status", "list_tasks", "read_task_output"];
 
-type Sending<E> = Pin<Box<dyn Future<Output = Result<(), E>> + Send>>;
+/// How long answers still being made or written are waited for once the client has closed
+/// its side (as long as rmcp waits for its own).
+const DRAIN: Duration = Duration::from_secs(5);
+
 type Answer = Result<ServerResult, McpError>;
 type Answering = Pin<Box<dyn Future<Output = Answer> + Send>>;
 
@@ -49,12 +55,15 @@ pub struct FastLane<T: Transport<RoleServer>> {
     open: bool,
     /// Whether the client declared the tasks extension in its `initialize`.
     tasks_client: bool,
-    /// An answer being written (kept here so that a `receive` cancelled by rmcp's service
-    /// loop finishes it on its next call instead of losing it).
-    sending: Option<Sending<T::Error>>,
-    /// Answers of calls that had to wait, from their tasks.
+    /// Writes that did not finish at once (an HTTP session's worker confirms each): reading
+    /// never waits for a write, as rmcp's own loop never does.
+    sends: JoinSet<()>,
+    /// Answers of calls that had to wait, from their tasks, and how many are still coming.
     finished_tx: mpsc::UnboundedSender<(RequestId, Answer)>,
     finished_rx: mpsc::UnboundedReceiver<(RequestId, Answer)>,
+    outstanding: usize,
+    /// The client closed its side: what is outstanding is answered, then `receive` ends.
+    ended: bool,
 }
 
 impl<T: Transport<RoleServer>> FastLane<T> {
@@ -67,9 +76,11 @@ impl<T: Transport<RoleServer>> FastLane<T> {
             negotiated: None,
             open: false,
             tasks_client: false,
-            sending: None,
+            sends: JoinSet::new(),
             finished_tx,
             finished_rx,
+            outstanding: 0,
+            ended: false,
         }
     }
 
@@ -104,7 +115,7 @@ impl<T: Transport<RoleServer>> FastLane<T> {
             }
             _ => return None,
         };
-        Some((request.id.clone(), answering))
+        Some((request.id.clone(), Box::pin(Guarded(answering))))
     }
 
     /// The JSON-RPC answer, shaped as rmcp shapes results and errors for the negotiated
@@ -154,21 +165,28 @@ where
 
     async fn receive(&mut self) -> Option<RxJsonRpcMessage<RoleServer>> {
         loop {
-            if let Some(sending) = self.sending.as_mut() {
-                let sent = sending.await;
-                self.sending = None;
-                if let Err(error) = sent {
-                    tracing::warn!(%error, "could not write an answer to the client");
-                }
+            if self.ended {
+                self.drain().await;
+                return None;
             }
             let message = tokio::select! {
                 biased;
-                Some((id, result)) = self.finished_rx.recv() => {
-                    let answer = self.response(id, result);
-                    self.sending = Some(Box::pin(self.inner.send(answer)));
+                Some(written) = self.sends.join_next(), if !self.sends.is_empty() => {
+                    if let Err(error) = written {
+                        tracing::warn!(%error, "a write of an answer failed");
+                    }
                     continue;
                 }
-                message = self.inner.receive() => message?,
+                Some((id, answer)) = self.finished_rx.recv() => {
+                    self.outstanding -= 1;
+                    self.write(id, answer).await;
+                    continue;
+                }
+                message = self.inner.receive() => message,
+            };
+            let Some(message) = message else {
+                self.ended = true;
+                continue;
             };
             if let JsonRpcMessage::Request(request) = &message
                 && let ClientRequest::InitializeRequest(initialize) = &request.request
@@ -189,15 +207,13 @@ where
             // One poll here: a call that finishes without waiting is answered with no hand-off.
             let polled = std::future::poll_fn(|cx| Poll::Ready(answering.as_mut().poll(cx))).await;
             match polled {
-                Poll::Ready(result) => {
-                    let answer = self.response(id, result);
-                    self.sending = Some(Box::pin(self.inner.send(answer)));
-                }
+                Poll::Ready(answer) => self.write(id, answer).await,
                 Poll::Pending => {
+                    self.outstanding += 1;
                     let finished = self.finished_tx.clone();
                     tokio::spawn(async move {
-                        let result = answering.await;
-                        let _ = finished.send((id, result));
+                        let answer = answering.await;
+                        let _ = finished.send((id, answer));
                     });
                 }
             }
@@ -205,9 +221,73 @@ where
     }
 
     async fn close(&mut self) -> Result<(), Self::Error> {
-        if let Some(sending) = self.sending.take() {
-            let _ = sending.await;
-        }
+        self.drain().await;
         self.inner.close().await
+    }
+}
+
+impl<T: Transport<RoleServer>> FastLane<T> {
+    /// Writes an answer: at once if the transport takes it without waiting, else on a task
+    /// of its own (in [`FastLane::sends`]). Never suspends, so it cannot be cancelled halfway.
+    async fn write(&mut self, id: RequestId, answer: Answer) {
+        let response = self.response(id, answer);
+        let mut sending = Box::pin(self.inner.send(response));
+        let polled = std::future::poll_fn(|cx| Poll::Ready(sending.as_mut().poll(cx))).await;
+        match polled {
+            Poll::Ready(Ok(())) => {}
+            Poll::Ready(Err(error)) => {
+                tracing::warn!(%error, "could not write an answer to the client");
+            }
+            Poll::Pending => {
+                self.sends.spawn(async move {
+                    if let Err(error) = sending.await {
+                        tracing::warn!(%error, "could not write an answer to the client");
+                    }
+                });
+            }
+        }
+    }
+
+    /// Answers the calls still being made and finishes the writes under way, for up to
+    /// [`DRAIN`]. Cancelled halfway, it takes up where it was on its next call.
+    async fn drain(&mut self) {
+        let deadline = tokio::time::Instant::now() + DRAIN;
+        while self.outstanding > 0 {
+            match tokio::time::timeout_at(deadline, self.finished_rx.recv()).await {
+                Ok(Some((id, answer))) => {
+                    self.outstanding -= 1;
+                    self.write(id, answer).await;
+                }
+                Ok(None) | Err(_) => break,
+            }
+        }
+        while !self.sends.is_empty() {
+            if tokio::time::timeout_at(deadline, self.sends.join_next())
+                .await
+                .is_err()
+            {
+                tracing::warn!("answers still being written when the connection closed");
+                break;
+            }
+        }
+    }
+}
+
+/// A call's answer that turns a panic in its body into an internal error: the body runs on
+/// the connection's own loop, which a bug in one call must not end.
+struct Guarded(Answering);
+
+impl Future for Guarded {
+    type Output = Answer;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Answer> {
+        let answering = &mut self.get_mut().0;
+        match catch_unwind(AssertUnwindSafe(|| answering.as_mut().poll(cx))) {
+            Ok(polled) => polled,
+            Err(_) => Poll::Ready(Err(McpError::internal_error(
+                "msbd failed while answering this call (a bug: please report it); try the call again",
+                None,
+            ))),
+        }
     }
 }

@@ -214,3 +214,58 @@ async fn a_task_answer_over_http_survives_a_restart() {
     client.cancel().await.unwrap();
     daemon.stop().await;
 }
+
+/// Many calls at once on one session, quick ones (answered by msbd's fast lane) among others:
+/// every one is answered (a lane that waited for its writes while the session's worker waited
+/// for it to read would hang the session here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_calls_at_once_on_one_session_are_all_answered() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(dir.path(), TOKEN).await;
+    let client = daemon.connect(TOKEN, Client::default()).await;
+    let created = client
+        .call_tool(
+            CallToolRequestParams::new("submit_task").with_arguments(
+                json!({"task_type": "command", "params": {"command": "echo many"}})
+                    .as_object()
+                    .unwrap()
+                    .clone(),
+            ),
+        )
+        .await
+        .unwrap();
+    let id = created.structured_content.unwrap()["task_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let mut calls = tokio::task::JoinSet::new();
+    for n in 0..96 {
+        let peer = client.peer().clone();
+        let (tool, arguments) = match n % 4 {
+            0 => ("check_task_status", json!({"task_id": id})),
+            1 => ("list_tasks", json!({})),
+            2 => ("read_task_output", json!({"task_id": id})),
+            _ => ("get_task_result", json!({"task_id": id})),
+        };
+        calls.spawn(async move {
+            let params = CallToolRequestParams::new(tool)
+                .with_arguments(arguments.as_object().unwrap().clone());
+            (tool, peer.call_tool(params).await)
+        });
+    }
+    let answered = tokio::time::timeout(Duration::from_secs(60), async {
+        let mut answered = 0;
+        while let Some(joined) = calls.join_next().await {
+            let (tool, result) = joined.unwrap();
+            let result = result.unwrap_or_else(|e| panic!("{tool}: {e}"));
+            assert_ne!(result.is_error, Some(true), "{tool}: {result:?}");
+            answered += 1;
+        }
+        answered
+    })
+    .await
+    .expect("the calls were not all answered within 60 s");
+    assert_eq!(answered, 96);
+    client.cancel().await.unwrap();
+    daemon.stop().await;
+}

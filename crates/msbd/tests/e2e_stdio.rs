@@ -332,3 +332,55 @@ fn sigterm_with_running_tasks_exits_within_the_timeout_and_leaves_nothing() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// A client that sends its last calls and closes stdin at once still gets their answers,
+/// also those that wait for the store (a listing goes to SQLite's reader thread).
+#[test]
+fn answers_to_the_last_calls_before_stdin_closes_are_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = std::process::Command::new(MSBD)
+        .arg("serve")
+        .env("MSB_DATA_DIR", dir.path())
+        .env("MSB_LOG_LEVEL", "warn")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut lines = String::new();
+    lines.push_str(r#"{"jsonrpc":"2.0","id":0,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"raw","version":"0"}}}"#);
+    lines.push('\n');
+    lines.push_str(r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#);
+    lines.push('\n');
+    for id in 1..=5 {
+        let tool = if id % 2 == 1 {
+            "list_tasks"
+        } else {
+            "check_task_status"
+        };
+        lines.push_str(&format!(
+            r#"{{"jsonrpc":"2.0","id":{id},"method":"tools/call","params":{{"name":"{tool}","arguments":{{}}}}}}"#
+        ));
+        lines.push('\n');
+    }
+    stdin.write_all(lines.as_bytes()).unwrap();
+    drop(stdin);
+    let stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut answered = Vec::new();
+    for line in stdout.lines() {
+        let message: Value = serde_json::from_str(&line.unwrap()).unwrap();
+        if let Some(id) = message["id"].as_i64()
+            && id > 0
+        {
+            assert!(
+                message["result"]["structuredContent"].is_object(),
+                "{message}"
+            );
+            answered.push(id);
+        }
+    }
+    answered.sort_unstable();
+    assert_eq!(answered, [1, 2, 3, 4, 5]);
+    assert!(child.wait().unwrap().success());
+}
