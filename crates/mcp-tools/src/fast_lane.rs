@@ -14,6 +14,12 @@
 //! (per-request protocol metadata, say) go to rmcp unchanged. The answer is the one rmcp would
 //! send: the same handler body, the same shaping of results and errors for the negotiated
 //! protocol version (checked by `mcp-tools/tests/tools.rs`, which compares both ways).
+//!
+//! Like rmcp's loop, reading never waits for a write (a write the transport cannot take at
+//! once, as an HTTP session's worker confirming it, goes on on a task), and when the client
+//! closes its side the answers still being made are written first (for up to [`DRAIN`]). One
+//! difference: a `notifications/cancelled` for a lane call still being made does not stop its
+//! answer (these calls only read, and answer within a store read).
 
 use std::future::Future;
 use std::panic::{AssertUnwindSafe, catch_unwind};
