@@ -148,13 +148,54 @@ impl<T: Transport<RoleServer>> FastLane<T> {
             }
         }
     }
+
+    /// Writes an answer: at once if the transport takes it without waiting, else on a task
+    /// of its own (in [`FastLane::sends`]). Never suspends, so it cannot be cancelled halfway.
+    async fn write(&mut self, id: RequestId, answer: Answer) {
+        let response = self.response(id, answer);
+        let mut sending = Box::pin(self.inner.send(response));
+        let polled = std::future::poll_fn(|cx| Poll::Ready(sending.as_mut().poll(cx))).await;
+        match polled {
+            Poll::Ready(Ok(())) => {}
+            Poll::Ready(Err(error)) => {
+                tracing::warn!(%error, "could not write an answer to the client");
+            }
+            Poll::Pending => {
+                self.sends.spawn(async move {
+                    if let Err(error) = sending.await {
+                        tracing::warn!(%error, "could not write an answer to the client");
+                    }
+                });
+            }
+        }
+    }
+
+    /// Answers the calls still being made and finishes the writes under way, for up to
+    /// [`DRAIN`]. Cancelled halfway, it takes up where it was on its next call.
+    async fn drain(&mut self) {
+        let deadline = tokio::time::Instant::now() + DRAIN;
+        while self.outstanding > 0 {
+            match tokio::time::timeout_at(deadline, self.finished_rx.recv()).await {
+                Ok(Some((id, answer))) => {
+                    self.outstanding -= 1;
+                    self.write(id, answer).await;
+                }
+                Ok(None) | Err(_) => break,
+            }
+        }
+        while !self.sends.is_empty() {
+            if tokio::time::timeout_at(deadline, self.sends.join_next())
+                .await
+                .is_err()
+            {
+                tracing::warn!("answers still being written when the connection closed");
+                break;
+            }
+        }
+    }
 }
 
-impl<T> Transport<RoleServer> for FastLane<T>
-where
-    T: Transport<RoleServer>,
-    T::Error: 'static,
-{
+impl<T: Transport<RoleServer>> Transport<RoleServer> for FastLane<T> {
     type Error = T::Error;
 
     fn send(
@@ -229,53 +270,6 @@ where
     async fn close(&mut self) -> Result<(), Self::Error> {
         self.drain().await;
         self.inner.close().await
-    }
-}
-
-impl<T: Transport<RoleServer>> FastLane<T> {
-    /// Writes an answer: at once if the transport takes it without waiting, else on a task
-    /// of its own (in [`FastLane::sends`]). Never suspends, so it cannot be cancelled halfway.
-    async fn write(&mut self, id: RequestId, answer: Answer) {
-        let response = self.response(id, answer);
-        let mut sending = Box::pin(self.inner.send(response));
-        let polled = std::future::poll_fn(|cx| Poll::Ready(sending.as_mut().poll(cx))).await;
-        match polled {
-            Poll::Ready(Ok(())) => {}
-            Poll::Ready(Err(error)) => {
-                tracing::warn!(%error, "could not write an answer to the client");
-            }
-            Poll::Pending => {
-                self.sends.spawn(async move {
-                    if let Err(error) = sending.await {
-                        tracing::warn!(%error, "could not write an answer to the client");
-                    }
-                });
-            }
-        }
-    }
-
-    /// Answers the calls still being made and finishes the writes under way, for up to
-    /// [`DRAIN`]. Cancelled halfway, it takes up where it was on its next call.
-    async fn drain(&mut self) {
-        let deadline = tokio::time::Instant::now() + DRAIN;
-        while self.outstanding > 0 {
-            match tokio::time::timeout_at(deadline, self.finished_rx.recv()).await {
-                Ok(Some((id, answer))) => {
-                    self.outstanding -= 1;
-                    self.write(id, answer).await;
-                }
-                Ok(None) | Err(_) => break,
-            }
-        }
-        while !self.sends.is_empty() {
-            if tokio::time::timeout_at(deadline, self.sends.join_next())
-                .await
-                .is_err()
-            {
-                tracing::warn!("answers still being written when the connection closed");
-                break;
-            }
-        }
     }
 }
 

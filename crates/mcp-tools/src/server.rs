@@ -602,9 +602,7 @@ impl McpServer {
             outcome.unwrap_or_else(ToolError::into_result)
         })
     }
-}
 
-impl McpServer {
     /// The answer to `tasks/get` for a transport that runs it where it read it
     /// ([`crate::FastLane`], for a client that declared the tasks extension): the same body
     /// as [`ServerHandler::get_task`].
