@@ -29,7 +29,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use sandbox_wrapper::WrapperConfig;
-use sandbox_wrapper::backend::local::IsolationMode;
+use sandbox_wrapper::backend::local::{IsolationLevel, IsolationMode};
 use sandbox_wrapper::backend::microsandbox::MicrosandboxConfig;
 use sandbox_wrapper::backend::{Flavor, VolumeMapping};
 use sandbox_wrapper::output::DEFAULT_OUTPUT_CAP;
@@ -82,6 +82,41 @@ pub enum LogFormat {
     Text,
     /// One JSON object per line, for log collectors.
     Json,
+}
+
+/// How much isolation the local backend uses, and the least it may start with
+/// (`MSB_ISOLATION`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Isolation {
+    /// Every layer the host offers, at whatever level that makes.
+    Strongest,
+    /// Every layer the host offers, and no less than the strong level.
+    Strong,
+    /// Every layer the host offers, and no less than the standard level.
+    Standard,
+    /// None (tests and benchmarks only).
+    Off,
+}
+
+impl Isolation {
+    /// The backend's mode.
+    pub fn mode(self) -> IsolationMode {
+        match self {
+            Isolation::Off => IsolationMode::Off,
+            Isolation::Strongest | Isolation::Strong | Isolation::Standard => {
+                IsolationMode::Strongest
+            }
+        }
+    }
+
+    /// The least level `msbd serve` may start with.
+    pub fn required(self) -> Option<IsolationLevel> {
+        match self {
+            Isolation::Strong => Some(IsolationLevel::Strong),
+            Isolation::Standard => Some(IsolationLevel::Standard),
+            Isolation::Strongest | Isolation::Off => None,
+        }
+    }
 }
 
 /// Where sandboxes run (`MSB_SANDBOX_BACKEND`).
@@ -169,8 +204,12 @@ pub struct Config {
     pub output_cap_bytes: u64,
     /// Where sandboxes run (`MSB_SANDBOX_BACKEND`).
     pub backend: BackendChoice,
-    /// How much isolation the local backend uses (`MSB_ISOLATION`).
-    pub isolation: IsolationMode,
+    /// How much isolation the local backend uses, and the least it may start with
+    /// (`MSB_ISOLATION`).
+    pub isolation: Isolation,
+    /// Where the local backend keeps the sessions' workspaces (`MSB_SANDBOX_DIR`); `None`: the
+    /// backend's default (see [`LocalConfig::sandbox_dir`]).
+    pub sandbox_dir: Option<PathBuf>,
     /// The microsandbox server's base URL, without a trailing `/` (`MSB_SERVER_URL`).
     pub server_url: String,
     /// The microsandbox server's API key (`MSB_API_KEY`).
@@ -521,7 +560,9 @@ impl Config {
                 request_timeout: self.sandbox_start_timeout,
             }),
         };
-        wrapper.isolation = self.isolation;
+        wrapper.isolation = self.isolation.mode();
+        wrapper.required_isolation = self.isolation.required();
+        wrapper.sandbox_dir = self.sandbox_dir.clone();
         wrapper.volumes = self.volumes.clone();
         wrapper.landlock_shim = own_exe;
         wrapper.sessions = SessionConfig {
@@ -1004,14 +1045,27 @@ variables! {
         group = Group::Sandboxes, flag = None, secret = false,
         show = |c| Some(c.backend.to_string());
 
-    /// How much isolation the local backend uses: `strongest` (every layer the host offers;
-    /// `msbd doctor` and the health check say which are missing) or `off` (none: tasks run as
-    /// msbd's own user and can read and write whatever it can; only for tests and benchmarks,
-    /// and msbd logs a loud warning when it starts with it). The microsandbox backend ignores
-    /// it.
-    MSB_ISOLATION: isolation: Choice<IsolationMode> = fixed(Choice(IsolationMode::Strongest)),
+    /// How much isolation the local backend uses: `strongest` (every layer the host offers,
+    /// whatever level that makes; a level below `strong` is logged once at WARN with why, and
+    /// shown by `msbd doctor`, the health check and `/metrics`), `strong` or `standard` (every
+    /// layer the host offers, and `msbd serve` refuses to start, with exit status 2 and the
+    /// failing layer named, when that is below the level named; `docs/sandboxing.md` says what
+    /// each level holds), or `off` (none: tasks run as msbd's own user and can read and write
+    /// whatever it can; only for tests and benchmarks, and msbd logs a loud warning when it
+    /// starts with it). The microsandbox backend ignores it.
+    MSB_ISOLATION: isolation: Choice<Isolation> = fixed(Choice(Isolation::Strongest)),
         group = Group::Sandboxes, flag = None, secret = false,
         show = |c| Some(name_of(c.isolation).to_owned());
+
+    /// Where the local backend keeps the sessions' workspaces. When msbd runs as root,
+    /// sandboxes run as users of their own, which must be able to pass through every parent of
+    /// this directory (mode o+x): the default is `<MSB_DATA_DIR>/sandboxes`, or
+    /// `/var/lib/msbd-sandboxes/<instance>` when a parent of the data directory lets no other
+    /// user through (the data directory under `/root`, mode 0700, say).
+    MSB_SANDBOX_DIR: sandbox_dir: PathValue =
+        derived("`<MSB_DATA_DIR>/sandboxes`, or `/var/lib/msbd-sandboxes/<instance>` (see above)"),
+        group = Group::Sandboxes, flag = None, secret = false,
+        show = |c| c.sandbox_dir.as_ref().map(|p| p.display().to_string());
 
     /// The microsandbox server's base URL; its JSON-RPC endpoint is `<url>/api/v1/rpc`. Used
     /// only with `MSB_SANDBOX_BACKEND=microsandbox`, which supports only `http://` (this build
@@ -1277,6 +1331,7 @@ fn build(
 
     let backend = raw.sandbox_backend.unwrap_or(d.sandbox_backend).0;
     let isolation = raw.isolation.unwrap_or(d.isolation).0;
+    let sandbox_dir = raw.sandbox_dir.map(|path| path.0);
     let server_url = raw.server_url.unwrap_or(d.server_url).0;
     let api_key = raw.api_key;
     let sandbox_start_timeout = raw.sandbox_start_timeout.unwrap_or(d.sandbox_start_timeout);
@@ -1402,7 +1457,7 @@ fn build(
                 ),
             );
         }
-        if isolation == IsolationMode::Off {
+        if isolation == Isolation::Off {
             warnings.push(
                 "MSB_ISOLATION=off has no effect with MSB_SANDBOX_BACKEND=microsandbox: microVMs \
                  are isolated by the microsandbox server"
@@ -1410,7 +1465,7 @@ fn build(
             );
         }
     } else {
-        if isolation == IsolationMode::Off {
+        if isolation == Isolation::Off {
             warnings.push(
                 "MSB_ISOLATION=off: SANDBOXES ARE NOT ISOLATED. Tasks run as msbd's own user, \
                  can read and write everything it can, and reach the network. Use this only for \
@@ -1468,6 +1523,7 @@ fn build(
         output_cap_bytes,
         backend,
         isolation,
+        sandbox_dir,
         server_url,
         api_key,
         sandbox_start_timeout: Duration::from_secs(sandbox_start_timeout),
@@ -2536,10 +2592,12 @@ impl Named for BackendChoice {
     ];
 }
 
-impl Named for IsolationMode {
-    const CHOICES: &'static [(&'static str, IsolationMode)] = &[
-        ("strongest", IsolationMode::Strongest),
-        ("off", IsolationMode::Off),
+impl Named for Isolation {
+    const CHOICES: &'static [(&'static str, Isolation)] = &[
+        ("strongest", Isolation::Strongest),
+        ("strong", Isolation::Strong),
+        ("standard", Isolation::Standard),
+        ("off", Isolation::Off),
     ];
 }
 
@@ -2579,14 +2637,14 @@ mod tests {
     use std::path::PathBuf;
     use std::time::Duration;
 
-    use sandbox_wrapper::backend::local::IsolationMode;
+    use sandbox_wrapper::backend::local::{IsolationLevel, IsolationMode};
     use sandbox_wrapper::backend::{Flavor, VolumeMapping};
     use sandbox_wrapper::output::DEFAULT_OUTPUT_CAP;
     use sandbox_wrapper::wrapper::BackendKind;
 
     use super::{
-        BackendChoice, ConfigError, Database, Loaded, LogFormat, Overrides, REGENERATE_DOCS,
-        Source, Transport, VARIABLES, load, markdown_reference, render,
+        BackendChoice, ConfigError, Database, Isolation, Loaded, LogFormat, Overrides,
+        REGENERATE_DOCS, Source, Transport, VARIABLES, load, markdown_reference, render,
     };
 
     const HOME: (&str, &str) = ("HOME", "/home/ada");
@@ -2661,7 +2719,7 @@ mod tests {
         assert_eq!(c.task_types_file, None);
         assert_eq!(c.output_cap_bytes, DEFAULT_OUTPUT_CAP);
         assert_eq!(c.backend, BackendChoice::Local);
-        assert_eq!(c.isolation, IsolationMode::Strongest);
+        assert_eq!(c.isolation, Isolation::Strongest);
         assert_eq!(c.server_url, "http://127.0.0.1:5555");
         assert!(c.api_key.is_none());
         assert_eq!(c.sandbox_start_timeout, Duration::from_secs(180));
@@ -2736,6 +2794,7 @@ mod tests {
             ("MSB_OUTPUT_CAP_BYTES", "1024"),
             ("MSB_SANDBOX_BACKEND", "microsandbox"),
             ("MSB_ISOLATION", "strongest"),
+            ("MSB_SANDBOX_DIR", "/srv/msbd-sandboxes"),
             ("MSB_SERVER_URL", "http://10.0.0.5:5555/"),
             ("MSB_API_KEY", "key-123"),
             ("MSB_SANDBOX_START_TIMEOUT", "300.0"),
@@ -2749,6 +2808,7 @@ mod tests {
             ("MSB_ORPHAN_CLEANUP_INTERVAL", "900"),
         ]);
         let c = &loaded.config;
+        assert_eq!(c.sandbox_dir, Some(PathBuf::from("/srv/msbd-sandboxes")));
         assert_eq!(c.transport, Transport::Http);
         assert_eq!(c.http_addr, "0.0.0.0:9000".parse::<SocketAddr>().unwrap());
         assert_eq!(
@@ -2866,7 +2926,11 @@ mod tests {
                 "docker",
                 "use one of: local, microsandbox",
             ),
-            ("MSB_ISOLATION", "weak", "use one of: strongest, off"),
+            (
+                "MSB_ISOLATION",
+                "weak",
+                "use one of: strongest, strong, standard, off",
+            ),
             ("MSB_HTTP_ADDR", "localhost:8765", "use 127.0.0.1:8765"),
             ("MSB_HTTP_ADDR", "8765", "is not an IP address and port"),
             ("MSB_SERVER_URL", "127.0.0.1:5555", "is not an http:// URL"),
@@ -3575,9 +3639,28 @@ mod tests {
     }
 
     #[test]
+    fn a_named_isolation_level_is_required_and_strongest_requires_none() {
+        for (value, required) in [
+            ("strongest", None),
+            ("strong", Some(IsolationLevel::Strong)),
+            ("standard", Some(IsolationLevel::Standard)),
+            ("off", None),
+        ] {
+            let loaded = ok(&[("MSB_ISOLATION", value)]);
+            let wrapper = loaded.config.wrapper_config(None).unwrap();
+            assert_eq!(wrapper.required_isolation, required, "{value}");
+            assert_eq!(
+                wrapper.isolation == IsolationMode::Off,
+                value == "off",
+                "{value}"
+            );
+        }
+    }
+
+    #[test]
     fn isolation_off_is_loudly_warned_about() {
         let loaded = ok(&[("MSB_ISOLATION", "off")]);
-        assert_eq!(loaded.config.isolation, IsolationMode::Off);
+        assert_eq!(loaded.config.isolation, Isolation::Off);
         assert!(
             loaded.warnings.iter().any(|w| w.contains("NOT ISOLATED")),
             "{:?}",

@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use sandbox_wrapper::backend::local::{IsolationLevel, LocalBackend, LocalConfig};
+use sandbox_wrapper::backend::local::{IsolationLevel, LocalBackend};
 use sandbox_wrapper::backend::{ExecControl, ExecRequest, Flavor, SandboxBackend, SandboxSpec};
 use sandbox_wrapper::output::OutputSink;
 use task_core::store::Store;
@@ -62,12 +62,33 @@ pub async fn run(config: &Config, own_exe: Option<PathBuf>) -> bool {
 }
 
 async fn sandbox_checks(config: &Config, own_exe: Option<PathBuf>, checks: &mut Vec<Check>) {
+    // Exactly what `msbd serve` would start with (data directory, workspaces, shim, volumes,
+    // uid), under a marker of its own so that a running msbd's orphan sweep leaves it alone.
+    let wrapper = match config.wrapper_config(own_exe) {
+        Ok(wrapper) => wrapper,
+        Err(error) => {
+            checks.push(Check {
+                name: "isolation",
+                ok: false,
+                optional: false,
+                detail: format!("{error:#}"),
+            });
+            return;
+        }
+    };
+    let mut local = wrapper.local_config();
+    local.sandbox_dir = Some(local.sandbox_dir());
+    local.instance_marker = format!("doctor{}", std::process::id());
     let scratch = std::env::temp_dir().join(format!("msbd-doctor-{}", std::process::id()));
-    let marker = format!("doctor{}", std::process::id());
-    let mut local = LocalConfig::new(scratch.join("data"), marker);
-    local.isolation = config.isolation;
-    local.volumes = config.volumes.clone();
-    local.landlock_shim = own_exe;
+    if let Err(error) = std::fs::create_dir_all(&scratch) {
+        checks.push(Check {
+            name: "isolation",
+            ok: false,
+            optional: false,
+            detail: format!("cannot create {}: {error}", scratch.display()),
+        });
+        return;
+    }
     let backend = match LocalBackend::new(local) {
         Ok(backend) => backend,
         Err(error) => {
@@ -77,22 +98,40 @@ async fn sandbox_checks(config: &Config, own_exe: Option<PathBuf>, checks: &mut 
                 optional: false,
                 detail: format!("the local backend cannot start: {error}"),
             });
+            let _ = std::fs::remove_dir_all(&scratch);
             return;
         }
     };
     let report = backend.isolation_report().clone();
-    let mut detail = format!("{:?}: {}", report.level, report.layers).to_lowercase();
+    let mut detail = format!(
+        "{}: {} (workspaces in {})",
+        report.level,
+        report.layers,
+        backend.sandbox_root().display()
+    );
     if !report.missing.is_empty() {
         detail.push_str(&format!("; missing: {}", report.missing.join("; ")));
+    }
+    let required = wrapper.required_isolation;
+    if let Some(required) = required.filter(|r| report.level < *r) {
+        detail.push_str(&format!(
+            "; MSB_ISOLATION={required} requires at least {required}: msbd serve refuses to start"
+        ));
+    } else if report.level < IsolationLevel::Strong
+        && report.missing.iter().any(|m| m.contains("cannot reach"))
+    {
+        detail.push_str(
+            "; set MSB_SANDBOX_DIR to a directory whose parents every user can pass through",
+        );
     }
     checks.push(Check {
         name: "isolation",
         ok: report.level >= IsolationLevel::Strong,
-        optional: true,
+        optional: required.is_none_or(|r| report.level >= r),
         detail,
     });
     let spec = SandboxSpec {
-        session_id: "doctor".into(),
+        session_id: format!("doctor-{}", std::process::id()),
         flavor: Flavor::Small,
         template: "python".into(),
         volumes: Vec::new(),

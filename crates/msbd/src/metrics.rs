@@ -15,6 +15,7 @@
 //! | `msbd_loop_runs_total` | counter | `loop` | the loop's cycles |
 //! | `msbd_loop_errors_total` | counter | `loop` | the loop's errors |
 //! | `msbd_loop_restarts_total` | counter | `loop` | the loop's restarts |
+//! | `msbd_sandbox_isolation` | gauge | `level` | 1 for the local backend's isolation level (`off`, `minimal`, `standard`, `strong`), 0 for the others; absent with microsandbox |
 //! | `msbd_sessions` | gauge | | active sandbox sessions |
 //!
 //! Status names are those of the MCP tools: `pending` (the core's `queued`), `scheduled`,
@@ -31,6 +32,7 @@ use std::fmt::Write as _;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use sandbox_wrapper::Wrapper;
+use sandbox_wrapper::backend::local::IsolationLevel;
 use task_core::{Status, TaskEvent};
 use tokio::sync::broadcast::error::RecvError;
 use tokio::task::JoinHandle;
@@ -263,6 +265,26 @@ impl Metrics {
                 &[("loop", name)],
                 child.restarts,
             );
+        }
+
+        if let Some(report) = self.wrapper.isolation_report() {
+            out.family(
+                "msbd_sandbox_isolation",
+                "gauge",
+                "1 for the isolation level local sandboxes run under, 0 for the others (below strong: the health check says what is missing).",
+            );
+            for level in [
+                IsolationLevel::Off,
+                IsolationLevel::Minimal,
+                IsolationLevel::Standard,
+                IsolationLevel::Strong,
+            ] {
+                out.sample(
+                    "msbd_sandbox_isolation",
+                    &[("level", level.name())],
+                    u64::from(report.level == level),
+                );
+            }
         }
 
         out.family("msbd_sessions", "gauge", "Active sandbox sessions.");

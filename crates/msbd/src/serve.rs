@@ -36,7 +36,16 @@ pub fn run(loaded: Loaded) -> ExitCode {
         Err(error) => {
             tracing::error!("msbd cannot serve: {error:#}");
             eprintln!("msbd: {error:#}");
-            ExitCode::FAILURE
+            match error.downcast_ref::<sandbox_wrapper::WrapperError>() {
+                // A configuration the host cannot meet, as for any other bad setting.
+                Some(sandbox_wrapper::WrapperError::IsolationBelowRequired { .. }) => {
+                    eprintln!(
+                        "msbd: run `msbd doctor` for what each layer needs, or set MSB_ISOLATION=strongest to start with what this host offers"
+                    );
+                    ExitCode::from(2)
+                }
+                _ => ExitCode::FAILURE,
+            }
         }
     }
 }

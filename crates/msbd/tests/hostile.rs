@@ -390,7 +390,157 @@ async fn a_host_without_bubblewrap_or_writable_cgroups_runs_tasks_and_says_what_
     client.cancel().await.unwrap();
     let log = std::fs::read_to_string(&stderr_path).unwrap();
     assert!(
-        log.contains("sandbox isolation is weaker on this host") && log.contains("cgroups"),
+        log.contains("sandbox isolation is")
+            && log.contains("not strong")
+            && log.contains("cgroups"),
         "the log warns: {log}"
     );
+    assert_eq!(
+        log.matches("not strong").count(),
+        1,
+        "the downgrade is logged once: {log}"
+    );
+}
+
+/// `msbd doctor` with these variables (and no others of msbd's): its exit status and output.
+fn doctor(env: &[(&str, &Path)]) -> (Option<i32>, String) {
+    let mut command = std::process::Command::new(MSBD);
+    command
+        .arg("doctor")
+        .env_remove("XDG_DATA_HOME")
+        .env_remove("MSB_DATA_DIR")
+        .stdin(Stdio::null());
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    let output = command.output().unwrap();
+    (
+        output.status.code(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        ),
+    )
+}
+
+/// The level on doctor's isolation line, and the workspace directory it names.
+fn doctor_isolation(output: &str) -> (String, PathBuf) {
+    let line = output
+        .lines()
+        .find(|l| l.contains("] isolation: "))
+        .unwrap_or_else(|| panic!("no isolation line: {output}"));
+    let rest = line.split("] isolation: ").nth(1).unwrap();
+    let level = rest.split(':').next().unwrap().to_owned();
+    let workspaces = rest
+        .split("(workspaces in ")
+        .nth(1)
+        .and_then(|r| r.split(')').next())
+        .unwrap_or_else(|| panic!("no workspace directory: {line}"));
+    (level, PathBuf::from(workspaces))
+}
+
+/// Root's home is mode 0700, so the default data directory (`$HOME/.local/share/msbd`) lay
+/// where the sandbox users, which bubblewrap runs as, could not reach: `serve` ran every
+/// sandbox at the standard level while `doctor`, which checked a scratch directory under
+/// `/tmp`, promised strong. On the same defaults both now report the same level, the one an
+/// open home gets, and a task runs under it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn doctor_and_serve_give_the_same_isolation_on_the_default_data_directory_of_a_private_home()
+{
+    use std::os::unix::fs::PermissionsExt;
+    let open_home = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(open_home.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (code, output) = doctor(&[("HOME", open_home.path())]);
+    assert_eq!(code, Some(0), "{output}");
+    let (open_level, _) = doctor_isolation(&output);
+
+    let home = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(home.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    let (code, output) = doctor(&[("HOME", home.path())]);
+    assert_eq!(code, Some(0), "{output}");
+    let (doctor_level, workspaces) = doctor_isolation(&output);
+    eprintln!("open home: {open_level}; private home: doctor says {doctor_level} ({output})");
+    assert_eq!(doctor_level, open_level);
+    if is_root() {
+        assert!(
+            !workspaces.starts_with(home.path()),
+            "the workspaces are out of the private home: {}",
+            workspaces.display()
+        );
+    }
+
+    let mut command = tokio::process::Command::new(MSBD);
+    command
+        .arg("serve")
+        .env_remove("XDG_DATA_HOME")
+        .env_remove("MSB_DATA_DIR")
+        .env("HOME", home.path())
+        .env("MSB_LOG_LEVEL", "warn")
+        .stderr(Stdio::inherit());
+    let client = Client::default()
+        .serve(TokioChildProcess::new(command).unwrap())
+        .await
+        .unwrap();
+    let health = ok(&client, "health_check", json!({})).await;
+    let serve_level = health["components"]["sandbox"]["isolation_report"]["level"].clone();
+    assert_eq!(serve_level, json!(doctor_level), "{health}");
+    let id = submit(&client, "echo in the workspace > f && cat f").await;
+    wait_status(&client, &id, "completed").await;
+    let done = ok(&client, "get_task_result", json!({"task_id": id})).await;
+    assert!(done.to_string().contains("in the workspace"), "{done}");
+    client.cancel().await.unwrap();
+    if is_root() {
+        let _ = std::fs::remove_dir_all(&workspaces);
+    }
+}
+
+/// `MSB_ISOLATION=strong` on a host, or a configuration, that cannot give it: `serve` stops
+/// with exit status 2 and says which layer failed and why; `doctor` fails the same check.
+#[test]
+fn a_required_isolation_level_that_cannot_be_had_stops_serve_with_status_2_naming_the_cause() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let closed = dir.path().join("closed");
+    std::fs::create_dir(&closed).unwrap();
+    std::fs::set_permissions(&closed, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let workspaces = closed.join("workspaces");
+    let data = dir.path().join("data");
+    // As root, strong is had here only with reachable workspaces; without root, never.
+    let expected_cause = if is_root() {
+        format!(
+            "{} (mode 0700) lets no other user pass through",
+            closed.display()
+        )
+    } else {
+        "uid drop: msbd is not root".to_owned()
+    };
+    let run = |program_args: &[&str]| {
+        let output = std::process::Command::new(MSBD)
+            .args(program_args)
+            .env("MSB_DATA_DIR", &data)
+            .env("MSB_SANDBOX_DIR", &workspaces)
+            .env("MSB_ISOLATION", "strong")
+            .env("MSB_LOG_LEVEL", "warn")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        (
+            output.status.code(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            ),
+        )
+    };
+    let (code, said) = run(&["serve"]);
+    assert_eq!(code, Some(2), "{said}");
+    assert!(said.contains("below the required strong"), "{said}");
+    assert!(said.contains(&expected_cause), "{said}");
+    let (code, said) = run(&["doctor"]);
+    assert_eq!(code, Some(1), "{said}");
+    assert!(said.contains("[FAIL] isolation"), "{said}");
+    assert!(said.contains(&expected_cause), "{said}");
 }

@@ -72,4 +72,4 @@ pub mod supervisor;
 pub mod task_types;
 pub mod wrapper;
 
-pub use wrapper::{Wrapper, WrapperConfig};
+pub use wrapper::{Wrapper, WrapperConfig, WrapperError};

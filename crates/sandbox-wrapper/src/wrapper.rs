@@ -19,7 +19,9 @@ use task_core::store::postgres::PostgresStore;
 use task_core::store::{Store, Submitted};
 use task_core::{Engine, EngineConfig, NewTask, TaskId};
 
-use crate::backend::local::{IsolationMode, IsolationReport, LocalBackend, LocalConfig};
+use crate::backend::local::{
+    IsolationLevel, IsolationMode, IsolationReport, LocalBackend, LocalConfig,
+};
 use crate::backend::microsandbox::{MicrosandboxBackend, MicrosandboxConfig};
 use crate::backend::{BackendError, SandboxBackend, VolumeMapping};
 use crate::handlers::{CodeHandler, CommandHandler, HandlerShared, OperatorHandler};
@@ -53,6 +55,12 @@ pub struct WrapperConfig {
     pub backend: BackendKind,
     /// How much isolation the local backend uses.
     pub isolation: IsolationMode,
+    /// The weakest isolation the local backend may start with: below it, [`Wrapper::start`]
+    /// fails with [`WrapperError::IsolationBelowRequired`]. `None`: any level.
+    pub required_isolation: Option<IsolationLevel>,
+    /// Where the local backend keeps the sessions' workspaces; `None`: see
+    /// [`LocalConfig::sandbox_dir`].
+    pub sandbox_dir: Option<PathBuf>,
     /// Host directories bound into every local sandbox.
     pub volumes: Vec<VolumeMapping>,
     /// The Landlock shim (see [`crate::backend::local::shim`]): `msbd` passes its own path.
@@ -76,6 +84,24 @@ pub struct WrapperConfig {
 }
 
 impl WrapperConfig {
+    /// This instance's marker: the one set, else one derived from the data directory.
+    pub fn marker(&self) -> String {
+        self.instance_marker
+            .clone()
+            .unwrap_or_else(|| marker_for(&self.data_dir))
+    }
+
+    /// The local backend's configuration, as [`Wrapper::start`] makes it (`msbd doctor` checks
+    /// the same one).
+    pub fn local_config(&self) -> LocalConfig {
+        let mut local = LocalConfig::new(&self.data_dir, self.marker());
+        local.isolation = self.isolation;
+        local.sandbox_dir = self.sandbox_dir.clone();
+        local.volumes = self.volumes.clone();
+        local.landlock_shim = self.landlock_shim.clone();
+        local
+    }
+
     /// The defaults, on a data directory.
     pub fn new(data_dir: impl Into<PathBuf>) -> WrapperConfig {
         WrapperConfig {
@@ -83,6 +109,8 @@ impl WrapperConfig {
             instance_marker: None,
             backend: BackendKind::Local,
             isolation: IsolationMode::Strongest,
+            required_isolation: None,
+            sandbox_dir: None,
             volumes: Vec::new(),
             landlock_shim: None,
             sessions: SessionConfig::default(),
@@ -104,6 +132,19 @@ pub enum WrapperError {
     /// The engine could not start.
     #[error("task engine: {0}")]
     Engine(#[from] task_core::Error),
+    /// The local backend's isolation is weaker than the configuration requires.
+    #[error(
+        "sandbox isolation on this host is {level}, below the required {required}: {}",
+        missing.join("; ")
+    )]
+    IsolationBelowRequired {
+        /// The level the host gives.
+        level: IsolationLevel,
+        /// The level required.
+        required: IsolationLevel,
+        /// The layers that are missing, each with why.
+        missing: Vec<String>,
+    },
     /// A file could not be used.
     #[error("{action}: {source}")]
     Io {
@@ -307,19 +348,25 @@ impl Wrapper {
             action: format!("creating the data directory {}", config.data_dir.display()),
             source,
         })?;
-        let marker = config
-            .instance_marker
-            .clone()
-            .unwrap_or_else(|| marker_for(&config.data_dir));
+        let marker = config.marker();
         let (backend, isolation_report): (Arc<dyn SandboxBackend>, Option<IsolationReport>) =
             match &config.backend {
                 BackendKind::Local => {
-                    let mut local = LocalConfig::new(&config.data_dir, marker.clone());
-                    local.isolation = config.isolation;
-                    local.volumes = config.volumes.clone();
-                    local.landlock_shim = config.landlock_shim.clone();
-                    let backend = LocalBackend::new(local)?;
+                    let backend = LocalBackend::new(config.local_config())?;
                     let report = backend.isolation_report().clone();
+                    if let Some(required) = config.required_isolation
+                        && report.level < required
+                    {
+                        return Err(WrapperError::IsolationBelowRequired {
+                            level: report.level,
+                            required,
+                            missing: report.missing,
+                        });
+                    }
+                    tracing::info!(
+                        workspaces = %backend.sandbox_root().display(),
+                        "sandbox workspaces"
+                    );
                     (Arc::new(backend), Some(report))
                 }
                 BackendKind::Microsandbox(microsandbox) => {
@@ -333,9 +380,17 @@ impl Wrapper {
         let backend_name = backend.name();
         let isolation = backend.isolation();
         tracing::info!(backend = backend_name, %isolation, "sandbox backend ready");
-        // What the host lacks is worth a warning: tasks run, but with less isolation.
-        for missing in isolation_report.iter().flat_map(|r| r.missing.iter()) {
-            tracing::warn!("sandbox isolation is weaker on this host: {missing}");
+        // A weaker level than the strong one is allowed (no level was required, or a weaker
+        // one): said once, with why.
+        if let Some(report) = &isolation_report
+            && report.level < IsolationLevel::Strong
+        {
+            tracing::warn!(
+                level = %report.level,
+                "sandbox isolation is {}, not strong: {}",
+                report.level,
+                report.missing.join("; ")
+            );
         }
         let sessions = SessionManager::new(backend, config.sessions.clone());
         // Whatever a previous run left behind goes before anything new starts.
@@ -627,6 +682,11 @@ impl Wrapper {
     /// The isolation in use, in words.
     pub fn isolation(&self) -> &str {
         &self.inner.isolation
+    }
+
+    /// The local backend's isolation level and what is missing (`None` for microsandbox).
+    pub fn isolation_report(&self) -> Option<&IsolationReport> {
+        self.inner.isolation_report.as_ref()
     }
 
     /// A task of a type with its params, with an operator-defined type's defaults applied

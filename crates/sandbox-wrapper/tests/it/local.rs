@@ -23,7 +23,11 @@ pub(crate) struct Fixture {
 }
 
 pub(crate) fn fixture() -> Fixture {
+    use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().unwrap();
+    // The workspaces under the data directory (see `LocalConfig::sandbox_dir`): the sandbox
+    // users pass through it when the tests run as root.
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let marker = format!("test{}-{}", std::process::id(), rand_suffix());
     let mut config = LocalConfig::new(dir.path().join("data"), marker.clone());
     config.landlock_shim = Some(shim());
@@ -944,4 +948,125 @@ async fn directories_left_half_made_or_half_removed_are_swept() {
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .collect();
     assert_eq!(left, vec![".new-someoneelse-made-1-0".to_owned()]);
+}
+
+/// Whether a test that needs root can run: it fails without root unless
+/// `MSBD_TEST_ALLOW_UNPRIVILEGED` is set, and then says it skipped.
+fn root_or_opt_out(what: &str) -> bool {
+    if is_root() {
+        return true;
+    }
+    assert!(
+        std::env::var_os("MSBD_TEST_ALLOW_UNPRIVILEGED").is_some(),
+        "{what} needs root: run the tests as root, or set MSBD_TEST_ALLOW_UNPRIVILEGED=1 to skip it"
+    );
+    eprintln!("skipped (MSBD_TEST_ALLOW_UNPRIVILEGED is set): {what} needs root");
+    false
+}
+
+/// The level and workspace directory of a backend on `data_dir` (made fresh), with a session
+/// that ran a command writing in its work directory.
+async fn level_and_root(data_dir: &Path, marker: &str) -> (IsolationLevel, std::path::PathBuf) {
+    let mut config = LocalConfig::new(data_dir, marker);
+    config.landlock_shim = Some(shim());
+    let backend = LocalBackend::new(config).unwrap();
+    let report = backend.isolation_report().clone();
+    eprintln!(
+        "{}: {} — {} (missing: {:?}; workspaces in {})",
+        data_dir.display(),
+        report.level,
+        report.layers,
+        report.missing,
+        backend.sandbox_root().display()
+    );
+    let spec = SandboxSpec {
+        session_id: "reach".into(),
+        flavor: Flavor::Small,
+        template: "python".into(),
+        volumes: Vec::new(),
+    };
+    let sandbox = backend.create(&spec).await.unwrap();
+    let sink = OutputSink::create(data_dir.join("reach.out"), 1 << 16).unwrap();
+    let request = ExecRequest {
+        argv: vec![
+            "/bin/sh".into(),
+            "-c".into(),
+            "echo written > f && cat f && cat \"$HOME/f\"".into(),
+        ],
+        timeout: Some(Duration::from_secs(30)),
+        ..ExecRequest::default()
+    };
+    let outcome = backend
+        .exec(
+            &sandbox,
+            request,
+            &sink,
+            ExecControl::new(CancellationToken::new()),
+        )
+        .await
+        .unwrap();
+    let output = std::fs::read_to_string(sink.path()).unwrap();
+    assert!(outcome.success(), "{outcome:?}: {output}");
+    assert_eq!(output, "written\nwritten\n");
+    backend.stop(&sandbox).await.unwrap();
+    (report.level, backend.sandbox_root().to_path_buf())
+}
+
+/// Run as root on the defaults, the data directory is under `/root` (mode 0700): bubblewrap,
+/// started as the sandbox's own user, could not reach the workspaces there and every sandbox
+/// silently ran at the standard level. The workspaces now go where that user can reach them,
+/// and the level is the one an open directory gets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_data_directory_behind_a_private_directory_gets_the_same_isolation_as_an_open_one() {
+    use std::os::unix::fs::PermissionsExt;
+    let open = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(open.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let private = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(private.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    let marker = format!("test{}-private-{}", std::process::id(), rand_suffix());
+    let (open_level, _) = level_and_root(&open.path().join("data"), &format!("{marker}o")).await;
+    let (private_level, root) = level_and_root(&private.path().join("data"), &marker).await;
+    assert_eq!(private_level, open_level);
+    if is_root() {
+        let fallback = Path::new(sandbox_wrapper::backend::local::FALLBACK_SANDBOX_ROOT);
+        assert_eq!(root, fallback.join(&marker));
+        std::fs::remove_dir_all(&root).unwrap();
+        if open_level < IsolationLevel::Strong {
+            eprintln!(
+                "this host does not offer the strong level: compared {open_level} with {private_level}"
+            );
+        }
+    } else {
+        assert!(root.starts_with(private.path()), "{}", root.display());
+    }
+}
+
+/// A workspace directory set behind a directory the sandbox users cannot pass through: the
+/// report names that directory and its mode, rather than "`true` ended with exit status 1".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sandbox_directory_the_sandbox_users_cannot_reach_is_named_in_the_report() {
+    use std::os::unix::fs::PermissionsExt;
+    if !root_or_opt_out("running sandboxes as users of their own") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let closed = dir.path().join("closed");
+    std::fs::create_dir(&closed).unwrap();
+    std::fs::set_permissions(&closed, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let marker = format!("test{}-closed-{}", std::process::id(), rand_suffix());
+    let mut config = LocalConfig::new(dir.path().join("data"), marker);
+    config.sandbox_dir = Some(closed.join("workspaces"));
+    config.landlock_shim = Some(shim());
+    let backend = LocalBackend::new(config).unwrap();
+    let report = backend.isolation_report();
+    assert!(report.level < IsolationLevel::Strong, "{report:?}");
+    let missing = report.missing.join("; ");
+    assert!(
+        missing.contains(&format!(
+            "{} (mode 0700) lets no other user pass through",
+            closed.display()
+        )),
+        "{missing}"
+    );
 }

@@ -60,8 +60,11 @@ pub enum IsolationMode {
 /// The local backend's configuration.
 #[derive(Clone, Debug)]
 pub struct LocalConfig {
-    /// msbd's data directory: work directories go under `<data_dir>/sandboxes/`.
+    /// msbd's data directory (the seccomp program is written there).
     pub data_dir: PathBuf,
+    /// The directory that holds the sessions' workspaces; `None`:
+    /// [`LocalConfig::sandbox_dir`] picks it.
+    pub sandbox_dir: Option<PathBuf>,
     /// This instance's marker, carried by everything it creates (cgroups `msbd-<marker>`,
     /// directories, the `MSBD_SANDBOX` variable of every process), so that the orphan sweep
     /// removes only this instance's leftovers. Keep it stable across restarts of one instance.
@@ -89,6 +92,7 @@ impl LocalConfig {
     pub fn new(data_dir: impl Into<PathBuf>, instance_marker: impl Into<String>) -> LocalConfig {
         LocalConfig {
             data_dir: data_dir.into(),
+            sandbox_dir: None,
             instance_marker: instance_marker.into(),
             isolation: IsolationMode::Strongest,
             sandbox_uid_base: 200_000,
@@ -98,6 +102,81 @@ impl LocalConfig {
             landlock_shim: None,
         }
     }
+
+    /// Whether sandboxes run as users of their own: msbd is root and isolation is on.
+    pub fn drops_uid(&self) -> bool {
+        self.isolation != IsolationMode::Off
+            && self.sandbox_uid_count > 0
+            && nix::unistd::geteuid().is_root()
+    }
+
+    /// The directory that holds the sessions' workspaces: the one set, else
+    /// `<data_dir>/sandboxes`, unless sandboxes run as users of their own and one of the data
+    /// directory's parents lets no other user pass through (`/root`, mode 0700): then
+    /// [`FALLBACK_SANDBOX_ROOT`]`/<instance marker>`, so that bubblewrap, which runs as the
+    /// sandbox's user, can reach every workspace.
+    pub fn sandbox_dir(&self) -> PathBuf {
+        if let Some(dir) = &self.sandbox_dir {
+            return dir.clone();
+        }
+        let data_dir = self
+            .data_dir
+            .canonicalize()
+            .unwrap_or_else(|_| self.data_dir.clone());
+        if self.drops_uid() && closed_to_others(&data_dir).is_some() {
+            Path::new(FALLBACK_SANDBOX_ROOT).join(&self.instance_marker)
+        } else {
+            data_dir.join("sandboxes")
+        }
+    }
+}
+
+/// Where the workspaces go when the data directory lies behind a directory that other users
+/// cannot pass through (see [`LocalConfig::sandbox_dir`]).
+pub const FALLBACK_SANDBOX_ROOT: &str = "/var/lib/msbd-sandboxes";
+
+/// A directory on the way to a path that users other than its owner and group cannot pass
+/// through (no search bit for others), with its mode.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClosedDirectory {
+    /// The directory.
+    pub path: PathBuf,
+    /// Its permission bits.
+    pub mode: u32,
+}
+
+impl std::fmt::Display for ClosedDirectory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} (mode {:04o}) lets no other user pass through",
+            self.path.display(),
+            self.mode
+        )
+    }
+}
+
+/// The first existing directory strictly above `path` (absolute) that other users cannot pass
+/// through. Sandboxes run as users of their own when msbd is root: bubblewrap, started as that
+/// user, must resolve the workspace's path itself.
+pub fn closed_to_others(path: &Path) -> Option<ClosedDirectory> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut current = PathBuf::new();
+    let components: Vec<_> = path.components().collect();
+    for component in components.iter().take(components.len().saturating_sub(1)) {
+        current.push(component);
+        let Ok(meta) = std::fs::metadata(&current) else {
+            return None;
+        };
+        let mode = meta.permissions().mode() & 0o7777;
+        if meta.is_dir() && mode & 0o001 == 0 {
+            return Some(ClosedDirectory {
+                path: current,
+                mode,
+            });
+        }
+    }
+    None
 }
 
 /// How strong the isolation in use is, in one word.
@@ -115,6 +194,24 @@ pub enum IsolationLevel {
     Strong,
 }
 
+impl IsolationLevel {
+    /// Its name: `off`, `minimal`, `standard` or `strong`.
+    pub fn name(self) -> &'static str {
+        match self {
+            IsolationLevel::Off => "off",
+            IsolationLevel::Minimal => "minimal",
+            IsolationLevel::Standard => "standard",
+            IsolationLevel::Strong => "strong",
+        }
+    }
+}
+
+impl std::fmt::Display for IsolationLevel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// What isolation the local backend uses, and why not more.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IsolationReport {
@@ -129,6 +226,8 @@ pub struct IsolationReport {
 /// The local backend. Cheap to share behind an `Arc`.
 pub struct LocalBackend {
     config: LocalConfig,
+    /// Where the sessions' workspaces are (resolved, absolute).
+    sandbox_root: PathBuf,
     cgroups: Cgroups,
     /// Whether processes run as per-session unprivileged users (msbd is root).
     drop_uid: bool,
@@ -190,18 +289,45 @@ impl LocalBackend {
         for volume in &config.volumes {
             check_volume(volume)?;
         }
-        let root = config.data_dir.join("sandboxes");
-        std::fs::create_dir_all(&root)
-            .map_err(|e| BackendError::io(format!("creating {}", root.display()), e))?;
-        set_mode(&root, 0o711)?;
-        set_mode(&config.data_dir, 0o711)?;
-        // bubblewrap resolves relative paths inside the sandbox: work with the absolute one.
         let mut config = config;
+        std::fs::create_dir_all(&config.data_dir)
+            .map_err(|e| BackendError::io(format!("creating {}", config.data_dir.display()), e))?;
+        // bubblewrap resolves relative paths inside the sandbox: work with absolute ones.
         config.data_dir = config
             .data_dir
             .canonicalize()
             .map_err(|e| BackendError::io(format!("resolving {}", config.data_dir.display()), e))?;
+        let root = config.sandbox_dir();
+        std::fs::create_dir_all(&root)
+            .map_err(|e| BackendError::io(format!("creating {}", root.display()), e))?;
+        set_mode(&root, 0o711)?;
+        let root = root
+            .canonicalize()
+            .map_err(|e| BackendError::io(format!("resolving {}", root.display()), e))?;
+        if root.starts_with(&config.data_dir) {
+            // Sandbox users pass through the data directory to their workspaces.
+            for dir in root
+                .ancestors()
+                .take_while(|d| d.starts_with(&config.data_dir))
+            {
+                set_mode(dir, 0o711)?;
+            }
+        } else if let Some(parent) = root.parent()
+            && parent == Path::new(FALLBACK_SANDBOX_ROOT)
+        {
+            set_mode(parent, 0o711)?;
+        }
+        config.sandbox_dir = Some(root.clone());
+        if config.drops_uid()
+            && let Some(shim) = config.landlock_shim.clone()
+            && reachable_program(&shim).is_err()
+        {
+            // bubblewrap binds the shim into the sandbox as the sandbox's user: a copy it can
+            // reach, made anew at every start.
+            config.landlock_shim = Some(copy_shim(&shim, &root, &config.instance_marker)?);
+        }
         let mut backend = LocalBackend {
+            sandbox_root: root,
             cgroups: Cgroups::none(),
             drop_uid: false,
             uids: Mutex::new(std::collections::BTreeSet::new()),
@@ -345,7 +471,35 @@ impl LocalBackend {
 
     /// Runs `true` under the current layers, to see that they work on this host.
     fn probe(&self) -> Result<(), String> {
-        let dir = self.config.data_dir.join("sandboxes").join(PROBE_SESSION);
+        if self.drop_uid && self.bwrap.is_some() {
+            // bubblewrap runs as the sandbox's user and must reach the workspace, the shim and
+            // the volumes by their paths: say which directory stops it, not just that it failed.
+            let id = self.config.sandbox_uid_base;
+            if let Some(closed) = closed_to_others(&self.sandbox_root.join("probe")) {
+                return Err(format!(
+                    "the sandbox users (uid {id} and up) cannot reach the workspaces under {}: {closed}; use a sandbox directory whose parents every user can pass through (mode o+x)",
+                    self.sandbox_root.display()
+                ));
+            }
+            if let Some(shim) = &self.shim
+                && let Err(reason) = reachable_program(shim)
+            {
+                return Err(format!(
+                    "the sandbox users (uid {id} and up) cannot reach the shim: {reason}"
+                ));
+            }
+            for volume in &self.config.volumes {
+                if let Some(closed) = closed_to_others(&volume.host.join("x")) {
+                    return Err(format!(
+                        "the sandbox users (uid {id} and up) cannot reach volume {}: {closed}",
+                        volume.host.display()
+                    ));
+                }
+            }
+        }
+        let dir = self
+            .sandbox_root
+            .join(format!("{PROBE_SESSION}-{}", self.config.instance_marker));
         std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
         let uid = self.drop_uid.then(|| {
             let id = self.config.sandbox_uid_base;
@@ -371,14 +525,22 @@ impl LocalBackend {
         );
         let result = spawn::command(launch)
             .and_then(|mut command| {
-                let (mut child, _owned) = spawn::spawn_owned_std(&mut command)?;
-                child.wait()
+                let (child, _owned) = spawn::spawn_owned_std(&mut command)?;
+                child.wait_with_output()
             })
             .map_err(|e| e.to_string());
         let _ = std::fs::remove_dir_all(&dir);
         match result {
-            Ok(status) if status.success() => Ok(()),
-            Ok(status) => Err(format!("`true` ended with {status}")),
+            Ok(output) if output.status.success() => Ok(()),
+            Ok(output) => {
+                let said = String::from_utf8_lossy(&output.stderr);
+                let said = said.trim();
+                if said.is_empty() {
+                    Err(format!("`true` ended with {}", output.status))
+                } else {
+                    Err(format!("`true` ended with {}: {said}", output.status))
+                }
+            }
             Err(error) => Err(error),
         }
     }
@@ -386,6 +548,11 @@ impl LocalBackend {
     /// The isolation in use, and what is missing.
     pub fn isolation_report(&self) -> &IsolationReport {
         &self.report
+    }
+
+    /// The directory that holds the sessions' workspaces (see [`LocalConfig::sandbox_dir`]).
+    pub fn sandbox_root(&self) -> &Path {
+        &self.sandbox_root
     }
 
     /// The work directory of a live sandbox.
@@ -903,7 +1070,7 @@ impl LocalBackend {
         name: String,
         uid: Option<(Uid, Gid, u32)>,
     ) -> Result<SandboxInfo, BackendError> {
-        let root = self.config.data_dir.join("sandboxes");
+        let root = self.sandbox_root.clone();
         let home = root.join(&spec.session_id);
         let work_dir = home.join("work");
         // Made under a scratch name that carries the marker, then renamed into place: msbd
@@ -1073,6 +1240,43 @@ async fn read_some<R: tokio::io::AsyncRead + Unpin>(
     }
 }
 
+/// Whether other users can reach and run `program`; the reason when not.
+fn reachable_program(program: &Path) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    if let Some(closed) = closed_to_others(program) {
+        return Err(closed.to_string());
+    }
+    let mode = std::fs::metadata(program)
+        .map_err(|e| format!("{}: {e}", program.display()))?
+        .permissions()
+        .mode();
+    if mode & 0o001 == 0 {
+        return Err(format!(
+            "{} (mode {:04o}) cannot be run by other users",
+            program.display(),
+            mode & 0o7777
+        ));
+    }
+    Ok(())
+}
+
+/// Copies the Landlock shim to `<root>/.shim-<marker>` (mode 0755), replacing an older copy
+/// at once (a running sandbox keeps the one it started with).
+fn copy_shim(shim: &Path, root: &Path, marker: &str) -> Result<PathBuf, BackendError> {
+    let target = root.join(format!(".shim-{marker}"));
+    let scratch = root.join(format!(".shim-{marker}.{}", std::process::id()));
+    std::fs::copy(shim, &scratch).map_err(|e| {
+        BackendError::io(
+            format!("copying {} to {}", shim.display(), scratch.display()),
+            e,
+        )
+    })?;
+    set_mode(&scratch, 0o755)?;
+    std::fs::rename(&scratch, &target)
+        .map_err(|e| BackendError::io(format!("placing {}", target.display()), e))?;
+    Ok(target)
+}
+
 fn set_mode(path: &Path, mode: u32) -> Result<(), BackendError> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
@@ -1231,7 +1435,7 @@ impl SandboxBackend for LocalBackend {
             kill_marked_processes(&self.config.instance_marker, |s| {
                 s == sandbox.info.session_id
             });
-            let root = self.config.data_dir.join("sandboxes");
+            let root = self.sandbox_root.clone();
             let home = root.join(&sandbox.info.session_id);
             // Out of the way under a scratch name that carries the marker first: msbd killed
             // while the tree is removed (its marker file may go first) leaves a directory the
@@ -1306,7 +1510,7 @@ impl SandboxBackend for LocalBackend {
             }
             report.processes += kill_marked_processes(&self.config.instance_marker, orphan);
             spawn::reap_orphans();
-            let root = self.config.data_dir.join("sandboxes");
+            let root = self.sandbox_root.clone();
             if let Ok(entries) = std::fs::read_dir(&root) {
                 for entry in entries.flatten() {
                     let Some(session) = entry.file_name().to_str().map(str::to_owned) else {
