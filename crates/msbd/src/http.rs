@@ -980,6 +980,7 @@ mod tests {
             ("msbd_loop_runs_total", "counter"),
             ("msbd_loop_errors_total", "counter"),
             ("msbd_loop_restarts_total", "counter"),
+            ("msbd_sandbox_isolation", "gauge"),
             ("msbd_sessions", "gauge"),
         ] {
             assert!(
@@ -994,6 +995,22 @@ mod tests {
         assert!(text.contains("\nmsbd_leases_lost_total 0\n"), "{text}");
         assert!(text.contains("msbd_loop_runs_total{loop=\""), "{text}");
         assert!(text.contains("msbd_loop_healthy{loop=\""), "{text}");
+        // The level the backend reports is the one set to 1, and only it.
+        let level = fixture
+            .server
+            .wrapper()
+            .isolation_report()
+            .expect("the local backend reports its isolation")
+            .level;
+        for other in ["off", "minimal", "standard", "strong"] {
+            let value = u8::from(other == level.name());
+            assert!(
+                text.contains(&format!(
+                    "\nmsbd_sandbox_isolation{{level=\"{other}\"}} {value}\n"
+                )),
+                "{other}: {text}"
+            );
+        }
 
         let wrapper = fixture.server.wrapper();
         let submitted = wrapper

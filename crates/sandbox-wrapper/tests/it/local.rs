@@ -1070,3 +1070,36 @@ async fn a_sandbox_directory_the_sandbox_users_cannot_reach_is_named_in_the_repo
         "{missing}"
     );
 }
+
+/// msbd run from a clone under `/root` (`cargo run --release`): its own executable, the Landlock
+/// shim, is behind a directory the sandbox users cannot pass through, and bubblewrap could not
+/// bind it. A copy they can reach is made beside the workspaces, and Landlock is stacked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shim_behind_a_private_directory_is_copied_where_the_sandbox_users_reach_it() {
+    use std::os::unix::fs::PermissionsExt;
+    if !root_or_opt_out("running sandboxes as users of their own") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let closed = dir.path().join("closed");
+    std::fs::create_dir(&closed).unwrap();
+    std::fs::set_permissions(&closed, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let hidden_shim = closed.join("msbd-sandbox-shim");
+    std::fs::copy(shim(), &hidden_shim).unwrap();
+    let marker = format!("test{}-shim-{}", std::process::id(), rand_suffix());
+    let mut config = LocalConfig::new(dir.path().join("data"), marker.clone());
+    config.landlock_shim = Some(hidden_shim);
+    let backend = LocalBackend::new(config).unwrap();
+    let report = backend.isolation_report();
+    eprintln!("{report:?}");
+    let copy = backend.sandbox_root().join(format!(".shim-{marker}"));
+    assert!(copy.is_file(), "{}", copy.display());
+    if fixture().level() == IsolationLevel::Strong {
+        assert!(report.layers.contains("landlock("), "{report:?}");
+        assert!(
+            !report.missing.iter().any(|m| m.contains("shim")),
+            "{report:?}"
+        );
+    }
+}
