@@ -193,7 +193,7 @@ fn unknown_arguments(
         format!("call {tool} with no arguments ({{}})")
     } else {
         format!(
-            "rename or remove {} and call again; {tool}'s input schema (tools/list) describes each argument",
+            "rename or remove {} and call again; the input schema of {tool} (tools/list) describes each argument",
             if unknown.len() == 1 { "it" } else { "them" }
         )
     };

@@ -679,11 +679,23 @@ async fn bad_input_gets_clear_errors_and_the_server_keeps_serving() {
     client.cancel().await.unwrap();
 }
 
-/// The reported cases of issue 15: an argument a tool does not take was ignored, so the call did
-/// something else than asked (a listing for a status, priority 5 for "high", every task for a
-/// filter) without saying so.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_argument_a_tool_does_not_take_is_refused_with_the_one_meant() {
+/// A refused call's text: an `INVALID_ARGUMENT` tool error whose message is `expected` and
+/// whose text names the tool.
+async fn refused(
+    client: &RunningService<RoleClient, Client>,
+    tool: &str,
+    arguments: Value,
+    expected: &str,
+) {
+    let text = tool_error(client, tool, arguments.clone()).await;
+    assert!(
+        text.starts_with(&format!("Error INVALID_ARGUMENT: {expected}\n")) && text.contains(tool),
+        "{tool}({arguments}): {text}"
+    );
+}
+
+/// A client of a fresh server, and the id of a task it submitted.
+async fn client_with_a_task() -> (Fixture, RunningService<RoleClient, Client>, String) {
     let fixture = fixture(ServerOptions::default()).await;
     let client = connect(fixture.server.clone(), Client::default()).await;
     let created = ok(
@@ -693,61 +705,113 @@ async fn an_argument_a_tool_does_not_take_is_refused_with_the_one_meant() {
     )
     .await;
     let id = created["task_id"].as_str().unwrap().to_owned();
-    let refused = async |tool: &str, arguments: Value, expected: &str| {
-        let text = tool_error(&client, tool, arguments.clone()).await;
-        assert!(
-            text.starts_with(&format!("Error INVALID_ARGUMENT: {expected}\n"))
-                && text.contains(tool),
-            "{tool}({arguments}): {text}"
-        );
-    };
+    (fixture, client, id)
+}
+
+// The reported cases of issue 15: an argument a tool does not take was ignored, so the call did
+// something else than asked (a listing instead of a status, priority 5 instead of "high", every
+// task instead of the filtered ones) and said nothing.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_task_status_refuses_a_task_id_under_another_name() {
+    let (_fixture, client, id) = client_with_a_task().await;
+    // The whole text, as docs/tools.md shows it.
+    assert_eq!(
+        tool_error(&client, "check_task_status", json!({"taskId": id})).await,
+        "Error INVALID_ARGUMENT: unknown argument `taskId`; did you mean `task_id`?\n\
+         What to do: rename or remove it and call again; the input schema of check_task_status \
+         (tools/list) describes each argument"
+    );
     refused(
+        &client,
         "check_task_status",
         json!({"taskId": id}),
         "unknown argument `taskId`; did you mean `task_id`?",
     )
     .await;
     refused(
+        &client,
         "check_task_status",
         json!({"id": id}),
         "unknown argument `id`; did you mean `task_id`?",
     )
     .await;
+    client.cancel().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submit_task_refuses_a_misspelled_priority_and_submits_nothing() {
+    let (_fixture, client, _id) = client_with_a_task().await;
     refused(
+        &client,
         "submit_task",
         json!({"task_type": "command", "params": {"command": "true"}, "priorty": "high"}),
         "unknown argument `priorty`; did you mean `priority`?",
     )
     .await;
+    let listed = ok(&client, "list_tasks", json!({})).await;
+    assert_eq!(listed["count"], 1, "only the first task: {listed}");
+    client.cancel().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_tasks_refuses_a_misspelled_filter() {
+    let (_fixture, client, _id) = client_with_a_task().await;
     refused(
+        &client,
         "list_tasks",
         json!({"statuss": "running"}),
         "unknown argument `statuss`; did you mean `status`?",
     )
     .await;
+    client.cancel().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_tool_refuses_arguments_it_does_not_take_and_only_those() {
+    let (fixture, client, id) = client_with_a_task().await;
     // Nothing close: the names the tool takes. A tool without arguments says so.
     refused(
+        &client,
         "list_tasks",
         json!({"verbose": true}),
         "unknown argument `verbose`; list_tasks takes `status`, `task_type`, `session_id`, `tag`, `limit`, `cursor`",
     )
     .await;
     refused(
+        &client,
         "health_check",
         json!({"verbose": true}),
         "unknown argument `verbose`; health_check takes no arguments",
     )
     .await;
     refused(
+        &client,
+        "get_task_result",
+        json!({"task_id": id, "wait": true, "timeout_seconds": 5}),
+        "unknown argument `timeout_seconds`; did you mean `timeout`?",
+    )
+    .await;
+    refused(
+        &client,
+        "execute_command",
+        json!({"cmd": "true"}),
+        "unknown argument `cmd`; execute_command takes `command`, `template`, `session_id`, `flavor`, `timeout`",
+    )
+    .await;
+    refused(
+        &client,
         "manage_background_tasks",
         json!({"action": "create", "task_type": "command", "parameters": {"command": "true"}, "task_config": {"max_retry": 2}}),
         "unknown task_config field `max_retry`; did you mean `max_retries`?",
     )
     .await;
-    // The refused submissions created nothing.
     let listed = ok(&client, "list_tasks", json!({})).await;
-    assert_eq!(listed["count"], 1, "{listed}");
-    // The aliases docs/tools.md names are arguments; `_meta` of the request is not in them.
+    assert_eq!(
+        listed["count"], 1,
+        "refused calls submitted nothing: {listed}"
+    );
+    // The aliases docs/tools.md names are arguments; `_meta` of the request is not one.
     ok(
         &client,
         "submit_task",
@@ -757,6 +821,7 @@ async fn an_argument_a_tool_does_not_take_is_refused_with_the_one_meant() {
     let mut params = CallToolRequestParams::new("check_task_status")
         .with_arguments(args(json!({"task_id": id})));
     let mut meta = RequestMetaObject::default();
+    meta.0.0.insert("progressToken".into(), json!("p-1"));
     meta.0.0.insert("example.com/trace".into(), json!("abc"));
     params.meta = Some(meta);
     let result = client.call_tool(params).await.unwrap();
