@@ -257,6 +257,7 @@ def first_connection(binary, env, log):
     call(m, "list_tasks", {"status": "sleeping"}, label="error INVALID_ARGUMENT")
     call(m, "submit_task", {"task_type": "command", "params": "echo hi"}, label="error INVALID_ARGUMENT (params)")
     call(m, "list_tasks", {"limit": "ten"}, label="error INVALID_ARGUMENT (schema)")
+    call(m, "check_task_status", {"taskId": build}, label="error INVALID_ARGUMENT (unknown argument)")
     call(m, mb, {"action": "explode"}, label="error UNKNOWN_ACTION")
     call(m, mb, {"action": "pause"}, label="error MISSING_TASK_ID")
     call(m, mb, {"action": "retry", "task_id": build}, label="error ILLEGAL_TRANSITION")

@@ -31,7 +31,7 @@ fuzz_target!(|data: &[u8]| {
     };
     for tool in ["create_background_task", "submit_task"] {
         decode(tool, &arguments, submit_json, |args: &SubmitArgs| {
-            check_options(&args.options)
+            check_options(&args.options())
         });
     }
     decode("check_task_status", &arguments, check_status_json, |args| {
@@ -188,7 +188,7 @@ fn priority_json(priority: &Option<PriorityArg>) -> Option<Value> {
 }
 
 fn submit_json(args: &SubmitArgs) -> Value {
-    let o = &args.options;
+    let o = &args.options();
     object([
         ("task_type", Some(json!(args.task_type))),
         ("params", opt(&args.params)),

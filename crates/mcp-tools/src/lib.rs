@@ -23,6 +23,7 @@
 //! the environment, parses flags or installs signal handlers. Its wire types ([`wire`]) are its
 //! own, converted by hand from the core types.
 
+mod arguments;
 mod fast_lane;
 mod server;
 mod tools_sandbox;
@@ -30,6 +31,8 @@ mod tools_supervision;
 mod tools_tasks;
 pub mod wire;
 
+#[doc(hidden)]
+pub use arguments::accepted_arguments;
 pub use fast_lane::{AT_ONCE_TOOLS, FastLane};
 #[doc(hidden)]
 pub use server::explain_argument_errors;

@@ -26,6 +26,7 @@ use serde::Serialize;
 use serde_json::Value;
 use task_core::{Status, Task, TaskEvent, TaskId};
 
+use crate::arguments;
 use crate::wire::{self, TaskView};
 
 /// The principal of a stdio connection: whoever started msbd. Stable across restarts, so that
@@ -145,6 +146,14 @@ impl McpServer {
                 tool_router.remove_route(name);
             }
         }
+        // Publish standard JSON Schema only (see `arguments`).
+        for route in tool_router.map.values_mut() {
+            let tool = &mut route.attr;
+            tool.input_schema = Arc::new(arguments::standard_input_schema(&tool.input_schema));
+            if let Some(output) = &tool.output_schema {
+                tool.output_schema = Some(Arc::new(arguments::standard_schema(output)));
+            }
+        }
         McpServer {
             core: Arc::new(Core {
                 wrapper,
@@ -195,6 +204,19 @@ impl McpServer {
                 Err(ToolError::task_not_found(task_id))
             }
             Err(error) => Err(ToolError::from_core(error)),
+        }
+    }
+
+    /// Refuses a call's arguments that its tool does not take (see [`arguments::check_arguments`]);
+    /// a tool this server does not serve is left to rmcp, which answers it.
+    pub(crate) fn check_arguments(&self, request: &CallToolRequestParams) -> Result<(), ToolError> {
+        match self.tool_router.get(&request.name) {
+            Some(tool) => arguments::check_arguments(
+                &request.name,
+                request.arguments.as_ref(),
+                &tool.input_schema,
+            ),
+            None => Ok(()),
         }
     }
 
@@ -569,8 +591,9 @@ pub(crate) fn finish(
 
 impl McpServer {
     /// The answer to a call of one of [`crate::AT_ONCE_TOOLS`], for a transport that runs it
-    /// where it read it ([`crate::FastLane`]): the same tool body rmcp's router runs. `None`
-    /// for any other tool and for arguments that do not decode (rmcp's way words that error).
+    /// where it read it ([`crate::FastLane`]): the same tool body rmcp's router runs, and the same
+    /// refusal of an argument the tool does not take. `None` for any other tool and for
+    /// arguments that do not decode (rmcp's way words that error).
     pub fn answer_at_once(
         self: Arc<Self>,
         request: &CallToolRequestParams,
@@ -579,6 +602,7 @@ impl McpServer {
             Status(wire::CheckStatusArgs),
             List(wire::ListArgs),
             Output(wire::ReadOutputArgs),
+            Refused(ToolError),
         }
         fn decode<T: serde::de::DeserializeOwned>(request: &CallToolRequestParams) -> Option<T> {
             let arguments = request.arguments.clone().unwrap_or_default();
@@ -587,10 +611,16 @@ impl McpServer {
         if !self.tool_router.has_route(&request.name) {
             return None;
         }
-        let call = match &*request.name {
-            "check_task_status" => Call::Status(decode(request)?),
-            "list_tasks" => Call::List(decode(request)?),
-            "read_task_output" => Call::Output(decode(request)?),
+        if !crate::AT_ONCE_TOOLS.contains(&&*request.name) {
+            return None;
+        }
+        // Before decoding, as `call_tool` does: the argument types would refuse an unknown
+        // argument too, in serde's words.
+        let call = match (self.check_arguments(request), &*request.name) {
+            (Err(error), _) => Call::Refused(error),
+            (Ok(()), "check_task_status") => Call::Status(decode(request)?),
+            (Ok(()), "list_tasks") => Call::List(decode(request)?),
+            (Ok(()), "read_task_output") => Call::Output(decode(request)?),
             _ => return None,
         };
         Some(async move {
@@ -598,6 +628,7 @@ impl McpServer {
                 Call::Status(args) => self.check_status(args).await,
                 Call::List(args) => self.list(args).await,
                 Call::Output(args) => self.read_output(args).await,
+                Call::Refused(error) => Err(error),
             };
             outcome.unwrap_or_else(ToolError::into_result)
         })
@@ -655,6 +686,9 @@ impl ServerHandler for McpServer {
         request: CallToolRequestParams,
         mut context: RequestContext<RoleServer>,
     ) -> Result<CallToolResponse, McpError> {
+        if let Err(error) = self.check_arguments(&request) {
+            return Ok(CallToolResponse::Complete(error.into_result()));
+        }
         let tasks_client = context
             .client_capabilities()
             .is_some_and(|c| c.supports_tasks());

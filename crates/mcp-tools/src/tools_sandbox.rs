@@ -85,6 +85,7 @@ pub(crate) enum SandboxCall {
 /// `execute_code`.
 #[derive(Clone, Debug, Deserialize, JsonSchema)]
 #[schemars(crate = "rmcp::schemars")]
+#[serde(deny_unknown_fields)]
 pub struct ExecuteCodeArgs {
     /// The code to run. Within one session, state (variables, imports, definitions) persists
     /// from one call to the next, as in a REPL.
@@ -107,6 +108,7 @@ pub struct ExecuteCodeArgs {
 /// `execute_command`.
 #[derive(Clone, Debug, Deserialize, JsonSchema)]
 #[schemars(crate = "rmcp::schemars")]
+#[serde(deny_unknown_fields)]
 pub struct ExecuteCommandArgs {
     /// The shell command line, run with `sh -c` in the session's work directory.
     pub command: String,
@@ -127,6 +129,7 @@ pub struct ExecuteCommandArgs {
 /// `get_sessions`.
 #[derive(Clone, Debug, Default, Deserialize, JsonSchema)]
 #[schemars(crate = "rmcp::schemars")]
+#[serde(deny_unknown_fields)]
 pub struct GetSessionsArgs {
     /// Only this session.
     #[serde(default)]
@@ -136,6 +139,7 @@ pub struct GetSessionsArgs {
 /// `stop_session`.
 #[derive(Clone, Debug, Deserialize, JsonSchema)]
 #[schemars(crate = "rmcp::schemars")]
+#[serde(deny_unknown_fields)]
 pub struct StopSessionArgs {
     /// The session to stop: its processes are killed and its work directory deleted.
     pub session_id: String,

@@ -39,7 +39,8 @@ impl McpServer {
         &self,
         Parameters(args): Parameters<SubmitArgs>,
     ) -> Result<CallToolResult, McpError> {
-        finish(self.submit(args.task_type, args.params, args.options).await)
+        let options = args.options();
+        finish(self.submit(args.task_type, args.params, options).await)
     }
 
     #[tool(
@@ -50,7 +51,8 @@ impl McpServer {
         &self,
         Parameters(args): Parameters<SubmitArgs>,
     ) -> Result<CallToolResult, McpError> {
-        finish(self.submit(args.task_type, args.params, args.options).await)
+        let options = args.options();
+        finish(self.submit(args.task_type, args.params, options).await)
     }
 
     #[tool(
@@ -646,12 +648,17 @@ impl McpServer {
                 })?;
                 let mut options: SubmitOptions = match &args.task_config {
                     None | Some(Value::Null) => SubmitOptions::default(),
-                    Some(config) => serde_json::from_value(config.clone()).map_err(|e| {
+                    Some(config) => {
+                        if let Some(config) = config.as_object() {
+                            crate::arguments::check_task_config(config)?;
+                        }
+                        serde_json::from_value(config.clone()).map_err(|e| {
                         ToolError::invalid(
                             format!("task_config is not valid: {e}"),
                             "task_config takes timeout_seconds, max_retries, delay_seconds, idempotency_key, session_id, tags",
                         )
-                    })?,
+                    })?
+                    }
                 };
                 if args.priority.is_some() {
                     options.priority = args.priority.clone();

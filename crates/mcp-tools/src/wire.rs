@@ -49,9 +49,11 @@ impl PriorityArg {
     }
 }
 
-/// How a task is to be run: the options every submitting tool accepts.
+/// How a task is to be run: the options every submitting tool accepts (`task_config` of
+/// `manage_background_tasks` is one of these).
 #[derive(Clone, Debug, Default, Deserialize, JsonSchema)]
 #[schemars(crate = "rmcp::schemars")]
+#[serde(deny_unknown_fields)]
 pub struct SubmitOptions {
     /// Priority: 0 (lowest) to 9 (highest), or "low" (2), "normal" (5), "high" (8), "critical"
     /// (9). Higher runs sooner. Default: the task type's default, else normal.
@@ -82,9 +84,11 @@ pub struct SubmitOptions {
     pub tags: Option<Vec<String>>,
 }
 
-/// `create_background_task` and `submit_task`.
+/// `create_background_task` and `submit_task`: the task, and the options of [`SubmitOptions`]
+/// as arguments of their own.
 #[derive(Clone, Debug, Deserialize, JsonSchema)]
 #[schemars(crate = "rmcp::schemars")]
+#[serde(deny_unknown_fields)]
 pub struct SubmitArgs {
     /// The kind of work: "command" (params `{"command": "<shell line>"}` or `{"argv": [...]}`, plus
     /// optional env, stdin, flavor), "code" (params {"language": "python"|"node"|"bash",
@@ -93,14 +97,56 @@ pub struct SubmitArgs {
     /// The task's input, an object whose shape depends on `task_type`.
     #[serde(default, alias = "parameters")]
     pub params: Option<Value>,
-    /// Submission options.
-    #[serde(flatten)]
-    pub options: SubmitOptions,
+    /// Priority: 0 (lowest) to 9 (highest), or "low" (2), "normal" (5), "high" (8), "critical"
+    /// (9). Higher runs sooner. Default: the task type's default, else normal.
+    #[serde(default)]
+    pub priority: Option<PriorityArg>,
+    /// The longest one attempt may run, in seconds; then it is killed and counts as failed
+    /// (status "timeout"). Default: the task type's default, else the server's.
+    #[serde(default)]
+    pub timeout_seconds: Option<f64>,
+    /// How many times to retry a failed attempt (0 = run once). Default: the task type's
+    /// default, else 0.
+    #[serde(default)]
+    pub max_retries: Option<u32>,
+    /// Wait this many seconds before starting (status "scheduled" until then).
+    #[serde(default)]
+    pub delay_seconds: Option<f64>,
+    /// A key that makes submitting idempotent: a second submission with the same key returns
+    /// the first task (`deduplicated: true`) instead of creating another.
+    #[serde(default)]
+    pub idempotency_key: Option<String>,
+    /// The sandbox session to run in (for `command`, `code` and operator types): its work
+    /// directory and interpreters persist between tasks. Omit for a fresh session; the result
+    /// says which session ran the task.
+    #[serde(default)]
+    pub session_id: Option<String>,
+    /// Free labels, to find tasks again with `list_tasks(tag=...)`.
+    #[serde(default)]
+    pub tags: Option<Vec<String>>,
+}
+
+impl SubmitArgs {
+    /// The submission options among the arguments.
+    ///
+    /// (Not a `#[serde(flatten)]` field: serde cannot refuse unknown fields next to one.)
+    pub fn options(&self) -> SubmitOptions {
+        SubmitOptions {
+            priority: self.priority.clone(),
+            timeout_seconds: self.timeout_seconds,
+            max_retries: self.max_retries,
+            delay_seconds: self.delay_seconds,
+            idempotency_key: self.idempotency_key.clone(),
+            session_id: self.session_id.clone(),
+            tags: self.tags.clone(),
+        }
+    }
 }
 
 /// `check_task_status`.
 #[derive(Clone, Debug, Default, Deserialize, JsonSchema)]
 #[schemars(crate = "rmcp::schemars")]
+#[serde(deny_unknown_fields)]
 pub struct CheckStatusArgs {
     /// The task to look at. Omit to list tasks instead (filtered by `task_type`,
     /// `status_filter`, `limit`).
@@ -122,6 +168,7 @@ pub struct CheckStatusArgs {
 /// `get_task_result`.
 #[derive(Clone, Debug, Deserialize, JsonSchema)]
 #[schemars(crate = "rmcp::schemars")]
+#[serde(deny_unknown_fields)]
 pub struct GetResultArgs {
     /// The task.
     pub task_id: String,
@@ -138,6 +185,7 @@ pub struct GetResultArgs {
 /// Tools that take only a task id (`cancel_task`).
 #[derive(Clone, Debug, Deserialize, JsonSchema)]
 #[schemars(crate = "rmcp::schemars")]
+#[serde(deny_unknown_fields)]
 pub struct TaskIdArgs {
     /// The task.
     pub task_id: String,
@@ -146,6 +194,7 @@ pub struct TaskIdArgs {
 /// `list_tasks`.
 #[derive(Clone, Debug, Default, Deserialize, JsonSchema)]
 #[schemars(crate = "rmcp::schemars")]
+#[serde(deny_unknown_fields)]
 pub struct ListArgs {
     /// Only tasks in this status: "pending", "scheduled", "running", "paused", "completed",
     /// "failed", "timeout", "cancelled", "active" (unfinished) or "all" (default).
@@ -171,6 +220,7 @@ pub struct ListArgs {
 /// `read_task_output`.
 #[derive(Clone, Debug, Deserialize, JsonSchema)]
 #[schemars(crate = "rmcp::schemars")]
+#[serde(deny_unknown_fields)]
 pub struct ReadOutputArgs {
     /// The task.
     pub task_id: String,
@@ -185,6 +235,7 @@ pub struct ReadOutputArgs {
 /// `manage_background_tasks`.
 #[derive(Clone, Debug, Deserialize, JsonSchema)]
 #[schemars(crate = "rmcp::schemars")]
+#[serde(deny_unknown_fields)]
 pub struct ManageTasksArgs {
     /// What to do: "create" (submit task_type with parameters now), "schedule" (the same,
     /// delayed by delay_seconds or task_config.delay_seconds), "cancel", "pause" (a waiting task
@@ -227,6 +278,7 @@ pub struct ManageTasksArgs {
 /// `manage_task_queue`.
 #[derive(Clone, Debug, Deserialize, JsonSchema)]
 #[schemars(crate = "rmcp::schemars")]
+#[serde(deny_unknown_fields)]
 pub struct ManageQueueArgs {
     /// What to do: "get_stats"; "pause" / "resume" (stop / restart starting queued tasks,
     /// of every type, or of task_type only; running tasks go on); "clear_queue" (cancel your

@@ -1,6 +1,7 @@
 //! `docs/tools.md` documents every tool the server lists: a section whose heading names the
-//! tool in backticks, which mentions each top-level input property of the tool's schema in
-//! backticks; and it has no section for a tool that no longer exists.
+//! tool in backticks, which mentions each top-level input property of the tool's schema, and
+//! each other name the tool accepts for one (an alias), in backticks; and it has no section for
+//! a tool that no longer exists.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -96,10 +97,24 @@ async fn docs_tools_md_covers_every_tool_and_argument() {
             .and_then(|p| p.as_object())
             .map(|p| p.keys().cloned().collect::<Vec<_>>())
             .unwrap_or_default();
-        for property in properties {
+        for property in &properties {
             if !text.contains(&format!("`{property}`")) {
                 problems.push(format!(
                     "the section of `{name}` does not mention its argument `{property}` (in backticks)"
+                ));
+            }
+        }
+        let accepted = mcp_tools::accepted_arguments(name).unwrap_or_default();
+        for alias in accepted
+            .iter()
+            .filter(|a| !properties.contains(&a.to_string()))
+        {
+            let text = text.to_lowercase();
+            if !text.contains(&format!("alias `{alias}`"))
+                && !text.contains(&format!("alias: `{alias}`"))
+            {
+                problems.push(format!(
+                    "the section of `{name}` does not say that it accepts `{alias}` (write \"alias `{alias}`\")"
                 ));
             }
         }

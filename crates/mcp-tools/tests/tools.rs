@@ -679,6 +679,276 @@ async fn bad_input_gets_clear_errors_and_the_server_keeps_serving() {
     client.cancel().await.unwrap();
 }
 
+/// A refused call's text: an `INVALID_ARGUMENT` tool error whose message is `expected` and
+/// whose text names the tool.
+async fn refused(
+    client: &RunningService<RoleClient, Client>,
+    tool: &str,
+    arguments: Value,
+    expected: &str,
+) {
+    let text = tool_error(client, tool, arguments.clone()).await;
+    assert!(
+        text.starts_with(&format!("Error INVALID_ARGUMENT: {expected}\n")) && text.contains(tool),
+        "{tool}({arguments}): {text}"
+    );
+}
+
+/// A client of a fresh server, and the id of a task it submitted.
+async fn client_with_a_task() -> (Fixture, RunningService<RoleClient, Client>, String) {
+    let fixture = fixture(ServerOptions::default()).await;
+    let client = connect(fixture.server.clone(), Client::default()).await;
+    let created = ok(
+        &client,
+        "submit_task",
+        json!({"task_type": "command", "params": {"command": "true"}}),
+    )
+    .await;
+    let id = created["task_id"].as_str().unwrap().to_owned();
+    (fixture, client, id)
+}
+
+// The reported cases of issue 15: an argument a tool does not take was ignored, so the call did
+// something else than asked (a listing instead of a status, priority 5 instead of "high", every
+// task instead of the filtered ones) and said nothing.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_task_status_refuses_a_task_id_under_another_name() {
+    let (_fixture, client, id) = client_with_a_task().await;
+    // The whole text, as docs/tools.md shows it.
+    assert_eq!(
+        tool_error(&client, "check_task_status", json!({"taskId": id})).await,
+        "Error INVALID_ARGUMENT: unknown argument `taskId`; did you mean `task_id`?\n\
+         What to do: rename or remove it and call again; the input schema of check_task_status \
+         (tools/list) describes each argument"
+    );
+    refused(
+        &client,
+        "check_task_status",
+        json!({"taskId": id}),
+        "unknown argument `taskId`; did you mean `task_id`?",
+    )
+    .await;
+    refused(
+        &client,
+        "check_task_status",
+        json!({"id": id}),
+        "unknown argument `id`; did you mean `task_id`?",
+    )
+    .await;
+    client.cancel().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submit_task_refuses_a_misspelled_priority_and_submits_nothing() {
+    let (_fixture, client, _id) = client_with_a_task().await;
+    refused(
+        &client,
+        "submit_task",
+        json!({"task_type": "command", "params": {"command": "true"}, "priorty": "high"}),
+        "unknown argument `priorty`; did you mean `priority`?",
+    )
+    .await;
+    let listed = ok(&client, "list_tasks", json!({})).await;
+    assert_eq!(listed["count"], 1, "only the first task: {listed}");
+    client.cancel().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_tasks_refuses_a_misspelled_filter() {
+    let (_fixture, client, _id) = client_with_a_task().await;
+    refused(
+        &client,
+        "list_tasks",
+        json!({"statuss": "running"}),
+        "unknown argument `statuss`; did you mean `status`?",
+    )
+    .await;
+    client.cancel().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_tool_refuses_arguments_it_does_not_take_and_only_those() {
+    let (fixture, client, id) = client_with_a_task().await;
+    // Nothing close: the names the tool takes. A tool without arguments says so.
+    refused(
+        &client,
+        "list_tasks",
+        json!({"verbose": true}),
+        "unknown argument `verbose`; list_tasks takes `status`, `task_type`, `session_id`, `tag`, `limit`, `cursor`",
+    )
+    .await;
+    refused(
+        &client,
+        "health_check",
+        json!({"verbose": true}),
+        "unknown argument `verbose`; health_check takes no arguments",
+    )
+    .await;
+    refused(
+        &client,
+        "get_task_result",
+        json!({"task_id": id, "wait": true, "timeout_seconds": 5}),
+        "unknown argument `timeout_seconds`; did you mean `timeout`?",
+    )
+    .await;
+    refused(
+        &client,
+        "execute_command",
+        json!({"cmd": "true"}),
+        "unknown argument `cmd`; execute_command takes `command`, `template`, `session_id`, `flavor`, `timeout`",
+    )
+    .await;
+    refused(
+        &client,
+        "manage_background_tasks",
+        json!({"action": "create", "task_type": "command", "parameters": {"command": "true"}, "task_config": {"max_retry": 2}}),
+        "unknown task_config field `max_retry`; did you mean `max_retries`?",
+    )
+    .await;
+    let listed = ok(&client, "list_tasks", json!({})).await;
+    assert_eq!(
+        listed["count"], 1,
+        "refused calls submitted nothing: {listed}"
+    );
+    // The aliases docs/tools.md names are arguments; `_meta` of the request is not one.
+    ok(
+        &client,
+        "submit_task",
+        json!({"task_type": "command", "parameters": {"command": "true"}, "priority": "high"}),
+    )
+    .await;
+    let mut params = CallToolRequestParams::new("check_task_status")
+        .with_arguments(args(json!({"task_id": id})));
+    let mut meta = RequestMetaObject::default();
+    meta.0.0.insert("progressToken".into(), json!("p-1"));
+    meta.0.0.insert("example.com/trace".into(), json!("abc"));
+    params.meta = Some(meta);
+    let result = client.call_tool(params).await.unwrap();
+    assert_ne!(result.is_error, Some(true), "{result:?}");
+    client.cancel().await.unwrap();
+
+    // A tasks-extension client gets the same refusal, not a task.
+    let tasks = connect(
+        fixture.server.clone(),
+        Client {
+            tasks: true,
+            ..Client::default()
+        },
+    )
+    .await;
+    let response = tasks
+        .call_tool_once(
+            CallToolRequestParams::new("execute_command")
+                .with_arguments(args(json!({"command": "true", "sesion_id": "s1"}))),
+        )
+        .await
+        .unwrap();
+    let CallToolResponse::Complete(result) = response else {
+        panic!("expected a refusal, got {response:?}")
+    };
+    assert_eq!(result.is_error, Some(true));
+    let text = &result.content[0].as_text().unwrap().text;
+    assert!(
+        text.starts_with(
+            "Error INVALID_ARGUMENT: unknown argument `sesion_id`; did you mean `session_id`?"
+        ),
+        "{text}"
+    );
+    tasks.cancel().await.unwrap();
+}
+
+/// Standard JSON Schema only: no `format` that JSON Schema does not define (schemars' `uint64`,
+/// `int32`, `double`... make validators warn), and every input object closed with
+/// `"additionalProperties": false`, as msbd refuses other arguments.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_published_schema_is_standard_and_inputs_are_closed() {
+    const STANDARD_FORMATS: [&str; 19] = [
+        "date-time",
+        "date",
+        "time",
+        "duration",
+        "email",
+        "idn-email",
+        "hostname",
+        "idn-hostname",
+        "ipv4",
+        "ipv6",
+        "uri",
+        "uri-reference",
+        "iri",
+        "iri-reference",
+        "uuid",
+        "uri-template",
+        "json-pointer",
+        "relative-json-pointer",
+        "regex",
+    ];
+    fn walk(value: &Value, at: String, input: bool, problems: &mut Vec<String>) {
+        match value {
+            Value::Object(object) => {
+                if let Some(Value::String(format)) = object.get("format")
+                    && !STANDARD_FORMATS.contains(&format.as_str())
+                {
+                    problems.push(format!("{at}: format {format:?}"));
+                }
+                let is_object = match object.get("type") {
+                    Some(Value::String(t)) => t == "object",
+                    Some(Value::Array(types)) => types.iter().any(|t| t == "object"),
+                    _ => object.contains_key("properties"),
+                };
+                if input && is_object && object.get("additionalProperties") != Some(&json!(false)) {
+                    problems.push(format!(
+                        "{at}: an object without additionalProperties: false"
+                    ));
+                }
+                for (key, value) in object {
+                    // Values, not schemas.
+                    if !["enum", "const", "default", "examples"].contains(&key.as_str()) {
+                        walk(value, format!("{at}/{key}"), input, problems);
+                    }
+                }
+            }
+            Value::Array(items) => {
+                for (i, item) in items.iter().enumerate() {
+                    walk(item, format!("{at}/{i}"), input, problems);
+                }
+            }
+            _ => {}
+        }
+    }
+    let fixture = fixture(ServerOptions::default()).await;
+    let client = connect(fixture.server.clone(), Client::default()).await;
+    let tools = client.list_all_tools().await.unwrap();
+    assert_eq!(tools.len(), 19);
+    let mut problems = Vec::new();
+    for tool in &tools {
+        let input = Value::Object((*tool.input_schema).clone());
+        walk(&input, format!("{} input", tool.name), true, &mut problems);
+        let output = Value::Object((*tool.output_schema.clone().unwrap()).clone());
+        walk(
+            &output,
+            format!("{} output", tool.name),
+            false,
+            &mut problems,
+        );
+    }
+    assert!(problems.is_empty(), "{problems:#?}");
+    // What the formats said stays said: an unsigned number is at least 0.
+    let read = tools.iter().find(|t| t.name == "read_task_output").unwrap();
+    assert_eq!(
+        read.input_schema["properties"]["max_bytes"]["minimum"], 0,
+        "{:?}",
+        read.input_schema
+    );
+    let output = read.output_schema.as_ref().unwrap();
+    assert_eq!(
+        output["properties"]["size"],
+        json!({"type": "integer", "minimum": 0, "description": output["properties"]["size"]["description"]})
+    );
+    client.cancel().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_manage_tools_list_their_actions_in_the_schema() {
     let fixture = fixture(ServerOptions::default()).await;
@@ -868,6 +1138,25 @@ async fn the_fast_lane_answers_quick_calls_itself_as_rmcp_would() {
     .await;
     let error = both_ways("read_task_output", json!({"task_id": id, "max_bytes": 0})).await;
     assert_eq!(error.is_error, Some(true));
+    // Arguments the tool does not take: refused by the lane, as by rmcp's way.
+    for (tool, arguments) in [
+        ("check_task_status", json!({"taskId": id})),
+        ("check_task_status", json!({"id": id})),
+        ("list_tasks", json!({"statuss": "completed"})),
+        ("read_task_output", json!({"task_id": id, "cursr": 3})),
+        (
+            "read_task_output",
+            json!({"task_id": id, "cursor": "far", "x": 1}),
+        ),
+    ] {
+        let refused = both_ways(tool, arguments).await;
+        assert_eq!(refused.is_error, Some(true));
+        let text = &refused.content[0].as_text().unwrap().text;
+        assert!(
+            text.starts_with("Error INVALID_ARGUMENT: unknown argument"),
+            "{text}"
+        );
+    }
     assert!(
         seen.lock().unwrap().is_empty(),
         "quick calls reached rmcp's service: {:?}",
