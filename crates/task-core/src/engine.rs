@@ -555,10 +555,15 @@ impl Engine {
     }
 
     /// The estimated time until the task finishes: from the observed progress rate of a running
-    /// task; else from the median duration of recent tasks of its type; `None` when unknown.
+    /// task; else from the median duration of recent tasks of its kind (the same type and the
+    /// same parameters: a `command` task's history is that of the same command); `None` when
+    /// nothing fits (no progress and no such history, or a run already longer than it).
     pub fn eta(&self, task: &Task) -> Option<Duration> {
         let now = Timestamp::now();
-        let typical = || self.inner.median_duration(&task.task_type);
+        let typical = || {
+            self.inner
+                .median_duration(kind_of(&task.task_type, &task.params))
+        };
         match task.status {
             Status::Completed | Status::Failed | Status::Cancelled => Some(Duration::ZERO),
             Status::Paused => None,
@@ -570,7 +575,9 @@ impl Engine {
                         Duration::try_from_secs_f64(elapsed.as_secs_f64() * (1.0 - p).max(0.0) / p)
                             .ok()
                     }
-                    _ => typical().map(|d| d.saturating_sub(elapsed)),
+                    // Past the typical duration, the history no longer fits this run: unknown,
+                    // rather than "0 s left" for as long as it runs.
+                    _ => typical().and_then(|d| d.checked_sub(elapsed)),
                 }
             }
             Status::Queued => typical(),
@@ -842,14 +849,12 @@ type LoopFn =
 struct AttemptSlot<'a> {
     inner: &'a Inner,
     id: TaskId,
-    task_type: &'a str,
     completed_in: Option<Duration>,
 }
 
 impl Drop for AttemptSlot<'_> {
     fn drop(&mut self) {
-        self.inner
-            .end_attempt(self.id, self.task_type, self.completed_in);
+        self.inner.end_attempt(self.id, self.completed_in);
     }
 }
 
@@ -900,15 +905,19 @@ struct Registered {
 #[derive(Default)]
 struct Running {
     tasks: IdMap<RunningTask>,
-    durations: HashMap<String, VecDeque<Duration>>,
+    /// By kind (see [`kind_of`]), at most [`DURATION_KINDS`] of them.
+    durations: HashMap<u64, VecDeque<Duration>>,
 }
 
 impl Running {
-    fn record_duration(&mut self, task_type: &str, duration: Duration) {
-        let window = match self.durations.get_mut(task_type) {
-            Some(window) => window,
-            None => self.durations.entry(task_type.to_owned()).or_default(),
-        };
+    fn record_duration(&mut self, kind: u64, duration: Duration) {
+        if !self.durations.contains_key(&kind)
+            && self.durations.len() >= DURATION_KINDS
+            && let Some(evicted) = self.durations.keys().next().copied()
+        {
+            self.durations.remove(&evicted);
+        }
+        let window = self.durations.entry(kind).or_default();
         if window.len() == DURATION_WINDOW {
             window.pop_front();
         }
@@ -918,6 +927,8 @@ impl Running {
 
 struct RunningTask {
     attempt: u32,
+    /// Its kind, for the ETA (see [`kind_of`]).
+    kind: u64,
     task_type: Arc<str>,
     control: Arc<Control>,
 }
@@ -975,6 +986,30 @@ const CLAIM_GATHER: Duration = Duration::from_millis(1);
 
 /// How many recent durations per type the ETA remembers.
 const DURATION_WINDOW: usize = 32;
+
+/// How many kinds of task the ETA remembers durations for.
+const DURATION_KINDS: usize = 4096;
+
+/// What counts as the same kind of task for the ETA: the same type and the same parameters.
+fn kind_of(task_type: &str, params: &Value) -> u64 {
+    use std::hash::{Hash as _, Hasher as _};
+    /// Feeds serialized JSON to the hasher, with no buffer in between.
+    struct Feed<'a>(&'a mut std::collections::hash_map::DefaultHasher);
+    impl std::io::Write for Feed<'_> {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            std::hash::Hasher::write(self.0, bytes);
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    task_type.hash(&mut hasher);
+    // Writing JSON into a hasher cannot fail.
+    let _ = serde_json::to_writer(Feed(&mut hasher), params);
+    hasher.finish()
+}
 
 pub(crate) struct Inner {
     store: Arc<dyn Store>,
@@ -1225,6 +1260,7 @@ impl Inner {
             task.id,
             RunningTask {
                 attempt: task.attempt,
+                kind: kind_of(&task.task_type, &task.params),
                 task_type,
                 control: Arc::clone(&control),
             },
@@ -1258,7 +1294,6 @@ impl Inner {
         let mut slot = AttemptSlot {
             inner: &self,
             id,
-            task_type: &task.task_type,
             completed_in: None,
         };
         let verdict = match registered {
@@ -1360,12 +1395,12 @@ impl Inner {
 
     /// Forgets a finished attempt: removes it from the running attempts, gives its slot back,
     /// and wakes the dispatcher if it should claim.
-    fn end_attempt(&self, id: TaskId, task_type: &str, completed_in: Option<Duration>) {
+    fn end_attempt(&self, id: TaskId, completed_in: Option<Duration>) {
         {
             let mut running = self.lock_running();
-            running.tasks.remove(&id);
-            if let Some(duration) = completed_in {
-                running.record_duration(task_type, duration);
+            let ended = running.tasks.remove(&id);
+            if let (Some(ended), Some(duration)) = (ended, completed_in) {
+                running.record_duration(ended.kind, duration);
             }
         }
         let taken = self.release(1);
@@ -1628,9 +1663,9 @@ impl Inner {
         Ok(())
     }
 
-    fn median_duration(&self, task_type: &str) -> Option<Duration> {
+    fn median_duration(&self, kind: u64) -> Option<Duration> {
         let running = self.lock_running();
-        let mut recent: Vec<Duration> = running.durations.get(task_type)?.iter().copied().collect();
+        let mut recent: Vec<Duration> = running.durations.get(&kind)?.iter().copied().collect();
         drop(running);
         recent.sort_unstable();
         recent.get(recent.len() / 2).copied()

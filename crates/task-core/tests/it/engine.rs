@@ -736,6 +736,84 @@ async fn eta_comes_from_progress_then_from_recent_durations() {
     loops.stop().await;
 }
 
+/// `sleep 60` with no progress showed "0% done, about 2 s left": the ETA came from other
+/// commands of the same type. Only the history of the same kind of task (same type, same
+/// parameters) counts, and a run longer than that history has no ETA.
+#[tokio::test]
+async fn an_eta_comes_only_from_the_same_kind_of_task_and_not_past_it() {
+    let gate = Arc::new(Notify::new());
+    let hold = Arc::clone(&gate);
+    let (engine, loops) = started(quick_config(), |b| {
+        b.handler(
+            "sleep",
+            handler_fn(move |ctx| {
+                let hold = Arc::clone(&hold);
+                async move {
+                    if ctx.params()["hold"] == true {
+                        hold.notified().await;
+                    }
+                    Ok(Value::Null)
+                }
+            }),
+        )
+    })
+    .await;
+    let quick = json!({"seconds": 0});
+    let id = submit(&engine, NewTask::new("sleep", quick.clone())).await;
+    finished(&engine, id).await;
+    let same = NewTask::new("sleep", quick).into_task(TaskId::new(), Timestamp::now());
+    assert!(engine.eta(&same).is_some(), "the same kind has a history");
+    let other =
+        NewTask::new("sleep", json!({"seconds": 60})).into_task(TaskId::new(), Timestamp::now());
+    assert_eq!(
+        engine.eta(&other),
+        None,
+        "another kind of the same type has none"
+    );
+
+    // Running past its kind's typical duration, with no progress: no ETA rather than "0 s".
+    let held = json!({"hold": true});
+    let mut events = engine.subscribe();
+    let first = submit(&engine, NewTask::new("sleep", held.clone())).await;
+    seen(&mut events, first, |e| {
+        matches!(
+            e,
+            TaskEvent::Status {
+                status: Status::Running,
+                ..
+            }
+        )
+    })
+    .await;
+    gate.notify_waiters();
+    finished(&engine, first).await;
+    let second = submit(&engine, NewTask::new("sleep", held)).await;
+    seen(&mut events, second, |e| {
+        matches!(
+            e,
+            TaskEvent::Status {
+                status: Status::Running,
+                ..
+            }
+        )
+    })
+    .await;
+    let typical = engine
+        .eta(&engine.get(second).await.expect("get"))
+        .map(|d| d.as_millis());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let running = engine.get(second).await.expect("get");
+    assert_eq!(running.status, Status::Running);
+    assert_eq!(
+        engine.eta(&running),
+        None,
+        "past the typical duration (about {typical:?} ms) there is no ETA"
+    );
+    gate.notify_waiters();
+    finished(&engine, second).await;
+    loops.stop().await;
+}
+
 #[tokio::test]
 async fn results_over_the_cap_fail_the_task() {
     let config = EngineConfig {
