@@ -15,8 +15,11 @@ use crate::workload::Kind;
 const RUNNING: u8 = 3;
 /// The first final status code (completed, failed, cancelled follow).
 const FIRST_TERMINAL: u8 = 4;
-/// The failure kind of a lost worker (task-core's `FailureKind::WorkerLost`).
-const WORKER_LOST: u8 = 2;
+/// The failure kind of an attempt msbd's going away cut short, for a task that does not run
+/// again (task-core's `FailureKind::Interrupted`).
+const INTERRUPTED: u8 = 3;
+/// How many interrupted attempts a task survives (task-core's `MAX_INTERRUPTED_ATTEMPTS`).
+const MAX_INTERRUPTED_ATTEMPTS: u64 = 3;
 /// The failure kind of a plain error.
 const ERROR: u8 = 0;
 /// The failure kind of a timeout.
@@ -73,6 +76,8 @@ struct Row {
     status: u8,
     attempt: u64,
     max_attempts: u64,
+    /// Attempts cut short by msbd's going away (kills, stops): they do not count.
+    interrupted_attempts: u64,
     key: Option<String>,
     owner: Option<String>,
     error_kind: Option<u8>,
@@ -139,7 +144,7 @@ pub(crate) fn audit_store(
     }
     let mut statement = conn.prepare(
         "SELECT id, task_type, status, attempt, max_attempts, idempotency_key, owner, error_kind, \
-         error_message, finished_at, lease_until, cancel_requested FROM tasks",
+         error_message, finished_at, lease_until, cancel_requested, interrupted_attempts FROM tasks",
     )?;
     let rows: Vec<Row> = statement
         .query_map([], |row| {
@@ -156,6 +161,7 @@ pub(crate) fn audit_store(
                 finished_at: row.get(9)?,
                 lease_until: row.get(10)?,
                 cancel_requested: row.get(11)?,
+                interrupted_attempts: u64::from(row.get::<_, u32>(12)?),
             })
         })?
         .collect::<Result<_, _>>()?;
@@ -285,10 +291,11 @@ pub(crate) fn audit_store(
                 row.finished_at, row.lease_until, row.cancel_requested
             ));
         }
-        if row.attempt > row.max_attempts {
+        // Attempts that kills and stops cut short do not count against the limit.
+        if row.attempt.saturating_sub(row.interrupted_attempts) > row.max_attempts {
             audit.failures.push(format!(
-                "task {id} ran {} attempts of at most {}",
-                row.attempt, row.max_attempts
+                "task {id} ran {} attempts ({} interrupted) of at most {}",
+                row.attempt, row.interrupted_attempts, row.max_attempts
             ));
         }
         // What the tools showed first must be what the store holds at the end.
@@ -313,7 +320,7 @@ pub(crate) fn audit_store(
             .get(task.key.as_str())
             .map(Vec::as_slice)
             .unwrap_or(&[]);
-        check_outcome(&mut audit, id, task, row, status, times.len());
+        check_outcome(&mut audit, id, task, row, status);
         if task.kind.logs() {
             let finished_ms = row.finished_at.unwrap_or(i64::MAX);
             let late: Vec<i64> = times
@@ -364,19 +371,19 @@ fn check_outcome(
     task: &crate::tracker::TaskRec,
     row: &Row,
     status: &str,
-    runs: usize,
 ) {
     let cancel_sent = task.cancel_answered;
-    let lost_worker = row.error_kind == Some(WORKER_LOST);
+    // A kill or a stop never uses up a task's attempts: no task of this run opts out of
+    // reruns, so one fails for msbd's going away only past the interruption limit.
+    let interrupted_too_often =
+        row.error_kind == Some(INTERRUPTED) && row.interrupted_attempts > MAX_INTERRUPTED_ATTEMPTS;
     let ok = match status {
         "cancelled" => cancel_sent,
         "completed" => task.kind != Kind::Fail,
         "failed" => match task.kind {
-            Kind::Fail => matches!(row.error_kind, Some(ERROR | WORKER_LOST)),
-            // Its first run fails; when kills took the attempts before it, that run is the
-            // last one.
-            Kind::Flaky => lost_worker || (row.error_kind == Some(ERROR) && runs == 1),
-            _ => lost_worker,
+            Kind::Fail => row.error_kind == Some(ERROR) || interrupted_too_often,
+            // Its first run fails and a retry follows: it completes, whatever the kills.
+            _ => interrupted_too_often,
         },
         _ => false,
     };

@@ -32,7 +32,7 @@ const MAX_OUTPUT_BYTES: u64 = 1024 * 1024;
 #[tool_router(router = task_tools, vis = "pub(crate)")]
 impl McpServer {
     #[tool(
-        description = "Start a background task and return its task_id at once (it runs in a sandbox; follow it with check_task_status, read_task_output, get_task_result). task_type: \"command\" (params {\"command\": \"<shell line>\"} or {\"argv\": [..]}, optional env, stdin, flavor small|medium|large), \"code\" (params {\"language\": \"python\"|\"node\"|\"bash\", \"code\": \"...\"}), or an operator-defined type. Options: priority (0-9 or low/normal/high/critical), timeout_seconds, max_retries, delay_seconds, idempotency_key, session_id, tags.",
+        description = "Start a background task and return its task_id at once (it runs in a sandbox; follow it with check_task_status, read_task_output, get_task_result). task_type: \"command\" (params {\"command\": \"<shell line>\"} or {\"argv\": [..]}, optional env, stdin, flavor small|medium|large), \"code\" (params {\"language\": \"python\"|\"node\"|\"bash\", \"code\": \"...\"}), or an operator-defined type. Options: priority (0-9 or low/normal/high/critical), timeout_seconds, max_retries, delay_seconds, idempotency_key, session_id, tags, rerun_on_recovery (default true: an attempt cut short by a restart or crash of msbd runs again without counting as a retry; false: the task fails with error kind interrupted).",
         output_schema = schema_for_output::<Created>()
     )]
     async fn create_background_task(
@@ -44,7 +44,7 @@ impl McpServer {
     }
 
     #[tool(
-        description = "Submit a task to the durable queue and return its task_id at once: the same as create_background_task (task_type, params, priority, max_retries, timeout_seconds, delay_seconds, idempotency_key, session_id, tags).",
+        description = "Submit a task to the durable queue and return its task_id at once: the same as create_background_task (task_type, params, priority, max_retries, timeout_seconds, delay_seconds, idempotency_key, session_id, tags, rerun_on_recovery).",
         output_schema = schema_for_output::<Created>()
     )]
     async fn submit_task(
@@ -117,7 +117,7 @@ impl McpServer {
     }
 
     #[tool(
-        description = "Manage background tasks with one tool. action: create | schedule (task_type, parameters, priority, task_config {timeout_seconds, max_retries, delay_seconds, idempotency_key, session_id, tags}; schedule also delay_seconds), cancel | pause | resume | retry (task_id), list (task_type, status, limit), get_stats, cleanup (older_than_seconds: delete your finished tasks), list_types.",
+        description = "Manage background tasks with one tool. action: create | schedule (task_type, parameters, priority, task_config {timeout_seconds, max_retries, delay_seconds, idempotency_key, session_id, tags, rerun_on_recovery}; schedule also delay_seconds), cancel | pause | resume | retry (task_id), list (task_type, status, limit), get_stats, cleanup (older_than_seconds: delete your finished tasks), list_types.",
         output_schema = schema_for_output::<ActionAnswer>()
     )]
     async fn manage_background_tasks(
@@ -204,6 +204,9 @@ impl McpServer {
                 ));
             }
             task.max_attempts = retries + 1;
+        }
+        if let Some(rerun) = options.rerun_on_recovery {
+            task.rerun_on_recovery = rerun;
         }
         if let Some(seconds) = options.delay_seconds {
             let delay = seconds_arg("delay_seconds", seconds, true)?;
@@ -655,7 +658,7 @@ impl McpServer {
                         serde_json::from_value(config.clone()).map_err(|e| {
                         ToolError::invalid(
                             format!("task_config is not valid: {e}"),
-                            "task_config takes timeout_seconds, max_retries, delay_seconds, idempotency_key, session_id, tags",
+                            "task_config takes timeout_seconds, max_retries, delay_seconds, idempotency_key, session_id, tags, rerun_on_recovery",
                         )
                     })?
                     }
@@ -851,6 +854,7 @@ impl McpServer {
         let mut new = NewTask::new(task.task_type.clone(), task.params.clone());
         new.priority = task.priority;
         new.max_attempts = task.max_attempts;
+        new.rerun_on_recovery = task.rerun_on_recovery;
         new.retry = task.retry;
         new.timeout = task.timeout;
         new.owner = task.owner.clone();
@@ -1245,10 +1249,26 @@ fn status_text(view: &TaskView) -> String {
     if let Some(message) = &view.progress_message {
         text.push_str(&format!("\nprogress: {message}"));
     }
-    text.push_str(&format!(
-        "\nattempt {} of {}",
-        view.attempt, view.max_attempts
-    ));
+    if view.interrupted_attempts == 0 {
+        text.push_str(&format!(
+            "\nattempt {} of {}",
+            view.attempt, view.max_attempts
+        ));
+    } else {
+        // Interrupted attempts do not count against max_attempts.
+        text.push_str(&format!(
+            "\nattempt {} ({} of {} counted; {} interrupted by msbd going away, not counted)",
+            view.attempt,
+            view.attempt.saturating_sub(view.interrupted_attempts),
+            view.max_attempts,
+            view.interrupted_attempts
+        ));
+    }
+    if let Some(outcome) = &view.last_attempt_outcome
+        && !matches!(view.status.as_str(), "completed" | "cancelled")
+    {
+        text.push_str(&format!(", last attempt ended: {outcome}"));
+    }
     if let Some(session) = &view.session_id {
         text.push_str(&format!(", session {session}"));
     }

@@ -82,6 +82,13 @@ pub struct SubmitOptions {
     /// Free labels, to find tasks again with `list_tasks(tag=...)`.
     #[serde(default)]
     pub tags: Option<Vec<String>>,
+    /// Whether an attempt cut short because msbd itself went away (a restart, a crash, a lost
+    /// node) runs again. true (the default): the task runs again, and the cut-short attempt does
+    /// not count against max_retries. false: the task ends "failed" with error kind
+    /// "interrupted" (for work that must not run twice). Default: the task type's default,
+    /// else true.
+    #[serde(default)]
+    pub rerun_on_recovery: Option<bool>,
 }
 
 /// `create_background_task` and `submit_task`: the task, and the options of [`SubmitOptions`]
@@ -328,8 +335,22 @@ pub struct TaskView {
     pub priority: u8,
     /// The current (or last) attempt, from 1; 0 before the first.
     pub attempt: u32,
-    /// The most attempts it may have.
+    /// The most attempts it may have: as submitted, never changed. Interrupted attempts do not
+    /// count against it.
     pub max_attempts: u32,
+    /// How many of its attempts were cut short because msbd went away (a restart, a crash, a
+    /// lost node) rather than by the task itself; they do not count against max_attempts.
+    /// Left out when none.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub interrupted_attempts: u32,
+    /// How its latest ended attempt ended: "completed", "failed", "timeout", "rejected",
+    /// "cancelled", "interrupted" (stopped by a shutdown of msbd), or "worker_lost" (msbd or its
+    /// node died under it). Left out while no attempt has ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_attempt_outcome: Option<String>,
+    /// false when it was submitted with rerun_on_recovery: false. Left out when true.
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    pub rerun_on_recovery: bool,
     /// The sandbox session it runs in, when known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub session_id: Option<String>,
@@ -438,6 +459,9 @@ impl TaskView {
             priority: task.priority.get(),
             attempt: task.attempt,
             max_attempts: task.max_attempts,
+            interrupted_attempts: task.interrupted_attempts,
+            last_attempt_outcome: last_attempt_outcome(task).map(str::to_owned),
+            rerun_on_recovery: task.rerun_on_recovery,
             session_id: task
                 .session_id
                 .clone()
@@ -452,6 +476,49 @@ impl TaskView {
             },
             error: task.error.as_ref().map(|e| e.message.clone()),
             cancel_requested: task.cancel_requested && !task.status.is_terminal(),
+        }
+    }
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+fn is_true(b: &bool) -> bool {
+    *b
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// How the latest ended attempt of a task ended, or `None` while none has. Every end other
+/// than a completion or a cancel leaves its reason as the task's error (a failure waiting for
+/// its retry, an interruption waiting for its rerun), so the error's kind is the last end's.
+pub fn last_attempt_outcome(task: &Task) -> Option<&'static str> {
+    let from_error = || {
+        task.error.as_ref().map(|e| match e.kind {
+            FailureKind::Error => "failed",
+            FailureKind::Timeout => "timeout",
+            FailureKind::WorkerLost => "worker_lost",
+            FailureKind::Interrupted => "interrupted",
+            FailureKind::Rejected => "rejected",
+        })
+    };
+    match task.status {
+        _ if task.attempt == 0 => None,
+        Status::Completed => Some("completed"),
+        Status::Cancelled => Some("cancelled"),
+        Status::Failed | Status::Queued | Status::Scheduled => from_error(),
+        // The attempt under way has not ended: the one before it, if any.
+        Status::Running => (task.attempt > 1).then(from_error).flatten(),
+        Status::Paused => {
+            let frozen = task.lease_until.is_some();
+            if frozen && task.attempt == 1 {
+                None
+            } else {
+                from_error()
+            }
         }
     }
 }

@@ -42,6 +42,7 @@
 //! | `priority` | no | default priority: `low`, `normal`, `high`, `critical`, or a number from 0 to 9 |
 //! | `concurrency` | no | at most this many tasks of this type run at once, at least 1 |
 //! | `flavor` | no | the sandbox size: `small`, `medium` or `large` |
+//! | `rerun_on_recovery` | no | `true` (the default): an attempt cut short by msbd's going away (a shutdown, a crash) runs again; `false`: the task fails with kind `interrupted` instead |
 //! | `params_schema` | no | a JSON Schema, written as a TOML table, that the params must match |
 //!
 //! Any other key is refused, so a misspelt key is caught when the file is loaded rather than
@@ -213,6 +214,8 @@ pub struct TaskTypeDefaults {
     pub concurrency: Option<usize>,
     /// The sandbox size: one of [`FLAVORS`] (`flavor`).
     pub flavor: Option<String>,
+    /// Whether an attempt cut short by msbd's going away runs again (`rerun_on_recovery`).
+    pub rerun_on_recovery: Option<bool>,
 }
 
 impl TaskTypeDefaults {
@@ -280,6 +283,9 @@ impl TaskTypeSpec {
         }
         if let Some(timeout) = self.defaults.timeout {
             task = task.with_timeout(timeout);
+        }
+        if let Some(rerun) = self.defaults.rerun_on_recovery {
+            task = task.with_rerun_on_recovery(rerun);
         }
         task
     }
@@ -603,6 +609,7 @@ struct RawTaskType {
     priority: Option<Spanned<toml::Value>>,
     concurrency: Option<Spanned<usize>>,
     flavor: Option<Spanned<String>>,
+    rerun_on_recovery: Option<bool>,
     params_schema: Option<Spanned<toml::Table>>,
 }
 
@@ -715,6 +722,7 @@ impl Parser<'_> {
 
         let mut defaults = TaskTypeDefaults {
             max_retries: raw.max_retries,
+            rerun_on_recovery: raw.rerun_on_recovery,
             ..TaskTypeDefaults::default()
         };
         if let Some(timeout) = &raw.timeout_seconds {

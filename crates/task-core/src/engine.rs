@@ -26,7 +26,7 @@ use tokio_util::task::TaskTracker;
 use crate::error::{Error, Result};
 use crate::handler::{ErasedHandler, TaskContext, TaskFailure, TaskHandler};
 use crate::model::{
-    FailureKind, IdMap, NewTask, Priority, Status, Task, TaskError, TaskId, Timestamp,
+    FailureKind, IdMap, Interruption, NewTask, Priority, Status, Task, TaskError, TaskId, Timestamp,
 };
 use crate::store::apply::settle;
 use crate::store::{
@@ -1519,7 +1519,7 @@ impl Inner {
     ) -> Option<Outcome> {
         let retry_at = |retryable: bool| {
             (retryable && task.has_attempts_left())
-                .then(|| now.after(task.retry.delay_after(task.attempt)))
+                .then(|| now.after(task.retry.delay_after(task.counted_attempts())))
         };
         let failed = |kind: FailureKind, message: String, retryable: bool| Outcome::Failed {
             error: TaskError { kind, message },
@@ -1559,7 +1559,10 @@ impl Inner {
             (_, Verdict::Rejected(message)) => Some(failed(FailureKind::Rejected, message, false)),
             (StopReason::LeaseLost, _) => None,
             (StopReason::Cancelled, _) => Some(Outcome::Cancelled),
-            (StopReason::Shutdown, _) => Some(Outcome::Interrupted),
+            (StopReason::Shutdown, _) => {
+                let (rerun, error) = task.interruption(Interruption::Shutdown);
+                Some(Outcome::Interrupted { rerun, error })
+            }
             (StopReason::TimedOut, _) => {
                 let limit = task.timeout.unwrap_or_default();
                 Some(failed(

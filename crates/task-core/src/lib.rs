@@ -56,5 +56,6 @@ pub use engine::{Engine, EngineBuilder, EngineConfig, EngineLoops, ShutdownRepor
 pub use error::{Error, Result};
 pub use handler::{TaskContext, TaskFailure, TaskHandler, handler_fn};
 pub use model::{
-    FailureKind, NewTask, Priority, RetryPolicy, Status, Task, TaskError, TaskId, Timestamp,
+    FailureKind, Interruption, MAX_INTERRUPTED_ATTEMPTS, NewTask, Priority, RetryPolicy, Status,
+    Task, TaskError, TaskId, Timestamp,
 };

@@ -374,9 +374,14 @@ pub enum FailureKind {
     Error,
     /// The attempt ran longer than the task's timeout.
     Timeout,
-    /// The worker running the attempt stopped renewing its lease (it died, or the daemon was killed).
+    /// The worker running the attempt stopped renewing its lease (it died, or the daemon was
+    /// killed). Kept as the last attempt's error of a task that runs again for it; a task that
+    /// does not run again ends with kind `interrupted`.
     WorkerLost,
-    /// The attempt was stopped by a shutdown.
+    /// msbd stopped running the attempt (a shutdown, a crash, a lost node) and the task is not
+    /// run again: it asked not to be (`rerun_on_recovery: false`), or it was interrupted too
+    /// many times. While a task runs again, its last attempt's error has this kind after a
+    /// shutdown.
     Interrupted,
     /// The task could not be run at all (no handler for its type, say).
     Rejected,
@@ -519,12 +524,91 @@ pub struct Task {
     pub lease_until: Option<Timestamp>,
     /// Whether a cancel was asked for while it ran (the worker stops it at its next heartbeat).
     pub cancel_requested: bool,
+    /// How many of its attempts ended because msbd went away, not because of the task: a
+    /// shutdown interrupted them, or their worker stopped renewing the lease (msbd or its node
+    /// crashed). They do not count against `max_attempts`.
+    pub interrupted_attempts: u32,
+    /// Whether an attempt that msbd's going away interrupted runs again (the default), or the
+    /// task ends `failed` with kind `interrupted`.
+    pub rerun_on_recovery: bool,
+}
+
+/// How many interrupted attempts a task survives: the attempt interrupted after these many
+/// ends the task `failed` with kind `interrupted`, so that a task that itself brings msbd down
+/// cannot loop for ever.
+pub const MAX_INTERRUPTED_ATTEMPTS: u32 = 3;
+
+/// Why msbd stopped running an attempt (see [`Task::interruption`]).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Interruption {
+    /// A graceful shutdown interrupted the attempt.
+    Shutdown,
+    /// The attempt's lease expired: msbd or its node died (found by the lease reaper, or by
+    /// recovery at start).
+    WorkerLost,
 }
 
 impl Task {
-    /// Whether another attempt may follow the current one.
+    /// Whether another attempt may follow the current one: the attempts that count (those not
+    /// interrupted) are fewer than `max_attempts`.
     pub fn has_attempts_left(&self) -> bool {
-        self.attempt < self.max_attempts
+        self.counted_attempts() < self.max_attempts
+    }
+
+    /// The attempts that count against `max_attempts`: those started, less those interrupted.
+    pub fn counted_attempts(&self) -> u32 {
+        self.attempt.saturating_sub(self.interrupted_attempts)
+    }
+
+    /// What becomes of this task when msbd stops running its current attempt for `why`:
+    /// whether it runs again (`true`), and the error that says what happened. It runs again
+    /// unless it was submitted with `rerun_on_recovery: false` or this is its interrupted
+    /// attempt number [`MAX_INTERRUPTED_ATTEMPTS`] + 1; then it fails with kind `interrupted`.
+    /// While it runs again, the error (kind `interrupted` or `worker_lost`) tells why its last
+    /// attempt ended.
+    pub fn interruption(&self, why: Interruption) -> (bool, TaskError) {
+        let attempt = self.attempt;
+        let count = self.interrupted_attempts.saturating_add(1);
+        let what = match why {
+            Interruption::Shutdown => {
+                format!("attempt {attempt} was interrupted by a shutdown of msbd")
+            }
+            Interruption::WorkerLost => format!(
+                "the worker running attempt {attempt} stopped renewing its lease (msbd or its node died or was killed)"
+            ),
+        };
+        if !self.rerun_on_recovery {
+            let message = format!(
+                "{what}; the task was submitted with rerun_on_recovery: false, so it is not run again"
+            );
+            (
+                false,
+                TaskError {
+                    kind: FailureKind::Interrupted,
+                    message,
+                },
+            )
+        } else if count > MAX_INTERRUPTED_ATTEMPTS {
+            let message = format!(
+                "{what}; this task has been interrupted {count} times, more than the limit of {MAX_INTERRUPTED_ATTEMPTS}, so it is not run again (it may be what brings msbd down)"
+            );
+            (
+                false,
+                TaskError {
+                    kind: FailureKind::Interrupted,
+                    message,
+                },
+            )
+        } else {
+            let kind = match why {
+                Interruption::Shutdown => FailureKind::Interrupted,
+                Interruption::WorkerLost => FailureKind::WorkerLost,
+            };
+            let message = format!(
+                "{what}; the task runs again, and the interrupted attempt does not count against max_attempts"
+            );
+            (true, TaskError { kind, message })
+        }
     }
 }
 
@@ -553,6 +637,9 @@ pub struct NewTask {
     pub session_id: Option<String>,
     /// Free labels.
     pub tags: Vec<String>,
+    /// Whether an attempt interrupted by msbd's going away (a shutdown, a crash, a lost node)
+    /// runs again: `true` by default; `false` ends the task `failed` with kind `interrupted`.
+    pub rerun_on_recovery: bool,
 }
 
 impl NewTask {
@@ -570,6 +657,7 @@ impl NewTask {
             owner: None,
             session_id: None,
             tags: Vec::new(),
+            rerun_on_recovery: true,
         }
     }
 
@@ -627,6 +715,13 @@ impl NewTask {
         self
     }
 
+    /// Sets whether an attempt interrupted by msbd's going away runs again (see
+    /// [`Task::rerun_on_recovery`]).
+    pub fn with_rerun_on_recovery(mut self, rerun: bool) -> NewTask {
+        self.rerun_on_recovery = rerun;
+        self
+    }
+
     /// The task record this submission creates at `now`: queued, or scheduled when `run_at` is
     /// still ahead.
     pub fn into_task(self, id: TaskId, now: Timestamp) -> Task {
@@ -660,6 +755,8 @@ impl NewTask {
             tags: self.tags,
             lease_until: None,
             cancel_requested: false,
+            interrupted_attempts: 0,
+            rerun_on_recovery: self.rerun_on_recovery,
         }
     }
 }

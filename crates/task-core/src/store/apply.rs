@@ -5,7 +5,7 @@
 //! hot paths must give the same result as these functions; the conformance suite checks that.
 
 use crate::error::{Error, Result};
-use crate::model::{FailureKind, Status, Task, TaskError, Timestamp};
+use crate::model::{Interruption, Status, Task, Timestamp};
 use crate::state::{Event, decide};
 use crate::store::{Command, Finish, Outcome};
 
@@ -60,7 +60,7 @@ fn attempt_status(task: &Task) -> Status {
 /// The outcome to record for an attempt: a task whose cancel was asked for is not retried or
 /// re-queued, whatever ended its attempt (a timeout or a shutdown that came first, say).
 pub(crate) fn settle(outcome: Outcome, cancel_requested: bool) -> Outcome {
-    if cancel_requested && !outcome.status().is_terminal() {
+    if cancel_requested && outcome.yields_to_cancel() {
         Outcome::Cancelled
     } else {
         outcome
@@ -73,7 +73,7 @@ pub(crate) fn finish(task: &mut Task, finish: &Finish) -> bool {
         return false;
     }
     let cancelled;
-    let finish = if task.cancel_requested && !finish.outcome.status().is_terminal() {
+    let finish = if task.cancel_requested && finish.outcome.yields_to_cancel() {
         // As `settle` decides, without cloning the outcome in the common case.
         cancelled = Finish {
             id: finish.id,
@@ -102,14 +102,19 @@ pub(crate) fn finish(task: &mut Task, finish: &Finish) -> bool {
             task.error = Some(error.clone());
             task.run_at = *retry_at;
         }
-        Outcome::Interrupted => {
+        Outcome::Interrupted { error, .. } => {
             // The attempt was cut short by a shutdown: it does not count.
-            task.max_attempts = task.max_attempts.saturating_add(1);
+            task.interrupted_attempts = task.interrupted_attempts.saturating_add(1);
+            task.error = Some(error.clone());
         }
         Outcome::Cancelled => {}
     }
     if to.is_terminal() {
         task.finished_at = Some(now);
+    } else {
+        // Waiting for its next attempt: nothing of the last one's progress is true any more.
+        task.progress = None;
+        task.progress_message = None;
     }
     true
 }
@@ -174,25 +179,15 @@ pub(crate) fn command(task: &mut Task, command: Command, now: Timestamp) -> Resu
     Ok(())
 }
 
-/// Recovers a running attempt whose worker is gone: retried if attempts remain, cancelled if a
-/// cancel was asked for, else failed with `worker_lost`.
+/// Recovers a running attempt whose worker is gone (msbd or its node died): cancelled if a
+/// cancel was asked for; else, as a shutdown's interruption, the attempt does not count and the
+/// task runs again, unless [`Task::interruption`] says it fails with kind `interrupted`.
 pub(crate) fn recover(task: &mut Task, now: Timestamp) -> Result<()> {
-    let attempt = task.attempt;
     let (event, error) = if task.cancel_requested {
         (Event::Cancel, None)
     } else {
-        let error = TaskError {
-            kind: FailureKind::WorkerLost,
-            message: format!(
-                "the worker running attempt {attempt} stopped renewing its lease (it died or the daemon was killed)"
-            ),
-        };
-        (
-            Event::Abandon {
-                retry: task.has_attempts_left(),
-            },
-            Some(error),
-        )
+        let (rerun, error) = task.interruption(Interruption::WorkerLost);
+        (Event::Abandon { retry: rerun }, Some(error))
     };
     task.status = decide(attempt_status(task), event).map_err(|t| illegal(task, t))?;
     task.updated_at = now;
@@ -200,9 +195,13 @@ pub(crate) fn recover(task: &mut Task, now: Timestamp) -> Result<()> {
     task.cancel_requested = false;
     if error.is_some() {
         task.error = error;
+        task.interrupted_attempts = task.interrupted_attempts.saturating_add(1);
     }
     if task.status.is_terminal() {
         task.finished_at = Some(now);
+    } else {
+        task.progress = None;
+        task.progress_message = None;
     }
     Ok(())
 }

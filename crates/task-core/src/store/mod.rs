@@ -209,9 +209,16 @@ pub enum Outcome {
         /// When the next attempt may start.
         retry_at: Option<Timestamp>,
     },
-    /// Interrupted by a shutdown: back to the queue, and the attempt does not count against
-    /// `max_attempts`.
-    Interrupted,
+    /// Interrupted by a shutdown of msbd: the attempt does not count against `max_attempts`
+    /// (`interrupted_attempts` grows by one), the task is re-queued without the progress of the
+    /// attempt if `rerun`, else failed. `error` says what happened (see
+    /// [`crate::model::Task::interruption`], which decides both).
+    Interrupted {
+        /// Whether the task runs again.
+        rerun: bool,
+        /// Why the attempt ended: kept as the task's error.
+        error: TaskError,
+    },
     /// Cancelled while it ran.
     Cancelled,
 }
@@ -224,7 +231,7 @@ impl Outcome {
             Outcome::Failed { retry_at, .. } => Event::Fail {
                 retry: retry_at.is_some(),
             },
-            Outcome::Interrupted => Event::Abandon { retry: true },
+            Outcome::Interrupted { rerun, .. } => Event::Abandon { retry: *rerun },
             Outcome::Cancelled => Event::Cancel,
         }
     }
@@ -233,6 +240,13 @@ impl Outcome {
     pub fn status(&self) -> Status {
         // Every outcome is an event that a running task allows.
         decide(Status::Running, self.event()).unwrap_or(Status::Failed)
+    }
+
+    /// Whether a cancel asked for while the attempt ran wins over this outcome: over every
+    /// outcome that would run the task again, and over an interruption (the task was to stop
+    /// anyway, and its user asked for it).
+    pub fn yields_to_cancel(&self) -> bool {
+        !self.status().is_terminal() || matches!(self, Outcome::Interrupted { .. })
     }
 }
 

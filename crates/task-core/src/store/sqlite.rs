@@ -113,7 +113,8 @@ pub struct SqliteStore {
 }
 
 /// The schema, one migration per entry; `PRAGMA user_version` counts those applied.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE tasks (
     seq INTEGER PRIMARY KEY,
     id BLOB NOT NULL UNIQUE,
@@ -155,13 +156,22 @@ CREATE TABLE task_counts (
 ) WITHOUT ROWID;
 CREATE UNIQUE INDEX tasks_idempotency ON tasks (coalesce(owner, ''), idempotency_key)
     WHERE idempotency_key IS NOT NULL;
-"#];
+"#,
+    r#"
+ALTER TABLE tasks ADD COLUMN interrupted_attempts INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE tasks ADD COLUMN rerun_on_recovery INTEGER NOT NULL DEFAULT 1;
+"#,
+];
 
 /// The columns of a task, in the order [`task_from_row`] reads them.
 const COLUMNS: &str = "id, task_type, params, priority, status, attempt, max_attempts, \
     retry_base_ms, retry_max_ms, timeout_ms, run_at, idempotency_key, owner, session_id, \
     progress, progress_message, result, error_kind, error_message, created_at, started_at, \
-    updated_at, finished_at, tags, lease_until, cancel_requested";
+    updated_at, finished_at, tags, lease_until, cancel_requested, interrupted_attempts, \
+    rerun_on_recovery";
+
+/// The index of `seq` in a row that has it after [`COLUMNS`].
+const SEQ: usize = 28;
 
 impl SqliteStore {
     /// Opens (creating if needed) the store file, runs pending migrations, and starts the writer
@@ -525,6 +535,8 @@ fn task_from_row(row: &Row<'_>) -> rusqlite::Result<Task> {
         },
         lease_until: row.get::<_, Option<i64>>(24)?.map(Timestamp),
         cancel_requested: row.get(25)?,
+        interrupted_attempts: row.get(26)?,
+        rerun_on_recovery: row.get(27)?,
     })
 }
 
@@ -900,8 +912,8 @@ impl Writer {
                 .prepare_cached(
                     "INSERT OR FAIL INTO tasks (id, task_type, params, priority, status, attempt, max_attempts, \
                      retry_base_ms, retry_max_ms, timeout_ms, run_at, idempotency_key, owner, session_id, \
-                     created_at, updated_at, tags) \
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
+                     created_at, updated_at, tags, interrupted_attempts, rerun_on_recovery) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)",
                 )
                 .and_then(|mut s| {
                     s.execute(params![
@@ -922,6 +934,8 @@ impl Writer {
                         task.created_at.0,
                         task.updated_at.0,
                         tags_text(&task.tags),
+                        task.interrupted_attempts,
+                        task.rerun_on_recovery,
                     ])
                 })
                 .map_err(|e| Error::store("inserting a task", e))?;
@@ -1023,7 +1037,7 @@ impl Writer {
         let values = params![limit as i64, excluded_json];
         statement
             .query_map(&values[..if excluded.is_empty() { 1 } else { 2 }], |row| {
-                Ok((row.get(26)?, task_from_row(row)?))
+                Ok((row.get(SEQ)?, task_from_row(row)?))
             })
             .and_then(|rows| rows.collect())
             .map_err(|e| Error::store("finding tasks to claim", e))
@@ -1090,7 +1104,7 @@ impl Writer {
             return Ok(false);
         };
         let cancelled = Outcome::Cancelled;
-        let outcome = if cancel_requested && !finish.outcome.status().is_terminal() {
+        let outcome = if cancel_requested && finish.outcome.yields_to_cancel() {
             // As `apply::settle` decides: a task whose cancel was asked for is not retried.
             &cancelled
         } else {
@@ -1098,19 +1112,21 @@ impl Writer {
         };
         let to =
             decide(Status::Running, outcome.event()).map_err(|t| Error::store("finishing", t))?;
-        let (result, error, run_at, extra_attempts) = match outcome {
+        let (result, error, run_at, interrupted) = match outcome {
             Outcome::Completed { result } => (Some(json_text(result)), None, None, 0),
             Outcome::Failed { error, retry_at } => (None, Some(error), *retry_at, 0),
-            Outcome::Interrupted => (None, None, None, 1),
+            Outcome::Interrupted { error, .. } => (None, Some(error), None, 1),
             Outcome::Cancelled => (None, None, None, 0),
         };
         let finished_at = to.is_terminal().then_some(finish.now.0);
         self.conn
             .prepare_cached(
                 "UPDATE OR FAIL tasks SET status = ?2, result = coalesce(?3, result), \
-                 progress = CASE WHEN ?2 = 4 THEN 1.0 ELSE progress END, \
+                 progress = CASE WHEN ?2 = 4 THEN 1.0 WHEN ?2 IN (0, 1) THEN NULL ELSE progress END, \
+                 progress_message = CASE WHEN ?2 IN (0, 1) THEN NULL ELSE progress_message END, \
                  error_kind = coalesce(?4, error_kind), error_message = coalesce(?5, error_message), \
-                 run_at = ?6, finished_at = ?7, updated_at = ?8, max_attempts = max_attempts + ?9, \
+                 run_at = ?6, finished_at = ?7, updated_at = ?8, \
+                 interrupted_attempts = interrupted_attempts + ?9, \
                  lease_until = NULL, cancel_requested = 0 WHERE seq = ?1",
             )
             .and_then(|mut s| {
@@ -1123,7 +1139,7 @@ impl Writer {
                     run_at.map(|t| t.0),
                     finished_at,
                     finish.now.0,
-                    extra_attempts,
+                    interrupted,
                 ])
             })
             .map_err(|e| Error::store("finishing a task", e))?;
@@ -1187,7 +1203,8 @@ impl Writer {
             .prepare_cached(
                 "UPDATE tasks SET status = ?2, attempt = ?3, max_attempts = ?4, run_at = ?5, \
                  error_kind = ?6, error_message = ?7, updated_at = ?8, finished_at = ?9, \
-                 lease_until = ?10, cancel_requested = ?11, priority = ?12 WHERE id = ?1",
+                 lease_until = ?10, cancel_requested = ?11, priority = ?12, progress = ?13, \
+                 progress_message = ?14, interrupted_attempts = ?15 WHERE id = ?1",
             )
             .and_then(|mut s| {
                 s.execute(params![
@@ -1203,6 +1220,9 @@ impl Writer {
                     task.lease_until.map(|t| t.0),
                     task.cancel_requested,
                     task.priority.get(),
+                    task.progress,
+                    task.progress_message,
+                    task.interrupted_attempts,
                 ])
             })
             .map_err(|e| Error::store("updating a task", e))?;
@@ -1592,7 +1612,7 @@ fn list(conn: &Connection, filter: &ListFilter, page: &PageRequest) -> Result<Pa
         .and_then(|mut s| {
             s.query_map(rusqlite::params_from_iter(values.iter()), |row| {
                 // `seq` follows the task's columns.
-                Ok((row.get(26)?, task_from_row(row)?))
+                Ok((row.get(SEQ)?, task_from_row(row)?))
             })?
             .collect()
         })

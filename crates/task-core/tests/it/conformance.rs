@@ -15,7 +15,8 @@ use task_core::store::{
     ProgressUpdate, Recover, Stats, Store,
 };
 use task_core::{
-    Error, FailureKind, NewTask, Priority, RetryPolicy, Status, Task, TaskError, TaskId, Timestamp,
+    Error, FailureKind, Interruption, MAX_INTERRUPTED_ATTEMPTS, NewTask, Priority, RetryPolicy,
+    Status, Task, TaskError, TaskId, Timestamp,
 };
 
 /// Runs each case against every store, each run with a store of its own.
@@ -67,6 +68,9 @@ conformance!(
     finish_failed_with_a_retry_schedules_the_next_attempt,
     finish_failed_without_a_retry_fails_the_task,
     finish_interrupted_requeues_without_using_an_attempt,
+    a_lost_attempt_is_requeued_like_an_interrupted_one,
+    an_interrupted_task_that_opted_out_of_reruns_fails_interrupted,
+    a_task_interrupted_too_often_fails_interrupted,
     finish_cancelled_cancels_the_task,
     a_retry_or_interruption_after_a_cancel_request_cancels_the_task,
     writes_of_a_fenced_out_attempt_change_nothing,
@@ -184,6 +188,12 @@ fn error(message: &str) -> TaskError {
         kind: FailureKind::Error,
         message: message.to_owned(),
     }
+}
+
+/// The outcome the engine records for an attempt that a shutdown interrupted.
+fn interrupted(task: &Task) -> Outcome {
+    let (rerun, error) = task.interruption(Interruption::Shutdown);
+    Outcome::Interrupted { rerun, error }
 }
 
 fn completed() -> Outcome {
@@ -306,7 +316,8 @@ async fn submit_then_get_round_trips_every_field(store: &dyn Store) {
         .with_idempotency_key("key-1")
         .with_owner("agent-7")
         .with_session("session-3")
-        .with_tags(vec!["nightly".into(), "db".into()]);
+        .with_tags(vec!["nightly".into(), "db".into()])
+        .with_rerun_on_recovery(false);
     let id = TaskId::new();
     let expected = full.clone().into_task(id, at(0));
     let answers = store
@@ -775,6 +786,44 @@ async fn finish_failed_without_a_retry_fails_the_task(store: &dyn Store) {
     check_stats(store, "after a failure").await;
 }
 
+/// Reports progress 0.6 with words for the running attempt of `task`.
+async fn report_progress(store: &dyn Store, task: &Task, now: Timestamp) {
+    let update = ProgressUpdate {
+        id: task.id,
+        attempt: task.attempt,
+        progress: 0.6,
+        message: Some("60% done".into()),
+        now,
+    };
+    assert!(store.progress(update).await.expect("progress"));
+}
+
+/// Checks that `task` went back to the queue after its attempt `attempt` was interrupted for
+/// the `count`th time: nothing of the attempt left, its limit unchanged, the attempt not counted.
+fn assert_requeued_after_interruption(task: &Task, attempt: u32, count: u32, kind: FailureKind) {
+    assert_eq!(task.status, Status::Queued);
+    assert_eq!(
+        (task.attempt, task.interrupted_attempts, task.max_attempts),
+        (attempt, count, 1),
+        "max_attempts is never changed, and the interrupted attempt is counted as such"
+    );
+    assert_eq!(task.counted_attempts(), attempt - count);
+    assert!(
+        task.has_attempts_left(),
+        "an interrupted attempt does not count"
+    );
+    assert_eq!(
+        (task.progress, task.progress_message.as_deref()),
+        (None, None),
+        "no progress of the interrupted attempt"
+    );
+    assert_eq!(
+        (task.lease_until, task.finished_at, task.run_at),
+        (None, None, None)
+    );
+    assert_eq!(task.error.as_ref().map(|e| e.kind), Some(kind));
+}
+
 async fn finish_interrupted_requeues_without_using_an_attempt(store: &dyn Store) {
     let task = submit(
         store,
@@ -783,16 +832,146 @@ async fn finish_interrupted_requeues_without_using_an_attempt(store: &dyn Store)
     )
     .await;
     let running = claim_one(store, &task, at(1)).await;
-    assert!(finish(store, &running, at(2), Outcome::Interrupted).await);
+    report_progress(store, &running, at(2)).await;
+    assert!(finish(store, &running, at(3), interrupted(&running)).await);
     let requeued = get(store, task.id).await;
-    assert_eq!(requeued.status, Status::Queued);
-    assert_eq!((requeued.attempt, requeued.max_attempts), (1, 2));
-    assert!(requeued.has_attempts_left());
-    assert_eq!((requeued.lease_until, requeued.finished_at), (None, None));
-    assert_eq!(requeued.updated_at, at(2));
-    let again = claim_one(store, &task, at(3)).await;
-    assert_eq!((again.attempt, again.max_attempts), (2, 2));
+    assert_requeued_after_interruption(&requeued, 1, 1, FailureKind::Interrupted);
+    assert_eq!(requeued.updated_at, at(3));
+    let again = claim_one(store, &task, at(4)).await;
+    assert_eq!(
+        (
+            again.attempt,
+            again.max_attempts,
+            again.interrupted_attempts
+        ),
+        (2, 1, 1)
+    );
+    assert!(
+        !again.has_attempts_left(),
+        "the second attempt is the first that counts, and the last"
+    );
     check_stats(store, "after an interruption").await;
+}
+
+async fn a_lost_attempt_is_requeued_like_an_interrupted_one(store: &dyn Store) {
+    // By the lease reaper (its lease expired) and by recovery at start (every running attempt).
+    for which in [Recover::Expired, Recover::AllRunning] {
+        let task = submit(
+            store,
+            NewTask::new("job", json!({})).with_max_attempts(1),
+            at(0),
+        )
+        .await;
+        let running = claim_one(store, &task, at(1)).await;
+        report_progress(store, &running, at(2)).await;
+        let recovered = store
+            .recover(at(1).after(LEASE).after(Duration::from_secs(1)), which)
+            .await
+            .expect("recover");
+        assert_eq!(ids(&recovered), [task.id], "{which:?}");
+        let requeued = get(store, task.id).await;
+        assert_eq!(recovered[0], requeued, "the answer is the stored task");
+        assert_requeued_after_interruption(&requeued, 1, 1, FailureKind::WorkerLost);
+        let again = claim_one(store, &task, at(40)).await;
+        assert_eq!((again.attempt, again.interrupted_attempts), (2, 1));
+        assert!(finish(store, &again, at(41), completed()).await);
+        let done = get(store, task.id).await;
+        assert_eq!(
+            (done.status, done.attempt, done.max_attempts),
+            (Status::Completed, 2, 1)
+        );
+        check_stats(store, "after a lost attempt").await;
+    }
+}
+
+async fn an_interrupted_task_that_opted_out_of_reruns_fails_interrupted(store: &dyn Store) {
+    // Interrupted by a shutdown, lost by the reaper, lost at start: the same end.
+    for way in 0..3 {
+        let task = submit(
+            store,
+            NewTask::new("job", json!({}))
+                .with_max_attempts(3)
+                .with_rerun_on_recovery(false),
+            at(0),
+        )
+        .await;
+        assert!(!task.rerun_on_recovery);
+        let running = claim_one(store, &task, at(1)).await;
+        let later = at(1).after(LEASE).after(Duration::from_secs(1));
+        match way {
+            0 => assert!(finish(store, &running, later, interrupted(&running)).await),
+            1 => assert_eq!(
+                ids(&store
+                    .recover(later, Recover::Expired)
+                    .await
+                    .expect("recover")),
+                [task.id]
+            ),
+            _ => assert_eq!(
+                ids(&store
+                    .recover(later, Recover::AllRunning)
+                    .await
+                    .expect("recover")),
+                [task.id]
+            ),
+        }
+        let failed = get(store, task.id).await;
+        assert_eq!(
+            (failed.status, failed.finished_at),
+            (Status::Failed, Some(later)),
+            "way {way}"
+        );
+        let error = failed.error.expect("an error");
+        assert_eq!(error.kind, FailureKind::Interrupted, "way {way}");
+        assert!(error.message.contains("rerun_on_recovery"), "{error:?}");
+        assert_eq!(
+            (
+                failed.attempt,
+                failed.interrupted_attempts,
+                failed.max_attempts
+            ),
+            (1, 1, 3)
+        );
+        check_stats(store, "after an interruption without a rerun").await;
+    }
+}
+
+async fn a_task_interrupted_too_often_fails_interrupted(store: &dyn Store) {
+    let task = submit(
+        store,
+        NewTask::new("job", json!({})).with_max_attempts(1),
+        at(0),
+    )
+    .await;
+    let mut now = 0;
+    // Interrupted by shutdowns and crashes in turn: it runs again as long as the limit allows.
+    for n in 1..=MAX_INTERRUPTED_ATTEMPTS + 1 {
+        now += 100;
+        let running = claim_one(store, &task, at(now)).await;
+        assert_eq!(running.attempt, n);
+        let later = at(now).after(LEASE).after(Duration::from_secs(1));
+        if n % 2 == 1 {
+            assert!(finish(store, &running, later, interrupted(&running)).await);
+        } else {
+            let recovered = store
+                .recover(later, Recover::Expired)
+                .await
+                .expect("recover");
+            assert_eq!(ids(&recovered), [task.id]);
+        }
+        let after = get(store, task.id).await;
+        assert_eq!(after.interrupted_attempts, n);
+        if n <= MAX_INTERRUPTED_ATTEMPTS {
+            assert_eq!(after.status, Status::Queued, "interruption {n}");
+        } else {
+            assert_eq!(after.status, Status::Failed, "interruption {n}");
+            let error = after.error.expect("an error");
+            assert_eq!(error.kind, FailureKind::Interrupted);
+            assert!(error.message.contains("interrupted"), "{error:?}");
+            assert_eq!(after.max_attempts, 1);
+        }
+    }
+    check_stats(store, "after too many interruptions").await;
 }
 
 async fn finish_cancelled_cancels_the_task(store: &dyn Store) {
@@ -826,7 +1005,21 @@ async fn a_retry_or_interruption_after_a_cancel_request_cancels_the_task(store: 
         },
         retry_at: Some(at(60)),
     };
-    for outcome in [retry, Outcome::Interrupted] {
+    let rerun = Outcome::Interrupted {
+        rerun: true,
+        error: TaskError {
+            kind: FailureKind::Interrupted,
+            message: "interrupted".into(),
+        },
+    };
+    let last = Outcome::Interrupted {
+        rerun: false,
+        error: TaskError {
+            kind: FailureKind::Interrupted,
+            message: "interrupted".into(),
+        },
+    };
+    for outcome in [retry, rerun, last] {
         let task = submit(
             store,
             NewTask::new("job", json!({})).with_max_attempts(3),
@@ -1259,12 +1452,17 @@ async fn a_frozen_task_stays_with_its_attempt(store: &dyn Store) {
         recovered.iter().map(|t| t.id).collect::<Vec<_>>(),
         [orphan.id]
     );
-    // Out of attempts (one by default): failed, the worker lost.
-    assert_eq!(recovered[0].status, Status::Failed);
+    // A lost attempt does not count: queued again, the worker lost.
+    assert_eq!(recovered[0].status, Status::Queued);
     assert_eq!(
         recovered[0].error.as_ref().unwrap().kind,
         FailureKind::WorkerLost
     );
+    // Out of the way of what follows.
+    store
+        .command(orphan.id, Command::Cancel, expiry)
+        .await
+        .unwrap();
     assert_eq!(recovered[0].lease_until, None);
     check_stats(store, "recovered from frozen").await;
     let other = task_in(store, Status::Running, expiry).await;
@@ -1430,11 +1628,13 @@ async fn recover_expired_takes_only_expired_leases(store: &dyn Store) {
             .is_some_and(|e| !e.message.is_empty())
     );
 
+    // Out of attempts, but a lost attempt does not count: queued again.
     let lost = get(store, last.id).await;
     assert_eq!(
-        (lost.status, lost.finished_at),
-        (Status::Failed, Some(at(50)))
+        (lost.status, lost.finished_at, lost.max_attempts),
+        (Status::Queued, None, 1)
     );
+    assert_eq!(lost.interrupted_attempts, 1);
     assert_eq!(
         lost.error.as_ref().map(|e| e.kind),
         Some(FailureKind::WorkerLost)
@@ -1470,7 +1670,7 @@ async fn recover_all_running_takes_every_running_attempt(store: &dyn Store) {
     let news = vec![
         NewTask::new("a", json!({})).with_max_attempts(2),
         NewTask::new("b", json!({})),
-        NewTask::new("c", json!({})),
+        NewTask::new("c", json!({})).with_rerun_on_recovery(false),
     ];
     let tasks = submit_all(store, news, at(0)).await;
     let queued = submit(store, NewTask::new("d", json!({})), at(0)).await;
@@ -1502,7 +1702,9 @@ async fn recover_all_running_takes_every_running_attempt(store: &dyn Store) {
         outcome,
         [
             ("a", Status::Queued),
-            ("b", Status::Failed),
+            // Out of attempts, but a lost attempt does not count.
+            ("b", Status::Queued),
+            // Opted out of reruns.
             ("c", Status::Failed)
         ]
     );
@@ -1999,7 +2201,7 @@ async fn list_filters_by_every_field(store: &dyn Store) {
     let running: Vec<Task> = claim(store, 4, at(200)).await;
     assert_eq!(ids(&running), ids(&tasks[..4]));
     assert!(finish(store, &running[3], at(201), completed()).await);
-    assert!(finish(store, &running[2], at(201), Outcome::Interrupted).await);
+    assert!(finish(store, &running[2], at(201), interrupted(&running[2])).await);
     store
         .command(tasks[2].id, Command::Pause, at(202))
         .await
@@ -2326,7 +2528,7 @@ async fn stats_follow_every_kind_of_change(store: &dyn Store) {
         .await
         .expect("cancel");
     check_stats(store, "after asking a running task to cancel").await;
-    assert!(finish(store, &running[1], at(56), Outcome::Interrupted).await);
+    assert!(finish(store, &running[1], at(56), interrupted(&running[1])).await);
     check_stats(store, "after an interruption").await;
     let recovered = store
         .recover(at(56).after(LEASE), Recover::AllRunning)

@@ -93,8 +93,9 @@ fn burn_down_child() {
         let mut left = TASKS;
         while left > 0 {
             let batch = left.min(250);
+            // One attempt each: a task running at the kill must run again all the same.
             let tasks = (0..batch)
-                .map(|_| NewTask::new("work", json!({})).with_max_attempts(3))
+                .map(|_| NewTask::new("work", json!({})).with_max_attempts(1))
                 .collect();
             engine.submit_many(tasks).await.expect("submitting");
             left -= batch;
@@ -333,6 +334,10 @@ fn sigkill_during_a_burn_down_loses_nothing_and_completes_nothing_twice() {
         for task in &final_tasks {
             assert_eq!(task.status, Status::Completed, "task {}: {:?}", task.id, task.error);
             assert_eq!(task.result, Some(json!({ "id": task.id.to_string() })), "result of {}", task.id);
+            // One attempt each (issue 15): an attempt the kill cut short does not count, and the
+            // limit stays the user's.
+            assert_eq!(task.max_attempts, 1, "max_attempts of {}", task.id);
+            assert_eq!(task.counted_attempts(), 1, "attempts of {} that count", task.id);
         }
 
         // The second life completed exactly the tasks that were not completed at reopen, once each.

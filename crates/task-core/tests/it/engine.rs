@@ -893,9 +893,13 @@ async fn the_lease_reaper_recovers_a_dead_workers_task() {
     engine.resume_queue();
     let retried = finished(&engine, retried).await;
     assert_eq!((retried.status, retried.attempt), (Status::Completed, 2));
+    // Its only attempt was lost, which does not count: it runs again.
     let lost = finished(&engine, lost).await;
-    assert_eq!(lost.status, Status::Failed);
-    assert_eq!(lost.error.expect("error").kind, FailureKind::WorkerLost);
+    assert_eq!(
+        (lost.status, lost.attempt, lost.max_attempts),
+        (Status::Completed, 2, 1)
+    );
+    assert_eq!(lost.interrupted_attempts, 1);
     loops.stop().await;
 }
 
@@ -960,8 +964,9 @@ async fn shutdown_lets_short_tasks_finish_and_requeues_the_rest_for_the_next_sta
         "an interrupted task goes back to the queue"
     );
     assert_eq!(
-        task.max_attempts, 2,
-        "the interrupted attempt does not count"
+        (task.max_attempts, task.interrupted_attempts),
+        (1, 1),
+        "the interrupted attempt does not count, and the limit is the user's"
     );
     drop(engine);
 
@@ -1390,9 +1395,14 @@ async fn a_heartbeat_during_an_attempts_finish_is_not_a_lost_lease() {
         )
     })
     .await;
-    let id = submit(&engine, NewTask::new("stuck", Value::Null)).await;
+    // Not run again: this checks the count of a lost lease, once.
+    let id = submit(
+        &engine,
+        NewTask::new("stuck", Value::Null).with_rerun_on_recovery(false),
+    )
+    .await;
     let task = finished(&engine, id).await;
-    assert_eq!(task.error.expect("error").kind, FailureKind::WorkerLost);
+    assert_eq!(task.error.expect("error").kind, FailureKind::Interrupted);
     engine.renew_leases().await.expect("heartbeat");
     assert_eq!(engine.leases_lost(), 1);
     loops.stop().await;
@@ -1423,4 +1433,251 @@ async fn an_attempts_end_is_recorded_once_the_store_answers_again() {
         "three failures, then it answered"
     );
     loops.stop().await;
+}
+
+/// A handler that reports progress 0.6 with words, then waits to be stopped.
+fn sixty_percent_then_wait(reported: Arc<Notify>) -> impl task_core::TaskHandler {
+    handler_fn(move |ctx| {
+        let reported = Arc::clone(&reported);
+        async move {
+            ctx.progress(0.6, Some("60% done".into())).await?;
+            reported.notify_one();
+            ctx.cancellation().cancelled().await;
+            Err(TaskFailure::retryable("stopped"))
+        }
+    })
+}
+
+/// What a task that msbd stopped running looks like, for comparing two ways of stopping.
+fn after_interruption(task: &task_core::Task) -> impl PartialEq + std::fmt::Debug {
+    (
+        task.status,
+        task.attempt,
+        task.max_attempts,
+        task.interrupted_attempts,
+        task.progress,
+        task.progress_message.clone(),
+        task.finished_at,
+    )
+}
+
+/// Issue 15: msbd going away gracefully (SIGTERM: a shutdown) and msbd going away at once
+/// (SIGKILL, a crash: the lease expires, found by the reaper or by recovery at start) leave a
+/// task in the same state. For a task with one attempt, as it is submitted by default: queued
+/// again, its limit unchanged, the attempt not counted, no progress of the dead attempt; and
+/// the next start runs it to completion.
+#[tokio::test]
+async fn a_shutdown_and_a_crash_leave_a_task_the_same_way() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let reported = Arc::new(Notify::new());
+    let work = |b: task_core::EngineBuilder, reported: &Arc<Notify>| {
+        b.handler("work", sixty_percent_then_wait(Arc::clone(reported)))
+    };
+    let second_life = |b: task_core::EngineBuilder| {
+        b.handler(
+            "work",
+            handler_fn(|_ctx| async { Ok(json!("second life")) }),
+        )
+    };
+
+    // Shutdown.
+    let graceful_path = dir.path().join("graceful.sqlite3");
+    let store = Arc::new(SqliteStore::open(SqliteConfig::new(&graceful_path)).expect("open"));
+    let (engine, loops) = started_on(store, quick_config(), |b| work(b, &reported)).await;
+    let graceful = submit(&engine, NewTask::new("work", Value::Null)).await;
+    tokio::time::timeout(LONG, reported.notified())
+        .await
+        .expect("progress reported");
+    let report = engine.shutdown(Duration::from_secs(2)).await;
+    assert_eq!(report.interrupted, 1);
+    loops.stop().await;
+    let after_shutdown = engine.get(graceful).await.expect("get");
+    drop(engine);
+
+    // Crash, found by recovery at start: the process that ran the attempt is gone without a
+    // word (its claim and its progress are all the store has).
+    let crash_path = dir.path().join("crash.sqlite3");
+    let store = SqliteStore::open(SqliteConfig::new(&crash_path)).expect("open");
+    let now = Timestamp::now();
+    let crashed = store
+        .submit(vec![
+            NewTask::new("work", Value::Null).into_task(TaskId::new(), now),
+        ])
+        .await
+        .expect("submit")[0]
+        .task
+        .id;
+    let claimed = store
+        .claim(ClaimRequest {
+            max: 1,
+            now,
+            lease_until: now.after(Duration::from_secs(30)),
+            exclude_types: vec![],
+            type_room: vec![],
+        })
+        .await
+        .expect("claim");
+    assert_eq!(claimed.len(), 1);
+    assert!(
+        store
+            .progress(task_core::store::ProgressUpdate {
+                id: crashed,
+                attempt: 1,
+                progress: 0.6,
+                message: Some("60% done".into()),
+                now,
+            })
+            .await
+            .expect("progress")
+    );
+    drop(store);
+    let store = Arc::new(SqliteStore::open(SqliteConfig::new(&crash_path)).expect("reopen"));
+    let engine = Engine::builder(store)
+        .config(quick_config())
+        .build()
+        .await
+        .expect("recovers");
+    let after_crash = engine.get(crashed).await.expect("get");
+    drop(engine);
+
+    // Crash, found by the lease reaper (another node's attempt, say).
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let config = EngineConfig {
+        recover_running_at_start: false,
+        ..quick_config()
+    };
+    // Its loops are not started: the test plays the reaper's round itself.
+    let engine = Engine::builder(Arc::clone(&store))
+        .config(config)
+        .build()
+        .await
+        .expect("engine");
+    let now = Timestamp::now();
+    let reaped = store
+        .submit(vec![
+            NewTask::new("work", Value::Null).into_task(TaskId::new(), now),
+        ])
+        .await
+        .expect("submit")[0]
+        .task
+        .id;
+    let claimed = store
+        .claim(ClaimRequest {
+            max: 1,
+            now,
+            lease_until: now,
+            exclude_types: vec![],
+            type_room: vec![],
+        })
+        .await
+        .expect("claim");
+    assert_eq!(claimed.len(), 1);
+    assert!(
+        store
+            .progress(task_core::store::ProgressUpdate {
+                id: reaped,
+                attempt: 1,
+                progress: 0.6,
+                message: Some("60% done".into()),
+                now,
+            })
+            .await
+            .expect("progress")
+    );
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    assert_eq!(engine.recover_expired().await.expect("reaper"), 1);
+    let after_reaper = engine.get(reaped).await.expect("get");
+    assert_eq!(
+        engine.eta(&after_reaper),
+        None,
+        "no ETA from the dead attempt's progress"
+    );
+    drop(engine);
+
+    for (what, task) in [
+        ("shutdown", &after_shutdown),
+        ("crash", &after_crash),
+        ("reaper", &after_reaper),
+    ] {
+        assert_eq!(
+            task.status,
+            Status::Queued,
+            "{what}: runs again ({:?})",
+            task.error
+        );
+        assert_eq!(
+            (task.attempt, task.max_attempts, task.interrupted_attempts),
+            (1, 1, 1),
+            "{what}: the limit is unchanged and the attempt is not counted"
+        );
+        assert!(task.has_attempts_left(), "{what}");
+        assert_eq!(
+            (task.progress, task.progress_message.as_deref()),
+            (None, None),
+            "{what}: nothing of the dead attempt's progress"
+        );
+    }
+    assert_eq!(
+        after_interruption(&after_shutdown),
+        after_interruption(&after_crash)
+    );
+    assert_eq!(
+        after_interruption(&after_shutdown),
+        after_interruption(&after_reaper)
+    );
+    // Only the error says how msbd went away.
+    assert_eq!(
+        after_shutdown.error.as_ref().map(|e| e.kind),
+        Some(FailureKind::Interrupted)
+    );
+    assert_eq!(
+        after_crash.error.as_ref().map(|e| e.kind),
+        Some(FailureKind::WorkerLost)
+    );
+
+    // The next start runs both, and the attempt that completes is the first that counts.
+    for (path, id) in [(&graceful_path, graceful), (&crash_path, crashed)] {
+        let store = Arc::new(SqliteStore::open(SqliteConfig::new(path)).expect("reopen"));
+        let (engine, loops) = started_on(store, quick_config(), second_life).await;
+        let done = finished(&engine, id).await;
+        assert_eq!(
+            (done.status, done.attempt, done.max_attempts),
+            (Status::Completed, 2, 1)
+        );
+        assert_eq!(done.result, Some(json!("second life")));
+        loops.stop().await;
+    }
+}
+
+/// A task submitted with `rerun_on_recovery: false` is not run again after a shutdown: it
+/// fails with kind `interrupted`, as it does after a crash (see the conformance suite).
+#[tokio::test]
+async fn a_task_that_opted_out_of_reruns_fails_interrupted_at_a_shutdown() {
+    let reported = Arc::new(Notify::new());
+    let handler = sixty_percent_then_wait(Arc::clone(&reported));
+    let (engine, loops) = started(quick_config(), |b| b.handler("work", handler)).await;
+    let id = submit(
+        &engine,
+        NewTask::new("work", Value::Null)
+            .with_max_attempts(3)
+            .with_rerun_on_recovery(false),
+    )
+    .await;
+    tokio::time::timeout(LONG, reported.notified())
+        .await
+        .expect("progress reported");
+    engine.shutdown(Duration::from_secs(2)).await;
+    loops.stop().await;
+    let task = engine.get(id).await.expect("get");
+    assert_eq!(task.status, Status::Failed);
+    assert_eq!(
+        (task.attempt, task.max_attempts, task.interrupted_attempts),
+        (1, 3, 1)
+    );
+    let error = task.error.expect("an error");
+    assert_eq!(error.kind, FailureKind::Interrupted);
+    assert!(
+        error.message.contains("rerun_on_recovery: false"),
+        "{error:?}"
+    );
 }

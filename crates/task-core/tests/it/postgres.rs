@@ -327,10 +327,13 @@ async fn migrations_are_idempotent_and_safe_when_nodes_start_at_once() {
     let before = versions(&admin).await;
     assert_eq!(
         before,
-        [(1, "tasks".to_owned())],
+        [
+            (1, "tasks".to_owned()),
+            (2, "interrupted_attempts".to_owned())
+        ],
         "each migration applied once"
     );
-    assert_eq!(PostgresStore::schema_version(), 1);
+    assert_eq!(PostgresStore::schema_version(), 2);
     // Once more, with tasks in the store: nothing changes, nothing is lost.
     stores[0]
         .submit(tasks(3, Timestamp::now()))

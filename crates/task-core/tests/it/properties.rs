@@ -22,7 +22,10 @@ use task_core::store::{
     ClaimRequest, Command, Finish, Heartbeat, ListFilter, Outcome, PageRequest, ProgressUpdate,
     Recover, Store,
 };
-use task_core::{FailureKind, NewTask, Priority, Status, Task, TaskError, TaskId, Timestamp};
+use task_core::{
+    FailureKind, MAX_INTERRUPTED_ATTEMPTS, NewTask, Priority, Status, Task, TaskError, TaskId,
+    Timestamp,
+};
 
 /// The lease of every claim, in simulated milliseconds.
 const LEASE_MS: u64 = 1_000;
@@ -267,11 +270,18 @@ struct ModelTask {
     result: Option<Value>,
     error_kind: Option<FailureKind>,
     finished_at: Option<Timestamp>,
+    interrupted_attempts: u32,
 }
 
 impl ModelTask {
     fn has_attempts_left(&self) -> bool {
-        self.attempt < self.max_attempts
+        // (A stale worker's copy may have an older attempt than its interruptions.)
+        self.attempt.saturating_sub(self.interrupted_attempts) < self.max_attempts
+    }
+
+    /// Whether one more interruption leaves the task to run again.
+    fn reruns_after_interruption(&self) -> bool {
+        self.interrupted_attempts < MAX_INTERRUPTED_ATTEMPTS
     }
 
     /// Paused while its attempt runs: the attempt still holds the task.
@@ -287,7 +297,7 @@ impl ModelTask {
             Outcome::Failed {
                 retry_at: Some(_), ..
             }
-            | Outcome::Interrupted
+            | Outcome::Interrupted { .. }
                 if self.cancel_requested =>
             {
                 &cancelled
@@ -312,9 +322,14 @@ impl ModelTask {
                 self.error_kind = Some(error.kind);
                 self.run_at = *retry_at;
             }
-            Outcome::Interrupted => {
-                self.status = Status::Queued;
-                self.max_attempts += 1;
+            Outcome::Interrupted { rerun, error } => {
+                self.status = if *rerun {
+                    Status::Queued
+                } else {
+                    Status::Failed
+                };
+                self.interrupted_attempts += 1;
+                self.error_kind = Some(error.kind);
                 self.run_at = None;
             }
             Outcome::Cancelled => {
@@ -324,25 +339,31 @@ impl ModelTask {
         }
         if self.status.is_terminal() {
             self.finished_at = Some(now);
+        } else {
+            // Waiting for the next attempt: no progress of the last one.
+            self.progress = None;
         }
     }
 
-    /// A running attempt whose worker is gone is recovered at `now`.
+    /// A running attempt whose worker is gone is recovered at `now`: it does not count.
     fn recover(&mut self, now: Timestamp) {
         if self.cancel_requested {
             self.status = Status::Cancelled;
-        } else {
-            self.status = if self.has_attempts_left() {
-                Status::Queued
-            } else {
-                Status::Failed
-            };
+        } else if self.reruns_after_interruption() {
+            self.status = Status::Queued;
             self.error_kind = Some(FailureKind::WorkerLost);
+            self.interrupted_attempts += 1;
+        } else {
+            self.status = Status::Failed;
+            self.error_kind = Some(FailureKind::Interrupted);
+            self.interrupted_attempts += 1;
         }
         self.lease_until = None;
         self.cancel_requested = false;
         if self.status.is_terminal() {
             self.finished_at = Some(now);
+        } else {
+            self.progress = None;
         }
     }
 
@@ -526,7 +547,13 @@ fn outcome_of(end: &End, task: &ModelTask, now: Timestamp) -> Outcome {
             retry_at: (*retry && task.has_attempts_left())
                 .then(|| now.after(ms(u64::from(*delay_ms)))),
         },
-        End::Interrupt => Outcome::Interrupted,
+        End::Interrupt => Outcome::Interrupted {
+            rerun: task.reruns_after_interruption(),
+            error: TaskError {
+                kind: FailureKind::Interrupted,
+                message: format!("attempt {} was interrupted", task.attempt),
+            },
+        },
         End::Cancel => Outcome::Cancelled,
     }
 }
@@ -611,6 +638,7 @@ async fn apply(
                             result: None,
                             error_kind: None,
                             finished_at: None,
+                            interrupted_attempts: 0,
                         });
                         model.submitted += 1;
                     }
@@ -1017,6 +1045,12 @@ async fn check(store: &dyn Store, model: &mut Model) -> TestResult {
             task.max_attempts,
             want.max_attempts,
             "max_attempts of {}",
+            what
+        );
+        prop_assert_eq!(
+            task.interrupted_attempts,
+            want.interrupted_attempts,
+            "interrupted_attempts of {}",
             what
         );
         prop_assert_eq!(task.run_at, want.run_at, "run_at of {}", what);

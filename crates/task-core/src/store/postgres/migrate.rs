@@ -8,11 +8,18 @@ use crate::error::{Error, Result};
 use super::{LOCK_CLASS, quoted};
 
 /// The migrations, in order: version, name, SQL (the files in `migrations/postgres`).
-pub(super) const MIGRATIONS: &[(i32, &str, &str)] = &[(
-    1,
-    "tasks",
-    include_str!("../../../migrations/postgres/0001_tasks.sql"),
-)];
+pub(super) const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (
+        1,
+        "tasks",
+        include_str!("../../../migrations/postgres/0001_tasks.sql"),
+    ),
+    (
+        2,
+        "interrupted_attempts",
+        include_str!("../../../migrations/postgres/0002_interrupted_attempts.sql"),
+    ),
+];
 
 /// The newest schema version this build knows.
 pub(super) fn latest() -> i32 {

@@ -16,10 +16,11 @@ use crate::model::{
 pub(super) const COLUMNS: &str = "id, task_type, params, priority, status, attempt, max_attempts, \
     retry_base_ms, retry_max_ms, timeout_ms, run_at, idempotency_key, owner, session_id, \
     progress, progress_message, result, error_kind, error_message, created_at, started_at, \
-    updated_at, finished_at, tags, lease_until, cancel_requested";
+    updated_at, finished_at, tags, lease_until, cancel_requested, interrupted_attempts, \
+    rerun_on_recovery";
 
 /// The index of `seq` in a row that has it after [`COLUMNS`].
-pub(super) const SEQ: usize = 26;
+pub(super) const SEQ: usize = 28;
 
 /// A task's id as the `uuid` column holds it.
 pub(super) fn uuid(id: TaskId) -> uuid::Uuid {
@@ -80,6 +81,7 @@ pub(super) fn task_from_row(row: &Row) -> Result<Task> {
     let priority: i16 = column(row, 3)?;
     let attempt: i64 = column(row, 5)?;
     let max_attempts: i64 = column(row, 6)?;
+    let interrupted: i64 = column(row, 26)?;
     let result: Option<String> = column(row, 16)?;
     let error_kind: Option<i16> = column(row, 17)?;
     let tags: Option<String> = column(row, 23)?;
@@ -132,6 +134,9 @@ pub(super) fn task_from_row(row: &Row) -> Result<Task> {
         },
         lease_until: column::<Option<i64>>(row, 24)?.map(Timestamp),
         cancel_requested: column(row, 25)?,
+        interrupted_attempts: u32::try_from(interrupted)
+            .map_err(|_| bad("interrupted_attempts", interrupted))?,
+        rerun_on_recovery: column(row, 27)?,
     })
 }
 

@@ -902,10 +902,10 @@ async fn execute(
 /// The columns a submission writes, in the order of [`SUBMIT`]'s arrays.
 const SUBMIT: &str = "INSERT INTO tasks (id, task_type, params, priority, status, attempt, \
     max_attempts, retry_base_ms, retry_max_ms, timeout_ms, run_at, idempotency_key, owner, \
-    session_id, created_at, updated_at, tags, home_node) \
+    session_id, created_at, updated_at, tags, home_node, interrupted_attempts, rerun_on_recovery) \
     SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::int2[], $5::int2[], $6::int8[], \
     $7::int8[], $8::int8[], $9::int8[], $10::int8[], $11::int8[], $12::text[], $13::text[], \
-    $14::text[], $15::int8[], $16::int8[], $17::text[], $18::text[]) \
+    $14::text[], $15::int8[], $16::int8[], $17::text[], $18::text[], $19::int8[], $20::bool[]) \
     ON CONFLICT ((coalesce(owner, '')), idempotency_key) WHERE idempotency_key IS NOT NULL \
     DO NOTHING RETURNING id";
 
@@ -939,6 +939,11 @@ async fn submit(
     let created: Vec<i64> = tasks.iter().map(|t| t.created_at.0).collect();
     let updated: Vec<i64> = tasks.iter().map(|t| t.updated_at.0).collect();
     let tags: Vec<Option<String>> = tasks.iter().map(|t| tags_text(&t.tags)).collect();
+    let interrupted: Vec<i64> = tasks
+        .iter()
+        .map(|t| i64::from(t.interrupted_attempts))
+        .collect();
+    let reruns: Vec<bool> = tasks.iter().map(|t| t.rerun_on_recovery).collect();
     let homes: Vec<Option<&str>> = tasks
         .iter()
         .map(|t| {
@@ -973,6 +978,8 @@ async fn submit(
                 &updated,
                 &tags,
                 &homes,
+                &interrupted,
+                &reruns,
             ],
         )
         .await?
@@ -1160,11 +1167,12 @@ const HELD: &str = "SELECT seq, id, attempt, task_type, cancel_requested, status
 
 /// Ends many attempts at once.
 const FINISH: &str = "UPDATE tasks SET status = u_status, result = coalesce(u_result, result), \
-    progress = CASE WHEN u_status = 4 THEN 1.0 ELSE progress END, \
+    progress = CASE WHEN u_status = 4 THEN 1.0 WHEN u_status IN (0, 1) THEN NULL ELSE progress END, \
+    progress_message = CASE WHEN u_status IN (0, 1) THEN NULL ELSE progress_message END, \
     error_kind = coalesce(u_error_kind, error_kind), \
     error_message = coalesce(u_error_message, error_message), \
     run_at = u_run_at, finished_at = u_finished_at, updated_at = u_updated_at, \
-    max_attempts = least(max_attempts + u_extra, 4294967295), lease_until = NULL, \
+    interrupted_attempts = least(interrupted_attempts + u_extra, 4294967295), lease_until = NULL, \
     cancel_requested = false \
     FROM unnest($1::int8[], $2::int2[], $3::text[], $4::int2[], $5::text[], $6::int8[], \
     $7::int8[], $8::int8[], $9::int8[]) AS u(u_seq, u_status, u_result, u_error_kind, \
@@ -1212,7 +1220,7 @@ async fn finish_all(
             applied.push(false);
             continue;
         }
-        let outcome = if *cancel_requested && !finish.outcome.status().is_terminal() {
+        let outcome = if *cancel_requested && finish.outcome.yields_to_cancel() {
             // As `apply::settle` decides: a task whose cancel was asked for is not retried.
             &cancelled
         } else {
@@ -1223,7 +1231,7 @@ async fn finish_all(
         let (result, error, run_at, extra) = match outcome {
             Outcome::Completed { result } => (Some(json_text(result)), None, None, 0),
             Outcome::Failed { error, retry_at } => (None, Some(error), *retry_at, 0),
-            Outcome::Interrupted => (None, None, None, 1),
+            Outcome::Interrupted { error, .. } => (None, Some(error), None, 1),
             Outcome::Cancelled => (None, None, None, 0),
         };
         seqs.push(*seq);
@@ -1367,7 +1375,8 @@ async fn save(conn: &mut WriteConn, seq: i64, task: &Task) -> std::result::Resul
     conn.execute(
         "UPDATE tasks SET status = $2, attempt = $3, max_attempts = $4, run_at = $5, \
          error_kind = $6, error_message = $7, updated_at = $8, finished_at = $9, \
-         lease_until = $10, cancel_requested = $11, priority = $12 WHERE seq = $1",
+         lease_until = $10, cancel_requested = $11, priority = $12, progress = $13, \
+         progress_message = $14, interrupted_attempts = $15 WHERE seq = $1",
         &[
             &seq,
             &code(task.status),
@@ -1381,6 +1390,9 @@ async fn save(conn: &mut WriteConn, seq: i64, task: &Task) -> std::result::Resul
             &task.lease_until.map(|t| t.0),
             &task.cancel_requested,
             &i16::from(task.priority.get()),
+            &task.progress,
+            &task.progress_message,
+            &i64::from(task.interrupted_attempts),
         ],
     )
     .await?;
