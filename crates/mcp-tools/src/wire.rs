@@ -131,6 +131,13 @@ pub struct SubmitArgs {
     /// Free labels, to find tasks again with `list_tasks(tag=...)`.
     #[serde(default)]
     pub tags: Option<Vec<String>>,
+    /// Whether an attempt cut short because msbd itself went away (a restart, a crash, a lost
+    /// node) runs again. true (the default): the task runs again, and the cut-short attempt does
+    /// not count against max_retries. false: the task ends "failed" with error kind
+    /// "interrupted" (for work that must not run twice). Default: the task type's default,
+    /// else true.
+    #[serde(default)]
+    pub rerun_on_recovery: Option<bool>,
 }
 
 impl SubmitArgs {
@@ -146,6 +153,7 @@ impl SubmitArgs {
             idempotency_key: self.idempotency_key.clone(),
             session_id: self.session_id.clone(),
             tags: self.tags.clone(),
+            rerun_on_recovery: self.rerun_on_recovery,
         }
     }
 }
