@@ -11,6 +11,9 @@
 //! - `/metrics`: the Prometheus exposition ([`crate::metrics`]);
 //! - anything else: `404` with a JSON body.
 //!
+//! A `DELETE /mcp` that ends a session answers `204 No Content` (rmcp answers `202`, which
+//! MCP clients such as the Python SDK take for a failure).
+//!
 //! Shutting down ([`Stopping`]): from `shutdown` on, msbd drains its running tasks; `/readyz`
 //! answers `503 {"status":"draining"}`, and a new request to `/mcp` (other than a `DELETE`
 //! that ends a session) is refused with `503` and `Retry-After` while the requests under way
@@ -292,7 +295,8 @@ fn router(
     // Layers wrap what is above them: the last one runs first.
     let mcp = Router::new()
         .route_service("/mcp", mcp)
-        .layer(from_fn_with_state(state.clone(), refuse_while_draining));
+        .layer(from_fn_with_state(state.clone(), refuse_while_draining))
+        .layer(axum::middleware::from_fn(session_ended_is_no_content));
     let guarded = mcp
         .route("/metrics", get(metrics_page))
         .layer(from_fn_with_state(state.clone(), limit_body))
@@ -572,6 +576,18 @@ async fn refuse_while_draining(
     response
         .headers_mut()
         .insert(header::RETRY_AFTER, state.retry_after.clone());
+    response
+}
+
+/// On `/mcp`: a `DELETE` that ended a session answers `204 No Content` rather than rmcp's
+/// `202 Accepted` (the session is gone when the answer is sent; the Python MCP SDK reports
+/// any status but 200 and 204 as "Session termination failed").
+async fn session_ended_is_no_content(request: Request, next: Next) -> Response {
+    let delete = request.method() == Method::DELETE;
+    let mut response = next.run(request).await;
+    if delete && response.status() == StatusCode::ACCEPTED {
+        *response.status_mut() = StatusCode::NO_CONTENT;
+    }
     response
 }
 

@@ -362,3 +362,54 @@ async fn a_drain_refuses_new_requests_with_503_and_lets_calls_under_way_finish()
     assert!(status.success(), "{status}");
     drop(client);
 }
+
+/// Issue 15: `DELETE /mcp` that ends a session answers 204 (rmcp says 202, which the Python
+/// MCP SDK reports as "Session termination failed: 202").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ending_a_session_with_delete_answers_204() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(dir.path(), TOKEN).await;
+    let initialized = post_initialize(&daemon).await;
+    assert_eq!(initialized.status(), 200);
+    let session = initialized.headers()["mcp-session-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    drop(initialized.text().await.unwrap());
+    let http = reqwest::Client::new();
+    let notified = http
+        .post(daemon.url("/mcp"))
+        .bearer_auth(TOKEN)
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream")
+        .header("mcp-session-id", &session)
+        .header("mcp-protocol-version", "2025-06-18")
+        .body(r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert!(notified.status().is_success(), "{}", notified.status());
+    let deleted = http
+        .delete(daemon.url("/mcp"))
+        .bearer_auth(TOKEN)
+        .header("mcp-session-id", &session)
+        .header("mcp-protocol-version", "2025-06-18")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deleted.status(), 204);
+    // The session is gone.
+    let after = http
+        .post(daemon.url("/mcp"))
+        .bearer_auth(TOKEN)
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream")
+        .header("mcp-session-id", &session)
+        .header("mcp-protocol-version", "2025-06-18")
+        .body(r#"{"jsonrpc":"2.0","id":2,"method":"tools/list"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(after.status(), 404);
+    daemon.stop().await;
+}
