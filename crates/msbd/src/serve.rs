@@ -377,3 +377,55 @@ async fn serve_http(
     readiness.set_draining();
     result
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report() -> GracefulShutdownReport {
+        GracefulShutdownReport {
+            status: "success".into(),
+            start_time: 0.0,
+            end_time: 1.23,
+            duration_seconds: 1.23,
+            components_stopped: 6,
+            components_expected: 6,
+            tasks_running_at_start: 0,
+            tasks_interrupted: 0,
+            sandboxes_stopped: 1,
+            error_count: 0,
+            errors: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn the_shutdown_report_is_one_readable_line() {
+        let timeout = Duration::from_secs(30);
+        assert_eq!(
+            shutdown_summary(&report(), timeout),
+            "msbd stopped: drained in 1.2 s; 0 tasks were running, 0 interrupted; \
+             1 sandbox stopped; 6 of 6 loops stopped; no errors"
+        );
+        let late = GracefulShutdownReport {
+            status: "timeout".into(),
+            duration_seconds: 31.04,
+            components_stopped: 5,
+            tasks_running_at_start: 1,
+            tasks_interrupted: 1,
+            sandboxes_stopped: 2,
+            error_count: 2,
+            errors: vec![
+                "loop \"orphans\" aborted at the deadline".into(),
+                "flushing the store: disk full".into(),
+            ],
+            ..report()
+        };
+        assert_eq!(
+            shutdown_summary(&late, timeout),
+            "msbd stopped: drained in 31.0 s (past its 30 s, MSB_SHUTDOWN_TIMEOUT); \
+             1 task was running, 1 interrupted (queued again for the next start); \
+             2 sandboxes stopped; 5 of 6 loops stopped; 2 errors: loop \"orphans\" aborted \
+             at the deadline; flushing the store: disk full"
+        );
+    }
+}
