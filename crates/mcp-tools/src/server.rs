@@ -7,6 +7,7 @@
 //! read and change the durable task store, so they answer across restarts of msbd.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -98,6 +99,31 @@ pub(crate) struct Core {
     /// Which principal made each session, and when it claimed it (sessions live in memory
     /// only, as does this; pruned of gone sessions as it grows).
     pub(crate) session_owners: Mutex<HashMap<String, (String, std::time::Instant)>>,
+    /// Set by [`McpServer::start_draining`]: every tool call is refused with `SHUTTING_DOWN`.
+    pub(crate) draining: AtomicBool,
+    /// Tool calls rmcp's router is answering ([`McpServer::calls_answered`]).
+    pub(crate) calls_under_way: AtomicUsize,
+    /// Told when `calls_under_way` goes down.
+    pub(crate) call_ended: tokio::sync::Notify,
+    /// Fired by [`McpServer::stop_waiting`]: calls waiting for a task answer at once.
+    pub(crate) waits_end: tokio_util::sync::CancellationToken,
+}
+
+/// One tool call under way, counted in [`Core::calls_under_way`] while it lives.
+struct CallUnderWay<'a>(&'a Core);
+
+impl<'a> CallUnderWay<'a> {
+    fn new(core: &'a Core) -> CallUnderWay<'a> {
+        core.calls_under_way.fetch_add(1, Ordering::AcqRel);
+        CallUnderWay(core)
+    }
+}
+
+impl Drop for CallUnderWay<'_> {
+    fn drop(&mut self) {
+        self.0.calls_under_way.fetch_sub(1, Ordering::AcqRel);
+        self.0.call_ended.notify_waiters();
+    }
 }
 
 /// How long a cancelled request is remembered for the task of its `execute_*` call.
@@ -159,6 +185,10 @@ impl McpServer {
                 wrapper,
                 options,
                 session_owners: Mutex::new(HashMap::new()),
+                draining: AtomicBool::new(false),
+                calls_under_way: AtomicUsize::new(0),
+                call_ended: tokio::sync::Notify::new(),
+                waits_end: tokio_util::sync::CancellationToken::new(),
             }),
             principal: Arc::from(STDIO_PRINCIPAL),
             calls: Arc::default(),
@@ -184,6 +214,54 @@ impl McpServer {
     /// The wrapper underneath.
     pub fn wrapper(&self) -> &Wrapper {
         &self.core.wrapper
+    }
+
+    /// msbd is shutting down and drains its running tasks: from now on every tool call, on
+    /// this server and every other one made from it ([`McpServer::with_principal`]), is
+    /// answered at once with the tool error `SHUTTING_DOWN`. Calls already being answered go
+    /// on; other requests (`tools/list`, `tasks/get`, `tasks/cancel`, `ping`) are answered as
+    /// usual. It cannot be undone.
+    pub fn start_draining(&self) {
+        self.core.draining.store(true, Ordering::Release);
+    }
+
+    /// Whether [`McpServer::start_draining`] was called.
+    pub fn is_draining(&self) -> bool {
+        self.core.draining.load(Ordering::Acquire)
+    }
+
+    /// The drain is over: the calls that wait for a task (`execute_*`, `get_task_result` with
+    /// `wait`) answer at once with the task as it is now (a task the shutdown interrupted is
+    /// back in the queue: `execute_*` answers `STILL_RUNNING`), on this server and every
+    /// other one made from it. It cannot be undone.
+    pub fn stop_waiting(&self) {
+        self.core.waits_end.cancel();
+    }
+
+    /// How many tool calls are being answered (see [`McpServer::calls_answered`]).
+    pub fn calls_under_way(&self) -> usize {
+        self.core.calls_under_way.load(Ordering::Acquire)
+    }
+
+    /// Waits (at most `within`) until no tool call is being answered, on this server or any
+    /// other made from it; whether none is. With [`McpServer::start_draining`] first, so that
+    /// no new one starts, a transport can then end without cutting an answer off (an
+    /// `execute_*` call answers as soon as the shutdown has put its task back in the queue).
+    /// The quick reads of [`crate::FastLane`] are not counted: it answers them itself.
+    pub async fn calls_answered(&self, within: Duration) -> bool {
+        let core = &self.core;
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let ended = core.call_ended.notified();
+            tokio::pin!(ended);
+            ended.as_mut().enable();
+            if core.calls_under_way.load(Ordering::Acquire) == 0 {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, ended).await.is_err() {
+                return core.calls_under_way.load(Ordering::Acquire) == 0;
+            }
+        }
     }
 
     /// The tools this server lists.
@@ -343,6 +421,9 @@ impl McpServer {
             tokio::select! {
                 task = &mut wait => return task.map_err(ToolError::from_core),
                 () = context.ct.cancelled(), if stop_with_request => {
+                    return engine.get(id).await.map_err(ToolError::from_core);
+                }
+                () = self.core.waits_end.cancelled() => {
                     return engine.get(id).await.map_err(ToolError::from_core);
                 }
                 event = events.recv() => match event {
@@ -551,6 +632,15 @@ impl ToolError {
         )
     }
 
+    /// The refusal of every tool call while msbd drains ([`McpServer::start_draining`]).
+    pub(crate) fn shutting_down() -> ToolError {
+        ToolError::new(
+            "SHUTTING_DOWN",
+            "msbd is shutting down: it lets its running tasks finish and takes no new calls",
+            "call again once it has restarted (tasks still running at the end of the drain are queued again for the next start)",
+        )
+    }
+
     pub(crate) fn from_core(error: task_core::Error) -> ToolError {
         use task_core::Error as E;
         let code = match &error {
@@ -608,7 +698,8 @@ impl McpServer {
             let arguments = request.arguments.clone().unwrap_or_default();
             serde_json::from_value(Value::Object(arguments)).ok()
         }
-        if !self.tool_router.has_route(&request.name) {
+        // While draining, rmcp's way answers (`SHUTTING_DOWN`).
+        if !self.tool_router.has_route(&request.name) || self.is_draining() {
             return None;
         }
         if !crate::AT_ONCE_TOOLS.contains(&&*request.name) {
@@ -686,9 +777,15 @@ impl ServerHandler for McpServer {
         request: CallToolRequestParams,
         mut context: RequestContext<RoleServer>,
     ) -> Result<CallToolResponse, McpError> {
+        if self.is_draining() {
+            return Ok(CallToolResponse::Complete(
+                ToolError::shutting_down().into_result(),
+            ));
+        }
         if let Err(error) = self.check_arguments(&request) {
             return Ok(CallToolResponse::Complete(error.into_result()));
         }
+        let _under_way = CallUnderWay::new(&self.core);
         let tasks_client = context
             .client_capabilities()
             .is_some_and(|c| c.supports_tasks());

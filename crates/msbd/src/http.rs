@@ -11,6 +11,15 @@
 //! - `/metrics`: the Prometheus exposition ([`crate::metrics`]);
 //! - anything else: `404` with a JSON body.
 //!
+//! A `DELETE /mcp` that ends a session answers `204 No Content` (rmcp answers `202`, which
+//! MCP clients such as the Python SDK take for a failure).
+//!
+//! Shutting down ([`Stopping`]): from `shutdown` on, msbd drains its running tasks; `/readyz`
+//! answers `503 {"status":"draining"}`, and a new request to `/mcp` (other than a `DELETE`
+//! that ends a session) is refused with `503` and `Retry-After` while the requests under way
+//! (a tool call waiting for its task, an open stream) go on. At `stop` the sessions end and
+//! the server returns once its open requests have finished.
+//!
 //! Guards, in the order they apply to `/mcp` and `/metrics`:
 //! 1. the `Host` header must name this server: a loopback name, the listen address, or one of
 //!    [`HttpOptions::allowed_hosts`] (else `403`; against DNS rebinding). rmcp checks it again on
@@ -27,12 +36,13 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::Duration;
 
 use anyhow::Context as _;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{Request, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::middleware::{Next, from_fn_with_state};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -70,6 +80,19 @@ pub(crate) struct HttpOptions {
     /// The browser origins accepted on `/mcp` (`scheme://host[:port]`, `:*` for any port);
     /// empty disables the `Origin` check, as in rmcp.
     pub(crate) allowed_origins: Vec<String>,
+    /// The `Retry-After` of a request refused while draining (`MSB_SHUTDOWN_TIMEOUT`: by then
+    /// msbd has stopped, and a supervisor has started it again, or another node serves).
+    pub(crate) retry_after: Duration,
+}
+
+/// The two steps of a shutdown.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Stopping {
+    /// Fires when the drain begins: new MCP requests are refused (`503`), those under way go
+    /// on.
+    pub(crate) shutdown: CancellationToken,
+    /// Fires when the drain is over: the MCP sessions end and the server stops.
+    pub(crate) stop: CancellationToken,
 }
 
 /// Where msbd stands, as `/readyz` reports it.
@@ -160,11 +183,16 @@ struct AppState {
     max_request_bytes: usize,
     /// The accepted `Host` values.
     allowed_hosts: Arc<[String]>,
+    /// Fired when the drain begins.
+    shutdown: CancellationToken,
+    /// The `Retry-After` header of a refusal while draining.
+    retry_after: HeaderValue,
 }
 
-/// Serves MCP (and health, readiness and metrics) on `listener` until `shutdown` fires, then
-/// stops gracefully: no new connections, MCP sessions end (rmcp's token is a child of
-/// `shutdown`), open requests finish. When `shutdown` fires, `readiness` is set to draining.
+/// Serves MCP (and health, readiness and metrics) on `listener`. When `stopping.shutdown`
+/// fires, `readiness` is set to draining and new MCP requests are refused with `503`; when
+/// `stopping.stop` fires, it stops gracefully: no new connections, MCP sessions end (rmcp's
+/// token is a child of `stop`), open requests finish.
 ///
 /// It owns the metrics collector ([`Metrics::start`]) for as long as it serves, and stops it
 /// before returning.
@@ -173,19 +201,23 @@ pub(crate) async fn serve(
     server: McpServer,
     options: HttpOptions,
     readiness: Arc<Readiness>,
-    shutdown: CancellationToken,
+    stopping: Stopping,
 ) -> anyhow::Result<()> {
+    let Stopping { shutdown, stop } = stopping;
     let local = listener
         .local_addr()
         .context("reading the address of the HTTP listener")?;
-    let metrics = Metrics::start(server.wrapper().clone(), shutdown.child_token());
+    let metrics = Metrics::start(server.wrapper().clone(), stop.child_token());
     let app = router(
         server,
         &options,
         local,
         Arc::clone(&readiness),
         &metrics,
-        &shutdown,
+        &Stopping {
+            shutdown: shutdown.clone(),
+            stop: stop.clone(),
+        },
     );
     tracing::info!(
         address = %local,
@@ -200,13 +232,26 @@ pub(crate) async fn serve(
                 tracing::debug!(%error, "cannot set TCP_NODELAY on a connection");
             }
         });
+    let draining = {
+        let readiness = Arc::clone(&readiness);
+        let shutdown = shutdown.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                () = shutdown.cancelled() => {}
+                () = stop.cancelled() => {}
+            }
+            readiness.set_draining();
+        })
+    };
     let served = axum::serve(listener, app)
         .with_graceful_shutdown(async move {
-            shutdown.cancelled().await;
+            stop.cancelled().await;
             readiness.set_draining();
         })
         .await
         .context("serving HTTP");
+    draining.abort();
     metrics.stop().await;
     served
 }
@@ -218,7 +263,7 @@ fn router(
     local: SocketAddr,
     readiness: Arc<Readiness>,
     metrics: &Arc<Metrics>,
-    shutdown: &CancellationToken,
+    stopping: &Stopping,
 ) -> Router {
     let hosts = allowed_hosts(options, local);
     let principal = principal_for(options.auth_token.as_deref());
@@ -226,7 +271,7 @@ fn router(
     let config = StreamableHttpServerConfig::default()
         .with_allowed_hosts(hosts.clone())
         .with_allowed_origins(options.allowed_origins.clone())
-        .with_cancellation_token(shutdown.child_token())
+        .with_cancellation_token(stopping.stop.child_token())
         .with_max_request_body_bytes(options.max_request_bytes);
     let sessions = Arc::new(FastLaneSessions {
         inner: LocalSessionManager::default(),
@@ -244,10 +289,15 @@ fn router(
         auth_token: options.auth_token.as_deref().map(Arc::from),
         max_request_bytes: options.max_request_bytes,
         allowed_hosts: hosts.into(),
+        shutdown: stopping.shutdown.clone(),
+        retry_after: HeaderValue::from(options.retry_after.as_secs().max(1)),
     };
     // Layers wrap what is above them: the last one runs first.
-    let guarded = Router::new()
+    let mcp = Router::new()
         .route_service("/mcp", mcp)
+        .layer(from_fn_with_state(state.clone(), refuse_while_draining))
+        .layer(axum::middleware::from_fn(session_ended_is_no_content));
+    let guarded = mcp
         .route("/metrics", get(metrics_page))
         .layer(from_fn_with_state(state.clone(), limit_body))
         .layer(from_fn_with_state(state.clone(), require_bearer))
@@ -505,6 +555,42 @@ async fn limit_body(State(state): State<AppState>, request: Request, next: Next)
     }
 }
 
+/// On `/mcp` while draining: a new request is refused with `503` and `Retry-After`, except a
+/// `DELETE` that ends a session (the client is cleaning up).
+async fn refuse_while_draining(
+    State(state): State<AppState>,
+    request: Request,
+    next: Next,
+) -> Response {
+    if !state.shutdown.is_cancelled() || request.method() == Method::DELETE {
+        return next.run(request).await;
+    }
+    let seconds = state.retry_after.to_str().unwrap_or("1").to_owned();
+    let mut response = error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!(
+            "msbd is shutting down (it lets its running tasks finish and takes no new requests): \
+             try again in {seconds} s, once it has restarted"
+        ),
+    );
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, state.retry_after.clone());
+    response
+}
+
+/// On `/mcp`: a `DELETE` that ended a session answers `204 No Content` rather than rmcp's
+/// `202 Accepted` (the session is gone when the answer is sent; the Python MCP SDK reports
+/// any status but 200 and 204 as "Session termination failed").
+async fn session_ended_is_no_content(request: Request, next: Next) -> Response {
+    let delete = request.method() == Method::DELETE;
+    let mut response = next.run(request).await;
+    if delete && response.status() == StatusCode::ACCEPTED {
+        *response.status_mut() = StatusCode::NO_CONTENT;
+    }
+    response
+}
+
 /// The answer to a body over the limit.
 fn too_large(limit: usize) -> Response {
     let mut response = error(
@@ -655,7 +741,7 @@ mod tests {
         /// What `/readyz` reports.
         readiness: Arc<Readiness>,
         /// Stops it.
-        shutdown: CancellationToken,
+        shutdown: Stopping,
         /// The serving task.
         served: JoinHandle<anyhow::Result<()>>,
         /// The MCP server (and through it the wrapper).
@@ -681,9 +767,10 @@ mod tests {
                 max_request_bytes,
                 allowed_hosts: vec!["msbd.internal".into()],
                 allowed_origins: Vec::new(),
+                retry_after: Duration::from_secs(7),
             };
             let readiness = Arc::new(Readiness::new());
-            let shutdown = CancellationToken::new();
+            let shutdown = Stopping::default();
             let served = tokio::spawn(serve(
                 listener,
                 server.clone(),
@@ -708,7 +795,8 @@ mod tests {
 
         /// Shuts down: the server must return promptly and cleanly.
         async fn stop(self) {
-            self.shutdown.cancel();
+            self.shutdown.shutdown.cancel();
+            self.shutdown.stop.cancel();
             let served = tokio::time::timeout(Duration::from_secs(15), self.served)
                 .await
                 .expect("the HTTP server stops within 15 s of the shutdown");
@@ -1172,6 +1260,7 @@ mod tests {
                 max_request_bytes: 1,
                 allowed_hosts: vec!["Example.COM".into()],
                 allowed_origins: Vec::new(),
+                retry_after: Duration::from_secs(1),
             },
             "[::1]:7000".parse().unwrap(),
         );

@@ -2,14 +2,18 @@
 //! shut down gracefully on SIGTERM or SIGINT (or, over stdio, when the client closes stdin)
 //! within `MSB_SHUTDOWN_TIMEOUT`.
 
+use std::io::IsTerminal as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use mcp_tools::{McpServer, ServerOptions};
 use rmcp::ServiceExt;
+use rmcp::service::ServerInitializeError;
 use sandbox_wrapper::Wrapper;
+use sandbox_wrapper::wrapper::GracefulShutdownReport;
 use task_core::store::Store;
 use task_core::store::postgres::{PostgresConfig, PostgresStore};
 use task_core::store::sqlite::{SqliteConfig, SqliteStore};
@@ -31,7 +35,7 @@ pub fn run(loaded: Loaded) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(serve(config)) {
+    let code = match runtime.block_on(serve(config)) {
         Ok(code) => code,
         Err(error) => {
             tracing::error!("msbd cannot serve: {error:#}");
@@ -47,7 +51,11 @@ pub fn run(loaded: Loaded) -> ExitCode {
                 _ => ExitCode::FAILURE,
             }
         }
-    }
+    };
+    // Not a plain drop: a read of stdin that never ends (stdin is a terminal, or a client that
+    // sends nothing) sits on a blocking thread, which a drop of the runtime would wait for.
+    runtime.shutdown_timeout(Duration::from_millis(500));
+    code
 }
 
 /// The store the configuration names, and the same store again when it is shared with other
@@ -116,6 +124,9 @@ fn server_options(config: &Config) -> ServerOptions {
 }
 
 async fn serve(config: Config) -> anyhow::Result<ExitCode> {
+    // First, so that a signal while the wrapper starts is a graceful shutdown too.
+    let shutdown = CancellationToken::new();
+    let signals = watch_signals(shutdown.clone())?;
     std::fs::create_dir_all(&config.data_dir).with_context(|| {
         format!(
             "creating the data directory {} (MSB_DATA_DIR)",
@@ -136,34 +147,126 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
         "msbd is serving"
     );
     let server = McpServer::new(wrapper.clone(), server_options(&config));
-    let shutdown = CancellationToken::new();
-    let signals = watch_signals(shutdown.clone())?;
 
-    let served = match config.transport {
-        Transport::Stdio => serve_stdio(server, &config, shutdown.clone()).await,
-        Transport::Http => serve_http(server, &config, shutdown.clone()).await,
+    // `shutdown` (a signal) starts the drain: the transport keeps answering, refusing new
+    // calls, while running tasks finish; `stop` ends the transport once the drain is over.
+    let stop = CancellationToken::new();
+    let transport = async {
+        match config.transport {
+            Transport::Stdio => {
+                serve_stdio(server.clone(), &config, shutdown.clone(), stop.clone()).await
+            }
+            Transport::Http => {
+                serve_http(server.clone(), &config, shutdown.clone(), stop.clone()).await
+            }
+        }
     };
-    if let Err(error) = &served {
+    tokio::pin!(transport);
+    let mut served = tokio::select! {
+        served = &mut transport => Some(served),
+        () = shutdown.cancelled() => None,
+    };
+    if let Some(Err(error)) = &served {
         tracing::error!("the transport failed: {error:#}");
     }
     shutdown.cancel();
-    signals.abort();
+    server.start_draining();
     tracing::info!(
         timeout_s = config.shutdown_timeout.as_secs(),
-        "shutting down"
+        "shutting down: running tasks may finish, new calls are refused"
     );
-    let report = wrapper.graceful_shutdown(config.shutdown_timeout).await;
-    tracing::info!(
-        status = ?report.status,
-        duration_s = report.duration_seconds,
-        errors = ?report.errors,
-        "msbd stopped"
-    );
+    let report = {
+        let draining = wrapper.graceful_shutdown(config.shutdown_timeout);
+        tokio::pin!(draining);
+        loop {
+            tokio::select! {
+                report = &mut draining => break report,
+                ended = &mut transport, if served.is_none() => served = Some(ended),
+            }
+        }
+    };
+    // The calls still under way are answered before the transport ends (those waiting for a
+    // task that the drain put back in the queue say so now).
+    server.stop_waiting();
+    if server.calls_under_way() > 0 {
+        if !server.calls_answered(TRANSPORT_STOP).await {
+            tracing::warn!(
+                calls = server.calls_under_way(),
+                "tool calls still under way when the transport stops: they get no answer"
+            );
+        }
+        // Their answers are handed to the transport as they return: a moment for the writes.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.cancel();
+    let served = match served {
+        Some(served) => served,
+        None => match tokio::time::timeout(TRANSPORT_STOP, transport).await {
+            Ok(served) => served,
+            Err(_) => {
+                tracing::warn!(
+                    "the transport did not stop within {} s of the drain's end",
+                    TRANSPORT_STOP.as_secs()
+                );
+                Ok(())
+            }
+        },
+    };
+    signals.abort();
+    let summary = shutdown_summary(&report, config.shutdown_timeout);
+    if report.status == "success" {
+        tracing::info!("{summary}");
+    } else {
+        tracing::warn!("{summary}");
+    }
     Ok(if served.is_ok() {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// How long the transport may take to stop once the drain is over (open HTTP requests and
+/// streams are ended by then).
+const TRANSPORT_STOP: Duration = Duration::from_secs(5);
+
+/// The shutdown report in one line, e.g. `msbd stopped: drained in 1.2 s; 2 tasks were
+/// running, 0 interrupted; 1 sandbox stopped; 9 of 9 loops stopped; no errors`.
+fn shutdown_summary(report: &GracefulShutdownReport, timeout: Duration) -> String {
+    fn count(n: usize, one: &str, many: &str) -> String {
+        format!("{n} {}", if n == 1 { one } else { many })
+    }
+    let mut line = format!("msbd stopped: drained in {:.1} s", report.duration_seconds);
+    if report.status == "timeout" {
+        line.push_str(&format!(
+            " (past its {} s, MSB_SHUTDOWN_TIMEOUT)",
+            timeout.as_secs_f64()
+        ));
+    }
+    line.push_str(&format!(
+        "; {} running, {} interrupted",
+        count(report.tasks_running_at_start, "task was", "tasks were"),
+        report.tasks_interrupted
+    ));
+    if report.tasks_interrupted > 0 {
+        line.push_str(" (queued again for the next start)");
+    }
+    line.push_str(&format!(
+        "; {} stopped; {} of {} loops stopped",
+        count(report.sandboxes_stopped, "sandbox", "sandboxes"),
+        report.components_stopped,
+        report.components_expected
+    ));
+    if report.errors.is_empty() {
+        line.push_str("; no errors");
+    } else {
+        line.push_str(&format!(
+            "; {}: {}",
+            count(report.errors.len(), "error", "errors"),
+            report.errors.join("; ")
+        ));
+    }
+    line
 }
 
 /// SIGTERM and SIGINT cancel `shutdown`; a second one exits at once.
@@ -189,12 +292,24 @@ fn watch_signals(shutdown: CancellationToken) -> anyhow::Result<tokio::task::Joi
     }))
 }
 
-/// MCP over stdin and stdout until the client closes stdin or `shutdown` fires.
+/// What msbd says on stderr when its stdin is a terminal: someone started it by hand.
+const WAITING_ON_A_TERMINAL: &str = "msbd: serving MCP on stdin/stdout; waiting for an MCP \
+     client (msbd is meant to be started by one, which speaks JSON-RPC on its stdin; \
+     Ctrl-C or Ctrl-D to stop)";
+
+/// MCP over stdin and stdout until the client closes stdin, or `shutdown` fires before a
+/// client said `initialize`, or `stop` fires. Between `shutdown` and `stop` (the drain) the
+/// session goes on: calls under way are answered, new tool calls are refused
+/// ([`McpServer::start_draining`]).
 async fn serve_stdio(
     server: McpServer,
     config: &Config,
     shutdown: CancellationToken,
+    stop: CancellationToken,
 ) -> anyhow::Result<()> {
+    if std::io::stdin().is_terminal() {
+        eprintln!("{WAITING_ON_A_TERMINAL}");
+    }
     let (stdin, stdout) = rmcp::transport::io::stdio_pipes();
     // Lines over the size limit never reach rmcp (see `stdio.rs`).
     let stdin = crate::stdio::LimitedLines::new(stdin, config.max_request_bytes);
@@ -203,10 +318,23 @@ async fn serve_stdio(
         rmcp::transport::async_rw::AsyncRwTransport::new_server(stdin, stdout),
         server.clone(),
     );
-    let running = server
-        .serve(transport)
-        .await
-        .context("starting the MCP session on stdio")?;
+    // rmcp waits for the client's `initialize` without looking at any token: a signal before
+    // it (nobody connected, or a client that never speaks) ends the wait here.
+    let handshake = tokio::select! {
+        handshake = server.serve(transport) => handshake,
+        () = shutdown.cancelled() => {
+            tracing::info!("stopping before any MCP client connected");
+            return Ok(());
+        }
+    };
+    let running = match handshake {
+        Ok(running) => running,
+        Err(ServerInitializeError::ConnectionClosed(_)) => {
+            tracing::info!("stdin closed before any MCP client connected");
+            return Ok(());
+        }
+        Err(error) => return Err(error).context("starting the MCP session on stdio"),
+    };
     let cancel = running.cancellation_token();
     tokio::select! {
         ended = running.waiting() => {
@@ -215,18 +343,21 @@ async fn serve_stdio(
             }
             tracing::info!("the client closed stdin");
         }
-        () = shutdown.cancelled() => {
+        () = stop.cancelled() => {
             cancel.cancel();
         }
     }
     Ok(())
 }
 
-/// MCP over streamable HTTP, with health, readiness and metrics, until `shutdown` fires.
+/// MCP over streamable HTTP, with health, readiness and metrics. From `shutdown` on (the
+/// drain) new MCP requests are refused with 503 and requests under way go on; `stop` ends
+/// the sessions and the server.
 async fn serve_http(
     server: McpServer,
     config: &Config,
     shutdown: CancellationToken,
+    stop: CancellationToken,
 ) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(config.http_addr)
         .await
@@ -239,6 +370,7 @@ async fn serve_http(
         max_request_bytes: config.max_request_bytes,
         allowed_hosts: config.http_allowed_hosts.clone(),
         allowed_origins: config.http_allowed_origins.clone(),
+        retry_after: config.shutdown_timeout,
     };
     tracing::info!(%address, "serving MCP over HTTP at /mcp");
     eprintln!("msbd: listening on http://{address}/mcp");
@@ -247,10 +379,62 @@ async fn serve_http(
         server,
         options,
         readiness.clone(),
-        shutdown.clone(),
+        crate::http::Stopping { shutdown, stop },
     );
     readiness.set_ready();
     let result = serving.await;
     readiness.set_draining();
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report() -> GracefulShutdownReport {
+        GracefulShutdownReport {
+            status: "success".into(),
+            start_time: 0.0,
+            end_time: 1.23,
+            duration_seconds: 1.23,
+            components_stopped: 6,
+            components_expected: 6,
+            tasks_running_at_start: 0,
+            tasks_interrupted: 0,
+            sandboxes_stopped: 1,
+            error_count: 0,
+            errors: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn the_shutdown_report_is_one_readable_line() {
+        let timeout = Duration::from_secs(30);
+        assert_eq!(
+            shutdown_summary(&report(), timeout),
+            "msbd stopped: drained in 1.2 s; 0 tasks were running, 0 interrupted; \
+             1 sandbox stopped; 6 of 6 loops stopped; no errors"
+        );
+        let late = GracefulShutdownReport {
+            status: "timeout".into(),
+            duration_seconds: 31.04,
+            components_stopped: 5,
+            tasks_running_at_start: 1,
+            tasks_interrupted: 1,
+            sandboxes_stopped: 2,
+            error_count: 2,
+            errors: vec![
+                "loop \"orphans\" aborted at the deadline".into(),
+                "flushing the store: disk full".into(),
+            ],
+            ..report()
+        };
+        assert_eq!(
+            shutdown_summary(&late, timeout),
+            "msbd stopped: drained in 31.0 s (past its 30 s, MSB_SHUTDOWN_TIMEOUT); \
+             1 task was running, 1 interrupted (queued again for the next start); \
+             2 sandboxes stopped; 5 of 6 loops stopped; 2 errors: loop \"orphans\" aborted \
+             at the deadline; flushing the store: disk full"
+        );
+    }
 }

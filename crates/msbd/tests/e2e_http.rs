@@ -30,6 +30,11 @@ struct Daemon {
 
 impl Daemon {
     async fn start(data_dir: &Path, token: &str) -> Daemon {
+        Daemon::start_with(data_dir, token, &[]).await
+    }
+
+    /// With more environment variables.
+    async fn start_with(data_dir: &Path, token: &str, extra_env: &[(&str, &str)]) -> Daemon {
         let port = {
             let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             listener.local_addr().unwrap().port()
@@ -45,8 +50,13 @@ impl Daemon {
             .env("MSB_DATA_DIR", data_dir)
             .env("MSB_AUTH_TOKEN", token)
             .env("MSB_SUPERVISION_TOOLS", "true")
-            .env("MSB_LOG_LEVEL", "warn")
+            // MSBD_TEST_LOG=info (say) shows msbd's log when a test fails.
+            .env(
+                "MSB_LOG_LEVEL",
+                std::env::var("MSBD_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .env("MSB_SHUTDOWN_TIMEOUT", "10")
+            .envs(extra_env.iter().copied())
             .stdin(Stdio::null())
             .kill_on_drop(true)
             .spawn()
@@ -267,5 +277,139 @@ async fn many_calls_at_once_on_one_session_are_all_answered() {
     .expect("the calls were not all answered within 60 s");
     assert_eq!(answered, 96);
     client.cancel().await.unwrap();
+    daemon.stop().await;
+}
+
+/// An MCP `initialize` POST with the token.
+async fn post_initialize(daemon: &Daemon) -> reqwest::Response {
+    reqwest::Client::new()
+        .post(daemon.url("/mcp"))
+        .bearer_auth(TOKEN)
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream")
+        .body(r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"raw","version":"0"}}}"#)
+        .send()
+        .await
+        .unwrap()
+}
+
+/// Issue 15: after SIGTERM, while running tasks drain, a call under way (waiting for its task)
+/// finishes, `/readyz` says draining, and a new MCP request is refused with 503 and
+/// `Retry-After`; msbd exits with status 0 once the drain is over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_refuses_new_requests_with_503_and_lets_calls_under_way_finish() {
+    let dir = tempfile::tempdir().unwrap();
+    // Long enough for the task to finish within the drain (the engine keeps the last 5 s of
+    // the timeout to stop what is still running).
+    let mut daemon = Daemon::start_with(dir.path(), TOKEN, &[("MSB_SHUTDOWN_TIMEOUT", "60")]).await;
+    let client = daemon.connect(TOKEN, Client::default()).await;
+    let under_way = {
+        let peer = client.peer().clone();
+        tokio::spawn(async move {
+            peer.call_tool(
+                CallToolRequestParams::new("execute_command")
+                    .with_arguments(args(json!({"command": "sleep 4; echo finished"}))),
+            )
+            .await
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while ok(&client, "list_tasks", json!({"status": "running"})).await["count"] != 1 {
+        assert!(Instant::now() < deadline, "the task never ran");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let pid = nix::unistd::Pid::from_raw(daemon.child.id().unwrap() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let response = reqwest::get(daemon.url("/readyz")).await;
+        if let Ok(response) = response
+            && response.status() == 503
+        {
+            let body: serde_json::Value = response.json().await.unwrap();
+            assert_eq!(body["status"], "draining", "{body}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "/readyz never said draining");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let refused = post_initialize(&daemon).await;
+    assert_eq!(refused.status(), 503);
+    let retry_after: u64 = refused.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(retry_after >= 1, "{retry_after}");
+    let body: serde_json::Value = refused.json().await.unwrap();
+    assert!(
+        body["error"].as_str().unwrap().contains("shutting down"),
+        "{body}"
+    );
+
+    let finished = tokio::time::timeout(Duration::from_secs(60), under_way)
+        .await
+        .expect("the call under way was not answered during the drain")
+        .unwrap()
+        .expect("the call under way failed");
+    assert_ne!(finished.is_error, Some(true), "{finished:?}");
+    assert!(format!("{finished:?}").contains("finished"), "{finished:?}");
+
+    let status = tokio::time::timeout(Duration::from_secs(30), daemon.child.wait())
+        .await
+        .expect("msbd did not exit after the drain")
+        .unwrap();
+    assert!(status.success(), "{status}");
+    drop(client);
+}
+
+/// Issue 15: `DELETE /mcp` that ends a session answers 204 (rmcp says 202, which the Python
+/// MCP SDK reports as "Session termination failed: 202").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ending_a_session_with_delete_answers_204() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(dir.path(), TOKEN).await;
+    let initialized = post_initialize(&daemon).await;
+    assert_eq!(initialized.status(), 200);
+    let session = initialized.headers()["mcp-session-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    drop(initialized.text().await.unwrap());
+    let http = reqwest::Client::new();
+    let notified = http
+        .post(daemon.url("/mcp"))
+        .bearer_auth(TOKEN)
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream")
+        .header("mcp-session-id", &session)
+        .header("mcp-protocol-version", "2025-06-18")
+        .body(r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert!(notified.status().is_success(), "{}", notified.status());
+    let deleted = http
+        .delete(daemon.url("/mcp"))
+        .bearer_auth(TOKEN)
+        .header("mcp-session-id", &session)
+        .header("mcp-protocol-version", "2025-06-18")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deleted.status(), 204);
+    // The session is gone.
+    let after = http
+        .post(daemon.url("/mcp"))
+        .bearer_auth(TOKEN)
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream")
+        .header("mcp-session-id", &session)
+        .header("mcp-protocol-version", "2025-06-18")
+        .body(r#"{"jsonrpc":"2.0","id":2,"method":"tools/list"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(after.status(), 404);
     daemon.stop().await;
 }

@@ -4,9 +4,10 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::path::Path;
 use std::process::Stdio;
+use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
 use common::{
@@ -120,11 +121,21 @@ async fn a_task_answer_survives_a_restart_of_msbd() {
 struct Raw {
     child: std::process::Child,
     stdin: std::process::ChildStdin,
-    stdout: BufReader<std::process::ChildStdout>,
+    /// stdout's lines, read on a thread of their own (so that waiting for one can time out).
+    stdout: mpsc::Receiver<String>,
+    /// Answers read while waiting for another one.
+    early: Vec<Value>,
+    /// stderr, when captured.
+    stderr: Option<Stderr>,
 }
 
 impl Raw {
     fn start(data_dir: &Path, extra_env: &[(&str, &str)]) -> Raw {
+        Raw::start_with(data_dir, extra_env, false)
+    }
+
+    /// With `capture_stderr`, stderr is collected (and still shown) rather than inherited.
+    fn start_with(data_dir: &Path, extra_env: &[(&str, &str)], capture_stderr: bool) -> Raw {
         let mut command = std::process::Command::new(MSBD);
         command
             .arg("serve")
@@ -133,17 +144,33 @@ impl Raw {
             .env("MSB_SHUTDOWN_TIMEOUT", "10")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
+            .stderr(if capture_stderr {
+                Stdio::piped()
+            } else {
+                Stdio::inherit()
+            });
         for (key, value) in extra_env {
             command.env(key, value);
         }
         let mut child = command.spawn().unwrap();
         let stdin = child.stdin.take().unwrap();
+        let stderr = capture_stderr.then(|| Stderr::collect(child.stderr.take().unwrap()));
         let stdout = BufReader::new(child.stdout.take().unwrap());
+        let (lines, stdout_lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in stdout.lines() {
+                let Ok(line) = line else { break };
+                if lines.send(line).is_err() {
+                    break;
+                }
+            }
+        });
         let mut raw = Raw {
             child,
             stdin,
-            stdout,
+            stdout: stdout_lines,
+            early: Vec::new(),
+            stderr,
         };
         raw.send(r#"{"jsonrpc":"2.0","id":0,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"raw","version":"0"}}}"#);
         let answer = raw.receive();
@@ -158,20 +185,45 @@ impl Raw {
         self.stdin.flush().unwrap();
     }
 
+    /// The next message, within `within`.
+    fn receive_within(&mut self, within: Duration) -> Option<Value> {
+        let line = match self.stdout.recv_timeout(within) {
+            Ok(line) => line,
+            Err(mpsc::RecvTimeoutError::Timeout) => return None,
+            Err(mpsc::RecvTimeoutError::Disconnected) => panic!("msbd closed its stdout"),
+        };
+        Some(serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line:?}")))
+    }
+
     fn receive(&mut self) -> Value {
-        let mut line = String::new();
-        self.stdout.read_line(&mut line).unwrap();
-        serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line:?}"))
+        self.receive_within(Duration::from_secs(120))
+            .expect("no message from msbd within 120 s")
+    }
+
+    /// The answer to request `id` within `within` (keeping other answers for later, skipping
+    /// notifications).
+    fn answer_within(&mut self, id: i64, within: Duration) -> Option<Value> {
+        let is_it = |message: &Value| message.get("id").and_then(Value::as_i64) == Some(id);
+        if let Some(at) = self.early.iter().position(is_it) {
+            return Some(self.early.remove(at));
+        }
+        let deadline = Instant::now() + within;
+        loop {
+            let message =
+                self.receive_within(deadline.saturating_duration_since(Instant::now()))?;
+            if is_it(&message) {
+                return Some(message);
+            }
+            if message.get("id").is_some() {
+                self.early.push(message);
+            }
+        }
     }
 
     /// The answer to request `id` (skipping notifications).
     fn answer(&mut self, id: i64) -> Value {
-        loop {
-            let message = self.receive();
-            if message.get("id").and_then(Value::as_i64) == Some(id) {
-                return message;
-            }
-        }
+        self.answer_within(id, Duration::from_secs(120))
+            .unwrap_or_else(|| panic!("no answer to request {id} within 120 s"))
     }
 
     fn call(&mut self, id: i64, tool: &str, arguments: Value) -> Value {
@@ -287,7 +339,11 @@ fn sandboxed_processes() -> Vec<i32> {
 #[test]
 fn sigterm_with_running_tasks_exits_within_the_timeout_and_leaves_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let mut raw = Raw::start(dir.path(), &[("MSB_SHUTDOWN_TIMEOUT", "5")]);
+    let mut raw = Raw::start_with(
+        dir.path(),
+        &[("MSB_SHUTDOWN_TIMEOUT", "5"), ("MSB_LOG_LEVEL", "info")],
+        true,
+    );
     for id in 1..=2 {
         let answer = raw.call(id, "submit_task", json!({"task_type": "command", "params": {"command": "sleep 120", "env": {"MSBD_E2E_SIGTERM": "1"}}}));
         assert!(
@@ -331,6 +387,20 @@ fn sigterm_with_running_tasks_exits_within_the_timeout_and_leaves_nothing() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+    // One readable line says how the shutdown went.
+    let text = raw.stderr.as_ref().unwrap().text();
+    let stopped = text
+        .lines()
+        .find(|line| line.contains("msbd stopped: drained in "))
+        .unwrap_or_else(|| panic!("no shutdown summary: {text}"));
+    assert!(
+        stopped.contains("2 tasks were running, 2 interrupted (queued again for the next start)"),
+        "{stopped}"
+    );
+    assert!(
+        !stopped.contains("errors =") && !stopped.contains("status ="),
+        "{stopped}"
+    );
 }
 
 /// A client that sends its last calls and closes stdin at once still gets their answers,
@@ -383,4 +453,244 @@ fn answers_to_the_last_calls_before_stdin_closes_are_written() {
     answered.sort_unstable();
     assert_eq!(answered, [1, 2, 3, 4, 5]);
     assert!(child.wait().unwrap().success());
+}
+
+/// A child's stderr, collected on a thread (and shown, as inherited stderr would be).
+#[derive(Clone)]
+struct Stderr(Arc<Mutex<String>>);
+
+impl Stderr {
+    fn collect(mut stderr: impl Read + Send + 'static) -> Stderr {
+        let text = Arc::new(Mutex::new(String::new()));
+        let collected = Arc::clone(&text);
+        std::thread::spawn(move || {
+            let mut buffer = [0_u8; 4096];
+            loop {
+                match stderr.read(&mut buffer) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        let chunk = String::from_utf8_lossy(&buffer[..n]);
+                        eprint!("{chunk}");
+                        collected.lock().unwrap().push_str(&chunk);
+                    }
+                }
+            }
+        });
+        Stderr(text)
+    }
+
+    fn text(&self) -> String {
+        self.0.lock().unwrap().clone()
+    }
+
+    /// Waits (at most `within`) until stderr contains `needle`.
+    fn wait_for(&self, needle: &str, within: Duration) {
+        let deadline = Instant::now() + within;
+        while !self.text().contains(needle) {
+            assert!(
+                Instant::now() < deadline,
+                "stderr never said {needle:?} within {within:?}:\n{}",
+                self.text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// Waits for `child` to exit within `within` (a bound against hanging, not a benchmark).
+fn exits_within(child: &mut std::process::Child, within: Duration) -> std::process::ExitStatus {
+    let started = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if started.elapsed() > within {
+            let _ = child.kill();
+            panic!("msbd did not exit within {within:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn signal(child: &std::process::Child, signal: nix::sys::signal::Signal) {
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    nix::sys::signal::kill(pid, signal).unwrap();
+}
+
+/// `msbd serve` on a fresh data directory, logging at info level to a captured stderr.
+fn serve_command(data_dir: &Path) -> std::process::Command {
+    let mut command = std::process::Command::new(MSBD);
+    command
+        .arg("serve")
+        .env("MSB_DATA_DIR", data_dir)
+        .env("MSB_LOG_LEVEL", "info")
+        .env("MSB_LOG_FORMAT", "text")
+        .env("MSB_SHUTDOWN_TIMEOUT", "10")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    command
+}
+
+/// Issue 15: a SIGTERM (or SIGINT) before any client said `initialize` (nobody connected, or a
+/// client that has not spoken yet) ends msbd at once, with status 0 and no error; rmcp's
+/// handshake alone would wait for stdin to close.
+#[test]
+fn a_signal_before_any_client_spoke_exits_at_once_with_status_0() {
+    for sent in [
+        nix::sys::signal::Signal::SIGTERM,
+        nix::sys::signal::Signal::SIGINT,
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut child = serve_command(dir.path())
+            .stdin(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = Stderr::collect(child.stderr.take().unwrap());
+        stderr.wait_for("msbd is serving", Duration::from_secs(60));
+        // Keep stdin open: the client is there, but has not said anything.
+        let _stdin = child.stdin.take().unwrap();
+        let sent_at = Instant::now();
+        signal(&child, sent);
+        let status = exits_within(&mut child, Duration::from_secs(15));
+        eprintln!("{sent}: exited with {status} in {:?}", sent_at.elapsed());
+        assert!(status.success(), "{sent}: {status}");
+        // Let the collector read the last lines.
+        std::thread::sleep(Duration::from_millis(200));
+        let text = stderr.text();
+        assert!(!text.contains("ERROR"), "{sent}: {text}");
+        // stdin is not a terminal: no word about waiting for a client.
+        assert!(!text.contains("waiting for an MCP client"), "{text}");
+        assert!(text.contains("msbd stopped: drained in"), "{text}");
+    }
+}
+
+/// Issue 15: started by hand on a terminal, msbd says what it waits for and how to leave, and
+/// Ctrl-C (SIGINT) or Ctrl-D (end of input) ends it at once with status 0.
+#[test]
+fn on_a_terminal_it_says_it_waits_for_a_client_and_ctrl_c_or_ctrl_d_end_it() {
+    for leave_with in ["Ctrl-C", "Ctrl-D"] {
+        let dir = tempfile::tempdir().unwrap();
+        let pty = nix::pty::openpty(None, None).unwrap();
+        let mut child = serve_command(dir.path())
+            .stdin(Stdio::from(pty.slave))
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut terminal = std::fs::File::from(pty.master);
+        let stderr = Stderr::collect(child.stderr.take().unwrap());
+        stderr.wait_for("waiting for an MCP client", Duration::from_secs(60));
+        let text = stderr.text();
+        assert!(
+            text.contains("msbd: serving MCP on stdin/stdout") && text.contains("Ctrl-C"),
+            "{text}"
+        );
+        let sent_at = Instant::now();
+        match leave_with {
+            // The terminal sends SIGINT to the foreground process group; msbd is not in one
+            // here (the terminal is not its controlling terminal), so send it as the terminal
+            // would.
+            "Ctrl-C" => signal(&child, nix::sys::signal::Signal::SIGINT),
+            _ => terminal.write_all(b"\x04").unwrap(),
+        }
+        let status = exits_within(&mut child, Duration::from_secs(15));
+        eprintln!(
+            "{leave_with}: exited with {status} in {:?}",
+            sent_at.elapsed()
+        );
+        assert!(status.success(), "{leave_with}: {status}");
+        std::thread::sleep(Duration::from_millis(200));
+        let text = stderr.text();
+        assert!(!text.contains("ERROR"), "{leave_with}: {text}");
+        drop(terminal);
+    }
+}
+
+/// Issue 15: during the drain that follows a SIGTERM, a tool call is answered at once with
+/// the tool error `SHUTTING_DOWN`, a call under way (waiting for its task) still gets its
+/// answer, and msbd exits with status 0 once the running task has finished; the last line
+/// says how the drain went.
+#[test]
+fn during_a_drain_new_calls_are_refused_at_once_and_calls_under_way_finish() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut raw = Raw::start_with(
+        dir.path(),
+        &[("MSB_SHUTDOWN_TIMEOUT", "60"), ("MSB_LOG_LEVEL", "info")],
+        true,
+    );
+    let request = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "execute_command", "arguments": {"command": "sleep 4; echo finished"}}});
+    raw.send(&request.to_string());
+    let mut id = 100;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        id += 1;
+        let running = raw.call(id, "list_tasks", json!({"status": "running"}));
+        if running["result"]["structuredContent"]["count"] == 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the task never ran: {running}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let sent = Instant::now();
+    signal(&raw.child, nix::sys::signal::Signal::SIGTERM);
+    // Every call is answered within a few seconds; once the drain has begun, with
+    // SHUTTING_DOWN.
+    let refused = loop {
+        id += 1;
+        let request = json!({"jsonrpc": "2.0", "id": id, "method": "tools/call", "params": {"name": "list_tasks", "arguments": {}}});
+        raw.send(&request.to_string());
+        let answer = raw
+            .answer_within(id, Duration::from_secs(5))
+            .unwrap_or_else(|| {
+                panic!(
+                    "a call {:?} after SIGTERM was not answered within 5 s",
+                    sent.elapsed()
+                )
+            });
+        if answer["result"]["isError"] == true {
+            break answer;
+        }
+        assert!(
+            sent.elapsed() < Duration::from_secs(10),
+            "calls were still served normally 10 s after SIGTERM: {answer}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let text = refused["result"]["content"][0]["text"].as_str().unwrap();
+    assert!(text.starts_with("Error SHUTTING_DOWN:"), "{refused}");
+    id += 1;
+    let answer = raw.call(
+        id,
+        "submit_task",
+        json!({"task_type": "command", "params": {"command": "true"}}),
+    );
+    assert!(
+        answer["result"]["content"][0]["text"]
+            .as_str()
+            .unwrap()
+            .starts_with("Error SHUTTING_DOWN:"),
+        "{answer}"
+    );
+    // The call under way gets its answer.
+    let finished = raw
+        .answer_within(1, Duration::from_secs(60))
+        .expect("the call under way was not answered during the drain");
+    assert_ne!(finished["result"]["isError"], true, "{finished}");
+    assert!(finished.to_string().contains("finished"), "{finished}");
+    // And msbd exits once the drain is over (the task finished: no need to wait 60 s).
+    let status = exits_within(&mut raw.child, Duration::from_secs(30));
+    assert!(status.success(), "{status}");
+    std::thread::sleep(Duration::from_millis(200));
+    let text = raw.stderr.as_ref().unwrap().text();
+    let stopped = text
+        .lines()
+        .find(|line| line.contains("msbd stopped: "))
+        .unwrap_or_else(|| panic!("no shutdown summary: {text}"));
+    assert!(
+        stopped.contains("1 task was running, 0 interrupted"),
+        "{stopped}"
+    );
+    assert!(
+        !stopped.contains('{') && !stopped.contains('['),
+        "{stopped}"
+    );
 }

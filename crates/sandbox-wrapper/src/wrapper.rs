@@ -965,7 +965,7 @@ impl Wrapper {
             error_count: errors.len(),
             errors,
         };
-        tracing::info!(?report, "sandbox wrapper stopped");
+        tracing::debug!(?report, "sandbox wrapper stopped");
         *done = Some(report.clone());
         report
     }
