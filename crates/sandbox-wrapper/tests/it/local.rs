@@ -1103,3 +1103,56 @@ async fn a_shim_behind_a_private_directory_is_copied_where_the_sandbox_users_rea
         );
     }
 }
+
+/// A `code` task's traceback showed a frame of msbd's own driver (`File "<string>", line 19`):
+/// only the user's frames are shown, in Python and in Node, and a syntax error reads as Python
+/// prints one for a script.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tracebacks_show_the_users_code_and_not_the_driver() {
+    use sandbox_wrapper::backend::Language;
+    let fixture = fixture();
+    let sandbox = fixture.session("traceback").await;
+    let (outcome, output) = code(
+        &fixture,
+        &sandbox,
+        Language::Python,
+        "def f():\n    raise ValueError('boom')\nf()",
+    )
+    .await;
+    assert!(!outcome.success(), "{output}");
+    assert!(
+        output.contains("Traceback (most recent call last)"),
+        "{output}"
+    );
+    assert!(
+        output.contains("File \"<msbd>\", line 3, in <module>"),
+        "{output}"
+    );
+    assert!(output.contains("File \"<msbd>\", line 2, in f"), "{output}");
+    assert!(output.contains("ValueError: boom"), "{output}");
+    assert!(!output.contains("<string>"), "{output}");
+
+    let (outcome, output) = code(&fixture, &sandbox, Language::Python, "x = (").await;
+    assert!(!outcome.success(), "{output}");
+    assert!(output.contains("File \"<msbd>\", line 1"), "{output}");
+    assert!(output.contains("SyntaxError"), "{output}");
+    assert!(
+        !output.contains("<string>") && !output.contains("ast.py"),
+        "{output}"
+    );
+
+    let (outcome, output) = code(
+        &fixture,
+        &sandbox,
+        Language::Node,
+        "function f() { throw new Error('boom'); }\nf();",
+    )
+    .await;
+    assert!(!outcome.success(), "{output}");
+    assert!(output.contains("Error: boom"), "{output}");
+    assert!(output.contains("at f (<msbd>:1:"), "{output}");
+    assert!(
+        !output.contains("node:vm") && !output.contains("[eval]"),
+        "{output}"
+    );
+}

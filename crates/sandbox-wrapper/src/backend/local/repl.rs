@@ -43,9 +43,15 @@ for line in proto:
                 print(repr(value))
     except SystemExit as exit:
         ok = exit.code in (None, 0)
-    except BaseException:
+    except SyntaxError as error:
         ok = False
-        traceback.print_exc()
+        traceback.print_exception(type(error), error, None)
+    except BaseException as error:
+        ok = False
+        frames = error.__traceback__
+        while frames is not None and frames.tb_frame.f_code.co_filename == "<string>":
+            frames = frames.tb_next
+        traceback.print_exception(type(error), error, frames)
     sys.stdout.flush()
     sys.stderr.flush()
     sys.stdout.write("\n%s %d\n" % (token, 0 if ok else 1))
@@ -76,7 +82,8 @@ lines.on('line', (line) => {
       if (value !== undefined) console.log(util.inspect(value));
     } catch (error) {
       ok = false;
-      console.error(error && error.stack ? error.stack : String(error));
+      const stack = error && error.stack ? String(error.stack) : String(error);
+      console.error(stack.split('\n').filter((l) => !/^\s+at /.test(l) || l.includes('<msbd>')).join('\n'));
     }
     await done(request.token, ok);
   });
