@@ -4,7 +4,6 @@
 //! `msbd doctor` checks what the host offers. The same binary is also the Landlock shim
 //! the local sandbox backend stacks under bubblewrap (see `run_if_requested` below).
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -45,9 +44,9 @@ struct ServeArgs {
     /// How MCP clients reach msbd: stdio or http [overrides MSB_TRANSPORT].
     #[arg(long, value_name = "stdio|http")]
     transport: Option<config::Transport>,
-    /// Where the HTTP transport listens, IP:PORT [overrides MSB_HTTP_ADDR].
+    /// Where the HTTP transport listens, IP:PORT or HOST:PORT [overrides MSB_HTTP_ADDR].
     #[arg(long, value_name = "ADDR")]
-    listen: Option<SocketAddr>,
+    listen: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -68,7 +67,7 @@ impl Cli {
         };
         config::Overrides {
             transport: serve.and_then(|serve| serve.transport),
-            listen: serve.and_then(|serve| serve.listen),
+            listen: serve.and_then(|serve| serve.listen.clone()),
             data_dir: self.data_dir.clone(),
             log_level: self.log_level.clone(),
         }
