@@ -178,4 +178,11 @@ mod tests {
     fn cli_definition_is_consistent() {
         Cli::command().debug_assert();
     }
+
+    #[test]
+    fn the_version_flag_prints_the_crate_version() {
+        let version = Cli::command().render_version();
+        assert_eq!(version, format!("msbd {}\n", env!("CARGO_PKG_VERSION")));
+        assert_ne!(env!("CARGO_PKG_VERSION"), "0.0.0");
+    }
 }
