@@ -938,13 +938,16 @@ variables! {
         show = |c| Some(c.supervision_tools.to_string());
 
     /// What is logged, to standard error: a level (`trace`, `debug`, `info`, `warn`, `error`
-    /// or `off`) or tracing filter directives such as `info,msbd=debug`.
+    /// or `off`) or tracing filter directives such as `info,msbd=debug`. The MCP library
+    /// (`rmcp`), which logs every client's whole `initialize` request at `info`, is held at
+    /// `warn` unless the directives name it (`info,rmcp=info` shows its lines).
     MSB_LOG_LEVEL: log_level: LogFilter = fixed(LogFilter("info".to_owned())),
         group = Group::Daemon, flag = Some("--log-level"), secret = false,
         show = |c| Some(c.log_level.clone());
 
     /// How log lines are written: `text`, for people, or `json` (one object per line), for
-    /// log collectors.
+    /// log collectors. `text` is coloured only when standard error is a terminal and `NO_COLOR`
+    /// is unset or empty.
     MSB_LOG_FORMAT: log_format: Choice<LogFormat> = fixed(Choice(LogFormat::Text)),
         group = Group::Daemon, flag = None, secret = false,
         show = |c| Some(c.log_format.to_string());
