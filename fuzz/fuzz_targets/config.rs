@@ -36,6 +36,9 @@ fuzz_target!(|data: &[u8]| {
             let value = String::from_utf8_lossy(value).into_owned();
             let choice = usize::from(selector) % (VARIABLES.len() + 4);
             Some(match choice.checked_sub(VARIABLES.len()) {
+                None if VARIABLES[choice].name == "MSB_HTTP_ADDR" => {
+                    ("MSB_HTTP_ADDR".to_owned(), without_dns(value))
+                }
                 None => (VARIABLES[choice].name.to_owned(), value),
                 Some(0) => ("HOME".to_owned(), value),
                 Some(1) => ("XDG_DATA_HOME".to_owned(), value),
@@ -161,6 +164,26 @@ fn rotate(c: char) -> char {
     }
 }
 
+/// `MSB_HTTP_ADDR` as given, except that a host name msbd would resolve becomes `localhost`
+/// (resolved from /etc/hosts): the fuzzer must not send a DNS query per input.
+fn without_dns(value: String) -> String {
+    if value.trim().parse::<SocketAddr>().is_ok() {
+        return value;
+    }
+    match value.trim().rsplit_once(':') {
+        // The hosts msbd::config resolves (the others are refused before any lookup).
+        Some((host, port))
+            if host != "localhost"
+                && !host.is_empty()
+                && !host.contains([':', '[', ']', ' ', '/'])
+                && port.parse::<u16>().is_ok() =>
+        {
+            format!("localhost:{port}")
+        }
+        _ => value,
+    }
+}
+
 /// The flags, from the bits of one byte.
 fn overrides(flags: u8) -> Overrides {
     let bit = |n: u8| flags & (1 << n) != 0;
@@ -172,9 +195,9 @@ fn overrides(flags: u8) -> Overrides {
         },
         listen: bit(2).then(|| {
             if bit(3) {
-                SocketAddr::from(([0, 0, 0, 0], 8765))
+                SocketAddr::from(([0, 0, 0, 0], 8765)).to_string()
             } else {
-                SocketAddr::from(([127, 0, 0, 1], 0))
+                "localhost:0".to_owned()
             }
         }),
         data_dir: bit(4).then(|| PathBuf::from(if bit(3) { "relative/dir" } else { "/srv/msbd" })),

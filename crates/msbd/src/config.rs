@@ -23,7 +23,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::{self, Write as _};
-use std::net::SocketAddr;
+use std::net::{SocketAddr, ToSocketAddrs as _};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
@@ -243,8 +243,8 @@ pub struct Config {
 pub struct Overrides {
     /// `--transport` (overrides `MSB_TRANSPORT`).
     pub transport: Option<Transport>,
-    /// `--listen` (overrides `MSB_HTTP_ADDR`).
-    pub listen: Option<SocketAddr>,
+    /// `--listen` (overrides `MSB_HTTP_ADDR`), as given: `IP:PORT` or `HOST:PORT`.
+    pub listen: Option<String>,
     /// `--data-dir` (overrides `MSB_DATA_DIR`).
     pub data_dir: Option<PathBuf>,
     /// `--log-level` (overrides `MSB_LOG_LEVEL`).
@@ -413,8 +413,14 @@ pub fn load(
     if let Some(transport) = overrides.transport {
         raw.transport = Some(Choice(transport));
     }
-    if let Some(listen) = overrides.listen {
-        raw.http_addr = Some(Addr(listen));
+    if let Some(listen) = &overrides.listen {
+        match Addr::parse(listen) {
+            Ok(addr) => raw.http_addr = Some(addr),
+            Err(reason) => check.fail(
+                "MSB_HTTP_ADDR",
+                format!("--listen {}: {reason}", quoted(listen)),
+            ),
+        }
     }
     if let Some(data_dir) = &overrides.data_dir {
         match PathValue::parse(&data_dir.to_string_lossy()) {
@@ -437,7 +443,7 @@ pub fn load(
     if !errors.is_empty() {
         return Err(ConfigErrors { errors, warnings });
     }
-    if let Some(listen) = overrides.listen
+    if let Some(listen) = &overrides.listen
         && config.transport == Transport::Stdio
     {
         warnings.push(format!(
@@ -879,8 +885,10 @@ variables! {
         group = Group::Daemon, flag = Some("--transport"), secret = false,
         show = |c| Some(c.transport.to_string());
 
-    /// The address the HTTP transport listens on, as `IP:PORT` (`[::1]:8765` for IPv6; host
-    /// names such as `localhost` are not accepted). Used only with `MSB_TRANSPORT=http`.
+    /// The address the HTTP transport listens on, as `IP:PORT` (`[::1]:8765` for IPv6) or
+    /// `HOST:PORT`: a host name is resolved once, at start, to its first IPv4 loopback address,
+    /// else its first loopback address, else its first address (`localhost:8765` listens on
+    /// 127.0.0.1:8765). Used only with `MSB_TRANSPORT=http`.
     /// An address that is not loopback (`0.0.0.0:8765`, a public IP) requires
     /// `MSB_AUTH_TOKEN`: without one msbd refuses to start, whatever the transport.
     MSB_HTTP_ADDR: http_addr: Addr = fixed(Addr(SocketAddr::from(([127, 0, 0, 1], 8765)))),
@@ -930,13 +938,16 @@ variables! {
         show = |c| Some(c.supervision_tools.to_string());
 
     /// What is logged, to standard error: a level (`trace`, `debug`, `info`, `warn`, `error`
-    /// or `off`) or tracing filter directives such as `info,msbd=debug`.
+    /// or `off`) or tracing filter directives such as `info,msbd=debug`. The MCP library
+    /// (`rmcp`), which logs every client's whole `initialize` request at `info`, is held at
+    /// `warn` unless the directives name it (`info,rmcp=info` shows its lines).
     MSB_LOG_LEVEL: log_level: LogFilter = fixed(LogFilter("info".to_owned())),
         group = Group::Daemon, flag = Some("--log-level"), secret = false,
         show = |c| Some(c.log_level.clone());
 
     /// How log lines are written: `text`, for people, or `json` (one object per line), for
-    /// log collectors.
+    /// log collectors. `text` is coloured only when standard error is a terminal and `NO_COLOR`
+    /// is unset or empty.
     MSB_LOG_FORMAT: log_format: Choice<LogFormat> = fixed(Choice(LogFormat::Text)),
         group = Group::Daemon, flag = None, secret = false,
         show = |c| Some(c.log_format.to_string());
@@ -1824,6 +1835,20 @@ fn host_name() -> String {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Addr(SocketAddr);
 
+/// The address to listen on among those a host name resolves to: the first IPv4 loopback
+/// address, else the first loopback address, else the first address (so `localhost` gives
+/// 127.0.0.1, or ::1 on a host without IPv4 loopback).
+fn pick_listen_addr(addrs: impl IntoIterator<Item = SocketAddr>) -> Option<SocketAddr> {
+    let addrs: Vec<SocketAddr> = addrs.into_iter().collect();
+    let loopback = |a: &&SocketAddr| a.ip().to_canonical().is_loopback();
+    addrs
+        .iter()
+        .find(|a| a.is_ipv4() && loopback(a))
+        .or_else(|| addrs.iter().find(loopback))
+        .or_else(|| addrs.first())
+        .copied()
+}
+
 /// A tracing filter.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct LogFilter(String);
@@ -2022,7 +2047,7 @@ impl Value for Secret {
 
 impl Value for Addr {
     fn kind() -> String {
-        "IP address and port (`IP:PORT`)".to_owned()
+        "address and port (`IP:PORT` or `HOST:PORT`)".to_owned()
     }
 
     fn parse(text: &str) -> Result<Addr, String> {
@@ -2030,16 +2055,32 @@ impl Value for Addr {
         if let Ok(addr) = text.parse::<SocketAddr>() {
             return Ok(Addr(addr));
         }
-        if let Some(port) = text.strip_prefix("localhost:") {
+        let usage = "use an address and port such as 127.0.0.1:8765, [::1]:8765, \
+                     localhost:8765, or 0.0.0.0:8765 for every interface";
+        let Some((host, port)) = text.rsplit_once(':') else {
+            return Err(format!("is not an address and port; {usage}"));
+        };
+        let port = port
+            .parse::<u16>()
+            .map_err(|_| format!("has no valid port (0 to 65535) after the colon; {usage}"))?;
+        if host.is_empty() || host.contains([':', '[', ']', ' ', '/']) {
             return Err(format!(
-                "host names are not accepted; use 127.0.0.1:{port} (or [::1]:{port})"
+                "is not an address and port (an IPv6 address goes in brackets, as in \
+                 [::1]:{port}); {usage}"
             ));
         }
-        Err(
-            "is not an IP address and port; use one such as 127.0.0.1:8765, [::1]:8765, or \
-             0.0.0.0:8765 for every interface (host names are not accepted)"
-                .to_owned(),
-        )
+        match (host, port).to_socket_addrs() {
+            Ok(addrs) => pick_listen_addr(addrs).map(Addr).ok_or_else(|| {
+                format!(
+                    "the host name {host} resolves to no address; use an IP address such as \
+                     127.0.0.1:{port}"
+                )
+            }),
+            Err(error) => Err(format!(
+                "the host name {host} could not be resolved ({error}); use an IP address such \
+                 as 127.0.0.1:{port}"
+            )),
+        }
     }
 
     fn describe(&self) -> String {
@@ -2644,7 +2685,8 @@ mod tests {
 
     use super::{
         BackendChoice, ConfigError, Database, Isolation, Loaded, LogFormat, Overrides,
-        REGENERATE_DOCS, Source, Transport, VARIABLES, load, markdown_reference, render,
+        REGENERATE_DOCS, Source, Transport, VARIABLES, load, markdown_reference, pick_listen_addr,
+        render,
     };
 
     const HOME: (&str, &str) = ("HOME", "/home/ada");
@@ -2931,8 +2973,14 @@ mod tests {
                 "weak",
                 "use one of: strongest, strong, standard, off",
             ),
-            ("MSB_HTTP_ADDR", "localhost:8765", "use 127.0.0.1:8765"),
-            ("MSB_HTTP_ADDR", "8765", "is not an IP address and port"),
+            ("MSB_HTTP_ADDR", "8765", "is not an address and port"),
+            ("MSB_HTTP_ADDR", "localhost:99999", "has no valid port"),
+            ("MSB_HTTP_ADDR", "::1:8765", "goes in brackets"),
+            (
+                "MSB_HTTP_ADDR",
+                "no-such-host.invalid:8765",
+                "could not be resolved",
+            ),
             ("MSB_SERVER_URL", "127.0.0.1:5555", "is not an http:// URL"),
             ("MSB_SERVER_URL", "http://", "has no host"),
             ("MSB_LOG_LEVEL", "infp", "is not a level"),
@@ -3052,6 +3100,55 @@ mod tests {
             ("MSB_MAX_TOTAL_MEMORY_MB", "2048"),
             ("MSB_DEFAULT_FLAVOR", "medium"),
         ]);
+    }
+
+    #[test]
+    fn a_host_name_listens_on_what_it_resolves_to() {
+        // localhost (from /etc/hosts, no DNS) is a loopback address: no token needed.
+        let loaded = ok(&[("MSB_HTTP_ADDR", "localhost:8765")]);
+        let addr = loaded.config.http_addr;
+        assert_eq!(addr.port(), 8765);
+        assert!(
+            addr == SocketAddr::from(([127, 0, 0, 1], 8765))
+                || addr == "[::1]:8765".parse().unwrap(),
+            "{addr}"
+        );
+        // The flag takes a host name too, and wins over the environment.
+        let overrides = Overrides {
+            transport: Some(Transport::Http),
+            listen: Some("localhost:9000".to_owned()),
+            ..Overrides::default()
+        };
+        let loaded = ok_with(&[("MSB_HTTP_ADDR", "127.0.0.1:1")], &overrides);
+        assert!(loaded.config.http_addr.ip().is_loopback());
+        assert_eq!(loaded.config.http_addr.port(), 9000);
+        assert_eq!(loaded.sources["MSB_HTTP_ADDR"], Source::Flag("--listen"));
+        // A bad flag is an error that names the flag.
+        let overrides = Overrides {
+            listen: Some("localhost".to_owned()),
+            ..Overrides::default()
+        };
+        let errors = load(vars(&[HOME]), &overrides).unwrap_err().errors;
+        assert_eq!(errors.len(), 1, "{errors:#?}");
+        assert_eq!(errors[0].variable, "MSB_HTTP_ADDR");
+        assert!(
+            errors[0]
+                .message
+                .contains("--listen localhost: is not an address and port"),
+            "{}",
+            errors[0].message
+        );
+    }
+
+    #[test]
+    fn the_listen_address_of_a_name_prefers_ipv4_loopback() {
+        let v4: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let v6: SocketAddr = "[::1]:1".parse().unwrap();
+        let public: SocketAddr = "192.0.2.10:1".parse().unwrap();
+        assert_eq!(pick_listen_addr([v6, v4]), Some(v4));
+        assert_eq!(pick_listen_addr([public, v6]), Some(v6));
+        assert_eq!(pick_listen_addr([public]), Some(public));
+        assert_eq!(pick_listen_addr([]), None);
     }
 
     #[test]

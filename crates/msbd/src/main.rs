@@ -4,7 +4,6 @@
 //! `msbd doctor` checks what the host offers. The same binary is also the Landlock shim
 //! the local sandbox backend stacks under bubblewrap (see `run_if_requested` below).
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -45,9 +44,9 @@ struct ServeArgs {
     /// How MCP clients reach msbd: stdio or http [overrides MSB_TRANSPORT].
     #[arg(long, value_name = "stdio|http")]
     transport: Option<config::Transport>,
-    /// Where the HTTP transport listens, IP:PORT [overrides MSB_HTTP_ADDR].
+    /// Where the HTTP transport listens, IP:PORT or HOST:PORT [overrides MSB_HTTP_ADDR].
     #[arg(long, value_name = "ADDR")]
-    listen: Option<SocketAddr>,
+    listen: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -68,7 +67,7 @@ impl Cli {
         };
         config::Overrides {
             transport: serve.and_then(|serve| serve.transport),
-            listen: serve.and_then(|serve| serve.listen),
+            listen: serve.and_then(|serve| serve.listen.clone()),
             data_dir: self.data_dir.clone(),
             log_level: self.log_level.clone(),
         }
@@ -113,15 +112,63 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 /// Logs go to stderr only: over stdio, stdout carries MCP frames and nothing else.
 fn init_tracing(config: &config::Config) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_new(&config.log_level).unwrap_or_else(|_| EnvFilter::new("info"));
+    let directives = log_filter(&config.log_level);
+    let filter = EnvFilter::try_new(&directives).unwrap_or_else(|_| EnvFilter::new("info"));
+    let ansi = use_ansi(
+        std::env::var_os("NO_COLOR").as_deref(),
+        std::io::IsTerminal::is_terminal(&std::io::stderr()),
+    );
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+        .with_ansi(ansi);
     let _ = match config.log_format {
         config::LogFormat::Json => builder.json().try_init(),
         config::LogFormat::Text => builder.try_init(),
     };
+}
+
+/// The tracing filter for `MSB_LOG_LEVEL` (or `--log-level`): the user's directives, with the
+/// MCP library held at `warn` when they would let it log at `info` or below without naming it.
+/// rmcp logs at `info` every client's whole `initialize` request (`rmcp::service`: "Service
+/// initialized as server", with the client's info and capabilities) and every notification it
+/// receives; those are protocol dumps, not msbd's own events. A filter that names `rmcp` (such as
+/// `info,rmcp=info`) is used as written; one whose default level is `warn` or quieter, or that
+/// has no default level, already keeps rmcp quiet and is left alone too.
+fn log_filter(user: &str) -> String {
+    /// Whether a directive is a bare level more verbose than `warn`.
+    fn is_verbose_level(directive: &str) -> bool {
+        matches!(
+            directive.to_ascii_lowercase().as_str(),
+            "info" | "debug" | "trace"
+        )
+    }
+    /// Whether a directive is about the target `rmcp` or one of its modules.
+    fn names_rmcp(directive: &str) -> bool {
+        directive
+            .strip_prefix("rmcp")
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with([':', '[', '=']))
+    }
+    let directives: Vec<&str> = user
+        .split(',')
+        .map(str::trim)
+        .filter(|d| !d.is_empty())
+        .collect();
+    let verbose_default = directives.iter().any(|d| is_verbose_level(d));
+    if verbose_default && !directives.iter().any(|d| names_rmcp(d)) {
+        let mut filter = directives.join(",");
+        filter.push_str(",rmcp=warn");
+        filter
+    } else {
+        user.to_owned()
+    }
+}
+
+/// Whether the text log uses ANSI colours: only on a terminal, and never when `NO_COLOR` is set
+/// to anything but the empty string (<https://no-color.org>).
+fn use_ansi(no_color: Option<&std::ffi::OsStr>, stderr_is_terminal: bool) -> bool {
+    let no_color = no_color.is_some_and(|value| !value.is_empty());
+    stderr_is_terminal && !no_color
 }
 
 /// `msbd doctor`.
@@ -173,10 +220,48 @@ fn show_config(args: &ConfigArgs, overrides: &config::Overrides) -> ExitCode {
 mod tests {
     use clap::CommandFactory;
 
-    use super::Cli;
+    use super::{Cli, log_filter, use_ansi};
 
     #[test]
     fn cli_definition_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn rmcp_is_held_at_warn_unless_the_filter_names_it() {
+        // The default, and plain verbose levels: rmcp's initialize dump (info) is filtered out.
+        assert_eq!(log_filter("info"), "info,rmcp=warn");
+        assert_eq!(log_filter("DEBUG"), "DEBUG,rmcp=warn");
+        assert_eq!(log_filter("info,msbd=debug"), "info,msbd=debug,rmcp=warn");
+        // Quiet enough already, or no default level: as written.
+        for user in ["warn", "error", "off", "msbd=debug", "msbd::http=trace"] {
+            assert_eq!(log_filter(user), user);
+        }
+        // The user asks for rmcp: as written.
+        for user in ["info,rmcp=info", "debug,rmcp::service=debug", "trace,rmcp"] {
+            assert_eq!(log_filter(user), user);
+        }
+        // A target that merely starts with "rmcp" is not rmcp.
+        assert_eq!(log_filter("info,rmcpx=info"), "info,rmcpx=info,rmcp=warn");
+        // What comes out is a filter tracing accepts, and it drops rmcp's info events.
+        let filter = tracing_subscriber::EnvFilter::try_new(log_filter("info")).unwrap();
+        assert_eq!(filter.to_string(), "rmcp=warn,info");
+    }
+
+    #[test]
+    fn no_color_turns_colours_off() {
+        use std::ffi::OsStr;
+        assert!(use_ansi(None, true));
+        assert!(use_ansi(Some(OsStr::new("")), true));
+        assert!(!use_ansi(Some(OsStr::new("1")), true));
+        assert!(!use_ansi(Some(OsStr::new("0")), true));
+        assert!(!use_ansi(None, false));
+    }
+
+    #[test]
+    fn the_version_flag_prints_the_crate_version() {
+        let version = Cli::command().render_version();
+        assert_eq!(version, format!("msbd {}\n", env!("CARGO_PKG_VERSION")));
+        assert_ne!(env!("CARGO_PKG_VERSION"), "0.0.0");
     }
 }

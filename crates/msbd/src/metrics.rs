@@ -18,8 +18,14 @@
 //! | `msbd_sandbox_isolation` | gauge | `level` | 1 for the local backend's isolation level (`off`, `minimal`, `standard`, `strong`), 0 for the others; absent with microsandbox |
 //! | `msbd_sessions` | gauge | | active sandbox sessions |
 //!
-//! Status names are those of the MCP tools: `pending` (the core's `queued`), `scheduled`,
-//! `paused`, `running`, `completed`, `failed`, `cancelled`.
+//! `msbd_tasks` has one sample per status for every registered task type (0 for a type with no
+//! task) and for every type that still has tasks in the store. Status names are those of the MCP
+//! tools: `pending` (the core's `queued`), `scheduled`, `paused`, `running`, `completed`,
+//! `failed`, `cancelled`. The tools' `timeout` (a failure whose kind is timeout) is counted in
+//! `failed`: the store counts tasks by status, not by failure kind.
+//!
+//! Each family is one group: `# HELP`, `# TYPE`, then its samples ([`Exposition`] checks it in
+//! debug builds).
 //!
 //! The duration histogram is fed by a collector ([`Metrics::start`]): one Tokio task that
 //! follows the engine's events and, for each task that reaches a terminal status, reads the task
@@ -27,7 +33,7 @@
 //! transport, [`crate::http::serve`], for as long as it serves); it stops when its cancellation
 //! token fires or when [`Metrics::stop`] is called, which also waits for it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -157,6 +163,7 @@ impl Metrics {
     /// family is still there.
     pub(crate) async fn render(&self) -> String {
         let stats = self.wrapper.engine().stats().await;
+        let registered = self.wrapper.engine().task_types();
         let background = self.wrapper.get_background_task_status();
         let durations = self
             .durations
@@ -175,7 +182,14 @@ impl Metrics {
         );
         match &stats {
             Ok(stats) => {
-                for (task_type, counts) in &stats.by_type {
+                // Every registered type (with no task yet, its counts are 0) and every type that
+                // still has tasks in the store (one no longer registered included), each with
+                // every status.
+                let mut types: BTreeSet<&str> = stats.by_type.keys().map(String::as_str).collect();
+                types.extend(registered.iter().map(String::as_str));
+                let none = BTreeMap::new();
+                for task_type in types {
+                    let counts = stats.by_type.get(task_type).unwrap_or(&none);
                     for status in Status::ALL {
                         let count = counts.get(&status).copied().unwrap_or(0);
                         out.sample(
@@ -197,12 +211,14 @@ impl Metrics {
             "gauge",
             "Tasks waiting to run: pending plus scheduled.",
         );
-        out.family("msbd_tasks_running", "gauge", "Tasks running.");
         if let Ok(stats) = &stats {
             let waiting = stats
                 .count(Status::Queued)
                 .saturating_add(stats.count(Status::Scheduled));
             out.sample("msbd_queue_depth", &[], waiting);
+        }
+        out.family("msbd_tasks_running", "gauge", "Tasks running.");
+        if let Ok(stats) = &stats {
             out.sample("msbd_tasks_running", &[], stats.count(Status::Running));
         }
         out.family(
@@ -361,18 +377,32 @@ fn status_name(status: Status) -> &'static str {
     }
 }
 
-/// The exposition being written.
+/// The exposition being written. Each family is written as one group: its `# HELP` and `# TYPE`
+/// lines ([`Exposition::family`]), then its samples; a sample of any other family than the last
+/// one declared is a bug (caught by a debug assertion).
 #[derive(Default)]
 struct Exposition {
     /// The text so far.
     text: String,
+    /// The family declared last: the only one whose samples may be written now.
+    current: String,
 }
 
 impl Exposition {
-    /// The `# HELP` and `# TYPE` lines of a family.
+    /// The `# HELP` and `# TYPE` lines of a family, which starts its group.
     fn family(&mut self, name: &str, kind: &str, help: &str) {
+        name.clone_into(&mut self.current);
         let _ = writeln!(self.text, "# HELP {name} {}", escape_help(help));
         let _ = writeln!(self.text, "# TYPE {name} {kind}");
+    }
+
+    /// Checks (in debug builds) that samples of `name` may be written now.
+    fn check_family(&self, name: &str) {
+        debug_assert_eq!(
+            name, self.current,
+            "a sample of {name} written in the group of {}",
+            self.current
+        );
     }
 
     /// A comment line.
@@ -382,11 +412,13 @@ impl Exposition {
 
     /// One sample with integer value.
     fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: u64) {
+        self.check_family(name);
         let _ = writeln!(self.text, "{name}{} {value}", render_labels(labels));
     }
 
     /// The samples of one histogram: cumulative buckets, `+Inf`, sum and count.
     fn histogram(&mut self, name: &str, task_type: &str, histogram: &Histogram) {
+        self.check_family(name);
         let mut cumulative = 0u64;
         for (bound, count) in BUCKETS.iter().zip(histogram.buckets.iter()) {
             cumulative = cumulative.saturating_add(*count);
@@ -470,6 +502,7 @@ mod tests {
         histogram.observe(f64::NAN);
         histogram.observe(-5.0);
         let mut out = Exposition::default();
+        out.family("h", "histogram", "Durations.");
         out.histogram("h", "command", &histogram);
         let text = out.text;
         assert!(
@@ -510,5 +543,347 @@ mod tests {
                 "cancelled"
             ]
         );
+    }
+
+    /// A strict reader of the Prometheus text exposition format 0.0.4
+    /// (<https://prometheus.io/docs/instrumenting/exposition_formats/>), written against the
+    /// format's rules because the one parser crate (`prometheus-parse`) skips lines it cannot
+    /// read, splits labels naively and does not check grouping. Beyond the format's rules it
+    /// requires what msbd promises: every family has `# HELP` then `# TYPE`, before its samples.
+    mod text_format {
+        use std::collections::{BTreeMap, BTreeSet};
+
+        /// One family: its name, type, help and samples (name, labels, value), in order.
+        #[derive(Debug)]
+        pub(super) struct Family {
+            pub(super) name: String,
+            pub(super) kind: String,
+            pub(super) help: String,
+            pub(super) samples: Vec<(String, BTreeMap<String, String>, f64)>,
+        }
+
+        /// `[a-zA-Z_:][a-zA-Z0-9_:]*` (with `colons`), else `[a-zA-Z_][a-zA-Z0-9_]*`.
+        fn is_name(name: &str, colons: bool) -> bool {
+            let ok = |c: char, first: bool| {
+                c == '_'
+                    || c.is_ascii_alphabetic()
+                    || (colons && c == ':')
+                    || (!first && c.is_ascii_digit())
+            };
+            let mut chars = name.chars();
+            chars.next().is_some_and(|c| ok(c, true)) && chars.all(|c| ok(c, false))
+        }
+
+        /// A sample value: a Go float (`+Inf`, `-Inf`, `NaN` included).
+        fn value(text: &str) -> Result<f64, String> {
+            match text {
+                "+Inf" => Ok(f64::INFINITY),
+                "-Inf" => Ok(f64::NEG_INFINITY),
+                "NaN" => Ok(f64::NAN),
+                _ if text
+                    .chars()
+                    .all(|c| c.is_ascii_digit() || "+-.eE".contains(c)) =>
+                {
+                    text.parse().map_err(|e| format!("value {text:?}: {e}"))
+                }
+                _ => Err(format!("value {text:?} is not a number")),
+            }
+        }
+
+        /// One sample line: name, labels, value (an optional timestamp is checked and dropped).
+        fn sample(line: &str) -> Result<(String, BTreeMap<String, String>, f64), String> {
+            let end = line.find(['{', ' ']).ok_or("a sample without a value")?;
+            let name = &line[..end];
+            if !is_name(name, true) {
+                return Err(format!("bad metric name {name:?}"));
+            }
+            let mut rest = &line[end..];
+            let mut labels = BTreeMap::new();
+            if let Some(after) = rest.strip_prefix('{') {
+                let mut chars = after.char_indices().peekable();
+                loop {
+                    // A label name up to '=', or the closing brace.
+                    let start = chars.peek().map(|(i, _)| *i).ok_or("unclosed labels")?;
+                    if after[start..].starts_with('}') {
+                        rest = &after[start + 1..];
+                        break;
+                    }
+                    let eq = after[start..].find('=').ok_or("a label without '='")? + start;
+                    let label = &after[start..eq];
+                    if !is_name(label, false) || label.starts_with("__") {
+                        return Err(format!("bad label name {label:?}"));
+                    }
+                    while chars.peek().is_some_and(|(i, _)| *i <= eq) {
+                        chars.next();
+                    }
+                    if chars.next().map(|(_, c)| c) != Some('"') {
+                        return Err(format!("the value of label {label} is not quoted"));
+                    }
+                    let mut value = String::new();
+                    loop {
+                        match chars.next().ok_or("an unterminated label value")?.1 {
+                            '"' => break,
+                            '\\' => match chars.next().ok_or("a dangling backslash")?.1 {
+                                '\\' => value.push('\\'),
+                                '"' => value.push('"'),
+                                'n' => value.push('\n'),
+                                c => return Err(format!("bad escape \\{c} in a label value")),
+                            },
+                            '\n' => return Err("a raw line feed in a label value".into()),
+                            c => value.push(c),
+                        }
+                    }
+                    if labels.insert(label.to_owned(), value).is_some() {
+                        return Err(format!("label {label} given twice"));
+                    }
+                    match chars.peek().map(|(_, c)| *c) {
+                        Some(',') => {
+                            chars.next();
+                        }
+                        Some('}') => {}
+                        other => return Err(format!("{other:?} after a label value")),
+                    }
+                }
+            }
+            let rest = rest.strip_prefix(' ').ok_or("no space before the value")?;
+            let mut fields = rest.split(' ');
+            let value = value(fields.next().unwrap_or_default())?;
+            if let Some(timestamp) = fields.next() {
+                timestamp
+                    .parse::<i64>()
+                    .map_err(|e| format!("timestamp {timestamp:?}: {e}"))?;
+            }
+            if fields.next().is_some() {
+                return Err("more than a value and a timestamp".into());
+            }
+            Ok((name.to_owned(), labels, value))
+        }
+
+        /// Whether a sample called `sample` belongs to `family`.
+        fn belongs(sample: &str, family: &Family) -> bool {
+            let suffixes: &[&str] = match family.kind.as_str() {
+                "histogram" => &["_bucket", "_sum", "_count"],
+                "summary" => &["", "_sum", "_count"],
+                _ => &[""],
+            };
+            suffixes
+                .iter()
+                .any(|suffix| sample.strip_suffix(suffix) == Some(family.name.as_str()))
+        }
+
+        /// Reads a whole exposition, or says which line breaks which rule.
+        pub(super) fn parse(text: &str) -> Result<Vec<Family>, String> {
+            if !text.ends_with('\n') {
+                return Err("the exposition does not end with a line feed".into());
+            }
+            let mut families: Vec<Family> = Vec::new();
+            let mut closed: BTreeSet<String> = BTreeSet::new();
+            let mut series: BTreeSet<String> = BTreeSet::new();
+            for (number, line) in text.lines().enumerate() {
+                let at = |e: String| format!("line {}: {e}: {line:?}", number + 1);
+                if line.is_empty() {
+                    continue;
+                }
+                if let Some(comment) = line.strip_prefix('#') {
+                    let mut words = comment.trim_start().splitn(3, ' ');
+                    let keyword = words.next().unwrap_or_default();
+                    if keyword != "HELP" && keyword != "TYPE" {
+                        continue;
+                    }
+                    let name = words.next().unwrap_or_default();
+                    let rest = words.next().unwrap_or_default();
+                    if !is_name(name, true) {
+                        return Err(at(format!("bad metric name {name:?}")));
+                    }
+                    let open = families
+                        .last()
+                        .is_some_and(|f| f.name == name && f.samples.is_empty());
+                    if !open {
+                        if closed.contains(name) || families.iter().any(|f| f.name == name) {
+                            return Err(at(format!(
+                                "{name} is declared again, apart from its group"
+                            )));
+                        }
+                        if let Some(previous) = families.last() {
+                            closed.insert(previous.name.clone());
+                        }
+                        if keyword != "HELP" {
+                            return Err(at(format!("{name}: TYPE before HELP")));
+                        }
+                        families.push(Family {
+                            name: name.to_owned(),
+                            kind: String::new(),
+                            help: String::new(),
+                            samples: Vec::new(),
+                        });
+                    }
+                    let family = families.last_mut().expect("pushed");
+                    if keyword == "HELP" {
+                        if open {
+                            return Err(at(format!("{name} has a second HELP")));
+                        }
+                        family.help = rest.to_owned();
+                    } else {
+                        if !family.kind.is_empty() {
+                            return Err(at(format!("{name} has a second TYPE")));
+                        }
+                        if !["counter", "gauge", "histogram", "summary", "untyped"].contains(&rest)
+                        {
+                            return Err(at(format!("unknown type {rest:?}")));
+                        }
+                        family.kind = rest.to_owned();
+                    }
+                    continue;
+                }
+                let (name, labels, value) = sample(line).map_err(at)?;
+                let family = families
+                    .last_mut()
+                    .filter(|f| belongs(&name, f))
+                    .ok_or_else(|| at(format!("{name} is not in the group of its own family")))?;
+                if family.kind.is_empty() {
+                    return Err(at(format!("a sample of {} before its TYPE", family.name)));
+                }
+                if family.kind == "histogram"
+                    && name.ends_with("_bucket")
+                    && !labels.contains_key("le")
+                {
+                    return Err(at("a bucket without le".into()));
+                }
+                if !series.insert(format!("{name}{labels:?}")) {
+                    return Err(at("the same series twice".into()));
+                }
+                family.samples.push((name, labels, value));
+            }
+            if let Some(f) = families.iter().find(|f| f.kind.is_empty()) {
+                return Err(format!("{} has HELP but no TYPE", f.name));
+            }
+            Ok(families)
+        }
+    }
+
+    #[test]
+    fn the_text_format_reader_rejects_what_the_format_forbids() {
+        let good = "# HELP a A.\n# TYPE a gauge\na 1\n# HELP b B.\n# TYPE b counter\nb{x=\"q\\\"\\\\\\n\"} 2\n";
+        let families = text_format::parse(good).unwrap();
+        assert_eq!(families.len(), 2);
+        assert_eq!(families[1].samples[0].1["x"], "q\"\\\n");
+        for (bad, why) in [
+            // The shape /metrics had: two families declared, then both sampled.
+            (
+                "# HELP a A.\n# TYPE a gauge\n# HELP b B.\n# TYPE b gauge\na 1\nb 2\n",
+                "group",
+            ),
+            (
+                "# HELP a A.\n# TYPE a gauge\na 1\n# HELP b B.\n# TYPE b gauge\nb 2\na 3\n",
+                "group",
+            ),
+            ("a 1\n", "group"),
+            ("# HELP a A.\na 1\n", "before its TYPE"),
+            ("# TYPE a gauge\na 1\n", "TYPE before HELP"),
+            ("# HELP a A.\n# TYPE a gauge\na{x=\"1} 1\n", "unterminated"),
+            ("# HELP a A.\n# TYPE a gauge\na{x=1} 1\n", "quoted"),
+            ("# HELP a A.\n# TYPE a gauge\na one\n", "not a number"),
+            ("# HELP a A.\n# TYPE a gauge\na 1\na 2\n", "twice"),
+            ("# HELP a A.\n# TYPE a gauge\na 1", "line feed"),
+            (
+                "# HELP h H.\n# TYPE h histogram\nh_bucket 1\n",
+                "without le",
+            ),
+        ] {
+            let error = text_format::parse(bad).expect_err(bad);
+            assert!(error.contains(why), "{bad:?}: {error}");
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_whole_exposition_is_well_formed_and_counts_every_status_of_every_type() {
+        use sandbox_wrapper::WrapperConfig;
+        use task_core::store::Store;
+        use task_core::store::sqlite::{SqliteConfig, SqliteStore};
+
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(
+            SqliteStore::open(SqliteConfig::new(dir.path().join("tasks.sqlite3"))).unwrap(),
+        );
+        let wrapper = Wrapper::start(store, WrapperConfig::new(dir.path().join("data")))
+            .await
+            .unwrap();
+        let metrics = Metrics::start(wrapper.clone(), CancellationToken::new());
+        let submitted = wrapper
+            .submit(wrapper.new_task("command", serde_json::json!({"command": "true"})))
+            .await
+            .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        let text = loop {
+            let text = metrics.render().await;
+            if text.contains("msbd_task_duration_seconds_count{type=\"command\"} 1\n") {
+                break text;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "task {} not counted in 60 s:\n{text}",
+                submitted.task.id
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        };
+        let families = text_format::parse(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+
+        let names: Vec<&str> = families.iter().map(|f| f.name.as_str()).collect();
+        for expected in [
+            "msbd_up",
+            "msbd_tasks",
+            "msbd_queue_depth",
+            "msbd_tasks_running",
+            "msbd_leases_lost_total",
+            "msbd_task_duration_seconds",
+            "msbd_loop_healthy",
+            "msbd_loop_runs_total",
+            "msbd_loop_errors_total",
+            "msbd_loop_restarts_total",
+            "msbd_sandbox_isolation",
+            "msbd_sessions",
+        ] {
+            assert!(names.contains(&expected), "{expected} missing: {names:?}");
+        }
+        for family in &families {
+            assert!(!family.help.is_empty(), "{}", family.name);
+        }
+        let family = |name: &str| families.iter().find(|f| f.name == name).unwrap();
+        assert_eq!(family("msbd_queue_depth").samples.len(), 1);
+        assert_eq!(family("msbd_tasks_running").samples.len(), 1);
+
+        // Every registered type, those with no task included (`code`), has every status the
+        // tools document, `paused` included.
+        let tasks = &family("msbd_tasks").samples;
+        let types = wrapper.engine().task_types();
+        assert!(types.contains(&"code".to_owned()), "{types:?}");
+        for task_type in &types {
+            for status in [
+                "pending",
+                "scheduled",
+                "paused",
+                "running",
+                "completed",
+                "failed",
+                "cancelled",
+            ] {
+                let found: Vec<f64> = tasks
+                    .iter()
+                    .filter(|(_, l, _)| l["type"] == *task_type && l["status"] == status)
+                    .map(|(_, _, v)| *v)
+                    .collect();
+                let expected = if task_type == "command" && status == "completed" {
+                    1.0
+                } else {
+                    0.0
+                };
+                assert_eq!(found, [expected], "{task_type} {status}\n{text}");
+            }
+        }
+
+        metrics.stop().await;
+        wrapper
+            .graceful_shutdown(std::time::Duration::from_secs(5))
+            .await;
     }
 }

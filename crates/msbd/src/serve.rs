@@ -113,8 +113,9 @@ async fn open_store(
 }
 
 /// The MCP server's options from the configuration.
-fn server_options(config: &Config) -> ServerOptions {
+pub(crate) fn server_options(config: &Config) -> ServerOptions {
     ServerOptions {
+        server_version: env!("CARGO_PKG_VERSION").into(),
         supervision_tools: config.supervision_tools,
         default_timeout: config.execution_timeout,
         retention: config.task_retention,
