@@ -4,8 +4,12 @@
 //! installed, else `cargo test`), the interoperability check with the official Python MCP SDK
 //! (`interop/python_client.py` against the built `msbd`, with the Python named by
 //! `MSBD_INTEROP_PYTHON`, else `target/interop-venv/bin/python`; `.ci/run` makes that
-//! environment), a short run of every fuzz target (`cargo xtask fuzz`), a reduced crash-chaos
-//! run (`cargo xtask chaos`: about 2,000 tasks, 3 kills), and rustdoc with warnings denied.
+//! environment), the one with the official TypeScript MCP SDK (`node
+//! interop/typescript/client.mjs` against the same `msbd`, over stdio and streamable HTTP; it
+//! fails on any console output, such as the schema validator's warnings; `.ci/run` installs the
+//! SDK with `npm ci --prefix interop/typescript`), a short run of every fuzz target (`cargo
+//! xtask fuzz`), a reduced crash-chaos run (`cargo xtask chaos`: about 2,000 tasks, 3 kills),
+//! and rustdoc with warnings denied.
 
 use xshell::{Shell, cmd};
 
@@ -52,6 +56,18 @@ pub(crate) fn run() -> anyhow::Result<()> {
     cmd!(sh, "cargo build --locked -p msbd").run()?;
     let msbd = project_root().join("target/debug/msbd");
     cmd!(sh, "{python} interop/python_client.py {msbd}").run()?;
+
+    print_step_header(
+        "interoperability: the official TypeScript MCP SDK drives msbd over stdio and streamable HTTP",
+    );
+    let sdk = project_root().join("interop/typescript/node_modules/@modelcontextprotocol/sdk");
+    if !sdk.exists() {
+        anyhow::bail!(
+            "the TypeScript MCP SDK is not installed at {}: run `npm ci --prefix interop/typescript` (as .ci/run does)",
+            sdk.display()
+        );
+    }
+    cmd!(sh, "node interop/typescript/client.mjs {msbd}").run()?;
 
     crate::fuzz::ci_smoke()?;
 
