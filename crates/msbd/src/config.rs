@@ -953,8 +953,10 @@ variables! {
         show = |c| Some(c.log_format.to_string());
 
     /// How long a graceful shutdown (on SIGTERM or SIGINT) may take, in seconds: msbd stops
-    /// accepting tasks and lets running ones finish; when the time is up it cancels the rest,
-    /// which are queued again for the next start.
+    /// taking tasks and lets running ones finish until 5 s before the end (a limit of 5 s or
+    /// less stops them at once); then it stops the rest, which run again at the next start
+    /// without using up an attempt (tasks submitted with `rerun_on_recovery: false` end failed,
+    /// kind `interrupted`). Tool calls made meanwhile get `SHUTTING_DOWN`.
     MSB_SHUTDOWN_TIMEOUT: shutdown_timeout: Seconds = fixed(Seconds(30)),
         group = Group::Daemon, flag = None, secret = false,
         show = |c| Some(c.shutdown_timeout.as_secs().to_string());
