@@ -21,8 +21,9 @@
 //! `msbd_tasks` has one sample per status for every registered task type (0 for a type with no
 //! task) and for every type that still has tasks in the store. Status names are those of the MCP
 //! tools: `pending` (the core's `queued`), `scheduled`, `paused`, `running`, `completed`,
-//! `failed`, `cancelled`. The tools' `timeout` (a failure whose kind is timeout) is counted in
-//! `failed`: the store counts tasks by status, not by failure kind.
+//! `failed`, `timeout` (a failed task whose last attempt ran out of time, counted from the
+//! tasks at each scrape: [`task_core::store::Store::timed_out`]; `failed` does not count these),
+//! `cancelled`.
 //!
 //! Each family is one group: `# HELP`, `# TYPE`, then its samples ([`Exposition`] checks it in
 //! debug builds).
@@ -163,6 +164,14 @@ impl Metrics {
     /// family is still there.
     pub(crate) async fn render(&self) -> String {
         let stats = self.wrapper.engine().stats().await;
+        // Failed tasks whose attempt ran out of time show as `timeout`, as clients see them.
+        let timed_out = match self.wrapper.engine().store().timed_out().await {
+            Ok(counts) => counts,
+            Err(error) => {
+                tracing::warn!(%error, "counting timed-out tasks for /metrics failed");
+                BTreeMap::new()
+            }
+        };
         let registered = self.wrapper.engine().task_types();
         let background = self.wrapper.get_background_task_status();
         let durations = self
@@ -190,13 +199,24 @@ impl Metrics {
                 let none = BTreeMap::new();
                 for task_type in types {
                     let counts = stats.by_type.get(task_type).unwrap_or(&none);
+                    let timeouts = timed_out.get(task_type).copied().unwrap_or(0);
                     for status in Status::ALL {
-                        let count = counts.get(&status).copied().unwrap_or(0);
+                        let mut count = counts.get(&status).copied().unwrap_or(0);
+                        if status == Status::Failed {
+                            count = count.saturating_sub(timeouts);
+                        }
                         out.sample(
                             "msbd_tasks",
                             &[("type", task_type), ("status", status_name(status))],
                             count,
                         );
+                        if status == Status::Failed {
+                            out.sample(
+                                "msbd_tasks",
+                                &[("type", task_type), ("status", "timeout")],
+                                timeouts.min(counts.get(&status).copied().unwrap_or(0)),
+                            );
+                        }
                     }
                 }
             }
@@ -813,10 +833,19 @@ mod tests {
             .submit(wrapper.new_task("command", serde_json::json!({"command": "true"})))
             .await
             .unwrap();
+        // One that runs out of time: `timeout` for clients, so for /metrics too.
+        wrapper
+            .submit(
+                wrapper
+                    .new_task("command", serde_json::json!({"command": "sleep 30"}))
+                    .with_timeout(std::time::Duration::from_millis(300)),
+            )
+            .await
+            .unwrap();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
         let text = loop {
             let text = metrics.render().await;
-            if text.contains("msbd_task_duration_seconds_count{type=\"command\"} 1\n") {
+            if text.contains("msbd_task_duration_seconds_count{type=\"command\"} 2\n") {
                 break text;
             }
             assert!(
@@ -865,6 +894,7 @@ mod tests {
                 "running",
                 "completed",
                 "failed",
+                "timeout",
                 "cancelled",
             ] {
                 let found: Vec<f64> = tasks
@@ -872,11 +902,12 @@ mod tests {
                     .filter(|(_, l, _)| l["type"] == *task_type && l["status"] == status)
                     .map(|(_, _, v)| *v)
                     .collect();
-                let expected = if task_type == "command" && status == "completed" {
-                    1.0
-                } else {
-                    0.0
-                };
+                let expected =
+                    if task_type == "command" && (status == "completed" || status == "timeout") {
+                        1.0
+                    } else {
+                        0.0
+                    };
                 assert_eq!(found, [expected], "{task_type} {status}\n{text}");
             }
         }

@@ -425,6 +425,22 @@ impl Store for MemoryStore {
         ready(Ok(stats))
     }
 
+    fn timed_out(&self) -> StoreFuture<'_, std::collections::BTreeMap<String, u64>> {
+        let mut counts = std::collections::BTreeMap::new();
+        for entry in self.lock().tasks.values() {
+            let task = &entry.task;
+            if task.status == Status::Failed
+                && task
+                    .error
+                    .as_ref()
+                    .is_some_and(|e| e.kind == crate::model::FailureKind::Timeout)
+            {
+                *counts.entry(task.task_type.clone()).or_insert(0) += 1;
+            }
+        }
+        ready(Ok(counts))
+    }
+
     fn flush(&self) -> StoreFuture<'_, ()> {
         ready(Ok(()))
     }

@@ -100,6 +100,10 @@ pub trait Store: Send + Sync + 'static {
     /// Counts of tasks by status and by type.
     fn stats(&self) -> StoreFuture<'_, Stats>;
 
+    /// Failed tasks whose last attempt ran out of time, by type (clients see them with status
+    /// `timeout`). Counted when asked, from the tasks themselves: for metrics, not a hot path.
+    fn timed_out(&self) -> StoreFuture<'_, BTreeMap<String, u64>>;
+
     /// Waits until every write accepted so far is durable.
     fn flush(&self) -> StoreFuture<'_, ()>;
 

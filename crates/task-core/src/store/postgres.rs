@@ -940,6 +940,34 @@ impl PostgresStore {
         Ok(Page { tasks, next_cursor })
     }
 
+    async fn count_timed_out(&self) -> Result<std::collections::BTreeMap<String, u64>> {
+        let sql = format!(
+            "SELECT task_type, count(*) FROM tasks WHERE status = {} AND error_kind = {} \
+             GROUP BY task_type",
+            crate::model::Status::Failed.code(),
+            crate::model::FailureKind::Timeout.code()
+        );
+        let mut retried = false;
+        let rows = loop {
+            let conn = self.shared.reader.get(&self.shared).await?;
+            match conn.client.query(&sql, &[]).await {
+                Ok(rows) => break rows,
+                Err(error) => self.read_failed("counting timed-out tasks", &error, &mut retried)?,
+            }
+        };
+        let mut counts = std::collections::BTreeMap::new();
+        for row in rows {
+            let task_type: String = row
+                .try_get(0)
+                .map_err(|e| Error::store("counting timed-out tasks", e))?;
+            let count: i64 = row
+                .try_get(1)
+                .map_err(|e| Error::store("counting timed-out tasks", e))?;
+            counts.insert(task_type, u64::try_from(count).unwrap_or(0));
+        }
+        Ok(counts)
+    }
+
     async fn counts(&self) -> Result<Stats> {
         let mut retried = false;
         let rows = loop {
@@ -1071,6 +1099,10 @@ impl Store for PostgresStore {
 
     fn stats(&self) -> StoreFuture<'_, Stats> {
         Box::pin(self.counts())
+    }
+
+    fn timed_out(&self) -> StoreFuture<'_, std::collections::BTreeMap<String, u64>> {
+        Box::pin(self.count_timed_out())
     }
 
     fn flush(&self) -> StoreFuture<'_, ()> {

@@ -580,6 +580,7 @@ enum WriteOp {
 enum ReadOp {
     Get(TaskId, Reply<Option<Task>>),
     List(ListFilter, PageRequest, Reply<Page>),
+    TimedOut(Reply<BTreeMap<String, u64>>),
 }
 
 /// An answer held until the transaction commits.
@@ -1547,6 +1548,9 @@ fn run_reader(conn: Connection, requests: mpsc::Receiver<ReadOp>) {
             ReadOp::List(filter, page, reply) => {
                 let _ = reply.send(list(&conn, &filter, &page));
             }
+            ReadOp::TimedOut(reply) => {
+                let _ = reply.send(timed_out(&conn));
+            }
         }
     }
 }
@@ -1589,6 +1593,28 @@ fn field_clauses(filter: &ListFilter, values: &mut Vec<rusqlite::types::Value>) 
         bind("created_at < ?".into(), until.0.into(), &mut clauses);
     }
     clauses
+}
+
+fn timed_out(conn: &Connection) -> Result<BTreeMap<String, u64>> {
+    let sql = format!(
+        "SELECT task_type, count(*) FROM tasks WHERE status = {} AND error_kind = {} \
+         GROUP BY task_type",
+        Status::Failed.code(),
+        crate::model::FailureKind::Timeout.code()
+    );
+    let counting = |e| Error::store("counting timed-out tasks", e);
+    let mut statement = conn.prepare_cached(&sql).map_err(counting)?;
+    let rows = statement
+        .query_map([], |row| {
+            Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)?))
+        })
+        .map_err(counting)?;
+    let mut counts = BTreeMap::new();
+    for row in rows {
+        let (task_type, count) = row.map_err(counting)?;
+        counts.insert(task_type, u64::try_from(count).unwrap_or(0));
+    }
+    Ok(counts)
 }
 
 fn list(conn: &Connection, filter: &ListFilter, page: &PageRequest) -> Result<Page> {
@@ -1697,6 +1723,10 @@ impl Store for SqliteStore {
 
     fn list(&self, filter: ListFilter, page: PageRequest) -> StoreFuture<'_, Page> {
         self.read(|reply| ReadOp::List(filter, page, reply))
+    }
+
+    fn timed_out(&self) -> StoreFuture<'_, BTreeMap<String, u64>> {
+        self.read(ReadOp::TimedOut)
     }
 
     fn stats(&self) -> StoreFuture<'_, Stats> {

@@ -55,6 +55,7 @@ macro_rules! conformance {
 }
 
 conformance!(
+    timed_out_counts_failed_tasks_whose_attempt_ran_out_of_time_by_type,
     submit_then_get_round_trips_every_field,
     submit_with_an_idempotency_key_returns_the_first_task,
     claim_takes_higher_priorities_first_and_equal_priorities_in_order,
@@ -784,6 +785,53 @@ async fn finish_failed_without_a_retry_fails_the_task(store: &dyn Store) {
     );
     assert!(claim(store, 1, at(5)).await.is_empty());
     check_stats(store, "after a failure").await;
+}
+
+/// What clients see as status `timeout` (a failed task whose last attempt ran out of time),
+/// counted by type for `/metrics`; other failures are not.
+async fn timed_out_counts_failed_tasks_whose_attempt_ran_out_of_time_by_type(store: &dyn Store) {
+    assert!(store.timed_out().await.unwrap().is_empty());
+    let mut ids = Vec::new();
+    for (task_type, kind) in [
+        ("slow", FailureKind::Timeout),
+        ("slow", FailureKind::Timeout),
+        ("slow", FailureKind::Error),
+        ("other", FailureKind::Timeout),
+    ] {
+        let task = submit(store, NewTask::new(task_type, json!({})), at(0)).await;
+        let running = claim_one(store, &task, at(1)).await;
+        let failure = TaskError {
+            kind,
+            message: "ran out of time".into(),
+        };
+        assert!(
+            finish(
+                store,
+                &running,
+                at(2),
+                Outcome::Failed {
+                    error: failure,
+                    retry_at: None
+                }
+            )
+            .await
+        );
+        ids.push(task.id);
+    }
+    // Still running: not counted.
+    let running = submit(store, NewTask::new("slow", json!({})), at(3)).await;
+    claim_one(store, &running, at(4)).await;
+    let counts = store.timed_out().await.unwrap();
+    assert_eq!(
+        counts.into_iter().collect::<Vec<_>>(),
+        vec![("other".to_owned(), 1), ("slow".to_owned(), 2)]
+    );
+    let stats = store.stats().await.unwrap();
+    assert_eq!(
+        stats.count(Status::Failed),
+        4,
+        "timeouts stay failed in the store"
+    );
 }
 
 /// Reports progress 0.6 with words for the running attempt of `task`.
