@@ -592,14 +592,16 @@ impl McpServer {
         let chunk = self
             .core
             .wrapper
-            .read_output(task.id, cursor, max as usize)
+            .read_output(task.id, task.attempt, cursor, max as usize)
             .map_err(|e| {
                 ToolError::new(
                     "OPERATION_FAILED",
                     format!("cannot read the output of task {}: {e}", task.id),
                     "try again; if the task is old its output may have been pruned",
                 )
-            })?;
+            })?
+            // The latest attempt has no output yet: it has not started (or has just).
+            .unwrap_or_default();
         let complete = task.status.is_terminal() && chunk.next_cursor >= chunk.size;
         let output = OutputAnswer {
             task_id: task.id.to_string(),
