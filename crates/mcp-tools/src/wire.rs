@@ -658,7 +658,8 @@ pub struct OutputAnswer {
     /// The task's status.
     pub status: String,
     /// Whose output this is: the attempt's number (1 for the first; 0 before the task has
-    /// started). Without `attempt` in the call, the latest attempt.
+    /// started). Without `attempt` in the call, the latest attempt: when it grows, a new attempt
+    /// has started, to be read from cursor 0.
     pub attempt: u32,
 }
 
