@@ -10,6 +10,8 @@ use rmcp::handler::server::wrapper::Parameters;
 use rmcp::model::CallToolResult;
 use rmcp::service::RequestContext;
 use rmcp::{ErrorData as McpError, RoleServer, tool, tool_router};
+use sandbox_wrapper::handlers::{KEPT_ATTEMPTS, kept_attempts};
+use sandbox_wrapper::output::OutputChunk;
 use serde_json::{Map, Value, json};
 use task_core::store::{ListFilter, PageRequest};
 use task_core::{NewTask, Status, Task, Timestamp};
@@ -105,7 +107,7 @@ impl McpServer {
     }
 
     #[tool(
-        description = "Read a task's output (stdout and stderr as written), also while it runs: start at cursor 0, then pass the answer's next_cursor to read on; max_bytes per call (default 65536). complete=true once the task has finished and everything was read.",
+        description = "Read a task's output (stdout and stderr as written), also while it runs: start at cursor 0, then pass the answer's next_cursor to read on; max_bytes per call (default 65536). complete=true once the task has finished and everything was read. A retried task keeps the output of its last 5 attempts: attempt=n reads attempt n's (default: the latest; the answer's attempt says which).",
         output_schema = schema_for_output::<OutputAnswer>(),
         annotations(read_only_hint = true)
     )]
@@ -589,18 +591,52 @@ impl McpServer {
                 format!("give 1 to {MAX_OUTPUT_BYTES}"),
             ));
         }
-        let chunk = self
-            .core
-            .wrapper
-            .read_output(task.id, cursor, max as usize)
-            .map_err(|e| {
-                ToolError::new(
-                    "OPERATION_FAILED",
-                    format!("cannot read the output of task {}: {e}", task.id),
-                    "try again; if the task is old its output may have been pruned",
-                )
-            })?;
-        let complete = task.status.is_terminal() && chunk.next_cursor >= chunk.size;
+        let latest = task.attempt;
+        let attempt = match args.attempt {
+            None => latest,
+            Some(n) if n == 0 || n > latest => {
+                return Err(if latest == 0 {
+                    ToolError::invalid(
+                        format!(
+                            "attempt {n} is out of range: task {} has not started yet",
+                            task.id
+                        ),
+                        "leave attempt out: the output of its first attempt is read once it starts",
+                    )
+                } else {
+                    ToolError::invalid(
+                        format!(
+                            "attempt {n} is out of range: task {} has had attempts 1 to {latest}",
+                            task.id
+                        ),
+                        format!("give 1 to {latest}, or leave attempt out for the latest"),
+                    )
+                });
+            }
+            Some(n) => n,
+        };
+        let earlier = attempt < latest;
+        let read = if kept_attempts(latest).contains(&attempt) {
+            self.core
+                .wrapper
+                .read_output(task.id, attempt, cursor, max as usize)
+                .map_err(|e| {
+                    ToolError::new(
+                        "OPERATION_FAILED",
+                        format!("cannot read the output of task {}: {e}", task.id),
+                        "try again; if the task is old its output may have been pruned",
+                    )
+                })?
+        } else {
+            None
+        };
+        let chunk = match read {
+            Some(chunk) => chunk,
+            // The latest attempt has no output yet: it has not started (or has just).
+            None if !earlier => OutputChunk::default(),
+            None => return Err(self.attempt_not_kept(&task, attempt)),
+        };
+        let complete = (earlier || task.status.is_terminal()) && chunk.next_cursor >= chunk.size;
         let output = OutputAnswer {
             task_id: task.id.to_string(),
             data: chunk.data,
@@ -609,12 +645,19 @@ impl McpServer {
             size: chunk.size,
             complete,
             status: wire::status_name(&task).to_owned(),
+            attempt,
+        };
+        // Which attempt, once there is more than one.
+        let whose = if latest > 1 {
+            format!("attempt {attempt} of {latest}; ")
+        } else {
+            String::new()
         };
         let footer = if complete {
-            format!("[end of output; task {}]", output.status)
+            format!("[end of output; {whose}task {}]", output.status)
         } else {
             format!(
-                "[bytes {}..{} of {}; task {}; read on with cursor={}]",
+                "[bytes {}..{} of {}; {whose}task {}; read on with cursor={}]",
                 cursor, output.next_cursor, output.size, output.status, output.next_cursor
             )
         };
@@ -624,6 +667,44 @@ impl McpServer {
         }
         text.push_str(&footer);
         Ok(answer(text, &output))
+    }
+
+    /// The refusal of `read_task_output` for an earlier attempt whose output is not kept: it
+    /// names the attempts whose output is.
+    fn attempt_not_kept(&self, task: &Task, attempt: u32) -> ToolError {
+        let kept = self
+            .core
+            .wrapper
+            .attempts_with_output(task.id, task.attempt);
+        let names: Vec<String> = kept.iter().map(u32::to_string).collect();
+        let (message, hint) = match names.as_slice() {
+            [] => (
+                format!(
+                    "attempt {attempt} of task {} has no output kept, nor has any other attempt",
+                    task.id
+                ),
+                "leave attempt out for the latest attempt's output".to_owned(),
+            ),
+            [only] => (
+                format!(
+                    "attempt {attempt} of task {} has no output kept; only attempt {only}'s is (msbd keeps the output of a task's last {KEPT_ATTEMPTS} attempts)",
+                    task.id
+                ),
+                format!("give attempt {only}, or leave attempt out for the latest"),
+            ),
+            _ => (
+                format!(
+                    "attempt {attempt} of task {} has no output kept; attempts {} have theirs (msbd keeps the output of a task's last {KEPT_ATTEMPTS} attempts)",
+                    task.id,
+                    names.join(", ")
+                ),
+                format!(
+                    "give one of {}, or leave attempt out for the latest",
+                    names.join(", ")
+                ),
+            ),
+        };
+        ToolError::invalid(message, hint)
     }
 
     async fn manage_tasks(&self, args: ManageTasksArgs) -> Result<CallToolResult, ToolError> {

@@ -245,6 +245,11 @@ pub struct ReadOutputArgs {
     /// The most bytes to return (1 to 1048576; default 65536).
     #[serde(default)]
     pub max_bytes: Option<u64>,
+    /// Which attempt's output to read, from 1 to the task's latest attempt (default: the
+    /// latest). A retried or re-run task keeps the output of its last 5 attempts, each read by
+    /// its own cursor.
+    #[serde(default)]
+    pub attempt: Option<u32>,
 }
 
 /// `manage_background_tasks`.
@@ -647,10 +652,15 @@ pub struct OutputAnswer {
     pub next_cursor: u64,
     /// The output's size so far, in bytes.
     pub size: u64,
-    /// Whether all output has been read and the task has finished: nothing more will come.
+    /// Whether all output has been read and nothing more will come: the task has finished
+    /// (or, for an earlier attempt, that attempt has).
     pub complete: bool,
     /// The task's status.
     pub status: String,
+    /// Whose output this is: the attempt's number (1 for the first; 0 before the task has
+    /// started). Without `attempt` in the call, the latest attempt: when it grows, a new attempt
+    /// has started, to be read from cursor 0.
+    pub attempt: u32,
 }
 
 /// The answer of the `manage_*` tools and other actions: what was done, and its data.

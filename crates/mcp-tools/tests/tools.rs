@@ -1138,6 +1138,19 @@ async fn the_fast_lane_answers_quick_calls_itself_as_rmcp_would() {
     .await;
     let error = both_ways("read_task_output", json!({"task_id": id, "max_bytes": 0})).await;
     assert_eq!(error.is_error, Some(true));
+    // An attempt named: the one it ran, and one it did not.
+    let first = both_ways(
+        "read_task_output",
+        json!({"task_id": id, "attempt": 1, "cursor": 4}),
+    )
+    .await;
+    let first = first.structured_content.unwrap();
+    assert_eq!(
+        (&first["data"], &first["attempt"]),
+        (&json!("two\n"), &json!(1))
+    );
+    let error = both_ways("read_task_output", json!({"task_id": id, "attempt": 2})).await;
+    assert_eq!(error.is_error, Some(true));
     // Arguments the tool does not take: refused by the lane, as by rmcp's way.
     for (tool, arguments) in [
         ("check_task_status", json!({"taskId": id})),
@@ -1181,6 +1194,109 @@ async fn the_fast_lane_answers_quick_calls_itself_as_rmcp_would() {
     assert_eq!(
         *seen.lock().unwrap(),
         ["check_task_status", "get_task_result", "check_task_status"]
+    );
+}
+
+/// A retried task keeps the output of each attempt: the latest by default, an earlier one by
+/// its number, each with its own cursor; numbers out of range, and attempts whose output is
+/// not kept, are refused with the attempts to give. The fast lane answers the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_task_output_reads_every_attempt_of_a_retried_task() {
+    let fixture = fixture(ServerOptions::default()).await;
+    let plain = connect(fixture.server.clone(), Client::default()).await;
+    let (fast, _) = connect_fast(fixture.server.clone(), Client::default()).await;
+    // The session keeps a count across attempts: the first attempt fails, the retry succeeds.
+    let created = ok(&plain, "submit_task", json!({
+        "task_type": "command",
+        "params": {"command": "if [ -e ran ]; then echo second; else touch ran; echo first; exit 1; fi"},
+        "session_id": "retried",
+        "max_retries": 1,
+    })).await;
+    let id = created["task_id"].as_str().unwrap().to_owned();
+    let result = ok(
+        &plain,
+        "get_task_result",
+        json!({"task_id": id, "wait": true, "timeout": 60}),
+    )
+    .await;
+    assert_eq!(result["status"], "completed", "{result}");
+    let both_ways = async |arguments: Value| {
+        let lane = call(&fast, "read_task_output", arguments.clone()).await;
+        let rmcp = call(&plain, "read_task_output", arguments.clone()).await;
+        assert_eq!(
+            serde_json::to_value(&lane).unwrap(),
+            serde_json::to_value(&rmcp).unwrap(),
+            "read_task_output({arguments}): the fast lane's answer differs from rmcp's"
+        );
+        lane
+    };
+    let answer = |result: CallToolResult| {
+        assert_ne!(result.is_error, Some(true), "{result:?}");
+        result.structured_content.unwrap()
+    };
+
+    // The latest attempt by default, the first by its number.
+    let latest = answer(both_ways(json!({"task_id": id})).await);
+    assert_eq!(latest["data"], "second\n", "{latest}");
+    assert_eq!(latest["attempt"], 2);
+    assert_eq!(latest["complete"], true);
+    assert_eq!(latest["status"], "completed");
+    let named = answer(both_ways(json!({"task_id": id, "attempt": 2})).await);
+    assert_eq!(named, latest);
+    let first = answer(both_ways(json!({"task_id": id, "attempt": 1})).await);
+    assert_eq!(first["data"], "first\n", "{first}");
+    assert_eq!(first["attempt"], 1);
+    assert_eq!(first["complete"], true);
+    // Each attempt has its own cursor; an earlier attempt is complete once read to its end.
+    let part = answer(both_ways(json!({"task_id": id, "attempt": 1, "max_bytes": 3})).await);
+    assert_eq!(
+        (&part["data"], &part["complete"]),
+        (&json!("fir"), &json!(false))
+    );
+    let text = call(
+        &plain,
+        "read_task_output",
+        json!({"task_id": id, "attempt": 1, "max_bytes": 3}),
+    )
+    .await;
+    let text = &text.content[0].as_text().unwrap().text;
+    assert!(
+        text.ends_with("[bytes 0..3 of 6; attempt 1 of 2; task completed; read on with cursor=3]"),
+        "{text}"
+    );
+    let rest = answer(
+        both_ways(json!({"task_id": id, "attempt": 1, "cursor": part["next_cursor"]})).await,
+    );
+    assert_eq!(
+        (&rest["data"], &rest["complete"]),
+        (&json!("st\n"), &json!(true))
+    );
+
+    // Out of range: refused, saying which attempts there are.
+    for attempt in [0, 3] {
+        let refused = both_ways(json!({"task_id": id, "attempt": attempt})).await;
+        assert_eq!(refused.is_error, Some(true));
+        let text = &refused.content[0].as_text().unwrap().text;
+        assert!(
+            text.starts_with(&format!("Error INVALID_ARGUMENT: attempt {attempt} is out of range: task {id} has had attempts 1 to 2")),
+            "{text}"
+        );
+        assert!(text.contains("give 1 to 2"), "{text}");
+    }
+    // An attempt whose output is gone: refused, naming the attempts whose output is kept.
+    std::fs::remove_file(fixture._dir.path().join(format!("data/outputs/{id}.log"))).unwrap();
+    let refused = both_ways(json!({"task_id": id, "attempt": 1})).await;
+    assert_eq!(refused.is_error, Some(true));
+    let text = &refused.content[0].as_text().unwrap().text;
+    assert!(
+        text.starts_with(&format!(
+            "Error INVALID_ARGUMENT: attempt 1 of task {id} has no output kept; only attempt 2's is"
+        )),
+        "{text}"
+    );
+    assert_eq!(
+        answer(both_ways(json!({"task_id": id})).await)["data"],
+        "second\n"
     );
 }
 

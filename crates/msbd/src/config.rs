@@ -1044,8 +1044,9 @@ variables! {
         group = Group::Tasks, flag = None, secret = false,
         show = |c| c.task_types_file.as_ref().map(|p| p.display().to_string());
 
-    /// The most output kept per task, in bytes (standard output and standard error together);
-    /// output past it is counted but not kept.
+    /// The most output kept per attempt of a task, in bytes (standard output and standard
+    /// error together); output past it is counted but not kept. A retried task keeps the
+    /// output of its last 5 attempts, each under this cap.
     MSB_OUTPUT_CAP_BYTES: output_cap_bytes: Count = fixed(Count(DEFAULT_OUTPUT_CAP)),
         group = Group::Tasks, flag = None, secret = false,
         show = |c| Some(c.output_cap_bytes.to_string());

@@ -3,8 +3,8 @@
 //! operator-defined task type).
 //!
 //! Each attempt takes a session (the one named by `session_id`, or a fresh one; the result says
-//! which), captures its output to `<outputs>/<task id>.log` (capped; readable by cursor while it
-//! runs; each attempt starts it afresh), turns `::progress::` lines into progress reports, and
+//! which), captures its output to a file of its own (see [`output_path`]; capped; readable by
+//! cursor while it runs; the last [`KEPT_ATTEMPTS`] attempts' files are kept), turns `::progress::` lines into progress reports, and
 //! ends with a result that holds the exit code or signal, the duration, the peak memory where
 //! measured, the output's tail, why it ended and the isolation it ran under. A non-zero exit, a
 //! timeout or a kill is a failure whose message carries the same facts.
@@ -33,20 +33,56 @@ pub struct HandlerShared {
     pub sessions: SessionManager,
     /// Where output files go.
     pub outputs_dir: PathBuf,
-    /// The most bytes of output kept per task.
+    /// The most bytes of output kept per attempt of a task.
     pub output_cap: u64,
 }
 
 impl HandlerShared {
-    /// The output file of a task.
-    pub fn output_path(&self, id: TaskId) -> PathBuf {
-        output_path(&self.outputs_dir, id)
+    /// The output file of an attempt of a task.
+    pub fn output_path(&self, id: TaskId, attempt: u32) -> PathBuf {
+        output_path(&self.outputs_dir, id, attempt)
     }
 }
 
-/// The output file of a task under an outputs directory.
-pub fn output_path(outputs_dir: &Path, id: TaskId) -> PathBuf {
-    outputs_dir.join(format!("{id}.log"))
+/// How many attempts of a task keep their output: the latest and the ones just before it. When
+/// an attempt starts, the output of the attempt this many before it is deleted, so that a task
+/// retried again and again holds at most this many output files, each under the cap.
+pub const KEPT_ATTEMPTS: u32 = 5;
+
+/// The output file of attempt `attempt` of a task under an outputs directory:
+/// `<task id>.log` for the first attempt (and for a task that has not started: attempt 0),
+/// `<task id>.<attempt>.log` for the next ones. A task that runs once has one file, named as
+/// it always was; each attempt writes its own file, so none truncates another's.
+pub fn output_path(outputs_dir: &Path, id: TaskId, attempt: u32) -> PathBuf {
+    if attempt <= 1 {
+        outputs_dir.join(format!("{id}.log"))
+    } else {
+        outputs_dir.join(format!("{id}.{attempt}.log"))
+    }
+}
+
+/// The attempts that may still have their output when `latest` is a task's latest attempt:
+/// the last [`KEPT_ATTEMPTS`] of them (none before the first attempt).
+pub fn kept_attempts(latest: u32) -> std::ops::RangeInclusive<u32> {
+    latest.saturating_sub(KEPT_ATTEMPTS - 1).max(1)..=latest
+}
+
+/// Deletes the output of the attempts before [`kept_attempts`]`(attempt)` (run as attempt
+/// `attempt` starts). It looks back [`KEPT_ATTEMPTS`] attempts more, not to the first: an
+/// attempt that never reached its handler (msbd died between its claim and its start) left
+/// the deletion to the next one, which makes up for it. Files that are not there are fine.
+fn forget_old_outputs(outputs_dir: &Path, id: TaskId, attempt: u32) {
+    let first_kept = *kept_attempts(attempt).start();
+    for old in first_kept.saturating_sub(KEPT_ATTEMPTS).max(1)..first_kept {
+        let path = output_path(outputs_dir, id, old);
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+            Err(error) => {
+                tracing::warn!(%id, attempt = old, path = %path.display(), %error, "cannot delete the output of an old attempt");
+            }
+        }
+    }
 }
 
 /// Options every sandboxed task type accepts.
@@ -340,8 +376,12 @@ async fn run_job(
     job: Job,
 ) -> Result<Value, TaskFailure> {
     let session_id = options.session_id.as_deref().or(context.session_id());
+    // First, before anything can fail this attempt: the attempts past the kept ones go.
+    if context.attempt() > KEPT_ATTEMPTS {
+        forget_old_outputs(&shared.outputs_dir, context.id(), context.attempt());
+    }
     let lease = acquire_waiting(shared, context, session_id, options.flavor, template).await?;
-    let path = shared.output_path(context.id());
+    let path = shared.output_path(context.id(), context.attempt());
     let sink = OutputSink::create(&path, shared.output_cap).map_err(|e| {
         TaskFailure::retryable(format!(
             "cannot create the output file {}: {e}",

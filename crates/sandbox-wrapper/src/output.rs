@@ -241,7 +241,7 @@ pub fn parse_progress_line(line: &str) -> Option<ProgressLine> {
 }
 
 /// A piece of a task's output read by cursor.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OutputChunk {
     /// The bytes read, as text (invalid UTF-8 replaced).
     pub data: String,

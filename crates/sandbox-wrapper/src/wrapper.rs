@@ -703,18 +703,31 @@ impl Wrapper {
         self.inner.engine.submit(task).await
     }
 
-    /// Reads a task's output from byte `cursor` on, at most `max` bytes; works while the task
-    /// runs. A task that has not started yet has no output: an empty chunk.
-    pub fn read_output(&self, id: TaskId, cursor: u64, max: usize) -> std::io::Result<OutputChunk> {
-        let path = self.inner.shared.output_path(id);
+    /// Reads the output of attempt `attempt` of a task (see [`crate::handlers::output_path`])
+    /// from byte `cursor` on, at most `max` bytes; works while the attempt runs. `None`: that
+    /// attempt has no output file (it has not started yet, ended before it had one, or was
+    /// pruned: see [`crate::handlers::KEPT_ATTEMPTS`]). One file open, whatever the attempt.
+    pub fn read_output(
+        &self,
+        id: TaskId,
+        attempt: u32,
+        cursor: u64,
+        max: usize,
+    ) -> std::io::Result<Option<OutputChunk>> {
+        let path = self.inner.shared.output_path(id, attempt);
         match read_output(&path, cursor, max) {
-            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(OutputChunk {
-                data: String::new(),
-                next_cursor: 0,
-                size: 0,
-            }),
-            other => other,
+            Ok(chunk) => Ok(Some(chunk)),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(error) => Err(error),
         }
+    }
+
+    /// The attempts of a task whose output is kept, when `latest` is its latest attempt (the
+    /// ones among the last [`crate::handlers::KEPT_ATTEMPTS`] that have an output file).
+    pub fn attempts_with_output(&self, id: TaskId, latest: u32) -> Vec<u32> {
+        crate::handlers::kept_attempts(latest)
+            .filter(|&attempt| self.inner.shared.output_path(id, attempt).exists())
+            .collect()
     }
 
     /// Deletes the output files of tasks that no longer exist (pruned, or deleted with
@@ -976,8 +989,8 @@ impl Wrapper {
     }
 }
 
-/// Deletes the `<task id>.log` files under `outputs_dir` whose task the store no longer holds.
-/// Files that are not named after a task id are left alone.
+/// Deletes the output files (`<task id>.log`, `<task id>.<attempt>.log`) under `outputs_dir`
+/// whose task the store no longer holds. Files that are not named so are left alone.
 async fn remove_stale_outputs(engine: &Engine, outputs_dir: &std::path::Path) -> usize {
     let Ok(entries) = std::fs::read_dir(outputs_dir) else {
         return 0;
@@ -985,11 +998,7 @@ async fn remove_stale_outputs(engine: &Engine, outputs_dir: &std::path::Path) ->
     let mut removed = 0;
     for entry in entries.flatten() {
         let name = entry.file_name();
-        let Some(id) = name
-            .to_str()
-            .and_then(|n| n.strip_suffix(".log"))
-            .and_then(|n| n.parse::<TaskId>().ok())
-        else {
+        let Some(id) = name.to_str().and_then(output_file_task) else {
             continue;
         };
         if let Err(task_core::Error::TaskNotFound { .. }) = engine.get(id).await
@@ -999,4 +1008,46 @@ async fn remove_stale_outputs(engine: &Engine, outputs_dir: &std::path::Path) ->
         }
     }
     removed
+}
+
+/// The task whose output a file of the outputs directory is, by its name: `<task id>.log`
+/// (a first attempt) or `<task id>.<attempt>.log` (a later one).
+fn output_file_task(name: &str) -> Option<TaskId> {
+    let stem = name.strip_suffix(".log")?;
+    let (id, attempt) = match stem.split_once('.') {
+        Some((id, attempt)) => (id, Some(attempt)),
+        None => (stem, None),
+    };
+    if let Some(attempt) = attempt
+        && !attempt.parse::<u32>().is_ok_and(|n| n >= 2)
+    {
+        return None;
+    }
+    id.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::output_file_task;
+    use task_core::TaskId;
+
+    #[test]
+    fn output_files_are_known_by_name_whatever_the_attempt() {
+        let id = TaskId::new();
+        assert_eq!(output_file_task(&format!("{id}.log")), Some(id));
+        assert_eq!(output_file_task(&format!("{id}.2.log")), Some(id));
+        assert_eq!(output_file_task(&format!("{id}.117.log")), Some(id));
+        for other in [
+            format!("{id}.1.log"),
+            format!("{id}.0.log"),
+            format!("{id}.x.log"),
+            format!("{id}.2.3.log"),
+            format!("{id}.txt"),
+            format!("{id}"),
+            "notes.log".to_owned(),
+            "seccomp.bpf".to_owned(),
+        ] {
+            assert_eq!(output_file_task(&other), None, "{other}");
+        }
+    }
 }

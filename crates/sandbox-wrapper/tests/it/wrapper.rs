@@ -9,12 +9,15 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use sandbox_wrapper::handlers::KEPT_ATTEMPTS;
+use sandbox_wrapper::output::OutputChunk;
 use sandbox_wrapper::supervisor::{ActionStatus, ChildState, HealthStatus};
 use sandbox_wrapper::task_types::TaskTypes;
 use sandbox_wrapper::{Wrapper, WrapperConfig};
 use serde_json::json;
+use task_core::store::ListFilter;
 use task_core::store::sqlite::{SqliteConfig, SqliteStore};
-use task_core::{EngineConfig, NewTask, Status, Task, TaskId};
+use task_core::{EngineConfig, NewTask, RetryPolicy, Status, Task, TaskId, Timestamp};
 
 fn config(data_dir: &Path, marker: &str) -> WrapperConfig {
     let mut config = WrapperConfig::new(data_dir);
@@ -55,6 +58,14 @@ async fn run(wrapper: &Wrapper, task: NewTask) -> Task {
         .wait(id, Duration::from_secs(60))
         .await
         .unwrap()
+}
+
+/// The first attempt's output so far, from its start (empty before it starts).
+fn output(wrapper: &Wrapper, id: TaskId) -> OutputChunk {
+    wrapper
+        .read_output(id, 1, 0, 1 << 16)
+        .unwrap()
+        .unwrap_or_default()
 }
 
 async fn eventually<F: FnMut() -> bool>(what: &str, mut condition: F) {
@@ -131,7 +142,7 @@ async fn a_command_task_runs_in_a_sandbox_with_output_and_progress() {
     let seen;
     let until = Instant::now() + Duration::from_secs(20);
     loop {
-        let chunk = wrapper.read_output(id, 0, 1 << 16).unwrap();
+        let chunk = output(&wrapper, id);
         let task = wrapper.engine().get(id).await.unwrap();
         if chunk.data.contains("start") && task.progress == Some(0.4) {
             assert_eq!(task.status, Status::Running, "{task:?}");
@@ -159,9 +170,12 @@ async fn a_command_task_runs_in_a_sandbox_with_output_and_progress() {
     assert!(result["session_id"].as_str().unwrap().starts_with('s'));
     assert!(result["isolation"].as_str().is_some());
     // Reading on from the cursor gives the rest.
-    let first = wrapper.read_output(id, 0, 6).unwrap();
+    let first = wrapper.read_output(id, 1, 0, 6).unwrap().unwrap();
     assert_eq!(first.data, "start\n");
-    let rest = wrapper.read_output(id, first.next_cursor, 1 << 16).unwrap();
+    let rest = wrapper
+        .read_output(id, 1, first.next_cursor, 1 << 16)
+        .unwrap()
+        .unwrap();
     assert!(rest.data.ends_with("done\n"), "{rest:?}");
     wrapper.graceful_shutdown(Duration::from_secs(10)).await;
 }
@@ -208,25 +222,14 @@ async fn pausing_a_running_task_freezes_its_tree_and_its_timeout_clocks() {
     )
     .with_timeout(Duration::from_secs(2));
     let id = wrapper.submit(task).await.unwrap().task.id;
-    eventually_async(|| async {
-        wrapper
-            .read_output(id, 0, 1 << 16)
-            .unwrap()
-            .data
-            .contains("tick")
-    })
-    .await;
+    eventually_async(|| async { output(&wrapper, id).data.contains("tick") }).await;
     let frozen = wrapper.engine().pause_task(id).await.unwrap();
     assert_eq!(frozen.status, Status::Paused);
     // Let the freeze land, then see that nothing more is printed.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let size = wrapper.read_output(id, 0, 1 << 16).unwrap().size;
+    let size = output(&wrapper, id).size;
     tokio::time::sleep(Duration::from_millis(2200)).await;
-    assert_eq!(
-        wrapper.read_output(id, 0, 1 << 16).unwrap().size,
-        size,
-        "output grew while frozen"
-    );
+    assert_eq!(output(&wrapper, id).size, size, "output grew while frozen");
     assert_eq!(
         wrapper.engine().get(id).await.unwrap().status,
         Status::Paused
@@ -262,6 +265,88 @@ where
         assert!(Instant::now() < until, "timed out waiting");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Each attempt of a retried task writes its own output file, under the same cap: an attempt
+/// no longer truncates the one before it. Only the last `KEPT_ATTEMPTS` are kept, and a task
+/// that is deleted leaves none of its files.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_attempt_keeps_its_own_output_and_a_deleted_task_leaves_none() {
+    let dir = tempfile::tempdir().unwrap();
+    let wrapper = start(dir.path(), config(dir.path(), &unique_marker())).await;
+    let outputs = dir.path().join("outputs");
+    let quick = RetryPolicy {
+        base_delay_ms: 10,
+        max_delay_ms: 20,
+    };
+    // A session keeps a count across attempts: each attempt says which it is; the first fails.
+    let count = "n=$(cat count 2>/dev/null || echo 0); n=$((n+1)); echo $n > count";
+    let task = NewTask::new(
+        "command",
+        json!({"command": format!("{count}; if [ $n = 1 ]; then echo first; exit 1; fi; echo second"), "session_id": "twice"}),
+    )
+    .with_max_attempts(2)
+    .with_retry(quick);
+    let task = run(&wrapper, task).await;
+    assert_eq!(task.status, Status::Completed, "{task:?}");
+    assert_eq!(task.attempt, 2);
+    let read = |attempt| {
+        wrapper
+            .read_output(task.id, attempt, 0, 1 << 16)
+            .unwrap()
+            .map(|chunk| chunk.data)
+    };
+    assert_eq!(read(1).as_deref(), Some("first\n"));
+    assert_eq!(read(2).as_deref(), Some("second\n"));
+    assert_eq!(read(3), None);
+    assert_eq!(wrapper.attempts_with_output(task.id, 2), [1, 2]);
+    assert!(outputs.join(format!("{}.log", task.id)).exists());
+    assert!(outputs.join(format!("{}.2.log", task.id)).exists());
+
+    // Seven attempts that all fail: the first two's output is gone, the last five's is kept.
+    let seven = NewTask::new(
+        "command",
+        json!({"command": format!("{count}; echo run $n; exit 1"), "session_id": "often"}),
+    )
+    .with_max_attempts(7)
+    .with_retry(quick);
+    let often = run(&wrapper, seven).await;
+    assert_eq!(often.status, Status::Failed, "{often:?}");
+    assert_eq!(often.attempt, 7);
+    assert_eq!(wrapper.attempts_with_output(often.id, 7), [3, 4, 5, 6, 7]);
+    for attempt in 1..=7 {
+        let chunk = wrapper.read_output(often.id, attempt, 0, 1 << 16).unwrap();
+        if attempt <= 7 - KEPT_ATTEMPTS {
+            assert_eq!(chunk, None, "attempt {attempt}");
+        } else {
+            assert_eq!(chunk.unwrap().data, format!("run {attempt}\n"));
+        }
+    }
+
+    // Deleted tasks leave no output file of any attempt behind.
+    let files = |id: TaskId| -> Vec<String> {
+        std::fs::read_dir(&outputs)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|name| name.starts_with(&id.to_string()))
+            .collect()
+    };
+    assert_eq!(files(often.id).len(), KEPT_ATTEMPTS as usize);
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let deleted = wrapper
+        .engine()
+        .delete_finished(ListFilter::default(), Timestamp::now(), 100)
+        .await
+        .unwrap();
+    assert_eq!(deleted, 2);
+    assert_eq!(
+        wrapper.remove_stale_outputs().await,
+        2 + KEPT_ATTEMPTS as usize
+    );
+    assert_eq!(files(task.id), Vec::<String>::new());
+    assert_eq!(files(often.id), Vec::<String>::new());
+    wrapper.graceful_shutdown(Duration::from_secs(10)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
