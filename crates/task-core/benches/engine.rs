@@ -1202,6 +1202,9 @@ impl Store for CountingStore {
     fn stats(&self) -> StoreFuture<'_, Stats> {
         self.inner.stats()
     }
+    fn timed_out(&self) -> StoreFuture<'_, std::collections::BTreeMap<String, u64>> {
+        self.inner.timed_out()
+    }
     fn flush(&self) -> StoreFuture<'_, ()> {
         self.inner.flush()
     }

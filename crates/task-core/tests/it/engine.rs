@@ -1347,6 +1347,9 @@ mod parked_finish {
         fn stats(&self) -> StoreFuture<'_, Stats> {
             self.inner.stats()
         }
+        fn timed_out(&self) -> StoreFuture<'_, std::collections::BTreeMap<String, u64>> {
+            self.inner.timed_out()
+        }
         fn flush(&self) -> StoreFuture<'_, ()> {
             self.inner.flush()
         }
