@@ -6,7 +6,8 @@
 //! stopped.
 //!
 //! Full disks, read-only mounts and hidden host features need root (tmpfs and bind mounts in a
-//! mount namespace of their own). Without root those tests say so and return.
+//! mount namespace of their own). Without root those tests fail, unless
+//! `MSBD_TEST_ALLOW_UNPRIVILEGED` is set: then they say what they skipped and return.
 
 mod common;
 
@@ -28,6 +29,16 @@ fn is_root() -> bool {
         .arg("-u")
         .output()
         .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).trim() == "0")
+}
+
+/// A test that cannot check what it claims on this host fails, unless
+/// `MSBD_TEST_ALLOW_UNPRIVILEGED` is set: then it says what it skipped.
+fn opt_out(what: &str) {
+    assert!(
+        std::env::var_os("MSBD_TEST_ALLOW_UNPRIVILEGED").is_some(),
+        "this host cannot test {what}: run the tests as root, or set MSBD_TEST_ALLOW_UNPRIVILEGED=1 to skip such tests"
+    );
+    eprintln!("SKIPPED (MSBD_TEST_ALLOW_UNPRIVILEGED is set): this host cannot test {what}");
 }
 
 fn run(program: &str, args: &[&str]) -> bool {
@@ -145,7 +156,7 @@ fn fill(path: &Path) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_refuses_writes_clearly_keeps_answering_reads_and_recovers() {
     let Some((_dir, mount)) = Mount::tmpfs("16m") else {
-        eprintln!("skipped: a full disk is a small tmpfs, which needs root");
+        opt_out("a full disk (a small tmpfs, which needs root)");
         return;
     };
     let data = mount.0.clone();
@@ -193,7 +204,7 @@ async fn a_full_disk_refuses_writes_clearly_keeps_answering_reads_and_recovers()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_only_data_directory_stops_msbd_with_what_to_do_and_loses_nothing() {
     let Some((dir, mount)) = Mount::tmpfs("64m") else {
-        eprintln!("skipped: a read-only bind mount needs root");
+        opt_out("a read-only data directory (a bind mount, which needs root)");
         return;
     };
     let client = start(&mount.0).await;
@@ -356,7 +367,7 @@ async fn a_store_locked_by_another_msbd_is_refused_and_the_first_serves_on() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_host_without_bubblewrap_or_writable_cgroups_runs_tasks_and_says_what_is_missing() {
     if !is_root() || !run("sh", &["-c", "command -v unshare >/dev/null"]) {
-        eprintln!("skipped: hiding host features needs root and unshare (a mount namespace)");
+        opt_out("a host without bubblewrap or cgroups (hiding them needs root and unshare)");
         return;
     }
     let dir = tempfile::tempdir().unwrap();

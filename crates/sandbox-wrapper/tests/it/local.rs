@@ -49,6 +49,22 @@ impl Fixture {
         self.backend.isolation_report().level
     }
 
+    /// Whether this host gives the level (and root, when `root`) a test checks. When it does
+    /// not, the test fails, unless `MSBD_TEST_ALLOW_UNPRIVILEGED` is set: then it says what it
+    /// skipped and returns false.
+    pub(crate) fn offers(&self, level: IsolationLevel, root: bool, what: &str) -> bool {
+        if self.level() >= level && (is_root() || !root) {
+            return true;
+        }
+        opt_out(&format!(
+            "{what} (needs level {level}{}; this host gives {} as {})",
+            if root { " and root" } else { "" },
+            self.level(),
+            if is_root() { "root" } else { "a user" }
+        ));
+        false
+    }
+
     pub(crate) async fn session(&self, id: &str) -> SandboxInfo {
         self.backend
             .create(&SandboxSpec {
@@ -179,9 +195,7 @@ async fn runs_a_command_and_reports_its_exit() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sandboxed_process_cannot_write_outside_its_work_directory() {
     let fixture = fixture();
-    let level = fixture.level();
-    if level < IsolationLevel::Standard {
-        eprintln!("SKIPPED the assertions: level {level:?} does not restrict files");
+    if !fixture.offers(IsolationLevel::Standard, false, "restricting files") {
         return;
     }
     let ours = fixture.session("writer").await;
@@ -209,12 +223,7 @@ async fn a_sandboxed_process_cannot_write_outside_its_work_directory() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sandboxed_process_cannot_read_a_root_only_file() {
     let fixture = fixture();
-    if !is_root() || fixture.level() < IsolationLevel::Standard {
-        eprintln!(
-            "SKIPPED the assertions: level {:?}, root: {} (no uid drop, nothing to test)",
-            fixture.level(),
-            is_root()
-        );
+    if !fixture.offers(IsolationLevel::Standard, true, "a uid drop") {
         return;
     }
     // Outside /tmp, which the sandbox sees as its own empty tmpfs.
@@ -239,11 +248,7 @@ async fn a_sandboxed_process_cannot_read_a_root_only_file() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sandboxed_process_cannot_reach_the_hosts_loopback() {
     let fixture = fixture();
-    if fixture.level() < IsolationLevel::Standard {
-        eprintln!(
-            "SKIPPED the assertions: level {:?} leaves the network open",
-            fixture.level()
-        );
+    if !fixture.offers(IsolationLevel::Standard, false, "taking the network away") {
         return;
     }
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -283,8 +288,7 @@ async fn a_sandboxed_process_cannot_reach_the_hosts_loopback() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fork_bomb_is_stopped_by_the_pids_limit() {
     let fixture = fixture();
-    if !is_root() || fixture.level() < IsolationLevel::Strong {
-        eprintln!("SKIPPED: level {:?} has no pids limit", fixture.level());
+    if !fixture.offers(IsolationLevel::Strong, true, "a pids limit") {
         return;
     }
     let sandbox = fixture.session("bomb").await;
@@ -366,8 +370,7 @@ fn marker_of(fixture: &Fixture) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_memory_hog_is_killed_and_reported() {
     let fixture = fixture();
-    if fixture.level() < IsolationLevel::Strong {
-        eprintln!("SKIPPED: level {:?} has no memory cgroup", fixture.level());
+    if !fixture.offers(IsolationLevel::Strong, false, "a memory cgroup") {
         return;
     }
     let sandbox = fixture.session("hog").await;
@@ -755,8 +758,7 @@ async fn volumes_are_bound_into_the_sandbox() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sandboxed_process_cannot_make_namespaces_mount_or_reach_host_sockets_or_fds() {
     let fixture = fixture();
-    if fixture.level() < IsolationLevel::Strong {
-        eprintln!("SKIPPED: level {:?}", fixture.level());
+    if !fixture.offers(IsolationLevel::Strong, false, "the strong level") {
         return;
     }
     // A host unix socket anyone may connect to, outside /tmp.
@@ -854,7 +856,9 @@ async fn landlock_is_stacked_under_bubblewrap() {
     let fixture = fixture();
     let layers = &fixture.backend.isolation_report().layers;
     if !(layers.contains("bwrap") && layers.contains("landlock")) {
-        eprintln!("SKIPPED: layers {layers}");
+        opt_out(&format!(
+            "Landlock stacked under bubblewrap (layers here: {layers})"
+        ));
         return;
     }
     let sandbox = fixture.session("stacked").await;
@@ -956,12 +960,18 @@ fn root_or_opt_out(what: &str) -> bool {
     if is_root() {
         return true;
     }
+    opt_out(&format!("{what} (needs root)"));
+    false
+}
+
+/// A test that cannot check what it claims on this host fails, unless
+/// `MSBD_TEST_ALLOW_UNPRIVILEGED` is set: then it says what it skipped.
+fn opt_out(what: &str) {
     assert!(
         std::env::var_os("MSBD_TEST_ALLOW_UNPRIVILEGED").is_some(),
-        "{what} needs root: run the tests as root, or set MSBD_TEST_ALLOW_UNPRIVILEGED=1 to skip it"
+        "this host cannot test {what}: run the tests as root on a host with bubblewrap and cgroups, or set MSBD_TEST_ALLOW_UNPRIVILEGED=1 to skip such tests"
     );
-    eprintln!("skipped (MSBD_TEST_ALLOW_UNPRIVILEGED is set): {what} needs root");
-    false
+    eprintln!("SKIPPED (MSBD_TEST_ALLOW_UNPRIVILEGED is set): this host cannot test {what}");
 }
 
 /// The level and workspace directory of a backend on `data_dir` (made fresh), with a session
