@@ -9,7 +9,9 @@
 //! fails on any console output, such as the schema validator's warnings; `.ci/run` installs the
 //! SDK with `npm ci --prefix interop/typescript`), a short run of every fuzz target (`cargo
 //! xtask fuzz`), a reduced crash-chaos run (`cargo xtask chaos`: about 2,000 tasks, 3 kills),
-//! and rustdoc with warnings denied.
+//! and rustdoc with warnings denied. The time of each stage is printed at the end.
+
+use std::time::{Duration, Instant};
 
 use xshell::{Shell, cmd};
 
@@ -18,67 +20,114 @@ use crate::{print_step_header, project_root};
 pub(crate) fn run() -> anyhow::Result<()> {
     let sh = Shell::new()?;
     sh.change_dir(project_root());
-
-    print_step_header("format");
-    cmd!(sh, "cargo fmt --all -- --check").run()?;
-
-    print_step_header("lint");
-    cmd!(
-        sh,
-        "cargo clippy --workspace --all-targets --locked -- -D warnings"
-    )
-    .run()?;
-
-    if nextest_is_installed(&sh) {
-        // nextest does not run doctests, so they get a step of their own. It comes
-        // first so that the log closes on nextest's summary of the real tests.
-        print_step_header("doctests");
-        cmd!(sh, "cargo test --workspace --doc --locked").run()?;
-
-        print_step_header("tests (cargo-nextest)");
-        cmd!(sh, "cargo nextest run --workspace --locked --no-fail-fast").run()?;
-    } else {
-        // Without nextest, `cargo test` runs the doctests as well.
-        print_step_header("tests (cargo test: cargo-nextest is not installed)");
-        cmd!(sh, "cargo test --workspace --locked").run()?;
-    }
-
-    print_step_header("interoperability: the official Python MCP SDK drives msbd over stdio");
-    let python = std::env::var_os("MSBD_INTEROP_PYTHON")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| project_root().join("target/interop-venv/bin/python"));
-    if !python.exists() {
-        anyhow::bail!(
-            "no Python with the MCP SDK at {}: run `python3 -m venv target/interop-venv && target/interop-venv/bin/pip install mcp` (as .ci/run does), or point MSBD_INTEROP_PYTHON at one",
-            python.display()
-        );
-    }
-    cmd!(sh, "cargo build --locked -p msbd").run()?;
-    let msbd = project_root().join("target/debug/msbd");
-    cmd!(sh, "{python} interop/python_client.py {msbd}").run()?;
-
-    print_step_header(
-        "interoperability: the official TypeScript MCP SDK drives msbd over stdio and streamable HTTP",
-    );
-    let sdk = project_root().join("interop/typescript/node_modules/@modelcontextprotocol/sdk");
-    if !sdk.exists() {
-        anyhow::bail!(
-            "the TypeScript MCP SDK is not installed at {}: run `npm ci --prefix interop/typescript` (as .ci/run does)",
-            sdk.display()
-        );
-    }
-    cmd!(sh, "node interop/typescript/client.mjs {msbd}").run()?;
-
-    crate::fuzz::ci_smoke()?;
-
-    crate::chaos::ci_reduced()?;
-
-    print_step_header("rustdoc (warnings denied)");
-    let _rustdocflags = sh.push_env("RUSTDOCFLAGS", "-D warnings");
-    cmd!(sh, "cargo doc --workspace --no-deps --locked").run()?;
-
+    let mut stages = Stages::default();
+    let outcome = run_stages(&sh, &mut stages);
+    stages.print();
+    outcome?;
     print_step_header("ci: all checks passed");
     Ok(())
+}
+
+/// How long each stage took, printed at the end (also when one failed).
+#[derive(Default)]
+struct Stages {
+    done: Vec<(&'static str, Duration)>,
+}
+
+impl Stages {
+    fn time(
+        &mut self,
+        name: &'static str,
+        stage: impl FnOnce() -> anyhow::Result<()>,
+    ) -> anyhow::Result<()> {
+        let started = Instant::now();
+        let outcome = stage();
+        self.done.push((name, started.elapsed()));
+        outcome
+    }
+
+    fn print(&self) {
+        print_step_header("ci: time per stage");
+        let total: Duration = self.done.iter().map(|(_, took)| *took).sum();
+        for (name, took) in &self.done {
+            eprintln!("{:>8.1} s  {name}", took.as_secs_f64());
+        }
+        eprintln!("{:>8.1} s  in all", total.as_secs_f64());
+    }
+}
+
+fn run_stages(sh: &Shell, stages: &mut Stages) -> anyhow::Result<()> {
+    stages.time("format", || {
+        print_step_header("format");
+        Ok(cmd!(sh, "cargo fmt --all -- --check").run()?)
+    })?;
+
+    stages.time("lint", || {
+        print_step_header("lint");
+        Ok(cmd!(
+            sh,
+            "cargo clippy --workspace --all-targets --locked -- -D warnings"
+        )
+        .run()?)
+    })?;
+
+    if nextest_is_installed(sh) {
+        // nextest does not run doctests, so they get a step of their own.
+        stages.time("doctests", || {
+            print_step_header("doctests");
+            Ok(cmd!(sh, "cargo test --workspace --doc --locked").run()?)
+        })?;
+        stages.time("tests", || {
+            print_step_header("tests (cargo-nextest)");
+            Ok(cmd!(sh, "cargo nextest run --workspace --locked --no-fail-fast").run()?)
+        })?;
+    } else {
+        // Without nextest, `cargo test` runs the doctests as well.
+        stages.time("tests", || {
+            print_step_header("tests (cargo test: cargo-nextest is not installed)");
+            Ok(cmd!(sh, "cargo test --workspace --locked").run()?)
+        })?;
+    }
+
+    let msbd = project_root().join("target/debug/msbd");
+    stages.time("interop: Python SDK", || {
+        print_step_header("interoperability: the official Python MCP SDK drives msbd over stdio");
+        let python = std::env::var_os("MSBD_INTEROP_PYTHON")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| project_root().join("target/interop-venv/bin/python"));
+        if !python.exists() {
+            anyhow::bail!(
+                "no Python with the MCP SDK at {}: run `python3 -m venv target/interop-venv && target/interop-venv/bin/pip install mcp` (as .ci/run does), or point MSBD_INTEROP_PYTHON at one",
+                python.display()
+            );
+        }
+        cmd!(sh, "cargo build --locked -p msbd").run()?;
+        Ok(cmd!(sh, "{python} interop/python_client.py {msbd}").run()?)
+    })?;
+
+    stages.time("interop: TypeScript SDK", || {
+        print_step_header(
+            "interoperability: the official TypeScript MCP SDK drives msbd over stdio and streamable HTTP",
+        );
+        let sdk = project_root().join("interop/typescript/node_modules/@modelcontextprotocol/sdk");
+        if !sdk.exists() {
+            anyhow::bail!(
+                "the TypeScript MCP SDK is not installed at {}: run `npm ci --prefix interop/typescript` (as .ci/run does)",
+                sdk.display()
+            );
+        }
+        Ok(cmd!(sh, "node interop/typescript/client.mjs {msbd}").run()?)
+    })?;
+
+    stages.time("fuzz (short runs)", crate::fuzz::ci_smoke)?;
+
+    stages.time("chaos (reduced)", crate::chaos::ci_reduced)?;
+
+    stages.time("rustdoc", || {
+        print_step_header("rustdoc (warnings denied)");
+        let _rustdocflags = sh.push_env("RUSTDOCFLAGS", "-D warnings");
+        Ok(cmd!(sh, "cargo doc --workspace --no-deps --locked").run()?)
+    })
 }
 
 fn nextest_is_installed(sh: &Shell) -> bool {
