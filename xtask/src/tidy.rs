@@ -6,6 +6,12 @@
 //! - has no trailing whitespace and no tab characters.
 //!
 //! Every `Cargo.toml` there has no trailing whitespace either.
+//!
+//! The layers (docs/architecture.md), in the crates' `src/` and manifests:
+//! - only msbd reads the environment (`std::env`); the Landlock shim reads its own arguments,
+//!   and is excepted by name;
+//! - `rmcp` is used by mcp-tools and msbd only, not below;
+//! - `tokio_postgres` is used only in task-core's store module.
 
 use std::{
     fs,
@@ -48,6 +54,82 @@ fn rust_files_are_tidy() {
     assert!(
         problems.is_empty(),
         "tidy found {} problem(s):\n{}",
+        problems.len(),
+        problems.join("\n")
+    );
+}
+
+/// The crates below msbd, which never read the environment.
+const BELOW_MSBD: &[&str] = &["task-core", "sandbox-wrapper", "mcp-tools"];
+
+/// The crates below mcp-tools, which never speak MCP.
+const BELOW_MCP_TOOLS: &[&str] = &["task-core", "sandbox-wrapper"];
+
+/// Files allowed to use `std::env` below msbd, and why.
+const ENV_EXCEPTIONS: &[(&str, &str)] = &[(
+    "crates/sandbox-wrapper/src/backend/local/shim.rs",
+    "the Landlock shim is a program of its own inside the sandbox: it reads its arguments",
+)];
+
+#[test]
+fn layers_do_not_leak() {
+    let root = project_root();
+    let mut problems = Vec::new();
+    for path in files_to_check(&root) {
+        let relative = path.strip_prefix(&root).unwrap_or(&path);
+        let relative_text = relative.to_string_lossy().replace('\\', "/");
+        let Some(krate) = relative_text
+            .strip_prefix("crates/")
+            .and_then(|rest| rest.split('/').next())
+        else {
+            continue;
+        };
+        let in_src = relative_text.starts_with(&format!("crates/{krate}/src/"));
+        let manifest = relative_text == format!("crates/{krate}/Cargo.toml");
+        if !in_src && !manifest {
+            continue;
+        }
+        let text = fs::read_to_string(&path)
+            .unwrap_or_else(|error| panic!("cannot read {}: {error}", path.display()));
+        let code: Vec<(usize, &str)> = text
+            .lines()
+            .enumerate()
+            .filter(|(_, line)| !line.trim_start().starts_with("//"))
+            .collect();
+        let mut check = |forbidden: &str, rule: &str| {
+            for (index, line) in &code {
+                if line.contains(forbidden) {
+                    problems.push(format!(
+                        "{relative_text}:{}: `{forbidden}`: {rule}",
+                        index + 1
+                    ));
+                }
+            }
+        };
+        if in_src
+            && BELOW_MSBD.contains(&krate)
+            && !ENV_EXCEPTIONS
+                .iter()
+                .any(|(file, _)| *file == relative_text)
+        {
+            check(
+                "std::env",
+                "only msbd reads the environment; pass the value down in a config struct",
+            );
+        }
+        if BELOW_MCP_TOOLS.contains(&krate) {
+            check("rmcp", "MCP belongs to mcp-tools and msbd, not below");
+        }
+        if in_src && !relative_text.starts_with("crates/task-core/src/store/") {
+            check(
+                "tokio_postgres",
+                "PostgreSQL types stay in task-core's store module; add a capability to `Store`",
+            );
+        }
+    }
+    assert!(
+        problems.is_empty(),
+        "the layers leak in {} place(s):\n{}",
         problems.len(),
         problems.join("\n")
     );
