@@ -180,16 +180,20 @@ const COLUMNS: &str = "id, task_type, params, priority, status, attempt, max_att
 /// The index of `seq` in a row that has it after [`COLUMNS`].
 const SEQ: usize = 29;
 
-/// What appends the entry of an attempt that ends to the `attempts` column, trimmed to the last
-/// [`MAX_ATTEMPT_RECORDS`] (20), in the statement that records the end: `?8` is when it ended,
-/// `?10` its outcome's name. (The attempt started at `started_at`: a running task has one.)
-const APPEND_ATTEMPT: &str = "attempts = json_insert(CASE WHEN json_array_length(attempts) >= 20 \
+/// Ends an attempt. It also appends the attempt's entry to the `attempts` column, trimmed to
+/// the last [`MAX_ATTEMPT_RECORDS`] (20): `?8` is when it ended, `?10` its outcome's name. (The
+/// attempt started at `started_at`: a running task has one.)
+const FINISH: &str = "UPDATE OR FAIL tasks SET status = ?2, result = coalesce(?3, result), \
+    progress = CASE WHEN ?2 = 4 THEN 1.0 WHEN ?2 IN (0, 1) THEN NULL ELSE progress END, \
+    progress_message = CASE WHEN ?2 IN (0, 1) THEN NULL ELSE progress_message END, \
+    error_kind = coalesce(?4, error_kind), error_message = coalesce(?5, error_message), \
+    run_at = ?6, finished_at = ?7, updated_at = ?8, \
+    interrupted_attempts = interrupted_attempts + ?9, \
+    attempts = json_insert(CASE WHEN json_array_length(attempts) >= 20 \
     THEN json_remove(attempts, '$[0]') ELSE attempts END, '$[#]', json_object('n', attempt, \
-    'started_at', coalesce(started_at, ?8), 'ended_at', ?8, 'outcome', ?10))";
-const _: () = assert!(
-    MAX_ATTEMPT_RECORDS == 20,
-    "APPEND_ATTEMPT trims to 20 entries"
-);
+    'started_at', coalesce(started_at, ?8), 'ended_at', ?8, 'outcome', ?10)), \
+    lease_until = NULL, cancel_requested = 0 WHERE seq = ?1";
+const _: () = assert!(MAX_ATTEMPT_RECORDS == 20, "FINISH trims to 20 entries");
 
 impl SqliteStore {
     /// Opens (creating if needed) the store file, runs pending migrations, and starts the writer
@@ -1146,15 +1150,7 @@ impl Writer {
         };
         let finished_at = to.is_terminal().then_some(finish.now.0);
         self.conn
-            .prepare_cached(&format!(
-                "UPDATE OR FAIL tasks SET status = ?2, result = coalesce(?3, result), \
-                 progress = CASE WHEN ?2 = 4 THEN 1.0 WHEN ?2 IN (0, 1) THEN NULL ELSE progress END, \
-                 progress_message = CASE WHEN ?2 IN (0, 1) THEN NULL ELSE progress_message END, \
-                 error_kind = coalesce(?4, error_kind), error_message = coalesce(?5, error_message), \
-                 run_at = ?6, finished_at = ?7, updated_at = ?8, \
-                 interrupted_attempts = interrupted_attempts + ?9, {APPEND_ATTEMPT}, \
-                 lease_until = NULL, cancel_requested = 0 WHERE seq = ?1",
-            ))
+            .prepare_cached(FINISH)
             .and_then(|mut s| {
                 s.execute(params![
                     seq,
