@@ -1353,6 +1353,14 @@ fn status_text(view: &TaskView) -> String {
     if let Some(session) = &view.session_id {
         text.push_str(&format!(", session {session}"));
     }
+    if view.attempts.len() > 1 {
+        let history: Vec<String> = view
+            .attempts
+            .iter()
+            .map(|a| format!("#{} {}", a.attempt, a.outcome))
+            .collect();
+        text.push_str(&format!("\nattempts: {}", history.join(", ")));
+    }
     if let Some(error) = &view.error {
         text.push_str(&format!("\nerror: {error}"));
     }

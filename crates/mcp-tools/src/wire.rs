@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use rmcp::schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
-use task_core::{FailureKind, Priority, Status, Task, Timestamp};
+use task_core::{AttemptRecord, FailureKind, Priority, Status, Task, Timestamp};
 
 // ---------------------------------------------------------------------------------------------
 // Arguments shared by the submitting tools.
@@ -361,6 +361,11 @@ pub struct TaskView {
     /// node died under it). Left out while no attempt has ended.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_attempt_outcome: Option<String>,
+    /// How each of its ended attempts ended, oldest first: the last 20 are kept. The attempt
+    /// under way has no entry yet. Left out while no attempt has ended (and for tasks whose
+    /// attempts ended before msbd kept this history).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub attempts: Vec<AttemptView>,
     /// false when it was submitted with rerun_on_recovery: false. Left out when true.
     #[serde(default = "yes", skip_serializing_if = "is_true")]
     pub rerun_on_recovery: bool,
@@ -387,6 +392,36 @@ pub struct TaskView {
     /// Whether a cancel was asked for and is being carried out.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub cancel_requested: bool,
+}
+
+/// One ended attempt of a task, in [`TaskView::attempts`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[schemars(crate = "rmcp::schemars")]
+pub struct AttemptView {
+    /// The attempt's number, from 1.
+    pub attempt: u32,
+    /// When it started (RFC 3339).
+    pub started_at: String,
+    /// When it ended (RFC 3339).
+    pub ended_at: String,
+    /// How it ended: "completed", "failed" (the work returned an error), "timeout", "rejected"
+    /// (it could not be run), "cancelled", "interrupted" (stopped by a shutdown of msbd; does
+    /// not count against max_attempts) or "worker_lost" (msbd or its node died under it; does
+    /// not count either).
+    #[schemars(extend("enum" = ["completed", "failed", "timeout", "rejected", "cancelled", "interrupted", "worker_lost"]))]
+    pub outcome: String,
+}
+
+impl AttemptView {
+    /// The view of one entry of a task's history.
+    pub fn new(record: &AttemptRecord) -> AttemptView {
+        AttemptView {
+            attempt: record.n,
+            started_at: rfc3339(record.started_at),
+            ended_at: rfc3339(record.ended_at),
+            outcome: record.outcome.as_str().to_owned(),
+        }
+    }
 }
 
 /// The wire name of a task's status.
@@ -474,6 +509,7 @@ impl TaskView {
             max_attempts: task.max_attempts,
             interrupted_attempts: task.interrupted_attempts,
             last_attempt_outcome: last_attempt_outcome(task).map(str::to_owned),
+            attempts: task.attempts.iter().map(AttemptView::new).collect(),
             rerun_on_recovery: task.rerun_on_recovery,
             session_id: task
                 .session_id
@@ -505,10 +541,15 @@ fn yes() -> bool {
     true
 }
 
-/// How the latest ended attempt of a task ended, or `None` while none has. Every end other
-/// than a completion or a cancel leaves its reason as the task's error (a failure waiting for
-/// its retry, an interruption waiting for its rerun), so the error's kind is the last end's.
+/// How the latest ended attempt of a task ended, or `None` while none has: the last entry of
+/// its history. A task without one (its attempts ended before msbd kept it) is read from its
+/// status and error: every end other than a completion or a cancel leaves its reason as the
+/// task's error (a failure waiting for its retry, an interruption waiting for its rerun), so
+/// the error's kind is the last end's.
 pub fn last_attempt_outcome(task: &Task) -> Option<&'static str> {
+    if let Some(last) = task.attempts.last() {
+        return Some(last.outcome.as_str());
+    }
     let from_error = || {
         task.error.as_ref().map(|e| match e.kind {
             FailureKind::Error => "failed",

@@ -269,6 +269,96 @@ async fn a_background_task_lives_its_whole_life_through_the_tools() {
     client.cancel().await.unwrap();
 }
 
+/// Issue 15: check_task_status shows how each attempt ended. A command that fails once (it
+/// leaves a file in its session's work directory) and succeeds when retried has two entries:
+/// failed, then completed, with their times in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_retried_once_shows_both_attempts() {
+    let fixture = fixture(ServerOptions::default()).await;
+    let client = connect(fixture.server.clone(), Client::default()).await;
+    let first = ok(&client, "execute_command", json!({"command": "true"})).await;
+    let session = first["session_id"].as_str().unwrap().to_owned();
+    let once = ok(
+        &client,
+        "check_task_status",
+        json!({"task_id": first["task_id"]}),
+    )
+    .await;
+    assert_eq!(once["attempts"].as_array().map(Vec::len), Some(1), "{once}");
+    assert_eq!(once["attempts"][0]["outcome"], "completed");
+
+    let created = ok(
+        &client,
+        "submit_task",
+        json!({
+            "task_type": "command",
+            "params": {"command": "if [ -e tried ]; then echo second; else touch tried; exit 3; fi"},
+            "session_id": session,
+            "max_retries": 1,
+        }),
+    )
+    .await;
+    let id = created["task_id"].as_str().unwrap().to_owned();
+    let result = ok(
+        &client,
+        "get_task_result",
+        json!({"task_id": id, "wait": true, "timeout": 30}),
+    )
+    .await;
+    assert_eq!(result["status"], "completed", "{result}");
+
+    let status = ok(&client, "check_task_status", json!({"task_id": id})).await;
+    let attempts = status["attempts"].as_array().expect("attempts");
+    assert_eq!(attempts.len(), 2, "{status}");
+    assert_eq!(
+        attempts
+            .iter()
+            .map(|a| (
+                a["attempt"].as_u64().unwrap(),
+                a["outcome"].as_str().unwrap()
+            ))
+            .collect::<Vec<_>>(),
+        [(1, "failed"), (2, "completed")]
+    );
+    let time = |value: &Value| {
+        chrono::DateTime::parse_from_rfc3339(value.as_str().expect("a time"))
+            .unwrap_or_else(|e| panic!("{value}: {e}"))
+    };
+    for attempt in attempts {
+        assert!(
+            time(&attempt["started_at"]) <= time(&attempt["ended_at"]),
+            "{attempt}"
+        );
+    }
+    assert!(time(&attempts[0]["ended_at"]) <= time(&attempts[1]["started_at"]));
+    assert_eq!(
+        time(&attempts[1]["started_at"]),
+        time(&status["started_at"]),
+        "the last attempt is the one the task's started_at names"
+    );
+    assert_eq!(status["last_attempt_outcome"], "completed");
+    assert!(status.get("interrupted_attempts").is_none(), "{status}");
+    let text = call(&client, "check_task_status", json!({"task_id": id})).await;
+    let text = &text.content[0].as_text().unwrap().text;
+    assert!(text.contains("attempts: #1 failed, #2 completed"), "{text}");
+
+    // A task that has not run yet has no history.
+    let waiting = ok(
+        &client,
+        "submit_task",
+        json!({"task_type": "command", "params": {"command": "true"}, "delay_seconds": 3600}),
+    )
+    .await;
+    let waiting = ok(
+        &client,
+        "check_task_status",
+        json!({"task_id": waiting["task_id"]}),
+    )
+    .await;
+    assert!(waiting.get("attempts").is_none(), "{waiting}");
+    client.cancel().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_pause_resume_and_the_queue_tools_do_what_they_say() {
     let fixture = fixture(ServerOptions::default()).await;

@@ -56,6 +56,7 @@ pub use engine::{Engine, EngineBuilder, EngineConfig, EngineLoops, ShutdownRepor
 pub use error::{Error, Result};
 pub use handler::{TaskContext, TaskFailure, TaskHandler, handler_fn};
 pub use model::{
-    FailureKind, Interruption, MAX_INTERRUPTED_ATTEMPTS, NewTask, Priority, RetryPolicy, Status,
-    Task, TaskError, TaskId, Timestamp,
+    AttemptOutcome, AttemptRecord, FailureKind, Interruption, MAX_ATTEMPT_RECORDS,
+    MAX_INTERRUPTED_ATTEMPTS, NewTask, Priority, RetryPolicy, Status, Task, TaskError, TaskId,
+    Timestamp,
 };

@@ -531,6 +531,95 @@ pub struct Task {
     /// Whether an attempt that msbd's going away interrupted runs again (the default), or the
     /// task ends `failed` with kind `interrupted`.
     pub rerun_on_recovery: bool,
+    /// How its attempts ended, oldest first: one entry per ended attempt, appended by the very
+    /// write that records the end (a finish, an interruption, a recovery). Only the last
+    /// [`MAX_ATTEMPT_RECORDS`] are kept; the attempt under way has none yet. Empty for tasks
+    /// whose attempts ended before msbd kept this history.
+    #[serde(default)]
+    pub attempts: Vec<AttemptRecord>,
+}
+
+/// How many entries of [`Task::attempts`] are kept: the oldest is dropped when an attempt
+/// ends with this many already there. Every store trims as it appends, in the same write.
+pub const MAX_ATTEMPT_RECORDS: usize = 20;
+
+/// How one attempt of a task ended, an entry of [`Task::attempts`].
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct AttemptRecord {
+    /// The attempt's number, from 1 (as [`Task::attempt`] counted it).
+    pub n: u32,
+    /// When it started.
+    pub started_at: Timestamp,
+    /// When it ended (when its end was recorded).
+    pub ended_at: Timestamp,
+    /// How it ended.
+    pub outcome: AttemptOutcome,
+}
+
+/// How an attempt ended. The names are those of the failure kinds and statuses: `completed`,
+/// `failed`, `timeout`, `rejected`, `cancelled`, `interrupted`, `worker_lost`.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AttemptOutcome {
+    /// The handler returned a result.
+    Completed,
+    /// The handler returned an error (retried or not).
+    Failed,
+    /// The attempt ran longer than the task's timeout.
+    #[serde(rename = "timeout")]
+    TimedOut,
+    /// The task could not be run (no handler for its type, say).
+    Rejected,
+    /// A cancel stopped it (one asked for while it ran wins over however else it ended).
+    Cancelled,
+    /// A shutdown of msbd stopped it.
+    Interrupted,
+    /// Its worker stopped renewing the lease (msbd or its node crashed or was killed; found by
+    /// the lease reaper or by recovery at start).
+    WorkerLost,
+}
+
+impl AttemptOutcome {
+    /// Every outcome.
+    pub const ALL: [AttemptOutcome; 7] = [
+        AttemptOutcome::Completed,
+        AttemptOutcome::Failed,
+        AttemptOutcome::TimedOut,
+        AttemptOutcome::Rejected,
+        AttemptOutcome::Cancelled,
+        AttemptOutcome::Interrupted,
+        AttemptOutcome::WorkerLost,
+    ];
+
+    /// The outcome's name, as it is written in JSON (and in the stores' history columns).
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            AttemptOutcome::Completed => "completed",
+            AttemptOutcome::Failed => "failed",
+            AttemptOutcome::TimedOut => "timeout",
+            AttemptOutcome::Rejected => "rejected",
+            AttemptOutcome::Cancelled => "cancelled",
+            AttemptOutcome::Interrupted => "interrupted",
+            AttemptOutcome::WorkerLost => "worker_lost",
+        }
+    }
+
+    /// The outcome of an attempt that ended with an error of this kind.
+    pub const fn of_failure(kind: FailureKind) -> AttemptOutcome {
+        match kind {
+            FailureKind::Error => AttemptOutcome::Failed,
+            FailureKind::Timeout => AttemptOutcome::TimedOut,
+            FailureKind::Rejected => AttemptOutcome::Rejected,
+            FailureKind::WorkerLost => AttemptOutcome::WorkerLost,
+            FailureKind::Interrupted => AttemptOutcome::Interrupted,
+        }
+    }
+}
+
+impl fmt::Display for AttemptOutcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// How many interrupted attempts a task survives: the attempt interrupted after these many
@@ -549,6 +638,21 @@ pub enum Interruption {
 }
 
 impl Task {
+    /// Records that the current attempt ended at `now` with `outcome`: appends its entry to
+    /// [`Task::attempts`], dropping the oldest beyond [`MAX_ATTEMPT_RECORDS`].
+    pub fn record_attempt_end(&mut self, outcome: AttemptOutcome, now: Timestamp) {
+        if self.attempts.len() >= MAX_ATTEMPT_RECORDS {
+            let extra = self.attempts.len() + 1 - MAX_ATTEMPT_RECORDS;
+            self.attempts.drain(..extra);
+        }
+        self.attempts.push(AttemptRecord {
+            n: self.attempt,
+            started_at: self.started_at.unwrap_or(now),
+            ended_at: now,
+            outcome,
+        });
+    }
+
     /// Whether another attempt may follow the current one: the attempts that count (those not
     /// interrupted) are fewer than `max_attempts`.
     pub fn has_attempts_left(&self) -> bool {
@@ -757,6 +861,7 @@ impl NewTask {
             cancel_requested: false,
             interrupted_attempts: 0,
             rerun_on_recovery: self.rerun_on_recovery,
+            attempts: Vec::new(),
         }
     }
 }
@@ -787,6 +892,44 @@ mod tests {
             assert_eq!(json, format!("\"{}\"", status.as_str()));
         }
         assert_eq!(Status::from_code(7), None);
+    }
+
+    #[test]
+    fn attempt_outcomes_are_named_as_in_json() {
+        for outcome in AttemptOutcome::ALL {
+            let json = serde_json::to_string(&outcome).unwrap();
+            assert_eq!(json, format!("\"{}\"", outcome.as_str()));
+            assert_eq!(
+                serde_json::from_str::<AttemptOutcome>(&json).unwrap(),
+                outcome
+            );
+        }
+        let record = AttemptRecord {
+            n: 2,
+            started_at: Timestamp(10),
+            ended_at: Timestamp(20),
+            outcome: AttemptOutcome::TimedOut,
+        };
+        assert_eq!(
+            serde_json::to_value(record).unwrap(),
+            serde_json::json!({"n": 2, "started_at": 10, "ended_at": 20, "outcome": "timeout"})
+        );
+    }
+
+    #[test]
+    fn the_attempt_history_keeps_the_last_entries() {
+        let mut task = NewTask::new("t", Value::Null).into_task(TaskId::new(), Timestamp(0));
+        for n in 1..=(MAX_ATTEMPT_RECORDS as u32 + 5) {
+            task.attempt = n;
+            task.started_at = Some(Timestamp(i64::from(n) * 10));
+            task.record_attempt_end(AttemptOutcome::Failed, Timestamp(i64::from(n) * 10 + 5));
+        }
+        assert_eq!(task.attempts.len(), MAX_ATTEMPT_RECORDS);
+        assert_eq!(task.attempts[0].n, 6);
+        assert_eq!(
+            task.attempts.last().unwrap().n,
+            MAX_ATTEMPT_RECORDS as u32 + 5
+        );
     }
 
     #[test]

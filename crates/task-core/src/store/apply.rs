@@ -5,7 +5,7 @@
 //! hot paths must give the same result as these functions; the conformance suite checks that.
 
 use crate::error::{Error, Result};
-use crate::model::{Interruption, Status, Task, Timestamp};
+use crate::model::{AttemptOutcome, Interruption, Status, Task, Timestamp};
 use crate::state::{Event, decide};
 use crate::store::{Command, Finish, Outcome};
 
@@ -67,7 +67,8 @@ pub(crate) fn settle(outcome: Outcome, cancel_requested: bool) -> Outcome {
     }
 }
 
-/// Ends a running attempt. Returns `false` (and changes nothing) when the attempt is fenced out.
+/// Ends a running attempt, appending its entry to the task's history. Returns `false` (and
+/// changes nothing) when the attempt is fenced out.
 pub(crate) fn finish(task: &mut Task, finish: &Finish) -> bool {
     if !holds(task, finish.attempt) {
         return false;
@@ -89,6 +90,7 @@ pub(crate) fn finish(task: &mut Task, finish: &Finish) -> bool {
     let Ok(to) = decide(attempt_status(task), finish.outcome.event()) else {
         return false;
     };
+    task.record_attempt_end(finish.outcome.attempt_outcome(), now);
     task.status = to;
     task.updated_at = now;
     task.lease_until = None;
@@ -181,7 +183,9 @@ pub(crate) fn command(task: &mut Task, command: Command, now: Timestamp) -> Resu
 
 /// Recovers a running attempt whose worker is gone (msbd or its node died): cancelled if a
 /// cancel was asked for; else, as a shutdown's interruption, the attempt does not count and the
-/// task runs again, unless [`Task::interruption`] says it fails with kind `interrupted`.
+/// task runs again, unless [`Task::interruption`] says it fails with kind `interrupted`. The
+/// attempt's entry in the history says `worker_lost` (or `cancelled`), whatever the task's
+/// error says.
 pub(crate) fn recover(task: &mut Task, now: Timestamp) -> Result<()> {
     let (event, error) = if task.cancel_requested {
         (Event::Cancel, None)
@@ -190,6 +194,15 @@ pub(crate) fn recover(task: &mut Task, now: Timestamp) -> Result<()> {
         (Event::Abandon { retry: rerun }, Some(error))
     };
     task.status = decide(attempt_status(task), event).map_err(|t| illegal(task, t))?;
+    // As a finish would record it: a cancel asked for wins over how else the attempt ended.
+    task.record_attempt_end(
+        if error.is_some() {
+            AttemptOutcome::WorkerLost
+        } else {
+            AttemptOutcome::Cancelled
+        },
+        now,
+    );
     task.updated_at = now;
     task.lease_until = None;
     task.cancel_requested = false;

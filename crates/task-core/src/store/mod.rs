@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::error::{Error, Result};
-use crate::model::{Priority, Status, Task, TaskError, TaskId, Timestamp};
+use crate::model::{AttemptOutcome, Priority, Status, Task, TaskError, TaskId, Timestamp};
 use crate::state::{Event, decide};
 
 pub(crate) mod apply;
@@ -244,6 +244,17 @@ impl Outcome {
     pub fn status(&self) -> Status {
         // Every outcome is an event that a running task allows.
         decide(Status::Running, self.event()).unwrap_or(Status::Failed)
+    }
+
+    /// How the attempt ended, as its entry in [`crate::model::Task::attempts`] says: a failure
+    /// by its error's kind, an interruption by a shutdown `interrupted`.
+    pub fn attempt_outcome(&self) -> AttemptOutcome {
+        match self {
+            Outcome::Completed { .. } => AttemptOutcome::Completed,
+            Outcome::Failed { error, .. } => AttemptOutcome::of_failure(error.kind),
+            Outcome::Interrupted { .. } => AttemptOutcome::Interrupted,
+            Outcome::Cancelled => AttemptOutcome::Cancelled,
+        }
     }
 
     /// Whether a cancel asked for while the attempt ran wins over this outcome: over every

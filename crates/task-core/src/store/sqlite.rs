@@ -53,7 +53,8 @@ use tokio::sync::oneshot;
 
 use crate::error::{Error, Result};
 use crate::model::{
-    FailureKind, Priority, RetryPolicy, Status, Task, TaskError, TaskId, Timestamp,
+    AttemptRecord, FailureKind, MAX_ATTEMPT_RECORDS, Priority, RetryPolicy, Status, Task,
+    TaskError, TaskId, Timestamp,
 };
 use crate::state::{Event, decide};
 use crate::store::{
@@ -161,6 +162,12 @@ CREATE UNIQUE INDEX tasks_idempotency ON tasks (coalesce(owner, ''), idempotency
 ALTER TABLE tasks ADD COLUMN interrupted_attempts INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE tasks ADD COLUMN rerun_on_recovery INTEGER NOT NULL DEFAULT 1;
 "#,
+    // How each attempt ended (`Task::attempts`): a JSON array of {n, started_at, ended_at,
+    // outcome}, appended to by the statement that records an attempt's end. Existing tasks
+    // start with an empty history.
+    r#"
+ALTER TABLE tasks ADD COLUMN attempts TEXT NOT NULL DEFAULT '[]';
+"#,
 ];
 
 /// The columns of a task, in the order [`task_from_row`] reads them.
@@ -168,10 +175,25 @@ const COLUMNS: &str = "id, task_type, params, priority, status, attempt, max_att
     retry_base_ms, retry_max_ms, timeout_ms, run_at, idempotency_key, owner, session_id, \
     progress, progress_message, result, error_kind, error_message, created_at, started_at, \
     updated_at, finished_at, tags, lease_until, cancel_requested, interrupted_attempts, \
-    rerun_on_recovery";
+    rerun_on_recovery, attempts";
 
 /// The index of `seq` in a row that has it after [`COLUMNS`].
-const SEQ: usize = 28;
+const SEQ: usize = 29;
+
+/// Ends an attempt. It also appends the attempt's entry to the `attempts` column, trimmed to
+/// the last [`MAX_ATTEMPT_RECORDS`] (20): `?8` is when it ended, `?10` its outcome's name. (The
+/// attempt started at `started_at`: a running task has one.)
+const FINISH: &str = "UPDATE OR FAIL tasks SET status = ?2, result = coalesce(?3, result), \
+    progress = CASE WHEN ?2 = 4 THEN 1.0 WHEN ?2 IN (0, 1) THEN NULL ELSE progress END, \
+    progress_message = CASE WHEN ?2 IN (0, 1) THEN NULL ELSE progress_message END, \
+    error_kind = coalesce(?4, error_kind), error_message = coalesce(?5, error_message), \
+    run_at = ?6, finished_at = ?7, updated_at = ?8, \
+    interrupted_attempts = interrupted_attempts + ?9, \
+    attempts = json_insert(CASE WHEN json_array_length(attempts) >= 20 \
+    THEN json_remove(attempts, '$[0]') ELSE attempts END, '$[#]', json_object('n', attempt, \
+    'started_at', coalesce(started_at, ?8), 'ended_at', ?8, 'outcome', ?10)), \
+    lease_until = NULL, cancel_requested = 0 WHERE seq = ?1";
+const _: () = assert!(MAX_ATTEMPT_RECORDS == 20, "FINISH trims to 20 entries");
 
 impl SqliteStore {
     /// Opens (creating if needed) the store file, runs pending migrations, and starts the writer
@@ -537,7 +559,15 @@ fn task_from_row(row: &Row<'_>) -> rusqlite::Result<Task> {
         cancel_requested: row.get(25)?,
         interrupted_attempts: row.get(26)?,
         rerun_on_recovery: row.get(27)?,
+        attempts: serde_json::from_str(&row.get::<_, String>(28)?)
+            .map_err(|e| bad(28, e.to_string()))?,
     })
+}
+
+/// A task's attempt history as the `attempts` column keeps it.
+fn attempts_text(attempts: &[AttemptRecord]) -> String {
+    // Serializing records of numbers and names cannot fail.
+    serde_json::to_string(attempts).unwrap_or_else(|_| "[]".into())
 }
 
 fn json_text(value: &Value) -> String {
@@ -1121,15 +1151,7 @@ impl Writer {
         };
         let finished_at = to.is_terminal().then_some(finish.now.0);
         self.conn
-            .prepare_cached(
-                "UPDATE OR FAIL tasks SET status = ?2, result = coalesce(?3, result), \
-                 progress = CASE WHEN ?2 = 4 THEN 1.0 WHEN ?2 IN (0, 1) THEN NULL ELSE progress END, \
-                 progress_message = CASE WHEN ?2 IN (0, 1) THEN NULL ELSE progress_message END, \
-                 error_kind = coalesce(?4, error_kind), error_message = coalesce(?5, error_message), \
-                 run_at = ?6, finished_at = ?7, updated_at = ?8, \
-                 interrupted_attempts = interrupted_attempts + ?9, \
-                 lease_until = NULL, cancel_requested = 0 WHERE seq = ?1",
-            )
+            .prepare_cached(FINISH)
             .and_then(|mut s| {
                 s.execute(params![
                     seq,
@@ -1141,6 +1163,7 @@ impl Writer {
                     finished_at,
                     finish.now.0,
                     interrupted,
+                    outcome.attempt_outcome().as_str(),
                 ])
             })
             .map_err(|e| Error::store("finishing a task", e))?;
@@ -1205,7 +1228,7 @@ impl Writer {
                 "UPDATE tasks SET status = ?2, attempt = ?3, max_attempts = ?4, run_at = ?5, \
                  error_kind = ?6, error_message = ?7, updated_at = ?8, finished_at = ?9, \
                  lease_until = ?10, cancel_requested = ?11, priority = ?12, progress = ?13, \
-                 progress_message = ?14, interrupted_attempts = ?15 WHERE id = ?1",
+                 progress_message = ?14, interrupted_attempts = ?15, attempts = ?16 WHERE id = ?1",
             )
             .and_then(|mut s| {
                 s.execute(params![
@@ -1224,6 +1247,7 @@ impl Writer {
                     task.progress,
                     task.progress_message,
                     task.interrupted_attempts,
+                    attempts_text(&task.attempts),
                 ])
             })
             .map_err(|e| Error::store("updating a task", e))?;

@@ -15,8 +15,9 @@ use task_core::store::{
     ProgressUpdate, Recover, Stats, Store,
 };
 use task_core::{
-    Error, FailureKind, Interruption, MAX_INTERRUPTED_ATTEMPTS, NewTask, Priority, RetryPolicy,
-    Status, Task, TaskError, TaskId, Timestamp,
+    AttemptOutcome, AttemptRecord, Error, FailureKind, Interruption, MAX_ATTEMPT_RECORDS,
+    MAX_INTERRUPTED_ATTEMPTS, NewTask, Priority, RetryPolicy, Status, Task, TaskError, TaskId,
+    Timestamp,
 };
 
 /// Runs each case against every store, each run with a store of its own.
@@ -88,6 +89,9 @@ conformance!(
     list_filters_by_every_field,
     list_pages_newest_first_without_gaps_or_duplicates,
     stats_follow_every_kind_of_change,
+    the_attempt_history_says_how_each_attempt_ended,
+    the_attempt_history_of_a_lost_or_cancelled_attempt,
+    the_attempt_history_keeps_the_last_entries,
 );
 
 const T0: i64 = 1_700_000_000_000;
@@ -2664,6 +2668,40 @@ async fn sqlite_reopening_the_file_keeps_tasks_and_stats() {
     check_stats(&store, "after recovery in a reopened store").await;
 }
 
+/// A file from before the attempt history (schema version 2) is migrated: its tasks have an
+/// empty history, and the attempts that end from then on are recorded.
+#[tokio::test]
+async fn sqlite_tasks_from_before_the_attempt_history_have_an_empty_one() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let path = dir.path().join("tasks.sqlite3");
+    let (done, waiting) = {
+        let store = SqliteStore::open(SqliteConfig::new(&path)).expect("open");
+        let done = submit(&store, NewTask::new("done", json!({})), at(0)).await;
+        let running = claim_one(&store, &done, at(1)).await;
+        assert!(finish(&store, &running, at(2), completed()).await);
+        let waiting = submit(&store, NewTask::new("waiting", json!({})), at(3)).await;
+        store.flush().await.expect("flush");
+        (done.id, waiting)
+    };
+    // Back to version 2, as an older msbd left the file.
+    let conn = rusqlite::Connection::open(&path).expect("open the file");
+    conn.execute_batch("ALTER TABLE tasks DROP COLUMN attempts; PRAGMA user_version = 2;")
+        .expect("downgrade");
+    drop(conn);
+
+    let store = SqliteStore::open(SqliteConfig::new(&path)).expect("reopen");
+    let old = get(&store, done).await;
+    assert_eq!((old.status, old.attempts.len()), (Status::Completed, 0));
+    let running = claim_one(&store, &waiting, at(4)).await;
+    assert!(finish(&store, &running, at(5), completed()).await);
+    assert_history(
+        &store,
+        waiting.id,
+        &[(1, at(4), at(5), AttemptOutcome::Completed)],
+    )
+    .await;
+}
+
 #[tokio::test]
 async fn sqlite_a_new_priority_is_kept_across_a_reopen() {
     let dir = tempfile::tempdir().expect("a temporary directory");
@@ -2802,4 +2840,260 @@ async fn sqlite_hot_queries_use_the_partial_indexes() {
     );
     assert!(delete_plan.contains("tasks_finished"), "{delete_plan}");
     assert!(!delete_plan.contains("TEMP B-TREE"), "{delete_plan}");
+}
+
+/// Checks a task's attempt history: the entries `expected` (attempt number, start, end,
+/// outcome), in order, and its times in order (each attempt ends after it starts, and before the
+/// next one starts). The task as listed has the same history.
+async fn assert_history(
+    store: &dyn Store,
+    id: TaskId,
+    expected: &[(u32, Timestamp, Timestamp, AttemptOutcome)],
+) -> Task {
+    let task = get(store, id).await;
+    let want: Vec<AttemptRecord> = expected
+        .iter()
+        .map(|&(n, started_at, ended_at, outcome)| AttemptRecord {
+            n,
+            started_at,
+            ended_at,
+            outcome,
+        })
+        .collect();
+    assert_eq!(task.attempts, want, "the history of {}", task.task_type);
+    for record in &task.attempts {
+        assert!(record.started_at <= record.ended_at, "{record:?}");
+    }
+    for pair in task.attempts.windows(2) {
+        assert!(pair[0].n < pair[1].n, "{pair:?}");
+        assert!(pair[0].ended_at <= pair[1].started_at, "{pair:?}");
+    }
+    let listed = all_tasks(store).await;
+    let listed = listed.iter().find(|t| t.id == id).expect("listed");
+    assert_eq!(listed.attempts, task.attempts, "as listed");
+    task
+}
+
+async fn the_attempt_history_says_how_each_attempt_ended(store: &dyn Store) {
+    use AttemptOutcome::*;
+    // Submitted and never run: no history.
+    let waiting = submit(
+        store,
+        NewTask::new("waiting", json!({})).with_run_at(at(10_000)),
+        at(0),
+    )
+    .await;
+    assert!(waiting.attempts.is_empty());
+
+    // Completed at once.
+    let once = submit(store, NewTask::new("once", json!({})), at(0)).await;
+    let running = claim_one(store, &once, at(1)).await;
+    assert!(running.attempts.is_empty(), "no entry while it runs");
+    assert!(finish(store, &running, at(2), completed()).await);
+    assert_history(store, once.id, &[(1, at(1), at(2), Completed)]).await;
+
+    // Failed, retried, completed.
+    let retried = submit(
+        store,
+        NewTask::new("retried", json!({})).with_max_attempts(3),
+        at(0),
+    )
+    .await;
+    let running = claim_one(store, &retried, at(10)).await;
+    let outcome = Outcome::Failed {
+        error: error("boom"),
+        retry_at: Some(at(12)),
+    };
+    assert!(finish(store, &running, at(11), outcome).await);
+    assert_history(store, retried.id, &[(1, at(10), at(11), Failed)]).await;
+    assert_eq!(store.promote_due(at(12)).await.expect("promote").count, 1);
+    let running = claim_one(store, &retried, at(13)).await;
+    assert_eq!(
+        running.attempts.len(),
+        1,
+        "a claim answers with the history so far"
+    );
+    assert!(finish(store, &running, at(14), completed()).await);
+    assert_history(
+        store,
+        retried.id,
+        &[(1, at(10), at(11), Failed), (2, at(13), at(14), Completed)],
+    )
+    .await;
+
+    // Interrupted by a shutdown, run again, completed.
+    let interrupted_once = submit(store, NewTask::new("interrupted", json!({})), at(0)).await;
+    let running = claim_one(store, &interrupted_once, at(20)).await;
+    assert!(finish(store, &running, at(21), interrupted(&running)).await);
+    let running = claim_one(store, &interrupted_once, at(22)).await;
+    assert!(finish(store, &running, at(23), completed()).await);
+    let done = assert_history(
+        store,
+        interrupted_once.id,
+        &[
+            (1, at(20), at(21), Interrupted),
+            (2, at(22), at(23), Completed),
+        ],
+    )
+    .await;
+    assert_eq!(done.interrupted_attempts, 1);
+
+    // Timed out, and rejected: by their error's kind.
+    for (kind, outcome) in [
+        (FailureKind::Timeout, TimedOut),
+        (FailureKind::Rejected, Rejected),
+    ] {
+        let task = submit(store, NewTask::new(format!("{kind}"), json!({})), at(0)).await;
+        let running = claim_one(store, &task, at(30)).await;
+        let failed = Outcome::Failed {
+            error: TaskError {
+                kind,
+                message: kind.to_string(),
+            },
+            retry_at: None,
+        };
+        assert!(finish(store, &running, at(31), failed).await);
+        assert_history(store, task.id, &[(1, at(30), at(31), outcome)]).await;
+    }
+
+    // Cancelled while it ran.
+    let cancelled = submit(store, NewTask::new("cancelled", json!({})), at(0)).await;
+    let running = claim_one(store, &cancelled, at(40)).await;
+    assert!(finish(store, &running, at(41), Outcome::Cancelled).await);
+    assert_history(store, cancelled.id, &[(1, at(40), at(41), Cancelled)]).await;
+
+    // A fenced-out finish appends nothing.
+    assert!(!finish(store, &running, at(42), completed()).await);
+    assert_history(store, cancelled.id, &[(1, at(40), at(41), Cancelled)]).await;
+    check_stats(store, "after attempts of every kind").await;
+}
+
+async fn the_attempt_history_of_a_lost_or_cancelled_attempt(store: &dyn Store) {
+    use AttemptOutcome::*;
+    let later = |t: i64| at(t).after(LEASE).after(Duration::from_secs(1));
+    // Lost, found by the lease reaper or by recovery at start: worker_lost, then run again.
+    for (i, which) in [Recover::Expired, Recover::AllRunning]
+        .into_iter()
+        .enumerate()
+    {
+        let base = 100 * i as i64;
+        let task = submit(store, NewTask::new("lost", json!({})), at(0)).await;
+        let running = claim_one(store, &task, at(base + 1)).await;
+        let recovered = store
+            .recover(later(base + 1), which)
+            .await
+            .expect("recover");
+        assert_eq!(ids(&recovered), [task.id]);
+        assert_eq!(
+            recovered[0].attempts,
+            [AttemptRecord {
+                n: 1,
+                started_at: at(base + 1),
+                ended_at: later(base + 1),
+                outcome: WorkerLost
+            }],
+            "{which:?}: the answer has the entry"
+        );
+        assert_history(
+            store,
+            task.id,
+            &[(1, at(base + 1), later(base + 1), WorkerLost)],
+        )
+        .await;
+        let again = claim_one(store, &running, at(base + 50)).await;
+        assert!(finish(store, &again, at(base + 51), completed()).await);
+        assert_history(
+            store,
+            task.id,
+            &[
+                (1, at(base + 1), later(base + 1), WorkerLost),
+                (2, at(base + 50), at(base + 51), Completed),
+            ],
+        )
+        .await;
+    }
+
+    // Lost, and not run again: the entry says worker_lost, the error interrupted.
+    let task = submit(
+        store,
+        NewTask::new("opted-out", json!({})).with_rerun_on_recovery(false),
+        at(0),
+    )
+    .await;
+    claim_one(store, &task, at(300)).await;
+    store
+        .recover(later(300), Recover::Expired)
+        .await
+        .expect("recover");
+    let failed = assert_history(store, task.id, &[(1, at(300), later(300), WorkerLost)]).await;
+    assert_eq!(
+        (failed.status, failed.error.map(|e| e.kind)),
+        (Status::Failed, Some(FailureKind::Interrupted))
+    );
+
+    // A cancel asked for while it ran wins over an interruption and over a lost worker.
+    for way in 0..2 {
+        let base = 400 + 100 * way;
+        let task = submit(store, NewTask::new("cancel-asked", json!({})), at(0)).await;
+        let running = claim_one(store, &task, at(base)).await;
+        store
+            .command(task.id, Command::Cancel, at(base + 1))
+            .await
+            .expect("cancel");
+        let ended = later(base);
+        if way == 0 {
+            assert!(finish(store, &running, ended, interrupted(&running)).await);
+        } else {
+            store
+                .recover(ended, Recover::AllRunning)
+                .await
+                .expect("recover");
+        }
+        let done = assert_history(store, task.id, &[(1, at(base), ended, Cancelled)]).await;
+        assert_eq!(done.status, Status::Cancelled, "way {way}");
+    }
+    check_stats(store, "after lost and cancelled attempts").await;
+}
+
+async fn the_attempt_history_keeps_the_last_entries(store: &dyn Store) {
+    let total = MAX_ATTEMPT_RECORDS as u32 + 5;
+    let task = submit(
+        store,
+        NewTask::new("many", json!({})).with_max_attempts(total),
+        at(0),
+    )
+    .await;
+    let mut expected = Vec::new();
+    for n in 1..=total {
+        let start = at(i64::from(n) * 100);
+        let running = claim_one(store, &task, start).await;
+        assert_eq!(running.attempt, n);
+        // Two of them lost by the reaper (written from the task), the others failed (written by
+        // the finish statement).
+        let (end, outcome) = if n == 7 || n == 22 {
+            let end = start.after(LEASE).after(Duration::from_secs(1));
+            store.recover(end, Recover::Expired).await.expect("recover");
+            (end, AttemptOutcome::WorkerLost)
+        } else if n == total {
+            let end = start.after(Duration::from_secs(1));
+            assert!(finish(store, &running, end, completed()).await);
+            (end, AttemptOutcome::Completed)
+        } else {
+            let end = start.after(Duration::from_secs(1));
+            let outcome = Outcome::Failed {
+                error: error("again"),
+                retry_at: Some(end),
+            };
+            assert!(finish(store, &running, end, outcome).await);
+            assert_eq!(store.promote_due(end).await.expect("promote").count, 1);
+            (end, AttemptOutcome::Failed)
+        };
+        expected.push((n, start, end, outcome));
+        let kept = expected.len().saturating_sub(MAX_ATTEMPT_RECORDS);
+        assert_history(store, task.id, &expected[kept..]).await;
+    }
+    let done = get(store, task.id).await;
+    assert_eq!(done.status, Status::Completed);
+    assert_eq!(done.attempts.len(), MAX_ATTEMPT_RECORDS);
+    assert_eq!(done.attempts[0].n, total + 1 - MAX_ATTEMPT_RECORDS as u32);
 }

@@ -10,8 +10,8 @@ use task_core::store::memory::MemoryStore;
 use task_core::store::sqlite::{SqliteConfig, SqliteStore};
 use task_core::store::{ClaimRequest, Store};
 use task_core::{
-    Engine, EngineConfig, EngineLoops, Error, FailureKind, NewTask, Priority, RetryPolicy, Status,
-    TaskEvent, TaskFailure, TaskId, Timestamp, handler_fn,
+    AttemptOutcome, Engine, EngineConfig, EngineLoops, Error, FailureKind, NewTask, Priority,
+    RetryPolicy, Status, TaskEvent, TaskFailure, TaskId, Timestamp, handler_fn,
 };
 use tokio::sync::{Notify, mpsc};
 
@@ -1630,7 +1630,7 @@ async fn a_shutdown_and_a_crash_leave_a_task_the_same_way() {
         after_interruption(&after_shutdown),
         after_interruption(&after_reaper)
     );
-    // Only the error says how msbd went away.
+    // Only the error, and the attempt's entry in the history, say how msbd went away.
     assert_eq!(
         after_shutdown.error.as_ref().map(|e| e.kind),
         Some(FailureKind::Interrupted)
@@ -1639,9 +1639,21 @@ async fn a_shutdown_and_a_crash_leave_a_task_the_same_way() {
         after_crash.error.as_ref().map(|e| e.kind),
         Some(FailureKind::WorkerLost)
     );
+    let outcomes = |task: &task_core::Task| -> Vec<(u32, AttemptOutcome)> {
+        task.attempts.iter().map(|r| (r.n, r.outcome)).collect()
+    };
+    assert_eq!(
+        outcomes(&after_shutdown),
+        [(1, AttemptOutcome::Interrupted)]
+    );
+    assert_eq!(outcomes(&after_crash), [(1, AttemptOutcome::WorkerLost)]);
+    assert_eq!(outcomes(&after_reaper), [(1, AttemptOutcome::WorkerLost)]);
 
     // The next start runs both, and the attempt that completes is the first that counts.
-    for (path, id) in [(&graceful_path, graceful), (&crash_path, crashed)] {
+    for (path, id, first) in [
+        (&graceful_path, graceful, AttemptOutcome::Interrupted),
+        (&crash_path, crashed, AttemptOutcome::WorkerLost),
+    ] {
         let store = Arc::new(SqliteStore::open(SqliteConfig::new(path)).expect("reopen"));
         let (engine, loops) = started_on(store, quick_config(), second_life).await;
         let done = finished(&engine, id).await;
@@ -1650,6 +1662,10 @@ async fn a_shutdown_and_a_crash_leave_a_task_the_same_way() {
             (Status::Completed, 2, 1)
         );
         assert_eq!(done.result, Some(json!("second life")));
+        assert_eq!(
+            outcomes(&done),
+            [(1, first), (2, AttemptOutcome::Completed)]
+        );
         loops.stop().await;
     }
 }

@@ -329,11 +329,12 @@ async fn migrations_are_idempotent_and_safe_when_nodes_start_at_once() {
         before,
         [
             (1, "tasks".to_owned()),
-            (2, "interrupted_attempts".to_owned())
+            (2, "interrupted_attempts".to_owned()),
+            (3, "attempt_history".to_owned())
         ],
         "each migration applied once"
     );
-    assert_eq!(PostgresStore::schema_version(), 2);
+    assert_eq!(PostgresStore::schema_version(), 3);
     // Once more, with tasks in the store: nothing changes, nothing is lost.
     stores[0]
         .submit(tasks(3, Timestamp::now()))
@@ -343,6 +344,31 @@ async fn migrations_are_idempotent_and_safe_when_nodes_start_at_once() {
     let again = schema.store("node-0").await;
     assert_eq!(versions(&admin).await, before);
     assert_eq!(again.stats().await.expect("stats").total(), 3);
+    drop(again);
+
+    // Tasks from before the attempt history (version 2) get an empty one.
+    admin
+        .batch_execute(&format!(
+            "ALTER TABLE \"{0}\".tasks DROP COLUMN attempts; \
+             DELETE FROM \"{0}\".schema_migrations WHERE version = 3",
+            schema.name
+        ))
+        .await
+        .expect("back to version 2");
+    let migrated = schema.store("node-0").await;
+    assert_eq!(versions(&admin).await, before);
+    let page = migrated
+        .list(
+            task_core::store::ListFilter::default(),
+            task_core::store::PageRequest {
+                cursor: None,
+                limit: 10,
+            },
+        )
+        .await
+        .expect("list");
+    assert_eq!(page.tasks.len(), 3);
+    assert!(page.tasks.iter().all(|t| t.attempts.is_empty()));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

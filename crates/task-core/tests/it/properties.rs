@@ -23,8 +23,8 @@ use task_core::store::{
     Recover, Store,
 };
 use task_core::{
-    FailureKind, MAX_INTERRUPTED_ATTEMPTS, NewTask, Priority, Status, Task, TaskError, TaskId,
-    Timestamp,
+    AttemptOutcome, FailureKind, MAX_ATTEMPT_RECORDS, MAX_INTERRUPTED_ATTEMPTS, NewTask, Priority,
+    Status, Task, TaskError, TaskId, Timestamp,
 };
 
 /// The lease of every claim, in simulated milliseconds.
@@ -271,6 +271,8 @@ struct ModelTask {
     error_kind: Option<FailureKind>,
     finished_at: Option<Timestamp>,
     interrupted_attempts: u32,
+    /// Every ended attempt: its number, how it ended, when (the store keeps the last ones).
+    ended: Vec<(u32, AttemptOutcome, Timestamp)>,
 }
 
 impl ModelTask {
@@ -304,6 +306,8 @@ impl ModelTask {
             }
             other => other,
         };
+        self.ended
+            .push((self.attempt, outcome.attempt_outcome(), now));
         self.lease_until = None;
         self.cancel_requested = false;
         match outcome {
@@ -347,6 +351,12 @@ impl ModelTask {
 
     /// A running attempt whose worker is gone is recovered at `now`: it does not count.
     fn recover(&mut self, now: Timestamp) {
+        let outcome = if self.cancel_requested {
+            AttemptOutcome::Cancelled
+        } else {
+            AttemptOutcome::WorkerLost
+        };
+        self.ended.push((self.attempt, outcome, now));
         if self.cancel_requested {
             self.status = Status::Cancelled;
         } else if self.reruns_after_interruption() {
@@ -639,6 +649,7 @@ async fn apply(
                             error_kind: None,
                             finished_at: None,
                             interrupted_attempts: 0,
+                            ended: Vec::new(),
                         });
                         model.submitted += 1;
                     }
@@ -1075,6 +1086,24 @@ async fn check(store: &dyn Store, model: &mut Model) -> TestResult {
             what
         );
         prop_assert_eq!(task.priority.get(), want.priority, "priority of {}", what);
+        let history: Vec<(u32, AttemptOutcome, Timestamp)> = task
+            .attempts
+            .iter()
+            .map(|r| (r.n, r.outcome, r.ended_at))
+            .collect();
+        let kept = want.ended.len().saturating_sub(MAX_ATTEMPT_RECORDS);
+        prop_assert_eq!(
+            &history[..],
+            &want.ended[kept..],
+            "attempt history of {}",
+            what
+        );
+        prop_assert!(
+            task.attempts.iter().all(|r| r.started_at <= r.ended_at),
+            "an attempt of {} ends before it starts: {:?}",
+            what,
+            task.attempts
+        );
         prop_assert_eq!(
             task.finished_at,
             want.finished_at,

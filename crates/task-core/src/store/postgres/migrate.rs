@@ -19,6 +19,11 @@ pub(super) const MIGRATIONS: &[(i32, &str, &str)] = &[
         "interrupted_attempts",
         include_str!("../../../migrations/postgres/0002_interrupted_attempts.sql"),
     ),
+    (
+        3,
+        "attempt_history",
+        include_str!("../../../migrations/postgres/0003_attempt_history.sql"),
+    ),
 ];
 
 /// The newest schema version this build knows.

@@ -8,7 +8,7 @@ use tokio_postgres::Row;
 
 use crate::error::{Error, Result};
 use crate::model::{
-    FailureKind, Priority, RetryPolicy, Status, Task, TaskError, TaskId, Timestamp,
+    AttemptRecord, FailureKind, Priority, RetryPolicy, Status, Task, TaskError, TaskId, Timestamp,
 };
 
 /// The columns of a task, in the order [`task_from_row`] reads them; `seq` follows them in the
@@ -17,10 +17,10 @@ pub(super) const COLUMNS: &str = "id, task_type, params, priority, status, attem
     retry_base_ms, retry_max_ms, timeout_ms, run_at, idempotency_key, owner, session_id, \
     progress, progress_message, result, error_kind, error_message, created_at, started_at, \
     updated_at, finished_at, tags, lease_until, cancel_requested, interrupted_attempts, \
-    rerun_on_recovery";
+    rerun_on_recovery, attempts::text";
 
 /// The index of `seq` in a row that has it after [`COLUMNS`].
-pub(super) const SEQ: usize = 28;
+pub(super) const SEQ: usize = 29;
 
 /// A task's id as the `uuid` column holds it.
 pub(super) fn uuid(id: TaskId) -> uuid::Uuid {
@@ -53,6 +53,12 @@ pub(super) fn millis(duration: Option<Duration>) -> Option<i64> {
 /// A JSON value as text. Serializing a `Value` cannot fail.
 pub(super) fn json_text(value: &Value) -> String {
     serde_json::to_string(value).unwrap_or_else(|_| "null".into())
+}
+
+/// A task's attempt history as JSON text, for the `attempts` column (cast to `jsonb`).
+pub(super) fn attempts_text(attempts: &[AttemptRecord]) -> String {
+    // Serializing records of numbers and names cannot fail.
+    serde_json::to_string(attempts).unwrap_or_else(|_| "[]".into())
 }
 
 /// Tags as JSON text; `None` for none (as the SQLite store keeps them).
@@ -137,6 +143,8 @@ pub(super) fn task_from_row(row: &Row) -> Result<Task> {
         interrupted_attempts: u32::try_from(interrupted)
             .map_err(|_| bad("interrupted_attempts", interrupted))?,
         rerun_on_recovery: column(row, 27)?,
+        attempts: serde_json::from_str(&column::<String>(row, 28)?)
+            .map_err(|e| Error::store("reading a task", e))?,
     })
 }
 

@@ -11,7 +11,7 @@ use tokio_postgres::{Client, Row, Statement};
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{Error, Result};
-use crate::model::{Status, Task, TaskId, Timestamp};
+use crate::model::{MAX_ATTEMPT_RECORDS, Status, Task, TaskId, Timestamp};
 use crate::state::decide;
 use crate::store::{
     ClaimRequest, Command, Finish, Heartbeat, HeartbeatReply, ListFilter, Outcome, ProgressUpdate,
@@ -20,7 +20,8 @@ use crate::store::{
 
 use super::listen::payload;
 use super::rows::{
-    COLUMNS, big, code, json_text, millis, seq_of, status, tags_text, task_from_row, uuid,
+    COLUMNS, attempts_text, big, code, json_text, millis, seq_of, status, tags_text, task_from_row,
+    uuid,
 };
 use super::{Backoff, Part, Shared, describe, is_lost};
 
@@ -1165,19 +1166,26 @@ const HELD: &str = "SELECT seq, id, attempt, task_type, cancel_requested, status
     WHERE id = ANY($1::uuid[]) AND (status = 3 OR (status = 2 AND lease_until IS NOT NULL)) \
     ORDER BY seq FOR UPDATE";
 
-/// Ends many attempts at once.
+/// Ends many attempts at once, appending each attempt's entry to the task's history
+/// (`attempts`, trimmed to the last [`MAX_ATTEMPT_RECORDS`], 20): it ended at `u_updated_at`
+/// with the outcome named `u_outcome`.
 const FINISH: &str = "UPDATE tasks SET status = u_status, result = coalesce(u_result, result), \
     progress = CASE WHEN u_status = 4 THEN 1.0 WHEN u_status IN (0, 1) THEN NULL ELSE progress END, \
     progress_message = CASE WHEN u_status IN (0, 1) THEN NULL ELSE progress_message END, \
     error_kind = coalesce(u_error_kind, error_kind), \
     error_message = coalesce(u_error_message, error_message), \
     run_at = u_run_at, finished_at = u_finished_at, updated_at = u_updated_at, \
-    interrupted_attempts = least(interrupted_attempts + u_extra, 4294967295), lease_until = NULL, \
-    cancel_requested = false \
+    interrupted_attempts = least(interrupted_attempts + u_extra, 4294967295), \
+    attempts = (CASE WHEN jsonb_array_length(attempts) >= 20 THEN attempts - 0 ELSE attempts END) \
+    || jsonb_build_array(jsonb_build_object('n', attempt, \
+    'started_at', coalesce(started_at, u_updated_at), 'ended_at', u_updated_at, \
+    'outcome', u_outcome)), \
+    lease_until = NULL, cancel_requested = false \
     FROM unnest($1::int8[], $2::int2[], $3::text[], $4::int2[], $5::text[], $6::int8[], \
-    $7::int8[], $8::int8[], $9::int8[]) AS u(u_seq, u_status, u_result, u_error_kind, \
-    u_error_message, u_run_at, u_finished_at, u_updated_at, u_extra) \
+    $7::int8[], $8::int8[], $9::int8[], $10::text[]) AS u(u_seq, u_status, u_result, u_error_kind, \
+    u_error_message, u_run_at, u_finished_at, u_updated_at, u_extra, u_outcome) \
     WHERE seq = u_seq AND seq = ANY($1::int8[])";
+const _: () = assert!(MAX_ATTEMPT_RECORDS == 20, "FINISH trims to 20 entries");
 
 /// Ends the attempts of `finishes` (no task twice) with two statements: a read of the rows
 /// their attempts still hold (the fence), and one update of those. Says which were applied.
@@ -1210,6 +1218,7 @@ async fn finish_all(
     let mut finished_ats: Vec<Option<i64>> = Vec::new();
     let mut updated_ats = Vec::new();
     let mut extras: Vec<i64> = Vec::new();
+    let mut outcomes: Vec<&str> = Vec::new();
     let cancelled = Outcome::Cancelled;
     for (finish, id) in finishes.iter().zip(&ids) {
         let Some((seq, attempt, task_type, cancel_requested, held_status)) = held.get(id) else {
@@ -1243,6 +1252,7 @@ async fn finish_all(
         finished_ats.push(to.is_terminal().then_some(finish.now.0));
         updated_ats.push(finish.now.0);
         extras.push(extra);
+        outcomes.push(outcome.attempt_outcome().as_str());
         effects.moved(
             task_type,
             Some(status(*held_status).map_err(Exec::Abort)?),
@@ -1266,6 +1276,7 @@ async fn finish_all(
                 &finished_ats,
                 &updated_ats,
                 &extras,
+                &outcomes,
             ],
         )
         .await?;
@@ -1376,7 +1387,8 @@ async fn save(conn: &mut WriteConn, seq: i64, task: &Task) -> std::result::Resul
         "UPDATE tasks SET status = $2, attempt = $3, max_attempts = $4, run_at = $5, \
          error_kind = $6, error_message = $7, updated_at = $8, finished_at = $9, \
          lease_until = $10, cancel_requested = $11, priority = $12, progress = $13, \
-         progress_message = $14, interrupted_attempts = $15 WHERE seq = $1",
+         progress_message = $14, interrupted_attempts = $15, attempts = $16::text::jsonb \
+         WHERE seq = $1",
         &[
             &seq,
             &code(task.status),
@@ -1393,6 +1405,7 @@ async fn save(conn: &mut WriteConn, seq: i64, task: &Task) -> std::result::Resul
             &task.progress,
             &task.progress_message,
             &i64::from(task.interrupted_attempts),
+            &attempts_text(&task.attempts),
         ],
     )
     .await?;
