@@ -31,9 +31,9 @@
 //! assert_eq!(done.status, Status::Completed);
 //! assert_eq!(done.result.as_ref().unwrap()["exit_code"], 0);
 //!
-//! // The output is a file, readable by cursor (also while the task runs).
-//! let output = wrapper.read_output(id, 0, 64 * 1024)?;
-//! assert!(output.data.starts_with("hello from "));
+//! // Each attempt's output is a file, readable by cursor (also while the attempt runs).
+//! let output = wrapper.read_output(id, done.attempt, 0, 64 * 1024)?;
+//! assert!(output.expect("attempt 1 wrote output").data.starts_with("hello from "));
 //! assert_eq!(wrapper.sessions().get("demo")?.id, "demo");
 //!
 //! let health = wrapper.health_check().await;
