@@ -1,0 +1,961 @@
+//! The types of the raw values: each parses the text of a variable, with a reason that says
+//! what is expected when it cannot.
+
+use std::net::{SocketAddr, ToSocketAddrs as _};
+use std::path::PathBuf;
+
+use sandbox_wrapper::backend::{Flavor, VolumeMapping};
+use serde::{Deserialize, Deserializer};
+
+use super::render::quoted;
+use super::{BackendChoice, Database, Isolation, LogFormat, Secret, Transport};
+
+/// The type of a variable's value, as read from its text.
+pub(super) trait Value: Sized {
+    /// What values it takes, in words, for the reference.
+    fn kind() -> String;
+    /// Parses a variable's text (never empty: an empty variable counts as unset).
+    fn parse(text: &str) -> Result<Self, String>;
+    /// The value as a variable would be written.
+    fn describe(&self) -> String;
+}
+
+/// Implements `Deserialize` (what envy calls) through [`Value::parse`].
+macro_rules! deserialize_with_parse {
+    ($($ty:ty),+ $(,)?) => {$(
+        impl<'de> Deserialize<'de> for $ty {
+            fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+                let text = String::deserialize(deserializer)?;
+                <$ty as Value>::parse(&text).map_err(serde::de::Error::custom)
+            }
+        }
+    )+};
+}
+
+deserialize_with_parse!(
+    ServerUrl,
+    Secret,
+    Seconds,
+    Count,
+    Switch,
+    PathValue,
+    Volumes,
+    DatabaseUrl,
+    SqlName,
+    NodeName,
+    Addr,
+    LogFilter,
+    HostList,
+    OriginList,
+);
+
+impl<'de, T: Named> Deserialize<'de> for Choice<T> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        Choice::<T>::parse(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+/// A whole number of seconds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Seconds(pub(super) u64);
+
+/// A whole number (a count, or bytes, or MB).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Count(pub(super) u64);
+
+/// A boolean.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Switch(pub(super) bool);
+
+/// One of a closed set of names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Choice<T>(pub(super) T);
+
+/// A path.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct PathValue(pub(super) PathBuf);
+
+/// The microsandbox server's URL.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct ServerUrl(pub(super) String);
+
+/// Volume mappings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct Volumes(pub(super) Vec<VolumeMapping>);
+
+/// A database URL or path.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct DatabaseUrl(pub(super) Database);
+
+/// An SQL name (a schema).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct SqlName(pub(super) String);
+
+/// A node's name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct NodeName(pub(super) String);
+
+/// The host name (the default node name): the kernel's, made a valid [`NodeName`]; `msbd`
+/// when there is none.
+pub(super) fn host_name() -> String {
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let name: String = name
+        .trim()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(64)
+        .collect();
+    if name.is_empty() {
+        "msbd".to_owned()
+    } else {
+        name
+    }
+}
+
+/// An IP address and port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Addr(pub(super) SocketAddr);
+
+/// The address to listen on among those a host name resolves to: the first IPv4 loopback
+/// address, else the first loopback address, else the first address (so `localhost` gives
+/// 127.0.0.1, or ::1 on a host without IPv4 loopback).
+pub(super) fn pick_listen_addr(addrs: impl IntoIterator<Item = SocketAddr>) -> Option<SocketAddr> {
+    let addrs: Vec<SocketAddr> = addrs.into_iter().collect();
+    let loopback = |a: &&SocketAddr| a.ip().to_canonical().is_loopback();
+    addrs
+        .iter()
+        .find(|a| a.is_ipv4() && loopback(a))
+        .or_else(|| addrs.iter().find(loopback))
+        .or_else(|| addrs.first())
+        .copied()
+}
+
+/// A tracing filter.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct LogFilter(pub(super) String);
+
+/// `Host` header values (`name` or `name:port`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct HostList(pub(super) Vec<String>);
+
+/// Browser origins (`scheme://host[:port]`) or `null`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct OriginList(pub(super) Vec<String>);
+
+/// The digits of a whole number, or why the text is not one.
+fn whole_number(text: &str, what: &str, example: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let digits = text.strip_prefix('+').unwrap_or(text);
+    if let Some(rest) = digits.strip_prefix('-')
+        && !rest.is_empty()
+        && rest.bytes().all(|b| b.is_ascii_digit() || b == b'.')
+    {
+        return Err(format!(
+            "must not be negative; use {what} such as {example}"
+        ));
+    }
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(format!(
+            "is not {what}; write digits only, without a unit, such as {example}"
+        ));
+    }
+    digits
+        .parse::<u64>()
+        .map_err(|_| format!("is too large; use {what} such as {example}"))
+}
+
+impl Value for Seconds {
+    fn kind() -> String {
+        "whole seconds".to_owned()
+    }
+
+    fn parse(text: &str) -> Result<Seconds, String> {
+        let trimmed = text.trim();
+        // The microsandbox wrapper took some durations as floats ("180.0"): a fraction of
+        // zeros is accepted, any other fraction is not.
+        if let Some((whole, fraction)) = trimmed.split_once('.')
+            && !whole.is_empty()
+            && whole.bytes().all(|b| b.is_ascii_digit())
+            && fraction.bytes().all(|b| b.is_ascii_digit())
+        {
+            if !fraction.is_empty() && fraction.bytes().all(|b| b == b'0') {
+                return whole_number(whole, "a whole number of seconds", "180").map(Seconds);
+            }
+            return Err(format!(
+                "durations are whole seconds; round it, to {} for example",
+                whole
+                    .parse::<u64>()
+                    .map_or_else(|_| whole.to_owned(), |w| (w.saturating_add(1)).to_string())
+            ));
+        }
+        whole_number(trimmed, "a whole number of seconds", "180").map(Seconds)
+    }
+
+    fn describe(&self) -> String {
+        self.0.to_string()
+    }
+}
+
+impl Value for Count {
+    fn kind() -> String {
+        "whole number".to_owned()
+    }
+
+    fn parse(text: &str) -> Result<Count, String> {
+        whole_number(text, "a whole number", "10").map(Count)
+    }
+
+    fn describe(&self) -> String {
+        self.0.to_string()
+    }
+}
+
+impl Value for Switch {
+    fn kind() -> String {
+        "boolean (`true` or `false`)".to_owned()
+    }
+
+    fn parse(text: &str) -> Result<Switch, String> {
+        match text.trim().to_ascii_lowercase().as_str() {
+            "true" | "1" | "yes" | "on" | "enabled" => Ok(Switch(true)),
+            "false" | "0" | "no" | "off" | "disabled" => Ok(Switch(false)),
+            _ => Err(
+                "is not a boolean; use true or false (1/0, yes/no, on/off and \
+                      enabled/disabled are accepted too)"
+                    .to_owned(),
+            ),
+        }
+    }
+
+    fn describe(&self) -> String {
+        self.0.to_string()
+    }
+}
+
+impl<T: Named> Value for Choice<T> {
+    fn kind() -> String {
+        let names: Vec<String> = T::CHOICES
+            .iter()
+            .map(|(name, _)| format!("`{name}`"))
+            .collect();
+        format!("one of {}", names.join(", "))
+    }
+
+    fn parse(text: &str) -> Result<Choice<T>, String> {
+        parse_choice(text).map(Choice)
+    }
+
+    fn describe(&self) -> String {
+        name_of(self.0).to_owned()
+    }
+}
+
+impl Value for PathValue {
+    fn kind() -> String {
+        "path".to_owned()
+    }
+
+    fn parse(text: &str) -> Result<PathValue, String> {
+        let text = text.trim();
+        if text.is_empty() {
+            return Err("is empty; give a path".to_owned());
+        }
+        Ok(PathValue(PathBuf::from(text)))
+    }
+
+    fn describe(&self) -> String {
+        self.0.display().to_string()
+    }
+}
+
+impl Value for ServerUrl {
+    fn kind() -> String {
+        "URL (`http://HOST:PORT`)".to_owned()
+    }
+
+    fn parse(text: &str) -> Result<ServerUrl, String> {
+        let text = text.trim();
+        let lower = text.to_ascii_lowercase();
+        let scheme_len = if lower.starts_with("http://") {
+            "http://".len()
+        } else if lower.starts_with("https://") {
+            "https://".len()
+        } else {
+            return Err("is not an http:// URL; use one such as http://127.0.0.1:5555".to_owned());
+        };
+        // The scheme is ASCII, so `scheme_len` is a character boundary of `text` too.
+        let (scheme, rest) = text.split_at(scheme_len);
+        let rest = rest.trim_end_matches('/');
+        let host = rest.split('/').next().unwrap_or_default();
+        if host.is_empty() || rest.contains(char::is_whitespace) {
+            return Err(
+                "has no host or holds spaces; use one such as http://127.0.0.1:5555".to_owned(),
+            );
+        }
+        if rest.contains(['?', '#']) {
+            return Err("must not have a query or fragment; use http://HOST[:PORT]".to_owned());
+        }
+        let url = format!("{scheme}{rest}");
+        Ok(ServerUrl(url))
+    }
+
+    fn describe(&self) -> String {
+        self.0.clone()
+    }
+}
+
+impl Value for Secret {
+    fn kind() -> String {
+        "secret string".to_owned()
+    }
+
+    fn parse(text: &str) -> Result<Secret, String> {
+        let text = text.trim();
+        if !text.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(
+                "contains spaces or characters that cannot be sent in an HTTP header; \
+                        set it again with visible ASCII characters only"
+                    .to_owned(),
+            );
+        }
+        Ok(Secret(text.to_owned()))
+    }
+
+    fn describe(&self) -> String {
+        "(set)".to_owned()
+    }
+}
+
+impl Value for Addr {
+    fn kind() -> String {
+        "address and port (`IP:PORT` or `HOST:PORT`)".to_owned()
+    }
+
+    fn parse(text: &str) -> Result<Addr, String> {
+        let text = text.trim();
+        if let Ok(addr) = text.parse::<SocketAddr>() {
+            return Ok(Addr(addr));
+        }
+        let usage = "use an address and port such as 127.0.0.1:8765, [::1]:8765, \
+                     localhost:8765, or 0.0.0.0:8765 for every interface";
+        let Some((host, port)) = text.rsplit_once(':') else {
+            return Err(format!("is not an address and port; {usage}"));
+        };
+        let port = port
+            .parse::<u16>()
+            .map_err(|_| format!("has no valid port (0 to 65535) after the colon; {usage}"))?;
+        if host.is_empty() || host.contains([':', '[', ']', ' ', '/']) {
+            return Err(format!(
+                "is not an address and port (an IPv6 address goes in brackets, as in \
+                 [::1]:{port}); {usage}"
+            ));
+        }
+        match (host, port).to_socket_addrs() {
+            Ok(addrs) => pick_listen_addr(addrs).map(Addr).ok_or_else(|| {
+                format!(
+                    "the host name {host} resolves to no address; use an IP address such as \
+                     127.0.0.1:{port}"
+                )
+            }),
+            Err(error) => Err(format!(
+                "the host name {host} could not be resolved ({error}); use an IP address such \
+                 as 127.0.0.1:{port}"
+            )),
+        }
+    }
+
+    fn describe(&self) -> String {
+        self.0.to_string()
+    }
+}
+
+impl Value for LogFilter {
+    fn kind() -> String {
+        "level or tracing filter".to_owned()
+    }
+
+    fn parse(text: &str) -> Result<LogFilter, String> {
+        const USE: &str = "use trace, debug, info, warn, error or off, or tracing directives \
+                           such as info,msbd=debug";
+        fn is_level(text: &str) -> bool {
+            matches!(
+                text.trim().to_ascii_lowercase().as_str(),
+                "trace"
+                    | "debug"
+                    | "info"
+                    | "warn"
+                    | "error"
+                    | "off"
+                    | "0"
+                    | "1"
+                    | "2"
+                    | "3"
+                    | "4"
+                    | "5"
+            )
+        }
+        let text = text.trim();
+        if text.is_empty() {
+            return Err(format!("is empty; {USE}"));
+        }
+        for directive in text.split(',') {
+            let directive = directive.trim();
+            if directive.is_empty() {
+                return Err(format!("has an empty directive (two commas?); {USE}"));
+            }
+            if directive.contains(['[', '{']) {
+                // Span filters: left to the tracing filter itself.
+                continue;
+            }
+            let valid = match directive.rsplit_once('=') {
+                Some((target, level)) => !target.trim().is_empty() && is_level(level),
+                // A bare word is a target in tracing's syntax, but one alone is almost always
+                // a misspelt level; a module path (`msbd::config`) is taken as a target.
+                None => is_level(directive) || directive.contains("::") || text.contains(','),
+            };
+            if !valid && directive.contains('=') {
+                return Err(format!(
+                    "has the directive {directive:?}, which is not TARGET=LEVEL; {USE}"
+                ));
+            }
+            if !valid {
+                // The microsandbox wrapper took Python's level names.
+                let hint = match directive.to_ascii_lowercase().as_str() {
+                    "warning" => " (Python's WARNING is warn here)",
+                    "critical" | "fatal" => " (Python's CRITICAL is error here)",
+                    _ => "",
+                };
+                return Err(format!("is not a level{hint}; {USE}"));
+            }
+        }
+        Ok(LogFilter(text.to_owned()))
+    }
+
+    fn describe(&self) -> String {
+        self.0.clone()
+    }
+}
+
+impl Value for DatabaseUrl {
+    fn kind() -> String {
+        "`sqlite://PATH` or a path".to_owned()
+    }
+
+    fn parse(text: &str) -> Result<DatabaseUrl, String> {
+        const FORMS: &str = "use sqlite://PATH or a file path, or unset MSB_DATABASE_URL for \
+                             tasks.sqlite3 in the data directory";
+        let text = text.trim();
+        let lower = text.to_ascii_lowercase();
+        if lower.starts_with("postgres://") || lower.starts_with("postgresql://") {
+            return match task_core::store::postgres::check_url(text) {
+                Ok(()) => Ok(DatabaseUrl(Database::Postgres {
+                    url: text.to_owned(),
+                })),
+                Err(reason) => Err(format!(
+                    "is not a PostgreSQL URL msbd can use ({reason}); write \
+                     postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE"
+                )),
+            };
+        }
+        let path = if let Some(rest) = lower.strip_prefix("sqlite://").map(|_| &text[9..]) {
+            rest
+        } else if let Some(rest) = lower.strip_prefix("sqlite:").map(|_| &text[7..]) {
+            rest
+        } else if let Some((scheme, _)) = text.split_once("://")
+            && !scheme.is_empty()
+            && scheme
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
+        {
+            return Err(format!(
+                "the scheme {:?} is not supported; {FORMS}",
+                scheme.to_ascii_lowercase()
+            ));
+        } else {
+            text
+        };
+        if path.is_empty() {
+            return Err(format!("names no file; {FORMS}"));
+        }
+        if path.starts_with(":memory:") || path.contains("mode=memory") {
+            return Err(format!(
+                "an in-memory database would lose every task when msbd stops; {FORMS}"
+            ));
+        }
+        if text.len() != path.len() && path.contains('?') {
+            return Err(format!(
+                "URL options (after `?`) are not supported; {FORMS}"
+            ));
+        }
+        Ok(DatabaseUrl(Database::Sqlite {
+            path: PathBuf::from(path),
+        }))
+    }
+
+    fn describe(&self) -> String {
+        self.0.url()
+    }
+}
+
+impl Value for SqlName {
+    fn kind() -> String {
+        "SQL name (letters, digits, `_`)".to_owned()
+    }
+
+    fn parse(text: &str) -> Result<SqlName, String> {
+        let text = text.trim();
+        let plain = text.len() <= 63
+            && text.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+            && text.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !plain {
+            return Err(
+                "is not a plain SQL name: use up to 63 letters, digits and `_`, not starting \
+                 with a digit, such as msbd"
+                    .to_owned(),
+            );
+        }
+        Ok(SqlName(text.to_owned()))
+    }
+
+    fn describe(&self) -> String {
+        self.0.clone()
+    }
+}
+
+impl Value for NodeName {
+    fn kind() -> String {
+        "name (letters, digits, `.`, `_`, `-`)".to_owned()
+    }
+
+    fn parse(text: &str) -> Result<NodeName, String> {
+        let text = text.trim();
+        let plain = !text.is_empty()
+            && text.len() <= 64
+            && text
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+        if !plain {
+            return Err(
+                "is not a node name: use 1 to 64 letters, digits, `.`, `_` and `-`, such as \
+                 worker-1"
+                    .to_owned(),
+            );
+        }
+        Ok(NodeName(text.to_owned()))
+    }
+
+    fn describe(&self) -> String {
+        self.0.clone()
+    }
+}
+
+impl Value for Volumes {
+    fn kind() -> String {
+        "comma-separated `host:guest[:ro]` mappings".to_owned()
+    }
+
+    fn parse(text: &str) -> Result<Volumes, String> {
+        let text = text.trim();
+        let items: Vec<String> = if text.starts_with('[') {
+            json_strings(text).map_err(|reason| {
+                format!(
+                    "is not a JSON array of strings ({reason}); write [\"/host:/guest\", ...] or \
+                     comma-separated mappings such as /srv/data:/data:ro,/srv/out:/out"
+                )
+            })?
+        } else if text.starts_with('{') {
+            return Err(
+                "is a JSON object, not a list of mappings; write comma-separated \
+                        mappings such as /srv/data:/data:ro,/srv/out:/out"
+                    .to_owned(),
+            );
+        } else {
+            text.split(',').map(|item| item.trim().to_owned()).collect()
+        };
+        let mut volumes: Vec<VolumeMapping> = Vec::new();
+        let mut problems = Vec::new();
+        for (index, item) in items.iter().enumerate() {
+            if item.is_empty() {
+                continue;
+            }
+            match VolumeMapping::parse(item) {
+                Ok(volume) => {
+                    if volumes.iter().any(|v| v.guest == volume.guest) {
+                        problems.push(format!(
+                            "mapping {} maps {} a second time",
+                            index + 1,
+                            volume.guest.display()
+                        ));
+                    } else {
+                        volumes.push(volume);
+                    }
+                }
+                Err(error) => problems.push(format!("mapping {}: {error}", index + 1)),
+            }
+        }
+        if !problems.is_empty() {
+            return Err(format!(
+                "{}; write each mapping as /host/dir:/guest/dir, or /host/dir:/guest/dir:ro for \
+                 read-only, separated by commas",
+                problems.join("; ")
+            ));
+        }
+        Ok(Volumes(volumes))
+    }
+
+    fn describe(&self) -> String {
+        self.0
+            .iter()
+            .map(|volume| {
+                format!(
+                    "{}:{}{}",
+                    volume.host.display(),
+                    volume.guest.display(),
+                    if volume.read_only { ":ro" } else { "" }
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
+
+impl Value for HostList {
+    fn kind() -> String {
+        "comma-separated `HOST` or `HOST:PORT`".to_owned()
+    }
+
+    fn parse(text: &str) -> Result<HostList, String> {
+        let mut hosts = Vec::new();
+        let mut problems = Vec::new();
+        for entry in text.split(',').map(str::trim) {
+            match host_entry(entry) {
+                Ok(()) => hosts.push(entry.to_owned()),
+                Err(problem) if !problems.contains(&problem) => problems.push(problem),
+                Err(_) => {}
+            }
+        }
+        if !problems.is_empty() {
+            return Err(format!(
+                "{}; list host names or IP addresses, each with an optional :PORT, separated by \
+                 commas, such as msbd.example.com,192.0.2.10:8765",
+                problems.join("; ")
+            ));
+        }
+        Ok(HostList(hosts))
+    }
+
+    fn describe(&self) -> String {
+        self.0.join(",")
+    }
+}
+
+impl Value for OriginList {
+    fn kind() -> String {
+        "comma-separated origins (`http[s]://HOST[:PORT]`) or `null`".to_owned()
+    }
+
+    fn parse(text: &str) -> Result<OriginList, String> {
+        let mut origins = Vec::new();
+        let mut problems = Vec::new();
+        for entry in text.split(',').map(str::trim) {
+            match origin_entry(entry) {
+                Ok(origin) => origins.push(origin),
+                Err(problem) if !problems.contains(&problem) => problems.push(problem),
+                Err(_) => {}
+            }
+        }
+        if !problems.is_empty() {
+            return Err(format!(
+                "{}; list origins as browsers send them (a scheme and a host, with the port \
+                 unless it is the scheme's default), separated by commas, such as \
+                 https://app.example.com,http://localhost:3000, or null",
+                problems.join("; ")
+            ));
+        }
+        Ok(OriginList(origins))
+    }
+
+    fn describe(&self) -> String {
+        self.0.join(",")
+    }
+}
+
+/// Checks one entry of `MSB_HTTP_ALLOWED_HOSTS`: `HOST` or `HOST:PORT` (an IPv6 address in
+/// brackets, or bare without a port). The problem names the entry.
+fn host_entry(entry: &str) -> Result<(), String> {
+    if entry.is_empty() {
+        return Err("an entry is empty (two commas?)".to_owned());
+    }
+    let named = quoted(entry);
+    if entry.contains(char::is_whitespace) {
+        return Err(format!("the entry {named} holds spaces"));
+    }
+    if let Some((scheme, rest)) = entry.split_once("://") {
+        let host = rest.split(['/', '?', '#']).next().unwrap_or_default();
+        let host = if host.is_empty() {
+            "msbd.example.com"
+        } else {
+            host
+        };
+        return Err(format!(
+            "the entry {named} has a scheme ({scheme}://): give only the host, such as {}",
+            quoted(host)
+        ));
+    }
+    if let Some(at) = entry.find(['/', '?', '#']) {
+        let host = &entry[..at];
+        let host = if host.is_empty() {
+            "msbd.example.com"
+        } else {
+            host
+        };
+        return Err(format!(
+            "the entry {named} has a path: give only the host, such as {}",
+            quoted(host)
+        ));
+    }
+    if entry.parse::<std::net::Ipv6Addr>().is_ok() {
+        return Ok(());
+    }
+    authority(entry, false).map_err(|reason| format!("the entry {named} {reason}"))
+}
+
+/// Checks one entry of `MSB_HTTP_ALLOWED_ORIGINS`: `http://` or `https://`, a host and an
+/// optional port (`:*` for any), or `null`; answers it without a trailing `/`. The problem
+/// names the entry.
+fn origin_entry(entry: &str) -> Result<String, String> {
+    if entry.is_empty() {
+        return Err("an entry is empty (two commas?)".to_owned());
+    }
+    let named = quoted(entry);
+    if entry.contains(char::is_whitespace) {
+        return Err(format!("the entry {named} holds spaces"));
+    }
+    if entry.eq_ignore_ascii_case("null") {
+        return Ok("null".to_owned());
+    }
+    let lower = entry.to_ascii_lowercase();
+    let scheme_len = if lower.starts_with("http://") {
+        "http://".len()
+    } else if lower.starts_with("https://") {
+        "https://".len()
+    } else if let Some((scheme, _)) = entry.split_once("://") {
+        return Err(format!(
+            "the entry {named} has the scheme {scheme}://; an origin is http:// or https://"
+        ));
+    } else {
+        return Err(format!(
+            "the entry {named} has no scheme; write it as browsers send it, such as {}",
+            quoted(&format!("https://{entry}"))
+        ));
+    };
+    // The scheme is ASCII, so `scheme_len` is a character boundary of `entry` too.
+    let (scheme, rest) = entry.split_at(scheme_len);
+    let rest = rest.strip_suffix('/').unwrap_or(rest);
+    if let Some(at) = rest.find(['/', '?', '#']) {
+        return Err(format!(
+            "the entry {named} has a path; an origin is only a scheme, a host and a port, such \
+             as {}",
+            quoted(&format!("{scheme}{}", &rest[..at]))
+        ));
+    }
+    authority(rest, true).map_err(|reason| format!("the entry {named} {reason}"))?;
+    Ok(format!("{scheme}{rest}"))
+}
+
+/// Checks `HOST` or `HOST:PORT`: a name, an IPv4 address or an IPv6 address in brackets, and a
+/// port from 1 to 65535 (or `*` when `any_port`). The reason follows the entry's name.
+fn authority(text: &str, any_port: bool) -> Result<(), String> {
+    if text.is_empty() {
+        return Err("names no host".to_owned());
+    }
+    let (host, port) = if let Some(rest) = text.strip_prefix('[') {
+        let Some((inside, after)) = rest.split_once(']') else {
+            return Err("has a [ without its ]".to_owned());
+        };
+        if inside.parse::<std::net::Ipv6Addr>().is_err() {
+            return Err(format!(
+                "has {inside:?} in brackets, which is not an IPv6 address"
+            ));
+        }
+        match after.strip_prefix(':') {
+            Some(port) => (inside, Some(port)),
+            None if after.is_empty() => (inside, None),
+            None => return Err("has text after the ] that is not a :PORT".to_owned()),
+        }
+    } else {
+        match text.split_once(':') {
+            Some((_, port)) if port.contains(':') => {
+                return Err(
+                    "has more than one `:`; write an IPv6 address in brackets, such as \
+                     [2001:db8::1]:8765"
+                        .to_owned(),
+                );
+            }
+            Some((host, port)) => {
+                if host.is_empty() {
+                    return Err("names no host".to_owned());
+                }
+                (host, Some(port))
+            }
+            None => (text, None),
+        }
+    };
+    if host.contains('*') {
+        return Err("has a wildcard, which is not supported: list each name".to_owned());
+    }
+    if !text.starts_with('[')
+        && !host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
+    {
+        return Err("is not a host name or IP address".to_owned());
+    }
+    match port {
+        None => Ok(()),
+        Some("*") if any_port => Ok(()),
+        Some(port) => {
+            let valid = !port.is_empty()
+                && port.bytes().all(|b| b.is_ascii_digit())
+                && port.parse::<u16>().is_ok_and(|port| port > 0);
+            if valid {
+                Ok(())
+            } else {
+                Err(format!(
+                    "has the port {}, which is not a number from 1 to 65535",
+                    quoted(port)
+                ))
+            }
+        }
+    }
+}
+
+/// Parses a JSON array of strings (the one JSON form `MSB_SHARED_VOLUME_PATH` accepts).
+fn json_strings(text: &str) -> Result<Vec<String>, String> {
+    let mut chars = text.trim().chars().peekable();
+    let skip_whitespace = |chars: &mut std::iter::Peekable<std::str::Chars<'_>>| {
+        while chars.next_if(|c| c.is_whitespace()).is_some() {}
+    };
+    if chars.next() != Some('[') {
+        return Err("it does not start with [".to_owned());
+    }
+    let mut items = Vec::new();
+    skip_whitespace(&mut chars);
+    if chars.next_if_eq(&']').is_none() {
+        loop {
+            skip_whitespace(&mut chars);
+            if chars.next() != Some('"') {
+                return Err("each item must be a string in double quotes".to_owned());
+            }
+            let mut item = String::new();
+            loop {
+                match chars.next() {
+                    None => return Err("a string is not closed".to_owned()),
+                    Some('"') => break,
+                    Some('\\') => match chars.next() {
+                        Some('"') => item.push('"'),
+                        Some('\\') => item.push('\\'),
+                        Some('/') => item.push('/'),
+                        Some('b') => item.push('\u{8}'),
+                        Some('f') => item.push('\u{c}'),
+                        Some('n') => item.push('\n'),
+                        Some('r') => item.push('\r'),
+                        Some('t') => item.push('\t'),
+                        Some('u') => {
+                            let hex: String = chars.by_ref().take(4).collect();
+                            let code = u32::from_str_radix(&hex, 16)
+                                .ok()
+                                .filter(|_| hex.len() == 4)
+                                .and_then(char::from_u32)
+                                .ok_or_else(|| format!("\\u{hex} is not a character"))?;
+                            item.push(code);
+                        }
+                        _ => return Err("a string has an unknown escape".to_owned()),
+                    },
+                    Some(c) => item.push(c),
+                }
+            }
+            items.push(item);
+            skip_whitespace(&mut chars);
+            match chars.next() {
+                Some(',') => {}
+                Some(']') => break,
+                _ => return Err("items must be separated by commas and end with ]".to_owned()),
+            }
+        }
+    }
+    skip_whitespace(&mut chars);
+    if chars.next().is_some() {
+        return Err("there is text after the closing ]".to_owned());
+    }
+    Ok(items)
+}
+
+/// A closed set of names, for the enums a variable chooses from.
+pub(super) trait Named: Copy + PartialEq + 'static {
+    /// Each value and its name (lower case), in the order the reference lists them.
+    const CHOICES: &'static [(&'static str, Self)];
+}
+
+impl Named for Transport {
+    const CHOICES: &'static [(&'static str, Transport)] =
+        &[("stdio", Transport::Stdio), ("http", Transport::Http)];
+}
+
+impl Named for LogFormat {
+    const CHOICES: &'static [(&'static str, LogFormat)] =
+        &[("text", LogFormat::Text), ("json", LogFormat::Json)];
+}
+
+impl Named for BackendChoice {
+    const CHOICES: &'static [(&'static str, BackendChoice)] = &[
+        ("local", BackendChoice::Local),
+        ("microsandbox", BackendChoice::Microsandbox),
+    ];
+}
+
+impl Named for Isolation {
+    const CHOICES: &'static [(&'static str, Isolation)] = &[
+        ("strongest", Isolation::Strongest),
+        ("strong", Isolation::Strong),
+        ("standard", Isolation::Standard),
+        ("off", Isolation::Off),
+    ];
+}
+
+impl Named for Flavor {
+    const CHOICES: &'static [(&'static str, Flavor)] = &[
+        ("small", Flavor::Small),
+        ("medium", Flavor::Medium),
+        ("large", Flavor::Large),
+    ];
+}
+
+pub(super) fn name_of<T: Named>(value: T) -> &'static str {
+    T::CHOICES
+        .iter()
+        .find(|(_, v)| *v == value)
+        .map_or("?", |(name, _)| *name)
+}
+
+pub(super) fn parse_choice<T: Named>(text: &str) -> Result<T, String> {
+    let wanted = text.trim().to_ascii_lowercase();
+    T::CHOICES
+        .iter()
+        .find(|(name, _)| *name == wanted)
+        .map(|(_, value)| *value)
+        .ok_or_else(|| {
+            let names: Vec<&str> = T::CHOICES.iter().map(|(name, _)| *name).collect();
+            format!(
+                "is not one of the choices; use one of: {}",
+                names.join(", ")
+            )
+        })
+}
