@@ -402,7 +402,7 @@ pub(super) fn build(
 pub(super) fn unknown_warning(name: &str) -> String {
     let closest = VARIABLES
         .iter()
-        .map(|variable| (edit_distance(name, variable.name), variable.name))
+        .map(|variable| (strsim::levenshtein(name, variable.name), variable.name))
         .min();
     let hint = match closest {
         Some((distance, known)) if distance <= 3 => format!(" Did you mean {known}?"),
@@ -415,18 +415,3 @@ pub(super) fn unknown_warning(name: &str) -> String {
     )
 }
 
-/// The Levenshtein distance between two strings, in characters.
-fn edit_distance(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut previous: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut current = Vec::with_capacity(b.len() + 1);
-        current.push(i + 1);
-        for (j, cb) in b.iter().enumerate() {
-            let substitution = previous[j] + usize::from(ca != *cb);
-            current.push(substitution.min(previous[j + 1] + 1).min(current[j] + 1));
-        }
-        previous = current;
-    }
-    previous[b.len()]
-}
