@@ -564,10 +564,11 @@ impl Value for Volumes {
     fn parse(text: &str) -> Result<Volumes, String> {
         let text = text.trim();
         let items: Vec<String> = if text.starts_with('[') {
-            json_strings(text).map_err(|reason| {
+            serde_json::from_str(text).map_err(|error| {
                 format!(
-                    "is not a JSON array of strings ({reason}); write [\"/host:/guest\", ...] or \
-                     comma-separated mappings such as /srv/data:/data:ro,/srv/out:/out"
+                    "is not a JSON array of strings in double quotes ({error}); write \
+                     [\"/host:/guest\", ...] or comma-separated mappings such as \
+                     /srv/data:/data:ro,/srv/out:/out"
                 )
             })?
         } else if text.starts_with('{') {
@@ -837,66 +838,6 @@ fn authority(text: &str, any_port: bool) -> Result<(), String> {
     }
 }
 
-/// Parses a JSON array of strings (the one JSON form `MSB_SHARED_VOLUME_PATH` accepts).
-fn json_strings(text: &str) -> Result<Vec<String>, String> {
-    let mut chars = text.trim().chars().peekable();
-    let skip_whitespace = |chars: &mut std::iter::Peekable<std::str::Chars<'_>>| {
-        while chars.next_if(|c| c.is_whitespace()).is_some() {}
-    };
-    if chars.next() != Some('[') {
-        return Err("it does not start with [".to_owned());
-    }
-    let mut items = Vec::new();
-    skip_whitespace(&mut chars);
-    if chars.next_if_eq(&']').is_none() {
-        loop {
-            skip_whitespace(&mut chars);
-            if chars.next() != Some('"') {
-                return Err("each item must be a string in double quotes".to_owned());
-            }
-            let mut item = String::new();
-            loop {
-                match chars.next() {
-                    None => return Err("a string is not closed".to_owned()),
-                    Some('"') => break,
-                    Some('\\') => match chars.next() {
-                        Some('"') => item.push('"'),
-                        Some('\\') => item.push('\\'),
-                        Some('/') => item.push('/'),
-                        Some('b') => item.push('\u{8}'),
-                        Some('f') => item.push('\u{c}'),
-                        Some('n') => item.push('\n'),
-                        Some('r') => item.push('\r'),
-                        Some('t') => item.push('\t'),
-                        Some('u') => {
-                            let hex: String = chars.by_ref().take(4).collect();
-                            let code = u32::from_str_radix(&hex, 16)
-                                .ok()
-                                .filter(|_| hex.len() == 4)
-                                .and_then(char::from_u32)
-                                .ok_or_else(|| format!("\\u{hex} is not a character"))?;
-                            item.push(code);
-                        }
-                        _ => return Err("a string has an unknown escape".to_owned()),
-                    },
-                    Some(c) => item.push(c),
-                }
-            }
-            items.push(item);
-            skip_whitespace(&mut chars);
-            match chars.next() {
-                Some(',') => {}
-                Some(']') => break,
-                _ => return Err("items must be separated by commas and end with ]".to_owned()),
-            }
-        }
-    }
-    skip_whitespace(&mut chars);
-    if chars.next().is_some() {
-        return Err("there is text after the closing ]".to_owned());
-    }
-    Ok(items)
-}
 
 /// A closed set of names, for the enums a variable chooses from.
 pub(super) trait Named: Copy + PartialEq + 'static {
