@@ -42,7 +42,7 @@ enum Command {
 #[derive(Debug, Args)]
 struct ServeArgs {
     /// How MCP clients reach msbd: stdio or http [overrides MSB_TRANSPORT].
-    #[arg(long, value_name = "stdio|http")]
+    #[arg(long, value_name = "stdio|http", ignore_case = true, value_parser = transport_parser())]
     transport: Option<config::Transport>,
     /// Where the HTTP transport listens, IP:PORT or HOST:PORT [overrides MSB_HTTP_ADDR].
     #[arg(long, value_name = "ADDR")]
@@ -56,6 +56,15 @@ struct ConfigArgs {
     markdown: bool,
     #[command(flatten)]
     serve: ServeArgs,
+}
+
+/// Parses `--transport` from the names strum gives [`config::Transport`], so that a wrong one is
+/// answered with the possible values.
+fn transport_parser() -> impl clap::builder::TypedValueParser<Value = config::Transport> {
+    use clap::builder::TypedValueParser as _;
+    use strum::VariantNames as _;
+    clap::builder::PossibleValuesParser::new(config::Transport::VARIANTS)
+        .try_map(|name| name.parse::<config::Transport>())
 }
 
 impl Cli {

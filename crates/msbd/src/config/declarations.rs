@@ -10,7 +10,7 @@ use serde::Deserialize;
 
 use super::values::{
     Addr, Choice, Count, DatabaseUrl, HostList, LogFilter, NodeName, OriginList, PathValue,
-    Seconds, ServerUrl, SqlName, Switch, Value, Volumes, name_of,
+    Seconds, ServerUrl, SqlName, Switch, Value, Volumes,
 };
 use super::{BackendChoice, Group, Isolation, LogFormat, Secret, Transport, Variable};
 
@@ -313,7 +313,7 @@ variables! {
     /// starts with it). The microsandbox backend ignores it.
     MSB_ISOLATION: isolation: Choice<Isolation> = fixed(Choice(Isolation::Strongest)),
         group = Group::Sandboxes, flag = None, secret = false,
-        show = |c| Some(name_of(c.isolation).to_owned());
+        show = |c| Some(c.isolation.to_string());
 
     /// Where the local backend keeps the sessions' workspaces. When msbd runs as root,
     /// sandboxes run as users of their own, which must be able to pass through every parent of

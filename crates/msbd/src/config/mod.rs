@@ -33,7 +33,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::str::FromStr;
 use std::time::Duration;
 
 use sandbox_wrapper::WrapperConfig;
@@ -51,7 +50,7 @@ pub use render::{markdown_reference, render};
 use declarations::{DefaultText, Raw};
 use render::{hide_password, quoted};
 use rules::{Check, build, unknown_warning};
-use values::{Addr, Choice, LogFilter, PathValue, Value as _, name_of, parse_choice};
+use values::{Addr, Choice, LogFilter, PathValue, Value as _};
 
 /// The prefix of every variable msbd reads.
 pub const PREFIX: &str = "MSB_";
@@ -81,7 +80,18 @@ pub const MIN_REQUEST_BYTES: u64 = 1024;
 pub const REGENERATE_DOCS: &str = "cargo run -p msbd -- config --markdown > docs/configuration.md";
 
 /// How MCP clients reach msbd (`MSB_TRANSPORT`, `--transport`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    strum::Display,
+    strum::EnumString,
+    strum::IntoStaticStr,
+    strum::VariantNames,
+)]
+#[strum(serialize_all = "lowercase", ascii_case_insensitive)]
 pub enum Transport {
     /// MCP frames on standard input and output (the client starts msbd).
     Stdio,
@@ -90,7 +100,18 @@ pub enum Transport {
 }
 
 /// How log lines are written (`MSB_LOG_FORMAT`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    strum::Display,
+    strum::EnumString,
+    strum::IntoStaticStr,
+    strum::VariantNames,
+)]
+#[strum(serialize_all = "lowercase", ascii_case_insensitive)]
 pub enum LogFormat {
     /// Plain text, for people.
     Text,
@@ -100,7 +121,18 @@ pub enum LogFormat {
 
 /// How much isolation the local backend uses, and the least it may start with
 /// (`MSB_ISOLATION`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    strum::Display,
+    strum::EnumString,
+    strum::IntoStaticStr,
+    strum::VariantNames,
+)]
+#[strum(serialize_all = "lowercase", ascii_case_insensitive)]
 pub enum Isolation {
     /// Every layer the host offers, at whatever level that makes.
     Strongest,
@@ -134,7 +166,18 @@ impl Isolation {
 }
 
 /// Where sandboxes run (`MSB_SANDBOX_BACKEND`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    strum::Display,
+    strum::EnumString,
+    strum::IntoStaticStr,
+    strum::VariantNames,
+)]
+#[strum(serialize_all = "lowercase", ascii_case_insensitive)]
 pub enum BackendChoice {
     /// Processes on this host, under the strongest isolation it offers.
     Local,
@@ -532,47 +575,21 @@ impl Config {
 impl Transport {
     /// Its name: `stdio` or `http`.
     pub fn as_str(self) -> &'static str {
-        name_of(self)
+        self.into()
     }
 }
 
 impl LogFormat {
     /// Its name: `text` or `json`.
     pub fn as_str(self) -> &'static str {
-        name_of(self)
+        self.into()
     }
 }
 
 impl BackendChoice {
     /// Its name: `local` or `microsandbox`.
     pub fn as_str(self) -> &'static str {
-        name_of(self)
-    }
-}
-
-impl FromStr for Transport {
-    type Err = String;
-
-    fn from_str(text: &str) -> Result<Transport, String> {
-        parse_choice(text)
-    }
-}
-
-impl fmt::Display for Transport {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl fmt::Display for LogFormat {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl fmt::Display for BackendChoice {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
+        self.into()
     }
 }
 

@@ -414,4 +414,3 @@ pub(super) fn unknown_warning(name: &str) -> String {
         printable(name)
     )
 }
-

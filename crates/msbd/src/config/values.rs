@@ -3,12 +3,13 @@
 
 use std::net::{SocketAddr, ToSocketAddrs as _};
 use std::path::PathBuf;
+use std::str::FromStr;
 
-use sandbox_wrapper::backend::{Flavor, VolumeMapping};
+use sandbox_wrapper::backend::VolumeMapping;
 use serde::{Deserialize, Deserializer};
 
 use super::render::quoted;
-use super::{BackendChoice, Database, Isolation, LogFormat, Secret, Transport};
+use super::{Database, Secret};
 
 /// The type of a variable's value, as read from its text.
 pub(super) trait Value: Sized {
@@ -241,21 +242,33 @@ impl Value for Switch {
 
 impl<T: Named> Value for Choice<T> {
     fn kind() -> String {
-        let names: Vec<String> = T::CHOICES
-            .iter()
-            .map(|(name, _)| format!("`{name}`"))
-            .collect();
+        let names: Vec<String> = T::VARIANTS.iter().map(|name| format!("`{name}`")).collect();
         format!("one of {}", names.join(", "))
     }
 
     fn parse(text: &str) -> Result<Choice<T>, String> {
-        parse_choice(text).map(Choice)
+        text.trim().parse().map(Choice).map_err(|_| {
+            format!(
+                "is not one of the choices; use one of: {}",
+                T::VARIANTS.join(", ")
+            )
+        })
     }
 
     fn describe(&self) -> String {
-        name_of(self.0).to_owned()
+        let name: &'static str = self.0.into();
+        name.to_owned()
     }
 }
+
+/// The enums a variable chooses from (their names come from strum's derives, in lower case
+/// and read without regard to case).
+pub(super) trait Named:
+    Copy + FromStr + Into<&'static str> + strum::VariantNames + 'static
+{
+}
+
+impl<T: Copy + FromStr + Into<&'static str> + strum::VariantNames + 'static> Named for T {}
 
 impl Value for PathValue {
     fn kind() -> String {
@@ -836,67 +849,4 @@ fn authority(text: &str, any_port: bool) -> Result<(), String> {
             }
         }
     }
-}
-
-
-/// A closed set of names, for the enums a variable chooses from.
-pub(super) trait Named: Copy + PartialEq + 'static {
-    /// Each value and its name (lower case), in the order the reference lists them.
-    const CHOICES: &'static [(&'static str, Self)];
-}
-
-impl Named for Transport {
-    const CHOICES: &'static [(&'static str, Transport)] =
-        &[("stdio", Transport::Stdio), ("http", Transport::Http)];
-}
-
-impl Named for LogFormat {
-    const CHOICES: &'static [(&'static str, LogFormat)] =
-        &[("text", LogFormat::Text), ("json", LogFormat::Json)];
-}
-
-impl Named for BackendChoice {
-    const CHOICES: &'static [(&'static str, BackendChoice)] = &[
-        ("local", BackendChoice::Local),
-        ("microsandbox", BackendChoice::Microsandbox),
-    ];
-}
-
-impl Named for Isolation {
-    const CHOICES: &'static [(&'static str, Isolation)] = &[
-        ("strongest", Isolation::Strongest),
-        ("strong", Isolation::Strong),
-        ("standard", Isolation::Standard),
-        ("off", Isolation::Off),
-    ];
-}
-
-impl Named for Flavor {
-    const CHOICES: &'static [(&'static str, Flavor)] = &[
-        ("small", Flavor::Small),
-        ("medium", Flavor::Medium),
-        ("large", Flavor::Large),
-    ];
-}
-
-pub(super) fn name_of<T: Named>(value: T) -> &'static str {
-    T::CHOICES
-        .iter()
-        .find(|(_, v)| *v == value)
-        .map_or("?", |(name, _)| *name)
-}
-
-pub(super) fn parse_choice<T: Named>(text: &str) -> Result<T, String> {
-    let wanted = text.trim().to_ascii_lowercase();
-    T::CHOICES
-        .iter()
-        .find(|(name, _)| *name == wanted)
-        .map(|(_, value)| *value)
-        .ok_or_else(|| {
-            let names: Vec<&str> = T::CHOICES.iter().map(|(name, _)| *name).collect();
-            format!(
-                "is not one of the choices; use one of: {}",
-                names.join(", ")
-            )
-        })
 }
