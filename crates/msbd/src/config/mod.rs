@@ -386,6 +386,12 @@ pub enum Group {
     Sessions,
 }
 
+/// The builder of the tracing filter: `MSB_LOG_LEVEL` is checked with it, and `msbd` logs
+/// through the filter it builds, so that a value that passes the check is the filter used.
+pub fn log_filter_builder() -> tracing_subscriber::filter::Builder {
+    tracing_subscriber::EnvFilter::builder()
+}
+
 /// The process environment as [`load`] takes it. Unlike `std::env::vars`, this never panics: a
 /// name or value that is not valid UTF-8 is converted with U+FFFD in place of the bad bytes.
 pub fn environment() -> Vec<(String, String)> {

@@ -1060,6 +1060,21 @@ fn log_levels() {
 }
 
 #[test]
+fn a_filter_that_tracing_refuses_is_an_error_not_a_fallback() {
+    // Span filters were once left to tracing unchecked, and a bad one made msbd log at `info`.
+    for level in ["info,msbd[span", "msbd[task]=loud", "info,=debug"] {
+        let message = one_error(&[("MSB_LOG_LEVEL", level)], "MSB_LOG_LEVEL");
+        assert!(message.contains("has the directive"), "{level}: {message}");
+    }
+    assert_eq!(
+        ok(&[("MSB_LOG_LEVEL", "info,msbd[task]=debug")])
+            .config
+            .log_level,
+        "info,msbd[task]=debug"
+    );
+}
+
+#[test]
 fn a_named_isolation_level_is_required_and_strongest_requires_none() {
     for (value, required) in [
         ("strongest", None),

@@ -9,7 +9,7 @@ use sandbox_wrapper::backend::VolumeMapping;
 use serde::{Deserialize, Deserializer};
 
 use super::render::quoted;
-use super::{Database, Secret};
+use super::{Database, Secret, log_filter_builder};
 
 /// The type of a variable's value, as read from its text.
 pub(super) trait Value: Sized {
@@ -397,48 +397,35 @@ impl Value for LogFilter {
     fn parse(text: &str) -> Result<LogFilter, String> {
         const USE: &str = "use trace, debug, info, warn, error or off, or tracing directives \
                            such as info,msbd=debug";
-        fn is_level(text: &str) -> bool {
-            matches!(
-                text.trim().to_ascii_lowercase().as_str(),
-                "trace"
-                    | "debug"
-                    | "info"
-                    | "warn"
-                    | "error"
-                    | "off"
-                    | "0"
-                    | "1"
-                    | "2"
-                    | "3"
-                    | "4"
-                    | "5"
-            )
-        }
         let text = text.trim();
         if text.is_empty() {
             return Err(format!("is empty; {USE}"));
         }
-        for directive in text.split(',') {
-            let directive = directive.trim();
+        for directive in text.split(',').map(str::trim) {
+            // Kept by hand: tracing skips an empty directive, but two commas are most likely a
+            // mistake in what was meant.
             if directive.is_empty() {
                 return Err(format!("has an empty directive (two commas?); {USE}"));
             }
-            if directive.contains(['[', '{']) {
-                // Span filters: left to the tracing filter itself.
-                continue;
-            }
-            let valid = match directive.rsplit_once('=') {
-                Some((target, level)) => !target.trim().is_empty() && is_level(level),
-                // A bare word is a target in tracing's syntax, but one alone is almost always
-                // a misspelt level; a module path (`msbd::config`) is taken as a target.
-                None => is_level(directive) || directive.contains("::") || text.contains(','),
-            };
-            if !valid && directive.contains('=') {
+            if let Err(error) = log_filter_builder().parse(directive) {
+                let form = if directive.contains('=') {
+                    "which is not TARGET=LEVEL"
+                } else {
+                    "which tracing does not accept"
+                };
                 return Err(format!(
-                    "has the directive {directive:?}, which is not TARGET=LEVEL; {USE}"
+                    "has the directive {directive:?}, {form} ({error}); {USE}"
                 ));
             }
-            if !valid {
+            // Kept by hand: tracing takes a bare word for a target, so a lone misspelt level
+            // would silently log nothing; a module path (`msbd::config`) or a word among other
+            // directives is still taken as a target.
+            let lone_word = !text.contains(',') && !directive.contains([':', '=', '[', '{']);
+            if lone_word
+                && directive
+                    .parse::<tracing_subscriber::filter::LevelFilter>()
+                    .is_err()
+            {
                 // The microsandbox wrapper took Python's level names.
                 let hint = match directive.to_ascii_lowercase().as_str() {
                     "warning" => " (Python's WARNING is warn here)",
