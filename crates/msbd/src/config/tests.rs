@@ -812,6 +812,22 @@ fn each_kind_of_bad_host_or_origin_names_the_variable_and_the_entry() {
             "{name}={value}: expected {expected:?} in: {message}"
         );
     }
+    // What rmcp and the http crate read differently from a host name is refused too.
+    for (name, value, expected) in [
+        (
+            "MSB_HTTP_ALLOWED_HOSTS",
+            "a!b.example",
+            "is not a host name or IP address",
+        ),
+        (
+            "MSB_HTTP_ALLOWED_ORIGINS",
+            "http://a.example:80:*",
+            "two ports",
+        ),
+    ] {
+        let message = one_error(&[(name, value)], name);
+        assert!(message.contains(expected), "{name}={value}: {message}");
+    }
     // Every bad entry is named, once.
     let message = one_error(
         &[(
