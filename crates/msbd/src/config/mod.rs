@@ -48,7 +48,7 @@ pub use declarations::VARIABLES;
 pub use render::{markdown_reference, render};
 
 use declarations::{DefaultText, Raw};
-use render::{hide_password, quoted};
+use render::{quoted, url_without_password};
 use rules::{Check, build, unknown_warning};
 use values::{Addr, Choice, LogFilter, PathValue, Value as _};
 
@@ -622,7 +622,7 @@ impl Database {
     pub fn url(&self) -> String {
         match self {
             Database::Sqlite { path } => format!("sqlite://{}", path.display()),
-            Database::Postgres { url } => hide_password(url),
+            Database::Postgres { url } => url_without_password(url),
         }
     }
 }

@@ -110,6 +110,36 @@ pub(super) fn quoted(value: &str) -> String {
     if plain { cut } else { format!("{cut:?}") }
 }
 
+/// A URL with its password, and the value of its `password=` option (a PostgreSQL URL may
+/// carry one), replaced by `***`; a text that url::Url cannot read goes to [`hide_password`].
+pub(super) fn url_without_password(text: &str) -> String {
+    let Ok(mut url) = url::Url::parse(text) else {
+        return hide_password(text);
+    };
+    if url.password().is_some() {
+        // Only a URL that cannot have a password refuses one, and this one has one.
+        let _ = url.set_password(Some("***"));
+    }
+    if url.query_pairs().any(|(name, _)| name == "password") {
+        let pairs: Vec<(String, String)> = url
+            .query_pairs()
+            .map(|(name, value)| {
+                let value = if name == "password" {
+                    "***".to_owned()
+                } else {
+                    value.into_owned()
+                };
+                (name.into_owned(), value)
+            })
+            .collect();
+        url.query_pairs_mut().clear().extend_pairs(pairs);
+    }
+    url.into()
+}
+
+/// Kept by hand beside [`url_without_password`]: it hides the password in any text, such as a
+/// value that is not a valid URL quoted in an error message, which url::Url cannot read.
+///
 /// A value with the password of a URL in it (`scheme://user:password@host`) replaced by `***`.
 pub(super) fn hide_password(value: &str) -> String {
     let Some(start) = value.find("://").map(|i| i + 3) else {

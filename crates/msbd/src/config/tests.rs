@@ -824,6 +824,8 @@ fn each_kind_of_bad_host_or_origin_names_the_variable_and_the_entry() {
             "http://a.example:80:*",
             "two ports",
         ),
+        ("MSB_SERVER_URL", "http://a.example:5555?x=1", "query"),
+        ("MSB_SERVER_URL", "http://a.example:99999", "not a URL"),
     ] {
         let message = one_error(&[(name, value)], name);
         assert!(message.contains(expected), "{name}={value}: {message}");
@@ -1387,7 +1389,7 @@ fn errors_come_in_declaration_order_with_the_warnings() {
 
 #[test]
 fn passwords_in_urls_are_hidden() {
-    use super::hide_password;
+    use super::render::hide_password;
     assert_eq!(
         hide_password("postgres://u:pw@h/db"),
         "postgres://u:***@h/db"
@@ -1399,6 +1401,17 @@ fn passwords_in_urls_are_hidden() {
     assert_eq!(hide_password("http://u@h"), "http://u@h");
     assert_eq!(hide_password("http://h:1/a@b"), "http://h:1/a@b");
     assert_eq!(hide_password("/plain/path:x@y"), "/plain/path:x@y");
+    // The database URL is shown through url::Url, which keeps the rest as written.
+    use super::render::url_without_password;
+    assert_eq!(
+        url_without_password("postgres://u:pw@h:5432/db?sslmode=disable&password=x"),
+        "postgres://u:***@h:5432/db?sslmode=disable&password=***"
+    );
+    assert_eq!(
+        url_without_password("postgresql://h/db"),
+        "postgresql://h/db"
+    );
+    assert_eq!(url_without_password("not a url:x@y"), "not a url:x@y");
     let loaded = ok(&[("MSB_SERVER_URL", "http://user:sesame@10.0.0.1:5555")]);
     let text = render(&loaded);
     assert!(!text.contains("sesame"), "{text}");
