@@ -418,7 +418,9 @@ impl Value for LogFilter {
             // Kept by hand: tracing takes a bare word for a target, so a lone misspelt level
             // would silently log nothing; a module path (`msbd::config`) or a word among other
             // directives is still taken as a target.
-            let lone_word = !text.contains(',') && !directive.contains([':', '=', '[', '{']);
+            let lone_word = !text.contains(',')
+                && !directive.contains("::")
+                && !directive.contains(['=', '[', '{']);
             if lone_word
                 && directive
                     .parse::<tracing_subscriber::filter::LevelFilter>()
