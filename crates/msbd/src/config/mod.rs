@@ -266,6 +266,8 @@ pub struct Config {
     pub isolation: Isolation,
     /// Where the local backend keeps the sessions' workspaces (`MSB_SANDBOX_DIR`); `None`: the
     /// backend's default (see [`LocalConfig::sandbox_dir`]).
+    ///
+    /// [`LocalConfig::sandbox_dir`]: sandbox_wrapper::backend::local::LocalConfig::sandbox_dir
     pub sandbox_dir: Option<PathBuf>,
     /// The microsandbox server's base URL, without a trailing `/` (`MSB_SERVER_URL`).
     pub server_url: String,
