@@ -42,7 +42,7 @@ enum Command {
 #[derive(Debug, Args)]
 struct ServeArgs {
     /// How MCP clients reach msbd: stdio or http [overrides MSB_TRANSPORT].
-    #[arg(long, value_name = "stdio|http")]
+    #[arg(long, value_name = "stdio|http", ignore_case = true, value_parser = transport_parser())]
     transport: Option<config::Transport>,
     /// Where the HTTP transport listens, IP:PORT or HOST:PORT [overrides MSB_HTTP_ADDR].
     #[arg(long, value_name = "ADDR")]
@@ -56,6 +56,15 @@ struct ConfigArgs {
     markdown: bool,
     #[command(flatten)]
     serve: ServeArgs,
+}
+
+/// Parses `--transport` from the names strum gives [`config::Transport`], so that a wrong one is
+/// answered with the possible values.
+fn transport_parser() -> impl clap::builder::TypedValueParser<Value = config::Transport> {
+    use clap::builder::TypedValueParser as _;
+    use strum::VariantNames as _;
+    clap::builder::PossibleValuesParser::new(config::Transport::VARIANTS)
+        .try_map(|name| name.parse::<config::Transport>())
 }
 
 impl Cli {
@@ -97,7 +106,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     return Ok(ExitCode::from(CONFIG_ERROR_EXIT_CODE));
                 }
             };
-            init_tracing(&loaded.config);
+            if let Err(error) = init_tracing(&loaded.config) {
+                eprintln!("msbd: {error}");
+                return Ok(ExitCode::from(CONFIG_ERROR_EXIT_CODE));
+            }
             for warning in &loaded.warnings {
                 tracing::warn!("{warning}");
             }
@@ -109,11 +121,20 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// Logs go to stderr only: over stdio, stdout carries MCP frames and nothing else.
-fn init_tracing(config: &config::Config) {
-    use tracing_subscriber::EnvFilter;
+/// Logs go to stderr only: over stdio, stdout carries MCP frames and nothing else. The filter
+/// is built by the parser that checked `MSB_LOG_LEVEL`, so it fails only if [`log_filter`] broke
+/// it, and then says so rather than logging at another level.
+fn init_tracing(config: &config::Config) -> Result<(), String> {
     let directives = log_filter(&config.log_level);
-    let filter = EnvFilter::try_new(&directives).unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = config::log_filter_builder()
+        .parse(&directives)
+        .map_err(|error| {
+            format!(
+                "MSB_LOG_LEVEL={}: the tracing filter {directives:?} is invalid ({error}); set \
+                 MSB_LOG_LEVEL (or --log-level) to a level such as info",
+                config.log_level
+            )
+        })?;
     let ansi = use_ansi(
         std::env::var_os("NO_COLOR").as_deref(),
         std::io::IsTerminal::is_terminal(&std::io::stderr()),
@@ -126,6 +147,7 @@ fn init_tracing(config: &config::Config) {
         config::LogFormat::Json => builder.json().try_init(),
         config::LogFormat::Text => builder.try_init(),
     };
+    Ok(())
 }
 
 /// The tracing filter for `MSB_LOG_LEVEL` (or `--log-level`): the user's directives, with the

@@ -26,8 +26,22 @@ use crate::output::OutputSink;
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// A sandbox's size: what it may use of CPU and memory.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    Hash,
+    Serialize,
+    Deserialize,
+    Default,
+    strum::EnumString,
+    strum::IntoStaticStr,
+    strum::VariantNames,
+)]
 #[serde(rename_all = "lowercase")]
+#[strum(serialize_all = "lowercase", ascii_case_insensitive)]
 pub enum Flavor {
     /// 1 CPU, 1024 MB.
     #[default]
@@ -62,11 +76,7 @@ impl Flavor {
 
     /// The flavor's name: `small`, `medium` or `large`.
     pub fn as_str(self) -> &'static str {
-        match self {
-            Flavor::Small => "small",
-            Flavor::Medium => "medium",
-            Flavor::Large => "large",
-        }
+        self.into()
     }
 
     /// Parses `small`, `medium` or `large`.
