@@ -56,6 +56,7 @@ use rmcp::transport::streamable_http_server::session::{
 };
 use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, StreamableHttpService};
 use serde_json::{Value, json};
+use subtle::ConstantTimeEq as _;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::{self, Metrics};
@@ -433,13 +434,10 @@ fn fnv1a_64(bytes: &[u8]) -> u64 {
     })
 }
 
-/// Whether `given` equals `expected`, in a time that depends only on `expected`'s length.
+/// Whether `given` equals `expected`, in constant time for equal lengths (`subtle`; a length
+/// mismatch answers at once, which tells nothing about the token's bytes).
 fn constant_time_eq(expected: &[u8], given: &[u8]) -> bool {
-    let mut diff = u8::from(expected.len() != given.len());
-    for (i, byte) in expected.iter().enumerate() {
-        diff |= byte ^ given.get(i).copied().unwrap_or(0);
-    }
-    std::hint::black_box(diff) == 0
+    expected.ct_eq(given).into()
 }
 
 /// The token of an `Authorization: Bearer <token>` header, if the request has one.
@@ -503,6 +501,9 @@ fn normalize_host(host: &str) -> String {
 }
 
 /// Guard: with a token configured, the request carries it.
+///
+/// Kept instead of tower-http's `ValidateRequestHeaderLayer::bearer`: that one answers a bare
+/// `401` (no JSON body, no `WWW-Authenticate` challenge) and compares the header in variable time.
 async fn require_bearer(State(state): State<AppState>, request: Request, next: Next) -> Response {
     let Some(expected) = &state.auth_token else {
         return next.run(request).await;
@@ -531,6 +532,10 @@ async fn require_bearer(State(state): State<AppState>, request: Request, next: N
 /// Guard: the body is at most `max_request_bytes`. It is read (up to the limit) before the
 /// route sees it: a declared length over the limit is refused before reading anything, a
 /// chunked body as soon as it passes the limit.
+///
+/// Kept instead of tower-http's `RequestBodyLimitLayer`: that one answers a declared excess with
+/// a plain-text `413` and leaves a chunked excess to the route (rmcp), not the JSON `413` with
+/// `Connection: close` that clients get here.
 async fn limit_body(State(state): State<AppState>, request: Request, next: Next) -> Response {
     let limit = state.max_request_bytes;
     let declared = request
