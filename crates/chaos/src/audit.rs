@@ -451,20 +451,6 @@ pub(crate) fn rfc3339(ms: i64) -> String {
     )
 }
 
-/// The marker msbd gives everything it makes for a data directory (sandbox-wrapper's
-/// `marker_for`: FNV-1a of the canonical path).
-pub(crate) fn marker_for(data_dir: &Path) -> String {
-    let path = data_dir
-        .canonicalize()
-        .unwrap_or_else(|_| data_dir.to_path_buf());
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in path.as_os_str().as_encoded_bytes() {
-        hash ^= u64::from(*byte);
-        hash = hash.wrapping_mul(0x0100_0000_01b3);
-    }
-    format!("i{:010x}", hash & 0xff_ffff_ffff)
-}
-
 /// What msbd left behind: processes (its own pids, anything carrying its sandbox marker or
 /// naming its data directory), cgroups (`msbd-<marker>` in any hierarchy) and sandbox work
 /// directories. One message per leftover.

@@ -441,7 +441,7 @@ fn run() -> anyhow::Result<bool> {
     // Leave a moment for the kernel to finish tearing down what msbd stopped.
     std::thread::sleep(Duration::from_millis(300));
 
-    let marker = audit::marker_for(&data_dir);
+    let marker = sandbox_wrapper::wrapper::marker_for(&data_dir);
     let leftovers = audit::leftovers(&data_dir, &marker, &run.daemon.pids());
     for leftover in &leftovers {
         run.fail(format!("left behind after the graceful stop: {leftover}"));

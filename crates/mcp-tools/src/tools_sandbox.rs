@@ -458,9 +458,7 @@ impl McpServer {
 
     fn sessions(&self, args: GetSessionsArgs) -> Result<CallToolResult, ToolError> {
         let sessions = self.core.wrapper.sessions();
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0.0, |d| d.as_secs_f64());
+        let now = sandbox_wrapper::unix_now();
         let list: Vec<SessionInfo> = match args.session_id.filter(|s| !s.is_empty()) {
             Some(id) => {
                 if !self.owns_session(&id) {

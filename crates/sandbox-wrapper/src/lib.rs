@@ -59,7 +59,8 @@
 //!   [`task_types`] (a TOML file);
 //! - [`supervisor`]: every background loop is a named child with a restart policy, pause and
 //!   resume, statistics, health, and shutdown in reverse start order within a deadline;
-//! - [`wrapper`]: the facade over all of it.
+//! - [`wrapper`]: the facade over all of it;
+//! - [`stable`]: the one FNV-1a hash (its values persist) and the one Unix-seconds clock.
 //!
 //! Architecture invariant: this crate knows nothing of MCP or the CLI and never reads the
 //! environment; it takes plain config structs from its caller.
@@ -68,8 +69,10 @@ pub mod backend;
 pub mod handlers;
 pub mod output;
 pub mod session;
+pub mod stable;
 pub mod supervisor;
 pub mod task_types;
 pub mod wrapper;
 
+pub use stable::{fnv1a_64, unix_now};
 pub use wrapper::{Wrapper, WrapperConfig, WrapperError};

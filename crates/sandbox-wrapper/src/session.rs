@@ -12,11 +12,12 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
 use crate::backend::{BackendError, Flavor, SandboxBackend, SandboxInfo, SandboxSpec, SweepReport};
+use crate::stable::unix_now;
 
 /// Limits and timings of sessions.
 #[derive(Clone, Debug)]
@@ -159,7 +160,7 @@ impl Drop for SessionLease {
             && entry.generation == self.generation
         {
             entry.running = entry.running.saturating_sub(1);
-            entry.last_used = now();
+            entry.last_used = unix_now();
         }
     }
 }
@@ -332,12 +333,6 @@ impl Inner {
     }
 }
 
-fn now() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64())
-}
-
 /// A fresh session id: `s` and 12 hex digits.
 fn new_session_id() -> String {
     format!("s{:012x}", rand::random::<u64>() & 0xffff_ffff_ffff)
@@ -356,7 +351,7 @@ impl SessionManager {
                 closed: std::sync::atomic::AtomicBool::new(false),
                 expired_total: AtomicU64::new(0),
                 generations: AtomicU64::new(0),
-                started_at: now(),
+                started_at: unix_now(),
             }),
         }
     }
@@ -428,7 +423,7 @@ impl SessionManager {
                 break;
             }
         }
-        let created = now();
+        let created = unix_now();
         let generation = inner.generations.fetch_add(1, Ordering::Relaxed);
         inner.lock().insert(
             id.clone(),
@@ -501,7 +496,7 @@ impl SessionManager {
             return Ok(None);
         };
         entry.running += 1;
-        entry.last_used = now();
+        entry.last_used = unix_now();
         Ok(Some(SessionLease {
             manager: self.inner.clone(),
             id: id.to_owned(),
@@ -606,7 +601,7 @@ impl SessionManager {
     /// Returns how many.
     pub async fn expire_idle(&self) -> Result<u64, SessionError> {
         let timeout = self.inner.config.session_timeout.as_secs_f64();
-        let cutoff = now() - timeout;
+        let cutoff = unix_now() - timeout;
         let idle: Vec<String> = self
             .inner
             .lock()

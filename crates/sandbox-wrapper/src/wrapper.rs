@@ -11,7 +11,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -27,6 +27,7 @@ use crate::backend::{BackendError, SandboxBackend, VolumeMapping};
 use crate::handlers::{CodeHandler, CommandHandler, HandlerShared, OperatorHandler};
 use crate::output::{DEFAULT_OUTPUT_CAP, OutputChunk, read_output};
 use crate::session::{SessionConfig, SessionManager};
+use crate::stable::{fnv1a_64, unix_now};
 use crate::supervisor::{
     ActionReport, ChildSpec, ChildStatus, HealthStatus, RestartPolicy, Supervisor, TickFuture,
 };
@@ -316,23 +317,12 @@ pub struct GracefulShutdownReport {
     pub errors: Vec<String>,
 }
 
-fn unix_now() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64())
-}
-
 /// A stable marker for a data directory: `i` and 10 hex digits of a hash of its path.
 pub fn marker_for(data_dir: &std::path::Path) -> String {
     let path = data_dir
         .canonicalize()
         .unwrap_or_else(|_| data_dir.to_path_buf());
-    // FNV-1a: stable across Rust versions, unlike the standard library's hasher.
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in path.as_os_str().as_encoded_bytes() {
-        hash ^= u64::from(*byte);
-        hash = hash.wrapping_mul(0x0100_0000_01b3);
-    }
+    let hash = fnv1a_64(path.as_os_str().as_encoded_bytes());
     format!("i{:010x}", hash & 0xff_ffff_ffff)
 }
 
@@ -1030,6 +1020,13 @@ fn output_file_task(name: &str) -> Option<TaskId> {
 mod tests {
     use super::output_file_task;
     use task_core::TaskId;
+
+    #[test]
+    fn markers_keep_their_values() {
+        // Captured before the FNV-1a copies were merged: markers name what is left on the host.
+        let dir = std::path::Path::new("/nonexistent/msbd-data");
+        assert_eq!(super::marker_for(dir), "if32a330347");
+    }
 
     #[test]
     fn output_files_are_known_by_name_whatever_the_attempt() {

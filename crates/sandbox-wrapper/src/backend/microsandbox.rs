@@ -1201,7 +1201,7 @@ fn session_part(session_id: &str, room: usize) -> String {
     if !session_id.is_empty() && session_id.len() <= room && session_id.chars().all(allowed) {
         return session_id.to_owned();
     }
-    let hash = format!("{:016x}", fnv1a(session_id.as_bytes()));
+    let hash = format!("{:016x}", crate::fnv1a_64(session_id.as_bytes()));
     let keep = room.saturating_sub(hash.len() + 1);
     let head: String = session_id
         .chars()
@@ -1213,13 +1213,6 @@ fn session_part(session_id: &str, room: usize) -> String {
     } else {
         format!("{head}-{hash}")
     }
-}
-
-/// FNV-1a, 64 bits: stable across builds and platforms (unlike the std hasher), which names need.
-fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &byte| {
-        (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
-    })
 }
 
 /// A timeout in whole seconds for the server, rounded up, at least 1.
@@ -1288,7 +1281,7 @@ mod tests {
         assert_eq!(session_part("", 38).len(), 16);
         assert_eq!(
             session_part("é", 38),
-            format!("_-{:016x}", fnv1a("é".as_bytes()))
+            format!("_-{:016x}", crate::fnv1a_64("é".as_bytes()))
         );
     }
 
