@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use rusqlite::{Connection, OpenFlags};
+use task_core::{FailureKind, Status};
 
 use crate::tracker::Inner;
 use crate::workload::Kind;
@@ -22,8 +23,6 @@ const INTERRUPTED: u8 = 3;
 const MAX_INTERRUPTED_ATTEMPTS: u64 = 3;
 /// The failure kind of a plain error.
 const ERROR: u8 = 0;
-/// The failure kind of a timeout.
-const TIMEOUT: u8 = 1;
 
 /// Opens the store file for reading without changing it: the same `unix-excl` VFS msbd uses
 /// (so the WAL index lives in memory and no `-shm` file is needed), read-only.
@@ -90,17 +89,10 @@ struct Row {
 impl Row {
     /// The status as the tools name it.
     fn wire_status(&self) -> &'static str {
-        match self.status {
-            0 => "pending",
-            1 => "scheduled",
-            2 => "paused",
-            3 => "running",
-            4 => "completed",
-            5 if self.error_kind == Some(TIMEOUT) => "timeout",
-            5 => "failed",
-            6 => "cancelled",
-            _ => "unknown",
-        }
+        let failure = self.error_kind.and_then(FailureKind::from_code);
+        Status::from_code(self.status).map_or("unknown", |status| {
+            mcp_tools::wire::status_name_of(status, failure)
+        })
     }
 }
 

@@ -426,17 +426,15 @@ impl AttemptView {
 
 /// The wire name of a task's status.
 pub fn status_name(task: &Task) -> &'static str {
-    match task.status {
-        Status::Queued => "pending",
-        Status::Scheduled => "scheduled",
-        Status::Paused => "paused",
-        Status::Running => "running",
-        Status::Completed => "completed",
-        Status::Failed => match task.error.as_ref().map(|e| e.kind) {
-            Some(FailureKind::Timeout) => "timeout",
-            _ => "failed",
-        },
-        Status::Cancelled => "cancelled",
+    status_name_of(task.status, task.error.as_ref().map(|e| e.kind))
+}
+
+/// The wire name of a status and the kind of its failure: [`core_status_name`], except that a
+/// task that failed by timing out is `timeout`.
+pub fn status_name_of(status: Status, failure: Option<FailureKind>) -> &'static str {
+    match (status, failure) {
+        (Status::Failed, Some(FailureKind::Timeout)) => "timeout",
+        (status, _) => core_status_name(status),
     }
 }
 
@@ -749,7 +747,8 @@ pub struct QueueStatistics {
     pub paused_types: Vec<String>,
 }
 
-/// The wire name of a core status (without the timeout distinction).
+/// The wire name of a core status (without the timeout distinction): the one table of the names
+/// clients see (tools, the metrics' `status` label, the chaos audit), `pending` for `Queued`.
 pub fn core_status_name(status: Status) -> &'static str {
     match status {
         Status::Queued => "pending",
@@ -770,5 +769,40 @@ pub fn priority_name(priority: Priority) -> String {
         Priority::HIGH => "high".into(),
         Priority::CRITICAL => "critical".into(),
         other => other.get().to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clients_see_pending_for_queued_and_timeout_for_a_timed_out_failure() {
+        let names: Vec<_> = Status::ALL.into_iter().map(core_status_name).collect();
+        assert_eq!(
+            names,
+            [
+                "pending",
+                "scheduled",
+                "paused",
+                "running",
+                "completed",
+                "failed",
+                "cancelled"
+            ]
+        );
+        assert_eq!(status_name_of(Status::Queued, None), "pending");
+        assert_eq!(
+            status_name_of(Status::Failed, Some(FailureKind::Timeout)),
+            "timeout"
+        );
+        assert_eq!(
+            status_name_of(Status::Failed, Some(FailureKind::Error)),
+            "failed"
+        );
+        assert_eq!(
+            status_name_of(Status::Cancelled, Some(FailureKind::Timeout)),
+            "cancelled"
+        );
     }
 }

@@ -38,6 +38,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::sync::{Arc, Mutex, PoisonError};
 
+// A status is named in the exposition as the MCP tools name it (`pending` for `Queued`).
+use mcp_tools::wire::core_status_name as status_name;
 use sandbox_wrapper::Wrapper;
 use sandbox_wrapper::backend::local::IsolationLevel;
 use task_core::{Status, TaskEvent};
@@ -381,19 +383,6 @@ async fn collect(
                 tracing::debug!(%error, task = %id, "the metrics collector could not read a finished task");
             }
         }
-    }
-}
-
-/// A status's name in the exposition: the MCP tools' names (`pending` for the core's `queued`).
-fn status_name(status: Status) -> &'static str {
-    match status {
-        Status::Queued => "pending",
-        Status::Scheduled => "scheduled",
-        Status::Paused => "paused",
-        Status::Running => "running",
-        Status::Completed => "completed",
-        Status::Failed => "failed",
-        Status::Cancelled => "cancelled",
     }
 }
 
