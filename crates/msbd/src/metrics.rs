@@ -1,5 +1,6 @@
 //! `/metrics`: msbd's state in the Prometheus text exposition format (version 0.0.4), written
-//! by hand.
+//! by `prometheus-client`'s encoder (`encoding::prometheus_text`): names, escaping, histogram
+//! buckets and the grouping of each family are the crate's.
 //!
 //! Families (every one always has its `# HELP` and `# TYPE` lines, even with no samples):
 //!
@@ -25,8 +26,9 @@
 //! tasks at each scrape: [`task_core::store::Store::timed_out`]; `failed` does not count these),
 //! `cancelled`.
 //!
-//! Each family is one group: `# HELP`, `# TYPE`, then its samples ([`Exposition`] checks it in
-//! debug builds).
+//! Each family is one group: `# HELP`, `# TYPE`, then its samples. The values are read afresh at
+//! each scrape into a [`Snapshot`], a `prometheus-client` collector that writes the families in
+//! the order above; counters are declared without `_total`, which the encoder appends.
 //!
 //! The duration histogram is fed by a collector ([`Metrics::start`]): one Tokio task that
 //! follows the engine's events and, for each task that reaches a terminal status, reads the task
@@ -40,6 +42,13 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 // A status is named in the exposition as the MCP tools name it (`pending` for `Queued`).
 use mcp_tools::wire::core_status_name as status_name;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric as _, prometheus_text};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
 use sandbox_wrapper::Wrapper;
 use sandbox_wrapper::backend::local::IsolationLevel;
 use task_core::{Status, TaskEvent};
@@ -47,8 +56,8 @@ use tokio::sync::broadcast::error::RecvError;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-/// The content type of the exposition.
-pub(crate) const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+/// The content type of the exposition (text format 0.0.4).
+pub(crate) const CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
 
 /// The upper bounds of the duration histogram's buckets, in seconds (`+Inf` comes on top).
 const BUCKETS: [f64; 14] = [
@@ -76,33 +85,19 @@ pub(crate) struct Metrics {
     collector: Mutex<Option<JoinHandle<()>>>,
 }
 
-/// One histogram: a count per bucket (not cumulative), the sum and the count.
-#[derive(Clone, Debug, Default)]
-struct Histogram {
-    /// Observations per bucket of [`BUCKETS`]; the last slot is above the last bound.
-    buckets: [u64; BUCKETS.len() + 1],
-    /// The sum of the observations, in seconds.
-    sum: f64,
-    /// How many observations.
-    count: u64,
+/// A new duration histogram, with the buckets of [`BUCKETS`].
+fn new_histogram() -> Histogram {
+    Histogram::new(BUCKETS)
 }
 
-impl Histogram {
-    /// Records one observation of `seconds` (negative or not-a-number values count as 0).
-    fn observe(&mut self, seconds: f64) {
-        let seconds = if seconds.is_finite() && seconds > 0.0 {
-            seconds
-        } else {
-            0.0
-        };
-        let slot = BUCKETS
-            .iter()
-            .position(|bound| seconds <= *bound)
-            .unwrap_or(BUCKETS.len());
-        self.buckets[slot] = self.buckets[slot].saturating_add(1);
-        self.sum += seconds;
-        self.count = self.count.saturating_add(1);
-    }
+/// Records one observation of `seconds` (negative or not-a-number values count as 0).
+fn observe(histogram: &Histogram, seconds: f64) {
+    let seconds = if seconds.is_finite() && seconds > 0.0 {
+        seconds
+    } else {
+        0.0
+    };
+    histogram.observe(seconds);
 }
 
 impl Metrics {
@@ -155,10 +150,12 @@ impl Metrics {
         } else {
             OTHER_TYPE
         };
-        durations
-            .entry(key.to_owned())
-            .or_default()
-            .observe(seconds);
+        observe(
+            durations
+                .entry(key.to_owned())
+                .or_insert_with(new_histogram),
+            seconds,
+        );
     }
 
     /// The whole exposition, read afresh from the store and the supervisor. A store that cannot
@@ -181,17 +178,8 @@ impl Metrics {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone();
-        let mut out = Exposition::default();
-
-        out.family("msbd_up", "gauge", "1 while msbd serves.");
-        out.sample("msbd_up", &[], 1);
-
-        out.family(
-            "msbd_tasks",
-            "gauge",
-            "Tasks in the store, by type and status.",
-        );
-        match &stats {
+        let mut note = None;
+        let tasks = match &stats {
             Ok(stats) => {
                 // Every registered type (with no task yet, its counts are 0) and every type that
                 // still has tasks in the store (one no longer registered included), each with
@@ -199,141 +187,233 @@ impl Metrics {
                 let mut types: BTreeSet<&str> = stats.by_type.keys().map(String::as_str).collect();
                 types.extend(registered.iter().map(String::as_str));
                 let none = BTreeMap::new();
+                let mut samples = Vec::new();
                 for task_type in types {
                     let counts = stats.by_type.get(task_type).unwrap_or(&none);
                     let timeouts = timed_out.get(task_type).copied().unwrap_or(0);
                     for status in Status::ALL {
-                        let mut count = counts.get(&status).copied().unwrap_or(0);
+                        let count = counts.get(&status).copied().unwrap_or(0);
                         if status == Status::Failed {
-                            count = count.saturating_sub(timeouts);
-                        }
-                        out.sample(
-                            "msbd_tasks",
-                            &[("type", task_type), ("status", status_name(status))],
-                            count,
-                        );
-                        if status == Status::Failed {
-                            out.sample(
-                                "msbd_tasks",
-                                &[("type", task_type), ("status", "timeout")],
-                                timeouts.min(counts.get(&status).copied().unwrap_or(0)),
-                            );
+                            let timeouts = timeouts.min(count);
+                            samples.push((task_type.to_owned(), "failed", count - timeouts));
+                            samples.push((task_type.to_owned(), "timeout", timeouts));
+                        } else {
+                            samples.push((task_type.to_owned(), status_name(status), count));
                         }
                     }
                 }
+                Some(samples)
             }
             Err(error) => {
                 tracing::warn!(%error, "reading the task counts for /metrics failed");
-                out.comment(&format!("the task counts could not be read: {error}"));
+                note = Some(format!("the task counts could not be read: {error}"));
+                None
+            }
+        };
+        let stats = stats.as_ref().ok();
+        let snapshot = Snapshot {
+            tasks,
+            waiting: stats.map(|stats| {
+                stats
+                    .count(Status::Queued)
+                    .saturating_add(stats.count(Status::Scheduled))
+            }),
+            running: stats.map(|stats| stats.count(Status::Running)),
+            leases_lost: self.wrapper.engine().leases_lost(),
+            durations: durations.into_iter().collect(),
+            loops: background
+                .components
+                .loops
+                .iter()
+                .map(|(name, child)| {
+                    let counts = LoopCounts {
+                        healthy: child.healthy,
+                        runs: child.cycles,
+                        errors: child.errors,
+                        restarts: child.restarts,
+                    };
+                    (name.clone(), counts)
+                })
+                .collect(),
+            isolation: self.wrapper.isolation_report().map(|report| report.level),
+            sessions: u64::try_from(background.components.session_manager.active_sessions)
+                .unwrap_or(u64::MAX),
+        };
+        exposition(snapshot, note.as_deref())
+    }
+}
+
+/// The exposition of a snapshot, after a comment line with `note` if there is one.
+fn exposition(snapshot: Snapshot, note: Option<&str>) -> String {
+    let mut text = String::new();
+    if let Some(note) = note {
+        let _ = writeln!(
+            text,
+            "# {}",
+            note.replace('\\', "\\\\").replace('\n', "\\n")
+        );
+    }
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(snapshot));
+    // Writing to a String cannot fail, and the collector only fails when its writer does.
+    let _ = prometheus_text::encode(&mut text, &registry);
+    text
+}
+
+/// What `/metrics` shows, read at one scrape.
+#[derive(Debug, Default)]
+struct Snapshot {
+    /// `msbd_tasks`: type, status name and count; `None` when the store could not be read.
+    tasks: Option<Vec<(String, &'static str, u64)>>,
+    /// `msbd_queue_depth`, when the store could be read.
+    waiting: Option<u64>,
+    /// `msbd_tasks_running`, when the store could be read.
+    running: Option<u64>,
+    /// `msbd_leases_lost_total`.
+    leases_lost: u64,
+    /// `msbd_task_duration_seconds`, by type.
+    durations: Vec<(String, Histogram)>,
+    /// The supervised loops' numbers, by name.
+    loops: Vec<(String, LoopCounts)>,
+    /// The local backend's isolation level (none with microsandbox).
+    isolation: Option<IsolationLevel>,
+    /// `msbd_sessions`.
+    sessions: u64,
+}
+
+/// A family of the loops' numbers: name, help, type and the number it shows.
+type LoopFamily = (
+    &'static str,
+    &'static str,
+    MetricType,
+    fn(&LoopCounts) -> u64,
+);
+
+/// One supervised loop's numbers.
+#[derive(Debug)]
+struct LoopCounts {
+    /// Whether it is healthy.
+    healthy: bool,
+    /// Its cycles.
+    runs: u64,
+    /// Its errors.
+    errors: u64,
+    /// Its restarts.
+    restarts: u64,
+}
+
+impl Collector for Snapshot {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> std::fmt::Result {
+        use MetricType::{Counter, Gauge};
+
+        let up = encoder.encode_descriptor("msbd_up", "1 while msbd serves.", None, Gauge)?;
+        ConstGauge::new(1_u64).encode(up)?;
+
+        let mut family = encoder.encode_descriptor(
+            "msbd_tasks",
+            "Tasks in the store, by type and status.",
+            None,
+            Gauge,
+        )?;
+        for (task_type, status, count) in self.tasks.iter().flatten() {
+            let labels = [("type", task_type.as_str()), ("status", status)];
+            ConstGauge::new(*count).encode(family.encode_family(&labels)?)?;
+        }
+
+        let family = encoder.encode_descriptor(
+            "msbd_queue_depth",
+            "Tasks waiting to run: pending plus scheduled.",
+            None,
+            Gauge,
+        )?;
+        if let Some(waiting) = self.waiting {
+            ConstGauge::new(waiting).encode(family)?;
+        }
+        let family =
+            encoder.encode_descriptor("msbd_tasks_running", "Tasks running.", None, Gauge)?;
+        if let Some(running) = self.running {
+            ConstGauge::new(running).encode(family)?;
+        }
+        // Counters are named without `_total`: the encoder appends it.
+        let family = encoder.encode_descriptor(
+            "msbd_leases_lost",
+            "Running attempts of this process stopped because their lease was lost (the task was recovered elsewhere, or its lease ran out unrenewed).",
+            None,
+            Counter,
+        )?;
+        ConstCounter::new(self.leases_lost).encode(family)?;
+
+        let mut family = encoder.encode_descriptor(
+            "msbd_task_duration_seconds",
+            "How long tasks ran, from start to finish, by type (tasks that finished while this process ran).",
+            None,
+            MetricType::Histogram,
+        )?;
+        for (task_type, histogram) in &self.durations {
+            histogram.encode(family.encode_family(&[("type", task_type.as_str())])?)?;
+        }
+
+        let loops: [LoopFamily; 4] = [
+            (
+                "msbd_loop_healthy",
+                "1 when the supervised background loop is healthy, else 0.",
+                Gauge,
+                |counts| u64::from(counts.healthy),
+            ),
+            (
+                "msbd_loop_runs",
+                "Cycles run by the background loop.",
+                Counter,
+                |counts| counts.runs,
+            ),
+            (
+                "msbd_loop_errors",
+                "Errors of the background loop: failed cycles, errors returned and panics.",
+                Counter,
+                |counts| counts.errors,
+            ),
+            (
+                "msbd_loop_restarts",
+                "Restarts of the background loop, automatic and explicit.",
+                Counter,
+                |counts| counts.restarts,
+            ),
+        ];
+        for (name, help, kind, value) in loops {
+            let mut family = encoder.encode_descriptor(name, help, None, kind)?;
+            for (loop_name, counts) in &self.loops {
+                let labels = [("loop", loop_name.as_str())];
+                let sample = family.encode_family(&labels)?;
+                if kind == Counter {
+                    ConstCounter::new(value(counts)).encode(sample)?;
+                } else {
+                    ConstGauge::new(value(counts)).encode(sample)?;
+                }
             }
         }
 
-        out.family(
-            "msbd_queue_depth",
-            "gauge",
-            "Tasks waiting to run: pending plus scheduled.",
-        );
-        if let Ok(stats) = &stats {
-            let waiting = stats
-                .count(Status::Queued)
-                .saturating_add(stats.count(Status::Scheduled));
-            out.sample("msbd_queue_depth", &[], waiting);
-        }
-        out.family("msbd_tasks_running", "gauge", "Tasks running.");
-        if let Ok(stats) = &stats {
-            out.sample("msbd_tasks_running", &[], stats.count(Status::Running));
-        }
-        out.family(
-            "msbd_leases_lost_total",
-            "counter",
-            "Running attempts of this process stopped because their lease was lost (the task was recovered elsewhere, or its lease ran out unrenewed).",
-        );
-        out.sample(
-            "msbd_leases_lost_total",
-            &[],
-            self.wrapper.engine().leases_lost(),
-        );
-
-        out.family(
-            "msbd_task_duration_seconds",
-            "histogram",
-            "How long tasks ran, from start to finish, by type (tasks that finished while this process ran).",
-        );
-        for (task_type, histogram) in &durations {
-            out.histogram("msbd_task_duration_seconds", task_type, histogram);
-        }
-
-        let loops = &background.components.loops;
-        out.family(
-            "msbd_loop_healthy",
-            "gauge",
-            "1 when the supervised background loop is healthy, else 0.",
-        );
-        for (name, child) in loops {
-            out.sample(
-                "msbd_loop_healthy",
-                &[("loop", name)],
-                u64::from(child.healthy),
-            );
-        }
-        out.family(
-            "msbd_loop_runs_total",
-            "counter",
-            "Cycles run by the background loop.",
-        );
-        for (name, child) in loops {
-            out.sample("msbd_loop_runs_total", &[("loop", name)], child.cycles);
-        }
-        out.family(
-            "msbd_loop_errors_total",
-            "counter",
-            "Errors of the background loop: failed cycles, errors returned and panics.",
-        );
-        for (name, child) in loops {
-            out.sample("msbd_loop_errors_total", &[("loop", name)], child.errors);
-        }
-        out.family(
-            "msbd_loop_restarts_total",
-            "counter",
-            "Restarts of the background loop, automatic and explicit.",
-        );
-        for (name, child) in loops {
-            out.sample(
-                "msbd_loop_restarts_total",
-                &[("loop", name)],
-                child.restarts,
-            );
-        }
-
-        if let Some(report) = self.wrapper.isolation_report() {
-            out.family(
+        if let Some(level) = self.isolation {
+            let mut family = encoder.encode_descriptor(
                 "msbd_sandbox_isolation",
-                "gauge",
                 "1 for the isolation level local sandboxes run under, 0 for the others (below strong: the health check says what is missing).",
-            );
-            for level in [
+                None,
+                Gauge,
+            )?;
+            for each in [
                 IsolationLevel::Off,
                 IsolationLevel::Minimal,
                 IsolationLevel::Standard,
                 IsolationLevel::Strong,
             ] {
-                out.sample(
-                    "msbd_sandbox_isolation",
-                    &[("level", level.name())],
-                    u64::from(report.level == level),
-                );
+                let labels = [("level", each.name())];
+                let sample = family.encode_family(&labels)?;
+                ConstGauge::new(u64::from(level == each)).encode(sample)?;
             }
         }
 
-        out.family("msbd_sessions", "gauge", "Active sandbox sessions.");
-        let sessions = background.components.session_manager.active_sessions;
-        out.sample(
-            "msbd_sessions",
-            &[],
-            u64::try_from(sessions).unwrap_or(u64::MAX),
-        );
-
-        out.text
+        let family =
+            encoder.encode_descriptor("msbd_sessions", "Active sandbox sessions.", None, Gauge)?;
+        ConstGauge::new(self.sessions).encode(family)
     }
 }
 
@@ -386,155 +466,56 @@ async fn collect(
     }
 }
 
-/// The exposition being written. Each family is written as one group: its `# HELP` and `# TYPE`
-/// lines ([`Exposition::family`]), then its samples; a sample of any other family than the last
-/// one declared is a bug (caught by a debug assertion).
-#[derive(Default)]
-struct Exposition {
-    /// The text so far.
-    text: String,
-    /// The family declared last: the only one whose samples may be written now.
-    current: String,
-}
-
-impl Exposition {
-    /// The `# HELP` and `# TYPE` lines of a family, which starts its group.
-    fn family(&mut self, name: &str, kind: &str, help: &str) {
-        name.clone_into(&mut self.current);
-        let _ = writeln!(self.text, "# HELP {name} {}", escape_help(help));
-        let _ = writeln!(self.text, "# TYPE {name} {kind}");
-    }
-
-    /// Checks (in debug builds) that samples of `name` may be written now.
-    fn check_family(&self, name: &str) {
-        debug_assert_eq!(
-            name, self.current,
-            "a sample of {name} written in the group of {}",
-            self.current
-        );
-    }
-
-    /// A comment line.
-    fn comment(&mut self, text: &str) {
-        let _ = writeln!(self.text, "# {}", escape_help(text));
-    }
-
-    /// One sample with integer value.
-    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: u64) {
-        self.check_family(name);
-        let _ = writeln!(self.text, "{name}{} {value}", render_labels(labels));
-    }
-
-    /// The samples of one histogram: cumulative buckets, `+Inf`, sum and count.
-    fn histogram(&mut self, name: &str, task_type: &str, histogram: &Histogram) {
-        self.check_family(name);
-        let mut cumulative = 0u64;
-        for (bound, count) in BUCKETS.iter().zip(histogram.buckets.iter()) {
-            cumulative = cumulative.saturating_add(*count);
-            let le = bound.to_string();
-            let labels = render_labels(&[("type", task_type), ("le", &le)]);
-            let _ = writeln!(self.text, "{name}_bucket{labels} {cumulative}");
-        }
-        let labels = render_labels(&[("type", task_type), ("le", "+Inf")]);
-        let _ = writeln!(self.text, "{name}_bucket{labels} {}", histogram.count);
-        let labels = render_labels(&[("type", task_type)]);
-        let _ = writeln!(self.text, "{name}_sum{labels} {}", histogram.sum);
-        let _ = writeln!(self.text, "{name}_count{labels} {}", histogram.count);
-    }
-}
-
-/// `{a="x",b="y"}`, or nothing without labels.
-fn render_labels(labels: &[(&str, &str)]) -> String {
-    if labels.is_empty() {
-        return String::new();
-    }
-    let mut out = String::from("{");
-    for (i, (name, value)) in labels.iter().enumerate() {
-        if i > 0 {
-            out.push(',');
-        }
-        let _ = write!(out, "{name}=\"{}\"", escape_label_value(value));
-    }
-    out.push('}');
-    out
-}
-
-/// A label value as the text format wants it: backslash, double quote and line feed escaped.
-fn escape_label_value(value: &str) -> String {
-    let mut out = String::with_capacity(value.len());
-    for c in value.chars() {
-        match c {
-            '\\' => out.push_str("\\\\"),
-            '"' => out.push_str("\\\""),
-            '\n' => out.push_str("\\n"),
-            c => out.push(c),
-        }
-    }
-    out
-}
-
-/// Help (and comment) text as the text format wants it: backslash and line feed escaped.
-fn escape_help(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        match c {
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            c => out.push(c),
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn label_values_are_escaped() {
-        assert_eq!(escape_label_value(r#"a"b\c"#), r#"a\"b\\c"#);
-        assert_eq!(escape_label_value("x\ny"), "x\\ny");
-        assert_eq!(
-            render_labels(&[("type", "we\"ird"), ("status", "ok")]),
-            r#"{type="we\"ird",status="ok"}"#
+    fn label_values_and_notes_are_escaped() {
+        let weird = "we\"ird\\type\nname";
+        let snapshot = Snapshot {
+            tasks: Some(vec![(weird.to_owned(), "pending", 3)]),
+            ..Snapshot::default()
+        };
+        let text = exposition(snapshot, Some("a\\b\nc"));
+        assert!(text.starts_with("# a\\\\b\\nc\n"), "{text}");
+        assert!(
+            text.contains("msbd_tasks{type=\"we\\\"ird\\\\type\\nname\",status=\"pending\"} 3\n"),
+            "{text}"
         );
-        assert_eq!(render_labels(&[]), "");
-        assert_eq!(escape_help("a\\b\nc"), "a\\\\b\\nc");
+        let families = text_format::parse(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        let tasks = &families.iter().find(|f| f.name == "msbd_tasks").unwrap();
+        assert_eq!(tasks.samples[0].1["type"], weird);
+        // Without a readable store, the task families are there without samples.
+        let text = exposition(Snapshot::default(), None);
+        let families = text_format::parse(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        for name in ["msbd_tasks", "msbd_queue_depth", "msbd_tasks_running"] {
+            let family = families.iter().find(|f| f.name == name).unwrap();
+            assert!(family.samples.is_empty(), "{name}\n{text}");
+        }
     }
 
     #[test]
     fn histogram_buckets_are_cumulative() {
-        let mut histogram = Histogram::default();
-        histogram.observe(0.02);
-        histogram.observe(3.0);
-        histogram.observe(1e9);
-        histogram.observe(f64::NAN);
-        histogram.observe(-5.0);
-        let mut out = Exposition::default();
-        out.family("h", "histogram", "Durations.");
-        out.histogram("h", "command", &histogram);
-        let text = out.text;
+        let histogram = new_histogram();
+        for seconds in [0.02, 3.0, 1e9, f64::NAN, -5.0] {
+            observe(&histogram, seconds);
+        }
+        let snapshot = Snapshot {
+            durations: vec![("command".to_owned(), histogram)],
+            ..Snapshot::default()
+        };
+        let text = exposition(snapshot, None);
+        text_format::parse(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        let h = "msbd_task_duration_seconds";
+        for (le, count) in [("0.01", 2), ("0.05", 3), ("5", 4), ("3600", 4), ("+Inf", 5)] {
+            let line = format!("{h}_bucket{{type=\"command\",le=\"{le}\"}} {count}\n");
+            assert!(text.contains(&line), "{line}{text}");
+        }
         assert!(
-            text.contains("h_bucket{type=\"command\",le=\"0.01\"} 2\n"),
+            text.contains(&format!("{h}_count{{type=\"command\"}} 5\n")),
             "{text}"
         );
-        assert!(
-            text.contains("h_bucket{type=\"command\",le=\"0.05\"} 3\n"),
-            "{text}"
-        );
-        assert!(
-            text.contains("h_bucket{type=\"command\",le=\"5\"} 4\n"),
-            "{text}"
-        );
-        assert!(
-            text.contains("h_bucket{type=\"command\",le=\"3600\"} 4\n"),
-            "{text}"
-        );
-        assert!(
-            text.contains("h_bucket{type=\"command\",le=\"+Inf\"} 5\n"),
-            "{text}"
-        );
-        assert!(text.contains("h_count{type=\"command\"} 5\n"), "{text}");
     }
 
     #[test]
