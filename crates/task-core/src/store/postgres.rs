@@ -111,7 +111,7 @@ use crate::model::{Task, TaskId, Timestamp};
 use crate::store::{
     ClaimRequest, Command, Cursor, Finish, Heartbeat, HeartbeatReply, ListFilter, Page,
     PageRequest, ProgressUpdate, Promoted, Recover, Stats, Store, StoreFuture, StoreHealth,
-    StoreStatus, Submitted,
+    StoreStatus, Submitted, WakeupLoop,
 };
 
 use listen::Wakeups;
@@ -1114,6 +1114,31 @@ impl Store for PostgresStore {
 
     fn health(&self) -> StoreHealth {
         self.shared.health.get()
+    }
+
+    fn is_shared(&self) -> bool {
+        true
+    }
+
+    fn engine_config(&self, config: EngineConfig) -> EngineConfig {
+        PostgresStore::engine_config(config)
+    }
+
+    fn is_maintenance_leader(&self) -> bool {
+        PostgresStore::is_maintenance_leader(self)
+    }
+
+    fn healthy_for(&self) -> Option<Duration> {
+        PostgresStore::healthy_for(self)
+    }
+
+    fn wakeups(self: Arc<Self>) -> Option<WakeupLoop> {
+        Some(Arc::new(
+            move |engine: Engine, cancel: CancellationToken| {
+                let store = self.clone();
+                Box::pin(async move { store.run_wakeups(&engine, cancel).await })
+            },
+        ))
     }
 }
 
