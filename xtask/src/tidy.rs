@@ -126,6 +126,18 @@ fn layers_do_not_leak() {
                 "PostgreSQL types stay in task-core's store module; add a capability to `Store`",
             );
         }
+        // The wrapper and the MCP surface run on whichever store msbd chose (serve.rs, doctor.rs):
+        // what a shared store asks of them is a capability of `Store`.
+        if in_src && ["sandbox-wrapper", "mcp-tools"].contains(&krate) {
+            for forbidden in ["PostgresStore", "store::postgres"] {
+                check(
+                    forbidden,
+                    "only msbd chooses the PostgreSQL store; above task-core, ask the `Store` \
+                     trait (`is_shared`, `engine_config`, `is_maintenance_leader`, \
+                     `healthy_for`, `wakeups`)",
+                );
+            }
+        }
     }
     assert!(
         problems.is_empty(),

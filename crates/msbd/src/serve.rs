@@ -58,11 +58,9 @@ pub fn run(loaded: Loaded) -> ExitCode {
     code
 }
 
-/// The store the configuration names, and the same store again when it is shared with other
-/// nodes (PostgreSQL).
-async fn open_store(
-    config: &Config,
-) -> anyhow::Result<(Arc<dyn Store>, Option<Arc<PostgresStore>>)> {
+/// The store the configuration names. One shared with other nodes (PostgreSQL) says so itself
+/// ([`Store::is_shared`] and the capabilities the wrapper asks of it).
+async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
     let path = match &config.database {
         Database::Sqlite { path } => path,
         Database::Postgres { url } => {
@@ -88,8 +86,7 @@ async fn open_store(
                 node = %config.node_id,
                 "the task store is shared (PostgreSQL)"
             );
-            let store = Arc::new(store);
-            return Ok((store.clone(), Some(store)));
+            return Ok(Arc::new(store));
         }
     };
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -109,7 +106,7 @@ async fn open_store(
             path.display()
         )
     })?;
-    Ok((Arc::new(store), None))
+    Ok(Arc::new(store))
 }
 
 /// The MCP server's options from the configuration.
@@ -134,10 +131,9 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
             config.data_dir.display()
         )
     })?;
-    let (store, shared_store) = open_store(&config).await?;
+    let store = open_store(&config).await?;
     let own_exe: Option<PathBuf> = std::env::current_exe().ok();
-    let mut wrapper_config = config.wrapper_config(own_exe)?;
-    wrapper_config.shared_store = shared_store;
+    let wrapper_config = config.wrapper_config(own_exe)?;
     let wrapper = Wrapper::start(store, wrapper_config)
         .await
         .context("starting the sandbox wrapper")?;

@@ -6,7 +6,8 @@
 //!
 //! The supervised loops, in start order (shutdown goes the other way):
 //! `session_cleanup`, `orphan_cleanup`, `task_heartbeat`, `lease_reaper`, `retention_pruner`,
-//! `task_dispatcher`.
+//! `task_dispatcher`, and `store_wakeups` when the task store has wake-ups
+//! ([`task_core::store::Store::wakeups`]: a store shared with other msbd nodes).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -15,7 +16,6 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use task_core::store::postgres::PostgresStore;
 use task_core::store::{Store, Submitted};
 use task_core::{Engine, EngineConfig, NewTask, TaskId};
 
@@ -76,12 +76,6 @@ pub struct WrapperConfig {
     pub task_types: TaskTypes,
     /// How supervised loops are restarted.
     pub restart_policy: RestartPolicy,
-    /// The store again, when it is a PostgreSQL store shared with other msbd nodes: then the
-    /// engine does not recover running tasks at start (they may be another node's; expired
-    /// leases are recovered by the lease reaper), the lease reaper and the retention pruner run
-    /// only while this node is the maintenance leader, and a `store_wakeups` loop starts
-    /// claiming at once when another node queues work (`docs/cluster.md`).
-    pub shared_store: Option<Arc<PostgresStore>>,
 }
 
 impl WrapperConfig {
@@ -119,7 +113,6 @@ impl WrapperConfig {
             output_cap: DEFAULT_OUTPUT_CAP,
             task_types: TaskTypes::default(),
             restart_policy: RestartPolicy::default(),
-            shared_store: None,
         }
     }
 }
@@ -329,7 +322,10 @@ pub fn marker_for(data_dir: &std::path::Path) -> String {
 impl Wrapper {
     /// Starts everything: prepares the backend (detecting isolation), sweeps orphans left by a
     /// previous run, builds the engine on `store` with the sandboxed handlers (recovering tasks
-    /// left running), and starts the supervised loops.
+    /// left running, unless the store is shared with other msbd nodes), and starts the
+    /// supervised loops. What a shared store asks for (its engine settings, maintenance only
+    /// while this node leads, its wake-ups) the wrapper learns from the store itself
+    /// ([`Store`]'s capabilities), whichever store it is.
     pub async fn start(
         store: Arc<dyn Store>,
         config: WrapperConfig,
@@ -407,10 +403,9 @@ impl Wrapper {
             outputs_dir,
             output_cap: config.output_cap,
         });
-        let mut engine_config = config.engine.clone();
-        if config.shared_store.is_some() {
-            engine_config = PostgresStore::engine_config(engine_config);
-        }
+        // A store shared with other msbd nodes adjusts the engine (no recovery of running
+        // tasks at start: they may be another node's; see `Store::engine_config`).
+        let mut engine_config = store.engine_config(config.engine.clone());
         for spec in config.task_types.iter() {
             if let Some(limit) = spec.defaults().concurrency {
                 engine_config
@@ -516,26 +511,22 @@ impl Wrapper {
         // Pausing it would let running tasks' leases expire and the reaper take them back.
         .pausable(false)
         .policy(heartbeat_policy);
-        // On a shared store, the maintenance of the queue is the leader's alone.
-        let shared_store = config.shared_store.clone();
-        let maintains = move || {
-            shared_store
-                .as_ref()
-                .is_none_or(|store| store.is_maintenance_leader())
-        };
+        // On a shared store, the maintenance of the queue is the leader's alone (a store one
+        // process owns always says this process leads).
+        let store = inner.engine.store().clone();
+        let maintains = move || store.is_maintenance_leader();
         // After this node regains the database, leases that ran out meanwhile say nothing
         // about their workers: wait two lease periods (every live node reconnects and renews
-        // its leases) before taking tasks back.
+        // its leases) before taking tasks back (a store that cannot lose its connection never
+        // delays this).
         let reap_grace = engine_config.lease * 2;
-        let shared_store = config.shared_store.clone();
+        let store = inner.engine.store().clone();
         let maintains_now = maintains.clone();
         let leader = move || {
             maintains_now()
-                && shared_store.as_ref().is_none_or(|store| {
-                    store
-                        .healthy_for()
-                        .is_some_and(|healthy| healthy >= reap_grace)
-                })
+                && store
+                    .healthy_for()
+                    .is_some_and(|healthy| healthy >= reap_grace)
         };
         let engine = inner.engine.clone();
         let reaper = periodic(
@@ -619,18 +610,14 @@ impl Wrapper {
         .interval_hint(engine_config.idle_poll)
         .policy(store_policy);
         let mut specs = vec![cleanup, orphans, heartbeat, reaper, pruner, dispatcher];
-        if let Some(store) = config.shared_store.clone() {
+        // A store shared with other msbd nodes wakes the dispatcher when another node queues
+        // work.
+        if let Some(wakeups) = inner.engine.store().clone().wakeups() {
             let engine = inner.engine.clone();
             specs.push(
                 ChildSpec::service("store_wakeups", move |context| {
-                    let engine = engine.clone();
-                    let store = store.clone();
-                    Box::pin(async move {
-                        store
-                            .run_wakeups(&engine, context.cancel.clone())
-                            .await
-                            .map_err(|e| e.to_string())
-                    })
+                    let run = wakeups(engine.clone(), context.cancel.clone());
+                    Box::pin(async move { run.await.map_err(|e| e.to_string()) })
                 })
                 .interval_hint(engine_config.idle_poll)
                 .pausable(false)

@@ -510,7 +510,7 @@ impl Engine {
 
     /// Wakes the dispatcher to claim at once: for a store shared with other processes, whose
     /// tasks become claimable without this engine knowing (see
-    /// [`crate::store::postgres::PostgresStore::run_wakeups`]).
+    /// [`crate::store::Store::wakeups`], [`crate::store::postgres::PostgresStore::run_wakeups`]).
     pub fn wake(&self) {
         self.inner.wake.notify_one();
     }

@@ -752,3 +752,162 @@ fn a_sigkilled_instances_sandboxes_are_swept_at_the_next_start() {
         wrapper.graceful_shutdown(Duration::from_secs(5)).await;
     });
 }
+
+/// A store shared with other processes, as far as the wrapper can tell: a memory store that says
+/// it is shared, changes the engine's settings, is not the maintenance leader and has a wake-up
+/// loop. The wrapper knows no store type; it asks the store (`Store`'s capabilities).
+struct SharedMemory {
+    inner: task_core::store::memory::MemoryStore,
+    leader_asked: std::sync::atomic::AtomicU64,
+    wakeup_runs: Arc<std::sync::atomic::AtomicU64>,
+}
+
+mod shared_memory {
+    use std::collections::BTreeMap;
+    use std::sync::Arc;
+    use std::sync::atomic::Ordering;
+    use std::time::Duration;
+
+    use task_core::store::{
+        ClaimRequest, Command, Finish, Heartbeat, HeartbeatReply, ListFilter, Page, PageRequest,
+        ProgressUpdate, Promoted, Recover, Stats, Store, StoreFuture, Submitted, WakeupLoop,
+    };
+    use task_core::{EngineConfig, Task, TaskId, Timestamp};
+
+    impl Store for super::SharedMemory {
+        fn submit(&self, tasks: Vec<Task>) -> StoreFuture<'_, Vec<Submitted>> {
+            self.inner.submit(tasks)
+        }
+        fn claim(&self, request: ClaimRequest) -> StoreFuture<'_, Vec<Task>> {
+            self.inner.claim(request)
+        }
+        fn promote_due(&self, now: Timestamp) -> StoreFuture<'_, Promoted> {
+            self.inner.promote_due(now)
+        }
+        fn finish(&self, finish: Finish) -> StoreFuture<'_, bool> {
+            self.inner.finish(finish)
+        }
+        fn progress(&self, update: ProgressUpdate) -> StoreFuture<'_, bool> {
+            self.inner.progress(update)
+        }
+        fn heartbeat(&self, heartbeat: Heartbeat) -> StoreFuture<'_, HeartbeatReply> {
+            self.inner.heartbeat(heartbeat)
+        }
+        fn command(&self, id: TaskId, command: Command, now: Timestamp) -> StoreFuture<'_, Task> {
+            self.inner.command(id, command, now)
+        }
+        fn recover(&self, now: Timestamp, which: Recover) -> StoreFuture<'_, Vec<Task>> {
+            self.inner.recover(now, which)
+        }
+        fn prune(&self, before: Timestamp, limit: usize) -> StoreFuture<'_, usize> {
+            self.inner.prune(before, limit)
+        }
+        fn delete_finished(
+            &self,
+            filter: ListFilter,
+            finished_before: Timestamp,
+            limit: usize,
+        ) -> StoreFuture<'_, usize> {
+            self.inner.delete_finished(filter, finished_before, limit)
+        }
+        fn get(&self, id: TaskId) -> StoreFuture<'_, Option<Task>> {
+            self.inner.get(id)
+        }
+        fn list(&self, filter: ListFilter, page: PageRequest) -> StoreFuture<'_, Page> {
+            self.inner.list(filter, page)
+        }
+        fn stats(&self) -> StoreFuture<'_, Stats> {
+            self.inner.stats()
+        }
+        fn timed_out(&self) -> StoreFuture<'_, BTreeMap<String, u64>> {
+            self.inner.timed_out()
+        }
+        fn flush(&self) -> StoreFuture<'_, ()> {
+            self.inner.flush()
+        }
+
+        fn is_shared(&self) -> bool {
+            true
+        }
+        fn engine_config(&self, config: EngineConfig) -> EngineConfig {
+            EngineConfig {
+                recover_running_at_start: false,
+                idle_poll: Duration::from_secs(7),
+                ..config
+            }
+        }
+        fn is_maintenance_leader(&self) -> bool {
+            self.leader_asked.fetch_add(1, Ordering::Relaxed);
+            false
+        }
+        fn healthy_for(&self) -> Option<Duration> {
+            None
+        }
+        fn wakeups(self: Arc<Self>) -> Option<WakeupLoop> {
+            let runs = self.wakeup_runs.clone();
+            Some(Arc::new(move |engine, cancel| {
+                runs.fetch_add(1, Ordering::Relaxed);
+                Box::pin(async move {
+                    engine.wake();
+                    cancel.cancelled().await;
+                    Ok(())
+                })
+            }))
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_wrapper_asks_the_store_for_leadership_wakeups_and_engine_settings() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let dir = tempfile::tempdir().unwrap();
+
+    // A store one process owns: the engine recovers at start, no wake-up loop.
+    let wrapper = Wrapper::start(
+        Arc::new(task_core::store::memory::MemoryStore::new()),
+        config(dir.path(), &unique_marker()),
+    )
+    .await
+    .unwrap();
+    assert!(wrapper.engine().config().recover_running_at_start);
+    assert!(wrapper.supervisor().child("store_wakeups").is_none());
+    wrapper.graceful_shutdown(Duration::from_secs(5)).await;
+
+    // A shared one: its settings, its wake-up loop, maintenance only when it says so.
+    let wakeup_runs = Arc::new(AtomicU64::new(0));
+    let store = Arc::new(SharedMemory {
+        inner: task_core::store::memory::MemoryStore::new(),
+        leader_asked: AtomicU64::new(0),
+        wakeup_runs: wakeup_runs.clone(),
+    });
+    let wrapper = Wrapper::start(store.clone(), config(dir.path(), &unique_marker()))
+        .await
+        .unwrap();
+    let engine_config = wrapper.engine().config();
+    assert!(!engine_config.recover_running_at_start);
+    assert_eq!(engine_config.idle_poll, Duration::from_secs(7));
+    let wakeups = wrapper
+        .supervisor()
+        .child("store_wakeups")
+        .expect("a store_wakeups loop");
+    assert!(!wakeups.pausable);
+    eventually("the wake-up loop to run", || {
+        wakeup_runs.load(Ordering::Relaxed) >= 1
+    })
+    .await;
+    // The reaper (every 500 ms) and the pruner ask whether this node leads; it does not, so
+    // they do nothing.
+    eventually("the maintenance loops to ask for leadership", || {
+        store.leader_asked.load(Ordering::Relaxed) >= 3
+    })
+    .await;
+    let reaper = wrapper.supervisor().child("lease_reaper").unwrap();
+    assert_eq!(reaper.items_total, 0);
+    assert_eq!(reaper.errors, 0);
+    let report = wrapper.graceful_shutdown(Duration::from_secs(5)).await;
+    assert_eq!(
+        report.components_stopped, report.components_expected,
+        "{report:?}"
+    );
+    assert_eq!(report.components_expected, 7, "six loops and the wake-ups");
+}

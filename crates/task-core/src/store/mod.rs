@@ -9,10 +9,14 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use tokio_util::sync::CancellationToken;
 
+use crate::engine::{Engine, EngineConfig};
 use crate::error::{Error, Result};
 use crate::model::{AttemptOutcome, Priority, Status, Task, TaskError, TaskId, Timestamp};
 use crate::state::{Event, decide};
@@ -112,7 +116,51 @@ pub trait Store: Send + Sync + 'static {
     fn health(&self) -> StoreHealth {
         StoreHealth::default()
     }
+
+    // What a store shared with other processes (several msbd nodes on one database) asks of
+    // whoever runs an engine on it. The defaults are a store one process owns: nothing changes.
+
+    /// Whether other processes run engines on this store too (they share its queue).
+    fn is_shared(&self) -> bool {
+        false
+    }
+
+    /// The engine settings for this store, given the ones asked for. A shared store recovers
+    /// nothing at start (a running task may be another live process's: expired leases are the
+    /// lease reaper's) and may poll for work less often when it wakes engines itself
+    /// ([`Store::wakeups`]). The default keeps `config` as it is.
+    fn engine_config(&self, config: EngineConfig) -> EngineConfig {
+        config
+    }
+
+    /// Whether this process should run the queue's maintenance (the lease reaper, the retention
+    /// pruner) now: on a shared store, only one process at a time does. The default: always.
+    fn is_maintenance_leader(&self) -> bool {
+        true
+    }
+
+    /// How long this process has reached the store without a problem since its last problem
+    /// went away; `None` while it has one. After an outage, leases that ran out meanwhile say
+    /// nothing about their workers (no process could renew them): a lease reaper waits until
+    /// this is longer than the processes need to reconnect and renew. The default,
+    /// `Duration::MAX`, never delays the reaper.
+    fn healthy_for(&self) -> Option<Duration> {
+        Some(Duration::MAX)
+    }
+
+    /// The loop that forwards to an engine the wake-ups of the other processes sharing this
+    /// store (work they made ready), for a supervisor to run beside the engine's own loops; `None`
+    /// (the default) when there are none, as for a store one process owns.
+    fn wakeups(self: Arc<Self>) -> Option<WakeupLoop> {
+        None
+    }
 }
+
+/// A store's wake-up loop (see [`Store::wakeups`]): given an engine and a cancellation token,
+/// a future that forwards the store's wake-ups to the engine until the token fires. Called
+/// again for each run, so that a supervisor can restart it.
+pub type WakeupLoop =
+    Arc<dyn Fn(Engine, CancellationToken) -> StoreFuture<'static, ()> + Send + Sync>;
 
 /// How a store is doing, for health checks.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]

@@ -9,8 +9,9 @@
 //! Two things differ because the store is shared:
 //! - [`Recover::AllRunning`] takes only the attempts this node claimed (its process is the one
 //!   known to be gone), never those of other nodes. Still, an engine on a shared store should not
-//!   recover at start: build it with [`PostgresStore::engine_config`], which turns
-//!   `recover_running_at_start` off, and let the lease reaper recover expired leases.
+//!   recover at start: build it with [`PostgresStore::engine_config`] (or, not knowing the
+//!   store's type, [`Store::engine_config`]), which turns `recover_running_at_start` off, and let
+//!   the lease reaper recover expired leases.
 //! - A task bound to a session (`session_id` set) is claimed only by the node it was submitted
 //!   to, because sessions and their sandboxes live on one node; tasks without a session, or with
 //!   a session made for them alone ([`PostgresConfig::portable_session`]), run on any node (see
@@ -50,11 +51,14 @@
 //! retry) ends with `pg_notify` on the store's channel. Each store listens on a connection of its
 //! own and hands the other nodes' notices to [`PostgresStore::next_wakeup`];
 //! [`PostgresStore::run_wakeups`] forwards them to an engine ([`crate::Engine::wake`],
-//! [`crate::Engine::note_due`]). The engine's idle poll stays as a slow safety net.
+//! [`crate::Engine::note_due`]); [`Store::wakeups`] offers that loop to a runner that does not
+//! know the store's type (sandbox-wrapper supervises it). The engine's idle poll stays as a slow
+//! safety net.
 //!
 //! # Maintenance on one node
 //! The listening connection also tries to take a session advisory lock of the schema:
-//! [`PostgresStore::is_maintenance_leader`] says whether this node holds it. The lease reaper and
+//! [`PostgresStore::is_maintenance_leader`] (and [`Store::is_maintenance_leader`]) says whether
+//! this node holds it. The lease reaper and
 //! the pruner should run only there; when the node dies its connection closes, the lock is free,
 //! and another node takes it within [`PostgresConfig::leader_retry`].
 //!
@@ -111,7 +115,7 @@ use crate::model::{Task, TaskId, Timestamp};
 use crate::store::{
     ClaimRequest, Command, Cursor, Finish, Heartbeat, HeartbeatReply, ListFilter, Page,
     PageRequest, ProgressUpdate, Promoted, Recover, Stats, Store, StoreFuture, StoreHealth,
-    StoreStatus, Submitted,
+    StoreStatus, Submitted, WakeupLoop,
 };
 
 use listen::Wakeups;
@@ -1114,6 +1118,31 @@ impl Store for PostgresStore {
 
     fn health(&self) -> StoreHealth {
         self.shared.health.get()
+    }
+
+    fn is_shared(&self) -> bool {
+        true
+    }
+
+    fn engine_config(&self, config: EngineConfig) -> EngineConfig {
+        PostgresStore::engine_config(config)
+    }
+
+    fn is_maintenance_leader(&self) -> bool {
+        PostgresStore::is_maintenance_leader(self)
+    }
+
+    fn healthy_for(&self) -> Option<Duration> {
+        PostgresStore::healthy_for(self)
+    }
+
+    fn wakeups(self: Arc<Self>) -> Option<WakeupLoop> {
+        Some(Arc::new(
+            move |engine: Engine, cancel: CancellationToken| {
+                let store = self.clone();
+                Box::pin(async move { store.run_wakeups(&engine, cancel).await })
+            },
+        ))
     }
 }
 

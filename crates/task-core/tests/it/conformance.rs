@@ -102,6 +102,31 @@ fn at(seconds: i64) -> Timestamp {
     Timestamp(T0 + seconds * 1_000)
 }
 
+/// What a shared store asks of an engine's runner (leadership, wake-ups, its engine settings),
+/// on the stores one process owns: nothing, so that an engine on them runs as it always did.
+/// (The PostgreSQL store's answers: `postgres.rs`.)
+#[tokio::test]
+async fn a_store_one_process_owns_keeps_the_engine_as_it_is() {
+    let (sqlite, _dir) = sqlite_store();
+    let stores: [std::sync::Arc<dyn Store>; 2] = [
+        std::sync::Arc::new(MemoryStore::new()),
+        std::sync::Arc::new(sqlite),
+    ];
+    for store in stores {
+        assert!(!store.is_shared());
+        let asked = task_core::EngineConfig {
+            idle_poll: Duration::from_millis(7),
+            ..task_core::EngineConfig::default()
+        };
+        let config = store.engine_config(asked.clone());
+        assert!(config.recover_running_at_start);
+        assert_eq!(config.idle_poll, asked.idle_poll);
+        assert!(store.is_maintenance_leader());
+        assert_eq!(store.healthy_for(), Some(Duration::MAX));
+        assert!(store.wakeups().is_none());
+    }
+}
+
 fn sqlite_store() -> (SqliteStore, tempfile::TempDir) {
     let dir = tempfile::tempdir().expect("a temporary directory");
     let store =

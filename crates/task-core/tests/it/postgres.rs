@@ -679,6 +679,77 @@ async fn maintenance_leadership_fails_over_when_the_leader_goes() {
     eprintln!("maintenance failover took {:?}", before.elapsed());
 }
 
+/// The capabilities of a shared store, asked through `dyn Store` as sandbox-wrapper asks them
+/// (it does not know which store it has): the answers of the PostgreSQL store's own methods.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_store_trait_answers_as_the_postgres_store_does() {
+    let schema = TestSchema::new();
+    let a: Arc<dyn Store> = Arc::new(schema.store("trait-a").await);
+    let b = Arc::new(schema.store("trait-b").await);
+    let b_dyn: Arc<dyn Store> = Arc::clone(&b) as Arc<dyn Store>;
+    assert!(a.is_shared() && b_dyn.is_shared());
+
+    let asked = EngineConfig {
+        idle_poll: Duration::from_millis(10),
+        ..EngineConfig::default()
+    };
+    let config = b_dyn.engine_config(asked.clone());
+    let inherent = PostgresStore::engine_config(asked);
+    assert!(!config.recover_running_at_start);
+    assert_eq!(config.idle_poll, inherent.idle_poll);
+    assert!(config.idle_poll > Duration::from_millis(10));
+
+    // The first store opened took the maintenance lock.
+    assert!(a.is_maintenance_leader());
+    assert!(!b_dyn.is_maintenance_leader());
+    assert_eq!(b_dyn.is_maintenance_leader(), b.is_maintenance_leader());
+    let healthy = b_dyn.healthy_for().expect("healthy");
+    assert!(healthy > Duration::ZERO);
+
+    // Its wake-up loop, run on node b's engine (idle poll of a minute), starts a task submitted
+    // on node a at once.
+    let engine = Engine::builder(Arc::clone(&b_dyn))
+        .handler(
+            "job",
+            handler_fn(|_ctx| async { Ok::<_, TaskFailure>(Value::Null) }),
+        )
+        .config(b_dyn.engine_config(EngineConfig {
+            idle_poll: Duration::from_secs(60),
+            ..EngineConfig::default()
+        }))
+        .build()
+        .await
+        .expect("engine");
+    let loops = engine.start();
+    let wakeups = Arc::clone(&b_dyn).wakeups().expect("a wake-up loop");
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let forward = tokio::spawn(wakeups(engine.clone(), cancel.clone()));
+    // Let the dispatcher go idle first.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let sent = Instant::now();
+    let task = a
+        .submit(tasks(1, Timestamp::now()))
+        .await
+        .expect("submit")
+        .remove(0)
+        .task;
+    let done = engine
+        .wait(task.id, Duration::from_secs(10))
+        .await
+        .expect("wait");
+    assert_eq!(done.status, Status::Completed);
+    assert!(
+        sent.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        sent.elapsed()
+    );
+
+    cancel.cancel();
+    forward.await.expect("forwarder").expect("forwarding");
+    engine.shutdown(Duration::from_secs(5)).await;
+    loops.stop().await;
+}
+
 #[tokio::test]
 async fn an_unreachable_database_fails_with_a_clear_error() {
     let mut config = PostgresConfig::new("postgres://postgres@127.0.0.1:1/test", "n");
