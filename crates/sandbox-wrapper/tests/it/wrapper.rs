@@ -649,10 +649,13 @@ fn kill_test_child() {
     runtime.block_on(async move {
         let wrapper = start(&dir, config(&dir, &marker)).await;
         for session in ["k1", "k2"] {
+            // Not run again after the kill (an interrupted task runs again by default): a rerun
+            // would make its session anew while the test looks for the old one's leftovers.
             let task = NewTask::new(
                 "command",
                 json!({"command": "setsid sh -c 'sleep 300' & sleep 300", "session_id": session}),
-            );
+            )
+            .with_rerun_on_recovery(false);
             wrapper.submit(task).await.unwrap();
         }
         eventually("the tasks to run", || marked_processes(&marker).len() >= 4).await;
