@@ -92,7 +92,7 @@ pub struct SessionInfo {
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
     /// A limit is reached and nothing could be evicted.
-    #[error("{limit} limit reached: {current} in use, at most {max}{unit}. {hint}")]
+    #[error("{limit} limit reached: {current} in use, at most {max}{unit}. {remedy}")]
     LimitReached {
         /// `sessions` or `memory`.
         limit: &'static str,
@@ -102,8 +102,9 @@ pub enum SessionError {
         max: u64,
         /// ` MB` for memory, empty for sessions.
         unit: &'static str,
-        /// What to do.
-        hint: String,
+        /// What would lift it, as facts (its `Display` words them for an agent; the names of the
+        /// operator's settings are the daemon's to add).
+        remedy: LimitRemedy,
     },
     /// No session has that id.
     #[error(
@@ -128,6 +129,72 @@ pub enum SessionError {
     /// The backend failed.
     #[error(transparent)]
     Backend(#[from] BackendError),
+}
+
+/// What would lift a session or memory limit that refused a session: the facts behind the advice
+/// in [`SessionError::LimitReached`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LimitRemedy {
+    /// The flavor alone needs more memory than the limit allows.
+    SmallerFlavor {
+        /// The flavor asked for.
+        flavor: Flavor,
+        /// What it needs, in MiB.
+        need_mb: u64,
+    },
+    /// Eviction is on, but every session that could make room is busy running tasks.
+    WaitForBusy {
+        /// Sessions running tasks.
+        busy: usize,
+        /// The flavor asked for, when memory is the limit (`None` for the session count).
+        memory_for: Option<(Flavor, u64)>,
+    },
+    /// Eviction is off: idle sessions are kept, so the limit holds until one is stopped.
+    EvictionOff {
+        /// The flavor asked for, when memory is the limit (`None` for the session count).
+        memory_for: Option<(Flavor, u64)>,
+    },
+}
+
+impl std::fmt::Display for LimitRemedy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LimitRemedy::SmallerFlavor { flavor, need_mb } => write!(
+                f,
+                "a {flavor} session needs {need_mb} MB on its own: use a smaller flavor, or have \
+                 the operator raise the total memory limit"
+            ),
+            LimitRemedy::WaitForBusy {
+                busy,
+                memory_for: None,
+            } => write!(
+                f,
+                "all {busy} busy sessions are running tasks: wait for one to finish, reuse a \
+                 session, stop one, or have the operator raise the session limit"
+            ),
+            LimitRemedy::WaitForBusy {
+                memory_for: Some((flavor, need_mb)),
+                ..
+            } => write!(
+                f,
+                "a {flavor} session needs {need_mb} MB more: use a smaller flavor, stop a \
+                 session, wait for a busy one to finish, or have the operator raise the total \
+                 memory limit"
+            ),
+            LimitRemedy::EvictionOff { memory_for: None } => f.write_str(
+                "reuse a session, stop one, or have the operator enable LRU eviction of idle \
+                 sessions or raise the session limit",
+            ),
+            LimitRemedy::EvictionOff {
+                memory_for: Some((flavor, need_mb)),
+            } => write!(
+                f,
+                "a {flavor} session needs {need_mb} MB more: use a smaller flavor, stop a \
+                 session, or have the operator enable LRU eviction of idle sessions or raise the \
+                 total memory limit"
+            ),
+        }
+    }
 }
 
 /// A session in use by one task: the session stays `running` (and is not expired or evicted)
@@ -229,9 +296,10 @@ impl ResourceManager {
                 current: holdings.iter().map(|h| h.memory_mb).sum(),
                 max: self.max_total_memory_mb,
                 unit: " MB",
-                hint: format!(
-                    "a {flavor} session needs {want} MB on its own: use a smaller flavor or raise MSB_MAX_TOTAL_MEMORY_MB"
-                ),
+                remedy: LimitRemedy::SmallerFlavor {
+                    flavor,
+                    need_mb: want,
+                },
             });
         }
         let mut idle: Vec<&Holding> = holdings.iter().filter(|h| !h.busy).collect();
@@ -259,28 +327,27 @@ impl ResourceManager {
                         current: holdings.len() as u64,
                         max: self.max_sessions as u64,
                         unit: "",
-                        hint: if self.lru_eviction {
-                            format!(
-                                "all {busy} busy sessions are running tasks: wait for one to finish, reuse a session_id, stop a session, or raise MSB_MAX_SESSIONS"
-                            )
+                        remedy: if self.lru_eviction {
+                            LimitRemedy::WaitForBusy {
+                                busy,
+                                memory_for: None,
+                            }
                         } else {
-                            "reuse a session_id, stop a session (stop_session), enable MSB_ENABLE_LRU_EVICTION, or raise MSB_MAX_SESSIONS".to_owned()
+                            LimitRemedy::EvictionOff { memory_for: None }
                         },
                     }
                 } else {
+                    let memory_for = Some((flavor, want));
                     SessionError::LimitReached {
                         limit: "memory",
                         current: holdings.iter().map(|h| h.memory_mb).sum(),
                         max: self.max_total_memory_mb,
                         unit: " MB",
-                        hint: format!(
-                            "a {flavor} session needs {want} MB more: use a smaller flavor, stop a session, {}or raise MSB_MAX_TOTAL_MEMORY_MB",
-                            if self.lru_eviction {
-                                "wait for a busy one to finish, "
-                            } else {
-                                "enable MSB_ENABLE_LRU_EVICTION, "
-                            }
-                        ),
+                        remedy: if self.lru_eviction {
+                            LimitRemedy::WaitForBusy { busy, memory_for }
+                        } else {
+                            LimitRemedy::EvictionOff { memory_for }
+                        },
                     }
                 });
             };

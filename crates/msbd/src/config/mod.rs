@@ -37,7 +37,7 @@ use std::time::Duration;
 
 use sandbox_wrapper::WrapperConfig;
 use sandbox_wrapper::backend::local::{IsolationLevel, IsolationMode};
-use sandbox_wrapper::backend::microsandbox::MicrosandboxConfig;
+use sandbox_wrapper::backend::microsandbox::{MicrosandboxConfig, SettingNames};
 use sandbox_wrapper::backend::{Flavor, VolumeMapping};
 use sandbox_wrapper::session::SessionConfig;
 use sandbox_wrapper::task_types::TaskTypes;
@@ -543,6 +543,10 @@ impl Config {
                 // Empty: the wrapper derives it from the data directory, as for the local backend.
                 instance_marker: String::new(),
                 request_timeout: self.sandbox_start_timeout,
+                setting_names: SettingNames {
+                    server_url: "MSB_SERVER_URL".to_owned(),
+                    api_key: "MSB_API_KEY".to_owned(),
+                },
             }),
         };
         wrapper.isolation = self.isolation.mode();

@@ -171,6 +171,29 @@ pub struct MicrosandboxConfig {
     /// may take its own timeout plus this. `sandbox.start` waits while the server pulls an image,
     /// so this should be at least the start timeout (`MSB_SANDBOX_START_TIMEOUT`, 180 s).
     pub request_timeout: Duration,
+    /// What the operator calls the server URL and API key settings, for the advice in error
+    /// messages: this library knows neither name nor where the values came from.
+    pub setting_names: SettingNames,
+}
+
+/// The names of the settings behind [`MicrosandboxConfig`]'s server URL and API key, as the
+/// program that fills it calls them (msbd: `MSB_SERVER_URL`, `MSB_API_KEY`). Error messages name
+/// them so that an operator knows what to change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SettingNames {
+    /// The setting that holds the server URL.
+    pub server_url: String,
+    /// The setting that holds the API key.
+    pub api_key: String,
+}
+
+impl Default for SettingNames {
+    fn default() -> SettingNames {
+        SettingNames {
+            server_url: "the server URL setting".to_owned(),
+            api_key: "the API key setting".to_owned(),
+        }
+    }
 }
 
 impl fmt::Debug for MicrosandboxConfig {
@@ -188,6 +211,7 @@ impl fmt::Debug for MicrosandboxConfig {
             .field("namespace", &self.namespace)
             .field("instance_marker", &self.instance_marker)
             .field("request_timeout", &self.request_timeout)
+            .field("setting_names", &self.setting_names)
             .finish()
     }
 }
@@ -210,6 +234,7 @@ struct Inner {
     /// `{marker}-`: every name of ours starts with it.
     prefix: String,
     request_timeout: Duration,
+    names: SettingNames,
     next_id: AtomicU64,
     /// What this process created: sandbox name → (session id, flavor).
     created: Mutex<HashMap<String, (String, Flavor)>>,
@@ -232,18 +257,19 @@ impl MicrosandboxBackend {
     /// a URL that does not parse, a namespace or marker the rules above do not allow, an API key
     /// that cannot be sent in a header.
     pub fn new(config: MicrosandboxConfig) -> Result<MicrosandboxBackend, BackendError> {
-        let server_url = check_server_url(&config.server_url)?;
+        let names = config.setting_names;
+        let server_url = check_server_url(&config.server_url, &names.server_url)?;
         check_namespace(&config.namespace)?;
         check_marker(&config.instance_marker)?;
         let api_key = config.api_key.filter(|key| !key.is_empty());
         if let Some(key) = &api_key
             && !key.bytes().all(|b| b.is_ascii_graphic())
         {
-            return Err(BackendError::InvalidRequest(
-                "the microsandbox API key (MSB_API_KEY) contains spaces or characters that \
-                 cannot be sent in an HTTP header: copy it again from `msb server keygen`"
-                    .to_owned(),
-            ));
+            return Err(BackendError::InvalidRequest(format!(
+                "the microsandbox API key ({}) contains spaces or characters that cannot be sent \
+                 in an HTTP header: copy it again from `msb server keygen`",
+                names.api_key
+            )));
         }
         if config.request_timeout.is_zero() {
             return Err(BackendError::InvalidRequest(
@@ -270,6 +296,7 @@ impl MicrosandboxBackend {
                 namespace: config.namespace,
                 prefix: format!("{}-", config.instance_marker),
                 request_timeout: config.request_timeout,
+                names,
                 next_id: AtomicU64::new(1),
                 created: Mutex::new(HashMap::new()),
             }),
@@ -546,14 +573,14 @@ impl Inner {
             let said = server_message.as_deref().unwrap_or("unauthorized");
             let text = match &self.api_key {
                 Some(_) => format!(
-                    "the microsandbox server at {} refused the API key ({said}): check MSB_API_KEY \
+                    "the microsandbox server at {} refused the API key ({said}): check {} \
                      (create a key with `msb server keygen`)",
-                    self.server_url
+                    self.server_url, self.names.api_key
                 ),
                 None => format!(
-                    "the microsandbox server at {} requires an API key ({said}): set MSB_API_KEY \
+                    "the microsandbox server at {} requires an API key ({said}): set {} \
                      (create one with `msb server keygen`), or start the server with --dev",
-                    self.server_url
+                    self.server_url, self.names.api_key
                 ),
             };
             return Err(CallFailure::server(text, server_message));
@@ -562,9 +589,8 @@ impl Inner {
             let said = server_message.as_deref().unwrap_or("forbidden");
             let text = format!(
                 "the microsandbox server at {} denied access to namespace {:?} ({said}): use an \
-                 API key for that namespace in MSB_API_KEY, or configure msbd to use the key's \
-                 namespace",
-                self.server_url, self.namespace
+                 API key for that namespace in {}, or use the key's namespace",
+                self.server_url, self.namespace, self.names.api_key
             );
             return Err(CallFailure::server(text, server_message));
         }
@@ -585,10 +611,10 @@ impl Inner {
                 text.push_str(&format!(" (JSON-RPC error {code})"));
             }
             if code == Some(-32601) {
-                text.push_str(
-                    "; is MSB_SERVER_URL pointing at a microsandbox server of a version that has \
-                     this method?",
-                );
+                text.push_str(&format!(
+                    "; is {} pointing at a microsandbox server of a version that has this method?",
+                    self.names.server_url
+                ));
             }
             return Err(CallFailure::server(text, Some(message.to_owned())));
         }
@@ -600,8 +626,9 @@ impl Inner {
             match &server_message {
                 Some(message) => text.push_str(&format!(": {message}")),
                 None => text.push_str(&format!(
-                    " ({}); is MSB_SERVER_URL pointing at a microsandbox server?",
-                    quote_body(&bytes)
+                    " ({}); is {} pointing at a microsandbox server?",
+                    quote_body(&bytes),
+                    self.names.server_url
                 )),
             }
             if status >= 500 {
@@ -614,10 +641,10 @@ impl Inner {
             _ => Err(CallFailure::server(
                 format!(
                     "the microsandbox server at {} answered {method} with something that is not \
-                     a JSON-RPC response ({}); is MSB_SERVER_URL pointing at a microsandbox \
-                     server?",
+                     a JSON-RPC response ({}); is {} pointing at a microsandbox server?",
                     self.server_url,
-                    quote_body(&bytes)
+                    quote_body(&bytes),
+                    self.names.server_url
                 ),
                 None,
             )),
@@ -643,15 +670,15 @@ impl Inner {
         } else if error.is_connect() {
             format!(
                 "could not connect to the microsandbox server at {} ({detail}): is the \
-                 microsandbox server running there (`msb server start`)? Set MSB_SERVER_URL if \
-                 it listens elsewhere",
-                self.server_url
+                 microsandbox server running there (`msb server start`)? Set {} if it listens \
+                 elsewhere",
+                self.server_url, self.names.server_url
             )
         } else {
             format!(
                 "{method} to the microsandbox server at {} failed ({detail}): is the microsandbox \
-                 server running at {}? Set MSB_SERVER_URL",
-                self.server_url, self.server_url
+                 server running at {}? Set {}",
+                self.server_url, self.server_url, self.names.server_url
             )
         };
         CallFailure {
@@ -1123,11 +1150,11 @@ fn volume_string(volume: &VolumeMapping) -> Result<String, BackendError> {
     Ok(format!("{host}:{guest}"))
 }
 
-fn check_server_url(url: &str) -> Result<String, BackendError> {
+fn check_server_url(url: &str, setting: &str) -> Result<String, BackendError> {
     let trimmed = url.trim().trim_end_matches('/');
     let parsed = reqwest::Url::parse(trimmed).map_err(|error| {
         BackendError::InvalidRequest(format!(
-            "the microsandbox server URL {url:?} (MSB_SERVER_URL) is not a URL ({error}): use \
+            "the microsandbox server URL {url:?} ({setting}) is not a URL ({error}): use \
              one such as http://127.0.0.1:5555"
         ))
     })?;
@@ -1135,7 +1162,7 @@ fn check_server_url(url: &str) -> Result<String, BackendError> {
         "http" => {}
         "https" => {
             return Err(BackendError::InvalidRequest(format!(
-                "the microsandbox server URL {url:?} (MSB_SERVER_URL) uses https, which this \
+                "the microsandbox server URL {url:?} ({setting}) uses https, which this \
                  build of msbd does not support yet (it has no TLS): use http:// (the server \
                  listens on plain HTTP, http://127.0.0.1:5555 by default), or reach a remote \
                  server through a local TLS-terminating proxy"
@@ -1143,7 +1170,7 @@ fn check_server_url(url: &str) -> Result<String, BackendError> {
         }
         other => {
             return Err(BackendError::InvalidRequest(format!(
-                "the microsandbox server URL {url:?} (MSB_SERVER_URL) has scheme {other:?}: use \
+                "the microsandbox server URL {url:?} ({setting}) has scheme {other:?}: use \
                  http://host:port"
             )));
         }
@@ -1153,7 +1180,7 @@ fn check_server_url(url: &str) -> Result<String, BackendError> {
         || parsed.fragment().is_some()
     {
         return Err(BackendError::InvalidRequest(format!(
-            "the microsandbox server URL {url:?} (MSB_SERVER_URL) must be http://host[:port] \
+            "the microsandbox server URL {url:?} ({setting}) must be http://host[:port] \
              (with no query or fragment)"
         )));
     }

@@ -13,7 +13,9 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use sandbox_wrapper::backend::microsandbox::{MicrosandboxBackend, MicrosandboxConfig};
+use sandbox_wrapper::backend::microsandbox::{
+    MicrosandboxBackend, MicrosandboxConfig, SettingNames,
+};
 use sandbox_wrapper::backend::{
     BackendError, EndReason, ExecControl, ExecRequest, ExitStatus, Flavor, Language, ReplRequest,
     SandboxBackend, SandboxInfo, SandboxSpec, VolumeMapping,
@@ -537,6 +539,11 @@ fn config(url: &str, key: Option<&str>) -> MicrosandboxConfig {
         namespace: NAMESPACE.to_owned(),
         instance_marker: MARKER.to_owned(),
         request_timeout: Duration::from_secs(10),
+        // Not msbd's names: the messages must take them from the configuration.
+        setting_names: SettingNames {
+            server_url: "THE_URL_SETTING".to_owned(),
+            api_key: "THE_KEY_SETTING".to_owned(),
+        },
     }
 }
 
@@ -833,17 +840,17 @@ async fn a_wrong_or_missing_api_key_says_to_check_msb_api_key() {
     let wrong = MicrosandboxBackend::new(config(&server.url, Some("msb_wrong"))).unwrap();
     let message = unavailable(wrong.list().await.unwrap_err());
     assert!(
-        message.contains("MSB_API_KEY") && message.contains("Invalid or expired token"),
+        message.contains("THE_KEY_SETTING") && message.contains("Invalid or expired token"),
         "{message}"
     );
     let message = unavailable(wrong.create(&spec("s1")).await.unwrap_err());
-    assert!(message.contains("MSB_API_KEY"), "{message}");
+    assert!(message.contains("THE_KEY_SETTING"), "{message}");
     assert!(server.calls().is_empty(), "nothing passed authentication");
 
     let none = MicrosandboxBackend::new(config(&server.url, None)).unwrap();
     let message = unavailable(none.list().await.unwrap_err());
     assert!(
-        message.contains("requires an API key") && message.contains("MSB_API_KEY"),
+        message.contains("requires an API key") && message.contains("THE_KEY_SETTING"),
         "{message}"
     );
     assert_eq!(server.state().auth.last().unwrap(), &None);
@@ -1205,7 +1212,7 @@ async fn configuration_is_checked_before_anything_is_sent() {
         MicrosandboxBackend::new(config("https://msb.example.com", None)).unwrap_err(),
     );
     assert!(
-        message.contains("https") && message.contains("MSB_SERVER_URL"),
+        message.contains("https") && message.contains("THE_URL_SETTING"),
         "{message}"
     );
     invalid_request(MicrosandboxBackend::new(config("not a url", None)).unwrap_err());
@@ -1236,7 +1243,7 @@ async fn configuration_is_checked_before_anything_is_sent() {
 }
 
 #[tokio::test]
-async fn an_unreachable_server_names_the_url_and_msb_server_url() {
+async fn an_unreachable_server_names_the_url_and_the_url_setting() {
     // A port that was just free: nothing listens there.
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
@@ -1244,7 +1251,7 @@ async fn an_unreachable_server_names_the_url_and_msb_server_url() {
     let backend = MicrosandboxBackend::new(config(&url, Some(KEY))).unwrap();
     let message = unavailable(backend.list().await.unwrap_err());
     assert!(
-        message.contains(&url) && message.contains("MSB_SERVER_URL"),
+        message.contains(&url) && message.contains("THE_URL_SETTING"),
         "{message}"
     );
 }

@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 use sandbox_wrapper::backend::local::{LocalBackend, LocalConfig};
 use sandbox_wrapper::backend::{BackendError, Flavor, SandboxBackend};
 use sandbox_wrapper::session::{
-    Holding, ResourceManager, SessionConfig, SessionError, SessionLease, SessionManager,
-    SessionStatus,
+    Holding, LimitRemedy, ResourceManager, SessionConfig, SessionError, SessionLease,
+    SessionManager, SessionStatus,
 };
 
 /// Stops every sandbox its backend still holds when dropped, so that a failing test leaves no
@@ -403,7 +403,7 @@ async fn at_the_session_limit_with_every_session_busy_the_error_is_sessions_limi
     assert!(message.contains("sessions limit reached"), "{message}");
     assert!(message.contains("busy"), "{message}");
     assert!(message.contains("wait for one to finish"), "{message}");
-    assert!(message.contains("MSB_MAX_SESSIONS"), "{message}");
+    assert!(message.contains("raise the session limit"), "{message}");
     // A named new session is refused the same way, and nothing busy was touched.
     let error = refused(f.manager.acquire(Some("c"), None, "python").await);
     assert!(
@@ -454,8 +454,8 @@ async fn without_lru_eviction_the_session_limit_refuses_naming_the_limit_and_the
     );
     let message = error.to_string();
     assert!(message.contains("sessions limit reached"), "{message}");
-    assert!(message.contains("MSB_MAX_SESSIONS"), "{message}");
-    assert!(message.contains("MSB_ENABLE_LRU_EVICTION"), "{message}");
+    assert!(message.contains("raise the session limit"), "{message}");
+    assert!(message.contains("enable LRU eviction"), "{message}");
     // The idle session was not evicted, and nothing of "b" was made.
     assert!(a.is_dir());
     assert_eq!(f.ids(), ["a"]);
@@ -501,7 +501,7 @@ async fn a_session_larger_than_the_memory_limit_is_refused_outright() {
     assert!(message.contains("3072 MB"), "{message}");
     assert!(message.contains("4096 MB"), "{message}");
     assert!(message.contains("large"), "{message}");
-    assert!(message.contains("MSB_MAX_TOTAL_MEMORY_MB"), "{message}");
+    assert!(message.contains("raise the total memory limit"), "{message}");
     // Nothing was evicted for a session that could never fit.
     assert_eq!(f.ids(), ["a", "b", "c"]);
     assert!(dirs.iter().all(|d| d.is_dir()));
@@ -659,10 +659,10 @@ fn admit_evicts_least_recently_used_idle_sessions_and_never_busy_ones() {
             Want::Refuse("memory", "use a smaller flavor")),
         ("eviction off: session limit", (1, BIG, false),
             vec![held("a", Small, false, 1.0)],
-            Small, Want::Refuse("sessions", "MSB_ENABLE_LRU_EVICTION")),
+            Small, Want::Refuse("sessions", "enable LRU eviction")),
         ("eviction off: memory limit", (10, 2048, false),
             vec![held("a", Small, false, 1.0)],
-            Medium, Want::Refuse("memory", "enable MSB_ENABLE_LRU_EVICTION")),
+            Medium, Want::Refuse("memory", "enable LRU eviction")),
         ("eviction off: room left is still fine", (2, BIG, false),
             vec![held("a", Small, false, 1.0)], Small, Want::Evict(&[])),
     ];
@@ -722,10 +722,17 @@ fn admit_reports_the_figures_of_a_memory_refusal() {
             current,
             max,
             unit,
-            hint,
+            remedy,
         }) => {
             assert_eq!((current, max, unit), (2048, 3072, " MB"));
-            assert!(hint.contains("2048 MB"), "{hint}");
+            assert_eq!(
+                remedy,
+                LimitRemedy::WaitForBusy {
+                    busy: 2,
+                    memory_for: Some((Flavor::Medium, 2048)),
+                }
+            );
+            assert!(remedy.to_string().contains("2048 MB"), "{remedy}");
         }
         other => panic!("{:?}", other.map_err(|e| e.to_string())),
     }
