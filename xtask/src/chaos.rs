@@ -5,9 +5,9 @@
 //! lease plus one second, and that nothing of msbd is left after its graceful stop. It prints
 //! `chaos: N accepted, N terminal, 0 lost, 0 duplicated, K kills` and fails when a check fails.
 //! The seed (printed at the start) replays the same plan. `cargo xtask ci` runs a reduced run
-//! ([`ci_reduced`]).
+//! ([`ci_reduced`]) on the debug binaries its build stage made.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, bail};
 use xshell::{Shell, cmd};
@@ -48,8 +48,23 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
 }
 
 /// The reduced chaos run of `cargo xtask ci`: about 2,000 tasks and 3 kills.
-pub(crate) fn ci_reduced() -> anyhow::Result<()> {
-    chaos(CI_TASKS, CI_KILLS, None)
+/// Runs on the `msbd` and `msbd-chaos` already built in `binaries` (the checks do not depend on
+/// the build's speed: recovery is timed against the lease).
+pub(crate) fn ci_reduced(binaries: &Path) -> anyhow::Result<()> {
+    for binary in ["msbd", "msbd-chaos"] {
+        if !binaries.join(binary).is_file() {
+            bail!(
+                "{} is missing: the reduced chaos run uses the binaries of `cargo build --workspace --tests --bins` (the ci build stage)",
+                binaries.join(binary).display()
+            );
+        }
+    }
+    let sh = Shell::new()?;
+    sh.change_dir(project_root());
+    print_step_header(&format!(
+        "chaos: {CI_TASKS} tasks over MCP, {CI_KILLS} SIGKILLs and restarts of the debug msbd"
+    ));
+    run_harness(&sh, binaries, CI_TASKS, CI_KILLS, None)
 }
 
 fn chaos(tasks: u64, kills: u64, seed: Option<u64>) -> anyhow::Result<()> {
@@ -59,9 +74,18 @@ fn chaos(tasks: u64, kills: u64, seed: Option<u64>) -> anyhow::Result<()> {
         "chaos: {tasks} tasks over MCP, {kills} SIGKILLs and restarts of the release msbd"
     ));
     cmd!(sh, "cargo build --release -p msbd -p msbd-chaos --locked").run()?;
-    let release = target_dir().join("release");
-    let msbd = release.join("msbd");
-    let harness = release.join("msbd-chaos");
+    run_harness(&sh, &target_dir().join("release"), tasks, kills, seed)
+}
+
+fn run_harness(
+    sh: &Shell,
+    binaries: &Path,
+    tasks: u64,
+    kills: u64,
+    seed: Option<u64>,
+) -> anyhow::Result<()> {
+    let msbd = binaries.join("msbd");
+    let harness = binaries.join("msbd-chaos");
     let tasks = tasks.to_string();
     let kills = kills.to_string();
     let seed: Vec<String> = seed
@@ -77,7 +101,7 @@ fn chaos(tasks: u64, kills: u64, seed: Option<u64>) -> anyhow::Result<()> {
 }
 
 /// Cargo's target directory: `CARGO_TARGET_DIR` when set, else `target` in the workspace.
-fn target_dir() -> PathBuf {
+pub(crate) fn target_dir() -> PathBuf {
     match std::env::var_os("CARGO_TARGET_DIR") {
         Some(dir) if !dir.is_empty() => {
             let dir = PathBuf::from(dir);

@@ -1,15 +1,17 @@
 //! `cargo xtask ci`: every check that CI runs, in order, stopping at the first failure.
 //!
-//! The steps are: rustfmt, clippy, doctests and tests (with cargo-nextest when it is
+//! The steps are: rustfmt, clippy, one build of the workspace's tests and binaries (which every
+//! later step reuses: nothing is compiled twice), doctests and tests (with cargo-nextest when it is
 //! installed, else `cargo test`), the interoperability check with the official Python MCP SDK
 //! (`interop/python_client.py` against the built `msbd`, with the Python named by
-//! `MSBD_INTEROP_PYTHON`, else `target/interop-venv/bin/python`; `.ci/run` makes that
-//! environment), the one with the official TypeScript MCP SDK (`node
+//! `MSBD_INTEROP_PYTHON`, else `target/interop-venv/bin/python`; `.ci/run` makes one in its
+//! cache, `~/.cache/msbd-ci`, and names it), the one with the official TypeScript MCP SDK (`node
 //! interop/typescript/client.mjs` against the same `msbd`, over stdio and streamable HTTP; it
 //! fails on any console output, such as the schema validator's warnings; `.ci/run` installs the
 //! SDK with `npm ci --prefix interop/typescript`), a short run of every fuzz target (`cargo
-//! xtask fuzz`), a reduced crash-chaos run (`cargo xtask chaos`: about 2,000 tasks, 3 kills),
-//! and rustdoc with warnings denied. The time of each stage is printed at the end.
+//! xtask fuzz`), a reduced crash-chaos run on the debug binaries that step built (`cargo xtask
+//! chaos` runs the full one in release: about 2,000 tasks, 3 kills here), and rustdoc with
+//! warnings denied. The time of each stage is printed at the end.
 
 use std::time::{Duration, Instant};
 
@@ -71,6 +73,14 @@ fn run_stages(sh: &Shell, stages: &mut Stages) -> anyhow::Result<()> {
         .run()?)
     })?;
 
+    // One build for every later stage: the test binaries, and the `msbd` and `msbd-chaos`
+    // binaries with the features the test build unifies (a `cargo build -p msbd` would resolve
+    // features differently and compile much of the workspace again).
+    stages.time("build", || {
+        print_step_header("build: the workspace's tests and binaries, once");
+        Ok(cmd!(sh, "cargo build --workspace --tests --bins --locked").run()?)
+    })?;
+
     if nextest_is_installed(sh) {
         // nextest does not run doctests, so they get a step of their own.
         stages.time("doctests", || {
@@ -89,7 +99,8 @@ fn run_stages(sh: &Shell, stages: &mut Stages) -> anyhow::Result<()> {
         })?;
     }
 
-    let msbd = project_root().join("target/debug/msbd");
+    let debug = crate::chaos::target_dir().join("debug");
+    let msbd = debug.join("msbd");
     stages.time("interop: Python SDK", || {
         print_step_header("interoperability: the official Python MCP SDK drives msbd over stdio");
         let python = std::env::var_os("MSBD_INTEROP_PYTHON")
@@ -101,7 +112,6 @@ fn run_stages(sh: &Shell, stages: &mut Stages) -> anyhow::Result<()> {
                 python.display()
             );
         }
-        cmd!(sh, "cargo build --locked -p msbd").run()?;
         Ok(cmd!(sh, "{python} interop/python_client.py {msbd}").run()?)
     })?;
 
@@ -121,7 +131,7 @@ fn run_stages(sh: &Shell, stages: &mut Stages) -> anyhow::Result<()> {
 
     stages.time("fuzz (short runs)", crate::fuzz::ci_smoke)?;
 
-    stages.time("chaos (reduced)", crate::chaos::ci_reduced)?;
+    stages.time("chaos (reduced)", || crate::chaos::ci_reduced(&debug))?;
 
     stages.time("rustdoc", || {
         print_step_header("rustdoc (warnings denied)");

@@ -159,6 +159,11 @@ fn fuzz(targets: &[&Target], budget: Budget) -> anyhow::Result<()> {
     sh.change_dir(&root);
     require_cargo_fuzz(&sh)?;
 
+    // `cargo fuzz` has no `--locked`: this fails first if fuzz/Cargo.lock, the fuzz workspace's
+    // own committed lockfile, would have to change.
+    print_step_header("fuzz: check fuzz/Cargo.lock and fetch its crates");
+    cmd!(sh, "cargo fetch --locked --manifest-path fuzz/Cargo.toml").run()?;
+
     print_step_header("fuzz: build every target");
     cmd!(sh, "cargo fuzz build --sanitizer none")
         .env_remove(TARGET_DIR_VAR)
