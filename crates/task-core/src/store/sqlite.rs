@@ -57,10 +57,10 @@ use tokio::sync::oneshot;
 
 use crate::error::{Error, Result};
 use crate::model::{Task, TaskId, Timestamp};
+use crate::store::common::{self, HealthPart};
 use crate::store::{
     ClaimRequest, Command, Finish, Heartbeat, HeartbeatReply, ListFilter, Page, PageRequest,
-    ProgressUpdate, Promoted, Recover, Stats, Store, StoreFuture, StoreHealth, StoreStatus,
-    Submitted,
+    ProgressUpdate, Promoted, Recover, Stats, Store, StoreFuture, StoreHealth, Submitted,
 };
 
 use file::{
@@ -302,49 +302,24 @@ fn closed() -> Error {
     }
 }
 
+/// The parts of the store whose failures show in its health.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Part {
+    /// Writes and checkpoints: their problems pass once a write commits again.
+    Writes,
+    /// The file was deleted or replaced under the open store: writes are refused until an
+    /// operator restarts msbd on the copy (see [`Writer::restore`]).
+    File,
+}
+
+impl HealthPart for Part {
+    fn unhealthy(self) -> bool {
+        self == Part::File
+    }
+}
+
 /// The store's health as its threads see it (see [`Store::health`]).
-#[derive(Default)]
-struct HealthCell {
-    state: Mutex<StoreHealth>,
-}
-
-impl HealthCell {
-    /// Records a failed write; true when the store was healthy until now (worth a log line).
-    fn degraded(&self, error: &Error) -> bool {
-        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        if state.status == StoreStatus::Unhealthy {
-            return false;
-        }
-        let first = state.status == StoreStatus::Healthy;
-        state.status = StoreStatus::Degraded;
-        state.problem = Some(error.to_string());
-        if first {
-            state.since_ms = Some(Timestamp::now().as_millis());
-        }
-        first
-    }
-
-    /// Records that writes are refused until an operator acts.
-    fn unhealthy(&self, problem: String) {
-        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        state.status = StoreStatus::Unhealthy;
-        state.problem = Some(problem);
-        state.since_ms = Some(Timestamp::now().as_millis());
-    }
-
-    /// Records a committed write: a passing problem has passed.
-    fn written(&self) {
-        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        if state.status == StoreStatus::Degraded {
-            tracing::info!("the task store takes writes again");
-            *state = StoreHealth::default();
-        }
-    }
-
-    fn get(&self) -> StoreHealth {
-        self.state.lock().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-}
+type HealthCell = common::HealthCell<Part>;
 
 impl Store for SqliteStore {
     fn submit(&self, tasks: Vec<Task>) -> StoreFuture<'_, Vec<Submitted>> {

@@ -8,7 +8,7 @@ use tokio_postgres::Row;
 
 use crate::error::{Error, Result};
 use crate::model::{
-    AttemptRecord, FailureKind, Priority, RetryPolicy, Status, Task, TaskError, TaskId, Timestamp,
+    FailureKind, Priority, RetryPolicy, Status, Task, TaskError, TaskId, Timestamp,
 };
 
 /// The columns of a task, in the order [`task_from_row`] reads them; `seq` follows them in the
@@ -43,31 +43,6 @@ pub(super) fn status(code: i16) -> Result<Status> {
 /// A count or a duration in milliseconds, as a `bigint`.
 pub(super) fn big(value: u64) -> i64 {
     i64::try_from(value).unwrap_or(i64::MAX)
-}
-
-/// A duration as milliseconds.
-pub(super) fn millis(duration: Option<Duration>) -> Option<i64> {
-    duration.map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-}
-
-/// A JSON value as text. Serializing a `Value` cannot fail.
-pub(super) fn json_text(value: &Value) -> String {
-    serde_json::to_string(value).unwrap_or_else(|_| "null".into())
-}
-
-/// A task's attempt history as JSON text, for the `attempts` column (cast to `jsonb`).
-pub(super) fn attempts_text(attempts: &[AttemptRecord]) -> String {
-    // Serializing records of numbers and names cannot fail.
-    serde_json::to_string(attempts).unwrap_or_else(|_| "[]".into())
-}
-
-/// Tags as JSON text; `None` for none (as the SQLite store keeps them).
-pub(super) fn tags_text(tags: &[String]) -> Option<String> {
-    if tags.is_empty() {
-        None
-    } else {
-        serde_json::to_string(tags).ok()
-    }
 }
 
 /// Reads one column, naming it in the error.

@@ -11,8 +11,8 @@ use rusqlite::Connection;
 
 use crate::error::{Error, Result};
 
-use super::HealthCell;
 use super::writer::WriteOp;
+use super::{HealthCell, Part};
 
 /// Opens a connection through SQLite's `unix-excl` VFS: the process takes an exclusive lock on
 /// the file once and keeps the WAL index in its own memory, so that transactions take no file
@@ -77,7 +77,7 @@ pub(super) fn run_checkpointer(conn: Connection, stop: mpsc::Receiver<()>, watch
                 failing = true;
                 let error = with_hint(Error::store("checkpointing the WAL", error), &watch.path);
                 tracing::warn!(%error, "a WAL checkpoint failed; the WAL grows until one works (logged again only after one has worked)");
-                watch.health.degraded(&error);
+                watch.health.failing(Part::Writes, error.to_string());
             }
             Err(_) => {}
             Ok(()) if failing => {

@@ -10,6 +10,8 @@ use crate::error::{Error, Result};
 use crate::model::{Status, Task, TaskId};
 use crate::store::{Cursor, ListFilter, Page, PageRequest, Stats};
 
+use crate::store::common::{Bind, field_clauses, status_in, timed_out_sql};
+
 use super::rows::{COLUMNS, SEQ, task_from_row};
 use super::writer::Reply;
 
@@ -65,58 +67,22 @@ pub(super) fn run_reader(conn: Connection, requests: mpsc::Receiver<ReadOp>) {
     }
 }
 
-/// The condition `status IN (…)` of these statuses (their codes are written in the SQL).
-pub(super) fn status_in(statuses: &[Status]) -> String {
-    let codes: Vec<String> = statuses.iter().map(|s| s.code().to_string()).collect();
-    format!("status IN ({})", codes.join(", "))
-}
+/// Binds as `?n`, numbered in the order the values are added.
+impl Bind for Vec<rusqlite::types::Value> {
+    fn text(&mut self, value: String) -> String {
+        self.push(value.into());
+        format!("?{}", self.len())
+    }
 
-/// The conditions of a filter's fields other than its statuses, each with its value appended
-/// to `values` and bound as `?n` after the values already there.
-pub(super) fn field_clauses(
-    filter: &ListFilter,
-    values: &mut Vec<rusqlite::types::Value>,
-) -> Vec<String> {
-    let mut clauses = Vec::new();
-    let mut bind = |clause: String, value: rusqlite::types::Value, clauses: &mut Vec<String>| {
-        values.push(value);
-        clauses.push(clause.replace('?', &format!("?{}", values.len())));
-    };
-    if let Some(task_type) = &filter.task_type {
-        bind(
-            "task_type = ?".into(),
-            task_type.clone().into(),
-            &mut clauses,
-        );
+    fn int(&mut self, value: i64) -> String {
+        self.push(value.into());
+        format!("?{}", self.len())
     }
-    if let Some(owner) = &filter.owner {
-        bind("owner = ?".into(), owner.clone().into(), &mut clauses);
-    }
-    if let Some(session) = &filter.session_id {
-        bind(
-            "session_id = ?".into(),
-            session.clone().into(),
-            &mut clauses,
-        );
-    }
-    if let Some(from) = filter.created_from {
-        bind("created_at >= ?".into(), from.0.into(), &mut clauses);
-    }
-    if let Some(until) = filter.created_until {
-        bind("created_at < ?".into(), until.0.into(), &mut clauses);
-    }
-    clauses
 }
 
 pub(super) fn timed_out(conn: &Connection) -> Result<BTreeMap<String, u64>> {
-    let sql = format!(
-        "SELECT task_type, count(*) FROM tasks WHERE status = {} AND error_kind = {} \
-         GROUP BY task_type",
-        Status::Failed.code(),
-        crate::model::FailureKind::Timeout.code()
-    );
     let counting = |e| Error::store("counting timed-out tasks", e);
-    let mut statement = conn.prepare_cached(&sql).map_err(counting)?;
+    let mut statement = conn.prepare_cached(&timed_out_sql()).map_err(counting)?;
     let rows = statement
         .query_map([], |row| {
             Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)?))

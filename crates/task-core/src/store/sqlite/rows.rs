@@ -4,10 +4,9 @@
 use std::time::Duration;
 
 use rusqlite::Row;
-use serde_json::Value;
 
 use crate::model::{
-    AttemptRecord, FailureKind, Priority, RetryPolicy, Status, Task, TaskError, TaskId, Timestamp,
+    FailureKind, Priority, RetryPolicy, Status, Task, TaskError, TaskId, Timestamp,
 };
 
 /// The columns of a task, in the order [`task_from_row`] reads them.
@@ -84,27 +83,4 @@ pub(super) fn task_from_row(row: &Row<'_>) -> rusqlite::Result<Task> {
         attempts: serde_json::from_str(&row.get::<_, String>(28)?)
             .map_err(|e| bad(28, e.to_string()))?,
     })
-}
-
-/// A task's attempt history as the `attempts` column keeps it.
-pub(super) fn attempts_text(attempts: &[AttemptRecord]) -> String {
-    // Serializing records of numbers and names cannot fail.
-    serde_json::to_string(attempts).unwrap_or_else(|_| "[]".into())
-}
-
-pub(super) fn json_text(value: &Value) -> String {
-    // Serializing a `Value` cannot fail.
-    serde_json::to_string(value).unwrap_or_else(|_| "null".into())
-}
-
-pub(super) fn tags_text(tags: &[String]) -> Option<String> {
-    if tags.is_empty() {
-        None
-    } else {
-        serde_json::to_string(tags).ok()
-    }
-}
-
-pub(super) fn millis(duration: Option<Duration>) -> Option<i64> {
-    duration.map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }

@@ -14,29 +14,44 @@ use tokio::sync::oneshot;
 use crate::error::{Error, Result};
 use crate::model::{MAX_ATTEMPT_RECORDS, Status, Task, TaskId, Timestamp};
 use crate::state::{Event, decide};
+use crate::store::common::{
+    CountChange, attempts_text, field_clauses, finished_statuses, json_text, millis, net_counts,
+    sql_held, sql_leased, sql_status, sql_terminal, tags_text,
+};
 use crate::store::{
     ClaimRequest, Command, Finish, Heartbeat, HeartbeatReply, ListFilter, Outcome, ProgressUpdate,
     Promoted, Recover, Stats, Submitted, apply,
 };
 
 use super::file::{lock_path, with_hint};
-use super::reader::{field_clauses, status_in};
-use super::rows::{COLUMNS, SEQ, attempts_text, json_text, millis, tags_text, task_from_row};
-use super::{HealthCell, closed};
+use super::rows::{COLUMNS, SEQ, task_from_row};
+use super::{HealthCell, Part, closed};
 
 /// Ends an attempt. It also appends the attempt's entry to the `attempts` column, trimmed to
 /// the last [`MAX_ATTEMPT_RECORDS`] (20): `?8` is when it ended, `?10` its outcome's name. (The
 /// attempt started at `started_at`: a running task has one.)
-pub(super) const FINISH: &str = "UPDATE OR FAIL tasks SET status = ?2, result = coalesce(?3, result), \
-    progress = CASE WHEN ?2 = 4 THEN 1.0 WHEN ?2 IN (0, 1) THEN NULL ELSE progress END, \
-    progress_message = CASE WHEN ?2 IN (0, 1) THEN NULL ELSE progress_message END, \
+pub(super) const FINISH: &str = concat!(
+    "UPDATE OR FAIL tasks SET status = ?2, result = coalesce(?3, result), \
+    progress = CASE WHEN ?2 = ",
+    sql_status!(completed),
+    " THEN 1.0 WHEN ?2 IN (",
+    sql_status!(queued),
+    ", ",
+    sql_status!(scheduled),
+    ") THEN NULL ELSE progress END, \
+    progress_message = CASE WHEN ?2 IN (",
+    sql_status!(queued),
+    ", ",
+    sql_status!(scheduled),
+    ") THEN NULL ELSE progress_message END, \
     error_kind = coalesce(?4, error_kind), error_message = coalesce(?5, error_message), \
     run_at = ?6, finished_at = ?7, updated_at = ?8, \
     interrupted_attempts = interrupted_attempts + ?9, \
     attempts = json_insert(CASE WHEN json_array_length(attempts) >= 20 \
     THEN json_remove(attempts, '$[0]') ELSE attempts END, '$[#]', json_object('n', attempt, \
     'started_at', coalesce(started_at, ?8), 'ended_at', ?8, 'outcome', ?10)), \
-    lease_until = NULL, cancel_requested = 0 WHERE seq = ?1";
+    lease_until = NULL, cancel_requested = 0 WHERE seq = ?1"
+);
 const _: () = assert!(MAX_ATTEMPT_RECORDS == 20, "FINISH trims to 20 entries");
 
 pub(super) type Reply<T> = oneshot::Sender<Result<T>>;
@@ -70,28 +85,6 @@ pub(super) fn pending<T: Send + 'static>(reply: Reply<T>, result: Result<T>) -> 
         };
         let _ = reply.send(answer);
     })
-}
-
-/// A change of the counts, applied once its transaction commits.
-pub(super) struct CountChange {
-    task_type: String,
-    from: Option<Status>,
-    to: Option<Status>,
-}
-
-/// The net change of each (type, status) count in a batch; zero changes left out.
-pub(super) fn net_counts(changes: &[CountChange]) -> BTreeMap<(&str, Status), i64> {
-    let mut net: BTreeMap<(&str, Status), i64> = BTreeMap::new();
-    for change in changes {
-        if let Some(from) = change.from {
-            *net.entry((change.task_type.as_str(), from)).or_insert(0) -= 1;
-        }
-        if let Some(to) = change.to {
-            *net.entry((change.task_type.as_str(), to)).or_insert(0) += 1;
-        }
-    }
-    net.retain(|_, delta| *delta != 0);
-    net
 }
 
 pub(super) struct Writer {
@@ -149,7 +142,7 @@ impl Writer {
         }
         if let Err(error) = self.conn.execute_batch("BEGIN IMMEDIATE") {
             let error = with_hint(Error::store("starting a transaction", error), &self.path);
-            self.health.degraded(&error);
+            self.health.failing(Part::Writes, error.to_string());
             for op in batch.drain(..) {
                 fail_op(op, &error);
             }
@@ -185,7 +178,9 @@ impl Writer {
         };
         match outcome {
             Ok(()) => {
-                self.health.written();
+                if self.health.working(Part::Writes) {
+                    tracing::info!("the task store takes writes again");
+                }
                 let mut stats = self.stats.lock().unwrap_or_else(|p| p.into_inner());
                 for ((task_type, status), delta) in net {
                     stats.add(task_type, status, delta);
@@ -199,7 +194,7 @@ impl Writer {
                 if !self.conn.is_autocommit() {
                     let _ = self.conn.execute_batch("ROLLBACK");
                 }
-                if self.health.degraded(&error) {
+                if self.health.failing(Part::Writes, error.to_string()) {
                     tracing::error!(%error, "a group commit failed; its requests were refused (logged again only once writes have worked in between)");
                 }
                 for reply in replies {
@@ -263,7 +258,7 @@ impl Writer {
             ),
         };
         tracing::error!("{problem}");
-        self.health.unhealthy(problem.clone());
+        self.health.only(Part::File, problem.clone());
         self.frozen = Some(Error::Store {
             action: "writing",
             message: problem,
@@ -508,7 +503,8 @@ impl Writer {
             .conn
             .prepare_cached(&format!(
                 "SELECT {COLUMNS}, seq FROM tasks INDEXED BY tasks_queued \
-                 WHERE status = 0 {exclusion} ORDER BY priority DESC, seq LIMIT ?1"
+                 WHERE status = {} {exclusion} ORDER BY priority DESC, seq LIMIT ?1",
+                sql_status!(queued)
             ))
             .map_err(|e| Error::store("finding tasks to claim", e))?;
         let values = params![limit as i64, excluded_json];
@@ -524,10 +520,11 @@ impl Writer {
     /// (the fence): running, or frozen (paused while its attempt runs, lease kept).
     fn held(&mut self, id: TaskId, attempt: u32) -> Result<Option<(i64, String, bool, Status)>> {
         self.conn
-            .prepare_cached(
-                "SELECT seq, task_type, cancel_requested, status FROM tasks WHERE id = ?1 AND attempt = ?2 \
-                 AND (status = 3 OR (status = 2 AND lease_until IS NOT NULL))",
-            )
+            .prepare_cached(concat!(
+                "SELECT seq, task_type, cancel_requested, status FROM tasks \
+                 WHERE id = ?1 AND attempt = ?2 AND ",
+                sql_held!()
+            ))
             .and_then(|mut s| {
                 s.query_row(params![&id.as_bytes()[..], attempt], |row| {
                     let code: u8 = row.get(3)?;
@@ -548,18 +545,23 @@ impl Writer {
             decide(Status::Scheduled, Event::Promote).map_err(|t| Error::store("promoting", t))?;
         let promoted: Vec<String> = self
             .conn
-            .prepare_cached(
+            .prepare_cached(concat!(
                 "UPDATE tasks SET status = ?2, run_at = NULL, updated_at = ?1 WHERE seq IN \
-                 (SELECT seq FROM tasks INDEXED BY tasks_scheduled WHERE status = 1 AND run_at <= ?1) \
-                 RETURNING task_type",
-            )
-            .and_then(|mut s| s.query_map(params![now.0, queued.code()], |row| row.get(0))?.collect())
+                 (SELECT seq FROM tasks INDEXED BY tasks_scheduled WHERE status = ",
+                sql_status!(scheduled),
+                " AND run_at <= ?1) RETURNING task_type"
+            ))
+            .and_then(|mut s| {
+                s.query_map(params![now.0, queued.code()], |row| row.get(0))?
+                    .collect()
+            })
             .map_err(|e| Error::store("promoting scheduled tasks", e))?;
         let next_due: Option<i64> = self
             .conn
-            .prepare_cached(
-                "SELECT min(run_at) FROM tasks INDEXED BY tasks_scheduled WHERE status = 1",
-            )
+            .prepare_cached(concat!(
+                "SELECT min(run_at) FROM tasks INDEXED BY tasks_scheduled WHERE status = ",
+                sql_status!(scheduled)
+            ))
             .and_then(|mut s| s.query_row([], |row| row.get(0)))
             .map_err(|e| Error::store("finding the next scheduled task", e))?;
         let count = promoted.len();
@@ -624,10 +626,12 @@ impl Writer {
     fn progress(&mut self, update: ProgressUpdate) -> Result<bool> {
         let changed = self
             .conn
-            .prepare_cached(
-                "UPDATE OR FAIL tasks SET progress = ?3, progress_message = coalesce(?4, progress_message), updated_at = ?5 \
-                 WHERE id = ?1 AND attempt = ?2 AND (status = 3 OR (status = 2 AND lease_until IS NOT NULL))",
-            )
+            .prepare_cached(concat!(
+                "UPDATE OR FAIL tasks SET progress = ?3, \
+                 progress_message = coalesce(?4, progress_message), updated_at = ?5 \
+                 WHERE id = ?1 AND attempt = ?2 AND ",
+                sql_held!()
+            ))
             .and_then(|mut s| {
                 s.execute(params![
                     &update.id.as_bytes()[..],
@@ -727,11 +731,15 @@ impl Writer {
     ) -> Result<Vec<Task>> {
         let sql = match which {
             Recover::Expired => format!(
-                "SELECT {COLUMNS} FROM tasks INDEXED BY tasks_by_status WHERE status IN (2, 3) AND lease_until < ?1"
+                "SELECT {COLUMNS} FROM tasks INDEXED BY tasks_by_status \
+                 WHERE {} AND lease_until < ?1",
+                sql_leased!()
             ),
             // Running, and frozen (paused while running: they hold a lease).
             Recover::AllRunning => format!(
-                "SELECT {COLUMNS} FROM tasks INDEXED BY tasks_by_status WHERE (status = 3 OR (status = 2 AND lease_until IS NOT NULL)) AND ?1 IS NOT NULL"
+                "SELECT {COLUMNS} FROM tasks INDEXED BY tasks_by_status \
+                 WHERE {} AND ?1 IS NOT NULL",
+                sql_held!()
             ),
         };
         let stale: Vec<Task> = self
@@ -762,12 +770,17 @@ impl Writer {
     ) -> Result<usize> {
         let removed: Vec<(String, u8)> = self
             .conn
-            .prepare_cached(
+            .prepare_cached(concat!(
                 "DELETE FROM tasks WHERE seq IN (SELECT seq FROM tasks INDEXED BY tasks_finished \
-                 WHERE status >= 4 AND finished_at < ?1 ORDER BY finished_at LIMIT ?2) RETURNING task_type, status",
-            )
+                 WHERE ",
+                sql_terminal!(),
+                " AND finished_at < ?1 ORDER BY finished_at LIMIT ?2) RETURNING task_type, status"
+            ))
             .and_then(|mut s| {
-                s.query_map(params![before.0, limit as i64], |row| Ok((row.get(0)?, row.get(1)?)))?.collect()
+                s.query_map(params![before.0, limit as i64], |row| {
+                    Ok((row.get(0)?, row.get(1)?))
+                })?
+                .collect()
             })
             .map_err(|e| Error::store("pruning finished tasks", e))?;
         let count = removed.len();
@@ -788,24 +801,15 @@ impl Writer {
         limit: usize,
         counts: &mut Vec<CountChange>,
     ) -> Result<usize> {
-        // The terminal statuses the filter names (all of them when it names none): a
-        // non-terminal status in the filter matches nothing here.
-        let statuses: Vec<Status> = Status::ALL
-            .into_iter()
-            .filter(|s| s.is_terminal())
-            .filter(|s| filter.statuses.is_empty() || filter.statuses.contains(s))
-            .collect();
-        if statuses.is_empty() || limit == 0 {
+        let Some(statuses) = finished_statuses(filter).filter(|_| limit > 0) else {
             return Ok(0);
-        }
+        };
         let mut values: Vec<rusqlite::types::Value> = vec![
             before.0.into(),
             i64::try_from(limit).unwrap_or(i64::MAX).into(),
         ];
-        let mut clauses = vec!["status >= 4".to_owned(), "finished_at < ?1".to_owned()];
-        if statuses.len() < 3 {
-            clauses.push(status_in(&statuses));
-        }
+        let mut clauses = vec![sql_terminal!().to_owned(), "finished_at < ?1".to_owned()];
+        clauses.extend(statuses);
         clauses.extend(field_clauses(filter, &mut values));
         let sql = format!(
             "DELETE FROM tasks WHERE seq IN (SELECT seq FROM tasks INDEXED BY tasks_finished \
