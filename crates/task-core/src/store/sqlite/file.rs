@@ -103,20 +103,23 @@ pub(super) fn file_identity(path: &Path) -> Option<(u64, u64)> {
     std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
 }
 
-/// Adds what to do to a store error whose SQLite message names a known cause.
-pub(super) fn with_hint(error: Error, path: &Path) -> Error {
+/// Adds what to do to a store error whose SQLite message names a known cause; a read-only file
+/// becomes [`Error::StoreReadOnly`], which says it.
+pub(super) fn with_hint(error: Error, file: &Path) -> Error {
     let Error::Store { action, message } = error else {
         return error;
     };
-    let path = path.display();
+    let path = file.display();
     let hint = if message.contains("database or disk is full") {
         format!(
             "the disk holding {path} is full: free space there; msbd keeps answering reads and takes writes again as soon as there is room"
         )
     } else if message.contains("readonly database") || message.contains("Read-only file system") {
-        format!(
-            "{path} cannot be written (a read-only file or file system): make it writable, or point MSB_DATA_DIR at a writable directory, and restart msbd"
-        )
+        return Error::StoreReadOnly {
+            action,
+            path: file.to_path_buf(),
+            message,
+        };
     } else if message.contains("file is not a database")
         || message.contains("database disk image is malformed")
     {
