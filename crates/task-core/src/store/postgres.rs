@@ -654,7 +654,7 @@ async fn vacuum_if_needed(
     else {
         return Ok(None);
     };
-    let (live, dead): (i64, i64) = (row.try_get(0)?, row.try_get(1)?);
+    let (live, dead): (i64, i64) = (row.try_get("n_live_tup")?, row.try_get("n_dead_tup")?);
     if dead < min_dead.max(live / 10) {
         return Ok(None);
     }
@@ -806,7 +806,7 @@ impl ReadConn {
             .await?;
         let stats = client
             .prepare(
-                "SELECT task_type, status, sum(count)::bigint FROM task_counts \
+                "SELECT task_type, status, sum(count)::bigint AS count FROM task_counts \
                  GROUP BY task_type, status",
             )
             .await?;
@@ -927,10 +927,10 @@ impl PostgresStore {
         let mut counts = std::collections::BTreeMap::new();
         for row in rows {
             let task_type: String = row
-                .try_get(0)
+                .try_get("task_type")
                 .map_err(|e| Error::store("counting timed-out tasks", e))?;
             let count: i64 = row
-                .try_get(1)
+                .try_get("count")
                 .map_err(|e| Error::store("counting timed-out tasks", e))?;
             counts.insert(task_type, u64::try_from(count).unwrap_or(0));
         }
@@ -949,13 +949,13 @@ impl PostgresStore {
         let mut stats = Stats::empty();
         for row in rows {
             let task_type: String = row
-                .try_get(0)
+                .try_get("task_type")
                 .map_err(|e| Error::store("counting tasks", e))?;
             let code: i16 = row
-                .try_get(1)
+                .try_get("status")
                 .map_err(|e| Error::store("counting tasks", e))?;
             let count: i64 = row
-                .try_get(2)
+                .try_get("count")
                 .map_err(|e| Error::store("counting tasks", e))?;
             if count != 0 {
                 stats.add(&task_type, rows::status(code)?, count);

@@ -119,9 +119,9 @@ impl WriteConn {
             )
             .await?;
         let backend = client
-            .query_one("SELECT pg_backend_pid()", &[])
+            .query_one("SELECT pg_backend_pid() AS pid", &[])
             .await?
-            .try_get(0)
+            .try_get("pid")
             .ok();
         Ok(WriteConn {
             client,
@@ -716,7 +716,7 @@ async fn commit(
     };
     let xid = match ask_xid {
         true => Some(
-            conn.statement("SELECT txid_current_if_assigned()")
+            conn.statement("SELECT txid_current_if_assigned() AS xid")
                 .await
                 .map_err(prepare)?,
         ),
@@ -758,7 +758,7 @@ async fn commit(
                 Some(statement) => client
                     .query_one(statement, &[])
                     .await
-                    .and_then(|row| row.try_get::<_, Option<i64>>(0))
+                    .and_then(|row| row.try_get::<_, Option<i64>>("xid"))
                     .map(Some),
                 None => Ok(None),
             }
@@ -815,14 +815,16 @@ enum Fate {
 async fn fate(conn: &mut WriteConn, xid: i64) -> std::result::Result<Fate, PgError> {
     let row = conn
         .client
-        .query_one("SELECT txid_status($1)", &[&xid])
+        .query_one("SELECT txid_status($1) AS status", &[&xid])
         .await?;
-    Ok(match row.try_get::<_, Option<String>>(0)?.as_deref() {
-        Some("committed") => Fate::Committed,
-        Some("aborted") => Fate::RolledBack,
-        Some(_) => Fate::Running,
-        None => Fate::Forgotten,
-    })
+    Ok(
+        match row.try_get::<_, Option<String>>("status")?.as_deref() {
+            Some("committed") => Fate::Committed,
+            Some("aborted") => Fate::RolledBack,
+            Some(_) => Fate::Running,
+            None => Fate::Forgotten,
+        },
+    )
 }
 
 async fn execute(
@@ -972,7 +974,7 @@ async fn submit(
         )
         .await?
         .iter()
-        .map(|row| row.try_get(0))
+        .map(|row| row.try_get("id"))
         .collect::<std::result::Result<_, _>>()?;
     let mut out = Vec::with_capacity(tasks.len());
     for (task, id) in tasks.iter().zip(&ids) {
@@ -1087,8 +1089,8 @@ async fn claim(
             let mut picked: Vec<i64> = Vec::new();
             let mut skipped = false;
             for row in &rows {
-                let seq: i64 = row.try_get(0)?;
-                let task_type: String = row.try_get(1)?;
+                let seq: i64 = row.try_get("seq")?;
+                let task_type: String = row.try_get("task_type")?;
                 if let Some(room) = request.room_for(&task_type) {
                     let taken = taken_by_type.entry(task_type.clone()).or_insert(0);
                     if *taken >= room {
@@ -1148,20 +1150,20 @@ async fn promote(
         )
         .await?;
     for row in &promoted {
-        let task_type: String = row.try_get(0)?;
+        let task_type: String = row.try_get("task_type")?;
         effects.moved(&task_type, Some(Status::Scheduled), Some(queued));
     }
     let next_due: Option<i64> = conn
         .query(
             concat!(
-                "SELECT min(run_at) FROM tasks WHERE status = ",
+                "SELECT min(run_at) AS next_due FROM tasks WHERE status = ",
                 sql_status!(scheduled)
             ),
             &[],
         )
         .await?
         .first()
-        .map(|row| row.try_get(0))
+        .map(|row| row.try_get("next_due"))
         .transpose()?
         .flatten();
     Ok(Promoted {
@@ -1222,13 +1224,13 @@ async fn finish_all(
     let mut held: HashMap<uuid::Uuid, (i64, i64, String, bool, i16)> = HashMap::new();
     for row in conn.query(HELD, &[&ids]).await? {
         held.insert(
-            row.try_get(1)?,
+            row.try_get("id")?,
             (
-                row.try_get(0)?,
-                row.try_get(2)?,
-                row.try_get(3)?,
-                row.try_get(4)?,
-                row.try_get(5)?,
+                row.try_get("seq")?,
+                row.try_get("attempt")?,
+                row.try_get("task_type")?,
+                row.try_get("cancel_requested")?,
+                row.try_get("status")?,
             ),
         );
     }
@@ -1368,7 +1370,12 @@ async fn heartbeat_all(
         .query(HEARTBEAT, &[&ids, &attempts, &heartbeat.lease_until.0])
         .await?
         .iter()
-        .map(|row| Ok(((row.try_get(0)?, row.try_get(1)?), row.try_get(2)?)))
+        .map(|row| {
+            Ok((
+                (row.try_get("id")?, row.try_get("attempt")?),
+                row.try_get("cancel_requested")?,
+            ))
+        })
         .collect::<std::result::Result<_, PgError>>()?;
     let missing: Vec<uuid::Uuid> = heartbeat
         .held
@@ -1379,7 +1386,10 @@ async fn heartbeat_all(
     let mut still_held = HashSet::new();
     if !missing.is_empty() {
         for row in conn.query(STILL_HELD, &[&missing]).await? {
-            still_held.insert((row.try_get::<_, uuid::Uuid>(0)?, row.try_get::<_, i64>(1)?));
+            still_held.insert((
+                row.try_get::<_, uuid::Uuid>("id")?,
+                row.try_get::<_, i64>("attempt")?,
+            ));
         }
     }
     for (id, attempt) in &heartbeat.held {
@@ -1533,8 +1543,8 @@ async fn prune(
         )
         .await?;
     for row in &removed {
-        let task_type: String = row.try_get(0)?;
-        let code: i16 = row.try_get(1)?;
+        let task_type: String = row.try_get("task_type")?;
+        let code: i16 = row.try_get("status")?;
         effects.moved(&task_type, Some(status(code).map_err(Exec::Abort)?), None);
     }
     conn.execute(FOLD_COUNTS, &[]).await?;
@@ -1571,8 +1581,8 @@ async fn delete_finished(
     );
     let removed = conn.query(&sql, &values.refs()).await?;
     for row in &removed {
-        let task_type: String = row.try_get(0)?;
-        let code: i16 = row.try_get(1)?;
+        let task_type: String = row.try_get("task_type")?;
+        let code: i16 = row.try_get("status")?;
         effects.moved(&task_type, Some(status(code).map_err(Exec::Abort)?), None);
     }
     Ok(removed.len())

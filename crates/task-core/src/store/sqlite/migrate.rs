@@ -80,7 +80,9 @@ pub(super) fn configure(conn: &Connection, config: &SqliteConfig, reader: bool) 
         .map_err(|e| Error::store("configuring", e))?;
     conn.set_prepared_statement_cache_capacity(64);
     let journal: String = conn
-        .query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))
+        .query_row("PRAGMA journal_mode = WAL", [], |row| {
+            row.get("journal_mode")
+        })
         .map_err(|e| Error::store("turning on the WAL", e))?;
     if !journal.eq_ignore_ascii_case("wal") {
         return Err(Error::store(
@@ -100,7 +102,7 @@ pub(super) fn configure(conn: &Connection, config: &SqliteConfig, reader: bool) 
 
 pub(super) fn migrate(conn: &mut Connection) -> Result<()> {
     let version: i64 = conn
-        .query_row("PRAGMA user_version", [], |row| row.get(0))
+        .query_row("PRAGMA user_version", [], |row| row.get("user_version"))
         .map_err(|e| Error::store("reading the schema version", e))?;
     let version = usize::try_from(version).unwrap_or(usize::MAX);
     if version > MIGRATIONS.len() {

@@ -12,7 +12,7 @@ use crate::store::{Cursor, ListFilter, Page, PageRequest, Stats};
 
 use crate::store::common::{Bind, field_clauses, status_in, timed_out_sql};
 
-use super::rows::{COLUMNS, SEQ, task_from_row};
+use super::rows::{COLUMNS, task_from_row};
 use super::writer::Reply;
 
 pub(super) enum ReadOp {
@@ -29,9 +29,9 @@ pub(super) fn load_stats(conn: &Connection) -> Result<Stats> {
     let rows = statement
         .query_map([], |row| {
             Ok((
-                row.get::<_, String>(0)?,
-                row.get::<_, u8>(1)?,
-                row.get::<_, i64>(2)?,
+                row.get::<_, String>("task_type")?,
+                row.get::<_, u8>("status")?,
+                row.get::<_, i64>("count")?,
             ))
         })
         .map_err(|e| Error::store("counting tasks", e))?;
@@ -85,7 +85,10 @@ pub(super) fn timed_out(conn: &Connection) -> Result<BTreeMap<String, u64>> {
     let mut statement = conn.prepare_cached(&timed_out_sql()).map_err(counting)?;
     let rows = statement
         .query_map([], |row| {
-            Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)?))
+            Ok((
+                row.get::<_, String>("task_type")?,
+                row.get::<_, i64>("count")?,
+            ))
         })
         .map_err(counting)?;
     let mut counts = BTreeMap::new();
@@ -116,8 +119,7 @@ pub(super) fn list(conn: &Connection, filter: &ListFilter, page: &PageRequest) -
         .prepare_cached(&sql)
         .and_then(|mut s| {
             s.query_map(rusqlite::params_from_iter(values.iter()), |row| {
-                // `seq` follows the task's columns.
-                Ok((row.get(SEQ)?, task_from_row(row)?))
+                Ok((row.get("seq")?, task_from_row(row)?))
             })?
             .collect()
         })

@@ -24,7 +24,7 @@ use crate::store::{
 };
 
 use super::file::{lock_path, with_hint};
-use super::rows::{COLUMNS, SEQ, task_from_row};
+use super::rows::{COLUMNS, task_from_row};
 use super::{HealthCell, Part, closed};
 
 /// Ends an attempt. It also appends the attempt's entry to the `attempts` column, trimmed to
@@ -510,7 +510,7 @@ impl Writer {
         let values = params![limit as i64, excluded_json];
         statement
             .query_map(&values[..if excluded.is_empty() { 1 } else { 2 }], |row| {
-                Ok((row.get(SEQ)?, task_from_row(row)?))
+                Ok((row.get("seq")?, task_from_row(row)?))
             })
             .and_then(|rows| rows.collect())
             .map_err(|e| Error::store("finding tasks to claim", e))
@@ -527,11 +527,11 @@ impl Writer {
             ))
             .and_then(|mut s| {
                 s.query_row(params![&id.as_bytes()[..], attempt], |row| {
-                    let code: u8 = row.get(3)?;
+                    let code: u8 = row.get("status")?;
                     Ok((
-                        row.get(0)?,
-                        row.get(1)?,
-                        row.get(2)?,
+                        row.get("seq")?,
+                        row.get("task_type")?,
+                        row.get("cancel_requested")?,
                         Status::from_code(code).unwrap_or(Status::Running),
                     ))
                 })
@@ -552,17 +552,18 @@ impl Writer {
                 " AND run_at <= ?1) RETURNING task_type"
             ))
             .and_then(|mut s| {
-                s.query_map(params![now.0, queued.code()], |row| row.get(0))?
+                s.query_map(params![now.0, queued.code()], |row| row.get("task_type"))?
                     .collect()
             })
             .map_err(|e| Error::store("promoting scheduled tasks", e))?;
         let next_due: Option<i64> = self
             .conn
             .prepare_cached(concat!(
-                "SELECT min(run_at) FROM tasks INDEXED BY tasks_scheduled WHERE status = ",
+                "SELECT min(run_at) AS next_due FROM tasks INDEXED BY tasks_scheduled \
+                 WHERE status = ",
                 sql_status!(scheduled)
             ))
-            .and_then(|mut s| s.query_row([], |row| row.get(0)))
+            .and_then(|mut s| s.query_row([], |row| row.get("next_due")))
             .map_err(|e| Error::store("finding the next scheduled task", e))?;
         let count = promoted.len();
         counts.extend(promoted.into_iter().map(|task_type| CountChange {
@@ -778,7 +779,7 @@ impl Writer {
             ))
             .and_then(|mut s| {
                 s.query_map(params![before.0, limit as i64], |row| {
-                    Ok((row.get(0)?, row.get(1)?))
+                    Ok((row.get("task_type")?, row.get("status")?))
                 })?
                 .collect()
             })
@@ -821,7 +822,7 @@ impl Writer {
             .prepare_cached(&sql)
             .and_then(|mut s| {
                 s.query_map(rusqlite::params_from_iter(values.iter()), |row| {
-                    Ok((row.get(0)?, row.get(1)?))
+                    Ok((row.get("task_type")?, row.get("status")?))
                 })?
                 .collect()
             })
