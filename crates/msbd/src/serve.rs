@@ -100,11 +100,18 @@ async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
     let mut sqlite = SqliteConfig::new(path);
     sqlite.cache_kib =
         u32::try_from(config.sqlite_cache_mb.saturating_mul(1024)).unwrap_or(u32::MAX);
-    let store = SqliteStore::open(sqlite).with_context(|| {
-        format!(
-            "opening the task store {} (MSB_DATABASE_URL)",
+    let store = SqliteStore::open(sqlite).map_err(|error| {
+        // A read-only store can also be kept elsewhere: say how.
+        let elsewhere = match error {
+            task_core::Error::StoreReadOnly { .. } => {
+                "; to keep it in another, writable directory, point MSB_DATA_DIR there"
+            }
+            _ => "",
+        };
+        anyhow::Error::new(error).context(format!(
+            "opening the task store {} (MSB_DATABASE_URL){elsewhere}",
             path.display()
-        )
+        ))
     })?;
     Ok(Arc::new(store))
 }

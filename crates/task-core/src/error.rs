@@ -1,5 +1,7 @@
 //! The errors of task-core, named in the words of its domain.
 
+use std::path::PathBuf;
+
 use crate::model::TaskId;
 use crate::state::IllegalTransition;
 
@@ -83,6 +85,19 @@ pub enum Error {
     Store {
         /// What the store was doing.
         action: &'static str,
+        /// The underlying error.
+        message: String,
+    },
+    /// The store's file cannot be written: it, or its file system, is read-only.
+    #[error(
+        "the task store failed while {action}: {message} — {} cannot be written (a read-only file or file system): make it writable, or keep the store in a writable directory, and restart msbd",
+        path.display()
+    )]
+    StoreReadOnly {
+        /// What the store was doing.
+        action: &'static str,
+        /// The store's file.
+        path: PathBuf,
         /// The underlying error.
         message: String,
     },

@@ -22,6 +22,7 @@ use crate::model::{AttemptOutcome, Priority, Status, Task, TaskError, TaskId, Ti
 use crate::state::{Event, decide};
 
 pub(crate) mod apply;
+mod common;
 pub mod memory;
 pub mod postgres;
 pub mod sqlite;

@@ -112,10 +112,11 @@ use tokio_util::task::TaskTracker;
 use crate::engine::{Engine, EngineConfig};
 use crate::error::{Error, Result};
 use crate::model::{Task, TaskId, Timestamp};
+use crate::store::common::{self, HealthCell, HealthPart};
 use crate::store::{
     ClaimRequest, Command, Cursor, Finish, Heartbeat, HeartbeatReply, ListFilter, Page,
     PageRequest, ProgressUpdate, Promoted, Recover, Stats, Store, StoreFuture, StoreHealth,
-    StoreStatus, Submitted, WakeupLoop,
+    Submitted, WakeupLoop,
 };
 
 use listen::Wakeups;
@@ -252,7 +253,7 @@ struct Shared {
     schema_ident: String,
     /// The `NOTIFY` channel of the schema.
     channel: String,
-    health: HealthCell,
+    health: Health,
     wakeups: Wakeups,
     leader: AtomicBool,
     reader: Reader,
@@ -291,7 +292,7 @@ impl PostgresStore {
             channel: format!("msbd_{}", config.schema),
             pg,
             config,
-            health: HealthCell::default(),
+            health: Health::default(),
             wakeups: Wakeups::default(),
             leader: AtomicBool::new(false),
             reader: Reader::default(),
@@ -653,7 +654,7 @@ async fn vacuum_if_needed(
     else {
         return Ok(None);
     };
-    let (live, dead): (i64, i64) = (row.try_get(0)?, row.try_get(1)?);
+    let (live, dead): (i64, i64) = (row.try_get("n_live_tup")?, row.try_get("n_dead_tup")?);
     if dead < min_dead.max(live / 10) {
         return Ok(None);
     }
@@ -701,70 +702,39 @@ enum Part {
     NodeName,
 }
 
-/// The store's health as its tasks see it (see [`Store::health`]).
-#[derive(Default)]
-struct HealthCell {
-    problems: Mutex<Vec<(Part, String, i64)>>,
-    /// When the last problem went away; `None` when there was none since the store opened.
-    clear_since: Mutex<Option<Instant>>,
+impl HealthPart for Part {
+    fn unhealthy(self) -> bool {
+        self == Part::NodeName
+    }
 }
 
-impl HealthCell {
+/// The store's health as its tasks see it (see [`Store::health`]): the shared cell, with a log
+/// line when a part starts failing and when it works again.
+#[derive(Default)]
+struct Health(HealthCell<Part>);
+
+impl Health {
     /// Records a problem of `part`; logs it when it is new.
     fn failing(&self, part: Part, problem: String) {
-        let mut problems = self.problems.lock().unwrap_or_else(|p| p.into_inner());
-        match problems.iter_mut().find(|(p, _, _)| *p == part) {
-            Some(entry) => entry.1 = problem,
-            None => {
-                tracing::warn!(part = ?part, %problem, "the PostgreSQL task store is degraded");
-                problems.push((part, problem, Timestamp::now().as_millis()));
-            }
+        if self.0.failing(part, problem.clone()) {
+            tracing::warn!(part = ?part, %problem, "the PostgreSQL task store is degraded");
         }
     }
 
     /// Records that `part` works again.
     fn working(&self, part: Part) {
-        let mut problems = self.problems.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(index) = problems.iter().position(|(p, _, _)| *p == part) {
-            problems.remove(index);
+        if self.0.working(part) {
             tracing::info!(part = ?part, "the PostgreSQL task store works again");
-            if problems.is_empty() {
-                *self.clear_since.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
-            }
         }
     }
 
     /// How long the store has had no problem; `None` while it has one.
     fn healthy_for(&self) -> Option<Duration> {
-        let problems = self.problems.lock().unwrap_or_else(|p| p.into_inner());
-        if !problems.is_empty() {
-            return None;
-        }
-        let since = *self.clear_since.lock().unwrap_or_else(|p| p.into_inner());
-        Some(since.map_or(Duration::MAX, |at| at.elapsed()))
+        self.0.healthy_for()
     }
 
     fn get(&self) -> StoreHealth {
-        let problems = self.problems.lock().unwrap_or_else(|p| p.into_inner());
-        if problems.is_empty() {
-            return StoreHealth::default();
-        }
-        let status = if problems.iter().any(|(p, _, _)| *p == Part::NodeName) {
-            StoreStatus::Unhealthy
-        } else {
-            StoreStatus::Degraded
-        };
-        StoreHealth {
-            status,
-            problem: Some(
-                problems
-                    .iter()
-                    .map(|(_, problem, _)| problem.as_str())
-                    .collect::<Vec<_>>()
-                    .join("; "),
-            ),
-            since_ms: problems.iter().map(|(_, _, since)| *since).min(),
-        }
+        self.0.get()
     }
 }
 
@@ -836,7 +806,7 @@ impl ReadConn {
             .await?;
         let stats = client
             .prepare(
-                "SELECT task_type, status, sum(count)::bigint FROM task_counts \
+                "SELECT task_type, status, sum(count)::bigint AS count FROM task_counts \
                  GROUP BY task_type, status",
             )
             .await?;
@@ -910,9 +880,9 @@ impl PostgresStore {
         let mut values = writer::Values::default();
         let mut clauses = vec![format!("seq < {}", values.push(upper))];
         if !filter.statuses.is_empty() {
-            clauses.push(writer::status_in(&filter.statuses));
+            clauses.push(common::status_in(&filter.statuses));
         }
-        clauses.extend(writer::field_clauses(&filter, &mut values));
+        clauses.extend(common::field_clauses(&filter, &mut values));
         let limit_param = values.push(i64::try_from(limit + 1).unwrap_or(i64::MAX));
         let sql = format!(
             "SELECT {COLUMNS}, seq FROM tasks WHERE {} ORDER BY seq DESC LIMIT {limit_param}",
@@ -945,12 +915,7 @@ impl PostgresStore {
     }
 
     async fn count_timed_out(&self) -> Result<std::collections::BTreeMap<String, u64>> {
-        let sql = format!(
-            "SELECT task_type, count(*) FROM tasks WHERE status = {} AND error_kind = {} \
-             GROUP BY task_type",
-            crate::model::Status::Failed.code(),
-            crate::model::FailureKind::Timeout.code()
-        );
+        let sql = common::timed_out_sql();
         let mut retried = false;
         let rows = loop {
             let conn = self.shared.reader.get(&self.shared).await?;
@@ -962,10 +927,10 @@ impl PostgresStore {
         let mut counts = std::collections::BTreeMap::new();
         for row in rows {
             let task_type: String = row
-                .try_get(0)
+                .try_get("task_type")
                 .map_err(|e| Error::store("counting timed-out tasks", e))?;
             let count: i64 = row
-                .try_get(1)
+                .try_get("count")
                 .map_err(|e| Error::store("counting timed-out tasks", e))?;
             counts.insert(task_type, u64::try_from(count).unwrap_or(0));
         }
@@ -984,13 +949,13 @@ impl PostgresStore {
         let mut stats = Stats::empty();
         for row in rows {
             let task_type: String = row
-                .try_get(0)
+                .try_get("task_type")
                 .map_err(|e| Error::store("counting tasks", e))?;
             let code: i16 = row
-                .try_get(1)
+                .try_get("status")
                 .map_err(|e| Error::store("counting tasks", e))?;
             let count: i64 = row
-                .try_get(2)
+                .try_get("count")
                 .map_err(|e| Error::store("counting tasks", e))?;
             if count != 0 {
                 stats.add(&task_type, rows::status(code)?, count);
@@ -1146,28 +1111,9 @@ impl Store for PostgresStore {
     }
 }
 
-/// The status codes written into the SQL text, checked against the model's.
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::Status;
-
-    #[test]
-    fn the_sql_status_codes_are_the_models() {
-        let codes: Vec<(Status, u8)> = Status::ALL.iter().map(|s| (*s, s.code())).collect();
-        assert_eq!(
-            codes,
-            [
-                (Status::Queued, 0),
-                (Status::Scheduled, 1),
-                (Status::Paused, 2),
-                (Status::Running, 3),
-                (Status::Completed, 4),
-                (Status::Failed, 5),
-                (Status::Cancelled, 6),
-            ]
-        );
-    }
 
     #[test]
     fn identifiers_are_checked_and_quoted() {

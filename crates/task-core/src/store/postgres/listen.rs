@@ -112,14 +112,14 @@ pub(super) async fn open(shared: &Arc<Shared>) -> Result<Listening> {
         .map_err(unreachable)?;
     let name_free: bool = client
         .query_one(
-            "SELECT pg_try_advisory_lock($1, hashtext($2))",
+            "SELECT pg_try_advisory_lock($1, hashtext($2)) AS taken",
             &[
                 &LOCK_CLASS,
                 &format!("node:{}:{}", shared.config.schema, shared.config.node_id),
             ],
         )
         .await
-        .and_then(|row| row.try_get(0))
+        .and_then(|row| row.try_get("taken"))
         .map_err(unreachable)?;
     if !name_free {
         let problem = format!(
@@ -142,14 +142,14 @@ pub(super) async fn open(shared: &Arc<Shared>) -> Result<Listening> {
 async fn try_lead(shared: &Shared, client: &Client) -> bool {
     let taken = client
         .query_one(
-            "SELECT pg_try_advisory_lock($1, hashtext($2))",
+            "SELECT pg_try_advisory_lock($1, hashtext($2)) AS taken",
             &[
                 &LOCK_CLASS,
                 &format!("maintenance:{}", shared.config.schema),
             ],
         )
         .await
-        .and_then(|row| row.try_get::<_, bool>(0));
+        .and_then(|row| row.try_get::<_, bool>("taken"));
     match taken {
         Ok(taken) => {
             if taken && !shared.leader.swap(true, Ordering::AcqRel) {

@@ -68,12 +68,12 @@ pub(super) async fn migrate(client: &mut Client, schema: &str) -> Result<i32> {
     .map_err(fail)?;
     let current: i32 = tx
         .query_one(
-            "SELECT coalesce(max(version), 0) FROM schema_migrations",
+            "SELECT coalesce(max(version), 0) AS version FROM schema_migrations",
             &[],
         )
         .await
         .map_err(fail)?
-        .try_get(0)
+        .try_get("version")
         .map_err(fail)?;
     if current > latest() {
         return Err(Error::Store {

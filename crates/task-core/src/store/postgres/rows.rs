@@ -1,5 +1,5 @@
 //! How tasks are written to and read from PostgreSQL rows: the column list, and the conversions
-//! between the task model and column values.
+//! between the task model and column values. Columns are read by name.
 
 use std::time::Duration;
 
@@ -8,19 +8,16 @@ use tokio_postgres::Row;
 
 use crate::error::{Error, Result};
 use crate::model::{
-    AttemptRecord, FailureKind, Priority, RetryPolicy, Status, Task, TaskError, TaskId, Timestamp,
+    FailureKind, Priority, RetryPolicy, Status, Task, TaskError, TaskId, Timestamp,
 };
 
-/// The columns of a task, in the order [`task_from_row`] reads them; `seq` follows them in the
-/// queries that need it (at [`SEQ`]).
+/// The columns of a task, read by [`task_from_row`]; `seq` follows them in the queries that need
+/// it (read by [`seq_of`]).
 pub(super) const COLUMNS: &str = "id, task_type, params, priority, status, attempt, max_attempts, \
     retry_base_ms, retry_max_ms, timeout_ms, run_at, idempotency_key, owner, session_id, \
     progress, progress_message, result, error_kind, error_message, created_at, started_at, \
     updated_at, finished_at, tags, lease_until, cancel_requested, interrupted_attempts, \
-    rerun_on_recovery, attempts::text";
-
-/// The index of `seq` in a row that has it after [`COLUMNS`].
-pub(super) const SEQ: usize = 29;
+    rerun_on_recovery, attempts::text AS attempts";
 
 /// A task's id as the `uuid` column holds it.
 pub(super) fn uuid(id: TaskId) -> uuid::Uuid {
@@ -45,35 +42,10 @@ pub(super) fn big(value: u64) -> i64 {
     i64::try_from(value).unwrap_or(i64::MAX)
 }
 
-/// A duration as milliseconds.
-pub(super) fn millis(duration: Option<Duration>) -> Option<i64> {
-    duration.map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-}
-
-/// A JSON value as text. Serializing a `Value` cannot fail.
-pub(super) fn json_text(value: &Value) -> String {
-    serde_json::to_string(value).unwrap_or_else(|_| "null".into())
-}
-
-/// A task's attempt history as JSON text, for the `attempts` column (cast to `jsonb`).
-pub(super) fn attempts_text(attempts: &[AttemptRecord]) -> String {
-    // Serializing records of numbers and names cannot fail.
-    serde_json::to_string(attempts).unwrap_or_else(|_| "[]".into())
-}
-
-/// Tags as JSON text; `None` for none (as the SQLite store keeps them).
-pub(super) fn tags_text(tags: &[String]) -> Option<String> {
-    if tags.is_empty() {
-        None
-    } else {
-        serde_json::to_string(tags).ok()
-    }
-}
-
-/// Reads one column, naming it in the error.
-fn column<'a, T: tokio_postgres::types::FromSql<'a>>(row: &'a Row, index: usize) -> Result<T> {
-    row.try_get(index)
-        .map_err(|e| Error::store("reading a task", format!("column {index}: {e}")))
+/// Reads one column by its name, naming it in the error.
+fn column<'a, T: tokio_postgres::types::FromSql<'a>>(row: &'a Row, name: &str) -> Result<T> {
+    row.try_get(name)
+        .map_err(|e| Error::store("reading a task", format!("column {name}: {e}")))
 }
 
 fn bad(what: &str, value: impl std::fmt::Display) -> Error {
@@ -82,22 +54,22 @@ fn bad(what: &str, value: impl std::fmt::Display) -> Error {
 
 /// A task from a row whose first columns are [`COLUMNS`].
 pub(super) fn task_from_row(row: &Row) -> Result<Task> {
-    let id: uuid::Uuid = column(row, 0)?;
-    let params: String = column(row, 2)?;
-    let priority: i16 = column(row, 3)?;
-    let attempt: i64 = column(row, 5)?;
-    let max_attempts: i64 = column(row, 6)?;
-    let interrupted: i64 = column(row, 26)?;
-    let result: Option<String> = column(row, 16)?;
-    let error_kind: Option<i16> = column(row, 17)?;
-    let tags: Option<String> = column(row, 23)?;
+    let id: uuid::Uuid = column(row, "id")?;
+    let params: String = column(row, "params")?;
+    let priority: i16 = column(row, "priority")?;
+    let attempt: i64 = column(row, "attempt")?;
+    let max_attempts: i64 = column(row, "max_attempts")?;
+    let interrupted: i64 = column(row, "interrupted_attempts")?;
+    let result: Option<String> = column(row, "result")?;
+    let error_kind: Option<i16> = column(row, "error_kind")?;
+    let tags: Option<String> = column(row, "tags")?;
     let error = match error_kind {
         Some(code) => Some(TaskError {
             kind: u8::try_from(code)
                 .ok()
                 .and_then(FailureKind::from_code)
                 .ok_or_else(|| bad("the failure kind", code))?,
-            message: column::<Option<String>>(row, 18)?.unwrap_or_default(),
+            message: column::<Option<String>>(row, "error_message")?.unwrap_or_default(),
         }),
         None => None,
     };
@@ -106,49 +78,50 @@ pub(super) fn task_from_row(row: &Row) -> Result<Task> {
     };
     Ok(Task {
         id: TaskId::from_bytes(*id.as_bytes()),
-        task_type: column(row, 1)?,
+        task_type: column(row, "task_type")?,
         params: json(&params)?,
         priority: u8::try_from(priority)
             .ok()
             .and_then(Priority::new)
             .ok_or_else(|| bad("the priority", priority))?,
-        status: status(column(row, 4)?)?,
+        status: status(column(row, "status")?)?,
         attempt: u32::try_from(attempt).map_err(|_| bad("the attempt", attempt))?,
         max_attempts: u32::try_from(max_attempts).map_err(|_| bad("max_attempts", max_attempts))?,
         retry: RetryPolicy {
-            base_delay_ms: column::<i64>(row, 7)?.max(0) as u64,
-            max_delay_ms: column::<i64>(row, 8)?.max(0) as u64,
+            base_delay_ms: column::<i64>(row, "retry_base_ms")?.max(0) as u64,
+            max_delay_ms: column::<i64>(row, "retry_max_ms")?.max(0) as u64,
         },
-        timeout: column::<Option<i64>>(row, 9)?.map(|ms| Duration::from_millis(ms.max(0) as u64)),
-        run_at: column::<Option<i64>>(row, 10)?.map(Timestamp),
-        idempotency_key: column(row, 11)?,
-        owner: column(row, 12)?,
-        session_id: column(row, 13)?,
-        progress: column(row, 14)?,
-        progress_message: column(row, 15)?,
+        timeout: column::<Option<i64>>(row, "timeout_ms")?
+            .map(|ms| Duration::from_millis(ms.max(0) as u64)),
+        run_at: column::<Option<i64>>(row, "run_at")?.map(Timestamp),
+        idempotency_key: column(row, "idempotency_key")?,
+        owner: column(row, "owner")?,
+        session_id: column(row, "session_id")?,
+        progress: column(row, "progress")?,
+        progress_message: column(row, "progress_message")?,
         result: result.as_deref().map(json).transpose()?,
         error,
-        created_at: Timestamp(column(row, 19)?),
-        started_at: column::<Option<i64>>(row, 20)?.map(Timestamp),
-        updated_at: Timestamp(column(row, 21)?),
-        finished_at: column::<Option<i64>>(row, 22)?.map(Timestamp),
+        created_at: Timestamp(column(row, "created_at")?),
+        started_at: column::<Option<i64>>(row, "started_at")?.map(Timestamp),
+        updated_at: Timestamp(column(row, "updated_at")?),
+        finished_at: column::<Option<i64>>(row, "finished_at")?.map(Timestamp),
         tags: match tags {
             Some(text) => {
                 serde_json::from_str(&text).map_err(|e| Error::store("reading a task", e))?
             }
             None => Vec::new(),
         },
-        lease_until: column::<Option<i64>>(row, 24)?.map(Timestamp),
-        cancel_requested: column(row, 25)?,
+        lease_until: column::<Option<i64>>(row, "lease_until")?.map(Timestamp),
+        cancel_requested: column(row, "cancel_requested")?,
         interrupted_attempts: u32::try_from(interrupted)
             .map_err(|_| bad("interrupted_attempts", interrupted))?,
-        rerun_on_recovery: column(row, 27)?,
-        attempts: serde_json::from_str(&column::<String>(row, 28)?)
+        rerun_on_recovery: column(row, "rerun_on_recovery")?,
+        attempts: serde_json::from_str(&column::<String>(row, "attempts")?)
             .map_err(|e| Error::store("reading a task", e))?,
     })
 }
 
-/// The `seq` of a row that has it at [`SEQ`].
+/// The `seq` of a row that has it.
 pub(super) fn seq_of(row: &Row) -> Result<i64> {
-    column(row, SEQ)
+    column(row, "seq")
 }

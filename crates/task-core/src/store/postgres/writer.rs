@@ -1,7 +1,7 @@
 //! The writer: one task that owns the writing connection and commits the requests waiting for it
 //! in one transaction (group commit), answering each only after the commit.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -19,10 +19,12 @@ use crate::store::{
 };
 
 use super::listen::payload;
-use super::rows::{
-    COLUMNS, attempts_text, big, code, json_text, millis, seq_of, status, tags_text, task_from_row,
-    uuid,
+use crate::store::common::{
+    Bind, CountChange, attempts_text, field_clauses, finished_statuses, json_text, millis,
+    net_counts, sql_held, sql_leased, sql_status, sql_terminal, tags_text,
 };
+
+use super::rows::{COLUMNS, big, code, seq_of, status, task_from_row, uuid};
 use super::{Backoff, Part, Shared, describe, is_lost};
 
 /// A write request.
@@ -117,9 +119,9 @@ impl WriteConn {
             )
             .await?;
         let backend = client
-            .query_one("SELECT pg_backend_pid()", &[])
+            .query_one("SELECT pg_backend_pid() AS pid", &[])
             .await?
-            .try_get(0)
+            .try_get("pid")
             .ok();
         Ok(WriteConn {
             client,
@@ -557,13 +559,6 @@ impl Effects {
     }
 }
 
-/// A change of the counts, written with its transaction.
-struct CountChange {
-    task_type: String,
-    from: Option<Status>,
-    to: Option<Status>,
-}
-
 /// How a request failed inside a transaction.
 enum Exec {
     /// Refused before it wrote anything (an illegal transition, an unknown task): the
@@ -698,18 +693,7 @@ async fn commit(
     effects: &Effects,
     ask_xid: bool,
 ) -> std::result::Result<(), Failed> {
-    let mut net: BTreeMap<(&str, i16), i64> = BTreeMap::new();
-    for change in &effects.counts {
-        if let Some(from) = change.from {
-            *net.entry((change.task_type.as_str(), code(from)))
-                .or_insert(0) -= 1;
-        }
-        if let Some(to) = change.to {
-            *net.entry((change.task_type.as_str(), code(to)))
-                .or_insert(0) += 1;
-        }
-    }
-    net.retain(|_, delta| *delta != 0);
+    let net = net_counts(&effects.counts);
     let notice = (effects.queued || effects.due.is_some())
         .then(|| payload(effects.queued, effects.due, &shared.config.node_id));
     if conn.begin_pending && net.is_empty() && notice.is_none() {
@@ -732,14 +716,14 @@ async fn commit(
     };
     let xid = match ask_xid {
         true => Some(
-            conn.statement("SELECT txid_current_if_assigned()")
+            conn.statement("SELECT txid_current_if_assigned() AS xid")
                 .await
                 .map_err(prepare)?,
         ),
         false => None,
     };
     let types: Vec<&str> = net.keys().map(|(t, _)| *t).collect();
-    let statuses: Vec<i16> = net.keys().map(|(_, s)| *s).collect();
+    let statuses: Vec<i16> = net.keys().map(|(_, s)| code(*s)).collect();
     let deltas: Vec<i64> = net.values().copied().collect();
     let begin = std::mem::take(&mut conn.begin_pending);
     let client = &conn.client;
@@ -774,7 +758,7 @@ async fn commit(
                 Some(statement) => client
                     .query_one(statement, &[])
                     .await
-                    .and_then(|row| row.try_get::<_, Option<i64>>(0))
+                    .and_then(|row| row.try_get::<_, Option<i64>>("xid"))
                     .map(Some),
                 None => Ok(None),
             }
@@ -831,14 +815,16 @@ enum Fate {
 async fn fate(conn: &mut WriteConn, xid: i64) -> std::result::Result<Fate, PgError> {
     let row = conn
         .client
-        .query_one("SELECT txid_status($1)", &[&xid])
+        .query_one("SELECT txid_status($1) AS status", &[&xid])
         .await?;
-    Ok(match row.try_get::<_, Option<String>>(0)?.as_deref() {
-        Some("committed") => Fate::Committed,
-        Some("aborted") => Fate::RolledBack,
-        Some(_) => Fate::Running,
-        None => Fate::Forgotten,
-    })
+    Ok(
+        match row.try_get::<_, Option<String>>("status")?.as_deref() {
+            Some("committed") => Fate::Committed,
+            Some("aborted") => Fate::RolledBack,
+            Some(_) => Fate::Running,
+            None => Fate::Forgotten,
+        },
+    )
 }
 
 async fn execute(
@@ -873,8 +859,11 @@ async fn execute(
             // Fenced out: by its own first run if the record ends this attempt at its time.
             let rows = conn
                 .query(
-                    "SELECT 1 FROM tasks WHERE id = $1 AND attempt = $2 AND updated_at = $3 \
-                     AND status NOT IN (2, 3)",
+                    concat!(
+                        "SELECT 1 FROM tasks WHERE id = $1 AND attempt = $2 AND updated_at = $3 \
+                         AND NOT ",
+                        sql_leased!()
+                    ),
                     &[&uuid(finish.id), &i64::from(finish.attempt), &finish.now.0],
                 )
                 .await?;
@@ -985,7 +974,7 @@ async fn submit(
         )
         .await?
         .iter()
-        .map(|row| row.try_get(0))
+        .map(|row| row.try_get("id"))
         .collect::<std::result::Result<_, _>>()?;
     let mut out = Vec::with_capacity(tasks.len());
     for (task, id) in tasks.iter().zip(&ids) {
@@ -1024,22 +1013,35 @@ async fn submit(
 /// Claims in one statement: the head of the queue, skipping rows that other transactions hold.
 /// The rows are then updated by `seq = ANY(ARRAY(…))`, a primary-key lookup whatever the batch
 /// size (a join with the head can make the planner hash the whole table).
-pub(super) const CLAIM: &str = "UPDATE tasks SET status = 3, attempt = attempt + 1, \
+pub(super) const CLAIM: &str = concat!(
+    "UPDATE tasks SET status = ",
+    sql_status!(running),
+    ", attempt = attempt + 1, \
     started_at = $4, updated_at = $4, lease_until = $5, run_at = NULL, progress = NULL, \
     progress_message = NULL, claimed_by = $2 \
     WHERE seq = ANY(ARRAY(SELECT seq FROM tasks \
-    WHERE status = 0 AND task_type <> ALL($1::text[]) AND (home_node IS NULL OR home_node = $2) \
-    ORDER BY priority DESC, seq LIMIT $3 FOR UPDATE SKIP LOCKED))";
+    WHERE status = ",
+    sql_status!(queued),
+    " AND task_type <> ALL($1::text[]) AND (home_node IS NULL OR home_node = $2) \
+    ORDER BY priority DESC, seq LIMIT $3 FOR UPDATE SKIP LOCKED))"
+);
 
 /// The head of the queue, locked, for a claim with per-type room.
-const CANDIDATES: &str = "SELECT seq, task_type FROM tasks \
-    WHERE status = 0 AND task_type <> ALL($1::text[]) AND (home_node IS NULL OR home_node = $2) \
-    ORDER BY priority DESC, seq LIMIT $3 FOR UPDATE SKIP LOCKED";
+const CANDIDATES: &str = concat!(
+    "SELECT seq, task_type FROM tasks WHERE status = ",
+    sql_status!(queued),
+    " AND task_type <> ALL($1::text[]) AND (home_node IS NULL OR home_node = $2) \
+    ORDER BY priority DESC, seq LIMIT $3 FOR UPDATE SKIP LOCKED"
+);
 
 /// Starts the attempts of locked queued rows.
-const MARK: &str = "UPDATE tasks SET status = 3, attempt = attempt + 1, started_at = $3, \
+const MARK: &str = concat!(
+    "UPDATE tasks SET status = ",
+    sql_status!(running),
+    ", attempt = attempt + 1, started_at = $3, \
     updated_at = $3, lease_until = $4, run_at = NULL, progress = NULL, progress_message = NULL, \
-    claimed_by = $2 WHERE seq = ANY($1::bigint[])";
+    claimed_by = $2 WHERE seq = ANY($1::bigint[])"
+);
 
 /// Claims in queue order, honouring per-type room.
 async fn claim(
@@ -1087,8 +1089,8 @@ async fn claim(
             let mut picked: Vec<i64> = Vec::new();
             let mut skipped = false;
             for row in &rows {
-                let seq: i64 = row.try_get(0)?;
-                let task_type: String = row.try_get(1)?;
+                let seq: i64 = row.try_get("seq")?;
+                let task_type: String = row.try_get("task_type")?;
                 if let Some(room) = request.room_for(&task_type) {
                     let taken = taken_by_type.entry(task_type.clone()).or_insert(0);
                     if *taken >= room {
@@ -1138,21 +1140,30 @@ async fn promote(
         .map_err(|t| Exec::Refused(Error::store("promoting", t)))?;
     let promoted = conn
         .query(
-            "UPDATE tasks SET status = $2, run_at = NULL, updated_at = $1 \
-             WHERE seq = ANY(ARRAY(SELECT seq FROM tasks WHERE status = 1 AND run_at <= $1 \
-             ORDER BY run_at FOR UPDATE SKIP LOCKED)) RETURNING task_type",
+            concat!(
+                "UPDATE tasks SET status = $2, run_at = NULL, updated_at = $1 \
+                 WHERE seq = ANY(ARRAY(SELECT seq FROM tasks WHERE status = ",
+                sql_status!(scheduled),
+                " AND run_at <= $1 ORDER BY run_at FOR UPDATE SKIP LOCKED)) RETURNING task_type"
+            ),
             &[&now.0, &code(queued)],
         )
         .await?;
     for row in &promoted {
-        let task_type: String = row.try_get(0)?;
+        let task_type: String = row.try_get("task_type")?;
         effects.moved(&task_type, Some(Status::Scheduled), Some(queued));
     }
     let next_due: Option<i64> = conn
-        .query("SELECT min(run_at) FROM tasks WHERE status = 1", &[])
+        .query(
+            concat!(
+                "SELECT min(run_at) AS next_due FROM tasks WHERE status = ",
+                sql_status!(scheduled)
+            ),
+            &[],
+        )
         .await?
         .first()
-        .map(|row| row.try_get(0))
+        .map(|row| row.try_get("next_due"))
         .transpose()?
         .flatten();
     Ok(Promoted {
@@ -1162,16 +1173,30 @@ async fn promote(
 }
 
 /// The rows held by running (or frozen) attempts among `ids`, locked in `seq` order.
-const HELD: &str = "SELECT seq, id, attempt, task_type, cancel_requested, status FROM tasks \
-    WHERE id = ANY($1::uuid[]) AND (status = 3 OR (status = 2 AND lease_until IS NOT NULL)) \
-    ORDER BY seq FOR UPDATE";
+const HELD: &str = concat!(
+    "SELECT seq, id, attempt, task_type, cancel_requested, status FROM tasks \
+    WHERE id = ANY($1::uuid[]) AND ",
+    sql_held!(),
+    " ORDER BY seq FOR UPDATE"
+);
 
 /// Ends many attempts at once, appending each attempt's entry to the task's history
 /// (`attempts`, trimmed to the last [`MAX_ATTEMPT_RECORDS`], 20): it ended at `u_updated_at`
 /// with the outcome named `u_outcome`.
-const FINISH: &str = "UPDATE tasks SET status = u_status, result = coalesce(u_result, result), \
-    progress = CASE WHEN u_status = 4 THEN 1.0 WHEN u_status IN (0, 1) THEN NULL ELSE progress END, \
-    progress_message = CASE WHEN u_status IN (0, 1) THEN NULL ELSE progress_message END, \
+const FINISH: &str = concat!(
+    "UPDATE tasks SET status = u_status, result = coalesce(u_result, result), \
+    progress = CASE WHEN u_status = ",
+    sql_status!(completed),
+    " THEN 1.0 WHEN u_status IN (",
+    sql_status!(queued),
+    ", ",
+    sql_status!(scheduled),
+    ") THEN NULL ELSE progress END, \
+    progress_message = CASE WHEN u_status IN (",
+    sql_status!(queued),
+    ", ",
+    sql_status!(scheduled),
+    ") THEN NULL ELSE progress_message END, \
     error_kind = coalesce(u_error_kind, error_kind), \
     error_message = coalesce(u_error_message, error_message), \
     run_at = u_run_at, finished_at = u_finished_at, updated_at = u_updated_at, \
@@ -1184,7 +1209,8 @@ const FINISH: &str = "UPDATE tasks SET status = u_status, result = coalesce(u_re
     FROM unnest($1::int8[], $2::int2[], $3::text[], $4::int2[], $5::text[], $6::int8[], \
     $7::int8[], $8::int8[], $9::int8[], $10::text[]) AS u(u_seq, u_status, u_result, u_error_kind, \
     u_error_message, u_run_at, u_finished_at, u_updated_at, u_extra, u_outcome) \
-    WHERE seq = u_seq AND seq = ANY($1::int8[])";
+    WHERE seq = u_seq AND seq = ANY($1::int8[])"
+);
 const _: () = assert!(MAX_ATTEMPT_RECORDS == 20, "FINISH trims to 20 entries");
 
 /// Ends the attempts of `finishes` (no task twice) with two statements: a read of the rows
@@ -1198,13 +1224,13 @@ async fn finish_all(
     let mut held: HashMap<uuid::Uuid, (i64, i64, String, bool, i16)> = HashMap::new();
     for row in conn.query(HELD, &[&ids]).await? {
         held.insert(
-            row.try_get(1)?,
+            row.try_get("id")?,
             (
-                row.try_get(0)?,
-                row.try_get(2)?,
-                row.try_get(3)?,
-                row.try_get(4)?,
-                row.try_get(5)?,
+                row.try_get("seq")?,
+                row.try_get("attempt")?,
+                row.try_get("task_type")?,
+                row.try_get("cancel_requested")?,
+                row.try_get("status")?,
             ),
         );
     }
@@ -1290,9 +1316,11 @@ async fn progress(
 ) -> std::result::Result<bool, Exec> {
     let changed = conn
         .execute(
-            "UPDATE tasks SET progress = $3, progress_message = coalesce($4, progress_message), \
-             updated_at = $5 WHERE id = $1 AND attempt = $2 \
-             AND (status = 3 OR (status = 2 AND lease_until IS NOT NULL))",
+            concat!(
+                "UPDATE tasks SET progress = $3, progress_message = coalesce($4, progress_message), \
+                 updated_at = $5 WHERE id = $1 AND attempt = $2 AND ",
+                sql_held!()
+            ),
             &[
                 &uuid(update.id),
                 &i64::from(update.attempt),
@@ -1310,19 +1338,23 @@ async fn progress(
 /// deadlocked with the finishes on the node's other writer, since a transaction of several
 /// requests does not take its locks in one order (each deadlock stalls both for PostgreSQL's
 /// `deadlock_timeout`, 1 s by default; the sustained bench hit several a minute).
-const HEARTBEAT: &str = "UPDATE tasks SET lease_until = $3 \
+const HEARTBEAT: &str = concat!(
+    "UPDATE tasks SET lease_until = $3 \
     FROM unnest($1::uuid[], $2::int8[]) AS h(h_id, h_attempt) \
     WHERE id = h_id AND attempt = h_attempt \
-    AND seq = ANY(ARRAY(SELECT seq FROM tasks WHERE id = ANY($1::uuid[]) \
-    AND (status = 3 OR (status = 2 AND lease_until IS NOT NULL)) ORDER BY seq \
-    FOR UPDATE SKIP LOCKED)) \
-    AND (status = 3 OR (status = 2 AND lease_until IS NOT NULL)) \
-    RETURNING id, attempt, cancel_requested";
+    AND seq = ANY(ARRAY(SELECT seq FROM tasks WHERE id = ANY($1::uuid[]) AND ",
+    sql_held!(),
+    " ORDER BY seq FOR UPDATE SKIP LOCKED)) AND ",
+    sql_held!(),
+    " RETURNING id, attempt, cancel_requested"
+);
 
 /// Of the attempts a heartbeat did not renew, those whose rows still show them running (their
 /// rows were locked by another transaction): not lost, renewed by the next heartbeat.
-const STILL_HELD: &str = "SELECT id, attempt FROM tasks WHERE id = ANY($1::uuid[]) \
-    AND (status = 3 OR (status = 2 AND lease_until IS NOT NULL))";
+const STILL_HELD: &str = concat!(
+    "SELECT id, attempt FROM tasks WHERE id = ANY($1::uuid[]) AND ",
+    sql_held!()
+);
 
 async fn heartbeat_all(
     conn: &mut WriteConn,
@@ -1338,7 +1370,12 @@ async fn heartbeat_all(
         .query(HEARTBEAT, &[&ids, &attempts, &heartbeat.lease_until.0])
         .await?
         .iter()
-        .map(|row| Ok(((row.try_get(0)?, row.try_get(1)?), row.try_get(2)?)))
+        .map(|row| {
+            Ok((
+                (row.try_get("id")?, row.try_get("attempt")?),
+                row.try_get("cancel_requested")?,
+            ))
+        })
         .collect::<std::result::Result<_, PgError>>()?;
     let missing: Vec<uuid::Uuid> = heartbeat
         .held
@@ -1349,7 +1386,10 @@ async fn heartbeat_all(
     let mut still_held = HashSet::new();
     if !missing.is_empty() {
         for row in conn.query(STILL_HELD, &[&missing]).await? {
-            still_held.insert((row.try_get::<_, uuid::Uuid>(0)?, row.try_get::<_, i64>(1)?));
+            still_held.insert((
+                row.try_get::<_, uuid::Uuid>("id")?,
+                row.try_get::<_, i64>("attempt")?,
+            ));
         }
     }
     for (id, attempt) in &heartbeat.held {
@@ -1444,8 +1484,9 @@ async fn recover(
         Recover::Expired => {
             conn.query(
                 &format!(
-                    "SELECT {COLUMNS}, seq FROM tasks WHERE status IN (2, 3) AND lease_until < $1 \
-                     ORDER BY seq FOR UPDATE SKIP LOCKED"
+                    "SELECT {COLUMNS}, seq FROM tasks WHERE {} AND lease_until < $1 \
+                     ORDER BY seq FOR UPDATE SKIP LOCKED",
+                    sql_leased!()
                 ),
                 &[&now.0],
             )
@@ -1455,9 +1496,9 @@ async fn recover(
         Recover::AllRunning => {
             conn.query(
                 &format!(
-                    "SELECT {COLUMNS}, seq FROM tasks \
-                     WHERE (status = 3 OR (status = 2 AND lease_until IS NOT NULL)) \
-                     AND claimed_by = $1 ORDER BY seq FOR UPDATE"
+                    "SELECT {COLUMNS}, seq FROM tasks WHERE {} \
+                     AND claimed_by = $1 ORDER BY seq FOR UPDATE",
+                    sql_held!()
                 ),
                 &[&node],
             )
@@ -1492,15 +1533,18 @@ async fn prune(
 ) -> std::result::Result<usize, Exec> {
     let removed = conn
         .query(
-            "DELETE FROM tasks WHERE seq = ANY(ARRAY(SELECT seq FROM tasks \
-             WHERE status >= 4 AND finished_at < $1 ORDER BY finished_at, seq LIMIT $2 \
-             FOR UPDATE SKIP LOCKED)) RETURNING task_type, status",
+            concat!(
+                "DELETE FROM tasks WHERE seq = ANY(ARRAY(SELECT seq FROM tasks WHERE ",
+                sql_terminal!(),
+                " AND finished_at < $1 ORDER BY finished_at, seq LIMIT $2 \
+                 FOR UPDATE SKIP LOCKED)) RETURNING task_type, status"
+            ),
             &[&before.0, &big(limit as u64)],
         )
         .await?;
     for row in &removed {
-        let task_type: String = row.try_get(0)?;
-        let code: i16 = row.try_get(1)?;
+        let task_type: String = row.try_get("task_type")?;
+        let code: i16 = row.try_get("status")?;
         effects.moved(&task_type, Some(status(code).map_err(Exec::Abort)?), None);
     }
     conn.execute(FOLD_COUNTS, &[]).await?;
@@ -1518,24 +1562,15 @@ async fn delete_finished(
     limit: usize,
     effects: &mut Effects,
 ) -> std::result::Result<usize, Exec> {
-    // The terminal statuses the filter names (all of them when it names none): a non-terminal
-    // status in the filter matches nothing here.
-    let statuses: Vec<Status> = Status::ALL
-        .into_iter()
-        .filter(|s| s.is_terminal())
-        .filter(|s| filter.statuses.is_empty() || filter.statuses.contains(s))
-        .collect();
-    if statuses.is_empty() || limit == 0 {
+    let Some(statuses) = finished_statuses(filter).filter(|_| limit > 0) else {
         return Ok(0);
-    }
+    };
     let mut values = Values::default();
     let mut clauses = vec![
-        "status >= 4".to_owned(),
+        sql_terminal!().to_owned(),
         format!("finished_at < {}", values.push(before.0)),
     ];
-    if statuses.len() < 3 {
-        clauses.push(status_in(&statuses));
-    }
+    clauses.extend(statuses);
     clauses.extend(field_clauses(filter, &mut values));
     let limit = values.push(big(limit as u64));
     let sql = format!(
@@ -1546,8 +1581,8 @@ async fn delete_finished(
     );
     let removed = conn.query(&sql, &values.refs()).await?;
     for row in &removed {
-        let task_type: String = row.try_get(0)?;
-        let code: i16 = row.try_get(1)?;
+        let task_type: String = row.try_get("task_type")?;
+        let code: i16 = row.try_get("status")?;
         effects.moved(&task_type, Some(status(code).map_err(Exec::Abort)?), None);
     }
     Ok(removed.len())
@@ -1572,35 +1607,14 @@ impl Values {
     }
 }
 
-/// The condition `status IN (…)` of these statuses (their codes are written in the SQL).
-pub(super) fn status_in(statuses: &[Status]) -> String {
-    let codes: Vec<String> = statuses.iter().map(|s| s.code().to_string()).collect();
-    format!("status IN ({})", codes.join(", "))
-}
+/// Binds as `$n`, cast to the value's type (a placeholder compared with a column of another
+/// type would otherwise take that type).
+impl Bind for Values {
+    fn text(&mut self, value: String) -> String {
+        format!("{}::text", self.push(value))
+    }
 
-/// The conditions of a filter's fields other than its statuses, their values pushed to `values`.
-pub(super) fn field_clauses(filter: &ListFilter, values: &mut Values) -> Vec<String> {
-    let mut clauses = Vec::new();
-    if let Some(task_type) = &filter.task_type {
-        clauses.push(format!(
-            "task_type = {}::text",
-            values.push(task_type.clone())
-        ));
+    fn int(&mut self, value: i64) -> String {
+        format!("{}::int8", self.push(value))
     }
-    if let Some(owner) = &filter.owner {
-        clauses.push(format!("owner = {}::text", values.push(owner.clone())));
-    }
-    if let Some(session) = &filter.session_id {
-        clauses.push(format!(
-            "session_id = {}::text",
-            values.push(session.clone())
-        ));
-    }
-    if let Some(from) = filter.created_from {
-        clauses.push(format!("created_at >= {}::int8", values.push(from.0)));
-    }
-    if let Some(until) = filter.created_until {
-        clauses.push(format!("created_at < {}::int8", values.push(until.0)));
-    }
-    clauses
 }
