@@ -268,6 +268,21 @@ def first_connection(binary, env, log):
     return build
 
 
+def interrupted_task(binary, env, log):
+    """A task that a graceful stop of msbd interrupted, as the next msbd first sees it."""
+    m = Msbd(binary, env, {}, log)
+    task, _ = call(m, "submit_task", {"task_type": "command", "params": {"command": "sleep 30"}},
+                   label="submit_task (to be interrupted)")
+    task_id = task["task_id"]
+    wait_status(m, task_id, {"running"})
+    m.close()  # stdin closed: msbd stops gracefully within MSB_SHUTDOWN_TIMEOUT (2 s here)
+    m = Msbd(binary, env, {}, log)
+    call(m, "check_task_status", {"task_id": task_id}, label="check_task_status (interrupted)")
+    call(m, "manage_background_tasks", {"action": "cancel", "task_id": task_id},
+         label="manage_background_tasks cancel (the interrupted task)")
+    m.close()
+
+
 def second_connection(binary, env, log, old_task):
     caps = {"extensions": {TASKS_EXTENSION: {}}}
     m = Msbd(binary, env, caps, log)
@@ -348,6 +363,7 @@ def main(binary, out):
         with open(os.path.join(data_dir, "..", f"msbd-capture-{os.getpid()}.log"), "w") as log:
             build = first_connection(binary, env, log)
             second_connection(binary, env, log, build)
+            interrupted_task(binary, env, log)
             try:
                 http_connection(binary, env, log)
             except SystemExit as error:
