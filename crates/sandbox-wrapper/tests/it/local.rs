@@ -1100,11 +1100,16 @@ async fn a_shim_behind_a_private_directory_is_copied_where_the_sandbox_users_rea
     let marker = format!("test{}-shim-{}", std::process::id(), rand_suffix());
     let mut config = LocalConfig::new(dir.path().join("data"), marker.clone());
     config.landlock_shim = Some(hidden_shim);
-    let backend = LocalBackend::new(config).unwrap();
+    let backend = LocalBackend::new(config.clone()).unwrap();
     let report = backend.isolation_report();
     eprintln!("{report:?}");
     let copy = backend.sandbox_root().join(format!(".shim-{marker}"));
     assert!(copy.is_file(), "{}", copy.display());
+    // The next start finds the same bytes there and keeps the copy rather than writing it again.
+    let first = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&copy).unwrap());
+    drop(LocalBackend::new(config).unwrap());
+    let second = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&copy).unwrap());
+    assert_eq!(first, second, "the unchanged shim was copied again");
     if fixture().level() == IsolationLevel::Strong {
         assert!(report.layers.contains("landlock("), "{report:?}");
         assert!(

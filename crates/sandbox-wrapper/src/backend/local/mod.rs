@@ -160,10 +160,21 @@ impl std::fmt::Display for ClosedDirectory {
 /// through. Sandboxes run as users of their own when msbd is root: bubblewrap, started as that
 /// user, must resolve the workspace's path itself.
 pub fn closed_to_others(path: &Path) -> Option<ClosedDirectory> {
+    let components = path.components().count();
+    first_closed(path, components.saturating_sub(1))
+}
+
+/// The first existing directory from the root down to `dir` itself (absolute) that other users
+/// cannot pass through: whether they can reach what is inside `dir`.
+pub fn closed_on_the_way_into(dir: &Path) -> Option<ClosedDirectory> {
+    first_closed(dir, dir.components().count())
+}
+
+/// The first of the first `depth` directories along `path` that other users cannot pass.
+fn first_closed(path: &Path, depth: usize) -> Option<ClosedDirectory> {
     use std::os::unix::fs::PermissionsExt;
     let mut current = PathBuf::new();
-    let components: Vec<_> = path.components().collect();
-    for component in components.iter().take(components.len().saturating_sub(1)) {
+    for component in path.components().take(depth) {
         current.push(component);
         let Ok(meta) = std::fs::metadata(&current) else {
             return None;
@@ -475,7 +486,7 @@ impl LocalBackend {
             // bubblewrap runs as the sandbox's user and must reach the workspace, the shim and
             // the volumes by their paths: say which directory stops it, not just that it failed.
             let id = self.config.sandbox_uid_base;
-            if let Some(closed) = closed_to_others(&self.sandbox_root.join("probe")) {
+            if let Some(closed) = closed_on_the_way_into(&self.sandbox_root) {
                 return Err(format!(
                     "the sandbox users (uid {id} and up) cannot reach the workspaces under {}: {closed}; use a sandbox directory whose parents every user can pass through (mode o+x)",
                     self.sandbox_root.display()
@@ -489,7 +500,7 @@ impl LocalBackend {
                 ));
             }
             for volume in &self.config.volumes {
-                if let Some(closed) = closed_to_others(&volume.host.join("x")) {
+                if let Some(closed) = closed_on_the_way_into(&volume.host) {
                     return Err(format!(
                         "the sandbox users (uid {id} and up) cannot reach volume {}: {closed}",
                         volume.host.display()
@@ -1261,9 +1272,22 @@ fn reachable_program(program: &Path) -> Result<(), String> {
 }
 
 /// Copies the Landlock shim to `<root>/.shim-<marker>` (mode 0755), replacing an older copy
-/// at once (a running sandbox keeps the one it started with).
+/// at once (a running sandbox keeps the one it started with). A copy with the same bytes and
+/// mode is kept as it is.
 fn copy_shim(shim: &Path, root: &Path, marker: &str) -> Result<PathBuf, BackendError> {
+    use std::os::unix::fs::PermissionsExt;
     let target = root.join(format!(".shim-{marker}"));
+    let same = std::fs::metadata(&target).is_ok_and(|meta| {
+        meta.permissions().mode() & 0o7777 == 0o755
+            && std::fs::metadata(shim).is_ok_and(|source| source.len() == meta.len())
+            && matches!(
+                (std::fs::read(shim), std::fs::read(&target)),
+                (Ok(a), Ok(b)) if a == b
+            )
+    });
+    if same {
+        return Ok(target);
+    }
     let scratch = root.join(format!(".shim-{marker}.{}", std::process::id()));
     std::fs::copy(shim, &scratch).map_err(|e| {
         BackendError::io(
