@@ -501,7 +501,10 @@ async fn a_session_larger_than_the_memory_limit_is_refused_outright() {
     assert!(message.contains("3072 MB"), "{message}");
     assert!(message.contains("4096 MB"), "{message}");
     assert!(message.contains("large"), "{message}");
-    assert!(message.contains("raise the total memory limit"), "{message}");
+    assert!(
+        message.contains("raise the total memory limit"),
+        "{message}"
+    );
     // Nothing was evicted for a session that could never fit.
     assert_eq!(f.ids(), ["a", "b", "c"]);
     assert!(dirs.iter().all(|d| d.is_dir()));
