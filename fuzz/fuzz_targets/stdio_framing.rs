@@ -1,4 +1,4 @@
-//! The stdio transport's framing: `msbd::stdio::LimitedLines`, which passes newline-delimited
+//! The stdio transport's framing: `mcp_tools::transport::LimitedLines`, which passes newline-delimited
 //! JSON-RPC lines through up to a size limit and replaces longer ones.
 //!
 //! The input's first bytes choose the limit, the size of the reader's buffer, the sizes of the
@@ -20,7 +20,7 @@ use std::task::{Context, Poll, Waker};
 
 use libfuzzer_sys::fuzz_target;
 use mcp_tools::REQUEST_TOO_LARGE_METHOD;
-use msbd::stdio::LimitedLines;
+use mcp_tools::transport::LimitedLines;
 use serde::Deserialize;
 use serde_json::Value;
 use tokio::io::{AsyncRead, ReadBuf};

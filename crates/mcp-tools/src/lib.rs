@@ -29,6 +29,7 @@ mod server;
 mod tools_sandbox;
 mod tools_supervision;
 mod tools_tasks;
+pub mod transport;
 pub mod wire;
 
 #[doc(hidden)]

@@ -4,7 +4,7 @@
 //!   MCP session, all serving one principal: `"http"` without a bearer token, else
 //!   `"token:"` and 16 hex digits of a stable hash of the token (so the tasks made with a token
 //!   are still its own after a restart, and invisible without it); each session's transport is
-//!   a [`FastLane`] ([`FastLaneSessions`]);
+//!   `mcp_tools::FastLane` ([`FastLaneSessions`]);
 //! - `/healthz`: liveness, `200 {"status":"ok"}` while the process serves;
 //! - `/readyz`: readiness, `200 {"status":"ready"}` once the owner says so ([`Readiness`]),
 //!   `503 {"status":"starting"}` or `503 {"status":"draining"}` otherwise;
@@ -46,14 +46,9 @@ use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::middleware::{Next, from_fn_with_state};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use futures_core::Stream;
 use http_body_util::{BodyExt as _, LengthLimitError, Limited};
-use mcp_tools::{FastLane, McpServer};
-use rmcp::model::{ClientJsonRpcMessage, ServerJsonRpcMessage};
-use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
-use rmcp::transport::streamable_http_server::session::{
-    EventStore, RestoreOutcome, ServerSseMessage, SessionId, SessionManager,
-};
+use mcp_tools::McpServer;
+use mcp_tools::transport::FastLaneSessions;
 use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, StreamableHttpService};
 use serde_json::{Value, json};
 use subtle::ConstantTimeEq as _;
@@ -274,10 +269,7 @@ fn router(
         .with_allowed_origins(options.allowed_origins.clone())
         .with_cancellation_token(stopping.stop.child_token())
         .with_max_request_body_bytes(options.max_request_bytes);
-    let sessions = Arc::new(FastLaneSessions {
-        inner: LocalSessionManager::default(),
-        server: server.with_principal(&principal),
-    });
+    let sessions = Arc::new(FastLaneSessions::new(server.with_principal(&principal)));
     let mcp = StreamableHttpService::new(
         move || Ok(server.with_principal(&principal)),
         sessions,
@@ -311,90 +303,6 @@ fn router(
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
-}
-
-/// rmcp's in-memory sessions, each served over a [`FastLane`]: a quick read-only tool call is
-/// answered by the session's service loop as it reads it, instead of on a task of its own
-/// whose answer crosses two more hand-offs (see `mcp_tools::FastLane`). rmcp still checks
-/// every request (session, headers, protocol version) and writes every answer.
-struct FastLaneSessions {
-    inner: LocalSessionManager,
-    /// The server every session's fast lane answers for (the one principal of HTTP).
-    server: McpServer,
-}
-
-impl SessionManager for FastLaneSessions {
-    type Error = <LocalSessionManager as SessionManager>::Error;
-    type Transport = FastLane<<LocalSessionManager as SessionManager>::Transport>;
-
-    async fn create_session(&self) -> Result<(SessionId, Self::Transport), Self::Error> {
-        let (id, transport) = self.inner.create_session().await?;
-        Ok((id, FastLane::new(transport, self.server.clone())))
-    }
-
-    async fn initialize_session(
-        &self,
-        id: &SessionId,
-        message: ClientJsonRpcMessage,
-    ) -> Result<ServerJsonRpcMessage, Self::Error> {
-        self.inner.initialize_session(id, message).await
-    }
-
-    async fn has_session(&self, id: &SessionId) -> Result<bool, Self::Error> {
-        self.inner.has_session(id).await
-    }
-
-    async fn close_session(&self, id: &SessionId) -> Result<(), Self::Error> {
-        self.inner.close_session(id).await
-    }
-
-    async fn create_stream(
-        &self,
-        id: &SessionId,
-        message: ClientJsonRpcMessage,
-    ) -> Result<impl Stream<Item = ServerSseMessage> + Send + Sync + 'static, Self::Error> {
-        self.inner.create_stream(id, message).await
-    }
-
-    async fn accept_message(
-        &self,
-        id: &SessionId,
-        message: ClientJsonRpcMessage,
-    ) -> Result<(), Self::Error> {
-        self.inner.accept_message(id, message).await
-    }
-
-    async fn create_standalone_stream(
-        &self,
-        id: &SessionId,
-    ) -> Result<impl Stream<Item = ServerSseMessage> + Send + Sync + 'static, Self::Error> {
-        self.inner.create_standalone_stream(id).await
-    }
-
-    async fn resume(
-        &self,
-        id: &SessionId,
-        last_event_id: String,
-    ) -> Result<impl Stream<Item = ServerSseMessage> + Send + Sync + 'static, Self::Error> {
-        self.inner.resume(id, last_event_id).await
-    }
-
-    async fn restore_session(
-        &self,
-        id: SessionId,
-    ) -> Result<RestoreOutcome<Self::Transport>, Self::Error> {
-        Ok(match self.inner.restore_session(id).await? {
-            RestoreOutcome::Restored(transport) => {
-                RestoreOutcome::Restored(FastLane::new(transport, self.server.clone()))
-            }
-            RestoreOutcome::AlreadyPresent => RestoreOutcome::AlreadyPresent,
-            _ => RestoreOutcome::NotSupported,
-        })
-    }
-
-    fn event_store(&self) -> Option<Arc<dyn EventStore>> {
-        self.inner.event_store()
-    }
 }
 
 /// The `Host` values accepted: the loopback names with and without the port, the listen

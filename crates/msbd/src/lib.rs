@@ -14,7 +14,6 @@ pub mod doctor;
 mod http;
 mod metrics;
 pub mod serve;
-pub mod stdio;
 
 #[cfg(test)]
 mod tests {

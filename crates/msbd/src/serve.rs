@@ -315,8 +315,8 @@ async fn serve_stdio(
         eprintln!("{WAITING_ON_A_TERMINAL}");
     }
     let (stdin, stdout) = rmcp::transport::io::stdio_pipes();
-    // Lines over the size limit never reach rmcp (see `stdio.rs`).
-    let stdin = crate::stdio::LimitedLines::new(stdin, config.max_request_bytes);
+    // Lines over the size limit never reach rmcp (see `mcp_tools::transport::stdio`).
+    let stdin = mcp_tools::transport::LimitedLines::new(stdin, config.max_request_bytes);
     // Quick read-only calls are answered where they are read (see `mcp_tools::FastLane`).
     let transport = mcp_tools::FastLane::new(
         rmcp::transport::async_rw::AsyncRwTransport::new_server(stdin, stdout),

@@ -1,9 +1,9 @@
 //! The stdio transport's input side: newline-delimited JSON-RPC from stdin, with a size limit.
 //!
 //! rmcp's line codec would buffer a line of any length. [`LimitedLines`] passes each line
-//! through unchanged up to `MSB_MAX_REQUEST_BYTES`; a longer one is skipped as it streams in
+//! through unchanged up to the request size limit; a longer one is skipped as it streams in
 //! (never held in memory) and replaced by a small request for
-//! [`mcp_tools::REQUEST_TOO_LARGE_METHOD`] under the same id, which the server answers with a
+//! [`crate::REQUEST_TOO_LARGE_METHOD`] under the same id, which the server answers with a
 //! JSON-RPC error that names the limit. A long line without a readable id (a notification) is
 //! dropped with a warning. The server goes on serving either way.
 
@@ -94,18 +94,20 @@ impl<R> LimitedLines<R> {
     fn replace_skipped(&mut self) {
         match request_id(&self.head) {
             Some(id) => {
-                let replacement = format!(
-                    "{{\"jsonrpc\":\"2.0\",\"id\":{id},\"method\":\"{}\",\"params\":{{\"bytes\":{},\"limit\":{}}}}}\n",
-                    mcp_tools::REQUEST_TOO_LARGE_METHOD,
-                    self.seen,
-                    self.limit
-                );
-                self.out.extend_from_slice(replacement.as_bytes());
+                let replacement = serde_json::json!({
+                    "jsonrpc": "2.0",
+                    "id": id,
+                    "method": crate::REQUEST_TOO_LARGE_METHOD,
+                    "params": { "bytes": self.seen, "limit": self.limit },
+                });
+                self.out
+                    .extend_from_slice(replacement.to_string().as_bytes());
+                self.out.push(b'\n');
             }
             None => tracing::warn!(
                 bytes = self.seen,
                 limit = self.limit,
-                "dropped a message over MSB_MAX_REQUEST_BYTES that carries no request id"
+                "dropped a message over the request size limit that carries no request id"
             ),
         }
         self.head = Vec::new();
@@ -167,7 +169,7 @@ fn memchr_newline(bytes: &[u8]) -> Option<usize> {
 /// Only the top-level key counts (not an `"id"` inside `params`), and the id is written back as
 /// JSON, so that the replacement request is always one rmcp reads, under the request's own id.
 /// `None` when the window holds no such id (then the line is dropped).
-fn request_id(head: &[u8]) -> Option<String> {
+fn request_id(head: &[u8]) -> Option<serde_json::Value> {
     let text = String::from_utf8_lossy(head);
     let bytes = text.as_bytes();
     let mut depth = 0usize;
@@ -208,13 +210,13 @@ fn string_end(bytes: &[u8], start: usize) -> Option<usize> {
     None
 }
 
-/// An id's JSON text, checked and written back: a string, or an integer that fits in `i64`
-/// and ends where the value ends (not `007`, `1.5`, `1e3`, nor one the window cuts).
-fn id_value(value: &str) -> Option<String> {
+/// An id, checked: a string, or an integer that fits in `i64` and ends where the value ends
+/// (not `007`, `1.5`, `1e3`, nor one the window cuts).
+fn id_value(value: &str) -> Option<serde_json::Value> {
     if value.starts_with('"') {
         let end = string_end(value.as_bytes(), 0)?;
         let id: String = serde_json::from_str(&value[..end]).ok()?;
-        return serde_json::to_string(&id).ok();
+        return Some(id.into());
     }
     let end = value.find(|c: char| !(c.is_ascii_digit() || c == '-'))?;
     let (number, rest) = value.split_at(end);
@@ -222,12 +224,14 @@ fn id_value(value: &str) -> Option<String> {
         return None;
     }
     let id: i64 = serde_json::from_str(number).ok()?;
-    Some(id.to_string())
+    Some(id.into())
 }
 
 #[cfg(test)]
 mod tests {
     use tokio::io::AsyncReadExt;
+
+    use serde_json::json;
 
     use super::{LimitedLines, request_id};
 
@@ -294,19 +298,19 @@ mod tests {
             request_id(
                 br#"{"jsonrpc":"2.0","method":"tools/call","params":{"arguments":{"id":5}},"id":"r\"9","#
             ),
-            Some(r#""r\"9""#.into())
+            Some(json!("r\"9"))
         );
         assert_eq!(
             request_id(br#"{"params":{"x":"\"id\":3"},"id":7}"#),
-            Some("7".into())
+            Some(json!(7))
         );
         assert_eq!(request_id(br#"{"id":007,"x":"#), None);
         assert_eq!(request_id(br#"{"id":1.5,"x":"#), None);
         assert_eq!(request_id(br#"{"id":"a\qb","x":"#), None);
         // Cut by the window: the number may go on.
         assert_eq!(request_id(br#"{"id":12"#), None);
-        assert_eq!(request_id(br#"{"id":"\u00e9","#), Some("\"\u{e9}\"".into()));
-        assert_eq!(request_id(br#"{"id" : -42 ,"#), Some("-42".into()));
+        assert_eq!(request_id(br#"{"id":"\u00e9","#), Some(json!("\u{e9}")));
+        assert_eq!(request_id(br#"{"id" : -42 ,"#), Some(json!(-42)));
     }
 
     #[tokio::test]
@@ -329,27 +333,20 @@ mod tests {
             .lines()
             .map(|line| {
                 let request: serde_json::Value = serde_json::from_str(line).unwrap();
-                assert_eq!(
-                    request["method"],
-                    mcp_tools::REQUEST_TOO_LARGE_METHOD,
-                    "{line}"
-                );
+                assert_eq!(request["method"], crate::REQUEST_TOO_LARGE_METHOD, "{line}");
                 request["id"].clone()
             })
             .collect();
-        assert_eq!(ids, [serde_json::json!(-42), "\u{e9}\\".into(), "r".into()]);
+        assert_eq!(ids, [json!(-42), "\u{e9}\\".into(), "r".into()]);
     }
 
     #[test]
     fn ids_are_read_as_json() {
         assert_eq!(
             request_id(br#"{"jsonrpc":"2.0","id": 42,"#),
-            Some("42".into())
+            Some(json!(42))
         );
-        assert_eq!(
-            request_id(br#"{"id":"a\"b","method""#),
-            Some(r#""a\"b""#.into())
-        );
+        assert_eq!(request_id(br#"{"id":"a\"b","method""#), Some(json!("a\"b")));
         assert_eq!(request_id(br#"{"method":"x","params":{"#), None);
         assert_eq!(request_id(br#"{"id":null}"#), None);
     }
