@@ -23,6 +23,7 @@
 //! the environment, parses flags or installs signal handlers. Its wire types ([`wire`]) are its
 //! own, converted by hand from the core types.
 
+mod actions;
 mod arguments;
 mod fast_lane;
 mod server;
