@@ -46,4 +46,8 @@ pub use tools_sandbox::{
     ExecuteCodeArgs, ExecuteCommandArgs, ExecutionAnswer, GetSessionsArgs, SessionView,
     SessionsAnswer, StopAnswer, StopSessionArgs, VolumeView, VolumesAnswer,
 };
-pub use tools_supervision::ReportAnswer;
+pub use tools_supervision::{
+    BackgroundComponents, BackgroundTasksAnswer, EngineView, Health, HealthAnswer,
+    HealthComponentsView, IsolationLevelView, IsolationView, LoopActionAnswer, LoopActionStatus,
+    LoopState, LoopView, ResourceManagerView, SandboxView, SessionManagerView, StoreView,
+};

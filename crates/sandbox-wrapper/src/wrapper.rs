@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use task_core::store::{Store, Submitted};
+use task_core::store::{Store, StoreHealth, Submitted};
 use task_core::{Engine, EngineConfig, NewTask, TaskId};
 
 use crate::backend::local::{
@@ -268,8 +268,23 @@ pub struct SandboxHealth {
     pub isolation_report: Option<IsolationReport>,
 }
 
+/// The components of a health check, each with its `status`.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct HealthComponents {
+    /// The task store: whether its writes work, and if not what is wrong.
+    pub task_store: StoreHealth,
+    /// The session manager (its loop: `session_cleanup`).
+    pub session_manager: SessionManagerStatus,
+    /// The resource manager (its loop: `orphan_cleanup`).
+    pub resource_manager: ResourceManagerStatus,
+    /// The task engine (its loops: the dispatcher, heartbeat, reaper and pruner).
+    pub task_engine: EngineHealth,
+    /// The sandbox backend and its isolation.
+    pub sandbox: SandboxHealth,
+}
+
 /// What `health_check` answers.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct HealthReport {
     /// The worst of the components.
     pub status: HealthStatus,
@@ -277,8 +292,8 @@ pub struct HealthReport {
     pub timestamp: f64,
     /// How long the wrapper has run.
     pub uptime_seconds: f64,
-    /// The components, each with `status` and `background_task_healthy` where it has a loop.
-    pub components: BTreeMap<String, Value>,
+    /// The components.
+    pub components: HealthComponents,
     /// The background loops in detail.
     pub background_tasks: BackgroundTaskStatus,
 }
@@ -835,37 +850,13 @@ impl Wrapper {
             task_core::store::StoreStatus::Degraded => HealthStatus::Degraded,
             task_core::store::StoreStatus::Unhealthy => HealthStatus::Unhealthy,
         };
-        let session_manager = &background.components.session_manager;
-        let resource_manager = &background.components.resource_manager;
-        let mut components = BTreeMap::new();
-        components.insert(
-            "task_store".to_owned(),
-            serde_json::to_value(&store).unwrap_or(Value::Null),
-        );
-        let mut with_flag = |name: &str, value: Value, healthy: bool| {
-            let mut value = value;
-            value["background_task_healthy"] = Value::Bool(healthy);
-            components.insert(name.to_owned(), value);
+        let components = HealthComponents {
+            task_store: store,
+            session_manager: background.components.session_manager.clone(),
+            resource_manager: background.components.resource_manager.clone(),
+            task_engine: engine_health,
+            sandbox,
         };
-        with_flag(
-            "session_manager",
-            serde_json::to_value(session_manager).unwrap_or(Value::Null),
-            session_manager.cleanup_task_healthy,
-        );
-        with_flag(
-            "resource_manager",
-            serde_json::to_value(resource_manager).unwrap_or(Value::Null),
-            resource_manager.orphan_cleanup_task_healthy,
-        );
-        with_flag(
-            "task_engine",
-            serde_json::to_value(&engine_health).unwrap_or(Value::Null),
-            engine_status == HealthStatus::Healthy,
-        );
-        components.insert(
-            "sandbox".to_owned(),
-            serde_json::to_value(&sandbox).unwrap_or(Value::Null),
-        );
         // The isolation level lowers health only to `degraded`: it is the host's, not a fault.
         let status = background
             .overall_status
