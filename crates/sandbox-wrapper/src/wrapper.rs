@@ -29,7 +29,8 @@ use crate::output::{DEFAULT_OUTPUT_CAP, OutputChunk, read_output};
 use crate::session::{SessionConfig, SessionManager};
 use crate::stable::{fnv1a_64, unix_now};
 use crate::supervisor::{
-    ActionReport, ChildSpec, ChildStatus, HealthStatus, RestartPolicy, Supervisor, TickFuture,
+    ActionReport, ChildSpec, ChildStatus, HealthStatus, LoopError, RestartPolicy, ShutdownStatus,
+    Supervisor, TickFuture,
 };
 use crate::task_types::TaskTypes;
 
@@ -302,7 +303,7 @@ pub struct HealthReport {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct GracefulShutdownReport {
     /// `success`, `partial_success` or `timeout`.
-    pub status: String,
+    pub status: ShutdownStatus,
     /// When it began, in Unix seconds.
     pub start_time: f64,
     /// When it ended.
@@ -487,7 +488,7 @@ impl Wrapper {
             "sessions_expired",
             Box::new(move || {
                 let sessions = sessions.clone();
-                Box::pin(async move { sessions.expire_idle().await.map_err(|e| e.to_string()) })
+                Box::pin(async move { sessions.expire_idle().await.map_err(LoopError::from) })
             }),
         )
         .run_at_start(false);
@@ -503,7 +504,7 @@ impl Wrapper {
                         .sweep_orphans()
                         .await
                         .map(|r| r.sandboxes as u64)
-                        .map_err(|e| e.to_string())
+                        .map_err(LoopError::from)
                 })
             }),
         )
@@ -517,7 +518,7 @@ impl Wrapper {
             Box::new(move || {
                 let engine = engine.clone();
                 Box::pin(async move {
-                    engine.renew_leases().await.map_err(|e| e.to_string())?;
+                    engine.renew_leases().await?;
                     Ok(engine.running_count() as u64)
                 })
             }),
@@ -559,7 +560,7 @@ impl Wrapper {
                         .recover_expired()
                         .await
                         .map(|n| n as u64)
-                        .map_err(|e| e.to_string())
+                        .map_err(LoopError::from)
                 })
             }),
         )
@@ -578,7 +579,7 @@ impl Wrapper {
                     if !leader {
                         return Ok(0);
                     }
-                    let pruned = engine.prune_expired().await.map_err(|e| e.to_string())?;
+                    let pruned = engine.prune_expired().await?;
                     // The output files of the tasks that are gone go too (a scan of the
                     // outputs, so only after a round that pruned something).
                     if pruned > 0 {
@@ -609,13 +610,13 @@ impl Wrapper {
                     };
                     match ended {
                         Some(result) => {
-                            result.map_err(|e| e.to_string())?;
+                            result?;
                             // It returns only when stopped or drained: either way, done.
                             return Ok(());
                         }
                         None => {
                             round.cancel();
-                            run.await.map_err(|e| e.to_string())?;
+                            run.await?;
                             context.skip_cycle();
                         }
                     }
@@ -632,7 +633,7 @@ impl Wrapper {
             specs.push(
                 ChildSpec::service("store_wakeups", move |context| {
                     let run = wakeups(engine.clone(), context.cancel.clone());
-                    Box::pin(async move { run.await.map_err(|e| e.to_string()) })
+                    Box::pin(async move { run.await.map_err(LoopError::from) })
                 })
                 .interval_hint(engine_config.idle_poll)
                 .pausable(false)
@@ -927,14 +928,14 @@ impl Wrapper {
             errors.push(format!("flushing the store: {error}"));
         });
         let status = if started.elapsed() > timeout + Duration::from_millis(500) {
-            "timeout"
+            ShutdownStatus::Timeout
         } else if errors.is_empty() {
-            "success"
+            ShutdownStatus::Success
         } else {
-            "partial_success"
+            ShutdownStatus::PartialSuccess
         };
         let report = GracefulShutdownReport {
-            status: status.to_owned(),
+            status,
             start_time,
             end_time: unix_now(),
             duration_seconds: started.elapsed().as_secs_f64(),
