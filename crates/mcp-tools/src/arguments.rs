@@ -90,7 +90,8 @@ impl<'de> de::Deserializer<'de> for FieldsProbe<'_> {
 }
 
 /// Refuses the arguments of a call to `tool` that it does not take, with `INVALID_ARGUMENT`
-/// naming each and the closest name it takes (or, when none is close, the names it takes).
+/// naming each and the closest name it takes (or, when none is close, the names it takes); and
+/// an `action` the tool does not take, with `UNKNOWN_ACTION` (see [`crate::actions`]).
 /// `input_schema` is the tool's published one: its properties are the names listed.
 pub(crate) fn check_arguments(
     tool: &str,
@@ -108,7 +109,7 @@ pub(crate) fn check_arguments(
         None => properties.is_some_and(|p| p.contains_key(name)),
     };
     if arguments.keys().all(|name| known(name)) {
-        return Ok(());
+        return crate::actions::check_action(tool, arguments);
     }
     let schema_names: Vec<&str> = properties
         .map(|p| p.keys().map(String::as_str).collect())

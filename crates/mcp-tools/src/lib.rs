@@ -23,6 +23,7 @@
 //! the environment, parses flags or installs signal handlers. Its wire types ([`wire`]) are its
 //! own, converted by hand from the core types.
 
+mod actions;
 mod arguments;
 mod fast_lane;
 mod server;
@@ -46,4 +47,8 @@ pub use tools_sandbox::{
     ExecuteCodeArgs, ExecuteCommandArgs, ExecutionAnswer, GetSessionsArgs, SessionView,
     SessionsAnswer, StopAnswer, StopSessionArgs, VolumeView, VolumesAnswer,
 };
-pub use tools_supervision::ReportAnswer;
+pub use tools_supervision::{
+    BackgroundComponents, BackgroundTasksAnswer, EngineView, Health, HealthAnswer,
+    HealthComponentsView, IsolationLevelView, IsolationView, LoopActionAnswer, LoopActionStatus,
+    LoopState, LoopView, ResourceManagerView, SandboxView, SessionManagerView, StoreView,
+};

@@ -823,7 +823,7 @@ impl ServerHandler for McpServer {
             };
             return Err(McpError::invalid_request(
                 format!(
-                    "the request is {} bytes, over the limit of {} bytes (MSB_MAX_REQUEST_BYTES): send less per call (for large inputs, put them in a file in a mapped volume and pass its path)",
+                    "the request is {} bytes, over the server's limit of {} bytes: send less per call (for large inputs, put them in a file in a mapped volume and pass its path)",
                     field("bytes"),
                     field("limit")
                 ),

@@ -206,7 +206,7 @@ pub struct SessionView {
     pub last_used_at: f64,
     /// Tasks running in it now.
     pub running_tasks: usize,
-    /// Seconds idle, after which (MSB_SESSION_TIMEOUT) it is stopped.
+    /// Seconds idle; once idle for the server's session timeout, it is stopped.
     pub idle_seconds: f64,
 }
 
@@ -248,7 +248,7 @@ pub struct VolumeView {
 #[derive(Clone, Debug, Serialize, JsonSchema)]
 #[schemars(crate = "rmcp::schemars")]
 pub struct VolumesAnswer {
-    /// The mappings (MSB_SHARED_VOLUME_PATH).
+    /// The mappings the operator configured.
     pub volume_mappings: Vec<VolumeView>,
     /// How many.
     pub count: usize,
@@ -305,7 +305,7 @@ impl McpServer {
     }
 
     #[tool(
-        description = "The host directories bound into every sandbox (MSB_SHARED_VOLUME_PATH): host path, path inside the sandbox, read-only or not.",
+        description = "The host directories the operator binds into every sandbox: host path, path inside the sandbox, read-only or not.",
         output_schema = schema_for_output::<VolumesAnswer>(),
         annotations(read_only_hint = true)
     )]
@@ -322,7 +322,7 @@ impl McpServer {
             })
             .collect();
         let text = if volume_mappings.is_empty() {
-            "No volumes are mapped (set MSB_SHARED_VOLUME_PATH=host:guest[:ro],... to map some)."
+            "No volumes are mapped: host directories are bound into sandboxes only when the operator configures them at msbd's start."
                 .to_owned()
         } else {
             volume_mappings
@@ -462,9 +462,9 @@ impl McpServer {
         let list: Vec<SessionInfo> = match args.session_id.filter(|s| !s.is_empty()) {
             Some(id) => {
                 if !self.owns_session(&id) {
-                    return Err(session_not_found(&id));
+                    return Err(self.session_not_found(&id));
                 }
-                vec![sessions.get(&id).map_err(|_| session_not_found(&id))?]
+                vec![sessions.get(&id).map_err(|_| self.session_not_found(&id))?]
             }
             None => sessions
                 .list()
@@ -524,7 +524,7 @@ impl McpServer {
         let id = args.session_id;
         check_session_id(&id)?;
         if !self.owns_session(&id) {
-            return Err(session_not_found(&id));
+            return Err(self.session_not_found(&id));
         }
         self.core
             .wrapper
@@ -532,7 +532,7 @@ impl McpServer {
             .stop(&id)
             .await
             .map_err(|e| match e {
-                sandbox_wrapper::session::SessionError::NotFound(_) => session_not_found(&id),
+                sandbox_wrapper::session::SessionError::NotFound(_) => self.session_not_found(&id),
                 other => ToolError::new("OPERATION_FAILED", other.to_string(), "try again"),
             })?;
         let stop = StopAnswer {
@@ -546,12 +546,19 @@ impl McpServer {
     }
 }
 
-fn session_not_found(id: &str) -> ToolError {
-    ToolError::new(
-        "SESSION_NOT_FOUND",
-        format!("no live session {id:?} of yours"),
-        "get_sessions lists yours; idle sessions expire after MSB_SESSION_TIMEOUT",
-    )
+impl McpServer {
+    /// The refusal for a session that is not (or no longer) this principal's.
+    fn session_not_found(&self, id: &str) -> ToolError {
+        let timeout = self.core.wrapper.sessions().config().session_timeout;
+        ToolError::new(
+            "SESSION_NOT_FOUND",
+            format!("no live session {id:?} of yours"),
+            format!(
+                "get_sessions lists yours; a session idle for {} s is stopped",
+                timeout.as_secs()
+            ),
+        )
+    }
 }
 
 #[cfg(test)]

@@ -12,15 +12,17 @@ use rmcp::service::RequestContext;
 use rmcp::{ErrorData as McpError, RoleServer, tool, tool_router};
 use sandbox_wrapper::handlers::{KEPT_ATTEMPTS, kept_attempts};
 use sandbox_wrapper::output::OutputChunk;
+use serde::Serialize;
 use serde_json::{Map, Value, json};
 use task_core::store::{ListFilter, PageRequest};
-use task_core::{NewTask, Status, Task, Timestamp};
+use task_core::{NewTask, Priority, Status, Task, Timestamp};
 
 use crate::server::{McpServer, ToolError, answer, finish};
 use crate::wire::{
-    self, ActionAnswer, CancelAnswer, CheckStatusArgs, Created, GetResultArgs, ListArgs,
-    ManageQueueArgs, ManageTasksArgs, OutputAnswer, QueueStatistics, ReadOutputArgs, ResultAnswer,
-    StatusAnswer, SubmitArgs, SubmitOptions, TaskIdArgs, TaskList, TaskView,
+    self, Action, ActionAnswer, ActionStatus, CancelAnswer, CheckStatusArgs, Created,
+    GetResultArgs, ListArgs, ManageQueueArgs, ManageTasksArgs, OutputAnswer, QueueAction,
+    QueueStatistics, ReadOutputArgs, ResultAnswer, StatusAnswer, SubmitArgs, SubmitOptions,
+    TaskAction, TaskIdArgs, TaskList, TaskView,
 };
 
 /// The default page size of listings.
@@ -119,7 +121,7 @@ impl McpServer {
     }
 
     #[tool(
-        description = "Manage background tasks with one tool. action: create | schedule (task_type, parameters, priority, task_config {timeout_seconds, max_retries, delay_seconds, idempotency_key, session_id, tags, rerun_on_recovery}; schedule also delay_seconds), cancel | pause | resume | retry (task_id), list (task_type, status, limit), get_stats, cleanup (older_than_seconds: delete your finished tasks), list_types.",
+        description = manage_tasks_description(),
         output_schema = schema_for_output::<ActionAnswer>()
     )]
     async fn manage_background_tasks(
@@ -130,7 +132,7 @@ impl McpServer {
     }
 
     #[tool(
-        description = "Manage the task queue. action: get_stats (queue_statistics), pause | resume (stop or restart starting queued tasks; all types, or task_type only), clear_queue (cancel your tasks that have not started; optionally only task_type or priority), set_limits (max_concurrent: tasks running at once, overall or for task_type), reorder (task_id and a new priority for a waiting task).",
+        description = manage_queue_description(),
         output_schema = schema_for_output::<ActionAnswer>()
     )]
     async fn manage_task_queue(
@@ -708,217 +710,204 @@ impl McpServer {
     }
 
     async fn manage_tasks(&self, args: ManageTasksArgs) -> Result<CallToolResult, ToolError> {
-        let action = args.action.trim().to_ascii_lowercase();
-        let task_id = || {
-            args.task_id
-                .clone()
-                .filter(|t| !t.trim().is_empty())
-                .ok_or_else(|| {
-                    ToolError::new(
-                        "MISSING_TASK_ID",
-                        format!("action {action:?} needs a task_id"),
-                        "pass the task_id of one of your tasks (list_tasks shows them)",
-                    )
-                })
-        };
-        match action.as_str() {
-            "create" | "schedule" => {
-                let task_type = args.task_type.clone().ok_or_else(|| {
-                    ToolError::new(
-                        "INVALID_TASK_TYPE",
-                        format!("action {action:?} needs a task_type"),
-                        format!("give one of: {}", self.task_types().join(", ")),
-                    )
-                })?;
-                let mut options: SubmitOptions = match &args.task_config {
-                    None | Some(Value::Null) => SubmitOptions::default(),
-                    Some(config) => {
-                        if let Some(config) = config.as_object() {
-                            crate::arguments::check_task_config(config)?;
-                        }
-                        serde_json::from_value(config.clone()).map_err(|e| {
-                        ToolError::invalid(
-                            format!("task_config is not valid: {e}"),
-                            "task_config takes timeout_seconds, max_retries, delay_seconds, idempotency_key, session_id, tags, rerun_on_recovery",
-                        )
-                    })?
-                    }
-                };
-                if args.priority.is_some() {
-                    options.priority = args.priority.clone();
-                }
-                if args.delay_seconds.is_some() {
-                    options.delay_seconds = args.delay_seconds;
-                }
-                if action == "schedule" && options.delay_seconds.is_none() {
-                    return Err(ToolError::invalid(
-                        "action \"schedule\" needs delay_seconds (here or in task_config)",
-                        "give delay_seconds, or use action \"create\" to start as soon as possible",
-                    ));
-                }
-                let result = self
-                    .submit(task_type, args.parameters.clone(), options)
+        let action = args.action;
+        match action {
+            TaskAction::Create | TaskAction::Schedule => self.create_action(action, &args).await,
+            TaskAction::Cancel => {
+                let result = self.cancel(&needs_task_id(action, &args.task_id)?).await?;
+                action_from(action.name(), result)
+            }
+            TaskAction::Pause | TaskAction::Resume => {
+                let task_id = needs_task_id(action, &args.task_id)?;
+                self.pause_or_resume_task(action, &task_id).await
+            }
+            TaskAction::Retry => {
+                let task = self
+                    .owned_task(&needs_task_id(action, &args.task_id)?)
                     .await?;
-                action_from(&action, result)
-            }
-            "cancel" => {
-                let result = self.cancel(&task_id()?).await?;
-                action_from(&action, result)
-            }
-            "pause" | "resume" => {
-                let task = self.owned_task(&task_id()?).await?;
-                let engine = self.core.wrapper.engine();
-                let task = if action == "pause" {
-                    engine.pause_task(task.id).await
-                } else {
-                    engine.resume_task(task.id).await
-                }
-                .map_err(ToolError::from_core)?;
-                let view = self.view(&task);
-                let message = match (action.as_str(), task.lease_until.is_some()) {
-                    ("pause", true) => format!(
-                        "Task {} is paused: its processes are frozen and its timeout clock stopped; resume it to go on.",
-                        task.id
-                    ),
-                    ("pause", false) => format!(
-                        "Task {} is paused: it will not start until resumed.",
-                        task.id
-                    ),
-                    _ => format!("Task {} is resumed ({}).", task.id, view.status),
-                };
-                Ok(action_answer(
-                    &action,
-                    "success",
-                    message,
-                    json!({ "task": view }),
-                ))
-            }
-            "retry" => {
-                let task = self.owned_task(&task_id()?).await?;
                 self.retry(task).await
             }
-            "list" => {
-                let limit = limit_arg(args.limit)?;
-                let (tasks, next_cursor) = self
-                    .filtered(
-                        args.status.as_deref(),
-                        args.task_type.clone(),
-                        None,
-                        None,
-                        limit,
-                        None,
-                    )
-                    .await?;
-                let message = list_text(&tasks, next_cursor.as_deref());
-                Ok(action_answer(
-                    &action,
-                    "success",
-                    message,
-                    json!({ "tasks": tasks, "count": tasks.len(), "next_cursor": next_cursor }),
-                ))
-            }
-            "get_stats" | "stats" => {
+            TaskAction::List => self.list_action(&args).await,
+            TaskAction::GetStats => {
                 let stats = self.queue_statistics().await?;
-                let message = stats_text(&stats);
                 Ok(action_answer(
-                    &action,
-                    "success",
-                    message,
+                    action.name(),
+                    ActionStatus::Success,
+                    stats_text(&stats),
                     json!({ "statistics": stats }),
                 ))
             }
-            "cleanup" => {
-                let age = match args.older_than_seconds {
-                    Some(seconds) => seconds_arg("older_than_seconds", seconds, true)?,
-                    None => Duration::from_secs(3600),
-                };
-                // "Finished at least `age` ago", this millisecond included (the store deletes
-                // strictly before the cutoff): with 0, every finished task goes, also one that
-                // finished in the same millisecond.
-                let before = Timestamp(
-                    Timestamp::now()
-                        .0
-                        .saturating_sub(age.as_millis() as i64)
-                        .saturating_add(1),
-                );
-                let filter = ListFilter {
-                    owner: Some(self.principal.to_string()),
-                    task_type: args
-                        .task_type
-                        .clone()
-                        .filter(|t| !t.is_empty() && t != "all"),
-                    ..ListFilter::default()
-                };
-                let deleted = self
-                    .core
-                    .wrapper
-                    .engine()
-                    .delete_finished(filter, before, 10_000)
-                    .await
-                    .map_err(ToolError::from_core)?;
-                if deleted > 0 {
-                    self.core.wrapper.remove_stale_outputs().await;
-                }
-                let status = if deleted == 0 {
-                    "no_action_needed"
-                } else {
-                    "success"
-                };
-                Ok(action_answer(
-                    &action,
-                    status,
-                    format!(
-                        "Deleted {deleted} of your finished tasks that finished more than {} s ago.",
-                        age.as_secs()
-                    ),
-                    json!({ "deleted": deleted }),
-                ))
-            }
-            "list_types" | "types" => {
-                let types: Vec<Value> = self
-                    .task_types()
-                    .into_iter()
-                    .map(|name| {
-                        let description = match name.as_str() {
-                            "command" => "a shell command: params {\"command\": \"...\"} or {\"argv\": [...]}".to_owned(),
-                            "code" => "code in a persistent interpreter: params {\"language\": \"python\"|\"node\"|\"bash\", \"code\": \"...\"}".to_owned(),
-                            other => self
-                                .core
-                                .wrapper
-                                .task_types()
-                                .get(other)
-                                .map(|spec| spec.description().to_owned())
-                                .unwrap_or_default(),
-                        };
-                        json!({ "name": name, "description": description })
-                    })
-                    .collect();
-                let message = types
-                    .iter()
-                    .map(|t| {
-                        format!(
-                            "{}: {}",
-                            t["name"].as_str().unwrap_or(""),
-                            t["description"].as_str().unwrap_or("")
-                        )
-                    })
-                    .collect::<Vec<_>>()
-                    .join("\n");
-                Ok(action_answer(
-                    &action,
-                    "success",
-                    message,
-                    json!({ "task_types": types }),
-                ))
-            }
-            other => Err(ToolError::new(
-                "UNKNOWN_ACTION",
-                format!("action {other:?} is not known"),
-                "use create, schedule, cancel, pause, resume, retry, list, get_stats, cleanup or list_types",
-            )),
+            TaskAction::Cleanup => self.cleanup(&args).await,
+            TaskAction::ListTypes => Ok(self.list_types()),
         }
     }
 
+    /// `create` and `schedule`: submits the task with the options of `task_config` and the
+    /// arguments.
+    async fn create_action(
+        &self,
+        action: TaskAction,
+        args: &ManageTasksArgs,
+    ) -> Result<CallToolResult, ToolError> {
+        let task_type = args.task_type.clone().ok_or_else(|| {
+            ToolError::new(
+                "INVALID_TASK_TYPE",
+                format!("action {:?} needs a task_type", action.name()),
+                format!("give one of: {}", self.task_types().join(", ")),
+            )
+        })?;
+        let mut options = task_config(args.task_config.as_ref())?;
+        if args.priority.is_some() {
+            options.priority = args.priority.clone();
+        }
+        if args.delay_seconds.is_some() {
+            options.delay_seconds = args.delay_seconds;
+        }
+        if action == TaskAction::Schedule && options.delay_seconds.is_none() {
+            return Err(ToolError::invalid(
+                "action \"schedule\" needs delay_seconds (here or in task_config)",
+                "give delay_seconds, or use action \"create\" to start as soon as possible",
+            ));
+        }
+        let result = self
+            .submit(task_type, args.parameters.clone(), options)
+            .await?;
+        action_from(action.name(), result)
+    }
+
+    /// `pause` and `resume` of one task.
+    async fn pause_or_resume_task(
+        &self,
+        action: TaskAction,
+        task_id: &str,
+    ) -> Result<CallToolResult, ToolError> {
+        let task = self.owned_task(task_id).await?;
+        let engine = self.core.wrapper.engine();
+        let pause = action == TaskAction::Pause;
+        let task = if pause {
+            engine.pause_task(task.id).await
+        } else {
+            engine.resume_task(task.id).await
+        }
+        .map_err(ToolError::from_core)?;
+        let view = self.view(&task);
+        let message = match (pause, task.lease_until.is_some()) {
+            (true, true) => format!(
+                "Task {} is paused: its processes are frozen and its timeout clock stopped; resume it to go on.",
+                task.id
+            ),
+            (true, false) => format!(
+                "Task {} is paused: it will not start until resumed.",
+                task.id
+            ),
+            (false, _) => format!("Task {} is resumed ({}).", task.id, view.status),
+        };
+        Ok(action_answer(
+            action.name(),
+            ActionStatus::Success,
+            message,
+            json!({ "task": view }),
+        ))
+    }
+
+    /// `list`: one page of this principal's tasks.
+    async fn list_action(&self, args: &ManageTasksArgs) -> Result<CallToolResult, ToolError> {
+        let limit = limit_arg(args.limit)?;
+        let (tasks, next_cursor) = self
+            .filtered(
+                args.status.as_deref(),
+                args.task_type.clone(),
+                None,
+                None,
+                limit,
+                None,
+            )
+            .await?;
+        let message = list_text(&tasks, next_cursor.as_deref());
+        Ok(action_answer(
+            TaskAction::List.name(),
+            ActionStatus::Success,
+            message,
+            json!({ "tasks": tasks, "count": tasks.len(), "next_cursor": next_cursor }),
+        ))
+    }
+
+    /// `cleanup`: deletes this principal's tasks that finished `older_than_seconds` ago.
+    async fn cleanup(&self, args: &ManageTasksArgs) -> Result<CallToolResult, ToolError> {
+        let age = match args.older_than_seconds {
+            Some(seconds) => seconds_arg("older_than_seconds", seconds, true)?,
+            None => Duration::from_secs(3600),
+        };
+        // "Finished at least `age` ago", this millisecond included (the store deletes
+        // strictly before the cutoff): with 0, every finished task goes, also one that
+        // finished in the same millisecond.
+        let before = Timestamp(
+            Timestamp::now()
+                .0
+                .saturating_sub(age.as_millis() as i64)
+                .saturating_add(1),
+        );
+        let filter = ListFilter {
+            owner: Some(self.principal.to_string()),
+            task_type: args
+                .task_type
+                .clone()
+                .filter(|t| !t.is_empty() && t != "all"),
+            ..ListFilter::default()
+        };
+        let deleted = self
+            .core
+            .wrapper
+            .engine()
+            .delete_finished(filter, before, 10_000)
+            .await
+            .map_err(ToolError::from_core)?;
+        if deleted > 0 {
+            self.core.wrapper.remove_stale_outputs().await;
+        }
+        Ok(action_answer(
+            TaskAction::Cleanup.name(),
+            changed_something(deleted > 0),
+            format!(
+                "Deleted {deleted} of your finished tasks that finished more than {} s ago.",
+                age.as_secs()
+            ),
+            json!({ "deleted": deleted }),
+        ))
+    }
+
+    /// `list_types`: every task type this server runs, with what it does.
+    fn list_types(&self) -> CallToolResult {
+        let types: Vec<TaskTypeView> = self
+            .task_types()
+            .into_iter()
+            .map(|name| {
+                let description = match name.as_str() {
+                    "command" => "a shell command: params {\"command\": \"...\"} or {\"argv\": [...]}".to_owned(),
+                    "code" => "code in a persistent interpreter: params {\"language\": \"python\"|\"node\"|\"bash\", \"code\": \"...\"}".to_owned(),
+                    other => self
+                        .core
+                        .wrapper
+                        .task_types()
+                        .get(other)
+                        .map(|spec| spec.description().to_owned())
+                        .unwrap_or_default(),
+                };
+                TaskTypeView { name, description }
+            })
+            .collect();
+        let message = types
+            .iter()
+            .map(|t| format!("{}: {}", t.name, t.description))
+            .collect::<Vec<_>>()
+            .join("\n");
+        action_answer(
+            TaskAction::ListTypes.name(),
+            ActionStatus::Success,
+            message,
+            json!({ "task_types": types }),
+        )
+    }
     /// Runs a finished task again, as a new task with the same type, params and options.
     async fn retry(&self, task: Task) -> Result<CallToolResult, ToolError> {
         if !matches!(task.status, Status::Failed | Status::Cancelled) {
@@ -950,8 +939,8 @@ impl McpServer {
             .map_err(ToolError::from_core)?;
         let view = self.view(&submitted.task);
         Ok(action_answer(
-            "retry",
-            "success",
+            TaskAction::Retry.name(),
+            ActionStatus::Success,
             format!(
                 "Task {} runs again as the new task {} (tag retry_of:{}).",
                 task.id, view.task_id, task.id
@@ -1015,233 +1004,228 @@ impl McpServer {
     }
 
     async fn manage_queue(&self, args: ManageQueueArgs) -> Result<CallToolResult, ToolError> {
-        let action = args.action.trim().to_ascii_lowercase();
-        let engine = self.core.wrapper.engine();
-        let task_type = args
-            .task_type
-            .clone()
-            .filter(|t| !t.is_empty() && t != "all");
-        if let Some(t) = &task_type
-            && !self.task_types().contains(t)
-        {
+        let task_type = self.queue_task_type(args.task_type.as_deref())?;
+        match args.action {
+            QueueAction::GetStats => {
+                let stats = self.queue_statistics().await?;
+                Ok(action_answer(
+                    QueueAction::GetStats.name(),
+                    ActionStatus::Success,
+                    stats_text(&stats),
+                    json!({ "queue_statistics": stats }),
+                ))
+            }
+            QueueAction::Pause => Ok(self.pause_or_resume_queue(true, task_type.as_deref())),
+            QueueAction::Resume => Ok(self.pause_or_resume_queue(false, task_type.as_deref())),
+            QueueAction::ClearQueue => {
+                let priority = args.priority.as_ref().map(priority_arg).transpose()?;
+                self.clear_queue(task_type, priority).await
+            }
+            QueueAction::SetLimits => self.set_limits(args.max_concurrent, task_type.as_deref()),
+            QueueAction::Reorder => self.reorder(&args).await,
+        }
+    }
+
+    /// The task type a queue action is limited to (`None`: all), or `INVALID_TASK_TYPE`.
+    fn queue_task_type(&self, task_type: Option<&str>) -> Result<Option<String>, ToolError> {
+        let Some(t) = task_type.filter(|t| !t.is_empty() && *t != "all") else {
+            return Ok(None);
+        };
+        if !self.task_types().iter().any(|known| known == t) {
             return Err(ToolError::new(
                 "INVALID_TASK_TYPE",
                 format!("task type {t:?} is not known"),
                 format!("use one of: {}", self.task_types().join(", ")),
             ));
         }
-        match action.as_str() {
-            "get_stats" | "stats" => {
-                let stats = self.queue_statistics().await?;
-                Ok(action_answer(
-                    &action,
-                    "success",
-                    stats_text(&stats),
-                    json!({ "queue_statistics": stats }),
-                ))
-            }
-            "pause" | "resume" => {
-                let pause = action == "pause";
-                let (before, message) = match &task_type {
-                    Some(t) => {
-                        let before = engine.paused_types().contains(t);
-                        if pause {
-                            engine.pause_type(t)
-                        } else {
-                            engine.resume_type(t)
-                        }
-                        (
-                            before,
-                            format!(
-                                "The queue of task type {t:?} is {}.",
-                                if pause {
-                                    "paused: its queued tasks wait; running ones go on"
-                                } else {
-                                    "running again"
-                                }
-                            ),
-                        )
-                    }
-                    None => {
-                        let before = engine.is_queue_paused();
-                        if pause {
-                            engine.pause_queue()
-                        } else {
-                            engine.resume_queue()
-                        }
-                        (
-                            before,
-                            format!(
-                                "The queue is {}.",
-                                if pause {
-                                    "paused: queued tasks wait; running ones go on"
-                                } else {
-                                    "running again"
-                                }
-                            ),
-                        )
-                    }
-                };
-                let (status, message) = if before == pause {
-                    let what = match &task_type {
-                        Some(t) => format!("The queue of task type {t:?}"),
-                        None => "The queue".to_owned(),
-                    };
-                    let state = if pause { "paused" } else { "running" };
-                    (
-                        "no_action_needed",
-                        format!("{what} was already {state}; nothing changed."),
-                    )
+        Ok(Some(t.to_owned()))
+    }
+
+    /// `pause` and `resume` of the queue, or of one task type's.
+    fn pause_or_resume_queue(&self, pause: bool, task_type: Option<&str>) -> CallToolResult {
+        let engine = self.core.wrapper.engine();
+        let (what, before) = match task_type {
+            Some(t) => {
+                let before = engine.paused_types().iter().any(|p| p == t);
+                if pause {
+                    engine.pause_type(t)
                 } else {
-                    ("success", message)
-                };
-                Ok(action_answer(
-                    &action,
-                    status,
-                    message,
-                    json!({ "queue_paused": engine.is_queue_paused(), "paused_types": engine.paused_types() }),
-                ))
-            }
-            "clear_queue" | "clear" => {
-                let priority = match &args.priority {
-                    Some(p) => Some(p.to_priority().map_err(|m| {
-                        ToolError::invalid(m, "priority: 0 to 9, or low, normal, high, critical")
-                    })?),
-                    None => None,
-                };
-                let filter = ListFilter {
-                    statuses: vec![Status::Queued, Status::Scheduled, Status::Paused],
-                    owner: Some(self.principal.to_string()),
-                    task_type: task_type.clone(),
-                    ..ListFilter::default()
-                };
-                let mut cancelled = Vec::new();
-                loop {
-                    let page = engine
-                        .list(
-                            filter.clone(),
-                            PageRequest {
-                                cursor: None,
-                                limit: 500,
-                            },
-                        )
-                        .await
-                        .map_err(ToolError::from_core)?;
-                    let mut any = false;
-                    for task in page.tasks {
-                        // A frozen (running, paused) task is not in the queue.
-                        if task.lease_until.is_some()
-                            || priority.is_some_and(|p| p != task.priority)
-                        {
-                            continue;
-                        }
-                        if engine.cancel(task.id).await.is_ok() {
-                            cancelled.push(task.id.to_string());
-                            any = true;
-                        }
-                    }
-                    if !any || page.next_cursor.is_none() {
-                        break;
-                    }
+                    engine.resume_type(t)
                 }
-                let status = if cancelled.is_empty() {
-                    "no_action_needed"
-                } else {
-                    "success"
-                };
-                Ok(action_answer(
-                    &action,
-                    status,
-                    format!(
-                        "Cancelled {} of your tasks that had not started.",
-                        cancelled.len()
-                    ),
-                    json!({ "cancelled": cancelled.len(), "task_ids": cancelled }),
-                ))
+                (format!("The queue of task type {t:?}"), before)
             }
-            "set_limits" | "set_limit" => {
-                let Some(max) = args.max_concurrent else {
-                    return Err(ToolError::invalid(
-                        "action \"set_limits\" needs max_concurrent",
-                        "give max_concurrent: the most tasks running at once (overall, or for task_type)",
-                    ));
-                };
-                match &task_type {
-                    Some(t) => {
-                        let limit = (max > 0).then_some(max as usize);
-                        engine.set_type_limit(t, limit);
-                        Ok(action_answer(
-                            &action,
-                            "success",
-                            match limit {
-                                Some(n) => format!("At most {n} tasks of type {t:?} run at once."),
-                                None => format!("Task type {t:?} has no limit of its own now."),
-                            },
-                            json!({ "task_type": t, "max_concurrent": max }),
-                        ))
-                    }
-                    None => {
-                        if max == 0 || max > 1024 {
-                            return Err(ToolError::invalid(
-                                format!("max_concurrent {max} is out of range"),
-                                "give 1 to 1024 (to stop starting tasks, use action \"pause\")",
-                            ));
-                        }
-                        engine.set_concurrency(max as usize);
-                        Ok(action_answer(
-                            &action,
-                            "success",
-                            format!("At most {max} tasks run at once."),
-                            json!({ "max_concurrent": max }),
-                        ))
-                    }
+            None => {
+                let before = engine.is_queue_paused();
+                if pause {
+                    engine.pause_queue()
+                } else {
+                    engine.resume_queue()
+                }
+                ("The queue".to_owned(), before)
+            }
+        };
+        let (status, message) = if before == pause {
+            let state = if pause { "paused" } else { "running" };
+            (
+                ActionStatus::NoActionNeeded,
+                format!("{what} was already {state}; nothing changed."),
+            )
+        } else if pause {
+            let tasks = if task_type.is_some() {
+                "its queued tasks"
+            } else {
+                "queued tasks"
+            };
+            (
+                ActionStatus::Success,
+                format!("{what} is paused: {tasks} wait; running ones go on."),
+            )
+        } else {
+            (ActionStatus::Success, format!("{what} is running again."))
+        };
+        let action = if pause {
+            QueueAction::Pause
+        } else {
+            QueueAction::Resume
+        };
+        action_answer(
+            action.name(),
+            status,
+            message,
+            json!({ "queue_paused": engine.is_queue_paused(), "paused_types": engine.paused_types() }),
+        )
+    }
+
+    /// `clear_queue`: cancels this principal's tasks that have not started (of `task_type`,
+    /// of `priority`).
+    async fn clear_queue(
+        &self,
+        task_type: Option<String>,
+        priority: Option<Priority>,
+    ) -> Result<CallToolResult, ToolError> {
+        let engine = self.core.wrapper.engine();
+        let filter = ListFilter {
+            statuses: vec![Status::Queued, Status::Scheduled, Status::Paused],
+            owner: Some(self.principal.to_string()),
+            task_type,
+            ..ListFilter::default()
+        };
+        let mut cancelled = Vec::new();
+        loop {
+            let page = engine
+                .list(
+                    filter.clone(),
+                    PageRequest {
+                        cursor: None,
+                        limit: 500,
+                    },
+                )
+                .await
+                .map_err(ToolError::from_core)?;
+            let mut any = false;
+            for task in page.tasks {
+                // A frozen (running, paused) task is not in the queue.
+                if task.lease_until.is_some() || priority.is_some_and(|p| p != task.priority) {
+                    continue;
+                }
+                if engine.cancel(task.id).await.is_ok() {
+                    cancelled.push(task.id.to_string());
+                    any = true;
                 }
             }
-            "reorder" | "set_priority" => {
-                let task_id = args.task_id.clone().ok_or_else(|| {
-                    ToolError::new(
-                        "MISSING_TASK_ID",
-                        "action \"reorder\" needs a task_id",
-                        "pass the task_id of a waiting task and its new priority",
-                    )
-                })?;
-                let priority = args
-                    .priority
-                    .as_ref()
-                    .ok_or_else(|| {
-                        ToolError::invalid(
-                            "action \"reorder\" needs a priority",
-                            "give priority: 0 to 9, or low, normal, high, critical",
-                        )
-                    })?
-                    .to_priority()
-                    .map_err(|m| {
-                        ToolError::invalid(m, "priority: 0 to 9, or low, normal, high, critical")
-                    })?;
-                let task = self.owned_task(&task_id).await?;
-                let task = engine
-                    .set_priority(task.id, priority)
-                    .await
-                    .map_err(ToolError::from_core)?;
-                let view = self.view(&task);
-                Ok(action_answer(
-                    &action,
-                    "success",
-                    format!(
-                        "Task {} now has priority {} ({}).",
-                        task.id,
-                        priority.get(),
-                        wire::priority_name(priority)
-                    ),
-                    json!({ "task": view }),
-                ))
+            if !any || page.next_cursor.is_none() {
+                break;
             }
-            other => Err(ToolError::new(
-                "UNKNOWN_ACTION",
-                format!("action {other:?} is not known"),
-                "use get_stats, pause, resume, clear_queue, set_limits or reorder",
-            )),
         }
+        Ok(action_answer(
+            QueueAction::ClearQueue.name(),
+            changed_something(!cancelled.is_empty()),
+            format!(
+                "Cancelled {} of your tasks that had not started.",
+                cancelled.len()
+            ),
+            json!({ "cancelled": cancelled.len(), "task_ids": cancelled }),
+        ))
+    }
+
+    /// `set_limits`: the most tasks running at once, overall or of `task_type`.
+    fn set_limits(
+        &self,
+        max_concurrent: Option<u32>,
+        task_type: Option<&str>,
+    ) -> Result<CallToolResult, ToolError> {
+        let engine = self.core.wrapper.engine();
+        let Some(max) = max_concurrent else {
+            return Err(ToolError::invalid(
+                "action \"set_limits\" needs max_concurrent",
+                "give max_concurrent: the most tasks running at once (overall, or for task_type)",
+            ));
+        };
+        let action = QueueAction::SetLimits.name();
+        if let Some(t) = task_type {
+            let limit = (max > 0).then_some(max as usize);
+            engine.set_type_limit(t, limit);
+            return Ok(action_answer(
+                action,
+                ActionStatus::Success,
+                match limit {
+                    Some(n) => format!("At most {n} tasks of type {t:?} run at once."),
+                    None => format!("Task type {t:?} has no limit of its own now."),
+                },
+                json!({ "task_type": t, "max_concurrent": max }),
+            ));
+        }
+        if max == 0 || max > 1024 {
+            return Err(ToolError::invalid(
+                format!("max_concurrent {max} is out of range"),
+                "give 1 to 1024 (to stop starting tasks, use action \"pause\")",
+            ));
+        }
+        engine.set_concurrency(max as usize);
+        Ok(action_answer(
+            action,
+            ActionStatus::Success,
+            format!("At most {max} tasks run at once."),
+            json!({ "max_concurrent": max }),
+        ))
+    }
+
+    /// `reorder`: a new priority for a waiting task.
+    async fn reorder(&self, args: &ManageQueueArgs) -> Result<CallToolResult, ToolError> {
+        let task_id = args.task_id.clone().ok_or_else(|| {
+            ToolError::new(
+                "MISSING_TASK_ID",
+                "action \"reorder\" needs a task_id",
+                "pass the task_id of a waiting task and its new priority",
+            )
+        })?;
+        let priority = args.priority.as_ref().ok_or_else(|| {
+            ToolError::invalid(
+                "action \"reorder\" needs a priority",
+                "give priority: 0 to 9, or low, normal, high, critical",
+            )
+        })?;
+        let priority = priority_arg(priority)?;
+        let task = self.owned_task(&task_id).await?;
+        let task = self
+            .core
+            .wrapper
+            .engine()
+            .set_priority(task.id, priority)
+            .await
+            .map_err(ToolError::from_core)?;
+        let view = self.view(&task);
+        Ok(action_answer(
+            QueueAction::Reorder.name(),
+            ActionStatus::Success,
+            format!(
+                "Task {} now has priority {} ({}).",
+                task.id,
+                priority.get(),
+                wire::priority_name(priority)
+            ),
+            json!({ "task": view }),
+        ))
     }
 }
 
@@ -1270,7 +1254,81 @@ fn limit_arg(limit: Option<u32>) -> Result<u32, ToolError> {
     }
 }
 
-fn action_answer(action: &str, status: &str, message: String, data: Value) -> CallToolResult {
+/// The description of `manage_background_tasks`: its actions from [`TaskAction`].
+fn manage_tasks_description() -> String {
+    format!(
+        "Manage background tasks with one tool, by action: {} (the action argument says what each does). create and schedule take task_type, parameters, priority, task_config {{timeout_seconds, max_retries, delay_seconds, idempotency_key, session_id, tags, rerun_on_recovery}} (schedule also delay_seconds); cancel, pause, resume and retry take task_id; list takes task_type, status, limit; cleanup takes older_than_seconds.",
+        TaskAction::listed()
+    )
+}
+
+/// The description of `manage_task_queue`: its actions from [`QueueAction`].
+fn manage_queue_description() -> String {
+    format!(
+        "Manage the task queue, by action: {} (the action argument says what each does). pause, resume, clear_queue and set_limits take task_type (default: every type); clear_queue takes priority; set_limits takes max_concurrent; reorder takes task_id and priority.",
+        QueueAction::listed()
+    )
+}
+
+/// The task id an action needs, or `MISSING_TASK_ID`.
+fn needs_task_id(action: TaskAction, task_id: &Option<String>) -> Result<String, ToolError> {
+    task_id
+        .clone()
+        .filter(|t| !t.trim().is_empty())
+        .ok_or_else(|| {
+            ToolError::new(
+                "MISSING_TASK_ID",
+                format!("action {:?} needs a task_id", action.name()),
+                "pass the task_id of one of your tasks (list_tasks shows them)",
+            )
+        })
+}
+
+/// The submission options of `task_config` (refusing a field that is not one).
+fn task_config(config: Option<&Value>) -> Result<SubmitOptions, ToolError> {
+    let Some(config) = config.filter(|c| !c.is_null()) else {
+        return Ok(SubmitOptions::default());
+    };
+    if let Some(config) = config.as_object() {
+        crate::arguments::check_task_config(config)?;
+    }
+    serde_json::from_value(config.clone()).map_err(|e| {
+        ToolError::invalid(
+            format!("task_config is not valid: {e}"),
+            "task_config takes timeout_seconds, max_retries, delay_seconds, idempotency_key, session_id, tags, rerun_on_recovery",
+        )
+    })
+}
+
+/// A priority argument, or what was wrong.
+fn priority_arg(priority: &wire::PriorityArg) -> Result<Priority, ToolError> {
+    priority
+        .to_priority()
+        .map_err(|m| ToolError::invalid(m, "priority: 0 to 9, or low, normal, high, critical"))
+}
+
+/// `success` when an action changed something, else `no_action_needed`.
+fn changed_something(changed: bool) -> ActionStatus {
+    if changed {
+        ActionStatus::Success
+    } else {
+        ActionStatus::NoActionNeeded
+    }
+}
+
+/// One task type in the answer of `list_types`.
+#[derive(Serialize)]
+struct TaskTypeView {
+    name: String,
+    description: String,
+}
+
+fn action_answer(
+    action: &str,
+    status: ActionStatus,
+    message: String,
+    data: Value,
+) -> CallToolResult {
     let data = match data {
         Value::Object(map) => map,
         other => {
@@ -1284,7 +1342,7 @@ fn action_answer(action: &str, status: &str, message: String, data: Value) -> Ca
         text,
         &ActionAnswer {
             action: action.to_owned(),
-            status: status.to_owned(),
+            status,
             message,
             data,
         },
@@ -1311,7 +1369,7 @@ fn action_from(action: &str, result: CallToolResult) -> Result<CallToolResult, T
         .and_then(|c| c.as_text())
         .map(|t| t.text.clone())
         .unwrap_or_default();
-    Ok(action_answer(action, "success", message, data))
+    Ok(action_answer(action, ActionStatus::Success, message, data))
 }
 
 fn status_text(view: &TaskView) -> String {

@@ -12,6 +12,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use task_core::{AttemptRecord, FailureKind, Priority, Status, Task, Timestamp};
 
+pub use crate::actions::{Action, QueueAction, TaskAction};
+
 // ---------------------------------------------------------------------------------------------
 // Arguments shared by the submitting tools.
 
@@ -257,14 +259,9 @@ pub struct ReadOutputArgs {
 #[schemars(crate = "rmcp::schemars")]
 #[serde(deny_unknown_fields)]
 pub struct ManageTasksArgs {
-    /// What to do: "create" (submit task_type with parameters now), "schedule" (the same,
-    /// delayed by delay_seconds or task_config.delay_seconds), "cancel", "pause" (a waiting task
-    /// is held; a running one is frozen), "resume", "retry" (run a failed, timed-out or
-    /// cancelled task again as a new task), "list", "get_stats", "cleanup" (delete your finished
-    /// tasks older than older_than_seconds, default 3600), "list_types" (the task types this
-    /// server runs).
-    #[schemars(extend("enum" = ["create", "schedule", "cancel", "pause", "resume", "retry", "list", "get_stats", "cleanup", "list_types"]))]
-    pub action: String,
+    /// What to do (every action, with what it does, is in the schema's description).
+    #[schemars(description = TaskAction::argument_description())]
+    pub action: TaskAction,
     /// The task, for cancel, pause, resume and retry.
     #[serde(default)]
     pub task_id: Option<String>,
@@ -300,13 +297,9 @@ pub struct ManageTasksArgs {
 #[schemars(crate = "rmcp::schemars")]
 #[serde(deny_unknown_fields)]
 pub struct ManageQueueArgs {
-    /// What to do: "get_stats"; "pause" / "resume" (stop / restart starting queued tasks,
-    /// of every type, or of task_type only; running tasks go on); "clear_queue" (cancel your
-    /// tasks that have not started, optionally only of task_type or priority); "set_limits"
-    /// (max_concurrent tasks at once, overall or for task_type); "reorder" (give the waiting
-    /// task task_id a new priority).
-    #[schemars(extend("enum" = ["get_stats", "pause", "resume", "clear_queue", "set_limits", "reorder"]))]
-    pub action: String,
+    /// What to do (every action, with what it does, is in the schema's description).
+    #[schemars(description = QueueAction::argument_description())]
+    pub action: QueueAction,
     /// For pause, resume, clear_queue and set_limits: only this task type.
     #[serde(default)]
     pub task_type: Option<String>,
@@ -709,12 +702,23 @@ pub struct ActionAnswer {
     /// The action.
     pub action: String,
     /// "success", or "no_action_needed" when nothing had to change.
-    pub status: String,
+    pub status: ActionStatus,
     /// What happened, in words.
     pub message: String,
     /// The action's data (a task, a list, statistics...).
     #[serde(flatten)]
     pub data: Map<String, Value>,
+}
+
+/// How an action of a `manage_*` tool went.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, JsonSchema)]
+#[schemars(crate = "rmcp::schemars")]
+#[serde(rename_all = "snake_case")]
+pub enum ActionStatus {
+    /// It was done.
+    Success,
+    /// Nothing had to change.
+    NoActionNeeded,
 }
 
 /// Queue statistics, in the shape of the background-task tools' `queue_statistics`.

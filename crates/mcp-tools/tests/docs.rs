@@ -1,7 +1,8 @@
 //! `docs/tools.md` documents every tool the server lists: a section whose heading names the
 //! tool in backticks, which mentions each top-level input property of the tool's schema, and
-//! each other name the tool accepts for one (an alias), in backticks; and it has no section for
-//! a tool that no longer exists.
+//! each other name the tool accepts for one (an alias), in backticks, and has a heading
+//! ``Action `name` `` for each action it takes; and it has no section for a tool that no longer
+//! exists.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -101,6 +102,23 @@ async fn docs_tools_md_covers_every_tool_and_argument() {
             if !text.contains(&format!("`{property}`")) {
                 problems.push(format!(
                     "the section of `{name}` does not mention its argument `{property}` (in backticks)"
+                ));
+            }
+        }
+        // Each action of a `manage_*` tool (its schema's `enum`) has a heading of its own.
+        let actions = tool
+            .input_schema
+            .get("properties")
+            .and_then(|p| p.get("action"))
+            .and_then(|a| a.get("enum"))
+            .and_then(|e| e.as_array())
+            .cloned()
+            .unwrap_or_default();
+        for action in actions.iter().filter_map(|a| a.as_str()) {
+            let heading = format!("Action `{action}`");
+            if !headings(text).iter().any(|(_, _, h)| *h == heading) {
+                problems.push(format!(
+                    "the section of `{name}` has no heading \"{heading}\" for its action `{action}`"
                 ));
             }
         }

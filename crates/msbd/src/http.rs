@@ -531,9 +531,11 @@ async fn healthz(State(state): State<AppState>, headers: HeaderMap) -> Response 
 /// The overall health, with every component that is not healthy (and the store's problem).
 async fn health_summary(state: &AppState) -> (StatusCode, Value) {
     let report = state.wrapper.health_check().await;
-    let not_healthy: serde_json::Map<String, Value> = report
-        .components
-        .iter()
+    let components = serde_json::to_value(&report.components).unwrap_or(Value::Null);
+    let not_healthy: serde_json::Map<String, Value> = components
+        .as_object()
+        .into_iter()
+        .flatten()
         .filter(|(_, c)| c["status"].as_str().is_some_and(|s| s != "healthy"))
         .map(|(name, c)| {
             let detail = c

@@ -13,6 +13,7 @@ use mcp_tools::{McpServer, ServerOptions};
 use rmcp::ServiceExt;
 use rmcp::service::ServerInitializeError;
 use sandbox_wrapper::Wrapper;
+use sandbox_wrapper::supervisor::ShutdownStatus;
 use sandbox_wrapper::wrapper::GracefulShutdownReport;
 use task_core::store::Store;
 use task_core::store::postgres::{PostgresConfig, PostgresStore};
@@ -218,7 +219,7 @@ async fn serve(config: Config) -> anyhow::Result<ExitCode> {
     };
     signals.abort();
     let summary = shutdown_summary(&report, config.shutdown_timeout);
-    if report.status == "success" {
+    if report.status == ShutdownStatus::Success {
         tracing::info!("{summary}");
     } else {
         tracing::warn!("{summary}");
@@ -241,7 +242,7 @@ fn shutdown_summary(report: &GracefulShutdownReport, timeout: Duration) -> Strin
         format!("{n} {}", if n == 1 { one } else { many })
     }
     let mut line = format!("msbd stopped: drained in {:.1} s", report.duration_seconds);
-    if report.status == "timeout" {
+    if report.status == ShutdownStatus::Timeout {
         line.push_str(&format!(
             " (past its {} s, MSB_SHUTDOWN_TIMEOUT)",
             timeout.as_secs_f64()
@@ -397,7 +398,7 @@ mod tests {
 
     fn report() -> GracefulShutdownReport {
         GracefulShutdownReport {
-            status: "success".into(),
+            status: ShutdownStatus::Success,
             start_time: 0.0,
             end_time: 1.23,
             duration_seconds: 1.23,
@@ -420,7 +421,7 @@ mod tests {
              1 sandbox stopped; 6 of 6 loops stopped; no errors"
         );
         let late = GracefulShutdownReport {
-            status: "timeout".into(),
+            status: ShutdownStatus::Timeout,
             duration_seconds: 31.04,
             components_stopped: 5,
             tasks_running_at_start: 1,

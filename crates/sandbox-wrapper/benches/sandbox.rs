@@ -792,7 +792,7 @@ impl Setup {
                 report.sandboxes_stopped,
                 report.errors
             );
-            if report.status != "success" {
+            if report.status != sandbox_wrapper::supervisor::ShutdownStatus::Success {
                 errors.push(format!("graceful_shutdown ended {}", report.status));
             }
             remove_base_cgroups(&marker);

@@ -40,7 +40,7 @@
 //! println!("{}", serde_json::to_string_pretty(&health)?);
 //!
 //! let report = wrapper.graceful_shutdown(Duration::from_secs(10)).await;
-//! assert_eq!(report.status, "success");
+//! assert_eq!(report.status, sandbox_wrapper::supervisor::ShutdownStatus::Success);
 //! # Ok(())
 //! # }
 //! ```

@@ -109,10 +109,38 @@ const MIN_INTERVAL: Duration = Duration::from_millis(1);
 const ABORT_GRACE: Duration = Duration::from_millis(100);
 
 /// What one tick of a periodic child returns: how many items it handled, or why it failed.
-pub type TickFuture = Pin<Box<dyn Future<Output = Result<u64, String>> + Send>>;
+pub type TickFuture = Pin<Box<dyn Future<Output = Result<u64, LoopError>> + Send>>;
 
 /// What a service child returns: `Ok(())` when it stopped normally, or why it failed.
-pub type ServiceFuture = Pin<Box<dyn Future<Output = Result<(), String>> + Send>>;
+pub type ServiceFuture = Pin<Box<dyn Future<Output = Result<(), LoopError>> + Send>>;
+
+/// Why a supervised loop (a tick of a periodic child, or a service) ended with an error. The
+/// supervisor counts it, reports it as the child's `last_error` (its text), and restarts the
+/// child per its [`RestartPolicy`].
+#[derive(Debug, thiserror::Error)]
+pub enum LoopError {
+    /// The task engine or its store failed.
+    #[error(transparent)]
+    Task(#[from] task_core::Error),
+    /// The session manager (or the sandbox backend under it) failed.
+    #[error(transparent)]
+    Session(#[from] crate::session::SessionError),
+    /// Another loop's failure, in its words.
+    #[error("{0}")]
+    Other(String),
+}
+
+impl From<String> for LoopError {
+    fn from(message: String) -> LoopError {
+        LoopError::Other(message)
+    }
+}
+
+impl From<&str> for LoopError {
+    fn from(message: &str) -> LoopError {
+        LoopError::Other(message.to_owned())
+    }
+}
 
 type TickFn = Arc<dyn Fn() -> TickFuture + Send + Sync>;
 type ServiceFn = Arc<dyn Fn(ChildContext) -> ServiceFuture + Send + Sync>;
@@ -533,8 +561,9 @@ impl ActionReport {
 }
 
 /// How a shutdown went.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, strum::Display)]
 #[serde(rename_all = "snake_case")]
+#[strum(serialize_all = "snake_case")]
 pub enum ShutdownStatus {
     /// Every child stopped within the deadline, without error.
     Success,
@@ -1300,7 +1329,7 @@ async fn supervise(
                 slot.finish(false);
                 return;
             }
-            Ok(Err(error)) => error,
+            Ok(Err(error)) => error.to_string(),
             Err(e) if e.is_panic() => format!("panicked: {}", panic_message(e.into_panic())),
             Err(_) => {
                 slot.finish(false);
@@ -1347,7 +1376,7 @@ async fn supervise(
 }
 
 /// One incarnation of a child.
-async fn incarnation(slot: Arc<Slot>, cancel: CancellationToken) -> Result<(), String> {
+async fn incarnation(slot: Arc<Slot>, cancel: CancellationToken) -> Result<(), LoopError> {
     match slot.spec.kind.clone() {
         ChildKind::Periodic { interval, tick } => run_periodic(slot, tick, interval, cancel).await,
         ChildKind::Service { run } => {
@@ -1368,7 +1397,7 @@ async fn run_periodic(
     tick: TickFn,
     interval: Duration,
     cancel: CancellationToken,
-) -> Result<(), String> {
+) -> Result<(), LoopError> {
     let now = tokio::time::Instant::now();
     let first = if slot.spec.run_at_start {
         now

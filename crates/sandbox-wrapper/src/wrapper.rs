@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use task_core::store::{Store, Submitted};
+use task_core::store::{Store, StoreHealth, Submitted};
 use task_core::{Engine, EngineConfig, NewTask, TaskId};
 
 use crate::backend::local::{
@@ -29,7 +29,8 @@ use crate::output::{DEFAULT_OUTPUT_CAP, OutputChunk, read_output};
 use crate::session::{SessionConfig, SessionManager};
 use crate::stable::{fnv1a_64, unix_now};
 use crate::supervisor::{
-    ActionReport, ChildSpec, ChildStatus, HealthStatus, RestartPolicy, Supervisor, TickFuture,
+    ActionReport, ChildSpec, ChildStatus, HealthStatus, LoopError, RestartPolicy, ShutdownStatus,
+    Supervisor, TickFuture,
 };
 use crate::task_types::TaskTypes;
 
@@ -268,8 +269,23 @@ pub struct SandboxHealth {
     pub isolation_report: Option<IsolationReport>,
 }
 
+/// The components of a health check, each with its `status`.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct HealthComponents {
+    /// The task store: whether its writes work, and if not what is wrong.
+    pub task_store: StoreHealth,
+    /// The session manager (its loop: `session_cleanup`).
+    pub session_manager: SessionManagerStatus,
+    /// The resource manager (its loop: `orphan_cleanup`).
+    pub resource_manager: ResourceManagerStatus,
+    /// The task engine (its loops: the dispatcher, heartbeat, reaper and pruner).
+    pub task_engine: EngineHealth,
+    /// The sandbox backend and its isolation.
+    pub sandbox: SandboxHealth,
+}
+
 /// What `health_check` answers.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct HealthReport {
     /// The worst of the components.
     pub status: HealthStatus,
@@ -277,8 +293,8 @@ pub struct HealthReport {
     pub timestamp: f64,
     /// How long the wrapper has run.
     pub uptime_seconds: f64,
-    /// The components, each with `status` and `background_task_healthy` where it has a loop.
-    pub components: BTreeMap<String, Value>,
+    /// The components.
+    pub components: HealthComponents,
     /// The background loops in detail.
     pub background_tasks: BackgroundTaskStatus,
 }
@@ -287,7 +303,7 @@ pub struct HealthReport {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct GracefulShutdownReport {
     /// `success`, `partial_success` or `timeout`.
-    pub status: String,
+    pub status: ShutdownStatus,
     /// When it began, in Unix seconds.
     pub start_time: f64,
     /// When it ended.
@@ -472,7 +488,7 @@ impl Wrapper {
             "sessions_expired",
             Box::new(move || {
                 let sessions = sessions.clone();
-                Box::pin(async move { sessions.expire_idle().await.map_err(|e| e.to_string()) })
+                Box::pin(async move { sessions.expire_idle().await.map_err(LoopError::from) })
             }),
         )
         .run_at_start(false);
@@ -488,7 +504,7 @@ impl Wrapper {
                         .sweep_orphans()
                         .await
                         .map(|r| r.sandboxes as u64)
-                        .map_err(|e| e.to_string())
+                        .map_err(LoopError::from)
                 })
             }),
         )
@@ -502,7 +518,7 @@ impl Wrapper {
             Box::new(move || {
                 let engine = engine.clone();
                 Box::pin(async move {
-                    engine.renew_leases().await.map_err(|e| e.to_string())?;
+                    engine.renew_leases().await?;
                     Ok(engine.running_count() as u64)
                 })
             }),
@@ -544,7 +560,7 @@ impl Wrapper {
                         .recover_expired()
                         .await
                         .map(|n| n as u64)
-                        .map_err(|e| e.to_string())
+                        .map_err(LoopError::from)
                 })
             }),
         )
@@ -563,7 +579,7 @@ impl Wrapper {
                     if !leader {
                         return Ok(0);
                     }
-                    let pruned = engine.prune_expired().await.map_err(|e| e.to_string())?;
+                    let pruned = engine.prune_expired().await?;
                     // The output files of the tasks that are gone go too (a scan of the
                     // outputs, so only after a round that pruned something).
                     if pruned > 0 {
@@ -594,13 +610,13 @@ impl Wrapper {
                     };
                     match ended {
                         Some(result) => {
-                            result.map_err(|e| e.to_string())?;
+                            result?;
                             // It returns only when stopped or drained: either way, done.
                             return Ok(());
                         }
                         None => {
                             round.cancel();
-                            run.await.map_err(|e| e.to_string())?;
+                            run.await?;
                             context.skip_cycle();
                         }
                     }
@@ -617,7 +633,7 @@ impl Wrapper {
             specs.push(
                 ChildSpec::service("store_wakeups", move |context| {
                     let run = wakeups(engine.clone(), context.cancel.clone());
-                    Box::pin(async move { run.await.map_err(|e| e.to_string()) })
+                    Box::pin(async move { run.await.map_err(LoopError::from) })
                 })
                 .interval_hint(engine_config.idle_poll)
                 .pausable(false)
@@ -835,37 +851,13 @@ impl Wrapper {
             task_core::store::StoreStatus::Degraded => HealthStatus::Degraded,
             task_core::store::StoreStatus::Unhealthy => HealthStatus::Unhealthy,
         };
-        let session_manager = &background.components.session_manager;
-        let resource_manager = &background.components.resource_manager;
-        let mut components = BTreeMap::new();
-        components.insert(
-            "task_store".to_owned(),
-            serde_json::to_value(&store).unwrap_or(Value::Null),
-        );
-        let mut with_flag = |name: &str, value: Value, healthy: bool| {
-            let mut value = value;
-            value["background_task_healthy"] = Value::Bool(healthy);
-            components.insert(name.to_owned(), value);
+        let components = HealthComponents {
+            task_store: store,
+            session_manager: background.components.session_manager.clone(),
+            resource_manager: background.components.resource_manager.clone(),
+            task_engine: engine_health,
+            sandbox,
         };
-        with_flag(
-            "session_manager",
-            serde_json::to_value(session_manager).unwrap_or(Value::Null),
-            session_manager.cleanup_task_healthy,
-        );
-        with_flag(
-            "resource_manager",
-            serde_json::to_value(resource_manager).unwrap_or(Value::Null),
-            resource_manager.orphan_cleanup_task_healthy,
-        );
-        with_flag(
-            "task_engine",
-            serde_json::to_value(&engine_health).unwrap_or(Value::Null),
-            engine_status == HealthStatus::Healthy,
-        );
-        components.insert(
-            "sandbox".to_owned(),
-            serde_json::to_value(&sandbox).unwrap_or(Value::Null),
-        );
         // The isolation level lowers health only to `degraded`: it is the host's, not a fault.
         let status = background
             .overall_status
@@ -936,14 +928,14 @@ impl Wrapper {
             errors.push(format!("flushing the store: {error}"));
         });
         let status = if started.elapsed() > timeout + Duration::from_millis(500) {
-            "timeout"
+            ShutdownStatus::Timeout
         } else if errors.is_empty() {
-            "success"
+            ShutdownStatus::Success
         } else {
-            "partial_success"
+            ShutdownStatus::PartialSuccess
         };
         let report = GracefulShutdownReport {
-            status: status.to_owned(),
+            status,
             start_time,
             end_time: unix_now(),
             duration_seconds: started.elapsed().as_secs_f64(),

@@ -171,7 +171,7 @@ async fn exceeding_the_intensity_fails_the_child_until_restarted() {
             let fault = Arc::clone(&fault);
             Box::pin(async move {
                 if fault.load(Ordering::SeqCst) {
-                    Err("disk on fire".to_owned())
+                    Err("disk on fire".into())
                 } else {
                     Ok(0)
                 }
@@ -262,7 +262,7 @@ async fn a_child_that_is_never_given_up_on_outlasts_a_long_fault() {
             let fault = Arc::clone(&fault);
             Box::pin(async move {
                 if fault.load(Ordering::SeqCst) {
-                    Err("database unreachable".to_owned())
+                    Err("database unreachable".into())
                 } else {
                     Ok(1)
                 }
@@ -464,7 +464,7 @@ async fn a_service_that_returns_ok_is_not_restarted_and_one_that_errs_is() {
             let n = counter.fetch_add(1, Ordering::SeqCst);
             Box::pin(async move {
                 if n == 0 {
-                    return Err("lost the database".to_owned());
+                    return Err("lost the database".into());
                 }
                 ctx.cycle(0);
                 ctx.cancel.cancelled().await;

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use sandbox_wrapper::handlers::KEPT_ATTEMPTS;
 use sandbox_wrapper::output::OutputChunk;
-use sandbox_wrapper::supervisor::{ActionStatus, ChildState, HealthStatus};
+use sandbox_wrapper::supervisor::{ActionStatus, ChildState, HealthStatus, ShutdownStatus};
 use sandbox_wrapper::task_types::TaskTypes;
 use sandbox_wrapper::{Wrapper, WrapperConfig};
 use serde_json::json;
@@ -474,13 +474,12 @@ async fn health_pause_resume_and_restart_of_the_background_loops() {
             "{loop_name}: {text:#}"
         );
     }
-    assert_eq!(
-        text["components"]["session_manager"]["background_task_healthy"],
-        true
-    );
-    assert_eq!(
-        text["components"]["resource_manager"]["background_task_healthy"],
-        true
+    assert!(health.components.session_manager.cleanup_task_healthy);
+    assert!(
+        health
+            .components
+            .resource_manager
+            .orphan_cleanup_task_healthy
     );
     assert_eq!(
         text["background_tasks"]["components"]["session_manager"]["cleanup_interval_seconds"],
@@ -585,7 +584,7 @@ async fn graceful_shutdown_keeps_its_deadline_and_interrupted_tasks_run_again() 
     assert!(took < Duration::from_millis(3500), "{took:?}");
     assert_eq!(report.tasks_running_at_start, 2);
     assert_eq!(report.tasks_interrupted, 2);
-    assert_eq!(report.status, "success", "{report:?}");
+    assert_eq!(report.status, ShutdownStatus::Success, "{report:?}");
     eventually("no sandboxed process left", || {
         marked_processes(&marker).is_empty()
     })
