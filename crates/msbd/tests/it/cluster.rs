@@ -401,7 +401,7 @@ async fn a_killed_nodes_tasks_are_recovered_by_the_others() {
         orphans.len()
     );
     eprintln!(
-        "{} tasks over 3 nodes; node-c killed running {}, all restarted elsewhere within {slowest_ms} ms (lease {KILL_TEST_LEASE_S} s)",
+        "{} tasks over 3 nodes; node-c killed running {} (stopped {attempts} time(s) to find it running some), all restarted elsewhere within {slowest_ms} ms of its stop (lease {KILL_TEST_LEASE_S} s)",
         TASKS,
         orphans.len()
     );
