@@ -26,7 +26,7 @@ use crate::wire::{
 
 /// Every argument name a tool accepts: the names of its input schema's properties and their
 /// aliases (serde's, which are the only ones: see docs/tools.md), in the order of its argument
-/// struct. `None` for a tool msbd does not serve. Public only for `tests/docs.rs`, which checks
+/// struct. `None` for a tool msbd does not serve. Public only for `tests/it/docs.rs`, which checks
 /// that docs/tools.md names each one.
 #[doc(hidden)]
 pub fn accepted_arguments(tool: &str) -> Option<&'static [&'static str]> {

@@ -13,7 +13,7 @@
 //! before the session is initialized and a call whose `_meta` holds more than a progress token
 //! (per-request protocol metadata, say) go to rmcp unchanged. The answer is the one rmcp would
 //! send: the same handler body, the same shaping of results and errors for the negotiated
-//! protocol version (checked by `mcp-tools/tests/tools.rs`, which compares both ways).
+//! protocol version (checked by `mcp-tools/tests/it/tools.rs`, which compares both ways).
 //!
 //! Like rmcp's loop, reading never waits for a write (a write the transport cannot take at
 //! once, as an HTTP session's worker confirming it, goes on on a task), and when the client

@@ -2,20 +2,18 @@
 //! database at `MSB_TEST_DATABASE_URL` (by default `postgres://postgres@127.0.0.1:5432/test`,
 //! which `.ci/run` starts), each test in a schema of its own, dropped afterwards.
 
-mod common;
-
 use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::{Client, Connection, ok, wait_status};
+use crate::common::{Client, Connection, MSBD, args, ok, wait_status, wait_until};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
 use rmcp::ServiceExt;
 use rmcp::model::CallToolRequestParams;
 use rmcp::transport::TokioChildProcess;
 use serde_json::json;
 use tokio_postgres::NoTls;
-
-const MSBD: &str = env!("CARGO_BIN_EXE_msbd");
 
 fn database_url() -> String {
     std::env::var("MSB_TEST_DATABASE_URL")
@@ -173,11 +171,11 @@ async fn two_nodes_share_one_queue() {
 /// every second.
 const KILL_TEST_LEASE_S: i64 = 5;
 
-/// Three nodes share 10,000 tasks (run without isolation, see below); one is SIGKILLed while it
-/// runs some. The other two recover
-/// its running tasks once their leases run out (within the lease plus the reaper's interval,
-/// with a second of slack), and every task ends exactly once: completed, after one attempt,
-/// or two for the tasks the dead node was running.
+/// Three nodes share 10,000 tasks (run without isolation, see below); one is stopped and
+/// SIGKILLed while it runs some. The other two recover its running tasks once their leases run
+/// out (within the lease plus the reaper's interval, with a second of slack, counted from when
+/// it stopped), and every task ends exactly once: completed, after one attempt, or two for the
+/// tasks the dead node was running.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_nodes_tasks_are_recovered_by_the_others() {
     const TASKS: usize = 10_000;
@@ -200,11 +198,29 @@ async fn a_killed_nodes_tasks_are_recovered_by_the_others() {
             // What is tested is the shared queue, not the sandbox: plain processes keep 10,000
             // tasks within a minute on two cores (bubblewrap takes about three).
             .env("MSB_ISOLATION", "off");
+        command
+    };
+    let serve = async |command| {
+        Client::default()
+            .serve(TokioChildProcess::new(command).unwrap())
+            .await
+            .unwrap()
+    };
+    let a = serve(start(0, "node-a")).await;
+    let b = serve(start(1, "node-b")).await;
+    // node-c's database connections carry a name of their own, to be found in
+    // pg_stat_activity.
+    let c_application_name = format!("msbd-{}-node-c", schema.0);
+    let victim = {
+        let mut command = start(2, "node-c");
+        let url = database_url();
+        let separator = if url.contains('?') { '&' } else { '?' };
+        command.env(
+            "MSB_DATABASE_URL",
+            format!("{url}{separator}application_name={c_application_name}"),
+        );
         TokioChildProcess::new(command).unwrap()
     };
-    let a = Client::default().serve(start(0, "node-a")).await.unwrap();
-    let b = Client::default().serve(start(1, "node-b")).await.unwrap();
-    let victim = start(2, "node-c");
     let victim_pid = victim.id().expect("node-c's pid");
     let c = Client::default().serve(victim).await.unwrap();
 
@@ -230,49 +246,91 @@ async fn a_killed_nodes_tasks_are_recovered_by_the_others() {
         ok(via, "manage_task_queue", json!({"action": "resume"})).await;
     }
 
-    // Kill node-c once it has finished some tasks and is running others.
+    // Kill node-c once it has finished some tasks and is running others: stopped (SIGSTOP)
+    // first, so that what it was running when it stopped working can be read once its
+    // statements under way have landed, and started again to try anew if that was nothing.
     let db = admin().await;
     let t = &schema.0;
     let count = async |sql: String| -> i64 { db.query_one(&sql, &[]).await.unwrap().get(0) };
-    let waited = Instant::now();
-    loop {
-        let done_by_c = count(format!(
-            "SELECT count(*) FROM {t}.tasks WHERE claimed_by = 'node-c' AND status >= 4"
-        ))
+    let running_on_c_sql =
+        format!("SELECT id::text FROM {t}.tasks WHERE claimed_by = 'node-c' AND status = 3");
+    // node-c's connections: its statements still under way, and whether it has any left.
+    let c_busy_sql = format!(
+        "SELECT count(*) FILTER (WHERE state NOT LIKE 'idle%'), count(*) FROM pg_stat_activity \
+         WHERE application_name = '{c_application_name}'"
+    );
+    let c_connections = async || -> (i64, i64) {
+        let row = db.query_one(&c_busy_sql, &[]).await.unwrap();
+        (row.get(0), row.get(1))
+    };
+    let victim = Pid::from_raw(victim_pid as i32);
+    let mut attempts = 0;
+    let stopped_at_ms = loop {
+        attempts += 1;
+        wait_until(Duration::from_secs(120), async || {
+            let done_by_c = count(format!(
+                "SELECT count(*) FROM {t}.tasks WHERE claimed_by = 'node-c' AND status >= 4"
+            ))
+            .await;
+            let running_on_c = count(format!(
+                "SELECT count(*) FROM {t}.tasks WHERE claimed_by = 'node-c' AND status = 3"
+            ))
+            .await;
+            if done_by_c >= 100 && running_on_c > 0 {
+                Ok(())
+            } else {
+                Err(format!(
+                    "node-c never got going: {done_by_c} done, {running_on_c} running"
+                ))
+            }
+        })
         .await;
-        let running_on_c = count(format!(
-            "SELECT count(*) FROM {t}.tasks WHERE claimed_by = 'node-c' AND status = 3"
-        ))
+        kill(victim, Signal::SIGSTOP).unwrap();
+        // From here on node-c does nothing: its leases are no longer renewed.
+        let stopped_at_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64;
+        // A statement node-c had already sent (a commit, say) lands before looking: none of
+        // its connections is still working on one (a transaction left open stays open, and
+        // dies with it).
+        wait_until(Duration::from_secs(10), async || {
+            match c_connections().await {
+                (0, _) => Ok(()),
+                (busy, all) => Err(format!("{busy} of node-c's {all} connections are busy")),
+            }
+        })
         .await;
-        if done_by_c >= 100 && running_on_c > 0 {
-            break;
+        let running: Vec<String> = db
+            .query(&running_on_c_sql, &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
+        if !running.is_empty() {
+            kill(victim, Signal::SIGKILL).unwrap();
+            break stopped_at_ms;
         }
         assert!(
-            waited.elapsed() < Duration::from_secs(120),
-            "node-c never got going: {done_by_c} done, {running_on_c} running"
+            attempts < 20,
+            "node-c was running nothing each of the {attempts} times it was stopped"
         );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(victim_pid as i32),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
-    let killed_at_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64;
+        kill(victim, Signal::SIGCONT).unwrap();
+    };
     drop(c);
-    // Let a commit node-c had already sent land before looking (it dies at once; its
-    // database connection's last statement may not).
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    // What node-c was running when it died: nobody else can have touched these rows yet (their
-    // leases are live for seconds more).
+    // Once node-c's connections are gone, nothing it sent can land any more.
+    wait_until(Duration::from_secs(30), async || {
+        match c_connections().await {
+            (_, 0) => Ok(()),
+            (_, all) => Err(format!("node-c still has {all} connections")),
+        }
+    })
+    .await;
+    // What node-c was running when it died: nobody else can have touched these rows yet
+    // (their leases are live for seconds more).
     let orphans: Vec<String> = db
-        .query(
-            &format!("SELECT id::text FROM {t}.tasks WHERE claimed_by = 'node-c' AND status = 3"),
-            &[],
-        )
+        .query(&running_on_c_sql, &[])
         .await
         .unwrap()
         .iter()
@@ -280,18 +338,15 @@ async fn a_killed_nodes_tasks_are_recovered_by_the_others() {
         .collect();
     assert!(!orphans.is_empty());
 
-    let waited = Instant::now();
-    loop {
+    wait_until(Duration::from_secs(600), async || {
         let finished = count(format!("SELECT count(*) FROM {t}.tasks WHERE status >= 4")).await;
         if finished == TASKS as i64 {
-            break;
+            Ok(())
+        } else {
+            Err(format!("only {finished} of {TASKS} tasks finished"))
         }
-        assert!(
-            waited.elapsed() < Duration::from_secs(600),
-            "only {finished} of {TASKS} tasks finished"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    })
+    .await;
 
     // Every task ended once (a task row is unique and ends at most once), completed, and ran
     // once unless node-c died under it; then it ran twice and keeps the first attempt's error,
@@ -333,7 +388,7 @@ async fn a_killed_nodes_tasks_are_recovered_by_the_others() {
                 Some(2),
                 "{id}: its first attempt was lost (worker_lost)"
             );
-            let took = started_at - killed_at_ms;
+            let took = started_at - stopped_at_ms;
             slowest_ms = slowest_ms.max(took);
         } else {
             assert_eq!((attempt, error_kind), (1, None), "{id} ran once");
@@ -342,11 +397,11 @@ async fn a_killed_nodes_tasks_are_recovered_by_the_others() {
     let bound_ms = (KILL_TEST_LEASE_S + 1 + 1) * 1000;
     assert!(
         slowest_ms <= bound_ms,
-        "the last of {} orphaned tasks restarted {slowest_ms} ms after the kill (bound {bound_ms} ms)",
+        "the last of {} orphaned tasks restarted {slowest_ms} ms after node-c stopped (bound {bound_ms} ms)",
         orphans.len()
     );
     eprintln!(
-        "{} tasks over 3 nodes; node-c killed running {}, all restarted elsewhere within {slowest_ms} ms (lease {KILL_TEST_LEASE_S} s)",
+        "{} tasks over 3 nodes; node-c killed running {} (stopped {attempts} time(s) to find it running some), all restarted elsewhere within {slowest_ms} ms of its stop (lease {KILL_TEST_LEASE_S} s)",
         TASKS,
         orphans.len()
     );
@@ -545,18 +600,15 @@ async fn a_database_restart_loses_nothing() {
     };
     let db = connect().await;
     let finished_sql = format!("SELECT count(*) FROM {schema}.tasks WHERE status >= 4");
-    let waited = Instant::now();
-    loop {
+    wait_until(Duration::from_secs(120), async || {
         let finished: i64 = db.query_one(&finished_sql, &[]).await.unwrap().get(0);
         if finished >= (TASKS / 4) as i64 {
-            break;
+            Ok(())
+        } else {
+            Err(format!("{finished} finished"))
         }
-        assert!(
-            waited.elapsed() < Duration::from_secs(120),
-            "{finished} finished"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    })
+    .await;
 
     server.crash();
     // Submitted while the database is down: each call waits for it (up to 10 s) and then
@@ -567,7 +619,7 @@ async fn a_database_restart_loses_nothing() {
             let mut ids = Vec::new();
             for _ in 0..5 {
                 let request = CallToolRequestParams::new("submit_task")
-                    .with_arguments(common::args(json!({"task_type": "noop", "params": {}})));
+                    .with_arguments(args(json!({"task_type": "noop", "params": {}})));
                 let answer = peer.call_tool(request).await.unwrap();
                 assert_ne!(answer.is_error, Some(true), "{answer:?}");
                 let submitted = answer.structured_content.unwrap();
@@ -576,19 +628,16 @@ async fn a_database_restart_loses_nothing() {
             ids
         })
     };
-    let waited = Instant::now();
-    loop {
+    wait_until(Duration::from_secs(10), async || {
         let health = ok(&b, "health_check", json!({})).await;
-        let store = &health["components"]["task_store"]["status"];
-        if store == "degraded" {
-            break;
+        if health["components"]["task_store"]["status"] == "degraded" {
+            Ok(())
+        } else {
+            Err(format!("the task store never said degraded: {health}"))
         }
-        assert!(
-            waited.elapsed() < Duration::from_secs(10),
-            "the task store never said degraded: {health}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    })
+    .await;
+    // The outage lasts two seconds more (a length of time, not a wait for something).
     tokio::time::sleep(Duration::from_secs(2)).await;
     server.start_again();
     ids.extend(during.await.unwrap());
@@ -596,18 +645,15 @@ async fn a_database_restart_loses_nothing() {
     assert_eq!(ids.len(), total);
 
     let db = connect().await;
-    let waited = Instant::now();
-    loop {
+    wait_until(Duration::from_secs(300), async || {
         let finished: i64 = db.query_one(&finished_sql, &[]).await.unwrap().get(0);
         if finished == total as i64 {
-            break;
+            Ok(())
+        } else {
+            Err(format!("only {finished} of {total} tasks finished"))
         }
-        assert!(
-            waited.elapsed() < Duration::from_secs(300),
-            "only {finished} of {total} tasks finished"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    })
+    .await;
     let rows = db
         .query(
             &format!(

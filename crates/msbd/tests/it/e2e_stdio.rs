@@ -2,17 +2,15 @@
 //! start it, on a fresh data directory, with real sandboxes. Every tool at least once; a task's
 //! whole life; the tasks extension across a restart; bad input; SIGTERM with running tasks.
 
-mod common;
-
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::Path;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
-use common::{
-    Client, Connection, args, completed_result, every_tool_and_a_tasks_whole_life,
-    wait_task_payload,
+use crate::common::{
+    Client, Connection, MSBD, args, completed_result, every_tool_and_a_tasks_whole_life,
+    wait_task_payload, wait_until_blocking,
 };
 use rmcp::ServiceExt;
 use rmcp::model::{
@@ -20,8 +18,6 @@ use rmcp::model::{
 };
 use rmcp::transport::TokioChildProcess;
 use serde_json::{Value, json};
-
-const MSBD: &str = env!("CARGO_BIN_EXE_msbd");
 
 fn command(data_dir: &Path) -> tokio::process::Command {
     let mut command = tokio::process::Command::new(MSBD);
@@ -354,24 +350,13 @@ fn sigterm_with_running_tasks_exits_within_the_timeout_and_leaves_nothing() {
             "{answer}"
         );
     }
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while sandboxed_processes().len() < 2 {
-        assert!(Instant::now() < deadline, "the tasks never started");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let pid = nix::unistd::Pid::from_raw(raw.child.id() as i32);
+    wait_until_blocking(Duration::from_secs(30), || match sandboxed_processes() {
+        started if started.len() >= 2 => Ok(()),
+        started => Err(format!("the tasks never started: {started:?}")),
+    });
     let sent = Instant::now();
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
-    let status = loop {
-        if let Some(status) = raw.child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            sent.elapsed() < Duration::from_secs(15),
-            "msbd did not exit within its shutdown timeout"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    signal(&raw.child, nix::sys::signal::Signal::SIGTERM);
+    let status = exits_within(&mut raw.child, Duration::from_secs(15));
     eprintln!(
         "msbd exited with {status} {} ms after SIGTERM",
         sent.elapsed().as_millis()
@@ -381,17 +366,12 @@ fn sigterm_with_running_tasks_exits_within_the_timeout_and_leaves_nothing() {
         "took {:?}",
         sent.elapsed()
     );
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !sandboxed_processes().is_empty() {
-        assert!(
-            Instant::now() < deadline,
-            "left behind: {:?}",
-            sandboxed_processes()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until_blocking(Duration::from_secs(5), || match sandboxed_processes() {
+        left if left.is_empty() => Ok(()),
+        left => Err(format!("left behind: {left:?}")),
+    });
     // One readable line says how the shutdown went.
-    let text = raw.stderr.as_ref().unwrap().text();
+    let text = raw.stderr.as_ref().unwrap().whole_text();
     let stopped = text
         .lines()
         .find(|line| line.contains("msbd stopped: drained in "))
@@ -460,12 +440,19 @@ fn answers_to_the_last_calls_before_stdin_closes_are_written() {
 
 /// A child's stderr, collected on a thread (and shown, as inherited stderr would be).
 #[derive(Clone)]
-struct Stderr(Arc<Mutex<String>>);
+struct Stderr {
+    text: Arc<Mutex<String>>,
+    /// Whether the collector has read to the end (every writer closed it).
+    closed: Arc<Mutex<bool>>,
+}
 
 impl Stderr {
     fn collect(mut stderr: impl Read + Send + 'static) -> Stderr {
-        let text = Arc::new(Mutex::new(String::new()));
-        let collected = Arc::clone(&text);
+        let collector = Stderr {
+            text: Arc::new(Mutex::new(String::new())),
+            closed: Arc::new(Mutex::new(false)),
+        };
+        let collected = collector.clone();
         std::thread::spawn(move || {
             let mut buffer = [0_u8; 4096];
             loop {
@@ -474,45 +461,63 @@ impl Stderr {
                     Ok(n) => {
                         let chunk = String::from_utf8_lossy(&buffer[..n]);
                         eprint!("{chunk}");
-                        collected.lock().unwrap().push_str(&chunk);
+                        collected.text.lock().unwrap().push_str(&chunk);
                     }
                 }
             }
+            *collected.closed.lock().unwrap() = true;
         });
-        Stderr(text)
+        collector
     }
 
     fn text(&self) -> String {
-        self.0.lock().unwrap().clone()
+        self.text.lock().unwrap().clone()
     }
 
     /// Waits (at most `within`) until stderr contains `needle`.
     fn wait_for(&self, needle: &str, within: Duration) {
-        let deadline = Instant::now() + within;
-        while !self.text().contains(needle) {
-            assert!(
-                Instant::now() < deadline,
-                "stderr never said {needle:?} within {within:?}:\n{}",
-                self.text()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_until_blocking(within, || {
+            let text = self.text();
+            if text.contains(needle) {
+                Ok(())
+            } else {
+                Err(format!("stderr never said {needle:?}:\n{text}"))
+            }
+        });
+    }
+
+    /// Everything written to stderr, once every writer has closed it (msbd has exited).
+    fn whole_text(&self) -> String {
+        wait_until_blocking(Duration::from_secs(10), || {
+            if *self.closed.lock().unwrap() {
+                Ok(())
+            } else {
+                Err("stderr is still open")
+            }
+        });
+        self.text()
     }
 }
 
-/// Waits for `child` to exit within `within` (a bound against hanging, not a benchmark).
+/// Waits for `child` to exit within `within` (a bound against hanging, not a benchmark); if it
+/// does not, kills it and fails.
 fn exits_within(child: &mut std::process::Child, within: Duration) -> std::process::ExitStatus {
-    let started = Instant::now();
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
+    /// Kills the child if the wait fails.
+    struct KillOnPanic(nix::unistd::Pid);
+    impl Drop for KillOnPanic {
+        fn drop(&mut self) {
+            if std::thread::panicking() {
+                let _ = nix::sys::signal::kill(self.0, nix::sys::signal::Signal::SIGKILL);
+            }
         }
-        if started.elapsed() > within {
-            let _ = child.kill();
-            panic!("msbd did not exit within {within:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
     }
+    let _guard = KillOnPanic(nix::unistd::Pid::from_raw(child.id() as i32));
+    wait_until_blocking(within, || {
+        child
+            .try_wait()
+            .unwrap()
+            .ok_or("msbd did not exit (within its shutdown timeout)")
+    })
 }
 
 fn signal(child: &std::process::Child, signal: nix::sys::signal::Signal) {
@@ -557,9 +562,7 @@ fn a_signal_before_any_client_spoke_exits_at_once_with_status_0() {
         let status = exits_within(&mut child, Duration::from_secs(15));
         eprintln!("{sent}: exited with {status} in {:?}", sent_at.elapsed());
         assert!(status.success(), "{sent}: {status}");
-        // Let the collector read the last lines.
-        std::thread::sleep(Duration::from_millis(200));
-        let text = stderr.text();
+        let text = stderr.whole_text();
         assert!(!text.contains("ERROR"), "{sent}: {text}");
         // stdin is not a terminal: no word about waiting for a client.
         assert!(!text.contains("waiting for an MCP client"), "{text}");
@@ -601,8 +604,7 @@ fn on_a_terminal_it_says_it_waits_for_a_client_and_ctrl_c_or_ctrl_d_end_it() {
             sent_at.elapsed()
         );
         assert!(status.success(), "{leave_with}: {status}");
-        std::thread::sleep(Duration::from_millis(200));
-        let text = stderr.text();
+        let text = stderr.whole_text();
         assert!(!text.contains("ERROR"), "{leave_with}: {text}");
         drop(terminal);
     }
@@ -623,21 +625,20 @@ fn during_a_drain_new_calls_are_refused_at_once_and_calls_under_way_finish() {
     let request = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "execute_command", "arguments": {"command": "sleep 4; echo finished"}}});
     raw.send(&request.to_string());
     let mut id = 100;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
+    wait_until_blocking(Duration::from_secs(60), || {
         id += 1;
         let running = raw.call(id, "list_tasks", json!({"status": "running"}));
         if running["result"]["structuredContent"]["count"] == 1 {
-            break;
+            Ok(())
+        } else {
+            Err(format!("the task never ran: {running}"))
         }
-        assert!(Instant::now() < deadline, "the task never ran: {running}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    });
     let sent = Instant::now();
     signal(&raw.child, nix::sys::signal::Signal::SIGTERM);
     // Every call is answered within a few seconds; once the drain has begun, with
     // SHUTTING_DOWN.
-    let refused = loop {
+    let refused = wait_until_blocking(Duration::from_secs(10), || {
         id += 1;
         let request = json!({"jsonrpc": "2.0", "id": id, "method": "tools/call", "params": {"name": "list_tasks", "arguments": {}}});
         raw.send(&request.to_string());
@@ -650,14 +651,14 @@ fn during_a_drain_new_calls_are_refused_at_once_and_calls_under_way_finish() {
                 )
             });
         if answer["result"]["isError"] == true {
-            break answer;
+            Ok(answer)
+        } else {
+            Err(format!(
+                "calls were still served normally {:?} after SIGTERM: {answer}",
+                sent.elapsed()
+            ))
         }
-        assert!(
-            sent.elapsed() < Duration::from_secs(10),
-            "calls were still served normally 10 s after SIGTERM: {answer}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    });
     let text = refused["result"]["content"][0]["text"].as_str().unwrap();
     assert!(text.starts_with("Error SHUTTING_DOWN:"), "{refused}");
     id += 1;
@@ -682,8 +683,7 @@ fn during_a_drain_new_calls_are_refused_at_once_and_calls_under_way_finish() {
     // And msbd exits once the drain is over (the task finished: no need to wait 60 s).
     let status = exits_within(&mut raw.child, Duration::from_secs(30));
     assert!(status.success(), "{status}");
-    std::thread::sleep(Duration::from_millis(200));
-    let text = raw.stderr.as_ref().unwrap().text();
+    let text = raw.stderr.as_ref().unwrap().whole_text();
     let stopped = text
         .lines()
         .find(|line| line.contains("msbd stopped: "))

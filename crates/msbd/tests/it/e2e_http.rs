@@ -3,15 +3,13 @@
 //! switched on), a task's whole life, the tasks extension across a restart of msbd, the probes,
 //! and a token's tasks invisible to another token.
 
-mod common;
-
 use std::path::Path;
 use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{
-    Client, Connection, args, completed_result, every_tool_and_a_tasks_whole_life, ok,
-    wait_task_payload,
+use crate::common::{
+    Client, Connection, MSBD, args, completed_result, every_tool_and_a_tasks_whole_life, ok,
+    wait_task_payload, wait_until,
 };
 use rmcp::ServiceExt;
 use rmcp::model::{CallToolRequestParams, CallToolResponse, CancelTaskParams, TaskPayload};
@@ -19,7 +17,6 @@ use rmcp::transport::StreamableHttpClientTransport;
 use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
 use serde_json::json;
 
-const MSBD: &str = env!("CARGO_BIN_EXE_msbd");
 const TOKEN: &str = "e2e-token-0123456789abcdef";
 
 /// A running `msbd serve --transport http`.
@@ -62,16 +59,15 @@ impl Daemon {
             .spawn()
             .unwrap();
         let daemon = Daemon { child, port };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(response) = reqwest::get(daemon.url("/readyz")).await
-                && response.status() == 200
-            {
-                return daemon;
+        wait_until(Duration::from_secs(30), async || {
+            match reqwest::get(daemon.url("/readyz")).await {
+                Ok(response) if response.status() == 200 => Ok(()),
+                Ok(response) => Err(format!("msbd never became ready: {}", response.status())),
+                Err(error) => Err(format!("msbd never became ready: {error}")),
             }
-            assert!(Instant::now() < deadline, "msbd never became ready");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        })
+        .await;
+        daemon
     }
 
     fn url(&self, path: &str) -> String {
@@ -313,26 +309,30 @@ async fn a_drain_refuses_new_requests_with_503_and_lets_calls_under_way_finish()
             .await
         })
     };
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while ok(&client, "list_tasks", json!({"status": "running"})).await["count"] != 1 {
-        assert!(Instant::now() < deadline, "the task never ran");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_until(Duration::from_secs(60), async || {
+        let running = ok(&client, "list_tasks", json!({"status": "running"})).await;
+        if running["count"] == 1 {
+            Ok(())
+        } else {
+            Err(format!("the task never ran: {running}"))
+        }
+    })
+    .await;
     let pid = nix::unistd::Pid::from_raw(daemon.child.id().unwrap() as i32);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let response = reqwest::get(daemon.url("/readyz")).await;
-        if let Ok(response) = response
-            && response.status() == 503
-        {
-            let body: serde_json::Value = response.json().await.unwrap();
-            assert_eq!(body["status"], "draining", "{body}");
-            break;
-        }
-        assert!(Instant::now() < deadline, "/readyz never said draining");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let body: serde_json::Value =
+        wait_until(Duration::from_secs(10), async || {
+            match reqwest::get(daemon.url("/readyz")).await {
+                Ok(response) if response.status() == 503 => Ok(response.json().await.unwrap()),
+                Ok(response) => Err(format!(
+                    "/readyz never said draining: {}",
+                    response.status()
+                )),
+                Err(error) => Err(format!("/readyz never said draining: {error}")),
+            }
+        })
+        .await;
+    assert_eq!(body["status"], "draining", "{body}");
     let refused = post_initialize(&daemon).await;
     assert_eq!(refused.status(), 503);
     let retry_after: u64 = refused.headers()["retry-after"]

@@ -9,20 +9,16 @@
 //! mount namespace of their own). Without root those tests fail, unless
 //! `MSBD_TEST_ALLOW_UNPRIVILEGED` is set: then they say what they skipped and return.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{Client, Connection, call, ok, wait_status};
+use crate::common::{Client, Connection, MSBD, call, ok, wait_status, wait_until};
 use rmcp::ServiceExt;
 use rmcp::transport::TokioChildProcess;
 use serde_json::{Value, json};
 use task_core::store::Store;
 use task_core::store::sqlite::{SqliteConfig, SqliteStore};
-
-const MSBD: &str = env!("CARGO_BIN_EXE_msbd");
 
 fn is_root() -> bool {
     std::process::Command::new("id")
@@ -123,16 +119,11 @@ async fn store_health(client: &Connection) -> Value {
 /// Closes the connection and opens the store file once msbd has let go of it.
 async fn stop_and_open(client: Connection, path: &Path) -> SqliteStore {
     client.cancel().await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        match SqliteStore::open(SqliteConfig::new(path)) {
-            Ok(store) => return store,
-            Err(_) if Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            Err(error) => panic!("the store at {} does not open: {error}", path.display()),
-        }
-    }
+    wait_until(Duration::from_secs(30), async || {
+        SqliteStore::open(SqliteConfig::new(path))
+            .map_err(|error| format!("the store at {} does not open: {error}", path.display()))
+    })
+    .await
 }
 
 async fn status_in(store: &SqliteStore, id: &str) -> String {
@@ -249,23 +240,25 @@ async fn a_data_directory_deleted_while_running_is_restored_and_nothing_acknowle
     wait_status(&client, &long, "running").await;
 
     // As `rm -rf` would, while msbd may still be writing files into it.
-    for attempt in 0.. {
-        match std::fs::remove_dir_all(&data) {
-            Ok(()) => break,
-            Err(error) if error.kind() == std::io::ErrorKind::NotFound => break,
-            Err(_) if attempt < 50 => std::thread::sleep(Duration::from_millis(10)),
-            Err(error) => panic!("cannot delete {}: {error}", data.display()),
-        }
-    }
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let health = loop {
+    wait_until(
+        Duration::from_secs(5),
+        async || match std::fs::remove_dir_all(&data) {
+            Err(error) if error.kind() != std::io::ErrorKind::NotFound => {
+                Err(format!("cannot delete {}: {error}", data.display()))
+            }
+            _ => Ok(()),
+        },
+    )
+    .await;
+    let health = wait_until(Duration::from_secs(15), async || {
         let health = store_health(&client).await;
-        if health["status"] == "unhealthy" || Instant::now() > deadline {
-            break health;
+        if health["status"] == "unhealthy" {
+            Ok(health)
+        } else {
+            Err(format!("the store never said unhealthy: {health}"))
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    assert_eq!(health["status"], "unhealthy", "{health}");
+    })
+    .await;
     let problem = health["problem"].as_str().unwrap();
     assert!(
         problem.contains("deleted") && problem.contains("restart msbd"),

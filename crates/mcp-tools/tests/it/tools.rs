@@ -20,6 +20,8 @@ use serde_json::{Value, json};
 use task_core::store::Store;
 use task_core::store::sqlite::{SqliteConfig, SqliteStore};
 
+use crate::wait_until;
+
 /// The progress notifications a client received: (progress, message).
 type Received = Arc<Mutex<Vec<(f64, Option<String>)>>>;
 
@@ -197,7 +199,7 @@ async fn a_background_task_lives_its_whole_life_through_the_tools() {
     let mut seen_progress = false;
     let mut output = String::new();
     let mut cursor = 0;
-    for _ in 0..100 {
+    wait_until(Duration::from_secs(30), async || {
         let status = ok(&client, "check_task_status", json!({"task_id": id})).await;
         for key in ["task_id", "status", "progress", "eta_seconds"] {
             assert!(
@@ -218,10 +220,12 @@ async fn a_background_task_lives_its_whole_life_through_the_tools() {
         output.push_str(chunk["data"].as_str().unwrap());
         cursor = chunk["next_cursor"].as_u64().unwrap();
         if chunk["complete"] == true {
-            break;
+            Ok(())
+        } else {
+            Err(format!("the output is not complete: {output:?}"))
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    })
+    .await;
     assert!(seen_progress, "never saw the task at 40 %");
     assert!(
         output.contains("first") && output.contains("second"),
@@ -374,14 +378,15 @@ async fn cancel_pause_resume_and_the_queue_tools_do_what_they_say() {
         .as_str()
         .unwrap()
         .to_owned();
-    for _ in 0..100 {
-        if ok(&client, "check_task_status", json!({"task_id": sleeper})).await["status"]
-            == "running"
-        {
-            break;
+    wait_until(Duration::from_secs(30), async || {
+        let view = ok(&client, "check_task_status", json!({"task_id": sleeper})).await;
+        if view["status"] == "running" {
+            Ok(())
+        } else {
+            Err(format!("the sleeper never ran: {view}"))
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    })
+    .await;
     let paused = ok(
         &client,
         "manage_background_tasks",
@@ -605,18 +610,19 @@ async fn a_tasks_client_gets_a_task_it_can_poll_and_cancel() {
     // The same id works with the background-task tools.
     let status = ok(&client, "check_task_status", json!({"task_id": id})).await;
     assert_eq!(status["task_type"], "command");
-    let result = loop {
+    let result = wait_until(Duration::from_secs(60), async || {
         let got = client
             .peer()
             .get_task(GetTaskParams::new(id.clone()))
             .await
             .unwrap();
         match got.task.payload {
-            TaskPayload::Completed { result } => break result,
-            TaskPayload::Working => tokio::time::sleep(Duration::from_millis(50)).await,
+            TaskPayload::Completed { result } => Ok(result),
+            TaskPayload::Working => Err(format!("task {id} is still working")),
             other => panic!("{other:?}"),
         }
-    };
+    })
+    .await;
     let result: CallToolResult = serde_json::from_value(Value::Object(result)).unwrap();
     assert!(
         result.content[0]
@@ -642,19 +648,21 @@ async fn a_tasks_client_gets_a_task_it_can_poll_and_cancel() {
         .cancel_task(CancelTaskParams::new(created.task.task_id.clone()))
         .await
         .unwrap();
-    for _ in 0..200 {
+    wait_until(Duration::from_secs(10), async || {
         let got = client
             .peer()
             .get_task(GetTaskParams::new(created.task.task_id.clone()))
             .await
             .unwrap();
-        if matches!(got.task.payload, TaskPayload::Cancelled) {
-            client.cancel().await.unwrap();
-            return;
+        match got.task.payload {
+            TaskPayload::Cancelled => Ok(()),
+            other => Err(format!(
+                "the cancelled task never read cancelled: {other:?}"
+            )),
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("the cancelled task never read cancelled");
+    })
+    .await;
+    client.cancel().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1054,27 +1062,28 @@ async fn the_manage_tools_list_their_actions_in_the_schema() {
 
 /// The newest task of the fixture's principal, once one is `running`.
 async fn running_task(observer: &RunningService<RoleClient, Client>) -> String {
-    for _ in 0..400 {
+    wait_until(Duration::from_secs(10), async || {
         let listed = ok(observer, "list_tasks", json!({"status": "running"})).await;
-        if let Some(id) = listed["tasks"][0]["task_id"].as_str() {
-            return id.to_owned();
+        match listed["tasks"][0]["task_id"].as_str() {
+            Some(id) => Ok(id.to_owned()),
+            None => Err(format!("no task started running: {listed}")),
         }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    panic!("no task started running");
+    })
+    .await
 }
 
 /// A task's final status (waiting up to 30 s).
 async fn final_status(observer: &RunningService<RoleClient, Client>, id: &str) -> String {
-    for _ in 0..600 {
+    wait_until(Duration::from_secs(30), async || {
         let view = ok(observer, "check_task_status", json!({"task_id": id})).await;
         let status = view["status"].as_str().unwrap().to_owned();
         if ["completed", "failed", "timeout", "cancelled"].contains(&status.as_str()) {
-            return status;
+            Ok(status)
+        } else {
+            Err(format!("task {id} never finished: {view}"))
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("task {id} never finished");
+    })
+    .await
 }
 
 /// The task of an `execute_command` call is cancelled when its client cancels the request, and
@@ -1420,19 +1429,18 @@ async fn the_fast_lane_answers_tasks_get_as_rmcp_would() {
             .map_err(|error| error.to_string())
     };
     // While it runs, and once it has finished: the same answers both ways.
-    let mut polls = 0;
-    loop {
+    wait_until(Duration::from_secs(30), async || {
         let lane = get(&fast, &id).await.unwrap();
         let rmcp = get(&plain, &id).await.unwrap();
         // The status message carries the progress, which may move between the two reads.
         if lane["status"] == rmcp["status"] && lane["status"] == "completed" {
             assert_eq!(lane, rmcp, "the fast lane's tasks/get differs from rmcp's");
-            break;
+            Ok(())
+        } else {
+            Err(format!("the task never finished: {lane}"))
         }
-        polls += 1;
-        assert!(polls < 600, "the task never finished: {lane}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    })
+    .await;
     assert!(
         get(&fast, &id)
             .await

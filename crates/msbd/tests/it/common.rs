@@ -1,8 +1,9 @@
-//! What the end-to-end tests share: an rmcp client handler (with or without the tasks
-//! extension) and helpers to call tools and follow tasks.
+//! What the end-to-end tests share: the binary under test, an rmcp client handler (with or
+//! without the tasks extension), helpers to call tools and follow tasks, and the one way they
+//! wait for something to become true (`wait_until`, and `wait_until_blocking` for the tests
+//! that drive msbd from plain threads).
 
-#![allow(dead_code, unreachable_pub)]
-
+use std::fmt::Display;
 use std::time::{Duration, Instant};
 
 use rmcp::model::{
@@ -13,10 +14,60 @@ use rmcp::service::RunningService;
 use rmcp::{ClientHandler, RoleClient};
 use serde_json::{Value, json};
 
+/// The msbd binary under test.
+pub(crate) const MSBD: &str = env!("CARGO_BIN_EXE_msbd");
+
+/// The pause after `wait_until`'s first check; it doubles after each check, up to `LAST_PAUSE`.
+const FIRST_PAUSE: Duration = Duration::from_millis(10);
+const LAST_PAUSE: Duration = Duration::from_millis(100);
+
+/// Waits until `condition` holds, checking it at once and then every few milliseconds (10 ms,
+/// doubling up to 100 ms), and returns what it gave. `condition` answers `Ok(value)` when it
+/// holds, else `Err(what it saw)`; if it still does not hold `within`, the test fails with the
+/// last thing it saw.
+pub(crate) async fn wait_until<T, E: Display>(
+    within: Duration,
+    mut condition: impl AsyncFnMut() -> Result<T, E>,
+) -> T {
+    let deadline = Instant::now() + within;
+    let mut pause = FIRST_PAUSE;
+    loop {
+        match condition().await {
+            Ok(value) => return value,
+            Err(seen) => assert!(
+                Instant::now() < deadline,
+                "not so within {within:?}: {seen}"
+            ),
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(LAST_PAUSE);
+    }
+}
+
+/// `wait_until` for a test that is not async (it blocks its thread between checks).
+pub(crate) fn wait_until_blocking<T, E: Display>(
+    within: Duration,
+    mut condition: impl FnMut() -> Result<T, E>,
+) -> T {
+    let deadline = Instant::now() + within;
+    let mut pause = FIRST_PAUSE;
+    loop {
+        match condition() {
+            Ok(value) => return value,
+            Err(seen) => assert!(
+                Instant::now() < deadline,
+                "not so within {within:?}: {seen}"
+            ),
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(LAST_PAUSE);
+    }
+}
+
 /// A client that declares the tasks extension or not.
 #[derive(Clone, Default)]
-pub struct Client {
-    pub tasks: bool,
+pub(crate) struct Client {
+    pub(crate) tasks: bool,
 }
 
 impl ClientHandler for Client {
@@ -30,15 +81,15 @@ impl ClientHandler for Client {
     }
 }
 
-pub type Connection = RunningService<RoleClient, Client>;
+pub(crate) type Connection = RunningService<RoleClient, Client>;
 
 /// Tool arguments from a JSON object.
-pub fn args(value: Value) -> JsonObject {
+pub(crate) fn args(value: Value) -> JsonObject {
     value.as_object().unwrap().clone()
 }
 
 /// A tool call's answer, whatever it is.
-pub async fn call(client: &Connection, tool: &str, arguments: Value) -> CallToolResult {
+pub(crate) async fn call(client: &Connection, tool: &str, arguments: Value) -> CallToolResult {
     client
         .call_tool(CallToolRequestParams::new(tool.to_owned()).with_arguments(args(arguments)))
         .await
@@ -46,7 +97,7 @@ pub async fn call(client: &Connection, tool: &str, arguments: Value) -> CallTool
 }
 
 /// A successful call's structured answer.
-pub async fn ok(client: &Connection, tool: &str, arguments: Value) -> Value {
+pub(crate) async fn ok(client: &Connection, tool: &str, arguments: Value) -> Value {
     let result = call(client, tool, arguments.clone()).await;
     assert_ne!(
         result.is_error,
@@ -59,40 +110,36 @@ pub async fn ok(client: &Connection, tool: &str, arguments: Value) -> Value {
 }
 
 /// Polls `check_task_status` until the task is in `status` (at most a minute).
-pub async fn wait_status(client: &Connection, id: &str, status: &str) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
+pub(crate) async fn wait_status(client: &Connection, id: &str, status: &str) -> Value {
+    wait_until(Duration::from_secs(60), async || {
         let view = ok(client, "check_task_status", json!({"task_id": id})).await;
         if view["status"] == status {
-            return view;
+            Ok(view)
+        } else {
+            Err(format!("task {id} is not {status}: {view}"))
         }
-        assert!(
-            Instant::now() < deadline,
-            "task {id} never became {status}: {view}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    })
+    .await
 }
 
 /// Polls `tasks/get` until the task is no longer working (at most a minute).
-pub async fn wait_task_payload(client: &Connection, id: &str) -> TaskPayload {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
+pub(crate) async fn wait_task_payload(client: &Connection, id: &str) -> TaskPayload {
+    wait_until(Duration::from_secs(60), async || {
         let got = client
             .peer()
             .get_task(GetTaskParams::new(id.to_owned()))
             .await
             .unwrap();
-        if !matches!(got.task.payload, TaskPayload::Working) {
-            return got.task.payload;
+        match got.task.payload {
+            TaskPayload::Working => Err(format!("task {id} is still working")),
+            payload => Ok(payload),
         }
-        assert!(Instant::now() < deadline, "task {id} is still working");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    })
+    .await
 }
 
 /// The tool result of a task that `tasks/get` reports completed.
-pub async fn completed_result(client: &Connection, id: &str) -> CallToolResult {
+pub(crate) async fn completed_result(client: &Connection, id: &str) -> CallToolResult {
     match wait_task_payload(client, id).await {
         TaskPayload::Completed { result } => serde_json::from_value(Value::Object(result)).unwrap(),
         other => panic!("task {id} ended as {other:?}"),
@@ -102,7 +149,7 @@ pub async fn completed_result(client: &Connection, id: &str) -> CallToolResult {
 /// Every tool at least once, and a task's whole life: create, progress, output by cursor,
 /// result; pause, resume, cancel; the queue, sandbox and supervision tools. Returns the id of
 /// the completed task (tagged `e2e`).
-pub async fn every_tool_and_a_tasks_whole_life(client: &Connection) -> String {
+pub(crate) async fn every_tool_and_a_tasks_whole_life(client: &Connection) -> String {
     let created = ok(
         client,
         "create_background_task",
