@@ -11,6 +11,7 @@
 //! - only msbd reads the environment (`std::env`); the Landlock shim reads its own arguments,
 //!   and is excepted by name;
 //! - `rmcp` is used by mcp-tools and msbd only, not below;
+//! - no `MSB_` (msbd's settings) outside comments below msbd: typed errors carry the facts;
 //! - `tokio_postgres` is used only in task-core's store module.
 
 use std::{
@@ -115,6 +116,14 @@ fn layers_do_not_leak() {
             check(
                 "std::env",
                 "only msbd reads the environment; pass the value down in a config struct",
+            );
+        }
+        if in_src && BELOW_MSBD.contains(&krate) {
+            check(
+                "MSB_",
+                "msbd's settings are msbd's words: below it, an error carries the facts (a \
+                 typed error, or the setting's name passed in by the caller) and msbd or \
+                 mcp-tools says what to change",
             );
         }
         if BELOW_MCP_TOOLS.contains(&krate) {
