@@ -74,5 +74,5 @@ pub mod supervisor;
 pub mod task_types;
 pub mod wrapper;
 
-pub use stable::{fnv1a_64, unix_now};
+pub use stable::{Clock, fnv1a_64, unix_now};
 pub use wrapper::{Wrapper, WrapperConfig, WrapperError};

@@ -17,7 +17,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::backend::{BackendError, Flavor, SandboxBackend, SandboxInfo, SandboxSpec, SweepReport};
-use crate::stable::unix_now;
+use crate::stable::Clock;
 
 /// Limits and timings of sessions.
 #[derive(Clone, Debug)]
@@ -37,6 +37,9 @@ pub struct SessionConfig {
     pub lru_eviction: bool,
     /// The flavor of a session when none is asked for (`MSB_DEFAULT_FLAVOR`).
     pub default_flavor: Flavor,
+    /// The clock that idleness, creation and use times are read from: the system's, or a
+    /// manual one in tests.
+    pub clock: Clock,
 }
 
 impl Default for SessionConfig {
@@ -49,6 +52,7 @@ impl Default for SessionConfig {
             max_total_memory_mb: 10 * 1024,
             lru_eviction: true,
             default_flavor: Flavor::Small,
+            clock: Clock::system(),
         }
     }
 }
@@ -227,7 +231,7 @@ impl Drop for SessionLease {
             && entry.generation == self.generation
         {
             entry.running = entry.running.saturating_sub(1);
-            entry.last_used = unix_now();
+            entry.last_used = self.manager.config.clock.now();
         }
     }
 }
@@ -408,6 +412,7 @@ fn new_session_id() -> String {
 impl SessionManager {
     /// A session manager on a backend.
     pub fn new(backend: Arc<dyn SandboxBackend>, config: SessionConfig) -> SessionManager {
+        let started_at = config.clock.now();
         SessionManager {
             inner: Arc::new(Inner {
                 backend,
@@ -418,7 +423,7 @@ impl SessionManager {
                 closed: std::sync::atomic::AtomicBool::new(false),
                 expired_total: AtomicU64::new(0),
                 generations: AtomicU64::new(0),
-                started_at: unix_now(),
+                started_at,
             }),
         }
     }
@@ -490,7 +495,7 @@ impl SessionManager {
                 break;
             }
         }
-        let created = unix_now();
+        let created = self.inner.config.clock.now();
         let generation = inner.generations.fetch_add(1, Ordering::Relaxed);
         inner.lock().insert(
             id.clone(),
@@ -563,7 +568,7 @@ impl SessionManager {
             return Ok(None);
         };
         entry.running += 1;
-        entry.last_used = unix_now();
+        entry.last_used = self.inner.config.clock.now();
         Ok(Some(SessionLease {
             manager: self.inner.clone(),
             id: id.to_owned(),
@@ -668,7 +673,7 @@ impl SessionManager {
     /// Returns how many.
     pub async fn expire_idle(&self) -> Result<u64, SessionError> {
         let timeout = self.inner.config.session_timeout.as_secs_f64();
-        let cutoff = unix_now() - timeout;
+        let cutoff = self.inner.config.clock.now() - timeout;
         let idle: Vec<String> = self
             .inner
             .lock()

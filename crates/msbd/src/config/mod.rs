@@ -563,6 +563,7 @@ impl Config {
             max_total_memory_mb: self.max_total_memory_mb.unwrap_or(u64::MAX),
             lru_eviction: self.lru_eviction,
             default_flavor: self.default_flavor,
+            clock: sandbox_wrapper::Clock::system(),
         };
         let defaults = EngineConfig::default();
         wrapper.engine = EngineConfig {

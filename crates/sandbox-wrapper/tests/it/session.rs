@@ -7,8 +7,9 @@ use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use sandbox_wrapper::Clock;
 use sandbox_wrapper::backend::local::{LocalBackend, LocalConfig};
 use sandbox_wrapper::backend::{BackendError, Flavor, SandboxBackend};
 use sandbox_wrapper::session::{
@@ -778,28 +779,33 @@ fn refusing_an_oversized_flavor_reports_the_memory_actually_in_use() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expire_idle_stops_an_idle_session_after_the_timeout_but_never_a_busy_one() {
-    let timeout = Duration::from_millis(200);
+    // The session manager's own clock, moved by hand: idleness is measured on it, not on the
+    // time the test takes.
+    let timeout = Duration::from_secs(1800);
+    let clock = Clock::manual();
     let f = fixture(SessionConfig {
         session_timeout: timeout,
+        clock: clock.clone(),
         ..SessionConfig::default()
     });
     let busy = f.acquire("busy").await;
     let busy_dir = work_dir(&busy);
     let idle = f.acquire("idle").await;
     let idle_dir = work_dir(&idle);
-    let idle_since = Instant::now();
     drop(idle);
 
-    // Not yet past the timeout: nothing expires (asserted only when the call was quick enough
-    // that the timeout cannot have passed).
-    let expired = f.manager.expire_idle().await.unwrap();
-    if idle_since.elapsed() < timeout {
-        assert_eq!(expired, 0, "an idle session expired before its timeout");
-        assert_eq!(f.manager.expired_total(), 0);
-    }
+    // Up to the timeout itself: nothing expires.
+    assert_eq!(f.manager.expire_idle().await.unwrap(), 0);
+    clock.advance(timeout);
+    assert_eq!(
+        f.manager.expire_idle().await.unwrap(),
+        0,
+        "an idle session expired at its timeout, not after it"
+    );
+    assert_eq!(f.manager.expired_total(), 0);
 
-    // Past the timeout (the behaviour under test): the idle one goes, the busy one stays.
-    tokio::time::sleep(timeout + Duration::from_millis(150)).await;
+    // Past the timeout: the idle one goes, the busy one stays however long it has run.
+    clock.advance(Duration::from_millis(1));
     let expired = f.manager.expire_idle().await.unwrap();
     assert_eq!(expired, 1);
     assert!(matches!(
@@ -822,15 +828,17 @@ async fn expire_idle_stops_an_idle_session_after_the_timeout_but_never_a_busy_on
     assert_eq!(f.manager.expire_idle().await.unwrap(), 0);
     assert_eq!(f.manager.expired_total(), 1);
 
-    // Released, its idle clock starts now, and it expires in its turn.
-    let released = Instant::now();
+    // Released, its idle clock starts now (not when it was made), and it expires in its turn.
     drop(busy);
-    let expired = f.manager.expire_idle().await.unwrap();
-    if released.elapsed() < timeout {
-        assert_eq!(expired, 0, "a just-released session expired at once");
-    }
-    tokio::time::sleep(timeout + Duration::from_millis(150)).await;
-    f.manager.expire_idle().await.unwrap();
+    assert_eq!(
+        f.manager.expire_idle().await.unwrap(),
+        0,
+        "a just-released session expired at once"
+    );
+    clock.advance(timeout / 2);
+    assert_eq!(f.manager.expire_idle().await.unwrap(), 0);
+    clock.advance(timeout / 2 + Duration::from_millis(1));
+    assert_eq!(f.manager.expire_idle().await.unwrap(), 1);
     assert!(f.manager.list().is_empty(), "{:?}", f.manager.list());
     assert!(!busy_dir.exists());
     assert_eq!(f.manager.expired_total(), 2);
