@@ -462,41 +462,45 @@ impl Wrapper {
         Ok(wrapper)
     }
 
+    /// Starts every background loop under the supervisor: session upkeep, the lease
+    /// heartbeat, the queue's maintenance, the dispatcher, and a shared store's wake-ups.
     fn start_loops(&self, config: &WrapperConfig) {
         let inner = &self.inner;
         let policy = config.restart_policy;
         let engine_config = inner.engine.config().clone();
-        // The loops that talk to the task store come back on their own once it answers again,
-        // however long it was away (a database outage fails every call of theirs after
-        // `unavailable_wait`): given up, the heartbeat would let every running task's lease run
-        // out, the dispatcher would claim nothing more. The heartbeat restarts within one of
-        // its intervals.
-        let store_policy = policy.never_give_up(Duration::from_secs(1));
-        let heartbeat_policy = policy.never_give_up(engine_config.heartbeat_interval);
-        let periodic = |name: &str,
-                        interval: Duration,
-                        label: &str,
-                        tick: Box<dyn Fn() -> TickFuture + Send + Sync>| {
-            ChildSpec::periodic(name, interval, move || tick())
-                .item_label(label)
-                .policy(policy)
-        };
-        let sessions = inner.sessions.clone();
+        let [cleanup, orphans] = self.session_loops(config, policy);
+        let heartbeat = self.heartbeat_loop(&engine_config, policy);
+        let [reaper, pruner] = self.maintenance_loops(&engine_config, policy);
+        let mut specs = vec![cleanup, orphans, heartbeat, reaper, pruner];
+        specs.push(self.dispatcher_loop(&engine_config, policy));
+        specs.extend(self.wakeup_loop(&engine_config, policy));
+        for spec in specs {
+            if let Err(error) = inner.supervisor.start_child(spec) {
+                tracing::error!(%error, "could not start a background loop");
+            }
+        }
+    }
+
+    /// Idle sessions expire; sandboxes no session owns are swept (once at start already).
+    fn session_loops(&self, config: &WrapperConfig, policy: RestartPolicy) -> [ChildSpec; 2] {
+        let sessions = self.inner.sessions.clone();
         let cleanup = periodic(
             "session_cleanup",
             config.sessions.cleanup_interval,
             "sessions_expired",
+            policy,
             Box::new(move || {
                 let sessions = sessions.clone();
                 Box::pin(async move { sessions.expire_idle().await.map_err(LoopError::from) })
             }),
         )
         .run_at_start(false);
-        let sessions = inner.sessions.clone();
+        let sessions = self.inner.sessions.clone();
         let orphans = periodic(
             "orphan_cleanup",
             config.sessions.orphan_cleanup_interval,
             "orphans_removed",
+            policy,
             Box::new(move || {
                 let sessions = sessions.clone();
                 Box::pin(async move {
@@ -510,11 +514,19 @@ impl Wrapper {
         )
         // It ran once at start already.
         .run_at_start(false);
-        let engine = inner.engine.clone();
-        let heartbeat = periodic(
+        [cleanup, orphans]
+    }
+
+    /// Renews the leases of the running tasks. It talks to the store, so it comes back on its
+    /// own once the store answers again, however long it was away (given up, it would let every
+    /// running task's lease run out), within one of its intervals.
+    fn heartbeat_loop(&self, engine_config: &EngineConfig, policy: RestartPolicy) -> ChildSpec {
+        let engine = self.inner.engine.clone();
+        periodic(
             "task_heartbeat",
             engine_config.heartbeat_interval,
             "lease_renewals",
+            policy,
             Box::new(move || {
                 let engine = engine.clone();
                 Box::pin(async move {
@@ -526,9 +538,18 @@ impl Wrapper {
         .run_at_start(false)
         // Pausing it would let running tasks' leases expire and the reaper take them back.
         .pausable(false)
-        .policy(heartbeat_policy);
-        // On a shared store, the maintenance of the queue is the leader's alone (a store one
-        // process owns always says this process leads).
+        .policy(policy.never_give_up(engine_config.heartbeat_interval))
+    }
+
+    /// The queue's maintenance: the lease reaper and the retention pruner. On a shared store it
+    /// is the leader's alone (a store one process owns always says this process leads).
+    fn maintenance_loops(
+        &self,
+        engine_config: &EngineConfig,
+        policy: RestartPolicy,
+    ) -> [ChildSpec; 2] {
+        let inner = &self.inner;
+        let store_policy = store_loop_policy(policy);
         let store = inner.engine.store().clone();
         let maintains = move || store.is_maintenance_leader();
         // After this node regains the database, leases that ran out meanwhile say nothing
@@ -549,6 +570,7 @@ impl Wrapper {
             "lease_reaper",
             engine_config.reaper_interval,
             "tasks_recovered",
+            policy,
             Box::new(move || {
                 let engine = engine.clone();
                 let leader = leader();
@@ -571,6 +593,7 @@ impl Wrapper {
             "retention_pruner",
             engine_config.prune_interval,
             "tasks_pruned",
+            policy,
             Box::new(move || {
                 let engine = engine.clone();
                 let outputs_dir = outputs_dir.clone();
@@ -590,16 +613,20 @@ impl Wrapper {
             }),
         )
         .policy(store_policy);
-        let engine = inner.engine.clone();
-        let dispatcher = ChildSpec::service("task_dispatcher", move |mut context| {
+        [reaper, pruner]
+    }
+
+    /// Claims and runs tasks until paused (then it waits, claiming nothing), stopped, or the
+    /// engine drains.
+    fn dispatcher_loop(&self, engine_config: &EngineConfig, policy: RestartPolicy) -> ChildSpec {
+        let engine = self.inner.engine.clone();
+        ChildSpec::service("task_dispatcher", move |mut context| {
             let engine = engine.clone();
             Box::pin(async move {
                 loop {
                     if !context.wait_unpaused().await {
                         return Ok(());
                     }
-                    // Runs until paused (then it waits above, claiming nothing), stopped, or
-                    // the engine drains.
                     let round = context.cancel.child_token();
                     let mut paused = context.paused.clone();
                     let run = engine.run_dispatcher(round.clone());
@@ -624,27 +651,27 @@ impl Wrapper {
             })
         })
         .interval_hint(engine_config.idle_poll)
-        .policy(store_policy);
-        let mut specs = vec![cleanup, orphans, heartbeat, reaper, pruner, dispatcher];
-        // A store shared with other msbd nodes wakes the dispatcher when another node queues
-        // work.
-        if let Some(wakeups) = inner.engine.store().clone().wakeups() {
-            let engine = inner.engine.clone();
-            specs.push(
-                ChildSpec::service("store_wakeups", move |context| {
-                    let run = wakeups(engine.clone(), context.cancel.clone());
-                    Box::pin(async move { run.await.map_err(LoopError::from) })
-                })
-                .interval_hint(engine_config.idle_poll)
-                .pausable(false)
-                .policy(store_policy),
-            );
-        }
-        for spec in specs {
-            if let Err(error) = inner.supervisor.start_child(spec) {
-                tracing::error!(%error, "could not start a background loop");
-            }
-        }
+        .policy(store_loop_policy(policy))
+    }
+
+    /// A store shared with other msbd nodes wakes the dispatcher when another node queues
+    /// work; `None` for a store one process owns.
+    fn wakeup_loop(
+        &self,
+        engine_config: &EngineConfig,
+        policy: RestartPolicy,
+    ) -> Option<ChildSpec> {
+        let wakeups = self.inner.engine.store().clone().wakeups()?;
+        let engine = self.inner.engine.clone();
+        Some(
+            ChildSpec::service("store_wakeups", move |context| {
+                let run = wakeups(engine.clone(), context.cancel.clone());
+                Box::pin(async move { run.await.map_err(LoopError::from) })
+            })
+            .interval_hint(engine_config.idle_poll)
+            .pausable(false)
+            .policy(store_loop_policy(policy)),
+        )
     }
 
     /// The task engine (submit, get, list, wait, cancel...).
@@ -956,6 +983,26 @@ impl Wrapper {
     pub async fn stop(&self, timeout: Duration) -> GracefulShutdownReport {
         self.graceful_shutdown(timeout).await
     }
+}
+
+/// A loop that runs `tick` every `interval`, counting what each round did under `label`.
+fn periodic(
+    name: &str,
+    interval: Duration,
+    label: &str,
+    policy: RestartPolicy,
+    tick: Box<dyn Fn() -> TickFuture + Send + Sync>,
+) -> ChildSpec {
+    ChildSpec::periodic(name, interval, move || tick())
+        .item_label(label)
+        .policy(policy)
+}
+
+/// The policy of the loops that talk to the task store: they come back on their own once it
+/// answers again, however long it was away (a database outage fails every call of theirs after
+/// `unavailable_wait`): given up, the dispatcher would claim nothing more.
+fn store_loop_policy(policy: RestartPolicy) -> RestartPolicy {
+    policy.never_give_up(Duration::from_secs(1))
 }
 
 /// Deletes the output files (`<task id>.log`, `<task id>.<attempt>.log`) under `outputs_dir`
