@@ -726,6 +726,25 @@ impl LocalBackend {
         env
     }
 
+    /// The run's own cgroup under its session's (when there is one), and its open
+    /// `cgroup.procs`, which the spawned process joins before it runs.
+    fn run_group(
+        &self,
+        sandbox: &LocalSandbox,
+    ) -> Result<(Option<Group>, Vec<std::os::fd::OwnedFd>), BackendError> {
+        let run_name = format!("x-{}", self.next_run.fetch_add(1, Ordering::Relaxed));
+        let Some(session_group) = &sandbox.group else {
+            return Ok((None, Vec::new()));
+        };
+        let group = session_group
+            .child(&run_name, sandbox.limits, self.cgroups.v2_controllers())
+            .map_err(|e| BackendError::io("creating the run's cgroup", e))?;
+        let procs = group
+            .open_procs()
+            .map_err(|e| BackendError::io("opening the run's cgroup", e))?;
+        Ok((Some(group), procs))
+    }
+
     /// Runs one process in a sandbox to its end (or timeout, or cancel).
     async fn run(
         &self,
@@ -734,41 +753,9 @@ impl LocalBackend {
         output: &OutputSink,
         mut control: ExecControl,
     ) -> Result<ExecOutcome, BackendError> {
-        let Some(program) = request.argv.first() else {
-            return Err(BackendError::InvalidRequest(
-                "the command is empty: give a program to run".into(),
-            ));
-        };
-        if program.is_empty() || request.argv.iter().any(|a| a.contains('\0')) {
-            return Err(BackendError::InvalidRequest(
-                "the command has an empty program name or a NUL byte in an argument".into(),
-            ));
-        }
-        if let Some((key, _)) = request
-            .env
-            .iter()
-            .find(|(k, v)| k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0'))
-        {
-            return Err(BackendError::InvalidRequest(format!(
-                "environment variable {key:?} is not valid: names must be non-empty without '=' or NUL"
-            )));
-        }
-        let run_name = format!("x-{}", self.next_run.fetch_add(1, Ordering::Relaxed));
-        let group = match &sandbox.group {
-            Some(session_group) => Some(
-                session_group
-                    .child(&run_name, sandbox.limits, self.cgroups.v2_controllers())
-                    .map_err(|e| BackendError::io("creating the run's cgroup", e))?,
-            ),
-            None => None,
-        };
+        let program = check_request(&request)?.to_owned();
+        let (group, cgroup_procs) = self.run_group(&sandbox)?;
         let mut guard = GroupGuard(group.clone());
-        let cgroup_procs = match &group {
-            Some(group) => group
-                .open_procs()
-                .map_err(|e| BackendError::io("opening the run's cgroup", e))?,
-            None => Vec::new(),
-        };
         let env = self.environment(&sandbox, &request.env);
         let launch = self.launch(
             &request.argv,
@@ -904,20 +891,7 @@ impl LocalBackend {
         }
         output.flush();
         let through_bwrap = self.bwrap.is_some();
-        let exit = exit.map(|status| {
-            use std::os::unix::process::ExitStatusExt;
-            match (status.code(), status.signal()) {
-                // bubblewrap reports its program's death by signal N as exit code 128 + N, the
-                // shell's convention; read it back as the signal (a program that exits 128 + N
-                // on its own reads the same, as under any shell).
-                (Some(code), _) if through_bwrap && (129..=128 + 64).contains(&code) => {
-                    ExitStatus::Signal(code - 128)
-                }
-                (Some(code), _) => ExitStatus::Code(code),
-                (None, Some(signal)) => ExitStatus::Signal(signal),
-                (None, None) => ExitStatus::Code(-1),
-            }
-        });
+        let exit = exit.map(|status| exit_status(status, through_bwrap));
         let reason = match reason {
             Some(reason) => reason,
             None if oom => EndReason::MemoryLimit,
@@ -1248,6 +1222,45 @@ async fn read_some<R: tokio::io::AsyncRead + Unpin>(
             Ok(n) => Some(n),
         },
         None => std::future::pending().await,
+    }
+}
+
+/// Checks what a run asks for: its program (returned), arguments and environment.
+fn check_request(request: &ExecRequest) -> Result<&String, BackendError> {
+    let Some(program) = request.argv.first() else {
+        return Err(BackendError::InvalidRequest(
+            "the command is empty: give a program to run".into(),
+        ));
+    };
+    if program.is_empty() || request.argv.iter().any(|a| a.contains('\0')) {
+        return Err(BackendError::InvalidRequest(
+            "the command has an empty program name or a NUL byte in an argument".into(),
+        ));
+    }
+    if let Some((key, _)) = request
+        .env
+        .iter()
+        .find(|(k, v)| k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0'))
+    {
+        return Err(BackendError::InvalidRequest(format!(
+            "environment variable {key:?} is not valid: names must be non-empty without '=' or NUL"
+        )));
+    }
+    Ok(program)
+}
+
+/// How a run's process ended. bubblewrap reports its program's death by signal N as exit code
+/// 128 + N, the shell's convention; that is read back as the signal (a program that exits
+/// 128 + N on its own reads the same, as under any shell).
+fn exit_status(status: std::process::ExitStatus, through_bwrap: bool) -> ExitStatus {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(code), _) if through_bwrap && (129..=128 + 64).contains(&code) => {
+            ExitStatus::Signal(code - 128)
+        }
+        (Some(code), _) => ExitStatus::Code(code),
+        (None, Some(signal)) => ExitStatus::Signal(signal),
+        (None, None) => ExitStatus::Code(-1),
     }
 }
 
