@@ -12,7 +12,7 @@ use crate::store::{Cursor, ListFilter, Page, PageRequest, Stats};
 
 use crate::store::common::{Bind, field_clauses, status_in, timed_out_sql};
 
-use super::rows::{COLUMNS, task_from_row};
+use super::rows::{COLUMNS, SEQ_AFTER_COLUMNS, task_from_row};
 use super::writer::Reply;
 
 pub(super) enum ReadOp {
@@ -119,7 +119,7 @@ pub(super) fn list(conn: &Connection, filter: &ListFilter, page: &PageRequest) -
         .prepare_cached(&sql)
         .and_then(|mut s| {
             s.query_map(rusqlite::params_from_iter(values.iter()), |row| {
-                Ok((row.get("seq")?, task_from_row(row)?))
+                Ok((row.get(SEQ_AFTER_COLUMNS)?, task_from_row(row)?))
             })?
             .collect()
         })

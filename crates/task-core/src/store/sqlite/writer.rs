@@ -24,7 +24,7 @@ use crate::store::{
 };
 
 use super::file::{lock_path, with_hint};
-use super::rows::{COLUMNS, task_from_row};
+use super::rows::{COLUMNS, SEQ_AFTER_COLUMNS, task_from_row};
 use super::{HealthCell, Part, closed};
 
 /// Ends an attempt. It also appends the attempt's entry to the `attempts` column, trimmed to
@@ -510,7 +510,7 @@ impl Writer {
         let values = params![limit as i64, excluded_json];
         statement
             .query_map(&values[..if excluded.is_empty() { 1 } else { 2 }], |row| {
-                Ok((row.get("seq")?, task_from_row(row)?))
+                Ok((row.get(SEQ_AFTER_COLUMNS)?, task_from_row(row)?))
             })
             .and_then(|rows| rows.collect())
             .map_err(|e| Error::store("finding tasks to claim", e))
