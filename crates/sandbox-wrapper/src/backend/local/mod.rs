@@ -1285,18 +1285,20 @@ fn reachable_program(program: &Path) -> Result<(), String> {
 }
 
 /// Copies the Landlock shim to `<root>/.shim-<marker>` (mode 0755), replacing an older copy
-/// at once (a running sandbox keeps the one it started with). A copy with the same bytes and
-/// mode is kept as it is.
+/// at once (a running sandbox keeps the one it started with). The copy takes the shim's
+/// modification time, so that a copy of the same size and time is kept as it is, without reading
+/// either file (the shim is msbd's own executable: tens of MB).
 fn copy_shim(shim: &Path, root: &Path, marker: &str) -> Result<PathBuf, BackendError> {
     use std::os::unix::fs::PermissionsExt;
     let target = root.join(format!(".shim-{marker}"));
-    let same = std::fs::metadata(&target).is_ok_and(|meta| {
-        meta.permissions().mode() & 0o7777 == 0o755
-            && std::fs::metadata(shim).is_ok_and(|source| source.len() == meta.len())
-            && matches!(
-                (std::fs::read(shim), std::fs::read(&target)),
-                (Ok(a), Ok(b)) if a == b
-            )
+    let source = std::fs::metadata(shim)
+        .map_err(|e| BackendError::io(format!("reading {}", shim.display()), e))?;
+    let modified = source.modified().ok();
+    let same = std::fs::metadata(&target).is_ok_and(|copy| {
+        copy.permissions().mode() & 0o7777 == 0o755
+            && copy.len() == source.len()
+            && modified.is_some()
+            && copy.modified().ok() == modified
     });
     if same {
         return Ok(target);
@@ -1308,6 +1310,13 @@ fn copy_shim(shim: &Path, root: &Path, marker: &str) -> Result<PathBuf, BackendE
             e,
         )
     })?;
+    if let Some(modified) = modified {
+        std::fs::File::options()
+            .write(true)
+            .open(&scratch)
+            .and_then(|file| file.set_modified(modified))
+            .map_err(|e| BackendError::io(format!("dating {}", scratch.display()), e))?;
+    }
     set_mode(&scratch, 0o755)?;
     std::fs::rename(&scratch, &target)
         .map_err(|e| BackendError::io(format!("placing {}", target.display()), e))?;
