@@ -42,7 +42,6 @@ pub use server::{
     McpServer, REQUEST_TOO_LARGE_METHOD, STDIO_PRINCIPAL, SUPERVISION_TOOLS, ServerOptions,
     TASK_TOOLS,
 };
-pub use tools_sandbox::is_fresh_session_id;
 pub use tools_sandbox::{
     ExecuteCodeArgs, ExecuteCommandArgs, ExecutionAnswer, GetSessionsArgs, SessionView,
     SessionsAnswer, StopAnswer, StopSessionArgs, VolumeView, VolumesAnswer,

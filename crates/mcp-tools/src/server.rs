@@ -47,11 +47,6 @@ pub const SUPERVISION_TOOLS: [&str; 5] = [
 /// `limit`), so that the server answers it with a clear JSON-RPC error under the request's id.
 pub const REQUEST_TOO_LARGE_METHOD: &str = "msbd/request_too_large";
 
-/// When the session owners map is this large, gone sessions are forgotten.
-const SESSION_OWNERS_PRUNE_AT: usize = 4096;
-/// How long a claimed session that does not exist (yet) is remembered.
-const SESSION_CLAIM_KEPT: Duration = Duration::from_secs(24 * 3600);
-
 /// The tools that run as an MCP task for a client that declares the tasks extension.
 pub const TASK_TOOLS: [&str; 2] = ["execute_command", "execute_code"];
 
@@ -96,9 +91,6 @@ impl Default for ServerOptions {
 pub(crate) struct Core {
     pub(crate) wrapper: Wrapper,
     pub(crate) options: ServerOptions,
-    /// Which principal made each session, and when it claimed it (sessions live in memory
-    /// only, as does this; pruned of gone sessions as it grows).
-    pub(crate) session_owners: Mutex<HashMap<String, (String, std::time::Instant)>>,
     /// Set by [`McpServer::start_draining`]: every tool call is refused with `SHUTTING_DOWN`.
     pub(crate) draining: AtomicBool,
     /// Tool calls rmcp's router is answering ([`McpServer::calls_answered`]).
@@ -184,7 +176,6 @@ impl McpServer {
             core: Arc::new(Core {
                 wrapper,
                 options,
-                session_owners: Mutex::new(HashMap::new()),
                 draining: AtomicBool::new(false),
                 calls_under_way: AtomicUsize::new(0),
                 call_ended: tokio::sync::Notify::new(),
@@ -303,71 +294,28 @@ impl McpServer {
         TaskView::new(task, self.core.wrapper.engine().eta(task))
     }
 
-    /// Whether this principal may use a session: it made it, or nobody has yet.
-    pub(crate) fn check_session(&self, session_id: &str) -> Result<(), ToolError> {
-        let not_yours = || {
-            ToolError::new(
-                "SESSION_NOT_FOUND",
-                format!("session {session_id:?} belongs to another client"),
-                "use a session id of your own, or omit session_id for a fresh session",
-            )
-        };
-        match crate::tools_sandbox::session_tag_owner(session_id, &self.principal) {
-            Some(true) => return Ok(()),
-            Some(false) => return Err(not_yours()),
-            None => {}
-        }
-        let owners = self
-            .core
-            .session_owners
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        match owners.get(session_id) {
-            Some((owner, _)) if **owner != *self.principal => Err(not_yours()),
-            _ => Ok(()),
-        }
-    }
-
-    /// Records that this principal uses a session (named by it, or made fresh for its task).
-    pub(crate) fn claim_session(&self, session_id: &str) {
-        if crate::tools_sandbox::session_tag_owner(session_id, &self.principal).is_some() {
-            // A fresh id names its owner itself: nothing to record.
-            return;
-        }
-        let mut owners = self
-            .core
-            .session_owners
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        // At each power of two from the threshold on, so that the scan is paid once per
-        // doubling, not on every claim while most entries are still live.
-        if owners.len() >= SESSION_OWNERS_PRUNE_AT && owners.len().is_power_of_two() {
-            // Forget the sessions that are gone, keeping those claimed lately (their task may
-            // still wait to start).
-            let live = self.core.wrapper.sessions().live_ids();
-            let now = std::time::Instant::now();
-            owners.retain(|id, (_, claimed)| {
-                live.contains(id) || now.duration_since(*claimed) < SESSION_CLAIM_KEPT
-            });
-        }
-        owners
-            .entry(session_id.to_owned())
-            .or_insert_with(|| (self.principal.to_string(), std::time::Instant::now()));
+    /// Claims a session a client named for this principal: it may use it when it made it, or
+    /// nobody has yet (the session manager keeps the one record of who owns a session).
+    pub(crate) fn claim_session(&self, session_id: &str) -> Result<(), ToolError> {
+        self.core
+            .wrapper
+            .sessions()
+            .claim(session_id, &self.principal, false)
+            .map_err(|_| {
+                ToolError::new(
+                    "SESSION_NOT_FOUND",
+                    format!("session {session_id:?} belongs to another client"),
+                    "use a session id of your own, or omit session_id for a fresh session",
+                )
+            })
     }
 
     /// Whether a session is this principal's.
     pub(crate) fn owns_session(&self, session_id: &str) -> bool {
-        if let Some(owned) = crate::tools_sandbox::session_tag_owner(session_id, &self.principal) {
-            return owned;
-        }
-        let owners = self
-            .core
-            .session_owners
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        owners
-            .get(session_id)
-            .is_some_and(|(owner, _)| **owner == *self.principal)
+        self.core
+            .wrapper
+            .sessions()
+            .claimed_by(session_id, &self.principal)
     }
 
     /// Records the task of an `execute_*` call, so that the client's cancel of the request

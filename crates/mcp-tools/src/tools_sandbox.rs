@@ -13,7 +13,7 @@ use rmcp::{ErrorData as McpError, RoleServer, tool, tool_router};
 use sandbox_wrapper::session::SessionInfo;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
-use task_core::{Task, TaskId};
+use task_core::Task;
 
 use crate::server::{McpServer, ToolError, answer, finish};
 use crate::wire::SubmitOptions;
@@ -31,47 +31,6 @@ pub(crate) fn check_session_id(session: &str) -> Result<(), ToolError> {
             "use 1 to 64 letters, digits, '-' or '_', or omit session_id for a fresh session",
         )
     })
-}
-
-/// A fresh session id for `principal`: `s`, 12 random hex digits, and 8 hex digits that name
-/// the principal (see [`session_tag_owner`]).
-pub(crate) fn fresh_session_id(principal: &str) -> String {
-    let id = TaskId::new().to_string().replace('-', "");
-    format!("s{}{}", &id[id.len() - 12..], principal_tag(principal))
-}
-
-/// Eight hex digits naming a principal (FNV-1a, 32 bits): not a secret, only a label. Whoever
-/// knows a principal's name can make ids labelled with it, which gives them nothing: a label
-/// lets its principal use the id, and a session's random part is still needed to reach it.
-fn principal_tag(principal: &str) -> String {
-    let mut hash: u32 = 0x811c_9dc5;
-    for byte in principal.bytes() {
-        hash ^= u32::from(byte);
-        hash = hash.wrapping_mul(0x0100_0193);
-    }
-    format!("{hash:08x}")
-}
-
-/// Whether `session_id` is one msbd made for a single task that named no session (`s`, 12
-/// random hex digits, 8 naming its principal): nothing else runs in it, so any node of a shared
-/// queue can make it again, and such a task is bound to no node.
-pub fn is_fresh_session_id(session_id: &str) -> bool {
-    session_tag_owner(session_id, "").is_some()
-}
-
-/// For an id made by [`fresh_session_id`], whether `principal` owns it: `Some(true|false)`;
-/// `None` for any other id. Fresh sessions (one per task that names none) need no record of
-/// their owner, so msbd keeps nothing per task in memory for them.
-pub(crate) fn session_tag_owner(session_id: &str, principal: &str) -> Option<bool> {
-    let rest = session_id.strip_prefix('s')?;
-    if rest.len() != 20
-        || !rest
-            .bytes()
-            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
-    {
-        return None;
-    }
-    Some(rest[12..] == principal_tag(principal))
 }
 
 /// The arguments of an `execute_*` call.
@@ -411,9 +370,6 @@ impl McpServer {
             ..SubmitOptions::default()
         };
         let new = self.new_task(task_type, Some(params), &options)?;
-        if let Some(session) = &new.session_id {
-            self.claim_session(session);
-        }
         let submitted = self
             .core
             .wrapper
@@ -558,42 +514,5 @@ impl McpServer {
                 timeout.as_secs()
             ),
         )
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn fresh_session_ids_are_valid_and_distinct() {
-        let a = super::fresh_session_id("stdio");
-        let b = super::fresh_session_id("stdio");
-        assert_ne!(a, b);
-        assert_eq!(a.len(), 21);
-        super::check_session_id(&a).unwrap();
-    }
-
-    #[test]
-    fn a_fresh_session_id_names_its_owner_and_no_one_else() {
-        let id = super::fresh_session_id("token:00000000000000aa");
-        assert_eq!(
-            super::session_tag_owner(&id, "token:00000000000000aa"),
-            Some(true)
-        );
-        assert_eq!(
-            super::session_tag_owner(&id, "token:00000000000000ab"),
-            Some(false)
-        );
-        assert_eq!(super::session_tag_owner(&id, "stdio"), Some(false));
-        assert!(super::is_fresh_session_id(&id));
-        assert!(!super::is_fresh_session_id("my-session"));
-        // Names a client chose are not fresh ids: their owners are recorded instead.
-        for named in [
-            "build",
-            "s0123",
-            "S0123456789ab01234567",
-            "s0123456789abX1234567",
-        ] {
-            assert_eq!(super::session_tag_owner(named, "stdio"), None, "{named}");
-        }
     }
 }

@@ -229,6 +229,15 @@ impl McpServer {
             }
             task.idempotency_key = Some(key.clone());
         }
+        if let Some(tags) = &options.tags {
+            if tags.len() > 32 || tags.iter().any(|t| t.is_empty() || t.len() > 128) {
+                return Err(ToolError::invalid(
+                    "tags: at most 32, each 1 to 128 characters",
+                    "pass fewer or shorter tags",
+                ));
+            }
+            task.tags = tags.clone();
+        }
         // A session named inside params (which the handlers also read) is checked like the
         // option; two different ones are a mistake.
         let in_params = task
@@ -246,25 +255,20 @@ impl McpServer {
             (Some(option), _) => Some(option.clone()),
             (None, param) => param,
         };
-        // Every task runs in a session: a fresh one when none is named, named here so that it
-        // is this principal's from the start (get_sessions lists it, stop_session stops it).
-        let session = match session.filter(|s| !s.is_empty()) {
+        // Every task runs in a session: the one it names, claimed here for this principal (last,
+        // once nothing else can refuse the task), or a fresh one, claimed when the task starts
+        // on the node that makes it.
+        match session.filter(|s| !s.is_empty()) {
             Some(session) => {
                 crate::tools_sandbox::check_session_id(&session)?;
-                self.check_session(&session)?;
-                session
+                self.claim_session(&session)?;
+                task.session_id = Some(session);
+                task.fresh_session = false;
             }
-            None => crate::tools_sandbox::fresh_session_id(&self.principal),
-        };
-        task.session_id = Some(session);
-        if let Some(tags) = &options.tags {
-            if tags.len() > 32 || tags.iter().any(|t| t.is_empty() || t.len() > 128) {
-                return Err(ToolError::invalid(
-                    "tags: at most 32, each 1 to 128 characters",
-                    "pass fewer or shorter tags",
-                ));
+            None => {
+                task.session_id = Some(sandbox_wrapper::session::fresh_session_id());
+                task.fresh_session = true;
             }
-            task.tags = tags.clone();
         }
         Ok(task)
     }
@@ -281,9 +285,6 @@ impl McpServer {
         options: SubmitOptions,
     ) -> Result<CallToolResult, ToolError> {
         let new = self.new_task(&task_type, params, &options)?;
-        if let Some(session) = &new.session_id {
-            self.claim_session(session);
-        }
         let submitted = self
             .core
             .wrapper

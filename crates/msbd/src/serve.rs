@@ -67,9 +67,6 @@ async fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
         Database::Postgres { url } => {
             let pg = PostgresConfig {
                 schema: config.database_schema.clone(),
-                // A task's own fresh session can be made on any node: only the sessions
-                // clients name bind their tasks to a node.
-                portable_session: Some(mcp_tools::is_fresh_session_id),
                 ..PostgresConfig::new(url.clone(), config.node_id.clone())
             };
             let store = PostgresStore::connect(pg).await.with_context(|| {

@@ -380,6 +380,15 @@ async fn run_job(
     if context.attempt() > KEPT_ATTEMPTS {
         forget_old_outputs(&shared.outputs_dir, context.id(), context.attempt());
     }
+    // The task's owner claims its session (already done at submission for a session it named;
+    // a fresh one is claimed here, on the node that makes it).
+    if let (Some(id), Some(owner)) = (session_id, context.owner()) {
+        let fresh = context.fresh_session() && context.session_id() == Some(id);
+        shared
+            .sessions
+            .claim(id, owner, fresh)
+            .map_err(session_failure)?;
+    }
     let lease = acquire_waiting(shared, context, session_id, options.flavor, template).await?;
     let path = shared.output_path(context.id(), context.attempt());
     let sink = OutputSink::create(&path, shared.output_cap).map_err(|e| {
@@ -499,6 +508,9 @@ fn session_failure(error: SessionError) -> TaskFailure {
         SessionError::NotFound(_) | SessionError::FlavorMismatch { .. } => {
             TaskFailure::permanent(error.to_string())
         }
+        SessionError::Claimed(_) => TaskFailure::permanent(format!(
+            "{error}: use a session of your own, or name none for a fresh one"
+        )),
     }
 }
 

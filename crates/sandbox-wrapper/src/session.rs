@@ -8,6 +8,13 @@
 //! flavor memory summed; at a limit it names the least recently used idle sessions to evict (when
 //! eviction is on) or refuses with an error that names the limit and what to do. It also keeps
 //! the orphan sweep's statistics.
+//!
+//! The session manager is also the one record of who owns a session (its *claims*): a task's
+//! owner claims the session the task names when it is submitted, and the session made for a task
+//! that named none when the task starts. Another owner's claim is refused
+//! ([`SessionError::Claimed`]). A claim lasts while its session does; the claim of a session a
+//! client named outlives it by [`CLAIM_KEPT`], so that a follow-up task keeps the name, and one
+//! whose session never came (its task still queued, or given up) is forgotten after as long.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -127,6 +134,9 @@ pub enum SessionError {
         /// The flavor asked for.
         asked: Flavor,
     },
+    /// The session is claimed by another owner.
+    #[error("session {0:?} belongs to another owner")]
+    Claimed(String),
     /// The manager is stopping.
     #[error("sessions are shutting down; no new work is accepted")]
     ShuttingDown,
@@ -380,6 +390,9 @@ struct Inner {
     config: SessionConfig,
     resources: ResourceManager,
     sessions: Mutex<HashMap<String, Entry>>,
+    /// Who owns which session (see the module docs): sessions live, about to be made, or
+    /// named by a client lately.
+    claims: Mutex<HashMap<String, Claim>>,
     /// Serializes admission, so that two new sessions cannot both take the last room.
     admission: tokio::sync::Mutex<()>,
     closed: std::sync::atomic::AtomicBool,
@@ -398,15 +411,46 @@ struct Entry {
     sandbox: Option<SandboxInfo>,
 }
 
+/// Who owns a session.
+struct Claim {
+    owner: Arc<str>,
+    /// Made for one task that named no session: the claim ends with the session.
+    fresh: bool,
+    /// When it was claimed, or when its session ended (clock seconds).
+    since: f64,
+}
+
+/// How long the claim of a session that is not live is kept: after a named session ends, or
+/// while a claimed session waits to be made.
+pub const CLAIM_KEPT: Duration = Duration::from_secs(24 * 3600);
+
 impl Inner {
     fn lock(&self) -> MutexGuard<'_, HashMap<String, Entry>> {
         self.sessions.lock().unwrap_or_else(PoisonError::into_inner)
     }
+
+    fn claims(&self) -> MutexGuard<'_, HashMap<String, Claim>> {
+        self.claims.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A session ended: a fresh session's claim goes with it; a named one's is kept
+    /// [`CLAIM_KEPT`] from now.
+    fn ended(&self, id: &str) {
+        let mut claims = self.claims();
+        match claims.get_mut(id) {
+            Some(claim) if claim.fresh => {
+                claims.remove(id);
+            }
+            Some(claim) => claim.since = self.config.clock.now(),
+            None => {}
+        }
+    }
 }
 
-/// A fresh session id: `s` and 12 hex digits.
-fn new_session_id() -> String {
-    format!("s{:012x}", rand::random::<u64>() & 0xffff_ffff_ffff)
+/// A fresh session id: `s` and 20 random hex digits (80 bits: knowing it is what lets a client
+/// name the session again, so it is not guessable).
+pub fn fresh_session_id() -> String {
+    format!("s{:020x}", rand::random::<u128>() >> 48)
 }
 
 impl SessionManager {
@@ -419,6 +463,7 @@ impl SessionManager {
                 resources: ResourceManager::new(&config),
                 config,
                 sessions: Mutex::new(HashMap::new()),
+                claims: Mutex::new(HashMap::new()),
                 admission: tokio::sync::Mutex::new(()),
                 closed: std::sync::atomic::AtomicBool::new(false),
                 expired_total: AtomicU64::new(0),
@@ -469,7 +514,7 @@ impl SessionManager {
             return Ok(lease);
         }
         let flavor = flavor.unwrap_or(inner.config.default_flavor);
-        let id = id.map_or_else(new_session_id, str::to_owned);
+        let id = id.map_or_else(fresh_session_id, str::to_owned);
         // Evict what admission names; if a victim got busy meanwhile (a task took it), nothing
         // was freed: look again, a few times at most.
         let mut rounds = 0;
@@ -540,6 +585,7 @@ impl SessionManager {
             }
             Err(error) => {
                 inner.lock().remove(&id);
+                inner.ended(&id);
                 Err(error.into())
             }
         }
@@ -593,6 +639,7 @@ impl SessionManager {
                 _ => return Ok(false),
             }
         };
+        self.inner.ended(id);
         if let Some(sandbox) = sandbox {
             self.inner.backend.stop(&sandbox).await?;
         }
@@ -608,6 +655,7 @@ impl SessionManager {
             .lock()
             .remove(id)
             .ok_or_else(|| SessionError::NotFound(id.to_owned()))?;
+        self.inner.ended(id);
         if let Some(sandbox) = &entry.sandbox {
             self.inner.backend.stop(sandbox).await?;
         }
@@ -621,6 +669,8 @@ impl SessionManager {
         match sessions.get(&lease.id) {
             Some(entry) if entry.generation == lease.generation => {
                 sessions.remove(&lease.id);
+                drop(sessions);
+                self.inner.ended(&lease.id);
                 true
             }
             _ => false,
@@ -669,9 +719,62 @@ impl SessionManager {
         self.inner.lock().keys().cloned().collect()
     }
 
-    /// One round of the session cleanup loop: stops sessions idle longer than the timeout.
-    /// Returns how many.
+    /// Claims session `id` for `owner`: done when nobody had claimed it, or `owner` had;
+    /// [`SessionError::Claimed`] when another owner has. `fresh`: the session is made for one
+    /// task that named none, and the claim ends with it (a session also named by a client is
+    /// not fresh, whichever claim came first).
+    pub fn claim(&self, id: &str, owner: &str, fresh: bool) -> Result<(), SessionError> {
+        let now = self.inner.config.clock.now();
+        let mut claims = self.inner.claims();
+        match claims.get_mut(id) {
+            Some(claim) if *claim.owner == *owner => {
+                claim.fresh &= fresh;
+                claim.since = now;
+                Ok(())
+            }
+            Some(_) => Err(SessionError::Claimed(id.to_owned())),
+            None => {
+                claims.insert(
+                    id.to_owned(),
+                    Claim {
+                        owner: owner.into(),
+                        fresh,
+                        since: now,
+                    },
+                );
+                Ok(())
+            }
+        }
+    }
+
+    /// Whether `owner` has claimed session `id`.
+    pub fn claimed_by(&self, id: &str, owner: &str) -> bool {
+        self.inner
+            .claims()
+            .get(id)
+            .is_some_and(|claim| *claim.owner == *owner)
+    }
+
+    /// How many claims are kept (live sessions, sessions about to be made, named sessions
+    /// that ended lately).
+    pub fn claim_count(&self) -> usize {
+        self.inner.claims().len()
+    }
+
+    /// Forgets the claims of sessions that are not live and were claimed, or ended, longer
+    /// than [`CLAIM_KEPT`] ago. Part of each round of the session cleanup loop.
+    fn forget_old_claims(&self) {
+        let cutoff = self.inner.config.clock.now() - CLAIM_KEPT.as_secs_f64();
+        let sessions = self.inner.lock();
+        self.inner
+            .claims()
+            .retain(|id, claim| claim.since >= cutoff || sessions.contains_key(id));
+    }
+
+    /// One round of the session cleanup loop: stops sessions idle longer than the timeout, and
+    /// forgets old claims of sessions that are gone. Returns how many sessions it stopped.
     pub async fn expire_idle(&self) -> Result<u64, SessionError> {
+        self.forget_old_claims();
         let timeout = self.inner.config.session_timeout.as_secs_f64();
         let cutoff = self.inner.config.clock.now() - timeout;
         let idle: Vec<String> = self
@@ -750,6 +853,8 @@ impl Drop for PendingEntry<'_> {
             .is_some_and(|e| e.generation == self.generation)
         {
             sessions.remove(self.id);
+            drop(sessions);
+            self.inner.ended(self.id);
         }
     }
 }

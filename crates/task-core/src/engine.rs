@@ -1307,6 +1307,8 @@ impl Inner {
                     attempt,
                     max_attempts: task.max_attempts,
                     session_id: task.session_id.take(),
+                    fresh_session: task.fresh_session,
+                    owner: task.owner.clone(),
                     cancel: control.cancel.clone(),
                     paused: control.pause.subscribe(),
                     engine: Arc::clone(&self),

@@ -125,6 +125,8 @@ pub struct TaskContext {
     pub(crate) attempt: u32,
     pub(crate) max_attempts: u32,
     pub(crate) session_id: Option<String>,
+    pub(crate) fresh_session: bool,
+    pub(crate) owner: Option<String>,
     pub(crate) cancel: CancellationToken,
     pub(crate) paused: tokio::sync::watch::Receiver<bool>,
     pub(crate) engine: Arc<Inner>,
@@ -164,6 +166,16 @@ impl TaskContext {
     /// The session the task runs in, if any.
     pub fn session_id(&self) -> Option<&str> {
         self.session_id.as_deref()
+    }
+
+    /// Whether the session was made for this task alone ([`crate::Task::fresh_session`]).
+    pub fn fresh_session(&self) -> bool {
+        self.fresh_session
+    }
+
+    /// The principal that submitted the task, if it named one.
+    pub fn owner(&self) -> Option<&str> {
+        self.owner.as_deref()
     }
 
     /// Cancelled when the attempt must stop.

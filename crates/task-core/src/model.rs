@@ -502,6 +502,11 @@ pub struct Task {
     pub owner: Option<String>,
     /// The sandbox session it runs in, if any.
     pub session_id: Option<String>,
+    /// Whether `session_id` was made for this task alone (it named no session): nothing else
+    /// waits for that session, so it binds the task to no node of a shared queue (any node can
+    /// make it), and the session's record of its owner ends with the session.
+    #[serde(default)]
+    pub fresh_session: bool,
     /// From 0.0 to 1.0, once the handler has reported any.
     pub progress: Option<f64>,
     /// The handler's words about its progress.
@@ -739,6 +744,8 @@ pub struct NewTask {
     pub owner: Option<String>,
     /// The sandbox session it runs in.
     pub session_id: Option<String>,
+    /// Whether `session_id` was made for this task alone (see [`Task::fresh_session`]).
+    pub fresh_session: bool,
     /// Free labels.
     pub tags: Vec<String>,
     /// Whether an attempt interrupted by msbd's going away (a shutdown, a crash, a lost node)
@@ -760,6 +767,7 @@ impl NewTask {
             idempotency_key: None,
             owner: None,
             session_id: None,
+            fresh_session: false,
             tags: Vec::new(),
             rerun_on_recovery: true,
         }
@@ -810,6 +818,14 @@ impl NewTask {
     /// Sets the session.
     pub fn with_session(mut self, session_id: impl Into<String>) -> NewTask {
         self.session_id = Some(session_id.into());
+        self.fresh_session = false;
+        self
+    }
+
+    /// Sets a session made for this task alone (see [`Task::fresh_session`]).
+    pub fn with_fresh_session(mut self, session_id: impl Into<String>) -> NewTask {
+        self.session_id = Some(session_id.into());
+        self.fresh_session = true;
         self
     }
 
@@ -847,6 +863,7 @@ impl NewTask {
             run_at: if scheduled { self.run_at } else { None },
             idempotency_key: self.idempotency_key,
             owner: self.owner,
+            fresh_session: self.fresh_session && self.session_id.is_some(),
             session_id: self.session_id,
             progress: None,
             progress_message: None,

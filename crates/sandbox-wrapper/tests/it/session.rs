@@ -13,7 +13,7 @@ use sandbox_wrapper::Clock;
 use sandbox_wrapper::backend::local::{LocalBackend, LocalConfig};
 use sandbox_wrapper::backend::{BackendError, Flavor, SandboxBackend};
 use sandbox_wrapper::session::{
-    Holding, LimitRemedy, ResourceManager, SessionConfig, SessionError, SessionLease,
+    CLAIM_KEPT, Holding, LimitRemedy, ResourceManager, SessionConfig, SessionError, SessionLease,
     SessionManager, SessionStatus,
 };
 
@@ -144,7 +144,7 @@ fn refused(result: Result<SessionLease, SessionError>) -> SessionError {
 }
 
 fn is_fresh_id(id: &str) -> bool {
-    id.len() == 13
+    id.len() == 21
         && id.starts_with('s')
         && id[1..]
             .chars()
@@ -160,7 +160,7 @@ async fn acquire_without_an_id_makes_a_fresh_session_running_while_leased_and_re
     let f = fixture(SessionConfig::default());
     let lease = f.manager.acquire(None, None, "python").await.unwrap();
     let id = lease.id().to_owned();
-    assert!(is_fresh_id(&id), "{id:?} is not `s` and 12 hex digits");
+    assert!(is_fresh_id(&id), "{id:?} is not `s` and 20 hex digits");
     assert_eq!(lease.sandbox().session_id, id);
     assert!(work_dir(&lease).is_dir());
 
@@ -1030,4 +1030,87 @@ async fn total_orphans_cleaned_counts_one_orphaned_session_once() {
         "one orphaned session counted as {} orphans (sweep report {report:?})",
         stats.total_orphans_cleaned
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Claims: who owns a session.
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_is_one_owners_and_lasts_as_long_as_its_kind_says() {
+    let clock = Clock::manual();
+    let f = fixture(SessionConfig {
+        clock: clock.clone(),
+        ..SessionConfig::default()
+    });
+    let m = &f.manager;
+
+    // A named session: the first owner's; the same owner again is fine, another is refused.
+    m.claim("build", "alice", false).unwrap();
+    m.claim("build", "alice", false).unwrap();
+    let refused = m.claim("build", "bob", false).unwrap_err();
+    assert!(
+        matches!(&refused, SessionError::Claimed(id) if id == "build"),
+        "{refused:?}"
+    );
+    assert!(m.claimed_by("build", "alice") && !m.claimed_by("build", "bob"));
+    assert!(!m.claimed_by("nobody-claimed-this", "alice"));
+
+    // A fresh session: claimed for its task's owner, and forgotten when it ends.
+    let fresh = sandbox_wrapper::session::fresh_session_id();
+    assert_eq!(fresh.len(), 21, "{fresh}");
+    assert_ne!(fresh, sandbox_wrapper::session::fresh_session_id());
+    m.claim(&fresh, "alice", true).unwrap();
+    assert!(m.claim(&fresh, "bob", true).is_err());
+    drop(f.acquire(&fresh).await);
+    drop(f.acquire("build").await);
+    assert_eq!(m.claim_count(), 2);
+    m.stop(&fresh).await.unwrap();
+    assert!(
+        !m.claimed_by(&fresh, "alice"),
+        "a fresh session's claim outlived it"
+    );
+    m.claim(&fresh, "bob", true)
+        .expect("an ended fresh session's id is free again");
+
+    // A fresh session that a client then named is kept like a named one.
+    let reused = sandbox_wrapper::session::fresh_session_id();
+    m.claim(&reused, "alice", true).unwrap();
+    m.claim(&reused, "alice", false).unwrap();
+    drop(f.acquire(&reused).await);
+    m.stop(&reused).await.unwrap();
+    assert!(m.claimed_by(&reused, "alice"));
+
+    // A named session's claim outlives it by CLAIM_KEPT (a follow-up task keeps the name).
+    m.stop("build").await.unwrap();
+    assert!(m.claimed_by("build", "alice"));
+    assert!(m.claim("build", "bob", false).is_err());
+    clock.advance(CLAIM_KEPT);
+    m.expire_idle().await.unwrap();
+    assert!(
+        m.claimed_by("build", "alice"),
+        "forgotten at CLAIM_KEPT, not after it"
+    );
+
+    // A claim of a live session stays however old; a claim whose session never came goes.
+    m.claim("waiting", "carol", false).unwrap();
+    drop(f.acquire("live").await);
+    m.claim("live", "carol", false).unwrap();
+    clock.advance(CLAIM_KEPT + Duration::from_secs(1));
+    m.expire_idle().await.unwrap();
+    assert!(!m.claimed_by("build", "alice"), "kept past CLAIM_KEPT");
+    assert!(!m.claimed_by("waiting", "carol"), "kept past CLAIM_KEPT");
+    assert!(!m.claimed_by(&fresh, "bob"));
+    // (the live session itself is idle past the session timeout by now, and expired.)
+    m.claim("live2", "dave", false).unwrap();
+    let lease = f.acquire("live2").await;
+    clock.advance(CLAIM_KEPT + Duration::from_secs(1));
+    m.expire_idle().await.unwrap();
+    assert!(
+        m.claimed_by("live2", "dave"),
+        "a live session lost its claim"
+    );
+    m.claim("build", "bob", false)
+        .expect("a forgotten claim leaves the name free");
+    drop(lease);
 }

@@ -14,7 +14,7 @@
 //!   the lease reaper recover expired leases.
 //! - A task bound to a session (`session_id` set) is claimed only by the node it was submitted
 //!   to, because sessions and their sandboxes live on one node; tasks without a session, or with
-//!   a session made for them alone ([`PostgresConfig::portable_session`]), run on any node (see
+//!   a session made for them alone ([`crate::Task::fresh_session`]), run on any node (see
 //!   [`PostgresConfig::session_affinity`]).
 //!
 //! # How it goes fast, and stays fast
@@ -149,12 +149,9 @@ pub struct PostgresConfig {
     /// name is refused), recorded on every attempt it claims, and the home of the tasks bound to
     /// a session that are submitted through it. Keep it stable across restarts of the node.
     pub node_id: String,
-    /// Whether a task bound to a session runs only on the node it was submitted to.
+    /// Whether a task bound to a session runs only on the node it was submitted to. A task whose
+    /// session was made for it alone ([`crate::Task::fresh_session`]) is bound to none.
     pub session_affinity: bool,
-    /// Session ids that bind a task to no node although affinity is on: a session made for
-    /// that one task, which any node can make again (msbd gives every task that names no
-    /// session one of these). `None`: every session binds.
-    pub portable_session: Option<fn(&str) -> bool>,
     /// The most requests committed in one transaction.
     pub max_batch: usize,
     /// How many writing connections take turns at the requests (see the module docs). More of
@@ -188,7 +185,6 @@ impl std::fmt::Debug for PostgresConfig {
             .field("schema", &self.schema)
             .field("node_id", &self.node_id)
             .field("session_affinity", &self.session_affinity)
-            .field("portable_session", &self.portable_session.is_some())
             .field("max_batch", &self.max_batch)
             .field("writers", &self.writers)
             .field("unavailable_wait", &self.unavailable_wait)
@@ -213,7 +209,6 @@ impl PostgresConfig {
             schema: "msbd".into(),
             node_id: node_id.into(),
             session_affinity: true,
-            portable_session: None,
             max_batch: 1_024,
             writers: 2,
             unavailable_wait: Duration::from_secs(10),

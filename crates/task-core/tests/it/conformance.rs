@@ -375,6 +375,7 @@ async fn submit_then_get_round_trips_every_field(store: &dyn Store) {
     assert_eq!(stored.idempotency_key.as_deref(), Some("key-1"));
     assert_eq!(stored.owner.as_deref(), Some("agent-7"));
     assert_eq!(stored.session_id.as_deref(), Some("session-3"));
+    assert!(!stored.fresh_session, "a named session is not fresh");
     assert_eq!(stored.tags, ["nightly", "db"]);
     assert_eq!(stored.created_at, at(0));
     assert_eq!(stored.updated_at, at(0));
@@ -393,6 +394,14 @@ async fn submit_then_get_round_trips_every_field(store: &dyn Store) {
         (stored.timeout, stored.run_at, stored.owner),
         (None, None, None)
     );
+
+    // A session made for the task alone is recorded as such.
+    let new = NewTask::new("plain", json!({})).with_fresh_session("s0123456789abcdef0123");
+    let fresh = submit(store, new, at(1)).await;
+    let stored = get(store, fresh.id).await;
+    assert_eq!(stored, fresh);
+    assert!(stored.fresh_session);
+    assert_eq!(stored.session_id.as_deref(), Some("s0123456789abcdef0123"));
 
     // A run_at already past queues the task at once.
     let past = submit(
@@ -2710,8 +2719,11 @@ async fn sqlite_tasks_from_before_the_attempt_history_have_an_empty_one() {
     };
     // Back to version 2, as an older msbd left the file.
     let conn = rusqlite::Connection::open(&path).expect("open the file");
-    conn.execute_batch("ALTER TABLE tasks DROP COLUMN attempts; PRAGMA user_version = 2;")
-        .expect("downgrade");
+    conn.execute_batch(
+        "ALTER TABLE tasks DROP COLUMN fresh_session; ALTER TABLE tasks DROP COLUMN attempts; \
+         PRAGMA user_version = 2;",
+    )
+    .expect("downgrade");
     drop(conn);
 
     let store = SqliteStore::open(SqliteConfig::new(&path)).expect("reopen");

@@ -330,11 +330,12 @@ async fn migrations_are_idempotent_and_safe_when_nodes_start_at_once() {
         [
             (1, "tasks".to_owned()),
             (2, "interrupted_attempts".to_owned()),
-            (3, "attempt_history".to_owned())
+            (3, "attempt_history".to_owned()),
+            (4, "fresh_session".to_owned())
         ],
         "each migration applied once"
     );
-    assert_eq!(PostgresStore::schema_version(), 3);
+    assert_eq!(PostgresStore::schema_version(), 4);
     // Once more, with tasks in the store: nothing changes, nothing is lost.
     stores[0]
         .submit(tasks(3, Timestamp::now()))
@@ -346,11 +347,12 @@ async fn migrations_are_idempotent_and_safe_when_nodes_start_at_once() {
     assert_eq!(again.stats().await.expect("stats").total(), 3);
     drop(again);
 
-    // Tasks from before the attempt history (version 2) get an empty one.
+    // Tasks from before the attempt history (version 2) get an empty one, and are not in a
+    // fresh session (version 4).
     admin
         .batch_execute(&format!(
-            "ALTER TABLE \"{0}\".tasks DROP COLUMN attempts; \
-             DELETE FROM \"{0}\".schema_migrations WHERE version = 3",
+            "ALTER TABLE \"{0}\".tasks DROP COLUMN attempts, DROP COLUMN fresh_session; \
+             DELETE FROM \"{0}\".schema_migrations WHERE version >= 3",
             schema.name
         ))
         .await
@@ -369,6 +371,7 @@ async fn migrations_are_idempotent_and_safe_when_nodes_start_at_once() {
         .expect("list");
     assert_eq!(page.tasks.len(), 3);
     assert!(page.tasks.iter().all(|t| t.attempts.is_empty()));
+    assert!(page.tasks.iter().all(|t| !t.fresh_session));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -784,7 +787,12 @@ async fn tasks_bound_to_a_session_run_on_their_node_only() {
         .with_priority(task_core::Priority::CRITICAL)
         .into_task(TaskId::new(), now);
     let free = NewTask::new("job", json!("free")).into_task(TaskId::new(), now);
-    a.submit(vec![bound.clone(), free.clone()])
+    // A session made for the task alone binds it to no node.
+    let fresh = NewTask::new("job", json!("fresh"))
+        .with_fresh_session("s0123456789abcdef0123")
+        .with_priority(task_core::Priority::HIGH)
+        .into_task(TaskId::new(), now);
+    a.submit(vec![bound.clone(), free.clone(), fresh.clone()])
         .await
         .expect("submit");
     let away: Vec<TaskId> = b
@@ -794,7 +802,7 @@ async fn tasks_bound_to_a_session_run_on_their_node_only() {
         .iter()
         .map(|t| t.id)
         .collect();
-    assert_eq!(away, [free.id]);
+    assert_eq!(away, [fresh.id, free.id]);
     let home: Vec<TaskId> = a
         .claim(request(10, now))
         .await

@@ -24,6 +24,11 @@ pub(super) const MIGRATIONS: &[(i32, &str, &str)] = &[
         "attempt_history",
         include_str!("../../../migrations/postgres/0003_attempt_history.sql"),
     ),
+    (
+        4,
+        "fresh_session",
+        include_str!("../../../migrations/postgres/0004_fresh_session.sql"),
+    ),
 ];
 
 /// The newest schema version this build knows.

@@ -17,7 +17,7 @@ pub(super) const COLUMNS: &str = "id, task_type, params, priority, status, attem
     retry_base_ms, retry_max_ms, timeout_ms, run_at, idempotency_key, owner, session_id, \
     progress, progress_message, result, error_kind, error_message, created_at, started_at, \
     updated_at, finished_at, tags, lease_until, cancel_requested, interrupted_attempts, \
-    rerun_on_recovery, attempts::text AS attempts";
+    rerun_on_recovery, attempts::text AS attempts, fresh_session";
 
 /// A task's id as the `uuid` column holds it.
 pub(super) fn uuid(id: TaskId) -> uuid::Uuid {
@@ -97,6 +97,7 @@ pub(super) fn task_from_row(row: &Row) -> Result<Task> {
         idempotency_key: column(row, "idempotency_key")?,
         owner: column(row, "owner")?,
         session_id: column(row, "session_id")?,
+        fresh_session: column(row, "fresh_session")?,
         progress: column(row, "progress")?,
         progress_message: column(row, "progress_message")?,
         result: result.as_deref().map(json).transpose()?,

@@ -892,10 +892,12 @@ async fn execute(
 /// The columns a submission writes, in the order of [`SUBMIT`]'s arrays.
 const SUBMIT: &str = "INSERT INTO tasks (id, task_type, params, priority, status, attempt, \
     max_attempts, retry_base_ms, retry_max_ms, timeout_ms, run_at, idempotency_key, owner, \
-    session_id, created_at, updated_at, tags, home_node, interrupted_attempts, rerun_on_recovery) \
+    session_id, created_at, updated_at, tags, home_node, interrupted_attempts, rerun_on_recovery, \
+    fresh_session) \
     SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::int2[], $5::int2[], $6::int8[], \
     $7::int8[], $8::int8[], $9::int8[], $10::int8[], $11::int8[], $12::text[], $13::text[], \
-    $14::text[], $15::int8[], $16::int8[], $17::text[], $18::text[], $19::int8[], $20::bool[]) \
+    $14::text[], $15::int8[], $16::int8[], $17::text[], $18::text[], $19::int8[], $20::bool[], \
+    $21::bool[]) \
     ON CONFLICT ((coalesce(owner, '')), idempotency_key) WHERE idempotency_key IS NOT NULL \
     DO NOTHING RETURNING id";
 
@@ -934,15 +936,12 @@ async fn submit(
         .map(|t| i64::from(t.interrupted_attempts))
         .collect();
     let reruns: Vec<bool> = tasks.iter().map(|t| t.rerun_on_recovery).collect();
+    let fresh: Vec<bool> = tasks.iter().map(|t| t.fresh_session).collect();
+    // A session made for the task alone binds it to no node: any node can make it.
     let homes: Vec<Option<&str>> = tasks
         .iter()
         .map(|t| {
-            let bound = t.session_id.as_deref().is_some_and(|session| {
-                !shared
-                    .config
-                    .portable_session
-                    .is_some_and(|portable| portable(session))
-            });
+            let bound = t.session_id.is_some() && !t.fresh_session;
             (shared.config.session_affinity && bound).then_some(node)
         })
         .collect();
@@ -970,6 +969,7 @@ async fn submit(
                 &homes,
                 &interrupted,
                 &reruns,
+                &fresh,
             ],
         )
         .await?

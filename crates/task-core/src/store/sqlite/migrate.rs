@@ -64,6 +64,11 @@ ALTER TABLE tasks ADD COLUMN rerun_on_recovery INTEGER NOT NULL DEFAULT 1;
     r#"
 ALTER TABLE tasks ADD COLUMN attempts TEXT NOT NULL DEFAULT '[]';
 "#,
+    // Whether the task's session was made for it alone (`Task::fresh_session`). Tasks stored
+    // before say no: their sessions are kept as named ones.
+    r#"
+ALTER TABLE tasks ADD COLUMN fresh_session INTEGER NOT NULL DEFAULT 0;
+"#,
 ];
 
 pub(super) fn configure(conn: &Connection, config: &SqliteConfig, reader: bool) -> Result<()> {

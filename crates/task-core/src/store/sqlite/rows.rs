@@ -54,6 +54,7 @@ task_columns!(
     interrupted_attempts,
     rerun_on_recovery,
     attempts,
+    fresh_session,
 );
 
 /// The position of `seq` in a select list `{COLUMNS}, seq`. The claim and list paths read it
@@ -136,6 +137,7 @@ pub(super) fn task_from_row(row: &Row<'_>) -> rusqlite::Result<Task> {
         idempotency_key: row.get(col!(idempotency_key))?,
         owner: row.get(col!(owner))?,
         session_id: row.get(col!(session_id))?,
+        fresh_session: row.get(col!(fresh_session))?,
         progress: row.get(col!(progress))?,
         progress_message: row.get(col!(progress_message))?,
         result: match result {
@@ -172,7 +174,7 @@ mod tests {
     fn columns_are_listed_once_and_found_by_name() {
         assert_eq!(COLUMNS.split(", ").collect::<Vec<_>>(), NAMES);
         assert_eq!(col!(id), 0);
-        assert_eq!(col!(attempts), NAMES.len() - 1);
+        assert_eq!(col!(fresh_session), NAMES.len() - 1);
         assert_eq!(NAMES[col!(lease_until)], "lease_until");
     }
 }

@@ -384,8 +384,8 @@ impl Writer {
                 .prepare_cached(
                     "INSERT OR FAIL INTO tasks (id, task_type, params, priority, status, attempt, max_attempts, \
                      retry_base_ms, retry_max_ms, timeout_ms, run_at, idempotency_key, owner, session_id, \
-                     created_at, updated_at, tags, interrupted_attempts, rerun_on_recovery) \
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)",
+                     created_at, updated_at, tags, interrupted_attempts, rerun_on_recovery, fresh_session) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20)",
                 )
                 .and_then(|mut s| {
                     s.execute(params![
@@ -408,6 +408,7 @@ impl Writer {
                         tags_text(&task.tags),
                         task.interrupted_attempts,
                         task.rerun_on_recovery,
+                        task.fresh_session,
                     ])
                 })
                 .map_err(|e| Error::store("inserting a task", e))?;
