@@ -54,6 +54,7 @@ use serde_json::{Value, json};
 use subtle::ConstantTimeEq as _;
 use tokio_util::sync::CancellationToken;
 
+use crate::hosts::HostPort;
 use crate::metrics::{self, Metrics};
 
 /// The principal of HTTP clients when no token is configured.
@@ -178,7 +179,7 @@ struct AppState {
     /// The body limit.
     max_request_bytes: usize,
     /// The accepted `Host` values.
-    allowed_hosts: Arc<[String]>,
+    allowed_hosts: Arc<[HostPort]>,
     /// Fired when the drain begins.
     shutdown: CancellationToken,
     /// The `Retry-After` header of a refusal while draining.
@@ -281,7 +282,16 @@ fn router(
         metrics: Arc::clone(metrics),
         auth_token: options.auth_token.as_deref().map(Arc::from),
         max_request_bytes: options.max_request_bytes,
-        allowed_hosts: hosts.into(),
+        allowed_hosts: hosts
+            .iter()
+            .filter_map(|entry| match HostPort::parse(entry) {
+                Ok(host) => Some(host),
+                Err(reason) => {
+                    tracing::warn!(%entry, %reason, "an allowed host that cannot be read is left out");
+                    None
+                }
+            })
+            .collect(),
         shutdown: stopping.shutdown.clone(),
         retry_after: HeaderValue::from(options.retry_after.as_secs().max(1)),
     };
@@ -354,49 +364,26 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
 
 /// Guard: the `Host` header names this server.
 async fn check_host(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    let authority = match request.headers().get(header::HOST) {
-        Some(value) => value
-            .to_str()
-            .ok()
-            .and_then(|host| host.parse::<axum::http::uri::Authority>().ok()),
-        None => request.uri().authority().cloned(),
+    let written = match request.headers().get(header::HOST) {
+        Some(value) => value.to_str().ok().map(str::to_owned),
+        None => request.uri().authority().map(|a| a.as_str().to_owned()),
     };
-    let Some(authority) = authority else {
+    let Some((written, given)) =
+        written.and_then(|text| HostPort::parse(&text).ok().map(|host| (text, host)))
+    else {
         return error(
             StatusCode::BAD_REQUEST,
             "the request has no valid Host header: send one that names this server",
         );
     };
-    if !host_is_allowed(&authority, &state.allowed_hosts) {
-        tracing::warn!(host = %authority, "refused a request with a Host header that is not allowed (possible DNS rebinding)");
+    if !state.allowed_hosts.iter().any(|entry| entry.allows(&given)) {
+        tracing::warn!(host = %written, "refused a request with a Host header that is not allowed (possible DNS rebinding)");
         return error(
             StatusCode::FORBIDDEN,
             "the Host header does not name this server: connect through localhost, the address msbd listens on, or a host name the operator allowed",
         );
     }
     next.run(request).await
-}
-
-/// Whether `authority` (from a `Host` header) matches one of `allowed` (`name` matches any
-/// port, `name:port` only that port), as rmcp compares them.
-fn host_is_allowed(authority: &axum::http::uri::Authority, allowed: &[String]) -> bool {
-    let host = normalize_host(authority.host());
-    let port = authority.port_u16();
-    allowed.iter().any(|entry| {
-        let entry = entry.trim();
-        let (allowed_host, allowed_port) = match entry.parse::<axum::http::uri::Authority>() {
-            Ok(parsed) => (normalize_host(parsed.host()), parsed.port_u16()),
-            Err(_) => (normalize_host(entry), None),
-        };
-        !entry.is_empty()
-            && allowed_host == host
-            && allowed_port.is_none_or(|allowed| port == Some(allowed))
-    })
-}
-
-/// A host without IPv6 brackets, in lower case.
-fn normalize_host(host: &str) -> String {
-    host.trim_matches(['[', ']']).to_ascii_lowercase()
 }
 
 /// Guard: with a token configured, the request carries it.
@@ -1167,7 +1154,14 @@ mod tests {
             },
             "[::1]:7000".parse().unwrap(),
         );
-        let ok = |host: &str| host_is_allowed(&host.parse().unwrap(), &allowed);
+        let allowed: Vec<HostPort> = allowed
+            .iter()
+            .map(|entry| HostPort::parse(entry).unwrap())
+            .collect();
+        let ok = |host: &str| {
+            let given = HostPort::parse(host).unwrap();
+            allowed.iter().any(|entry| entry.allows(&given))
+        };
         assert!(ok("[::1]:7000"));
         assert!(ok("[::1]"));
         assert!(ok("localhost:7000"));

@@ -11,6 +11,7 @@
 
 pub mod config;
 pub mod doctor;
+mod hosts;
 mod http;
 mod metrics;
 pub mod serve;

@@ -45,10 +45,11 @@ use sandbox_wrapper::wrapper::BackendKind;
 use task_core::EngineConfig;
 
 pub use declarations::VARIABLES;
+pub(crate) use render::quoted;
 pub use render::{markdown_reference, render};
 
 use declarations::{DefaultText, Raw};
-use render::{quoted, url_without_password};
+use render::url_without_password;
 use rules::{Check, build, unknown_warning};
 use values::{Addr, Choice, LogFilter, PathValue, Value as _};
 

@@ -94,7 +94,7 @@ pub fn markdown_reference() -> String {
 
 /// A value for a message: as is when it is plain, quoted (with escapes) when it is empty or
 /// holds spaces, quotes or control characters; cut to 120 characters.
-pub(super) fn quoted(value: &str) -> String {
+pub(crate) fn quoted(value: &str) -> String {
     const LIMIT: usize = 120;
     let value = &hide_password(value);
     let cut: String = value.chars().take(LIMIT).collect();

@@ -5,7 +5,6 @@ use std::net::{SocketAddr, ToSocketAddrs as _};
 use std::path::PathBuf;
 use std::str::FromStr;
 
-use axum::http::uri::Authority;
 use sandbox_wrapper::backend::VolumeMapping;
 use serde::{Deserialize, Deserializer};
 
@@ -722,10 +721,9 @@ fn host_entry(entry: &str) -> Result<(), String> {
             quoted(host)
         ));
     }
-    if entry.parse::<std::net::Ipv6Addr>().is_ok() {
-        return Ok(());
-    }
-    authority(entry, false).map_err(|reason| format!("the entry {named} {reason}"))
+    crate::hosts::HostPort::parse(entry)
+        .map(drop)
+        .map_err(|reason| format!("the entry {named} {reason}"))
 }
 
 /// Checks one entry of `MSB_HTTP_ALLOWED_ORIGINS`: `http://` or `https://`, a host and an
@@ -767,70 +765,7 @@ fn origin_entry(entry: &str) -> Result<String, String> {
             quoted(&format!("{scheme}{}", &rest[..at]))
         ));
     }
-    authority(rest, true).map_err(|reason| format!("the entry {named} {reason}"))?;
+    crate::hosts::check_origin_authority(rest, true)
+        .map_err(|reason| format!("the entry {named} {reason}"))?;
     Ok(format!("{scheme}{rest}"))
-}
-
-/// Checks `HOST` or `HOST:PORT`: a name, an IPv4 address or an IPv6 address in brackets, and a
-/// port from 1 to 65535 (or `*` when `any_port`). It is read with the `http` crate's
-/// [`Authority`], as the HTTP transport (`http.rs`) and rmcp read `Host` headers, allowed hosts
-/// and origins. The reason follows the entry's name.
-fn authority(text: &str, any_port: bool) -> Result<(), String> {
-    // `:*` (any port) is rmcp's own form for origins, which [`Authority`] does not read.
-    let (text, any) = match text.strip_suffix(":*") {
-        Some(base) if any_port => (base, true),
-        _ => (text, false),
-    };
-    let parsed: Authority = text.parse().map_err(|_| refused_authority(text))?;
-    let host = parsed.host();
-    // The port as written: what follows the host (no `@` was let through, so no user name).
-    let after_host = parsed.as_str().get(host.len()..).unwrap_or_default();
-    if host.is_empty() {
-        return Err("names no host".to_owned());
-    }
-    if host.contains('*') {
-        return Err("has a wildcard, which is not supported: list each name".to_owned());
-    }
-    if let Some(inside) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
-        if inside.parse::<std::net::Ipv6Addr>().is_err() {
-            return Err(format!(
-                "has {inside:?} in brackets, which is not an IPv6 address"
-            ));
-        }
-        // Kept by hand: [`Authority`] takes any URI characters in a name (and a user name
-        // before `@`), but a `Host` header carries only a name or an address.
-    } else if parsed.as_str().contains('@')
-        || !host
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
-    {
-        return Err("is not a host name or IP address".to_owned());
-    }
-    let port = match after_host.strip_prefix(':') {
-        None if after_host.is_empty() => return Ok(()),
-        None => return Err("has text after the ] that is not a :PORT".to_owned()),
-        Some(_) if any => return Err("has two ports, one of them `:*`: keep one".to_owned()),
-        Some(port) => port,
-    };
-    if parsed.port_u16().is_some_and(|port| port > 0) && port.bytes().all(|b| b.is_ascii_digit()) {
-        return Ok(());
-    }
-    Err(format!(
-        "has the port {}, which is not a number from 1 to 65535",
-        quoted(port)
-    ))
-}
-
-/// Why [`Authority`] refused `text`, in words.
-fn refused_authority(text: &str) -> String {
-    if !text.starts_with('[') && text.matches(':').count() > 1 {
-        "has more than one `:`; write an IPv6 address in brackets, such as [2001:db8::1]:8765"
-            .to_owned()
-    } else if text.is_empty() || text.starts_with(':') {
-        "names no host".to_owned()
-    } else if text.starts_with('[') && !text.contains(']') {
-        "has a [ without its ]".to_owned()
-    } else {
-        "is not a host name or IP address".to_owned()
-    }
 }
