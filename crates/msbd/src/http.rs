@@ -2,9 +2,9 @@
 //!
 //! - `/mcp`: MCP over streamable HTTP (rmcp's [`StreamableHttpService`]), one [`McpServer`] per
 //!   MCP session, all serving one principal: `"http"` without a bearer token, else
-//!   `"token:"` and 16 hex digits of a stable hash of the token (so the tasks made with a token
-//!   are still its own after a restart, and invisible without it); each session's transport is
-//!   `mcp_tools::FastLane` ([`FastLaneSessions`]);
+//!   `"token:"` and 32 hex digits (128 bits) of the token's SHA-256 ([`principal_for`]; so the
+//!   tasks made with a token are still its own after a restart, and invisible without it); each
+//!   session's transport is `mcp_tools::FastLane` ([`FastLaneSessions`]);
 //! - `/healthz`: liveness, `200 {"status":"ok"}` while the process serves;
 //! - `/readyz`: readiness, `200 {"status":"ready"}` once the owner says so ([`Readiness`]),
 //!   `503 {"status":"starting"}` or `503 {"status":"draining"}` otherwise;
@@ -32,6 +32,9 @@
 //!
 //! `/healthz` and `/readyz` need no token and say nothing beyond their status; the body limit
 //! applies to them too. Every error answer is JSON: `{"error": "what happened and what to do"}`.
+//!
+//! With a token, before it serves anything, the transport gives the token's principal the tasks
+//! that earlier builds stored under its former name ([`adopt_legacy_tasks`]).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -51,7 +54,10 @@ use mcp_tools::McpServer;
 use mcp_tools::transport::FastLaneSessions;
 use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, StreamableHttpService};
 use serde_json::{Value, json};
+use sha2::{Digest as _, Sha256};
 use subtle::ConstantTimeEq as _;
+use task_core::Engine;
+use task_core::store::{ListFilter, PageRequest};
 use tokio_util::sync::CancellationToken;
 
 use crate::hosts::HostPort;
@@ -200,6 +206,14 @@ pub(crate) async fn serve(
     readiness: Arc<Readiness>,
     stopping: Stopping,
 ) -> anyhow::Result<()> {
+    if let Some(token) = options.auth_token.as_deref()
+        && let Err(error) = adopt_legacy_tasks(server.wrapper().engine(), token).await
+    {
+        tracing::error!(
+            %error,
+            "giving the token's principal the tasks stored under its former name failed: its clients do not see those tasks until a later start moves them"
+        );
+    }
     let Stopping { shutdown, stop } = stopping;
     let local = listener
         .local_addr()
@@ -334,13 +348,90 @@ fn allowed_hosts(options: &HttpOptions, local: SocketAddr) -> Vec<String> {
 }
 
 /// The principal of HTTP clients: [`HTTP_PRINCIPAL`] without a token, else `token:` and the
-/// token's FNV-1a 64 hash ([`sandbox_wrapper::fnv1a_64`]) in 16 hex digits (stable across restarts; the token itself is never
-/// stored).
+/// first 128 bits of the token's SHA-256 in 32 hex digits. It owns tasks in the store, so it
+/// stays the same across restarts and builds; the token itself is never stored, and its name
+/// tells nothing of it.
 pub(crate) fn principal_for(token: Option<&str>) -> String {
     match token {
         None => HTTP_PRINCIPAL.to_owned(),
-        Some(token) => format!("token:{:016x}", sandbox_wrapper::fnv1a_64(token.as_bytes())),
+        Some(token) => {
+            let digest = Sha256::digest(token.as_bytes());
+            let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
+            format!("token:{hex}")
+        }
     }
+}
+
+/// The principal that msbd builds up to commit 7d717a8 gave a token: `token:` and its 64-bit
+/// FNV-1a hash ([`sandbox_wrapper::fnv1a_64`]) in 16 hex digits. It stays only to find the
+/// tasks those builds stored under it, for [`adopt_legacy_tasks`]; nothing is created under it
+/// any more. It may go once no store written by those builds is left to open.
+fn legacy_principal_for(token: &str) -> String {
+    format!("token:{:016x}", sandbox_wrapper::fnv1a_64(token.as_bytes()))
+}
+
+/// What [`adopt_legacy_tasks`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Adopted {
+    /// Tasks given to the token's principal.
+    pub(crate) moved: u64,
+    /// Tasks left under the former name: the principal holds their idempotency key already.
+    pub(crate) left: usize,
+}
+
+/// Gives the token's principal ([`principal_for`]) the tasks stored under its former name
+/// ([`legacy_principal_for`]), so that the token's clients still see and cancel them after the
+/// upgrade. One write; run at every start with a token, before serving (after the first, it
+/// finds nothing to move). A task whose idempotency key the principal already holds stays
+/// where it is (two tasks of one owner cannot share a key): only tasks submitted with one key
+/// under both names are, as when nodes of both builds share a queue. Those that stay are
+/// counted by listing the former name's tasks. Logs how many moved (info) and how many stayed
+/// (warn).
+///
+/// Neither the move nor the listing has an index on the owner to use: each reads the whole
+/// task table once, at start.
+pub(crate) async fn adopt_legacy_tasks(engine: &Engine, token: &str) -> task_core::Result<Adopted> {
+    let legacy = legacy_principal_for(token);
+    let current = principal_for(Some(token));
+    let moved = engine.reassign_owner(&legacy, &current).await?;
+    if moved > 0 {
+        tracing::info!(
+            moved,
+            from = %legacy,
+            to = %current,
+            "gave the token's principal the tasks stored under its former name (earlier builds named it with FNV-1a, this one with SHA-256)"
+        );
+    }
+    let filter = ListFilter {
+        owner: Some(legacy.clone()),
+        ..ListFilter::default()
+    };
+    let mut left = 0;
+    let mut cursor = None;
+    loop {
+        let page = engine
+            .list(
+                filter.clone(),
+                PageRequest {
+                    cursor,
+                    limit: PageRequest::MAX_LIMIT,
+                },
+            )
+            .await?;
+        left += page.tasks.len();
+        match page.next_cursor {
+            Some(next) => cursor = Some(next),
+            None => break,
+        }
+    }
+    if left > 0 {
+        tracing::warn!(
+            left,
+            owner = %legacy,
+            "tasks stay under the token's former principal, invisible to its clients: the principal holds their idempotency keys already"
+        );
+    }
+    Ok(Adopted { moved, left })
 }
 
 /// Whether `given` equals `expected`, in constant time for equal lengths (`subtle`; a length
@@ -644,10 +735,22 @@ mod tests {
     impl Fixture {
         /// Serves a fresh daemon on 127.0.0.1 (any port) with `token` and the body limit.
         async fn start(token: Option<&str>, max_request_bytes: usize) -> Fixture {
+            Fixture::start_on(Vec::new(), token, max_request_bytes).await
+        }
+
+        /// [`Fixture::start`] on a store that holds `tasks` already.
+        async fn start_on(
+            tasks: Vec<task_core::Task>,
+            token: Option<&str>,
+            max_request_bytes: usize,
+        ) -> Fixture {
             let dir = tempfile::tempdir().unwrap();
             let store: Arc<dyn Store> = Arc::new(
                 SqliteStore::open(SqliteConfig::new(dir.path().join("tasks.sqlite3"))).unwrap(),
             );
+            if !tasks.is_empty() {
+                store.submit(tasks).await.unwrap();
+            }
             let mut config = WrapperConfig::new(dir.path().join("data"));
             config.engine.concurrency = 2;
             let wrapper = Wrapper::start(store, config).await.unwrap();
@@ -1114,8 +1217,65 @@ mod tests {
     #[test]
     fn principals_are_stable_hashes_of_the_token() {
         assert_eq!(principal_for(None), "http");
-        assert_eq!(principal_for(Some("a")), "token:af63dc4c8601ec8c");
+        // `printf a | sha256sum`: ca978112ca1bbdcafac231b39a23dc4da786eff8147c4e72b9807785afee48bb
+        assert_eq!(
+            principal_for(Some("a")),
+            "token:ca978112ca1bbdcafac231b39a23dc4d"
+        );
         assert_ne!(principal_for(Some("b")), principal_for(Some("a")));
+        // The name earlier builds stored: FNV-1a 64 of "a".
+        assert_eq!(legacy_principal_for("a"), "token:af63dc4c8601ec8c");
+    }
+
+    /// With a token, the tasks stored under its former principal are its own before the first
+    /// request is answered; one whose idempotency key the principal holds already stays, and
+    /// the next start finds nothing more to move.
+    #[tokio::test]
+    async fn a_token_gets_the_tasks_stored_under_its_former_principal() {
+        let legacy = legacy_principal_for(TOKEN);
+        let current = principal_for(Some(TOKEN));
+        // Independently: FNV-1a 64 of the token, and `printf s3cret-token | sha256sum`.
+        assert_eq!(legacy, "token:ce325eed0762b90b");
+        assert_eq!(current, "token:a81e611a041b13f078bf8ebe5dab4d4f");
+        // Scheduled far ahead, so that they wait as they are.
+        let later = task_core::Timestamp::now().after(Duration::from_secs(86_400));
+        let task = |owner: &str, key: Option<&str>| {
+            let mut new = task_core::NewTask::new("command", json!({"command": "true"}))
+                .with_owner(owner)
+                .with_run_at(later);
+            if let Some(key) = key {
+                new = new.with_idempotency_key(key);
+            }
+            new.into_task(task_core::TaskId::new(), task_core::Timestamp::now())
+        };
+        let old = [task(&legacy, None), task(&legacy, Some("k2"))];
+        let conflicting = task(&legacy, Some("k"));
+        let newer = task(&current, Some("k"));
+        let another = task("token:00000000000000aa", None);
+        let tasks = vec![
+            old[0].clone(),
+            old[1].clone(),
+            conflicting.clone(),
+            newer.clone(),
+            another.clone(),
+        ];
+        let fixture = Fixture::start_on(tasks, Some(TOKEN), 1 << 20).await;
+        // Any answer comes after the move.
+        let response = client().get(fixture.url("/healthz")).send().await.unwrap();
+        assert_eq!(response.status(), 200);
+
+        let engine = fixture.server.wrapper().engine();
+        let owner = async |task: &task_core::Task| engine.get(task.id).await.unwrap().owner;
+        for task in old.iter().chain([&newer]) {
+            assert_eq!(owner(task).await.as_deref(), Some(current.as_str()));
+        }
+        assert_eq!(owner(&conflicting).await, conflicting.owner);
+        assert_eq!(owner(&another).await, another.owner);
+        assert_eq!(
+            adopt_legacy_tasks(engine, TOKEN).await.unwrap(),
+            Adopted { moved: 0, left: 1 }
+        );
+        fixture.stop().await;
     }
 
     #[test]

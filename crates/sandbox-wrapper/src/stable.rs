@@ -8,8 +8,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 /// Stable across Rust versions, builds, platforms and msbd versions (unlike the standard
 /// library's hasher), and it must stay so: its values persist. Data-directory markers
 /// ([`crate::wrapper::marker_for`]) name cgroups and sandboxes left on the host, sandbox names
-/// embed it, and msbd's HTTP principals (`token:` and this hash of the token) own tasks in the
-/// store. Changing it would orphan all of them.
+/// embed it, and the HTTP principals of msbd builds up to commit 7d717a8 (`token:` and this hash
+/// of the token) own tasks in the stores they wrote (msbd finds them by that name to give them
+/// to the token's current principal). Changing it would orphan all of them.
 pub fn fnv1a_64(bytes: &[u8]) -> u64 {
     const OFFSET_BASIS: u64 = 0xcbf2_9ce4_8422_2325;
     const PRIME: u64 = 0x0000_0100_0000_01b3;

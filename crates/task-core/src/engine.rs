@@ -795,6 +795,13 @@ impl Engine {
         Ok(total)
     }
 
+    /// Gives every task of owner `from` to owner `to` (see [`Store::reassign_owner`]): for an
+    /// owner that was renamed. Returns how many moved; a task whose idempotency key `to`
+    /// already holds stays with `from`. One write, whatever the number of tasks.
+    pub async fn reassign_owner(&self, from: &str, to: &str) -> Result<u64> {
+        self.inner.store.reassign_owner(from, to).await
+    }
+
     /// Stops gracefully: refuses new tasks, stops starting queued ones, lets running tasks finish
     /// until `deadline` minus the cancel grace, then cancels the rest (they go back to the queue
     /// for the next start, their attempt not counted), and flushes the store.

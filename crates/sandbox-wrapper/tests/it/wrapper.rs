@@ -812,6 +812,9 @@ mod shared_memory {
         ) -> StoreFuture<'_, usize> {
             self.inner.delete_finished(filter, finished_before, limit)
         }
+        fn reassign_owner(&self, from: &str, to: &str) -> StoreFuture<'_, u64> {
+            self.inner.reassign_owner(from, to)
+        }
         fn get(&self, id: TaskId) -> StoreFuture<'_, Option<Task>> {
             self.inner.get(id)
         }

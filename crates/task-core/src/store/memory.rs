@@ -148,6 +148,34 @@ impl State {
         }
     }
 
+    /// See [`Store::reassign_owner`].
+    fn reassign_owner(&mut self, from: &str, to: &str) -> u64 {
+        if from == to {
+            return 0;
+        }
+        let State {
+            tasks, idempotency, ..
+        } = self;
+        let mut moved = 0;
+        for entry in tasks.values_mut() {
+            let task = &mut entry.task;
+            if task.owner.as_deref() != Some(from) {
+                continue;
+            }
+            if let Some(key) = &task.idempotency_key {
+                let taken = (to.to_owned(), key.clone());
+                if idempotency.contains_key(&taken) {
+                    continue;
+                }
+                idempotency.remove(&(from.to_owned(), key.clone()));
+                idempotency.insert(taken, task.id);
+            }
+            task.owner = Some(to.to_owned());
+            moved += 1;
+        }
+        moved
+    }
+
     fn claim(&mut self, request: &ClaimRequest) -> Vec<Task> {
         let candidates = pick_claimable(
             self.indexes.queued.iter().map(|(_, _, id)| *id),
@@ -386,6 +414,11 @@ impl Store for MemoryStore {
             state.remove(*id);
         }
         ready(Ok(doomed.len()))
+    }
+
+    fn reassign_owner(&self, from: &str, to: &str) -> StoreFuture<'_, u64> {
+        let moved = self.lock().reassign_owner(from, to);
+        ready(Ok(moved))
     }
 
     fn get(&self, id: TaskId) -> StoreFuture<'_, Option<Task>> {

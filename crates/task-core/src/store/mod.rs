@@ -96,6 +96,15 @@ pub trait Store: Send + Sync + 'static {
         limit: usize,
     ) -> StoreFuture<'_, usize>;
 
+    /// Gives every task of owner `from` to owner `to`, in one write, whatever its status; returns
+    /// how many tasks moved. For an owner that was renamed (msbd's HTTP principals once were).
+    ///
+    /// Idempotency keys are unique per owner: a task whose key `to` already holds stays with
+    /// `from` (so the move never fails on a key), and the caller can find it listed under `from`.
+    /// Nothing else of a task changes (not `updated_at`), and no task is left with no owner: a
+    /// task without one is never `from`'s. Moving an owner to itself moves nothing.
+    fn reassign_owner(&self, from: &str, to: &str) -> StoreFuture<'_, u64>;
+
     /// One task.
     fn get(&self, id: TaskId) -> StoreFuture<'_, Option<Task>>;
 

@@ -1053,6 +1053,16 @@ impl Store for PostgresStore {
         )
     }
 
+    fn reassign_owner(&self, from: &str, to: &str) -> StoreFuture<'_, u64> {
+        self.write(
+            Request::ReassignOwner(from.to_owned(), to.to_owned()),
+            |answer| match answer {
+                Answer::Moved(moved) => Some(moved),
+                _ => None,
+            },
+        )
+    }
+
     fn get(&self, id: TaskId) -> StoreFuture<'_, Option<Task>> {
         Box::pin(self.fetch(id))
     }

@@ -375,6 +375,11 @@ impl Store for SqliteStore {
         self.write(|reply| WriteOp::DeleteFinished(filter, finished_before, limit, reply))
     }
 
+    fn reassign_owner(&self, from: &str, to: &str) -> StoreFuture<'_, u64> {
+        let (from, to) = (from.to_owned(), to.to_owned());
+        self.write(|reply| WriteOp::ReassignOwner(from, to, reply))
+    }
+
     /// A point read by primary key takes microseconds and, in WAL mode, never waits for the
     /// writer: it runs on the caller's thread when the inline connection is free (saving the
     /// two thread hand-offs of the reader thread, most of a read's latency), else on the reader

@@ -86,6 +86,7 @@ conformance!(
     prune_deletes_only_old_terminal_tasks_up_to_the_limit,
     set_priority_reorders_waiting_tasks_and_refuses_started_ones,
     delete_finished_deletes_only_matching_old_terminal_tasks_up_to_the_limit,
+    reassign_owner_moves_every_task_but_those_whose_key_the_new_owner_holds,
     list_filters_by_every_field,
     list_pages_newest_first_without_gaps_or_duplicates,
     stats_follow_every_kind_of_change,
@@ -2266,6 +2267,93 @@ async fn delete_finished_deletes_only_matching_old_terminal_tasks_up_to_the_limi
         (1, 2, 1, 1)
     );
     assert_eq!(stats.by_type.keys().collect::<Vec<_>>(), ["build"]);
+}
+
+async fn reassign_owner_moves_every_task_but_those_whose_key_the_new_owner_holds(
+    store: &dyn Store,
+) {
+    let owned = |owner: &str| NewTask::new("build", json!({})).with_owner(owner);
+    // "old" has a task with the key "k" that "new" holds too, one with a key of its own, one
+    // running and one finished; "other" and a task with no owner look on.
+    let conflicting = submit(store, owned("old").with_idempotency_key("k"), at(0)).await;
+    let keyed = submit(store, owned("old").with_idempotency_key("k2"), at(1)).await;
+    let running = submit(store, owned("old").with_priority(Priority::CRITICAL), at(2)).await;
+    claim_one(store, &running, at(3)).await;
+    let finished = finished_task(store, Some("old"), "build", "s1", Status::Completed, at(4)).await;
+    let newer = submit(store, owned("new").with_idempotency_key("k"), at(5)).await;
+    let other = submit(store, owned("other").with_idempotency_key("k2"), at(6)).await;
+    let nobody = submit(store, NewTask::new("build", json!({})), at(7)).await;
+    let before = all_tasks(store).await;
+
+    assert_eq!(
+        store.reassign_owner("old", "new").await.expect("reassign"),
+        3
+    );
+
+    let owned_by = async |owner: &str| -> HashSet<TaskId> {
+        let filter = ListFilter {
+            owner: Some(owner.into()),
+            ..ListFilter::default()
+        };
+        list_all(store, filter, PageRequest::MAX_LIMIT)
+            .await
+            .iter()
+            .map(|task| task.id)
+            .collect()
+    };
+    let moved = [keyed.id, running.id, finished.id];
+    assert_eq!(
+        owned_by("new").await,
+        HashSet::from([newer.id, moved[0], moved[1], moved[2]])
+    );
+    assert_eq!(owned_by("old").await, HashSet::from([conflicting.id]));
+    assert_eq!(owned_by("other").await, HashSet::from([other.id]));
+    // Nothing else changed: not the other fields of the moved tasks, not the other tasks.
+    for task in before {
+        let now = get(store, task.id).await;
+        if moved.contains(&task.id) {
+            assert_eq!(now.owner.as_deref(), Some("new"));
+            assert_eq!(
+                Task {
+                    owner: task.owner.clone(),
+                    ..now
+                },
+                task
+            );
+        } else {
+            assert_eq!(now, task);
+        }
+    }
+    assert_eq!(get(store, nobody.id).await.owner, None);
+
+    // Done once: a second call, or a move to the same owner, moves nothing.
+    assert_eq!(store.reassign_owner("old", "new").await.expect("again"), 0);
+    assert_eq!(
+        store.reassign_owner("new", "new").await.expect("to itself"),
+        0
+    );
+    assert_eq!(owned_by("new").await.len(), 4);
+    assert_eq!(
+        store.reassign_owner("nobody", "new").await.expect("none"),
+        0
+    );
+
+    // The keys moved with their tasks: "new" holds "k2" now, "old" holds only "k".
+    let resubmit = async |owner: &str, key: &str| {
+        let task = owned(owner)
+            .with_idempotency_key(key)
+            .into_task(TaskId::new(), at(8));
+        let mut answers = store.submit(vec![task]).await.expect("submit");
+        answers.pop().expect("one answer")
+    };
+    let again = resubmit("new", "k2").await;
+    assert!(!again.created);
+    assert_eq!(again.task.id, keyed.id);
+    let again = resubmit("old", "k").await;
+    assert!(!again.created);
+    assert_eq!(again.task.id, conflicting.id);
+    assert!(resubmit("old", "k2").await.created);
+    check_stats(store, "after reassigning an owner").await;
 }
 
 async fn list_filters_by_every_field(store: &dyn Store) {

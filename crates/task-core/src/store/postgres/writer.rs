@@ -43,6 +43,8 @@ pub(super) enum Request {
     Recover(Timestamp, Recover),
     Prune(Timestamp, usize),
     DeleteFinished(ListFilter, Timestamp, usize),
+    /// From one owner to another.
+    ReassignOwner(String, String),
     Flush,
 }
 
@@ -71,6 +73,7 @@ pub(super) enum Answer {
     Heartbeat(HeartbeatReply),
     Task(Box<Task>),
     Count(usize),
+    Moved(u64),
     Done,
 }
 
@@ -885,6 +888,9 @@ async fn execute(
         Request::DeleteFinished(filter, before, limit) => Ok(Answer::Count(
             delete_finished(conn, filter, *before, *limit, effects).await?,
         )),
+        Request::ReassignOwner(from, to) => {
+            Ok(Answer::Moved(reassign_owner(conn, from, to).await?))
+        }
         Request::Flush => Ok(Answer::Done),
     }
 }
@@ -1586,6 +1592,29 @@ async fn delete_finished(
         effects.moved(&task_type, Some(status(code).map_err(Exec::Abort)?), None);
     }
     Ok(removed.len())
+}
+
+/// Gives `$1`'s tasks to `$2` in one statement, but for those whose idempotency key `$2` already
+/// holds (the unique index on the owner and the key would refuse them). No count changes: the
+/// counts are by type and status. The owner has no index of its own: a scan of the table, for a
+/// request made once at start. Two nodes that run it at once do not conflict: the second waits
+/// for the first's row locks, then finds those rows no longer `$1`'s. A task submitted under `$2`
+/// with one of the keys by another node at the same moment (its insert not yet visible to the
+/// statement) makes it fail on the unique index: then nothing moved, and it may be asked again.
+const REASSIGN_OWNER: &str = "UPDATE tasks SET owner = $2::text WHERE owner = $1::text \
+    AND NOT EXISTS (SELECT 1 FROM tasks AS taken WHERE coalesce(taken.owner, '') = $2::text \
+    AND taken.idempotency_key = tasks.idempotency_key)";
+
+/// See [`crate::store::Store::reassign_owner`]: one statement ([`REASSIGN_OWNER`]).
+async fn reassign_owner(
+    conn: &mut WriteConn,
+    from: &str,
+    to: &str,
+) -> std::result::Result<u64, Exec> {
+    if from == to {
+        return Ok(0);
+    }
+    Ok(conn.execute(REASSIGN_OWNER, &[&from, &to]).await?)
 }
 
 /// The values bound to a statement built at run time, numbered as they are pushed.

@@ -68,6 +68,8 @@ pub(super) enum WriteOp {
     Recover(Timestamp, Recover, Reply<Vec<Task>>),
     Prune(Timestamp, usize, Reply<usize>),
     DeleteFinished(ListFilter, Timestamp, usize, Reply<usize>),
+    /// From one owner to another.
+    ReassignOwner(String, String, Reply<u64>),
     Flush(Reply<()>),
     /// The store file was deleted or replaced under the open store: copy what the open
     /// database holds back to its path and refuse writes from then on (see [`Writer::restore`]).
@@ -322,6 +324,9 @@ impl Writer {
             }
             WriteOp::DeleteFinished(filter, before, limit, reply) => {
                 pending(reply, self.delete_finished(&filter, before, limit, counts))
+            }
+            WriteOp::ReassignOwner(from, to, reply) => {
+                pending(reply, self.reassign_owner(&from, &to))
             }
             WriteOp::Flush(reply) => pending(reply, Ok(())),
             // Handled by `run` before a batch forms; never part of one.
@@ -836,7 +841,28 @@ impl Writer {
         }));
         Ok(count)
     }
+
+    /// See [`crate::store::Store::reassign_owner`]: one statement ([`REASSIGN_OWNER`]).
+    fn reassign_owner(&mut self, from: &str, to: &str) -> Result<u64> {
+        if from == to {
+            return Ok(0);
+        }
+        let moved = self
+            .conn
+            .prepare_cached(REASSIGN_OWNER)
+            .and_then(|mut s| s.execute(params![from, to]))
+            .map_err(|e| Error::store("reassigning tasks to another owner", e))?;
+        Ok(moved as u64)
+    }
 }
+
+/// Gives `?1`'s tasks to `?2` in one statement, but for those whose idempotency key `?2`
+/// already holds (the unique index `tasks_idempotency` would refuse them). No count changes:
+/// the counts are by type and status. The owner has no index of its own: a scan of the table,
+/// for a request made once at start.
+const REASSIGN_OWNER: &str = "UPDATE OR FAIL tasks SET owner = ?2 WHERE owner = ?1 AND NOT EXISTS \
+    (SELECT 1 FROM tasks AS taken WHERE coalesce(taken.owner, '') = ?2 \
+    AND taken.idempotency_key = tasks.idempotency_key)";
 
 pub(super) fn fail_op(op: WriteOp, error: &Error) {
     let error = error.clone();
@@ -852,6 +878,7 @@ pub(super) fn fail_op(op: WriteOp, error: &Error) {
         WriteOp::Recover(_, _, reply) => drop(reply.send(Err(error))),
         WriteOp::Prune(_, _, reply) => drop(reply.send(Err(error))),
         WriteOp::DeleteFinished(_, _, _, reply) => drop(reply.send(Err(error))),
+        WriteOp::ReassignOwner(_, _, reply) => drop(reply.send(Err(error))),
         WriteOp::Flush(reply) => drop(reply.send(Err(error))),
         WriteOp::Restore => {}
     }
