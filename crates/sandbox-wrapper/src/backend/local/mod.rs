@@ -23,6 +23,7 @@
 
 mod cgroup;
 mod repl;
+mod run_clock;
 pub mod shim;
 mod spawn;
 
@@ -38,6 +39,7 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use self::cgroup::{Cgroups, Group, Limits};
+use self::run_clock::RunClock;
 use super::{
     BackendError, BoxFuture, EndReason, ExecControl, ExecOutcome, ExecRequest, ExitStatus, Flavor,
     Language, ReplRequest, SandboxBackend, SandboxInfo, SandboxMetrics, SandboxSpec, SweepReport,
@@ -726,6 +728,38 @@ impl LocalBackend {
         env
     }
 
+    /// Starts a run's process in its sandbox (through bubblewrap when there is one), in the
+    /// run's cgroup, with the sandbox's environment and the request's.
+    fn spawn_run(
+        &self,
+        sandbox: &LocalSandbox,
+        request: &ExecRequest,
+        program: &str,
+        cgroup_procs: Vec<std::os::fd::OwnedFd>,
+    ) -> Result<(tokio::process::Child, Option<spawn::OwnedPid>), BackendError> {
+        let env = self.environment(sandbox, &request.env);
+        let launch = self.launch(
+            &request.argv,
+            env,
+            &sandbox.work_dir,
+            request.stdin.is_some(),
+            cgroup_procs,
+            (
+                sandbox.info.flavor,
+                sandbox.uid.map(|(uid, gid, _)| (uid, gid)),
+                sandbox.netns.as_ref(),
+            ),
+        );
+        let spawn_error = |error: std::io::Error| BackendError::Spawn {
+            program: program.to_owned(),
+            reason: error.to_string(),
+        };
+        let mut command =
+            tokio::process::Command::from(spawn::command(launch).map_err(spawn_error)?);
+        command.kill_on_drop(true);
+        spawn::spawn_owned(&mut command).map_err(spawn_error)
+    }
+
     /// The run's own cgroup under its session's (when there is one), and its open
     /// `cgroup.procs`, which the spawned process joins before it runs.
     fn run_group(
@@ -753,137 +787,41 @@ impl LocalBackend {
         output: &OutputSink,
         mut control: ExecControl,
     ) -> Result<ExecOutcome, BackendError> {
-        let program = check_request(&request)?.to_owned();
+        let program = check_request(&request)?;
         let (group, cgroup_procs) = self.run_group(&sandbox)?;
         let mut guard = GroupGuard(group.clone());
-        let env = self.environment(&sandbox, &request.env);
-        let launch = self.launch(
-            &request.argv,
-            env,
-            &sandbox.work_dir,
-            request.stdin.is_some(),
-            cgroup_procs,
-            (
-                sandbox.info.flavor,
-                sandbox.uid.map(|(uid, gid, _)| (uid, gid)),
-                sandbox.netns.as_ref(),
-            ),
-        );
-        let spawn_error = |error: std::io::Error| BackendError::Spawn {
-            program: program.clone(),
-            reason: error.to_string(),
-        };
-        let mut command =
-            tokio::process::Command::from(spawn::command(launch).map_err(spawn_error)?);
-        command.kill_on_drop(true);
         let started = Instant::now();
-        let (mut child, owned) = spawn::spawn_owned(&mut command).map_err(spawn_error)?;
-        let pid = child.id().map(|p| p as i32);
+        let (mut child, owned) = self.spawn_run(&sandbox, &request, program, cgroup_procs)?;
         let tree = Tree {
             group: group.clone(),
-            pid,
+            pid: child.id().map(|p| p as i32),
             signals_reach_tree: self.bwrap.is_none(),
         };
-        let mut stdout = child.stdout.take();
-        let mut stderr = child.stderr.take();
         let stdin_task = match (child.stdin.take(), request.stdin) {
             (Some(mut pipe), Some(bytes)) => Some(tokio::spawn(async move {
                 let _ = pipe.write_all(&bytes).await;
             })),
             _ => None,
         };
-        let mut out_buf = vec![0u8; 16 * 1024];
-        let mut err_buf = vec![0u8; 16 * 1024];
-        let mut exit: Option<std::process::ExitStatus> = None;
-        let mut reason: Option<EndReason> = None;
-        let mut paused_since: Option<Instant> = None;
-        let mut pause_open = true;
-        // Paused before it started: frozen from the first instant.
-        if *control.paused.borrow_and_update() {
-            if tree.freeze(true) {
-                paused_since = Some(Instant::now());
-            } else {
-                output.note(CANNOT_FREEZE);
-            }
-        }
-        let mut paused_total = Duration::ZERO;
-        let mut drain_until: Option<tokio::time::Instant> = None;
-        let far = tokio::time::Instant::now() + Duration::from_secs(86_400 * 365);
-        loop {
-            if exit.is_some() && stdout.is_none() && stderr.is_none() {
-                break;
-            }
-            let deadline = match (
-                request.timeout,
-                paused_since,
-                reason.is_some() || exit.is_some(),
-            ) {
-                (Some(timeout), None, false) => (started + timeout + paused_total).into(),
-                _ => far,
-            };
-            tokio::select! {
-                read = read_some(&mut stdout, &mut out_buf) => match read {
-                    Some(n) => output.write(Stream::Stdout, &out_buf[..n]),
-                    None => stdout = None,
-                },
-                read = read_some(&mut stderr, &mut err_buf) => match read {
-                    Some(n) => output.write(Stream::Stderr, &err_buf[..n]),
-                    None => stderr = None,
-                },
-                status = child.wait(), if exit.is_none() => {
-                    exit = Some(status.map_err(|e| BackendError::io("waiting for the process", e))?);
-                    // What the program left behind (background children) goes with it, so
-                    // that the pipes close and nothing outlives the run.
-                    tree.kill();
-                    drain_until = Some(tokio::time::Instant::now() + Duration::from_secs(1));
-                }
-                _ = control.cancel.cancelled(), if reason.is_none() && exit.is_none() => {
-                    reason = Some(EndReason::Cancelled);
-                    tree.thaw_and_kill();
-                }
-                _ = tokio::time::sleep_until(deadline), if deadline != far => {
-                    let after_ms = request.timeout.map_or(0, |t| t.as_millis() as u64);
-                    reason = Some(EndReason::TimedOut { after_ms });
-                    tree.thaw_and_kill();
-                }
-                changed = control.paused.changed(), if pause_open && exit.is_none() && reason.is_none() => {
-                    if changed.is_err() {
-                        // The pause switch is gone: it can no longer change.
-                        pause_open = false;
-                        continue;
-                    }
-                    let pause = *control.paused.borrow_and_update();
-                    match (pause, paused_since) {
-                        (true, None) => {
-                            if tree.freeze(true) {
-                                paused_since = Some(Instant::now());
-                            } else {
-                                output.note(CANNOT_FREEZE);
-                            }
-                        }
-                        (false, Some(since)) => {
-                            tree.freeze(false);
-                            paused_total += since.elapsed();
-                            paused_since = None;
-                        }
-                        _ => {}
-                    }
-                }
-                _ = tokio::time::sleep_until(drain_until.unwrap_or(far)), if drain_until.is_some() => {
-                    // Something holds the pipes open past the run's end: stop reading.
-                    output.note("\n[msbd: output closed: a process outside the run held it open]\n");
-                    break;
-                }
-            }
-        }
+        let clock = RunClock::start(request.timeout, &tree, &mut control.paused, output);
+        let ended = watch_run(
+            &mut child,
+            &tree,
+            clock,
+            request.timeout,
+            output,
+            &mut control,
+        )
+        .await;
         if let Some(task) = stdin_task {
             task.abort();
         }
         let duration = started.elapsed();
-        // Tokio has reaped the child (or will, if the loop ended on an error): what bubblewrap's
-        // init and the run's killed processes left as zombies is reaped now.
+        // Tokio has reaped the child (or will, if watching it failed): what bubblewrap's init
+        // and the run's killed processes left as zombies is reaped now.
         drop(owned);
         spawn::reap_orphans();
+        let (exit, reason) = ended.map_err(|e| BackendError::io("waiting for the process", e))?;
         let peak_memory_bytes = group.as_ref().and_then(Group::peak_memory);
         let oom = group.as_ref().is_some_and(|g| g.oom_kills() > 0);
         if let Some(group) = guard.take() {
@@ -1210,6 +1148,67 @@ impl Tree {
 
 async fn remove_group(group: Group) {
     let _ = tokio::task::spawn_blocking(move || group.remove(Duration::from_secs(2))).await;
+}
+
+/// Follows a started run to its end: copies its output, ends it on cancel or at its timeout
+/// (whose clock stops while the run is paused), and freezes or thaws it as the pause switch
+/// says. Answers its exit status, and why it ended when that was not its own doing.
+async fn watch_run(
+    child: &mut tokio::process::Child,
+    tree: &Tree,
+    mut clock: RunClock,
+    timeout: Option<Duration>,
+    output: &OutputSink,
+    control: &mut ExecControl,
+) -> std::io::Result<(Option<std::process::ExitStatus>, Option<EndReason>)> {
+    let mut stdout = child.stdout.take();
+    let mut stderr = child.stderr.take();
+    let mut out_buf = vec![0u8; 16 * 1024];
+    let mut err_buf = vec![0u8; 16 * 1024];
+    let mut exit: Option<std::process::ExitStatus> = None;
+    let mut reason: Option<EndReason> = None;
+    let mut drain_until: Option<tokio::time::Instant> = None;
+    let far = tokio::time::Instant::now() + Duration::from_secs(86_400 * 365);
+    while exit.is_none() || stdout.is_some() || stderr.is_some() {
+        // Once it exited or is being killed, only its output is left to read.
+        let ending = reason.is_some() || exit.is_some();
+        let deadline = clock.deadline().filter(|_| !ending);
+        tokio::select! {
+            read = read_some(&mut stdout, &mut out_buf) => match read {
+                Some(n) => output.write(Stream::Stdout, &out_buf[..n]),
+                None => stdout = None,
+            },
+            read = read_some(&mut stderr, &mut err_buf) => match read {
+                Some(n) => output.write(Stream::Stderr, &err_buf[..n]),
+                None => stderr = None,
+            },
+            status = child.wait(), if exit.is_none() => {
+                exit = Some(status?);
+                // What the program left behind (background children) goes with it, so that
+                // the pipes close and nothing outlives the run.
+                tree.kill();
+                drain_until = Some(tokio::time::Instant::now() + Duration::from_secs(1));
+            }
+            _ = control.cancel.cancelled(), if !ending => {
+                reason = Some(EndReason::Cancelled);
+                tree.thaw_and_kill();
+            }
+            _ = tokio::time::sleep_until(deadline.unwrap_or(far)), if deadline.is_some() => {
+                let after_ms = timeout.map_or(0, |t| t.as_millis() as u64);
+                reason = Some(EndReason::TimedOut { after_ms });
+                tree.thaw_and_kill();
+            }
+            changed = control.paused.changed(), if clock.follows_switch() && !ending => {
+                clock.switch_changed(changed, &mut control.paused, tree, output);
+            }
+            _ = tokio::time::sleep_until(drain_until.unwrap_or(far)), if drain_until.is_some() => {
+                // Something holds the pipes open past the run's end: stop reading.
+                output.note("\n[msbd: output closed: a process outside the run held it open]\n");
+                break;
+            }
+        }
+    }
+    Ok((exit, reason))
 }
 
 async fn read_some<R: tokio::io::AsyncRead + Unpin>(

@@ -11,12 +11,13 @@
 //! state is lost; the next call starts a fresh one), and the result says so.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, ChildStderr, ChildStdin, ChildStdout};
 
 use super::Tree;
+use super::run_clock::RunClock;
 use crate::backend::{BackendError, EndReason, ExecControl, Language};
 use crate::output::{OutputSink, Stream};
 
@@ -240,25 +241,14 @@ impl Interpreter {
                 self.language
             )));
         }
-        let started = Instant::now();
         let mut out = Splitter::new(&token);
         let mut err = Splitter::new(&token);
         let mut out_buf = vec![0u8; 16 * 1024];
         let mut err_buf = vec![0u8; 16 * 1024];
-        let mut paused_since: Option<Instant> = None;
-        let mut paused_total = Duration::ZERO;
         let far = tokio::time::Instant::now() + Duration::from_secs(86_400 * 365);
         let mut out_open = true;
         let mut err_open = true;
-        let mut pause_open = true;
-        // Paused before it started: frozen from the first instant.
-        if *control.paused.borrow_and_update() {
-            if self.tree.freeze(true) {
-                paused_since = Some(Instant::now());
-            } else {
-                output.note(super::CANNOT_FREEZE);
-            }
-        }
+        let mut clock = RunClock::start(timeout, &self.tree, &mut control.paused, output);
         // Whatever was held back as a possible token start is output after all.
         let flush = |out: &mut Splitter, err: &mut Splitter| {
             let rest = out.rest();
@@ -280,10 +270,7 @@ impl Interpreter {
                     alive: true,
                 });
             }
-            let deadline = match (timeout, paused_since) {
-                (Some(timeout), None) => (started + timeout + paused_total).into(),
-                _ => far,
-            };
+            let deadline = clock.deadline();
             tokio::select! {
                 read = self.stdout.read(&mut out_buf), if out_open => match read {
                     Ok(0) | Err(_) => out_open = false,
@@ -320,35 +307,15 @@ impl Interpreter {
                     self.tree.freeze(false);
                     return Ok(CallEnd { status: None, reason: EndReason::Cancelled, alive: false });
                 }
-                _ = tokio::time::sleep_until(deadline), if deadline != far => {
+                _ = tokio::time::sleep_until(deadline.unwrap_or(far)), if deadline.is_some() => {
                     flush(&mut out, &mut err);
                     self.tree.kill();
                     self.tree.freeze(false);
                     let after_ms = timeout.map_or(0, |t| t.as_millis() as u64);
                     return Ok(CallEnd { status: None, reason: EndReason::TimedOut { after_ms }, alive: false });
                 }
-                changed = control.paused.changed(), if pause_open => {
-                    if changed.is_err() {
-                        // The pause switch is gone: it can no longer change.
-                        pause_open = false;
-                        continue;
-                    }
-                    let pause = *control.paused.borrow_and_update();
-                    match (pause, paused_since) {
-                        (true, None) => {
-                            if self.tree.freeze(true) {
-                                paused_since = Some(Instant::now());
-                            } else {
-                                output.note(super::CANNOT_FREEZE);
-                            }
-                        }
-                        (false, Some(since)) => {
-                            self.tree.freeze(false);
-                            paused_total += since.elapsed();
-                            paused_since = None;
-                        }
-                        _ => {}
-                    }
+                changed = control.paused.changed(), if clock.follows_switch() => {
+                    clock.switch_changed(changed, &mut control.paused, &self.tree, output);
                 }
             }
         }
