@@ -389,9 +389,10 @@ impl ChildContext {
     }
 
     /// Counts a cycle that failed without ending the service: the error is counted and
-    /// reported, and health is degraded until a later cycle succeeds.
-    pub fn cycle_failed(&self, error: impl Into<String>) {
-        let error = error.into();
+    /// reported (its text is the child's `last_error`), and health is degraded until a later
+    /// cycle succeeds.
+    pub fn cycle_failed(&self, error: &LoopError) {
+        let error = error.to_string();
         warn!(child = %self.slot.spec.name, %error, "child cycle failed");
         let mut stats = self.slot.stats();
         stats.cycles += 1;

@@ -5,9 +5,10 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use sandbox_wrapper::session::SessionError;
 use sandbox_wrapper::supervisor::{
-    ActionStatus, ChildSpec, ChildState, HealthStatus, RestartPolicy, ShutdownStatus, StopOutcome,
-    Supervisor, SupervisorError, TickFuture,
+    ActionStatus, ChildSpec, ChildState, HealthStatus, LoopError, RestartPolicy, ShutdownStatus,
+    StopOutcome, Supervisor, SupervisorError, TickFuture,
 };
 
 /// How long a condition may take to come true before a test gives up.
@@ -503,6 +504,50 @@ async fn a_service_that_returns_ok_is_not_restarted_and_one_that_errs_is() {
         (report.components_stopped, report.components_expected),
         (2, 2)
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_cycle_of_a_service_degrades_health_until_one_succeeds() {
+    let sup = Supervisor::new();
+    let (fail, failing) = tokio::sync::watch::channel(true);
+    sup.start_child(ChildSpec::service("watcher", move |ctx| {
+        let mut failing = failing.clone();
+        Box::pin(async move {
+            loop {
+                if *failing.borrow_and_update() {
+                    let error = LoopError::Session(SessionError::NotFound("gone".into()));
+                    ctx.cycle_failed(&error);
+                } else {
+                    ctx.cycle(1);
+                }
+                tokio::select! {
+                    () = ctx.cancel.cancelled() => return Ok(()),
+                    _ = failing.changed() => {}
+                }
+            }
+        })
+    }))
+    .unwrap();
+    assert!(eventually(|| status(&sup, "watcher").errors == 1, PATIENCE).await);
+    let st = status(&sup, "watcher");
+    assert_eq!(st.restarts, 0, "a failed cycle does not end the service");
+    assert!(
+        st.last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("\"gone\" does not exist")),
+        "{st:?}"
+    );
+    assert_eq!(sup.health().overall_status, HealthStatus::Degraded);
+    fail.send(false).unwrap();
+    assert!(
+        eventually(
+            || sup.health().overall_status == HealthStatus::Healthy,
+            PATIENCE
+        )
+        .await
+    );
+    assert_eq!(status(&sup, "watcher").errors, 1);
+    sup.shutdown(Duration::from_secs(5)).await;
 }
 
 /// A service that waits for its token, then records its name on the way out.
