@@ -238,6 +238,16 @@ def first_connection(binary, env, log):
     call(m, "execute_command", {"command": "sleep 5", "timeout": 1}, label="execute_command (timeout)")
     call(m, "execute_command", {"command": "echo '::progress:: 50 half'; sleep 1; echo ok"},
          label="execute_command (progress token)", meta={"progressToken": 7})
+    going, _ = call(m, "execute_command", {"command": "echo started; sleep 3; echo finished", "wait_seconds": 1},
+                    label="execute_command (still going)")
+    call(m, "wait_for_tasks", {"task_ids": [going["task_id"], build], "mode": "all", "timeout": 30},
+         label="wait_for_tasks (all)", meta={"progressToken": 8})
+    slow, _ = call(m, "execute_command", {"command": "sleep 30", "wait_seconds": 0}, label="execute_command (wait 0)")
+    call(m, "wait_for_tasks", {"task_ids": [slow["task_id"], going["task_id"]], "timeout": 5},
+         label="wait_for_tasks (any)")
+    call(m, "wait_for_tasks", {"task_ids": [slow["task_id"]], "timeout": 1}, label="wait_for_tasks (runs out)")
+    call(m, "cancel_task", {"task_id": slow["task_id"]}, label="cancel_task (the slow one)")
+    call(m, "read_task_output", {"task_id": going["task_id"], "tail": 9}, label="read_task_output (tail)")
     call(m, "get_sessions", {})
     call(m, "get_sessions", {"session_id": session}, label="get_sessions (one)")
     call(m, "get_sessions", {"session_id": build_session}, label="get_sessions (session of a submit_task task)")

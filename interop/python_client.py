@@ -4,7 +4,8 @@ Usage: python interop/python_client.py PATH/TO/msbd
 
 It starts `msbd serve` on a fresh data directory, lists the tools, runs a command task to its
 result through the background-task tools (submit, status, output by cursor, result), runs code
-with `execute_code`, and checks every structured answer against the tool's output schema (the
+with `execute_code`, has a long `execute_command` answer within the default call wait (20 s, well
+before the ~60 s after which clients give up) with its task id, and checks every structured answer against the tool's output schema (the
 SDK does that itself for successful calls). Exits non-zero on the first failure. `cargo xtask ci`
 runs it.
 """
@@ -13,13 +14,14 @@ import asyncio
 import os
 import sys
 import tempfile
+import time
 
 from mcp import ClientSession, StdioServerParameters
 from mcp.client.stdio import stdio_client
 
 EXPECTED_TOOLS = {
     "create_background_task", "submit_task", "check_task_status", "get_task_result",
-    "cancel_task", "list_tasks", "read_task_output", "manage_background_tasks",
+    "wait_for_tasks", "cancel_task", "list_tasks", "read_task_output", "manage_background_tasks",
     "manage_task_queue", "execute_code", "execute_command", "get_sessions", "stop_session",
     "get_volume_mappings", "health_check", "get_background_task_status",
     "restart_background_tasks", "pause_background_tasks", "resume_background_tasks",
@@ -82,6 +84,22 @@ async def main(msbd):
                 listed = await call(session, "list_tasks", {"status": "completed"})
                 check(listed["count"] == 2, f"list_tasks {listed}")
                 print("execute_code and list_tasks ok")
+
+                # A long command answers on the server's default call wait (20 s), before the
+                # ~60 s after which agent clients give up, with its task id; the task goes on.
+                started = time.monotonic()
+                going = await call(session, "execute_command", {"command": "echo begun; sleep 40"})
+                elapsed = time.monotonic() - started
+                check(elapsed < 30, f"a long execute_command answered after {elapsed:.1f} s")
+                check(going["status"] in ("pending", "running"), f"execute_command answered {going}")
+                check(going.get("output_tail") == "begun\n", f"no output so far in {going}")
+                check("wait_for_tasks" in going.get("next", ""), f"no way to follow in {going}")
+                waited = await call(session, "wait_for_tasks", {"task_ids": [going["task_id"]], "timeout": 0.5})
+                check(waited["done"] is False and waited["tasks"][0]["status"] == "running", f"wait_for_tasks {waited}")
+                tail = await call(session, "read_task_output", {"task_id": going["task_id"], "tail": 6})
+                check(tail["data"] == "begun\n", f"read_task_output tail {tail}")
+                await call(session, "cancel_task", {"task_id": going["task_id"]})
+                print(f"a 40 s execute_command answered after {elapsed:.1f} s, still running, with its task id")
     print("interop ok: the official Python MCP SDK lists msbd's tools and runs a task to its result over stdio")
 
 

@@ -32,7 +32,7 @@ import { AjvJsonSchemaValidator } from '@modelcontextprotocol/sdk/validation/ajv
 
 const EXPECTED_TOOLS = [
     'create_background_task', 'submit_task', 'check_task_status', 'get_task_result',
-    'cancel_task', 'list_tasks', 'read_task_output', 'manage_background_tasks',
+    'wait_for_tasks', 'cancel_task', 'list_tasks', 'read_task_output', 'manage_background_tasks',
     'manage_task_queue', 'execute_code', 'execute_command', 'get_sessions', 'stop_session',
     'get_volume_mappings', 'health_check', 'get_background_task_status',
     'restart_background_tasks', 'pause_background_tasks', 'resume_background_tasks',

@@ -58,8 +58,14 @@ pub struct ServerOptions {
     /// The timeout of `execute_command` and `execute_code` when none is given (and the default
     /// of background tasks of the built-in types).
     pub default_timeout: Duration,
-    /// The longest `get_task_result(wait=true)` waits in one call.
+    /// The longest any call waits for tasks (`wait_seconds`, `get_task_result`'s and
+    /// `wait_for_tasks`' `timeout`).
     pub max_wait: Duration,
+    /// How long a call waits for tasks when it does not say: `execute_command` and
+    /// `execute_code` then answer with where the task stands, `get_task_result(wait=true)` and
+    /// `wait_for_tasks` with what has finished. Below the ~60 s after which agent clients give
+    /// up on a call.
+    pub call_wait: Duration,
     /// The poll interval suggested to tasks-extension clients.
     pub poll_interval: Duration,
     /// How long finished tasks are kept (the task's TTL in the tasks extension); `None` forever.
@@ -78,6 +84,7 @@ impl Default for ServerOptions {
             supervision_tools: true,
             default_timeout: Duration::from_secs(300),
             max_wait: Duration::from_secs(3600),
+            call_wait: Duration::from_secs(20),
             poll_interval: Duration::from_millis(500),
             retention: Some(Duration::from_secs(7 * 86_400)),
             volumes: Vec::new(),
@@ -221,10 +228,10 @@ impl McpServer {
         self.core.draining.load(Ordering::Acquire)
     }
 
-    /// The drain is over: the calls that wait for a task (`execute_*`, `get_task_result` with
-    /// `wait`) answer at once with the task as it is now (a task the shutdown interrupted is
-    /// back in the queue: `execute_*` answers `STILL_RUNNING`), on this server and every
-    /// other one made from it. It cannot be undone.
+    /// The drain is over: the calls that wait for tasks (`execute_*`, `get_task_result` with
+    /// `wait`, `wait_for_tasks`) answer at once with the tasks as they are now (a task the
+    /// shutdown interrupted is back in the queue: `execute_*` answers that it is still going),
+    /// on this server and every other one made from it. It cannot be undone.
     pub fn stop_waiting(&self) {
         self.core.waits_end.cancel();
     }
@@ -393,6 +400,29 @@ impl McpServer {
                 },
             }
         }
+    }
+
+    /// How long a call waits for tasks: `seconds` as the client gave it (0 to `max_wait`), or
+    /// the server's call wait. `name` is the argument's, for the error.
+    pub(crate) fn call_wait(
+        &self,
+        seconds: Option<f64>,
+        name: &str,
+    ) -> Result<Duration, ToolError> {
+        let max = self.core.options.max_wait;
+        let Some(seconds) = seconds else {
+            return Ok(self.core.options.call_wait.min(max));
+        };
+        if !seconds.is_finite() || seconds < 0.0 || seconds > max.as_secs_f64() {
+            return Err(ToolError::invalid(
+                format!("{name} {seconds} is out of range"),
+                format!(
+                    "give 0 to {} seconds; to wait longer, call again (get_task_result or wait_for_tasks): a client gives up on one call after about a minute",
+                    max.as_secs()
+                ),
+            ));
+        }
+        Ok(Duration::from_secs_f64(seconds))
     }
 
     /// The answer a finished sandbox task gives as a tool result (also the `tasks/get` result).

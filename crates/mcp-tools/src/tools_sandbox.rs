@@ -41,6 +41,19 @@ pub(crate) enum SandboxCall {
     Command(ExecuteCommandArgs),
 }
 
+impl SandboxCall {
+    /// The call's `wait_seconds`.
+    fn wait_seconds(&self) -> Option<f64> {
+        match self {
+            SandboxCall::Code(args) => args.wait_seconds,
+            SandboxCall::Command(args) => args.wait_seconds,
+        }
+    }
+}
+
+/// How much of the output an answer about a run still going carries.
+const RUNNING_TAIL_BYTES: usize = 4096;
+
 /// `execute_code`.
 #[derive(Clone, Debug, Deserialize, JsonSchema)]
 #[schemars(crate = "rmcp::schemars")]
@@ -62,6 +75,11 @@ pub struct ExecuteCodeArgs {
     /// The most seconds to run (1 to 300; default the server's execution timeout).
     #[serde(default)]
     pub timeout: Option<f64>,
+    /// The most seconds to wait for the result (0 to 3600; default the server's call wait, 20
+    /// s). A run still going then is answered with its task id, progress and output so far; it
+    /// goes on, and get_task_result or wait_for_tasks waits for it.
+    #[serde(default)]
+    pub wait_seconds: Option<f64>,
 }
 
 /// `execute_command`.
@@ -83,6 +101,11 @@ pub struct ExecuteCommandArgs {
     /// The most seconds to run (1 to 1800; default the server's execution timeout).
     #[serde(default)]
     pub timeout: Option<f64>,
+    /// The most seconds to wait for the result (0 to 3600; default the server's call wait, 20
+    /// s). A run still going then is answered with its task id, progress and output so far; it
+    /// goes on, and get_task_result or wait_for_tasks waits for it.
+    #[serde(default)]
+    pub wait_seconds: Option<f64>,
 }
 
 /// `get_sessions`.
@@ -105,12 +128,14 @@ pub struct StopSessionArgs {
 }
 
 /// The answer of `execute_code` and `execute_command`.
-#[derive(Clone, Debug, Serialize, JsonSchema)]
+#[derive(Clone, Debug, Default, Serialize, JsonSchema)]
 #[schemars(crate = "rmcp::schemars")]
 pub struct ExecutionAnswer {
     /// The task that ran it (its output stays readable with read_task_output).
     pub task_id: String,
-    /// "completed", or for a run that did not succeed "failed", "timeout" or "cancelled".
+    /// "completed", or for a run that did not succeed "failed", "timeout" or "cancelled"; for
+    /// a run still going when the call's wait ended, "pending", "scheduled", "running" or
+    /// "paused" (with `progress`, `waited_seconds` and `next`).
     pub status: String,
     /// The session it ran in.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -145,6 +170,21 @@ pub struct ExecutionAnswer {
     /// Why it did not succeed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// While it runs: percent done, 0 to 100.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub progress: Option<f64>,
+    /// While it runs: its latest progress message.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub progress_message: Option<String>,
+    /// While it runs: the estimated seconds left, when known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eta_seconds: Option<f64>,
+    /// While it runs: how long this call waited for it (`wait_seconds`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub waited_seconds: Option<f64>,
+    /// While it runs: how to follow it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next: Option<String>,
 }
 
 /// A session as clients see it.
@@ -216,7 +256,7 @@ pub struct VolumesAnswer {
 #[tool_router(router = sandbox_tools, vis = "pub(crate)")]
 impl McpServer {
     #[tool(
-        description = "Run code in a sandboxed, persistent interpreter and return its output: template \"python\" (default), \"node\" or \"bash\". State (variables, imports, functions) persists within a session_id across calls; omit session_id for a fresh session (the answer names it). flavor small|medium|large sizes a new session; timeout in seconds (1-300). The run is a durable task: its task_id works with the background-task tools.",
+        description = "Run code in a sandboxed, persistent interpreter and return its output: template \"python\" (default), \"node\" or \"bash\". State (variables, imports, functions) persists within a session_id across calls; omit session_id for a fresh session (the answer names it). flavor small|medium|large sizes a new session; timeout in seconds (1-300). The run is a durable task: its task_id works with the background-task tools. A run still going after wait_seconds (default 20) is answered with its task_id, progress and output so far, and goes on (get_task_result or wait_for_tasks waits for it).",
         output_schema = schema_for_output::<ExecutionAnswer>()
     )]
     async fn execute_code(
@@ -228,7 +268,7 @@ impl McpServer {
     }
 
     #[tool(
-        description = "Run a shell command (sh -c) in a sandbox and return its output and exit code. The session's work directory persists across calls with the same session_id (omit it for a fresh session; the answer names it). flavor small|medium|large sizes a new session; timeout in seconds (1-1800). The run is a durable task: its task_id works with the background-task tools; for long work use submit_task instead.",
+        description = "Run a shell command (sh -c) in a sandbox and return its output and exit code. The session's work directory persists across calls with the same session_id (omit it for a fresh session; the answer names it). flavor small|medium|large sizes a new session; timeout in seconds (1-1800). The run is a durable task: its task_id works with the background-task tools. A run still going after wait_seconds (default 20) is answered with its task_id, progress and output so far, and goes on (get_task_result or wait_for_tasks waits for it).",
         output_schema = schema_for_output::<ExecutionAnswer>()
     )]
     async fn execute_command(
@@ -379,37 +419,80 @@ impl McpServer {
         Ok(submitted.task)
     }
 
-    /// `execute_*` without the tasks extension: submit, wait, answer.
+    /// `execute_*` without the tasks extension: submit, wait up to `wait_seconds`, answer with
+    /// the result, or with where the task stands when it is still going (a client gives up on
+    /// a call after about a minute, and must not lose the task's id with it).
     async fn execute(
         &self,
         call: SandboxCall,
         context: RequestContext<RoleServer>,
     ) -> Result<CallToolResult, ToolError> {
+        let wait = self.call_wait(call.wait_seconds(), "wait_seconds")?;
         let task = self.submit_sandbox_call(call).await?;
         self.track_call(&context.id, task.id).await;
-        // The task's own timeout bounds the run; the wait allows for queueing too.
-        let wait =
-            task.timeout.unwrap_or(self.core.options.default_timeout) + Duration::from_secs(3600);
         let waited = self.await_task(task.id, wait, &context, true).await;
         if !context.ct.is_cancelled() {
             self.untrack_call(&context.id);
         }
         let task = waited?;
         if !task.status.is_terminal() {
-            return Err(ToolError::new(
-                "STILL_RUNNING",
-                format!(
-                    "task {} is still {}",
-                    task.id,
-                    crate::wire::status_name(&task)
-                ),
-                format!(
-                    "follow it with check_task_status(task_id=\"{}\") or get_task_result(wait=true)",
-                    task.id
-                ),
-            ));
+            return Ok(self.still_running_answer(&task, wait));
         }
         Ok(self.sandbox_answer(&task))
+    }
+
+    /// The answer of an `execute_*` call whose task is still going when the call's wait ends:
+    /// not an error, but the task's id, where it stands, its output so far and how to follow it.
+    fn still_running_answer(&self, task: &Task, waited: Duration) -> CallToolResult {
+        let view = self.view(task);
+        let id = task.id;
+        let tail = self
+            .core
+            .wrapper
+            .read_output_tail(id, task.attempt, RUNNING_TAIL_BYTES)
+            .ok()
+            .flatten();
+        let mut standing = format!("{}, {:.0}%", view.status, view.progress);
+        if let Some(message) = &view.progress_message {
+            standing.push_str(&format!(": {message}"));
+        }
+        if let Some(eta) = view.eta_seconds {
+            standing.push_str(&format!("; about {eta:.0} s left"));
+        }
+        let next = format!(
+            "the task goes on: wait for it with get_task_result(task_id=\"{id}\", wait=true) or wait_for_tasks(task_ids=[\"{id}\"]); see its latest output with read_task_output(task_id=\"{id}\", tail={RUNNING_TAIL_BYTES}); stop it with cancel_task(task_id=\"{id}\")"
+        );
+        let mut text = format!(
+            "Still going after {} s: task {id} ({standing}).\n",
+            waited.as_secs_f64()
+        );
+        if let Some((_, chunk)) = &tail
+            && !chunk.data.is_empty()
+        {
+            text.push_str(&chunk.data);
+            if !chunk.data.ends_with('\n') {
+                text.push('\n');
+            }
+        }
+        text.push_str(&format!(
+            "[Session: {}] [Status: {}] [Task: {id}]\nWhat to do: {next}.",
+            view.session_id.as_deref().unwrap_or("-"),
+            view.status
+        ));
+        let running = ExecutionAnswer {
+            task_id: id.to_string(),
+            status: view.status.clone(),
+            session_id: view.session_id.clone(),
+            progress: Some(view.progress),
+            progress_message: view.progress_message.clone(),
+            eta_seconds: view.eta_seconds,
+            waited_seconds: Some(waited.as_secs_f64()),
+            output_tail: tail.as_ref().map(|(_, chunk)| chunk.data.clone()),
+            output_bytes: tail.as_ref().map(|(_, chunk)| chunk.size),
+            next: Some(next),
+            ..ExecutionAnswer::default()
+        };
+        answer(text, &running)
     }
 
     fn sessions(&self, args: GetSessionsArgs) -> Result<CallToolResult, ToolError> {

@@ -1,5 +1,5 @@
 //! The background-task tools: `create_background_task`, `submit_task`, `check_task_status`,
-//! `get_task_result`, `cancel_task`, `list_tasks`, `read_task_output`,
+//! `get_task_result`, `wait_for_tasks`, `cancel_task`, `list_tasks`, `read_task_output`,
 //! `manage_background_tasks`, `manage_task_queue`.
 
 use std::collections::BTreeMap;
@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use rmcp::handler::server::common::schema_for_output;
 use rmcp::handler::server::wrapper::Parameters;
-use rmcp::model::CallToolResult;
+use rmcp::model::{CallToolResult, ProgressNotificationParam};
 use rmcp::service::RequestContext;
 use rmcp::{ErrorData as McpError, RoleServer, tool, tool_router};
 use sandbox_wrapper::handlers::{KEPT_ATTEMPTS, kept_attempts};
@@ -22,7 +22,7 @@ use crate::wire::{
     self, Action, ActionAnswer, ActionStatus, CancelAnswer, CheckStatusArgs, Created,
     GetResultArgs, ListArgs, ManageQueueArgs, ManageTasksArgs, OutputAnswer, QueueAction,
     QueueStatistics, ReadOutputArgs, ResultAnswer, StatusAnswer, SubmitArgs, SubmitOptions,
-    TaskAction, TaskIdArgs, TaskList, TaskView,
+    TaskAction, TaskIdArgs, TaskList, TaskView, WaitAnswer, WaitForTasksArgs, WaitMode, WaitedTask,
 };
 
 /// The default page size of listings.
@@ -32,6 +32,8 @@ const MAX_LIMIT: u32 = 500;
 /// The default and largest chunk of output read at once.
 const DEFAULT_OUTPUT_BYTES: u64 = 64 * 1024;
 const MAX_OUTPUT_BYTES: u64 = 1024 * 1024;
+/// The most tasks one `wait_for_tasks` call waits for.
+const MAX_WAIT_TASKS: usize = 100;
 
 #[tool_router(router = task_tools, vis = "pub(crate)")]
 impl McpServer {
@@ -72,7 +74,7 @@ impl McpServer {
     }
 
     #[tool(
-        description = "The result of a task: with wait=true, waits until it finishes (up to timeout seconds, default 300) and sends progress notifications if you gave a progress token; else answers at once. `finished` says whether it is done; `result` holds what it returned (for command and code tasks: exit_code, output_tail, duration_ms, session_id...), `error` why it failed.",
+        description = "The result of a task: with wait=true, waits until it finishes (up to timeout seconds, default 20) and sends progress notifications if you gave a progress token; else answers at once. `finished` says whether it is done; `result` holds what it returned (for command and code tasks: exit_code, output_tail, duration_ms, session_id...), `error` why it failed.",
         output_schema = schema_for_output::<ResultAnswer>(),
         annotations(read_only_hint = true)
     )]
@@ -82,6 +84,19 @@ impl McpServer {
         context: RequestContext<RoleServer>,
     ) -> Result<CallToolResult, McpError> {
         finish(self.get_result(args, &context).await)
+    }
+
+    #[tool(
+        description = "Wait for several tasks in one call: until any (mode \"any\", the default) or all (mode \"all\") of task_ids have finished, or timeout seconds have passed (default 20). Answers each task's status, and the result or error of those that finished (done: false when the wait ran out first: call again). Sends progress notifications (tasks finished of total) if you gave a progress token.",
+        output_schema = schema_for_output::<WaitAnswer>(),
+        annotations(read_only_hint = true)
+    )]
+    async fn wait_for_tasks(
+        &self,
+        Parameters(args): Parameters<WaitForTasksArgs>,
+        context: RequestContext<RoleServer>,
+    ) -> Result<CallToolResult, McpError> {
+        finish(self.wait_for(args, &context).await)
     }
 
     #[tool(
@@ -109,7 +124,7 @@ impl McpServer {
     }
 
     #[tool(
-        description = "Read a task's output (stdout and stderr as written), also while it runs: start at cursor 0, then pass the answer's next_cursor to read on; max_bytes per call (default 65536). complete=true once the task has finished and everything was read. A retried task keeps the output of its last 5 attempts: attempt=n reads attempt n's (default: the latest; the answer's attempt says which).",
+        description = "Read a task's output (stdout and stderr as written), also while it runs: start at cursor 0, then pass the answer's next_cursor to read on; max_bytes per call (default 65536); or tail=N for its last N bytes. complete=true once the task has finished and everything was read. A retried task keeps the output of its last 5 attempts: attempt=n reads attempt n's (default: the latest; the answer's attempt says which).",
         output_schema = schema_for_output::<OutputAnswer>(),
         annotations(read_only_hint = true)
     )]
@@ -475,7 +490,7 @@ impl McpServer {
         if args.wait.unwrap_or(false) && !task.status.is_terminal() {
             let timeout = match args.timeout {
                 Some(seconds) => seconds_arg("timeout", seconds, true)?,
-                None => Duration::from_secs(300),
+                None => self.core.options.call_wait,
             }
             .min(self.core.options.max_wait);
             task = self.await_task(task.id, timeout, context, false).await?;
@@ -529,6 +544,142 @@ impl McpServer {
         }
         text.push_str(&result.message);
         Ok(answer(text, &result))
+    }
+
+    /// `wait_for_tasks`: one wait per unfinished task, all against the same timeout; ends
+    /// when the mode is satisfied, the timeout passes, the client cancels, or msbd drains.
+    async fn wait_for(
+        &self,
+        args: WaitForTasksArgs,
+        context: &RequestContext<RoleServer>,
+    ) -> Result<CallToolResult, ToolError> {
+        if args.task_ids.is_empty() || args.task_ids.len() > MAX_WAIT_TASKS {
+            return Err(ToolError::invalid(
+                format!("task_ids has {} ids", args.task_ids.len()),
+                format!("give 1 to {MAX_WAIT_TASKS} task ids"),
+            ));
+        }
+        let mode = args.mode.unwrap_or_default();
+        let timeout = self.call_wait(args.timeout, "timeout")?;
+        let mut tasks: Vec<Task> = Vec::with_capacity(args.task_ids.len());
+        for id in &args.task_ids {
+            let task = self.owned_task(id).await?;
+            if !tasks.iter().any(|t| t.id == task.id) {
+                tasks.push(task);
+            }
+        }
+        let total = tasks.len();
+        let satisfied = |finished: usize| match mode {
+            WaitMode::Any => finished >= 1,
+            WaitMode::All => finished == total,
+        };
+        let mut finished = tasks.iter().filter(|t| t.status.is_terminal()).count();
+        if !satisfied(finished) {
+            let token = context.meta.get_progress_token();
+            let mut waits = tokio::task::JoinSet::new();
+            for (index, task) in tasks.iter().enumerate() {
+                if !task.status.is_terminal() {
+                    let engine = self.core.wrapper.engine().clone();
+                    let id = task.id;
+                    waits.spawn(async move { (index, engine.wait(id, timeout).await) });
+                }
+            }
+            loop {
+                tokio::select! {
+                    joined = waits.join_next() => match joined {
+                        // Every wait has ended: each task finished or the timeout passed.
+                        None => break,
+                        Some(Ok((index, Ok(task)))) => {
+                            let ended = task.status.is_terminal();
+                            let id = task.id;
+                            let status = wire::status_name(&task).to_owned();
+                            tasks[index] = task;
+                            if !ended {
+                                continue;
+                            }
+                            finished += 1;
+                            if let Some(token) = &token {
+                                let param = ProgressNotificationParam::new(token.clone(), finished as f64)
+                                    .with_total(total as f64)
+                                    .with_message(format!("task {id} {status}"));
+                                let _ = context.peer.notify_progress(param).await;
+                            }
+                            if satisfied(finished) {
+                                break;
+                            }
+                        }
+                        Some(Ok((_, Err(error)))) => return Err(ToolError::from_core(error)),
+                        Some(Err(error)) => {
+                            return Err(ToolError::new(
+                                "OPERATION_FAILED",
+                                format!("a wait failed: {error}"),
+                                "try again",
+                            ));
+                        }
+                    },
+                    () = context.ct.cancelled() => break,
+                    () = self.core.waits_end.cancelled() => break,
+                }
+            }
+        }
+        let done = satisfied(finished);
+        let waited: Vec<WaitedTask> = tasks
+            .iter()
+            .map(|task| {
+                let view = self.view(task);
+                let finished = task.status.is_terminal();
+                WaitedTask {
+                    task_id: view.task_id,
+                    status: view.status,
+                    finished,
+                    progress: view.progress,
+                    result: task.result.clone(),
+                    error: view.error,
+                    eta_seconds: if finished { None } else { view.eta_seconds },
+                }
+            })
+            .collect();
+        let message = if done {
+            match (mode, finished == total) {
+                (_, true) => "Every task has finished; results and errors are in `tasks`.".to_owned(),
+                _ => "A task has finished (see `tasks`); call wait_for_tasks again with the unfinished ones to wait for the next.".to_owned(),
+            }
+        } else {
+            format!(
+                "Not done after {} s ({finished} of {total} finished): call wait_for_tasks again to keep waiting.",
+                timeout.as_secs_f64()
+            )
+        };
+        let mut text = format!(
+            "{finished} of {total} finished (mode {}).\n",
+            serde_json::to_value(mode)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .unwrap_or_default()
+        );
+        for task in &waited {
+            text.push_str(&format!("task {}: {}", task.task_id, task.status));
+            if !task.finished {
+                text.push_str(&format!(", {:.0}%", task.progress));
+            }
+            if let Some(exit) = task.result.as_ref().and_then(|r| r.get("exit_code")) {
+                text.push_str(&format!(" [exit code {exit}]"));
+            }
+            if let Some(error) = &task.error {
+                text.push_str(&format!(": {error}"));
+            }
+            text.push('\n');
+        }
+        text.push_str(&message);
+        let answer_body = WaitAnswer {
+            mode,
+            done,
+            finished,
+            total,
+            tasks: waited,
+            message,
+        };
+        Ok(answer(text, &answer_body))
     }
 
     async fn cancel(&self, task_id: &str) -> Result<CallToolResult, ToolError> {
@@ -586,13 +737,27 @@ impl McpServer {
         args: ReadOutputArgs,
     ) -> Result<CallToolResult, ToolError> {
         let task = self.owned_task(&args.task_id).await?;
-        let cursor = args.cursor.unwrap_or(0);
         let max = args.max_bytes.unwrap_or(DEFAULT_OUTPUT_BYTES);
         if max == 0 || max > MAX_OUTPUT_BYTES {
             return Err(ToolError::invalid(
                 format!("max_bytes {max} is out of range"),
                 format!("give 1 to {MAX_OUTPUT_BYTES}"),
             ));
+        }
+        match (args.tail, args.cursor) {
+            (Some(tail), _) if tail == 0 || tail > MAX_OUTPUT_BYTES => {
+                return Err(ToolError::invalid(
+                    format!("tail {tail} is out of range"),
+                    format!("give 1 to {MAX_OUTPUT_BYTES} bytes"),
+                ));
+            }
+            (Some(_), Some(_)) => {
+                return Err(ToolError::invalid(
+                    "tail and cursor were both given",
+                    "give cursor to read on from a place, or tail for the last bytes, not both",
+                ));
+            }
+            _ => {}
         }
         let latest = task.attempt;
         let attempt = match args.attempt {
@@ -620,23 +785,30 @@ impl McpServer {
         };
         let earlier = attempt < latest;
         let read = if kept_attempts(latest).contains(&attempt) {
-            self.core
-                .wrapper
-                .read_output(task.id, attempt, cursor, max as usize)
-                .map_err(|e| {
-                    ToolError::new(
-                        "OPERATION_FAILED",
-                        format!("cannot read the output of task {}: {e}", task.id),
-                        "try again; if the task is old its output may have been pruned",
-                    )
-                })?
+            let wrapper = &self.core.wrapper;
+            match args.tail {
+                Some(tail) => wrapper.read_output_tail(task.id, attempt, tail as usize),
+                None => {
+                    let cursor = args.cursor.unwrap_or(0);
+                    wrapper
+                        .read_output(task.id, attempt, cursor, max as usize)
+                        .map(|chunk| chunk.map(|chunk| (cursor, chunk)))
+                }
+            }
+            .map_err(|e| {
+                ToolError::new(
+                    "OPERATION_FAILED",
+                    format!("cannot read the output of task {}: {e}", task.id),
+                    "try again; if the task is old its output may have been pruned",
+                )
+            })?
         } else {
             None
         };
-        let chunk = match read {
-            Some(chunk) => chunk,
+        let (cursor, chunk) = match read {
+            Some(read) => read,
             // The latest attempt has no output yet: it has not started (or has just).
-            None if !earlier => OutputChunk::default(),
+            None if !earlier => (args.cursor.unwrap_or(0), OutputChunk::default()),
             None => return Err(self.attempt_not_kept(&task, attempt)),
         };
         let complete = (earlier || task.status.is_terminal()) && chunk.next_cursor >= chunk.size;

@@ -193,10 +193,81 @@ pub struct GetResultArgs {
     /// at once with the current state.
     #[serde(default)]
     pub wait: Option<bool>,
-    /// With wait: the most seconds to wait (default 300). The answer says `finished: false` if
-    /// the task was still running then; call again to keep waiting.
+    /// With wait: the most seconds to wait (default the server's call wait, 20 s; at most its
+    /// longest wait, 3600 s). The answer says `finished: false` if the task was still running
+    /// then; call again to keep waiting.
     #[serde(default)]
     pub timeout: Option<f64>,
+}
+
+/// `wait_for_tasks`.
+#[derive(Clone, Debug, Deserialize, JsonSchema)]
+#[schemars(crate = "rmcp::schemars")]
+#[serde(deny_unknown_fields)]
+pub struct WaitForTasksArgs {
+    /// The tasks to wait for (1 to 100, each yours).
+    pub task_ids: Vec<String>,
+    /// "any" (the default): until one of them has finished; "all": until every one has.
+    #[serde(default)]
+    pub mode: Option<WaitMode>,
+    /// The most seconds to wait (default the server's call wait, 20 s; at most its longest
+    /// wait, 3600 s). The answer says `done: false` when the wait ran out first; call again to
+    /// keep waiting.
+    #[serde(default)]
+    pub timeout: Option<f64>,
+}
+
+/// What `wait_for_tasks` waits for.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[schemars(crate = "rmcp::schemars")]
+#[serde(rename_all = "lowercase")]
+pub enum WaitMode {
+    /// Until one of the tasks has finished.
+    #[default]
+    Any,
+    /// Until every one has.
+    All,
+}
+
+/// The answer of `wait_for_tasks`.
+#[derive(Clone, Debug, Serialize, JsonSchema)]
+#[schemars(crate = "rmcp::schemars")]
+pub struct WaitAnswer {
+    /// What was waited for: "any" or "all".
+    pub mode: WaitMode,
+    /// Whether that happened (false: the wait ran out, or was cut short, first).
+    pub done: bool,
+    /// How many of the tasks have finished.
+    pub finished: usize,
+    /// How many tasks were waited for.
+    pub total: usize,
+    /// Each task as it stands, in the order asked.
+    pub tasks: Vec<WaitedTask>,
+    /// What to do next.
+    pub message: String,
+}
+
+/// One task of a `wait_for_tasks` answer.
+#[derive(Clone, Debug, Serialize, JsonSchema)]
+#[schemars(crate = "rmcp::schemars")]
+pub struct WaitedTask {
+    /// The task's id.
+    pub task_id: String,
+    /// Its status (see check_task_status).
+    pub status: String,
+    /// Whether it has finished (completed, failed, timeout or cancelled).
+    pub finished: bool,
+    /// Percent done.
+    pub progress: f64,
+    /// What it returned, once completed (as get_task_result's `result`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub result: Option<Value>,
+    /// Why it failed, when it did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Estimated seconds until it finishes, when unfinished and known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eta_seconds: Option<f64>,
 }
 
 /// Tools that take only a task id (`cancel_task`).
@@ -247,6 +318,11 @@ pub struct ReadOutputArgs {
     /// The most bytes to return (1 to 1048576; default 65536).
     #[serde(default)]
     pub max_bytes: Option<u64>,
+    /// Instead of reading from a cursor: the last this many bytes (1 to 1048576), the latest
+    /// output of a running task or the end of a finished one's. The answer's `cursor` is where
+    /// they start and `next_cursor` the end, to read on from.
+    #[serde(default)]
+    pub tail: Option<u64>,
     /// Which attempt's output to read, from 1 to the task's latest attempt (default: the
     /// latest). A retried or re-run task keeps the output of its last 5 attempts, each read by
     /// its own cursor.

@@ -120,6 +120,7 @@ pub(crate) fn server_options(config: &Config) -> ServerOptions {
         server_version: env!("CARGO_PKG_VERSION").into(),
         supervision_tools: config.supervision_tools,
         default_timeout: config.execution_timeout,
+        call_wait: config.call_wait,
         retention: config.task_retention,
         volumes: config.volumes.clone(),
         ..ServerOptions::default()

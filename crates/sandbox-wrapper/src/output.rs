@@ -282,9 +282,49 @@ pub fn read_output(path: &Path, cursor: u64, max: usize) -> std::io::Result<Outp
     })
 }
 
+/// Reads the last `max` bytes (at most) of an output file, starting on the first byte of a
+/// character: the offset the read started at, and the chunk (whose `next_cursor` is the end,
+/// to read on from).
+pub fn read_output_tail(path: &Path, max: usize) -> std::io::Result<(u64, OutputChunk)> {
+    let mut file = File::open(path)?;
+    let size = file.metadata()?.len();
+    let mut start = size.saturating_sub(max as u64);
+    if start > 0 {
+        // Skip the continuation bytes of a character cut at the start (at most 3).
+        file.seek(SeekFrom::Start(start))?;
+        let mut head = [0u8; 3];
+        let read = file.read(&mut head)?;
+        let skip = head[..read]
+            .iter()
+            .take_while(|&&b| b & 0xC0 == 0x80)
+            .count();
+        start += skip as u64;
+    }
+    let chunk = read_output(path, start, max)?;
+    Ok((start, chunk))
+}
+
 #[cfg(test)]
 mod tests {
     use super::parse_progress_line;
+
+    #[test]
+    fn a_tail_starts_on_a_character_and_ends_at_the_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out");
+        std::fs::write(&path, "abc\u{e9}\u{e9}xyz").unwrap(); // é is 2 bytes: 3 + 4 + 3 = 10
+        let tail = |max| super::read_output_tail(&path, max).unwrap();
+        let (start, chunk) = tail(4);
+        assert_eq!((start, chunk.data.as_str()), (7, "xyz"), "cut é skipped");
+        assert_eq!((chunk.next_cursor, chunk.size), (10, 10));
+        let (start, chunk) = tail(5);
+        assert_eq!((start, chunk.data.as_str()), (5, "\u{e9}xyz"));
+        let (start, chunk) = tail(100);
+        assert_eq!((start, chunk.data.as_str()), (0, "abc\u{e9}\u{e9}xyz"));
+        std::fs::write(&path, "").unwrap();
+        assert_eq!(tail(10).0, 0);
+        assert!(tail(10).1.data.is_empty());
+    }
 
     fn read(line: &str) -> Option<(f64, Option<String>)> {
         parse_progress_line(line).map(|p| (p.fraction, p.message))

@@ -742,6 +742,22 @@ impl Wrapper {
         }
     }
 
+    /// The last `max` bytes (at most) of the output of attempt `attempt` of task `id`, and the
+    /// offset they start at; `None` as for [`Wrapper::read_output`].
+    pub fn read_output_tail(
+        &self,
+        id: TaskId,
+        attempt: u32,
+        max: usize,
+    ) -> std::io::Result<Option<(u64, OutputChunk)>> {
+        let path = self.inner.shared.output_path(id, attempt);
+        match crate::output::read_output_tail(&path, max) {
+            Ok(tail) => Ok(Some(tail)),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(error) => Err(error),
+        }
+    }
+
     /// The attempts of a task whose output is kept, when `latest` is its latest attempt (the
     /// ones among the last [`crate::handlers::KEPT_ATTEMPTS`] that have an output file).
     pub fn attempts_with_output(&self, id: TaskId, latest: u32) -> Vec<u32> {

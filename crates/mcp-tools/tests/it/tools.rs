@@ -894,7 +894,7 @@ async fn every_tool_refuses_arguments_it_does_not_take_and_only_those() {
         &client,
         "execute_command",
         json!({"cmd": "true"}),
-        "unknown argument `cmd`; execute_command takes `command`, `template`, `session_id`, `flavor`, `timeout`",
+        "unknown argument `cmd`; execute_command takes `command`, `template`, `session_id`, `flavor`, `timeout`, `wait_seconds`",
     )
     .await;
     refused(
@@ -1018,7 +1018,7 @@ async fn every_published_schema_is_standard_and_inputs_are_closed() {
     let fixture = fixture(ServerOptions::default()).await;
     let client = connect(fixture.server.clone(), Client::default()).await;
     let tools = client.list_all_tools().await.unwrap();
-    assert_eq!(tools.len(), 19);
+    assert_eq!(tools.len(), 20);
     let mut problems = Vec::new();
     for tool in &tools {
         let input = Value::Object((*tool.input_schema).clone());
@@ -1463,4 +1463,190 @@ async fn the_fast_lane_answers_tasks_get_as_rmcp_would() {
     let refused = get(&untasked, &id).await;
     assert!(refused.is_err(), "{refused:?}");
     assert_eq!(*untasked_seen.lock().unwrap(), ["tasks/get"]);
+}
+
+/// A call never outlives its client: `execute_command` answers after `wait_seconds` with the
+/// task still going (not an error), and `wait_for_tasks` then waits for it and others in one
+/// call, with progress notifications.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_execute_answers_in_time_and_wait_for_tasks_waits_for_several() {
+    let fixture = fixture(ServerOptions::default()).await;
+    let handler = Client::default();
+    let client = connect(fixture.server.clone(), handler.clone()).await;
+
+    // Still going after the wait: the task id, where it stands, the output so far, what next.
+    let started = std::time::Instant::now();
+    let going = ok(
+        &client,
+        "execute_command",
+        json!({"command": "echo first; sleep 2; echo second", "wait_seconds": 0.5}),
+    )
+    .await;
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "answered after {:?}",
+        started.elapsed()
+    );
+    let id = going["task_id"].as_str().unwrap().to_owned();
+    assert!(
+        ["pending", "running"].contains(&going["status"].as_str().unwrap()),
+        "{going}"
+    );
+    assert_eq!(going["waited_seconds"], 0.5);
+    assert!(going["next"].as_str().unwrap().contains("wait_for_tasks"));
+    assert!(going.get("exit_code").is_none(), "{going}");
+
+    // The tail of a running task's output.
+    wait_until(Duration::from_secs(10), async || {
+        let read = ok(
+            &client,
+            "read_task_output",
+            json!({"task_id": id, "tail": 6}),
+        )
+        .await;
+        (read["data"] == "first\n").then_some(()).ok_or(read)
+    })
+    .await;
+
+    // One quick task and the long one: mode any ends with the first, mode all with both.
+    let quick = ok(
+        &client,
+        "submit_task",
+        json!({"task_type": "command", "params": {"command": "echo quick"}}),
+    )
+    .await;
+    let quick = quick["task_id"].as_str().unwrap().to_owned();
+    let mut params = CallToolRequestParams::new("wait_for_tasks").with_arguments(args(
+        json!({"task_ids": [id, quick, quick], "mode": "all", "timeout": 30}),
+    ));
+    params.meta = Some(RequestMetaObject::with_progress_token(ProgressToken(
+        NumberOrString::Number(9),
+    )));
+    let all = client.call_tool(params).await.unwrap();
+    assert_ne!(all.is_error, Some(true), "{all:?}");
+    let all = all.structured_content.unwrap();
+    assert_eq!(
+        (
+            all["done"].as_bool(),
+            all["finished"].as_u64(),
+            all["total"].as_u64()
+        ),
+        (Some(true), Some(2), Some(2)),
+        "{all}"
+    );
+    let statuses: Vec<&str> = all["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(statuses, ["completed", "completed"], "{all}");
+    assert_eq!(
+        all["tasks"][0]["task_id"],
+        id.as_str(),
+        "in the order asked"
+    );
+    assert!(
+        all["tasks"][0]["result"]["output_tail"]
+            .as_str()
+            .unwrap()
+            .contains("second")
+    );
+    let progress = handler.progress.lock().unwrap().clone();
+    assert!(
+        progress
+            .iter()
+            .any(|(p, m)| *p == 2.0 && m.as_deref().is_some_and(|m| m.contains("completed"))),
+        "{progress:?}"
+    );
+
+    // Mode any with one task that will not finish in time: done at once with the finished one.
+    let long = ok(
+        &client,
+        "execute_command",
+        json!({"command": "sleep 30", "wait_seconds": 0}),
+    )
+    .await;
+    let long = long["task_id"].as_str().unwrap().to_owned();
+    let any = ok(
+        &client,
+        "wait_for_tasks",
+        json!({"task_ids": [long, quick], "timeout": 20}),
+    )
+    .await;
+    assert_eq!(
+        (any["done"].as_bool(), any["finished"].as_u64()),
+        (Some(true), Some(1)),
+        "{any}"
+    );
+    // Mode all runs out: done false, and the call says how to go on.
+    let started = std::time::Instant::now();
+    let out = ok(
+        &client,
+        "wait_for_tasks",
+        json!({"task_ids": [long, quick], "mode": "all", "timeout": 0.3}),
+    )
+    .await;
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert_eq!(
+        (out["done"].as_bool(), out["finished"].as_u64()),
+        (Some(false), Some(1)),
+        "{out}"
+    );
+    assert!(
+        out["message"]
+            .as_str()
+            .unwrap()
+            .contains("call wait_for_tasks again"),
+        "{out}"
+    );
+    ok(&client, "cancel_task", json!({"task_id": long})).await;
+
+    // Bad input: clear errors, nothing submitted.
+    let listed = ok(&client, "list_tasks", json!({"status": "all"})).await["count"].clone();
+    for (tool, arguments, says) in [
+        (
+            "execute_command",
+            json!({"command": "echo x", "wait_seconds": -1}),
+            "wait_seconds -1 is out of range",
+        ),
+        (
+            "execute_command",
+            json!({"command": "echo x", "wait_seconds": 3601}),
+            "give 0 to 3600 seconds",
+        ),
+        (
+            "wait_for_tasks",
+            json!({"task_ids": []}),
+            "give 1 to 100 task ids",
+        ),
+        (
+            "wait_for_tasks",
+            json!({"task_ids": [quick], "timeout": -2}),
+            "timeout -2 is out of range",
+        ),
+        (
+            "wait_for_tasks",
+            json!({"task_ids": ["0193e4a2-0000-7000-8000-000000000000"]}),
+            "TASK_NOT_FOUND",
+        ),
+        (
+            "read_task_output",
+            json!({"task_id": quick, "tail": 0}),
+            "tail 0 is out of range",
+        ),
+        (
+            "read_task_output",
+            json!({"task_id": quick, "tail": 5, "cursor": 1}),
+            "tail and cursor were both given",
+        ),
+    ] {
+        let text = tool_error(&client, tool, arguments).await;
+        assert!(text.contains(says), "{tool}: {text}");
+    }
+    assert_eq!(
+        ok(&client, "list_tasks", json!({"status": "all"})).await["count"],
+        listed
+    );
+    client.cancel().await.unwrap();
 }

@@ -268,6 +268,15 @@ variables! {
         group = Group::Tasks, flag = None, secret = false,
         show = |c| Some(c.execution_timeout.as_secs().to_string());
 
+    /// How long a tool call waits for tasks when it does not say, in seconds (1 to 3600):
+    /// `execute_command` and `execute_code` then answer with the task's id, progress and output
+    /// so far if it is still going (it goes on), and `get_task_result(wait=true)` and
+    /// `wait_for_tasks` with what has finished. Agent clients give up on a call after about 60
+    /// s, so keep it well below that.
+    MSB_CALL_WAIT: call_wait: Seconds = fixed(Seconds(20)),
+        group = Group::Tasks, flag = None, secret = false,
+        show = |c| Some(c.call_wait.as_secs().to_string());
+
     /// How long a running task's claim (its lease) lasts without renewal, in seconds (3 to
     /// 3600). msbd renews the leases of its running tasks every third of this; the lease reaper
     /// looks every fifth of it (at most every 5 seconds) and queues again the tasks whose lease

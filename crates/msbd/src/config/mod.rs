@@ -253,6 +253,8 @@ pub struct Config {
     /// The timeout of a task that sets none (`MSB_EXECUTION_TIMEOUT`). The MCP layer applies it
     /// when it submits a task; the engine itself has no default timeout.
     pub execution_timeout: Duration,
+    /// How long a tool call waits for tasks when it does not say (`MSB_CALL_WAIT`).
+    pub call_wait: Duration,
     /// How long a running task's lease lasts without renewal (`MSB_LEASE_TIMEOUT`).
     pub lease_timeout: Duration,
     /// The file of operator-defined task types, if any (`MSB_TASK_TYPES_FILE`); read by

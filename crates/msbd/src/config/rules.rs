@@ -178,6 +178,8 @@ pub(super) fn build(
     let max_concurrent_tasks = check.count("MSB_MAX_CONCURRENT_TASKS", max_concurrent_tasks, 1);
     let execution_timeout = raw.execution_timeout.unwrap_or(d.execution_timeout);
     let execution_timeout = check.positive_seconds("MSB_EXECUTION_TIMEOUT", execution_timeout);
+    let call_wait = raw.call_wait.unwrap_or(d.call_wait);
+    let call_wait = check.seconds("MSB_CALL_WAIT", call_wait, 1, 3600);
     let lease_timeout = raw.lease_timeout.unwrap_or(d.lease_timeout);
     let lease_timeout = check.seconds(
         "MSB_LEASE_TIMEOUT",
@@ -378,6 +380,7 @@ pub(super) fn build(
         sqlite_cache_mb,
         max_concurrent_tasks,
         execution_timeout: Duration::from_secs(execution_timeout),
+        call_wait: Duration::from_secs(call_wait),
         lease_timeout: Duration::from_secs(lease_timeout),
         task_types_file,
         output_cap_bytes,

@@ -84,6 +84,7 @@ fn defaults_with_an_empty_environment() {
     assert_eq!(c.task_retention, Some(Duration::from_secs(604_800)));
     assert_eq!(c.max_concurrent_tasks, 4);
     assert_eq!(c.execution_timeout, Duration::from_secs(300));
+    assert_eq!(c.call_wait, Duration::from_secs(20));
     assert_eq!(c.task_types_file, None);
     assert_eq!(c.output_cap_bytes, DEFAULT_OUTPUT_CAP);
     assert_eq!(c.backend, BackendChoice::Local);
@@ -157,6 +158,7 @@ fn every_variable_is_read_from_the_environment() {
         ("MSB_SQLITE_CACHE_MB", "8"),
         ("MSB_MAX_CONCURRENT_TASKS", "32"),
         ("MSB_EXECUTION_TIMEOUT", "60"),
+        ("MSB_CALL_WAIT", "45"),
         ("MSB_LEASE_TIMEOUT", "12"),
         ("MSB_TASK_TYPES_FILE", "/etc/msbd/types.toml"),
         ("MSB_OUTPUT_CAP_BYTES", "1024"),
@@ -203,6 +205,7 @@ fn every_variable_is_read_from_the_environment() {
     assert_eq!(c.sqlite_cache_mb, 8);
     assert_eq!(c.max_concurrent_tasks, 32);
     assert_eq!(c.execution_timeout, Duration::from_secs(60));
+    assert_eq!(c.call_wait, Duration::from_secs(45));
     assert_eq!(c.lease_timeout, Duration::from_secs(12));
     assert_eq!(
         c.task_types_file,
@@ -263,6 +266,8 @@ fn each_kind_of_bad_value_is_an_error_that_names_its_variable() {
         ("MSB_MAX_TOTAL_MEMORY_MB", "0", "must be at least 1"),
         ("MSB_EXECUTION_TIMEOUT", "0", "must be at least 1 second"),
         ("MSB_SHUTDOWN_TIMEOUT", "0", "must be at least 1 second"),
+        ("MSB_CALL_WAIT", "0", "must be at least 1 second"),
+        ("MSB_CALL_WAIT", "3601", "at most 3600 seconds; set"),
         ("MSB_LEASE_TIMEOUT", "2", "must be at least 3 seconds"),
         ("MSB_LEASE_TIMEOUT", "3601", "at most 3600 seconds; set"),
         (

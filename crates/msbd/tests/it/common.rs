@@ -231,6 +231,38 @@ pub(crate) async fn every_tool_and_a_tasks_whole_life(client: &Connection) -> St
     )
     .await;
     assert_eq!(command["exit_code"], 0);
+    // A command longer than its wait answers with its task id and goes on; wait_for_tasks
+    // waits for it and the first task in one call; its output's tail is its last line.
+    let going = ok(
+        client,
+        "execute_command",
+        json!({"command": "echo started; sleep 2; echo ended", "wait_seconds": 0.5, "session_id": session}),
+    )
+    .await;
+    assert!(
+        ["pending", "running"].contains(&going["status"].as_str().unwrap()),
+        "{going}"
+    );
+    let going = going["task_id"].as_str().unwrap().to_owned();
+    let waited = ok(
+        client,
+        "wait_for_tasks",
+        json!({"task_ids": [going, id], "mode": "all", "timeout": 30}),
+    )
+    .await;
+    assert_eq!(
+        (waited["done"].as_bool(), waited["finished"].as_u64()),
+        (Some(true), Some(2)),
+        "{waited}"
+    );
+    assert_eq!(waited["tasks"][0]["result"]["exit_code"], 0, "{waited}");
+    let tail = ok(
+        client,
+        "read_task_output",
+        json!({"task_id": going, "tail": 6}),
+    )
+    .await;
+    assert_eq!(tail["data"], "ended\n", "{tail}");
     let sessions = ok(client, "get_sessions", json!({})).await;
     assert!(sessions["count"].as_u64().unwrap() >= 1);
     ok(client, "stop_session", json!({"session_id": session})).await;
