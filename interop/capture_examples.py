@@ -248,6 +248,17 @@ def first_connection(binary, env, log):
     call(m, "wait_for_tasks", {"task_ids": [slow["task_id"]], "timeout": 1}, label="wait_for_tasks (runs out)")
     call(m, "cancel_task", {"task_id": slow["task_id"]}, label="cancel_task (the slow one)")
     call(m, "read_task_output", {"task_id": going["task_id"], "tail": 9}, label="read_task_output (tail)")
+    # --- files -------------------------------------------------------------------------------
+    call(m, "write_file", {"session_id": "notes", "path": "docs/plan.md", "content": "# Plan\n1. build\n2. test\n"})
+    call(m, "execute_command", {"command": "wc -l docs/plan.md && printf '\\211PNG\\r\\n' > logo.png && ln -s /etc/shadow shadow",
+                                "session_id": "notes"}, label="execute_command (files)")
+    call(m, "read_file", {"session_id": "notes", "path": "docs/plan.md", "offset": 7, "length": 9})
+    call(m, "read_file", {"session_id": "notes", "path": "logo.png", "encoding": "base64"}, label="read_file (base64)")
+    call(m, "write_file", {"session_id": "notes", "path": "docs/plan.md", "content": "3. ship\n", "append": True},
+         label="write_file (append)")
+    call(m, "list_files", {"session_id": "notes", "depth": 2})
+    call(m, "read_file", {"session_id": "notes", "path": "shadow"}, label="error read_file (link out)")
+    call(m, "read_file", {"session_id": "notes", "path": "logo.png"}, label="error read_file (not text)")
     call(m, "get_sessions", {})
     call(m, "get_sessions", {"session_id": session}, label="get_sessions (one)")
     call(m, "get_sessions", {"session_id": build_session}, label="get_sessions (session of a submit_task task)")

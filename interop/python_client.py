@@ -11,6 +11,7 @@ runs it.
 """
 
 import asyncio
+import base64
 import os
 import sys
 import tempfile
@@ -23,7 +24,7 @@ EXPECTED_TOOLS = {
     "create_background_task", "submit_task", "check_task_status", "get_task_result",
     "wait_for_tasks", "cancel_task", "list_tasks", "read_task_output", "manage_background_tasks",
     "manage_task_queue", "execute_code", "execute_command", "get_sessions", "stop_session",
-    "get_volume_mappings", "health_check", "get_background_task_status",
+    "get_volume_mappings", "write_file", "read_file", "list_files", "health_check", "get_background_task_status",
     "restart_background_tasks", "pause_background_tasks", "resume_background_tasks",
 }
 
@@ -84,6 +85,20 @@ async def main(msbd):
                 listed = await call(session, "list_tasks", {"status": "completed"})
                 check(listed["count"] == 2, f"list_tasks {listed}")
                 print("execute_code and list_tasks ok")
+
+                # Files in and out of a session: what write_file wrote a command reads; what a
+                # command wrote (binary) read_file returns byte for byte.
+                await call(session, "write_file", {"session_id": "py-files", "path": "in/data.txt", "content": "from python\n"})
+                cat = await call(session, "execute_command", {
+                    "command": "cat in/data.txt; python3 -c \"import sys; sys.stdout.buffer.write(bytes(range(256)))\" > out.bin",
+                    "session_id": "py-files",
+                })
+                check(cat["output_tail"] == "from python\n", f"the command read {cat}")
+                got = await call(session, "read_file", {"session_id": "py-files", "path": "out.bin", "encoding": "base64"})
+                check(base64.b64decode(got["content"]) == bytes(range(256)), f"read_file gave {got}")
+                listed = await call(session, "list_files", {"session_id": "py-files", "depth": 2})
+                check({e["path"] for e in listed["entries"]} >= {"in", "in/data.txt", "out.bin"}, f"list_files {listed}")
+                print("write_file, a command, read_file (binary) and list_files ok")
 
                 # A long command answers on the server's default call wait (20 s), before the
                 # ~60 s after which agent clients give up, with its task id; the task goes on.

@@ -2,9 +2,10 @@
 //! [`sandbox_wrapper::Wrapper`].
 //!
 //! - Background-task tools (`create_background_task`, `submit_task`, `check_task_status`,
-//!   `get_task_result`, `cancel_task`, `list_tasks`, `read_task_output`,
+//!   `get_task_result`, `wait_for_tasks`, `cancel_task`, `list_tasks`, `read_task_output`,
 //!   `manage_background_tasks`, `manage_task_queue`), sandbox tools (`execute_code`,
-//!   `execute_command`, `get_sessions`, `stop_session`, `get_volume_mappings`) and supervision
+//!   `execute_command`, `get_sessions`, `stop_session`, `get_volume_mappings`), file tools
+//!   (`write_file`, `read_file`, `list_files`) and supervision
 //!   tools (`health_check`, `get_background_task_status`, `restart_background_tasks`,
 //!   `pause_background_tasks`, `resume_background_tasks`; listed only when enabled). Each has
 //!   an input schema with descriptions, a structured answer with its output schema, and a text
@@ -13,7 +14,9 @@
 //!   it, `execute_command` and `execute_code` answer with a task whose id is msbd's task id;
 //!   `tasks/get` and `tasks/cancel` work across restarts.
 //! - Progress: `notifications/progress` to a caller that sent a progress token, for the task it
-//!   runs (`execute_*`) or awaits (`get_task_result(wait=true)`).
+//!   runs (`execute_*`) or awaits (`get_task_result(wait=true)`, `wait_for_tasks`). No call
+//!   waits longer than the caller's `wait_seconds`/`timeout` or the server's call wait: a
+//!   task still going is answered with its id and where it stands.
 //! - Ownership: tasks and sessions belong to the principal that made them; another
 //!   principal's are "not found".
 //! - Errors: a malformed request is a JSON-RPC error (rmcp answers it); a call that cannot be
@@ -27,6 +30,7 @@ mod actions;
 mod arguments;
 mod fast_lane;
 mod server;
+mod tools_files;
 mod tools_sandbox;
 mod tools_supervision;
 mod tools_tasks;
@@ -41,6 +45,10 @@ pub use server::explain_argument_errors;
 pub use server::{
     McpServer, REQUEST_TOO_LARGE_METHOD, STDIO_PRINCIPAL, SUPERVISION_TOOLS, ServerOptions,
     TASK_TOOLS,
+};
+pub use tools_files::{
+    FileEncoding, FileView, ListFilesAnswer, ListFilesArgs, ReadFileAnswer, ReadFileArgs,
+    WriteFileAnswer, WriteFileArgs,
 };
 pub use tools_sandbox::{
     ExecuteCodeArgs, ExecuteCommandArgs, ExecutionAnswer, GetSessionsArgs, SessionView,

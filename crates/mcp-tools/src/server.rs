@@ -68,6 +68,9 @@ pub struct ServerOptions {
     pub call_wait: Duration,
     /// The poll interval suggested to tasks-extension clients.
     pub poll_interval: Duration,
+    /// The largest file `write_file` makes (appends included), and the most bytes one
+    /// `read_file` returns.
+    pub max_file_bytes: u64,
     /// How long finished tasks are kept (the task's TTL in the tasks extension); `None` forever.
     pub retention: Option<Duration>,
     /// The host directories bound into sandboxes (for `get_volume_mappings`).
@@ -86,6 +89,7 @@ impl Default for ServerOptions {
             max_wait: Duration::from_secs(3600),
             call_wait: Duration::from_secs(20),
             poll_interval: Duration::from_millis(500),
+            max_file_bytes: 16 * 1024 * 1024,
             retention: Some(Duration::from_secs(7 * 86_400)),
             volumes: Vec::new(),
             server_name: "msbd".into(),
@@ -164,8 +168,10 @@ pub struct McpServer {
 impl McpServer {
     /// A server over a started wrapper, serving [`STDIO_PRINCIPAL`].
     pub fn new(wrapper: Wrapper, options: ServerOptions) -> McpServer {
-        let mut tool_router =
-            Self::task_tools() + Self::sandbox_tools() + Self::supervision_tools();
+        let mut tool_router = Self::task_tools()
+            + Self::sandbox_tools()
+            + Self::file_tools()
+            + Self::supervision_tools();
         if !options.supervision_tools {
             for name in SUPERVISION_TOOLS {
                 tool_router.remove_route(name);

@@ -587,7 +587,7 @@ impl McpServer {
 
 impl McpServer {
     /// The refusal for a session that is not (or no longer) this principal's.
-    fn session_not_found(&self, id: &str) -> ToolError {
+    pub(crate) fn session_not_found(&self, id: &str) -> ToolError {
         let timeout = self.core.wrapper.sessions().config().session_timeout;
         ToolError::new(
             "SESSION_NOT_FOUND",

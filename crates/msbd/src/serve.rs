@@ -121,6 +121,7 @@ pub(crate) fn server_options(config: &Config) -> ServerOptions {
         supervision_tools: config.supervision_tools,
         default_timeout: config.execution_timeout,
         call_wait: config.call_wait,
+        max_file_bytes: config.max_file_bytes,
         retention: config.task_retention,
         volumes: config.volumes.clone(),
         ..ServerOptions::default()

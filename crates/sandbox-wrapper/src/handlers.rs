@@ -508,6 +508,7 @@ fn session_failure(error: SessionError) -> TaskFailure {
         SessionError::NotFound(_) | SessionError::FlavorMismatch { .. } => {
             TaskFailure::permanent(error.to_string())
         }
+        SessionError::NoFiles(..) => TaskFailure::retryable(error.to_string()),
         SessionError::Claimed(_) => TaskFailure::permanent(format!(
             "{error}: use a session of your own, or name none for a fresh one"
         )),

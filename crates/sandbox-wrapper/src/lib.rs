@@ -55,6 +55,8 @@
 //!   `::progress::` lines turned into progress reports;
 //! - [`session`]: sessions (made on first use, expired when idle) and the resource manager
 //!   (limits on sessions and memory, least-recently-used eviction);
+//! - [`files`]: files in and out of a session's work directory, resolved beneath it by the
+//!   kernel (`openat2`);
 //! - [`handlers`]: the `command` and `code` task types, and operator-defined ones from
 //!   [`task_types`] (a TOML file);
 //! - [`supervisor`]: every background loop is a named child with a restart policy, pause and
@@ -66,6 +68,7 @@
 //! environment; it takes plain config structs from its caller.
 
 pub mod backend;
+pub mod files;
 pub mod handlers;
 pub mod output;
 pub mod session;

@@ -140,6 +140,10 @@ pub enum SessionError {
     /// The manager is stopping.
     #[error("sessions are shutting down; no new work is accepted")]
     ShuttingDown,
+    /// The session's files are not on this host (the microsandbox backend keeps them in its
+    /// VM), or it is still being made.
+    #[error("the files of session {0:?} cannot be reached from msbd: {1}")]
+    NoFiles(String, &'static str),
     /// The backend failed.
     #[error(transparent)]
     Backend(#[from] BackendError),
@@ -712,6 +716,34 @@ impl SessionManager {
             .collect();
         list.sort_by(|a, b| a.created_at.total_cmp(&b.created_at).then(a.id.cmp(&b.id)));
         list
+    }
+
+    /// The work directory of live session `id`, open for [`crate::files`]; the access counts
+    /// as a use (the session's idle time starts again).
+    pub fn workspace(&self, id: &str) -> Result<crate::files::Workspace, SessionError> {
+        let work_dir = {
+            let mut sessions = self.inner.lock();
+            let entry = sessions
+                .get_mut(id)
+                .ok_or_else(|| SessionError::NotFound(id.to_owned()))?;
+            let Some(sandbox) = &entry.sandbox else {
+                return Err(SessionError::NoFiles(
+                    id.to_owned(),
+                    "it is still being made; try again in a moment",
+                ));
+            };
+            let Some(work_dir) = sandbox.work_dir.clone() else {
+                return Err(SessionError::NoFiles(
+                    id.to_owned(),
+                    "its backend keeps them inside its sandbox",
+                ));
+            };
+            entry.last_used = self.inner.config.clock.now();
+            work_dir
+        };
+        crate::files::Workspace::open(&work_dir).map_err(|e| {
+            SessionError::Backend(crate::backend::BackendError::Unavailable(e.to_string()))
+        })
     }
 
     /// The ids of live sessions.

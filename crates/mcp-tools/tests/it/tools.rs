@@ -1018,7 +1018,7 @@ async fn every_published_schema_is_standard_and_inputs_are_closed() {
     let fixture = fixture(ServerOptions::default()).await;
     let client = connect(fixture.server.clone(), Client::default()).await;
     let tools = client.list_all_tools().await.unwrap();
-    assert_eq!(tools.len(), 20);
+    assert_eq!(tools.len(), 23);
     let mut problems = Vec::new();
     for tool in &tools {
         let input = Value::Object((*tool.input_schema).clone());
@@ -1649,4 +1649,225 @@ async fn a_long_execute_answers_in_time_and_wait_for_tasks_waits_for_several() {
         listed
     );
     client.cancel().await.unwrap();
+}
+
+/// Files in and out of a session through the tools, with real sandboxed commands on the other
+/// side: what `write_file` wrote a command reads, what a command wrote (binary) comes back byte
+/// for byte, and links a command plants towards /etc/shadow or the task store lead nowhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_go_in_and_out_of_a_session_and_never_out_of_its_work_directory() {
+    use base64::Engine as _;
+    let base64 = base64::engine::general_purpose::STANDARD;
+    let fixture = fixture(ServerOptions::default()).await;
+    let alice = connect(fixture.server.with_principal("alice"), Client::default()).await;
+    let bob = connect(fixture.server.with_principal("bob"), Client::default()).await;
+    let session = "files-session";
+
+    // write_file makes the session; a command in it reads the file (it is the session's own).
+    let written = ok(
+        &alice,
+        "write_file",
+        json!({"session_id": session, "path": "in/hello.txt", "content": "hello from the agent\n"}),
+    )
+    .await;
+    assert_eq!(
+        (
+            written["created"].as_bool(),
+            written["bytes_written"].as_u64()
+        ),
+        (Some(true), Some(21))
+    );
+    let cat = ok(
+        &alice,
+        "execute_command",
+        json!({"command": "cat in/hello.txt && echo more >> in/hello.txt", "session_id": session}),
+    )
+    .await;
+    assert_eq!(cat["exit_code"], 0, "{cat}");
+    assert_eq!(cat["output_tail"], "hello from the agent\n");
+    let read = ok(
+        &alice,
+        "read_file",
+        json!({"session_id": session, "path": "in/hello.txt"}),
+    )
+    .await;
+    assert_eq!(read["content"], "hello from the agent\nmore\n", "{read}");
+    assert_eq!(read["complete"], true);
+
+    // Binary both ways.
+    let bytes: Vec<u8> = (0..=255u8).rev().cycle().take(3000).collect();
+    ok(
+        &alice,
+        "write_file",
+        json!({"session_id": session, "path": "bin/in.bin", "content": base64.encode(&bytes), "encoding": "base64", "mode": "0640"}),
+    )
+    .await;
+    let sum = ok(
+        &alice,
+        "execute_command",
+        json!({"command": "python3 -c \"import os; d = open('bin/in.bin', 'rb').read(); print(len(d), sum(d), oct(os.stat('bin/in.bin').st_mode & 0o777))\"; python3 -c \"import sys; sys.stdout.buffer.write(bytes(range(256)) * 40)\" > bin/out.bin", "session_id": session}),
+    )
+    .await;
+    let expected_sum: u64 = bytes.iter().map(|&b| u64::from(b)).sum();
+    assert_eq!(
+        sum["output_tail"],
+        format!("3000 {expected_sum} 0o640\n"),
+        "{sum}"
+    );
+    let out = ok(
+        &alice,
+        "read_file",
+        json!({"session_id": session, "path": "bin/out.bin", "encoding": "base64", "offset": 10, "length": 5000}),
+    )
+    .await;
+    let got = base64.decode(out["content"].as_str().unwrap()).unwrap();
+    let want: Vec<u8> = (0..=255u8).cycle().skip(10).take(5000).collect();
+    assert_eq!(got, want);
+    assert_eq!(
+        (
+            out["size"].as_u64(),
+            out["next_offset"].as_u64(),
+            out["complete"].as_bool()
+        ),
+        (Some(10_240), Some(5010), Some(false))
+    );
+    let text = tool_error(
+        &alice,
+        "read_file",
+        json!({"session_id": session, "path": "bin/out.bin"}),
+    )
+    .await;
+    assert!(
+        text.contains("not UTF-8") && text.contains("base64"),
+        "{text}"
+    );
+
+    // Links a sandboxed command plants lead nowhere: not to /etc/shadow, not to the task store.
+    let store = fixture._dir.path().join("tasks.sqlite3");
+    let shadow_before = std::fs::read("/etc/shadow").ok();
+    let store_before = std::fs::metadata(&store).unwrap().len();
+    let plant = format!(
+        "ln -s /etc/shadow shadow && ln -s {} store && ln -s / root && ln -s .. up",
+        store.display()
+    );
+    let planted = ok(
+        &alice,
+        "execute_command",
+        json!({"command": plant, "session_id": session}),
+    )
+    .await;
+    assert_eq!(planted["exit_code"], 0, "{planted}");
+    for path in [
+        "shadow",
+        "store",
+        "root/etc/shadow",
+        "up/work/in/hello.txt",
+        "../../secret",
+        "/etc/shadow",
+    ] {
+        let text = tool_error(
+            &alice,
+            "read_file",
+            json!({"session_id": session, "path": path}),
+        )
+        .await;
+        assert!(
+            text.contains("outside the session's work directory"),
+            "read_file {path}: {text}"
+        );
+        let text = tool_error(
+            &alice,
+            "write_file",
+            json!({"session_id": session, "path": path, "content": "owned"}),
+        )
+        .await;
+        assert!(
+            text.contains("outside the session's work directory"),
+            "write_file {path}: {text}"
+        );
+    }
+    let text = tool_error(
+        &alice,
+        "list_files",
+        json!({"session_id": session, "path": "root/etc"}),
+    )
+    .await;
+    assert!(text.contains("outside"), "{text}");
+    assert_eq!(std::fs::read("/etc/shadow").ok(), shadow_before);
+    assert_eq!(std::fs::metadata(&store).unwrap().len(), store_before);
+
+    // The listing shows the links as links.
+    let listed = ok(
+        &alice,
+        "list_files",
+        json!({"session_id": session, "depth": 2}),
+    )
+    .await;
+    let entries = listed["entries"].as_array().unwrap();
+    let kind = |path: &str| {
+        entries
+            .iter()
+            .find(|e| e["path"] == path)
+            .map(|e| e["kind"].as_str().unwrap().to_owned())
+    };
+    assert_eq!(kind("shadow").as_deref(), Some("symlink"), "{listed}");
+    assert_eq!(kind("in/hello.txt").as_deref(), Some("file"), "{listed}");
+    assert_eq!(kind("bin").as_deref(), Some("directory"), "{listed}");
+    let py = ok(
+        &alice,
+        "list_files",
+        json!({"session_id": session, "glob": "**/*.bin", "depth": 3}),
+    )
+    .await;
+    assert_eq!(py["count"], 2, "{py}");
+
+    // Another principal's session is not found, for every file tool.
+    for (tool, arguments) in [
+        (
+            "read_file",
+            json!({"session_id": session, "path": "in/hello.txt"}),
+        ),
+        (
+            "write_file",
+            json!({"session_id": session, "path": "x", "content": "x"}),
+        ),
+        ("list_files", json!({"session_id": session})),
+    ] {
+        let text = tool_error(&bob, tool, arguments).await;
+        assert!(text.contains("SESSION_NOT_FOUND"), "{tool}: {text}");
+    }
+    // Bad input: clear errors.
+    for (arguments, says) in [
+        (
+            json!({"session_id": session, "path": "x", "content": "%%%", "encoding": "base64"}),
+            "not valid base64",
+        ),
+        (
+            json!({"session_id": session, "path": "x", "content": "x", "mode": "rwx"}),
+            "not permission bits in octal",
+        ),
+        (
+            json!({"session_id": session, "path": "in", "content": "x"}),
+            "is a directory",
+        ),
+    ] {
+        let text = tool_error(&alice, "write_file", arguments).await;
+        assert!(text.contains(says), "{text}");
+    }
+    let text = tool_error(
+        &alice,
+        "read_file",
+        json!({"session_id": session, "path": "nope"}),
+    )
+    .await;
+    assert!(text.contains("FILE_NOT_FOUND"), "{text}");
+    let text = tool_error(
+        &alice,
+        "read_file",
+        json!({"session_id": "no-such-session", "path": "x"}),
+    )
+    .await;
+    assert!(text.contains("SESSION_NOT_FOUND"), "{text}");
+    alice.cancel().await.unwrap();
+    bob.cancel().await.unwrap();
 }

@@ -304,6 +304,13 @@ variables! {
         group = Group::Tasks, flag = None, secret = false,
         show = |c| Some(c.output_cap_bytes.to_string());
 
+    /// The largest file `write_file` makes in a session (its appends included), and the most
+    /// bytes one `read_file` returns, in bytes (at least 1024). One call's content is also
+    /// bounded by `MSB_MAX_REQUEST_BYTES`: write larger files in pieces with `append`.
+    MSB_MAX_FILE_BYTES: max_file_bytes: Count = fixed(Count(16 * 1024 * 1024)),
+        group = Group::Tasks, flag = None, secret = false,
+        show = |c| Some(c.max_file_bytes.to_string());
+
     /// Where sandboxes run: `local` (processes on this host, under the strongest isolation it
     /// offers; see `docs/sandboxing.md`) or `microsandbox` (microVMs run by a microsandbox
     /// server at `MSB_SERVER_URL`).

@@ -253,6 +253,9 @@ pub struct Config {
     /// The timeout of a task that sets none (`MSB_EXECUTION_TIMEOUT`). The MCP layer applies it
     /// when it submits a task; the engine itself has no default timeout.
     pub execution_timeout: Duration,
+    /// The largest file `write_file` makes, and the most bytes one `read_file` returns
+    /// (`MSB_MAX_FILE_BYTES`).
+    pub max_file_bytes: u64,
     /// How long a tool call waits for tasks when it does not say (`MSB_CALL_WAIT`).
     pub call_wait: Duration,
     /// How long a running task's lease lasts without renewal (`MSB_LEASE_TIMEOUT`).

@@ -190,6 +190,8 @@ pub(super) fn build(
     let task_types_file = raw.task_types_file.map(|path| path.0);
     let output_cap_bytes = raw.output_cap_bytes.unwrap_or(d.output_cap_bytes);
     let output_cap_bytes = check.count("MSB_OUTPUT_CAP_BYTES", output_cap_bytes, 1) as u64;
+    let max_file_bytes = raw.max_file_bytes.unwrap_or(d.max_file_bytes);
+    let max_file_bytes = check.count("MSB_MAX_FILE_BYTES", max_file_bytes, 1024) as u64;
 
     let backend = raw.sandbox_backend.unwrap_or(d.sandbox_backend).0;
     let isolation = raw.isolation.unwrap_or(d.isolation).0;
@@ -381,6 +383,7 @@ pub(super) fn build(
         max_concurrent_tasks,
         execution_timeout: Duration::from_secs(execution_timeout),
         call_wait: Duration::from_secs(call_wait),
+        max_file_bytes,
         lease_timeout: Duration::from_secs(lease_timeout),
         task_types_file,
         output_cap_bytes,

@@ -85,6 +85,7 @@ fn defaults_with_an_empty_environment() {
     assert_eq!(c.max_concurrent_tasks, 4);
     assert_eq!(c.execution_timeout, Duration::from_secs(300));
     assert_eq!(c.call_wait, Duration::from_secs(20));
+    assert_eq!(c.max_file_bytes, 16 * 1024 * 1024);
     assert_eq!(c.task_types_file, None);
     assert_eq!(c.output_cap_bytes, DEFAULT_OUTPUT_CAP);
     assert_eq!(c.backend, BackendChoice::Local);
@@ -162,6 +163,7 @@ fn every_variable_is_read_from_the_environment() {
         ("MSB_LEASE_TIMEOUT", "12"),
         ("MSB_TASK_TYPES_FILE", "/etc/msbd/types.toml"),
         ("MSB_OUTPUT_CAP_BYTES", "1024"),
+        ("MSB_MAX_FILE_BYTES", "2048"),
         ("MSB_SANDBOX_BACKEND", "microsandbox"),
         ("MSB_ISOLATION", "strongest"),
         ("MSB_SANDBOX_DIR", "/srv/msbd-sandboxes"),
@@ -212,6 +214,7 @@ fn every_variable_is_read_from_the_environment() {
         Some(PathBuf::from("/etc/msbd/types.toml"))
     );
     assert_eq!(c.output_cap_bytes, 1024);
+    assert_eq!(c.max_file_bytes, 2048);
     assert_eq!(c.backend, BackendChoice::Microsandbox);
     assert_eq!(c.server_url, "http://10.0.0.5:5555");
     assert_eq!(c.api_key.as_ref().unwrap().expose(), "key-123");

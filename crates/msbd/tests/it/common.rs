@@ -263,6 +263,34 @@ pub(crate) async fn every_tool_and_a_tasks_whole_life(client: &Connection) -> St
     )
     .await;
     assert_eq!(tail["data"], "ended\n", "{tail}");
+    // Files in and out of the session.
+    ok(
+        client,
+        "write_file",
+        json!({"session_id": session, "path": "in/e2e.txt", "content": "e2e\n"}),
+    )
+    .await;
+    let cat = ok(
+        client,
+        "execute_command",
+        json!({"command": "cat in/e2e.txt > out.txt; cat out.txt", "session_id": session}),
+    )
+    .await;
+    assert_eq!(cat["output_tail"], "e2e\n", "{cat}");
+    let read = ok(
+        client,
+        "read_file",
+        json!({"session_id": session, "path": "out.txt"}),
+    )
+    .await;
+    assert_eq!(read["content"], "e2e\n", "{read}");
+    let listed = ok(
+        client,
+        "list_files",
+        json!({"session_id": session, "depth": 2}),
+    )
+    .await;
+    assert!(listed["count"].as_u64().unwrap() >= 3, "{listed}");
     let sessions = ok(client, "get_sessions", json!({})).await;
     assert!(sessions["count"].as_u64().unwrap() >= 1);
     ok(client, "stop_session", json!({"session_id": session})).await;

@@ -1,4 +1,5 @@
 //! Integration tests of sandbox-wrapper: one binary, one module per area.
+mod files;
 mod local;
 mod microsandbox;
 mod session;
