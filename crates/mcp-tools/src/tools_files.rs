@@ -8,7 +8,9 @@ use rmcp::handler::server::wrapper::Parameters;
 use rmcp::model::CallToolResult;
 use rmcp::schemars::JsonSchema;
 use rmcp::{ErrorData as McpError, tool, tool_router};
-use sandbox_wrapper::files::{FileEntry, FileError, MAX_LIST_DEPTH, MAX_LIST_ENTRIES, Workspace};
+use sandbox_wrapper::files::{
+    FileEntry, FileError, MAX_LIST_DEPTH, MAX_LIST_ENTRIES, MAX_LIST_VISITS, Workspace,
+};
 use sandbox_wrapper::session::SessionError;
 use serde::{Deserialize, Serialize};
 
@@ -182,8 +184,7 @@ impl From<FileEntry> for FileView {
 impl McpServer {
     #[tool(
         description = "Write a file into a session's work directory (where its commands run): path relative to it (parent directories are made); content as text, or base64 with encoding=\"base64\" for binary files; mode such as \"0755\"; append=true adds to the end. A new session_id makes the session. Paths that lead out of the work directory (.., absolute paths elsewhere, symbolic links pointing out) are refused.",
-        output_schema = schema_for_output::<WriteFileAnswer>(),
-        annotations(idempotent_hint = true)
+        output_schema = schema_for_output::<WriteFileAnswer>()
     )]
     async fn write_file(
         &self,
@@ -201,7 +202,7 @@ impl McpServer {
         &self,
         Parameters(args): Parameters<ReadFileArgs>,
     ) -> Result<CallToolResult, McpError> {
-        finish(self.read(args))
+        finish(self.read(args).await)
     }
 
     #[tool(
@@ -213,7 +214,7 @@ impl McpServer {
         &self,
         Parameters(args): Parameters<ListFilesArgs>,
     ) -> Result<CallToolResult, McpError> {
-        finish(self.list_dir(args))
+        finish(self.list_dir(args).await)
     }
 }
 
@@ -252,31 +253,34 @@ impl McpServer {
             }
             Err(other) => return Err(session_error(session, other)),
         };
-        let path = &args.path;
+        let path = args.path.clone();
         let append = args.append.unwrap_or(false);
-        let created = if append {
-            let size = match workspace.read(path, u64::MAX, 0) {
-                Ok(read) => read.size,
-                Err(FileError::NotFound(_)) => 0,
-                Err(error) => return Err(file_error(error)),
-            };
-            if size + bytes.len() as u64 > limit {
-                return Err(too_large(size + bytes.len() as u64, limit));
+        let length = bytes.len() as u64;
+        // File I/O runs off the async workers: a slow disk stalls only this call.
+        let (workspace, created) = blocking(move || {
+            if append {
+                let size = match workspace.read(&path, u64::MAX, 0) {
+                    Ok(read) => read.size,
+                    Err(FileError::NotFound(_)) => 0,
+                    Err(error) => return Err(file_error(error)),
+                };
+                if size + length > limit {
+                    return Err(too_large(size + length, limit));
+                }
             }
-            workspace
-                .write(path, &bytes, mode, true)
-                .map_err(file_error)?
-        } else {
-            workspace
-                .write(path, &bytes, mode, false)
-                .map_err(file_error)?
-        };
+            let created = workspace
+                .write(&path, &bytes, mode, append)
+                .map_err(file_error)?;
+            Ok((workspace, created))
+        })
+        .await?;
+        let path = &args.path;
         let relative = workspace.relative(path).map_err(file_error)?;
         let written = WriteFileAnswer {
             session_id: session.clone(),
             path: relative.display().to_string(),
             absolute_path: workspace.root_path().join(&relative).display().to_string(),
-            bytes_written: bytes.len() as u64,
+            bytes_written: length,
             created,
         };
         let text = format!(
@@ -288,7 +292,7 @@ impl McpServer {
         Ok(answer(text, &written))
     }
 
-    fn read(&self, args: ReadFileArgs) -> Result<CallToolResult, ToolError> {
+    async fn read(&self, args: ReadFileArgs) -> Result<CallToolResult, ToolError> {
         crate::tools_sandbox::check_session_id(&args.session_id)?;
         let limit = self.core.options.max_file_bytes;
         let length = args.length.unwrap_or(DEFAULT_READ_BYTES.min(limit));
@@ -301,9 +305,14 @@ impl McpServer {
         let workspace = self.workspace(&args.session_id)?;
         let offset = args.offset.unwrap_or(0);
         let encoding = args.encoding.unwrap_or_default();
-        let read = workspace
-            .read(&args.path, offset, length as usize)
-            .map_err(file_error)?;
+        let path = args.path.clone();
+        let (workspace, read) = blocking(move || {
+            let read = workspace
+                .read(&path, offset, length as usize)
+                .map_err(file_error)?;
+            Ok((workspace, read))
+        })
+        .await?;
         let mut bytes = read.bytes;
         let content = match encoding {
             FileEncoding::Base64 => BASE64.encode(&bytes),
@@ -358,9 +367,14 @@ impl McpServer {
         Ok(answer(text, &answer_body))
     }
 
-    fn list_dir(&self, args: ListFilesArgs) -> Result<CallToolResult, ToolError> {
+    async fn list_dir(&self, args: ListFilesArgs) -> Result<CallToolResult, ToolError> {
         crate::tools_sandbox::check_session_id(&args.session_id)?;
-        let depth = args.depth.unwrap_or(1);
+        // A glob across directories means to look into them.
+        let deep = args
+            .glob
+            .as_deref()
+            .is_some_and(|g| g.contains('/') || g.contains("**"));
+        let depth = args.depth.unwrap_or(if deep { MAX_LIST_DEPTH } else { 1 });
         if depth == 0 || depth > MAX_LIST_DEPTH {
             return Err(ToolError::invalid(
                 format!("depth {depth} is out of range"),
@@ -379,11 +393,15 @@ impl McpServer {
                 )
             })?;
         let workspace = self.workspace(&args.session_id)?;
-        let path = args.path.as_deref().unwrap_or(".");
-        let listing = workspace
-            .list(path, pattern.as_ref(), depth, MAX_LIST_ENTRIES)
-            .map_err(file_error)?;
-        let relative = workspace.relative(path).map_err(file_error)?;
+        let path = args.path.clone().unwrap_or_else(|| ".".to_owned());
+        let (relative, listing) = blocking(move || {
+            let listing = workspace
+                .list(&path, pattern.as_ref(), depth, MAX_LIST_ENTRIES)
+                .map_err(file_error)?;
+            let relative = workspace.relative(&path).map_err(file_error)?;
+            Ok((relative, listing))
+        })
+        .await?;
         let entries: Vec<FileView> = listing.entries.into_iter().map(FileView::from).collect();
         let mut text = entries
             .iter()
@@ -403,7 +421,7 @@ impl McpServer {
         }
         if listing.truncated {
             text.push_str(&format!(
-                "\n[cut short at {MAX_LIST_ENTRIES} entries: narrow it with path, glob or depth]"
+                "\n[cut short (at {MAX_LIST_ENTRIES} entries, or {MAX_LIST_VISITS} looked at): narrow it with path, glob or depth]"
             ));
         }
         let listed = ListFilesAnswer {
@@ -469,10 +487,25 @@ fn too_large(size: u64, limit: u64) -> ToolError {
 fn parse_mode(text: &str) -> Result<u32, ToolError> {
     let digits = text.trim().trim_start_matches("0o");
     match u32::from_str_radix(digits, 8) {
-        Ok(mode) if mode <= 0o7777 && !digits.is_empty() => Ok(mode),
+        Ok(mode) if mode <= 0o777 && !digits.is_empty() => Ok(mode),
         _ => Err(ToolError::invalid(
-            format!("mode {text:?} is not permission bits in octal"),
+            format!(
+                "mode {text:?} is not permission bits in octal (0000 to 0777; write_file sets no set-user-ID, set-group-ID or sticky bit)"
+            ),
             "give octal digits such as \"0644\" or \"0755\"",
         )),
     }
+}
+
+/// Runs file I/O on tokio's blocking pool.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, ToolError> + Send + 'static,
+) -> Result<T, ToolError> {
+    tokio::task::spawn_blocking(work).await.map_err(|e| {
+        ToolError::new(
+            "OPERATION_FAILED",
+            format!("a file operation failed: {e}"),
+            "try again",
+        )
+    })?
 }

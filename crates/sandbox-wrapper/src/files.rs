@@ -29,6 +29,9 @@ pub use glob::Pattern;
 pub const MAX_LIST_ENTRIES: usize = 1000;
 /// How deep a listing goes at most.
 pub const MAX_LIST_DEPTH: u32 = 10;
+/// How many entries one listing looks at, at most (matching or not): a listing of a huge tree
+/// with a glob that matches little stops there, `truncated`.
+pub const MAX_LIST_VISITS: usize = 100_000;
 
 /// Why a file operation was refused or failed. Each says what was wrong with the path.
 #[derive(Debug, thiserror::Error)]
@@ -189,7 +192,7 @@ impl Workspace {
         append: bool,
     ) -> Result<bool, FileError> {
         let relative = self.relative(path)?;
-        let (Some(Component::Normal(name)), Some(parent)) =
+        let (Some(Component::Normal(_)), Some(parent)) =
             (relative.components().next_back(), relative.parent())
         else {
             return Err(FileError::Invalid {
@@ -197,27 +200,37 @@ impl Workspace {
                 reason: "it names no file (it ends in `..`, or is the work directory)",
             });
         };
-        let name = name.to_owned();
-        let dir = self.directory(path, parent, true)?;
-        let created = match fstatat(
-            &dir,
-            name.as_os_str(),
-            nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
-        ) {
-            Ok(_) => false,
-            Err(Errno::ENOENT) => true,
-            Err(error) => return Err(io(path, error)),
-        };
-        let mut flags = OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC;
+        if relative
+            .components()
+            .any(|c| matches!(c, Component::ParentDir))
+        {
+            // Refused before anything is made (`x/../y` would make `x` first).
+            return Err(FileError::Invalid {
+                path: path.to_owned(),
+                reason: "a path to write holds no `..`: name the file from the work directory down",
+            });
+        }
+        self.directory(path, parent, true)?;
+        // Permission bits only: never set-user-ID, set-group-ID or sticky.
+        let bits = Mode::from_bits_truncate(mode.unwrap_or(0o644) & 0o777);
+        let mut flags = OFlag::O_WRONLY | OFlag::O_NONBLOCK | OFlag::O_CLOEXEC;
         if append {
             flags |= OFlag::O_APPEND;
         }
-        let fd = openat2(
-            &dir,
-            name.as_os_str(),
-            how(flags).mode(Mode::from_bits_truncate(mode.unwrap_or(0o644))),
-        )
-        .map_err(|e| resolve_error(path, e))?;
+        // Made here (O_EXCL: it did not exist, whatever a sandboxed process does meanwhile),
+        // or else opened as it is; both from the top, resolved beneath it.
+        let (fd, created) = match openat2(
+            &self.root,
+            &relative,
+            how(flags | OFlag::O_CREAT | OFlag::O_EXCL).mode(bits),
+        ) {
+            Ok(fd) => (fd, true),
+            Err(Errno::EEXIST) => (
+                openat2(&self.root, &relative, how(flags)).map_err(|e| resolve_error(path, e))?,
+                false,
+            ),
+            Err(error) => return Err(resolve_error(path, error)),
+        };
         let stat = fstat(&fd).map_err(|e| io(path, e))?;
         check_regular(path, &stat)?;
         let file = std::fs::File::from(fd);
@@ -231,7 +244,6 @@ impl Workspace {
                 .map_err(|e| io(path, e))?;
         }
         if created || mode.is_some() {
-            let bits = Mode::from_bits_truncate(mode.unwrap_or(0o644) & 0o7777);
             nix::sys::stat::fchmod(&file, bits).map_err(|e| io(path, e))?;
         }
         (&file).write_all(bytes).map_err(|e| io_std(path, e))?;
@@ -289,6 +301,7 @@ impl Workspace {
             limit,
             &mut entries,
             &mut truncated,
+            &mut 0,
         )?;
         entries.sort_by(|a, b| a.path.cmp(&b.path));
         Ok(Listing { entries, truncated })
@@ -304,6 +317,7 @@ impl Workspace {
         limit: usize,
         entries: &mut Vec<FileEntry>,
         truncated: &mut bool,
+        visits: &mut usize,
     ) -> Result<(), FileError> {
         let shown = at.display().to_string();
         let mut names = Vec::new();
@@ -338,7 +352,16 @@ impl Workspace {
                 Err(error) => return Err(io(&path.display().to_string(), error)),
             };
             let kind = kind_of(&stat);
-            if glob.is_none_or(|glob| glob.matches_path(&path)) {
+            *visits += 1;
+            if *visits > MAX_LIST_VISITS {
+                *truncated = true;
+                return Ok(());
+            }
+            let options = glob::MatchOptions {
+                require_literal_separator: true,
+                ..glob::MatchOptions::new()
+            };
+            if glob.is_none_or(|glob| glob.matches_path_with(&path, options)) {
                 entries.push(FileEntry {
                     path: path.display().to_string(),
                     kind,
@@ -351,7 +374,16 @@ impl Workspace {
                 let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC;
                 let how = how(flags).resolve(beneath() | ResolveFlag::RESOLVE_NO_SYMLINKS);
                 match openat2(&dir, name.as_os_str(), how) {
-                    Ok(sub) => self.walk(sub, &path, depth - 1, glob, limit, entries, truncated)?,
+                    Ok(sub) => self.walk(
+                        sub,
+                        &path,
+                        depth - 1,
+                        glob,
+                        limit,
+                        entries,
+                        truncated,
+                        visits,
+                    )?,
                     // Replaced meanwhile, or not readable: left out.
                     Err(_) => continue,
                 }
@@ -374,32 +406,34 @@ impl Workspace {
             Err(Errno::ENOENT) if make => {}
             Err(error) => return Err(resolve_error(path, error)),
         }
-        // Walk down from the top, one name at a time, making what is missing. Each step is
-        // resolved beneath the directory above it, without symbolic links: a name swapped for
-        // a link meanwhile is refused, never followed.
+        // Walk down from the top, one name at a time, making what is missing: each prefix is
+        // opened from the top, resolved beneath it (a link that stays inside is followed, one
+        // that leads out refused), and a missing name is made inside the directory just opened.
         let mut dir = openat2(&self.root, ".", how(flags)).map_err(|e| resolve_error(path, e))?;
+        let mut prefix = PathBuf::new();
         for component in target.components() {
             let name = match component {
                 Component::CurDir => continue,
                 Component::Normal(name) => name,
                 _ => return Err(FileError::Outside(path.to_owned())),
             };
-            let step = how(flags).resolve(beneath() | ResolveFlag::RESOLVE_NO_SYMLINKS);
-            let next = match openat2(&dir, name, step) {
+            prefix.push(name);
+            dir = match openat2(&self.root, &prefix, how(flags)) {
                 Ok(next) => next,
-                Err(Errno::ENOENT) => {
-                    match mkdirat(&dir, name, Mode::from_bits_truncate(0o755)) {
-                        Ok(()) | Err(Errno::EEXIST) => {}
-                        Err(error) => return Err(io(path, error)),
+                Err(Errno::ENOENT) => match mkdirat(&dir, name, Mode::from_bits_truncate(0o755)) {
+                    Ok(()) => {
+                        let made = openat2(&self.root, &prefix, how(flags))
+                            .map_err(|e| resolve_error(path, e))?;
+                        nix::unistd::fchown(&made, Some(self.owner.0), Some(self.owner.1))
+                            .map_err(|e| io(path, e))?;
+                        made
                     }
-                    let made = openat2(&dir, name, step).map_err(|e| resolve_error(path, e))?;
-                    nix::unistd::fchown(&made, Some(self.owner.0), Some(self.owner.1))
-                        .map_err(|e| io(path, e))?;
-                    made
-                }
+                    Err(Errno::EEXIST) => openat2(&self.root, &prefix, how(flags))
+                        .map_err(|e| resolve_error(path, e))?,
+                    Err(error) => return Err(io(path, error)),
+                },
                 Err(error) => return Err(resolve_error(path, error)),
             };
-            dir = next;
         }
         Ok(dir)
     }
@@ -421,9 +455,7 @@ fn kind_of(stat: &FileStat) -> &'static str {
 /// Only a regular file with a single link is read or written.
 fn check_regular(path: &str, stat: &FileStat) -> Result<(), FileError> {
     match kind_of(stat) {
-        "file" if stat.st_nlink > 1 => {
-            Err(FileError::HardLinked(path.to_owned(), stat.st_nlink))
-        }
+        "file" if stat.st_nlink > 1 => Err(FileError::HardLinked(path.to_owned(), stat.st_nlink)),
         "file" => Ok(()),
         "directory" => Err(FileError::IsDirectory(path.to_owned())),
         _ => Err(FileError::NotRegular(path.to_owned())),

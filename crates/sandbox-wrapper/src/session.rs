@@ -741,8 +741,14 @@ impl SessionManager {
             entry.last_used = self.inner.config.clock.now();
             work_dir
         };
-        crate::files::Workspace::open(&work_dir).map_err(|e| {
-            SessionError::Backend(crate::backend::BackendError::Unavailable(e.to_string()))
+        crate::files::Workspace::open(&work_dir).map_err(|e| match e {
+            crate::files::FileError::Unsupported => SessionError::NoFiles(
+                id.to_owned(),
+                "this host's kernel cannot resolve paths beneath a directory (openat2, Linux 5.6 and later)",
+            ),
+            other => SessionError::Backend(crate::backend::BackendError::Unavailable(
+                other.to_string(),
+            )),
         })
     }
 

@@ -30,6 +30,14 @@ fn is_outside(result: Result<impl std::fmt::Debug, FileError>) -> bool {
     matches!(result, Err(FileError::Outside(_)))
 }
 
+/// Refused as leading out, or (a path to write with `..`) before anything is looked at.
+fn is_refused(result: Result<impl std::fmt::Debug, FileError>) -> bool {
+    matches!(
+        result,
+        Err(FileError::Outside(_) | FileError::Invalid { .. })
+    )
+}
+
 #[test]
 fn bytes_written_are_read_back_exactly_with_parents_made() {
     let s = scratch();
@@ -117,11 +125,11 @@ fn paths_and_links_that_lead_out_are_refused_and_what_is_outside_is_untouched() 
     ] {
         assert!(is_outside(ws.read(path, 0, 100)), "read {path}");
         assert!(
-            is_outside(ws.write(path, b"owned", None, false)),
+            is_refused(ws.write(path, b"owned", None, false)),
             "write {path}"
         );
         assert!(
-            is_outside(ws.write(path, b"owned", None, true)),
+            is_refused(ws.write(path, b"owned", None, true)),
             "append {path}"
         );
     }
@@ -221,4 +229,76 @@ fn listings_go_as_deep_as_asked_match_globs_and_never_follow_links() {
         Err(FileError::NotDirectory(_))
     ));
     assert!(Path::new(&s.work).join("src/lib/util.py").is_file());
+}
+
+#[test]
+fn writes_follow_links_that_stay_inside_and_make_nothing_they_then_refuse() {
+    let s = scratch();
+    let ws = Workspace::open(&s.work).unwrap();
+    std::fs::create_dir(s.work.join("real")).unwrap();
+    symlink("real", s.work.join("link")).unwrap();
+    // A new directory under a link to a directory inside: made inside the real one.
+    ws.write("link/new/f.txt", b"via link", None, false)
+        .unwrap();
+    assert_eq!(
+        std::fs::read(s.work.join("real/new/f.txt")).unwrap(),
+        b"via link"
+    );
+    // `..` in a path to write is refused before anything is made.
+    assert!(matches!(
+        ws.write("x/../y/f", b"x", None, false),
+        Err(FileError::Invalid { .. })
+    ));
+    assert!(!s.work.join("x").exists() && !s.work.join("y").exists());
+    // Permission bits only: a set-user-ID, set-group-ID or sticky bit asked for is dropped.
+    ws.write("tool", b"#!/bin/sh\n", Some(0o6755), false)
+        .unwrap();
+    let mode = std::fs::metadata(s.work.join("tool"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o7777, 0o755);
+    // `*` does not cross `/`; `**` does.
+    let star = Pattern::new("*.txt").unwrap();
+    let names: Vec<String> = ws
+        .list(".", Some(&star), 5, 100)
+        .unwrap()
+        .entries
+        .into_iter()
+        .map(|e| e.path)
+        .collect();
+    assert!(names.is_empty(), "{names:?}");
+    let deep = Pattern::new("**/*.txt").unwrap();
+    let names: Vec<String> = ws
+        .list(".", Some(&deep), 5, 100)
+        .unwrap()
+        .entries
+        .into_iter()
+        .map(|e| e.path)
+        .collect();
+    assert_eq!(
+        names,
+        ["real/new/f.txt"],
+        "links are not followed by listings"
+    );
+}
+
+#[test]
+fn a_file_that_exists_keeps_its_owner_and_a_new_one_takes_the_directorys() {
+    if !nix::unistd::geteuid().is_root() {
+        if std::env::var_os("MSBD_TEST_ALLOW_UNPRIVILEGED").is_some() {
+            eprintln!("SKIPPED (MSBD_TEST_ALLOW_UNPRIVILEGED): files of other uids need root");
+            return;
+        }
+        panic!("files of other uids need root; set MSBD_TEST_ALLOW_UNPRIVILEGED=1 to skip");
+    }
+    let s = scratch();
+    std::os::unix::fs::chown(&s.work, Some(54_321), Some(54_321)).unwrap();
+    std::fs::write(s.work.join("theirs"), "x").unwrap();
+    std::os::unix::fs::chown(s.work.join("theirs"), Some(54_400), Some(54_400)).unwrap();
+    let ws = Workspace::open(&s.work).unwrap();
+    assert!(!ws.write("theirs", b"y", None, false).unwrap(), "not new");
+    assert!(ws.write("mine", b"y", None, false).unwrap(), "new");
+    let owner = |name: &str| std::fs::metadata(s.work.join(name)).unwrap().uid();
+    assert_eq!((owner("theirs"), owner("mine")), (54_400, 54_321));
 }
