@@ -251,23 +251,14 @@ impl McpServer {
                 drop(lease);
                 self.workspace(session)?
             }
-            Err(other) => return Err(session_error(session, other)),
+            Err(other) => return Err(self.session_error(session, other)),
         };
         let path = args.path.clone();
         let append = args.append.unwrap_or(false);
         let length = bytes.len() as u64;
         // File I/O runs off the async workers: a slow disk stalls only this call.
+        let workspace = workspace.with_max_file_bytes(limit);
         let (workspace, created) = blocking(move || {
-            if append {
-                let size = match workspace.read(&path, u64::MAX, 0) {
-                    Ok(read) => read.size,
-                    Err(FileError::NotFound(_)) => 0,
-                    Err(error) => return Err(file_error(error)),
-                };
-                if size + length > limit {
-                    return Err(too_large(size + length, limit));
-                }
-            }
             let created = workspace
                 .write(&path, &bytes, mode, append)
                 .map_err(file_error)?;
@@ -434,6 +425,13 @@ impl McpServer {
         Ok(answer(text, &listed))
     }
 
+    fn session_error(&self, session: &str, error: SessionError) -> ToolError {
+        match error {
+            SessionError::NotFound(_) => self.session_not_found(session),
+            other => ToolError::new("OPERATION_FAILED", other.to_string(), "try again"),
+        }
+    }
+
     /// The work directory of one of this principal's live sessions.
     fn workspace(&self, session: &str) -> Result<Workspace, ToolError> {
         if !self.owns_session(session) {
@@ -443,24 +441,14 @@ impl McpServer {
             .wrapper
             .sessions()
             .workspace(session)
-            .map_err(|e| session_error(session, e))
-    }
-}
-
-fn session_error(session: &str, error: SessionError) -> ToolError {
-    match error {
-        SessionError::NotFound(_) => ToolError::new(
-            "SESSION_NOT_FOUND",
-            format!("no live session {session:?} of yours"),
-            "get_sessions lists yours; write_file makes a session",
-        ),
-        other => ToolError::new("OPERATION_FAILED", other.to_string(), "try again"),
+            .map_err(|e| self.session_error(session, e))
     }
 }
 
 /// A file error as a tool error: refusals are the caller's to fix.
 fn file_error(error: FileError) -> ToolError {
     match error {
+        FileError::TooLarge { size, max, .. } => too_large(size, max),
         FileError::NotFound(_) => ToolError::new(
             "FILE_NOT_FOUND",
             error.to_string(),

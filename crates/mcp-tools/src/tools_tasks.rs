@@ -650,13 +650,7 @@ impl McpServer {
                 timeout.as_secs_f64()
             )
         };
-        let mut text = format!(
-            "{finished} of {total} finished (mode {}).\n",
-            serde_json::to_value(mode)
-                .ok()
-                .and_then(|v| v.as_str().map(str::to_owned))
-                .unwrap_or_default()
-        );
+        let mut text = format!("{finished} of {total} finished (mode {}).\n", mode.as_ref());
         for task in &waited {
             text.push_str(&format!("task {}: {}", task.task_id, task.status));
             if !task.finished {

@@ -218,9 +218,12 @@ pub struct WaitForTasksArgs {
 }
 
 /// What `wait_for_tasks` waits for.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema, strum::AsRefStr,
+)]
 #[schemars(crate = "rmcp::schemars")]
 #[serde(rename_all = "lowercase")]
+#[strum(serialize_all = "lowercase")]
 pub enum WaitMode {
     /// Until one of the tasks has finished.
     #[default]

@@ -57,6 +57,16 @@ pub enum FileError {
     /// A regular file with more than one hard link.
     #[error("{0:?} has {1} hard links; files are read and written only through their one link")]
     HardLinked(String, u64),
+    /// The file would be larger than the workspace allows.
+    #[error("{path:?} would be {size} bytes, more than the limit of {max}")]
+    TooLarge {
+        /// The path as given.
+        path: String,
+        /// The size it would have.
+        size: u64,
+        /// The limit.
+        max: u64,
+    },
     /// A path that cannot be a file's.
     #[error("{path:?} is not a valid path: {reason}")]
     Invalid {
@@ -121,6 +131,8 @@ pub struct Workspace {
     /// Where it is on the host (also where the session's processes see it).
     root_path: PathBuf,
     owner: (Uid, Gid),
+    /// The largest file a write may leave ([`Workspace::with_max_file_bytes`]).
+    max_file_bytes: u64,
 }
 
 /// The resolution every path gets: beneath the work directory, no magic links.
@@ -149,7 +161,15 @@ impl Workspace {
             root,
             root_path: root_path.to_owned(),
             owner: (Uid::from_raw(stat.st_uid), Gid::from_raw(stat.st_gid)),
+            max_file_bytes: u64::MAX,
         })
+    }
+
+    /// Refuses writes that would leave a file larger than `max` bytes ([`FileError::TooLarge`]),
+    /// appends included.
+    pub fn with_max_file_bytes(mut self, max: u64) -> Workspace {
+        self.max_file_bytes = max;
+        self
     }
 
     /// Where the work directory is (the session's processes see it at the same path).
@@ -233,6 +253,19 @@ impl Workspace {
         };
         let stat = fstat(&fd).map_err(|e| io(path, e))?;
         check_regular(path, &stat)?;
+        let kept = if append {
+            stat.st_size.max(0) as u64
+        } else {
+            0
+        };
+        let size = kept.saturating_add(bytes.len() as u64);
+        if size > self.max_file_bytes {
+            return Err(FileError::TooLarge {
+                path: path.to_owned(),
+                size,
+                max: self.max_file_bytes,
+            });
+        }
         let file = std::fs::File::from(fd);
         if !append {
             // Emptied once it is known to be a regular file of its own (never by O_TRUNC at

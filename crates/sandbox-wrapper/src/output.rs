@@ -257,6 +257,11 @@ pub struct OutputChunk {
 pub fn read_output(path: &Path, cursor: u64, max: usize) -> std::io::Result<OutputChunk> {
     let mut file = File::open(path)?;
     let size = file.metadata()?.len();
+    read_chunk(&mut file, size, cursor, max)
+}
+
+/// [`read_output`] of a file already open, whose size is `size`.
+fn read_chunk(file: &mut File, size: u64, cursor: u64, max: usize) -> std::io::Result<OutputChunk> {
     if cursor >= size {
         return Ok(OutputChunk {
             data: String::new(),
@@ -300,7 +305,7 @@ pub fn read_output_tail(path: &Path, max: usize) -> std::io::Result<(u64, Output
             .count();
         start += skip as u64;
     }
-    let chunk = read_output(path, start, max)?;
+    let chunk = read_chunk(&mut file, size, start, max)?;
     Ok((start, chunk))
 }
 

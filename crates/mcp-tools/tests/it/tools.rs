@@ -1508,7 +1508,9 @@ async fn a_long_execute_answers_in_time_and_wait_for_tasks_waits_for_several() {
     })
     .await;
 
-    // One quick task and the long one: mode any ends with the first, mode all with both.
+    // The first task, a quick one, and one held until the test lets it go (it waits for a
+    // file that write_file makes while the wait is under way): mode all ends when all three
+    // have, with a progress notification for the held one, which finishes during the wait.
     let quick = ok(
         &client,
         "submit_task",
@@ -1516,13 +1518,28 @@ async fn a_long_execute_answers_in_time_and_wait_for_tasks_waits_for_several() {
     )
     .await;
     let quick = quick["task_id"].as_str().unwrap().to_owned();
+    let held = ok(
+        &client,
+        "execute_command",
+        json!({"command": "while [ ! -e go ]; do sleep 0.05; done; echo through", "session_id": "gate", "wait_seconds": 0}),
+    )
+    .await;
+    let held = held["task_id"].as_str().unwrap().to_owned();
     let mut params = CallToolRequestParams::new("wait_for_tasks").with_arguments(args(
-        json!({"task_ids": [id, quick, quick], "mode": "all", "timeout": 30}),
+        json!({"task_ids": [id, quick, quick, held], "mode": "all", "timeout": 30}),
     ));
     params.meta = Some(RequestMetaObject::with_progress_token(ProgressToken(
         NumberOrString::Number(9),
     )));
-    let all = client.call_tool(params).await.unwrap();
+    let (all, _) = tokio::join!(
+        client.call_tool(params),
+        ok(
+            &client,
+            "write_file",
+            json!({"session_id": "gate", "path": "go", "content": ""}),
+        )
+    );
+    let all = all.unwrap();
     assert_ne!(all.is_error, Some(true), "{all:?}");
     let all = all.structured_content.unwrap();
     assert_eq!(
@@ -1531,7 +1548,7 @@ async fn a_long_execute_answers_in_time_and_wait_for_tasks_waits_for_several() {
             all["finished"].as_u64(),
             all["total"].as_u64()
         ),
-        (Some(true), Some(2), Some(2)),
+        (Some(true), Some(3), Some(3)),
         "{all}"
     );
     let statuses: Vec<&str> = all["tasks"]
@@ -1540,7 +1557,7 @@ async fn a_long_execute_answers_in_time_and_wait_for_tasks_waits_for_several() {
         .iter()
         .map(|t| t["status"].as_str().unwrap())
         .collect();
-    assert_eq!(statuses, ["completed", "completed"], "{all}");
+    assert_eq!(statuses, ["completed", "completed", "completed"], "{all}");
     assert_eq!(
         all["tasks"][0]["task_id"],
         id.as_str(),
@@ -1554,9 +1571,11 @@ async fn a_long_execute_answers_in_time_and_wait_for_tasks_waits_for_several() {
     );
     let progress = handler.progress.lock().unwrap().clone();
     assert!(
-        progress
-            .iter()
-            .any(|(p, m)| *p == 2.0 && m.as_deref().is_some_and(|m| m.contains("completed"))),
+        progress.iter().any(|(p, m)| {
+            (1.0..=3.0).contains(p)
+                && m.as_deref()
+                    .is_some_and(|m| m.contains(&held) && m.contains("completed"))
+        }),
         "{progress:?}"
     );
 

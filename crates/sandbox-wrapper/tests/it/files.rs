@@ -78,16 +78,8 @@ fn bytes_written_are_read_back_exactly_with_parents_made() {
 
 #[test]
 fn new_files_and_directories_take_the_work_directorys_owner() {
-    if !nix::unistd::geteuid().is_root() {
-        if std::env::var_os("MSBD_TEST_ALLOW_UNPRIVILEGED").is_some() {
-            eprintln!(
-                "SKIPPED (MSBD_TEST_ALLOW_UNPRIVILEGED): giving files to another uid needs root"
-            );
-            return;
-        }
-        panic!(
-            "giving files to another uid needs root; set MSBD_TEST_ALLOW_UNPRIVILEGED=1 to skip"
-        );
+    if !crate::local::root_or_opt_out("giving files to another uid") {
+        return;
     }
     let s = scratch();
     std::os::unix::fs::chown(&s.work, Some(54_321), Some(54_322)).unwrap();
@@ -285,12 +277,8 @@ fn writes_follow_links_that_stay_inside_and_make_nothing_they_then_refuse() {
 
 #[test]
 fn a_file_that_exists_keeps_its_owner_and_a_new_one_takes_the_directorys() {
-    if !nix::unistd::geteuid().is_root() {
-        if std::env::var_os("MSBD_TEST_ALLOW_UNPRIVILEGED").is_some() {
-            eprintln!("SKIPPED (MSBD_TEST_ALLOW_UNPRIVILEGED): files of other uids need root");
-            return;
-        }
-        panic!("files of other uids need root; set MSBD_TEST_ALLOW_UNPRIVILEGED=1 to skip");
+    if !crate::local::root_or_opt_out("files of other uids") {
+        return;
     }
     let s = scratch();
     std::os::unix::fs::chown(&s.work, Some(54_321), Some(54_321)).unwrap();
@@ -301,4 +289,26 @@ fn a_file_that_exists_keeps_its_owner_and_a_new_one_takes_the_directorys() {
     assert!(ws.write("mine", b"y", None, false).unwrap(), "new");
     let owner = |name: &str| std::fs::metadata(s.work.join(name)).unwrap().uid();
     assert_eq!((owner("theirs"), owner("mine")), (54_400, 54_321));
+}
+
+#[test]
+fn a_write_that_would_pass_the_size_limit_is_refused_and_changes_nothing() {
+    let s = scratch();
+    let ws = Workspace::open(&s.work).unwrap().with_max_file_bytes(10);
+    ws.write("f", b"12345678", None, false).unwrap();
+    assert!(matches!(
+        ws.write("f", b"abc", None, true),
+        Err(FileError::TooLarge {
+            size: 11,
+            max: 10,
+            ..
+        })
+    ));
+    assert!(matches!(
+        ws.write("g", b"12345678901", None, false),
+        Err(FileError::TooLarge { size: 11, .. })
+    ));
+    assert_eq!(std::fs::read(s.work.join("f")).unwrap(), b"12345678");
+    ws.write("f", b"0123456789", None, false).unwrap();
+    assert_eq!(std::fs::read(s.work.join("f")).unwrap(), b"0123456789");
 }

@@ -956,7 +956,7 @@ async fn directories_left_half_made_or_half_removed_are_swept() {
 
 /// Whether a test that needs root can run: it fails without root unless
 /// `MSBD_TEST_ALLOW_UNPRIVILEGED` is set, and then says it skipped.
-fn root_or_opt_out(what: &str) -> bool {
+pub(crate) fn root_or_opt_out(what: &str) -> bool {
     if is_root() {
         return true;
     }
