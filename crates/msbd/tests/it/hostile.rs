@@ -239,12 +239,16 @@ async fn a_data_directory_deleted_while_running_is_restored_and_nothing_acknowle
     let long = submit(&client, "sleep 60").await;
     wait_status(&client, &long, "running").await;
 
-    // As `rm -rf` would, while msbd may still be writing files into it.
+    // The directory goes at once (moved away, then deleted as `rm -rf` would). Deleting it in
+    // place over and over until it stays gone would also delete the copy msbd writes back into
+    // it, which is the very thing this test checks: under load that happened.
+    let gone = dir.path().join("deleted");
+    std::fs::rename(&data, &gone).unwrap();
     wait_until(
         Duration::from_secs(5),
-        async || match std::fs::remove_dir_all(&data) {
+        async || match std::fs::remove_dir_all(&gone) {
             Err(error) if error.kind() != std::io::ErrorKind::NotFound => {
-                Err(format!("cannot delete {}: {error}", data.display()))
+                Err(format!("cannot delete {}: {error}", gone.display()))
             }
             _ => Ok(()),
         },
