@@ -245,7 +245,7 @@ impl McpServer {
                     .core
                     .wrapper
                     .sessions()
-                    .acquire(Some(session), None, "python")
+                    .acquire(Some(session), None, "python", None)
                     .await
                     .map_err(|e| ToolError::new("OPERATION_FAILED", format!("cannot make session {session:?}: {e}"), "try again, or stop a session you no longer need (get_sessions lists them)"))?;
                 drop(lease);

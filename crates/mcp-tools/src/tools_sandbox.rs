@@ -75,6 +75,16 @@ pub struct ExecuteCodeArgs {
     /// The most seconds to run (1 to 300; default the server's execution timeout).
     #[serde(default)]
     pub timeout: Option<f64>,
+    /// The network of a new session: "none" (no network), "allow" (only allowed names, through
+    /// the server's filtering proxy) or "host" (when the server enables it); default the
+    /// server's (usually "none"). A session keeps the network it was made with.
+    #[serde(default)]
+    pub network: Option<String>,
+    /// Names a new session of network "allow" may reach besides the server's own list
+    /// ("docs.example.com", ".example.com" for every name under it, "example.com:8080"), within
+    /// what the server lets callers add.
+    #[serde(default)]
+    pub network_allow: Option<Vec<String>>,
     /// The most seconds to wait for the result (0 to 3600; default the server's call wait, 20
     /// s). A run still going then is answered with its task id, progress and output so far; it
     /// goes on, and get_task_result or wait_for_tasks waits for it.
@@ -101,6 +111,16 @@ pub struct ExecuteCommandArgs {
     /// The most seconds to run (1 to 1800; default the server's execution timeout).
     #[serde(default)]
     pub timeout: Option<f64>,
+    /// The network of a new session: "none" (no network), "allow" (only allowed names, through
+    /// the server's filtering proxy) or "host" (when the server enables it); default the
+    /// server's (usually "none"). A session keeps the network it was made with.
+    #[serde(default)]
+    pub network: Option<String>,
+    /// Names a new session of network "allow" may reach besides the server's own list
+    /// ("docs.example.com", ".example.com" for every name under it, "example.com:8080"), within
+    /// what the server lets callers add.
+    #[serde(default)]
+    pub network_allow: Option<Vec<String>>,
     /// The most seconds to wait for the result (0 to 3600; default the server's call wait, 20
     /// s). A run still going then is answered with its task id, progress and output so far; it
     /// goes on, and get_task_result or wait_for_tasks waits for it.
@@ -199,6 +219,8 @@ pub struct SessionView {
     pub template: String,
     /// Its flavor.
     pub flavor: String,
+    /// Its network: "none", "host", or "allow" and what it may reach.
+    pub network: String,
     /// When it was made (Unix seconds).
     pub created_at: f64,
     /// When it was last used (Unix seconds).
@@ -256,7 +278,7 @@ pub struct VolumesAnswer {
 #[tool_router(router = sandbox_tools, vis = "pub(crate)")]
 impl McpServer {
     #[tool(
-        description = "Run code in a sandboxed, persistent interpreter and return its output: template \"python\" (default), \"node\" or \"bash\". State (variables, imports, functions) persists within a session_id across calls; omit session_id for a fresh session (the answer names it). flavor small|medium|large sizes a new session; timeout in seconds (1-300). The run is a durable task: its task_id works with the background-task tools. A run still going after wait_seconds (default 20) is answered with its task_id, progress and output so far, and goes on (get_task_result or wait_for_tasks waits for it).",
+        description = "Run code in a sandboxed, persistent interpreter and return its output: template \"python\" (default), \"node\" or \"bash\". State (variables, imports, functions) persists within a session_id across calls; omit session_id for a fresh session (the answer names it). flavor small|medium|large sizes a new session; network none|allow|host (with network_allow names) gives a new session network, within what the server allows; timeout in seconds (1-300). The run is a durable task: its task_id works with the background-task tools. A run still going after wait_seconds (default 20) is answered with its task_id, progress and output so far, and goes on (get_task_result or wait_for_tasks waits for it).",
         output_schema = schema_for_output::<ExecutionAnswer>()
     )]
     async fn execute_code(
@@ -268,7 +290,7 @@ impl McpServer {
     }
 
     #[tool(
-        description = "Run a shell command (sh -c) in a sandbox and return its output and exit code. The session's work directory persists across calls with the same session_id (omit it for a fresh session; the answer names it). flavor small|medium|large sizes a new session; timeout in seconds (1-1800). The run is a durable task: its task_id works with the background-task tools. A run still going after wait_seconds (default 20) is answered with its task_id, progress and output so far, and goes on (get_task_result or wait_for_tasks waits for it).",
+        description = "Run a shell command (sh -c) in a sandbox and return its output and exit code. The session's work directory persists across calls with the same session_id (omit it for a fresh session; the answer names it). flavor small|medium|large sizes a new session; network none|allow|host (with network_allow names) gives a new session network, within what the server allows; timeout in seconds (1-1800). The run is a durable task: its task_id works with the background-task tools. A run still going after wait_seconds (default 20) is answered with its task_id, progress and output so far, and goes on (get_task_result or wait_for_tasks waits for it).",
         output_schema = schema_for_output::<ExecutionAnswer>()
     )]
     async fn execute_command(
@@ -383,6 +405,7 @@ impl McpServer {
                 if let Some(flavor) = args.flavor {
                     params["flavor"] = flavor.into();
                 }
+                network_params(&mut params, args.network, args.network_allow);
                 ("code", params, args.session_id, args.timeout, 300.0)
             }
             SandboxCall::Command(args) => {
@@ -393,6 +416,7 @@ impl McpServer {
                 if let Some(flavor) = args.flavor {
                     params["flavor"] = flavor.into();
                 }
+                network_params(&mut params, args.network, args.network_allow);
                 ("command", params, args.session_id, args.timeout, 1800.0)
             }
         };
@@ -526,6 +550,7 @@ impl McpServer {
                     .unwrap_or_default(),
                 template: s.template,
                 flavor: s.flavor.as_str().to_owned(),
+                network: s.network,
                 created_at: s.created_at,
                 last_used_at: s.last_used_at,
                 running_tasks: s.running_tasks,
@@ -538,11 +563,12 @@ impl McpServer {
                 .iter()
                 .map(|s| {
                     format!(
-                        "{}: {} ({}, {}), {} running, idle {:.0} s",
+                        "{}: {} ({}, {}, network {}), {} running, idle {:.0} s",
                         s.session_id,
                         s.status,
                         s.template,
                         s.flavor,
+                        s.network,
                         s.running_tasks,
                         s.idle_seconds
                     )
@@ -597,5 +623,15 @@ impl McpServer {
                 timeout.as_secs()
             ),
         )
+    }
+}
+
+/// Adds an `execute_*` call's network choice to its task's params (the handler checks it).
+fn network_params(params: &mut Value, network: Option<String>, allow: Option<Vec<String>>) {
+    if let Some(network) = network {
+        params["network"] = network.into();
+    }
+    if let Some(allow) = allow {
+        params["network_allow"] = allow.into();
     }
 }

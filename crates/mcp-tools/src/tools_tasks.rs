@@ -38,7 +38,7 @@ const MAX_WAIT_TASKS: usize = 100;
 #[tool_router(router = task_tools, vis = "pub(crate)")]
 impl McpServer {
     #[tool(
-        description = "Start a background task and return its task_id at once (it runs in a sandbox; follow it with check_task_status, read_task_output, get_task_result). task_type: \"command\" (params {\"command\": \"<shell line>\"} or {\"argv\": [..]}, optional env, stdin, flavor small|medium|large), \"code\" (params {\"language\": \"python\"|\"node\"|\"bash\", \"code\": \"...\"}), or an operator-defined type. Options: priority (0-9 or low/normal/high/critical), timeout_seconds, max_retries, delay_seconds, idempotency_key, session_id, tags, rerun_on_recovery (default true: an attempt cut short by a restart or crash of msbd runs again without counting as a retry; false: the task fails with error kind interrupted).",
+        description = "Start a background task and return its task_id at once (it runs in a sandbox; follow it with check_task_status, read_task_output, get_task_result). task_type: \"command\" (params {\"command\": \"<shell line>\"} or {\"argv\": [..]}, optional env, stdin, flavor small|medium|large, network none|allow|host and network_allow for a new session), \"code\" (params {\"language\": \"python\"|\"node\"|\"bash\", \"code\": \"...\"}, with the same session options), or an operator-defined type. Options: priority (0-9 or low/normal/high/critical), timeout_seconds, max_retries, delay_seconds, idempotency_key, session_id, tags, rerun_on_recovery (default true: an attempt cut short by a restart or crash of msbd runs again without counting as a retry; false: the task fails with error kind interrupted).",
         output_schema = schema_for_output::<Created>()
     )]
     async fn create_background_task(

@@ -100,8 +100,9 @@ pub struct SubmitOptions {
 #[serde(deny_unknown_fields)]
 pub struct SubmitArgs {
     /// The kind of work: "command" (params `{"command": "<shell line>"}` or `{"argv": [...]}`, plus
-    /// optional env, stdin, flavor), "code" (params {"language": "python"|"node"|"bash",
-    /// "code": "..."}), or an operator-defined type (see `manage_background_tasks(action="list_types")`).
+    /// optional env, stdin, flavor, and network ("none"|"allow"|"host") and network_allow (names)
+    /// for a new session), "code" (params {"language": "python"|"node"|"bash", "code": "..."},
+    /// with the same session options), or an operator-defined type (see `manage_background_tasks(action="list_types")`).
     pub task_type: String,
     /// The task's input, an object whose shape depends on `task_type`.
     #[serde(default, alias = "parameters")]

@@ -135,6 +135,7 @@ async fn sandbox_checks(config: &Config, own_exe: Option<PathBuf>, checks: &mut 
         flavor: Flavor::Small,
         template: "python".into(),
         volumes: Vec::new(),
+        network: Default::default(),
     };
     let sandbox = match backend.create(&spec).await {
         Ok(sandbox) => sandbox,

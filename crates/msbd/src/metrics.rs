@@ -18,6 +18,8 @@
 //! | `msbd_loop_restarts_total` | counter | `loop` | the loop's restarts |
 //! | `msbd_sandbox_isolation` | gauge | `level` | 1 for the local backend's isolation level (`off`, `minimal`, `standard`, `strong`), 0 for the others; absent with microsandbox |
 //! | `msbd_sessions` | gauge | | active sandbox sessions |
+//! | `msbd_network_connections_total` | counter | `outcome` | connections sandboxes made through msbd's proxy (`allowed`), and allowed ones no address answered (`failed`) ([`sandbox_wrapper::network::NetworkStats`]) |
+//! | `msbd_network_refused_total` | counter | `reason` | connections the proxy refused: `not_allowed`, `address`, `private_address`, `unresolved`, `bad_request` |
 //!
 //! `msbd_tasks` has one sample per status for every registered task type (0 for a type with no
 //! task) and for every type that still has tasks in the store. Status names are those of the MCP
@@ -220,6 +222,18 @@ impl Metrics {
             }),
             running: stats.map(|stats| stats.count(Status::Running)),
             leases_lost: self.wrapper.engine().leases_lost(),
+            network_connections: (
+                self.wrapper.network().stats.allowed(),
+                self.wrapper.network().stats.failed(),
+            ),
+            network_refused: self
+                .wrapper
+                .network()
+                .stats
+                .refused()
+                .into_iter()
+                .map(|(reason, count)| (reason.as_str(), count))
+                .collect(),
             durations: durations.into_iter().collect(),
             loops: background
                 .components
@@ -279,6 +293,10 @@ struct Snapshot {
     isolation: Option<IsolationLevel>,
     /// `msbd_sessions`.
     sessions: u64,
+    /// `msbd_network_connections_total`: allowed, failed.
+    network_connections: (u64, u64),
+    /// `msbd_network_refused_total`, by reason.
+    network_refused: Vec<(&'static str, u64)>,
 }
 
 /// A family of the loops' numbers: name, help, type and the number it shows.
@@ -413,7 +431,33 @@ impl Collector for Snapshot {
 
         let family =
             encoder.encode_descriptor("msbd_sessions", "Active sandbox sessions.", None, Gauge)?;
-        ConstGauge::new(self.sessions).encode(family)
+        ConstGauge::new(self.sessions).encode(family)?;
+
+        let mut family = encoder.encode_descriptor(
+            "msbd_network_connections",
+            "Connections sandboxes made through msbd's network proxy (allowed), and allowed ones that no address of the name answered (failed).",
+            None,
+            Counter,
+        )?;
+        let (allowed, failed) = self.network_connections;
+        for (outcome, count) in [("allowed", allowed), ("failed", failed)] {
+            let labels = [("outcome", outcome)];
+            let sample = family.encode_family(&labels)?;
+            ConstCounter::new(count).encode(sample)?;
+        }
+
+        let mut family = encoder.encode_descriptor(
+            "msbd_network_refused",
+            "Connections from sandboxes that msbd's network proxy refused, by reason (each is logged with its session and the name asked for).",
+            None,
+            Counter,
+        )?;
+        for (reason, count) in &self.network_refused {
+            let labels = [("reason", *reason)];
+            let sample = family.encode_family(&labels)?;
+            ConstCounter::new(*count).encode(sample)?;
+        }
+        Ok(())
     }
 }
 
@@ -841,6 +885,8 @@ mod tests {
             "msbd_loop_restarts_total",
             "msbd_sandbox_isolation",
             "msbd_sessions",
+            "msbd_network_connections_total",
+            "msbd_network_refused_total",
         ] {
             assert!(names.contains(&expected), "{expected} missing: {names:?}");
         }

@@ -659,6 +659,7 @@ impl Setup {
             flavor: Flavor::Small,
             template: "python".into(),
             volumes: Vec::new(),
+            network: Default::default(),
         };
         let sandbox = backend.create(&spec).await?;
         self.backends
@@ -728,6 +729,7 @@ impl Setup {
             sessions,
             outputs_dir: dir.join("outputs"),
             output_cap: DEFAULT_OUTPUT_CAP,
+            network: Default::default(),
         });
         let times = Arc::new(Mutex::new(Vec::new()));
         let handler = Timed {

@@ -22,6 +22,7 @@ use crate::backend::{
     BackendError, EndReason, ExecControl, ExecOutcome, ExecRequest, ExitStatus, Flavor, Language,
     ReplRequest,
 };
+use crate::network::{NetworkPolicy, NetworkSettings};
 use crate::output::OutputSink;
 use crate::session::{SessionError, SessionManager};
 use crate::task_types::TaskTypeSpec;
@@ -35,6 +36,8 @@ pub struct HandlerShared {
     pub outputs_dir: PathBuf,
     /// The most bytes of output kept per attempt of a task.
     pub output_cap: u64,
+    /// The operator's network settings, which a task's `network` is checked against.
+    pub network: NetworkSettings,
 }
 
 impl HandlerShared {
@@ -86,11 +89,13 @@ fn forget_old_outputs(outputs_dir: &Path, id: TaskId, attempt: u32) {
 }
 
 /// Options every sandboxed task type accepts.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default)]
 struct SessionOptions {
     session_id: Option<String>,
     flavor: Option<Flavor>,
     timeout_seconds: Option<f64>,
+    /// The network policy asked for (`None`: the session's, or the default for a new one).
+    network: Option<NetworkPolicy>,
 }
 
 /// `command` params.
@@ -127,10 +132,20 @@ struct SessionOptionsFlat {
     session_id: Option<String>,
     flavor: Option<String>,
     timeout_seconds: Option<f64>,
+    network: Option<String>,
+    network_allow: Option<Vec<String>>,
 }
 
 impl SessionOptionsFlat {
-    fn check(self) -> Result<SessionOptions, String> {
+    fn check(self, settings: &NetworkSettings) -> Result<SessionOptions, String> {
+        let network = if self.network.is_some() || self.network_allow.is_some() {
+            Some(settings.policy(
+                self.network.as_deref(),
+                self.network_allow.as_deref().unwrap_or_default(),
+            )?)
+        } else {
+            None
+        };
         let flavor = match self.flavor.as_deref() {
             Some(name) => Some(Flavor::parse(name).map_err(|e| e.to_string())?),
             None => None,
@@ -149,6 +164,7 @@ impl SessionOptionsFlat {
             session_id: self.session_id,
             flavor,
             timeout_seconds: self.timeout_seconds,
+            network,
         })
     }
 }
@@ -166,7 +182,7 @@ struct CommandJob {
     session: SessionOptions,
 }
 
-fn command_job(params: &Value) -> Result<CommandJob, String> {
+fn command_job(params: &Value, network: &NetworkSettings) -> Result<CommandJob, String> {
     let params: CommandParams = parse(params, "command")?;
     let argv = match (params.command, params.argv) {
         (Some(line), None) => {
@@ -199,7 +215,7 @@ fn command_job(params: &Value) -> Result<CommandJob, String> {
         env: params.env.into_iter().collect(),
         stdin: params.stdin.map(String::into_bytes),
         template: params.template.unwrap_or_else(|| "python".into()),
-        session: params.session.check()?,
+        session: params.session.check(network)?,
     })
 }
 
@@ -219,7 +235,8 @@ impl CommandHandler {
 
 impl TaskHandler for CommandHandler {
     async fn run(&self, context: TaskContext) -> Result<Value, TaskFailure> {
-        let job = command_job(context.params()).map_err(TaskFailure::permanent)?;
+        let job =
+            command_job(context.params(), &self.shared.network).map_err(TaskFailure::permanent)?;
         let request = ExecRequest {
             argv: job.argv,
             env: job.env,
@@ -237,7 +254,7 @@ impl TaskHandler for CommandHandler {
     }
 
     fn validate(&self, params: &Value) -> Result<(), String> {
-        command_job(params).map(|_| ())
+        command_job(params, &self.shared.network).map(|_| ())
     }
 }
 
@@ -260,7 +277,7 @@ struct CodeJob {
     session: SessionOptions,
 }
 
-fn code_job(params: &Value) -> Result<CodeJob, String> {
+fn code_job(params: &Value, network: &NetworkSettings) -> Result<CodeJob, String> {
     let params: CodeParams = parse(params, "code")?;
     let language = Language::parse(&params.language).map_err(|e| format!("code params: {e}"))?;
     if !params.env.is_empty() || params.stdin.is_some() {
@@ -272,13 +289,14 @@ fn code_job(params: &Value) -> Result<CodeJob, String> {
     Ok(CodeJob {
         language,
         code: params.code,
-        session: params.session.check()?,
+        session: params.session.check(network)?,
     })
 }
 
 impl TaskHandler for CodeHandler {
     async fn run(&self, context: TaskContext) -> Result<Value, TaskFailure> {
-        let job = code_job(context.params()).map_err(TaskFailure::permanent)?;
+        let job =
+            code_job(context.params(), &self.shared.network).map_err(TaskFailure::permanent)?;
         let request = ReplRequest {
             language: job.language,
             code: job.code,
@@ -299,7 +317,7 @@ impl TaskHandler for CodeHandler {
     }
 
     fn validate(&self, params: &Value) -> Result<(), String> {
-        code_job(params).map(|_| ())
+        code_job(params, &self.shared.network).map(|_| ())
     }
 }
 
@@ -337,6 +355,7 @@ impl TaskHandler for OperatorHandler {
             session_id: context.session_id().map(str::to_owned),
             flavor,
             timeout_seconds: self.spec.defaults().timeout.map(|t| t.as_secs_f64()),
+            network: None,
         };
         let request = ExecRequest {
             argv,
@@ -389,7 +408,15 @@ async fn run_job(
             .claim(id, owner, fresh)
             .map_err(session_failure)?;
     }
-    let lease = acquire_waiting(shared, context, session_id, options.flavor, template).await?;
+    let lease = acquire_waiting(
+        shared,
+        context,
+        session_id,
+        options.flavor,
+        template,
+        options.network.as_ref(),
+    )
+    .await?;
     let path = shared.output_path(context.id(), context.attempt());
     let sink = OutputSink::create(&path, shared.output_cap).map_err(|e| {
         TaskFailure::retryable(format!(
@@ -467,11 +494,16 @@ async fn acquire_waiting(
     session_id: Option<&str>,
     flavor: Option<crate::backend::Flavor>,
     template: &str,
+    network: Option<&NetworkPolicy>,
 ) -> Result<crate::session::SessionLease, TaskFailure> {
     let mut pause = Duration::from_millis(20);
     let mut waited = false;
     loop {
-        match shared.sessions.acquire(session_id, flavor, template).await {
+        match shared
+            .sessions
+            .acquire(session_id, flavor, template, network)
+            .await
+        {
             Ok(lease) => {
                 if waited {
                     tracing::debug!(task = %context.id(), "a session came free");
@@ -505,9 +537,9 @@ fn session_failure(error: SessionError) -> TaskFailure {
         SessionError::LimitReached { .. }
         | SessionError::ShuttingDown
         | SessionError::Backend(_) => TaskFailure::retryable(error.to_string()),
-        SessionError::NotFound(_) | SessionError::FlavorMismatch { .. } => {
-            TaskFailure::permanent(error.to_string())
-        }
+        SessionError::NotFound(_)
+        | SessionError::FlavorMismatch { .. }
+        | SessionError::NetworkMismatch { .. } => TaskFailure::permanent(error.to_string()),
         SessionError::NoFiles(..) => TaskFailure::retryable(error.to_string()),
         SessionError::Claimed(_) => TaskFailure::permanent(format!(
             "{error}: use a session of your own, or name none for a fresh one"

@@ -57,6 +57,8 @@
 //!   (limits on sessions and memory, least-recently-used eviction);
 //! - [`files`]: files in and out of a session's work directory, resolved beneath it by the
 //!   kernel (`openat2`);
+//! - [`network`]: network policies per session (`none`, `allow` through msbd's filtering
+//!   proxy, `host`);
 //! - [`handlers`]: the `command` and `code` task types, and operator-defined ones from
 //!   [`task_types`] (a TOML file);
 //! - [`supervisor`]: every background loop is a named child with a restart policy, pause and
@@ -70,6 +72,7 @@
 pub mod backend;
 pub mod files;
 pub mod handlers;
+pub mod network;
 pub mod output;
 pub mod session;
 pub mod stable;

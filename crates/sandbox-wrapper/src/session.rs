@@ -24,6 +24,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::backend::{BackendError, Flavor, SandboxBackend, SandboxInfo, SandboxSpec, SweepReport};
+use crate::network::NetworkPolicy;
 use crate::stable::Clock;
 
 /// Limits and timings of sessions.
@@ -44,6 +45,9 @@ pub struct SessionConfig {
     pub lru_eviction: bool,
     /// The flavor of a session when none is asked for (`MSB_DEFAULT_FLAVOR`).
     pub default_flavor: Flavor,
+    /// The network policy of a session when none is asked for (`MSB_NETWORK`,
+    /// `MSB_NETWORK_ALLOW`).
+    pub default_network: NetworkPolicy,
     /// The clock that idleness, creation and use times are read from: the system's, or a
     /// manual one in tests.
     pub clock: Clock,
@@ -59,6 +63,7 @@ impl Default for SessionConfig {
             max_total_memory_mb: 10 * 1024,
             lru_eviction: true,
             default_flavor: Flavor::Small,
+            default_network: NetworkPolicy::none(),
             clock: Clock::system(),
         }
     }
@@ -97,6 +102,8 @@ pub struct SessionInfo {
     pub running_tasks: usize,
     /// The backend's name for its sandbox.
     pub sandbox: Option<String>,
+    /// Its network policy (`none`, `host`, or `allow` and what it may reach).
+    pub network: String,
 }
 
 /// Why a session could not be had.
@@ -133,6 +140,18 @@ pub enum SessionError {
         has: Flavor,
         /// The flavor asked for.
         asked: Flavor,
+    },
+    /// The session exists with another network policy, which a later call may not change.
+    #[error(
+        "session {id:?} has network {has}, not {asked}: a session's network is set when it is made and never widened; omit network (and network_allow), or use another session"
+    )]
+    NetworkMismatch {
+        /// The session.
+        id: String,
+        /// Its policy, described.
+        has: String,
+        /// The policy asked for, described.
+        asked: String,
     },
     /// The session is claimed by another owner.
     #[error("session {0:?} belongs to another owner")]
@@ -409,6 +428,7 @@ struct Entry {
     generation: u64,
     template: String,
     flavor: Flavor,
+    network: NetworkPolicy,
     created: f64,
     last_used: f64,
     running: usize,
@@ -493,12 +513,15 @@ impl SessionManager {
     }
 
     /// Takes a session for one task: the named one (made if it does not exist yet), or a new
-    /// one. Makes room by evicting idle sessions, or refuses at a limit.
+    /// one. Makes room by evicting idle sessions, or refuses at a limit. `network`: the policy
+    /// asked for (a named session that has another refuses); `None`, the session's own, or the
+    /// default for a new one.
     pub async fn acquire(
         &self,
         id: Option<&str>,
         flavor: Option<Flavor>,
         template: &str,
+        network: Option<&NetworkPolicy>,
     ) -> Result<SessionLease, SessionError> {
         let inner = &self.inner;
         if inner.closed.load(Ordering::Acquire) {
@@ -506,18 +529,19 @@ impl SessionManager {
         }
         if let Some(id) = id {
             crate::backend::local::validate_session_id(id)?;
-            if let Some(lease) = self.take_existing(id, flavor)? {
+            if let Some(lease) = self.take_existing(id, flavor, network)? {
                 return Ok(lease);
             }
         }
         let _admission = inner.admission.lock().await;
         // It may have been made while we waited.
         if let Some(id) = id
-            && let Some(lease) = self.take_existing(id, flavor)?
+            && let Some(lease) = self.take_existing(id, flavor, network)?
         {
             return Ok(lease);
         }
         let flavor = flavor.unwrap_or(inner.config.default_flavor);
+        let network = network.unwrap_or(&inner.config.default_network).clone();
         let id = id.map_or_else(fresh_session_id, str::to_owned);
         // Evict what admission names; if a victim got busy meanwhile (a task took it), nothing
         // was freed: look again, a few times at most.
@@ -552,6 +576,7 @@ impl SessionManager {
                 generation,
                 template: template.to_owned(),
                 flavor,
+                network: network.clone(),
                 created,
                 last_used: created,
                 running: 1,
@@ -563,6 +588,7 @@ impl SessionManager {
             flavor,
             template: template.to_owned(),
             volumes: Vec::new(),
+            network,
         };
         // If this future is dropped while the backend creates (a handler past its grace, say),
         // the half-made entry must not stay behind holding room forever.
@@ -599,11 +625,21 @@ impl SessionManager {
         &self,
         id: &str,
         flavor: Option<Flavor>,
+        network: Option<&NetworkPolicy>,
     ) -> Result<Option<SessionLease>, SessionError> {
         let mut sessions = self.inner.lock();
         let Some(entry) = sessions.get_mut(id) else {
             return Ok(None);
         };
+        if let Some(asked) = network
+            && *asked != entry.network
+        {
+            return Err(SessionError::NetworkMismatch {
+                id: id.to_owned(),
+                has: entry.network.describe(),
+                asked: asked.describe(),
+            });
+        }
         if let Some(asked) = flavor
             && asked != entry.flavor
         {
@@ -913,6 +949,7 @@ fn info(id: &str, entry: &Entry, status: SessionStatus) -> SessionInfo {
         status,
         created_at: entry.created,
         last_used_at: entry.last_used,
+        network: entry.network.describe(),
         running_tasks: entry.running,
         sandbox: entry.sandbox.as_ref().map(|s| s.name.clone()),
     }

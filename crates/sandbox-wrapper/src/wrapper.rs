@@ -25,6 +25,7 @@ use crate::backend::local::{
 use crate::backend::microsandbox::{MicrosandboxBackend, MicrosandboxConfig};
 use crate::backend::{BackendError, SandboxBackend, VolumeMapping};
 use crate::handlers::{CodeHandler, CommandHandler, HandlerShared, OperatorHandler};
+use crate::network::{Network, NetworkSettings};
 use crate::output::{DEFAULT_OUTPUT_CAP, OutputChunk, read_output};
 use crate::session::{SessionConfig, SessionManager};
 use crate::stable::{fnv1a_64, unix_now};
@@ -77,6 +78,8 @@ pub struct WrapperConfig {
     pub task_types: TaskTypes,
     /// How supervised loops are restarted.
     pub restart_policy: RestartPolicy,
+    /// Network for sandboxes: the default policy and what callers may ask for.
+    pub network: NetworkSettings,
 }
 
 impl WrapperConfig {
@@ -95,6 +98,7 @@ impl WrapperConfig {
         local.sandbox_dir = self.sandbox_dir.clone();
         local.volumes = self.volumes.clone();
         local.landlock_shim = self.landlock_shim.clone();
+        local.network = Network::new(self.network.clone());
         local
     }
 
@@ -114,6 +118,7 @@ impl WrapperConfig {
             output_cap: DEFAULT_OUTPUT_CAP,
             task_types: TaskTypes::default(),
             restart_policy: RestartPolicy::default(),
+            network: NetworkSettings::default(),
         }
     }
 }
@@ -170,6 +175,7 @@ struct Inner {
     started: Instant,
     shutdown: tokio::sync::Mutex<Option<GracefulShutdownReport>>,
     startup_sweep: Mutex<Option<String>>,
+    network: Arc<Network>,
 }
 
 /// The status of the session manager, as the microsandbox wrapper reported it.
@@ -351,10 +357,18 @@ impl Wrapper {
             source,
         })?;
         let marker = config.marker();
+        // The policy of a session whose caller names none: checked now, not at the first task.
+        let default_network = config
+            .network
+            .policy(None, &[])
+            .map_err(|error| WrapperError::Backend(BackendError::InvalidRequest(error)))?;
+        let mut network = Network::new(config.network.clone());
         let (backend, isolation_report): (Arc<dyn SandboxBackend>, Option<IsolationReport>) =
             match &config.backend {
                 BackendKind::Local => {
-                    let backend = LocalBackend::new(config.local_config())?;
+                    let local = config.local_config();
+                    network = local.network.clone();
+                    let backend = LocalBackend::new(local)?;
                     let report = backend.isolation_report().clone();
                     if let Some(required) = config.required_isolation
                         && report.level < required
@@ -394,7 +408,9 @@ impl Wrapper {
                 report.missing.join("; ")
             );
         }
-        let sessions = SessionManager::new(backend, config.sessions.clone());
+        let mut session_config = config.sessions.clone();
+        session_config.default_network = default_network;
+        let sessions = SessionManager::new(backend, session_config);
         // Whatever a previous run left behind goes before anything new starts.
         let startup_sweep = match sessions.sweep_orphans().await {
             Ok(_) => None,
@@ -418,6 +434,7 @@ impl Wrapper {
             sessions: sessions.clone(),
             outputs_dir,
             output_cap: config.output_cap,
+            network: config.network.clone(),
         });
         // A store shared with other msbd nodes adjusts the engine (no recovery of running
         // tasks at start: they may be another node's; see `Store::engine_config`).
@@ -456,6 +473,7 @@ impl Wrapper {
                 started: Instant::now(),
                 shutdown: tokio::sync::Mutex::new(None),
                 startup_sweep: Mutex::new(startup_sweep),
+                network,
             }),
         };
         wrapper.start_loops(&config);
@@ -682,6 +700,11 @@ impl Wrapper {
     /// The sessions.
     pub fn sessions(&self) -> &SessionManager {
         &self.inner.sessions
+    }
+
+    /// Network for sandboxes: the operator's settings and the proxy's counts.
+    pub fn network(&self) -> &Network {
+        &self.inner.network
     }
 
     /// The supervisor of the background loops.

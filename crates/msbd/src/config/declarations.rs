@@ -9,10 +9,12 @@ use sandbox_wrapper::output::DEFAULT_OUTPUT_CAP;
 use serde::Deserialize;
 
 use super::values::{
-    Addr, Choice, Count, DatabaseUrl, HostList, LogFilter, NodeName, OriginList, PathValue,
-    Seconds, ServerUrl, SqlName, Switch, Value, Volumes,
+    Addr, AddrRules, Choice, Count, DatabaseUrl, HostList, LogFilter, NameMap, NetRules, NodeName,
+    OriginList, PathValue, Seconds, ServerUrl, SqlName, Switch, Value, Volumes,
 };
-use super::{BackendChoice, Group, Isolation, LogFormat, Secret, Transport, Variable};
+use super::{
+    BackendChoice, Group, Isolation, LogFormat, NetworkChoice, Secret, Transport, Variable,
+};
 
 /// A default, in words for the reference.
 pub(super) struct DefaultText {
@@ -375,6 +377,60 @@ variables! {
     MSB_SHARED_VOLUME_PATH: shared_volume_path: Volumes = unset("no volumes"),
         group = Group::Sandboxes, flag = None, secret = false,
         show = |c| (!c.volumes.is_empty()).then(|| Volumes(c.volumes.clone()).describe());
+
+    /// The network of a session whose caller names none (see `docs/sandboxing.md`, Network):
+    /// `none` (no route out), `allow` (only the names in `MSB_NETWORK_ALLOW`, through msbd's
+    /// filtering proxy), or `host` (the host's network; needs `MSB_NETWORK_HOST=true`). A caller
+    /// chooses per session with `network` and `network_allow`, within these settings.
+    MSB_NETWORK: network: Choice<NetworkChoice> = fixed(Choice(NetworkChoice::None)),
+        group = Group::Sandboxes, flag = None, secret = false,
+        show = |c| Some(c.network.default_mode.to_string());
+
+    /// What every session of network `allow` may reach: names (`pypi.org`: that name only) and
+    /// suffixes (`.pythonhosted.org`: every name under it), each on ports 80 and 443, or on the
+    /// port written after it (`:8080`), or on every port (`:*`). Names are resolved by msbd on
+    /// the host; a name that resolves to a loopback, link-local or private address is refused
+    /// unless `MSB_NETWORK_PRIVATE` allows the address.
+    MSB_NETWORK_ALLOW: network_allow: NetRules = unset("no names"),
+        group = Group::Sandboxes, flag = None, secret = false,
+        show = |c| (!c.network.allow.is_empty()).then(|| NetRules(c.network.allow.clone()).describe());
+
+    /// What a caller may add to its session's allow-list with `network_allow`: rules as in
+    /// `MSB_NETWORK_ALLOW`, and a caller's rule must fall within one of them (`.example.com`
+    /// lets a caller add `docs.example.com`; `*` lets it add any name, on ports 80 and 443, and
+    /// `*:*` on any port).
+    MSB_NETWORK_CALLER_ALLOW: network_caller_allow: NetRules = unset("callers add nothing"),
+        group = Group::Sandboxes, flag = None, secret = false,
+        show = |c| (!c.network.caller_may_add.is_empty()).then(|| NetRules(c.network.caller_may_add.clone()).describe());
+
+    /// Whether a session may have the host's network (`network: "host"`): its processes then
+    /// reach whatever the host reaches, its own loopback services included.
+    MSB_NETWORK_HOST: network_host: Switch = fixed(Switch(false)),
+        group = Group::Sandboxes, flag = None, secret = false,
+        show = |c| Some(c.network.host_allowed.to_string());
+
+    /// Loopback, link-local or private addresses the proxy may connect to all the same (a
+    /// package mirror on the local network, say): addresses or ranges, each with an optional
+    /// `:PORT` (`10.1.0.0/16`, `127.0.0.1:3141`, `[fd00::/8]:443`).
+    MSB_NETWORK_PRIVATE: network_private: AddrRules = unset("none: public addresses only"),
+        group = Group::Sandboxes, flag = None, secret = false,
+        show = |c| (!c.network.private_allowed.is_empty()).then(|| AddrRules(c.network.private_allowed.clone()).describe());
+
+    /// Names the proxy resolves itself, before DNS: `name=address` pairs
+    /// (`mirror.internal=10.1.2.3`). The address must still be public or allowed by
+    /// `MSB_NETWORK_PRIVATE`.
+    MSB_NETWORK_HOSTS: network_hosts: NameMap = unset("every name is resolved by the host's resolver"),
+        group = Group::Sandboxes, flag = None, secret = false,
+        show = |c| (!c.network.hosts.is_empty()).then(|| {
+            let mut pairs: Vec<(String, std::net::IpAddr)> = c
+                .network
+                .hosts
+                .iter()
+                .flat_map(|(name, ips)| ips.iter().map(move |ip| (name.clone(), *ip)))
+                .collect();
+            pairs.sort();
+            NameMap(pairs).describe()
+        });
 
     /// How long a session may stay idle (no task running in it) before it is stopped and its
     /// sandbox removed, in seconds.

@@ -39,6 +39,7 @@ use sandbox_wrapper::WrapperConfig;
 use sandbox_wrapper::backend::local::{IsolationLevel, IsolationMode};
 use sandbox_wrapper::backend::microsandbox::{MicrosandboxConfig, SettingNames};
 use sandbox_wrapper::backend::{Flavor, VolumeMapping};
+use sandbox_wrapper::network::{NetworkMode, NetworkPolicy, NetworkSettings};
 use sandbox_wrapper::session::SessionConfig;
 use sandbox_wrapper::task_types::TaskTypes;
 use sandbox_wrapper::wrapper::BackendKind;
@@ -186,6 +187,39 @@ pub enum BackendChoice {
     Microsandbox,
 }
 
+/// The network of a session whose caller names none (`MSB_NETWORK`).
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    strum::Display,
+    strum::EnumString,
+    strum::IntoStaticStr,
+    strum::VariantNames,
+)]
+#[strum(serialize_all = "lowercase", ascii_case_insensitive)]
+pub enum NetworkChoice {
+    /// No network.
+    None,
+    /// Only the allowed names, through msbd's proxy.
+    Allow,
+    /// The host's network.
+    Host,
+}
+
+impl NetworkChoice {
+    /// The wrapper's mode.
+    pub fn mode(self) -> NetworkMode {
+        match self {
+            NetworkChoice::None => NetworkMode::None,
+            NetworkChoice::Allow => NetworkMode::Allow,
+            NetworkChoice::Host => NetworkMode::Host,
+        }
+    }
+}
+
 /// A secret (`MSB_API_KEY`, `MSB_AUTH_TOKEN`). Its `Debug` output never shows it; only
 /// [`Secret::expose`] does, for the code that must send or compare it.
 #[derive(Clone, PartialEq, Eq)]
@@ -287,6 +321,9 @@ pub struct Config {
     pub default_flavor: Flavor,
     /// Host directories bound into every sandbox (`MSB_SHARED_VOLUME_PATH`).
     pub volumes: Vec<VolumeMapping>,
+    /// Network for sandboxes (`MSB_NETWORK`, `MSB_NETWORK_ALLOW`, `MSB_NETWORK_CALLER_ALLOW`,
+    /// `MSB_NETWORK_HOST`, `MSB_NETWORK_PRIVATE`, `MSB_NETWORK_HOSTS`).
+    pub network: NetworkSettings,
     /// How long an idle session lives (`MSB_SESSION_TIMEOUT`).
     pub session_timeout: Duration,
     /// How often idle sessions are expired (`MSB_CLEANUP_INTERVAL`); below `session_timeout`.
@@ -560,6 +597,7 @@ impl Config {
         wrapper.sandbox_dir = self.sandbox_dir.clone();
         wrapper.volumes = self.volumes.clone();
         wrapper.landlock_shim = own_exe;
+        wrapper.network = self.network.clone();
         wrapper.sessions = SessionConfig {
             session_timeout: self.session_timeout,
             cleanup_interval: self.cleanup_interval,
@@ -569,6 +607,8 @@ impl Config {
             max_total_memory_mb: self.max_total_memory_mb.unwrap_or(u64::MAX),
             lru_eviction: self.lru_eviction,
             default_flavor: self.default_flavor,
+            // The wrapper sets it from `network` when it starts.
+            default_network: NetworkPolicy::none(),
             clock: sandbox_wrapper::Clock::system(),
         };
         let defaults = EngineConfig::default();

@@ -1,11 +1,13 @@
 //! Turning the raw values into a [`Config`]: the range of each value, the rules that tie
 //! values together, and the warnings about what is allowed but probably not meant.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::declarations::{Raw, defaults};
+use sandbox_wrapper::network::{NetworkMode, NetworkSettingNames, NetworkSettings};
+
+use super::declarations::{Defaults, Raw, defaults};
 use super::render::{printable, quoted};
 use super::values::{Count, DatabaseUrl, NodeName, PathValue, Seconds, host_name};
 use super::{
@@ -117,6 +119,7 @@ pub(super) fn build(
     home: Option<String>,
 ) -> Config {
     let d = defaults();
+    let network = network_settings(&raw, &d, check);
     let transport = raw.transport.unwrap_or(d.transport).0;
     let http_addr = raw.http_addr.unwrap_or(d.http_addr).0;
     let auth_token = raw.auth_token;
@@ -395,6 +398,7 @@ pub(super) fn build(
         sandbox_start_timeout: Duration::from_secs(sandbox_start_timeout),
         default_flavor,
         volumes,
+        network,
         session_timeout: Duration::from_secs(session_timeout),
         cleanup_interval: Duration::from_secs(cleanup_interval),
         max_sessions,
@@ -419,4 +423,42 @@ pub(super) fn unknown_warning(name: &str) -> String {
          docs/configuration.md (or run `msbd config --markdown`)",
         printable(name)
     )
+}
+
+/// The network settings: the default policy must be one a caller could have (`allow` with
+/// names to allow, `host` only where it is enabled).
+fn network_settings(raw: &Raw, d: &Defaults, check: &mut Check<'_>) -> NetworkSettings {
+    let mut hosts: HashMap<String, Vec<std::net::IpAddr>> = HashMap::new();
+    for (name, address) in raw.network_hosts.clone().map(|m| m.0).unwrap_or_default() {
+        hosts.entry(name).or_default().push(address);
+    }
+    let settings = NetworkSettings {
+        default_mode: raw.network.unwrap_or(d.network).0.mode(),
+        allow: raw.network_allow.clone().map(|r| r.0).unwrap_or_default(),
+        caller_may_add: raw
+            .network_caller_allow
+            .clone()
+            .map(|r| r.0)
+            .unwrap_or_default(),
+        host_allowed: raw.network_host.unwrap_or(d.network_host).0,
+        private_allowed: raw.network_private.clone().map(|r| r.0).unwrap_or_default(),
+        hosts,
+        names: NetworkSettingNames {
+            allow: "MSB_NETWORK_ALLOW".to_owned(),
+            caller_allow: "MSB_NETWORK_CALLER_ALLOW".to_owned(),
+            host: "MSB_NETWORK_HOST=true".to_owned(),
+            private: "MSB_NETWORK_PRIVATE".to_owned(),
+        },
+    };
+    if check.usable(&["MSB_NETWORK", "MSB_NETWORK_ALLOW", "MSB_NETWORK_HOST"])
+        && let Err(problem) = settings.policy(None, &[])
+    {
+        let message = match settings.default_mode {
+            NetworkMode::Host => "MSB_NETWORK=host, but MSB_NETWORK_HOST is false: set MSB_NETWORK_HOST=true to let sessions have the host's network, or choose MSB_NETWORK=none or allow".to_owned(),
+            NetworkMode::Allow => "MSB_NETWORK=allow, but MSB_NETWORK_ALLOW lists no names: list what sessions may reach (pypi.org,.pythonhosted.org, say), or choose MSB_NETWORK=none".to_owned(),
+            NetworkMode::None => problem,
+        };
+        check.fail("MSB_NETWORK", message);
+    }
+    settings
 }

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use sandbox_wrapper::backend::local::{IsolationLevel, IsolationMode};
 use sandbox_wrapper::backend::{Flavor, VolumeMapping};
+use sandbox_wrapper::network::NetworkMode;
 use sandbox_wrapper::output::DEFAULT_OUTPUT_CAP;
 use sandbox_wrapper::wrapper::BackendKind;
 
@@ -178,8 +179,33 @@ fn every_variable_is_read_from_the_environment() {
         ("MSB_MAX_TOTAL_MEMORY_MB", "8192"),
         ("MSB_ENABLE_LRU_EVICTION", "off"),
         ("MSB_ORPHAN_CLEANUP_INTERVAL", "900"),
+        ("MSB_NETWORK", "Allow"),
+        (
+            "MSB_NETWORK_ALLOW",
+            "pypi.org, .pythonhosted.org,example.com:8080",
+        ),
+        ("MSB_NETWORK_CALLER_ALLOW", "*"),
+        ("MSB_NETWORK_HOST", "true"),
+        ("MSB_NETWORK_PRIVATE", "10.1.0.0/16,127.0.0.1:3141"),
+        (
+            "MSB_NETWORK_HOSTS",
+            "mirror.internal=10.1.2.3,mirror.internal=10.1.2.4",
+        ),
     ]);
     let c = &loaded.config;
+    assert_eq!(c.network.default_mode, NetworkMode::Allow);
+    assert_eq!(
+        c.network
+            .allow
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>(),
+        ["pypi.org", ".pythonhosted.org", "example.com:8080"]
+    );
+    assert_eq!(c.network.caller_may_add.len(), 1);
+    assert!(c.network.host_allowed);
+    assert_eq!(c.network.private_allowed.len(), 2);
+    assert_eq!(c.network.hosts["mirror.internal"].len(), 2);
     assert_eq!(c.sandbox_dir, Some(PathBuf::from("/srv/msbd-sandboxes")));
     assert_eq!(c.transport, Transport::Http);
     assert_eq!(c.http_addr, "0.0.0.0:9000".parse::<SocketAddr>().unwrap());
@@ -229,6 +255,40 @@ fn every_variable_is_read_from_the_environment() {
     assert_eq!(c.orphan_cleanup_interval, Duration::from_secs(900));
     assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
     assert!(loaded.sources.values().all(|s| *s == Source::Environment));
+}
+
+#[test]
+fn a_network_default_must_be_one_a_caller_could_have() {
+    let message = one_error(&[("MSB_NETWORK", "allow")], "MSB_NETWORK");
+    assert!(
+        message.contains("MSB_NETWORK_ALLOW lists no names"),
+        "{message}"
+    );
+    let message = one_error(&[("MSB_NETWORK", "host")], "MSB_NETWORK");
+    assert!(message.contains("MSB_NETWORK_HOST=true"), "{message}");
+    let message = one_error(&[("MSB_NETWORK", "open")], "MSB_NETWORK");
+    assert!(message.contains("none"), "{message}");
+    let message = one_error(
+        &[("MSB_NETWORK_ALLOW", "pypi.org,10.0.0.1")],
+        "MSB_NETWORK_ALLOW",
+    );
+    assert!(
+        message.contains("10.0.0.1") && message.contains("address"),
+        "{message}"
+    );
+    let message = one_error(
+        &[("MSB_NETWORK_PRIVATE", "10.0.0.0/40")],
+        "MSB_NETWORK_PRIVATE",
+    );
+    assert!(message.contains("prefix"), "{message}");
+    let message = one_error(
+        &[("MSB_NETWORK_HOSTS", "mirror=nowhere")],
+        "MSB_NETWORK_HOSTS",
+    );
+    assert!(message.contains("not an IP address"), "{message}");
+    // Allowed names with the default of none: callers opt in.
+    let loaded = ok(&[("MSB_NETWORK_ALLOW", "pypi.org")]);
+    assert_eq!(loaded.config.network.default_mode, NetworkMode::None);
 }
 
 #[test]

@@ -1,11 +1,12 @@
 //! The types of the raw values: each parses the text of a variable, with a reason that says
 //! what is expected when it cannot.
 
-use std::net::{SocketAddr, ToSocketAddrs as _};
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs as _};
 use std::path::PathBuf;
 use std::str::FromStr;
 
 use sandbox_wrapper::backend::VolumeMapping;
+use sandbox_wrapper::network::{AddressRule, AllowRule};
 use serde::{Deserialize, Deserializer};
 
 use super::render::quoted;
@@ -48,6 +49,9 @@ deserialize_with_parse!(
     LogFilter,
     HostList,
     OriginList,
+    NetRules,
+    AddrRules,
+    NameMap,
 );
 
 impl<'de, T: Named> Deserialize<'de> for Choice<T> {
@@ -149,6 +153,126 @@ pub(super) struct HostList(pub(super) Vec<String>);
 /// Browser origins (`scheme://host[:port]`) or `null`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(super) struct OriginList(pub(super) Vec<String>);
+
+/// Network allow-list rules (`pypi.org`, `.githubusercontent.com`, `example.com:8080`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct NetRules(pub(super) Vec<AllowRule>);
+
+/// Address ranges (`127.0.0.1`, `10.0.0.0/8:5432`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct AddrRules(pub(super) Vec<AddressRule>);
+
+/// Names and the addresses the proxy gives them (`name=address`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct NameMap(pub(super) Vec<(String, IpAddr)>);
+
+/// Splits a comma-separated list and parses each entry, gathering every problem.
+fn list_of<T>(
+    text: &str,
+    parse: impl Fn(&str) -> Result<T, String>,
+    how: &str,
+) -> Result<Vec<T>, String> {
+    let mut items = Vec::new();
+    let mut problems = Vec::new();
+    for entry in text.split(',').map(str::trim) {
+        if entry.is_empty() {
+            problems.push("an entry is empty (two commas?)".to_owned());
+            continue;
+        }
+        match parse(entry) {
+            Ok(item) => items.push(item),
+            Err(problem) => problems.push(problem),
+        }
+    }
+    if problems.is_empty() {
+        Ok(items)
+    } else {
+        Err(format!("{}; {how}", problems.join("; ")))
+    }
+}
+
+impl Value for NetRules {
+    fn kind() -> String {
+        "comma-separated names (`pypi.org`), suffixes (`.githubusercontent.com`), each with an optional `:PORT` or `:*`".to_owned()
+    }
+
+    fn parse(text: &str) -> Result<NetRules, String> {
+        list_of(
+            text,
+            AllowRule::parse,
+            "separate rules with commas, such as pypi.org,.pythonhosted.org,.githubusercontent.com",
+        )
+        .map(NetRules)
+    }
+
+    fn describe(&self) -> String {
+        self.0
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
+
+impl Value for AddrRules {
+    fn kind() -> String {
+        "comma-separated addresses or ranges (`10.0.0.0/8`), each with an optional `:PORT`"
+            .to_owned()
+    }
+
+    fn parse(text: &str) -> Result<AddrRules, String> {
+        list_of(
+            text,
+            AddressRule::parse,
+            "separate ranges with commas, such as 10.1.0.0/16,127.0.0.1:8080",
+        )
+        .map(AddrRules)
+    }
+
+    fn describe(&self) -> String {
+        self.0
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
+
+impl Value for NameMap {
+    fn kind() -> String {
+        "comma-separated `NAME=ADDRESS`".to_owned()
+    }
+
+    fn parse(text: &str) -> Result<NameMap, String> {
+        list_of(
+            text,
+            |entry| {
+                let (name, address) = entry
+                    .split_once('=')
+                    .ok_or_else(|| format!("{} has no =", quoted(entry)))?;
+                let rule = AllowRule::parse(name)?;
+                if rule.to_string() != name.trim().to_ascii_lowercase() {
+                    return Err(format!("{} is not a plain name", quoted(name)));
+                }
+                let address: IpAddr = address
+                    .trim()
+                    .parse()
+                    .map_err(|_| format!("{} is not an IP address", quoted(address)))?;
+                Ok((name.trim().to_ascii_lowercase(), address))
+            },
+            "write each as name=address, such as mirror.internal=10.1.2.3",
+        )
+        .map(NameMap)
+    }
+
+    fn describe(&self) -> String {
+        self.0
+            .iter()
+            .map(|(name, address)| format!("{name}={address}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
 
 /// The digits of a whole number, or why the text is not one.
 fn whole_number(text: &str, what: &str, example: &str) -> Result<u64, String> {

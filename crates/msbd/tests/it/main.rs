@@ -6,3 +6,4 @@ mod common;
 mod e2e_http;
 mod e2e_stdio;
 mod hostile;
+mod network;

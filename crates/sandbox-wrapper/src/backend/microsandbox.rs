@@ -746,6 +746,12 @@ impl SandboxBackend for MicrosandboxBackend {
                     "a sandbox needs a session id".to_owned(),
                 ));
             }
+            if spec.network.mode != crate::network::NetworkMode::None {
+                return Err(BackendError::InvalidRequest(format!(
+                    "network \"{}\" is not available with the microsandbox backend (its network is the server's to set); ask for network \"none\", or use the local backend",
+                    spec.network.mode
+                )));
+            }
             let image = image_for(&spec.template)?;
             let volumes = spec
                 .volumes

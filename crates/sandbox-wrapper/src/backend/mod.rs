@@ -149,6 +149,8 @@ pub struct SandboxSpec {
     pub template: String,
     /// Host directories bound into it.
     pub volumes: Vec<VolumeMapping>,
+    /// Its network policy.
+    pub network: crate::network::NetworkPolicy,
 }
 
 /// A live sandbox, as its backend names it.

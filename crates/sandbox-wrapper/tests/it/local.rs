@@ -72,6 +72,7 @@ impl Fixture {
                 flavor: Flavor::Small,
                 template: "python".into(),
                 volumes: Vec::new(),
+                network: Default::default(),
             })
             .await
             .unwrap()
@@ -994,6 +995,7 @@ async fn level_and_root(data_dir: &Path, marker: &str) -> (IsolationLevel, std::
         flavor: Flavor::Small,
         template: "python".into(),
         volumes: Vec::new(),
+        network: Default::default(),
     };
     let sandbox = backend.create(&spec).await.unwrap();
     let sink = OutputSink::create(data_dir.join("reach.out"), 1 << 16).unwrap();

@@ -557,6 +557,7 @@ fn spec(session: &str) -> SandboxSpec {
         flavor: Flavor::Small,
         template: "python".to_owned(),
         volumes: Vec::new(),
+        network: Default::default(),
     }
 }
 

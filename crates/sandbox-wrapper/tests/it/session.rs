@@ -89,14 +89,14 @@ fn limits(max_sessions: usize, max_total_memory_mb: u64, lru_eviction: bool) -> 
 impl Fixture {
     async fn acquire(&self, id: &str) -> SessionLease {
         self.manager
-            .acquire(Some(id), None, "python")
+            .acquire(Some(id), None, "python", None)
             .await
             .unwrap()
     }
 
     async fn acquire_flavor(&self, id: &str, flavor: Flavor) -> SessionLease {
         self.manager
-            .acquire(Some(id), Some(flavor), "python")
+            .acquire(Some(id), Some(flavor), "python", None)
             .await
             .unwrap()
     }
@@ -158,7 +158,7 @@ fn is_fresh_id(id: &str) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acquire_without_an_id_makes_a_fresh_session_running_while_leased_and_ready_after() {
     let f = fixture(SessionConfig::default());
-    let lease = f.manager.acquire(None, None, "python").await.unwrap();
+    let lease = f.manager.acquire(None, None, "python", None).await.unwrap();
     let id = lease.id().to_owned();
     assert!(is_fresh_id(&id), "{id:?} is not `s` and 20 hex digits");
     assert_eq!(lease.sandbox().session_id, id);
@@ -177,7 +177,7 @@ async fn acquire_without_an_id_makes_a_fresh_session_running_while_leased_and_re
         f.marker
     );
 
-    let other = f.manager.acquire(None, None, "python").await.unwrap();
+    let other = f.manager.acquire(None, None, "python", None).await.unwrap();
     assert!(is_fresh_id(other.id()), "{:?}", other.id());
     assert_ne!(other.id(), id, "two fresh sessions got the same id");
     assert_ne!(work_dir(&other), work_dir(&lease));
@@ -239,11 +239,11 @@ async fn a_second_concurrent_acquire_of_the_same_id_shares_the_session() {
     let (one, two) = tokio::join!(
         tokio::spawn({
             let manager = f.manager.clone();
-            async move { manager.acquire(Some("shared"), None, "python").await }
+            async move { manager.acquire(Some("shared"), None, "python", None).await }
         }),
         tokio::spawn({
             let manager = f.manager.clone();
-            async move { manager.acquire(Some("shared"), None, "python").await }
+            async move { manager.acquire(Some("shared"), None, "python", None).await }
         }),
     );
     let one = one.unwrap().unwrap();
@@ -281,7 +281,7 @@ async fn a_bad_session_id_is_refused_with_a_message_naming_the_rule() {
     let f = fixture(SessionConfig::default());
     let long = "a".repeat(65);
     for bad in ["../x", "", long.as_str(), "a/b", "a b", "é"] {
-        let error = refused(f.manager.acquire(Some(bad), None, "python").await);
+        let error = refused(f.manager.acquire(Some(bad), None, "python", None).await);
         assert!(
             matches!(
                 error,
@@ -315,7 +315,7 @@ async fn a_flavor_mismatch_on_an_existing_session_is_refused_naming_both_flavors
 
     let error = refused(
         f.manager
-            .acquire(Some("sized"), Some(Flavor::Small), "python")
+            .acquire(Some("sized"), Some(Flavor::Small), "python", None)
             .await,
     );
     match &error {
@@ -338,7 +338,7 @@ async fn a_flavor_mismatch_on_an_existing_session_is_refused_naming_both_flavors
     let held = f.acquire("sized").await;
     let error = refused(
         f.manager
-            .acquire(Some("sized"), Some(Flavor::Large), "python")
+            .acquire(Some("sized"), Some(Flavor::Large), "python", None)
             .await,
     );
     assert!(error.to_string().contains("large"), "{error}");
@@ -390,7 +390,7 @@ async fn at_the_session_limit_with_every_session_busy_the_error_is_sessions_limi
     let a = f.acquire("a").await;
     let b = f.acquire("b").await;
 
-    let error = refused(f.manager.acquire(None, None, "python").await);
+    let error = refused(f.manager.acquire(None, None, "python", None).await);
     match &error {
         SessionError::LimitReached {
             limit,
@@ -406,7 +406,7 @@ async fn at_the_session_limit_with_every_session_busy_the_error_is_sessions_limi
     assert!(message.contains("wait for one to finish"), "{message}");
     assert!(message.contains("raise the session limit"), "{message}");
     // A named new session is refused the same way, and nothing busy was touched.
-    let error = refused(f.manager.acquire(Some("c"), None, "python").await);
+    let error = refused(f.manager.acquire(Some("c"), None, "python", None).await);
     assert!(
         matches!(
             error,
@@ -440,7 +440,7 @@ async fn without_lru_eviction_the_session_limit_refuses_naming_the_limit_and_the
     let f = fixture(limits(1, 100 * 1024, false));
     let a = f.idle("a", Flavor::Small).await;
 
-    let error = refused(f.manager.acquire(Some("b"), None, "python").await);
+    let error = refused(f.manager.acquire(Some("b"), None, "python", None).await);
     assert!(
         matches!(
             error,
@@ -484,7 +484,11 @@ async fn a_session_larger_than_the_memory_limit_is_refused_outright() {
         f.idle("c", Flavor::Small).await,
     ];
 
-    let error = refused(f.manager.acquire(None, Some(Flavor::Large), "python").await);
+    let error = refused(
+        f.manager
+            .acquire(None, Some(Flavor::Large), "python", None)
+            .await,
+    );
     assert!(
         matches!(
             error,
@@ -555,7 +559,7 @@ async fn a_medium_session_is_refused_when_only_busy_sessions_could_make_room() {
     // Evicting the one idle session frees 1024, not enough for 2048: refuse, and evict nothing.
     let error = refused(
         f.manager
-            .acquire(None, Some(Flavor::Medium), "python")
+            .acquire(None, Some(Flavor::Medium), "python", None)
             .await,
     );
     assert!(
@@ -897,10 +901,10 @@ async fn stop_all_stops_everything_and_afterwards_acquire_is_shutting_down() {
         assert!(!dir.exists(), "{dir:?} is left after stop_all");
     }
 
-    let error = refused(f.manager.acquire(None, None, "python").await);
+    let error = refused(f.manager.acquire(None, None, "python", None).await);
     assert!(matches!(error, SessionError::ShuttingDown), "{error:?}");
     assert!(error.to_string().contains("shutting down"), "{error}");
-    let error = refused(f.manager.acquire(Some("a"), None, "python").await);
+    let error = refused(f.manager.acquire(Some("a"), None, "python", None).await);
     assert!(matches!(error, SessionError::ShuttingDown), "{error:?}");
     assert!(!f.sandboxes_dir().join("a").exists());
 
@@ -930,7 +934,7 @@ async fn a_lease_of_a_stopped_session_does_not_release_a_new_session_with_the_sa
         "dropping the stopped session's lease released the new session: {info:?}"
     );
     // Its consequence: at the limit, a new session must be refused, not evict the busy one.
-    let error = refused(f.manager.acquire(None, None, "python").await);
+    let error = refused(f.manager.acquire(None, None, "python", None).await);
     assert!(
         matches!(
             error,
@@ -971,10 +975,13 @@ async fn sweep_orphans_removes_a_session_this_manager_does_not_know_and_keeps_a_
     let f = fixture(SessionConfig::default());
     let orphan = f.idle("orphan", Flavor::Small).await;
     let (second, _cleanup) = second_manager(&f);
-    let live = second.acquire(Some("live"), None, "python").await.unwrap();
+    let live = second
+        .acquire(Some("live"), None, "python", None)
+        .await
+        .unwrap();
     let live_dir = work_dir(&live);
     let idle_live = second
-        .acquire(Some("idle-live"), None, "python")
+        .acquire(Some("idle-live"), None, "python", None)
         .await
         .unwrap();
     let idle_live_dir = work_dir(&idle_live);

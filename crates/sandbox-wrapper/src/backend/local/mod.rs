@@ -45,6 +45,7 @@ use super::{
     Language, ReplRequest, SandboxBackend, SandboxInfo, SandboxMetrics, SandboxSpec, SweepReport,
     VolumeMapping,
 };
+use crate::network::{Network, NetworkMode, PROXY_PORT};
 use crate::output::{OutputSink, Stream};
 
 /// How much isolation to use.
@@ -87,6 +88,9 @@ pub struct LocalConfig {
     /// `msbd-sandbox-shim`), run by bubblewrap to stack Landlock under it. `None`: Landlock is
     /// used only where bubblewrap is missing.
     pub landlock_shim: Option<PathBuf>,
+    /// Network for sandboxes: the operator's settings, which the proxy of each session of
+    /// policy `allow` follows, and the proxy's counts.
+    pub network: Arc<Network>,
 }
 
 impl LocalConfig {
@@ -102,6 +106,7 @@ impl LocalConfig {
             bwrap: None,
             volumes: Vec::new(),
             landlock_shim: None,
+            network: Network::new(crate::network::NetworkSettings::default()),
         }
     }
 
@@ -265,12 +270,26 @@ struct LocalSandbox {
     work_dir: PathBuf,
     /// The user and group its processes run as (when msbd is root), and its uid offset.
     uid: Option<(Uid, Gid, u32)>,
-    /// Its network (loopback only), IPC and UTS namespaces, when msbd can make them (root).
+    /// Its network (loopback only, or the host's under policy `host`), IPC and UTS namespaces,
+    /// when msbd can make them (root).
     netns: Option<spawn::SessionNamespaces>,
+    /// Its network mode.
+    network: NetworkMode,
+    /// Its proxy (policy `allow`), served until the sandbox is dropped.
+    proxy: Option<AbortOnDrop>,
     group: Option<Group>,
     limits: Limits,
     /// The session's interpreters, one per language; a call holds its language's lock.
     interpreters: HashMap<Language, tokio::sync::Mutex<Option<repl::Interpreter>>>,
+}
+
+/// A spawned task aborted when this is dropped (a session's proxy ends with its sandbox).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// The processes a session may hold at once, per flavor.
@@ -534,7 +553,7 @@ impl LocalBackend {
             &dir,
             false,
             Vec::new(),
-            (Flavor::Small, uid, None),
+            (Flavor::Small, uid, None, false),
         );
         let result = spawn::command(launch)
             .and_then(|mut command| {
@@ -625,10 +644,11 @@ impl LocalBackend {
         work_dir: &'a Path,
         stdin: bool,
         cgroup_procs: Vec<std::os::fd::OwnedFd>,
-        (flavor, drop_to, netns): (
+        (flavor, drop_to, netns, host_net): (
             Flavor,
             Option<(Uid, Gid)>,
             Option<&'a spawn::SessionNamespaces>,
+            bool,
         ),
     ) -> spawn::Launch<'a> {
         let off = self.config.isolation == IsolationMode::Off;
@@ -697,8 +717,9 @@ impl LocalBackend {
             },
             // Without bubblewrap, root can still take the network away (Landlock covers TCP
             // only).
-            new_netns: !off && self.bwrap.is_none() && drop_to.is_some(),
+            new_netns: !off && !host_net && self.bwrap.is_none() && drop_to.is_some(),
             netns: if off { None } else { netns },
+            share_net: host_net,
         }
     }
 
@@ -713,6 +734,9 @@ impl LocalBackend {
             ("TMPDIR".into(), "/tmp".into()),
             ("LANG".into(), "C.UTF-8".into()),
         ];
+        if sandbox.proxy.is_some() {
+            env.extend(Network::proxy_env());
+        }
         for (key, value) in extra {
             env.retain(|(k, _)| k != key);
             env.push((key.clone(), value.clone()));
@@ -748,6 +772,7 @@ impl LocalBackend {
                 sandbox.info.flavor,
                 sandbox.uid.map(|(uid, gid, _)| (uid, gid)),
                 sandbox.netns.as_ref(),
+                sandbox.network == NetworkMode::Host,
             ),
         );
         let spawn_error = |error: std::io::Error| BackendError::Spawn {
@@ -935,6 +960,7 @@ impl LocalBackend {
                 sandbox.info.flavor,
                 sandbox.uid.map(|(uid, gid, _)| (uid, gid)),
                 sandbox.netns.as_ref(),
+                sandbox.network == NetworkMode::Host,
             ),
         );
         let spawn_error = |error: std::io::Error| BackendError::Spawn {
@@ -1039,24 +1065,55 @@ impl LocalBackend {
             flavor: spec.flavor,
             work_dir: Some(work_dir.clone()),
         };
+        let network = spec.network.mode;
+        self.check_network(network, uid.is_some())?;
         // One network namespace per session (root only): runs join it, and bubblewrap need not
         // make one per run. Without it, bubblewrap makes its own, as it does for non-root.
-        let netns = if uid.is_some() {
-            match spawn::new_session_namespaces() {
-                Ok(fd) => Some(fd),
-                Err(error) => {
-                    tracing::warn!(%error, "could not make a network namespace for the session; each run gets its own");
-                    None
+        let (netns, proxy) = match network {
+            NetworkMode::Allow => {
+                let (netns, listener) =
+                    spawn::new_session_namespaces(spawn::SessionNet::OwnWithProxy(PROXY_PORT))
+                        .map_err(|e| {
+                            BackendError::io("making the session's network namespace and proxy", e)
+                        })?;
+                let listener = listener
+                    .ok_or_else(|| {
+                        BackendError::Unavailable("the proxy's socket was not made".into())
+                    })
+                    .and_then(|l| {
+                        tokio::net::TcpListener::from_std(l)
+                            .map_err(|e| BackendError::io("serving the session's proxy", e))
+                    })?;
+                let serve = Arc::clone(&self.config.network).serve(
+                    listener,
+                    spec.session_id.clone(),
+                    spec.network.allow.clone(),
+                );
+                (Some(netns), Some(AbortOnDrop(tokio::spawn(serve))))
+            }
+            _ if uid.is_some() => {
+                let net = if network == NetworkMode::Host {
+                    spawn::SessionNet::Host
+                } else {
+                    spawn::SessionNet::Own
+                };
+                match spawn::new_session_namespaces(net) {
+                    Ok((netns, _)) => (Some(netns), None),
+                    Err(error) => {
+                        tracing::warn!(%error, "could not make a network namespace for the session; each run gets its own");
+                        (None, None)
+                    }
                 }
             }
-        } else {
-            None
+            _ => (None, None),
         };
         let sandbox = Arc::new(LocalSandbox {
             info: info.clone(),
             work_dir,
             uid,
             netns,
+            network,
+            proxy,
             group,
             limits,
             interpreters: [Language::Python, Language::Node, Language::Bash]
@@ -1066,6 +1123,32 @@ impl LocalBackend {
         });
         self.lock().insert(name, sandbox);
         Ok(info)
+    }
+
+    /// Whether this backend can give a session `network`: `host` needs bubblewrap (without it
+    /// Landlock takes TCP away), `allow` also needs root (the proxy's socket is made in the
+    /// session's network namespace).
+    fn check_network(&self, network: NetworkMode, root: bool) -> Result<(), BackendError> {
+        let off = self.config.isolation == IsolationMode::Off;
+        let refuse = |why: &str| {
+            Err(BackendError::InvalidRequest(format!(
+                "network \"{network}\" is not available on this msbd: {why}; ask for network \"none\""
+            )))
+        };
+        match network {
+            NetworkMode::None => Ok(()),
+            NetworkMode::Host if off || self.bwrap.is_some() => Ok(()),
+            NetworkMode::Host => refuse(
+                "it needs bubblewrap (install the bubblewrap package), which this host lacks",
+            ),
+            NetworkMode::Allow if off => {
+                refuse("isolation is off, so nothing would hold a sandbox to its proxy")
+            }
+            NetworkMode::Allow if self.bwrap.is_none() || !root => refuse(
+                "it needs bubblewrap and msbd running as root (the proxy listens inside the session's own network namespace, which msbd makes as root)",
+            ),
+            NetworkMode::Allow => Ok(()),
+        }
     }
 
     fn release_uid(&self, offset: u32) {

@@ -65,6 +65,9 @@ pub(crate) struct Launch<'a> {
     pub(crate) netns: Option<&'a SessionNamespaces>,
     /// The Landlock shim to bind into the sandbox (`argv` already runs it).
     pub(crate) shim: Option<&'a Path>,
+    /// Whether the process keeps the host's network (network policy `host`) where bubblewrap
+    /// makes its namespaces.
+    pub(crate) share_net: bool,
 }
 
 /// Builds the command for a launch: the program itself, or bubblewrap around it.
@@ -232,26 +235,58 @@ pub(crate) struct SessionNamespaces {
     uts: OwnedFd,
 }
 
-/// Makes a session's network namespace (only a loopback interface, up: no route anywhere else),
-/// IPC namespace and UTS namespace, for its processes to join. Needs CAP_SYS_ADMIN (msbd as
-/// root). The namespaces live as long as the returned descriptors.
-pub(crate) fn new_session_namespaces() -> std::io::Result<SessionNamespaces> {
+/// The network a session's namespaces give it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum SessionNet {
+    /// A network namespace of its own with only a loopback interface, up: no route out.
+    Own,
+    /// The same, plus a socket listening on `127.0.0.1:port` inside it, for msbd's proxy.
+    OwnWithProxy(u16),
+    /// The host's network namespace.
+    Host,
+}
+
+/// Makes a session's network namespace (see [`SessionNet`]), IPC namespace and UTS namespace,
+/// for its processes to join, and the proxy's listening socket when asked. Needs CAP_SYS_ADMIN
+/// (msbd as root). The namespaces live as long as the returned descriptors; a socket stays in
+/// the namespace it was made in, whichever thread then serves it.
+pub(crate) fn new_session_namespaces(
+    net: SessionNet,
+) -> std::io::Result<(SessionNamespaces, Option<std::net::TcpListener>)> {
     use nix::sched::CloneFlags;
     // A namespace change affects only the calling thread: do it on a thread of its own.
-    std::thread::spawn(|| -> std::io::Result<SessionNamespaces> {
-        nix::sched::unshare(
-            CloneFlags::CLONE_NEWNET | CloneFlags::CLONE_NEWIPC | CloneFlags::CLONE_NEWUTS,
-        )?;
-        loopback_up()?;
-        let open = |kind: &str| -> std::io::Result<OwnedFd> {
-            Ok(std::fs::File::open(format!("/proc/thread-self/ns/{kind}"))?.into())
-        };
-        Ok(SessionNamespaces {
-            net: open("net")?,
-            ipc: open("ipc")?,
-            uts: open("uts")?,
-        })
-    })
+    std::thread::spawn(
+        move || -> std::io::Result<(SessionNamespaces, Option<std::net::TcpListener>)> {
+            let mut flags = CloneFlags::CLONE_NEWIPC | CloneFlags::CLONE_NEWUTS;
+            if net != SessionNet::Host {
+                flags |= CloneFlags::CLONE_NEWNET;
+            }
+            nix::sched::unshare(flags)?;
+            if net != SessionNet::Host {
+                loopback_up()?;
+            }
+            let listener = match net {
+                SessionNet::OwnWithProxy(port) => {
+                    let socket =
+                        std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, port))?;
+                    socket.set_nonblocking(true)?;
+                    Some(socket)
+                }
+                _ => None,
+            };
+            let open = |kind: &str| -> std::io::Result<OwnedFd> {
+                Ok(std::fs::File::open(format!("/proc/thread-self/ns/{kind}"))?.into())
+            };
+            Ok((
+                SessionNamespaces {
+                    net: open("net")?,
+                    ipc: open("ipc")?,
+                    uts: open("uts")?,
+                },
+                listener,
+            ))
+        },
+    )
     .join()
     .map_err(|_| std::io::Error::other("the namespace thread panicked"))?
 }
@@ -333,6 +368,8 @@ fn bwrap_args(launch: &Launch<'_>) -> Vec<String> {
     let namespaces: &[&str] = if launch.netns.is_some() {
         // The network, IPC and UTS namespaces are the session's, joined before bubblewrap.
         &["--unshare-user", "--unshare-pid", "--unshare-cgroup-try"]
+    } else if launch.share_net {
+        &["--unshare-all", "--share-net"]
     } else {
         &["--unshare-all"]
     };
