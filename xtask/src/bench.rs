@@ -47,6 +47,12 @@ const BENCH_TARGETS: &[BenchTarget] = &[
         package: "msbd",
         bench: "mcp",
     },
+    // An agent's working day: files in and out of a session, and a fetch through the network
+    // proxy against the host's network: writes `agent.json`.
+    BenchTarget {
+        package: "msbd",
+        bench: "agent",
+    },
 ];
 
 pub(crate) fn run(extra_args: &[String]) -> anyhow::Result<()> {

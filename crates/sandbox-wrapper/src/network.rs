@@ -33,8 +33,19 @@ pub const PROXY_PORT: u16 = 3128;
 const MAX_HEAD: usize = 64 * 1024;
 /// How long a client has to send its request head.
 const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long a name lookup and a connection may take.
+/// How long a name lookup may take, and (separately) connecting to its addresses.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+/// The most addresses of one name tried.
+const MAX_ADDRESSES: usize = 8;
+/// The most connections one session's proxy holds at once (more wait to be accepted).
+const SESSION_CONNECTIONS: usize = 128;
+/// The most connections all proxies hold at once.
+const ALL_CONNECTIONS: usize = 1024;
+/// A connection through the proxy that moves no byte for this long is closed.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+/// How often a session's refusals are logged at most (the others are counted, and their number
+/// is logged with the next one).
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(1);
 
 /// A session's network mode.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
@@ -111,8 +122,8 @@ impl Ports {
 
 /// One entry of an allow-list: a domain name (`pypi.org`: that name only) or a suffix
 /// (`.githubusercontent.com` or `*.githubusercontent.com`: every name under it, not the name
-/// itself), with a port (`:8080`), every port (`:*`), or none (80 and 443). `*` alone (callers'
-/// additions only) stands for every name.
+/// itself), with a port (`:8080`), every port (`:*`), or none (80 and 443). `*` alone stands
+/// for every name.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct AllowRule {
     /// The name, lower case, without the leading `.` of a suffix; empty for `*`.
@@ -157,7 +168,7 @@ impl AllowRule {
             ));
         }
         if !valid_name(&name) {
-            return Err(bad("a name is letters, digits, '-' and '.'"));
+            return Err(bad("a name is letters, digits, '-', '_' and '.'"));
         }
         Ok(AllowRule {
             name,
@@ -342,12 +353,31 @@ pub fn is_public(address: IpAddr) -> bool {
                 || v6.is_multicast()
                 || (segments[0] & 0xfe00) == 0xfc00 // unique local
                 || (segments[0] & 0xffc0) == 0xfe80 // link-local
+                || (segments[0] & 0xffc0) == 0xfec0 // site-local (deprecated)
                 || (segments[0] == 0x2001 && segments[1] == 0x0db8) // documentation
                 || (segments[0] == 0x0064 && segments[1] == 0xff9b) // NAT64
                 || (segments[0] == 0x2002) // 6to4 (embeds an IPv4 address)
                 || segments[..6] == [0, 0, 0, 0, 0, 0]) // IPv4-compatible
         }
     }
+}
+
+/// The addresses of this host's own interfaces (a name that resolves to one reaches the
+/// host's services, whatever range it is in).
+fn own_addresses() -> Vec<IpAddr> {
+    nix::ifaddrs::getifaddrs()
+        .map(|all| {
+            all.filter_map(|ifaddr| {
+                let address = ifaddr.address?;
+                if let Some(v4) = address.as_sockaddr_in() {
+                    Some(IpAddr::V4(v4.ip()))
+                } else {
+                    address.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip()))
+                }
+            })
+            .collect()
+        })
+        .unwrap_or_default()
 }
 
 fn is_public_v4(v4: Ipv4Addr) -> bool {
@@ -363,6 +393,7 @@ fn is_public_v4(v4: Ipv4Addr) -> bool {
         || (a == 100 && (64..128).contains(&b)) // shared address space (CGNAT)
         || (a == 192 && b == 0 && v4.octets()[2] == 0) // IETF protocol assignments
         || (a == 198 && (b == 18 || b == 19)) // benchmarking
+        || v4.octets() == [168, 63, 129, 16] // Azure's host (WireServer)
         || a >= 240)
 }
 
@@ -572,13 +603,15 @@ impl NetworkStats {
     }
 }
 
-/// What every session's proxy shares: the operator's settings and the counts.
-#[derive(Debug, Default)]
+/// What every session's proxy shares: the operator's settings, the counts, and the bound on
+/// connections held at once.
+#[derive(Debug)]
 pub struct Network {
     /// The operator's settings.
     pub settings: NetworkSettings,
     /// The counts.
     pub stats: NetworkStats,
+    connections: Arc<tokio::sync::Semaphore>,
 }
 
 impl Network {
@@ -587,6 +620,7 @@ impl Network {
         Arc::new(Network {
             settings,
             stats: NetworkStats::default(),
+            connections: Arc::new(tokio::sync::Semaphore::new(ALL_CONNECTIONS)),
         })
     }
 
@@ -614,7 +648,21 @@ impl Network {
     ) {
         let allow = Arc::new(allow);
         let session: Arc<str> = session.into();
+        let mine = Arc::new(tokio::sync::Semaphore::new(SESSION_CONNECTIONS));
+        let log = Arc::new(RefusalLog::default());
+        // Every connection lives in this set: when the session ends (this task is aborted),
+        // they all end with it.
+        let mut connections = tokio::task::JoinSet::new();
         loop {
+            while connections.try_join_next().is_some() {}
+            // A session at its limit waits before accepting more; so does one when all
+            // proxies together are.
+            let Ok(own) = Arc::clone(&mine).acquire_owned().await else {
+                return;
+            };
+            let Ok(shared) = Arc::clone(&self.connections).acquire_owned().await else {
+                return;
+            };
             let Ok((client, _)) = listener.accept().await else {
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
@@ -622,13 +670,21 @@ impl Network {
             let network = Arc::clone(&self);
             let allow = Arc::clone(&allow);
             let session = Arc::clone(&session);
-            tokio::spawn(async move {
-                network.handle(client, &session, &allow).await;
+            let log = Arc::clone(&log);
+            connections.spawn(async move {
+                network.handle(client, &session, &allow, &log).await;
+                drop((own, shared));
             });
         }
     }
 
-    async fn handle(&self, mut client: TcpStream, session: &str, allow: &[AllowRule]) {
+    async fn handle(
+        &self,
+        mut client: TcpStream,
+        session: &str,
+        allow: &[AllowRule],
+        log: &RefusalLog,
+    ) {
         let head = match tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut client)).await {
             Ok(Ok(Some(head))) => head,
             // Closed, too slow, or too long: nothing to answer.
@@ -637,7 +693,7 @@ impl Network {
         let request = match Request::parse(&head.bytes[..head.end]) {
             Ok(request) => request,
             Err(why) => {
-                self.refuse(&mut client, session, "?", 0, Refusal::BadRequest, &why)
+                self.refuse(&mut client, session, log, "?", 0, Refusal::BadRequest, &why)
                     .await;
                 return;
             }
@@ -651,6 +707,7 @@ impl Network {
                 self.refuse(
                     &mut client,
                     session,
+                    log,
                     &request.host,
                     request.port,
                     refusal,
@@ -687,7 +744,7 @@ impl Network {
             upstream.write_all(&forward).await
         };
         if started.is_ok() {
-            let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+            copy_until_idle(client, upstream).await;
         }
     }
 
@@ -710,6 +767,25 @@ impl Network {
             ));
         }
         let name = host.trim_end_matches('.').to_ascii_lowercase();
+        if !valid_name(&name) {
+            return Err((
+                Refusal::BadRequest,
+                format!(
+                    "{} is not a host name (letters, digits, '-', '_' and '.')",
+                    host.escape_debug()
+                ),
+            ));
+        }
+        // `134744072`, `8.8.8.8.`, `0x8.0x8.0x8.0x8`: the resolver reads these as addresses.
+        let last = name.rsplit('.').next().unwrap_or_default();
+        if last.bytes().all(|b| b.is_ascii_digit()) || last.starts_with("0x") {
+            return Err((
+                Refusal::Address,
+                format!(
+                    "{name} is an address; this sandbox may reach names on its allow-list only"
+                ),
+            ));
+        }
         if !allow.iter().any(|rule| rule.allows(&name, port)) {
             return Err((
                 Refusal::NotAllowed,
@@ -723,7 +799,8 @@ impl Network {
             Some(ips) => ips.iter().map(|ip| SocketAddr::new(*ip, port)).collect(),
             None => match tokio::time::timeout(
                 CONNECT_TIMEOUT,
-                tokio::net::lookup_host((name.as_str(), port)),
+                // Fully qualified: the host's search domains do not apply.
+                tokio::net::lookup_host((format!("{name}."), port)),
             )
             .await
             {
@@ -742,12 +819,15 @@ impl Network {
                 }
             },
         };
+        let own = own_addresses();
         let usable: Vec<SocketAddr> = addresses
             .iter()
             .copied()
             .filter(|a| {
-                is_public(a.ip()) || self.settings.private_allowed.iter().any(|r| r.allows(*a))
+                (is_public(a.ip()) && !own.contains(&a.ip().to_canonical()))
+                    || self.settings.private_allowed.iter().any(|r| r.allows(*a))
             })
+            .take(MAX_ADDRESSES)
             .collect();
         if usable.is_empty() {
             return Err((
@@ -757,15 +837,17 @@ impl Network {
                     Refusal::PrivateAddress
                 },
                 format!(
-                    "{name} resolves to {} only, which sandboxes may not reach (loopback, link-local or private; the operator allows such addresses with {})",
+                    "{name} resolves to {} only, which sandboxes may not reach (loopback, link-local, private, or this host's own; the operator allows such addresses with {})",
                     join(&addresses),
                     self.settings.names.private
                 ),
             ));
         }
+        // One deadline for all of them.
+        let deadline = tokio::time::Instant::now() + CONNECT_TIMEOUT;
         for address in usable {
             if let Ok(Ok(stream)) =
-                tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(address)).await
+                tokio::time::timeout_at(deadline, TcpStream::connect(address)).await
             {
                 let _ = stream.set_nodelay(true);
                 return Ok(Some(stream));
@@ -775,23 +857,31 @@ impl Network {
         Ok(None)
     }
 
+    #[allow(clippy::too_many_arguments, reason = "one refusal's facts, said once")]
     async fn refuse(
         &self,
         client: &mut TcpStream,
         session: &str,
+        log: &RefusalLog,
         host: &str,
         port: u16,
         refusal: Refusal,
         why: &str,
     ) {
         self.stats.refused[refusal.index()].fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(
-            session,
-            host,
-            port,
-            reason = refusal.as_str(),
-            "network: refused a connection from a sandbox: {why}"
-        );
+        if let Some(unlogged) = log.may_log() {
+            // The name as asked, escaped: a sandbox cannot write lines into msbd's log.
+            let host = host.escape_debug().to_string();
+            tracing::warn!(
+                session,
+                host,
+                port,
+                reason = refusal.as_str(),
+                unlogged,
+                "network: refused a connection from a sandbox: {}",
+                why.escape_debug()
+            );
+        }
         let status = if refusal == Refusal::BadRequest {
             "400 Bad Request"
         } else {
@@ -809,6 +899,76 @@ impl Network {
             .await;
         let _ = client.shutdown().await;
     }
+}
+
+/// When a session's proxy last logged a refusal, and how many it has not logged since.
+#[derive(Default)]
+struct RefusalLog {
+    last: std::sync::Mutex<Option<std::time::Instant>>,
+    unlogged: AtomicU64,
+}
+
+impl RefusalLog {
+    /// `Some(refusals not logged before this one)` when this one may be logged.
+    fn may_log(&self) -> Option<u64> {
+        let mut last = self
+            .last
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let now = std::time::Instant::now();
+        if last.is_some_and(|at| now.duration_since(at) < REFUSAL_LOG_EVERY) {
+            self.unlogged.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        *last = Some(now);
+        Some(self.unlogged.swap(0, Ordering::Relaxed))
+    }
+}
+
+/// Copies both ways until either side closes or nothing moves for [`IDLE_TIMEOUT`].
+async fn copy_until_idle(client: TcpStream, upstream: TcpStream) {
+    let (mut client_read, mut client_write) = client.into_split();
+    let (mut upstream_read, mut upstream_write) = upstream.into_split();
+    let moved = AtomicU64::new(0);
+    let up = one_way(&mut client_read, &mut upstream_write, &moved);
+    let down = one_way(&mut upstream_read, &mut client_write, &moved);
+    let watch = async {
+        let mut seen = 0;
+        loop {
+            tokio::time::sleep(IDLE_TIMEOUT).await;
+            let now = moved.load(Ordering::Relaxed);
+            if now == seen {
+                return;
+            }
+            seen = now;
+        }
+    };
+    tokio::select! {
+        ((), ()) = async { tokio::join!(up, down) } => {}
+        () = watch => {}
+    }
+}
+
+/// Copies one way until end of file or an error, counting the pieces moved; then closes the
+/// writing side.
+async fn one_way(
+    from: &mut tokio::net::tcp::OwnedReadHalf,
+    to: &mut tokio::net::tcp::OwnedWriteHalf,
+    moved: &AtomicU64,
+) {
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        match from.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                if to.write_all(&buf[..n]).await.is_err() {
+                    break;
+                }
+                moved.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+    let _ = to.shutdown().await;
 }
 
 /// A request head read from a client, and what came after it.
@@ -922,11 +1082,18 @@ impl Request {
                 || name.eq_ignore_ascii_case("proxy-authorization")
                 || name.eq_ignore_ascii_case("connection")
                 || name.eq_ignore_ascii_case("keep-alive")
+                || name.eq_ignore_ascii_case("host")
             {
                 continue;
             }
             head.push_str(line);
             head.push_str("\r\n");
+        }
+        // The server sees the name that was checked, not one the client chose.
+        if self.port == 80 {
+            head.push_str(&format!("Host: {}\r\n", self.host));
+        } else {
+            head.push_str(&format!("Host: {}:{}\r\n", self.host, self.port));
         }
         head.push_str("Connection: close\r\n\r\n");
         head.into_bytes()
@@ -1131,7 +1298,7 @@ mod tests {
         let head = String::from_utf8(plain.origin_head()).unwrap();
         assert_eq!(
             head,
-            "GET /a?b HTTP/1.1\r\nHost: example.com\r\nAccept: */*\r\nConnection: close\r\n\r\n"
+            "GET /a?b HTTP/1.1\r\nAccept: */*\r\nHost: example.com:8080\r\nConnection: close\r\n\r\n"
         );
         let v6 = Request::parse(b"CONNECT [::1]:443 HTTP/1.1\r\n\r\n").unwrap();
         assert_eq!(v6.host, "[::1]");

@@ -251,7 +251,7 @@ impl Value for NameMap {
                     .split_once('=')
                     .ok_or_else(|| format!("{} has no =", quoted(entry)))?;
                 let rule = AllowRule::parse(name)?;
-                if rule.to_string() != name.trim().to_ascii_lowercase() {
+                if name.contains(':') || rule.to_string() != name.trim().to_ascii_lowercase() {
                     return Err(format!("{} is not a plain name", quoted(name)));
                 }
                 let address: IpAddr = address

@@ -143,6 +143,7 @@ async fn a_session_reaches_only_what_its_policy_allows() {
              echo \"raw: $(code --noproxy '' -x http://127.0.0.1:3128 http://127.0.0.1:{allowed}/)\"; \
              echo \"tunnel-raw: $(code --noproxy '' -p -x http://127.0.0.1:3128 http://127.0.0.1:{allowed}/)\"; \
              echo \"service: $(code http://service.test:{service}/)\"; \
+             echo \"numeric: $(code --noproxy '' -x http://127.0.0.1:3128 http://2130706433:{allowed}/)\"; \
              echo \"direct: $(code --noproxy '*' http://127.0.0.1:{allowed}/)\"; \
              getent hosts example.com >/dev/null 2>&1; echo \"dns: exit=$?\"; \
              python3 -c \"import socket; socket.getaddrinfo('allowed.test', 80)\" 2>/dev/null; echo \"py-dns: exit=$?\""
@@ -160,6 +161,8 @@ async fn a_session_reaches_only_what_its_policy_allows() {
     // CONNECT refused: curl fails (the proxy's 403 is the tunnel's, not a page's).
     assert!(!line("tunnel-raw").contains("exit=0"), "{out}");
     assert!(line("service").contains("403"), "{out}");
+    // 2130706433 is 127.0.0.1 to a resolver: an address, refused before any lookup.
+    assert!(line("numeric").contains("403"), "{out}");
     // Not through the proxy: nothing listens on the sandbox's own loopback there.
     assert!(!line("direct").contains("exit=0"), "{out}");
     assert!(!line("dns").contains("exit=0"), "{out}");

@@ -1019,6 +1019,49 @@ impl LocalBackend {
         name: String,
         uid: Option<(Uid, Gid, u32)>,
     ) -> Result<SandboxInfo, BackendError> {
+        let network = spec.network.mode;
+        self.check_network(network, uid.is_some())?;
+        // First, before anything is made that a refusal would leave behind. One network
+        // namespace per session (root only): runs join it, and bubblewrap need not
+        // make one per run. Without it, bubblewrap makes its own, as it does for non-root.
+        let (netns, proxy) = match network {
+            NetworkMode::Allow => {
+                let (netns, listener) =
+                    spawn::new_session_namespaces(spawn::SessionNet::OwnWithProxy(PROXY_PORT))
+                        .map_err(|e| {
+                            BackendError::io("making the session's network namespace and proxy", e)
+                        })?;
+                let listener = listener
+                    .ok_or_else(|| {
+                        BackendError::Unavailable("the proxy's socket was not made".into())
+                    })
+                    .and_then(|l| {
+                        tokio::net::TcpListener::from_std(l)
+                            .map_err(|e| BackendError::io("serving the session's proxy", e))
+                    })?;
+                let serve = Arc::clone(&self.config.network).serve(
+                    listener,
+                    spec.session_id.clone(),
+                    spec.network.allow.clone(),
+                );
+                (Some(netns), Some(AbortOnDrop(tokio::spawn(serve))))
+            }
+            _ if uid.is_some() => {
+                let net = if network == NetworkMode::Host {
+                    spawn::SessionNet::Host
+                } else {
+                    spawn::SessionNet::Own
+                };
+                match spawn::new_session_namespaces(net) {
+                    Ok((netns, _)) => (Some(netns), None),
+                    Err(error) => {
+                        tracing::warn!(%error, "could not make a network namespace for the session; each run gets its own");
+                        (None, None)
+                    }
+                }
+            }
+            _ => (None, None),
+        };
         let root = self.sandbox_root.clone();
         let home = root.join(&spec.session_id);
         let work_dir = home.join("work");
@@ -1064,48 +1107,6 @@ impl LocalBackend {
             session_id: spec.session_id.clone(),
             flavor: spec.flavor,
             work_dir: Some(work_dir.clone()),
-        };
-        let network = spec.network.mode;
-        self.check_network(network, uid.is_some())?;
-        // One network namespace per session (root only): runs join it, and bubblewrap need not
-        // make one per run. Without it, bubblewrap makes its own, as it does for non-root.
-        let (netns, proxy) = match network {
-            NetworkMode::Allow => {
-                let (netns, listener) =
-                    spawn::new_session_namespaces(spawn::SessionNet::OwnWithProxy(PROXY_PORT))
-                        .map_err(|e| {
-                            BackendError::io("making the session's network namespace and proxy", e)
-                        })?;
-                let listener = listener
-                    .ok_or_else(|| {
-                        BackendError::Unavailable("the proxy's socket was not made".into())
-                    })
-                    .and_then(|l| {
-                        tokio::net::TcpListener::from_std(l)
-                            .map_err(|e| BackendError::io("serving the session's proxy", e))
-                    })?;
-                let serve = Arc::clone(&self.config.network).serve(
-                    listener,
-                    spec.session_id.clone(),
-                    spec.network.allow.clone(),
-                );
-                (Some(netns), Some(AbortOnDrop(tokio::spawn(serve))))
-            }
-            _ if uid.is_some() => {
-                let net = if network == NetworkMode::Host {
-                    spawn::SessionNet::Host
-                } else {
-                    spawn::SessionNet::Own
-                };
-                match spawn::new_session_namespaces(net) {
-                    Ok((netns, _)) => (Some(netns), None),
-                    Err(error) => {
-                        tracing::warn!(%error, "could not make a network namespace for the session; each run gets its own");
-                        (None, None)
-                    }
-                }
-            }
-            _ => (None, None),
         };
         let sandbox = Arc::new(LocalSandbox {
             info: info.clone(),
