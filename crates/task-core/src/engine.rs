@@ -1533,6 +1533,7 @@ impl Inner {
         let failed = |kind: FailureKind, message: String, retryable: bool| Outcome::Failed {
             error: TaskError { kind, message },
             retry_at: retry_at(retryable),
+            result: None,
         };
         match (control.reason(), verdict) {
             (StopReason::None, Verdict::Returned(Ok(result))) => {
@@ -1557,8 +1558,27 @@ impl Inner {
                     Some(Outcome::Completed { result })
                 }
             }
-            (StopReason::None, Verdict::Returned(Err(TaskFailure { message, retryable }))) => {
-                Some(failed(FailureKind::Error, message, retryable))
+            (
+                StopReason::None,
+                Verdict::Returned(Err(TaskFailure {
+                    message,
+                    retryable,
+                    result,
+                })),
+            ) => {
+                let mut outcome = failed(FailureKind::Error, message, retryable);
+                // A failure's result is kept when a result would be: else only its message.
+                if let (Outcome::Failed { result: kept, .. }, Some(result)) = (&mut outcome, result)
+                {
+                    if check_json_depth(&result).is_ok()
+                        && json_size(&result) <= self.config.max_result_bytes
+                    {
+                        *kept = Some(result);
+                    } else {
+                        tracing::warn!(id = %task.id, "the result of a failed attempt is too large or too deep to keep; its message is");
+                    }
+                }
+                Some(outcome)
             }
             (StopReason::None, Verdict::Panicked(message)) => Some(failed(
                 FailureKind::Error,

@@ -84,6 +84,9 @@ pub struct TaskFailure {
     pub message: String,
     /// Whether another attempt could succeed (then the task is retried while attempts remain).
     pub retryable: bool,
+    /// What the failed attempt produced, as facts a program can read (an exit code, say): kept
+    /// as the task's [`crate::Task::result`] beside its error. `None`: only the message.
+    pub result: Option<Value>,
 }
 
 impl TaskFailure {
@@ -92,6 +95,7 @@ impl TaskFailure {
         TaskFailure {
             message: message.into(),
             retryable: true,
+            result: None,
         }
     }
 
@@ -100,7 +104,14 @@ impl TaskFailure {
         TaskFailure {
             message: message.into(),
             retryable: false,
+            result: None,
         }
+    }
+
+    /// The same failure, with what the attempt produced (see [`TaskFailure::result`]).
+    pub fn with_result(mut self, result: Value) -> TaskFailure {
+        self.result = Some(result);
+        self
     }
 }
 
