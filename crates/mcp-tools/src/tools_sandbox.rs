@@ -146,7 +146,8 @@ pub struct ExecutionAnswer {
     /// The signal that killed it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub signal: Option<i64>,
-    /// Why it ended: "exited", "timed out after N ms", "killed: memory limit", "cancelled".
+    /// Why it ended: "exited", "timed out" (the task's timeout), "killed: memory limit",
+    /// "killed by a signal", "cancelled".
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
     /// How long it ran.

@@ -654,8 +654,8 @@ pub struct FailureView {
     pub exit_code: Option<i64>,
     /// The signal that killed it; null when none did.
     pub signal: Option<i64>,
-    /// Why it ended: "exited", "timed out after N s", "killed: memory limit", "killed by a
-    /// signal", "cancelled".
+    /// Why it ended: "exited", "timed out" (the task's timeout), "killed: memory limit",
+    /// "killed by a signal", "cancelled".
     pub reason: String,
     /// The end of its stderr (at most 4 KiB). Left out of lists (list_tasks, check_task_status
     /// without a task_id): check_task_status with the task_id, or get_task_result, has it.

@@ -445,7 +445,7 @@ async fn run_job(
     };
     let (kept, dropped) = sink.sizes();
     let tail = sink.tail();
-    let result = report(
+    let mut result = report(
         &outcome,
         lease.id(),
         language,
@@ -456,6 +456,10 @@ async fn run_job(
         kept,
         dropped,
     );
+    if outcome.reason == EndReason::Cancelled && context.timed_out() {
+        // Stopped by the task's timeout (the engine's clock), not by a cancel.
+        result["reason"] = json!("timed out");
+    }
     drop(lease);
     if outcome.success() {
         return Ok(result);

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
-use crate::engine::Inner;
+use crate::engine::{Control, Inner, StopReason};
 use crate::error::Result;
 use crate::model::TaskId;
 
@@ -140,6 +140,7 @@ pub struct TaskContext {
     pub(crate) owner: Option<String>,
     pub(crate) cancel: CancellationToken,
     pub(crate) paused: tokio::sync::watch::Receiver<bool>,
+    pub(crate) control: Arc<Control>,
     pub(crate) engine: Arc<Inner>,
 }
 
@@ -205,6 +206,13 @@ impl TaskContext {
     /// Whether the attempt must stop.
     pub fn is_cancelled(&self) -> bool {
         self.cancel.is_cancelled()
+    }
+
+    /// Whether the attempt is being stopped because it ran out of time (the task's timeout):
+    /// the engine records the failure as a timeout, keeping the result of the
+    /// [`TaskFailure`] the handler returns, so that it can say what the work had done.
+    pub fn timed_out(&self) -> bool {
+        self.cancel.is_cancelled() && self.control.reason() == StopReason::TimedOut
     }
 
     /// Reports progress, from 0.0 to 1.0, with an optional message. Fails on a value out of range

@@ -2030,5 +2030,26 @@ async fn output_streams_read_apart_and_a_failed_command_keeps_its_exit_code_and_
     assert!(text.contains("[killed by signal 9]"), "{text}");
     let status = ok(&client, "check_task_status", json!({"task_id": id})).await;
     assert_eq!(status["failure"]["signal"], 9, "{status}");
+
+    // Out of time: a timeout, whose facts say so and keep the stderr written before it.
+    let slow = call(
+        &client,
+        "execute_command",
+        json!({"command": "echo late >&2; exec sleep 30", "timeout": 1}),
+    )
+    .await;
+    assert_eq!(slow.is_error, Some(true), "{slow:?}");
+    let answer = slow.structured_content.unwrap();
+    assert_eq!(answer["status"], "timeout", "{answer}");
+    assert_eq!(answer["error"], "timed out after 1.0 s", "{answer}");
+    assert_eq!(
+        (
+            &answer["reason"],
+            &answer["exit_code"],
+            &answer["stderr_tail"]
+        ),
+        (&json!("timed out"), &Value::Null, &json!("late\n")),
+        "{answer}"
+    );
     client.cancel().await.unwrap();
 }
