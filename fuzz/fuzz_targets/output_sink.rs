@@ -9,7 +9,8 @@
 //! progress the sink reports is the last progress line (of at most `MAX_PROGRESS_LINE` bytes)
 //! among the lines completed so far, whatever the writes' sizes and interleaving; the file
 //! holds the first `cap` bytes written, and the rest is counted as dropped; the tail is the
-//! last `TAIL_BYTES` bytes written. No panic.
+//! last `TAIL_BYTES` bytes written; and the same of each stream's own file and tail, for the
+//! bytes of that stream alone. No panic.
 
 #![no_main]
 
@@ -19,6 +20,7 @@ use std::sync::LazyLock;
 use libfuzzer_sys::fuzz_target;
 use sandbox_wrapper::output::{
     MAX_PROGRESS_LINE, OutputSink, ProgressLine, Stream, TAIL_BYTES, parse_progress_line,
+    stream_path,
 };
 
 /// The output file, one per fuzzing process, created anew for each input.
@@ -42,6 +44,7 @@ fuzz_target!(|data: &[u8]| {
     let progress = sink.progress();
 
     let mut all = Vec::new();
+    let mut each: [Vec<u8>; 2] = [Vec::new(), Vec::new()];
     let mut model = Model::default();
     while let Some((&header, after)) = rest.split_first() {
         let index = usize::from(header & 1);
@@ -54,6 +57,7 @@ fuzz_target!(|data: &[u8]| {
         sink.write(stream, bytes);
         model.write(index, bytes);
         all.extend_from_slice(bytes);
+        each[index].extend_from_slice(bytes);
         rest = after;
 
         // After every write, the latest progress is the model's.
@@ -75,6 +79,17 @@ fuzz_target!(|data: &[u8]| {
     assert_eq!(file, &all[..written as usize]);
     let tail = &all[all.len().saturating_sub(TAIL_BYTES)..];
     assert_eq!(sink.tail(), String::from_utf8_lossy(tail));
+
+    for (stream, bytes) in [Stream::Stdout, Stream::Stderr].into_iter().zip(&each) {
+        let total = bytes.len() as u64;
+        let (written, dropped) = sink.stream_sizes(stream);
+        assert_eq!(written, total.min(cap), "{stream:?}");
+        assert_eq!(dropped, total - written, "{stream:?}");
+        let file = std::fs::read(stream_path(&PATH, stream)).expect("a stream's file can be read");
+        assert_eq!(file, &bytes[..written as usize], "{stream:?}");
+        let tail = &bytes[bytes.len().saturating_sub(TAIL_BYTES)..];
+        assert_eq!(sink.stream_tail(stream), String::from_utf8_lossy(tail), "{stream:?}");
+    }
 });
 
 /// The simplest splitter: each stream's current line whole, whatever its length.

@@ -474,13 +474,20 @@ impl McpServer {
                     "{error}\n[Session: {session}] [Status: {}] [Task: {}]\nWhat to do: read the whole output with read_task_output(task_id=\"{}\"); a session's files persist, so fix and run again in session {session:?}.",
                     view.status, task.id, task.id
                 );
+                let mut structured = serde_json::Map::new();
+                // What the failed run left (exit code or signal, reason, the tails of its
+                // output and stderr...), when it ran at all.
+                if let Some(Value::Object(fields)) = task.result.clone()
+                    && task.error.is_some()
+                {
+                    structured.extend(fields);
+                }
+                structured.insert("task_id".into(), task.id.to_string().into());
+                structured.insert("status".into(), view.status.clone().into());
+                structured.insert("session_id".into(), serde_json::json!(view.session_id));
+                structured.insert("error".into(), error.into());
                 let mut result = CallToolResult::error(vec![ContentBlock::text(text)]);
-                result.structured_content = Some(serde_json::json!({
-                    "task_id": task.id.to_string(),
-                    "status": view.status,
-                    "session_id": view.session_id,
-                    "error": error,
-                }));
+                result.structured_content = Some(Value::Object(structured));
                 result
             }
         }
@@ -550,12 +557,22 @@ fn generic_answer(server: &McpServer, task: &Task) -> CallToolResult {
             ),
             serde_json::json!({"task_id": view.task_id, "status": view.status, "result": task.result}),
         ),
-        _ => CallToolResult::error(vec![ContentBlock::text(format!(
-            "task {} {}: {}",
-            task.id,
-            view.status,
-            view.error.unwrap_or_default()
-        ))]),
+        _ => {
+            let error = view.error.unwrap_or_default();
+            let mut result = CallToolResult::error(vec![ContentBlock::text(format!(
+                "task {} {}: {error}",
+                task.id, view.status,
+            ))]);
+            // The failed run's facts, when its handler kept them (an operator-defined type's
+            // exit code and stderr tail, say).
+            result.structured_content = Some(serde_json::json!({
+                "task_id": view.task_id,
+                "status": view.status,
+                "error": error,
+                "result": task.result.as_ref().filter(|_| task.error.is_some()),
+            }));
+            result
+        }
     }
 }
 

@@ -166,7 +166,8 @@ pub struct ExecutionAnswer {
     /// The signal that killed it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub signal: Option<i64>,
-    /// Why it ended: "exited", "timed out after N ms", "killed: memory limit", "cancelled".
+    /// Why it ended: "exited", "timed out" (the task's timeout), "killed: memory limit",
+    /// "killed by a signal", "cancelled".
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
     /// How long it ran.
@@ -175,9 +176,12 @@ pub struct ExecutionAnswer {
     /// Its peak memory, where measurable.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub peak_memory_bytes: Option<u64>,
-    /// The end of its output (stdout and stderr as written).
+    /// The end of its output (stdout and stderr as written; at most 4 KiB).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub output_tail: Option<String>,
+    /// The end of its stderr alone (at most 4 KiB).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stderr_tail: Option<String>,
     /// Bytes of output kept.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub output_bytes: Option<u64>,
@@ -187,7 +191,8 @@ pub struct ExecutionAnswer {
     /// The language, for code.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub language: Option<String>,
-    /// Why it did not succeed.
+    /// Why it did not succeed (a run that failed also has its exit_code or signal, reason,
+    /// output_tail and stderr_tail above).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
     /// While it runs: percent done, 0 to 100.
@@ -473,7 +478,12 @@ impl McpServer {
         let tail = self
             .core
             .wrapper
-            .read_output_tail(id, task.attempt, RUNNING_TAIL_BYTES)
+            .read_output_tail(
+                id,
+                task.attempt,
+                sandbox_wrapper::output::OutputStream::Combined,
+                RUNNING_TAIL_BYTES,
+            )
             .ok()
             .flatten();
         let mut standing = format!("{}, {:.0}%", view.status, view.progress);

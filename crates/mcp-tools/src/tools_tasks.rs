@@ -20,9 +20,10 @@ use task_core::{NewTask, Priority, Status, Task, Timestamp};
 use crate::server::{McpServer, ToolError, answer, finish};
 use crate::wire::{
     self, Action, ActionAnswer, ActionStatus, CancelAnswer, CheckStatusArgs, Created,
-    GetResultArgs, ListArgs, ManageQueueArgs, ManageTasksArgs, OutputAnswer, QueueAction,
-    QueueStatistics, ReadOutputArgs, ResultAnswer, StatusAnswer, SubmitArgs, SubmitOptions,
-    TaskAction, TaskIdArgs, TaskList, TaskView, WaitAnswer, WaitForTasksArgs, WaitMode, WaitedTask,
+    GetResultArgs, ListArgs, ManageQueueArgs, ManageTasksArgs, OutputAnswer, OutputStreamArg,
+    QueueAction, QueueStatistics, ReadOutputArgs, ResultAnswer, StatusAnswer, SubmitArgs,
+    SubmitOptions, TaskAction, TaskIdArgs, TaskList, TaskView, WaitAnswer, WaitForTasksArgs,
+    WaitMode, WaitedTask,
 };
 
 /// The default page size of listings.
@@ -124,7 +125,7 @@ impl McpServer {
     }
 
     #[tool(
-        description = "Read a task's output (stdout and stderr as written), also while it runs: start at cursor 0, then pass the answer's next_cursor to read on; max_bytes per call (default 65536); or tail=N for its last N bytes. complete=true once the task has finished and everything was read. A retried task keeps the output of its last 5 attempts: attempt=n reads attempt n's (default: the latest; the answer's attempt says which).",
+        description = "Read a task's output, also while it runs: start at cursor 0, then pass the answer's next_cursor to read on; max_bytes per call (default 65536); or tail=N for its last N bytes. stream=\"combined\" (default: stdout and stderr interleaved as written), \"stdout\" or \"stderr\" reads that stream alone, with its own cursor. complete=true once the task has finished and everything was read. A retried task keeps the output of its last 5 attempts: attempt=n reads attempt n's (default: the latest; the answer's attempt says which).",
         output_schema = schema_for_output::<OutputAnswer>(),
         annotations(read_only_hint = true)
     )]
@@ -449,7 +450,12 @@ impl McpServer {
                 }
                 let tagged = tag.as_ref().is_none_or(|t| task.tags.contains(t));
                 if tagged && wire::passes_status_filter(status, task) {
-                    views.push(self.view(task));
+                    let mut view = self.view(task);
+                    // Lists stay small: a failure's stderr is read one task at a time.
+                    if let Some(failure) = &mut view.failure {
+                        failure.stderr_tail = None;
+                    }
+                    views.push(view);
                 }
             }
             cursor = page.next_cursor;
@@ -530,11 +536,16 @@ impl McpServer {
                     if !tail.ends_with('\n') && !tail.is_empty() {
                         text.push('\n');
                     }
-                    let exit = value
-                        .get("exit_code")
-                        .map(Value::to_string)
-                        .unwrap_or_default();
-                    text.push_str(&format!("[exit code {exit}]\n"));
+                    match value.get("signal").and_then(Value::as_i64) {
+                        Some(signal) => text.push_str(&format!("[killed by signal {signal}]\n")),
+                        None => {
+                            let exit = value
+                                .get("exit_code")
+                                .map(Value::to_string)
+                                .unwrap_or_default();
+                            text.push_str(&format!("[exit code {exit}]\n"));
+                        }
+                    }
                 }
                 None => text.push_str(&format!("result: {value}\n")),
             }
@@ -778,14 +789,16 @@ impl McpServer {
             Some(n) => n,
         };
         let earlier = attempt < latest;
+        let stream = args.stream.unwrap_or_default();
         let read = if kept_attempts(latest).contains(&attempt) {
             let wrapper = &self.core.wrapper;
+            let which = stream.to_core();
             match args.tail {
-                Some(tail) => wrapper.read_output_tail(task.id, attempt, tail as usize),
+                Some(tail) => wrapper.read_output_tail(task.id, attempt, which, tail as usize),
                 None => {
                     let cursor = args.cursor.unwrap_or(0);
                     wrapper
-                        .read_output(task.id, attempt, cursor, max as usize)
+                        .read_output(task.id, attempt, which, cursor, max as usize)
                         .map(|chunk| chunk.map(|chunk| (cursor, chunk)))
                 }
             }
@@ -801,6 +814,23 @@ impl McpServer {
         };
         let (cursor, chunk) = match read {
             Some(read) => read,
+            // The combined output is there but not this stream's: captured by an older msbd.
+            None if stream != OutputStreamArg::Combined
+                && self
+                    .core
+                    .wrapper
+                    .attempts_with_output(task.id, latest)
+                    .contains(&attempt) =>
+            {
+                return Err(ToolError::invalid(
+                    format!(
+                        "attempt {attempt} of task {} has no {} output of its own: it ran before msbd kept stdout and stderr apart",
+                        task.id,
+                        stream.as_str()
+                    ),
+                    "read stream=\"combined\" (stdout and stderr interleaved)",
+                ));
+            }
             // The latest attempt has no output yet: it has not started (or has just).
             None if !earlier => (args.cursor.unwrap_or(0), OutputChunk::default()),
             None => return Err(self.attempt_not_kept(&task, attempt)),
@@ -815,13 +845,16 @@ impl McpServer {
             complete,
             status: wire::status_name(&task).to_owned(),
             attempt,
+            stream,
         };
-        // Which attempt, once there is more than one.
-        let whose = if latest > 1 {
-            format!("attempt {attempt} of {latest}; ")
-        } else {
-            String::new()
+        // Which stream, when one alone; which attempt, once there is more than one.
+        let mut whose = match stream {
+            OutputStreamArg::Combined => String::new(),
+            one => format!("{} only; ", one.as_str()),
         };
+        if latest > 1 {
+            whose.push_str(&format!("attempt {attempt} of {latest}; "));
+        }
         let footer = if complete {
             format!("[end of output; {whose}task {}]", output.status)
         } else {
@@ -1588,6 +1621,17 @@ fn status_text(view: &TaskView) -> String {
     }
     if let Some(error) = &view.error {
         text.push_str(&format!("\nerror: {error}"));
+    }
+    if let Some(failure) = &view.failure {
+        let how = match (failure.exit_code, failure.signal) {
+            (_, Some(signal)) => format!("killed by signal {signal}"),
+            (Some(code), None) => format!("exit code {code}"),
+            (None, None) => failure.reason.clone(),
+        };
+        text.push_str(&format!("\nfailed run: {how}"));
+        if failure.stderr_tail.as_ref().is_some_and(|t| !t.is_empty()) {
+            text.push_str(" (the end of its stderr is in failure.stderr_tail)");
+        }
     }
     text
 }

@@ -263,7 +263,8 @@ pub struct WaitedTask {
     pub finished: bool,
     /// Percent done.
     pub progress: f64,
-    /// What it returned, once completed (as get_task_result's `result`).
+    /// What it returned, once completed; for a failed run, what that run left (as
+    /// get_task_result's `result`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub result: Option<Value>,
     /// Why it failed, when it did.
@@ -332,6 +333,46 @@ pub struct ReadOutputArgs {
     /// its own cursor.
     #[serde(default)]
     pub attempt: Option<u32>,
+    /// Which output: "combined" (default: stdout and stderr interleaved as written, with
+    /// msbd's notes), "stdout" or "stderr" (that stream alone). Each is its own file with its
+    /// own cursor, size and tail.
+    #[serde(default)]
+    pub stream: Option<OutputStreamArg>,
+}
+
+/// Which output `read_task_output` reads.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[schemars(crate = "rmcp::schemars")]
+#[serde(rename_all = "lowercase")]
+pub enum OutputStreamArg {
+    /// stdout and stderr interleaved as they were written, with msbd's own notes.
+    #[default]
+    Combined,
+    /// Standard output alone.
+    Stdout,
+    /// Standard error alone.
+    Stderr,
+}
+
+impl OutputStreamArg {
+    /// Its name on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OutputStreamArg::Combined => "combined",
+            OutputStreamArg::Stdout => "stdout",
+            OutputStreamArg::Stderr => "stderr",
+        }
+    }
+
+    /// The wrapper's name for it.
+    pub fn to_core(self) -> sandbox_wrapper::output::OutputStream {
+        use sandbox_wrapper::output::OutputStream;
+        match self {
+            OutputStreamArg::Combined => OutputStream::Combined,
+            OutputStreamArg::Stdout => OutputStream::Stdout,
+            OutputStreamArg::Stderr => OutputStream::Stderr,
+        }
+    }
 }
 
 /// `manage_background_tasks`.
@@ -462,6 +503,10 @@ pub struct TaskView {
     /// Why it failed, when it did.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// How the failed run behind `error` ended, as facts (sandbox tasks whose process ran: a
+    /// command, code, an operator-defined type). Left out otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure: Option<FailureView>,
     /// Whether a cancel was asked for and is being carried out.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub cancel_requested: bool,
@@ -595,8 +640,46 @@ impl TaskView {
                 _ => None,
             },
             error: task.error.as_ref().map(|e| e.message.clone()),
+            failure: FailureView::of(task),
             cancel_requested: task.cancel_requested && !task.status.is_terminal(),
         }
+    }
+}
+
+/// How a failed run ended, in [`TaskView::failure`]: read from the result its handler kept
+/// beside the error.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[schemars(crate = "rmcp::schemars")]
+pub struct FailureView {
+    /// Its exit code; null when it did not exit on its own (a signal, a timeout).
+    pub exit_code: Option<i64>,
+    /// The signal that killed it; null when none did.
+    pub signal: Option<i64>,
+    /// Why it ended: "exited", "timed out" (the task's timeout), "killed: memory limit",
+    /// "killed by a signal", "cancelled".
+    pub reason: String,
+    /// The end of its stderr (at most 4 KiB). Left out of lists (list_tasks, check_task_status
+    /// without a task_id): check_task_status with the task_id, or get_task_result, has it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stderr_tail: Option<String>,
+}
+
+impl FailureView {
+    /// The facts of a task's failed run, when it has an error and the result of that run.
+    pub fn of(task: &Task) -> Option<FailureView> {
+        if task.status == Status::Completed || task.error.is_none() {
+            return None;
+        }
+        let result = task.result.as_ref()?;
+        Some(FailureView {
+            exit_code: result.get("exit_code").and_then(Value::as_i64),
+            signal: result.get("signal").and_then(Value::as_i64),
+            reason: result.get("reason")?.as_str()?.to_owned(),
+            stderr_tail: result
+                .get("stderr_tail")
+                .and_then(Value::as_str)
+                .map(str::to_owned),
+        })
     }
 }
 
@@ -719,7 +802,9 @@ pub struct ResultAnswer {
     /// Whether it has finished (completed, failed, timeout or cancelled).
     pub finished: bool,
     /// What the task returned, once completed. For command and code tasks: exit_code,
-    /// signal, reason, duration_ms, peak_memory_bytes, output_tail, session_id, isolation.
+    /// signal, reason, duration_ms, peak_memory_bytes, output_tail, stderr_tail, session_id,
+    /// isolation. A failed run of theirs (a non-zero exit, a signal, a timeout) has the same
+    /// fields here, beside `error`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub result: Option<Value>,
     /// Why it failed, when it did.
@@ -755,8 +840,8 @@ pub struct CancelAnswer {
 pub struct OutputAnswer {
     /// The task's id.
     pub task_id: String,
-    /// The output from `cursor` on (stdout and stderr interleaved as written; invalid UTF-8
-    /// replaced).
+    /// The output from `cursor` on (of the stream read: stdout and stderr interleaved as
+    /// written, or one of them; invalid UTF-8 replaced).
     pub data: String,
     /// Where this chunk started.
     pub cursor: u64,
@@ -773,6 +858,8 @@ pub struct OutputAnswer {
     /// started). Without `attempt` in the call, the latest attempt: when it grows, a new attempt
     /// has started, to be read from cursor 0.
     pub attempt: u32,
+    /// Which output this is: "combined", "stdout" or "stderr" (as asked).
+    pub stream: OutputStreamArg,
 }
 
 /// The answer of the `manage_*` tools and other actions: what was done, and its data.

@@ -4,10 +4,12 @@
 //!
 //! Each attempt takes a session (the one named by `session_id`, or a fresh one; the result says
 //! which), captures its output to a file of its own (see [`output_path`]; capped; readable by
-//! cursor while it runs; the last [`KEPT_ATTEMPTS`] attempts' files are kept), turns `::progress::` lines into progress reports, and
+//! cursor while it runs; each stream also alone beside it; the last [`KEPT_ATTEMPTS`] attempts'
+//! files are kept), turns `::progress::` lines into progress reports, and
 //! ends with a result that holds the exit code or signal, the duration, the peak memory where
-//! measured, the output's tail, why it ended and the isolation it ran under. A non-zero exit, a
-//! timeout or a kill is a failure whose message carries the same facts.
+//! measured, the output's and stderr's tails, why it ended and the isolation it ran under. A
+//! non-zero exit, a timeout or a kill is a failure whose message carries the same facts, and
+//! which keeps the same result as the failure's [`TaskFailure::result`].
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -23,7 +25,7 @@ use crate::backend::{
     ReplRequest,
 };
 use crate::network::{NetworkPolicy, NetworkSettings};
-use crate::output::OutputSink;
+use crate::output::{OutputSink, Stream, output_files};
 use crate::session::{SessionError, SessionManager};
 use crate::task_types::TaskTypeSpec;
 
@@ -52,10 +54,11 @@ impl HandlerShared {
 /// retried again and again holds at most this many output files, each under the cap.
 pub const KEPT_ATTEMPTS: u32 = 5;
 
-/// The output file of attempt `attempt` of a task under an outputs directory:
+/// The (combined) output file of attempt `attempt` of a task under an outputs directory:
 /// `<task id>.log` for the first attempt (and for a task that has not started: attempt 0),
-/// `<task id>.<attempt>.log` for the next ones. A task that runs once has one file, named as
-/// it always was; each attempt writes its own file, so none truncates another's.
+/// `<task id>.<attempt>.log` for the next ones. A task that runs once has one such file, named
+/// as it always was; each attempt writes its own, so none truncates another's. Each stream's own
+/// file is beside it ([`crate::output::stream_path`]: `<task id>.log.stdout`, ...).
 pub fn output_path(outputs_dir: &Path, id: TaskId, attempt: u32) -> PathBuf {
     if attempt <= 1 {
         outputs_dir.join(format!("{id}.log"))
@@ -77,12 +80,13 @@ pub fn kept_attempts(latest: u32) -> std::ops::RangeInclusive<u32> {
 fn forget_old_outputs(outputs_dir: &Path, id: TaskId, attempt: u32) {
     let first_kept = *kept_attempts(attempt).start();
     for old in first_kept.saturating_sub(KEPT_ATTEMPTS).max(1)..first_kept {
-        let path = output_path(outputs_dir, id, old);
-        match std::fs::remove_file(&path) {
-            Ok(()) => {}
-            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
-            Err(error) => {
-                tracing::warn!(%id, attempt = old, path = %path.display(), %error, "cannot delete the output of an old attempt");
+        for path in output_files(&output_path(outputs_dir, id, old)) {
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+                Err(error) => {
+                    tracing::warn!(%id, attempt = old, path = %path.display(), %error, "cannot delete the output of an old attempt");
+                }
             }
         }
     }
@@ -468,12 +472,32 @@ async fn run_job(
     };
     let (kept, dropped) = sink.sizes();
     let tail = sink.tail();
-    let result = report(&outcome, lease.id(), language, &tail, kept, dropped);
+    let mut result = report(
+        &outcome,
+        lease.id(),
+        language,
+        Tails {
+            output: &tail,
+            stderr: &sink.stream_tail(Stream::Stderr),
+        },
+        kept,
+        dropped,
+    );
+    if outcome.reason == EndReason::Cancelled && context.timed_out() {
+        // Stopped by the task's timeout (the engine's clock), not by a cancel.
+        result["reason"] = json!("timed out");
+    }
     drop(lease);
     if outcome.success() {
         return Ok(result);
     }
-    Err(failure(&outcome, &tail, lease_flavor_hint(options.flavor)))
+    Err(failure(&outcome, &tail, lease_flavor_hint(options.flavor)).with_result(result))
+}
+
+/// The tails a result carries: of the combined output and of stderr alone.
+struct Tails<'a> {
+    output: &'a str,
+    stderr: &'a str,
 }
 
 fn lease_flavor_hint(flavor: Option<Flavor>) -> String {
@@ -551,7 +575,7 @@ fn report(
     outcome: &ExecOutcome,
     session: &str,
     language: Option<Language>,
-    tail: &str,
+    tails: Tails<'_>,
     kept: u64,
     dropped: u64,
 ) -> Value {
@@ -567,7 +591,8 @@ fn report(
         "reason": outcome.reason.to_string(),
         "duration_ms": outcome.duration_ms,
         "peak_memory_bytes": outcome.peak_memory_bytes,
-        "output_tail": tail,
+        "output_tail": tails.output,
+        "stderr_tail": tails.stderr,
         "output_bytes": kept,
         "output_dropped_bytes": dropped,
         "isolation": outcome.isolation,

@@ -8,6 +8,7 @@
 //! use std::sync::Arc;
 //! use std::time::Duration;
 //!
+//! use sandbox_wrapper::output::OutputStream;
 //! use sandbox_wrapper::{Wrapper, WrapperConfig};
 //! use serde_json::json;
 //! use task_core::store::sqlite::{SqliteConfig, SqliteStore};
@@ -32,7 +33,7 @@
 //! assert_eq!(done.result.as_ref().unwrap()["exit_code"], 0);
 //!
 //! // Each attempt's output is a file, readable by cursor (also while the attempt runs).
-//! let output = wrapper.read_output(id, done.attempt, 0, 64 * 1024)?;
+//! let output = wrapper.read_output(id, done.attempt, OutputStream::Combined, 0, 64 * 1024)?;
 //! assert!(output.expect("attempt 1 wrote output").data.starts_with("hello from "));
 //! assert_eq!(wrapper.sessions().get("demo")?.id, "demo");
 //!

@@ -1,8 +1,13 @@
 //! A task's output: captured to a file with a size cap, readable by cursor while the task runs,
 //! with `::progress:: <fraction or percent> [message]` lines turned into progress reports.
 //!
-//! Memory stays flat whatever a process prints: bytes go straight to the file (and past the cap
-//! they are counted, not kept); only a bounded tail and one partial line per stream are held.
+//! Three files per sink: the combined output (stdout and stderr interleaved as they were read,
+//! with msbd's own notes), and each stream alone beside it ([`stream_path`]: `<path>.stdout`,
+//! `<path>.stderr`), each under the same cap. [`OutputStream`] names which one a read wants.
+//!
+//! Memory stays flat whatever a process prints: bytes go straight to the files (and past the
+//! cap they are counted, not kept); only a bounded tail per file and one partial line per
+//! stream are held.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -32,6 +37,75 @@ pub enum Stream {
     Stderr,
 }
 
+impl Stream {
+    fn index(self) -> usize {
+        match self {
+            Stream::Stdout => 0,
+            Stream::Stderr => 1,
+        }
+    }
+}
+
+/// Which of a sink's files a read wants: both streams interleaved, or one alone.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum OutputStream {
+    /// stdout and stderr interleaved as they were read, with msbd's notes (the sink's path).
+    #[default]
+    Combined,
+    /// Standard output alone.
+    Stdout,
+    /// Standard error alone.
+    Stderr,
+}
+
+impl OutputStream {
+    /// Every choice, in the order they are offered.
+    pub const ALL: [OutputStream; 3] = [
+        OutputStream::Combined,
+        OutputStream::Stdout,
+        OutputStream::Stderr,
+    ];
+
+    /// Its name: `combined`, `stdout` or `stderr`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OutputStream::Combined => "combined",
+            OutputStream::Stdout => "stdout",
+            OutputStream::Stderr => "stderr",
+        }
+    }
+
+    /// The choice a name stands for.
+    pub fn parse(name: &str) -> Option<OutputStream> {
+        OutputStream::ALL.into_iter().find(|s| s.as_str() == name)
+    }
+
+    /// The file that holds this choice of the output whose combined file is `combined`.
+    pub fn path(self, combined: &Path) -> PathBuf {
+        match self {
+            OutputStream::Combined => combined.to_path_buf(),
+            OutputStream::Stdout => stream_path(combined, Stream::Stdout),
+            OutputStream::Stderr => stream_path(combined, Stream::Stderr),
+        }
+    }
+}
+
+/// The file that holds one stream alone of the output whose combined file is `combined`:
+/// `<combined>.stdout` or `<combined>.stderr`.
+pub fn stream_path(combined: &Path, stream: Stream) -> PathBuf {
+    let mut name = combined.as_os_str().to_owned();
+    name.push(match stream {
+        Stream::Stdout => ".stdout",
+        Stream::Stderr => ".stderr",
+    });
+    PathBuf::from(name)
+}
+
+/// Every file of the output whose combined file is `combined`: it, then stdout's, then stderr's.
+pub fn output_files(combined: &Path) -> [PathBuf; 3] {
+    OutputStream::ALL.map(|which| which.path(combined))
+}
+
 /// A progress report read from a `::progress::` line.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ProgressLine {
@@ -51,37 +125,104 @@ pub struct OutputSink {
 }
 
 struct SinkState {
-    file: Option<File>,
-    written: u64,
-    dropped: u64,
-    tail: Vec<u8>,
+    /// The combined file.
+    combined: CappedFile,
+    /// Each stream's own file: stdout, stderr.
+    streams: [CappedFile; 2],
     partial: [Vec<u8>; 2],
     /// Whether the partial line of a stream grew past the examined length (then the rest of the
     /// line is not a progress line).
     overlong: [bool; 2],
 }
 
+/// One file of a sink: what it kept, what it dropped past the cap, and its last bytes.
+struct CappedFile {
+    file: Option<File>,
+    written: u64,
+    dropped: u64,
+    tail: Vec<u8>,
+}
+
+impl CappedFile {
+    fn create(path: &Path) -> std::io::Result<CappedFile> {
+        let file = OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(true)
+            .open(path)?;
+        Ok(CappedFile {
+            file: Some(file),
+            written: 0,
+            dropped: 0,
+            tail: Vec::new(),
+        })
+    }
+
+    /// Appends bytes: to the file while under the cap, to the tail always.
+    fn write(&mut self, cap: u64, bytes: &[u8]) {
+        let room = cap.saturating_sub(self.written);
+        let keep = (bytes.len() as u64).min(room) as usize;
+        if keep > 0 {
+            let failed = match self.file.as_mut() {
+                Some(file) => file.write_all(&bytes[..keep]).is_err(),
+                None => true,
+            };
+            if failed {
+                // A full disk, say: stop writing rather than fail the task.
+                self.file = None;
+                self.dropped += keep as u64;
+            } else {
+                self.written += keep as u64;
+            }
+        }
+        self.dropped += (bytes.len() - keep) as u64;
+        self.push_tail(bytes);
+    }
+
+    /// Appends a note: notes are short, and one may pass the cap by its own length, never more.
+    fn note(&mut self, cap: u64, text: &str) {
+        if self.written < cap
+            && let Some(file) = self.file.as_mut()
+            && file.write_all(text.as_bytes()).is_ok()
+        {
+            self.written += text.len() as u64;
+        }
+        self.push_tail(text.as_bytes());
+    }
+
+    fn push_tail(&mut self, bytes: &[u8]) {
+        let tail = &mut self.tail;
+        tail.extend_from_slice(&bytes[bytes.len().saturating_sub(TAIL_BYTES)..]);
+        if tail.len() > TAIL_BYTES {
+            tail.drain(..tail.len() - TAIL_BYTES);
+        }
+    }
+
+    fn flush(&mut self) {
+        if let Some(file) = self.file.as_mut() {
+            let _ = file.flush();
+        }
+    }
+}
+
 impl OutputSink {
-    /// Creates (or truncates) the output file at `path`, keeping at most `cap` bytes.
+    /// Creates (or truncates) the output file at `path` and each stream's file beside it
+    /// ([`stream_path`]), each keeping at most `cap` bytes.
     pub fn create(path: impl Into<PathBuf>, cap: u64) -> std::io::Result<OutputSink> {
         let path = path.into();
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent)?;
         }
-        let file = OpenOptions::new()
-            .create(true)
-            .write(true)
-            .truncate(true)
-            .open(&path)?;
+        let combined = CappedFile::create(&path)?;
+        let stdout = CappedFile::create(&stream_path(&path, Stream::Stdout))?;
+        let stderr = CappedFile::create(&stream_path(&path, Stream::Stderr))?;
         let (progress, _) = watch::channel(None);
         Ok(OutputSink {
             path,
             cap,
             state: Mutex::new(SinkState {
-                file: Some(file),
-                written: 0,
-                dropped: 0,
-                tail: Vec::new(),
+                combined,
+                streams: [stdout, stderr],
                 partial: [Vec::new(), Vec::new()],
                 overlong: [false, false],
             }),
@@ -89,7 +230,7 @@ impl OutputSink {
         })
     }
 
-    /// The output file.
+    /// The (combined) output file.
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -99,31 +240,12 @@ impl OutputSink {
         self.progress.subscribe()
     }
 
-    /// Appends bytes from a stream: to the file while under the cap, to the tail always, and
-    /// through the progress parser.
+    /// Appends bytes from a stream: to the combined file and the stream's own, each while under
+    /// the cap, to their tails always, and through the progress parser.
     pub fn write(&self, stream: Stream, bytes: &[u8]) {
         let mut state = self.lock();
-        let room = self.cap.saturating_sub(state.written);
-        let keep = (bytes.len() as u64).min(room) as usize;
-        if keep > 0 {
-            let failed = match state.file.as_mut() {
-                Some(file) => file.write_all(&bytes[..keep]).is_err(),
-                None => true,
-            };
-            if failed {
-                // A full disk, say: stop writing rather than fail the task.
-                state.file = None;
-                state.dropped += keep as u64;
-            } else {
-                state.written += keep as u64;
-            }
-        }
-        state.dropped += (bytes.len() - keep) as u64;
-        let tail = &mut state.tail;
-        tail.extend_from_slice(&bytes[bytes.len().saturating_sub(TAIL_BYTES)..]);
-        if tail.len() > TAIL_BYTES {
-            tail.drain(..tail.len() - TAIL_BYTES);
-        }
+        state.combined.write(self.cap, bytes);
+        state.streams[stream.index()].write(self.cap, bytes);
         let latest = scan_progress(&mut state, stream, bytes);
         drop(state);
         if let Some(line) = latest {
@@ -131,38 +253,41 @@ impl OutputSink {
         }
     }
 
-    /// Appends a note from msbd itself (not the process), such as why the output stopped.
+    /// Appends a note from msbd itself (not the process), such as why the output stopped: to
+    /// the combined output only (neither stream's file has it, since the process wrote neither).
     pub fn note(&self, text: &str) {
-        let mut state = self.lock();
-        // Notes are short; one may pass the cap by its own length, never more.
-        if state.written < self.cap
-            && let Some(file) = state.file.as_mut()
-            && file.write_all(text.as_bytes()).is_ok()
-        {
-            state.written += text.len() as u64;
-        }
-        let tail = &mut state.tail;
-        tail.extend_from_slice(text.as_bytes());
-        if tail.len() > TAIL_BYTES {
-            tail.drain(..tail.len() - TAIL_BYTES);
-        }
+        self.lock().combined.note(self.cap, text);
     }
 
-    /// Bytes kept in the file, bytes dropped past the cap.
+    /// Bytes kept in the combined file, bytes dropped past the cap.
     pub fn sizes(&self) -> (u64, u64) {
         let state = self.lock();
-        (state.written, state.dropped)
+        (state.combined.written, state.combined.dropped)
     }
 
-    /// The output's last bytes (at most [`TAIL_BYTES`]), as text.
+    /// Bytes kept in a stream's own file, bytes dropped past the cap.
+    pub fn stream_sizes(&self, stream: Stream) -> (u64, u64) {
+        let state = self.lock();
+        let file = &state.streams[stream.index()];
+        (file.written, file.dropped)
+    }
+
+    /// The combined output's last bytes (at most [`TAIL_BYTES`]), as text.
     pub fn tail(&self) -> String {
-        String::from_utf8_lossy(&self.lock().tail).into_owned()
+        String::from_utf8_lossy(&self.lock().combined.tail).into_owned()
     }
 
-    /// Flushes the file.
+    /// One stream's last bytes (at most [`TAIL_BYTES`]), as text.
+    pub fn stream_tail(&self, stream: Stream) -> String {
+        String::from_utf8_lossy(&self.lock().streams[stream.index()].tail).into_owned()
+    }
+
+    /// Flushes the files.
     pub fn flush(&self) {
-        if let Some(file) = self.lock().file.as_mut() {
-            let _ = file.flush();
+        let mut state = self.lock();
+        state.combined.flush();
+        for file in &mut state.streams {
+            file.flush();
         }
     }
 
@@ -174,10 +299,7 @@ impl OutputSink {
 /// Feeds bytes through the line splitter of their stream and returns the last progress line
 /// among the lines they complete.
 fn scan_progress(state: &mut SinkState, stream: Stream, bytes: &[u8]) -> Option<ProgressLine> {
-    let index = match stream {
-        Stream::Stdout => 0,
-        Stream::Stderr => 1,
-    };
+    let index = stream.index();
     let mut latest = None;
     let mut rest = bytes;
     while let Some(newline) = rest.iter().position(|&b| b == b'\n') {

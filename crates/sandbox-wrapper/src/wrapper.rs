@@ -26,7 +26,7 @@ use crate::backend::microsandbox::{MicrosandboxBackend, MicrosandboxConfig};
 use crate::backend::{BackendError, SandboxBackend, VolumeMapping};
 use crate::handlers::{CodeHandler, CommandHandler, HandlerShared, OperatorHandler};
 use crate::network::{Network, NetworkSettings};
-use crate::output::{DEFAULT_OUTPUT_CAP, OutputChunk, read_output};
+use crate::output::{DEFAULT_OUTPUT_CAP, OutputChunk, OutputStream, read_output};
 use crate::session::{SessionConfig, SessionManager};
 use crate::stable::{fnv1a_64, unix_now};
 use crate::supervisor::{
@@ -746,18 +746,21 @@ impl Wrapper {
         self.inner.engine.submit(task).await
     }
 
-    /// Reads the output of attempt `attempt` of a task (see [`crate::handlers::output_path`])
-    /// from byte `cursor` on, at most `max` bytes; works while the attempt runs. `None`: that
-    /// attempt has no output file (it has not started yet, ended before it had one, or was
-    /// pruned: see [`crate::handlers::KEPT_ATTEMPTS`]). One file open, whatever the attempt.
+    /// Reads the output of attempt `attempt` of a task (see [`crate::handlers::output_path`]),
+    /// both streams or one ([`OutputStream`]), from byte `cursor` on (of that file), at most
+    /// `max` bytes; works while the attempt runs. `None`: that attempt has no such file (it has
+    /// not started yet, ended before it had one, was pruned: see
+    /// [`crate::handlers::KEPT_ATTEMPTS`], or ran before msbd kept each stream alone). One file
+    /// open, whatever the attempt.
     pub fn read_output(
         &self,
         id: TaskId,
         attempt: u32,
+        stream: OutputStream,
         cursor: u64,
         max: usize,
     ) -> std::io::Result<Option<OutputChunk>> {
-        let path = self.inner.shared.output_path(id, attempt);
+        let path = stream.path(&self.inner.shared.output_path(id, attempt));
         match read_output(&path, cursor, max) {
             Ok(chunk) => Ok(Some(chunk)),
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(None),
@@ -765,15 +768,16 @@ impl Wrapper {
         }
     }
 
-    /// The last `max` bytes (at most) of the output of attempt `attempt` of task `id`, and the
-    /// offset they start at; `None` as for [`Wrapper::read_output`].
+    /// The last `max` bytes (at most) of the output of attempt `attempt` of task `id` (both
+    /// streams or one), and the offset they start at; `None` as for [`Wrapper::read_output`].
     pub fn read_output_tail(
         &self,
         id: TaskId,
         attempt: u32,
+        stream: OutputStream,
         max: usize,
     ) -> std::io::Result<Option<(u64, OutputChunk)>> {
-        let path = self.inner.shared.output_path(id, attempt);
+        let path = stream.path(&self.inner.shared.output_path(id, attempt));
         match crate::output::read_output_tail(&path, max) {
             Ok(tail) => Ok(Some(tail)),
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(None),
@@ -1044,8 +1048,9 @@ fn store_loop_policy(policy: RestartPolicy) -> RestartPolicy {
     policy.never_give_up(Duration::from_secs(1))
 }
 
-/// Deletes the output files (`<task id>.log`, `<task id>.<attempt>.log`) under `outputs_dir`
-/// whose task the store no longer holds. Files that are not named so are left alone.
+/// Deletes the output files (`<task id>.log`, `<task id>.<attempt>.log`, and each with
+/// `.stdout` or `.stderr` after it) under `outputs_dir` whose task the store no longer holds;
+/// returns how many files. Files that are not named so are left alone.
 async fn remove_stale_outputs(engine: &Engine, outputs_dir: &std::path::Path) -> usize {
     let Ok(entries) = std::fs::read_dir(outputs_dir) else {
         return 0;
@@ -1066,8 +1071,13 @@ async fn remove_stale_outputs(engine: &Engine, outputs_dir: &std::path::Path) ->
 }
 
 /// The task whose output a file of the outputs directory is, by its name: `<task id>.log`
-/// (a first attempt) or `<task id>.<attempt>.log` (a later one).
+/// (a first attempt) or `<task id>.<attempt>.log` (a later one), either perhaps followed by
+/// `.stdout` or `.stderr` (one stream's own file).
 fn output_file_task(name: &str) -> Option<TaskId> {
+    let name = name
+        .strip_suffix(".stdout")
+        .or_else(|| name.strip_suffix(".stderr"))
+        .unwrap_or(name);
     let stem = name.strip_suffix(".log")?;
     let (id, attempt) = match stem.split_once('.') {
         Some((id, attempt)) => (id, Some(attempt)),
@@ -1099,7 +1109,14 @@ mod tests {
         assert_eq!(output_file_task(&format!("{id}.log")), Some(id));
         assert_eq!(output_file_task(&format!("{id}.2.log")), Some(id));
         assert_eq!(output_file_task(&format!("{id}.117.log")), Some(id));
+        for stream in ["stdout", "stderr"] {
+            assert_eq!(output_file_task(&format!("{id}.log.{stream}")), Some(id));
+            assert_eq!(output_file_task(&format!("{id}.3.log.{stream}")), Some(id));
+        }
         for other in [
+            format!("{id}.log.stdin"),
+            format!("{id}.stdout"),
+            format!("{id}.log.stdout.stderr"),
             format!("{id}.1.log"),
             format!("{id}.0.log"),
             format!("{id}.x.log"),

@@ -844,6 +844,7 @@ async fn build_retained(path: PathBuf) -> BenchResult<(Duration, Duration)> {
                         message: "bench failure".into(),
                     },
                     retry_at: None,
+                    result: None,
                 }
             } else {
                 Outcome::Completed {

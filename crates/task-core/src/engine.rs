@@ -880,7 +880,7 @@ impl Drop for ForgetWaiter<'_> {
 /// Why a running attempt is being stopped.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 #[repr(u8)]
-enum StopReason {
+pub(crate) enum StopReason {
     None = 0,
     Cancelled = 1,
     TimedOut = 2,
@@ -940,7 +940,7 @@ struct RunningTask {
     control: Arc<Control>,
 }
 
-struct Control {
+pub(crate) struct Control {
     cancel: CancellationToken,
     /// `true` while the task is paused (frozen) as it runs.
     pause: tokio::sync::watch::Sender<bool>,
@@ -978,7 +978,7 @@ impl Control {
         self.cancel.cancel();
     }
 
-    fn reason(&self) -> StopReason {
+    pub(crate) fn reason(&self) -> StopReason {
         StopReason::from_u8(self.reason.load(Ordering::Acquire))
     }
 }
@@ -1305,7 +1305,7 @@ impl Inner {
         };
         let verdict = match registered {
             // Started while the engine drains: it goes back to the queue without running.
-            Some(_) if control.cancel.is_cancelled() => Verdict::Stopped,
+            Some(_) if control.cancel.is_cancelled() => Verdict::Stopped(None),
             Some(Registered { name, handler }) => {
                 let context = TaskContext {
                     id,
@@ -1318,6 +1318,7 @@ impl Inner {
                     owner: task.owner.clone(),
                     cancel: control.cancel.clone(),
                     paused: control.pause.subscribe(),
+                    control: Arc::clone(&control),
                     engine: Arc::clone(&self),
                 };
                 let future = handler.start(context);
@@ -1484,7 +1485,9 @@ impl Inner {
                     // Give the handler its grace period to notice the cancel and return.
                     let grace = self.grace();
                     match tokio::time::timeout(grace, &mut guarded).await {
-                        Ok(_) => Verdict::Stopped,
+                        // What a failure said of the stopped work is kept for a timeout.
+                        Ok(Verdict::Returned(Err(failure))) => Verdict::Stopped(failure.result),
+                        Ok(_) => Verdict::Stopped(None),
                         Err(_) => {
                             tracing::warn!(
                                 grace_ms = grace.as_millis() as u64,
@@ -1533,6 +1536,20 @@ impl Inner {
         let failed = |kind: FailureKind, message: String, retryable: bool| Outcome::Failed {
             error: TaskError { kind, message },
             retry_at: retry_at(retryable),
+            result: None,
+        };
+        // A failure's result is kept when a result would be: else only its message.
+        let with_result = |mut outcome: Outcome, result: Option<Value>| {
+            if let (Outcome::Failed { result: kept, .. }, Some(result)) = (&mut outcome, result) {
+                if check_json_depth(&result).is_ok()
+                    && json_size(&result) <= self.config.max_result_bytes
+                {
+                    *kept = Some(result);
+                } else {
+                    tracing::warn!(id = %task.id, "the result of a failed attempt is too large or too deep to keep; its message is");
+                }
+            }
+            outcome
         };
         match (control.reason(), verdict) {
             (StopReason::None, Verdict::Returned(Ok(result))) => {
@@ -1557,9 +1574,17 @@ impl Inner {
                     Some(Outcome::Completed { result })
                 }
             }
-            (StopReason::None, Verdict::Returned(Err(TaskFailure { message, retryable }))) => {
-                Some(failed(FailureKind::Error, message, retryable))
-            }
+            (
+                StopReason::None,
+                Verdict::Returned(Err(TaskFailure {
+                    message,
+                    retryable,
+                    result,
+                })),
+            ) => Some(with_result(
+                failed(FailureKind::Error, message, retryable),
+                result,
+            )),
             (StopReason::None, Verdict::Panicked(message)) => Some(failed(
                 FailureKind::Error,
                 format!("the handler panicked: {message}"),
@@ -1572,15 +1597,21 @@ impl Inner {
                 let (rerun, error) = task.interruption(Interruption::Shutdown);
                 Some(Outcome::Interrupted { rerun, error })
             }
-            (StopReason::TimedOut, _) => {
+            (StopReason::TimedOut, verdict) => {
                 let limit = task.timeout.unwrap_or_default();
-                Some(failed(
+                let outcome = failed(
                     FailureKind::Timeout,
                     format!("timed out after {:.1} s", limit.as_secs_f64()),
                     true,
-                ))
+                );
+                // What the handler said of the work it stopped (its output so far, say).
+                let result = match verdict {
+                    Verdict::Stopped(result) => result,
+                    _ => None,
+                };
+                Some(with_result(outcome, result))
             }
-            (StopReason::None, Verdict::Stopped | Verdict::Aborted) => Some(failed(
+            (StopReason::None, Verdict::Stopped(_) | Verdict::Aborted) => Some(failed(
                 FailureKind::Error,
                 "the attempt stopped for no recorded reason".into(),
                 true,
@@ -1688,8 +1719,9 @@ enum Verdict {
     Returned(std::result::Result<Value, TaskFailure>),
     Panicked(String),
     Rejected(String),
-    /// The handler returned within the grace period after a stop.
-    Stopped,
+    /// The handler returned within the grace period after a stop, with the result of its
+    /// failure if it gave one (what the stopped work left: kept when a timeout stopped it).
+    Stopped(Option<Value>),
     /// The handler ignored the stop past its grace period; its future was dropped.
     Aborted,
 }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
-use crate::engine::Inner;
+use crate::engine::{Control, Inner, StopReason};
 use crate::error::Result;
 use crate::model::TaskId;
 
@@ -84,6 +84,9 @@ pub struct TaskFailure {
     pub message: String,
     /// Whether another attempt could succeed (then the task is retried while attempts remain).
     pub retryable: bool,
+    /// What the failed attempt produced, as facts a program can read (an exit code, say): kept
+    /// as the task's [`crate::Task::result`] beside its error. `None`: only the message.
+    pub result: Option<Value>,
 }
 
 impl TaskFailure {
@@ -92,6 +95,7 @@ impl TaskFailure {
         TaskFailure {
             message: message.into(),
             retryable: true,
+            result: None,
         }
     }
 
@@ -100,7 +104,14 @@ impl TaskFailure {
         TaskFailure {
             message: message.into(),
             retryable: false,
+            result: None,
         }
+    }
+
+    /// The same failure, with what the attempt produced (see [`TaskFailure::result`]).
+    pub fn with_result(mut self, result: Value) -> TaskFailure {
+        self.result = Some(result);
+        self
     }
 }
 
@@ -129,6 +140,7 @@ pub struct TaskContext {
     pub(crate) owner: Option<String>,
     pub(crate) cancel: CancellationToken,
     pub(crate) paused: tokio::sync::watch::Receiver<bool>,
+    pub(crate) control: Arc<Control>,
     pub(crate) engine: Arc<Inner>,
 }
 
@@ -194,6 +206,13 @@ impl TaskContext {
     /// Whether the attempt must stop.
     pub fn is_cancelled(&self) -> bool {
         self.cancel.is_cancelled()
+    }
+
+    /// Whether the attempt is being stopped because it ran out of time (the task's timeout):
+    /// the engine records the failure as a timeout, keeping the result of the
+    /// [`TaskFailure`] the handler returns, so that it can say what the work had done.
+    pub fn timed_out(&self) -> bool {
+        self.cancel.is_cancelled() && self.control.reason() == StopReason::TimedOut
     }
 
     /// Reports progress, from 0.0 to 1.0, with an optional message. Fails on a value out of range

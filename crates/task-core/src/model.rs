@@ -511,7 +511,10 @@ pub struct Task {
     pub progress: Option<f64>,
     /// The handler's words about its progress.
     pub progress_message: Option<String>,
-    /// The handler's result, once completed.
+    /// The handler's result, once completed. After a failed attempt, what that attempt produced
+    /// if its handler said ([`crate::TaskFailure::result`]): it goes with [`Task::error`], and a
+    /// later end with an error of its own (a failure without one, an interruption, a lost
+    /// worker) clears it.
     pub result: Option<Value>,
     /// Why it failed (or why its last attempt failed, while it waits for a retry).
     pub error: Option<TaskError>,

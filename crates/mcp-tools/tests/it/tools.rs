@@ -1897,3 +1897,165 @@ async fn files_go_in_and_out_of_a_session_and_never_out_of_its_work_directory() 
     alice.cancel().await.unwrap();
     bob.cancel().await.unwrap();
 }
+
+/// `read_task_output` reads stdout and stderr each alone (`stream`), with its own cursor and
+/// tail, or interleaved as before; and a command that fails keeps its facts as fields: the
+/// exit code or signal, why it ended and the end of its stderr, in the execute answer,
+/// get_task_result and check_task_status alike, beside the same error message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_streams_read_apart_and_a_failed_command_keeps_its_exit_code_and_stderr() {
+    let fixture = fixture(ServerOptions::default()).await;
+    let client = connect(fixture.server.clone(), Client::default()).await;
+    let (fast, _) = connect_fast(fixture.server.clone(), Client::default()).await;
+
+    let failed = call(
+        &client,
+        "execute_command",
+        json!({"command": "echo out; echo err >&2; exit 3"}),
+    )
+    .await;
+    assert_eq!(failed.is_error, Some(true), "{failed:?}");
+    let text = failed.content[0].as_text().unwrap().text.clone();
+    assert!(text.starts_with("exit code 3 after "), "{text}");
+    let answer = failed.structured_content.clone().unwrap();
+    assert_eq!(answer["status"], "failed", "{answer}");
+    assert_eq!(answer["exit_code"], 3, "{answer}");
+    assert_eq!(answer["signal"], Value::Null, "{answer}");
+    assert_eq!(answer["reason"], "exited", "{answer}");
+    assert_eq!(answer["stderr_tail"], "err\n", "{answer}");
+    let tail = answer["output_tail"].as_str().unwrap();
+    assert!(tail == "out\nerr\n" || tail == "err\nout\n", "{answer}");
+    assert!(
+        answer["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("exit code 3 after "),
+        "{answer}"
+    );
+    let id = answer["task_id"].as_str().unwrap().to_owned();
+
+    let result = ok(&client, "get_task_result", json!({"task_id": id})).await;
+    assert_eq!(result["status"], "failed", "{result}");
+    assert_eq!(result["result"]["exit_code"], 3, "{result}");
+    assert_eq!(result["result"]["stderr_tail"], "err\n", "{result}");
+    assert_eq!(result["error"], answer["error"], "the message is as it was");
+    let status = ok(&client, "check_task_status", json!({"task_id": id})).await;
+    assert_eq!(
+        status["failure"],
+        json!({"exit_code": 3, "signal": null, "reason": "exited", "stderr_tail": "err\n"}),
+        "{status}"
+    );
+    assert_eq!(status["error"], answer["error"]);
+    // Lists keep the facts, not the stderr.
+    let listed = ok(&client, "list_tasks", json!({})).await;
+    let entry = listed["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["task_id"] == id.as_str())
+        .unwrap()
+        .clone();
+    assert_eq!(
+        entry["failure"],
+        json!({"exit_code": 3, "signal": null, "reason": "exited"}),
+        "{listed}"
+    );
+
+    // Each stream alone, by cursor and by tail; the fast lane answers as rmcp does.
+    let read = async |arguments: Value| {
+        let lane = call(&fast, "read_task_output", arguments.clone()).await;
+        let rmcp = call(&client, "read_task_output", arguments.clone()).await;
+        assert_eq!(
+            serde_json::to_value(&lane).unwrap(),
+            serde_json::to_value(&rmcp).unwrap(),
+            "read_task_output({arguments}): the fast lane's answer differs from rmcp's"
+        );
+        assert_ne!(rmcp.is_error, Some(true), "{arguments}: {rmcp:?}");
+        rmcp.structured_content.unwrap()
+    };
+    let stderr = read(json!({"task_id": id, "stream": "stderr"})).await;
+    assert_eq!(
+        (&stderr["data"], &stderr["size"], &stderr["complete"]),
+        (&json!("err\n"), &json!(4), &json!(true)),
+        "{stderr}"
+    );
+    assert_eq!(stderr["stream"], "stderr");
+    let stdout = read(json!({"task_id": id, "stream": "stdout", "cursor": 1})).await;
+    assert_eq!(
+        (&stdout["data"], &stdout["cursor"], &stdout["next_cursor"]),
+        (&json!("ut\n"), &json!(1), &json!(4)),
+        "{stdout}"
+    );
+    let tail = read(json!({"task_id": id, "stream": "stderr", "tail": 2})).await;
+    assert_eq!((&tail["data"], &tail["cursor"]), (&json!("r\n"), &json!(2)));
+    let combined = read(json!({"task_id": id})).await;
+    assert_eq!(combined["stream"], "combined");
+    assert_eq!(combined["size"], 8, "{combined}");
+    assert_eq!(
+        read(json!({"task_id": id, "stream": "combined"})).await,
+        combined
+    );
+    let part = call(
+        &client,
+        "read_task_output",
+        json!({"task_id": id, "stream": "stdout", "max_bytes": 2}),
+    )
+    .await;
+    let text = &part.content[0].as_text().unwrap().text;
+    assert!(
+        text.ends_with("[bytes 0..2 of 4; stdout only; task failed; read on with cursor=2]"),
+        "{text}"
+    );
+    // A stream that is not one: refused, naming those there are.
+    let text = tool_error(
+        &client,
+        "read_task_output",
+        json!({"task_id": id, "stream": "both"}),
+    )
+    .await;
+    assert!(
+        text.contains("INVALID_ARGUMENT")
+            && text.contains("combined")
+            && text.contains("stdout")
+            && text.contains("stderr"),
+        "{text}"
+    );
+
+    // Killed by a signal: the signal, no exit code.
+    let killed = call(&client, "execute_command", json!({"command": "kill -9 $$"})).await;
+    assert_eq!(killed.is_error, Some(true), "{killed:?}");
+    let answer = killed.structured_content.unwrap();
+    assert_eq!(
+        (&answer["signal"], &answer["exit_code"]),
+        (&json!(9), &Value::Null),
+        "{answer}"
+    );
+    let id = answer["task_id"].as_str().unwrap();
+    let result = call(&client, "get_task_result", json!({"task_id": id})).await;
+    let text = &result.content[0].as_text().unwrap().text;
+    assert!(text.contains("[killed by signal 9]"), "{text}");
+    let status = ok(&client, "check_task_status", json!({"task_id": id})).await;
+    assert_eq!(status["failure"]["signal"], 9, "{status}");
+
+    // Out of time: a timeout, whose facts say so and keep the stderr written before it.
+    let slow = call(
+        &client,
+        "execute_command",
+        json!({"command": "echo late >&2; exec sleep 30", "timeout": 1}),
+    )
+    .await;
+    assert_eq!(slow.is_error, Some(true), "{slow:?}");
+    let answer = slow.structured_content.unwrap();
+    assert_eq!(answer["status"], "timeout", "{answer}");
+    assert_eq!(answer["error"], "timed out after 1.0 s", "{answer}");
+    assert_eq!(
+        (
+            &answer["reason"],
+            &answer["exit_code"],
+            &answer["stderr_tail"]
+        ),
+        (&json!("timed out"), &Value::Null, &json!("late\n")),
+        "{answer}"
+    );
+    client.cancel().await.unwrap();
+}

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
 use crate::common::{
-    Client, Connection, MSBD, args, completed_result, every_tool_and_a_tasks_whole_life,
+    Client, Connection, MSBD, args, call, completed_result, every_tool_and_a_tasks_whole_life, ok,
     wait_task_payload, wait_until_blocking,
 };
 use rmcp::ServiceExt;
@@ -696,4 +696,83 @@ fn during_a_drain_new_calls_are_refused_at_once_and_calls_under_way_finish() {
         !stopped.contains('{') && !stopped.contains('['),
         "{stopped}"
     );
+}
+
+/// A failed command's facts and its streams, through the real binary: a tasks client gets the
+/// exit code and the end of stderr in the task's result, and after a restart of msbd (read
+/// from the store, not memory) get_task_result has them still, and read_task_output reads
+/// stderr alone; a command killed by a signal says which.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_command_keeps_its_exit_code_and_stderr_and_its_streams_read_apart() {
+    let dir = tempfile::tempdir().unwrap();
+    let client = start(dir.path(), Client { tasks: true }).await;
+    let response = client
+        .call_tool_once(
+            CallToolRequestParams::new("execute_command")
+                .with_arguments(args(json!({"command": "echo out; echo err >&2; exit 3"}))),
+        )
+        .await
+        .unwrap();
+    let CallToolResponse::Task(created) = response else {
+        panic!("expected a task, got {response:?}")
+    };
+    let id = created.task.task_id.clone();
+    let result = completed_result(&client, &id).await;
+    assert_eq!(result.is_error, Some(true), "{result:?}");
+    let answer = result.structured_content.unwrap();
+    assert_eq!(answer["status"], "failed", "{answer}");
+    assert_eq!(answer["exit_code"], 3, "{answer}");
+    assert_eq!(answer["signal"], Value::Null, "{answer}");
+    assert_eq!(answer["stderr_tail"], "err\n", "{answer}");
+    assert!(
+        answer["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("exit code 3 after "),
+        "{answer}"
+    );
+    client.cancel().await.unwrap();
+
+    let client = start(dir.path(), Client::default()).await;
+    let result = ok(&client, "get_task_result", json!({"task_id": id})).await;
+    assert_eq!(result["status"], "failed", "{result}");
+    assert_eq!(
+        (
+            &result["result"]["exit_code"],
+            &result["result"]["reason"],
+            &result["result"]["stderr_tail"]
+        ),
+        (&json!(3), &json!("exited"), &json!("err\n")),
+        "{result}"
+    );
+    let status = ok(&client, "check_task_status", json!({"task_id": id})).await;
+    assert_eq!(status["failure"]["exit_code"], 3, "{status}");
+    let stderr = ok(
+        &client,
+        "read_task_output",
+        json!({"task_id": id, "stream": "stderr"}),
+    )
+    .await;
+    assert_eq!(
+        (&stderr["data"], &stderr["stream"], &stderr["complete"]),
+        (&json!("err\n"), &json!("stderr"), &json!(true)),
+        "{stderr}"
+    );
+    let stdout = ok(
+        &client,
+        "read_task_output",
+        json!({"task_id": id, "stream": "stdout", "tail": 4}),
+    )
+    .await;
+    assert_eq!(stdout["data"], "out\n", "{stdout}");
+
+    let killed = call(&client, "execute_command", json!({"command": "kill -9 $$"})).await;
+    assert_eq!(killed.is_error, Some(true), "{killed:?}");
+    let answer = killed.structured_content.unwrap();
+    assert_eq!(
+        (&answer["signal"], &answer["exit_code"]),
+        (&json!(9), &Value::Null),
+        "{answer}"
+    );
+    client.cancel().await.unwrap();
 }

@@ -2,6 +2,7 @@
 mod files;
 mod local;
 mod microsandbox;
+mod output;
 mod session;
 mod supervisor;
 mod task_types;

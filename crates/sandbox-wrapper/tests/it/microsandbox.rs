@@ -20,7 +20,7 @@ use sandbox_wrapper::backend::{
     BackendError, EndReason, ExecControl, ExecRequest, ExitStatus, Flavor, Language, ReplRequest,
     SandboxBackend, SandboxInfo, SandboxSpec, VolumeMapping,
 };
-use sandbox_wrapper::output::{DEFAULT_OUTPUT_CAP, OutputSink};
+use sandbox_wrapper::output::{DEFAULT_OUTPUT_CAP, OutputSink, Stream, stream_path};
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
@@ -572,6 +572,11 @@ fn read(sink: &OutputSink) -> String {
     std::fs::read_to_string(sink.path()).unwrap()
 }
 
+fn read_stream(sink: &OutputSink, stream: Stream) -> String {
+    sink.flush();
+    std::fs::read_to_string(stream_path(sink.path(), stream)).unwrap()
+}
+
 fn control() -> ExecControl {
     ExecControl::new(CancellationToken::new())
 }
@@ -769,6 +774,10 @@ async fn a_non_zero_exit_is_reported_with_its_output() {
     assert!(!outcome.success());
     assert_eq!(read(&out), "out\noops\n");
     assert_eq!(out.tail(), "out\noops\n");
+    // Each line is kept in the file of the stream the server says it came from.
+    assert_eq!(read_stream(&out, Stream::Stdout), "out\n");
+    assert_eq!(read_stream(&out, Stream::Stderr), "oops\n");
+    assert_eq!(out.stream_tail(Stream::Stderr), "oops\n");
 
     // A REPL run that raises reports code 1, its traceback in the output.
     let (_dir2, repl_out) = sink();
@@ -784,6 +793,11 @@ async fn a_non_zero_exit_is_reported_with_its_output() {
     assert_eq!(outcome.exit, Some(ExitStatus::Code(1)));
     assert_eq!(
         read(&repl_out),
+        "Traceback (most recent call last):\nValueError(\"bad\")\n"
+    );
+    assert_eq!(read_stream(&repl_out, Stream::Stdout), "");
+    assert_eq!(
+        read_stream(&repl_out, Stream::Stderr),
         "Traceback (most recent call last):\nValueError(\"bad\")\n"
     );
 }

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sandbox_wrapper::handlers::KEPT_ATTEMPTS;
-use sandbox_wrapper::output::OutputChunk;
+use sandbox_wrapper::output::{OutputChunk, OutputStream};
 use sandbox_wrapper::supervisor::{ActionStatus, ChildState, HealthStatus, ShutdownStatus};
 use sandbox_wrapper::task_types::TaskTypes;
 use sandbox_wrapper::{Wrapper, WrapperConfig};
@@ -63,7 +63,7 @@ async fn run(wrapper: &Wrapper, task: NewTask) -> Task {
 /// The first attempt's output so far, from its start (empty before it starts).
 fn output(wrapper: &Wrapper, id: TaskId) -> OutputChunk {
     wrapper
-        .read_output(id, 1, 0, 1 << 16)
+        .read_output(id, 1, OutputStream::Combined, 0, 1 << 16)
         .unwrap()
         .unwrap_or_default()
 }
@@ -170,10 +170,13 @@ async fn a_command_task_runs_in_a_sandbox_with_output_and_progress() {
     assert!(result["session_id"].as_str().unwrap().starts_with('s'));
     assert!(result["isolation"].as_str().is_some());
     // Reading on from the cursor gives the rest.
-    let first = wrapper.read_output(id, 1, 0, 6).unwrap().unwrap();
+    let first = wrapper
+        .read_output(id, 1, OutputStream::Combined, 0, 6)
+        .unwrap()
+        .unwrap();
     assert_eq!(first.data, "start\n");
     let rest = wrapper
-        .read_output(id, 1, first.next_cursor, 1 << 16)
+        .read_output(id, 1, OutputStream::Combined, first.next_cursor, 1 << 16)
         .unwrap()
         .unwrap();
     assert!(rest.data.ends_with("done\n"), "{rest:?}");
@@ -292,7 +295,7 @@ async fn every_attempt_keeps_its_own_output_and_a_deleted_task_leaves_none() {
     assert_eq!(task.attempt, 2);
     let read = |attempt| {
         wrapper
-            .read_output(task.id, attempt, 0, 1 << 16)
+            .read_output(task.id, attempt, OutputStream::Combined, 0, 1 << 16)
             .unwrap()
             .map(|chunk| chunk.data)
     };
@@ -315,7 +318,9 @@ async fn every_attempt_keeps_its_own_output_and_a_deleted_task_leaves_none() {
     assert_eq!(often.attempt, 7);
     assert_eq!(wrapper.attempts_with_output(often.id, 7), [3, 4, 5, 6, 7]);
     for attempt in 1..=7 {
-        let chunk = wrapper.read_output(often.id, attempt, 0, 1 << 16).unwrap();
+        let chunk = wrapper
+            .read_output(often.id, attempt, OutputStream::Combined, 0, 1 << 16)
+            .unwrap();
         if attempt <= 7 - KEPT_ATTEMPTS {
             assert_eq!(chunk, None, "attempt {attempt}");
         } else {
@@ -332,7 +337,8 @@ async fn every_attempt_keeps_its_own_output_and_a_deleted_task_leaves_none() {
             .filter(|name| name.starts_with(&id.to_string()))
             .collect()
     };
-    assert_eq!(files(often.id).len(), KEPT_ATTEMPTS as usize);
+    // Each kept attempt has three files: the combined output, stdout's and stderr's.
+    assert_eq!(files(often.id).len(), 3 * KEPT_ATTEMPTS as usize);
     tokio::time::sleep(Duration::from_millis(5)).await;
     let deleted = wrapper
         .engine()
@@ -342,7 +348,7 @@ async fn every_attempt_keeps_its_own_output_and_a_deleted_task_leaves_none() {
     assert_eq!(deleted, 2);
     assert_eq!(
         wrapper.remove_stale_outputs().await,
-        2 + KEPT_ATTEMPTS as usize
+        3 * (2 + KEPT_ATTEMPTS as usize)
     );
     assert_eq!(files(task.id), Vec::<String>::new());
     assert_eq!(files(often.id), Vec::<String>::new());
@@ -366,6 +372,26 @@ async fn failures_say_why_and_code_keeps_state_within_a_session() {
     let message = failed.error.unwrap().message;
     assert!(message.starts_with("exit code 3 after"), "{message}");
     assert!(message.ends_with("boom"), "{message}");
+    // The failure's facts are the failed task's result too.
+    let facts = failed.result.expect("a failed run keeps its result");
+    assert_eq!(facts["exit_code"], 3, "{facts}");
+    assert_eq!(facts["signal"], serde_json::Value::Null, "{facts}");
+    assert_eq!(facts["reason"], "exited", "{facts}");
+    assert_eq!(facts["stderr_tail"], "boom\n", "{facts}");
+    assert_eq!(facts["output_tail"], "boom\n", "{facts}");
+    let read = |stream| {
+        wrapper
+            .read_output(failed.id, 1, stream, 0, 1 << 16)
+            .unwrap()
+            .map(|chunk| chunk.data)
+    };
+    assert_eq!(read(OutputStream::Stderr).as_deref(), Some("boom\n"));
+    assert_eq!(read(OutputStream::Stdout).as_deref(), Some(""));
+    let (start, tail) = wrapper
+        .read_output_tail(failed.id, 1, OutputStream::Stderr, 3)
+        .unwrap()
+        .unwrap();
+    assert_eq!((start, tail.data.as_str()), (2, "om\n"));
 
     let first = run(
         &wrapper,

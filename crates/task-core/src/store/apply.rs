@@ -100,14 +100,21 @@ pub(crate) fn finish(task: &mut Task, finish: &Finish) -> bool {
             task.result = Some(result.clone());
             task.progress = Some(1.0);
         }
-        Outcome::Failed { error, retry_at } => {
+        Outcome::Failed {
+            error,
+            retry_at,
+            result,
+        } => {
+            // The result goes with the error: both say how this attempt ended.
             task.error = Some(error.clone());
+            task.result = result.clone();
             task.run_at = *retry_at;
         }
         Outcome::Interrupted { error, .. } => {
             // The attempt was cut short by a shutdown: it does not count.
             task.interrupted_attempts = task.interrupted_attempts.saturating_add(1);
             task.error = Some(error.clone());
+            task.result = None;
         }
         Outcome::Cancelled => {}
     }
@@ -207,7 +214,9 @@ pub(crate) fn recover(task: &mut Task, now: Timestamp) -> Result<()> {
     task.lease_until = None;
     task.cancel_requested = false;
     if error.is_some() {
+        // A new error: an earlier attempt's result (its failure's facts) no longer goes with it.
         task.error = error;
+        task.result = None;
         task.interrupted_attempts = task.interrupted_attempts.saturating_add(1);
     }
     if task.status.is_terminal() {

@@ -270,6 +270,9 @@ pub enum Outcome {
         error: TaskError,
         /// When the next attempt may start.
         retry_at: Option<Timestamp>,
+        /// What the failed attempt produced, if the handler said ([`crate::TaskFailure::result`]):
+        /// the task's result from now on, beside its error (`None` clears an earlier attempt's).
+        result: Option<Value>,
     },
     /// Interrupted by a shutdown of msbd: the attempt does not count against `max_attempts`
     /// (`interrupted_attempts` grows by one), the task is re-queued without the progress of the

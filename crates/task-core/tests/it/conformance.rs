@@ -69,6 +69,7 @@ conformance!(
     finish_completed_records_the_result,
     finish_failed_with_a_retry_schedules_the_next_attempt,
     finish_failed_without_a_retry_fails_the_task,
+    a_failure_keeps_its_result_until_another_error_replaces_it,
     finish_interrupted_requeues_without_using_an_attempt,
     a_lost_attempt_is_requeued_like_an_interrupted_one,
     an_interrupted_task_that_opted_out_of_reruns_fails_interrupted,
@@ -318,6 +319,7 @@ async fn task_in(store: &dyn Store, status: Status, now: Timestamp) -> Task {
                 Status::Failed => Outcome::Failed {
                     error: error("broke"),
                     retry_at: None,
+                    result: None,
                 },
                 _ => Outcome::Cancelled,
             };
@@ -673,6 +675,7 @@ async fn claim_starts_an_attempt_with_a_lease(store: &dyn Store) {
     let failed = Outcome::Failed {
         error: error("flaky"),
         retry_at: Some(at(20)),
+        result: None,
     };
     assert!(finish(store, &claimed, at(12), failed).await);
     assert_eq!(store.promote_due(at(20)).await.expect("promote").count, 1);
@@ -774,6 +777,7 @@ async fn finish_failed_with_a_retry_schedules_the_next_attempt(store: &dyn Store
     let outcome = Outcome::Failed {
         error: failure.clone(),
         retry_at: Some(at(30)),
+        result: None,
     };
     assert!(finish(store, &running, at(6), outcome).await);
     let waiting = get(store, task.id).await;
@@ -809,7 +813,8 @@ async fn finish_failed_without_a_retry_fails_the_task(store: &dyn Store) {
             at(4),
             Outcome::Failed {
                 error: failure.clone(),
-                retry_at: None
+                retry_at: None,
+                result: None,
             }
         )
         .await
@@ -824,6 +829,125 @@ async fn finish_failed_without_a_retry_fails_the_task(store: &dyn Store) {
     );
     assert!(claim(store, 1, at(5)).await.is_empty());
     check_stats(store, "after a failure").await;
+}
+
+/// A failed attempt's result (the facts its handler gave: an exit code, say) is kept beside its
+/// error, through the retry, and goes when another end brings an error of its own: a failure
+/// without a result, a lost worker. A cancel keeps it, as it keeps the error.
+async fn a_failure_keeps_its_result_until_another_error_replaces_it(store: &dyn Store) {
+    let task = submit(
+        store,
+        NewTask::new("job", json!({})).with_max_attempts(4),
+        at(0),
+    )
+    .await;
+    let facts = json!({"exit_code": 3, "stderr_tail": "err\n"});
+    let failed_with = |result: Option<serde_json::Value>, retry_at| Outcome::Failed {
+        error: error("exit code 3"),
+        retry_at,
+        result,
+    };
+    let first = claim_one(store, &task, at(1)).await;
+    assert!(
+        finish(
+            store,
+            &first,
+            at(2),
+            failed_with(Some(facts.clone()), Some(at(3)))
+        )
+        .await
+    );
+    let waiting = get(store, task.id).await;
+    assert_eq!(waiting.status, Status::Scheduled);
+    assert_eq!(waiting.result, Some(facts.clone()), "kept while it waits");
+    store.promote_due(at(3)).await.expect("promote");
+    let second = claim_one(store, &task, at(4)).await;
+    assert_eq!(
+        second.result,
+        Some(facts.clone()),
+        "kept while it runs again"
+    );
+    // A failure without a result clears the last one's.
+    assert!(finish(store, &second, at(5), failed_with(None, Some(at(6)))).await);
+    assert_eq!(get(store, task.id).await.result, None);
+    store.promote_due(at(6)).await.expect("promote");
+    let third = claim_one(store, &task, at(7)).await;
+    assert!(
+        finish(
+            store,
+            &third,
+            at(8),
+            failed_with(Some(facts.clone()), Some(at(9)))
+        )
+        .await
+    );
+    // A lost worker's error replaces the error, and the result goes with it.
+    store.promote_due(at(9)).await.expect("promote");
+    let fourth = claim_one(store, &task, at(10)).await;
+    assert_eq!(fourth.result, Some(facts.clone()));
+    let recovered = store
+        .recover(
+            at(10).after(LEASE).after(Duration::from_secs(1)),
+            Recover::Expired,
+        )
+        .await
+        .expect("recover");
+    assert_eq!(ids(&recovered), [task.id]);
+    let lost = get(store, task.id).await;
+    assert_eq!(
+        lost.error.as_ref().map(|e| e.kind),
+        Some(FailureKind::WorkerLost)
+    );
+    assert_eq!((recovered[0].result.clone(), lost.result), (None, None));
+    // Requeued (a lost attempt does not count): its last attempt completes.
+    let fifth = claim_one(store, &task, at(50)).await;
+    assert!(finish(store, &fifth, at(51), completed()).await);
+    assert_eq!(get(store, task.id).await.status, Status::Completed);
+
+    // A final failure keeps its result on the failed task; a cancel of a running retry keeps
+    // the last failure's error and result alike.
+    let once = submit(store, NewTask::new("job", json!({})), at(0)).await;
+    let running = claim_one(store, &once, at(1)).await;
+    assert!(
+        finish(
+            store,
+            &running,
+            at(2),
+            failed_with(Some(facts.clone()), None)
+        )
+        .await
+    );
+    let failed = get(store, once.id).await;
+    assert_eq!(
+        (failed.status, failed.result),
+        (Status::Failed, Some(facts.clone()))
+    );
+    let twice = submit(
+        store,
+        NewTask::new("job", json!({})).with_max_attempts(2),
+        at(0),
+    )
+    .await;
+    let running = claim_one(store, &twice, at(1)).await;
+    assert!(
+        finish(
+            store,
+            &running,
+            at(2),
+            failed_with(Some(facts.clone()), Some(at(3)))
+        )
+        .await
+    );
+    store.promote_due(at(3)).await.expect("promote");
+    let again = claim_one(store, &twice, at(4)).await;
+    assert!(finish(store, &again, at(5), Outcome::Cancelled).await);
+    let cancelled = get(store, twice.id).await;
+    assert_eq!(cancelled.status, Status::Cancelled);
+    assert_eq!(
+        (cancelled.error, cancelled.result),
+        (Some(error("exit code 3")), Some(facts))
+    );
+    check_stats(store, "after failures with results").await;
 }
 
 /// What clients see as status `timeout` (a failed task whose last attempt ran out of time),
@@ -850,7 +974,8 @@ async fn timed_out_counts_failed_tasks_whose_attempt_ran_out_of_time_by_type(sto
                 at(2),
                 Outcome::Failed {
                     error: failure,
-                    retry_at: None
+                    retry_at: None,
+                    result: None,
                 }
             )
             .await
@@ -1091,6 +1216,7 @@ async fn a_retry_or_interruption_after_a_cancel_request_cancels_the_task(store: 
             message: "timed out".into(),
         },
         retry_at: Some(at(60)),
+        result: None,
     };
     let rerun = Outcome::Interrupted {
         rerun: true,
@@ -1242,6 +1368,7 @@ async fn writes_of_a_fenced_out_attempt_change_nothing(store: &dyn Store) {
     let late_failure = Outcome::Failed {
         error: error("late"),
         retry_at: None,
+        result: None,
     };
     assert!(!finish(store, &second, at(44), late_failure).await);
     assert!(
@@ -1831,7 +1958,8 @@ async fn prune_deletes_only_old_terminal_tasks_up_to_the_limit(store: &dyn Store
             at(4),
             Outcome::Failed {
                 error: error("no"),
-                retry_at: None
+                retry_at: None,
+                result: None,
             }
         )
         .await
@@ -2062,6 +2190,7 @@ async fn finished_task(
         Status::Failed => Outcome::Failed {
             error: error("broke"),
             retry_at: None,
+            result: None,
         },
         Status::Cancelled => Outcome::Cancelled,
         other => panic!("{other} is not a terminal status"),
@@ -2674,6 +2803,7 @@ async fn stats_follow_every_kind_of_change(store: &dyn Store) {
     let failed = Outcome::Failed {
         error: error("x"),
         retry_at: Some(at(20)),
+        result: None,
     };
     assert!(finish(store, &claimed[0], at(5), failed).await);
     check_stats(store, "after a failure with a retry").await;
@@ -3028,6 +3158,7 @@ async fn the_attempt_history_says_how_each_attempt_ended(store: &dyn Store) {
     let outcome = Outcome::Failed {
         error: error("boom"),
         retry_at: Some(at(12)),
+        result: None,
     };
     assert!(finish(store, &running, at(11), outcome).await);
     assert_history(store, retried.id, &[(1, at(10), at(11), Failed)]).await;
@@ -3076,6 +3207,7 @@ async fn the_attempt_history_says_how_each_attempt_ended(store: &dyn Store) {
                 message: kind.to_string(),
             },
             retry_at: None,
+            result: None,
         };
         assert!(finish(store, &running, at(31), failed).await);
         assert_history(store, task.id, &[(1, at(30), at(31), outcome)]).await;
@@ -3208,6 +3340,7 @@ async fn the_attempt_history_keeps_the_last_entries(store: &dyn Store) {
             let outcome = Outcome::Failed {
                 error: error("again"),
                 retry_at: Some(end),
+                result: None,
             };
             assert!(finish(store, &running, end, outcome).await);
             assert_eq!(store.promote_due(end).await.expect("promote").count, 1);

@@ -1,8 +1,8 @@
 //! The engine end to end on real stores: ordering, limits, pauses, delays, idempotency,
 //! timeouts, retries, cancellation, progress, events, waiting, ETA, leases, retention, shutdown.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::{Value, json};
@@ -486,7 +486,9 @@ async fn a_timeout_fails_the_attempt_and_retries_follow_until_attempts_run_out()
                 counted.fetch_add(1, Ordering::SeqCst);
                 async move {
                     ctx.cancellation().cancelled().await;
-                    Err(TaskFailure::retryable("stopped"))
+                    // What the stopped work left is kept for a timeout, beside its error.
+                    let facts = json!({"timed_out": ctx.timed_out(), "attempt": ctx.attempt()});
+                    Err(TaskFailure::retryable("stopped").with_result(facts))
                 }
             }),
         )
@@ -508,6 +510,41 @@ async fn a_timeout_fails_the_attempt_and_retries_follow_until_attempts_run_out()
         error.message
     );
     assert_eq!(attempts.load(Ordering::SeqCst), 3);
+    assert_eq!(task.result, Some(json!({"timed_out": true, "attempt": 3})));
+    loops.stop().await;
+}
+
+/// A cancel is not a timeout: the handler is told so, and its failure's result is not kept.
+#[tokio::test]
+async fn a_cancelled_attempt_is_not_timed_out_and_keeps_no_result() {
+    let told = Arc::new(Mutex::new(None));
+    let tell = Arc::clone(&told);
+    let (engine, loops) = started(quick_config(), |b| {
+        b.handler(
+            "slow",
+            handler_fn(move |ctx| {
+                let tell = Arc::clone(&tell);
+                async move {
+                    ctx.progress(0.1, None).await?;
+                    ctx.cancellation().cancelled().await;
+                    *tell.lock().unwrap() = Some(ctx.timed_out());
+                    Err(TaskFailure::retryable("stopped").with_result(json!("kept?")))
+                }
+            }),
+        )
+    })
+    .await;
+    let mut events = engine.subscribe();
+    let id = submit(&engine, NewTask::new("slow", Value::Null)).await;
+    seen(&mut events, id, |e| matches!(e, TaskEvent::Progress { .. })).await;
+    engine.cancel(id).await.expect("cancel");
+    let task = finished(&engine, id).await;
+    assert_eq!((task.status, task.result), (Status::Cancelled, None));
+    assert_eq!(
+        *told.lock().unwrap(),
+        Some(false),
+        "a cancel is not a timeout"
+    );
     loops.stop().await;
 }
 

@@ -317,13 +317,18 @@ impl ModelTask {
                 self.progress = Some(1.0);
                 self.run_at = None;
             }
-            Outcome::Failed { error, retry_at } => {
+            Outcome::Failed {
+                error,
+                retry_at,
+                result,
+            } => {
                 self.status = if retry_at.is_some() {
                     Status::Scheduled
                 } else {
                     Status::Failed
                 };
                 self.error_kind = Some(error.kind);
+                self.result = result.clone();
                 self.run_at = *retry_at;
             }
             Outcome::Interrupted { rerun, error } => {
@@ -334,6 +339,7 @@ impl ModelTask {
                 };
                 self.interrupted_attempts += 1;
                 self.error_kind = Some(error.kind);
+                self.result = None;
                 self.run_at = None;
             }
             Outcome::Cancelled => {
@@ -362,10 +368,12 @@ impl ModelTask {
         } else if self.reruns_after_interruption() {
             self.status = Status::Queued;
             self.error_kind = Some(FailureKind::WorkerLost);
+            self.result = None;
             self.interrupted_attempts += 1;
         } else {
             self.status = Status::Failed;
             self.error_kind = Some(FailureKind::Interrupted);
+            self.result = None;
             self.interrupted_attempts += 1;
         }
         self.lease_until = None;
@@ -556,6 +564,8 @@ fn outcome_of(end: &End, task: &ModelTask, now: Timestamp) -> Outcome {
             // As the engine does: a retry only while attempts remain.
             retry_at: (*retry && task.has_attempts_left())
                 .then(|| now.after(ms(u64::from(*delay_ms)))),
+            // What the failed attempt reported: the task's result until another attempt ends.
+            result: Some(json!({ "failed_attempt": task.attempt })),
         },
         End::Interrupt => Outcome::Interrupted {
             rerun: task.reruns_after_interruption(),

@@ -1190,7 +1190,9 @@ const HELD: &str = concat!(
 /// (`attempts`, trimmed to the last [`MAX_ATTEMPT_RECORDS`], 20): it ended at `u_updated_at`
 /// with the outcome named `u_outcome`.
 const FINISH: &str = concat!(
-    "UPDATE tasks SET status = u_status, result = coalesce(u_result, result), \
+    "UPDATE tasks SET status = u_status, \
+    result = CASE WHEN u_result IS NOT NULL OR u_error_kind IS NOT NULL THEN u_result \
+    ELSE result END, \
     progress = CASE WHEN u_status = ",
     sql_status!(completed),
     " THEN 1.0 WHEN u_status IN (",
@@ -1271,7 +1273,11 @@ async fn finish_all(
             .map_err(|t| Exec::Abort(Error::store("finishing", t)))?;
         let (result, error, run_at, extra) = match outcome {
             Outcome::Completed { result } => (Some(json_text(result)), None, None, 0),
-            Outcome::Failed { error, retry_at } => (None, Some(error), *retry_at, 0),
+            Outcome::Failed {
+                error,
+                retry_at,
+                result,
+            } => (result.as_ref().map(json_text), Some(error), *retry_at, 0),
             Outcome::Interrupted { error, .. } => (None, Some(error), None, 1),
             Outcome::Cancelled => (None, None, None, 0),
         };
@@ -1427,13 +1433,15 @@ async fn load(conn: &mut WriteConn, id: TaskId) -> std::result::Result<Option<(i
     }
 }
 
-/// Writes back the fields that commands and recovery change (the priority among them).
+/// Writes back the fields that commands and recovery change (the priority among them). Of the
+/// result, only its clearing (a recovery's new error) is written: neither gives one.
 async fn save(conn: &mut WriteConn, seq: i64, task: &Task) -> std::result::Result<(), Exec> {
     conn.execute(
         "UPDATE tasks SET status = $2, attempt = $3, max_attempts = $4, run_at = $5, \
          error_kind = $6, error_message = $7, updated_at = $8, finished_at = $9, \
          lease_until = $10, cancel_requested = $11, priority = $12, progress = $13, \
-         progress_message = $14, interrupted_attempts = $15, attempts = $16::text::jsonb \
+         progress_message = $14, interrupted_attempts = $15, attempts = $16::text::jsonb, \
+         result = CASE WHEN $17 THEN NULL ELSE result END \
          WHERE seq = $1",
         &[
             &seq,
@@ -1452,6 +1460,7 @@ async fn save(conn: &mut WriteConn, seq: i64, task: &Task) -> std::result::Resul
             &task.progress_message,
             &i64::from(task.interrupted_attempts),
             &attempts_text(&task.attempts),
+            &task.result.is_none(),
         ],
     )
     .await?;

@@ -29,9 +29,12 @@ use super::{HealthCell, Part, closed};
 
 /// Ends an attempt. It also appends the attempt's entry to the `attempts` column, trimmed to
 /// the last [`MAX_ATTEMPT_RECORDS`] (20): `?8` is when it ended, `?10` its outcome's name. (The
-/// attempt started at `started_at`: a running task has one.)
+/// attempt started at `started_at`: a running task has one.) The result goes with the error:
+/// an outcome with a result or an error replaces the result (a failure without one clears an
+/// earlier attempt's); a cancel keeps both.
 pub(super) const FINISH: &str = concat!(
-    "UPDATE OR FAIL tasks SET status = ?2, result = coalesce(?3, result), \
+    "UPDATE OR FAIL tasks SET status = ?2, \
+    result = CASE WHEN ?3 IS NOT NULL OR ?4 IS NOT NULL THEN ?3 ELSE result END, \
     progress = CASE WHEN ?2 = ",
     sql_status!(completed),
     " THEN 1.0 WHEN ?2 IN (",
@@ -600,7 +603,11 @@ impl Writer {
             decide(Status::Running, outcome.event()).map_err(|t| Error::store("finishing", t))?;
         let (result, error, run_at, interrupted) = match outcome {
             Outcome::Completed { result } => (Some(json_text(result)), None, None, 0),
-            Outcome::Failed { error, retry_at } => (None, Some(error), *retry_at, 0),
+            Outcome::Failed {
+                error,
+                retry_at,
+                result,
+            } => (result.as_ref().map(json_text), Some(error), *retry_at, 0),
             Outcome::Interrupted { error, .. } => (None, Some(error), None, 1),
             Outcome::Cancelled => (None, None, None, 0),
         };
@@ -678,14 +685,16 @@ impl Writer {
     }
 
     /// Writes back the fields that commands and recovery change. The priority is among them,
-    /// so that the queue index (priority, then age) orders the next claim by the new one.
+    /// so that the queue index (priority, then age) orders the next claim by the new one. Of
+    /// the result, only its clearing (a recovery's new error) is written: neither gives one.
     fn save(&mut self, task: &Task) -> Result<()> {
         self.conn
             .prepare_cached(
                 "UPDATE tasks SET status = ?2, attempt = ?3, max_attempts = ?4, run_at = ?5, \
                  error_kind = ?6, error_message = ?7, updated_at = ?8, finished_at = ?9, \
                  lease_until = ?10, cancel_requested = ?11, priority = ?12, progress = ?13, \
-                 progress_message = ?14, interrupted_attempts = ?15, attempts = ?16 WHERE id = ?1",
+                 progress_message = ?14, interrupted_attempts = ?15, attempts = ?16, \
+                 result = CASE WHEN ?17 THEN NULL ELSE result END WHERE id = ?1",
             )
             .and_then(|mut s| {
                 s.execute(params![
@@ -705,6 +714,7 @@ impl Writer {
                     task.progress_message,
                     task.interrupted_attempts,
                     attempts_text(&task.attempts),
+                    task.result.is_none(),
                 ])
             })
             .map_err(|e| Error::store("updating a task", e))?;
