@@ -29,6 +29,7 @@
 mod actions;
 mod arguments;
 mod fast_lane;
+mod notify;
 mod server;
 mod tools_files;
 mod tools_sandbox;

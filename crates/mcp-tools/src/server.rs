@@ -162,6 +162,8 @@ pub struct McpServer {
     pub(crate) principal: Arc<str>,
     /// This connection's `execute_*` calls (see [`Calls`]).
     calls: Arc<Mutex<Calls>>,
+    /// This connection's tasks whose status changes its client is told of.
+    pub(crate) watched: crate::notify::WatchedTasks,
     tool_router: ToolRouter<McpServer>,
 }
 
@@ -196,6 +198,7 @@ impl McpServer {
             }),
             principal: Arc::from(STDIO_PRINCIPAL),
             calls: Arc::default(),
+            watched: Arc::default(),
             tool_router,
         }
     }
@@ -206,6 +209,7 @@ impl McpServer {
         McpServer {
             principal: Arc::from(principal.as_ref()),
             calls: Arc::default(),
+            watched: Arc::default(),
             ..self.clone()
         }
     }
@@ -519,7 +523,7 @@ impl McpServer {
         mcp
     }
 
-    fn detailed(&self, task: &Task) -> Result<DetailedTask, McpError> {
+    pub(crate) fn detailed(&self, task: &Task) -> Result<DetailedTask, McpError> {
         let mcp = self.mcp_task(task);
         let payload = match task.status {
             Status::Cancelled => TaskPayload::Cancelled,
@@ -794,9 +798,12 @@ impl ServerHandler for McpServer {
             // The request's token fires once the task answer is sent: the task has its own life.
             context.ct = Default::default();
             return match self.start_sandbox_task(&request).await {
-                Ok(task) => Ok(CallToolResponse::Task(CreateTaskResult::new(
-                    self.mcp_task(&task),
-                ))),
+                Ok(task) => {
+                    self.notify_status_changes(task.id, context.peer.clone());
+                    Ok(CallToolResponse::Task(CreateTaskResult::new(
+                        self.mcp_task(&task),
+                    )))
+                }
                 Err(error) => Ok(CallToolResponse::Complete(error.into_result())),
             };
         }

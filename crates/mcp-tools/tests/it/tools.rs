@@ -10,6 +10,7 @@ use rmcp::model::{
     CallToolRequestParams, CallToolResponse, CallToolResult, CancelTaskParams, ClientCapabilities,
     ClientConfig, ClientRequest, GetTaskParams, Implementation, JsonRpcMessage, NumberOrString,
     ProgressNotificationParam, ProgressToken, RequestMetaObject, TaskPayload,
+    TaskStatusNotificationParams,
 };
 use rmcp::service::{NotificationContext, RunningService, RxJsonRpcMessage, TxJsonRpcMessage};
 use rmcp::transport::Transport;
@@ -25,10 +26,14 @@ use crate::wait_until;
 /// The progress notifications a client received: (progress, message).
 type Received = Arc<Mutex<Vec<(f64, Option<String>)>>>;
 
+/// The task status notifications a client received.
+type Told = Arc<Mutex<Vec<TaskStatusNotificationParams>>>;
+
 #[derive(Clone, Default)]
 struct Client {
     tasks: bool,
     progress: Received,
+    told: Told,
 }
 
 impl ClientHandler for Client {
@@ -43,6 +48,14 @@ impl ClientHandler for Client {
 
     async fn on_progress(&self, p: ProgressNotificationParam, _c: NotificationContext<RoleClient>) {
         self.progress.lock().unwrap().push((p.progress, p.message));
+    }
+
+    async fn on_task_status(
+        &self,
+        p: TaskStatusNotificationParams,
+        _c: NotificationContext<RoleClient>,
+    ) {
+        self.told.lock().unwrap().push(p);
     }
 }
 
@@ -662,6 +675,102 @@ async fn a_tasks_client_gets_a_task_it_can_poll_and_cancel() {
         }
     })
     .await;
+    client.cancel().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tasks_client_is_told_when_its_tasks_change_status() {
+    let fixture = fixture(ServerOptions::default()).await;
+    let told = Told::default();
+    let client = connect(
+        fixture.server.clone(),
+        Client {
+            tasks: true,
+            told: told.clone(),
+            ..Client::default()
+        },
+    )
+    .await;
+    let start = async |command: &str| {
+        let response = client
+            .call_tool_once(
+                CallToolRequestParams::new("execute_command")
+                    .with_arguments(args(json!({"command": command}))),
+            )
+            .await
+            .unwrap();
+        let CallToolResponse::Task(created) = response else {
+            panic!("expected a task, got {response:?}")
+        };
+        created.task.task_id
+    };
+    // Told of the end without asking: the notification carries the result.
+    let id = start("sleep 0.5; echo pushed").await;
+    let result = wait_until(Duration::from_secs(60), async || {
+        let told = told.lock().unwrap();
+        let ours: Vec<&TaskStatusNotificationParams> =
+            told.iter().filter(|n| n.task.task.task_id == id).collect();
+        match ours.last().map(|n| &n.payload) {
+            Some(TaskPayload::Completed { result }) => Ok(result.clone()),
+            _ => Err(format!("not told that {id} completed: {ours:?}")),
+        }
+    })
+    .await;
+    let result: CallToolResult = serde_json::from_value(Value::Object(result)).unwrap();
+    assert!(
+        result.content[0].as_text().unwrap().text.contains("pushed"),
+        "{result:?}"
+    );
+    // Nothing after the end, and each change told once.
+    let statuses: Vec<String> = told
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|n| n.task.task.task_id == id)
+        .map(|n| n.task.task.status_message.clone().unwrap_or_default())
+        .collect();
+    let mut unique = statuses.clone();
+    unique.dedup();
+    assert_eq!(unique, statuses, "a change told twice");
+
+    // And of a cancel.
+    let id = start("sleep 60").await;
+    client
+        .peer()
+        .cancel_task(CancelTaskParams::new(id.clone()))
+        .await
+        .unwrap();
+    wait_until(Duration::from_secs(20), async || {
+        let told = told.lock().unwrap();
+        match told
+            .iter()
+            .rfind(|n| n.task.task.task_id == id)
+            .map(|n| &n.payload)
+        {
+            Some(TaskPayload::Cancelled) => Ok(()),
+            other => Err(format!("not told that {id} was cancelled: {other:?}")),
+        }
+    })
+    .await;
+
+    // A client without the extension is told nothing (it gets its answer in the call).
+    let plain_told = Told::default();
+    let plain = connect(
+        fixture.server.clone(),
+        Client {
+            told: plain_told.clone(),
+            ..Client::default()
+        },
+    )
+    .await;
+    ok(
+        &plain,
+        "execute_command",
+        json!({"command": "echo answered"}),
+    )
+    .await;
+    assert!(plain_told.lock().unwrap().is_empty());
+    plain.cancel().await.unwrap();
     client.cancel().await.unwrap();
 }
 
