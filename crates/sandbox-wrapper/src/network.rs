@@ -685,6 +685,16 @@ impl Network {
         allow: &[AllowRule],
         log: &RefusalLog,
     ) {
+        // SOCKS5 starts with its version, 5; an HTTP request with a method's first letter.
+        let mut first = [0u8; 1];
+        match tokio::time::timeout(HEAD_TIMEOUT, client.peek(&mut first)).await {
+            Ok(Ok(1)) if first[0] == SOCKS_VERSION => {
+                self.socks(client, session, allow, log).await;
+                return;
+            }
+            Ok(Ok(1..)) => {}
+            _ => return,
+        }
         let head = match tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut client)).await {
             Ok(Ok(Some(head))) => head,
             // Closed, too slow, or too long: nothing to answer.
@@ -868,20 +878,7 @@ impl Network {
         refusal: Refusal,
         why: &str,
     ) {
-        self.stats.refused[refusal.index()].fetch_add(1, Ordering::Relaxed);
-        if let Some(unlogged) = log.may_log() {
-            // The name as asked, escaped: a sandbox cannot write lines into msbd's log.
-            let host = host.escape_debug().to_string();
-            tracing::warn!(
-                session,
-                host,
-                port,
-                reason = refusal.as_str(),
-                unlogged,
-                "network: refused a connection from a sandbox: {}",
-                why.escape_debug()
-            );
-        }
+        self.record_refusal(session, log, host, port, refusal, why);
         let status = if refusal == Refusal::BadRequest {
             "400 Bad Request"
         } else {
@@ -899,6 +896,205 @@ impl Network {
             .await;
         let _ = client.shutdown().await;
     }
+
+    /// Counts a refusal and logs it (at most once a second per session).
+    fn record_refusal(
+        &self,
+        session: &str,
+        log: &RefusalLog,
+        host: &str,
+        port: u16,
+        refusal: Refusal,
+        why: &str,
+    ) {
+        self.stats.refused[refusal.index()].fetch_add(1, Ordering::Relaxed);
+        if let Some(unlogged) = log.may_log() {
+            // Control characters escaped: a sandbox cannot write lines into msbd's log.
+            tracing::warn!(
+                session,
+                host = printable(host),
+                port,
+                reason = refusal.as_str(),
+                unlogged,
+                "network: refused a connection from a sandbox: {}",
+                printable(why)
+            );
+        }
+    }
+
+    /// A SOCKS5 client (RFC 1928): no authentication, `CONNECT` to a domain name only, checked
+    /// as an HTTP `CONNECT` is.
+    async fn socks(
+        &self,
+        mut client: TcpStream,
+        session: &str,
+        allow: &[AllowRule],
+        log: &RefusalLog,
+    ) {
+        let request =
+            match tokio::time::timeout(HEAD_TIMEOUT, read_socks_request(&mut client)).await {
+                Ok(Ok(request)) => request,
+                Ok(Err(SocksProblem::Closed)) | Err(_) => return,
+                Ok(Err(SocksProblem::Refuse(reply, refusal, why))) => {
+                    self.record_refusal(session, log, "?", 0, refusal, &why);
+                    let _ = client.write_all(&socks_reply(reply)).await;
+                    return;
+                }
+            };
+        let (host, port) = match request {
+            SocksTarget::Name(host, port) => (host, port),
+            SocksTarget::Address(address) => {
+                let why = format!(
+                    "{address} is an address; this sandbox may reach names on its allow-list only (use socks5h, which sends the name)"
+                );
+                self.record_refusal(
+                    session,
+                    log,
+                    &address.ip().to_string(),
+                    address.port(),
+                    Refusal::Address,
+                    &why,
+                );
+                let _ = client.write_all(&socks_reply(SOCKS_NOT_ALLOWED)).await;
+                return;
+            }
+        };
+        let upstream = match self.connect(session, allow, &host, port).await {
+            Ok(Some(upstream)) => upstream,
+            Ok(None) => {
+                self.stats.failed.fetch_add(1, Ordering::Relaxed);
+                let _ = client.write_all(&socks_reply(SOCKS_REFUSED)).await;
+                return;
+            }
+            Err((refusal, why)) => {
+                self.record_refusal(session, log, &host, port, refusal, &why);
+                let reply = if refusal == Refusal::Unresolved {
+                    SOCKS_UNREACHABLE
+                } else {
+                    SOCKS_NOT_ALLOWED
+                };
+                let _ = client.write_all(&socks_reply(reply)).await;
+                return;
+            }
+        };
+        self.stats.allowed.fetch_add(1, Ordering::Relaxed);
+        if client.write_all(&socks_reply(0)).await.is_ok() {
+            copy_until_idle(client, upstream).await;
+        }
+    }
+}
+
+const SOCKS_VERSION: u8 = 5;
+/// SOCKS5 replies: connection not allowed by ruleset, host unreachable, connection refused,
+/// command not supported, address type not supported.
+const SOCKS_NOT_ALLOWED: u8 = 2;
+const SOCKS_UNREACHABLE: u8 = 4;
+const SOCKS_REFUSED: u8 = 5;
+const SOCKS_BAD_COMMAND: u8 = 7;
+const SOCKS_BAD_ADDRESS: u8 = 8;
+
+/// Where a SOCKS5 client asks to go.
+enum SocksTarget {
+    Name(String, u16),
+    Address(SocketAddr),
+}
+
+/// Why a SOCKS5 exchange ends before a connection.
+enum SocksProblem {
+    /// The client closed or broke off.
+    Closed,
+    /// Answer with this reply; count and log the refusal.
+    Refuse(u8, Refusal, String),
+}
+
+impl From<std::io::Error> for SocksProblem {
+    fn from(_: std::io::Error) -> SocksProblem {
+        SocksProblem::Closed
+    }
+}
+
+/// A SOCKS5 reply with an empty IPv4 bound address.
+fn socks_reply(code: u8) -> [u8; 10] {
+    [SOCKS_VERSION, code, 0, 1, 0, 0, 0, 0, 0, 0]
+}
+
+/// Reads a SOCKS5 greeting (choosing no authentication) and a `CONNECT` request.
+async fn read_socks_request(client: &mut TcpStream) -> Result<SocksTarget, SocksProblem> {
+    let mut greeting = [0u8; 2];
+    client.read_exact(&mut greeting).await?;
+    let mut methods = vec![0u8; usize::from(greeting[1])];
+    client.read_exact(&mut methods).await?;
+    if !methods.contains(&0) {
+        client.write_all(&[SOCKS_VERSION, 0xff]).await?;
+        return Err(SocksProblem::Closed);
+    }
+    client.write_all(&[SOCKS_VERSION, 0]).await?;
+    let mut head = [0u8; 4];
+    client.read_exact(&mut head).await?;
+    if head[0] != SOCKS_VERSION || head[1] != 1 {
+        return Err(SocksProblem::Refuse(
+            SOCKS_BAD_COMMAND,
+            Refusal::BadRequest,
+            format!(
+                "SOCKS command {} is not CONNECT (the only one msbd's proxy takes)",
+                head[1]
+            ),
+        ));
+    }
+    let target = match head[3] {
+        1 => {
+            let mut ip = [0u8; 4];
+            client.read_exact(&mut ip).await?;
+            SocksTarget::Address(SocketAddr::new(IpAddr::from(ip), 0))
+        }
+        4 => {
+            let mut ip = [0u8; 16];
+            client.read_exact(&mut ip).await?;
+            SocksTarget::Address(SocketAddr::new(IpAddr::from(ip), 0))
+        }
+        3 => {
+            let mut len = [0u8; 1];
+            client.read_exact(&mut len).await?;
+            let mut name = vec![0u8; usize::from(len[0])];
+            client.read_exact(&mut name).await?;
+            let name = String::from_utf8(name).map_err(|_| {
+                SocksProblem::Refuse(
+                    SOCKS_BAD_ADDRESS,
+                    Refusal::BadRequest,
+                    "the SOCKS name is not text".to_owned(),
+                )
+            })?;
+            SocksTarget::Name(name, 0)
+        }
+        other => {
+            return Err(SocksProblem::Refuse(
+                SOCKS_BAD_ADDRESS,
+                Refusal::BadRequest,
+                format!("SOCKS address type {other} is not known"),
+            ));
+        }
+    };
+    let mut port = [0u8; 2];
+    client.read_exact(&mut port).await?;
+    let port = u16::from_be_bytes(port);
+    Ok(match target {
+        SocksTarget::Name(name, _) => SocksTarget::Name(name, port),
+        SocksTarget::Address(address) => SocksTarget::Address(SocketAddr::new(address.ip(), port)),
+    })
+}
+
+/// `text` with its control characters (line breaks among them) escaped.
+fn printable(text: &str) -> String {
+    text.chars()
+        .flat_map(|c| {
+            let escaped: Vec<char> = if c.is_control() {
+                c.escape_default().collect()
+            } else {
+                vec![c]
+            };
+            escaped
+        })
+        .collect()
 }
 
 /// When a session's proxy last logged a refusal, and how many it has not logged since.
@@ -1279,6 +1475,11 @@ mod tests {
         for bad in ["", "10.0.0.0/33", "x", "[::1", "10.0.0.1:x"] {
             assert!(AddressRule::parse(bad).is_err(), "{bad:?} parsed");
         }
+    }
+
+    #[test]
+    fn what_a_sandbox_sends_cannot_break_a_log_line() {
+        assert_eq!(printable("a\nb\r\tc it's"), "a\\nb\\r\\tc it's");
     }
 
     #[test]

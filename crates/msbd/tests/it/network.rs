@@ -119,6 +119,7 @@ async fn a_session_reaches_only_what_its_policy_allows() {
         &format!(
             "curl -sS --max-time 20 http://allowed.test:{allowed}/plain; \
              curl -sS --max-time 20 --proxytunnel http://allowed.test:{allowed}/tunnel; \
+             curl -sS --max-time 20 --socks5-hostname 127.0.0.1:3128 http://allowed.test:{allowed}/socks; \
              python3 -c \"import urllib.request; print(urllib.request.urlopen('http://allowed.test:{allowed}/urllib', timeout=20).read().decode())\""
         ),
     )
@@ -126,6 +127,7 @@ async fn a_session_reaches_only_what_its_policy_allows() {
     for seen in [
         "allowed saw GET /plain HTTP/1.1",
         "allowed saw GET /tunnel HTTP/1.1",
+        "allowed saw GET /socks HTTP/1.1",
         "allowed saw GET /urllib HTTP/1.1",
     ] {
         assert!(out.contains(seen), "{seen:?} missing from:\n{out}");
@@ -144,6 +146,8 @@ async fn a_session_reaches_only_what_its_policy_allows() {
              echo \"tunnel-raw: $(code --noproxy '' -p -x http://127.0.0.1:3128 http://127.0.0.1:{allowed}/)\"; \
              echo \"service: $(code http://service.test:{service}/)\"; \
              echo \"numeric: $(code --noproxy '' -x http://127.0.0.1:3128 http://2130706433:{allowed}/)\"; \
+             echo \"socks-denied: $(code --socks5-hostname 127.0.0.1:3128 http://denied.test:{allowed}/)\"; \
+             echo \"socks-address: $(code --noproxy '' --socks5 127.0.0.1:3128 http://127.0.0.1:{allowed}/)\"; \
              echo \"direct: $(code --noproxy '*' http://127.0.0.1:{allowed}/)\"; \
              getent hosts example.com >/dev/null 2>&1; echo \"dns: exit=$?\"; \
              python3 -c \"import socket; socket.getaddrinfo('allowed.test', 80)\" 2>/dev/null; echo \"py-dns: exit=$?\""
@@ -163,6 +167,9 @@ async fn a_session_reaches_only_what_its_policy_allows() {
     assert!(line("service").contains("403"), "{out}");
     // 2130706433 is 127.0.0.1 to a resolver: an address, refused before any lookup.
     assert!(line("numeric").contains("403"), "{out}");
+    // Through SOCKS5: a name not allowed, and an address (socks5 without h sends one).
+    assert!(!line("socks-denied").contains("exit=0"), "{out}");
+    assert!(!line("socks-address").contains("exit=0"), "{out}");
     // Not through the proxy: nothing listens on the sandbox's own loopback there.
     assert!(!line("direct").contains("exit=0"), "{out}");
     assert!(!line("dns").contains("exit=0"), "{out}");
