@@ -234,7 +234,19 @@ def first_connection(binary, env, log):
     session = first.get("session_id")
     call(m, "execute_code", {"code": "print(x + 1)", "session_id": session}, label="execute_code (same session)")
     call(m, "execute_command", {"command": "ls /shared; echo hi > notes.txt; cat notes.txt", "session_id": session, "timeout": 30})
-    call(m, "execute_command", {"command": "echo oops >&2; exit 3"}, label="execute_command (exit 3)")
+    oops, _ = call(m, "execute_command", {"command": "echo out; echo oops >&2; exit 3"}, label="execute_command (exit 3)")
+    call(m, "read_task_output", {"task_id": oops["task_id"], "stream": "stderr"}, label="read_task_output (stderr)")
+    call(m, "check_task_status", {"task_id": oops["task_id"]}, label="check_task_status (failed)")
+    # Network: the operator allows pypi.org and lets callers add names under .example.org.
+    allowed, _ = call(m, "execute_command", {
+        "command": "echo \"$HTTPS_PROXY\"; curl -sS -o /dev/null -w '%{http_code}\\n' http://example.com/",
+        "network": "allow", "network_allow": ["docs.example.org"], "session_id": "net"},
+        label="execute_command (network allow)")
+    call(m, "execute_command", {"command": "true", "session_id": "net", "network": "none"},
+         label="execute_command (network widened)")
+    call(m, "execute_command", {"command": "true", "network": "allow", "network_allow": ["pypi.io"]},
+         label="execute_command (network_allow refused)")
+    call(m, "get_sessions", {"session_id": "net"}, label="get_sessions (network)")
     call(m, "execute_command", {"command": "sleep 5", "timeout": 1}, label="execute_command (timeout)")
     call(m, "execute_command", {"command": "echo '::progress:: 50 half'; sleep 1; echo ok"},
          label="execute_command (progress token)", meta={"progressToken": 7})
@@ -381,6 +393,8 @@ def main(binary, out):
         env["MSB_LOG_LEVEL"] = "warn"
         env["MSB_SHUTDOWN_TIMEOUT"] = "2"
         env["MSB_SHARED_VOLUME_PATH"] = f"{shared}:/shared:ro"
+        env["MSB_NETWORK_ALLOW"] = "pypi.org,files.pythonhosted.org"
+        env["MSB_NETWORK_CALLER_ALLOW"] = ".example.org"
         with open(os.path.join(data_dir, "..", f"msbd-capture-{os.getpid()}.log"), "w") as log:
             build = first_connection(binary, env, log)
             second_connection(binary, env, log, build)
