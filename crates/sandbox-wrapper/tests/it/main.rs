@@ -2,6 +2,7 @@
 mod files;
 mod local;
 mod microsandbox;
+mod network;
 mod output;
 mod session;
 mod supervisor;
