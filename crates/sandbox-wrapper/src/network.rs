@@ -43,9 +43,10 @@ const SESSION_CONNECTIONS: usize = 128;
 const ALL_CONNECTIONS: usize = 1024;
 /// A connection through the proxy that moves no byte for this long is closed.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
-/// How often a session's refusals are logged at most (the others are counted, and their number
-/// is logged with the next one).
-const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(1);
+/// Every refusal is logged, up to this many per session in a second (a sandbox in a loop would
+/// otherwise fill the disk); past it they are counted, and their number is logged with the
+/// next one logged.
+const REFUSALS_LOGGED_PER_SECOND: u32 = 20;
 
 /// A session's network mode.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
@@ -667,6 +668,7 @@ impl Network {
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             };
+            let _ = client.set_nodelay(true);
             let network = Arc::clone(&self);
             let allow = Arc::clone(&allow);
             let session = Arc::clone(&session);
@@ -1097,26 +1099,36 @@ fn printable(text: &str) -> String {
         .collect()
 }
 
-/// When a session's proxy last logged a refusal, and how many it has not logged since.
+/// How many refusals a session's proxy logged in the current second, and how many it has not
+/// logged since it last did.
 #[derive(Default)]
 struct RefusalLog {
-    last: std::sync::Mutex<Option<std::time::Instant>>,
+    window: std::sync::Mutex<Option<(std::time::Instant, u32)>>,
     unlogged: AtomicU64,
 }
 
 impl RefusalLog {
     /// `Some(refusals not logged before this one)` when this one may be logged.
     fn may_log(&self) -> Option<u64> {
-        let mut last = self
-            .last
+        let mut window = self
+            .window
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let now = std::time::Instant::now();
-        if last.is_some_and(|at| now.duration_since(at) < REFUSAL_LOG_EVERY) {
+        let logged = match *window {
+            Some((since, logged)) if now.duration_since(since) < Duration::from_secs(1) => logged,
+            _ => {
+                *window = Some((now, 0));
+                0
+            }
+        };
+        if logged >= REFUSALS_LOGGED_PER_SECOND {
             self.unlogged.fetch_add(1, Ordering::Relaxed);
             return None;
         }
-        *last = Some(now);
+        if let Some((_, count)) = window.as_mut() {
+            *count += 1;
+        }
         Some(self.unlogged.swap(0, Ordering::Relaxed))
     }
 }
@@ -1475,6 +1487,18 @@ mod tests {
         for bad in ["", "10.0.0.0/33", "x", "[::1", "10.0.0.1:x"] {
             assert!(AddressRule::parse(bad).is_err(), "{bad:?} parsed");
         }
+    }
+
+    #[test]
+    fn every_refusal_is_logged_until_a_flood() {
+        let log = RefusalLog::default();
+        let logged: Vec<Option<u64>> = (0..25).map(|_| log.may_log()).collect();
+        assert!(logged[..20].iter().all(|l| *l == Some(0)), "{logged:?}");
+        assert!(logged[20..].iter().all(Option::is_none), "{logged:?}");
+        // The next second, the next one logged says how many were not.
+        *log.window.lock().unwrap() =
+            Some((std::time::Instant::now() - Duration::from_secs(2), 20));
+        assert_eq!(log.may_log(), Some(5));
     }
 
     #[test]
