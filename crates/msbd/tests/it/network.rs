@@ -135,12 +135,14 @@ async fn a_session_reaches_only_what_its_policy_allows() {
 
     // Refused: a name not on the list, a raw address through the proxy, the host's own
     // loopback service under an allowed name, and a DNS lookup from inside.
+    // (curl's complaints go to /dev/null: stdout and stderr are two pipes, and a line of one
+    // can land in the middle of a line of the other in the combined output.)
     let out = run(
         &client,
         "net",
         json!({}),
         &format!(
-            "code() {{ curl -sS -o /dev/null -w '%{{http_code}}' --max-time 20 \"$@\"; echo \" exit=$?\"; }}; \
+            "code() {{ curl -sS -o /dev/null -w '%{{http_code}}' --max-time 20 \"$@\" 2>/dev/null; echo \" exit=$?\"; }}; \
              echo \"denied: $(code http://denied.test:{allowed}/)\"; \
              echo \"raw: $(code --noproxy '' -x http://127.0.0.1:3128 http://127.0.0.1:{allowed}/)\"; \
              echo \"tunnel-raw: $(code --noproxy '' -p -x http://127.0.0.1:3128 http://127.0.0.1:{allowed}/)\"; \
