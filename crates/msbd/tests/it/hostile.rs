@@ -20,7 +20,7 @@ use serde_json::{Value, json};
 use task_core::store::Store;
 use task_core::store::sqlite::{SqliteConfig, SqliteStore};
 
-fn is_root() -> bool {
+pub(crate) fn is_root() -> bool {
     std::process::Command::new("id")
         .arg("-u")
         .output()
@@ -29,7 +29,7 @@ fn is_root() -> bool {
 
 /// A test that cannot check what it claims on this host fails, unless
 /// `MSBD_TEST_ALLOW_UNPRIVILEGED` is set: then it says what it skipped.
-fn opt_out(what: &str) {
+pub(crate) fn opt_out(what: &str) {
     assert!(
         std::env::var_os("MSBD_TEST_ALLOW_UNPRIVILEGED").is_some(),
         "this host cannot test {what}: run the tests as root, or set MSBD_TEST_ALLOW_UNPRIVILEGED=1 to skip such tests"

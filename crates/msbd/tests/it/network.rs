@@ -12,13 +12,7 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::common::{Client, Connection, MSBD, call, ok};
-
-fn is_root() -> bool {
-    std::process::Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).trim() == "0")
-}
+use crate::hostile::{is_root, opt_out};
 
 /// Whether this host can run the test (root and bubblewrap); if not, fails unless
 /// `MSBD_TEST_ALLOW_UNPRIVILEGED` is set, and then says what it skipped.
@@ -29,12 +23,7 @@ fn can_test() -> bool {
     if is_root() && bwrap {
         return true;
     }
-    let what = "network policies in strong sandboxes (needs root and bubblewrap)";
-    assert!(
-        std::env::var_os("MSBD_TEST_ALLOW_UNPRIVILEGED").is_some(),
-        "this host cannot test {what}: run the tests as root with bubblewrap installed, or set MSBD_TEST_ALLOW_UNPRIVILEGED=1 to skip such tests"
-    );
-    eprintln!("SKIPPED (MSBD_TEST_ALLOW_UNPRIVILEGED is set): this host cannot test {what}");
+    opt_out("network policies in strong sandboxes (needs root and bubblewrap)");
     false
 }
 
