@@ -8,7 +8,9 @@
 //! cache, `~/.cache/msbd-ci`, and names it), the one with the official TypeScript MCP SDK (`node
 //! interop/typescript/client.mjs` against the same `msbd`, over stdio and streamable HTTP; it
 //! fails on any console output, such as the schema validator's warnings; `.ci/run` installs the
-//! SDK with `npm ci --prefix interop/typescript`), a short run of every fuzz target (`cargo
+//! SDK with `npm ci --prefix interop/typescript`), the web console in headless Chromium
+//! (`interop/console_browser.py`, Selenium from the same Python; screenshots in
+//! `target/console-screenshots`), a short run of every fuzz target (`cargo
 //! xtask fuzz`), a reduced crash-chaos run on the debug binaries that step built (`cargo xtask
 //! chaos` runs the full one in release: about 2,000 tasks, 3 kills here), and rustdoc with
 //! warnings denied. The time of each stage is printed at the end.
@@ -28,6 +30,21 @@ pub(crate) fn run() -> anyhow::Result<()> {
     outcome?;
     print_step_header("ci: all checks passed");
     Ok(())
+}
+
+/// The Python with the MCP SDK and Selenium: `MSBD_INTEROP_PYTHON`, else
+/// `target/interop-venv/bin/python`.
+fn interop_python() -> anyhow::Result<std::path::PathBuf> {
+    let python = std::env::var_os("MSBD_INTEROP_PYTHON")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| project_root().join("target/interop-venv/bin/python"));
+    if !python.exists() {
+        anyhow::bail!(
+            "no Python with the MCP SDK at {}: run `python3 -m venv target/interop-venv && target/interop-venv/bin/pip install mcp selenium` (as .ci/run does), or point MSBD_INTEROP_PYTHON at one",
+            python.display()
+        );
+    }
+    Ok(python)
 }
 
 /// How long each stage took, printed at the end (also when one failed).
@@ -103,15 +120,7 @@ fn run_stages(sh: &Shell, stages: &mut Stages) -> anyhow::Result<()> {
     let msbd = debug.join("msbd");
     stages.time("interop: Python SDK", || {
         print_step_header("interoperability: the official Python MCP SDK drives msbd over stdio");
-        let python = std::env::var_os("MSBD_INTEROP_PYTHON")
-            .map(std::path::PathBuf::from)
-            .unwrap_or_else(|| project_root().join("target/interop-venv/bin/python"));
-        if !python.exists() {
-            anyhow::bail!(
-                "no Python with the MCP SDK at {}: run `python3 -m venv target/interop-venv && target/interop-venv/bin/pip install mcp` (as .ci/run does), or point MSBD_INTEROP_PYTHON at one",
-                python.display()
-            );
-        }
+        let python = interop_python()?;
         Ok(cmd!(sh, "{python} interop/python_client.py {msbd}").run()?)
     })?;
 
@@ -127,6 +136,15 @@ fn run_stages(sh: &Shell, stages: &mut Stages) -> anyhow::Result<()> {
             );
         }
         Ok(cmd!(sh, "node interop/typescript/client.mjs {msbd}").run()?)
+    })?;
+
+    stages.time("console: Chromium", || {
+        print_step_header(
+            "the web console in headless Chromium (WebDriver), against the built msbd",
+        );
+        let python = interop_python()?;
+        let shots = crate::chaos::target_dir().join("console-screenshots");
+        Ok(cmd!(sh, "{python} interop/console_browser.py {msbd} {shots}").run()?)
     })?;
 
     stages.time("fuzz (short runs)", crate::fuzz::ci_smoke)?;

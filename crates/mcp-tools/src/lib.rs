@@ -28,6 +28,7 @@
 
 mod actions;
 mod arguments;
+pub mod console;
 mod fast_lane;
 mod notify;
 mod server;

@@ -160,6 +160,9 @@ impl Calls {
 pub struct McpServer {
     pub(crate) core: Arc<Core>,
     pub(crate) principal: Arc<str>,
+    /// Whether the principal is the operator ([`McpServer::as_operator`]): every task and
+    /// session is its own to see and act on.
+    pub(crate) operator: bool,
     /// This connection's `execute_*` calls (see [`Calls`]).
     calls: Arc<Mutex<Calls>>,
     /// This connection's tasks whose status changes its client is told of.
@@ -197,6 +200,7 @@ impl McpServer {
                 waits_end: tokio_util::sync::CancellationToken::new(),
             }),
             principal: Arc::from(STDIO_PRINCIPAL),
+            operator: false,
             calls: Arc::default(),
             watched: Arc::default(),
             tool_router,
@@ -208,10 +212,26 @@ impl McpServer {
     pub fn with_principal(&self, principal: impl AsRef<str>) -> McpServer {
         McpServer {
             principal: Arc::from(principal.as_ref()),
+            operator: false,
             calls: Arc::default(),
             watched: Arc::default(),
             ..self.clone()
         }
+    }
+
+    /// The same server, serving the operator: it sees and acts on every principal's tasks and
+    /// sessions (the web console's operator; never an MCP connection's principal). Tasks it
+    /// creates are its principal's.
+    pub fn as_operator(&self) -> McpServer {
+        McpServer {
+            operator: true,
+            ..self.clone()
+        }
+    }
+
+    /// Whether this server serves the operator ([`McpServer::as_operator`]).
+    pub fn is_operator(&self) -> bool {
+        self.operator
     }
 
     /// The principal served.
@@ -285,7 +305,9 @@ impl McpServer {
     pub(crate) async fn owned_task(&self, task_id: &str) -> Result<Task, ToolError> {
         let id = parse_task_id(task_id)?;
         match self.core.wrapper.engine().get(id).await {
-            Ok(task) if task.owner.as_deref() == Some(&*self.principal) => Ok(task),
+            Ok(task) if self.operator || task.owner.as_deref() == Some(&*self.principal) => {
+                Ok(task)
+            }
             Ok(_) | Err(task_core::Error::TaskNotFound { .. }) => {
                 Err(ToolError::task_not_found(task_id))
             }
@@ -329,10 +351,12 @@ impl McpServer {
 
     /// Whether a session is this principal's.
     pub(crate) fn owns_session(&self, session_id: &str) -> bool {
-        self.core
-            .wrapper
-            .sessions()
-            .claimed_by(session_id, &self.principal)
+        self.operator
+            || self
+                .core
+                .wrapper
+                .sessions()
+                .claimed_by(session_id, &self.principal)
     }
 
     /// Records the task of an `execute_*` call, so that the client's cancel of the request

@@ -529,7 +529,7 @@ impl McpServer {
         answer(text, &running)
     }
 
-    fn sessions(&self, args: GetSessionsArgs) -> Result<CallToolResult, ToolError> {
+    pub(crate) fn sessions(&self, args: GetSessionsArgs) -> Result<CallToolResult, ToolError> {
         let sessions = self.core.wrapper.sessions();
         let now = sandbox_wrapper::unix_now();
         let list: Vec<SessionInfo> = match args.session_id.filter(|s| !s.is_empty()) {
@@ -595,7 +595,7 @@ impl McpServer {
         ))
     }
 
-    async fn stop(&self, args: StopSessionArgs) -> Result<CallToolResult, ToolError> {
+    pub(crate) async fn stop(&self, args: StopSessionArgs) -> Result<CallToolResult, ToolError> {
         let id = args.session_id;
         check_session_id(&id)?;
         if !self.owns_session(&id) {

@@ -369,6 +369,7 @@ impl McpServer {
         let limit = limit_arg(args.limit)?;
         let tasks = self
             .filtered(
+                None,
                 status_filter.as_deref(),
                 task_type.clone(),
                 None,
@@ -398,9 +399,12 @@ impl McpServer {
         Ok(answer(text, &status))
     }
 
-    /// A page of this principal's tasks that pass the filters.
-    async fn filtered(
+    /// A page of this principal's tasks that pass the filters (the operator's: every
+    /// principal's, or `owner`'s).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn filtered(
         &self,
+        owner: Option<String>,
         status: Option<&str>,
         task_type: Option<String>,
         session_id: Option<String>,
@@ -414,7 +418,11 @@ impl McpServer {
         let filter = ListFilter {
             statuses,
             task_type,
-            owner: Some(self.principal.to_string()),
+            owner: if self.operator {
+                owner
+            } else {
+                Some(self.principal.to_string())
+            },
             session_id,
             ..ListFilter::default()
         };
@@ -470,6 +478,7 @@ impl McpServer {
         let limit = limit_arg(args.limit)?;
         let (tasks, next_cursor) = self
             .filtered(
+                None,
                 args.status.as_deref(),
                 args.task_type.filter(|t| !t.is_empty() && t != "all"),
                 args.session_id.filter(|s| !s.is_empty()),
@@ -909,7 +918,10 @@ impl McpServer {
         ToolError::invalid(message, hint)
     }
 
-    async fn manage_tasks(&self, args: ManageTasksArgs) -> Result<CallToolResult, ToolError> {
+    pub(crate) async fn manage_tasks(
+        &self,
+        args: ManageTasksArgs,
+    ) -> Result<CallToolResult, ToolError> {
         let action = args.action;
         match action {
             TaskAction::Create | TaskAction::Schedule => self.create_action(action, &args).await,
@@ -1015,6 +1027,7 @@ impl McpServer {
         let limit = limit_arg(args.limit)?;
         let (tasks, next_cursor) = self
             .filtered(
+                None,
                 args.status.as_deref(),
                 args.task_type.clone(),
                 None,
@@ -1203,7 +1216,10 @@ impl McpServer {
         })
     }
 
-    async fn manage_queue(&self, args: ManageQueueArgs) -> Result<CallToolResult, ToolError> {
+    pub(crate) async fn manage_queue(
+        &self,
+        args: ManageQueueArgs,
+    ) -> Result<CallToolResult, ToolError> {
         let task_type = self.queue_task_type(args.task_type.as_deref())?;
         match args.action {
             QueueAction::GetStats => {

@@ -83,6 +83,9 @@ pub(crate) struct HttpOptions {
     /// The browser origins accepted on `/mcp` (`scheme://host[:port]`, `:*` for any port);
     /// empty disables the `Origin` check, as in rmcp.
     pub(crate) allowed_origins: Vec<String>,
+    /// The operator's token (`MSB_OPERATOR_TOKEN`): its holder sees every task in the web
+    /// console.
+    pub(crate) operator_token: Option<String>,
     /// The `Retry-After` of a request refused while draining (`MSB_SHUTDOWN_TIMEOUT`: by then
     /// msbd has stopped, and a supervisor has started it again, or another node serves).
     pub(crate) retry_after: Duration,
@@ -279,6 +282,7 @@ fn router(
     let hosts = allowed_hosts(options, local);
     let principal = principal_for(options.auth_token.as_deref());
     let wrapper = server.wrapper().clone();
+    let console_server = server.clone();
     let config = StreamableHttpServerConfig::default()
         .with_allowed_hosts(hosts.clone())
         .with_allowed_origins(options.allowed_origins.clone())
@@ -319,6 +323,17 @@ fn router(
         .layer(from_fn_with_state(state.clone(), limit_body))
         .layer(from_fn_with_state(state.clone(), require_bearer))
         .layer(from_fn_with_state(state.clone(), check_host));
+    let console = crate::console::router(crate::console::ConsoleState::new(
+        console_server,
+        crate::console::ConsoleOptions {
+            auth_token: options.auth_token.clone(),
+            operator_token: options.operator_token.clone(),
+            allowed_origins: options.allowed_origins.clone(),
+        },
+        stopping.stop.clone(),
+    ))
+    .layer(from_fn_with_state(state.clone(), limit_body))
+    .layer(from_fn_with_state(state.clone(), check_host));
     let open = Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -327,6 +342,7 @@ fn router(
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
+        .merge(console)
 }
 
 /// The `Host` values accepted: the loopback names with and without the port, the listen
@@ -441,7 +457,7 @@ fn constant_time_eq(expected: &[u8], given: &[u8]) -> bool {
 }
 
 /// The token of an `Authorization: Bearer <token>` header, if the request has one.
-fn bearer_token(headers: &HeaderMap) -> Option<&str> {
+pub(crate) fn bearer_token(headers: &HeaderMap) -> Option<&str> {
     let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
     let (scheme, token) = value.trim().split_once(' ')?;
     let token = token.trim();
@@ -760,6 +776,7 @@ mod tests {
             let options = HttpOptions {
                 listen: addr,
                 auth_token: token.map(str::to_owned),
+                operator_token: None,
                 max_request_bytes,
                 allowed_hosts: vec!["msbd.internal".into()],
                 allowed_origins: Vec::new(),
@@ -1307,6 +1324,7 @@ mod tests {
             &HttpOptions {
                 listen: "[::1]:7000".parse().unwrap(),
                 auth_token: None,
+                operator_token: None,
                 max_request_bytes: 1,
                 allowed_hosts: vec!["Example.COM".into()],
                 allowed_origins: Vec::new(),

@@ -10,6 +10,7 @@
 //! configuration parser and the stdio framing; nothing else depends on it.
 
 pub mod config;
+mod console;
 pub mod doctor;
 mod hosts;
 mod http;

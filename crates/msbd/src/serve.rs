@@ -371,6 +371,10 @@ async fn serve_http(
     let options = crate::http::HttpOptions {
         listen: address,
         auth_token: config.auth_token.as_ref().map(|t| t.expose().to_owned()),
+        operator_token: config
+            .operator_token
+            .as_ref()
+            .map(|t| t.expose().to_owned()),
         max_request_bytes: config.max_request_bytes,
         allowed_hosts: config.http_allowed_hosts.clone(),
         allowed_origins: config.http_allowed_origins.clone(),

@@ -821,6 +821,14 @@ impl SessionManager {
         }
     }
 
+    /// Who has claimed session `id`, if anyone.
+    pub fn owner_of(&self, id: &str) -> Option<String> {
+        self.inner
+            .claims()
+            .get(id)
+            .map(|claim| claim.owner.to_string())
+    }
+
     /// Whether `owner` has claimed session `id`.
     pub fn claimed_by(&self, id: &str, owner: &str) -> bool {
         self.inner

@@ -148,6 +148,15 @@ variables! {
         group = Group::Daemon, flag = None, secret = true,
         show = |c| c.auth_token.as_ref().map(|_| String::new());
 
+    /// The operator's token for the web console (`/ui`): at least 16 visible ASCII characters,
+    /// not `MSB_AUTH_TOKEN`. Whoever signs in with it (or sends it as `Authorization: Bearer`)
+    /// sees and acts on every principal's tasks and sessions, pauses the queue and the
+    /// background loops; the holder of `MSB_AUTH_TOKEN` sees only its own tasks there. With
+    /// neither token set, the console (loopback only) treats everyone as the operator.
+    MSB_OPERATOR_TOKEN: operator_token: Secret = unset("with MSB_AUTH_TOKEN set, no operator in the web console"),
+        group = Group::Daemon, flag = None, secret = true,
+        show = |c| c.operator_token.as_ref().map(|_| String::new());
+
     /// The largest HTTP request body msbd accepts, in bytes (at least 1024); a larger request
     /// is refused.
     MSB_MAX_REQUEST_BYTES: max_request_bytes: Count = fixed(Count(4 * 1024 * 1024)),

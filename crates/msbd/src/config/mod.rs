@@ -252,6 +252,8 @@ pub struct Config {
     pub http_addr: SocketAddr,
     /// The bearer token HTTP clients must send (`MSB_AUTH_TOKEN`); required off loopback.
     pub auth_token: Option<Secret>,
+    /// The web console's operator token (`MSB_OPERATOR_TOKEN`).
+    pub operator_token: Option<Secret>,
     /// The largest HTTP request body accepted, in bytes (`MSB_MAX_REQUEST_BYTES`).
     pub max_request_bytes: usize,
     /// The `Host` header values the HTTP transport accepts besides the loopback names and the

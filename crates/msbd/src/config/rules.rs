@@ -123,6 +123,7 @@ pub(super) fn build(
     let transport = raw.transport.unwrap_or(d.transport).0;
     let http_addr = raw.http_addr.unwrap_or(d.http_addr).0;
     let auth_token = raw.auth_token;
+    let operator_token = raw.operator_token;
     let max_request_bytes = raw.max_request_bytes.unwrap_or(d.max_request_bytes);
     let max_request_bytes = check.count(
         "MSB_MAX_REQUEST_BYTES",
@@ -366,10 +367,33 @@ pub(super) fn build(
         }
     }
 
+    if let Some(token) = &operator_token {
+        if token.expose().chars().count() < MIN_AUTH_TOKEN_LEN {
+            check.fail(
+                "MSB_OPERATOR_TOKEN",
+                format!(
+                    "MSB_OPERATOR_TOKEN (value not shown) is shorter than {MIN_AUTH_TOKEN_LEN} \
+                     characters, too easy to guess: use a random secret such as the output of \
+                     `openssl rand -hex 32`"
+                ),
+            );
+        } else if auth_token
+            .as_ref()
+            .is_some_and(|auth| auth.expose() == token.expose())
+        {
+            check.fail(
+                "MSB_OPERATOR_TOKEN",
+                "MSB_OPERATOR_TOKEN (value not shown) is the same as MSB_AUTH_TOKEN: the operator \
+                 would be every client. Give the operator a secret of its own"
+                    .to_owned(),
+            );
+        }
+    }
     Config {
         transport,
         http_addr,
         auth_token,
+        operator_token,
         max_request_bytes,
         http_allowed_hosts,
         http_allowed_origins,

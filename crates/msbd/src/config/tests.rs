@@ -145,6 +145,7 @@ fn every_variable_is_read_from_the_environment() {
         ("MSB_TRANSPORT", "HTTP"),
         ("MSB_HTTP_ADDR", "0.0.0.0:9000"),
         ("MSB_AUTH_TOKEN", "0123456789abcdef0123"),
+        ("MSB_OPERATOR_TOKEN", "operator-0123456789abcdef"),
         ("MSB_MAX_REQUEST_BYTES", "65536"),
         ("MSB_HTTP_ALLOWED_HOSTS", "msbd.example.com,10.0.0.5:9000"),
         ("MSB_HTTP_ALLOWED_ORIGINS", "https://app.example.com"),
@@ -212,6 +213,10 @@ fn every_variable_is_read_from_the_environment() {
     assert_eq!(
         c.auth_token.as_ref().unwrap().expose(),
         "0123456789abcdef0123"
+    );
+    assert_eq!(
+        c.operator_token.as_ref().unwrap().expose(),
+        "operator-0123456789abcdef"
     );
     assert_eq!(c.max_request_bytes, 65536);
     assert_eq!(c.http_allowed_hosts, ["msbd.example.com", "10.0.0.5:9000"]);
@@ -1497,4 +1502,17 @@ fn docs_configuration_md_is_up_to_date() {
          it from the repository root with:\n    {REGENERATE_DOCS}",
         path.display()
     );
+}
+
+#[test]
+fn the_operator_token_is_long_and_its_own() {
+    let message = one_error(&[("MSB_OPERATOR_TOKEN", "short")], "MSB_OPERATOR_TOKEN");
+    assert!(message.contains("shorter than 16"), "{message}");
+    let same = "the-same-token-0123456789";
+    let message = one_error(
+        &[("MSB_AUTH_TOKEN", same), ("MSB_OPERATOR_TOKEN", same)],
+        "MSB_OPERATOR_TOKEN",
+    );
+    assert!(message.contains("same as MSB_AUTH_TOKEN"), "{message}");
+    assert!(!message.contains(same), "the secret is printed: {message}");
 }

@@ -20,18 +20,22 @@ use serde_json::json;
 const TOKEN: &str = "e2e-token-0123456789abcdef";
 
 /// A running `msbd serve --transport http`.
-struct Daemon {
+pub(crate) struct Daemon {
     child: tokio::process::Child,
-    port: u16,
+    pub(crate) port: u16,
 }
 
 impl Daemon {
-    async fn start(data_dir: &Path, token: &str) -> Daemon {
+    pub(crate) async fn start(data_dir: &Path, token: &str) -> Daemon {
         Daemon::start_with(data_dir, token, &[]).await
     }
 
     /// With more environment variables.
-    async fn start_with(data_dir: &Path, token: &str, extra_env: &[(&str, &str)]) -> Daemon {
+    pub(crate) async fn start_with(
+        data_dir: &Path,
+        token: &str,
+        extra_env: &[(&str, &str)],
+    ) -> Daemon {
         let port = {
             let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             listener.local_addr().unwrap().port()
@@ -70,11 +74,11 @@ impl Daemon {
         daemon
     }
 
-    fn url(&self, path: &str) -> String {
+    pub(crate) fn url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{path}", self.port)
     }
 
-    async fn connect(&self, token: &str, client: Client) -> Connection {
+    pub(crate) async fn connect(&self, token: &str, client: Client) -> Connection {
         let transport = StreamableHttpClientTransport::from_config(
             StreamableHttpClientTransportConfig::with_uri(self.url("/mcp"))
                 .auth_header(token.to_owned()),
@@ -83,7 +87,7 @@ impl Daemon {
     }
 
     /// SIGTERM, and the exit.
-    async fn stop(mut self) {
+    pub(crate) async fn stop(mut self) {
         let pid = nix::unistd::Pid::from_raw(self.child.id().unwrap() as i32);
         nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
         let status = tokio::time::timeout(Duration::from_secs(20), self.child.wait())

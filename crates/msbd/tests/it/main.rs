@@ -3,6 +3,7 @@
 
 mod cluster;
 mod common;
+mod console;
 mod e2e_http;
 mod e2e_stdio;
 mod hostile;

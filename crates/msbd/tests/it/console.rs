@@ -1,0 +1,385 @@
+//! The web console (`/ui`) over plain HTTP against the built binary: signing in, the headers
+//! every page carries, the guards of every action (CSRF token, `Origin`, the operator's powers,
+//! another principal's tasks), escaping, and the live event stream. The browser test
+//! (`interop/console_browser.py`, run by `cargo xtask ci`) drives the same pages in Chromium.
+
+use std::time::Duration;
+
+use reqwest::header::{
+    CONTENT_SECURITY_POLICY, CONTENT_TYPE, COOKIE, LOCATION, ORIGIN, SET_COOKIE,
+};
+use reqwest::redirect::Policy;
+use serde_json::json;
+
+use crate::common::{Client, ok, wait_until};
+use crate::e2e_http::Daemon;
+
+const AGENT: &str = "console-agent-token-0123456789";
+const OTHER: &str = "console-other-token-0123456789";
+const OPERATOR: &str = "console-operator-token-0123456789";
+
+const FORM: &str = "application/x-www-form-urlencoded";
+
+/// A form's body.
+fn form(pairs: &[(&str, &str)]) -> String {
+    url::form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(pairs)
+        .finish()
+}
+
+fn browser() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(Policy::none())
+        .build()
+        .unwrap()
+}
+
+/// Signs in with `token`; the session cookie (`name=value`).
+async fn sign_in(daemon: &Daemon, token: &str) -> String {
+    let response = browser()
+        .post(daemon.url("/ui/login"))
+        .header(ORIGIN, daemon.url(""))
+        .header(CONTENT_TYPE, FORM)
+        .body(form(&[("token", token)]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 303, "signing in");
+    assert_eq!(response.headers()[LOCATION], "/ui/tasks");
+    let cookie = response.headers()[SET_COOKIE].to_str().unwrap().to_owned();
+    for attribute in ["HttpOnly", "SameSite=Strict", "Path=/ui"] {
+        assert!(cookie.contains(attribute), "{cookie}");
+    }
+    cookie.split(';').next().unwrap().to_owned()
+}
+
+/// A page's HTML, as the holder of `cookie` sees it.
+async fn page(daemon: &Daemon, cookie: &str, path: &str) -> (u16, String) {
+    let response = browser()
+        .get(daemon.url(path))
+        .header(COOKIE, cookie)
+        .send()
+        .await
+        .unwrap();
+    (response.status().as_u16(), response.text().await.unwrap())
+}
+
+/// The CSRF token on a page.
+fn csrf_of(html: &str) -> String {
+    let start = html.find("name=\"csrf\" value=\"").expect("a CSRF field") + 19;
+    html[start..start + 32].to_owned()
+}
+
+/// Posts a console form; the status and where it sends the browser (decoded).
+async fn post(daemon: &Daemon, cookie: &str, path: &str, csrf: &str) -> (u16, String) {
+    let response = browser()
+        .post(daemon.url(path))
+        .header(COOKIE, cookie)
+        .header(ORIGIN, daemon.url(""))
+        .header(CONTENT_TYPE, FORM)
+        .body(form(&[("csrf", csrf)]))
+        .send()
+        .await
+        .unwrap();
+    let location = response
+        .headers()
+        .get(LOCATION)
+        .map(|l| l.to_str().unwrap().to_owned())
+        .unwrap_or_default();
+    let location = url_decode(&location);
+    (response.status().as_u16(), location)
+}
+
+fn url_decode(text: &str) -> String {
+    url::form_urlencoded::parse(text.as_bytes())
+        .map(|(key, value)| format!("{key}={value}"))
+        .collect::<Vec<_>>()
+        .join("&")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_signs_in_and_guards_every_action() {
+    let dir = tempfile::tempdir().unwrap();
+    let env = [("MSB_OPERATOR_TOKEN", OPERATOR)];
+    let daemon = Daemon::start_with(dir.path(), AGENT, &env).await;
+
+    // Nobody signed in: pages send to the login form; every answer carries the policy.
+    let response = browser().get(daemon.url("/ui/tasks")).send().await.unwrap();
+    assert_eq!(response.status(), 303);
+    assert_eq!(response.headers()[LOCATION], "/ui/login");
+    let csp = response.headers()[CONTENT_SECURITY_POLICY]
+        .to_str()
+        .unwrap();
+    assert!(
+        csp.contains("default-src 'none'") && csp.contains("script-src 'self'"),
+        "{csp}"
+    );
+    assert!(!csp.contains("unsafe-inline"), "{csp}");
+    let response = browser().get(daemon.url("/ui/login")).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-content-type-options"], "nosniff");
+    assert!(response.headers().contains_key(CONTENT_SECURITY_POLICY));
+    let html = response.text().await.unwrap();
+    assert!(
+        html.contains("method=\"post\" action=\"/ui/login\""),
+        "{html}"
+    );
+    assert!(!html.contains("<script>"), "no inline script: {html}");
+
+    // A wrong token, and a login from another origin, are refused.
+    let wrong = browser()
+        .post(daemon.url("/ui/login"))
+        .header(ORIGIN, daemon.url(""))
+        .header(CONTENT_TYPE, FORM)
+        .body(form(&[("token", "not-a-token-of-msbd")]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong.status(), 401);
+    assert!(!wrong.headers().contains_key(SET_COOKIE));
+    let elsewhere = browser()
+        .post(daemon.url("/ui/login"))
+        .header(ORIGIN, "http://evil.example")
+        .header(CONTENT_TYPE, FORM)
+        .body(form(&[("token", AGENT)]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(elsewhere.status(), 403);
+
+    // The agent's task, with a tag that would be markup if it were not escaped.
+    let agent = daemon.connect(AGENT, Client::default()).await;
+    let created = ok(
+        &agent,
+        "create_background_task",
+        json!({
+            "task_type": "command",
+            "params": {"command": "sleep 30"},
+            "tags": ["<script>alert(1)</script>"],
+        }),
+    )
+    .await;
+    let id = created["task_id"].as_str().unwrap().to_owned();
+
+    // The agent signs in: its own task is there, escaped.
+    let agent_cookie = sign_in(&daemon, AGENT).await;
+    let (status, html) = page(&daemon, &agent_cookie, "/ui/tasks").await;
+    assert_eq!(status, 200);
+    assert!(html.contains(&id), "the agent's task is listed");
+    let (status, html) = page(&daemon, &agent_cookie, &format!("/ui/tasks/{id}")).await;
+    assert_eq!(status, 200);
+    assert!(
+        html.contains("&lt;script&gt;alert(1)&lt;/script&gt;"),
+        "{html}"
+    );
+    assert!(
+        !html.contains("<script>alert(1)"),
+        "a tag went out as markup"
+    );
+    let agent_csrf = csrf_of(&html);
+
+    // Bearer works as well as the cookie; a token is never taken from a URL.
+    let response = browser()
+        .get(daemon.url("/ui/tasks"))
+        .bearer_auth(AGENT)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let response = browser()
+        .get(daemon.url(&format!("/ui/tasks?token={AGENT}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 303, "a token in the URL is not a login");
+
+    // An action without the token, with another's, or from another origin does nothing.
+    let pause = format!("/ui/tasks/{id}/pause");
+    let (status, _) = post(&daemon, &agent_cookie, &pause, "").await;
+    assert_eq!(status, 403);
+    let (status, _) = post(&daemon, &agent_cookie, &pause, &"0".repeat(32)).await;
+    assert_eq!(status, 403);
+    let foreign = browser()
+        .post(daemon.url(&pause))
+        .header(COOKIE, &agent_cookie)
+        .header(ORIGIN, "http://evil.example")
+        .header(CONTENT_TYPE, FORM)
+        .body(form(&[("csrf", agent_csrf.as_str())]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(foreign.status(), 403);
+    let task = ok(&agent, "check_task_status", json!({"task_id": id})).await;
+    assert_ne!(
+        task["status"], "paused",
+        "a refused action paused the task"
+    );
+
+    // The agent is not the operator: no pausing the queue or the loops.
+    let (status, location) = post(&daemon, &agent_cookie, "/ui/queue/pause", &agent_csrf).await;
+    assert_eq!(status, 303);
+    assert!(location.contains("FORBIDDEN"), "{location}");
+    let (status, location) = post(
+        &daemon,
+        &agent_cookie,
+        "/ui/supervision/retention_pruner/pause",
+        &agent_csrf,
+    )
+    .await;
+    assert_eq!(status, 303);
+    assert!(location.contains("FORBIDDEN"), "{location}");
+    let stats = ok(&agent, "manage_task_queue", json!({"action": "get_stats"})).await;
+    assert_eq!(
+        stats["queue_statistics"]["queue_paused"], false,
+        "{stats}"
+    );
+
+    // Its own task it may act on, with its token.
+    let (status, location) = post(&daemon, &agent_cookie, &pause, &agent_csrf).await;
+    assert_eq!(
+        (status, location.contains("error=")),
+        (303, false),
+        "{location}"
+    );
+    wait_until(Duration::from_secs(10), async || {
+        let task = ok(&agent, "check_task_status", json!({"task_id": id})).await;
+        match task["status"].as_str() {
+            Some("paused") => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    drop(agent);
+    daemon.stop().await;
+
+    // Another principal (msbd restarted with another agent token): the task is not found.
+    let daemon = Daemon::start_with(dir.path(), OTHER, &env).await;
+    let other_cookie = sign_in(&daemon, OTHER).await;
+    let (status, html) = page(&daemon, &other_cookie, &format!("/ui/tasks/{id}")).await;
+    assert_eq!(status, 404, "{html}");
+    assert!(!html.contains("sleep 30"));
+    let (_, html) = page(&daemon, &other_cookie, "/ui/tasks").await;
+    assert!(!html.contains(&id), "another principal's task is listed");
+    let other_csrf = csrf_of(&html);
+    let (status, location) = post(
+        &daemon,
+        &other_cookie,
+        &format!("/ui/tasks/{id}/cancel"),
+        &other_csrf,
+    )
+    .await;
+    assert_eq!(status, 303);
+    assert!(location.contains("TASK_NOT_FOUND"), "{location}");
+
+    // The operator sees every task, with its owner, and may cancel it.
+    let operator_cookie = sign_in(&daemon, OPERATOR).await;
+    let (status, html) = page(&daemon, &operator_cookie, &format!("/ui/tasks/{id}")).await;
+    assert_eq!(status, 200);
+    assert!(
+        html.contains("token:"),
+        "the owner is shown to the operator"
+    );
+    let operator_csrf = csrf_of(&html);
+    assert_ne!(operator_csrf, other_csrf, "two logins share a CSRF token");
+    let (status, location) = post(
+        &daemon,
+        &other_cookie,
+        &format!("/ui/tasks/{id}/cancel"),
+        &operator_csrf,
+    )
+    .await;
+    assert_eq!(
+        status, 403,
+        "another login's CSRF token was taken: {location}"
+    );
+    let (status, location) = post(
+        &daemon,
+        &operator_cookie,
+        &format!("/ui/tasks/{id}/cancel"),
+        &operator_csrf,
+    )
+    .await;
+    assert_eq!(
+        (status, location.contains("error=")),
+        (303, false),
+        "{location}"
+    );
+    wait_until(Duration::from_secs(10), async || {
+        let (_, html) = page(&daemon, &operator_cookie, &format!("/ui/tasks/{id}")).await;
+        if html.contains("status s-cancelled") {
+            Ok(())
+        } else {
+            Err("the task is not cancelled")
+        }
+    })
+    .await;
+
+    // Signing out ends the login.
+    let (status, _) = post(&daemon, &operator_cookie, "/ui/logout", &operator_csrf).await;
+    assert_eq!(status, 303);
+    let (status, _) = page(&daemon, &operator_cookie, "/ui/tasks").await;
+    assert_eq!(status, 303);
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_streams_each_change_of_a_task_as_it_happens() {
+    let dir = tempfile::tempdir().unwrap();
+    let env = [("MSB_OPERATOR_TOKEN", OPERATOR)];
+    let daemon = Daemon::start_with(dir.path(), AGENT, &env).await;
+    let mut events = browser()
+        .get(daemon.url("/ui/events"))
+        .bearer_auth(OPERATOR)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(events.status(), 200);
+    assert_eq!(events.headers()["content-type"], "text/event-stream");
+    let agent = daemon.connect(AGENT, Client::default()).await;
+    let created = ok(
+        &agent,
+        "create_background_task",
+        json!({
+            "task_type": "command",
+            "parameters": {"command": "echo '::progress:: 50 halfway'; sleep 0.5; echo done"},
+        }),
+    )
+    .await;
+    let id = created["task_id"].as_str().unwrap().to_owned();
+    let mut seen = String::new();
+    let mut statuses = Vec::new();
+    let read = async {
+        while let Some(chunk) = events.chunk().await.unwrap() {
+            seen.push_str(&String::from_utf8_lossy(&chunk));
+            while let Some(end) = seen.find("\n\n") {
+                let event: String = seen.drain(..end + 2).collect();
+                let Some(data) = event.lines().find_map(|l| l.strip_prefix("data: ")) else {
+                    continue;
+                };
+                let task: serde_json::Value = serde_json::from_str(data).unwrap();
+                if task["task_id"] == id.as_str() {
+                    let status = task["status"].as_str().unwrap().to_owned();
+                    let step = (status, task["progress_message"].clone());
+                    if statuses.last() != Some(&step) {
+                        statuses.push(step);
+                    }
+                    if task["status"] == "completed" {
+                        return;
+                    }
+                }
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), read)
+        .await
+        .expect("the task's completion never reached the stream");
+    assert!(
+        statuses
+            .iter()
+            .any(|(s, m)| s == "running" && m == "halfway"),
+        "its progress was not streamed: {statuses:?}"
+    );
+    assert_eq!(statuses.last().unwrap().0, "completed", "{statuses:?}");
+    drop(agent);
+    daemon.stop().await;
+}
