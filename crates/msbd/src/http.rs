@@ -86,6 +86,9 @@ pub(crate) struct HttpOptions {
     /// The operator's token (`MSB_OPERATOR_TOKEN`): its holder sees every task in the web
     /// console.
     pub(crate) operator_token: Option<String>,
+    /// Whether `/mcp` is served: not on the console's own listener beside the stdio transport
+    /// (`MSB_CONSOLE_ADDR`), where only the console, the probes and the metrics are.
+    pub(crate) serve_mcp: bool,
     /// The `Retry-After` of a request refused while draining (`MSB_SHUTDOWN_TIMEOUT`: by then
     /// msbd has stopped, and a supervisor has started it again, or another node serves).
     pub(crate) retry_after: Duration,
@@ -233,11 +236,15 @@ pub(crate) async fn serve(
             stop: stop.clone(),
         },
     );
-    tracing::info!(
-        address = %local,
-        authentication = options.auth_token.is_some(),
-        "serving MCP over HTTP at /mcp"
-    );
+    if options.serve_mcp {
+        tracing::info!(
+            address = %local,
+            authentication = options.auth_token.is_some(),
+            "serving MCP over HTTP at /mcp, the web console at /ui"
+        );
+    } else {
+        tracing::info!(address = %local, "serving the web console at /ui");
+    }
     // No Nagle delay: a JSON-RPC answer (or an event of a stream) goes out as soon as it is
     // written, not after the client's delayed ACK (up to 40 ms per call otherwise).
     let listener =
@@ -314,10 +321,15 @@ fn router(
         retry_after: HeaderValue::from(options.retry_after.as_secs().max(1)),
     };
     // Layers wrap what is above them: the last one runs first.
-    let mcp = Router::new()
-        .route_service("/mcp", mcp)
-        .layer(from_fn_with_state(state.clone(), refuse_while_draining))
-        .layer(axum::middleware::from_fn(session_ended_is_no_content));
+    let mcp = if options.serve_mcp {
+        Router::new()
+            .route_service("/mcp", mcp)
+            .layer(from_fn_with_state(state.clone(), refuse_while_draining))
+            .layer(axum::middleware::from_fn(session_ended_is_no_content))
+    } else {
+        drop(mcp);
+        Router::new()
+    };
     let guarded = mcp
         .route("/metrics", get(metrics_page))
         .layer(from_fn_with_state(state.clone(), limit_body))
@@ -777,6 +789,7 @@ mod tests {
                 listen: addr,
                 auth_token: token.map(str::to_owned),
                 operator_token: None,
+                serve_mcp: true,
                 max_request_bytes,
                 allowed_hosts: vec!["msbd.internal".into()],
                 allowed_origins: Vec::new(),
@@ -1325,6 +1338,7 @@ mod tests {
                 listen: "[::1]:7000".parse().unwrap(),
                 auth_token: None,
                 operator_token: None,
+                serve_mcp: true,
                 max_request_bytes: 1,
                 allowed_hosts: vec!["Example.COM".into()],
                 allowed_origins: Vec::new(),

@@ -314,6 +314,70 @@ async fn serve_stdio(
     if std::io::stdin().is_terminal() {
         eprintln!("{WAITING_ON_A_TERMINAL}");
     }
+    // The web console beside stdio: its own listener, with no `/mcp`.
+    let console = match config.console_addr {
+        Some(addr) => Some(serve_console(server.clone(), config, addr, &shutdown, &stop).await?),
+        None => None,
+    };
+    let served = serve_stdio_session(server, config, shutdown.clone(), stop.clone()).await;
+    if let Some(console) = console {
+        // The client is gone: msbd drains and stops, and the console with it (at `stop`).
+        shutdown.cancel();
+        stop.cancelled().await;
+        match console.await {
+            Ok(Err(error)) => tracing::warn!(%error, "the web console ended with an error"),
+            Err(error) => tracing::warn!(%error, "the web console's task failed"),
+            Ok(Ok(())) => {}
+        }
+    }
+    served
+}
+
+/// The web console on its own listener (`MSB_CONSOLE_ADDR`), for a daemon that serves MCP on
+/// stdio; the task that serves it until `stop`.
+async fn serve_console(
+    server: McpServer,
+    config: &Config,
+    addr: std::net::SocketAddr,
+    shutdown: &CancellationToken,
+    stop: &CancellationToken,
+) -> anyhow::Result<tokio::task::JoinHandle<anyhow::Result<()>>> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("listening on {addr} (MSB_CONSOLE_ADDR)"))?;
+    let address = listener.local_addr().unwrap_or(addr);
+    let options = crate::http::HttpOptions {
+        listen: address,
+        auth_token: config.auth_token.as_ref().map(|t| t.expose().to_owned()),
+        operator_token: config
+            .operator_token
+            .as_ref()
+            .map(|t| t.expose().to_owned()),
+        serve_mcp: false,
+        max_request_bytes: config.max_request_bytes,
+        allowed_hosts: config.http_allowed_hosts.clone(),
+        allowed_origins: config.http_allowed_origins.clone(),
+        retry_after: config.shutdown_timeout,
+    };
+    eprintln!("msbd: the web console is at http://{address}/ui");
+    let readiness = Arc::new(crate::http::Readiness::new());
+    readiness.set_ready();
+    let stopping = crate::http::Stopping {
+        shutdown: shutdown.clone(),
+        stop: stop.clone(),
+    };
+    Ok(tokio::spawn(crate::http::serve(
+        listener, server, options, readiness, stopping,
+    )))
+}
+
+/// The MCP session on stdin and stdout (see [`serve_stdio`]).
+async fn serve_stdio_session(
+    server: McpServer,
+    config: &Config,
+    shutdown: CancellationToken,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
     let (stdin, stdout) = rmcp::transport::io::stdio_pipes();
     // Lines over the size limit never reach rmcp (see `mcp_tools::transport::stdio`).
     let stdin = mcp_tools::transport::LimitedLines::new(stdin, config.max_request_bytes);
@@ -375,6 +439,7 @@ async fn serve_http(
             .operator_token
             .as_ref()
             .map(|t| t.expose().to_owned()),
+        serve_mcp: true,
         max_request_bytes: config.max_request_bytes,
         allowed_hosts: config.http_allowed_hosts.clone(),
         allowed_origins: config.http_allowed_origins.clone(),

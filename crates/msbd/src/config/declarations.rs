@@ -157,6 +157,15 @@ variables! {
         group = Group::Daemon, flag = None, secret = true,
         show = |c| c.operator_token.as_ref().map(|_| String::new());
 
+    /// Where the web console listens when MCP is served on stdio, as `IP:PORT`, such as
+    /// `127.0.0.1:8766`: the same msbd process serves its MCP client on stdin/stdout and the
+    /// console (with `/healthz`, `/readyz` and `/metrics`, but no `/mcp`) on this address. With
+    /// `MSB_TRANSPORT=http` the console is at `/ui` on `MSB_HTTP_ADDR` and this is not used. An
+    /// address that is not loopback requires `MSB_OPERATOR_TOKEN` or `MSB_AUTH_TOKEN`.
+    MSB_CONSOLE_ADDR: console_addr: Addr = unset("no web console with the stdio transport"),
+        group = Group::Daemon, flag = None, secret = false,
+        show = |c| c.console_addr.map(|a| a.to_string());
+
     /// The largest HTTP request body msbd accepts, in bytes (at least 1024); a larger request
     /// is refused.
     MSB_MAX_REQUEST_BYTES: max_request_bytes: Count = fixed(Count(4 * 1024 * 1024)),

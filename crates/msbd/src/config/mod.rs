@@ -254,6 +254,8 @@ pub struct Config {
     pub auth_token: Option<Secret>,
     /// The web console's operator token (`MSB_OPERATOR_TOKEN`).
     pub operator_token: Option<Secret>,
+    /// Where the web console listens beside the stdio transport (`MSB_CONSOLE_ADDR`).
+    pub console_addr: Option<SocketAddr>,
     /// The largest HTTP request body accepted, in bytes (`MSB_MAX_REQUEST_BYTES`).
     pub max_request_bytes: usize,
     /// The `Host` header values the HTTP transport accepts besides the loopback names and the

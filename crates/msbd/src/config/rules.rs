@@ -124,6 +124,7 @@ pub(super) fn build(
     let http_addr = raw.http_addr.unwrap_or(d.http_addr).0;
     let auth_token = raw.auth_token;
     let operator_token = raw.operator_token;
+    let console_addr = raw.console_addr.map(|addr| addr.0);
     let max_request_bytes = raw.max_request_bytes.unwrap_or(d.max_request_bytes);
     let max_request_bytes = check.count(
         "MSB_MAX_REQUEST_BYTES",
@@ -389,11 +390,36 @@ pub(super) fn build(
             );
         }
     }
+    if let Some(addr) = console_addr {
+        if !addr.ip().to_canonical().is_loopback()
+            && auth_token.is_none()
+            && operator_token.is_none()
+            && check.usable(&["MSB_CONSOLE_ADDR"])
+        {
+            check.fail(
+                "MSB_CONSOLE_ADDR",
+                format!(
+                    "{} is not a loopback address, and neither MSB_OPERATOR_TOKEN nor \
+                     MSB_AUTH_TOKEN is set: anyone who can reach it could act on every task. Set \
+                     MSB_OPERATOR_TOKEN to a random secret, or listen on 127.0.0.1:{}",
+                    check.origin("MSB_CONSOLE_ADDR", &addr.to_string()),
+                    addr.port()
+                ),
+            );
+        }
+        if transport == Transport::Http {
+            warnings.push(format!(
+                "MSB_CONSOLE_ADDR={addr} is not used with MSB_TRANSPORT=http: the web console is \
+                 at /ui on MSB_HTTP_ADDR"
+            ));
+        }
+    }
     Config {
         transport,
         http_addr,
         auth_token,
         operator_token,
+        console_addr,
         max_request_bytes,
         http_allowed_hosts,
         http_allowed_origins,

@@ -146,6 +146,7 @@ fn every_variable_is_read_from_the_environment() {
         ("MSB_HTTP_ADDR", "0.0.0.0:9000"),
         ("MSB_AUTH_TOKEN", "0123456789abcdef0123"),
         ("MSB_OPERATOR_TOKEN", "operator-0123456789abcdef"),
+        ("MSB_CONSOLE_ADDR", "127.0.0.1:8766"),
         ("MSB_MAX_REQUEST_BYTES", "65536"),
         ("MSB_HTTP_ALLOWED_HOSTS", "msbd.example.com,10.0.0.5:9000"),
         ("MSB_HTTP_ALLOWED_ORIGINS", "https://app.example.com"),
@@ -258,7 +259,10 @@ fn every_variable_is_read_from_the_environment() {
     assert_eq!(c.max_total_memory_mb, Some(8192));
     assert!(!c.lru_eviction);
     assert_eq!(c.orphan_cleanup_interval, Duration::from_secs(900));
-    assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
+    assert_eq!(c.console_addr, Some("127.0.0.1:8766".parse().unwrap()));
+    // The one warning: a console address is not used with the HTTP transport.
+    assert_eq!(loaded.warnings.len(), 1, "{:?}", loaded.warnings);
+    assert!(loaded.warnings[0].starts_with("MSB_CONSOLE_ADDR="));
     assert!(loaded.sources.values().all(|s| *s == Source::Environment));
 }
 
@@ -1515,4 +1519,30 @@ fn the_operator_token_is_long_and_its_own() {
     );
     assert!(message.contains("same as MSB_AUTH_TOKEN"), "{message}");
     assert!(!message.contains(same), "the secret is printed: {message}");
+}
+
+#[test]
+fn a_console_beyond_loopback_needs_a_token() {
+    let message = one_error(&[("MSB_CONSOLE_ADDR", "0.0.0.0:8766")], "MSB_CONSOLE_ADDR");
+    assert!(message.contains("MSB_OPERATOR_TOKEN"), "{message}");
+    let loaded = ok(&[
+        ("MSB_CONSOLE_ADDR", "0.0.0.0:8766"),
+        ("MSB_OPERATOR_TOKEN", "operator-0123456789abcdef"),
+    ]);
+    assert_eq!(
+        loaded.config.console_addr,
+        Some("0.0.0.0:8766".parse().unwrap())
+    );
+    let loaded = ok(&[
+        ("MSB_CONSOLE_ADDR", "127.0.0.1:8766"),
+        ("MSB_TRANSPORT", "http"),
+    ]);
+    assert!(
+        loaded
+            .warnings
+            .iter()
+            .any(|w| w.contains("MSB_CONSOLE_ADDR")),
+        "{:?}",
+        loaded.warnings
+    );
 }

@@ -210,10 +210,7 @@ async fn the_console_signs_in_and_guards_every_action() {
         .unwrap();
     assert_eq!(foreign.status(), 403);
     let task = ok(&agent, "check_task_status", json!({"task_id": id})).await;
-    assert_ne!(
-        task["status"], "paused",
-        "a refused action paused the task"
-    );
+    assert_ne!(task["status"], "paused", "a refused action paused the task");
 
     // The agent is not the operator: no pausing the queue or the loops.
     let (status, location) = post(&daemon, &agent_cookie, "/ui/queue/pause", &agent_csrf).await;
@@ -229,10 +226,7 @@ async fn the_console_signs_in_and_guards_every_action() {
     assert_eq!(status, 303);
     assert!(location.contains("FORBIDDEN"), "{location}");
     let stats = ok(&agent, "manage_task_queue", json!({"action": "get_stats"})).await;
-    assert_eq!(
-        stats["queue_statistics"]["queue_paused"], false,
-        "{stats}"
-    );
+    assert_eq!(stats["queue_statistics"]["queue_paused"], false, "{stats}");
 
     // Its own task it may act on, with its token.
     let (status, location) = post(&daemon, &agent_cookie, &pause, &agent_csrf).await;
@@ -382,4 +376,64 @@ async fn the_console_streams_each_change_of_a_task_as_it_happens() {
     assert_eq!(statuses.last().unwrap().0, "completed", "{statuses:?}");
     drop(agent);
     daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stdio_daemon_serves_the_console_on_its_own_address() {
+    use rmcp::ServiceExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let port = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    };
+    let mut command = tokio::process::Command::new(crate::common::MSBD);
+    command
+        .arg("serve")
+        .env("MSB_DATA_DIR", dir.path())
+        .env("MSB_LOG_LEVEL", "warn")
+        .env("MSB_CONSOLE_ADDR", format!("127.0.0.1:{port}"))
+        .stderr(std::process::Stdio::inherit());
+    let transport = rmcp::transport::TokioChildProcess::new(command).unwrap();
+    let client = Client::default().serve(transport).await.unwrap();
+    let created = ok(
+        &client,
+        "create_background_task",
+        json!({"task_type": "command", "params": {"command": "echo hi"}}),
+    )
+    .await;
+    let id = created["task_id"].as_str().unwrap().to_owned();
+    let base = format!("http://127.0.0.1:{port}");
+    // No token anywhere: the console is loopback's, and its user the operator.
+    let html = wait_until(Duration::from_secs(10), async || {
+        let response = browser()
+            .get(format!("{base}/ui/tasks"))
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
+        let html = response.text().await.map_err(|e| e.to_string())?;
+        if html.contains(&id) {
+            Ok(html)
+        } else {
+            Err(format!("the stdio client's task is not listed: {html}"))
+        }
+    })
+    .await;
+    assert!(html.contains(">operator<"), "{html}");
+    let mcp = browser().post(format!("{base}/mcp")).send().await.unwrap();
+    assert_eq!(mcp.status(), 404, "MCP is served on stdio only");
+    let health = browser()
+        .get(format!("{base}/healthz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(health.status(), 200);
+    // The client goes: msbd stops, the console with it.
+    client.cancel().await.unwrap();
+    wait_until(Duration::from_secs(20), async || {
+        match browser().get(format!("{base}/healthz")).send().await {
+            Err(_) => Ok(()),
+            Ok(response) => Err(format!("still serving: {}", response.status())),
+        }
+    })
+    .await;
 }
