@@ -53,6 +53,12 @@ const BENCH_TARGETS: &[BenchTarget] = &[
         package: "msbd",
         bench: "agent",
     },
+    // The web console: the task page over a million tasks, the lag of its live events, its CPU
+    // with ten consoles connected: writes `console.json`.
+    BenchTarget {
+        package: "msbd",
+        bench: "console",
+    },
 ];
 
 pub(crate) fn run(extra_args: &[String]) -> anyhow::Result<()> {
