@@ -594,6 +594,9 @@ async fn wait(
             unique.push(id.clone());
         }
     }
+    let bars_width = console::Term::stderr()
+        .size_checked()
+        .map_or(80, |(_, columns)| usize::from(columns));
     let bars = (!context.out.json && context.out.stderr_terminal)
         .then(|| MultiProgress::with_draw_target(ProgressDrawTarget::stderr()));
     let style = ProgressStyle::with_template("{prefix} [{bar:24}] {pos:>3}% {wide_msg}")
@@ -607,7 +610,7 @@ async fn wait(
             bar: bars.as_ref().map(|bars| {
                 let bar = bars.add(ProgressBar::new(100));
                 bar.set_style(style.clone());
-                bar.set_prefix(id.clone());
+                bar.set_prefix(bar_name(id, bars_width));
                 bar
             }),
             view: Value::Null,
@@ -696,6 +699,22 @@ async fn wait(
         Exit::Success
     } else {
         Exit::NotCompleted
+    }
+}
+
+/// The width from which a bar shows the whole task id.
+const WHOLE_ID_WIDTH: usize = 110;
+
+/// The name of a task's bar: its id, or on a narrow terminal (under [`WHOLE_ID_WIDTH`]) its
+/// last 12 characters (a UUIDv7's random end; the outcome lines have the whole id), so that
+/// the message keeps room.
+fn bar_name(id: &str, width: usize) -> String {
+    let count = id.chars().count();
+    if width >= WHOLE_ID_WIDTH || count <= 13 {
+        id.to_owned()
+    } else {
+        let end: String = id.chars().skip(count - 12).collect();
+        format!("…{end}")
     }
 }
 
@@ -804,6 +823,14 @@ mod tests {
         let parsed = Submit::try_parse_from(std::iter::once("submit").chain(args.iter().copied()))
             .map_err(|e| e.to_string())?;
         submit_arguments(&parsed.args)
+    }
+
+    #[test]
+    fn bars_name_tasks_by_their_ids_end_on_a_narrow_terminal() {
+        let id = "01a24db7-f5e6-7000-bd9a-de69e8197b33";
+        assert_eq!(super::bar_name(id, 120), id);
+        assert_eq!(super::bar_name(id, 80), "…de69e8197b33");
+        assert_eq!(super::bar_name("short", 80), "short");
     }
 
     #[test]
