@@ -8,7 +8,7 @@
 //! `MSB_AUTH_TOKEN`. Colour only on a terminal and never with `NO_COLOR` set. The exit codes
 //! are [`Exit`]'s, listed in every command's `--help` ([`EXIT_CODES`]).
 //!
-//! A module per command group: [`task`], [`queue`], [`sessions`], [`health`]; [`table`]
+//! A module per command group: `task`, `queue`, `sessions`, `health`; `table`
 //! lays out the tables.
 
 mod health;
