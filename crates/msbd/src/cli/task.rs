@@ -11,12 +11,13 @@ use mcp_tools::client::ToolClient;
 use serde_json::{Map, Value, json};
 
 use super::table::{Column, Table};
-use super::{Context, Exit, Output, is_final, print_json, seconds_text, text, usage};
+use super::{Context, EXIT_CODES, Exit, Output, is_final, print_json, seconds_text, text, usage};
 
 /// The task commands.
 #[derive(Debug, Subcommand)]
 pub enum TaskCommand {
     /// Submit a task and print its id (`msbd task submit -- make test` runs a command).
+    #[command(after_help = EXIT_CODES)]
     Submit(SubmitArgs),
     /// List your tasks, newest first, as a table.
     List(ListArgs),
@@ -26,6 +27,7 @@ pub enum TaskCommand {
     Logs(LogsArgs),
     /// Wait until tasks finish: a progress bar per task on a terminal, a line per status
     /// change otherwise. Exits 0 if every task completed.
+    #[command(after_help = EXIT_CODES)]
     Wait(WaitArgs),
     /// Cancel a task (a running one has its processes killed).
     Cancel(IdArgs),
@@ -679,9 +681,7 @@ async fn wait(
             Err(exit) => return exit,
         }
     } else if bars.is_some() {
-        // The bars were on stderr, the cursor is still at the end of the last one: the
-        // outcome goes to stdout, from a line of its own.
-        eprintln!();
+        // The bars were on stderr: the outcome goes to stdout too.
         for task in &watched {
             println!("{}", status_line(&context.out, task));
         }
@@ -764,12 +764,18 @@ fn status_line(out: &Output, task: &Watched) -> String {
     line
 }
 
-/// Leaves every bar as it stands (the terminal keeps them).
+/// Leaves every bar as it stands (the terminal keeps them), and ends the line of the last one:
+/// the cursor is still at its end, and what is printed next needs a line of its own.
 fn abandon_bars(watched: &[Watched]) {
+    let mut any = false;
     for bar in watched.iter().filter_map(|t| t.bar.as_ref()) {
+        any = true;
         if !bar.is_finished() {
             bar.abandon();
         }
+    }
+    if any {
+        eprintln!();
     }
 }
 

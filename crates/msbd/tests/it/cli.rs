@@ -305,6 +305,25 @@ async fn every_task_command_against_a_running_msbd() {
         (Some(true), Some(2))
     );
 
+    // submit --wait: the id, the status changes, the outcome as exit code.
+    let submitted = daemon
+        .run(&["task", "submit", "--wait", "--", "echo hello; exit 4"])
+        .await;
+    assert_eq!(submitted.code, 1, "{submitted}");
+    let id = submitted.stdout.lines().next().unwrap();
+    assert_eq!(id.len(), 36, "{submitted}");
+    assert!(
+        submitted
+            .stdout
+            .contains(&format!("{id}: failed: exit code 4")),
+        "{submitted}"
+    );
+    let help = daemon.ok(&["task", "wait", "--help"]).await;
+    assert!(
+        help.stdout.contains("6  `task wait --timeout` ran out"),
+        "{help}"
+    );
+
     // retry of the failed task: a new id, tagged retry_of.
     let retried = daemon.ok(&["task", "retry", &failing]).await;
     let new_id = retried.stdout.trim();
