@@ -22,12 +22,16 @@
 //! - Errors: a malformed request is a JSON-RPC error (rmcp answers it); a call that cannot be
 //!   done is a tool error (`isError: true`) whose text says what happened and what to do.
 //!
+//! - A client ([`client`]): msbd's command line calls the tools of a running msbd over
+//!   streamable HTTP through it.
+//!
 //! Architecture invariant: this is the only crate that knows MCP and JSON-RPC. It never reads
 //! the environment, parses flags or installs signal handlers. Its wire types ([`wire`]) are its
 //! own, converted by hand from the core types.
 
 mod actions;
 mod arguments;
+pub mod client;
 pub mod console;
 mod fast_lane;
 mod notify;

@@ -5,10 +5,13 @@
 //! from the environment into one typed struct, [`config`]), tracing (to stderr, never
 //! stdout), the stdio and HTTP transports, and signal handling with a graceful shutdown. It
 //! is the only crate that reads the environment, parses flags or installs signal handlers.
+//! [`cli`] is the command-line client of a running msbd (`msbd task`, `queue`, `sessions`,
+//! `health`).
 //!
 //! It is a library as well as a binary so that the fuzz targets (`fuzz/`) can reach the
 //! configuration parser and the stdio framing; nothing else depends on it.
 
+pub mod cli;
 pub mod config;
 mod console;
 pub mod doctor;

@@ -1,7 +1,8 @@
 //! The `msbd` binary: the command line (see the library crate, `msbd`, for the rest).
 //!
 //! `msbd serve` serves MCP clients, `msbd config` prints the effective configuration,
-//! `msbd doctor` checks what the host offers. The same binary is also the Landlock shim
+//! `msbd doctor` checks what the host offers; `msbd task`, `queue`, `sessions` and `health`
+//! talk to a running msbd over HTTP (`msbd::cli`). The same binary is also the Landlock shim
 //! the local sandbox backend stacks under bubblewrap (see `run_if_requested` below).
 
 use std::path::PathBuf;
@@ -9,7 +10,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
-use msbd::{config, doctor, serve};
+use msbd::{cli, config, doctor, serve};
 
 /// Exit status when the configuration is invalid (a usage error: nothing was started).
 const CONFIG_ERROR_EXIT_CODE: u8 = 2;
@@ -36,6 +37,8 @@ enum Command {
     Config(ConfigArgs),
     /// Check sandbox isolation and the task store.
     Doctor,
+    #[command(flatten)]
+    Client(cli::ClientCommand),
 }
 
 /// The flags of `serve` (also accepted by `config`, to show what `serve` would use).
@@ -72,7 +75,7 @@ impl Cli {
     fn overrides(&self) -> config::Overrides {
         let serve = match &self.command {
             Command::Serve(serve) | Command::Config(ConfigArgs { serve, .. }) => Some(serve),
-            Command::Doctor => None,
+            Command::Doctor | Command::Client(_) => None,
         };
         config::Overrides {
             transport: serve.and_then(|serve| serve.transport),
@@ -93,9 +96,10 @@ fn main() -> anyhow::Result<ExitCode> {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let overrides = cli.overrides();
-    match &cli.command {
-        Command::Config(args) => Ok(show_config(args, &overrides)),
-        Command::Serve(_) | Command::Doctor => {
+    match cli.command {
+        Command::Client(command) => Ok(cli::run(command)),
+        Command::Config(args) => Ok(show_config(&args, &overrides)),
+        command @ (Command::Serve(_) | Command::Doctor) => {
             let loaded = match config::load(config::environment(), &overrides) {
                 Ok(loaded) => loaded,
                 Err(errors) => {
@@ -113,7 +117,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             for warning in &loaded.warnings {
                 tracing::warn!("{warning}");
             }
-            if matches!(cli.command, Command::Doctor) {
+            if matches!(command, Command::Doctor) {
                 return Ok(run_doctor(&loaded.config));
             }
             Ok(serve::run(loaded))
