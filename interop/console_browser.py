@@ -164,6 +164,7 @@ def main(msbd, shots):
         driver.execute_script("window.__notReloaded = true;")
 
         # A task appears and moves without a reload.
+        driver.save_screenshot(os.path.join(shots, "tasks-empty.png"))
         marker = "console-" + uuid.uuid4().hex[:12]
         command = (f"for i in $(seq 1 60); do echo \"line $i {marker}\"; "
                    f"echo \"::progress:: $((i*100/60)) step $i of 60\"; "
@@ -225,6 +226,9 @@ def main(msbd, shots):
 
         driver.get(f"{base}/ui/queue")
         wait_for("the queue page shows", lambda: driver.find_elements(By.ID, "by-type"))
+        caption = driver.find_element(By.CSS_SELECTOR, "#chart-throughput").find_element(By.XPATH, "..").text
+        check(re.search(r"\(([1-9]\d*) in all", caption), f"the throughput chart counts no finished task: {caption!r}")
+        check(driver.find_elements(By.CSS_SELECTOR, "#chart-latency circle.dot"), "the latency chart has no point")
         driver.save_screenshot(os.path.join(shots, "queue.png"))
         driver.get(f"{base}/ui/sessions")
         wait_for("the sessions page shows", lambda: driver.find_elements(By.ID, "sessions"))

@@ -23,6 +23,7 @@
 //!   no-store`.
 
 mod events;
+mod history;
 mod pages;
 
 use std::collections::HashMap;
@@ -79,6 +80,8 @@ struct Inner {
     /// Makes the CSRF tokens (random, made at start).
     secret: [u8; 32],
     logins: Mutex<HashMap<String, Login>>,
+    /// The queue's last hour, for the charts.
+    history: Arc<history::History>,
     /// Fires when msbd stops: the event streams end.
     stop: CancellationToken,
 }
@@ -100,11 +103,13 @@ impl ConsoleState {
     pub(crate) fn new(server: McpServer, options: ConsoleOptions, stop: CancellationToken) -> Self {
         let mut secret = [0u8; 32];
         rand::fill(&mut secret);
+        let history = history::History::follow(server.wrapper().engine().subscribe(), stop.clone());
         ConsoleState(Arc::new(Inner {
             server,
             options,
             secret,
             logins: Mutex::new(HashMap::new()),
+            history,
             stop,
         }))
     }
@@ -610,7 +615,8 @@ async fn queue_page(
         return to_login();
     };
     let queue = viewer.console.queue().await;
-    pages::queue_page(&viewer, queue, &flash).into_response()
+    let charts = state.0.history.charts();
+    pages::queue_page(&viewer, queue, &charts, &flash).into_response()
 }
 
 async fn queue_action(

@@ -502,6 +502,7 @@ pub(super) fn task_page(
 pub(super) fn queue_page(
     viewer: &Viewer,
     queue: Result<Value, ConsoleError>,
+    charts: &str,
     flash_message: &Flash,
 ) -> Html<String> {
     let mut body = flash(flash_message);
@@ -554,6 +555,7 @@ pub(super) fn queue_page(
         });
     }
     body.push_str("</p>");
+    body.push_str(charts);
     let paused_types: Vec<&str> = queue["paused_types"]
         .as_array()
         .map(|t| t.iter().filter_map(Value::as_str).collect())
