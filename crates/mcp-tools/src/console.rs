@@ -41,7 +41,7 @@ impl ConsoleError {
         ConsoleError {
             code: "FORBIDDEN".into(),
             message: format!("only the operator may {what}"),
-            hint: "sign in with the operator's token (MSB_OPERATOR_TOKEN)".into(),
+            hint: "sign in with the operator's token".into(),
         }
     }
 }
