@@ -5,7 +5,6 @@
 //! may pause the queue or act on the supervised loops.
 
 use serde_json::{Value, json};
-use task_core::TaskId;
 
 use crate::McpServer;
 use crate::actions::{Action as _, QueueAction, TaskAction};
@@ -155,21 +154,14 @@ impl Console {
         }))
     }
 
-    /// One task as `check_task_status` shows it (its `task`), with its owner for the operator.
+    /// One task as `check_task_status` shows it (its `task`), with its owner and parameters.
+    /// Another principal's is `TASK_NOT_FOUND` (the operator's console sees every task).
     pub async fn task(&self, id: &str) -> Result<Value, ConsoleError> {
         let task = self.server.owned_task(id).await?;
         let mut view = serde_json::to_value(self.server.view(&task)).unwrap_or(Value::Null);
         view["owner"] = json!(task.owner);
-        view["params"] = task.params.clone();
-        view["attempt"] = json!(task.attempt);
-        view["max_attempts"] = json!(task.max_attempts);
-        view["interrupted_attempts"] = json!(task.interrupted_attempts);
+        view["params"] = task.params;
         Ok(view)
-    }
-
-    /// Whether the task `id` is one this console may see (for its live events).
-    pub async fn sees(&self, id: TaskId) -> bool {
-        self.server.owned_task(&id.to_string()).await.is_ok()
     }
 
     /// Output of a task, as `read_task_output` answers: `stream` is `combined`, `stdout` or

@@ -360,9 +360,22 @@ fn same_origin(state: &ConsoleState, headers: &HeaderMap) -> Result<(), String> 
     }
 }
 
-/// Where a page sends a browser that has not signed in.
-fn to_login() -> Response {
-    Redirect::to("/ui/login").into_response()
+/// The viewer of a page: who sent the request, else the page answers with a redirect to the
+/// login form.
+pub(crate) struct PageViewer(Viewer);
+
+impl axum::extract::FromRequestParts<ConsoleState> for PageViewer {
+    type Rejection = Response;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &ConsoleState,
+    ) -> Result<PageViewer, Response> {
+        state
+            .who(&parts.headers)
+            .map(PageViewer)
+            .ok_or_else(|| Redirect::to("/ui/login").into_response())
+    }
 }
 
 async fn script() -> Response {
@@ -477,14 +490,7 @@ pub(crate) struct Flash {
     pub(crate) error: Option<String>,
 }
 
-async fn tasks_page(
-    State(state): State<ConsoleState>,
-    headers: HeaderMap,
-    Query(query): Query<TasksQuery>,
-) -> Response {
-    let Some(viewer) = state.who(&headers) else {
-        return to_login();
-    };
+async fn tasks_page(PageViewer(viewer): PageViewer, Query(query): Query<TasksQuery>) -> Response {
     if let Some(id) = query
         .id
         .as_deref()
@@ -509,14 +515,10 @@ async fn tasks_page(
 }
 
 async fn task_page(
-    State(state): State<ConsoleState>,
-    headers: HeaderMap,
+    PageViewer(viewer): PageViewer,
     Path(id): Path<String>,
     Query(flash): Query<Flash>,
 ) -> Response {
-    let Some(viewer) = state.who(&headers) else {
-        return to_login();
-    };
     let task = match viewer.console.task(&id).await {
         Ok(task) => task,
         Err(error) => {
@@ -608,12 +610,9 @@ struct TypeForm {
 
 async fn queue_page(
     State(state): State<ConsoleState>,
-    headers: HeaderMap,
+    PageViewer(viewer): PageViewer,
     Query(flash): Query<Flash>,
 ) -> Response {
-    let Some(viewer) = state.who(&headers) else {
-        return to_login();
-    };
     let queue = viewer.console.queue().await;
     let charts = state.0.history.charts();
     pages::queue_page(&viewer, queue, &charts, &flash).into_response()
@@ -641,14 +640,7 @@ async fn queue_action(
     back("/ui/queue", outcome.map(|a| message_of(&a, "done")))
 }
 
-async fn sessions_page(
-    State(state): State<ConsoleState>,
-    headers: HeaderMap,
-    Query(flash): Query<Flash>,
-) -> Response {
-    let Some(viewer) = state.who(&headers) else {
-        return to_login();
-    };
+async fn sessions_page(PageViewer(viewer): PageViewer, Query(flash): Query<Flash>) -> Response {
     let sessions = viewer.console.sessions();
     pages::sessions_page(&viewer, sessions, &flash).into_response()
 }
@@ -661,14 +653,7 @@ async fn stop_session(
     back("/ui/sessions", outcome.map(|a| message_of(&a, "stopped")))
 }
 
-async fn supervision_page(
-    State(state): State<ConsoleState>,
-    headers: HeaderMap,
-    Query(flash): Query<Flash>,
-) -> Response {
-    let Some(viewer) = state.who(&headers) else {
-        return to_login();
-    };
+async fn supervision_page(PageViewer(viewer): PageViewer, Query(flash): Query<Flash>) -> Response {
     let health = viewer.console.health().await;
     pages::supervision_page(&viewer, &health, &flash).into_response()
 }
