@@ -213,10 +213,13 @@ impl Console {
         Ok(content(self.server.manage_queue(args).await?))
     }
 
-    /// The queue's statistics (`manage_task_queue`'s `get_stats`): every principal's tasks.
+    /// The queue's statistics (`manage_task_queue`'s `get_stats`): every principal's tasks;
+    /// `task_types` adds every type msbd runs, those without tasks too.
     pub async fn queue(&self) -> Result<Value, ConsoleError> {
         let stats = self.server.queue_statistics().await?;
-        Ok(serde_json::to_value(stats).unwrap_or(Value::Null))
+        let mut answer = serde_json::to_value(stats).unwrap_or(Value::Null);
+        answer["task_types"] = json!(self.server.task_types());
+        Ok(answer)
     }
 
     /// Pauses or resumes the queue, or one type of it (the operator only).
@@ -239,22 +242,52 @@ impl Console {
         Ok(content(self.server.manage_queue(args).await?))
     }
 
-    /// The live sessions this console may see (`get_sessions`'s answer), each with its owner
-    /// for the operator.
-    pub fn sessions(&self) -> Result<Value, ConsoleError> {
+    /// Sets the most tasks running at once: overall, or of one task type (there, 0 removes
+    /// the type's own limit). The operator only.
+    pub async fn set_limits(
+        &self,
+        max_concurrent: u32,
+        task_type: Option<&str>,
+    ) -> Result<Value, ConsoleError> {
+        self.require_operator("change the queue's concurrency limits")?;
+        let mut args = json!({
+            "action": QueueAction::SetLimits.name(),
+            "max_concurrent": max_concurrent,
+        });
+        if let Some(task_type) = task_type.filter(|t| !t.is_empty()) {
+            args["task_type"] = json!(task_type);
+        }
+        let args: ManageQueueArgs = decode(args)?;
+        Ok(content(self.server.manage_queue(args).await?))
+    }
+
+    /// The live sessions this console may see (`get_sessions`'s answer), each with what its
+    /// sandbox uses now (`usage`: `memory_bytes`, `cpu_seconds`, `processes`, null where the
+    /// host does not measure it) and, for the operator, its owner; `isolation` names the layers
+    /// every sandbox runs under.
+    pub async fn sessions(&self) -> Result<Value, ConsoleError> {
         let mut answer = content(self.server.sessions(GetSessionsArgs::default())?);
-        if self.is_operator()
-            && let Some(sessions) = answer["sessions"].as_array_mut()
-        {
-            let manager = self.server.wrapper().sessions();
+        let manager = self.server.wrapper().sessions();
+        if let Some(sessions) = answer["sessions"].as_array_mut() {
             for session in sessions {
                 let id = session["session_id"]
                     .as_str()
                     .unwrap_or_default()
                     .to_owned();
-                session["owner"] = json!(manager.owner_of(&id));
+                // A session that ended since the listing has no usage: nulls.
+                let usage = manager.usage(&id).await.unwrap_or_default();
+                session["usage"] = json!({
+                    "memory_bytes": usage.memory_bytes,
+                    "peak_memory_bytes": usage.peak_memory_bytes,
+                    "cpu_seconds": usage.cpu_usage_us.map(|us| us as f64 / 1e6),
+                    "processes": usage.processes,
+                });
+                if self.is_operator() {
+                    session["owner"] = json!(manager.owner_of(&id));
+                }
             }
         }
+        answer["isolation"] = json!(self.server.wrapper().isolation());
         Ok(answer)
     }
 

@@ -1213,6 +1213,7 @@ impl McpServer {
             max_concurrent: engine.concurrency(),
             queue_paused: engine.is_queue_paused(),
             paused_types: engine.paused_types(),
+            type_limits: engine.type_limits().into_iter().collect(),
         })
     }
 

@@ -916,6 +916,10 @@ pub struct QueueStatistics {
     pub queue_paused: bool,
     /// Task types whose queue is paused.
     pub paused_types: Vec<String>,
+    /// Task types with a limit of their own on tasks running at once (`set_limits` with a
+    /// task_type), and that limit.
+    #[serde(default)]
+    pub type_limits: BTreeMap<String, usize>,
 }
 
 /// The wire name of a core status (without the timeout distinction): the one table of the names

@@ -23,7 +23,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::backend::{BackendError, Flavor, SandboxBackend, SandboxInfo, SandboxSpec, SweepReport};
+use crate::backend::{
+    BackendError, Flavor, SandboxBackend, SandboxInfo, SandboxMetrics, SandboxSpec, SweepReport,
+};
 use crate::network::NetworkPolicy;
 use crate::stable::Clock;
 
@@ -818,6 +820,23 @@ impl SessionManager {
                 );
                 Ok(())
             }
+        }
+    }
+
+    /// What live session `id`'s sandbox uses now (memory, CPU time, processes), as far as the
+    /// backend measures it: every field is `None` for a session whose sandbox is still being
+    /// made, and where the host gives no measure (no cgroups, say).
+    pub async fn usage(&self, id: &str) -> Result<SandboxMetrics, SessionError> {
+        let sandbox = self
+            .inner
+            .lock()
+            .get(id)
+            .ok_or_else(|| SessionError::NotFound(id.to_owned()))?
+            .sandbox
+            .clone();
+        match sandbox {
+            Some(sandbox) => Ok(self.inner.backend.metrics(&sandbox).await?),
+            None => Ok(SandboxMetrics::default()),
         }
     }
 

@@ -508,6 +508,20 @@ impl Engine {
         self.inner.wake.notify_one();
     }
 
+    /// The limits of single types' tasks running at once ([`Engine::set_type_limit`]), sorted
+    /// by type.
+    pub fn type_limits(&self) -> Vec<(String, usize)> {
+        let mut limits: Vec<(String, usize)> = self
+            .inner
+            .limits()
+            .type_limits
+            .iter()
+            .map(|(t, n)| (t.clone(), *n))
+            .collect();
+        limits.sort();
+        limits
+    }
+
     /// Wakes the dispatcher to claim at once: for a store shared with other processes, whose
     /// tasks become claimable without this engine knowing (see
     /// [`crate::store::Store::wakeups`], [`crate::store::postgres::PostgresStore::run_wakeups`]).

@@ -603,9 +603,12 @@ async fn task_action(
 }
 
 #[derive(Debug, Default, Deserialize)]
-struct TypeForm {
+struct QueueForm {
     #[serde(default)]
     task_type: Option<String>,
+    /// For `limits`: the most tasks running at once.
+    #[serde(default)]
+    max_concurrent: Option<String>,
 }
 
 async fn queue_page(
@@ -621,27 +624,36 @@ async fn queue_page(
 async fn queue_action(
     axum::Extension(viewer): axum::Extension<Viewer>,
     Path(action): Path<String>,
-    Form(form): Form<TypeForm>,
+    Form(form): Form<QueueForm>,
 ) -> Response {
-    let pause = match action.as_str() {
-        "pause" => true,
-        "resume" => false,
+    let task_type = form.task_type.as_deref();
+    let outcome = match action.as_str() {
+        "pause" => viewer.console.queue_action(true, task_type).await,
+        "resume" => viewer.console.queue_action(false, task_type).await,
+        "limits" => {
+            let text = form.max_concurrent.as_deref().unwrap_or("").trim();
+            match text.parse::<u32>() {
+                Ok(max) => viewer.console.set_limits(max, task_type).await,
+                Err(_) => Err(ConsoleError {
+                    code: "INVALID_ARGUMENT".into(),
+                    message: format!("{text:?} is not a number of tasks"),
+                    hint: "give a whole number: 1 to 1024 for the queue; for a type, 0 removes its limit"
+                        .into(),
+                }),
+            }
+        }
         _ => {
             return refusal(
                 StatusCode::NOT_FOUND,
-                "no queue action: use pause or resume",
+                "no queue action: use pause, resume or limits",
             );
         }
     };
-    let outcome = viewer
-        .console
-        .queue_action(pause, form.task_type.as_deref())
-        .await;
     back("/ui/queue", outcome.map(|a| message_of(&a, "done")))
 }
 
 async fn sessions_page(PageViewer(viewer): PageViewer, Query(flash): Query<Flash>) -> Response {
-    let sessions = viewer.console.sessions();
+    let sessions = viewer.console.sessions().await;
     pages::sessions_page(&viewer, sessions, &flash).into_response()
 }
 

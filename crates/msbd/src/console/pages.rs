@@ -162,6 +162,18 @@ fn eta_text(seconds: &Value) -> String {
     }
 }
 
+/// A size in bytes, in KiB, MiB or GiB.
+fn bytes_text(bytes: u64) -> String {
+    let b = bytes as f64;
+    if b >= 1024.0 * 1024.0 * 1024.0 {
+        format!("{:.1} GiB", b / (1024.0 * 1024.0 * 1024.0))
+    } else if b >= 1024.0 * 1024.0 {
+        format!("{:.1} MiB", b / (1024.0 * 1024.0))
+    } else {
+        format!("{:.0} KiB", b / 1024.0)
+    }
+}
+
 /// The login form.
 pub(super) fn login_page(error: Option<&str>) -> Html<String> {
     let error = error
@@ -454,16 +466,18 @@ pub(super) fn task_page(
         );
     }
     body.push_str("</div>");
+    body.push_str(&history(task));
     if let Some(attempts) = task["attempts"].as_array().filter(|a| !a.is_empty()) {
-        body.push_str("<h2>Attempts</h2><table id=\"attempts\"><thead><tr><th class=\"num\">Attempt</th><th>Started</th><th>Ended</th><th>Outcome</th></tr></thead><tbody>");
+        body.push_str("<h2>Attempts</h2><table id=\"attempts\"><thead><tr><th class=\"num\">Attempt</th><th>Started</th><th>Ended</th><th>Outcome</th><th>Node</th></tr></thead><tbody>");
         for attempt in attempts {
             let _ = write!(
                 body,
-                "<tr><td class=\"num\">{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                "<tr><td class=\"num\">{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
                 val(&attempt["attempt"]),
                 val(&attempt["started_at"]),
                 val(&attempt["ended_at"]),
-                val(&attempt["outcome"])
+                val(&attempt["outcome"]),
+                node_text(&attempt["node"]),
             );
         }
         body.push_str("</tbody></table>");
@@ -496,6 +510,81 @@ pub(super) fn task_page(
         Some(&events),
         &body,
     )
+}
+
+/// Where an attempt ran: its node on a shared store; on a store one msbd owns, this process.
+fn node_text(node: &Value) -> String {
+    if node.is_null() {
+        "this msbd".to_owned()
+    } else {
+        val(node)
+    }
+}
+
+/// A task's status history, oldest first, from what msbd keeps of it: its submission, each
+/// ended attempt's start and end (the last 20), the attempt under way, a wait for a start time
+/// or retry, and its end. Pauses and cancel requests are not kept, so they are not in it.
+fn history(task: &Value) -> String {
+    let mut rows: Vec<(String, String, String)> = Vec::new();
+    let mut push = |at: &Value, status: &str, what: String| {
+        if let Some(at) = at.as_str() {
+            rows.push((at.to_owned(), status.to_owned(), what));
+        }
+    };
+    push(&task["created_at"], "pending", "submitted".to_owned());
+    let attempts = task["attempts"].as_array().cloned().unwrap_or_default();
+    let ended = attempts
+        .last()
+        .and_then(|a| a["attempt"].as_u64())
+        .unwrap_or(0);
+    for attempt in &attempts {
+        let n = attempt["attempt"].as_u64().unwrap_or(0);
+        let node = if attempt["node"].is_null() {
+            String::new()
+        } else {
+            format!(" on {}", attempt["node"].as_str().unwrap_or(""))
+        };
+        push(
+            &attempt["started_at"],
+            "running",
+            format!("attempt {n} started{node}"),
+        );
+        let outcome = attempt["outcome"].as_str().unwrap_or("");
+        push(
+            &attempt["ended_at"],
+            outcome,
+            format!("attempt {n} ended: {outcome}"),
+        );
+    }
+    let status = task["status"].as_str().unwrap_or("");
+    let current = task["attempt"].as_u64().unwrap_or(0);
+    if current > ended && matches!(status, "running" | "paused") {
+        push(
+            &task["started_at"],
+            "running",
+            format!("attempt {current} started (under way)"),
+        );
+    }
+    if status == "scheduled" {
+        push(&task["run_at"], "scheduled", "may start".to_owned());
+    }
+    if !task["completed_at"].is_null() {
+        push(&task["completed_at"], status, format!("ended {status}"));
+    }
+    let mut html = String::from(
+        "<h2>History</h2><table id=\"history\"><thead><tr><th>When</th><th>Status</th><th>What</th></tr></thead><tbody>",
+    );
+    for (at, status, what) in rows {
+        let _ = write!(
+            html,
+            "<tr><td>{}</td><td>{}</td><td>{}</td></tr>",
+            esc(&at),
+            status_badge(&status, None),
+            esc(&what)
+        );
+    }
+    html.push_str("</tbody></table>");
+    html
 }
 
 /// The queue: depth by status and type, pause and resume.
@@ -555,6 +644,16 @@ pub(super) fn queue_page(
         });
     }
     body.push_str("</p>");
+    if viewer.console.is_operator() {
+        let _ = write!(
+            body,
+            "<form class=\"inline\" method=\"post\" action=\"/ui/queue/limits\">{}\
+             <label>At most <input type=\"number\" name=\"max_concurrent\" id=\"limit-all\" min=\"1\" max=\"1024\" value=\"{}\" required> tasks running at once</label> \
+             <button id=\"set-limit-all\">Set</button></form>",
+            csrf_field(viewer),
+            val(&queue["max_concurrent"])
+        );
+    }
     body.push_str(charts);
     let paused_types: Vec<&str> = queue["paused_types"]
         .as_array()
@@ -574,34 +673,71 @@ pub(super) fn queue_page(
     for column in columns {
         let _ = write!(body, "<th class=\"num\">{column}</th>");
     }
-    body.push_str("<th></th></tr></thead><tbody>");
+    body.push_str("<th class=\"num\">limit</th><th></th></tr></thead><tbody>");
+    // Every type msbd runs, and any other the store holds tasks of.
+    let mut names: Vec<String> = queue["task_types"]
+        .as_array()
+        .map(|t| {
+            t.iter()
+                .filter_map(Value::as_str)
+                .map(str::to_owned)
+                .collect()
+        })
+        .unwrap_or_default();
     if let Some(types) = queue["by_type"].as_object() {
-        for (name, counts) in types {
-            let _ = write!(body, "<tr><td>{}</td>", esc(name));
-            for column in columns {
-                let _ = write!(
-                    body,
-                    "<td class=\"num\">{}</td>",
-                    counts[column].as_u64().unwrap_or(0)
-                );
-            }
-            body.push_str("<td>");
-            if viewer.console.is_operator() {
-                let type_paused = paused_types.contains(&name.as_str());
-                let (action, label) = if type_paused {
-                    ("resume", "Resume type")
-                } else {
-                    ("pause", "Pause type")
-                };
-                let _ = write!(
-                    body,
-                    "<form class=\"inline\" method=\"post\" action=\"/ui/queue/{action}\">{}<input type=\"hidden\" name=\"task_type\" value=\"{}\"><button>{label}</button></form>",
-                    csrf_field(viewer),
-                    esc(name)
-                );
-            }
-            body.push_str("</td></tr>");
+        names.extend(types.keys().cloned());
+    }
+    names.sort();
+    names.dedup();
+    for name in &names {
+        let counts = &queue["by_type"][name.as_str()];
+        let _ = write!(
+            body,
+            "<tr data-type=\"{}\"><td>{}</td>",
+            esc(name),
+            esc(name)
+        );
+        for column in columns {
+            let _ = write!(
+                body,
+                "<td class=\"num\">{}</td>",
+                counts[column].as_u64().unwrap_or(0)
+            );
         }
+        let limit = &queue["type_limits"][name.as_str()];
+        let _ = write!(
+            body,
+            "<td class=\"num limit\">{}</td><td>",
+            if limit.is_null() {
+                "—".to_owned()
+            } else {
+                val(limit)
+            }
+        );
+        if viewer.console.is_operator() {
+            let _ = write!(
+                body,
+                "<form class=\"inline\" method=\"post\" action=\"/ui/queue/limits\">{}<input type=\"hidden\" name=\"task_type\" value=\"{}\">\
+                     <input type=\"number\" name=\"max_concurrent\" min=\"0\" max=\"1024\" size=\"4\" value=\"{}\" title=\"most running at once; 0 removes the limit\" required>\
+                     <button>Set limit</button></form> ",
+                csrf_field(viewer),
+                esc(name),
+                limit.as_u64().unwrap_or(0)
+            );
+            let type_paused = paused_types.contains(&name.as_str());
+            let (action, label) = if type_paused {
+                ("resume", "Resume type")
+            } else {
+                ("pause", "Pause type")
+            };
+            let _ = write!(
+                body,
+                "<form class=\"inline\" method=\"post\" action=\"/ui/queue/{action}\">{}<input type=\"hidden\" name=\"task_type\" value=\"{}\"><button>{label}</button></form>",
+                csrf_field(viewer),
+                esc(name)
+            );
+        }
+        body.push_str("</td></tr>");
     }
     body.push_str("</tbody></table>");
     layout("Queue", Some(Nav::Queue), Some(viewer), None, &body)
@@ -627,11 +763,16 @@ pub(super) fn sessions_page(
         }
     };
     let operator = viewer.console.is_operator();
+    let _ = write!(
+        body,
+        "<p>Every sandbox runs under <span class=\"mono\" id=\"isolation\">{}</span>.</p>",
+        val(&sessions["isolation"])
+    );
     body.push_str("<table id=\"sessions\"><thead><tr><th>Session</th>");
     if operator {
         body.push_str("<th>Owner</th>");
     }
-    body.push_str("<th>Status</th><th>Template</th><th>Flavor</th><th>Network</th><th class=\"num\">Running tasks</th><th class=\"num\">Idle</th><th></th></tr></thead><tbody>");
+    body.push_str("<th>Status</th><th>Template</th><th>Flavor</th><th>Network</th><th class=\"num\">Running tasks</th><th class=\"num\">Memory</th><th class=\"num\">CPU</th><th class=\"num\">Processes</th><th class=\"num\">Idle</th><th></th></tr></thead><tbody>");
     let list = sessions["sessions"].as_array().cloned().unwrap_or_default();
     for session in &list {
         let id = session["session_id"].as_str().unwrap_or("");
@@ -646,12 +787,23 @@ pub(super) fn sessions_page(
         }
         let _ = write!(
             body,
-            "<td>{}</td><td>{}</td><td>{}</td><td>{}</td><td class=\"num\">{}</td><td class=\"num\">{} s</td><td>{}</td></tr>",
+            "<td>{}</td><td>{}</td><td>{}</td><td>{}</td><td class=\"num\">{}</td>\
+             <td class=\"num memory\">{}</td><td class=\"num cpu\">{}</td><td class=\"num processes\">{}</td>\
+             <td class=\"num\">{} s</td><td>{}</td></tr>",
             status_badge(session["status"].as_str().unwrap_or(""), None),
             val(&session["template"]),
             val(&session["flavor"]),
             val(&session["network"]),
             val(&session["running_tasks"]),
+            session["usage"]["memory_bytes"]
+                .as_u64()
+                .map_or_else(|| "—".to_owned(), bytes_text),
+            session["usage"]["cpu_seconds"]
+                .as_f64()
+                .map_or_else(|| "—".to_owned(), |s| format!("{s:.2} s")),
+            session["usage"]["processes"]
+                .as_u64()
+                .map_or_else(|| "—".to_owned(), |n| n.to_string()),
             session["idle_seconds"].as_f64().unwrap_or(0.0).round(),
             button(
                 viewer,

@@ -437,3 +437,231 @@ async fn a_stdio_daemon_serves_the_console_on_its_own_address() {
     })
     .await;
 }
+
+/// Posts a console form with fields besides the CSRF token; where it sends the browser
+/// (decoded).
+async fn post_form(daemon: &Daemon, cookie: &str, path: &str, fields: &[(&str, &str)]) -> String {
+    let response = browser()
+        .post(daemon.url(path))
+        .header(COOKIE, cookie)
+        .header(ORIGIN, daemon.url(""))
+        .header(CONTENT_TYPE, FORM)
+        .body(form(fields))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 303, "posting to {path}");
+    url_decode(
+        response
+            .headers()
+            .get(LOCATION)
+            .map(|l| l.to_str().unwrap())
+            .unwrap_or_default(),
+    )
+}
+
+/// The text of the first cell of `class` in the row that carries `marker`.
+fn cell<'a>(html: &'a str, marker: &str, class: &str) -> &'a str {
+    let row = &html[html
+        .find(marker)
+        .unwrap_or_else(|| panic!("no {marker} in {html}"))..];
+    let row = &row[..row.find("</tr>").unwrap()];
+    let open = format!("class=\"num {class}\">");
+    let start = row
+        .find(&open)
+        .unwrap_or_else(|| panic!("no {class} in {row}"))
+        + open.len();
+    &row[start..start + row[start..].find('<').unwrap()]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operator_sets_limits_and_sees_what_sessions_use_and_each_task_history() {
+    let dir = tempfile::tempdir().unwrap();
+    let env = [("MSB_OPERATOR_TOKEN", OPERATOR)];
+    let daemon = Daemon::start_with(dir.path(), AGENT, &env).await;
+    let agent = daemon.connect(AGENT, Client::default()).await;
+    let operator = sign_in(&daemon, OPERATOR).await;
+    let (_, html) = page(&daemon, &operator, "/ui/queue").await;
+    let csrf = csrf_of(&html);
+    assert!(html.contains("id=\"limit-all\""), "{html}");
+
+    // Concurrency limits: the whole queue's, then one type's, then that one removed.
+    let location = post_form(
+        &daemon,
+        &operator,
+        "/ui/queue/limits",
+        &[("csrf", &csrf), ("max_concurrent", "7")],
+    )
+    .await;
+    assert!(!location.contains("error="), "{location}");
+    let stats = ok(&agent, "manage_task_queue", json!({"action": "get_stats"})).await;
+    assert_eq!(stats["queue_statistics"]["max_concurrent"], 7, "{stats}");
+    let location = post_form(
+        &daemon,
+        &operator,
+        "/ui/queue/limits",
+        &[
+            ("csrf", &csrf),
+            ("task_type", "command"),
+            ("max_concurrent", "2"),
+        ],
+    )
+    .await;
+    assert!(!location.contains("error="), "{location}");
+    let stats = ok(&agent, "manage_task_queue", json!({"action": "get_stats"})).await;
+    assert_eq!(
+        stats["queue_statistics"]["type_limits"],
+        json!({"command": 2}),
+        "{stats}"
+    );
+    let (_, html) = page(&daemon, &operator, "/ui/queue").await;
+    assert_eq!(cell(&html, "data-type=\"command\"", "limit"), "2");
+    assert!(
+        html.contains("data-type=\"code\""),
+        "types without tasks are listed: {html}"
+    );
+    post_form(
+        &daemon,
+        &operator,
+        "/ui/queue/limits",
+        &[
+            ("csrf", &csrf),
+            ("task_type", "command"),
+            ("max_concurrent", "0"),
+        ],
+    )
+    .await;
+    let stats = ok(&agent, "manage_task_queue", json!({"action": "get_stats"})).await;
+    assert_eq!(
+        stats["queue_statistics"]["type_limits"],
+        json!({}),
+        "{stats}"
+    );
+    // Nonsense, and another principal, are refused with what to do.
+    for (value, code) in [("many", "INVALID_ARGUMENT"), ("0", "INVALID_ARGUMENT")] {
+        let location = post_form(
+            &daemon,
+            &operator,
+            "/ui/queue/limits",
+            &[("csrf", &csrf), ("max_concurrent", value)],
+        )
+        .await;
+        assert!(location.contains(code), "{value}: {location}");
+    }
+    let agent_cookie = sign_in(&daemon, AGENT).await;
+    let (_, agent_html) = page(&daemon, &agent_cookie, "/ui/queue").await;
+    assert!(
+        !agent_html.contains("id=\"limit-all\""),
+        "the agent gets the form"
+    );
+    let location = post_form(
+        &daemon,
+        &agent_cookie,
+        "/ui/queue/limits",
+        &[("csrf", &csrf_of(&agent_html)), ("max_concurrent", "1")],
+    )
+    .await;
+    assert!(location.contains("FORBIDDEN"), "{location}");
+    let stats = ok(&agent, "manage_task_queue", json!({"action": "get_stats"})).await;
+    assert_eq!(stats["queue_statistics"]["max_concurrent"], 7, "{stats}");
+
+    // A session with three processes running: what it uses, and under which isolation.
+    let created = ok(
+        &agent,
+        "create_background_task",
+        json!({
+            "task_type": "command",
+            "params": {"command": "sleep 30 & sleep 30 & wait"},
+        }),
+    )
+    .await;
+    let id = created["task_id"].as_str().unwrap().to_owned();
+    let session = wait_until(Duration::from_secs(15), async || {
+        let task = ok(&agent, "check_task_status", json!({"task_id": id})).await;
+        match (task["status"].as_str(), task["session_id"].as_str()) {
+            (Some("running"), Some(session)) => Ok(session.to_owned()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    let (_, html) = page(&daemon, &operator, "/ui/sessions").await;
+    let open = "id=\"isolation\">";
+    let start = html.find(open).expect("the isolation layers") + open.len();
+    let isolation = html[start..start + html[start..].find('<').unwrap()].to_owned();
+    let html = wait_until(Duration::from_secs(10), async || {
+        let (_, html) = page(&daemon, &operator, "/ui/sessions").await;
+        let marker = format!("data-session-id=\"{session}\"");
+        if !html.contains(&marker) {
+            return Err("the session is not listed".to_owned());
+        }
+        // The shell and its two sleeps at least (bubblewrap adds its own), where the host
+        // counts them (cgroups).
+        let processes: u32 = cell(&html, &marker, "processes").parse().unwrap_or(0);
+        if isolation.contains("cgroup") && processes < 3 {
+            return Err(format!("processes {}", cell(&html, &marker, "processes")));
+        }
+        Ok(html)
+    })
+    .await;
+    let marker = format!("data-session-id=\"{session}\"");
+    println!(
+        "isolation {isolation:?}: memory {}, cpu {}, processes {}",
+        cell(&html, &marker, "memory"),
+        cell(&html, &marker, "cpu"),
+        cell(&html, &marker, "processes")
+    );
+    assert!(html.contains("id=\"isolation\""), "{html}");
+    if isolation.contains("cgroup") {
+        assert!(cell(&html, &marker, "memory").ends_with("iB"), "{html}");
+        assert!(cell(&html, &marker, "cpu").ends_with(" s"), "{html}");
+    } else {
+        println!("no cgroups on this host: the session's use is not measured, and shown as —");
+        assert_eq!(cell(&html, &marker, "processes"), "—");
+    }
+
+    // A task's history: its submission, each attempt's start and end, and its end.
+    let created = ok(
+        &agent,
+        "create_background_task",
+        json!({
+            "task_type": "command",
+            "params": {"command": "exit 3"},
+            "max_retries": 1,
+        }),
+    )
+    .await;
+    let failing = created["task_id"].as_str().unwrap().to_owned();
+    wait_until(Duration::from_secs(20), async || {
+        let task = ok(&agent, "check_task_status", json!({"task_id": failing})).await;
+        match task["status"].as_str() {
+            Some("failed") => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    let (_, html) = page(&daemon, &operator, &format!("/ui/tasks/{failing}")).await;
+    let history = &html[html.find("id=\"history\"").expect("a history")..];
+    let history = &history[..history.find("</table>").unwrap()];
+    let order = [
+        "submitted",
+        "attempt 1 started",
+        "attempt 1 ended: failed",
+        "attempt 2 started",
+        "attempt 2 ended: failed",
+        "ended failed",
+    ];
+    let mut at = 0;
+    for event in order {
+        let found = history[at..]
+            .find(event)
+            .unwrap_or_else(|| panic!("{event:?} missing or out of order in {history}"));
+        at += found + event.len();
+    }
+    assert!(html.contains("<th>Node</th>"), "{html}");
+    assert!(
+        html.contains("this msbd"),
+        "a SQLite store's attempts ran here: {html}"
+    );
+    drop(agent);
+    daemon.stop().await;
+}
