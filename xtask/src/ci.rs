@@ -10,7 +10,8 @@
 //! fails on any console output, such as the schema validator's warnings; `.ci/run` installs the
 //! SDK with `npm ci --prefix interop/typescript`), the web console in headless Chromium
 //! (`interop/console_browser.py`, Selenium from the same Python; screenshots in
-//! `target/console-screenshots`), a short run of every fuzz target (`cargo
+//! `target/console-screenshots`), both it and the command-line tests (`MSBD_CLI_TEST_BINARY`)
+//! on the release `msbd` (built as a stage of its own), a short run of every fuzz target (`cargo
 //! xtask fuzz`), a reduced crash-chaos run on the debug binaries that step built (`cargo xtask
 //! chaos` runs the full one in release: about 2,000 tasks, 3 kills here), and rustdoc with
 //! warnings denied. The time of each stage is printed at the end.
@@ -98,6 +99,15 @@ fn run_stages(sh: &Shell, stages: &mut Stages) -> anyhow::Result<()> {
         Ok(cmd!(sh, "cargo build --workspace --tests --bins --locked").run()?)
     })?;
 
+    // The release `msbd`, which the command-line tests and the browser test drive (as users
+    // run it); everything else uses the debug build above.
+    stages.time("build (release msbd)", || {
+        print_step_header("build: the release msbd, for the CLI and browser tests");
+        Ok(cmd!(sh, "cargo build --release --locked -p msbd --bin msbd").run()?)
+    })?;
+    let release_msbd = crate::chaos::target_dir().join("release").join("msbd");
+    let _cli_binary = sh.push_env("MSBD_CLI_TEST_BINARY", &release_msbd);
+
     if nextest_is_installed(sh) {
         // nextest does not run doctests, so they get a step of their own.
         stages.time("doctests", || {
@@ -140,11 +150,11 @@ fn run_stages(sh: &Shell, stages: &mut Stages) -> anyhow::Result<()> {
 
     stages.time("console: Chromium", || {
         print_step_header(
-            "the web console in headless Chromium (WebDriver), against the built msbd",
+            "the web console in headless Chromium (WebDriver), against the release msbd",
         );
         let python = interop_python()?;
         let shots = crate::chaos::target_dir().join("console-screenshots");
-        Ok(cmd!(sh, "{python} interop/console_browser.py {msbd} {shots}").run()?)
+        Ok(cmd!(sh, "{python} interop/console_browser.py {release_msbd} {shots}").run()?)
     })?;
 
     stages.time("fuzz (short runs)", crate::fuzz::ci_smoke)?;

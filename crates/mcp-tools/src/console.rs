@@ -303,6 +303,36 @@ impl Console {
         serde_json::to_value(health).unwrap_or(Value::Null)
     }
 
+    /// The nodes sharing msbd's store and the state of its database (PostgreSQL), times as
+    /// RFC 3339; null for a store this msbd owns (SQLite, memory). The operator only: it names
+    /// hosts and addresses.
+    pub async fn cluster(&self) -> Result<Value, ConsoleError> {
+        self.require_operator("see the nodes and the database")?;
+        let status = self
+            .server
+            .wrapper()
+            .engine()
+            .cluster_status()
+            .await
+            .map_err(|error| ConsoleError {
+                code: "STORE_UNAVAILABLE".into(),
+                message: error.to_string(),
+                hint: "check the database (the supervision page's store component says more) and reload".into(),
+            })?;
+        let Some(status) = status else {
+            return Ok(Value::Null);
+        };
+        let time = |ms: Option<i64>| ms.map(|ms| crate::wire::rfc3339(task_core::Timestamp(ms)));
+        let mut answer = serde_json::to_value(&status).unwrap_or(Value::Null);
+        if let Some(nodes) = answer["nodes"].as_array_mut() {
+            for (node, source) in nodes.iter_mut().zip(&status.nodes) {
+                node["connected_since"] = json!(time(source.connected_since_ms));
+            }
+        }
+        answer["database"]["last_vacuum"] = json!(time(status.database.last_vacuum_ms));
+        Ok(answer)
+    }
+
     /// The supervised loops (`get_background_task_status`'s answer).
     pub fn loops(&self) -> Value {
         let status =

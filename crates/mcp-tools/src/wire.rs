@@ -528,6 +528,10 @@ pub struct AttemptView {
     /// not count either).
     #[schemars(extend("enum" = ["completed", "failed", "timeout", "rejected", "cancelled", "interrupted", "worker_lost"]))]
     pub outcome: String,
+    /// The msbd node that ran it, where several share one PostgreSQL store. Left out on a
+    /// store one msbd owns (every attempt ran there).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
 }
 
 impl AttemptView {
@@ -538,6 +542,7 @@ impl AttemptView {
             started_at: rfc3339(record.started_at),
             ended_at: rfc3339(record.ended_at),
             outcome: record.outcome.as_str().to_owned(),
+            node: record.node.clone(),
         }
     }
 }

@@ -667,7 +667,12 @@ async fn stop_session(
 
 async fn supervision_page(PageViewer(viewer): PageViewer, Query(flash): Query<Flash>) -> Response {
     let health = viewer.console.health().await;
-    pages::supervision_page(&viewer, &health, &flash).into_response()
+    let cluster = if viewer.console.is_operator() {
+        Some(viewer.console.cluster().await)
+    } else {
+        None
+    };
+    pages::supervision_page(&viewer, &health, cluster, &flash).into_response()
 }
 
 async fn loop_action(

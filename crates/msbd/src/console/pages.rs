@@ -587,6 +587,62 @@ fn history(task: &Value) -> String {
     html
 }
 
+/// The nodes sharing a PostgreSQL store, its maintenance leader, and its database.
+fn cluster_section(cluster: &Value) -> String {
+    let mut html = String::from(
+        "<h2>Cluster</h2><table id=\"nodes\"><thead><tr><th>Node</th><th>Role</th><th>Connected since</th><th>From</th></tr></thead><tbody>",
+    );
+    for node in cluster["nodes"].as_array().into_iter().flatten() {
+        let mut role = Vec::new();
+        if node["is_leader"].as_bool() == Some(true) {
+            role.push("maintenance leader");
+        }
+        if node["is_self"].as_bool() == Some(true) {
+            role.push("this node");
+        }
+        let _ = write!(
+            html,
+            "<tr data-node=\"{}\"><td>{}</td><td class=\"role\">{}</td><td>{}</td><td class=\"mono\">{}</td></tr>",
+            val(&node["name"]),
+            val(&node["name"]),
+            esc(&role.join(", ")),
+            val(&node["connected_since"]),
+            val(&node["client_addr"]),
+        );
+    }
+    html.push_str("</tbody></table>");
+    if !cluster["nodes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|n| n["is_leader"].as_bool() == Some(true))
+    {
+        html.push_str("<p class=\"flash error\" id=\"no-leader\">No node holds the maintenance lock now: expired leases are not taken back and old tasks are not pruned until one does (a node tries every few seconds).</p>");
+    }
+    let db = &cluster["database"];
+    let number = |v: &Value| v.as_i64().map_or_else(|| "—".to_owned(), |n| n.to_string());
+    let _ = write!(
+        html,
+        "<dl class=\"grid\" id=\"database\"><dt>PostgreSQL</dt><dd>{}</dd><dt>Database size</dt><dd>{}</dd>\
+         <dt>Tasks (live rows)</dt><dd>{}</dd><dt>Dead rows</dt><dd>{}</dd><dt>Last vacuum</dt><dd>{}</dd>\
+         <dt>Connections</dt><dd>{} of {}</dd></dl>",
+        val(&db["server_version"]),
+        db["database_size_bytes"]
+            .as_u64()
+            .map_or_else(|| "—".to_owned(), bytes_text),
+        number(&db["live_tasks"]),
+        number(&db["dead_tasks"]),
+        if db["last_vacuum"].is_null() {
+            "never".to_owned()
+        } else {
+            val(&db["last_vacuum"])
+        },
+        number(&db["connections"]),
+        number(&db["max_connections"]),
+    );
+    html
+}
+
 /// The queue: depth by status and type, pause and resume.
 pub(super) fn queue_page(
     viewer: &Viewer,
@@ -825,6 +881,7 @@ pub(super) fn sessions_page(
 pub(super) fn supervision_page(
     viewer: &Viewer,
     health: &Value,
+    cluster: Option<Result<Value, ConsoleError>>,
     flash_message: &Flash,
 ) -> Html<String> {
     let mut body = flash(flash_message);
@@ -907,6 +964,19 @@ pub(super) fn supervision_page(
         body.push_str(
             "<p class=\"muted\">Only the operator may pause, resume or restart loops.</p>",
         );
+    }
+    match cluster {
+        Some(Ok(cluster)) if !cluster.is_null() => body.push_str(&cluster_section(&cluster)),
+        Some(Err(error)) => {
+            let _ = write!(
+                body,
+                "<h2>Cluster</h2><div class=\"flash error\" id=\"cluster-error\">{}: {} ({})</div>",
+                esc(&error.code),
+                esc(&error.message),
+                esc(&error.hint)
+            );
+        }
+        _ => {}
     }
     layout(
         "Supervision",

@@ -2,6 +2,9 @@
 //! `msbd serve --transport http` with a token: every command, its text and `--json` output,
 //! its exit codes, a refused token and an unreachable address, and `task wait`'s progress bars
 //! and `NO_COLOR` under a pseudo-terminal.
+//!
+//! They run the binary named by `MSBD_CLI_TEST_BINARY` when it is set (`cargo xtask ci` names
+//! the release build there), else the debug build of this test run; each test prints which.
 
 use std::io::Read as _;
 use std::path::Path;
@@ -11,6 +14,18 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::common::{MSBD, wait_until};
+
+/// The `msbd` under test: `MSBD_CLI_TEST_BINARY`, else this build's.
+fn msbd() -> String {
+    let binary = std::env::var("MSBD_CLI_TEST_BINARY").unwrap_or_else(|_| MSBD.to_owned());
+    assert!(
+        Path::new(&binary).is_file(),
+        "MSBD_CLI_TEST_BINARY names {binary}, which is not a file: build it (`cargo build --release -p msbd`) or unset the variable"
+    );
+    static SAID: std::sync::Once = std::sync::Once::new();
+    SAID.call_once(|| println!("the CLI tests run {binary}"));
+    binary
+}
 
 const TOKEN: &str = "cli-token-0123456789abcdef";
 
@@ -29,7 +44,7 @@ impl Daemon {
             listener.local_addr().unwrap().port()
         };
         let addr = format!("127.0.0.1:{port}");
-        let child = tokio::process::Command::new(MSBD)
+        let child = tokio::process::Command::new(msbd())
             .args(["serve", "--transport", "http", "--listen", &addr])
             .env("MSB_DATA_DIR", data_dir)
             .env("MSB_AUTH_TOKEN", TOKEN)
@@ -61,7 +76,7 @@ impl Daemon {
     /// `msbd ARGS` as the command line, with this daemon's address and token in the
     /// environment (and neither `NO_COLOR` nor `COLUMNS`).
     fn command(&self, args: &[&str]) -> tokio::process::Command {
-        let mut command = tokio::process::Command::new(MSBD);
+        let mut command = tokio::process::Command::new(msbd());
         command
             .args(args)
             .env("MSB_HTTP_ADDR", &self.addr)
@@ -480,7 +495,7 @@ fn run_on_terminal(
         ws_ypixel: 0,
     };
     let pty = nix::pty::openpty(&size, None).unwrap();
-    let mut command = std::process::Command::new(MSBD);
+    let mut command = std::process::Command::new(msbd());
     command
         .args(args)
         .env("MSB_HTTP_ADDR", &daemon.addr)

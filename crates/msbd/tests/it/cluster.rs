@@ -697,3 +697,94 @@ async fn a_database_restart_loses_nothing() {
     a.cancel().await.unwrap();
     b.cancel().await.unwrap();
 }
+
+/// The console of one node shows every node, the maintenance leader and the database, and a
+/// task's page names the node that ran each attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_shows_the_nodes_the_leader_and_where_each_attempt_ran() {
+    let schema = Schema::new();
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let port = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    };
+    let mut command = node_command(dir_a.path(), &schema, "node-a");
+    command.env("MSB_CONSOLE_ADDR", format!("127.0.0.1:{port}"));
+    let a = Client::default()
+        .serve(TokioChildProcess::new(command).unwrap())
+        .await
+        .unwrap();
+    let b = node(dir_b.path(), &schema, "node-b").await;
+    let base = format!("http://127.0.0.1:{port}");
+    let get = async |path: &str| -> Result<String, String> {
+        let response = reqwest::get(format!("{base}{path}"))
+            .await
+            .map_err(|e| e.to_string())?;
+        response.text().await.map_err(|e| e.to_string())
+    };
+
+    // No token: loopback's console, whose user is the operator, sees both nodes.
+    let html = wait_until(Duration::from_secs(20), async || {
+        let html = get("/ui/supervision").await?;
+        if html.contains("data-node=\"node-a\"") && html.contains("data-node=\"node-b\"") {
+            Ok(html)
+        } else {
+            Err(format!("both nodes are not listed: {html}"))
+        }
+    })
+    .await;
+    assert_eq!(
+        html.matches("maintenance leader").count(),
+        1,
+        "one leader: {html}"
+    );
+    let own = &html[html.find("data-node=\"node-a\"").unwrap()..];
+    assert!(
+        own[..own.find("</tr>").unwrap()].contains("this node"),
+        "{html}"
+    );
+    assert!(html.contains("id=\"database\""), "{html}");
+    assert!(html.contains("PostgreSQL</dt><dd>1"), "the server's version: {html}");
+
+    // A task kept on node b by its session, failing once: both attempts ran on b.
+    let id = ok(
+        &b,
+        "submit_task",
+        json!({
+            "task_type": "command",
+            "params": {"command": "exit 3"},
+            "session_id": "kept-on-b",
+            "max_retries": 1,
+        }),
+    )
+    .await["task_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    wait_status(&a, &id, "failed").await;
+    let html = get(&format!("/ui/tasks/{id}")).await.unwrap();
+    assert!(html.contains("attempt 1 started on node-b"), "{html}");
+    assert!(html.contains("attempt 2 started on node-b"), "{html}");
+    let task = ok(&a, "check_task_status", json!({"task_id": id})).await;
+    let nodes: Vec<&str> = task["attempts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|attempt| attempt["node"].as_str().unwrap_or("none"))
+        .collect();
+    assert_eq!(nodes, ["node-b", "node-b"], "{task}");
+
+    // Node b goes: node a's console stops listing it.
+    b.cancel().await.unwrap();
+    wait_until(Duration::from_secs(30), async || {
+        let html = get("/ui/supervision").await?;
+        if html.contains("data-node=\"node-b\"") {
+            Err("node-b is still listed".to_owned())
+        } else {
+            Ok(())
+        }
+    })
+    .await;
+    a.cancel().await.unwrap();
+    schema.drop_it().await;
+}
