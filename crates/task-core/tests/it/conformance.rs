@@ -125,6 +125,13 @@ async fn a_store_one_process_owns_keeps_the_engine_as_it_is() {
         assert_eq!(config.idle_poll, asked.idle_poll);
         assert!(store.is_maintenance_leader());
         assert_eq!(store.healthy_for(), Some(Duration::MAX));
+        assert_eq!(store.cluster_status().await.expect("cluster status"), None);
+        let engine = task_core::Engine::builder(std::sync::Arc::clone(&store))
+            .build()
+            .await
+            .expect("engine");
+        assert_eq!(engine.cluster_status().await.expect("cluster status"), None);
+        drop(engine);
         assert!(store.wakeups().is_none());
     }
 }
