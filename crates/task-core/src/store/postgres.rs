@@ -66,7 +66,9 @@
 //! [`PostgresStore::cluster_status`] (and [`Store::cluster_status`]) lists the nodes connected
 //! to the schema, from the advisory locks their listening connections hold, with the leader
 //! among them, and the database's figures (size, the task table's live and dead rows, its last
-//! vacuum, connections).
+//! vacuum, connections). Every entry of a task's attempt history names the node that ran the
+//! attempt ([`crate::AttemptRecord::node`]): the node that claimed it, also when another node's
+//! reaper recovered it.
 //!
 //! # When the database goes away
 //! Connections are reopened with exponential backoff (with jitter). Meanwhile

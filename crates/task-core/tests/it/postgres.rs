@@ -11,10 +11,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use task_core::store::postgres::{PostgresConfig, PostgresStore};
-use task_core::store::{ClaimRequest, Finish, Outcome, Store, StoreStatus};
+use task_core::store::{ClaimRequest, Command, Finish, Outcome, Recover, Store, StoreStatus};
 use task_core::{
-    ClusterStatus, Engine, EngineConfig, NewTask, Status, TaskFailure, TaskId, Timestamp,
-    handler_fn,
+    AttemptOutcome, ClusterStatus, Engine, EngineConfig, NewTask, Status, TaskFailure, TaskId,
+    Timestamp, handler_fn,
 };
 use tokio_postgres::{Client, NoTls};
 
@@ -855,6 +855,105 @@ async fn a_node_that_others_cannot_name_still_lists_itself() {
     for store in [a, custom, long] {
         store.close().await;
     }
+}
+
+/// Each entry of a task's attempt history names the node that ran the attempt: written by the
+/// finish statement, by a recovery on another node (the lost attempt is still the one that
+/// ran it), and after a cancel asked for on another node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_attempt_names_the_node_that_ran_it() {
+    let schema = TestSchema::new();
+    let a = schema.store("a").await;
+    let b = schema.store("b").await;
+    let node_of = |task: &task_core::Task| -> Vec<(u32, AttemptOutcome, Option<String>)> {
+        task.attempts
+            .iter()
+            .map(|r| (r.n, r.outcome, r.node.clone()))
+            .collect()
+    };
+    let named = |n: u32, outcome: AttemptOutcome, node: &str| (n, outcome, Some(node.to_owned()));
+    async fn claim_on(store: &PostgresStore, id: TaskId) -> task_core::Task {
+        let claimed = store
+            .claim(request(1, Timestamp::now()))
+            .await
+            .expect("claim");
+        assert_eq!(claimed.iter().map(|t| t.id).collect::<Vec<_>>(), [id]);
+        claimed.into_iter().next().expect("claimed")
+    }
+    async fn finish(store: &PostgresStore, task: &task_core::Task, outcome: Outcome) -> bool {
+        store
+            .finish(Finish {
+                id: task.id,
+                attempt: task.attempt,
+                now: Timestamp::now(),
+                outcome,
+            })
+            .await
+            .expect("finish")
+    }
+
+    // Submitted on a, run and finished on b.
+    let task = a.submit(tasks(1, Timestamp::now())).await.expect("submit")[0]
+        .task
+        .clone();
+    let running = claim_on(&b, task.id).await;
+    assert!(finish(&b, &running, Outcome::Completed { result: json!(1) }).await);
+    let done = a.get(task.id).await.expect("get").expect("the task");
+    assert_eq!(node_of(&done), [named(1, AttemptOutcome::Completed, "b")]);
+
+    // Run on a, whose worker is lost: b's reaper recovers it, and the entry names a. Then b
+    // runs it again.
+    let task = b.submit(tasks(1, Timestamp::now())).await.expect("submit")[0]
+        .task
+        .clone();
+    let running = claim_on(&a, task.id).await;
+    let expired = Timestamp::now().after(Duration::from_secs(31));
+    let recovered = b.recover(expired, Recover::Expired).await.expect("recover");
+    assert_eq!(recovered.len(), 1);
+    let lost = [named(1, AttemptOutcome::WorkerLost, "a")];
+    assert_eq!(node_of(&recovered[0]), lost, "the recovery's answer");
+    let again = claim_on(&b, task.id).await;
+    assert_eq!(node_of(&again), lost, "the claim's answer");
+    // a's worker comes back too late: fenced out, nothing appended.
+    assert!(!finish(&a, &running, Outcome::Completed { result: json!(1) }).await);
+    assert!(finish(&b, &again, Outcome::Completed { result: json!(2) }).await);
+    let done = b.get(task.id).await.expect("get").expect("the task");
+    assert_eq!(
+        node_of(&done),
+        [lost[0].clone(), named(2, AttemptOutcome::Completed, "b")]
+    );
+
+    // Run on a, cancelled on b: the attempt a ran ends cancelled, by a's finish or by a's own
+    // recovery after a restart.
+    for by_finish in [true, false] {
+        let task = a.submit(tasks(1, Timestamp::now())).await.expect("submit")[0]
+            .task
+            .clone();
+        let running = claim_on(&a, task.id).await;
+        let asked = b
+            .command(task.id, Command::Cancel, Timestamp::now())
+            .await
+            .expect("cancel");
+        assert!(asked.cancel_requested && asked.attempts.is_empty());
+        if by_finish {
+            assert!(finish(&a, &running, Outcome::Cancelled).await);
+        } else {
+            let recovered = a
+                .recover(Timestamp::now(), Recover::AllRunning)
+                .await
+                .expect("recover");
+            assert_eq!(recovered.len(), 1);
+        }
+        let done = b.get(task.id).await.expect("get").expect("the task");
+        assert_eq!(done.status, Status::Cancelled);
+        assert_eq!(
+            node_of(&done),
+            [named(1, AttemptOutcome::Cancelled, "a")],
+            "by finish: {by_finish}"
+        );
+    }
+    a.close().await;
+    b.close().await;
 }
 
 /// The capabilities of a shared store, asked through `dyn Store` as sandbox-wrapper asks them
