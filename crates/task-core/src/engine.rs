@@ -541,6 +541,12 @@ impl Engine {
         self.inner.store.health()
     }
 
+    /// The nodes sharing the engine's store and the state of its database
+    /// ([`Store::cluster_status`]); `None` for a store one process owns.
+    pub async fn cluster_status(&self) -> Result<Option<crate::store::ClusterStatus>> {
+        self.inner.store.cluster_status().await
+    }
+
     /// The number of tasks this engine is running now.
     pub fn running_count(&self) -> usize {
         self.inner.lock_running().tasks.len()

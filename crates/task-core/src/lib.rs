@@ -60,3 +60,4 @@ pub use model::{
     MAX_INTERRUPTED_ATTEMPTS, NewTask, Priority, RetryPolicy, Status, Task, TaskError, TaskId,
     Timestamp,
 };
+pub use store::{ClusterNode, ClusterStatus, DatabaseStatus};

@@ -552,7 +552,7 @@ pub struct Task {
 pub const MAX_ATTEMPT_RECORDS: usize = 20;
 
 /// How one attempt of a task ended, an entry of [`Task::attempts`].
-#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
 pub struct AttemptRecord {
     /// The attempt's number, from 1 (as [`Task::attempt`] counted it).
     pub n: u32,
@@ -562,6 +562,12 @@ pub struct AttemptRecord {
     pub ended_at: Timestamp,
     /// How it ended.
     pub outcome: AttemptOutcome,
+    /// The node that ran the attempt (the one that claimed it), on a store shared by several
+    /// nodes ([`crate::store::postgres::PostgresStore`]): its `node_id`. An attempt that a
+    /// reaper on another node recovered still names the node that ran it. `None` on a store
+    /// one process owns (memory, SQLite), and for entries written before msbd recorded it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
 }
 
 /// How an attempt ended. The names are those of the failure kinds and statuses: `completed`,
@@ -647,7 +653,8 @@ pub enum Interruption {
 
 impl Task {
     /// Records that the current attempt ended at `now` with `outcome`: appends its entry to
-    /// [`Task::attempts`], dropping the oldest beyond [`MAX_ATTEMPT_RECORDS`].
+    /// [`Task::attempts`], dropping the oldest beyond [`MAX_ATTEMPT_RECORDS`]. The entry names
+    /// no node; a store shared by several nodes fills in [`AttemptRecord::node`] itself.
     pub fn record_attempt_end(&mut self, outcome: AttemptOutcome, now: Timestamp) {
         if self.attempts.len() >= MAX_ATTEMPT_RECORDS {
             let extra = self.attempts.len() + 1 - MAX_ATTEMPT_RECORDS;
@@ -658,6 +665,7 @@ impl Task {
             started_at: self.started_at.unwrap_or(now),
             ended_at: now,
             outcome,
+            node: None,
         });
     }
 
@@ -924,15 +932,33 @@ mod tests {
                 outcome
             );
         }
-        let record = AttemptRecord {
+        let mut record = AttemptRecord {
             n: 2,
             started_at: Timestamp(10),
             ended_at: Timestamp(20),
             outcome: AttemptOutcome::TimedOut,
+            node: None,
         };
+        let unnamed =
+            serde_json::json!({"n": 2, "started_at": 10, "ended_at": 20, "outcome": "timeout"});
         assert_eq!(
-            serde_json::to_value(record).unwrap(),
-            serde_json::json!({"n": 2, "started_at": 10, "ended_at": 20, "outcome": "timeout"})
+            serde_json::to_value(&record).unwrap(),
+            unnamed,
+            "no node key"
+        );
+        assert_eq!(
+            serde_json::from_value::<AttemptRecord>(unnamed).unwrap(),
+            record,
+            "an entry written before nodes were recorded"
+        );
+        record.node = Some("node-a".into());
+        let named = serde_json::json!(
+            {"n": 2, "started_at": 10, "ended_at": 20, "outcome": "timeout", "node": "node-a"}
+        );
+        assert_eq!(serde_json::to_value(&record).unwrap(), named);
+        assert_eq!(
+            serde_json::from_value::<AttemptRecord>(named).unwrap(),
+            record
         );
     }
 

@@ -164,6 +164,14 @@ pub trait Store: Send + Sync + 'static {
     fn wakeups(self: Arc<Self>) -> Option<WakeupLoop> {
         None
     }
+
+    /// The nodes sharing this store and the state of its database, as the database sees them
+    /// now: for operators (which nodes are up, which one leads the maintenance, how full the
+    /// database is). `None` (the default) for a store one process owns. Reads the database
+    /// (a query or two); fails with the database's error when it cannot be read.
+    fn cluster_status(&self) -> StoreFuture<'_, Option<ClusterStatus>> {
+        Box::pin(async { Ok(None) })
+    }
 }
 
 /// A store's wake-up loop (see [`Store::wakeups`]): given an engine and a cancellation token,
@@ -195,6 +203,59 @@ pub enum StoreStatus {
     Degraded,
     /// Writes are refused until an operator acts (the problem says what to do).
     Unhealthy,
+}
+
+/// The nodes sharing a store and its database (see [`Store::cluster_status`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ClusterStatus {
+    /// This node's name (its `node_id`).
+    pub node: String,
+    /// The nodes connected now, sorted by name, this one among them (unless its connection to
+    /// the database is being reopened).
+    pub nodes: Vec<ClusterNode>,
+    /// The database they share.
+    pub database: DatabaseStatus,
+}
+
+/// A node connected to a shared store, as the database sees it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ClusterNode {
+    /// The node's name (its `node_id`).
+    pub name: String,
+    /// Whether this is the node that asked.
+    pub is_self: bool,
+    /// Whether it runs the queue's maintenance (the lease reaper, the pruner): at most one
+    /// node does at a time.
+    pub is_leader: bool,
+    /// Since when its connection to the database has been open (milliseconds since the Unix
+    /// epoch): when it started, or last reconnected. `None` when the database does not show it
+    /// (the database user may not see other users' sessions).
+    pub connected_since_ms: Option<i64>,
+    /// The address it connects from, as the database sees it; `None` over a Unix socket or when
+    /// the database does not show it.
+    pub client_addr: Option<String>,
+}
+
+/// The database of a shared store. A field the database does not show (for lack of a right,
+/// or statistics not gathered yet) is `None`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct DatabaseStatus {
+    /// The server's version (`server_version`, e.g. `15.4`).
+    pub server_version: String,
+    /// The size of the whole database on disk, in bytes (`pg_database_size`).
+    pub database_size_bytes: Option<i64>,
+    /// The row versions of the task table that are live (the statistics' estimate,
+    /// `n_live_tup`): about the number of tasks.
+    pub live_tasks: Option<i64>,
+    /// The dead row versions of the task table awaiting a vacuum (`n_dead_tup`).
+    pub dead_tasks: Option<i64>,
+    /// When the task table was last vacuumed, by hand, by the maintenance leader or by
+    /// autovacuum (milliseconds since the Unix epoch); `None` when it never was.
+    pub last_vacuum_ms: Option<i64>,
+    /// The client connections to this database now, of every node and every other client.
+    pub connections: Option<i64>,
+    /// The most connections the server accepts (`max_connections`), across all its databases.
+    pub max_connections: Option<i64>,
 }
 
 /// The answer to one submitted task.

@@ -62,6 +62,14 @@
 //! the pruner should run only there; when the node dies its connection closes, the lock is free,
 //! and another node takes it within [`PostgresConfig::leader_retry`].
 //!
+//! # Which nodes are there
+//! [`PostgresStore::cluster_status`] (and [`Store::cluster_status`]) lists the nodes connected
+//! to the schema, from the advisory locks their listening connections hold, with the leader
+//! among them, and the database's figures (size, the task table's live and dead rows, its last
+//! vacuum, connections). Every entry of a task's attempt history names the node that ran the
+//! attempt ([`crate::AttemptRecord::node`]): the node that claimed it, also when another node's
+//! reaper recovered it.
+//!
 //! # When the database goes away
 //! Connections are reopened with exponential backoff (with jitter). Meanwhile
 //! [`Store::health`] says `degraded`, and requests wait up to
@@ -94,6 +102,7 @@
 //! mode (PgBouncer) between msbd and PostgreSQL is not supported, and `LISTEN` needs a session
 //! anyway.
 
+mod cluster;
 mod listen;
 mod migrate;
 mod rows;
@@ -114,8 +123,8 @@ use crate::error::{Error, Result};
 use crate::model::{Task, TaskId, Timestamp};
 use crate::store::common::{self, HealthCell, HealthPart};
 use crate::store::{
-    ClaimRequest, Command, Cursor, Finish, Heartbeat, HeartbeatReply, ListFilter, Page,
-    PageRequest, ProgressUpdate, Promoted, Recover, Stats, Store, StoreFuture, StoreHealth,
+    ClaimRequest, ClusterStatus, Command, Cursor, Finish, Heartbeat, HeartbeatReply, ListFilter,
+    Page, PageRequest, ProgressUpdate, Promoted, Recover, Stats, Store, StoreFuture, StoreHealth,
     Submitted, WakeupLoop,
 };
 
@@ -746,7 +755,7 @@ struct ReadConn {
     client: Client,
     get: Statement,
     stats: Statement,
-    /// Listing statements, by their SQL.
+    /// Statements prepared when first used (listings, the cluster's status), by their SQL.
     lists: Mutex<HashMap<String, Statement>>,
 }
 
@@ -907,6 +916,43 @@ impl PostgresStore {
             None
         };
         Ok(Page { tasks, next_cursor })
+    }
+
+    /// The nodes connected to this store's schema and the state of the database (see
+    /// [`Store::cluster_status`], which answers this): two queries on the reading connection.
+    /// A node is known by the advisory lock its listening connection holds, and named by that
+    /// connection's `application_name` (`msbd <node_id>`): a node whose URL sets another
+    /// `application_name`, or whose name is over 58 bytes or not printable ASCII, is not listed
+    /// (this node always is, while its listening connection is open).
+    pub async fn cluster_status(&self) -> Result<ClusterStatus> {
+        let config = &self.shared.config;
+        let mut retried = false;
+        let (nodes, database) = loop {
+            let conn = self.shared.reader.get(&self.shared).await?;
+            let read = async {
+                let nodes = conn.list_statement(cluster::NODES).await?;
+                let database = conn.list_statement(cluster::DATABASE).await?;
+                let node_params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] =
+                    [&LOCK_CLASS, &config.schema, &config.node_id];
+                let database_params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] =
+                    [&config.schema];
+                // Pipelined: both go out before either answer is read.
+                let (nodes, database) = tokio::join!(
+                    conn.client.query(&nodes, &node_params),
+                    conn.client.query_one(&database, &database_params),
+                );
+                Ok::<_, tokio_postgres::Error>((nodes?, database?))
+            };
+            match read.await {
+                Ok(read) => break read,
+                Err(error) => self.read_failed(cluster::ACTION, &error, &mut retried)?,
+            }
+        };
+        Ok(ClusterStatus {
+            node: config.node_id.clone(),
+            nodes: cluster::nodes(&nodes, &config.node_id)?,
+            database: cluster::database(&database)?,
+        })
     }
 
     async fn count_timed_out(&self) -> Result<std::collections::BTreeMap<String, u64>> {
@@ -1104,6 +1150,10 @@ impl Store for PostgresStore {
 
     fn healthy_for(&self) -> Option<Duration> {
         PostgresStore::healthy_for(self)
+    }
+
+    fn cluster_status(&self) -> StoreFuture<'_, Option<ClusterStatus>> {
+        Box::pin(async { PostgresStore::cluster_status(self).await.map(Some) })
     }
 
     fn wakeups(self: Arc<Self>) -> Option<WakeupLoop> {

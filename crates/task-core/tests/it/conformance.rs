@@ -125,6 +125,13 @@ async fn a_store_one_process_owns_keeps_the_engine_as_it_is() {
         assert_eq!(config.idle_poll, asked.idle_poll);
         assert!(store.is_maintenance_leader());
         assert_eq!(store.healthy_for(), Some(Duration::MAX));
+        assert_eq!(store.cluster_status().await.expect("cluster status"), None);
+        let engine = task_core::Engine::builder(std::sync::Arc::clone(&store))
+            .build()
+            .await
+            .expect("engine");
+        assert_eq!(engine.cluster_status().await.expect("cluster status"), None);
+        drop(engine);
         assert!(store.wakeups().is_none());
     }
 }
@@ -3097,15 +3104,26 @@ async fn sqlite_hot_queries_use_the_partial_indexes() {
     assert!(!delete_plan.contains("TEMP B-TREE"), "{delete_plan}");
 }
 
+/// The node every attempt entry names: on a shared store, the node that claimed the attempt
+/// (each case runs one node, which claims everything: this one); `None` on a store one process
+/// owns.
+async fn attempt_node(store: &dyn Store) -> Option<String> {
+    let status = store.cluster_status().await.expect("cluster status");
+    assert_eq!(status.is_some(), store.is_shared(), "{status:?}");
+    status.map(|status| status.node)
+}
+
 /// Checks a task's attempt history: the entries `expected` (attempt number, start, end,
-/// outcome), in order, and its times in order (each attempt ends after it starts, and before the
-/// next one starts). The task as listed has the same history.
+/// outcome), in order, each naming this store's node ([`attempt_node`]), and its times in order
+/// (each attempt ends after it starts, and before the next one starts). The task as listed has
+/// the same history.
 async fn assert_history(
     store: &dyn Store,
     id: TaskId,
     expected: &[(u32, Timestamp, Timestamp, AttemptOutcome)],
 ) -> Task {
     let task = get(store, id).await;
+    let node = attempt_node(store).await;
     let want: Vec<AttemptRecord> = expected
         .iter()
         .map(|&(n, started_at, ended_at, outcome)| AttemptRecord {
@@ -3113,6 +3131,7 @@ async fn assert_history(
             started_at,
             ended_at,
             outcome,
+            node: node.clone(),
         })
         .collect();
     assert_eq!(task.attempts, want, "the history of {}", task.task_type);
@@ -3247,7 +3266,8 @@ async fn the_attempt_history_of_a_lost_or_cancelled_attempt(store: &dyn Store) {
                 n: 1,
                 started_at: at(base + 1),
                 ended_at: later(base + 1),
-                outcome: WorkerLost
+                outcome: WorkerLost,
+                node: attempt_node(store).await,
             }],
             "{which:?}: the answer has the entry"
         );

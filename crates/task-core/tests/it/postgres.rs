@@ -11,9 +11,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use task_core::store::postgres::{PostgresConfig, PostgresStore};
-use task_core::store::{ClaimRequest, Finish, Outcome, Store, StoreStatus};
+use task_core::store::{ClaimRequest, Command, Finish, Outcome, Recover, Store, StoreStatus};
 use task_core::{
-    Engine, EngineConfig, NewTask, Status, TaskFailure, TaskId, Timestamp, handler_fn,
+    AttemptOutcome, ClusterStatus, Engine, EngineConfig, NewTask, Status, TaskFailure, TaskId,
+    Timestamp, handler_fn,
 };
 use tokio_postgres::{Client, NoTls};
 
@@ -680,6 +681,279 @@ async fn maintenance_leadership_fails_over_when_the_leader_goes() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     eprintln!("maintenance failover took {:?}", before.elapsed());
+}
+
+/// The names of the nodes a cluster status lists, in its order.
+fn names(status: &ClusterStatus) -> Vec<&str> {
+    status.nodes.iter().map(|node| node.name.as_str()).collect()
+}
+
+/// The nodes of a schema, their leader and the database, seen from each node; the nodes of
+/// another schema in the same database (one of them with the same name) are not listed; a node
+/// that closes leaves the list.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cluster_status_lists_the_nodes_of_the_schema_and_its_leader() {
+    let schema = TestSchema::new();
+    let other = TestSchema::new();
+    let a = schema.store("a").await;
+    let b = Arc::new(schema.store("b").await);
+    let other_a = other.store("a").await;
+    let other_c = other.store("c").await;
+    a.submit(tasks(3, Timestamp::now())).await.expect("submit");
+    // A vacuum, so that the last vacuum's time is known.
+    let admin = admin().await;
+    admin
+        .batch_execute(&format!("VACUUM \"{}\".tasks", schema.name))
+        .await
+        .expect("vacuum");
+
+    let started = Timestamp::now();
+    let from_a = a.cluster_status().await.expect("status from a");
+    let b_dyn: Arc<dyn Store> = Arc::clone(&b) as Arc<dyn Store>;
+    let from_b = b_dyn
+        .cluster_status()
+        .await
+        .expect("status from b")
+        .expect("a shared store has a cluster status");
+    for (status, own) in [(&from_a, "a"), (&from_b, "b")] {
+        assert_eq!(status.node, own);
+        assert_eq!(names(status), ["a", "b"], "{status:#?}");
+        let selves: Vec<&str> = status
+            .nodes
+            .iter()
+            .filter(|n| n.is_self)
+            .map(|n| n.name.as_str())
+            .collect();
+        assert_eq!(selves, [own], "{status:#?}");
+        // The first store opened took the maintenance lock.
+        let leaders: Vec<&str> = status
+            .nodes
+            .iter()
+            .filter(|n| n.is_leader)
+            .map(|n| n.name.as_str())
+            .collect();
+        assert_eq!(leaders, ["a"], "{status:#?}");
+        for node in &status.nodes {
+            let since = node.connected_since_ms.expect("connected since");
+            assert!(
+                since <= started.0 && since > started.0 - 600_000,
+                "{node:?}"
+            );
+            if database_url().contains("@127.0.0.1") {
+                assert_eq!(node.client_addr.as_deref(), Some("127.0.0.1"), "{node:?}");
+            }
+        }
+        let database = &status.database;
+        assert!(
+            database.server_version.starts_with(char::is_numeric),
+            "{database:?}"
+        );
+        assert!(
+            database.database_size_bytes.unwrap_or(0) > 0,
+            "{database:?}"
+        );
+        assert!(database.live_tasks.is_some_and(|n| n >= 0), "{database:?}");
+        assert!(database.dead_tasks.is_some_and(|n| n >= 0), "{database:?}");
+        let vacuumed = database.last_vacuum_ms.expect("vacuumed");
+        assert!(
+            vacuumed <= Timestamp::now().0 && vacuumed > started.0 - 600_000,
+            "{database:?}"
+        );
+        // Four connections per store (two writers, a reader, a listener), four stores, and
+        // the test's own.
+        assert!(database.connections.unwrap_or(0) >= 17, "{database:?}");
+        assert!(
+            database.max_connections.unwrap_or(0) >= database.connections.unwrap_or(0),
+            "{database:?}"
+        );
+    }
+    assert!(a.is_maintenance_leader() && !b.is_maintenance_leader());
+    assert_eq!(
+        from_a.nodes[0].connected_since_ms,
+        from_b.nodes[0].connected_since_ms
+    );
+
+    // The other schema sees its own nodes only, the leader among them.
+    let seen = other_c
+        .cluster_status()
+        .await
+        .expect("status of the other schema");
+    assert_eq!(names(&seen), ["a", "c"]);
+    assert!(
+        seen.nodes[0].is_leader && !seen.nodes[1].is_leader,
+        "{seen:#?}"
+    );
+    assert!(!seen.nodes[0].is_self && seen.nodes[1].is_self, "{seen:#?}");
+    other_a.close().await;
+    other_c.close().await;
+
+    // Through the engine, as mcp-tools asks.
+    let engine = Engine::builder(Arc::clone(&b_dyn))
+        .config(b_dyn.engine_config(EngineConfig::default()))
+        .build()
+        .await
+        .expect("engine");
+    let through = engine
+        .cluster_status()
+        .await
+        .expect("status through the engine")
+        .expect("a shared store has a cluster status");
+    assert_eq!(
+        (through.node.as_str(), names(&through)),
+        ("b", vec!["a", "b"])
+    );
+    drop(engine);
+    drop(b_dyn);
+
+    // Node b goes: its backend ends a moment after its connection closes.
+    match Arc::try_unwrap(b) {
+        Ok(b) => b.close().await,
+        Err(_) => panic!("node b's store is still shared"),
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = a.cluster_status().await.expect("status from a");
+        if names(&status) == ["a"] {
+            assert!(status.nodes[0].is_self && status.nodes[0].is_leader);
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node b is still listed 10 s after it closed: {status:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    a.close().await;
+}
+
+/// A node whose connections do not carry `msbd <node_id>` as their `application_name` (its URL
+/// sets another, or its name is longer than PostgreSQL keeps) cannot be named from another node,
+/// which leaves it out; it still lists itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_others_cannot_name_still_lists_itself() {
+    let schema = TestSchema::new();
+    let a = schema.store("a").await;
+    let url = database_url();
+    let separator = if url.contains('?') { '&' } else { '?' };
+    let custom = PostgresStore::connect(PostgresConfig {
+        url: format!("{url}{separator}application_name=ops"),
+        ..schema.config("custom")
+    })
+    .await
+    .expect("a node with its own application_name");
+    let long_name = "n".repeat(100);
+    let long = schema.store(&long_name).await;
+
+    let seen = custom.cluster_status().await.expect("status");
+    assert_eq!(names(&seen), ["a", "custom"], "{seen:#?}");
+    assert!(seen.nodes[1].is_self && !seen.nodes[1].is_leader);
+    let seen = long.cluster_status().await.expect("status");
+    assert_eq!(names(&seen), ["a", long_name.as_str()], "{seen:#?}");
+    assert!(seen.nodes[1].is_self);
+    let seen = a.cluster_status().await.expect("status");
+    assert_eq!(names(&seen), ["a"], "{seen:#?}");
+    for store in [a, custom, long] {
+        store.close().await;
+    }
+}
+
+/// Each entry of a task's attempt history names the node that ran the attempt: written by the
+/// finish statement, by a recovery on another node (the lost attempt is still the one that
+/// ran it), and after a cancel asked for on another node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_attempt_names_the_node_that_ran_it() {
+    let schema = TestSchema::new();
+    let a = schema.store("a").await;
+    let b = schema.store("b").await;
+    let node_of = |task: &task_core::Task| -> Vec<(u32, AttemptOutcome, Option<String>)> {
+        task.attempts
+            .iter()
+            .map(|r| (r.n, r.outcome, r.node.clone()))
+            .collect()
+    };
+    let named = |n: u32, outcome: AttemptOutcome, node: &str| (n, outcome, Some(node.to_owned()));
+    async fn claim_on(store: &PostgresStore, id: TaskId) -> task_core::Task {
+        let claimed = store
+            .claim(request(1, Timestamp::now()))
+            .await
+            .expect("claim");
+        assert_eq!(claimed.iter().map(|t| t.id).collect::<Vec<_>>(), [id]);
+        claimed.into_iter().next().expect("claimed")
+    }
+    async fn finish(store: &PostgresStore, task: &task_core::Task, outcome: Outcome) -> bool {
+        store
+            .finish(Finish {
+                id: task.id,
+                attempt: task.attempt,
+                now: Timestamp::now(),
+                outcome,
+            })
+            .await
+            .expect("finish")
+    }
+
+    // Submitted on a, run and finished on b.
+    let task = a.submit(tasks(1, Timestamp::now())).await.expect("submit")[0]
+        .task
+        .clone();
+    let running = claim_on(&b, task.id).await;
+    assert!(finish(&b, &running, Outcome::Completed { result: json!(1) }).await);
+    let done = a.get(task.id).await.expect("get").expect("the task");
+    assert_eq!(node_of(&done), [named(1, AttemptOutcome::Completed, "b")]);
+
+    // Run on a, whose worker is lost: b's reaper recovers it, and the entry names a. Then b
+    // runs it again.
+    let task = b.submit(tasks(1, Timestamp::now())).await.expect("submit")[0]
+        .task
+        .clone();
+    let running = claim_on(&a, task.id).await;
+    let expired = Timestamp::now().after(Duration::from_secs(31));
+    let recovered = b.recover(expired, Recover::Expired).await.expect("recover");
+    assert_eq!(recovered.len(), 1);
+    let lost = [named(1, AttemptOutcome::WorkerLost, "a")];
+    assert_eq!(node_of(&recovered[0]), lost, "the recovery's answer");
+    let again = claim_on(&b, task.id).await;
+    assert_eq!(node_of(&again), lost, "the claim's answer");
+    // a's worker comes back too late: fenced out, nothing appended.
+    assert!(!finish(&a, &running, Outcome::Completed { result: json!(1) }).await);
+    assert!(finish(&b, &again, Outcome::Completed { result: json!(2) }).await);
+    let done = b.get(task.id).await.expect("get").expect("the task");
+    assert_eq!(
+        node_of(&done),
+        [lost[0].clone(), named(2, AttemptOutcome::Completed, "b")]
+    );
+
+    // Run on a, cancelled on b: the attempt a ran ends cancelled, by a's finish or by a's own
+    // recovery after a restart.
+    for by_finish in [true, false] {
+        let task = a.submit(tasks(1, Timestamp::now())).await.expect("submit")[0]
+            .task
+            .clone();
+        let running = claim_on(&a, task.id).await;
+        let asked = b
+            .command(task.id, Command::Cancel, Timestamp::now())
+            .await
+            .expect("cancel");
+        assert!(asked.cancel_requested && asked.attempts.is_empty());
+        if by_finish {
+            assert!(finish(&a, &running, Outcome::Cancelled).await);
+        } else {
+            let recovered = a
+                .recover(Timestamp::now(), Recover::AllRunning)
+                .await
+                .expect("recover");
+            assert_eq!(recovered.len(), 1);
+        }
+        let done = b.get(task.id).await.expect("get").expect("the task");
+        assert_eq!(done.status, Status::Cancelled);
+        assert_eq!(
+            node_of(&done),
+            [named(1, AttemptOutcome::Cancelled, "a")],
+            "by finish: {by_finish}"
+        );
+    }
+    a.close().await;
+    b.close().await;
 }
 
 /// The capabilities of a shared store, asked through `dyn Store` as sandbox-wrapper asks them

@@ -1188,7 +1188,8 @@ const HELD: &str = concat!(
 
 /// Ends many attempts at once, appending each attempt's entry to the task's history
 /// (`attempts`, trimmed to the last [`MAX_ATTEMPT_RECORDS`], 20): it ended at `u_updated_at`
-/// with the outcome named `u_outcome`.
+/// with the outcome named `u_outcome`, run by the node that claimed it (`claimed_by`, as
+/// `node`: left out when there is none, as [`crate::AttemptRecord::node`] serializes).
 const FINISH: &str = concat!(
     "UPDATE tasks SET status = u_status, \
     result = CASE WHEN u_result IS NOT NULL OR u_error_kind IS NOT NULL THEN u_result \
@@ -1212,7 +1213,8 @@ const FINISH: &str = concat!(
     attempts = (CASE WHEN jsonb_array_length(attempts) >= 20 THEN attempts - 0 ELSE attempts END) \
     || jsonb_build_array(jsonb_build_object('n', attempt, \
     'started_at', coalesce(started_at, u_updated_at), 'ended_at', u_updated_at, \
-    'outcome', u_outcome)), \
+    'outcome', u_outcome) || CASE WHEN claimed_by IS NULL THEN '{}'::jsonb \
+    ELSE jsonb_build_object('node', claimed_by) END), \
     lease_until = NULL, cancel_requested = false \
     FROM unnest($1::int8[], $2::int2[], $3::text[], $4::int2[], $5::text[], $6::int8[], \
     $7::int8[], $8::int8[], $9::int8[], $10::text[]) AS u(u_seq, u_status, u_result, u_error_kind, \
@@ -1416,21 +1418,53 @@ async fn heartbeat_all(
     Ok(reply)
 }
 
-/// Reads one task with its `seq`, locked for the rest of the transaction.
-async fn load(conn: &mut WriteConn, id: TaskId) -> std::result::Result<Option<(i64, Task)>, Exec> {
+/// A task read to be changed by the functions of [`apply`], then written back by [`save`].
+struct Loaded {
+    seq: i64,
+    task: Task,
+    /// The node that claimed its last attempt (`claimed_by`): the one that ran it.
+    claimed_by: Option<String>,
+}
+
+impl Loaded {
+    /// Reads a row of `SELECT {COLUMNS}, seq, claimed_by`.
+    fn from_row(row: &Row) -> std::result::Result<Loaded, Exec> {
+        Ok(Loaded {
+            seq: seq_of(row).map_err(Exec::Abort)?,
+            task: task_from_row(row).map_err(Exec::Abort)?,
+            claimed_by: row.try_get("claimed_by").map_err(|e| {
+                Exec::Abort(Error::store(
+                    "reading a task",
+                    format!("column claimed_by: {e}"),
+                ))
+            })?,
+        })
+    }
+
+    /// Applies `change` to the task; the attempt entry it appends, if it appends one (the end
+    /// of an attempt), names the node that ran the attempt, as the finish statement's do.
+    fn apply<T>(&mut self, change: impl FnOnce(&mut Task) -> Result<T>) -> Result<T> {
+        let last = self.task.attempts.last().cloned();
+        let answer = change(&mut self.task)?;
+        if self.task.attempts.last() != last.as_ref()
+            && let Some(entry) = self.task.attempts.last_mut()
+        {
+            entry.node.clone_from(&self.claimed_by);
+        }
+        Ok(answer)
+    }
+}
+
+/// Reads one task with its `seq` and the node that claimed it, locked for the rest of the
+/// transaction.
+async fn load(conn: &mut WriteConn, id: TaskId) -> std::result::Result<Option<Loaded>, Exec> {
     let rows = conn
         .query(
-            &format!("SELECT {COLUMNS}, seq FROM tasks WHERE id = $1 FOR UPDATE"),
+            &format!("SELECT {COLUMNS}, seq, claimed_by FROM tasks WHERE id = $1 FOR UPDATE"),
             &[&uuid(id)],
         )
         .await?;
-    match rows.first() {
-        Some(row) => Ok(Some((
-            seq_of(row).map_err(Exec::Abort)?,
-            task_from_row(row).map_err(Exec::Abort)?,
-        ))),
-        None => Ok(None),
-    }
+    rows.first().map(Loaded::from_row).transpose()
 }
 
 /// Writes back the fields that commands and recovery change (the priority among them). Of the
@@ -1474,17 +1508,19 @@ async fn apply_command(
     now: Timestamp,
     effects: &mut Effects,
 ) -> std::result::Result<Task, Exec> {
-    let (seq, mut task) = load(conn, id)
+    let mut loaded = load(conn, id)
         .await?
         .ok_or(Exec::Refused(Error::TaskNotFound { id }))?;
-    let before = task.status;
+    let before = loaded.task.status;
     // Refused before anything is written.
-    apply::command(&mut task, command, now).map_err(Exec::Refused)?;
-    save(conn, seq, &task).await?;
-    if task.status != before {
-        effects.task(&task, Some(before));
+    loaded
+        .apply(|task| apply::command(task, command, now))
+        .map_err(Exec::Refused)?;
+    save(conn, loaded.seq, &loaded.task).await?;
+    if loaded.task.status != before {
+        effects.task(&loaded.task, Some(before));
     }
-    Ok(task)
+    Ok(loaded.task)
 }
 
 async fn recover(
@@ -1499,7 +1535,7 @@ async fn recover(
         Recover::Expired => {
             conn.query(
                 &format!(
-                    "SELECT {COLUMNS}, seq FROM tasks WHERE {} AND lease_until < $1 \
+                    "SELECT {COLUMNS}, seq, claimed_by FROM tasks WHERE {} AND lease_until < $1 \
                      ORDER BY seq FOR UPDATE SKIP LOCKED",
                     sql_leased!()
                 ),
@@ -1511,7 +1547,7 @@ async fn recover(
         Recover::AllRunning => {
             conn.query(
                 &format!(
-                    "SELECT {COLUMNS}, seq FROM tasks WHERE {} \
+                    "SELECT {COLUMNS}, seq, claimed_by FROM tasks WHERE {} \
                      AND claimed_by = $1 ORDER BY seq FOR UPDATE",
                     sql_held!()
                 ),
@@ -1522,13 +1558,14 @@ async fn recover(
     };
     let mut recovered = Vec::with_capacity(rows.len());
     for row in &rows {
-        let seq = seq_of(row).map_err(Exec::Abort)?;
-        let mut task = task_from_row(row).map_err(Exec::Abort)?;
-        let before = task.status;
-        apply::recover(&mut task, now).map_err(Exec::Abort)?;
-        save(conn, seq, &task).await?;
-        effects.task(&task, Some(before));
-        recovered.push(task);
+        let mut loaded = Loaded::from_row(row)?;
+        let before = loaded.task.status;
+        loaded
+            .apply(|task| apply::recover(task, now))
+            .map_err(Exec::Abort)?;
+        save(conn, loaded.seq, &loaded.task).await?;
+        effects.task(&loaded.task, Some(before));
+        recovered.push(loaded.task);
     }
     Ok(recovered)
 }
