@@ -154,7 +154,11 @@ fn run_stages(sh: &Shell, stages: &mut Stages) -> anyhow::Result<()> {
         );
         let python = interop_python()?;
         let shots = crate::chaos::target_dir().join("console-screenshots");
-        Ok(cmd!(sh, "{python} interop/console_browser.py {release_msbd} {shots}").run()?)
+        Ok(cmd!(
+            sh,
+            "{python} interop/console_browser.py {release_msbd} {shots}"
+        )
+        .run()?)
     })?;
 
     stages.time("fuzz (short runs)", crate::fuzz::ci_smoke)?;

@@ -744,7 +744,10 @@ async fn the_console_shows_the_nodes_the_leader_and_where_each_attempt_ran() {
         "{html}"
     );
     assert!(html.contains("id=\"database\""), "{html}");
-    assert!(html.contains("PostgreSQL</dt><dd>1"), "the server's version: {html}");
+    assert!(
+        html.contains("PostgreSQL</dt><dd>1"),
+        "the server's version: {html}"
+    );
 
     // A task kept on node b by its session, failing once: both attempts ran on b.
     let id = ok(
