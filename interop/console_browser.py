@@ -229,9 +229,29 @@ def main(msbd, shots):
         caption = driver.find_element(By.CSS_SELECTOR, "#chart-throughput").find_element(By.XPATH, "..").text
         check(re.search(r"\(([1-9]\d*) in all", caption), f"the throughput chart counts no finished task: {caption!r}")
         check(driver.find_elements(By.CSS_SELECTOR, "#chart-latency circle.dot"), "the latency chart has no point")
+        # The concurrency limit, set from the page.
+        field = driver.find_element(By.ID, "limit-all")
+        field.clear()
+        field.send_keys("6")
+        driver.find_element(By.ID, "set-limit-all").click()
+        wait_for("the limit is set", lambda: driver.find_element(By.ID, "q-max_concurrent").text == "6")
         driver.save_screenshot(os.path.join(shots, "queue.png"))
+
+        # A live session: what its sandbox uses.
+        asyncio.run(submit(base, "sleep 20 & sleep 20; wait"))
         driver.get(f"{base}/ui/sessions")
-        wait_for("the sessions page shows", lambda: driver.find_elements(By.ID, "sessions"))
+
+        def session_processes():
+            driver.refresh()
+            for row in driver.find_elements(By.CSS_SELECTOR, "#sessions tbody tr"):
+                if row.find_elements(By.CSS_SELECTOR, ".status.s-running"):
+                    return row.find_element(By.CSS_SELECTOR, "td.processes").text
+            return None
+        processes = wait_for("a live session is listed with its processes", session_processes)
+        isolation = driver.find_element(By.ID, "isolation").text
+        print(f"session: isolation {isolation!r}, processes {processes!r}")
+        if "cgroup" in isolation:
+            check(processes.isdigit() and int(processes) >= 2, f"the session's processes: {processes!r}")
         driver.save_screenshot(os.path.join(shots, "sessions.png"))
 
         # Refusals, outside the browser, with the browser's own login.
