@@ -16,10 +16,25 @@
 //!   the last fifth over the first, with finished tasks and dead row versions piling up.
 //!   The PostgreSQL benches use the database at `MSB_TEST_DATABASE_URL` (by default
 //!   `postgres://postgres@127.0.0.1:5432/test`), a fresh schema per run, dropped afterwards.
+//! - `burndown_c16_sqlite_tasks_per_s`, `burndown_c16_sqlite_full_tasks_per_s`,
+//!   `burndown_c16_postgres_one_node_tasks_per_s`, `burndown_c16_memory_tasks_per_s`: the
+//!   protocol users measure job queues by: 20,000 no-op tasks put in the store first, then one
+//!   engine (one process) with concurrency 16 built on it, timed from `Engine::start` until the
+//!   store counts all 20,000 completed; median of 3 runs. SQLite with `synchronous=NORMAL` (the
+//!   default) and `FULL`, one PostgreSQL node, memory.
+//! - `burndown_c16_sqlite_vs_store_ratio`: the C=16 SQLite burn-down over the SQLite store alone
+//!   doing the same claims and finishes with no engine (as `diag_store`: claim a batch, finish
+//!   it concurrently), its best batch of 16, 64, 256 and 1,000, measured in the same run.
+//! - `engine_start_to_first_run_us`: in each C=16 SQLite run, from `Engine::start` to the first
+//!   handler call; median of 3.
 //! - `submit_to_start_p50_us`, `submit_to_start_p99_us`: an idle engine on SQLite, one task at a
 //!   time, from just before `submit` to the moment its handler starts.
 //! - `sqlite_1m_rss_mb`, `sqlite_1m_list_page_ms`, `sqlite_1m_list_sparse_page_ms`,
 //!   `sqlite_1m_open_ms`: a SQLite file holding 1,000,000 finished tasks.
+//!
+//! Before the figures it prints `host_cpu_probe_ms` (also in the JSON): a fixed single-thread
+//! integer workload, so that figures taken on different hosts, or on one host on different days,
+//! can be compared (the ratios above do not move with the host; the absolute figures do).
 //!
 //! An optional argument keeps only the figures whose name contains it; arguments that start with
 //! `--` (cargo passes `--bench`) are ignored.
@@ -28,7 +43,8 @@
 //! `diag_engine` runs one burn-down per store through a wrapper that counts and times the
 //! engine's claims and finishes; `diag_store` drives the SQLite store alone (claim N, finish them
 //! concurrently) for N in `MSBD_DIAG_BATCHES` (default 1,8,64,256,1000), after dropping the
-//! indexes named in `MSBD_DIAG_DROP_INDEXES` if set.
+//! indexes named in `MSBD_DIAG_DROP_INDEXES` if set; `diag_c16` runs the C=16 SQLite burn-down
+//! through the counting wrapper.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -40,7 +56,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use task_core::store::memory::MemoryStore;
 use task_core::store::postgres::{PostgresConfig, PostgresStore};
-use task_core::store::sqlite::{SqliteConfig, SqliteStore};
+use task_core::store::sqlite::{SqliteConfig, SqliteStore, Synchronous};
 use task_core::store::{
     ClaimRequest, Command as StoreCommand, Finish, Heartbeat, HeartbeatReply, ListFilter, Outcome,
     Page, PageRequest, ProgressUpdate, Promoted, Recover, Stats, Store, StoreFuture, Submitted,
@@ -96,6 +112,25 @@ fn main() -> BenchResult<()> {
     };
     let runtime = runtime()?;
     let mut figures = Figures::default();
+    let probe = host_cpu_probe_ms();
+    println!(
+        "host_cpu_probe_ms: {probe:.0} (a fixed single-thread workload; larger is a slower host)"
+    );
+    figures.info.push(("host_cpu_probe_ms", probe.round()));
+
+    let c16 = [
+        "burndown_c16_sqlite_tasks_per_s",
+        "burndown_c16_sqlite_vs_store_ratio",
+        "engine_start_to_first_run_us",
+    ];
+    if wants(&c16) {
+        bench_c16_sqlite(&runtime, &mut figures)?;
+    }
+    for store in [C16Store::SqliteFull, C16Store::Postgres, C16Store::Memory] {
+        if wants(&[store.name()]) {
+            bench_c16(&runtime, &mut figures, store)?;
+        }
+    }
 
     if wants(&["engine_sqlite_tasks_per_s"]) {
         bench_burn_down(&runtime, &mut figures, Backend::Sqlite)?;
@@ -128,7 +163,7 @@ fn main() -> BenchResult<()> {
 
     if figures.list.is_empty() {
         eprintln!(
-            "no bench matches the filter {filter:?}; the names are engine_sqlite_tasks_per_s, engine_memory_tasks_per_s, engine_postgres_tasks_per_s, engine_postgres_sustained_ratio, submit_to_start_p50_us, submit_to_start_p99_us, {}",
+            "no bench matches the filter {filter:?}; the names are burndown_c16_sqlite_tasks_per_s, burndown_c16_sqlite_vs_store_ratio, engine_start_to_first_run_us, burndown_c16_sqlite_full_tasks_per_s, burndown_c16_postgres_one_node_tasks_per_s, burndown_c16_memory_tasks_per_s, engine_sqlite_tasks_per_s, engine_memory_tasks_per_s, engine_postgres_tasks_per_s, engine_postgres_sustained_ratio, submit_to_start_p50_us, submit_to_start_p99_us, {}",
             large.join(", ")
         );
     }
@@ -263,6 +298,306 @@ async fn wait_until_completed(engine: &Engine, expected: u64) -> BenchResult<()>
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// The C=16 burn-down: one process, a pool of 16, tasks queued before the engine starts.
+
+/// Tasks in each C=16 burn-down.
+const C16_TASKS: usize = 20_000;
+/// The engine's concurrency in the C=16 burn-downs.
+const C16_CONCURRENCY: usize = 16;
+/// The batches the store-alone run tries (its best is the ratio's denominator).
+const C16_STORE_BATCHES: [usize; 4] = [16, 64, 256, 1_000];
+
+/// The stores of the C=16 burn-downs.
+#[derive(Clone, Copy)]
+enum C16Store {
+    Sqlite,
+    SqliteFull,
+    Postgres,
+    Memory,
+}
+
+impl C16Store {
+    fn name(self) -> &'static str {
+        match self {
+            C16Store::Sqlite => "burndown_c16_sqlite_tasks_per_s",
+            C16Store::SqliteFull => "burndown_c16_sqlite_full_tasks_per_s",
+            C16Store::Postgres => "burndown_c16_postgres_one_node_tasks_per_s",
+            C16Store::Memory => "burndown_c16_memory_tasks_per_s",
+        }
+    }
+
+    fn target(self) -> Target {
+        Target::AtLeast(match self {
+            C16Store::Sqlite => 45_000.0,
+            C16Store::SqliteFull => 25_000.0,
+            C16Store::Postgres => 13_000.0,
+            C16Store::Memory => 400_000.0,
+        })
+    }
+}
+
+/// One C=16 run: tasks per second, and from `Engine::start` to the first handler call.
+struct C16Run {
+    rate: f64,
+    first_run: Duration,
+}
+
+/// The burn-downs of one store (3 runs, the median).
+fn bench_c16(runtime: &Runtime, figures: &mut Figures, store: C16Store) -> BenchResult<()> {
+    let rates = c16_runs(runtime, store)?
+        .into_iter()
+        .map(|run| run.rate)
+        .collect();
+    figures.add(store.name(), rates, "tasks/s", 0, store.target());
+    Ok(())
+}
+
+/// The SQLite (NORMAL) burn-downs, the store alone in the same run, and the start-to-first-run
+/// times of the burn-downs.
+fn bench_c16_sqlite(runtime: &Runtime, figures: &mut Figures) -> BenchResult<()> {
+    let runs = c16_runs(runtime, C16Store::Sqlite)?;
+    let rates: Vec<f64> = runs.iter().map(|run| run.rate).collect();
+    let firsts: Vec<f64> = runs
+        .iter()
+        .map(|run| run.first_run.as_secs_f64() * 1e6)
+        .collect();
+    let mut best = 0.0f64;
+    for batch in C16_STORE_BATCHES {
+        let rate = runtime.block_on(store_alone(C16_TASKS, batch))?;
+        println!(
+            "  the SQLite store alone, claims of {batch} finished concurrently: {rate:.0} tasks/s"
+        );
+        best = best.max(rate);
+    }
+    let ratios: Vec<f64> = rates.iter().map(|rate| rate / best).collect();
+    figures.add(
+        C16Store::Sqlite.name(),
+        rates,
+        "tasks/s",
+        0,
+        C16Store::Sqlite.target(),
+    );
+    figures.add(
+        "burndown_c16_sqlite_vs_store_ratio",
+        ratios,
+        "",
+        2,
+        Target::AtLeast(0.75),
+    );
+    figures.add(
+        "engine_start_to_first_run_us",
+        firsts,
+        "µs",
+        0,
+        Target::AtMost(2_000.0),
+    );
+    Ok(())
+}
+
+fn c16_runs(runtime: &Runtime, kind: C16Store) -> BenchResult<Vec<C16Run>> {
+    let mut runs = Vec::with_capacity(BURN_RUNS);
+    for number in 1..=BURN_RUNS {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("c16.sqlite3");
+        let url = pg_url();
+        let schema = pg_schema();
+        let run = on_workers(runtime, {
+            let (url, schema) = (url.clone(), schema.clone());
+            async move {
+                let (store, pg): (Arc<dyn Store>, Option<Arc<PostgresStore>>) = match kind {
+                    C16Store::Sqlite => {
+                        (Arc::new(SqliteStore::open(SqliteConfig::new(path))?), None)
+                    }
+                    C16Store::SqliteFull => (
+                        Arc::new(SqliteStore::open(SqliteConfig {
+                            synchronous: Synchronous::Full,
+                            ..SqliteConfig::new(path)
+                        })?),
+                        None,
+                    ),
+                    C16Store::Memory => (Arc::new(MemoryStore::new()), None),
+                    C16Store::Postgres => {
+                        let store = Arc::new(
+                            PostgresStore::connect(PostgresConfig {
+                                schema: schema.clone(),
+                                ..PostgresConfig::new(&url, "c16")
+                            })
+                            .await
+                            .map_err(|e| {
+                                format!("cannot open the PostgreSQL store at {url}: {e}")
+                            })?,
+                        );
+                        (Arc::clone(&store) as Arc<dyn Store>, Some(store))
+                    }
+                };
+                let run = c16_burn_down(store, pg.clone()).await;
+                if let Some(store) = pg {
+                    if let Ok(store) = Arc::try_unwrap(store) {
+                        store.close().await;
+                    }
+                    pg_drop_schema(&url, &schema).await?;
+                }
+                run
+            }
+        })?;
+        println!(
+            "  {} run {number}: {C16_TASKS} tasks at concurrency {C16_CONCURRENCY}: {:.0} tasks/s; first handler call {:.0} µs after Engine::start",
+            kind.name(),
+            run.rate,
+            run.first_run.as_secs_f64() * 1e6,
+        );
+        runs.push(run);
+    }
+    Ok(runs)
+}
+
+/// Puts [`C16_TASKS`] no-op tasks in `store`, builds an engine of concurrency 16 on it, and times
+/// it from `Engine::start` until the store counts them all completed.
+async fn c16_burn_down(
+    store: Arc<dyn Store>,
+    postgres: Option<Arc<PostgresStore>>,
+) -> BenchResult<C16Run> {
+    for _ in 0..C16_TASKS / SUBMIT_BATCH {
+        let now = Timestamp::now();
+        let tasks = (0..SUBMIT_BATCH)
+            .map(|_| NewTask::new(NOOP, Value::Null).into_task(TaskId::new(), now))
+            .collect();
+        store.submit(tasks).await?;
+    }
+    store.flush().await?;
+    let first_call: Arc<std::sync::OnceLock<Instant>> = Arc::default();
+    let mut config = EngineConfig {
+        concurrency: C16_CONCURRENCY,
+        ..EngineConfig::default()
+    };
+    if postgres.is_some() {
+        config = PostgresStore::engine_config(config);
+    }
+    let engine = Engine::builder(Arc::clone(&store))
+        .handler(
+            NOOP,
+            handler_fn({
+                let first_call = Arc::clone(&first_call);
+                move |_ctx| {
+                    first_call.get_or_init(Instant::now);
+                    async { Ok::<_, TaskFailure>(Value::Null) }
+                }
+            }),
+        )
+        .config(config)
+        .build()
+        .await?;
+
+    let started = Instant::now();
+    let loops = engine.start();
+    let cancel = CancellationToken::new();
+    let wakeups = postgres.as_ref().map(|store| {
+        let (store, engine, cancel) = (Arc::clone(store), engine.clone(), cancel.clone());
+        tokio::spawn(async move {
+            let _ = store.run_wakeups(&engine, cancel).await;
+        })
+    });
+    wait_until_completed(&engine, C16_TASKS as u64).await?;
+    let run = started.elapsed();
+    let first_run = first_call
+        .get()
+        .map(|at| at.duration_since(started))
+        .ok_or("no handler ran")?;
+
+    let stats = engine.stats().await?;
+    engine.shutdown(Duration::from_secs(10)).await;
+    loops.stop().await;
+    cancel.cancel();
+    if let Some(wakeups) = wakeups {
+        let _ = wakeups.await;
+    }
+    if stats.count(Status::Completed) != C16_TASKS as u64 || stats.total() != C16_TASKS as u64 {
+        return Err(format!(
+            "the C=16 burn-down ended with unexpected counts: {:?}",
+            stats.by_status
+        )
+        .into());
+    }
+    Ok(C16Run {
+        rate: C16_TASKS as f64 / run.as_secs_f64(),
+        first_run,
+    })
+}
+
+/// The SQLite store (NORMAL) alone, with no engine: `n` no-op tasks submitted, then claimed
+/// `batch` at a time, each batch finished concurrently; claims and finishes per second.
+async fn store_alone(n: usize, batch: usize) -> BenchResult<f64> {
+    let dir = tempfile::tempdir()?;
+    let store = Arc::new(SqliteStore::open(SqliteConfig::new(
+        dir.path().join("alone.sqlite3"),
+    ))?);
+    for _ in 0..n / SUBMIT_BATCH {
+        let now = Timestamp::now();
+        let tasks = (0..SUBMIT_BATCH)
+            .map(|_| NewTask::new(NOOP, Value::Null).into_task(TaskId::new(), now))
+            .collect();
+        store.submit(tasks).await?;
+    }
+    store.flush().await?;
+    let started = Instant::now();
+    let mut done = 0;
+    loop {
+        let now = Timestamp::now();
+        let claimed = store
+            .claim(ClaimRequest {
+                max: batch,
+                now,
+                lease_until: now.after(Duration::from_secs(600)),
+                exclude_types: Vec::new(),
+                type_room: Vec::new(),
+            })
+            .await?;
+        if claimed.is_empty() {
+            break;
+        }
+        let mut set = JoinSet::new();
+        for task in claimed {
+            let store = Arc::clone(&store);
+            let finish = Finish {
+                id: task.id,
+                attempt: task.attempt,
+                now,
+                outcome: Outcome::Completed {
+                    result: Value::Null,
+                },
+            };
+            set.spawn(async move { store.finish(finish).await });
+        }
+        while let Some(joined) = set.join_next().await {
+            done += usize::from(joined??);
+        }
+    }
+    let elapsed = started.elapsed();
+    if done != n {
+        return Err(format!("the store alone finished {done} of {n} tasks").into());
+    }
+    Ok(n as f64 / elapsed.as_secs_f64())
+}
+
+/// A fixed single-thread integer workload (a xorshift walk over a 4 MiB table, 50 million
+/// steps), in milliseconds: the host's speed, printed beside the figures.
+fn host_cpu_probe_ms() -> f64 {
+    let mut table = vec![0u64; 1 << 19];
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    let started = Instant::now();
+    for _ in 0..50_000_000u32 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let slot = (x as usize) & (table.len() - 1);
+        table[slot] = table[slot].wrapping_add(x);
+    }
+    let elapsed = started.elapsed();
+    std::hint::black_box(&table);
+    elapsed.as_secs_f64() * 1e3
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1031,6 +1366,34 @@ fn diagnostics(runtime: &Runtime, filter: &str) -> BenchResult<()> {
             );
         }
     }
+    if "diag_c16".contains(filter) || filter.starts_with("diag_c16") {
+        for _ in 0..2 {
+            let dir = tempfile::tempdir()?;
+            let counting = Arc::new(CountingStore {
+                inner: Arc::new(SqliteStore::open(SqliteConfig::new(
+                    dir.path().join("d.sqlite3"),
+                ))?),
+                counters: Mutex::default(),
+            });
+            let run = on_workers(runtime, c16_burn_down(counting.clone(), None))?;
+            let c = counting
+                .counters
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            println!(
+                "  diag c16 sqlite: {:.0} tasks/s; claims {} (empty {}), mean claimed {:.2} of mean max {:.2}; claim mean {:.1} µs; finishes {} mean {:.1} µs",
+                run.rate,
+                c.claims,
+                c.empty_claims,
+                c.claimed as f64 / c.claims.max(1) as f64,
+                c.claim_max as f64 / c.claims.max(1) as f64,
+                c.claim_time.as_secs_f64() * 1e6 / c.claims.max(1) as f64,
+                c.finishes,
+                c.finish_time.as_secs_f64() * 1e6 / c.finishes.max(1) as f64,
+            );
+        }
+    }
     if "diag_store".contains(filter) || filter.starts_with("diag_store") {
         const N: usize = 50_000;
         let batches: Vec<usize> = match std::env::var("MSBD_DIAG_BATCHES") {
@@ -1261,6 +1624,8 @@ struct Figure {
 #[derive(Default)]
 struct Figures {
     list: Vec<Figure>,
+    /// Numbers written beside the figures that have no target (the host probe).
+    info: Vec<(&'static str, f64)>,
 }
 
 impl Figures {
@@ -1318,6 +1683,9 @@ impl Figures {
                 json!(figure.value)
             };
             object.insert(figure.name.to_owned(), number);
+        }
+        for (name, value) in &self.info {
+            object.insert((*name).to_owned(), json!(value));
         }
         let path = dir.join("engine.json");
         std::fs::write(

@@ -159,6 +159,7 @@ impl EngineBuilder {
             config,
             running: Mutex::new(Running::default()),
             slots_taken: AtomicUsize::new(0),
+            finishing: AtomicUsize::new(0),
             queue_paused: AtomicBool::new(false),
             gathering: AtomicBool::new(false),
             stop_deadline: Mutex::new(None),
@@ -609,7 +610,10 @@ impl Engine {
     }
 
     /// Claims and starts tasks whenever there is room, and renews the leases of running tasks,
-    /// until `cancel` fires or the engine drains.
+    /// until `cancel` fires or the engine drains. Up to [`CLAIMS_IN_FLIGHT`] claims run at once
+    /// (one while per-type limits apply): slots that free while a claim is in flight are
+    /// claimed for at once, rather than after it returns, so that a store that commits in
+    /// groups takes both in one.
     pub async fn run_dispatcher(&self, cancel: CancellationToken) -> Result<()> {
         let inner = &self.inner;
         // Promote whatever became due while no dispatcher ran.
@@ -617,17 +621,26 @@ impl Engine {
         // While tasks run and few slots are free, a claim waits briefly for more slots to free,
         // so that a saturated engine claims in batches rather than one task per completion.
         let mut gather_until: Option<tokio::time::Instant> = None;
-        loop {
+        // Each claim in flight, with the slots it reserved.
+        let mut claims: tokio::task::JoinSet<(usize, Result<Vec<Task>>)> =
+            tokio::task::JoinSet::new();
+        // Whether to claim when there is room: not after a claim found fewer tasks than it
+        // asked for, until something wakes the dispatcher (a submission, a freed slot, the poll).
+        let mut may_claim = true;
+        let outcome = loop {
             inner.gathering.store(false, Ordering::Release);
             let mut woken = pin!(inner.wake.notified());
             woken.as_mut().enable();
             if cancel.is_cancelled() || inner.draining.is_cancelled() {
-                return Ok(());
+                break Ok(());
             }
             let now = Timestamp::now();
             if inner.next_due.load(Ordering::Acquire) <= now.0 {
                 inner.next_due.store(i64::MAX, Ordering::Release);
-                let promoted = inner.store.promote_due(now).await?;
+                let promoted = match inner.store.promote_due(now).await {
+                    Ok(promoted) => promoted,
+                    Err(error) => break Err(error),
+                };
                 if let Some(at) = promoted.next_due {
                     inner.note_due(at);
                 }
@@ -639,27 +652,32 @@ impl Engine {
                 && tokio::time::Instant::now()
                     < *gather_until
                         .get_or_insert_with(|| tokio::time::Instant::now() + CLAIM_GATHER);
-            if free > 0 && !gathering && !inner.queue_paused.load(Ordering::Acquire) {
+            let room_for_a_claim = claims.len()
+                < if inner.limits().type_limits.is_empty() {
+                    CLAIMS_IN_FLIGHT
+                } else {
+                    1
+                };
+            if free > 0
+                && may_claim
+                && !gathering
+                && room_for_a_claim
+                && !inner.queue_paused.load(Ordering::Acquire)
+            {
                 gather_until = None;
                 let free = inner.reserve(free);
                 if free > 0 {
-                    let request = inner.claim_request(free, now);
-                    let claimed = match inner.store.claim(request).await {
-                        Ok(claimed) => claimed,
-                        Err(error) => {
-                            inner.release(free);
-                            return Err(error);
+                    // The request is made as the claim starts, not now: a queue or type paused
+                    // or limited meanwhile is left alone.
+                    let claiming = Arc::clone(inner);
+                    claims.spawn(async move {
+                        if claiming.queue_paused.load(Ordering::Acquire) {
+                            return (free, Ok(Vec::new()));
                         }
-                    };
-                    inner.release_unused(free, claimed.len());
-                    let full = claimed.len() == free;
-                    for task in claimed {
-                        inner.start(task);
-                    }
-                    if full {
-                        // There may be more: look again as soon as a slot frees.
-                        continue;
-                    }
+                        let request = claiming.claim_request(free, Timestamp::now());
+                        (free, claiming.store.claim(request).await)
+                    });
+                    continue;
                 }
             }
             let next_due = inner.next_due.load(Ordering::Acquire);
@@ -674,12 +692,26 @@ impl Engine {
                 inner.gathering.store(true, Ordering::Release);
             }
             tokio::select! {
-                _ = cancel.cancelled() => return Ok(()),
-                _ = inner.draining.cancelled() => return Ok(()),
-                _ = woken => {}
-                _ = tokio::time::sleep_until(wake_at) => {}
+                _ = cancel.cancelled() => break Ok(()),
+                _ = inner.draining.cancelled() => break Ok(()),
+                Some(joined) = claims.join_next(), if !claims.is_empty() => {
+                    match inner.claimed(joined) {
+                        Ok(full) => may_claim = full,
+                        Err(error) => break Err(error),
+                    }
+                }
+                _ = woken => may_claim = true,
+                _ = tokio::time::sleep_until(wake_at) => may_claim = true,
+            }
+        };
+        // Claims still in flight: their tasks are leased to this engine, so they are started
+        // (while the engine drains, that sends them back to the queue at once).
+        while let Some(joined) = claims.join_next().await {
+            if let Err(error) = inner.claimed(joined) {
+                tracing::warn!(%error, "a claim in flight as the dispatcher stopped failed");
             }
         }
+        outcome
     }
 
     /// Renews the leases of this engine's running attempts every `heartbeat_interval`, and stops
@@ -842,7 +874,9 @@ impl Engine {
             .map_or(started, |at| at.max(started));
         loop {
             let idle = inner.idle.notified();
-            if inner.slots_taken.load(Ordering::Acquire) == 0 {
+            if inner.slots_taken.load(Ordering::Acquire) == 0
+                && inner.finishing.load(Ordering::Acquire) == 0
+            {
                 break;
             }
             if tokio::time::timeout_at(drain_until.into(), idle)
@@ -877,11 +911,15 @@ struct AttemptSlot<'a> {
     inner: &'a Inner,
     id: TaskId,
     completed_in: Option<Duration>,
+    /// Whether the slot was given back when the handler ended, before the end was recorded
+    /// ([`Inner::finish_early`]).
+    given_back: bool,
 }
 
 impl Drop for AttemptSlot<'_> {
     fn drop(&mut self) {
-        self.inner.end_attempt(self.id, self.completed_in);
+        self.inner
+            .end_attempt(self.id, self.completed_in, self.given_back);
     }
 }
 
@@ -1011,6 +1049,9 @@ struct Limits {
 /// The longest a busy dispatcher waits for more free slots before claiming.
 const CLAIM_GATHER: Duration = Duration::from_millis(1);
 
+/// The most claims the dispatcher has in flight at once.
+const CLAIMS_IN_FLIGHT: usize = 2;
+
 /// How many recent durations per type the ETA remembers.
 const DURATION_WINDOW: usize = 32;
 
@@ -1047,6 +1088,9 @@ pub(crate) struct Inner {
     running: Mutex<Running>,
     /// Slots taken: running attempts plus slots reserved for claims in flight.
     slots_taken: AtomicUsize,
+    /// Attempts whose handler has ended and whose end is being recorded, having given their
+    /// slot back early (see [`Inner::finish_early`]): at most `concurrency` of them.
+    finishing: AtomicUsize,
     queue_paused: AtomicBool,
     /// Whether the dispatcher sleeps with a gather deadline (see `run_dispatcher`).
     gathering: AtomicBool,
@@ -1237,7 +1281,7 @@ impl Inner {
             return self.slots_taken.load(Ordering::Acquire);
         }
         let taken = self.slots_taken.fetch_sub(slots, Ordering::AcqRel) - slots;
-        if taken == 0 {
+        if taken == 0 && self.finishing.load(Ordering::Acquire) == 0 {
             self.idle.notify_waiters();
         }
         taken
@@ -1247,6 +1291,31 @@ impl Inner {
         self.concurrency
             .load(Ordering::Acquire)
             .saturating_sub(self.slots_taken.load(Ordering::Acquire))
+    }
+
+    /// Starts what a claim in flight brought, and gives back the slots it did not fill; says
+    /// whether it filled them all (there may be more to claim).
+    fn claimed(
+        self: &Arc<Self>,
+        joined: std::result::Result<(usize, Result<Vec<Task>>), tokio::task::JoinError>,
+    ) -> Result<bool> {
+        let (reserved, claimed) = joined.map_err(|error| Error::Store {
+            action: "claiming tasks",
+            message: format!("the claim's task ended abnormally: {error}"),
+        })?;
+        match claimed {
+            Ok(tasks) => {
+                let full = !self.release_unused(reserved, tasks.len());
+                for task in tasks {
+                    self.start(task);
+                }
+                Ok(full)
+            }
+            Err(error) => {
+                self.release(reserved);
+                Err(error)
+            }
+        }
     }
 
     fn claim_request(&self, max: usize, now: Timestamp) -> ClaimRequest {
@@ -1322,6 +1391,7 @@ impl Inner {
             inner: &self,
             id,
             completed_in: None,
+            given_back: false,
         };
         let verdict = match registered {
             // Started while the engine drains: it goes back to the queue without running.
@@ -1369,6 +1439,8 @@ impl Inner {
                 now,
                 outcome,
             };
+            // The handler is done: its slot may start the next task while the end is recorded.
+            slot.given_back = self.finish_early();
             match self.record_end(finish, &control).await {
                 Ok(true) => {
                     self.publish(TaskEvent::Status {
@@ -1423,9 +1495,37 @@ impl Inner {
         }
     }
 
-    /// Forgets a finished attempt: removes it from the running attempts, gives its slot back,
-    /// and wakes the dispatcher if it should claim.
-    fn end_attempt(&self, id: TaskId, completed_in: Option<Duration>) {
+    /// Gives the slot of an attempt whose handler has ended back before its end is recorded,
+    /// so that the next task starts while the store records this one (a store that commits in
+    /// groups then records the ends of one batch with the claim of the next). Says whether it
+    /// did: not when `concurrency` ends are being recorded already (a slow store holds the
+    /// slots, and the dispatcher claims no more than it can record). The attempt stays among
+    /// the running ones (its lease renewed) until [`Inner::end_attempt`].
+    fn finish_early(&self) -> bool {
+        let concurrency = self.concurrency.load(Ordering::Acquire);
+        let mut finishing = self.finishing.load(Ordering::Acquire);
+        loop {
+            if finishing >= concurrency {
+                return false;
+            }
+            match self.finishing.compare_exchange_weak(
+                finishing,
+                finishing + 1,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => break,
+                Err(seen) => finishing = seen,
+            }
+        }
+        let taken = self.release(1);
+        self.wake_after_release(taken);
+        true
+    }
+
+    /// Forgets a finished attempt: removes it from the running attempts, gives its slot back
+    /// (unless [`Inner::finish_early`] did), and wakes the dispatcher if it should claim.
+    fn end_attempt(&self, id: TaskId, completed_in: Option<Duration>, given_back: bool) {
         {
             let mut running = self.lock_running();
             let ended = running.tasks.remove(&id);
@@ -1433,7 +1533,19 @@ impl Inner {
                 running.record_duration(ended.kind, duration);
             }
         }
+        if given_back {
+            let finishing = self.finishing.fetch_sub(1, Ordering::AcqRel) - 1;
+            if finishing == 0 && self.slots_taken.load(Ordering::Acquire) == 0 {
+                self.idle.notify_waiters();
+            }
+            return;
+        }
         let taken = self.release(1);
+        self.wake_after_release(taken);
+    }
+
+    /// Wakes the dispatcher after a slot was given back, leaving `taken` taken.
+    fn wake_after_release(&self, taken: usize) {
         // A gathering dispatcher claims at its deadline anyway: wake it only when a claim
         // batch's worth of slots is free, or nothing runs. Any other dispatcher is woken.
         let free = self

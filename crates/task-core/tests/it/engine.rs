@@ -1301,6 +1301,8 @@ struct ParkedFinish {
     go: Notify,
     failing: AtomicUsize,
     park: bool,
+    /// Claims asked of it.
+    claims: AtomicUsize,
 }
 
 impl ParkedFinish {
@@ -1311,6 +1313,7 @@ impl ParkedFinish {
             go: Notify::new(),
             failing: AtomicUsize::new(failing),
             park: failing == 0,
+            claims: AtomicUsize::new(0),
         }
     }
 }
@@ -1329,6 +1332,7 @@ mod parked_finish {
             self.inner.submit(tasks)
         }
         fn claim(&self, request: ClaimRequest) -> StoreFuture<'_, Vec<Task>> {
+            self.claims.fetch_add(1, Ordering::Relaxed);
             self.inner.claim(request)
         }
         fn promote_due(&self, now: Timestamp) -> StoreFuture<'_, Promoted> {
@@ -1394,6 +1398,27 @@ mod parked_finish {
             self.inner.flush()
         }
     }
+}
+
+/// An idle engine claims when something wakes it (a submission, a freed slot) or its poll
+/// comes, not in a loop: a claim that finds nothing is not followed by another at once.
+#[tokio::test]
+async fn an_idle_engine_claims_only_when_woken_or_polled() {
+    let store = Arc::new(ParkedFinish::new(1));
+    let (engine, loops) =
+        started_on(Arc::clone(&store) as Arc<dyn Store>, quick_config(), |b| b).await;
+    // One task, so that claims in flight and their ends have run once.
+    let id = submit(&engine, NewTask::new("echo", json!(1))).await;
+    let _ = finished(&engine, id).await;
+    let before = store.claims.load(Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let claims = store.claims.load(Ordering::Relaxed) - before;
+    // The poll (every 50 ms) claims about 10 times in 500 ms.
+    assert!(
+        claims <= 20,
+        "an idle engine claimed {claims} times in 500 ms (idle_poll is 50 ms)"
+    );
+    loops.stop().await;
 }
 
 /// A heartbeat that runs while an attempt's end is being recorded finds the task no longer
