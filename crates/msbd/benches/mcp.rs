@@ -21,7 +21,10 @@
 //! Two floors put the round trips in proportion on the machine at hand:
 //! `diag_stdio_pipe_floor_*` (`cat` echoing the same request line over pipes: what any stdio
 //! server pays before doing any work) and `diag_http_floor_p50_us` (a bare axum route in this
-//! process answering the same POST).
+//! process answering the same POST). The figures over their floors, measured in the same run,
+//! are what moves least with the host: `mcp_stdio_call_vs_floor` (the p50 over the pipe's,
+//! target <= 6), `mcp_stdio_calls_vs_floor` (calls per second over the pipe's round trips per
+//! second, >= 0.2) and `mcp_http_call_vs_floor` (the p50 over the axum route's, <= 3).
 //!
 //! An optional argument keeps only the figures whose name contains it.
 
@@ -86,10 +89,18 @@ fn main() -> BenchResult<()> {
             println!("mcp_stdio_call_p50_us: {p50:.1} (target <= 100); mcp_stdio_calls_per_s: {per_s:.0} (target >= 20000)");
             part.insert("mcp_stdio_call_p50_us".into(), json!(round(p50)));
             part.insert("mcp_stdio_calls_per_s".into(), json!(per_s.round()));
-            let (p50, per_s) = tokio::task::spawn_blocking(pipe_floor).await.map_err(|e| e.to_string())??;
-            println!("  the floor, `cat` echoing the same request over pipes: diag_stdio_pipe_floor_p50_us {p50:.1}, diag_stdio_pipe_floor_per_s {per_s:.0}");
-            part.insert("diag_stdio_pipe_floor_p50_us".into(), json!(round(p50)));
-            part.insert("diag_stdio_pipe_floor_per_s".into(), json!(per_s.round()));
+            let (floor_p50, floor_per_s) = tokio::task::spawn_blocking(pipe_floor).await.map_err(|e| e.to_string())??;
+            println!("  the floor, `cat` echoing the same request over pipes: diag_stdio_pipe_floor_p50_us {floor_p50:.1}, diag_stdio_pipe_floor_per_s {floor_per_s:.0}");
+            part.insert("diag_stdio_pipe_floor_p50_us".into(), json!(round(floor_p50)));
+            part.insert("diag_stdio_pipe_floor_per_s".into(), json!(floor_per_s.round()));
+            // The same figures over the floor of the same run: they do not move with the host.
+            let call_ratio = p50 / floor_p50;
+            let calls_ratio = per_s / floor_per_s;
+            println!(
+                "mcp_stdio_call_vs_floor: {call_ratio:.2} (target <= 6; {p50:.1} us over {floor_p50:.1} us); mcp_stdio_calls_vs_floor: {calls_ratio:.3} (target >= 0.2; {per_s:.0}/s over {floor_per_s:.0}/s)"
+            );
+            part.insert("mcp_stdio_call_vs_floor".into(), json!(round(call_ratio)));
+            part.insert("mcp_stdio_calls_vs_floor".into(), json!((calls_ratio * 1000.0).round() / 1000.0));
             let (p50, per_s) = stdio_calls().await?;
             println!("  with rmcp's client: diag_mcp_stdio_rmcp_client_call_p50_us {p50:.1}, diag_mcp_stdio_rmcp_client_calls_per_s {per_s:.0}");
             part.insert("diag_mcp_stdio_rmcp_client_call_p50_us".into(), json!(round(p50)));
@@ -104,6 +115,9 @@ fn main() -> BenchResult<()> {
             let floor = http_floor().await?;
             println!("  the floor, a bare axum route answering the same POST in this process: diag_http_floor_p50_us {floor:.1}");
             part.insert("diag_http_floor_p50_us".into(), json!(round(floor)));
+            let ratio = p50 / floor;
+            println!("mcp_http_call_vs_floor: {ratio:.2} (target <= 3; {p50:.1} us over {floor:.1} us)");
+            part.insert("mcp_http_call_vs_floor".into(), json!(round(ratio)));
         }
         if wanted("mcp_tasks_get_vs_rmcp_ratio") {
             let (msbd, plain, rmcp) = tasks_get().await?;

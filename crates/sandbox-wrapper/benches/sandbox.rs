@@ -15,7 +15,10 @@
 //! - `sandbox_command_e2e_ms`: a `command` task `{"argv": ["true"]}`, strongest isolation;
 //! - `sandbox_command_bare_e2e_ms`: the same with `IsolationMode::Off`;
 //! - `sandbox_code_python_e2e_ms`: a `code` task `{"language": "python", "code": "1+1"}`,
-//!   strongest isolation.
+//!   strongest isolation;
+//! - `sandbox_command_vs_bwrap_ratio`: `sandbox_command_e2e_ms` over `diag_sandbox_bwrap_true_ms`
+//!   (bubblewrap alone around `true` with the same namespaces, spawned directly), both medians of
+//!   the same run: what msbd adds to bubblewrap's own cost, whatever the host (target <= 1.3).
 //!
 //! Each is the median; the part also holds its 90th percentile (`…_p90_ms`) and the isolation
 //! level it ran under (`…_isolation_level`: 0 off, 1 minimal, 2 standard, 3 strong; a part holds
@@ -106,6 +109,11 @@ const CODE_PYTHON: &str = "sandbox_code_python_e2e_ms";
 /// The figures and their targets (at most, in ms).
 const FIGURES: [(&str, f64); 3] = [(COMMAND, 10.0), (COMMAND_BARE, 2.0), (CODE_PYTHON, 5.0)];
 
+/// `sandbox_command_e2e_ms` over `diag_sandbox_bwrap_true_ms`, both medians of the same run.
+const VS_BWRAP: &str = "sandbox_command_vs_bwrap_ratio";
+/// Its target (at most).
+const VS_BWRAP_TARGET: f64 = 1.3;
+
 const DIAG_ENGINE: &str = "diag_sandbox_engine_noop_e2e_ms";
 const DIAG_LOCAL: &str = "diag_sandbox_local_exec_true_ms";
 const DIAG_LOCAL_CLOSED_PAUSE: &str = "diag_sandbox_local_exec_closed_pause_true_ms";
@@ -151,6 +159,14 @@ fn main() -> BenchResult<()> {
             .into_iter()
             .filter(|name| matches(&[(*name).to_owned()])),
     );
+    // The ratio needs both of its measurements.
+    if matches(&[VS_BWRAP.to_owned()]) {
+        for name in [COMMAND, DIAG_BWRAP] {
+            if !wanted.contains(&name) {
+                wanted.push(name);
+            }
+        }
+    }
     if wanted.is_empty() {
         eprintln!(
             "no bench matches the filter {filter:?}; the names are {}, {}",
@@ -167,12 +183,22 @@ fn main() -> BenchResult<()> {
     };
     drop(runtime);
 
+    let median_of = |name: &str| {
+        results
+            .iter()
+            .find(|result| result.name == name)
+            .map(|result| percentile_ms(&result.samples, 50.0))
+    };
+    let vs_bwrap = median_of(COMMAND).zip(median_of(DIAG_BWRAP));
     let mut part = Part::default();
     for result in results {
         match FIGURES.iter().find(|(name, _)| *name == result.name) {
             Some((_, target)) => part.latency(result, *target),
             None => part.diag(result),
         }
+    }
+    if let Some((command, bwrap)) = vs_bwrap {
+        part.ratio(VS_BWRAP, command / bwrap, VS_BWRAP_TARGET, command, bwrap);
     }
     let path = part.write()?;
     println!();
@@ -1281,6 +1307,24 @@ impl Part {
             format!("<= {target_ms} ms"),
             status.to_owned(),
             level_word(&isolation),
+        ]);
+    }
+
+    /// A ratio of two medians of this run, with its target (at most).
+    fn ratio(&mut self, name: &str, ratio: f64, target: f64, over: f64, under: f64) {
+        let status = if ratio <= target { "met" } else { "MISSED" };
+        println!(
+            "{name}: {ratio:.2} ({over:.3} ms over {under:.3} ms)  [target <= {target}: {status}]"
+        );
+        self.entries
+            .push((name.to_owned(), json!((ratio * 100.0).round() / 100.0)));
+        self.rows.push([
+            name.to_owned(),
+            format!("{ratio:.2}"),
+            String::new(),
+            format!("<= {target}"),
+            status.to_owned(),
+            String::new(),
         ]);
     }
 

@@ -610,7 +610,7 @@ impl Engine {
     }
 
     /// Claims and starts tasks whenever there is room, and renews the leases of running tasks,
-    /// until `cancel` fires or the engine drains. Up to [`CLAIMS_IN_FLIGHT`] claims run at once
+    /// until `cancel` fires or the engine drains. Up to two claims run at once
     /// (one while per-type limits apply): slots that free while a claim is in flight are
     /// claimed for at once, rather than after it returns, so that a store that commits in
     /// groups takes both in one.
