@@ -33,6 +33,9 @@ struct Cli {
 enum Command {
     /// Serve MCP clients (over stdio or HTTP).
     Serve(ServeArgs),
+    /// Serve MCP over stdio and the web console on ADDR, from one process (the same as `msbd
+    /// serve --console ADDR`).
+    Console(ConsoleArgs),
     /// Print the effective configuration, with where each value came from.
     Config(ConfigArgs),
     /// Check sandbox isolation and the task store.
@@ -50,6 +53,18 @@ struct ServeArgs {
     /// Where the HTTP transport listens, IP:PORT or HOST:PORT [overrides MSB_HTTP_ADDR].
     #[arg(long, value_name = "ADDR")]
     listen: Option<String>,
+    /// Where the web console listens beside the stdio transport [overrides MSB_CONSOLE_ADDR].
+    #[arg(long, value_name = "ADDR")]
+    console: Option<String>,
+}
+
+/// The flags of `console`.
+#[derive(Debug, Args)]
+struct ConsoleArgs {
+    /// Where the web console listens, IP:PORT or HOST:PORT (beyond loopback it needs
+    /// MSB_OPERATOR_TOKEN or MSB_AUTH_TOKEN).
+    #[arg(long, value_name = "ADDR")]
+    listen: String,
 }
 
 #[derive(Debug, Args)]
@@ -75,14 +90,20 @@ impl Cli {
     fn overrides(&self) -> config::Overrides {
         let serve = match &self.command {
             Command::Serve(serve) | Command::Config(ConfigArgs { serve, .. }) => Some(serve),
-            Command::Doctor | Command::Client(_) => None,
+            Command::Console(_) | Command::Doctor | Command::Client(_) => None,
         };
-        config::Overrides {
+        let mut overrides = config::Overrides {
             transport: serve.and_then(|serve| serve.transport),
             listen: serve.and_then(|serve| serve.listen.clone()),
             data_dir: self.data_dir.clone(),
             log_level: self.log_level.clone(),
+            console: serve.and_then(|serve| serve.console.clone()),
+        };
+        if let Command::Console(console) = &self.command {
+            overrides.transport = Some(config::Transport::Stdio);
+            overrides.console = Some(console.listen.clone());
         }
+        overrides
     }
 }
 
@@ -99,7 +120,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Client(command) => Ok(cli::run(command)),
         Command::Config(args) => Ok(show_config(&args, &overrides)),
-        command @ (Command::Serve(_) | Command::Doctor) => {
+        command @ (Command::Serve(_) | Command::Console(_) | Command::Doctor) => {
             let loaded = match config::load(config::environment(), &overrides) {
                 Ok(loaded) => loaded,
                 Err(errors) => {

@@ -163,7 +163,7 @@ variables! {
     /// `MSB_TRANSPORT=http` the console is at `/ui` on `MSB_HTTP_ADDR` and this is not used. An
     /// address that is not loopback requires `MSB_OPERATOR_TOKEN` or `MSB_AUTH_TOKEN`.
     MSB_CONSOLE_ADDR: console_addr: Addr = unset("no web console with the stdio transport"),
-        group = Group::Daemon, flag = None, secret = false,
+        group = Group::Daemon, flag = Some("--console"), secret = false,
         show = |c| c.console_addr.map(|a| a.to_string());
 
     /// The largest HTTP request body msbd accepts, in bytes (at least 1024); a larger request

@@ -355,6 +355,8 @@ pub struct Overrides {
     pub data_dir: Option<PathBuf>,
     /// `--log-level` (overrides `MSB_LOG_LEVEL`).
     pub log_level: Option<String>,
+    /// `--console` of `serve`, `--listen` of `console` (overrides `MSB_CONSOLE_ADDR`).
+    pub console: Option<String>,
 }
 
 /// Where a value came from.
@@ -506,6 +508,7 @@ pub fn load(
         ("MSB_HTTP_ADDR", overrides.listen.is_some()),
         ("MSB_DATA_DIR", overrides.data_dir.is_some()),
         ("MSB_LOG_LEVEL", overrides.log_level.is_some()),
+        ("MSB_CONSOLE_ADDR", overrides.console.is_some()),
     ];
     for (name, given) in flagged {
         if given {
@@ -531,6 +534,15 @@ pub fn load(
             Err(reason) => check.fail(
                 "MSB_HTTP_ADDR",
                 format!("--listen {}: {reason}", quoted(listen)),
+            ),
+        }
+    }
+    if let Some(console) = &overrides.console {
+        match Addr::parse(console) {
+            Ok(addr) => raw.console_addr = Some(addr),
+            Err(reason) => check.fail(
+                "MSB_CONSOLE_ADDR",
+                format!("--console {}: {reason}", quoted(console)),
             ),
         }
     }

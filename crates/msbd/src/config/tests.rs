@@ -505,6 +505,31 @@ fn the_memory_limit_must_fit_one_session_of_the_default_flavor() {
 }
 
 #[test]
+fn the_console_flag_wins_over_the_environment_and_a_bad_one_is_named() {
+    let overrides = Overrides {
+        console: Some("127.0.0.1:9100".to_owned()),
+        ..Overrides::default()
+    };
+    let loaded = ok_with(&[("MSB_CONSOLE_ADDR", "127.0.0.1:1")], &overrides);
+    assert_eq!(
+        loaded.config.console_addr,
+        Some(SocketAddr::from(([127, 0, 0, 1], 9100)))
+    );
+    assert_eq!(
+        loaded.sources["MSB_CONSOLE_ADDR"],
+        Source::Flag("--console")
+    );
+    let overrides = Overrides {
+        console: Some("nowhere".to_owned()),
+        ..Overrides::default()
+    };
+    let errors = load(vars(&[HOME]), &overrides).unwrap_err().errors;
+    assert_eq!(errors.len(), 1, "{errors:#?}");
+    assert_eq!(errors[0].variable, "MSB_CONSOLE_ADDR");
+    assert!(errors[0].to_string().contains("--console"), "{}", errors[0]);
+}
+
+#[test]
 fn a_host_name_listens_on_what_it_resolves_to() {
     // localhost (from /etc/hosts, no DNS) is a loopback address: no token needed.
     let loaded = ok(&[("MSB_HTTP_ADDR", "localhost:8765")]);
@@ -559,6 +584,7 @@ fn flags_override_the_environment_and_say_so() {
         listen: Some("127.0.0.1:9999".parse().unwrap()),
         data_dir: Some(PathBuf::from("/flag/dir")),
         log_level: Some("debug".to_owned()),
+        console: None,
     };
     let loaded = ok_with(
         &[

@@ -386,12 +386,12 @@ async fn a_stdio_daemon_serves_the_console_on_its_own_address() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         listener.local_addr().unwrap().port()
     };
+    // `msbd console --listen ADDR`: `msbd serve` with the console on ADDR (MSB_CONSOLE_ADDR).
     let mut command = tokio::process::Command::new(crate::common::MSBD);
     command
-        .arg("serve")
+        .args(["console", "--listen", &format!("127.0.0.1:{port}")])
         .env("MSB_DATA_DIR", dir.path())
         .env("MSB_LOG_LEVEL", "warn")
-        .env("MSB_CONSOLE_ADDR", format!("127.0.0.1:{port}"))
         .stderr(std::process::Stdio::inherit());
     let transport = rmcp::transport::TokioChildProcess::new(command).unwrap();
     let client = Client::default().serve(transport).await.unwrap();
