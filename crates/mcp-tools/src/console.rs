@@ -154,13 +154,16 @@ impl Console {
         }))
     }
 
-    /// One task as `check_task_status` shows it (its `task`), with its owner and parameters.
-    /// Another principal's is `TASK_NOT_FOUND` (the operator's console sees every task).
+    /// One task as `check_task_status` shows it (its `task`), with its owner, parameters and
+    /// result (what it returned once completed, or what a failed run left, as
+    /// `get_task_result`'s `result`). Another principal's is `TASK_NOT_FOUND` (the operator's
+    /// console sees every task).
     pub async fn task(&self, id: &str) -> Result<Value, ConsoleError> {
         let task = self.server.owned_task(id).await?;
         let mut view = serde_json::to_value(self.server.view(&task)).unwrap_or(Value::Null);
         view["owner"] = json!(task.owner);
         view["params"] = task.params;
+        view["result"] = task.result.unwrap_or(Value::Null);
         Ok(view)
     }
 

@@ -482,6 +482,13 @@ pub(super) fn task_page(
         }
         body.push_str("</tbody></table>");
     }
+    if let Some(result) = task.get("result").filter(|r| !r.is_null()) {
+        let _ = write!(
+            body,
+            "<h2>Result</h2><pre id=\"result\">{}</pre>",
+            esc(&serde_json::to_string_pretty(result).unwrap_or_default())
+        );
+    }
     body.push_str("<h2>Parameters</h2>");
     let _ = write!(
         body,

@@ -658,6 +658,12 @@ async fn the_operator_sets_limits_and_sees_what_sessions_use_and_each_task_histo
         at += found + event.len();
     }
     assert!(html.contains("<th>Node</th>"), "{html}");
+    // The failed run's result: its exit code, as get_task_result gives it.
+    let result = &html[html.find("id=\"result\">").expect("a result")..];
+    assert!(
+        result[..result.find("</pre>").unwrap()].contains("&quot;exit_code&quot;: 3"),
+        "{result}"
+    );
     assert!(
         html.contains("this msbd"),
         "a SQLite store's attempts ran here: {html}"
