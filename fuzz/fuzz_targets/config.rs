@@ -206,5 +206,13 @@ fn overrides(flags: u8) -> Overrides {
             (true, false) => Some("debug".to_owned()),
             (true, true) => Some("msbd=trace,not a directive!".to_owned()),
         },
+        // `--console`: a loopback address, or one beyond it (which needs a token).
+        console: bit(7).then(|| {
+            if bit(3) {
+                SocketAddr::from(([0, 0, 0, 0], 8766)).to_string()
+            } else {
+                "127.0.0.1:0".to_owned()
+            }
+        }),
     }
 }
