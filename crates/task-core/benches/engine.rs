@@ -470,13 +470,7 @@ async fn c16_burn_down(
     store: Arc<dyn Store>,
     postgres: Option<Arc<PostgresStore>>,
 ) -> BenchResult<C16Run> {
-    for _ in 0..C16_TASKS / SUBMIT_BATCH {
-        let now = Timestamp::now();
-        let tasks = (0..SUBMIT_BATCH)
-            .map(|_| NewTask::new(NOOP, Value::Null).into_task(TaskId::new(), now))
-            .collect();
-        store.submit(tasks).await?;
-    }
+    queue_noops(&*store, C16_TASKS).await?;
     store.flush().await?;
     let first_call: Arc<std::sync::OnceLock<Instant>> = Arc::default();
     let mut config = EngineConfig {
@@ -538,12 +532,24 @@ async fn c16_burn_down(
 }
 
 /// The SQLite store (NORMAL) alone, with no engine: `n` no-op tasks submitted, then claimed
-/// `batch` at a time, each batch finished concurrently; claims and finishes per second.
+/// `batch` at a time, each batch finished concurrently (as `diag_store`); claims and finishes
+/// per second.
 async fn store_alone(n: usize, batch: usize) -> BenchResult<f64> {
     let dir = tempfile::tempdir()?;
-    let store = Arc::new(SqliteStore::open(SqliteConfig::new(
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(SqliteConfig::new(
         dir.path().join("alone.sqlite3"),
     ))?);
+    queue_noops(&*store, n).await?;
+    store.flush().await?;
+    let run = claim_and_finish(store, batch).await?;
+    if run.finished != n {
+        return Err(format!("the store alone finished {} of {n} tasks", run.finished).into());
+    }
+    Ok(n as f64 / (run.claim + run.finish).as_secs_f64())
+}
+
+/// Puts `n` queued no-op tasks in `store`, [`SUBMIT_BATCH`] per write.
+async fn queue_noops(store: &dyn Store, n: usize) -> BenchResult<()> {
     for _ in 0..n / SUBMIT_BATCH {
         let now = Timestamp::now();
         let tasks = (0..SUBMIT_BATCH)
@@ -551,11 +557,27 @@ async fn store_alone(n: usize, batch: usize) -> BenchResult<f64> {
             .collect();
         store.submit(tasks).await?;
     }
-    store.flush().await?;
-    let started = Instant::now();
-    let mut done = 0;
+    Ok(())
+}
+
+/// What [`claim_and_finish`] took: the time in claims, in finishes, and the tasks finished.
+struct StoreRun {
+    claim: Duration,
+    finish: Duration,
+    finished: usize,
+}
+
+/// Claims `batch` tasks at a time from `store`, with no engine, and finishes each batch
+/// concurrently, until nothing is left to claim.
+async fn claim_and_finish(store: Arc<dyn Store>, batch: usize) -> BenchResult<StoreRun> {
+    let mut run = StoreRun {
+        claim: Duration::ZERO,
+        finish: Duration::ZERO,
+        finished: 0,
+    };
     loop {
         let now = Timestamp::now();
+        let started = Instant::now();
         let claimed = store
             .claim(ClaimRequest {
                 max: batch,
@@ -565,9 +587,11 @@ async fn store_alone(n: usize, batch: usize) -> BenchResult<f64> {
                 type_room: Vec::new(),
             })
             .await?;
+        run.claim += started.elapsed();
         if claimed.is_empty() {
-            break;
+            return Ok(run);
         }
+        let started = Instant::now();
         let mut set = JoinSet::new();
         for task in claimed {
             let store = Arc::clone(&store);
@@ -582,14 +606,10 @@ async fn store_alone(n: usize, batch: usize) -> BenchResult<f64> {
             set.spawn(async move { store.finish(finish).await });
         }
         while let Some(joined) = set.join_next().await {
-            done += usize::from(joined??);
+            run.finished += usize::from(joined??);
         }
+        run.finish += started.elapsed();
     }
-    let elapsed = started.elapsed();
-    if done != n {
-        return Err(format!("the store alone finished {done} of {n} tasks").into());
-    }
-    Ok(n as f64 / elapsed.as_secs_f64())
 }
 
 /// A fixed single-thread integer workload (a xorshift walk over a 4 MiB table, 50 million
@@ -1434,55 +1454,12 @@ fn diagnostics(runtime: &Runtime, filter: &str) -> BenchResult<()> {
                     conn.execute_batch(&format!("DROP INDEX {index}"))?;
                 }
             }
-            let store = Arc::new(SqliteStore::open(SqliteConfig::new(&path))?);
-            let (submit, claim, finish) = runtime.block_on(async {
+            let store: Arc<dyn Store> = Arc::new(SqliteStore::open(SqliteConfig::new(&path))?);
+            let (submit, StoreRun { claim, finish, .. }) = runtime.block_on(async {
                 let started = Instant::now();
-                for _ in 0..n / SUBMIT_BATCH {
-                    let now = Timestamp::now();
-                    let tasks = (0..SUBMIT_BATCH)
-                        .map(|_| NewTask::new(NOOP, Value::Null).into_task(TaskId::new(), now))
-                        .collect();
-                    store.submit(tasks).await?;
-                }
+                queue_noops(&*store, n).await?;
                 let submit = started.elapsed();
-                let mut claim = Duration::ZERO;
-                let mut finish = Duration::ZERO;
-                loop {
-                    let now = Timestamp::now();
-                    let started = Instant::now();
-                    let claimed = store
-                        .claim(ClaimRequest {
-                            max: batch,
-                            now,
-                            lease_until: now.after(Duration::from_secs(600)),
-                            exclude_types: Vec::new(),
-                            type_room: Vec::new(),
-                        })
-                        .await?;
-                    claim += started.elapsed();
-                    if claimed.is_empty() {
-                        break;
-                    }
-                    let started = Instant::now();
-                    let mut set = JoinSet::new();
-                    for task in claimed {
-                        let store = Arc::clone(&store);
-                        let f = Finish {
-                            id: task.id,
-                            attempt: task.attempt,
-                            now,
-                            outcome: Outcome::Completed {
-                                result: Value::Null,
-                            },
-                        };
-                        set.spawn(async move { store.finish(f).await });
-                    }
-                    while let Some(joined) = set.join_next().await {
-                        joined??;
-                    }
-                    finish += started.elapsed();
-                }
-                Ok::<_, Box<dyn std::error::Error + Send + Sync>>((submit, claim, finish))
+                BenchResult::Ok((submit, claim_and_finish(store, batch).await?))
             })?;
             println!(
                 "  diag store sqlite, {n} tasks, claim {batch} then finish them concurrently: {:.0} tasks/s (claim {:.1} µs/task, finish {:.1} µs/task); submit {:.0} tasks/s",

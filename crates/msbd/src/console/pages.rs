@@ -546,11 +546,10 @@ fn history(task: &Value) -> String {
         .unwrap_or(0);
     for attempt in &attempts {
         let n = attempt["attempt"].as_u64().unwrap_or(0);
-        let node = if attempt["node"].is_null() {
-            String::new()
-        } else {
-            format!(" on {}", attempt["node"].as_str().unwrap_or(""))
-        };
+        let node = attempt["node"]
+            .as_str()
+            .map(|node| format!(" on {node}"))
+            .unwrap_or_default();
         push(
             &attempt["started_at"],
             "running",

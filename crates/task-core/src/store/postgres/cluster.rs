@@ -13,7 +13,7 @@
 
 use tokio_postgres::Row;
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::store::{ClusterNode, DatabaseStatus};
 
 /// What the errors of this module say was being done.
@@ -56,8 +56,7 @@ pub(super) const DATABASE: &str = "SELECT current_setting('server_version') AS s
 
 /// Reads one column by its name, naming it in the error.
 fn column<'a, T: tokio_postgres::types::FromSql<'a>>(row: &'a Row, name: &str) -> Result<T> {
-    row.try_get(name)
-        .map_err(|e| Error::store(ACTION, format!("column {name}: {e}")))
+    super::rows::column_of(row, name, ACTION)
 }
 
 /// The nodes of [`NODES`]' rows, sorted by name; `own` is the name of the node asking.

@@ -42,10 +42,19 @@ pub(super) fn big(value: u64) -> i64 {
     i64::try_from(value).unwrap_or(i64::MAX)
 }
 
-/// Reads one column by its name, naming it in the error.
+/// Reads one column of a task's row by its name, naming it in the error.
 fn column<'a, T: tokio_postgres::types::FromSql<'a>>(row: &'a Row, name: &str) -> Result<T> {
+    column_of(row, name, "reading a task")
+}
+
+/// Reads one column by its name; an error names the column and what was being done.
+pub(super) fn column_of<'a, T: tokio_postgres::types::FromSql<'a>>(
+    row: &'a Row,
+    name: &str,
+    action: &'static str,
+) -> Result<T> {
     row.try_get(name)
-        .map_err(|e| Error::store("reading a task", format!("column {name}: {e}")))
+        .map_err(|e| Error::store(action, format!("column {name}: {e}")))
 }
 
 fn bad(what: &str, value: impl std::fmt::Display) -> Error {
