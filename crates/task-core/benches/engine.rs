@@ -1530,6 +1530,9 @@ impl Store for CountingStore {
             Ok(done)
         })
     }
+    fn release(&self, held: Vec<(TaskId, u32)>, now: Timestamp) -> StoreFuture<'_, usize> {
+        self.inner.release(held, now)
+    }
     fn progress(&self, update: ProgressUpdate) -> StoreFuture<'_, bool> {
         self.inner.progress(update)
     }

@@ -173,6 +173,12 @@ impl EngineBuilder {
             waiter_count: AtomicUsize::new(0),
             workers: TaskTracker::new(),
             leases_lost: AtomicU64::new(0),
+            ahead: Mutex::new(VecDeque::new()),
+            ahead_len: AtomicUsize::new(0),
+            ahead_on: AtomicBool::new(false),
+            ahead_low: AtomicUsize::new(0),
+            recent_run_us: AtomicU64::new(u64::MAX),
+            ahead_stale: AtomicBool::new(false),
         });
         if inner.config.recover_running_at_start {
             let recovered = inner
@@ -451,6 +457,7 @@ impl Engine {
     /// Stops starting tasks (running ones go on).
     pub fn pause_queue(&self) {
         self.inner.queue_paused.store(true, Ordering::Release);
+        self.inner.hold_ahead();
     }
 
     /// Starts tasks again.
@@ -470,6 +477,7 @@ impl Engine {
             .limits()
             .paused_types
             .insert(task_type.to_owned());
+        self.inner.hold_ahead();
     }
 
     /// Starts tasks of one type again.
@@ -506,7 +514,7 @@ impl Engine {
             None => limits.type_limits.remove(task_type),
         };
         drop(limits);
-        self.inner.wake.notify_one();
+        self.inner.hold_ahead();
     }
 
     /// The limits of single types' tasks running at once ([`Engine::set_type_limit`]), sorted
@@ -609,11 +617,16 @@ impl Engine {
         }
     }
 
-    /// Claims and starts tasks whenever there is room, and renews the leases of running tasks,
-    /// until `cancel` fires or the engine drains. Up to two claims run at once
-    /// (one while per-type limits apply): slots that free while a claim is in flight are
-    /// claimed for at once, rather than after it returns, so that a store that commits in
-    /// groups takes both in one.
+    /// Claims and starts tasks whenever there is room, until `cancel` fires or the engine
+    /// drains. Up to two claims run at once (one while per-type limits apply): slots that free
+    /// while a claim is in flight are claimed for at once, rather than after it returns, so
+    /// that a store that commits in groups takes both in one.
+    ///
+    /// While handlers run short, it also claims ahead of the workers (up to
+    /// [`AHEAD_PER_SLOT`] tasks per slot, at most [`AHEAD_MAX`]): a slot that frees then starts
+    /// a claimed task at once. Tasks claimed ahead are given back to the queue when the queue
+    /// or a type is paused, per-type limits are set, one has waited [`AHEAD_MAX_WAIT`], or the
+    /// dispatcher stops.
     pub async fn run_dispatcher(&self, cancel: CancellationToken) -> Result<()> {
         let inner = &self.inner;
         // Promote whatever became due while no dispatcher ran.
@@ -621,9 +634,12 @@ impl Engine {
         // While tasks run and few slots are free, a claim waits briefly for more slots to free,
         // so that a saturated engine claims in batches rather than one task per completion.
         let mut gather_until: Option<tokio::time::Instant> = None;
-        // Each claim in flight, with the slots it reserved.
-        let mut claims: tokio::task::JoinSet<(usize, Result<Vec<Task>>)> =
+        // Each claim in flight, with the slots it reserved and the tasks it asked for beyond
+        // them (to wait in `ahead`).
+        let mut claims: tokio::task::JoinSet<(usize, usize, Result<Vec<Task>>)> =
             tokio::task::JoinSet::new();
+        // Tasks asked for to wait in `ahead` by the claims in flight.
+        let mut ahead_asked = 0;
         // Whether to claim when there is room: not after a claim found fewer tasks than it
         // asked for, until something wakes the dispatcher (a submission, a freed slot, the poll).
         let mut may_claim = true;
@@ -645,8 +661,27 @@ impl Engine {
                     inner.note_due(at);
                 }
             }
+            let ahead_target = inner.ahead_target();
+            inner.ahead_on.store(ahead_target > 0, Ordering::Release);
+            inner
+                .ahead_low
+                .store(ahead_target.div_ceil(2), Ordering::Release);
+            let oldest_ahead = inner.oldest_ahead();
+            if let Some(since) = oldest_ahead
+                && (ahead_target == 0 || since.elapsed() >= AHEAD_MAX_WAIT)
+            {
+                if ahead_target > 0 {
+                    inner.ahead_stale.store(true, Ordering::Release);
+                }
+                inner.give_back_ahead().await;
+                continue;
+            }
             let free = inner.free_slots();
-            let gathering = free > 0
+            let want_ahead =
+                ahead_target.saturating_sub(inner.ahead_len.load(Ordering::Acquire) + ahead_asked);
+            let refill = ahead_target > 0 && want_ahead >= ahead_target.div_ceil(2);
+            let gathering = ahead_target == 0
+                && free > 0
                 && free < inner.claim_batch()
                 && inner.slots_taken.load(Ordering::Acquire) > 0
                 && tokio::time::Instant::now()
@@ -658,24 +693,25 @@ impl Engine {
                 } else {
                     1
                 };
-            if free > 0
+            if (free > 0 && !gathering || refill)
                 && may_claim
-                && !gathering
                 && room_for_a_claim
                 && !inner.queue_paused.load(Ordering::Acquire)
             {
                 gather_until = None;
-                let free = inner.reserve(free);
-                if free > 0 {
+                let reserved = inner.reserve(free);
+                let extra = if ahead_target > 0 { want_ahead } else { 0 };
+                if reserved + extra > 0 {
+                    ahead_asked += extra;
                     // The request is made as the claim starts, not now: a queue or type paused
                     // or limited meanwhile is left alone.
                     let claiming = Arc::clone(inner);
                     claims.spawn(async move {
                         if claiming.queue_paused.load(Ordering::Acquire) {
-                            return (free, Ok(Vec::new()));
+                            return (reserved, extra, Ok(Vec::new()));
                         }
-                        let request = claiming.claim_request(free, Timestamp::now());
-                        (free, claiming.store.claim(request).await)
+                        let request = claiming.claim_request(reserved + extra, Timestamp::now());
+                        (reserved, extra, claiming.store.claim(request).await)
                     });
                     continue;
                 }
@@ -691,10 +727,15 @@ impl Engine {
                 wake_at = wake_at.min(until);
                 inner.gathering.store(true, Ordering::Release);
             }
+            if let Some(since) = oldest_ahead {
+                wake_at = wake_at.min((since + AHEAD_MAX_WAIT).into());
+            }
             tokio::select! {
                 _ = cancel.cancelled() => break Ok(()),
                 _ = inner.draining.cancelled() => break Ok(()),
                 Some(joined) = claims.join_next(), if !claims.is_empty() => {
+                    let asked = joined.as_ref().map_or(0, |(_, extra, _)| *extra);
+                    ahead_asked = if claims.is_empty() { 0 } else { ahead_asked.saturating_sub(asked) };
                     match inner.claimed(joined) {
                         Ok(full) => may_claim = full,
                         Err(error) => break Err(error),
@@ -704,13 +745,15 @@ impl Engine {
                 _ = tokio::time::sleep_until(wake_at) => may_claim = true,
             }
         };
-        // Claims still in flight: their tasks are leased to this engine, so they are started
-        // (while the engine drains, that sends them back to the queue at once).
+        inner.ahead_on.store(false, Ordering::Release);
+        // Claims still in flight: their tasks are leased to this engine. While it drains, or
+        // when only this loop stops, they are given back with those waiting in `ahead`.
         while let Some(joined) = claims.join_next().await {
             if let Err(error) = inner.claimed(joined) {
                 tracing::warn!(%error, "a claim in flight as the dispatcher stopped failed");
             }
         }
+        inner.give_back_ahead().await;
         outcome
     }
 
@@ -868,6 +911,9 @@ impl Engine {
         *lock(&inner.stop_deadline) = Some(abort_by);
         inner.accepting.store(false, Ordering::Release);
         inner.draining.cancel();
+        inner.ahead_on.store(false, Ordering::Release);
+        // Tasks claimed ahead never started: they go back to the queue as they were.
+        inner.give_back_ahead().await;
         let running_at_start = inner.lock_running().tasks.len();
         let drain_until = abort_by
             .checked_sub(inner.config.cancel_grace)
@@ -886,6 +932,8 @@ impl Engine {
                 break;
             }
         }
+        // What claims in flight brought meanwhile.
+        inner.give_back_ahead().await;
         let left: Vec<TaskId> = inner.lock_running().tasks.keys().copied().collect();
         for id in &left {
             inner.stop_running(*id, StopReason::Shutdown);
@@ -908,7 +956,7 @@ type LoopFn =
 
 /// The slot of a running attempt, given back when the attempt ends however it ends.
 struct AttemptSlot<'a> {
-    inner: &'a Inner,
+    inner: &'a Arc<Inner>,
     id: TaskId,
     completed_in: Option<Duration>,
     /// Whether the slot was given back when the handler ended, before the end was recorded
@@ -1052,6 +1100,18 @@ const CLAIM_GATHER: Duration = Duration::from_millis(1);
 /// The most claims the dispatcher has in flight at once.
 const CLAIMS_IN_FLIGHT: usize = 2;
 
+/// Tasks claimed ahead of the workers, per slot of concurrency, and at most.
+const AHEAD_PER_SLOT: usize = 4;
+const AHEAD_MAX: usize = 256;
+
+/// Tasks are claimed ahead only while handlers run shorter than this on average: then a slot
+/// frees often enough that a claimed-ahead task waits less than a claim takes.
+const AHEAD_SHORT_RUN: Duration = Duration::from_millis(2);
+
+/// The longest a claimed-ahead task waits for a slot before the dispatcher gives it back to
+/// the queue (where another node, or a later claim, takes it).
+const AHEAD_MAX_WAIT: Duration = Duration::from_millis(20);
+
 /// How many recent durations per type the ETA remembers.
 const DURATION_WINDOW: usize = 32;
 
@@ -1107,6 +1167,32 @@ pub(crate) struct Inner {
     workers: TaskTracker,
     /// Running attempts stopped because their lease was lost.
     leases_lost: AtomicU64,
+    /// Tasks claimed ahead of the workers: leased to this engine and among its running
+    /// attempts (so that heartbeats renew their leases and commands reach them), each waiting
+    /// for a slot. A slot that frees starts the first of them at once, with no store round
+    /// trip in between. See [`Inner::ahead_target`].
+    ahead: Mutex<VecDeque<AheadTask>>,
+    /// How many tasks wait in `ahead`, read without its lock.
+    ahead_len: AtomicUsize,
+    /// Whether tasks waiting in `ahead` may start: off while the queue or a type is paused,
+    /// per-type limits apply, or the engine drains (the dispatcher then gives them back).
+    ahead_on: AtomicBool,
+    /// Below how many waiting tasks a slot that starts one wakes the dispatcher to claim more.
+    ahead_low: AtomicUsize,
+    /// How long recent handlers ran, in microseconds (a moving average; `u64::MAX` until one
+    /// has ended): tasks are claimed ahead only while it is short.
+    recent_run_us: AtomicU64,
+    /// Set when tasks claimed ahead waited too long and were given back: no more are claimed
+    /// ahead until a handler ends (the slots are held by long runs meanwhile).
+    ahead_stale: AtomicBool,
+}
+
+/// A task claimed ahead of the workers (see `Inner::ahead`).
+struct AheadTask {
+    task: Task,
+    registered: Option<Registered>,
+    control: Arc<Control>,
+    since: Instant,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -1293,27 +1379,158 @@ impl Inner {
             .saturating_sub(self.slots_taken.load(Ordering::Acquire))
     }
 
-    /// Starts what a claim in flight brought, and gives back the slots it did not fill; says
-    /// whether it filled them all (there may be more to claim).
+    /// Starts what a claim in flight brought in the slots it reserved, gives back those it did
+    /// not fill, and keeps the rest in `ahead` (or starts them, where slots freed meanwhile);
+    /// says whether the claim found all it asked for (there may be more to claim). While the
+    /// engine drains, nothing starts: every task waits in `ahead` to be given back.
     fn claimed(
         self: &Arc<Self>,
-        joined: std::result::Result<(usize, Result<Vec<Task>>), tokio::task::JoinError>,
+        joined: std::result::Result<(usize, usize, Result<Vec<Task>>), tokio::task::JoinError>,
     ) -> Result<bool> {
-        let (reserved, claimed) = joined.map_err(|error| Error::Store {
+        let (reserved, extra, claimed) = joined.map_err(|error| Error::Store {
             action: "claiming tasks",
             message: format!("the claim's task ended abnormally: {error}"),
         })?;
         match claimed {
             Ok(tasks) => {
-                let full = !self.release_unused(reserved, tasks.len());
+                let full = tasks.len() >= reserved + extra;
+                let draining = self.draining.is_cancelled();
+                let mut tasks = tasks.into_iter();
+                let mut started = 0;
+                if !draining {
+                    for task in tasks.by_ref().take(reserved) {
+                        self.start(task);
+                        started += 1;
+                    }
+                }
+                self.release(reserved - started);
                 for task in tasks {
-                    self.start(task);
+                    if !draining && self.ahead_on.load(Ordering::Acquire) && self.reserve(1) == 1 {
+                        self.start(task);
+                    } else {
+                        self.park_ahead(task);
+                    }
                 }
                 Ok(full)
             }
             Err(error) => {
                 self.release(reserved);
                 Err(error)
+            }
+        }
+    }
+
+    /// How many tasks the dispatcher keeps claimed ahead of the workers: none while the queue
+    /// or a type is paused, per-type limits apply (their room is counted at each claim), or
+    /// handlers do not run short (a claimed task would wait for a slot longer than a claim
+    /// takes, and hold a task that another node could run).
+    fn ahead_target(&self) -> usize {
+        if self.queue_paused.load(Ordering::Acquire)
+            || self.draining.is_cancelled()
+            || self.ahead_stale.load(Ordering::Acquire)
+            || self.recent_run_us.load(Ordering::Acquire) > AHEAD_SHORT_RUN.as_micros() as u64
+        {
+            return 0;
+        }
+        let limits = self.limits();
+        if !limits.type_limits.is_empty() || !limits.paused_types.is_empty() {
+            return 0;
+        }
+        drop(limits);
+        (self.concurrency.load(Ordering::Acquire) * AHEAD_PER_SLOT).min(AHEAD_MAX)
+    }
+
+    /// Stops starting tasks claimed ahead, and wakes the dispatcher to give them back (a pause,
+    /// a per-type limit).
+    fn hold_ahead(&self) {
+        self.ahead_on.store(false, Ordering::Release);
+        self.wake.notify_one();
+    }
+
+    fn lock_ahead(&self) -> MutexGuard<'_, VecDeque<AheadTask>> {
+        lock(&self.ahead)
+    }
+
+    /// Since when the oldest task claimed ahead has waited.
+    fn oldest_ahead(&self) -> Option<Instant> {
+        if self.ahead_len.load(Ordering::Acquire) == 0 {
+            return None;
+        }
+        self.lock_ahead().front().map(|waiting| waiting.since)
+    }
+
+    /// Keeps a claimed task to start when a slot frees: it is among the running attempts from
+    /// now on (it holds a lease, which heartbeats renew).
+    fn park_ahead(&self, task: Task) {
+        let (registered, control) = self.admit(&task);
+        let mut ahead = self.lock_ahead();
+        ahead.push_back(AheadTask {
+            task,
+            registered,
+            control,
+            since: Instant::now(),
+        });
+        self.ahead_len.store(ahead.len(), Ordering::Release);
+    }
+
+    /// Starts the oldest task claimed ahead in a slot its caller holds; says whether there was
+    /// one to start. Wakes the dispatcher to claim more when few are left.
+    fn start_ahead(self: &Arc<Self>) -> bool {
+        if self.ahead_len.load(Ordering::Acquire) == 0 || !self.ahead_on.load(Ordering::Acquire) {
+            return false;
+        }
+        let (next, left) = {
+            let mut ahead = self.lock_ahead();
+            let next = ahead.pop_front();
+            self.ahead_len.store(ahead.len(), Ordering::Release);
+            (next, ahead.len())
+        };
+        let Some(next) = next else {
+            return false;
+        };
+        if left < self.ahead_low.load(Ordering::Acquire) {
+            self.wake.notify_one();
+        }
+        self.spawn_attempt(next.task, next.registered, next.control);
+        true
+    }
+
+    /// Gives every task claimed ahead back to the queue: they leave the running attempts, and
+    /// the store forgets their claims. A store that fails leaves them to the lease reaper.
+    async fn give_back_ahead(&self) {
+        let waiting: Vec<AheadTask> = {
+            let mut ahead = self.lock_ahead();
+            self.ahead_len.store(0, Ordering::Release);
+            ahead.drain(..).collect()
+        };
+        if waiting.is_empty() {
+            return;
+        }
+        let held: Vec<(TaskId, u32)> = {
+            let mut running = self.lock_running();
+            waiting
+                .iter()
+                .map(|waiting| {
+                    running.tasks.remove(&waiting.task.id);
+                    (waiting.task.id, waiting.task.attempt)
+                })
+                .collect()
+        };
+        let count = held.len();
+        match self.store.release(held, Timestamp::now()).await {
+            Ok(released) => {
+                tracing::debug!(count, released, "gave back tasks claimed ahead");
+                for waiting in &waiting {
+                    self.publish(TaskEvent::Status {
+                        id: waiting.task.id,
+                        status: Status::Queued,
+                        attempt: waiting.task.attempt - 1,
+                    });
+                }
+                self.wake.notify_one();
+            }
+            Err(error) => {
+                tracing::warn!(count, %error, "giving back tasks claimed ahead failed; the lease reaper will take them back");
             }
         }
     }
@@ -1345,7 +1562,8 @@ impl Inner {
         }
     }
 
-    fn start(self: &Arc<Self>, task: Task) {
+    /// Makes a claimed task one of this engine's running attempts, and says so to subscribers.
+    fn admit(&self, task: &Task) -> (Option<Registered>, Arc<Control>) {
         let control = Arc::new(Control::new());
         let registered = self.handlers.get(&task.task_type).cloned();
         let task_type = match &registered {
@@ -1361,15 +1579,30 @@ impl Inner {
                 control: Arc::clone(&control),
             },
         );
-        if self.draining.is_cancelled() {
-            // A claim that was in flight when the shutdown began: back to the queue.
-            control.stop(StopReason::Shutdown);
-        }
         self.publish(TaskEvent::Status {
             id: task.id,
             status: Status::Running,
             attempt: task.attempt,
         });
+        (registered, control)
+    }
+
+    /// Starts a claimed task in a slot its caller holds.
+    fn start(self: &Arc<Self>, task: Task) {
+        let (registered, control) = self.admit(&task);
+        self.spawn_attempt(task, registered, control);
+    }
+
+    fn spawn_attempt(
+        self: &Arc<Self>,
+        task: Task,
+        registered: Option<Registered>,
+        control: Arc<Control>,
+    ) {
+        if self.draining.is_cancelled() {
+            // A claim that was in flight when the shutdown began: back to the queue.
+            control.stop(StopReason::Shutdown);
+        }
         let inner = Arc::clone(self);
         // Boxed: the attempt's future is large (about 1.8 KiB), and Tokio moves a spawned future
         // several times (into its cell, through its stages); moving a box costs a pointer.
@@ -1419,13 +1652,17 @@ impl Inner {
                 task.task_type
             )),
         };
+        let ran = started.elapsed();
+        if !matches!(verdict, Verdict::Rejected(_)) {
+            self.note_run(ran);
+        }
         let now = Timestamp::now();
         let cancel_requested = control.cancel_requested.load(Ordering::Acquire);
         let outcome = self
             .outcome(&task, verdict, &control, now)
             .map(|outcome| settle(outcome, cancel_requested));
         if let Some(Outcome::Completed { .. }) = outcome {
-            slot.completed_in = Some(started.elapsed());
+            slot.completed_in = Some(ran);
         }
         if let Some(outcome) = outcome {
             let status = outcome.status();
@@ -1501,7 +1738,7 @@ impl Inner {
     /// did: not when `concurrency` ends are being recorded already (a slow store holds the
     /// slots, and the dispatcher claims no more than it can record). The attempt stays among
     /// the running ones (its lease renewed) until [`Inner::end_attempt`].
-    fn finish_early(&self) -> bool {
+    fn finish_early(self: &Arc<Self>) -> bool {
         let concurrency = self.concurrency.load(Ordering::Acquire);
         let mut finishing = self.finishing.load(Ordering::Acquire);
         loop {
@@ -1518,14 +1755,36 @@ impl Inner {
                 Err(seen) => finishing = seen,
             }
         }
-        let taken = self.release(1);
-        self.wake_after_release(taken);
+        self.slot_freed();
         true
+    }
+
+    /// A slot its caller held is free: it starts a task claimed ahead, or is given back.
+    fn slot_freed(self: &Arc<Self>) {
+        if !self.start_ahead() {
+            let taken = self.release(1);
+            self.wake_after_release(taken);
+        }
+    }
+
+    /// Notes how long a handler ran (see `Inner::recent_run_us`).
+    fn note_run(&self, ran: Duration) {
+        let ran = ran.as_micros().min(u128::from(u32::MAX)) as u64;
+        let recent = self.recent_run_us.load(Ordering::Acquire);
+        let next = if recent == u64::MAX {
+            ran
+        } else {
+            (recent * 7 + ran) / 8
+        };
+        self.recent_run_us.store(next, Ordering::Release);
+        if self.ahead_stale.load(Ordering::Acquire) {
+            self.ahead_stale.store(false, Ordering::Release);
+        }
     }
 
     /// Forgets a finished attempt: removes it from the running attempts, gives its slot back
     /// (unless [`Inner::finish_early`] did), and wakes the dispatcher if it should claim.
-    fn end_attempt(&self, id: TaskId, completed_in: Option<Duration>, given_back: bool) {
+    fn end_attempt(self: &Arc<Self>, id: TaskId, completed_in: Option<Duration>, given_back: bool) {
         {
             let mut running = self.lock_running();
             let ended = running.tasks.remove(&id);
@@ -1540,8 +1799,7 @@ impl Inner {
             }
             return;
         }
-        let taken = self.release(1);
-        self.wake_after_release(taken);
+        self.slot_freed();
     }
 
     /// Wakes the dispatcher after a slot was given back, leaving `taken` taken.

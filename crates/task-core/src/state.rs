@@ -28,6 +28,10 @@ pub enum Event {
         /// Whether another attempt follows.
         retry: bool,
     },
+    /// A worker gives back an attempt it claimed but never started (a task claimed ahead of
+    /// its workers, given back at a shutdown, a pause, or because it waited too long): the
+    /// task goes back to the queue as if it had not been claimed.
+    Release,
     /// Someone cancels the task.
     Cancel,
     /// Someone pauses the task: held before it starts, or frozen while it runs.
@@ -58,6 +62,7 @@ impl Event {
             Event::Complete => "complete",
             Event::Fail { .. } => "fail",
             Event::Abandon { .. } => "recover",
+            Event::Release => "give back",
             Event::Cancel => "cancel",
             Event::Pause => "pause",
             Event::Resume { .. } => "resume",
@@ -96,7 +101,7 @@ impl fmt::Display for IllegalTransition {
             (Status::Running, Event::Resume { .. }) => ": it is already running",
             (Status::Paused, Event::Pause) => ": it is already paused",
             (Status::Queued | Status::Scheduled, Event::Resume { .. }) => ": it is not paused",
-            (_, Event::Complete | Event::Fail { .. } | Event::Abandon { .. }) => {
+            (_, Event::Complete | Event::Fail { .. } | Event::Abandon { .. } | Event::Release) => {
                 ": only a running attempt can end"
             }
             _ => "",
@@ -116,6 +121,7 @@ pub fn decide(from: Status, event: Event) -> Result<Status, IllegalTransition> {
         (Running, Event::Fail { retry: false }) => Failed,
         (Running, Event::Abandon { retry: true }) => Queued,
         (Running, Event::Abandon { retry: false }) => Failed,
+        (Running, Event::Release) => Queued,
         (Queued | Scheduled | Paused | Running, Event::Cancel) => Cancelled,
         (Queued | Scheduled | Running, Event::Pause) => Paused,
         (Paused, Event::Resume { frozen: true, .. }) => Running,
@@ -143,7 +149,7 @@ pub fn decide(from: Status, event: Event) -> Result<Status, IllegalTransition> {
 
 /// Every event, with each flag set both ways: for exhaustive tests and for callers that want to
 /// know which events a status allows.
-pub const ALL_EVENTS: [Event; 15] = [
+pub const ALL_EVENTS: [Event; 16] = [
     Event::Promote,
     Event::Claim,
     Event::Complete,
@@ -151,6 +157,7 @@ pub const ALL_EVENTS: [Event; 15] = [
     Event::Fail { retry: false },
     Event::Abandon { retry: true },
     Event::Abandon { retry: false },
+    Event::Release,
     Event::Cancel,
     Event::Pause,
     Event::Resume {

@@ -815,6 +815,9 @@ mod shared_memory {
         fn finish(&self, finish: Finish) -> StoreFuture<'_, bool> {
             self.inner.finish(finish)
         }
+        fn release(&self, held: Vec<(TaskId, u32)>, now: Timestamp) -> StoreFuture<'_, usize> {
+            self.inner.release(held, now)
+        }
         fn progress(&self, update: ProgressUpdate) -> StoreFuture<'_, bool> {
             self.inner.progress(update)
         }

@@ -128,6 +128,39 @@ pub(crate) fn finish(task: &mut Task, finish: &Finish) -> bool {
     true
 }
 
+/// Gives back an attempt that was claimed but never started (see [`crate::state::Event::Release`]):
+/// the task is as it was before the claim, its attempt number and start included, with no
+/// entry in its history. A task paused meanwhile stays paused (as one paused before it
+/// started: without a lease); one whose cancel was asked for is cancelled. Returns `false`
+/// (and changes nothing) when the attempt is fenced out.
+pub(crate) fn release(task: &mut Task, attempt: u32, now: Timestamp) -> bool {
+    if !holds(task, attempt) {
+        return false;
+    }
+    let event = if task.cancel_requested {
+        Event::Cancel
+    } else {
+        Event::Release
+    };
+    let Ok(to) = decide(Status::Running, event) else {
+        return false;
+    };
+    task.status = if frozen(task) && to == Status::Queued {
+        Status::Paused
+    } else {
+        to
+    };
+    task.attempt = task.attempt.saturating_sub(1);
+    task.started_at = task.attempts.last().map(|entry| entry.started_at);
+    task.lease_until = None;
+    task.cancel_requested = false;
+    task.updated_at = now;
+    if to.is_terminal() {
+        task.finished_at = Some(now);
+    }
+    true
+}
+
 /// Records progress. Returns `false` when the attempt is fenced out.
 pub(crate) fn progress(
     task: &mut Task,

@@ -308,6 +308,19 @@ impl Store for MemoryStore {
         ready(Ok(applied))
     }
 
+    fn release(&self, held: Vec<(TaskId, u32)>, now: Timestamp) -> StoreFuture<'_, usize> {
+        let mut state = self.lock();
+        let released = held
+            .into_iter()
+            .filter(|(id, attempt)| {
+                state
+                    .update(*id, |task| apply::release(task, *attempt, now))
+                    .unwrap_or(false)
+            })
+            .count();
+        ready(Ok(released))
+    }
+
     fn progress(&self, update: ProgressUpdate) -> StoreFuture<'_, bool> {
         let ProgressUpdate {
             id,

@@ -63,6 +63,13 @@ pub trait Store: Send + Sync + 'static {
     /// Ends a running attempt. Returns `false` when the attempt was fenced out.
     fn finish(&self, finish: Finish) -> StoreFuture<'_, bool>;
 
+    /// Gives back attempts that were claimed but never started (`held`: each task with its
+    /// attempt), as if they had not been claimed: each task goes back to the queue with its
+    /// attempt number and start as before the claim and nothing added to its history (a task
+    /// paused meanwhile stays paused; one whose cancel was asked for is cancelled). Returns how
+    /// many were given back; attempts fenced out are skipped.
+    fn release(&self, held: Vec<(TaskId, u32)>, now: Timestamp) -> StoreFuture<'_, usize>;
+
     /// Records progress of a running attempt. Returns `false` when the attempt was fenced out.
     fn progress(&self, update: ProgressUpdate) -> StoreFuture<'_, bool>;
 

@@ -1070,6 +1070,13 @@ impl Store for PostgresStore {
         })
     }
 
+    fn release(&self, held: Vec<(TaskId, u32)>, now: Timestamp) -> StoreFuture<'_, usize> {
+        self.write(Request::Release(held, now), |answer| match answer {
+            Answer::Count(count) => Some(count),
+            _ => None,
+        })
+    }
+
     fn recover(&self, now: Timestamp, which: Recover) -> StoreFuture<'_, Vec<Task>> {
         self.write(Request::Recover(now, which), |answer| match answer {
             Answer::Tasks(tasks) => Some(tasks),

@@ -346,6 +346,10 @@ impl Store for SqliteStore {
         self.write(|reply| WriteOp::Finish(finish, reply))
     }
 
+    fn release(&self, held: Vec<(TaskId, u32)>, now: Timestamp) -> StoreFuture<'_, usize> {
+        self.write(|reply| WriteOp::Release(held, now, reply))
+    }
+
     fn progress(&self, update: ProgressUpdate) -> StoreFuture<'_, bool> {
         self.write(|reply| WriteOp::Progress(update, reply))
     }

@@ -80,6 +80,7 @@ conformance!(
     heartbeat_renews_leases_and_reports_lost_and_cancelled_attempts,
     commands_on_every_status,
     a_frozen_task_stays_with_its_attempt,
+    release_gives_back_claims_that_never_started,
     commands_on_an_unknown_task_are_not_found,
     resume_of_a_paused_delayed_task_reschedules_or_queues_it,
     recover_expired_takes_only_expired_leases,
@@ -1694,6 +1695,150 @@ async fn a_frozen_task_stays_with_its_attempt(store: &dyn Store) {
     let all = store.recover(expiry, Recover::AllRunning).await.unwrap();
     assert_eq!(all.iter().map(|t| t.id).collect::<Vec<_>>(), [other.id]);
     check_stats(store, "recovered all").await;
+}
+
+async fn release_gives_back_claims_that_never_started(store: &dyn Store) {
+    // A first claim, given back: as it was before the claim.
+    let fresh = submit(store, NewTask::new("fresh", json!({})), at(0)).await;
+    let claimed = claim_one(store, &fresh, at(1)).await;
+    assert_eq!(
+        store
+            .release(vec![(fresh.id, claimed.attempt)], at(2))
+            .await
+            .unwrap(),
+        1
+    );
+    let back = get(store, fresh.id).await;
+    assert_eq!(
+        (
+            back.status,
+            back.attempt,
+            back.started_at,
+            back.lease_until,
+            back.attempts.len(),
+            back.interrupted_attempts,
+            back.error.is_none(),
+        ),
+        (Status::Queued, 0, None, None, 0, 0, true),
+        "{back:?}"
+    );
+    assert_eq!(back.updated_at, at(2));
+    check_stats(store, "a first claim given back").await;
+    // Giving it back again is fenced out; its next claim takes the same attempt number.
+    assert_eq!(
+        store
+            .release(vec![(fresh.id, claimed.attempt)], at(3))
+            .await
+            .unwrap(),
+        0
+    );
+    let again = claim_one(store, &fresh, at(4)).await;
+    assert_eq!(again.attempt, 1);
+    assert!(finish(store, &again, at(5), completed()).await);
+    assert_eq!(get(store, fresh.id).await.attempts.len(), 1);
+
+    // A second attempt given back: the first one's start, error and history stay.
+    let retried = submit(store, NewTask::new("retried", json!({})), at(10)).await;
+    let first = claim_one(store, &retried, at(11)).await;
+    let failed = Outcome::Failed {
+        error: error("broke"),
+        retry_at: Some(at(12)),
+        result: None,
+    };
+    assert!(finish(store, &first, at(11), failed).await);
+    store.promote_due(at(13)).await.unwrap();
+    let second = claim_one(store, &retried, at(14)).await;
+    assert_eq!(second.attempt, 2);
+    // With an attempt fenced out (the first) in the same request, which changes nothing.
+    let released = store
+        .release(
+            vec![(retried.id, first.attempt), (retried.id, second.attempt)],
+            at(15),
+        )
+        .await
+        .unwrap();
+    assert_eq!(released, 1);
+    let back = get(store, retried.id).await;
+    assert_eq!(
+        (
+            back.status,
+            back.attempt,
+            back.started_at,
+            back.lease_until,
+            back.attempts.len()
+        ),
+        (Status::Queued, 1, Some(at(11)), None, 1),
+        "{back:?}"
+    );
+    assert_eq!(back.error, Some(error("broke")));
+    check_stats(store, "a second attempt given back").await;
+    let third = claim_one(store, &retried, at(16)).await;
+    assert!(finish(store, &third, at(17), completed()).await);
+
+    // Paused while claimed: paused as before it started, without a lease.
+    let paused = task_in(store, Status::Running, at(20)).await;
+    store
+        .command(paused.id, Command::Pause, at(21))
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .release(vec![(paused.id, paused.attempt)], at(22))
+            .await
+            .unwrap(),
+        1
+    );
+    let back = get(store, paused.id).await;
+    assert_eq!(
+        (back.status, back.attempt, back.lease_until),
+        (Status::Paused, 0, None)
+    );
+    check_stats(store, "a paused claim given back").await;
+    let resumed = store
+        .command(paused.id, Command::Resume, at(23))
+        .await
+        .unwrap();
+    assert_eq!(resumed.status, Status::Queued, "it had not started");
+    let run = claim_one(store, &paused, at(24)).await;
+    assert!(finish(store, &run, at(25), completed()).await);
+
+    // Cancelled while claimed: cancelled, with nothing in its history.
+    let cancelled = task_in(store, Status::Running, at(30)).await;
+    store
+        .command(cancelled.id, Command::Cancel, at(31))
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .release(vec![(cancelled.id, cancelled.attempt)], at(32))
+            .await
+            .unwrap(),
+        1
+    );
+    let back = get(store, cancelled.id).await;
+    assert_eq!(
+        (
+            back.status,
+            back.attempt,
+            back.finished_at,
+            back.cancel_requested,
+            back.attempts.len()
+        ),
+        (Status::Cancelled, 0, Some(at(32)), false, 0),
+        "{back:?}"
+    );
+    check_stats(store, "a cancelled claim given back").await;
+
+    // A task never claimed, or unknown: nothing to give back.
+    let waiting = submit(store, NewTask::new("waiting", json!({})), at(40)).await;
+    assert_eq!(
+        store
+            .release(vec![(waiting.id, 0), (TaskId::new(), 1)], at(41))
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(get(store, waiting.id).await.status, Status::Queued);
 }
 
 async fn commands_on_an_unknown_task_are_not_found(store: &dyn Store) {

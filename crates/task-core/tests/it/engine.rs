@@ -1303,6 +1303,8 @@ struct ParkedFinish {
     park: bool,
     /// Claims asked of it.
     claims: AtomicUsize,
+    /// The most tasks one claim asked for.
+    most_asked: AtomicUsize,
 }
 
 impl ParkedFinish {
@@ -1314,6 +1316,15 @@ impl ParkedFinish {
             failing: AtomicUsize::new(failing),
             park: failing == 0,
             claims: AtomicUsize::new(0),
+            most_asked: AtomicUsize::new(0),
+        }
+    }
+
+    /// A memory store that only counts claims.
+    fn counting() -> ParkedFinish {
+        ParkedFinish {
+            park: false,
+            ..ParkedFinish::new(0)
         }
     }
 }
@@ -1333,6 +1344,7 @@ mod parked_finish {
         }
         fn claim(&self, request: ClaimRequest) -> StoreFuture<'_, Vec<Task>> {
             self.claims.fetch_add(1, Ordering::Relaxed);
+            self.most_asked.fetch_max(request.max, Ordering::Relaxed);
             self.inner.claim(request)
         }
         fn promote_due(&self, now: Timestamp) -> StoreFuture<'_, Promoted> {
@@ -1355,6 +1367,9 @@ mod parked_finish {
                 }
                 Ok(done)
             })
+        }
+        fn release(&self, held: Vec<(TaskId, u32)>, now: Timestamp) -> StoreFuture<'_, usize> {
+            self.inner.release(held, now)
         }
         fn progress(&self, update: ProgressUpdate) -> StoreFuture<'_, bool> {
             self.inner.progress(update)
@@ -1766,4 +1781,188 @@ async fn a_task_that_opted_out_of_reruns_fails_interrupted_at_a_shutdown() {
         error.message.contains("rerun_on_recovery: false"),
         "{error:?}"
     );
+}
+
+/// A handler that counts its runs and how many run at once, and returns after `pause` (or at
+/// once).
+fn counted(
+    runs: &Arc<AtomicUsize>,
+    now: &Arc<AtomicUsize>,
+    peak: &Arc<AtomicUsize>,
+    pause: Duration,
+) -> impl task_core::TaskHandler {
+    let (runs, now, peak) = (Arc::clone(runs), Arc::clone(now), Arc::clone(peak));
+    handler_fn(move |_ctx| {
+        let (runs, now, peak) = (Arc::clone(&runs), Arc::clone(&now), Arc::clone(&peak));
+        async move {
+            let running = now.fetch_add(1, Ordering::SeqCst) + 1;
+            peak.fetch_max(running, Ordering::SeqCst);
+            runs.fetch_add(1, Ordering::SeqCst);
+            if pause.is_zero() {
+                tokio::task::yield_now().await;
+            } else {
+                tokio::time::sleep(pause).await;
+            }
+            now.fetch_sub(1, Ordering::SeqCst);
+            Ok(Value::Null)
+        }
+    })
+}
+
+/// While handlers run short, the dispatcher claims more tasks than it has slots, so that a
+/// slot that frees starts the next task without waiting for the store; yet no more than
+/// `concurrency` handlers run at once, and every task runs once, on its first attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_engine_claims_ahead_yet_runs_no_more_than_its_concurrency() {
+    let store = Arc::new(ParkedFinish::counting());
+    let (runs, now, peak) = Default::default();
+    let engine = Engine::builder(Arc::clone(&store) as Arc<dyn Store>)
+        .config(EngineConfig {
+            concurrency: 2,
+            ..quick_config()
+        })
+        .handler("quick", counted(&runs, &now, &peak, Duration::ZERO))
+        .build()
+        .await
+        .expect("engine builds");
+    let submitted = engine
+        .submit_many((0..500).map(|i| NewTask::new("quick", json!(i))).collect())
+        .await
+        .expect("submit");
+    let loops = engine.start();
+    for submitted in submitted {
+        let task = finished(&engine, submitted.task.id).await;
+        assert_eq!(
+            (task.status, task.attempt, task.interrupted_attempts),
+            (Status::Completed, 1, 0),
+            "{task:?}"
+        );
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), 500);
+    assert!(peak.load(Ordering::SeqCst) <= 2, "more than 2 ran at once");
+    let most = store.most_asked.load(Ordering::Relaxed);
+    assert!(most > 2, "no claim asked for more than the 2 slots: {most}");
+    loops.stop().await;
+}
+
+/// Tasks claimed ahead wait for a slot only briefly: behind a long attempt they go back to the
+/// queue (where another node could take them) and are not claimed again until a slot frees. A
+/// pause and a shutdown give them back the same way: as they were, their attempt not used.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tasks_claimed_ahead_go_back_to_the_queue_behind_a_long_attempt_a_pause_or_a_shutdown() {
+    let store = Arc::new(ParkedFinish::counting());
+    let gate = Gate::new();
+    let (runs, now, peak) = Default::default();
+    let (engine, loops) = started_on(
+        Arc::clone(&store) as Arc<dyn Store>,
+        EngineConfig {
+            concurrency: 1,
+            ..quick_config()
+        },
+        |b| {
+            b.handler(
+                "quick",
+                counted(&runs, &now, &peak, Duration::from_micros(500)),
+            )
+            .handler("gate", gate.handler())
+        },
+    )
+    .await;
+    // Short runs first, so that the engine claims ahead.
+    let warm = engine
+        .submit_many((0..50).map(|i| NewTask::new("quick", json!(i))).collect())
+        .await
+        .expect("submit");
+    for submitted in &warm {
+        finished(&engine, submitted.task.id).await;
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), 50);
+    let held = submit(
+        &engine,
+        NewTask::new("gate", Value::Null).with_priority(Priority::HIGH),
+    )
+    .await;
+    let waiting: Vec<TaskId> = engine
+        .submit_many((0..200).map(|i| NewTask::new("quick", json!(i))).collect())
+        .await
+        .expect("submit")
+        .into_iter()
+        .map(|submitted| submitted.task.id)
+        .collect();
+    gate.wait_running(1).await;
+    // Behind the long attempt, nothing stays claimed for long, and the engine does not claim
+    // and give back in a loop.
+    let as_they_were = |task: &task_core::Task| {
+        (
+            task.status,
+            task.attempt,
+            task.interrupted_attempts,
+            task.attempts.len(),
+            task.lease_until,
+            task.error.is_none(),
+        )
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let claims = store.claims.load(Ordering::Relaxed);
+    for id in &waiting {
+        let task = engine.get(*id).await.expect("get");
+        assert_eq!(
+            as_they_were(&task),
+            (Status::Queued, 0, 0, 0, None, true),
+            "{task:?}"
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let more = store.claims.load(Ordering::Relaxed) - claims;
+    assert!(more <= 2, "{more} claims in 300 ms with the one slot held");
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        50,
+        "a task ran while the slot was held"
+    );
+
+    // A pause while the slot is held: nothing starts once it frees.
+    engine.pause_queue();
+    gate.release.notify_waiters();
+    assert_eq!(finished(&engine, held).await.status, Status::Completed);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        50,
+        "a task started while the queue was paused"
+    );
+    for id in &waiting {
+        let task = engine.get(*id).await.expect("get");
+        assert_eq!(
+            as_they_were(&task),
+            (Status::Queued, 0, 0, 0, None, true),
+            "{task:?}"
+        );
+    }
+    engine.resume_queue();
+    // (After 40 or so short runs the long one no longer weighs in the engine's average.)
+    for id in &waiting[..60] {
+        finished(&engine, *id).await;
+    }
+    // Then a shutdown in the middle of the run, with tasks claimed ahead: those not run are as
+    // they were (not interrupted: they never started).
+    let report = engine.shutdown(Duration::from_secs(2)).await;
+    assert_eq!(report.interrupted, 0, "{report:?}");
+    loops.stop().await;
+    let mut left = 0;
+    for id in &waiting {
+        let task = engine.get(*id).await.expect("get");
+        if task.status == Status::Completed {
+            assert_eq!(task.attempt, 1);
+            continue;
+        }
+        left += 1;
+        assert_eq!(
+            as_they_were(&task),
+            (Status::Queued, 0, 0, 0, None, true),
+            "{task:?}"
+        );
+    }
+    assert!(left > 0, "every task ran before the shutdown");
+    assert_eq!(runs.load(Ordering::SeqCst), 250 - left);
 }

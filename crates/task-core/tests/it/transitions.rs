@@ -9,7 +9,7 @@ use task_core::state::{ALL_EVENTS, Event, IllegalTransition, allowed_from, decid
 /// The same set as [`ALL_EVENTS`], spelled out so that the table's columns are visible here
 /// (a frozen task resumes to running whether or not it is due; a priority changes only while the
 /// task waits, and its status stays).
-const EVENTS: [Event; 15] = [
+const EVENTS: [Event; 16] = [
     Event::Promote,
     Event::Claim,
     Event::Complete,
@@ -17,6 +17,7 @@ const EVENTS: [Event; 15] = [
     Event::Fail { retry: false },
     Event::Abandon { retry: true },
     Event::Abandon { retry: false },
+    Event::Release,
     Event::Cancel,
     Event::Pause,
     Event::Resume {
@@ -50,15 +51,15 @@ const fn to(status: Status) -> Option<Status> {
 /// The expected result of every event (the columns, in the order of [`EVENTS`]) in every status
 /// (the rows, in the order of [`Status::ALL`]).
 #[rustfmt::skip]
-const EXPECTED: [(Status, [Option<Status>; 15]); 7] = [
-    //          promote    claim        complete       fail+retry     fail        abandon+retry abandon     cancel          pause       resume:frozen frozen,later  due         later          reprioritize:frozen  waiting
-    (Queued,    [NO,       to(Running), NO,            NO,            NO,         NO,           NO,         to(Cancelled),  to(Paused), NO,           NO,           NO,         NO,            to(Queued),          to(Queued)]),
-    (Scheduled, [to(Queued), NO,        NO,            NO,            NO,         NO,           NO,         to(Cancelled),  to(Paused), NO,           NO,           NO,         NO,            to(Scheduled),       to(Scheduled)]),
-    (Paused,    [NO,       NO,          NO,            NO,            NO,         NO,           NO,         to(Cancelled),  NO,         to(Running),  to(Running),  to(Queued), to(Scheduled), NO,                  to(Paused)]),
-    (Running,   [NO,       NO,          to(Completed), to(Scheduled), to(Failed), to(Queued),   to(Failed), to(Cancelled),  to(Paused), NO,           NO,           NO,         NO,            NO,                  NO]),
-    (Completed, [NO,       NO,          NO,            NO,            NO,         NO,           NO,         NO,             NO,         NO,           NO,           NO,         NO,            NO,                  NO]),
-    (Failed,    [NO,       NO,          NO,            NO,            NO,         NO,           NO,         NO,             NO,         NO,           NO,           NO,         NO,            NO,                  NO]),
-    (Cancelled, [NO,       NO,          NO,            NO,            NO,         NO,           NO,         NO,             NO,         NO,           NO,           NO,         NO,            NO,                  NO]),
+const EXPECTED: [(Status, [Option<Status>; 16]); 7] = [
+    //           promote      claim         complete        fail+retry      fail         abandon+retry  abandon      release      cancel          pause        resume:frozen  frozen,later  due          later           reprioritize:frozen  waiting
+    (Queued,    [NO,          to(Running),  NO,             NO,             NO,          NO,            NO,          NO,          to(Cancelled),  to(Paused),  NO,            NO,           NO,          NO,             to(Queued),          to(Queued)]),
+    (Scheduled, [to(Queued),  NO,           NO,             NO,             NO,          NO,            NO,          NO,          to(Cancelled),  to(Paused),  NO,            NO,           NO,          NO,             to(Scheduled),       to(Scheduled)]),
+    (Paused,    [NO,          NO,           NO,             NO,             NO,          NO,            NO,          NO,          to(Cancelled),  NO,          to(Running),   to(Running),  to(Queued),  to(Scheduled),  NO,                  to(Paused)]),
+    (Running,   [NO,          NO,           to(Completed),  to(Scheduled),  to(Failed),  to(Queued),    to(Failed),  to(Queued),  to(Cancelled),  to(Paused),  NO,            NO,           NO,          NO,             NO,                  NO]),
+    (Completed, [NO,          NO,           NO,             NO,             NO,          NO,            NO,          NO,          NO,             NO,          NO,            NO,           NO,          NO,             NO,                  NO]),
+    (Failed,    [NO,          NO,           NO,             NO,             NO,          NO,            NO,          NO,          NO,             NO,          NO,            NO,           NO,          NO,             NO,                  NO]),
+    (Cancelled, [NO,          NO,           NO,             NO,             NO,          NO,            NO,          NO,          NO,             NO,          NO,            NO,           NO,          NO,             NO,                  NO]),
 ];
 
 #[test]

@@ -40,6 +40,9 @@ pub(super) enum Request {
     Progress(ProgressUpdate),
     Heartbeat(Heartbeat),
     Command(TaskId, Command, Timestamp),
+    /// Attempts claimed but never started, given back (not repeatable: the attempt number a
+    /// release restores is the one the task's next claim takes again).
+    Release(Vec<(TaskId, u32)>, Timestamp),
     Recover(Timestamp, Recover),
     Prune(Timestamp, usize),
     DeleteFinished(ListFilter, Timestamp, usize),
@@ -879,6 +882,9 @@ async fn execute(
         Request::Command(id, command, now) => Ok(Answer::Task(Box::new(
             apply_command(conn, *id, *command, *now, effects).await?,
         ))),
+        Request::Release(held, now) => Ok(Answer::Count(
+            release(conn, node, held, *now, effects).await?,
+        )),
         Request::Recover(now, which) => Ok(Answer::Tasks(
             recover(conn, node, *now, *which, effects).await?,
         )),
@@ -1521,6 +1527,40 @@ async fn apply_command(
         effects.task(&loaded.task, Some(before));
     }
     Ok(loaded.task)
+}
+
+/// Gives back attempts of this node claimed but never started: as [`apply::release`] does, one
+/// task at a time (rare: at a shutdown, a pause, or when claimed-ahead tasks waited too long).
+/// The row's claim is cleared with it.
+async fn release(
+    conn: &mut WriteConn,
+    node: &str,
+    held: &[(TaskId, u32)],
+    now: Timestamp,
+    effects: &mut Effects,
+) -> std::result::Result<usize, Exec> {
+    let mut released = 0;
+    for (id, attempt) in held {
+        let Some(mut loaded) = load(conn, *id).await? else {
+            continue;
+        };
+        if loaded.claimed_by.as_deref() != Some(node) {
+            continue;
+        }
+        let before = loaded.task.status;
+        if !apply::release(&mut loaded.task, *attempt, now) {
+            continue;
+        }
+        save(conn, loaded.seq, &loaded.task).await?;
+        conn.execute(
+            "UPDATE tasks SET started_at = $2, claimed_by = NULL WHERE seq = $1",
+            &[&loaded.seq, &loaded.task.started_at.map(|t| t.0)],
+        )
+        .await?;
+        effects.task(&loaded.task, Some(before));
+        released += 1;
+    }
+    Ok(released)
 }
 
 async fn recover(

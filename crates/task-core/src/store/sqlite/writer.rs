@@ -65,6 +65,7 @@ pub(super) enum WriteOp {
     Claim(ClaimRequest, Reply<Vec<Task>>),
     Promote(Timestamp, Reply<Promoted>),
     Finish(Finish, Reply<bool>),
+    Release(Vec<(TaskId, u32)>, Timestamp, Reply<usize>),
     Progress(ProgressUpdate, Reply<bool>),
     Heartbeat(Heartbeat, Reply<HeartbeatReply>),
     Command(TaskId, Command, Timestamp, Reply<Task>),
@@ -311,6 +312,10 @@ impl Writer {
             }
             WriteOp::Recover(now, which, reply) => {
                 let answer = self.atomically(counts, |w, counts| w.recover(now, which, counts));
+                pending(reply, answer)
+            }
+            WriteOp::Release(held, now, reply) => {
+                let answer = self.atomically(counts, |w, counts| w.release(&held, now, counts));
                 pending(reply, answer)
             }
             // The others write with at most one statement, which SQLite applies whole or not
@@ -694,7 +699,7 @@ impl Writer {
                  error_kind = ?6, error_message = ?7, updated_at = ?8, finished_at = ?9, \
                  lease_until = ?10, cancel_requested = ?11, priority = ?12, progress = ?13, \
                  progress_message = ?14, interrupted_attempts = ?15, attempts = ?16, \
-                 result = CASE WHEN ?17 THEN NULL ELSE result END WHERE id = ?1",
+                 result = CASE WHEN ?17 THEN NULL ELSE result END, started_at = ?18 WHERE id = ?1",
             )
             .and_then(|mut s| {
                 s.execute(params![
@@ -715,6 +720,7 @@ impl Writer {
                     task.interrupted_attempts,
                     attempts_text(&task.attempts),
                     task.result.is_none(),
+                    task.started_at.map(|t| t.0),
                 ])
             })
             .map_err(|e| Error::store("updating a task", e))?;
@@ -738,6 +744,34 @@ impl Writer {
             to: Some(task.status),
         });
         Ok(task)
+    }
+
+    /// Gives back attempts claimed but never started: as [`apply::release`] does, one task at
+    /// a time (rare: at a shutdown, a pause, or when claimed-ahead tasks waited too long).
+    fn release(
+        &mut self,
+        held: &[(TaskId, u32)],
+        now: Timestamp,
+        counts: &mut Vec<CountChange>,
+    ) -> Result<usize> {
+        let mut released = 0;
+        for (id, attempt) in held {
+            let Some(mut task) = self.load(*id)? else {
+                continue;
+            };
+            let before = task.status;
+            if !apply::release(&mut task, *attempt, now) {
+                continue;
+            }
+            self.save(&task)?;
+            counts.push(CountChange {
+                task_type: task.task_type.clone(),
+                from: Some(before),
+                to: Some(task.status),
+            });
+            released += 1;
+        }
+        Ok(released)
     }
 
     fn recover(
@@ -882,6 +916,7 @@ pub(super) fn fail_op(op: WriteOp, error: &Error) {
         WriteOp::Claim(_, reply) => drop(reply.send(Err(error))),
         WriteOp::Promote(_, reply) => drop(reply.send(Err(error))),
         WriteOp::Finish(_, reply) => drop(reply.send(Err(error))),
+        WriteOp::Release(_, _, reply) => drop(reply.send(Err(error))),
         WriteOp::Progress(_, reply) => drop(reply.send(Err(error))),
         WriteOp::Heartbeat(_, reply) => drop(reply.send(Err(error))),
         WriteOp::Command(_, _, _, reply) => drop(reply.send(Err(error))),
