@@ -1406,12 +1406,16 @@ fn diagnostics(runtime: &Runtime, filter: &str) -> BenchResult<()> {
         }
     }
     if "diag_c16".contains(filter) || filter.starts_with("diag_c16") {
+        // `MSBD_DIAG_SYNC=full`: the same with synchronous=FULL.
+        let full = std::env::var("MSBD_DIAG_SYNC").is_ok_and(|v| v == "full");
         for _ in 0..2 {
             let dir = tempfile::tempdir()?;
+            let mut config = SqliteConfig::new(dir.path().join("d.sqlite3"));
+            if full {
+                config.synchronous = Synchronous::Full;
+            }
             let counting = Arc::new(CountingStore {
-                inner: Arc::new(SqliteStore::open(SqliteConfig::new(
-                    dir.path().join("d.sqlite3"),
-                ))?),
+                inner: Arc::new(SqliteStore::open(config)?),
                 counters: Mutex::default(),
             });
             let run = on_workers(runtime, c16_burn_down(counting.clone(), None))?;
@@ -1421,7 +1425,8 @@ fn diagnostics(runtime: &Runtime, filter: &str) -> BenchResult<()> {
                 .unwrap_or_else(|p| p.into_inner())
                 .clone();
             println!(
-                "  diag c16 sqlite: {:.0} tasks/s; claims {} (empty {}), mean claimed {:.2} of mean max {:.2}; claim mean {:.1} µs; finishes {} mean {:.1} µs",
+                "  diag c16 sqlite{}: {:.0} tasks/s; claims {} (empty {}), mean claimed {:.2} of mean max {:.2}; claim mean {:.1} µs; finishes {} mean {:.1} µs",
+                if full { " full" } else { "" },
                 run.rate,
                 c.claims,
                 c.empty_claims,

@@ -1101,7 +1101,7 @@ const CLAIM_GATHER: Duration = Duration::from_millis(1);
 const CLAIMS_IN_FLIGHT: usize = 2;
 
 /// Tasks claimed ahead of the workers, per slot of concurrency, and at most.
-const AHEAD_PER_SLOT: usize = 4;
+const AHEAD_PER_SLOT: usize = 8;
 const AHEAD_MAX: usize = 256;
 
 /// Tasks are claimed ahead only while handlers run shorter than this on average: then a slot
@@ -1735,14 +1735,14 @@ impl Inner {
     /// Gives the slot of an attempt whose handler has ended back before its end is recorded,
     /// so that the next task starts while the store records this one (a store that commits in
     /// groups then records the ends of one batch with the claim of the next). Says whether it
-    /// did: not when `concurrency` ends are being recorded already (a slow store holds the
-    /// slots, and the dispatcher claims no more than it can record). The attempt stays among
-    /// the running ones (its lease renewed) until [`Inner::end_attempt`].
+    /// did: not when [`Inner::finishing_cap`] ends are being recorded already (a slow store
+    /// holds the slots, and the dispatcher claims no more than it can record). The attempt
+    /// stays among the running ones (its lease renewed) until [`Inner::end_attempt`].
     fn finish_early(self: &Arc<Self>) -> bool {
-        let concurrency = self.concurrency.load(Ordering::Acquire);
+        let cap = self.finishing_cap();
         let mut finishing = self.finishing.load(Ordering::Acquire);
         loop {
-            if finishing >= concurrency {
+            if finishing >= cap {
                 return false;
             }
             match self.finishing.compare_exchange_weak(
@@ -1757,6 +1757,20 @@ impl Inner {
         }
         self.slot_freed();
         true
+    }
+
+    /// How many ends may be being recorded at once with their slots given back: `concurrency`,
+    /// or as many as are claimed ahead while handlers run short. A store that commits in
+    /// groups records as many ends per commit as are waiting, so this bounds how many tasks a
+    /// commit ends: with `synchronous=FULL`, or a database over the network, a commit takes
+    /// long enough that `concurrency` ends per commit would be the limit.
+    fn finishing_cap(&self) -> usize {
+        let concurrency = self.concurrency.load(Ordering::Acquire);
+        if self.ahead_on.load(Ordering::Acquire) {
+            (concurrency * AHEAD_PER_SLOT).clamp(concurrency, AHEAD_MAX.max(concurrency))
+        } else {
+            concurrency
+        }
     }
 
     /// A slot its caller held is free: it starts a task claimed ahead, or is given back.
