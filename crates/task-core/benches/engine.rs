@@ -1406,27 +1406,52 @@ fn diagnostics(runtime: &Runtime, filter: &str) -> BenchResult<()> {
         }
     }
     if "diag_c16".contains(filter) || filter.starts_with("diag_c16") {
-        // `MSBD_DIAG_SYNC=full`: the same with synchronous=FULL.
+        // `MSBD_DIAG_SYNC=full`: the same with synchronous=FULL; `MSBD_DIAG_STORE=postgres`:
+        // on one PostgreSQL node.
         let full = std::env::var("MSBD_DIAG_SYNC").is_ok_and(|v| v == "full");
+        let postgres = std::env::var("MSBD_DIAG_STORE").is_ok_and(|v| v == "postgres");
         for _ in 0..2 {
             let dir = tempfile::tempdir()?;
             let mut config = SqliteConfig::new(dir.path().join("d.sqlite3"));
             if full {
                 config.synchronous = Synchronous::Full;
             }
+            let (url, schema) = (pg_url(), pg_schema());
+            let pg = if postgres {
+                let config = PostgresConfig {
+                    schema: schema.clone(),
+                    ..PostgresConfig::new(&url, "c16")
+                };
+                Some(Arc::new(runtime.block_on(PostgresStore::connect(config))?))
+            } else {
+                None
+            };
+            let inner: Arc<dyn Store> = match &pg {
+                Some(store) => Arc::clone(store) as Arc<dyn Store>,
+                None => Arc::new(SqliteStore::open(config)?),
+            };
             let counting = Arc::new(CountingStore {
-                inner: Arc::new(SqliteStore::open(config)?),
+                inner,
                 counters: Mutex::default(),
             });
-            let run = on_workers(runtime, c16_burn_down(counting.clone(), None))?;
+            let run = on_workers(runtime, c16_burn_down(counting.clone(), pg.clone()))?;
+            if pg.is_some() {
+                runtime.block_on(pg_drop_schema(&url, &schema))?;
+            }
             let c = counting
                 .counters
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .clone();
             println!(
-                "  diag c16 sqlite{}: {:.0} tasks/s; claims {} (empty {}), mean claimed {:.2} of mean max {:.2}; claim mean {:.1} µs; finishes {} mean {:.1} µs",
-                if full { " full" } else { "" },
+                "  diag c16 {}: {:.0} tasks/s; claims {} (empty {}), mean claimed {:.2} of mean max {:.2}; claim mean {:.1} µs; finishes {} mean {:.1} µs",
+                if postgres {
+                    "postgres"
+                } else if full {
+                    "sqlite full"
+                } else {
+                    "sqlite"
+                },
                 run.rate,
                 c.claims,
                 c.empty_claims,

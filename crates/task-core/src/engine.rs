@@ -643,6 +643,10 @@ impl Engine {
         // Whether to claim when there is room: not after a claim found fewer tasks than it
         // asked for, until something wakes the dispatcher (a submission, a freed slot, the poll).
         let mut may_claim = true;
+        // The promotion of due scheduled tasks in flight, if any: it runs beside the claims
+        // rather than before them, so that a claim does not wait behind a slow store request
+        // (a prune that went to the store just before it, say).
+        let mut promoting: Option<tokio::task::JoinHandle<Result<crate::store::Promoted>>> = None;
         let outcome = loop {
             inner.gathering.store(false, Ordering::Release);
             let mut woken = pin!(inner.wake.notified());
@@ -651,15 +655,10 @@ impl Engine {
                 break Ok(());
             }
             let now = Timestamp::now();
-            if inner.next_due.load(Ordering::Acquire) <= now.0 {
+            if promoting.is_none() && inner.next_due.load(Ordering::Acquire) <= now.0 {
                 inner.next_due.store(i64::MAX, Ordering::Release);
-                let promoted = match inner.store.promote_due(now).await {
-                    Ok(promoted) => promoted,
-                    Err(error) => break Err(error),
-                };
-                if let Some(at) = promoted.next_due {
-                    inner.note_due(at);
-                }
+                let store = Arc::clone(&inner.store);
+                promoting = Some(tokio::spawn(async move { store.promote_due(now).await }));
             }
             let ahead_target = inner.ahead_target();
             inner.ahead_on.store(ahead_target > 0, Ordering::Release);
@@ -741,10 +740,35 @@ impl Engine {
                         Err(error) => break Err(error),
                     }
                 }
+                promoted = async {
+                    match promoting.as_mut() {
+                        Some(promotion) => promotion.await,
+                        None => std::future::pending().await,
+                    }
+                }, if promoting.is_some() => {
+                    promoting = None;
+                    match promoted {
+                        Ok(Ok(promoted)) => {
+                            if let Some(at) = promoted.next_due {
+                                inner.note_due(at);
+                            }
+                            if promoted.count > 0 {
+                                may_claim = true;
+                            }
+                        }
+                        Ok(Err(error)) => break Err(error),
+                        Err(error) => break Err(Error::Store {
+                            action: "promoting due tasks",
+                            message: format!("the promotion's task ended abnormally: {error}"),
+                        }),
+                    }
+                }
                 _ = woken => may_claim = true,
                 _ = tokio::time::sleep_until(wake_at) => may_claim = true,
             }
         };
+        // A promotion in flight goes on without the dispatcher (its handle is dropped, not
+        // aborted): what it promotes is claimed by the next one.
         inner.ahead_on.store(false, Ordering::Release);
         // Claims still in flight: their tasks are leased to this engine. While it drains, or
         // when only this loop stops, they are given back with those waiting in `ahead`.
