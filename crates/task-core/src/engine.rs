@@ -166,6 +166,7 @@ impl EngineBuilder {
             accepting: AtomicBool::new(true),
             draining: CancellationToken::new(),
             wake: Notify::new(),
+            wakes: AtomicU64::new(0),
             idle: Notify::new(),
             next_due: AtomicI64::new(0),
             events,
@@ -327,7 +328,7 @@ impl Engine {
             (inner.store.submit(records).await?, Vec::new())
         };
         if inner.release_unused(reserved, claimed.len()) {
-            inner.wake.notify_one();
+            inner.wake_dispatcher();
         }
         let mut any_queued = false;
         for entry in submitted.iter().filter(|s| s.created) {
@@ -346,7 +347,7 @@ impl Engine {
             inner.start(task);
         }
         if any_queued {
-            inner.wake.notify_one();
+            inner.wake_dispatcher();
         }
         Ok(submitted)
     }
@@ -432,7 +433,7 @@ impl Engine {
             status: task.status,
             attempt: task.attempt,
         });
-        self.inner.wake.notify_one();
+        self.inner.wake_dispatcher();
         Ok(task)
     }
 
@@ -449,7 +450,7 @@ impl Engine {
             .command(id, Command::SetPriority(priority), Timestamp::now())
             .await?;
         if task.status == Status::Queued {
-            self.inner.wake.notify_one();
+            self.inner.wake_dispatcher();
         }
         Ok(task)
     }
@@ -463,7 +464,7 @@ impl Engine {
     /// Starts tasks again.
     pub fn resume_queue(&self) {
         self.inner.queue_paused.store(false, Ordering::Release);
-        self.inner.wake.notify_one();
+        self.inner.wake_dispatcher();
     }
 
     /// Whether the queue is paused.
@@ -483,7 +484,7 @@ impl Engine {
     /// Starts tasks of one type again.
     pub fn resume_type(&self, task_type: &str) {
         self.inner.limits().paused_types.remove(task_type);
-        self.inner.wake.notify_one();
+        self.inner.wake_dispatcher();
     }
 
     /// The paused types, sorted.
@@ -498,7 +499,7 @@ impl Engine {
         self.inner
             .concurrency
             .store(concurrency.max(1), Ordering::Release);
-        self.inner.wake.notify_one();
+        self.inner.wake_dispatcher();
     }
 
     /// The most tasks running at once.
@@ -535,7 +536,7 @@ impl Engine {
     /// tasks become claimable without this engine knowing (see
     /// [`crate::store::Store::wakeups`], [`crate::store::postgres::PostgresStore::run_wakeups`]).
     pub fn wake(&self) {
-        self.inner.wake.notify_one();
+        self.inner.wake_dispatcher();
     }
 
     /// Tells the dispatcher that a scheduled task is due at `at`, so that it promotes due tasks
@@ -638,6 +639,8 @@ impl Engine {
         // them (to wait in `ahead`).
         let mut claims: tokio::task::JoinSet<(usize, usize, Result<Vec<Task>>)> =
             tokio::task::JoinSet::new();
+        // The count of wake-ups when the last claim began (see `Inner::wakes`).
+        let mut wakes_at_claim = 0;
         // Tasks asked for to wait in `ahead` by the claims in flight.
         let mut ahead_asked = 0;
         // Whether to claim when there is room: not after a claim found fewer tasks than it
@@ -702,6 +705,7 @@ impl Engine {
                 let extra = if ahead_target > 0 { want_ahead } else { 0 };
                 if reserved + extra > 0 {
                     ahead_asked += extra;
+                    wakes_at_claim = inner.wakes.load(Ordering::Acquire);
                     // The request is made as the claim starts, not now: a queue or type paused
                     // or limited meanwhile is left alone.
                     let claiming = Arc::clone(inner);
@@ -736,7 +740,10 @@ impl Engine {
                     let asked = joined.as_ref().map_or(0, |(_, extra, _)| *extra);
                     ahead_asked = if claims.is_empty() { 0 } else { ahead_asked.saturating_sub(asked) };
                     match inner.claimed(joined) {
-                        Ok(full) => may_claim = full,
+                        Ok(full) => {
+                            may_claim =
+                                full || inner.wakes.load(Ordering::Acquire) != wakes_at_claim;
+                        }
                         Err(error) => break Err(error),
                     }
                 }
@@ -1125,7 +1132,7 @@ const CLAIM_GATHER: Duration = Duration::from_millis(1);
 const CLAIMS_IN_FLIGHT: usize = 2;
 
 /// Tasks claimed ahead of the workers, per slot of concurrency, and at most.
-const AHEAD_PER_SLOT: usize = 8;
+const AHEAD_PER_SLOT: usize = 16;
 const AHEAD_MAX: usize = 256;
 
 /// Tasks are claimed ahead only while handlers run shorter than this on average: then a slot
@@ -1183,6 +1190,10 @@ pub(crate) struct Inner {
     accepting: AtomicBool,
     draining: CancellationToken,
     wake: Notify,
+    /// How many times the dispatcher was woken ([`Inner::wake_dispatcher`]): a claim that came
+    /// back short stops the dispatcher claiming only if nothing woke it since the claim began
+    /// (a `Notify` keeps one wake-up, so one given while another waits is not seen).
+    wakes: AtomicU64,
     idle: Notify,
     next_due: AtomicI64,
     events: broadcast::Sender<TaskEvent>,
@@ -1286,7 +1297,7 @@ impl Inner {
     fn note_due(&self, at: Timestamp) {
         let previous = self.next_due.fetch_min(at.0, Ordering::AcqRel);
         if at.0 < previous {
-            self.wake.notify_one();
+            self.wake_dispatcher();
         }
     }
 
@@ -1336,7 +1347,7 @@ impl Inner {
             }
         }
         if !recovered.is_empty() {
-            self.wake.notify_one();
+            self.wake_dispatcher();
         }
     }
 
@@ -1464,11 +1475,17 @@ impl Inner {
         (self.concurrency.load(Ordering::Acquire) * AHEAD_PER_SLOT).min(AHEAD_MAX)
     }
 
+    /// Wakes the dispatcher: there may be something to claim or to give back.
+    fn wake_dispatcher(&self) {
+        self.wakes.fetch_add(1, Ordering::AcqRel);
+        self.wake.notify_one();
+    }
+
     /// Stops starting tasks claimed ahead, and wakes the dispatcher to give them back (a pause,
     /// a per-type limit).
     fn hold_ahead(&self) {
         self.ahead_on.store(false, Ordering::Release);
-        self.wake.notify_one();
+        self.wake_dispatcher();
     }
 
     fn lock_ahead(&self) -> MutexGuard<'_, VecDeque<AheadTask>> {
@@ -1513,7 +1530,7 @@ impl Inner {
             return false;
         };
         if left < self.ahead_low.load(Ordering::Acquire) {
-            self.wake.notify_one();
+            self.wake_dispatcher();
         }
         self.spawn_attempt(next.task, next.registered, next.control);
         true
@@ -1551,7 +1568,7 @@ impl Inner {
                         attempt: waiting.task.attempt - 1,
                     });
                 }
-                self.wake.notify_one();
+                self.wake_dispatcher();
             }
             Err(error) => {
                 tracing::warn!(count, %error, "giving back tasks claimed ahead failed; the lease reaper will take them back");
@@ -1849,7 +1866,7 @@ impl Inner {
             .load(Ordering::Acquire)
             .saturating_sub(taken);
         if !self.gathering.load(Ordering::Acquire) || free == self.claim_batch() || taken == 0 {
-            self.wake.notify_one();
+            self.wake_dispatcher();
         }
     }
 
