@@ -201,6 +201,35 @@ async fn two_nodes_claiming_at_once_never_claim_the_same_task() {
     assert_eq!(stats.total(), TASKS as u64);
 }
 
+/// A node gives back only its own claims: another node's claim of the same attempt number
+/// (the number a give-back restores is the one the next claim takes again) is left alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_gives_back_only_the_claims_it_holds() {
+    let schema = TestSchema::new();
+    let a = schema.store("node-a").await;
+    let b = schema.store("node-b").await;
+    a.submit(tasks(1, Timestamp::now())).await.expect("submit");
+    let claimed = a.claim(request(1, Timestamp::now())).await.expect("claim");
+    let held = vec![(claimed[0].id, claimed[0].attempt)];
+    assert_eq!(b.release(held.clone(), Timestamp::now()).await.unwrap(), 0);
+    assert_eq!(a.release(held.clone(), Timestamp::now()).await.unwrap(), 1);
+    let again = b.claim(request(1, Timestamp::now())).await.expect("claim");
+    assert_eq!(
+        (again[0].id, again[0].attempt),
+        (claimed[0].id, claimed[0].attempt),
+        "node-b claims the same attempt number"
+    );
+    assert_eq!(
+        a.release(held, Timestamp::now()).await.unwrap(),
+        0,
+        "node-a gave back node-b's claim"
+    );
+    let task = b.get(claimed[0].id).await.unwrap().expect("task");
+    assert_eq!(task.status, Status::Running);
+    a.close().await;
+    b.close().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_task_submitted_on_one_node_wakes_the_other() {
     let schema = TestSchema::new();
