@@ -212,7 +212,7 @@ async fn a_session_whose_spawner_dies_reports_its_run_killed_and_gets_a_new_one(
     };
     let ((outcome, text), old) = tokio::join!(long, kill);
     assert_eq!(outcome.exit, Some(ExitStatus::Signal(9)), "{outcome:?}");
-    assert!(text.contains("spawner ended during the run"), "{text}");
+    assert!(text.contains("spawner failed during the run"), "{text}");
     eventually("the run to be gone", || {
         processes_running("sleep 4545").is_empty()
     })
@@ -326,7 +326,7 @@ async fn a_run_reads_the_same_through_a_spawner_as_through_its_own_bubblewrap() 
         },
         ExecRequest {
             argv: sh(
-                "ulimit -n; ulimit -c; ulimit -f; cat /proc/self/status | grep -E '^(Cap|Seccomp|NoNewPrivs)'; ls -a /tmp | wc -l; echo x > /etc/x 2>/dev/null || echo no-etc",
+                "ulimit -n; ulimit -c; ulimit -f; cat /proc/self/status | grep -E '^(Cap|Seccomp|NoNewPrivs)'; ls -a /tmp | wc -l; (echo x > /etc/x) 2>/dev/null || echo no-etc",
             ),
             ..ExecRequest::default()
         },
@@ -356,4 +356,85 @@ async fn a_run_reads_the_same_through_a_spawner_as_through_its_own_bubblewrap() 
         };
         assert_eq!(lines(&a_text), lines(&b_text), "{:?}", request.argv);
     }
+}
+
+/// The spawner process itself (not its bubblewrap) of a session.
+fn the_spawner(fixture: &Fixture, session: &str) -> i32 {
+    let found: Vec<i32> = spawner_processes(fixture, session)
+        .into_iter()
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| c.starts_with(b"/.msbd/shim\0--msbd-session-spawner\0"))
+        })
+        .collect();
+    assert_eq!(found.len(), 1, "{found:?}");
+    found[0]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_spawner_delays_runs_but_never_hangs_them() {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+    let fixture = fixture();
+    if !spawners_in_use(&fixture) {
+        return;
+    }
+    let session = "spawn-stopped";
+    let sandbox = fixture.session(session).await;
+    let within = |what: &'static str| {
+        move |ran: Result<(ExecOutcome, String), tokio::time::error::Elapsed>| {
+            ran.unwrap_or_else(|_| panic!("{what} hung"))
+        }
+    };
+    // Stopped while a run is under way: the run's end is still seen (from its pidfd), with its
+    // status read from the zombie, and said.
+    let run = fixture.sh(&sandbox, "sleep 1; exit 3");
+    let stop = async {
+        eventually("the run to start", || {
+            !marked_processes(&format!("{}/{session}", fixture.marker)).is_empty()
+        })
+        .await;
+        kill(
+            Pid::from_raw(the_spawner(&fixture, session)),
+            Signal::SIGSTOP,
+        )
+        .unwrap();
+    };
+    let (ran, ()) = tokio::join!(tokio::time::timeout(Duration::from_secs(20), run), stop);
+    let (outcome, text) = within("the run under a stopped spawner")(ran);
+    assert_eq!(outcome.exit, Some(ExitStatus::Code(3)), "{outcome:?}");
+    assert!(text.contains("spawner failed during the run"), "{text}");
+    // The next run gets a new spawner.
+    let ran =
+        tokio::time::timeout(Duration::from_secs(20), fixture.sh(&sandbox, "echo fresh")).await;
+    let (outcome, text) = within("the run after")(ran);
+    assert!(
+        outcome.success() && text.contains("fresh"),
+        "{outcome:?} {text}"
+    );
+    // Stopped between runs: the next run waits for its answer (10 s), then takes a bubblewrap
+    // of its own.
+    kill(
+        Pid::from_raw(the_spawner(&fixture, session)),
+        Signal::SIGSTOP,
+    )
+    .unwrap();
+    let ran = tokio::time::timeout(
+        Duration::from_secs(30),
+        fixture.sh(&sandbox, "tr '\\0' ' ' < /proc/1/cmdline"),
+    )
+    .await;
+    let (outcome, text) = within("the run with a stopped spawner")(ran);
+    assert!(outcome.success(), "{outcome:?} {text}");
+    assert!(!text.contains(SPAWNER_FLAG), "{text}");
+    let ran = tokio::time::timeout(
+        Duration::from_secs(20),
+        fixture.sh(&sandbox, "tr '\\0' ' ' < /proc/1/cmdline"),
+    )
+    .await;
+    let (outcome, text) = within("the run after that")(ran);
+    assert!(
+        outcome.success() && text.contains(SPAWNER_FLAG),
+        "{outcome:?} {text}"
+    );
 }

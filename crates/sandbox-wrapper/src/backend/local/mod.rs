@@ -909,7 +909,7 @@ impl LocalBackend {
         }
         let duration = started.elapsed();
         if process.lost_its_spawner() {
-            output.note("\n[msbd: the session's spawner ended during the run, and the run with it; the next run starts a new one]\n");
+            output.note("\n[msbd: the session's spawner failed during the run (it ended, and the run with it, or stopped answering); the next run starts a new one]\n");
         }
         // Tokio has reaped the child (or will, if watching it failed): what bubblewrap's init
         // and the run's killed processes left as zombies is reaped now.

@@ -682,13 +682,55 @@ pub(crate) struct SpawnedRun {
     pub(crate) stdin: Option<tokio::net::unix::pipe::Sender>,
     pub(crate) stdout: Option<tokio::net::unix::pipe::Receiver>,
     pub(crate) stderr: Option<tokio::net::unix::pipe::Receiver>,
-    /// Whether the spawner went away before it reported the run's end.
+    /// Whether the spawner failed (ended, or stopped answering) before it reported the run's
+    /// end.
     lost: bool,
     /// Kept until the run ends: a replaced spawner lives on until its last run ends.
     spawner: Arc<SessionSpawner>,
+    /// The child's pid in msbd's namespace, and a pidfd that becomes readable when it ends (none
+    /// where the kernel lacks `pidfd_open`): a run whose spawner stops answering still ends.
+    pid: i32,
+    leader: Option<AsyncFd<OwnedFd>>,
+    /// When the child has ended: the spawner's report is awaited until then, no longer.
+    report_by: Option<tokio::time::Instant>,
+}
+
+/// How long after a run's child ends its spawner may take to report it.
+const REPORT_GRACE: Duration = Duration::from_secs(5);
+
+/// A pidfd for a process (Linux 5.3), registered with Tokio; `None` where it cannot be had.
+fn pidfd(pid: i32) -> Option<AsyncFd<OwnedFd>> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor, owned at once.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: the kernel just made this descriptor.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
+    // SAFETY: an `OwnedFd` is open and keeps its descriptor until the `AsyncFd` drops it.
+    unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }.ok()
+}
+
+/// A zombie's wait status, from `/proc/<pid>/stat` (its 52nd field, `exit_code`), while nobody
+/// has reaped it.
+fn zombie_status(pid: i32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let fields: Vec<&str> = stat[stat.rfind(')')? + 1..].split_whitespace().collect();
+    if fields.first() != Some(&"Z") {
+        return None;
+    }
+    fields.get(52 - 3)?.parse().ok()
 }
 
 use std::sync::Arc;
+
+/// Waits until a pidfd says its process ended.
+async fn ended(leader: &Option<AsyncFd<OwnedFd>>) -> std::io::Result<()> {
+    match leader {
+        Some(fd) => fd.readable().await.map(|_| ()),
+        None => std::future::pending().await,
+    }
+}
 
 impl SpawnedRun {
     /// Asks the spawner for a run (`request` made by [`request`]), moves its child into the run's
@@ -772,10 +814,15 @@ impl SpawnedRun {
                 )));
             }
         }
+        let leader = pidfd(pid);
         sync.send(&GO_AHEAD, &[])
             .map_err(|e| SpawnError::Spawner(format!("letting the child go: {e}")))?;
-        // The child runs from here.
+        // The child runs from here. (Its pidfd was made while it waited for the go, so it is the
+        // child's: the pid cannot be reused before the child is reaped.)
         Ok(SpawnedRun {
+            pid,
+            leader,
+            report_by: None,
             sync,
             stdin: stdin_ours,
             stdout: Some(stdout),
@@ -786,26 +833,42 @@ impl SpawnedRun {
     }
 
     /// Waits for the spawner's report of the run's end (cancel-safe). When the spawner goes
-    /// away first, the run went with it: reported as killed by SIGKILL.
+    /// away first, the run went with it: reported as killed by SIGKILL. When the child ended and
+    /// the spawner does not report it within [`REPORT_GRACE`] (it was stopped, say), the status
+    /// is read from the zombie where it can be, else reported as SIGKILL.
     pub(crate) async fn wait(&mut self) -> std::io::Result<std::process::ExitStatus> {
         use std::os::unix::process::ExitStatusExt;
+        let far = tokio::time::Instant::now() + Duration::from_secs(86_400 * 365);
         loop {
-            match self.sync.receive().await? {
-                Some(message) => {
-                    if let Said::Exited(status) = parse(&message.bytes) {
-                        return Ok(status);
+            let watching = self.leader.is_some() && self.report_by.is_none();
+            tokio::select! {
+                message = self.sync.receive() => match message? {
+                    Some(message) => {
+                        if let Said::Exited(status) = parse(&message.bytes) {
+                            return Ok(status);
+                        }
                     }
+                    None => {
+                        self.lost = true;
+                        self.spawner.mark_broken();
+                        return Ok(std::process::ExitStatus::from_raw(libc::SIGKILL));
+                    }
+                },
+                ended = ended(&self.leader), if watching => {
+                    ended?;
+                    self.report_by = Some(tokio::time::Instant::now() + REPORT_GRACE);
                 }
-                None => {
+                _ = tokio::time::sleep_until(self.report_by.unwrap_or(far)), if self.report_by.is_some() => {
                     self.lost = true;
                     self.spawner.mark_broken();
-                    return Ok(std::process::ExitStatus::from_raw(libc::SIGKILL));
+                    let status = zombie_status(self.pid).unwrap_or(libc::SIGKILL);
+                    return Ok(std::process::ExitStatus::from_raw(status));
                 }
             }
         }
     }
 
-    /// Whether the spawner went away before it reported the run's end.
+    /// Whether the spawner failed before it reported the run's end.
     pub(crate) fn lost_its_spawner(&self) -> bool {
         self.lost
     }
