@@ -324,6 +324,15 @@ async fn a_run_reads_the_same_through_a_spawner_as_through_its_own_bubblewrap() 
             argv: vec!["/no/such/program".into()],
             ..ExecRequest::default()
         },
+        // A script without `#!` runs under /bin/sh, as execvp runs it.
+        ExecRequest {
+            argv: sh("printf 'echo plain script $1\\n' > plain.sh; chmod +x plain.sh"),
+            ..ExecRequest::default()
+        },
+        ExecRequest {
+            argv: vec!["./plain.sh".into(), "one".into()],
+            ..ExecRequest::default()
+        },
         ExecRequest {
             argv: sh(
                 "ulimit -n; ulimit -c; ulimit -f; cat /proc/self/status | grep -E '^(Cap|Seccomp|NoNewPrivs)'; ls -a /tmp | wc -l; (echo x > /etc/x) 2>/dev/null || echo no-etc",

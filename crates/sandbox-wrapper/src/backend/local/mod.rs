@@ -19,6 +19,10 @@
 //! - **rlimits** (open files, file size, core dumps; address space when no memory cgroup), a new
 //!   session and a parent-death signal, always.
 //!
+//! Where bubblewrap, the shim and tree-killing cgroups are all there, a session's `command` runs
+//! are forked by one spawner living inside the session's sandbox (see `spawner`), each still in
+//! a cgroup of its own, instead of each starting a bubblewrap.
+//!
 //! Each missing layer falls back to the next; [`LocalBackend::isolation_report`] says which ran.
 
 mod cgroup;

@@ -342,6 +342,14 @@ fn child(
         for candidate in &prepared.candidates {
             libc::execve(candidate.as_ptr(), argv.as_ptr(), envp.as_ptr());
             error = std::io::Error::last_os_error();
+            if error.raw_os_error() == Some(libc::ENOEXEC) {
+                // As execvp: a file without a known format is a shell script.
+                let mut script: Vec<*const libc::c_char> =
+                    vec![c"/bin/sh".as_ptr(), candidate.as_ptr()];
+                script.extend(&argv[1..]);
+                libc::execve(c"/bin/sh".as_ptr(), script.as_ptr(), envp.as_ptr());
+                error = std::io::Error::from_raw_os_error(libc::ENOEXEC);
+            }
             match error.raw_os_error() {
                 Some(libc::ENOENT | libc::ENOTDIR) => {}
                 Some(libc::EACCES) => {
