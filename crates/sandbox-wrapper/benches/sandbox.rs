@@ -45,7 +45,9 @@
 //! - `diag_sandbox_bwrap_true_ms`: `bwrap` with exactly the backend's arguments (read back from
 //!   `/proc/1/cmdline` inside a sandbox: every namespace, the system read-only, private `/dev`,
 //!   `/proc`, `/tmp`, the data directory hidden, the work directory bound, the seccomp program)
-//!   around `true`, as the session's user (the work directory's owner), without cgroups;
+//!   around `true`, as the session's user (the work directory's owner), without cgroups. Where
+//!   runs go through the session's spawner, pid 1 is the spawner's bubblewrap, whose arguments
+//!   up to `--` are those a run of its own would get;
 //! - `diag_sandbox_bwrap_share_net_true_ms`: the same with `--share-net` (no network namespace);
 //! - `diag_sandbox_cgroup_run_ms`: what the backend does with a run's cgroups, without a process:
 //!   create the run's group with its limits in each hierarchy the backend uses, open its

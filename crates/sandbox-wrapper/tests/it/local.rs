@@ -146,7 +146,7 @@ fn is_root() -> bool {
 }
 
 /// Whether a process with this marker value in its environment is alive.
-fn marked_processes(marker: &str) -> Vec<i32> {
+pub(crate) fn marked_processes(marker: &str) -> Vec<i32> {
     let mut pids = Vec::new();
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
         let Some(pid) = entry
@@ -167,7 +167,7 @@ fn marked_processes(marker: &str) -> Vec<i32> {
     pids
 }
 
-async fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
+pub(crate) async fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
     let until = Instant::now() + Duration::from_secs(10);
     while !condition() {
         assert!(Instant::now() < until, "timed out waiting for {what}");

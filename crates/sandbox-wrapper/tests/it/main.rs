@@ -5,6 +5,7 @@ mod microsandbox;
 mod network;
 mod output;
 mod session;
+mod spawner;
 mod supervisor;
 mod task_types;
 mod wrapper;

@@ -99,6 +99,23 @@ fn marked_processes(marker: &str) -> Vec<i32> {
     pids
 }
 
+/// The processes of runs (the tasks' own), without the sessions' spawners: a session's spawner
+/// (marked `<marker>/<session>/spawner`) forks its runs and lives until the session stops.
+fn run_processes(marker: &str) -> Vec<i32> {
+    let spawner = |pid: &i32| {
+        std::fs::read(format!("/proc/{pid}/environ")).is_ok_and(|environ| {
+            environ.split(|&b| b == 0).any(|var| {
+                var.starts_with(format!("MSBD_SANDBOX={marker}/").as_bytes())
+                    && var.ends_with(b"/spawner")
+            })
+        })
+    };
+    marked_processes(marker)
+        .into_iter()
+        .filter(|pid| !spawner(pid))
+        .collect()
+}
+
 /// This instance's cgroup directories for sessions, in every hierarchy.
 fn session_cgroups(marker: &str) -> Vec<PathBuf> {
     let mut found = Vec::new();
@@ -602,7 +619,7 @@ async fn graceful_shutdown_keeps_its_deadline_and_interrupted_tasks_run_again() 
         );
         ids.push(wrapper.submit(task).await.unwrap().task.id);
     }
-    eventually("both tasks to run", || marked_processes(&marker).len() >= 4).await;
+    eventually("both tasks to run", || run_processes(&marker).len() >= 4).await;
     let started = Instant::now();
     let report = wrapper.graceful_shutdown(Duration::from_secs(3)).await;
     let took = started.elapsed();
@@ -632,7 +649,7 @@ async fn graceful_shutdown_keeps_its_deadline_and_interrupted_tasks_run_again() 
         );
     }
     eventually("the interrupted tasks to run again", || {
-        marked_processes(&marker).len() >= 4
+        run_processes(&marker).len() >= 4
     })
     .await;
     for id in &ids {
@@ -645,10 +662,15 @@ async fn graceful_shutdown_keeps_its_deadline_and_interrupted_tasks_run_again() 
         assert_eq!(task.status, Status::Cancelled);
     }
     eventually("no process after cancel", || {
-        marked_processes(&marker).is_empty()
+        run_processes(&marker).is_empty()
     })
     .await;
     wrapper.graceful_shutdown(Duration::from_secs(5)).await;
+    // The sessions' spawners go with the sessions.
+    eventually("no sandboxed process left", || {
+        marked_processes(&marker).is_empty()
+    })
+    .await;
 }
 
 /// Set for the child process of the SIGKILL test: the data directory to run in.
@@ -683,7 +705,7 @@ fn kill_test_child() {
             .with_rerun_on_recovery(false);
             wrapper.submit(task).await.unwrap();
         }
-        eventually("the tasks to run", || marked_processes(&marker).len() >= 4).await;
+        eventually("the tasks to run", || run_processes(&marker).len() >= 4).await;
         println!("ready");
         tokio::time::sleep(Duration::from_secs(300)).await;
     });

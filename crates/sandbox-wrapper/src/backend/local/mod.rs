@@ -19,6 +19,10 @@
 //! - **rlimits** (open files, file size, core dumps; address space when no memory cgroup), a new
 //!   session and a parent-death signal, always.
 //!
+//! Where bubblewrap, the shim and tree-killing cgroups are all there, a session's `command` runs
+//! are forked by one spawner living inside the session's sandbox (see `spawner`), each still in
+//! a cgroup of its own, instead of each starting a bubblewrap.
+//!
 //! Each missing layer falls back to the next; [`LocalBackend::isolation_report`] says which ran.
 
 mod cgroup;
@@ -26,6 +30,7 @@ mod repl;
 mod run_clock;
 pub mod shim;
 mod spawn;
+mod spawner;
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -91,6 +96,10 @@ pub struct LocalConfig {
     /// Network for sandboxes: the operator's settings, which the proxy of each session of
     /// policy `allow` follows, and the proxy's counts.
     pub network: Arc<Network>,
+    /// Whether each session's `command` runs are forked by a spawner living inside the
+    /// session's sandbox (see `docs/sandboxing.md`), where the host allows it (bubblewrap, the
+    /// shim, cgroups that kill and freeze a tree); `false`: a bubblewrap per run.
+    pub session_spawner: bool,
 }
 
 impl LocalConfig {
@@ -107,6 +116,7 @@ impl LocalConfig {
             volumes: Vec::new(),
             landlock_shim: None,
             network: Network::new(crate::network::NetworkSettings::default()),
+            session_spawner: true,
         }
     }
 
@@ -263,6 +273,8 @@ pub struct LocalBackend {
     report: IsolationReport,
     sandboxes: Mutex<HashMap<String, Arc<LocalSandbox>>>,
     next_run: AtomicU64,
+    /// Whether `command` runs go through a spawner per session (see [`spawner`]).
+    spawners: bool,
 }
 
 struct LocalSandbox {
@@ -281,7 +293,19 @@ struct LocalSandbox {
     limits: Limits,
     /// The session's interpreters, one per language; a call holds its language's lock.
     interpreters: HashMap<Language, tokio::sync::Mutex<Option<repl::Interpreter>>>,
+    /// The session's spawner, started by its first `command` run.
+    spawner: tokio::sync::Mutex<SpawnerSlot>,
 }
+
+/// A session's spawner, and how many starts of it failed in a row.
+#[derive(Default)]
+struct SpawnerSlot {
+    current: Option<Arc<spawner::SessionSpawner>>,
+    failed_starts: u32,
+}
+
+/// After this many failed starts in a row, a session's runs each take a bubblewrap of their own.
+const SPAWNER_STARTS: u32 = 3;
 
 /// A spawned task aborted when this is dropped (a session's proxy ends with its sandbox).
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
@@ -376,6 +400,7 @@ impl LocalBackend {
             },
             sandboxes: Mutex::new(HashMap::new()),
             next_run: AtomicU64::new(1),
+            spawners: false,
             config,
         };
         // Orphans of its sandboxes (bubblewrap's init, killed background processes) come back to
@@ -481,6 +506,13 @@ impl LocalBackend {
             layers.push("seccomp".into());
         }
         layers.push("rlimits+setsid+pdeathsig".into());
+        // The spawner is the shim binary, bound into the sandbox; each run needs a cgroup of its
+        // own to be killed and frozen alone; and bubblewrap must not run as root.
+        self.spawners = self.config.session_spawner
+            && self.bwrap.is_some()
+            && self.shim.is_some()
+            && self.cgroups.can_kill_tree()
+            && (self.drop_uid || !root);
         let fs_restricted = self.bwrap.is_some() || self.landlock;
         let level = if fs_restricted
             && self.drop_uid
@@ -580,6 +612,12 @@ impl LocalBackend {
     /// The isolation in use, and what is missing.
     pub fn isolation_report(&self) -> &IsolationReport {
         &self.report
+    }
+
+    /// Whether `command` runs are forked by a spawner per session (see
+    /// [`LocalConfig::session_spawner`]) rather than each started by a bubblewrap of its own.
+    pub fn uses_session_spawners(&self) -> bool {
+        self.spawners
     }
 
     /// The directory that holds the sessions' workspaces (see [`LocalConfig::sandbox_dir`]).
@@ -720,6 +758,7 @@ impl LocalBackend {
             new_netns: !off && !host_net && self.bwrap.is_none() && drop_to.is_some(),
             netns: if off { None } else { netns },
             share_net: host_net,
+            keep_fd: None,
         }
     }
 
@@ -816,13 +855,44 @@ impl LocalBackend {
         let (group, cgroup_procs) = self.run_group(&sandbox)?;
         let mut guard = GroupGuard(group.clone());
         let started = Instant::now();
-        let (mut child, owned) = self.spawn_run(&sandbox, &request, program, cgroup_procs)?;
-        let tree = Tree {
-            group: group.clone(),
-            pid: child.id().map(|p| p as i32),
-            signals_reach_tree: self.bwrap.is_none(),
+        // Through the session's spawner where there is one (the run still gets its own cgroup,
+        // which the spawner's child joins before it execs); else, or when the spawner fails
+        // before the program starts, a bubblewrap of its own.
+        let spawned = match &group {
+            Some(_) if self.spawners => {
+                self.spawn_through_spawner(&sandbox, &request, &cgroup_procs)
+                    .await
+            }
+            _ => None,
         };
-        let stdin_task = match (child.stdin.take(), request.stdin) {
+        let (mut process, tree) = match spawned {
+            Some(run) => {
+                let tree = Tree {
+                    group: group.clone(),
+                    // The cgroup holds the whole run; the leader's pid is not ours to reap,
+                    // and may be reused as soon as the spawner reaps it.
+                    pid: None,
+                    signals_reach_tree: false,
+                };
+                (Running::Spawned(run), tree)
+            }
+            None => {
+                let (child, owned) = self.spawn_run(&sandbox, &request, program, cgroup_procs)?;
+                let tree = Tree {
+                    group: group.clone(),
+                    pid: child.id().map(|p| p as i32),
+                    signals_reach_tree: self.bwrap.is_none(),
+                };
+                (
+                    Running::Direct {
+                        child,
+                        _owned: owned,
+                    },
+                    tree,
+                )
+            }
+        };
+        let stdin_task = match (process.take_stdin(), request.stdin) {
             (Some(mut pipe), Some(bytes)) => Some(tokio::spawn(async move {
                 let _ = pipe.write_all(&bytes).await;
             })),
@@ -830,7 +900,7 @@ impl LocalBackend {
         };
         let clock = RunClock::start(request.timeout, &tree, &mut control.paused, output);
         let ended = watch_run(
-            &mut child,
+            &mut process,
             &tree,
             clock,
             request.timeout,
@@ -842,9 +912,12 @@ impl LocalBackend {
             task.abort();
         }
         let duration = started.elapsed();
+        if process.lost_its_spawner() {
+            output.note("\n[msbd: the session's spawner failed during the run (it ended, and the run with it, or stopped answering); the next run starts a new one]\n");
+        }
         // Tokio has reaped the child (or will, if watching it failed): what bubblewrap's init
         // and the run's killed processes left as zombies is reaped now.
-        drop(owned);
+        drop(process);
         spawn::reap_orphans();
         let (exit, reason) = ended.map_err(|e| BackendError::io("waiting for the process", e))?;
         let peak_memory_bytes = group.as_ref().and_then(Group::peak_memory);
@@ -853,6 +926,7 @@ impl LocalBackend {
             remove_group(group).await;
         }
         output.flush();
+        // A spawner runs only under bubblewrap, and reports as bubblewrap does.
         let through_bwrap = self.bwrap.is_some();
         let exit = exit.map(|status| exit_status(status, through_bwrap));
         let reason = match reason {
@@ -868,7 +942,203 @@ impl LocalBackend {
             isolation: self.report.layers.clone(),
         })
     }
+
+    /// Starts a run's process through its session's spawner, in the run's cgroup (whose open
+    /// `cgroup.procs` are `cgroup_procs`). `None` when the run must take a bubblewrap of its own:
+    /// no spawner could be had, or it failed before the program started (a spawner that
+    /// misbehaved is replaced at the next run).
+    async fn spawn_through_spawner(
+        &self,
+        sandbox: &LocalSandbox,
+        request: &ExecRequest,
+        cgroup_procs: &[std::os::fd::OwnedFd],
+    ) -> Option<spawner::SpawnedRun> {
+        let env = self.environment(sandbox, &request.env);
+        // Too large for one message: a bubblewrap of its own.
+        let bytes = spawner::request(&request.argv, &env, &sandbox.work_dir)?;
+        let session_spawner = self.session_spawner(sandbox).await?;
+        let expected_uid = sandbox.uid.map(|(uid, _, _)| uid.as_raw());
+        match spawner::SpawnedRun::start(
+            &session_spawner,
+            &bytes,
+            request.stdin.is_some(),
+            cgroup_procs,
+            expected_uid,
+        )
+        .await
+        {
+            Ok(run) => Some(run),
+            Err(spawner::SpawnError::Spawner(why)) => {
+                tracing::warn!(session = %sandbox.info.session_id, %why, "the session's spawner failed; this run takes a bubblewrap of its own and the next one a new spawner");
+                session_spawner.mark_broken();
+                None
+            }
+            Err(spawner::SpawnError::Run(why)) => {
+                tracing::debug!(session = %sandbox.info.session_id, %why, "the spawner could not start the run; it takes a bubblewrap of its own");
+                None
+            }
+        }
+    }
+
+    /// The session's spawner: the live one, else a new one. `None` when none can be had (then
+    /// the session's runs take a bubblewrap each).
+    async fn session_spawner(
+        &self,
+        sandbox: &LocalSandbox,
+    ) -> Option<Arc<spawner::SessionSpawner>> {
+        let mut slot = sandbox.spawner.lock().await;
+        if let Some(current) = &slot.current
+            && current.alive()
+        {
+            return Some(Arc::clone(current));
+        }
+        // Gone or broken: its runs hold it until they end; it is killed after the last.
+        slot.current = None;
+        if slot.failed_starts >= SPAWNER_STARTS {
+            return None;
+        }
+        match self.start_spawner(sandbox).await {
+            Ok(started) => {
+                slot.failed_starts = 0;
+                let started = Arc::new(started);
+                slot.current = Some(Arc::clone(&started));
+                Some(started)
+            }
+            Err(error) => {
+                slot.failed_starts += 1;
+                tracing::warn!(session = %sandbox.info.session_id, %error, failed_starts = slot.failed_starts, "could not start the session's spawner; this run takes a bubblewrap of its own");
+                None
+            }
+        }
+    }
+
+    /// Starts a spawner in the session's sandbox: bubblewrap with the runs' own arguments,
+    /// around the shim binary in spawner mode, in a cgroup of its own under the session's.
+    async fn start_spawner(
+        &self,
+        sandbox: &LocalSandbox,
+    ) -> Result<spawner::SessionSpawner, BackendError> {
+        let Some(session_group) = &sandbox.group else {
+            return Err(BackendError::Unavailable(
+                "the session has no cgroup".into(),
+            ));
+        };
+        let name = format!("z-{}", self.next_run.fetch_add(1, Ordering::Relaxed));
+        let group = session_group
+            .child(&name, sandbox.limits, self.cgroups.v2_controllers())
+            .map_err(|e| BackendError::io("creating the spawner's cgroup", e))?;
+        let mut guard = GroupGuard(Some(group.clone()));
+        let procs = group
+            .open_procs()
+            .map_err(|e| BackendError::io("opening the spawner's cgroup", e))?;
+        let (control, theirs) = spawner::Channel::pair()
+            .map_err(|e| BackendError::io("making the spawner's socket", e))?;
+        // At a number far from bubblewrap's seccomp descriptor (3), which the child sets up.
+        let theirs = spawner::dup_above(&theirs, 10)
+            .map_err(|e| BackendError::io("placing the spawner's socket", e))?;
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&theirs);
+        let mut env = self.environment(sandbox, &[]);
+        // Marked apart from the runs (`<marker>/<session>/spawner`): the orphan sweep and
+        // `stop` still find it by its session.
+        for (key, value) in &mut env {
+            if key == ENV_MARKER {
+                value.push_str(SPAWNER_MARKER_SUFFIX);
+            }
+        }
+        let argv = spawner::argv(fd);
+        let mut launch = self.launch(
+            &argv,
+            env,
+            &sandbox.work_dir,
+            false,
+            procs,
+            (
+                sandbox.info.flavor,
+                sandbox.uid.map(|(uid, gid, _)| (uid, gid)),
+                sandbox.netns.as_ref(),
+                sandbox.network == NetworkMode::Host,
+            ),
+        );
+        launch.keep_fd = Some(fd);
+        let spawn_error = |error: std::io::Error| BackendError::Spawn {
+            program: "the session's spawner".into(),
+            reason: error.to_string(),
+        };
+        let mut command =
+            tokio::process::Command::from(spawn::command(launch).map_err(spawn_error)?);
+        command
+            .stdout(std::process::Stdio::null())
+            .kill_on_drop(true);
+        let (child, owned) = spawn::spawn_owned(&mut command).map_err(spawn_error)?;
+        drop(theirs);
+        let expected_uid = sandbox.uid.map(|(uid, _, _)| uid.as_raw());
+        let started = spawner::SessionSpawner::greet(
+            control,
+            child,
+            owned,
+            group,
+            expected_uid,
+            &sandbox.info.session_id,
+        )
+        .await
+        .map_err(|why| BackendError::Spawn {
+            program: "the session's spawner".into(),
+            reason: why,
+        })?;
+        // From here the spawner owns its group.
+        guard.take();
+        Ok(started)
+    }
 }
+
+/// A run's process: a bubblewrap (or the program) msbd spawned, or a spawner's child.
+enum Running {
+    Direct {
+        child: tokio::process::Child,
+        /// Keeps the child out of the orphan reaper's reach while it is ours.
+        _owned: Option<spawn::OwnedPid>,
+    },
+    Spawned(spawner::SpawnedRun),
+}
+
+type OutputPipe = Box<dyn tokio::io::AsyncRead + Unpin + Send>;
+
+impl Running {
+    fn take_stdin(&mut self) -> Option<Box<dyn tokio::io::AsyncWrite + Unpin + Send>> {
+        match self {
+            Running::Direct { child, .. } => child.stdin.take().map(|p| Box::new(p) as _),
+            Running::Spawned(run) => run.stdin.take().map(|p| Box::new(p) as _),
+        }
+    }
+
+    fn take_output(&mut self) -> (Option<OutputPipe>, Option<OutputPipe>) {
+        match self {
+            Running::Direct { child, .. } => (
+                child.stdout.take().map(|p| Box::new(p) as _),
+                child.stderr.take().map(|p| Box::new(p) as _),
+            ),
+            Running::Spawned(run) => (
+                run.stdout.take().map(|p| Box::new(p) as _),
+                run.stderr.take().map(|p| Box::new(p) as _),
+            ),
+        }
+    }
+
+    /// Waits for the process to end (cancel-safe).
+    async fn wait(&mut self) -> std::io::Result<std::process::ExitStatus> {
+        match self {
+            Running::Direct { child, .. } => child.wait().await,
+            Running::Spawned(run) => run.wait().await,
+        }
+    }
+
+    fn lost_its_spawner(&self) -> bool {
+        matches!(self, Running::Spawned(run) if run.lost_its_spawner())
+    }
+}
+
+/// What follows `<marker>/<session>` in the marker of a session's spawner.
+const SPAWNER_MARKER_SUFFIX: &str = "/spawner";
 
 impl LocalBackend {
     async fn call_interpreter(
@@ -1121,6 +1391,7 @@ impl LocalBackend {
                 .into_iter()
                 .map(|l| (l, tokio::sync::Mutex::new(None)))
                 .collect(),
+            spawner: tokio::sync::Mutex::new(SpawnerSlot::default()),
         });
         self.lock().insert(name, sandbox);
         Ok(info)
@@ -1238,15 +1509,14 @@ async fn remove_group(group: Group) {
 /// (whose clock stops while the run is paused), and freezes or thaws it as the pause switch
 /// says. Answers its exit status, and why it ended when that was not its own doing.
 async fn watch_run(
-    child: &mut tokio::process::Child,
+    process: &mut Running,
     tree: &Tree,
     mut clock: RunClock,
     timeout: Option<Duration>,
     output: &OutputSink,
     control: &mut ExecControl,
 ) -> std::io::Result<(Option<std::process::ExitStatus>, Option<EndReason>)> {
-    let mut stdout = child.stdout.take();
-    let mut stderr = child.stderr.take();
+    let (mut stdout, mut stderr) = process.take_output();
     let mut out_buf = vec![0u8; 16 * 1024];
     let mut err_buf = vec![0u8; 16 * 1024];
     let mut exit: Option<std::process::ExitStatus> = None;
@@ -1266,7 +1536,7 @@ async fn watch_run(
                 Some(n) => output.write(Stream::Stderr, &err_buf[..n]),
                 None => stderr = None,
             },
-            status = child.wait(), if exit.is_none() => {
+            status = process.wait(), if exit.is_none() => {
                 exit = Some(status?);
                 // What the program left behind (background children) goes with it, so that
                 // the pipes close and nothing outlives the run.
@@ -1692,7 +1962,9 @@ fn kill_marked_processes(marker: &str, select: impl Fn(&str) -> bool) -> usize {
         let found = environ
             .split(|&b| b == 0)
             .filter_map(|var| std::str::from_utf8(var).ok())
-            .find_map(|var| var.strip_prefix(&prefix));
+            .find_map(|var| var.strip_prefix(&prefix))
+            // A session's spawner carries `<session>/spawner`.
+            .map(|rest| rest.split('/').next().unwrap_or(rest));
         if let Some(session) = found
             && select(session)
             && nix::sys::signal::kill(

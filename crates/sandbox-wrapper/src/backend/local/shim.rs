@@ -24,13 +24,22 @@ pub(crate) const SHIM_PATH: &str = "/.msbd/shim";
 
 /// If this process was started as the shim (`<program> --msbd-landlock-shim --write <dir>...
 /// -- <argv>...`), applies Landlock and execs the program: it never returns then (it exits 126
-/// when it cannot). Otherwise it returns at once. Call it first thing in `main`.
+/// when it cannot). If it was started as a session's spawner (`<program>
+/// --msbd-session-spawner <fd>`, which the shim runs under Landlock), it serves the session's
+/// runs until msbd lets it go, then exits. Otherwise it returns at once. Call it first thing in
+/// `main`, before any thread starts: the spawner forks, and must be single-threaded.
 pub fn run_if_requested() {
     let args: Vec<OsString> = std::env::args_os().collect();
-    if args.get(1).is_none_or(|a| a != SHIM_FLAG) {
-        return;
-    }
-    let error = run(&args[2..]);
+    let error = match args.get(1) {
+        Some(flag) if flag == SHIM_FLAG => run(&args[2..]),
+        // A session's spawner (see `spawner`): started by the shim itself, under Landlock.
+        Some(flag) if super::spawner::is_flag(flag) => {
+            let error = super::spawner::serve(&args[2..]);
+            eprintln!("msbd session spawner: {error}");
+            std::process::exit(126);
+        }
+        _ => return,
+    };
     eprintln!("msbd sandbox shim: {error}");
     std::process::exit(126);
 }

@@ -68,6 +68,9 @@ pub(crate) struct Launch<'a> {
     /// Whether the process keeps the host's network (network policy `host`) where bubblewrap
     /// makes its namespaces.
     pub(crate) share_net: bool,
+    /// A descriptor the program inherits (a session spawner's control socket), at the same
+    /// number; it must not be [`SECCOMP_FD`].
+    pub(crate) keep_fd: Option<i32>,
 }
 
 /// Builds the command for a launch: the program itself, or bubblewrap around it.
@@ -111,7 +114,8 @@ pub(crate) fn command(mut launch: Launch<'_>) -> std::io::Result<std::process::C
         && launch.landlock.is_none()
         && launch.seccomp_direct.is_none()
         && !launch.new_netns
-        && launch.netns.is_none();
+        && launch.netns.is_none()
+        && launch.keep_fd.is_none();
     if plain {
         // Isolation off: no code between fork and exec, so that the standard library can use
         // posix_spawn; the process still leads a group of its own, for whole-group signals.
@@ -128,6 +132,12 @@ pub(crate) fn command(mut launch: Launch<'_>) -> std::io::Result<std::process::C
     let mut landlock = launch.landlock.take();
     let seccomp_direct: Option<BpfProgram> = launch.seccomp_direct.cloned();
     let new_netns = launch.new_netns && launch.netns.is_none();
+    let keep_fd = launch.keep_fd.filter(|fd| *fd != SECCOMP_FD);
+    if launch.keep_fd.is_some() && keep_fd.is_none() {
+        return Err(std::io::Error::other(
+            "the descriptor to keep collides with bubblewrap's seccomp descriptor",
+        ));
+    }
     let netns: Option<[OwnedFd; 3]> = match launch.netns {
         Some(ns) => Some([
             ns.net.try_clone()?,
@@ -169,6 +179,11 @@ pub(crate) fn command(mut launch: Launch<'_>) -> std::io::Result<std::process::C
             // except the seccomp program bubblewrap reads.
             close_inherited_on_exec();
             if seccomp_fd.is_some() && nix::libc::fcntl(SECCOMP_FD, nix::libc::F_SETFD, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if let Some(fd) = keep_fd
+                && nix::libc::fcntl(fd, nix::libc::F_SETFD, 0) < 0
+            {
                 return Err(std::io::Error::last_os_error());
             }
             if let Some([net, ipc, uts]) = &netns {
