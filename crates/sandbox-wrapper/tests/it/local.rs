@@ -784,6 +784,7 @@ async fn a_sandboxed_process_cannot_make_namespaces_mount_or_reach_host_sockets_
         "unshare -U true 2>/dev/null && echo UNSHARED; \
          perl -e 'exit(syscall(56, 0x10000000 | 17, 0, 0, 0, 0) == -1 ? 1 : 0)' 2>/dev/null && echo CLONED-USERNS; \
          mount -t tmpfs none /tmp 2>/dev/null && echo MOUNTED; \
+         perl -e 'syscall(438, 0, 0, 0); print \"GETFD-ERRNO-\", $!+0, \"\\n\"'; \
          python3 -c 'import socket; s = socket.socket(socket.AF_UNIX); s.connect(\"{socket}\"); print(\"CONNECTED\")' 2>/dev/null; \
          ls /proc/self/fd; echo END",
         socket = socket_path.display()
@@ -804,6 +805,9 @@ async fn a_sandboxed_process_cannot_make_namespaces_mount_or_reach_host_sockets_
         !text.lines().any(|l| l == leaked.to_string()),
         "fd {leaked} leaked: {text}"
     );
+    // pidfd_getfd (438), which takes another process's descriptor, is refused by seccomp
+    // (ENOSYS, 38) before the kernel looks at its arguments (else EBADF, 9).
+    assert!(text.contains("GETFD-ERRNO-38\n"), "{text}");
     assert!(
         listener.accept().is_err(),
         "the host socket saw a connection"

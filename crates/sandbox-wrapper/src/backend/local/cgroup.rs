@@ -373,6 +373,15 @@ impl Group {
         None
     }
 
+    /// Whether the group (or one of its sub-groups) holds process `pid`, in every hierarchy.
+    pub(crate) fn holds(&self, pid: i32) -> bool {
+        !self.dirs.is_empty()
+            && self
+                .dirs
+                .iter()
+                .all(|(_, dir)| all_procs_under(dir).contains(&pid))
+    }
+
     /// How many processes the group holds.
     pub(crate) fn process_count(&self) -> u64 {
         self.all_procs().len() as u64

@@ -477,6 +477,7 @@ pub(crate) fn seccomp_program() -> Result<BpfProgram, String> {
         libc::SYS_ptrace,
         libc::SYS_process_vm_readv,
         libc::SYS_process_vm_writev,
+        libc::SYS_pidfd_getfd,
         libc::SYS_keyctl,
         libc::SYS_add_key,
         libc::SYS_request_key,

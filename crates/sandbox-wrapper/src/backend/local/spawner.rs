@@ -812,6 +812,16 @@ impl SpawnedRun {
                 message.uid
             )));
         }
+        // The kernel vouches for the pid (a process may name another only with CAP_SYS_ADMIN
+        // over its pid namespace, which nothing in the sandbox has); it must also be one of the
+        // spawner's own, in the spawner's cgroup, before msbd moves it anywhere.
+        if let Some(group) = &spawner.group
+            && !group.holds(pid)
+        {
+            return Err(SpawnError::Spawner(format!(
+                "the child's pid {pid} is not in the spawner's cgroup"
+            )));
+        }
         // Into the run's own cgroup before it execs: all it starts is the run's.
         let text = pid.to_string();
         for procs in cgroup_procs {
