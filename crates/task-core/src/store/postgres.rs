@@ -806,7 +806,10 @@ impl ReadConn {
     async fn open(shared: &Shared) -> std::result::Result<ReadConn, tokio_postgres::Error> {
         let client = shared.connect().await?;
         let get = client
-            .prepare(&format!("SELECT {COLUMNS} FROM tasks WHERE id = $1"))
+            .prepare(&format!(
+                "SELECT {COLUMNS} FROM tasks WHERE id = $1 \
+                 UNION ALL SELECT {COLUMNS} FROM tasks_done WHERE id = $1"
+            ))
             .await?;
         let stats = client
             .prepare(
@@ -888,9 +891,16 @@ impl PostgresStore {
         }
         clauses.extend(common::field_clauses(&filter, &mut values));
         let limit_param = values.push(i64::try_from(limit + 1).unwrap_or(i64::MAX));
+        // Both tables, newest first by `seq` (a finished task keeps its own): each by its
+        // primary key, merged. One statement, one snapshot: a task that moves between them
+        // meanwhile shows once.
+        let clauses = clauses.join(" AND ");
         let sql = format!(
-            "SELECT {COLUMNS}, seq FROM tasks WHERE {} ORDER BY seq DESC LIMIT {limit_param}",
-            clauses.join(" AND ")
+            "SELECT * FROM ((SELECT {COLUMNS}, seq FROM tasks WHERE {clauses} \
+             ORDER BY seq DESC LIMIT {limit_param}) UNION ALL \
+             (SELECT {COLUMNS}, seq FROM tasks_done WHERE {clauses} \
+             ORDER BY seq DESC LIMIT {limit_param})) AS both_tables \
+             ORDER BY seq DESC LIMIT {limit_param}"
         );
         let mut retried = false;
         let rows = loop {
@@ -956,7 +966,13 @@ impl PostgresStore {
     }
 
     async fn count_timed_out(&self) -> Result<std::collections::BTreeMap<String, u64>> {
-        let sql = common::timed_out_sql();
+        // Finished tasks are in `tasks_done`, but for any a node of an older build left.
+        let sql = format!(
+            "SELECT task_type, sum(count)::int8 AS count FROM ({0} UNION ALL {1}) AS both_tables \
+             GROUP BY task_type",
+            common::timed_out_sql(),
+            common::timed_out_sql().replacen("FROM tasks ", "FROM tasks_done ", 1)
+        );
         let mut retried = false;
         let rows = loop {
             let conn = self.shared.reader.get(&self.shared).await?;
