@@ -30,8 +30,21 @@
 //! - **Claims** are one statement: `UPDATE … WHERE seq = ANY(ARRAY(SELECT … ORDER BY priority
 //!   DESC, seq LIMIT n FOR UPDATE SKIP LOCKED))`, so nodes claiming at once skip each other's rows
 //!   instead of waiting, and the update is a primary-key lookup whatever the batch size.
+//! - **Finished tasks leave the hot table.** `tasks` holds the tasks that are not finished; the
+//!   transaction that finishes a task (a finish, a command, a recovery, a release of a cancelled
+//!   claim) moves its row to `tasks_done` (the same columns, its `seq` kept), finishes that come
+//!   together in one `DELETE … RETURNING` feeding an `INSERT`. So the table that every claim,
+//!   finish and heartbeat writes, and that vacuum visits with all its indexes, stays the size of
+//!   the live work however many finished tasks retention keeps (the sustained bench fell to a
+//!   quarter of its rate past 3 M kept rows when they shared the table). `tasks_done` is written
+//!   once per task and deleted from by the pruner. Reads (get, list, counts of timed-out tasks)
+//!   take both tables in one statement, so a task that moves meanwhile shows once; listings
+//!   merge both by `seq`. Idempotency keys are in `task_keys` ((owner, key) → id): a submission
+//!   takes its key there before inserting, so a key is unique across both tables with no race
+//!   against a finish moving the task that holds it, and leaves with its task.
 //! - **Partial indexes only** on the hot paths (`tasks_queued` on the queue, `tasks_scheduled`,
-//!   `tasks_finished`, `tasks_held`), so the queue index holds the queue, not the history.
+//!   `tasks_held`, and `tasks_finished` for rows a node of an older build finished in place,
+//!   which the pruner moves), so the queue index holds the queue.
 //! - **Plans pinned.** The writers' sessions turn off sequential scans, bitmap scans and sorts
 //!   (only as a cost: a statement with no other way still runs). Measured: on a fresh table that
 //!   autovacuum had not analyzed yet, the planner took the queue for a few rows and sorted all of
@@ -42,7 +55,7 @@
 //!   column and the table keeps free room on its pages (`fillfactor = 80`), so they are HOT updates
 //!   (no new index entries); autovacuum is set to run early on the task table; counts by type and
 //!   status are partial sums per node (no row that every node updates); the pruner deletes old
-//!   terminal tasks in batches; the maintenance leader vacuums the task table itself when dead
+//!   finished tasks from `tasks_done` in batches; the maintenance leader vacuums `tasks` itself when dead
 //!   row versions pile up ([`PostgresConfig::vacuum_check`]), rather than wait for
 //!   autovacuum's once-a-minute visit.
 //!
