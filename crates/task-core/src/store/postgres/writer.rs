@@ -1665,9 +1665,26 @@ async fn apply_command(
     Ok(loaded.task)
 }
 
-/// Gives back attempts of this node claimed but never started: as [`apply::release`] does, one
-/// task at a time (rare: at a shutdown, a pause, or when claimed-ahead tasks waited too long).
-/// The row's claim is cleared with it.
+/// The rows of attempts to give back, locked in `seq` order.
+static RELEASING: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "SELECT {COLUMNS}, seq, claimed_by FROM tasks WHERE id = ANY($1::uuid[]) \
+         ORDER BY seq FOR UPDATE"
+    )
+});
+
+/// Writes what [`apply::release`] changed, for many rows at once, and clears their claims.
+const RELEASE: &str = "UPDATE tasks SET status = u_status, attempt = u_attempt, \
+    started_at = u_started_at, updated_at = u_updated_at, finished_at = u_finished_at, \
+    lease_until = NULL, cancel_requested = false, claimed_by = NULL \
+    FROM unnest($1::int8[], $2::int2[], $3::int8[], $4::int8[], $5::int8[], $6::int8[]) \
+    AS u(u_seq, u_status, u_attempt, u_started_at, u_updated_at, u_finished_at) \
+    WHERE seq = u_seq AND seq = ANY($1::int8[])";
+
+/// Gives back attempts of this node claimed but never started, as [`apply::release`] does (at
+/// a shutdown, a pause, or when claimed-ahead tasks waited too long), with three statements
+/// however many: a read of the rows, locked; one update of those still held by the attempt
+/// given back (their claims cleared with it); and the move of those a cancel finished.
 async fn release(
     conn: &mut WriteConn,
     node: &str,
@@ -1675,31 +1692,58 @@ async fn release(
     now: Timestamp,
     effects: &mut Effects,
 ) -> std::result::Result<usize, Exec> {
-    let mut released = 0;
+    if held.is_empty() {
+        return Ok(0);
+    }
+    // The attempts named for each task, in their order: the first that the task's row still
+    // holds is given back (then the task holds none of the others).
+    let mut attempts: HashMap<TaskId, Vec<u32>> = HashMap::with_capacity(held.len());
     for (id, attempt) in held {
-        let Some(mut loaded) = load(conn, *id).await? else {
-            continue;
-        };
-        if loaded.done || loaded.claimed_by.as_deref() != Some(node) {
+        attempts.entry(*id).or_default().push(*attempt);
+    }
+    let ids: Vec<uuid::Uuid> = attempts.keys().map(|id| uuid(*id)).collect();
+    let rows = conn.query(&RELEASING, &[&ids]).await?;
+    let mut seqs = Vec::new();
+    let mut statuses = Vec::new();
+    let mut numbers = Vec::new();
+    let mut started = Vec::new();
+    let mut updated = Vec::new();
+    let mut finished = Vec::new();
+    let mut moved = Vec::new();
+    for row in &rows {
+        let mut loaded = Loaded::from_row(row)?;
+        if loaded.claimed_by.as_deref() != Some(node) {
             continue;
         }
         let before = loaded.task.status;
-        if !apply::release(&mut loaded.task, *attempt, now) {
+        let named = attempts.get(&loaded.task.id).map_or(&[][..], Vec::as_slice);
+        if !named
+            .iter()
+            .any(|attempt| apply::release(&mut loaded.task, *attempt, now))
+        {
             continue;
         }
-        save(conn, loaded.seq, &loaded.task).await?;
+        let task = &loaded.task;
+        seqs.push(loaded.seq);
+        statuses.push(code(task.status));
+        numbers.push(i64::from(task.attempt));
+        started.push(task.started_at.map(|t| t.0));
+        updated.push(task.updated_at.0);
+        finished.push(task.finished_at.map(|t| t.0));
+        if task.status.is_terminal() {
+            moved.push(loaded.seq);
+        }
+        effects.task(task, Some(before));
+    }
+    if !seqs.is_empty() {
         conn.execute(
-            "UPDATE tasks SET started_at = $2, claimed_by = NULL WHERE seq = $1",
-            &[&loaded.seq, &loaded.task.started_at.map(|t| t.0)],
+            RELEASE,
+            &[&seqs, &statuses, &numbers, &started, &updated, &finished],
         )
         .await?;
-        if loaded.task.status.is_terminal() {
-            move_done(conn, &[loaded.seq]).await?;
-        }
-        effects.task(&loaded.task, Some(before));
-        released += 1;
     }
-    Ok(released)
+    move_done(conn, &moved).await?;
+    Ok(seqs.len())
 }
 
 async fn recover(
