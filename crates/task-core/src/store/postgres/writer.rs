@@ -930,9 +930,10 @@ static KEY_HOLDER: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     )
 });
 
-/// Inserts the tasks in one statement, in their order; a task whose idempotency key (with its
-/// owner) is taken, by an older task or one earlier in the same submission, is answered with
-/// the task that has it.
+/// Inserts the tasks in one statement, in their order, after taking their idempotency keys in
+/// another ([`TAKE_KEYS`], only when some have one); a task whose key (with its owner) is taken,
+/// by an older task or one earlier in the same submission, is not inserted but answered with the
+/// task that has it.
 async fn submit(
     conn: &mut WriteConn,
     shared: &Shared,
