@@ -858,9 +858,10 @@ async fn pg_deadlocks(admin: &tokio_postgres::Client) -> BenchResult<i64> {
 
 /// `engine_postgres_sustained_ratio`: two nodes run no-op tasks for 5 minutes (or
 /// `MSBD_BENCH_PG_SUSTAINED_SECS`) while a producer keeps about [`PG_BACKLOG`] queued; the
-/// figure is the throughput of the last fifth over the first. Finished tasks stay in the table
-/// (the default retention is 7 days) and every task leaves dead row versions behind, so this
-/// is where bloat would show.
+/// figure is the throughput of the last fifth over the first. Finished tasks are all kept (the
+/// default retention is 7 days; in `tasks_done` since schema version 5, so the window lines'
+/// "tasks table" counts only the unfinished ones) and every task leaves dead row versions
+/// behind, so this is where bloat would show.
 ///
 /// With `windows` 10 it is `engine_postgres_sustained_10min_ratio`: ten windows of a minute
 /// (or a tenth of twice `MSBD_BENCH_PG_SUSTAINED_SECS`), the tenth over the first, every finished

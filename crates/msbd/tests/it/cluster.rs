@@ -118,7 +118,7 @@ async fn two_nodes_share_one_queue() {
     let rows = db
         .query(
             &format!(
-                "SELECT claimed_by, count(*) FROM {}.tasks GROUP BY claimed_by ORDER BY 1",
+                "SELECT claimed_by, count(*) FROM (SELECT * FROM {0}.tasks UNION ALL SELECT * FROM {0}.tasks_done) AS tasks GROUP BY claimed_by ORDER BY 1",
                 schema.0
             ),
             &[],
@@ -134,7 +134,7 @@ async fn two_nodes_share_one_queue() {
     let home: Option<String> = db
         .query_one(
             &format!(
-                "SELECT claimed_by FROM {}.tasks WHERE session_id = 'kept-on-a'",
+                "SELECT claimed_by FROM (SELECT * FROM {0}.tasks UNION ALL SELECT * FROM {0}.tasks_done) AS tasks WHERE session_id = 'kept-on-a'",
                 schema.0
             ),
             &[],
@@ -252,8 +252,9 @@ async fn a_killed_nodes_tasks_are_recovered_by_the_others() {
     let db = admin().await;
     let t = &schema.0;
     let count = async |sql: String| -> i64 { db.query_one(&sql, &[]).await.unwrap().get(0) };
-    let running_on_c_sql =
-        format!("SELECT id::text FROM {t}.tasks WHERE claimed_by = 'node-c' AND status = 3");
+    let running_on_c_sql = format!(
+        "SELECT id::text FROM (SELECT * FROM {t}.tasks UNION ALL SELECT * FROM {t}.tasks_done) AS tasks WHERE claimed_by = 'node-c' AND status = 3"
+    );
     // node-c's connections: its statements still under way, and whether it has any left.
     let c_busy_sql = format!(
         "SELECT count(*) FILTER (WHERE state NOT LIKE 'idle%'), count(*) FROM pg_stat_activity \
@@ -269,11 +270,11 @@ async fn a_killed_nodes_tasks_are_recovered_by_the_others() {
         attempts += 1;
         wait_until(Duration::from_secs(120), async || {
             let done_by_c = count(format!(
-                "SELECT count(*) FROM {t}.tasks WHERE claimed_by = 'node-c' AND status >= 4"
+                "SELECT count(*) FROM (SELECT * FROM {t}.tasks UNION ALL SELECT * FROM {t}.tasks_done) AS tasks WHERE claimed_by = 'node-c' AND status >= 4"
             ))
             .await;
             let running_on_c = count(format!(
-                "SELECT count(*) FROM {t}.tasks WHERE claimed_by = 'node-c' AND status = 3"
+                "SELECT count(*) FROM (SELECT * FROM {t}.tasks UNION ALL SELECT * FROM {t}.tasks_done) AS tasks WHERE claimed_by = 'node-c' AND status = 3"
             ))
             .await;
             if done_by_c >= 100 && running_on_c > 0 {
@@ -339,7 +340,7 @@ async fn a_killed_nodes_tasks_are_recovered_by_the_others() {
     assert!(!orphans.is_empty());
 
     wait_until(Duration::from_secs(600), async || {
-        let finished = count(format!("SELECT count(*) FROM {t}.tasks WHERE status >= 4")).await;
+        let finished = count(format!("SELECT count(*) FROM (SELECT * FROM {t}.tasks UNION ALL SELECT * FROM {t}.tasks_done) AS tasks WHERE status >= 4")).await;
         if finished == TASKS as i64 {
             Ok(())
         } else {
@@ -354,7 +355,7 @@ async fn a_killed_nodes_tasks_are_recovered_by_the_others() {
     let rows = db
         .query(
             &format!(
-                "SELECT id::text, status, attempt, claimed_by, started_at, error_kind FROM {t}.tasks"
+                "SELECT id::text, status, attempt, claimed_by, started_at, error_kind FROM (SELECT * FROM {t}.tasks UNION ALL SELECT * FROM {t}.tasks_done) AS tasks"
             ),
             &[],
         )
@@ -599,7 +600,9 @@ async fn a_database_restart_loses_nothing() {
         client
     };
     let db = connect().await;
-    let finished_sql = format!("SELECT count(*) FROM {schema}.tasks WHERE status >= 4");
+    let finished_sql = format!(
+        "SELECT count(*) FROM (SELECT * FROM {schema}.tasks UNION ALL SELECT * FROM {schema}.tasks_done) AS tasks WHERE status >= 4"
+    );
     wait_until(Duration::from_secs(120), async || {
         let finished: i64 = db.query_one(&finished_sql, &[]).await.unwrap().get(0);
         if finished >= (TASKS / 4) as i64 {
@@ -657,7 +660,7 @@ async fn a_database_restart_loses_nothing() {
     let rows = db
         .query(
             &format!(
-                "SELECT id::text, status, attempt, error_message, claimed_by FROM {schema}.tasks"
+                "SELECT id::text, status, attempt, error_message, claimed_by FROM (SELECT * FROM {schema}.tasks UNION ALL SELECT * FROM {schema}.tasks_done) AS tasks"
             ),
             &[],
         )

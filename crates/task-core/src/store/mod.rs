@@ -251,12 +251,12 @@ pub struct DatabaseStatus {
     pub server_version: String,
     /// The size of the whole database on disk, in bytes (`pg_database_size`).
     pub database_size_bytes: Option<i64>,
-    /// The row versions of the task table that are live (the statistics' estimate,
-    /// `n_live_tup`): about the number of tasks.
+    /// The row versions of the task tables (unfinished and finished tasks) that are live (the
+    /// statistics' estimate, `n_live_tup`): about the number of tasks.
     pub live_tasks: Option<i64>,
-    /// The dead row versions of the task table awaiting a vacuum (`n_dead_tup`).
+    /// The dead row versions of the task tables awaiting a vacuum (`n_dead_tup`).
     pub dead_tasks: Option<i64>,
-    /// When the task table was last vacuumed, by hand, by the maintenance leader or by
+    /// When the table of unfinished tasks was last vacuumed, by hand, by the maintenance leader or by
     /// autovacuum (milliseconds since the Unix epoch); `None` when it never was.
     pub last_vacuum_ms: Option<i64>,
     /// The client connections to this database now, of every node and every other client.

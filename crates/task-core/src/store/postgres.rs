@@ -30,8 +30,21 @@
 //! - **Claims** are one statement: `UPDATE … WHERE seq = ANY(ARRAY(SELECT … ORDER BY priority
 //!   DESC, seq LIMIT n FOR UPDATE SKIP LOCKED))`, so nodes claiming at once skip each other's rows
 //!   instead of waiting, and the update is a primary-key lookup whatever the batch size.
+//! - **Finished tasks leave the hot table.** `tasks` holds the tasks that are not finished; the
+//!   transaction that finishes a task (a finish, a command, a recovery, a release of a cancelled
+//!   claim) moves its row to `tasks_done` (the same columns, its `seq` kept), finishes that come
+//!   together in one `DELETE … RETURNING` feeding an `INSERT`. So the table that every claim,
+//!   finish and heartbeat writes, and that vacuum visits with all its indexes, stays the size of
+//!   the live work however many finished tasks retention keeps (the sustained bench fell to a
+//!   quarter of its rate past 3 M kept rows when they shared the table). `tasks_done` is written
+//!   once per task and deleted from by the pruner. Reads (get, list, counts of timed-out tasks)
+//!   take both tables in one statement, so a task that moves meanwhile shows once; listings
+//!   merge both by `seq`. Idempotency keys are in `task_keys` ((owner, key) → id): a submission
+//!   takes its key there before inserting, so a key is unique across both tables with no race
+//!   against a finish moving the task that holds it, and leaves with its task.
 //! - **Partial indexes only** on the hot paths (`tasks_queued` on the queue, `tasks_scheduled`,
-//!   `tasks_finished`, `tasks_held`), so the queue index holds the queue, not the history.
+//!   `tasks_held`, and `tasks_finished` for rows a node of an older build finished in place,
+//!   which the pruner moves), so the queue index holds the queue.
 //! - **Plans pinned.** The writers' sessions turn off sequential scans, bitmap scans and sorts
 //!   (only as a cost: a statement with no other way still runs). Measured: on a fresh table that
 //!   autovacuum had not analyzed yet, the planner took the queue for a few rows and sorted all of
@@ -42,7 +55,7 @@
 //!   column and the table keeps free room on its pages (`fillfactor = 80`), so they are HOT updates
 //!   (no new index entries); autovacuum is set to run early on the task table; counts by type and
 //!   status are partial sums per node (no row that every node updates); the pruner deletes old
-//!   terminal tasks in batches; the maintenance leader vacuums the task table itself when dead
+//!   finished tasks from `tasks_done` in batches; the maintenance leader vacuums `tasks` itself when dead
 //!   row versions pile up ([`PostgresConfig::vacuum_check`]), rather than wait for
 //!   autovacuum's once-a-minute visit.
 //!
@@ -806,7 +819,10 @@ impl ReadConn {
     async fn open(shared: &Shared) -> std::result::Result<ReadConn, tokio_postgres::Error> {
         let client = shared.connect().await?;
         let get = client
-            .prepare(&format!("SELECT {COLUMNS} FROM tasks WHERE id = $1"))
+            .prepare(&format!(
+                "SELECT {COLUMNS} FROM tasks WHERE id = $1 \
+                 UNION ALL SELECT {COLUMNS} FROM tasks_done WHERE id = $1"
+            ))
             .await?;
         let stats = client
             .prepare(
@@ -888,9 +904,16 @@ impl PostgresStore {
         }
         clauses.extend(common::field_clauses(&filter, &mut values));
         let limit_param = values.push(i64::try_from(limit + 1).unwrap_or(i64::MAX));
+        // Both tables, newest first by `seq` (a finished task keeps its own): each by its
+        // primary key, merged. One statement, one snapshot: a task that moves between them
+        // meanwhile shows once.
+        let clauses = clauses.join(" AND ");
         let sql = format!(
-            "SELECT {COLUMNS}, seq FROM tasks WHERE {} ORDER BY seq DESC LIMIT {limit_param}",
-            clauses.join(" AND ")
+            "SELECT * FROM ((SELECT {COLUMNS}, seq FROM tasks WHERE {clauses} \
+             ORDER BY seq DESC LIMIT {limit_param}) UNION ALL \
+             (SELECT {COLUMNS}, seq FROM tasks_done WHERE {clauses} \
+             ORDER BY seq DESC LIMIT {limit_param})) AS both_tables \
+             ORDER BY seq DESC LIMIT {limit_param}"
         );
         let mut retried = false;
         let rows = loop {
@@ -956,7 +979,13 @@ impl PostgresStore {
     }
 
     async fn count_timed_out(&self) -> Result<std::collections::BTreeMap<String, u64>> {
-        let sql = common::timed_out_sql();
+        // Finished tasks are in `tasks_done`, but for any a node of an older build left.
+        let sql = format!(
+            "SELECT task_type, sum(count)::int8 AS count FROM ({0} UNION ALL {1}) AS both_tables \
+             GROUP BY task_type",
+            common::timed_out_sql(),
+            common::timed_out_sql().replacen("FROM tasks ", "FROM tasks_done ", 1)
+        );
         let mut retried = false;
         let rows = loop {
             let conn = self.shared.reader.get(&self.shared).await?;

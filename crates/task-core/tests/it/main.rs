@@ -5,5 +5,6 @@ mod conformance;
 mod crash;
 mod engine;
 mod postgres;
+mod postgres_history;
 mod properties;
 mod transitions;

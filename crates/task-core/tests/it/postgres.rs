@@ -72,11 +72,16 @@ impl TestSchema {
         }
     }
 
-    /// How many rows its task table holds.
+    /// How many tasks it holds: the rows of its two task tables.
     pub(crate) async fn rows(&self, admin: &Client) -> i64 {
+        self.rows_in(admin, "tasks").await + self.rows_in(admin, "tasks_done").await
+    }
+
+    /// How many rows its table `table` holds.
+    pub(crate) async fn rows_in(&self, admin: &Client, table: &str) -> i64 {
         admin
             .query_one(
-                &format!("SELECT count(*) FROM \"{}\".tasks", self.name),
+                &format!("SELECT count(*) FROM \"{}\".{table}", self.name),
                 &[],
             )
             .await
@@ -361,11 +366,12 @@ async fn migrations_are_idempotent_and_safe_when_nodes_start_at_once() {
             (1, "tasks".to_owned()),
             (2, "interrupted_attempts".to_owned()),
             (3, "attempt_history".to_owned()),
-            (4, "fresh_session".to_owned())
+            (4, "fresh_session".to_owned()),
+            (5, "finished_tasks".to_owned())
         ],
         "each migration applied once"
     );
-    assert_eq!(PostgresStore::schema_version(), 4);
+    assert_eq!(PostgresStore::schema_version(), 5);
     // Once more, with tasks in the store: nothing changes, nothing is lost.
     stores[0]
         .submit(tasks(3, Timestamp::now()))
@@ -381,7 +387,10 @@ async fn migrations_are_idempotent_and_safe_when_nodes_start_at_once() {
     // fresh session (version 4).
     admin
         .batch_execute(&format!(
-            "ALTER TABLE \"{0}\".tasks DROP COLUMN attempts, DROP COLUMN fresh_session; \
+            "DROP TABLE \"{0}\".tasks_done, \"{0}\".task_keys; \
+             CREATE UNIQUE INDEX tasks_idempotency ON \"{0}\".tasks \
+             ((coalesce(owner, '')), idempotency_key) WHERE idempotency_key IS NOT NULL; \
+             ALTER TABLE \"{0}\".tasks DROP COLUMN attempts, DROP COLUMN fresh_session; \
              DELETE FROM \"{0}\".schema_migrations WHERE version >= 3",
             schema.name
         ))
@@ -556,7 +565,8 @@ async fn a_commit_whose_answer_is_lost_is_settled_by_asking_the_database() {
     let rows = admin
         .query(
             &format!(
-                "SELECT id::text, status, attempt, claimed_by FROM \"{}\".tasks",
+                "SELECT id::text, status, attempt, claimed_by FROM \"{0}\".tasks \
+                 UNION ALL SELECT id::text, status, attempt, claimed_by FROM \"{0}\".tasks_done",
                 schema.name
             ),
             &[],

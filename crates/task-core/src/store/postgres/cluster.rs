@@ -41,18 +41,21 @@ pub(super) const NODES: &str = "SELECT n.name, \
     AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
     AND n.name IS NOT NULL";
 
-/// The database's figures, in one row. Parameter: the schema (for its task table's statistics).
+/// The database's figures, in one row. Parameter: the schema (for its task tables' statistics: the
+/// rows are those of `tasks` and `tasks_done` together, the last vacuum that of `tasks`).
 pub(super) const DATABASE: &str = "SELECT current_setting('server_version') AS server_version, \
     CASE WHEN has_database_privilege(current_database(), 'CONNECT') \
         THEN pg_database_size(current_database()) END AS database_size_bytes, \
-    s.n_live_tup AS live_tasks, s.n_dead_tup AS dead_tasks, \
+    s.n_live_tup + coalesce(d.n_live_tup, 0) AS live_tasks, \
+    s.n_dead_tup + coalesce(d.n_dead_tup, 0) AS dead_tasks, \
     (extract(epoch FROM greatest(s.last_vacuum, s.last_autovacuum)) * 1000)::int8 \
         AS last_vacuum_ms, \
     (SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
         AND backend_type = 'client backend') AS connections, \
     current_setting('max_connections')::int8 AS max_connections \
     FROM (SELECT 1) AS one \
-    LEFT JOIN pg_stat_user_tables s ON s.schemaname = $1::text AND s.relname = 'tasks'";
+    LEFT JOIN pg_stat_user_tables s ON s.schemaname = $1::text AND s.relname = 'tasks' \
+    LEFT JOIN pg_stat_user_tables d ON d.schemaname = $1::text AND d.relname = 'tasks_done'";
 
 /// Reads one column by its name, naming it in the error.
 fn column<'a, T: tokio_postgres::types::FromSql<'a>>(row: &'a Row, name: &str) -> Result<T> {

@@ -29,6 +29,11 @@ pub(super) const MIGRATIONS: &[(i32, &str, &str)] = &[
         "fresh_session",
         include_str!("../../../migrations/postgres/0004_fresh_session.sql"),
     ),
+    (
+        5,
+        "finished_tasks",
+        include_str!("../../../migrations/postgres/0005_finished_tasks.sql"),
+    ),
 ];
 
 /// The newest schema version this build knows.

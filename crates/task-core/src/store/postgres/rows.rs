@@ -19,6 +19,14 @@ pub(super) const COLUMNS: &str = "id, task_type, params, priority, status, attem
     updated_at, finished_at, tags, lease_until, cancel_requested, interrupted_attempts, \
     rerun_on_recovery, attempts::text AS attempts, fresh_session";
 
+/// Every stored column of a task row, the same in `tasks` and `tasks_done`: what moves a
+/// finished task from one to the other names them all.
+pub(super) const STORED: &str = "seq, id, task_type, params, priority, status, attempt, \
+    max_attempts, retry_base_ms, retry_max_ms, timeout_ms, run_at, idempotency_key, owner, \
+    session_id, progress, progress_message, result, error_kind, error_message, created_at, \
+    started_at, updated_at, finished_at, tags, lease_until, cancel_requested, home_node, \
+    claimed_by, interrupted_attempts, rerun_on_recovery, attempts, fresh_session";
+
 /// A task's id as the `uuid` column holds it.
 pub(super) fn uuid(id: TaskId) -> uuid::Uuid {
     uuid::Uuid::from_bytes(*id.as_bytes())

@@ -24,7 +24,7 @@ use crate::store::common::{
     net_counts, sql_held, sql_leased, sql_status, sql_terminal, tags_text,
 };
 
-use super::rows::{COLUMNS, big, code, seq_of, status, task_from_row, uuid};
+use super::rows::{COLUMNS, STORED, big, code, seq_of, status, task_from_row, uuid};
 use super::{Backoff, Part, Shared, describe, is_lost};
 
 /// A write request.
@@ -868,7 +868,9 @@ async fn execute(
                     concat!(
                         "SELECT 1 FROM tasks WHERE id = $1 AND attempt = $2 AND updated_at = $3 \
                          AND NOT ",
-                        sql_leased!()
+                        sql_leased!(),
+                        " UNION ALL SELECT 1 FROM tasks_done WHERE id = $1 AND attempt = $2 \
+                         AND updated_at = $3"
                     ),
                     &[&uuid(finish.id), &i64::from(finish.attempt), &finish.now.0],
                 )
@@ -909,13 +911,29 @@ const SUBMIT: &str = "INSERT INTO tasks (id, task_type, params, priority, status
     SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::int2[], $5::int2[], $6::int8[], \
     $7::int8[], $8::int8[], $9::int8[], $10::int8[], $11::int8[], $12::text[], $13::text[], \
     $14::text[], $15::int8[], $16::int8[], $17::text[], $18::text[], $19::int8[], $20::bool[], \
-    $21::bool[]) \
-    ON CONFLICT ((coalesce(owner, '')), idempotency_key) WHERE idempotency_key IS NOT NULL \
-    DO NOTHING RETURNING id";
+    $21::bool[]) RETURNING id";
 
-/// Inserts the tasks in one statement, in their order; a task whose idempotency key (with its
-/// owner) is taken, by an older task or one earlier in the same submission, is answered with
-/// the task that has it.
+/// Takes the idempotency keys of a submission's tasks in `task_keys`, in their order: returns
+/// the ids of the tasks that got theirs. A key taken already (by an older task, whichever table
+/// holds it, or by one earlier in the same submission) is skipped; a key another transaction is
+/// taking makes this one wait for it to end.
+const TAKE_KEYS: &str = "INSERT INTO task_keys (owner, key, id) \
+    SELECT coalesce(o, ''), k, i FROM unnest($1::text[], $2::text[], $3::uuid[]) AS u(o, k, i) \
+    ON CONFLICT (owner, key) DO NOTHING RETURNING id";
+
+/// The task that holds an idempotency key (`$1` the owner, `$2` the key), in either table.
+static KEY_HOLDER: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    let holder = "(SELECT id FROM task_keys WHERE owner = coalesce($1::text, '') AND key = $2)";
+    format!(
+        "SELECT {COLUMNS} FROM tasks WHERE id = {holder} \
+         UNION ALL SELECT {COLUMNS} FROM tasks_done WHERE id = {holder}"
+    )
+});
+
+/// Inserts the tasks in one statement, in their order, after taking their idempotency keys in
+/// another ([`TAKE_KEYS`], only when some have one); a task whose key (with its owner) is taken,
+/// by an older task or one earlier in the same submission, is not inserted but answered with the
+/// task that has it.
 async fn submit(
     conn: &mut WriteConn,
     shared: &Shared,
@@ -926,6 +944,26 @@ async fn submit(
         return Ok(Vec::new());
     }
     let node = shared.config.node_id.as_str();
+    // The keys first: a task whose key is taken is not inserted.
+    let keyed: Vec<&Task> = tasks
+        .iter()
+        .filter(|t| t.idempotency_key.is_some())
+        .collect();
+    let mut kept: HashSet<uuid::Uuid> = HashSet::new();
+    if !keyed.is_empty() {
+        let owners: Vec<Option<&str>> = keyed.iter().map(|t| t.owner.as_deref()).collect();
+        let keys: Vec<Option<&str>> = keyed.iter().map(|t| t.idempotency_key.as_deref()).collect();
+        let ids: Vec<uuid::Uuid> = keyed.iter().map(|t| uuid(t.id)).collect();
+        for row in conn.query(TAKE_KEYS, &[&owners, &keys, &ids]).await? {
+            kept.insert(row.try_get("id")?);
+        }
+    }
+    let chosen: Vec<&Task> = tasks
+        .iter()
+        .filter(|t| t.idempotency_key.is_none() || kept.contains(&uuid(t.id)))
+        .collect();
+    let tasks_in = tasks;
+    let tasks = &chosen;
     let ids: Vec<uuid::Uuid> = tasks.iter().map(|t| uuid(t.id)).collect();
     let types: Vec<&str> = tasks.iter().map(|t| t.task_type.as_str()).collect();
     let params: Vec<String> = tasks.iter().map(|t| json_text(&t.params)).collect();
@@ -957,8 +995,10 @@ async fn submit(
             (shared.config.session_affinity && bound).then_some(node)
         })
         .collect();
-    let inserted: HashSet<uuid::Uuid> = conn
-        .query(
+    let inserted: HashSet<uuid::Uuid> = if tasks.is_empty() {
+        HashSet::new()
+    } else {
+        conn.query(
             SUBMIT,
             &[
                 &ids,
@@ -987,10 +1027,11 @@ async fn submit(
         .await?
         .iter()
         .map(|row| row.try_get("id"))
-        .collect::<std::result::Result<_, _>>()?;
-    let mut out = Vec::with_capacity(tasks.len());
-    for (task, id) in tasks.iter().zip(&ids) {
-        if inserted.contains(id) {
+        .collect::<std::result::Result<_, _>>()?
+    };
+    let mut out = Vec::with_capacity(tasks_in.len());
+    for task in tasks_in {
+        if inserted.contains(&uuid(task.id)) {
             effects.task(task, None);
             out.push(Submitted {
                 task: task.clone(),
@@ -1000,13 +1041,7 @@ async fn submit(
         }
         // Not inserted: only an idempotency key does that (a taken id is an error).
         let rows = conn
-            .query(
-                &format!(
-                    "SELECT {COLUMNS} FROM tasks \
-                     WHERE coalesce(owner, '') = coalesce($1::text, '') AND idempotency_key = $2"
-                ),
-                &[&task.owner, &task.idempotency_key],
-            )
+            .query(&KEY_HOLDER, &[&task.owner, &task.idempotency_key])
             .await?;
         let existing = rows.first().ok_or_else(|| {
             Exec::Abort(Error::store(
@@ -1229,6 +1264,76 @@ const FINISH: &str = concat!(
 );
 const _: () = assert!(MAX_ATTEMPT_RECORDS == 20, "FINISH trims to 20 entries");
 
+/// Ends many attempts that finish their tasks (completed, failed, cancelled): as [`FINISH`]
+/// would update the rows, but the rows leave `tasks` and their finished form goes to
+/// `tasks_done`, in one statement (the same parameters as [`FINISH`]).
+const FINISH_DONE: &str = concat!(
+    "WITH gone AS (DELETE FROM tasks \
+    USING unnest($1::int8[], $2::int2[], $3::text[], $4::int2[], $5::text[], $6::int8[], \
+    $7::int8[], $8::int8[], $9::int8[], $10::text[]) AS u(u_seq, u_status, u_result, u_error_kind, \
+    u_error_message, u_run_at, u_finished_at, u_updated_at, u_extra, u_outcome) \
+    WHERE seq = u_seq AND seq = ANY($1::int8[]) RETURNING tasks.*, u.*) \
+    INSERT INTO tasks_done (seq, id, task_type, params, priority, status, attempt, \
+    max_attempts, retry_base_ms, retry_max_ms, timeout_ms, run_at, idempotency_key, owner, \
+    session_id, progress, progress_message, result, error_kind, error_message, created_at, \
+    started_at, updated_at, finished_at, tags, lease_until, cancel_requested, home_node, \
+    claimed_by, interrupted_attempts, rerun_on_recovery, attempts, fresh_session) \
+    SELECT seq, id, task_type, params, priority, u_status, attempt, \
+    max_attempts, retry_base_ms, retry_max_ms, timeout_ms, u_run_at, idempotency_key, owner, \
+    session_id, CASE WHEN u_status = ",
+    sql_status!(completed),
+    " THEN 1.0 ELSE progress END, progress_message, \
+    CASE WHEN u_result IS NOT NULL OR u_error_kind IS NOT NULL THEN u_result ELSE result END, \
+    coalesce(u_error_kind, error_kind), coalesce(u_error_message, error_message), created_at, \
+    started_at, u_updated_at, u_finished_at, tags, NULL, false, home_node, \
+    claimed_by, least(interrupted_attempts + u_extra, 4294967295), rerun_on_recovery, \
+    (CASE WHEN jsonb_array_length(attempts) >= 20 THEN attempts - 0 ELSE attempts END) \
+    || jsonb_build_array(jsonb_build_object('n', attempt, \
+    'started_at', coalesce(started_at, u_updated_at), 'ended_at', u_updated_at, \
+    'outcome', u_outcome) || CASE WHEN claimed_by IS NULL THEN '{}'::jsonb \
+    ELSE jsonb_build_object('node', claimed_by) END), fresh_session FROM gone"
+);
+
+/// The rows of one of the finish statements ([`FINISH`], [`FINISH_DONE`]), as its arrays.
+#[derive(Default)]
+struct FinishRows<'a> {
+    seqs: Vec<i64>,
+    statuses: Vec<i16>,
+    results: Vec<Option<String>>,
+    error_kinds: Vec<Option<i16>>,
+    error_messages: Vec<Option<&'a str>>,
+    run_ats: Vec<Option<i64>>,
+    finished_ats: Vec<Option<i64>>,
+    updated_ats: Vec<i64>,
+    extras: Vec<i64>,
+    outcomes: Vec<&'a str>,
+}
+
+impl FinishRows<'_> {
+    async fn write(&self, conn: &mut WriteConn, sql: &str) -> std::result::Result<(), Exec> {
+        if self.seqs.is_empty() {
+            return Ok(());
+        }
+        conn.execute(
+            sql,
+            &[
+                &self.seqs,
+                &self.statuses,
+                &self.results,
+                &self.error_kinds,
+                &self.error_messages,
+                &self.run_ats,
+                &self.finished_ats,
+                &self.updated_ats,
+                &self.extras,
+                &self.outcomes,
+            ],
+        )
+        .await?;
+        Ok(())
+    }
+}
+
 /// Ends the attempts of `finishes` (no task twice) with two statements: a read of the rows
 /// their attempts still hold (the fence), and one update of those. Says which were applied.
 async fn finish_all(
@@ -1251,16 +1356,9 @@ async fn finish_all(
         );
     }
     let mut applied = Vec::with_capacity(finishes.len());
-    let mut seqs = Vec::new();
-    let mut statuses = Vec::new();
-    let mut results: Vec<Option<String>> = Vec::new();
-    let mut error_kinds: Vec<Option<i16>> = Vec::new();
-    let mut error_messages: Vec<Option<&str>> = Vec::new();
-    let mut run_ats: Vec<Option<i64>> = Vec::new();
-    let mut finished_ats: Vec<Option<i64>> = Vec::new();
-    let mut updated_ats = Vec::new();
-    let mut extras: Vec<i64> = Vec::new();
-    let mut outcomes: Vec<&str> = Vec::new();
+    // The attempts that end their tasks, and those that do not (retries).
+    let mut done = FinishRows::default();
+    let mut again = FinishRows::default();
     let cancelled = Outcome::Cancelled;
     for (finish, id) in finishes.iter().zip(&ids) {
         let Some((seq, attempt, task_type, cancel_requested, held_status)) = held.get(id) else {
@@ -1289,16 +1387,23 @@ async fn finish_all(
             Outcome::Interrupted { error, .. } => (None, Some(error), None, 1),
             Outcome::Cancelled => (None, None, None, 0),
         };
-        seqs.push(*seq);
-        statuses.push(code(to));
-        results.push(result);
-        error_kinds.push(error.map(|e| i16::from(e.kind.code())));
-        error_messages.push(error.map(|e| e.message.as_str()));
-        run_ats.push(run_at.map(|t| t.0));
-        finished_ats.push(to.is_terminal().then_some(finish.now.0));
-        updated_ats.push(finish.now.0);
-        extras.push(extra);
-        outcomes.push(outcome.attempt_outcome().as_str());
+        let rows = if to.is_terminal() {
+            &mut done
+        } else {
+            &mut again
+        };
+        rows.seqs.push(*seq);
+        rows.statuses.push(code(to));
+        rows.results.push(result);
+        rows.error_kinds
+            .push(error.map(|e| i16::from(e.kind.code())));
+        rows.error_messages.push(error.map(|e| e.message.as_str()));
+        rows.run_ats.push(run_at.map(|t| t.0));
+        rows.finished_ats
+            .push(to.is_terminal().then_some(finish.now.0));
+        rows.updated_ats.push(finish.now.0);
+        rows.extras.push(extra);
+        rows.outcomes.push(outcome.attempt_outcome().as_str());
         effects.moved(
             task_type,
             Some(status(*held_status).map_err(Exec::Abort)?),
@@ -1309,24 +1414,8 @@ async fn finish_all(
         }
         applied.push(true);
     }
-    if !seqs.is_empty() {
-        conn.execute(
-            FINISH,
-            &[
-                &seqs,
-                &statuses,
-                &results,
-                &error_kinds,
-                &error_messages,
-                &run_ats,
-                &finished_ats,
-                &updated_ats,
-                &extras,
-                &outcomes,
-            ],
-        )
-        .await?;
-    }
+    again.write(conn, FINISH).await?;
+    done.write(conn, FINISH_DONE).await?;
     Ok(applied)
 }
 
@@ -1428,6 +1517,8 @@ async fn heartbeat_all(
 struct Loaded {
     seq: i64,
     task: Task,
+    /// Read from `tasks_done`: finished, and moved out of `tasks`.
+    done: bool,
     /// The node that claimed its last attempt (`claimed_by`): the one that ran it.
     claimed_by: Option<String>,
 }
@@ -1438,6 +1529,7 @@ impl Loaded {
         Ok(Loaded {
             seq: seq_of(row).map_err(Exec::Abort)?,
             task: task_from_row(row).map_err(Exec::Abort)?,
+            done: false,
             claimed_by: row.try_get("claimed_by").map_err(|e| {
                 Exec::Abort(Error::store(
                     "reading a task",
@@ -1462,7 +1554,8 @@ impl Loaded {
 }
 
 /// Reads one task with its `seq` and the node that claimed it, locked for the rest of the
-/// transaction.
+/// transaction. A finished task is read from `tasks_done` (marked `done`), unlocked: nothing
+/// changes a finished task but an owner's reassignment and its deletion.
 async fn load(conn: &mut WriteConn, id: TaskId) -> std::result::Result<Option<Loaded>, Exec> {
     let rows = conn
         .query(
@@ -1470,7 +1563,41 @@ async fn load(conn: &mut WriteConn, id: TaskId) -> std::result::Result<Option<Lo
             &[&uuid(id)],
         )
         .await?;
-    rows.first().map(Loaded::from_row).transpose()
+    if let Some(row) = rows.first() {
+        return Loaded::from_row(row).map(Some);
+    }
+    // Not in `tasks`, or moved out by a transaction that committed while this one waited for
+    // the row: this statement's snapshot is newer, so it sees the moved row.
+    let rows = conn
+        .query(
+            &format!("SELECT {COLUMNS}, seq, claimed_by FROM tasks_done WHERE id = $1"),
+            &[&uuid(id)],
+        )
+        .await?;
+    rows.first()
+        .map(|row| {
+            Loaded::from_row(row).map(|mut loaded| {
+                loaded.done = true;
+                loaded
+            })
+        })
+        .transpose()
+}
+
+/// Moves the rows of `seqs` (tasks that just finished) from `tasks` to `tasks_done`, as they
+/// are. Rows already gone (moved by another transaction) are skipped.
+static MOVE_DONE: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "WITH gone AS (DELETE FROM tasks WHERE seq = ANY($1::int8[]) RETURNING {STORED}) \
+         INSERT INTO tasks_done ({STORED}) SELECT {STORED} FROM gone"
+    )
+});
+
+async fn move_done(conn: &mut WriteConn, seqs: &[i64]) -> std::result::Result<(), Exec> {
+    if !seqs.is_empty() {
+        conn.execute(&MOVE_DONE, &[&seqs]).await?;
+    }
+    Ok(())
 }
 
 /// Writes back the fields that commands and recovery change (the priority among them). Of the
@@ -1522,16 +1649,43 @@ async fn apply_command(
     loaded
         .apply(|task| apply::command(task, command, now))
         .map_err(Exec::Refused)?;
+    if loaded.done {
+        // No command applies to a finished task: `apply::command` refuses them all.
+        return Err(Exec::Abort(Error::store(
+            "applying a command",
+            format!("a command changed the finished task {id}"),
+        )));
+    }
     save(conn, loaded.seq, &loaded.task).await?;
+    if loaded.task.status.is_terminal() {
+        move_done(conn, &[loaded.seq]).await?;
+    }
     if loaded.task.status != before {
         effects.task(&loaded.task, Some(before));
     }
     Ok(loaded.task)
 }
 
-/// Gives back attempts of this node claimed but never started: as [`apply::release`] does, one
-/// task at a time (rare: at a shutdown, a pause, or when claimed-ahead tasks waited too long).
-/// The row's claim is cleared with it.
+/// The rows of attempts to give back, locked in `seq` order.
+static RELEASING: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "SELECT {COLUMNS}, seq, claimed_by FROM tasks WHERE id = ANY($1::uuid[]) \
+         ORDER BY seq FOR UPDATE"
+    )
+});
+
+/// Writes what [`apply::release`] changed, for many rows at once, and clears their claims.
+const RELEASE: &str = "UPDATE tasks SET status = u_status, attempt = u_attempt, \
+    started_at = u_started_at, updated_at = u_updated_at, finished_at = u_finished_at, \
+    lease_until = NULL, cancel_requested = false, claimed_by = NULL \
+    FROM unnest($1::int8[], $2::int2[], $3::int8[], $4::int8[], $5::int8[], $6::int8[]) \
+    AS u(u_seq, u_status, u_attempt, u_started_at, u_updated_at, u_finished_at) \
+    WHERE seq = u_seq AND seq = ANY($1::int8[])";
+
+/// Gives back attempts of this node claimed but never started, as [`apply::release`] does (at
+/// a shutdown, a pause, or when claimed-ahead tasks waited too long), with three statements
+/// however many: a read of the rows, locked; one update of those still held by the attempt
+/// given back (their claims cleared with it); and the move of those a cancel finished.
 async fn release(
     conn: &mut WriteConn,
     node: &str,
@@ -1539,28 +1693,58 @@ async fn release(
     now: Timestamp,
     effects: &mut Effects,
 ) -> std::result::Result<usize, Exec> {
-    let mut released = 0;
+    if held.is_empty() {
+        return Ok(0);
+    }
+    // The attempts named for each task, in their order: the first that the task's row still
+    // holds is given back (then the task holds none of the others).
+    let mut attempts: HashMap<TaskId, Vec<u32>> = HashMap::with_capacity(held.len());
     for (id, attempt) in held {
-        let Some(mut loaded) = load(conn, *id).await? else {
-            continue;
-        };
+        attempts.entry(*id).or_default().push(*attempt);
+    }
+    let ids: Vec<uuid::Uuid> = attempts.keys().map(|id| uuid(*id)).collect();
+    let rows = conn.query(&RELEASING, &[&ids]).await?;
+    let mut seqs = Vec::new();
+    let mut statuses = Vec::new();
+    let mut numbers = Vec::new();
+    let mut started = Vec::new();
+    let mut updated = Vec::new();
+    let mut finished = Vec::new();
+    let mut moved = Vec::new();
+    for row in &rows {
+        let mut loaded = Loaded::from_row(row)?;
         if loaded.claimed_by.as_deref() != Some(node) {
             continue;
         }
         let before = loaded.task.status;
-        if !apply::release(&mut loaded.task, *attempt, now) {
+        let named = attempts.get(&loaded.task.id).map_or(&[][..], Vec::as_slice);
+        if !named
+            .iter()
+            .any(|attempt| apply::release(&mut loaded.task, *attempt, now))
+        {
             continue;
         }
-        save(conn, loaded.seq, &loaded.task).await?;
+        let task = &loaded.task;
+        seqs.push(loaded.seq);
+        statuses.push(code(task.status));
+        numbers.push(i64::from(task.attempt));
+        started.push(task.started_at.map(|t| t.0));
+        updated.push(task.updated_at.0);
+        finished.push(task.finished_at.map(|t| t.0));
+        if task.status.is_terminal() {
+            moved.push(loaded.seq);
+        }
+        effects.task(task, Some(before));
+    }
+    if !seqs.is_empty() {
         conn.execute(
-            "UPDATE tasks SET started_at = $2, claimed_by = NULL WHERE seq = $1",
-            &[&loaded.seq, &loaded.task.started_at.map(|t| t.0)],
+            RELEASE,
+            &[&seqs, &statuses, &numbers, &started, &updated, &finished],
         )
         .await?;
-        effects.task(&loaded.task, Some(before));
-        released += 1;
     }
-    Ok(released)
+    move_done(conn, &moved).await?;
+    Ok(seqs.len())
 }
 
 async fn recover(
@@ -1597,6 +1781,7 @@ async fn recover(
         }
     };
     let mut recovered = Vec::with_capacity(rows.len());
+    let mut finished = Vec::new();
     for row in &rows {
         let mut loaded = Loaded::from_row(row)?;
         let before = loaded.task.status;
@@ -1604,9 +1789,13 @@ async fn recover(
             .apply(|task| apply::recover(task, now))
             .map_err(Exec::Abort)?;
         save(conn, loaded.seq, &loaded.task).await?;
+        if loaded.task.status.is_terminal() {
+            finished.push(loaded.seq);
+        }
         effects.task(&loaded.task, Some(before));
         recovered.push(loaded.task);
     }
+    move_done(conn, &finished).await?;
     Ok(recovered)
 }
 
@@ -1617,23 +1806,46 @@ const FOLD_COUNTS: &str = "WITH moved AS (DELETE FROM task_counts WHERE node <> 
     SELECT '', task_type, status, sum(count) FROM moved GROUP BY task_type, status \
     ON CONFLICT (node, task_type, status) DO UPDATE SET count = task_counts.count + excluded.count";
 
+/// Moves finished tasks still in `tasks` to `tasks_done`, up to `$1` of them: none, when every
+/// node runs this build (each moves the tasks it finishes); those a node of an older build
+/// finished, or any a failed move left. Rows another transaction holds are left for later.
+static SWEEP: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "WITH gone AS (DELETE FROM tasks WHERE seq = ANY(ARRAY(SELECT seq FROM tasks WHERE {} \
+         ORDER BY finished_at, seq LIMIT $1 FOR UPDATE SKIP LOCKED)) RETURNING {STORED}) \
+         INSERT INTO tasks_done ({STORED}) SELECT {STORED} FROM gone",
+        sql_terminal!()
+    )
+});
+
+/// Deletes `tasks_done` rows chosen by `$chosen` (a `SELECT seq FROM tasks_done …`) with their
+/// idempotency keys; returns each deleted task's type and status.
+fn delete_done_sql(chosen: &str) -> String {
+    format!(
+        "WITH gone AS (DELETE FROM tasks_done WHERE seq = ANY(ARRAY({chosen})) \
+         RETURNING id, task_type, status, owner, idempotency_key), \
+         keys AS (DELETE FROM task_keys USING gone WHERE gone.idempotency_key IS NOT NULL \
+         AND task_keys.owner = coalesce(gone.owner, '') AND task_keys.key = gone.idempotency_key \
+         AND task_keys.id = gone.id) \
+         SELECT task_type, status FROM gone"
+    )
+}
+
+static PRUNE: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    delete_done_sql(
+        "SELECT seq FROM tasks_done WHERE finished_at < $1 ORDER BY finished_at, seq LIMIT $2 \
+         FOR UPDATE SKIP LOCKED",
+    )
+});
+
 async fn prune(
     conn: &mut WriteConn,
     before: Timestamp,
     limit: usize,
     effects: &mut Effects,
 ) -> std::result::Result<usize, Exec> {
-    let removed = conn
-        .query(
-            concat!(
-                "DELETE FROM tasks WHERE seq = ANY(ARRAY(SELECT seq FROM tasks WHERE ",
-                sql_terminal!(),
-                " AND finished_at < $1 ORDER BY finished_at, seq LIMIT $2 \
-                 FOR UPDATE SKIP LOCKED)) RETURNING task_type, status"
-            ),
-            &[&before.0, &big(limit as u64)],
-        )
-        .await?;
+    conn.execute(&SWEEP, &[&big(limit as u64)]).await?;
+    let removed = conn.query(&PRUNE, &[&before.0, &big(limit as u64)]).await?;
     for row in &removed {
         let task_type: String = row.try_get("task_type")?;
         let code: i16 = row.try_get("status")?;
@@ -1664,13 +1876,13 @@ async fn delete_finished(
     ];
     clauses.extend(statuses);
     clauses.extend(field_clauses(filter, &mut values));
+    conn.execute(&SWEEP, &[&big(limit as u64)]).await?;
     let limit = values.push(big(limit as u64));
-    let sql = format!(
-        "DELETE FROM tasks WHERE seq = ANY(ARRAY(SELECT seq FROM tasks WHERE {} \
-         ORDER BY finished_at, seq LIMIT {limit} FOR UPDATE SKIP LOCKED)) \
-         RETURNING task_type, status",
+    let sql = delete_done_sql(&format!(
+        "SELECT seq FROM tasks_done WHERE {} ORDER BY finished_at, seq LIMIT {limit} \
+         FOR UPDATE SKIP LOCKED",
         clauses.join(" AND ")
-    );
+    ));
     let removed = conn.query(&sql, &values.refs()).await?;
     for row in &removed {
         let task_type: String = row.try_get("task_type")?;
@@ -1681,15 +1893,27 @@ async fn delete_finished(
 }
 
 /// Gives `$1`'s tasks to `$2` in one statement, but for those whose idempotency key `$2` already
-/// holds (the unique index on the owner and the key would refuse them). No count changes: the
-/// counts are by type and status. The owner has no index of its own: a scan of the table, for a
-/// request made once at start. Two nodes that run it at once do not conflict: the second waits
-/// for the first's row locks, then finds those rows no longer `$1`'s. A task submitted under `$2`
-/// with one of the keys by another node at the same moment (its insert not yet visible to the
-/// statement) makes it fail on the unique index: then nothing moved, and it may be asked again.
-const REASSIGN_OWNER: &str = "UPDATE tasks SET owner = $2::text WHERE owner = $1::text \
-    AND NOT EXISTS (SELECT 1 FROM tasks AS taken WHERE coalesce(taken.owner, '') = $2::text \
-    AND taken.idempotency_key = tasks.idempotency_key)";
+/// holds (the key table's primary key would refuse them): their keys first, then the tasks of
+/// both tables that have no key or whose key moved. No count changes: the counts are by type
+/// and status. The owner has no index of its own: a scan of the tables, for a request made once
+/// at start. Two nodes that run it at once do not conflict: the second waits for the first's
+/// row locks, then finds those rows no longer `$1`'s. A task submitted under `$2` with one of
+/// the keys by another node at the same moment (its key not yet visible to the statement) makes
+/// it fail on the key table's primary key: then nothing moved, and it may be asked again. A
+/// task `$1` owns that finishes while the statement runs (moving to `tasks_done`) may keep its
+/// owner: asking again moves it.
+const REASSIGN_OWNER: &str = "WITH owned AS (\
+    SELECT id, idempotency_key FROM tasks WHERE owner = $1::text \
+    UNION ALL SELECT id, idempotency_key FROM tasks_done WHERE owner = $1::text), \
+    keys AS (UPDATE task_keys SET owner = $2::text WHERE id IN \
+    (SELECT id FROM owned WHERE idempotency_key IS NOT NULL) \
+    AND NOT EXISTS (SELECT 1 FROM task_keys AS taken WHERE taken.owner = $2::text \
+    AND taken.key = task_keys.key) RETURNING id), \
+    live AS (UPDATE tasks SET owner = $2::text WHERE owner = $1::text \
+    AND (idempotency_key IS NULL OR id IN (SELECT id FROM keys)) RETURNING 1), \
+    done AS (UPDATE tasks_done SET owner = $2::text WHERE owner = $1::text \
+    AND (idempotency_key IS NULL OR id IN (SELECT id FROM keys)) RETURNING 1) \
+    SELECT (SELECT count(*) FROM live) + (SELECT count(*) FROM done) AS moved";
 
 /// See [`crate::store::Store::reassign_owner`]: one statement ([`REASSIGN_OWNER`]).
 async fn reassign_owner(
@@ -1700,7 +1924,12 @@ async fn reassign_owner(
     if from == to {
         return Ok(0);
     }
-    Ok(conn.execute(REASSIGN_OWNER, &[&from, &to]).await?)
+    let row = conn.query(REASSIGN_OWNER, &[&from, &to]).await?;
+    let moved: i64 = match row.first() {
+        Some(row) => row.try_get("moved")?,
+        None => 0,
+    };
+    Ok(u64::try_from(moved).unwrap_or(0))
 }
 
 /// The values bound to a statement built at run time, numbered as they are pushed.
