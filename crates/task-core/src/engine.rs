@@ -174,7 +174,10 @@ impl EngineBuilder {
             waiter_count: AtomicUsize::new(0),
             workers: TaskTracker::new(),
             leases_lost: AtomicU64::new(0),
-            ahead: Mutex::new(VecDeque::new()),
+            ahead: Mutex::new(Ahead {
+                tasks: VecDeque::new(),
+                moved: Instant::now(),
+            }),
             ahead_len: AtomicUsize::new(0),
             ahead_on: AtomicBool::new(false),
             ahead_low: AtomicUsize::new(0),
@@ -623,11 +626,11 @@ impl Engine {
     /// while a claim is in flight are claimed for at once, rather than after it returns, so
     /// that a store that commits in groups takes both in one.
     ///
-    /// While handlers run short, it also claims ahead of the workers (up to
-    /// [`AHEAD_PER_SLOT`] tasks per slot, at most [`AHEAD_MAX`]): a slot that frees then starts
-    /// a claimed task at once. Tasks claimed ahead are given back to the queue when the queue
-    /// or a type is paused, per-type limits are set, one has waited [`AHEAD_MAX_WAIT`], or the
-    /// dispatcher stops.
+    /// While handlers run short, it also claims ahead of the workers (up to 16 tasks per slot,
+    /// 256 at most): a slot that frees then starts a claimed task at once. Tasks claimed ahead
+    /// are given back to the queue when the queue or a type is paused, per-type limits are set,
+    /// none of them has started for 20 ms (the slots are held by long runs), or the dispatcher
+    /// stops.
     pub async fn run_dispatcher(&self, cancel: CancellationToken) -> Result<()> {
         let inner = &self.inner;
         // Promote whatever became due while no dispatcher ran.
@@ -668,8 +671,8 @@ impl Engine {
             inner
                 .ahead_low
                 .store(ahead_target.div_ceil(2), Ordering::Release);
-            let oldest_ahead = inner.oldest_ahead();
-            if let Some(since) = oldest_ahead
+            let stalled_since = inner.ahead_stalled_since();
+            if let Some(since) = stalled_since
                 && (ahead_target == 0 || since.elapsed() >= AHEAD_MAX_WAIT)
             {
                 if ahead_target > 0 {
@@ -730,7 +733,7 @@ impl Engine {
                 wake_at = wake_at.min(until);
                 inner.gathering.store(true, Ordering::Release);
             }
-            if let Some(since) = oldest_ahead {
+            if let Some(since) = stalled_since {
                 wake_at = wake_at.min((since + AHEAD_MAX_WAIT).into());
             }
             tokio::select! {
@@ -1139,8 +1142,9 @@ const AHEAD_MAX: usize = 256;
 /// frees often enough that a claimed-ahead task waits less than a claim takes.
 const AHEAD_SHORT_RUN: Duration = Duration::from_millis(2);
 
-/// The longest a claimed-ahead task waits for a slot before the dispatcher gives it back to
-/// the queue (where another node, or a later claim, takes it).
+/// How long tasks claimed ahead may wait with none of them starting (the slots held by long
+/// runs) before the dispatcher gives them back to the queue (where another node, or a later
+/// claim, takes them). A buffer that a busy engine drains is not stale, however long it is.
 const AHEAD_MAX_WAIT: Duration = Duration::from_millis(20);
 
 /// How many recent durations per type the ETA remembers.
@@ -1206,7 +1210,7 @@ pub(crate) struct Inner {
     /// attempts (so that heartbeats renew their leases and commands reach them), each waiting
     /// for a slot. A slot that frees starts the first of them at once, with no store round
     /// trip in between. See [`Inner::ahead_target`].
-    ahead: Mutex<VecDeque<AheadTask>>,
+    ahead: Mutex<Ahead>,
     /// How many tasks wait in `ahead`, read without its lock.
     ahead_len: AtomicUsize,
     /// Whether tasks waiting in `ahead` may start: off while the queue or a type is paused,
@@ -1222,12 +1226,18 @@ pub(crate) struct Inner {
     ahead_stale: AtomicBool,
 }
 
-/// A task claimed ahead of the workers (see `Inner::ahead`).
+/// The tasks claimed ahead of the workers (see `Inner::ahead`), oldest first.
+struct Ahead {
+    tasks: VecDeque<AheadTask>,
+    /// When one of them last started (or, when none has since, when the oldest was claimed).
+    moved: Instant,
+}
+
+/// A task claimed ahead of the workers.
 struct AheadTask {
     task: Task,
     registered: Option<Registered>,
     control: Arc<Control>,
-    since: Instant,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -1488,16 +1498,18 @@ impl Inner {
         self.wake_dispatcher();
     }
 
-    fn lock_ahead(&self) -> MutexGuard<'_, VecDeque<AheadTask>> {
+    fn lock_ahead(&self) -> MutexGuard<'_, Ahead> {
         lock(&self.ahead)
     }
 
-    /// Since when the oldest task claimed ahead has waited.
-    fn oldest_ahead(&self) -> Option<Instant> {
+    /// Since when the tasks claimed ahead have not moved: none of them has started since (and
+    /// none was waiting before); `None` when there are none.
+    fn ahead_stalled_since(&self) -> Option<Instant> {
         if self.ahead_len.load(Ordering::Acquire) == 0 {
             return None;
         }
-        self.lock_ahead().front().map(|waiting| waiting.since)
+        let ahead = self.lock_ahead();
+        ahead.tasks.front().map(|_| ahead.moved)
     }
 
     /// Keeps a claimed task to start when a slot frees: it is among the running attempts from
@@ -1505,13 +1517,15 @@ impl Inner {
     fn park_ahead(&self, task: Task) {
         let (registered, control) = self.admit(&task);
         let mut ahead = self.lock_ahead();
-        ahead.push_back(AheadTask {
+        if ahead.tasks.is_empty() {
+            ahead.moved = Instant::now();
+        }
+        ahead.tasks.push_back(AheadTask {
             task,
             registered,
             control,
-            since: Instant::now(),
         });
-        self.ahead_len.store(ahead.len(), Ordering::Release);
+        self.ahead_len.store(ahead.tasks.len(), Ordering::Release);
     }
 
     /// Starts the oldest task claimed ahead in a slot its caller holds; says whether there was
@@ -1522,9 +1536,10 @@ impl Inner {
         }
         let (next, left) = {
             let mut ahead = self.lock_ahead();
-            let next = ahead.pop_front();
-            self.ahead_len.store(ahead.len(), Ordering::Release);
-            (next, ahead.len())
+            let next = ahead.tasks.pop_front();
+            ahead.moved = Instant::now();
+            self.ahead_len.store(ahead.tasks.len(), Ordering::Release);
+            (next, ahead.tasks.len())
         };
         let Some(next) = next else {
             return false;
@@ -1542,7 +1557,7 @@ impl Inner {
         let waiting: Vec<AheadTask> = {
             let mut ahead = self.lock_ahead();
             self.ahead_len.store(0, Ordering::Release);
-            ahead.drain(..).collect()
+            ahead.tasks.drain(..).collect()
         };
         if waiting.is_empty() {
             return;
