@@ -763,6 +763,9 @@ impl Engine {
                                 inner.note_due(at);
                             }
                             if promoted.count > 0 {
+                                // As a wake-up: a claim in flight may have been made before
+                                // the promotion, and must not stop the next one.
+                                inner.wake_dispatcher();
                                 may_claim = true;
                             }
                         }
