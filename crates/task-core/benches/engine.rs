@@ -55,6 +55,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+/// The daemon's allocator (see msbd's `main.rs`), so that these figures are the daemon's.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use serde_json::{Value, json};
 use task_core::store::memory::MemoryStore;
 use task_core::store::postgres::{PostgresConfig, PostgresStore};

@@ -165,6 +165,7 @@ impl EngineBuilder {
             stop_deadline: Mutex::new(None),
             accepting: AtomicBool::new(true),
             draining: CancellationToken::new(),
+            drain_started: AtomicBool::new(false),
             wake: Notify::new(),
             wakes: AtomicU64::new(0),
             idle: Notify::new(),
@@ -947,6 +948,7 @@ impl Engine {
         let abort_by = started + deadline.saturating_sub(margin);
         *lock(&inner.stop_deadline) = Some(abort_by);
         inner.accepting.store(false, Ordering::Release);
+        inner.drain_started.store(true, Ordering::Release);
         inner.draining.cancel();
         inner.ahead_on.store(false, Ordering::Release);
         // Tasks claimed ahead never started: they go back to the queue as they were.
@@ -1086,7 +1088,11 @@ struct RunningTask {
 pub(crate) struct Control {
     cancel: CancellationToken,
     /// `true` while the task is paused (frozen) as it runs.
-    pause: tokio::sync::watch::Sender<bool>,
+    paused: AtomicBool,
+    /// Follows `paused` for those who wait for its changes, made when the first of them asks
+    /// (most attempts have no timeout and a handler that does not follow pauses: a channel
+    /// made and dropped for each would be a good part of a short task's cost).
+    pause: std::sync::OnceLock<tokio::sync::watch::Sender<bool>>,
     reason: AtomicU8,
     /// Set by a cancel even when the attempt was already stopping for another reason: a
     /// cancelled task is not retried or re-queued, whatever stopped its attempt.
@@ -1100,7 +1106,8 @@ impl Control {
     fn new() -> Control {
         Control {
             cancel: CancellationToken::new(),
-            pause: tokio::sync::watch::Sender::new(false),
+            paused: AtomicBool::new(false),
+            pause: std::sync::OnceLock::new(),
             reason: AtomicU8::new(StopReason::None as u8),
             cancel_requested: AtomicBool::new(false),
             finishing: AtomicBool::new(false),
@@ -1119,6 +1126,40 @@ impl Control {
             Ordering::Acquire,
         );
         self.cancel.cancel();
+    }
+
+    /// Pauses (freezes) or resumes the attempt.
+    fn set_paused(&self, paused: bool) {
+        self.paused.store(paused, Ordering::SeqCst);
+        if let Some(sender) = self.pause.get() {
+            self.sync_pause(sender);
+        }
+    }
+
+    /// Follows whether the attempt is paused (see [`Control::set_paused`]).
+    pub(crate) fn pause_receiver(&self) -> tokio::sync::watch::Receiver<bool> {
+        let sender = self
+            .pause
+            .get_or_init(|| tokio::sync::watch::Sender::new(self.paused.load(Ordering::SeqCst)));
+        // A pause set between the flag's load above and the channel's making found no channel
+        // to tell: the flag is read again now that the channel is there.
+        self.sync_pause(sender);
+        sender.subscribe()
+    }
+
+    fn sync_pause(&self, sender: &tokio::sync::watch::Sender<bool>) {
+        sender.send_if_modified(|value| {
+            let now = self.paused.load(Ordering::SeqCst);
+            let changed = *value != now;
+            *value = now;
+            changed
+        });
+    }
+
+    /// Whether the attempt was asked to stop: its token is cancelled, or about to be. An atomic
+    /// load, where the token's `is_cancelled` takes a lock.
+    fn stopping(&self) -> bool {
+        self.reason() != StopReason::None
     }
 
     pub(crate) fn reason(&self) -> StopReason {
@@ -1196,6 +1237,9 @@ pub(crate) struct Inner {
     stop_deadline: Mutex<Option<Instant>>,
     accepting: AtomicBool,
     draining: CancellationToken,
+    /// Set just before `draining` is cancelled: read on the hot path, where the token's
+    /// `is_cancelled` (a lock both workers take) costs more than an atomic load.
+    drain_started: AtomicBool,
     wake: Notify,
     /// How many times the dispatcher was woken ([`Inner::wake_dispatcher`]): a claim that came
     /// back short stops the dispatcher claiming only if nothing woke it since the claim began
@@ -1442,7 +1486,7 @@ impl Inner {
         match claimed {
             Ok(tasks) => {
                 let full = tasks.len() >= reserved + extra;
-                let draining = self.draining.is_cancelled();
+                let draining = self.drain_started.load(Ordering::Acquire);
                 let mut tasks = tasks.into_iter();
                 let mut started = 0;
                 if !draining {
@@ -1474,7 +1518,7 @@ impl Inner {
     /// takes, and hold a task that another node could run).
     fn ahead_target(&self) -> usize {
         if self.queue_paused.load(Ordering::Acquire)
-            || self.draining.is_cancelled()
+            || self.drain_started.load(Ordering::Acquire)
             || self.ahead_stale.load(Ordering::Acquire)
             || self.recent_run_us.load(Ordering::Acquire) > AHEAD_SHORT_RUN.as_micros() as u64
         {
@@ -1658,7 +1702,7 @@ impl Inner {
         registered: Option<Registered>,
         control: Arc<Control>,
     ) {
-        if self.draining.is_cancelled() {
+        if self.drain_started.load(Ordering::Acquire) {
             // A claim that was in flight when the shutdown began: back to the queue.
             control.stop(StopReason::Shutdown);
         }
@@ -1687,7 +1731,7 @@ impl Inner {
         };
         let verdict = match registered {
             // Started while the engine drains: it goes back to the queue without running.
-            Some(_) if control.cancel.is_cancelled() => Verdict::Stopped(None),
+            Some(_) if control.stopping() => Verdict::Stopped(None),
             Some(Registered { name, handler }) => {
                 let context = TaskContext {
                     id,
@@ -1699,7 +1743,6 @@ impl Inner {
                     fresh_session: task.fresh_session,
                     owner: task.owner.clone(),
                     cancel: control.cancel.clone(),
-                    paused: control.pause.subscribe(),
                     control: Arc::clone(&control),
                     engine: Arc::clone(&self),
                 };
@@ -1911,9 +1954,13 @@ impl Inner {
             // A timeout too large to add to the clock is no timeout. The clock stops while the
             // task is paused (frozen): the deadline moves by the time spent paused.
             let mut deadline = timeout.and_then(|t| tokio::time::Instant::now().checked_add(t));
-            let mut paused = control.pause.subscribe();
+            // Pauses matter here only to stop the timeout's clock: with no timeout, nothing
+            // follows them (and no channel is made for them).
+            let mut paused = deadline.map(|_| control.pause_receiver());
             // It may have been paused before this attempt got here.
-            let mut paused_since = (*paused.borrow_and_update()).then(tokio::time::Instant::now);
+            let mut paused_since = paused
+                .as_mut()
+                .and_then(|paused| (*paused.borrow_and_update()).then(tokio::time::Instant::now));
             let first = loop {
                 let clock = if paused_since.is_some() {
                     None
@@ -1925,8 +1972,8 @@ impl Inner {
                     verdict = &mut guarded => break Ok(verdict),
                     _ = control.cancel.cancelled() => break Err(None),
                     _ = sleep_until_opt(clock) => break Err(Some(StopReason::TimedOut)),
-                    _ = paused.changed() => {
-                        let now_paused = *paused.borrow_and_update();
+                    () = pause_changed(&mut paused) => {
+                        let now_paused = paused.as_mut().is_some_and(|paused| *paused.borrow_and_update());
                         match (now_paused, paused_since) {
                             (true, None) => paused_since = Some(tokio::time::Instant::now()),
                             (false, Some(since)) => {
@@ -2085,7 +2132,7 @@ impl Inner {
     /// Tells a running attempt of this engine that its task is paused (frozen) or resumed.
     fn set_paused(&self, id: TaskId, paused: bool) {
         if let Some(running) = self.lock_running().tasks.get(&id) {
-            running.control.pause.send_replace(paused);
+            running.control.set_paused(paused);
         }
     }
 
@@ -2187,6 +2234,17 @@ enum Verdict {
     Stopped(Option<Value>),
     /// The handler ignored the stop past its grace period; its future was dropped.
     Aborted,
+}
+
+/// Waits for a change of a pause flag; never, when there is none to follow (or its sender is
+/// gone, which happens only once the attempt is over).
+async fn pause_changed(paused: &mut Option<tokio::sync::watch::Receiver<bool>>) {
+    if let Some(paused) = paused
+        && paused.changed().await.is_ok()
+    {
+        return;
+    }
+    std::future::pending().await
 }
 
 async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {

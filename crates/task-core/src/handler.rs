@@ -139,7 +139,6 @@ pub struct TaskContext {
     pub(crate) fresh_session: bool,
     pub(crate) owner: Option<String>,
     pub(crate) cancel: CancellationToken,
-    pub(crate) paused: tokio::sync::watch::Receiver<bool>,
     pub(crate) control: Arc<Control>,
     pub(crate) engine: Arc<Inner>,
 }
@@ -200,7 +199,7 @@ impl TaskContext {
     /// engine's timeout clock stops meanwhile. Handlers that cannot may ignore it: their work
     /// goes on, and the task shows `paused` until resumed.
     pub fn paused(&self) -> tokio::sync::watch::Receiver<bool> {
-        self.paused.clone()
+        self.control.pause_receiver()
     }
 
     /// Whether the attempt must stop.
