@@ -219,7 +219,6 @@ fn msbd_command(data_dir: &std::path::Path) -> tokio::process::Command {
 /// blocking reads and writes on one thread (what the server costs, without a client runtime's
 /// thread hand-offs or rmcp's client-side machinery).
 fn raw_stdio_calls() -> BenchResult<(f64, f64)> {
-    use std::io::{BufRead, BufReader, Write};
     let dir = tempfile::tempdir()?;
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_msbd"))
         .arg("serve")
@@ -228,35 +227,8 @@ fn raw_stdio_calls() -> BenchResult<(f64, f64)> {
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .spawn()?;
-    let mut stdin = child.stdin.take().ok_or("no stdin")?;
-    let mut stdout = BufReader::new(child.stdout.take().ok_or("no stdout")?);
-    let mut line = String::new();
-    let mut next_id = 0u64;
-    let mut request = |method: &str, params: Value| -> BenchResult<Value> {
-        next_id += 1;
-        let mut text = json!({"jsonrpc": "2.0", "id": next_id, "method": method, "params": params})
-            .to_string();
-        text.push('\n');
-        if next_id == 2 {
-            // After `initialize`, the notification every client sends.
-            text.insert_str(
-                0,
-                "{\"jsonrpc\":\"2.0\",\"method\":\"notifications/initialized\"}\n",
-            );
-        }
-        stdin.write_all(text.as_bytes())?;
-        stdin.flush()?;
-        loop {
-            line.clear();
-            if stdout.read_line(&mut line)? == 0 {
-                return Err("msbd closed its stdout".into());
-            }
-            let answer: Value = serde_json::from_str(&line)?;
-            if answer["id"] == json!(next_id) {
-                return Ok(answer);
-            }
-        }
-    };
+    let mut client = LineClient::new(&mut child)?;
+    let mut request = |method: &str, params: Value| client.request(method, params);
     request(
         "initialize",
         json!({"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "bench", "version": "0"}}),
@@ -288,25 +260,73 @@ fn raw_stdio_calls() -> BenchResult<(f64, f64)> {
         }
     }
     let per_s = calls() as f64 / started.elapsed().as_secs_f64();
-    drop(stdin);
+    // Closing msbd's stdin ends its session.
+    drop(client);
     let _ = child.wait();
     Ok((median_us(&mut samples), per_s))
 }
 
-/// The floor under `mcp_stdio_*` on this machine: the same request line sent to `cat` and read
-/// back, one at a time, over the same kind of pipes to a child process (two wake-ups per round
-/// trip, no work at all). Returns the median round trip and the calls per second.
+/// The lean client's side of a JSON-RPC session over a child's pipes: each request is built as
+/// a JSON value and written as one line; lines are read and parsed until the one whose `id` is
+/// the request's. The floor (`cat`, which sends the request line back) goes through the same
+/// steps, so that the client's own work is in both and the ratios measure the server.
+struct LineClient {
+    stdin: std::process::ChildStdin,
+    stdout: std::io::BufReader<std::process::ChildStdout>,
+    line: String,
+    next_id: u64,
+}
+
+impl LineClient {
+    fn new(child: &mut std::process::Child) -> BenchResult<LineClient> {
+        Ok(LineClient {
+            stdin: child.stdin.take().ok_or("no stdin")?,
+            stdout: std::io::BufReader::new(child.stdout.take().ok_or("no stdout")?),
+            line: String::new(),
+            next_id: 0,
+        })
+    }
+
+    fn request(&mut self, method: &str, params: Value) -> BenchResult<Value> {
+        use std::io::{BufRead, Write};
+        self.next_id += 1;
+        let id = self.next_id;
+        let mut text =
+            json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params}).to_string();
+        text.push('\n');
+        if id == 2 {
+            // After `initialize`, the notification every client sends.
+            text.insert_str(
+                0,
+                "{\"jsonrpc\":\"2.0\",\"method\":\"notifications/initialized\"}\n",
+            );
+        }
+        self.stdin.write_all(text.as_bytes())?;
+        self.stdin.flush()?;
+        loop {
+            self.line.clear();
+            if self.stdout.read_line(&mut self.line)? == 0 {
+                return Err("the server closed its stdout".into());
+            }
+            let answer: Value = serde_json::from_str(&self.line)?;
+            if answer["id"] == json!(id) {
+                return Ok(answer);
+            }
+        }
+    }
+}
+
+/// The floor under `mcp_stdio_*` on this machine: `cat` as the server, which sends each request
+/// line back as its answer, over the same kind of pipes to a child process, from the same
+/// client doing the same work per call ([`LineClient`]): two wake-ups per round trip and no
+/// server work at all. Returns the median round trip and the calls per second.
 fn pipe_floor() -> BenchResult<(f64, f64)> {
-    use std::io::{BufRead, BufReader, Write};
     let mut child = std::process::Command::new("cat")
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .spawn()?;
-    let mut stdin = child.stdin.take().ok_or("no stdin")?;
-    let mut stdout = BufReader::new(child.stdout.take().ok_or("no stdout")?);
-    let mut text = json!({"jsonrpc": "2.0", "id": 1000, "method": "tools/call", "params": {"name": "check_task_status", "arguments": {"task_id": "019ad6c2-8f3e-7c4a-9b1d-2e5f6a7b8c9d"}}}).to_string();
-    text.push('\n');
-    let mut line = String::new();
+    let mut client = LineClient::new(&mut child)?;
+    let params = json!({"name": "check_task_status", "arguments": {"task_id": "019ad6c2-8f3e-7c4a-9b1d-2e5f6a7b8c9d"}});
     let mut samples = Vec::with_capacity(calls());
     let mut started = Instant::now();
     for round in 0..(WARMUP + calls()) {
@@ -314,18 +334,13 @@ fn pipe_floor() -> BenchResult<(f64, f64)> {
             started = Instant::now();
         }
         let before = Instant::now();
-        stdin.write_all(text.as_bytes())?;
-        stdin.flush()?;
-        line.clear();
-        if stdout.read_line(&mut line)? == 0 {
-            return Err("cat closed its stdout".into());
-        }
+        client.request("tools/call", params.clone())?;
         if round >= WARMUP {
             samples.push(before.elapsed());
         }
     }
     let per_s = calls() as f64 / started.elapsed().as_secs_f64();
-    drop(stdin);
+    drop(client);
     let _ = child.wait();
     Ok((median_us(&mut samples), per_s))
 }

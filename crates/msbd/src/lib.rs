@@ -19,6 +19,7 @@ mod hosts;
 mod http;
 mod metrics;
 pub mod serve;
+mod spin;
 
 #[cfg(test)]
 mod tests {

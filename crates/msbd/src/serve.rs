@@ -379,6 +379,16 @@ async fn serve_stdio_session(
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
     let (stdin, stdout) = rmcp::transport::io::stdio_pipes();
+    // A pipe is read by a reader that spins a little after each answer (see `crate::spin`).
+    let armed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stdin = match crate::spin::SpinningStdin::open(Arc::clone(&armed)) {
+        Some(pipe) => crate::spin::Stdin::Pipe(pipe),
+        None => crate::spin::Stdin::Other(stdin),
+    };
+    let stdout = crate::spin::Stdout {
+        inner: stdout,
+        armed,
+    };
     // Lines over the size limit never reach rmcp (see `mcp_tools::transport::stdio`).
     let stdin = mcp_tools::transport::LimitedLines::new(stdin, config.max_request_bytes);
     // Quick read-only calls are answered where they are read (see `mcp_tools::FastLane`).

@@ -776,3 +776,82 @@ async fn a_failed_command_keeps_its_exit_code_and_stderr_and_its_streams_read_ap
     );
     client.cancel().await.unwrap();
 }
+
+/// After an answer, msbd tries stdin for a short while before it waits (a client's next call
+/// often follows at once; see `msbd::spin`). That spin must end: a session whose client has
+/// gone quiet after a burst of calls uses next to no CPU.
+#[test]
+fn a_session_whose_client_goes_quiet_after_quick_calls_uses_no_cpu() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = std::process::Command::new(MSBD)
+        .arg("serve")
+        .env("MSB_DATA_DIR", dir.path())
+        .env("MSB_LOG_LEVEL", "warn")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut call = |id: u64, text: String| {
+        stdin.write_all(text.as_bytes()).unwrap();
+        stdin.write_all(b"\n").unwrap();
+        stdin.flush().unwrap();
+        loop {
+            let mut line = String::new();
+            assert!(
+                stdout.read_line(&mut line).unwrap() > 0,
+                "msbd closed stdout"
+            );
+            let message: Value = serde_json::from_str(&line).unwrap();
+            if message["id"] == serde_json::json!(id) {
+                return message;
+            }
+        }
+    };
+    call(0, r#"{"jsonrpc":"2.0","id":0,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"raw","version":"0"}}}"#.into());
+    for id in 1..=200u64 {
+        let initialized = if id == 1 {
+            "{\"jsonrpc\":\"2.0\",\"method\":\"notifications/initialized\"}\n"
+        } else {
+            ""
+        };
+        let answer = call(
+            id,
+            format!(
+                r#"{initialized}{{"jsonrpc":"2.0","id":{id},"method":"tools/call","params":{{"name":"list_tasks","arguments":{{}}}}}}"#
+            ),
+        );
+        assert!(
+            answer["result"]["structuredContent"].is_object(),
+            "{answer}"
+        );
+    }
+    // CPU time (user + system, in clock ticks) of the whole process.
+    let cpu_ticks = || -> u64 {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", child.id())).unwrap();
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .unwrap()
+            .1
+            .split_whitespace()
+            .collect();
+        fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+    };
+    std::thread::sleep(Duration::from_millis(200));
+    let before = cpu_ticks();
+    std::thread::sleep(Duration::from_secs(2));
+    let used = cpu_ticks() - before;
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .unwrap()
+        .unwrap() as u64;
+    // A spin that never ended would use the whole 2 s; the daemon's own loops use a few ms.
+    assert!(
+        used * 1000 / hz < 200,
+        "an idle session used {} ms of CPU in 2 s",
+        used * 1000 / hz
+    );
+    drop(stdin);
+    assert!(exits_within(&mut child, Duration::from_secs(10)).success());
+}
