@@ -25,6 +25,7 @@ use std::future::Future;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -70,6 +71,11 @@ pub struct FastLane<T: Transport<RoleServer>> {
     outstanding: usize,
     /// The client closed its side: what is outstanding is answered, then `receive` ends.
     ended: bool,
+    /// Requests passed to rmcp and not answered yet (as far as this lane sees: a request the
+    /// client cancels may never be answered, and then this stays above 0).
+    with_rmcp: usize,
+    /// Set while no call is under way, here or in rmcp (see [`FastLane::with_settled`]).
+    settled: Option<Arc<AtomicBool>>,
 }
 
 impl<T: Transport<RoleServer>> FastLane<T> {
@@ -87,7 +93,38 @@ impl<T: Transport<RoleServer>> FastLane<T> {
             finished_rx,
             outstanding: 0,
             ended: false,
+            with_rmcp: 0,
+            settled: None,
         }
+    }
+
+    /// Keeps `settled` set while no call is under way (none waiting for its answer, here or in
+    /// rmcp), and cleared otherwise, so that the transport below can tell an answer that ends
+    /// all work from one written while other calls go on (msbd's stdin spins after the first
+    /// kind only).
+    pub fn with_settled(mut self, settled: Arc<AtomicBool>) -> FastLane<T> {
+        settled.store(true, Ordering::Release);
+        self.settled = Some(settled);
+        self
+    }
+
+    /// Updates the `settled` flag after the counts changed.
+    fn note_settled(&self) {
+        if let Some(settled) = &self.settled {
+            settled.store(
+                self.with_rmcp == 0 && self.outstanding == 0,
+                Ordering::Release,
+            );
+        }
+    }
+
+    /// Hands `message` to rmcp, counting it if it is a request.
+    fn to_rmcp(&mut self, message: RxJsonRpcMessage<RoleServer>) -> RxJsonRpcMessage<RoleServer> {
+        if let JsonRpcMessage::Request(_) = &message {
+            self.with_rmcp += 1;
+            self.note_settled();
+        }
+        message
     }
 
     /// Starts answering `message` if it is a quick call (`None`: it is for rmcp).
@@ -207,6 +244,10 @@ impl<T: Transport<RoleServer>> Transport<RoleServer> for FastLane<T> {
         {
             self.negotiated = Some(initialized.protocol_version.clone());
         }
+        if let JsonRpcMessage::Response(_) | JsonRpcMessage::Error(_) = &item {
+            self.with_rmcp = self.with_rmcp.saturating_sub(1);
+            self.note_settled();
+        }
         self.inner.send(item)
     }
 
@@ -226,6 +267,7 @@ impl<T: Transport<RoleServer>> Transport<RoleServer> for FastLane<T> {
                 }
                 Some((id, answer)) = self.finished_rx.recv() => {
                     self.outstanding -= 1;
+                    self.note_settled();
                     self.write(id, answer).await;
                     continue;
                 }
@@ -239,7 +281,7 @@ impl<T: Transport<RoleServer>> Transport<RoleServer> for FastLane<T> {
                 && let ClientRequest::InitializeRequest(initialize) = &request.request
             {
                 self.tasks_client = initialize.params.capabilities.supports_tasks();
-                return Some(message);
+                return Some(self.to_rmcp(message));
             }
             if let JsonRpcMessage::Notification(notification) = &message
                 && let ClientNotification::InitializedNotification(_) = notification.notification
@@ -248,7 +290,7 @@ impl<T: Transport<RoleServer>> Transport<RoleServer> for FastLane<T> {
                 return Some(message);
             }
             let Some((id, mut answering)) = self.take_call(&message) else {
-                return Some(message);
+                return Some(self.to_rmcp(message));
             };
             drop(message);
             // One poll here: a call that finishes without waiting is answered with no hand-off.
@@ -257,6 +299,7 @@ impl<T: Transport<RoleServer>> Transport<RoleServer> for FastLane<T> {
                 Poll::Ready(answer) => self.write(id, answer).await,
                 Poll::Pending => {
                     self.outstanding += 1;
+                    self.note_settled();
                     let finished = self.finished_tx.clone();
                     tokio::spawn(async move {
                         let answer = answering.await;

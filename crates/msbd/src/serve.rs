@@ -382,12 +382,18 @@ async fn serve_stdio_session(
     // A pipe is read by a reader that spins a little after each answer (see `crate::spin`).
     let armed = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let stdin = match crate::spin::SpinningStdin::open(Arc::clone(&armed)) {
-        Some(pipe) => crate::spin::Stdin::Pipe(pipe),
+        Some(pipe) => {
+            // rmcp's reader of the same pipe is not needed: its descriptor closes here.
+            drop(stdin);
+            crate::spin::Stdin::Pipe(pipe)
+        }
         None => crate::spin::Stdin::Other(stdin),
     };
+    let settled = Arc::new(std::sync::atomic::AtomicBool::new(true));
     let stdout = crate::spin::Stdout {
         inner: stdout,
         armed,
+        settled: Arc::clone(&settled),
     };
     // Lines over the size limit never reach rmcp (see `mcp_tools::transport::stdio`).
     let stdin = mcp_tools::transport::LimitedLines::new(stdin, config.max_request_bytes);
@@ -395,7 +401,8 @@ async fn serve_stdio_session(
     let transport = mcp_tools::FastLane::new(
         rmcp::transport::async_rw::AsyncRwTransport::new_server(stdin, stdout),
         server.clone(),
-    );
+    )
+    .with_settled(settled);
     // rmcp waits for the client's `initialize` without looking at any token: a signal before
     // it (nobody connected, or a client that never speaks) ends the wait here.
     let handshake = tokio::select! {

@@ -10,15 +10,16 @@
 //! Trying the pipe for a while after each answer keeps the thread running through a client's
 //! quick turn (a loop of `check_task_status`, or `tasks/get` polls).
 //!
-//! Not for HTTP: tried on the HTTP server's connections, it made calls slower (about 340 to
-//! 490 µs), because an answer there goes out in parts (the headers of an event stream, then
-//! its event), and a spin after the first part held the thread that was to write the next.
-//!
 //! What it costs: nothing in an idle session (the spin follows an answer, never silence), and
-//! never an answer's delay (it begins once the answer is written, not while a call is being
-//! worked on). A spin that finds nothing turns spinning off until a request comes in again, so
-//! that a stream of writes with no requests between them (notifications, an event stream)
-//! spins once, not after each write.
+//! no answer's delay: the spin holds its thread, so it is armed only by an answer written when
+//! no other call is under way (`mcp_tools::FastLane::with_settled` says when that is; a call
+//! that overlaps another, or a notification written while a call runs, arms nothing). A spin
+//! that finds nothing turns spinning off until a request comes in again. On one CPU there is
+//! no spinning at all: it would only keep the client from sending its next call.
+//!
+//! Not for HTTP: tried on the HTTP server's connections, it made calls slower (about 340 to
+//! 410–490 µs, spinning in the thread or yielding between tries), because an answer there goes
+//! out in parts (the headers of an event stream, then its event) through another task.
 
 use std::os::fd::AsFd;
 use std::os::unix::fs::{FileTypeExt as _, OpenOptionsExt as _};
@@ -35,7 +36,7 @@ use tokio::net::unix::pipe;
 /// How long a read that finds nothing keeps trying, after an answer went out.
 pub(crate) const SPIN: Duration = Duration::from_micros(150);
 
-/// Whether a reader spins, and when.
+/// Whether a reader spins.
 #[derive(Default)]
 struct Spinner {
     /// The last spin found nothing: no spinning until a read brings something.
@@ -47,7 +48,7 @@ impl Spinner {
     /// reactor, which this thread is not polling meanwhile, hears from the kernel) until
     /// something comes or [`SPIN`] has passed: `None` when nothing came.
     fn spin(&mut self, fd: impl AsFd, buf: &mut ReadBuf<'_>) -> Option<std::io::Result<()>> {
-        if self.quiet {
+        if self.quiet || buf.remaining() == 0 {
             return None;
         }
         let until = Instant::now() + SPIN;
@@ -85,16 +86,22 @@ pub(crate) struct SpinningStdin {
 }
 
 impl SpinningStdin {
-    /// Stdin, when it is a pipe (what an MCP client that starts msbd gives it); `None` for
-    /// anything else (a terminal, a file, a socket), which the caller reads another way.
+    /// Stdin, when it is a pipe (what an MCP client that starts msbd gives it) and this
+    /// process may use more than one CPU; `None` for anything else (a terminal, a file, a
+    /// socket), which the caller reads another way. On one CPU a spin would only keep the
+    /// client from running and sending its next call.
     ///
     /// The pipe is opened again through `/proc/self/fd/0`, so that its `O_NONBLOCK` belongs to
     /// this reader alone (not to the process's stdin, which children may inherit).
     pub(crate) fn open(armed: Arc<AtomicBool>) -> Option<SpinningStdin> {
-        // Opened non-blocking: the open of a pipe whose writer is gone would wait forever.
+        if std::thread::available_parallelism().map_or(1, usize::from) < 2 {
+            return None;
+        }
+        // Opened non-blocking: the open of a pipe whose writer is gone would wait forever. A
+        // terminal opened here must not become msbd's controlling terminal.
         let file = std::fs::OpenOptions::new()
             .read(true)
-            .custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits())
+            .custom_flags((nix::fcntl::OFlag::O_NONBLOCK | nix::fcntl::OFlag::O_NOCTTY).bits())
             .open("/proc/self/fd/0")
             .ok()?;
         if !file.metadata().ok()?.file_type().is_fifo() {
@@ -120,6 +127,7 @@ impl AsyncRead for SpinningStdin {
         if this.armed.swap(false, Ordering::AcqRel)
             && let Some(result) = this.spinner.spin(&this.pipe, buf)
         {
+            this.spinner.read(buf, before);
             return Poll::Ready(result);
         }
         let polled = Pin::new(&mut this.pipe).poll_read(cx, buf);
@@ -150,10 +158,11 @@ impl AsyncRead for Stdin {
 }
 
 /// Stdout for the stdio transport: rmcp's writer, which arms the stdin's spin (see
-/// [`SpinningStdin`]) each time it has written.
+/// [`SpinningStdin`]) each time it has written while `settled` says that no call is under way.
 pub(crate) struct Stdout {
     pub(crate) inner: rmcp::transport::io::StdioWriter,
     pub(crate) armed: Arc<AtomicBool>,
+    pub(crate) settled: Arc<AtomicBool>,
 }
 
 impl AsyncWrite for Stdout {
@@ -166,6 +175,7 @@ impl AsyncWrite for Stdout {
         let written = Pin::new(&mut this.inner).poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = written
             && n > 0
+            && this.settled.load(Ordering::Acquire)
         {
             this.armed.store(true, Ordering::Release);
         }

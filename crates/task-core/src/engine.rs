@@ -1131,6 +1131,9 @@ impl Control {
     /// Pauses (freezes) or resumes the attempt.
     fn set_paused(&self, paused: bool) {
         self.paused.store(paused, Ordering::SeqCst);
+        // Orders the store before the look for a channel (the `OnceLock`'s load is only an
+        // Acquire): with `pause_receiver`'s fence, one of the two sides sees the other.
+        std::sync::atomic::fence(Ordering::SeqCst);
         if let Some(sender) = self.pause.get() {
             self.sync_pause(sender);
         }
@@ -1143,6 +1146,7 @@ impl Control {
             .get_or_init(|| tokio::sync::watch::Sender::new(self.paused.load(Ordering::SeqCst)));
         // A pause set between the flag's load above and the channel's making found no channel
         // to tell: the flag is read again now that the channel is there.
+        std::sync::atomic::fence(Ordering::SeqCst);
         self.sync_pause(sender);
         sender.subscribe()
     }

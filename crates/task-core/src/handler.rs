@@ -198,8 +198,15 @@ impl TaskContext {
     /// freeze its work (a sandboxed process tree, say) freezes it while this is `true`; the
     /// engine's timeout clock stops meanwhile. Handlers that cannot may ignore it: their work
     /// goes on, and the task shows `paused` until resumed.
+    ///
+    /// A receiver taken while the task is paused reports a change at once (its first
+    /// `changed()` returns), so that a handler that only waits for changes still freezes.
     pub fn paused(&self) -> tokio::sync::watch::Receiver<bool> {
-        self.control.pause_receiver()
+        let mut paused = self.control.pause_receiver();
+        if *paused.borrow() {
+            paused.mark_changed();
+        }
+        paused
     }
 
     /// Whether the attempt must stop.

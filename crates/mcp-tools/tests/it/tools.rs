@@ -2168,3 +2168,92 @@ async fn output_streams_read_apart_and_a_failed_command_keeps_its_exit_code_and_
     );
     client.cancel().await.unwrap();
 }
+
+/// A transport above a [`FastLane`] that notes its `settled` flag when a request goes on to
+/// rmcp's service and when rmcp's answer comes back down.
+struct Settling<T> {
+    inner: T,
+    settled: Arc<std::sync::atomic::AtomicBool>,
+    noted: Arc<Mutex<Vec<(&'static str, bool)>>>,
+}
+
+impl<T: Transport<RoleServer>> Transport<RoleServer> for Settling<T> {
+    type Error = T::Error;
+
+    fn send(
+        &mut self,
+        item: TxJsonRpcMessage<RoleServer>,
+    ) -> impl Future<Output = Result<(), Self::Error>> + Send + 'static {
+        let answer = matches!(item, JsonRpcMessage::Response(_));
+        let sending = self.inner.send(item);
+        if answer {
+            let settled = self.settled.load(std::sync::atomic::Ordering::Acquire);
+            self.noted.lock().unwrap().push(("answered", settled));
+        }
+        sending
+    }
+
+    async fn receive(&mut self) -> Option<RxJsonRpcMessage<RoleServer>> {
+        let message = self.inner.receive().await?;
+        if let JsonRpcMessage::Request(_) = &message {
+            let settled = self.settled.load(std::sync::atomic::Ordering::Acquire);
+            self.noted.lock().unwrap().push(("to rmcp", settled));
+        }
+        Some(message)
+    }
+
+    async fn close(&mut self) -> Result<(), Self::Error> {
+        self.inner.close().await
+    }
+}
+
+/// `FastLane::with_settled`: the flag is down while a request is with rmcp's service, up again
+/// once its answer goes out, and stays up through the lane's own quick answers (msbd's stdin
+/// spins after an answer only while it is up).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fast_lane_says_when_no_call_is_under_way() {
+    let fixture = fixture(ServerOptions::default()).await;
+    let settled = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let noted = Arc::new(Mutex::new(Vec::new()));
+    let (server_io, client_io) = tokio::io::duplex(1 << 20);
+    let (read, write) = tokio::io::split(server_io);
+    let transport = Settling {
+        inner: FastLane::new(
+            AsyncRwTransport::new_server(read, write),
+            fixture.server.clone(),
+        )
+        .with_settled(settled.clone()),
+        settled: settled.clone(),
+        noted: noted.clone(),
+    };
+    let server = fixture.server.clone();
+    tokio::spawn(async move {
+        if let Ok(running) = server.serve(transport).await {
+            let _ = running.waiting().await;
+        }
+    });
+    let client = Client::default().serve(client_io).await.unwrap();
+    let created = ok(
+        &client,
+        "submit_task",
+        json!({"task_type": "command", "params": {"command": "true"}}),
+    )
+    .await;
+    let id = created["task_id"].as_str().unwrap().to_owned();
+    assert!(settled.load(std::sync::atomic::Ordering::Acquire));
+    // `initialize`, then `submit_task`: each down while with rmcp, up as its answer goes out.
+    assert_eq!(
+        *noted.lock().unwrap(),
+        [
+            ("to rmcp", false),
+            ("answered", true),
+            ("to rmcp", false),
+            ("answered", true)
+        ]
+    );
+    noted.lock().unwrap().clear();
+    ok(&client, "check_task_status", json!({"task_id": id})).await;
+    // The lane answered that one itself: rmcp saw nothing, and the flag stayed up.
+    assert!(noted.lock().unwrap().is_empty());
+    assert!(settled.load(std::sync::atomic::Ordering::Acquire));
+}

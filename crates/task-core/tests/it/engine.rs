@@ -1966,3 +1966,48 @@ async fn tasks_claimed_ahead_go_back_to_the_queue_behind_a_long_attempt_a_pause_
     assert!(left > 0, "every task ran before the shutdown");
     assert_eq!(runs.load(Ordering::SeqCst), 250 - left);
 }
+
+/// A handler that asks for the pause flag only after its task was paused (and has no timeout,
+/// so the engine made no channel for it before) still hears of the pause: its first
+/// `changed()` returns at once, and the flag reads `true`.
+#[tokio::test]
+async fn a_handler_that_follows_pauses_late_still_hears_of_a_pause_made_before() {
+    let ask = Arc::new(tokio::sync::Notify::new());
+    let (engine, loops) = started(quick_config(), |b| {
+        let ask = Arc::clone(&ask);
+        b.handler(
+            "late",
+            handler_fn(move |ctx| {
+                let ask = Arc::clone(&ask);
+                async move {
+                    ask.notified().await;
+                    let mut paused = ctx.paused();
+                    let changed =
+                        tokio::time::timeout(Duration::from_secs(5), paused.changed()).await;
+                    let now = *paused.borrow_and_update();
+                    Ok(json!({"changed": matches!(changed, Ok(Ok(()))), "paused": now}))
+                }
+            }),
+        )
+    })
+    .await;
+    let mut events = engine.subscribe();
+    let id = submit(&engine, NewTask::new("late", json!({}))).await;
+    seen(&mut events, id, |e| {
+        matches!(
+            e,
+            TaskEvent::Status {
+                status: Status::Running,
+                ..
+            }
+        )
+    })
+    .await;
+    engine.pause_task(id).await.expect("pause a running task");
+    ask.notify_one();
+    // The handler returns once it has heard, paused as it is: its task completes.
+    let task = finished(&engine, id).await;
+    assert_eq!(task.status, Status::Completed, "{task:?}");
+    assert_eq!(task.result, Some(json!({"changed": true, "paused": true})));
+    loops.stop().await;
+}
