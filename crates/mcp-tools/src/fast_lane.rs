@@ -119,7 +119,10 @@ impl<T: Transport<RoleServer>> FastLane<T> {
     }
 
     /// Hands `message` to rmcp, counting it if it is a request.
-    fn to_rmcp(&mut self, message: RxJsonRpcMessage<RoleServer>) -> RxJsonRpcMessage<RoleServer> {
+    fn hand_to_rmcp(
+        &mut self,
+        message: RxJsonRpcMessage<RoleServer>,
+    ) -> RxJsonRpcMessage<RoleServer> {
         if let JsonRpcMessage::Request(_) = &message {
             self.with_rmcp += 1;
             self.note_settled();
@@ -281,7 +284,7 @@ impl<T: Transport<RoleServer>> Transport<RoleServer> for FastLane<T> {
                 && let ClientRequest::InitializeRequest(initialize) = &request.request
             {
                 self.tasks_client = initialize.params.capabilities.supports_tasks();
-                return Some(self.to_rmcp(message));
+                return Some(self.hand_to_rmcp(message));
             }
             if let JsonRpcMessage::Notification(notification) = &message
                 && let ClientNotification::InitializedNotification(_) = notification.notification
@@ -290,7 +293,7 @@ impl<T: Transport<RoleServer>> Transport<RoleServer> for FastLane<T> {
                 return Some(message);
             }
             let Some((id, mut answering)) = self.take_call(&message) else {
-                return Some(self.to_rmcp(message));
+                return Some(self.hand_to_rmcp(message));
             };
             drop(message);
             // One poll here: a call that finishes without waiting is answered with no hand-off.
