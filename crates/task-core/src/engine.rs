@@ -1086,7 +1086,12 @@ struct RunningTask {
 }
 
 pub(crate) struct Control {
-    cancel: CancellationToken,
+    /// The attempt's cancellation token, made when its handler first asks for it
+    /// ([`Control::token`]): most short handlers never do, and a token is an allocation with a
+    /// lock. Cancelled by [`Control::stop`] once both exist.
+    cancel: std::sync::OnceLock<CancellationToken>,
+    /// Woken by [`Control::stop`], for the engine's own wait (see [`Control::stopped`]).
+    stop_notify: Notify,
     /// `true` while the task is paused (frozen) as it runs.
     paused: AtomicBool,
     /// Follows `paused` for those who wait for its changes, made when the first of them asks
@@ -1105,7 +1110,8 @@ pub(crate) struct Control {
 impl Control {
     fn new() -> Control {
         Control {
-            cancel: CancellationToken::new(),
+            cancel: std::sync::OnceLock::new(),
+            stop_notify: Notify::new(),
             paused: AtomicBool::new(false),
             pause: std::sync::OnceLock::new(),
             reason: AtomicU8::new(StopReason::None as u8),
@@ -1125,7 +1131,12 @@ impl Control {
             Ordering::AcqRel,
             Ordering::Acquire,
         );
-        self.cancel.cancel();
+        // With `token`'s fence: a token made meanwhile sees the reason, or is seen here.
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if let Some(token) = self.cancel.get() {
+            token.cancel();
+        }
+        self.stop_notify.notify_waiters();
     }
 
     /// Pauses (freezes) or resumes the attempt.
@@ -1160,9 +1171,34 @@ impl Control {
         });
     }
 
+    /// The attempt's cancellation token (made on the first call), cancelled if the attempt was
+    /// asked to stop.
+    pub(crate) fn token(&self) -> &CancellationToken {
+        let token = self.cancel.get_or_init(CancellationToken::new);
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if self.stopping() {
+            token.cancel();
+        }
+        token
+    }
+
+    /// Returns once the attempt was asked to stop.
+    async fn stopped(&self) {
+        loop {
+            let notified = self.stop_notify.notified();
+            let mut notified = pin!(notified);
+            // Registered before the check, so that a stop in between still wakes it.
+            notified.as_mut().enable();
+            if self.stopping() {
+                return;
+            }
+            notified.await;
+        }
+    }
+
     /// Whether the attempt was asked to stop: its token is cancelled, or about to be. An atomic
     /// load, where the token's `is_cancelled` takes a lock.
-    fn stopping(&self) -> bool {
+    pub(crate) fn stopping(&self) -> bool {
         self.reason() != StopReason::None
     }
 
@@ -1746,7 +1782,6 @@ impl Inner {
                     session_id: task.session_id.take(),
                     fresh_session: task.fresh_session,
                     owner: task.owner.clone(),
-                    cancel: control.cancel.clone(),
                     control: Arc::clone(&control),
                     engine: Arc::clone(&self),
                 };
@@ -1974,7 +2009,7 @@ impl Inner {
                 tokio::select! {
                     biased;
                     verdict = &mut guarded => break Ok(verdict),
-                    _ = control.cancel.cancelled() => break Err(None),
+                    () = control.stopped() => break Err(None),
                     _ = sleep_until_opt(clock) => break Err(Some(StopReason::TimedOut)),
                     () = pause_changed(&mut paused) => {
                         let now_paused = paused.as_mut().is_some_and(|paused| *paused.borrow_and_update());

@@ -138,7 +138,6 @@ pub struct TaskContext {
     pub(crate) session_id: Option<String>,
     pub(crate) fresh_session: bool,
     pub(crate) owner: Option<String>,
-    pub(crate) cancel: CancellationToken,
     pub(crate) control: Arc<Control>,
     pub(crate) engine: Arc<Inner>,
 }
@@ -191,7 +190,7 @@ impl TaskContext {
 
     /// Cancelled when the attempt must stop.
     pub fn cancellation(&self) -> &CancellationToken {
-        &self.cancel
+        self.control.token()
     }
 
     /// Follows whether the task is paused while it runs (`true`: frozen). A handler that can
@@ -211,14 +210,14 @@ impl TaskContext {
 
     /// Whether the attempt must stop.
     pub fn is_cancelled(&self) -> bool {
-        self.cancel.is_cancelled()
+        self.control.stopping()
     }
 
     /// Whether the attempt is being stopped because it ran out of time (the task's timeout):
     /// the engine records the failure as a timeout, keeping the result of the
     /// [`TaskFailure`] the handler returns, so that it can say what the work had done.
     pub fn timed_out(&self) -> bool {
-        self.cancel.is_cancelled() && self.control.reason() == StopReason::TimedOut
+        self.control.reason() == StopReason::TimedOut
     }
 
     /// Reports progress, from 0.0 to 1.0, with an optional message. Fails on a value out of range

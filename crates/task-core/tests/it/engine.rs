@@ -2011,3 +2011,72 @@ async fn a_handler_that_follows_pauses_late_still_hears_of_a_pause_made_before()
     assert_eq!(task.result, Some(json!({"changed": true, "paused": true})));
     loops.stop().await;
 }
+
+/// A handler that takes its cancellation token only after its task was cancelled (the engine
+/// makes the token when first asked for) finds it cancelled; one that took it before sees it
+/// cancelled by the same cancel.
+#[tokio::test]
+async fn a_cancellation_token_taken_after_the_cancel_is_already_cancelled() {
+    let ask = Arc::new(tokio::sync::Notify::new());
+    let began = Arc::new(tokio::sync::Notify::new());
+    let noted = Arc::new(Mutex::new(Vec::new()));
+    let (engine, loops) = started(quick_config(), |b| {
+        let ask = Arc::clone(&ask);
+        let began = Arc::clone(&began);
+        let noted = Arc::clone(&noted);
+        b.handler(
+            "late",
+            handler_fn(move |ctx| {
+                let ask = Arc::clone(&ask);
+                let began = Arc::clone(&began);
+                let noted = Arc::clone(&noted);
+                async move {
+                    began.notify_one();
+                    ask.notified().await;
+                    let token = ctx.cancellation().clone();
+                    noted.lock().unwrap().push(("late", token.is_cancelled()));
+                    Ok(Value::Null)
+                }
+            }),
+        )
+        .handler(
+            "early",
+            handler_fn(move |ctx| async move {
+                let token = ctx.cancellation().clone();
+                let cancelled =
+                    tokio::time::timeout(Duration::from_secs(5), token.cancelled()).await;
+                Ok(json!(cancelled.is_ok()))
+            }),
+        )
+    })
+    .await;
+    let mut events = engine.subscribe();
+    let running = |e: &TaskEvent| {
+        matches!(
+            e,
+            TaskEvent::Status {
+                status: Status::Running,
+                ..
+            }
+        )
+    };
+    let late = submit(&engine, NewTask::new("late", json!({}))).await;
+    seen(&mut events, late, running).await;
+    began.notified().await;
+    engine.cancel(late).await.expect("cancel a running task");
+    ask.notify_one();
+    assert_eq!(finished(&engine, late).await.status, Status::Cancelled);
+    // The store says cancelled at once; the handler gets its grace to notice.
+    let give_up = std::time::Instant::now() + Duration::from_secs(5);
+    while noted.lock().unwrap().is_empty() && std::time::Instant::now() < give_up {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(*noted.lock().unwrap(), [("late", true)]);
+
+    let early = submit(&engine, NewTask::new("early", json!({}))).await;
+    seen(&mut events, early, running).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    engine.cancel(early).await.expect("cancel a running task");
+    assert_eq!(finished(&engine, early).await.status, Status::Cancelled);
+    loops.stop().await;
+}
