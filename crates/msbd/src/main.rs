@@ -110,7 +110,8 @@ impl Cli {
 /// The daemon's allocator. glibc's malloc makes the two threads of a busy engine queue on its
 /// arena locks (a task is allocated on one worker and freed on the other) and consolidates its
 /// free lists on the hot path: with it the engine's no-op burn-down ran at about 60% of the rate
-/// it reaches on mimalloc (docs/benchmarks.md, "The allocator").
+/// it reaches on mimalloc (docs/benchmarks.md, "A slower host, the allocator and the engine's
+/// hot path").
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -4,7 +4,7 @@
 //!
 //! An MCP client calls, reads the answer, and calls again. Between an answer and the next call,
 //! a thread that waits in the kernel lets its CPU halt; on a virtual machine whose guest halts
-//! at once (`guest_halt_poll_ns` 0, as on the machines of docs/benchmarks.md), waking it for the
+//! at once (`guest_halt_poll_ns` 0, as on the Intel host of docs/benchmarks.md), waking it for the
 //! next call costs an interrupt to a halted vCPU, and the call then runs on cold caches: a quick
 //! call over stdio took about 90 µs there, where the same call pinned to one CPU took 24 µs.
 //! Trying the pipe for a while after each answer keeps the thread running through a client's

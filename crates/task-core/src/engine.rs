@@ -658,7 +658,7 @@ impl Engine {
             inner.gathering.store(false, Ordering::Release);
             let mut woken = pin!(inner.wake.notified());
             woken.as_mut().enable();
-            if cancel.is_cancelled() || inner.draining.is_cancelled() {
+            if cancel.is_cancelled() || inner.drain_started.load(Ordering::Acquire) {
                 break Ok(());
             }
             let now = Timestamp::now();

@@ -386,20 +386,26 @@ fn sigterm_with_running_tasks_exits_within_the_timeout_and_leaves_nothing() {
     );
 }
 
-/// A client that sends its last calls and closes stdin at once still gets their answers,
-/// also those that wait for the store (a listing goes to SQLite's reader thread).
-#[test]
-fn answers_to_the_last_calls_before_stdin_closes_are_written() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut child = std::process::Command::new(MSBD)
+/// `msbd serve` on `data_dir` with its stdin and stdout piped to the test, which speaks raw
+/// JSON-RPC lines to it.
+fn raw_serve(data_dir: &Path) -> std::process::Child {
+    std::process::Command::new(MSBD)
         .arg("serve")
-        .env("MSB_DATA_DIR", dir.path())
+        .env("MSB_DATA_DIR", data_dir)
         .env("MSB_LOG_LEVEL", "warn")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
-        .unwrap();
+        .unwrap()
+}
+
+/// A client that sends its last calls and closes stdin at once still gets their answers,
+/// also those that wait for the store (a listing goes to SQLite's reader thread).
+#[test]
+fn answers_to_the_last_calls_before_stdin_closes_are_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = raw_serve(dir.path());
     let mut stdin = child.stdin.take().unwrap();
     let mut lines = String::new();
     lines.push_str(r#"{"jsonrpc":"2.0","id":0,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"raw","version":"0"}}}"#);
@@ -783,15 +789,7 @@ async fn a_failed_command_keeps_its_exit_code_and_stderr_and_its_streams_read_ap
 #[test]
 fn a_session_whose_client_goes_quiet_after_quick_calls_uses_no_cpu() {
     let dir = tempfile::tempdir().unwrap();
-    let mut child = std::process::Command::new(MSBD)
-        .arg("serve")
-        .env("MSB_DATA_DIR", dir.path())
-        .env("MSB_LOG_LEVEL", "warn")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
+    let mut child = raw_serve(dir.path());
     let mut stdin = child.stdin.take().unwrap();
     let mut stdout = BufReader::new(child.stdout.take().unwrap());
     let mut call = |id: u64, text: String| {

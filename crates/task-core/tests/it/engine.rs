@@ -2017,66 +2017,62 @@ async fn a_handler_that_follows_pauses_late_still_hears_of_a_pause_made_before()
 /// cancelled by the same cancel.
 #[tokio::test]
 async fn a_cancellation_token_taken_after_the_cancel_is_already_cancelled() {
-    let ask = Arc::new(tokio::sync::Notify::new());
+    // Each handler says when it has begun (`began`), waits for the test's go (`go`, the "late"
+    // one only), and reports what its token said (`noted`).
     let began = Arc::new(tokio::sync::Notify::new());
-    let noted = Arc::new(Mutex::new(Vec::new()));
+    let go = Arc::new(tokio::sync::Notify::new());
+    let (noted_tx, mut noted) = tokio::sync::mpsc::unbounded_channel();
     let (engine, loops) = started(quick_config(), |b| {
-        let ask = Arc::clone(&ask);
-        let began = Arc::clone(&began);
-        let noted = Arc::clone(&noted);
+        let (late_began, early_began) = (Arc::clone(&began), Arc::clone(&began));
+        let go = Arc::clone(&go);
+        let (late_noted, early_noted) = (noted_tx.clone(), noted_tx.clone());
         b.handler(
             "late",
             handler_fn(move |ctx| {
-                let ask = Arc::clone(&ask);
-                let began = Arc::clone(&began);
-                let noted = Arc::clone(&noted);
+                let (began, go, noted) =
+                    (Arc::clone(&late_began), Arc::clone(&go), late_noted.clone());
                 async move {
                     began.notify_one();
-                    ask.notified().await;
-                    let token = ctx.cancellation().clone();
-                    noted.lock().unwrap().push(("late", token.is_cancelled()));
+                    go.notified().await;
+                    let _ = noted.send(("late", ctx.cancellation().is_cancelled()));
                     Ok(Value::Null)
                 }
             }),
         )
         .handler(
             "early",
-            handler_fn(move |ctx| async move {
-                let token = ctx.cancellation().clone();
-                let cancelled =
-                    tokio::time::timeout(Duration::from_secs(5), token.cancelled()).await;
-                Ok(json!(cancelled.is_ok()))
+            handler_fn(move |ctx| {
+                let (began, noted) = (Arc::clone(&early_began), early_noted.clone());
+                async move {
+                    let token = ctx.cancellation().clone();
+                    began.notify_one();
+                    let cancelled =
+                        tokio::time::timeout(Duration::from_secs(5), token.cancelled()).await;
+                    let _ = noted.send(("early", cancelled.is_ok()));
+                    Ok(Value::Null)
+                }
             }),
         )
     })
     .await;
-    let mut events = engine.subscribe();
-    let running = |e: &TaskEvent| {
-        matches!(
-            e,
-            TaskEvent::Status {
-                status: Status::Running,
-                ..
-            }
-        )
-    };
     let late = submit(&engine, NewTask::new("late", json!({}))).await;
-    seen(&mut events, late, running).await;
-    began.notified().await;
+    within(began.notified()).await;
     engine.cancel(late).await.expect("cancel a running task");
-    ask.notify_one();
+    go.notify_one();
+    assert_eq!(within(noted.recv()).await, Some(("late", true)));
     assert_eq!(finished(&engine, late).await.status, Status::Cancelled);
-    // The store says cancelled at once; the handler gets its grace to notice.
-    let give_up = std::time::Instant::now() + Duration::from_secs(5);
-    while noted.lock().unwrap().is_empty() && std::time::Instant::now() < give_up {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    assert_eq!(*noted.lock().unwrap(), [("late", true)]);
 
     let early = submit(&engine, NewTask::new("early", json!({}))).await;
-    seen(&mut events, early, running).await;
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    within(began.notified()).await;
     engine.cancel(early).await.expect("cancel a running task");
+    assert_eq!(within(noted.recv()).await, Some(("early", true)));
     assert_eq!(finished(&engine, early).await.status, Status::Cancelled);
     loops.stop().await;
+}
+
+/// `what`'s output, which must come within 5 s.
+async fn within<T>(what: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(5), what)
+        .await
+        .expect("it came within 5 s")
 }
