@@ -24,8 +24,8 @@
 use std::future::Future;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -49,8 +49,8 @@ pub const AT_ONCE_TOOLS: [&str; 3] = ["check_task_status", "list_tasks", "read_t
 /// its side (as long as rmcp waits for its own).
 const DRAIN: Duration = Duration::from_secs(5);
 
-type Answer = Result<ServerResult, McpError>;
-type Answering = Pin<Box<dyn Future<Output = Answer> + Send>>;
+pub(crate) type Answer = Result<ServerResult, McpError>;
+pub(crate) type Answering = Pin<Box<dyn Future<Output = Answer> + Send>>;
 
 /// A [`Transport`] that answers quick read-only tool calls itself (see the module docs).
 pub struct FastLane<T: Transport<RoleServer>> {
@@ -58,10 +58,11 @@ pub struct FastLane<T: Transport<RoleServer>> {
     server: Arc<McpServer>,
     /// The protocol version of the `initialize` answer sent, once sent.
     negotiated: Option<ProtocolVersion>,
-    /// Set once the client said `notifications/initialized` after that answer.
-    open: bool,
     /// Whether the client declared the tasks extension in its `initialize`.
     tasks_client: bool,
+    /// Set once the client said `notifications/initialized` after that answer; shared with
+    /// whoever answers this session's quick calls elsewhere ([`FastLane::opened`]).
+    opened: Arc<OnceLock<Opened>>,
     /// Writes that did not finish at once (an HTTP session's worker confirms each): reading
     /// never waits for a write, as rmcp's own loop never does.
     sends: JoinSet<()>,
@@ -81,13 +82,18 @@ pub struct FastLane<T: Transport<RoleServer>> {
 impl<T: Transport<RoleServer>> FastLane<T> {
     /// Wraps `inner`, answering for `server` (the handler rmcp serves on the same connection).
     pub fn new(inner: T, server: McpServer) -> FastLane<T> {
+        FastLane::with_server(inner, Arc::new(server))
+    }
+
+    /// [`FastLane::new`] with a server shared with others.
+    pub(crate) fn with_server(inner: T, server: Arc<McpServer>) -> FastLane<T> {
         let (finished_tx, finished_rx) = mpsc::unbounded_channel();
         FastLane {
             inner,
-            server: Arc::new(server),
+            server,
             negotiated: None,
-            open: false,
             tasks_client: false,
+            opened: Arc::new(OnceLock::new()),
             sends: JoinSet::new(),
             finished_tx,
             finished_rx,
@@ -130,69 +136,16 @@ impl<T: Transport<RoleServer>> FastLane<T> {
         message
     }
 
-    /// Starts answering `message` if it is a quick call (`None`: it is for rmcp).
-    fn take_call(&self, message: &RxJsonRpcMessage<RoleServer>) -> Option<(RequestId, Answering)> {
-        if !self.open {
-            return None;
-        }
-        let JsonRpcMessage::Request(request) = message else {
-            return None;
-        };
-        // rmcp moves a request's `_meta` into its extensions as it decodes it. A progress
-        // token (rmcp's client sends one with every request) means nothing to these calls;
-        // anything else (per-request protocol metadata, say) is for rmcp to read.
-        let meta = request.request.get_meta();
-        if meta.0.0.keys().any(|key| key != "progressToken") {
-            return None;
-        }
-        let server = Arc::clone(&self.server);
-        let answering: Answering = match &request.request {
-            ClientRequest::CallToolRequest(call)
-                if call.params.meta.is_none()
-                    && call.params.input_responses.is_none()
-                    && call.params.request_state.is_none() =>
-            {
-                let answer = server.answer_at_once(&call.params)?;
-                Box::pin(async move { Ok(ServerResult::CallToolResult(answer.await)) })
-            }
-            ClientRequest::GetTaskRequest(get) if self.tasks_client => {
-                let answer = server.task_at_once(&get.params);
-                Box::pin(async move { answer.await.map(ServerResult::GetTaskResult) })
-            }
-            _ => return None,
-        };
-        Some((request.id.clone(), Box::pin(Guarded(answering))))
-    }
-
-    /// The JSON-RPC answer, shaped as rmcp shapes results and errors for the negotiated
-    /// version (`handle_request`).
-    fn response(&self, id: RequestId, answer: Answer) -> TxJsonRpcMessage<RoleServer> {
-        let current = self
-            .negotiated
-            .as_ref()
-            .is_some_and(|v| v.as_str() >= ProtocolVersion::V_2026_07_28.as_str());
-        match answer {
-            Ok(mut result) => {
-                if current {
-                    result.fill_missing_cache_hints();
-                } else {
-                    result.strip_result_type_for_legacy_peer();
-                }
-                JsonRpcMessage::response(result, id)
-            }
-            Err(mut error) => {
-                if current && error.code == ErrorCode::RESOURCE_NOT_FOUND {
-                    error.code = ErrorCode::INVALID_PARAMS;
-                }
-                JsonRpcMessage::error(error, Some(id))
-            }
-        }
+    /// What answers this session's quick calls elsewhere needs, set once the session is
+    /// open; it lives as long as this lane.
+    pub(crate) fn opened(&self) -> Weak<OnceLock<Opened>> {
+        Arc::downgrade(&self.opened)
     }
 
     /// Writes an answer: at once if the transport takes it without waiting, else on a task
     /// of its own (in [`FastLane::sends`]). Never suspends, so it cannot be cancelled halfway.
     async fn write(&mut self, id: RequestId, answer: Answer) {
-        let response = self.response(id, answer);
+        let response = shape(self.negotiated.as_ref(), id, answer);
         let mut sending = Box::pin(self.inner.send(response));
         let polled = std::future::poll_fn(|cx| Poll::Ready(sending.as_mut().poll(cx))).await;
         match polled {
@@ -289,10 +242,19 @@ impl<T: Transport<RoleServer>> Transport<RoleServer> for FastLane<T> {
             if let JsonRpcMessage::Notification(notification) = &message
                 && let ClientNotification::InitializedNotification(_) = notification.notification
             {
-                self.open = self.negotiated.is_some();
+                if let Some(negotiated) = self.negotiated.clone() {
+                    let _ = self.opened.set(Opened {
+                        negotiated,
+                        tasks_client: self.tasks_client,
+                    });
+                }
                 return Some(message);
             }
-            let Some((id, mut answering)) = self.take_call(&message) else {
+            let quick = self
+                .opened
+                .get()
+                .and_then(|opened| opened.take_call(&self.server, &message));
+            let Some((id, mut answering)) = quick else {
                 return Some(self.hand_to_rmcp(message));
             };
             drop(message);
@@ -316,6 +278,85 @@ impl<T: Transport<RoleServer>> Transport<RoleServer> for FastLane<T> {
     async fn close(&mut self) -> Result<(), Self::Error> {
         self.drain().await;
         self.inner.close().await
+    }
+}
+
+/// What is known of a session once it is open (the client said `notifications/initialized`
+/// after the `initialize` answer): what its quick calls' answers depend on.
+#[derive(Debug)]
+pub(crate) struct Opened {
+    /// The protocol version of the `initialize` answer.
+    pub(crate) negotiated: ProtocolVersion,
+    /// Whether the client declared the tasks extension in its `initialize`.
+    pub(crate) tasks_client: bool,
+}
+
+impl Opened {
+    /// Starts answering `message` for `server` if it is a quick call (`None`: it is for
+    /// rmcp).
+    pub(crate) fn take_call(
+        &self,
+        server: &Arc<McpServer>,
+        message: &RxJsonRpcMessage<RoleServer>,
+    ) -> Option<(RequestId, Answering)> {
+        let JsonRpcMessage::Request(request) = message else {
+            return None;
+        };
+        // rmcp moves a request's `_meta` into its extensions as it decodes it. A progress
+        // token (rmcp's client sends one with every request) means nothing to these calls;
+        // anything else (per-request protocol metadata, say) is for rmcp to read.
+        let meta = request.request.get_meta();
+        if meta.0.0.keys().any(|key| key != "progressToken") {
+            return None;
+        }
+        let server = Arc::clone(server);
+        let answering: Answering = match &request.request {
+            ClientRequest::CallToolRequest(call)
+                if call.params.meta.is_none()
+                    && call.params.input_responses.is_none()
+                    && call.params.request_state.is_none() =>
+            {
+                let answer = server.answer_at_once(&call.params)?;
+                Box::pin(async move { Ok(ServerResult::CallToolResult(answer.await)) })
+            }
+            ClientRequest::GetTaskRequest(get) if self.tasks_client => {
+                let answer = server.task_at_once(&get.params);
+                Box::pin(async move { answer.await.map(ServerResult::GetTaskResult) })
+            }
+            _ => return None,
+        };
+        Some((request.id.clone(), Box::pin(Guarded(answering))))
+    }
+
+    /// The JSON-RPC answer to a quick call of this session.
+    pub(crate) fn response(&self, id: RequestId, answer: Answer) -> TxJsonRpcMessage<RoleServer> {
+        shape(Some(&self.negotiated), id, answer)
+    }
+}
+
+/// The JSON-RPC answer, shaped as rmcp shapes results and errors for the negotiated version
+/// (`handle_request`).
+fn shape(
+    negotiated: Option<&ProtocolVersion>,
+    id: RequestId,
+    answer: Answer,
+) -> TxJsonRpcMessage<RoleServer> {
+    let current = negotiated.is_some_and(|v| v.as_str() >= ProtocolVersion::V_2026_07_28.as_str());
+    match answer {
+        Ok(mut result) => {
+            if current {
+                result.fill_missing_cache_hints();
+            } else {
+                result.strip_result_type_for_legacy_peer();
+            }
+            JsonRpcMessage::response(result, id)
+        }
+        Err(mut error) => {
+            if current && error.code == ErrorCode::RESOURCE_NOT_FOUND {
+                error.code = ErrorCode::INVALID_PARAMS;
+            }
+            JsonRpcMessage::error(error, Some(id))
+        }
     }
 }
 

@@ -2257,3 +2257,142 @@ async fn the_fast_lane_says_when_no_call_is_under_way() {
     assert!(noted.lock().unwrap().is_empty());
     assert!(settled.load(std::sync::atomic::Ordering::Acquire));
 }
+
+/// The HTTP sessions (`FastLaneSessions`): once a session is open, a quick call is answered
+/// where rmcp asks for the request's stream (one message, with no event id, and the stream
+/// ends), with the answer the session itself gives; anything else goes through the session
+/// (whose messages carry event ids), and so does every call before the session is open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_sessions_answer_quick_calls_on_the_request_as_the_session_would() {
+    use mcp_tools::transport::FastLaneSessions;
+    use rmcp::model::{ClientJsonRpcMessage, ServerJsonRpcMessage};
+    use rmcp::transport::streamable_http_server::session::{ServerSseMessage, SessionManager};
+
+    let fixture = fixture(ServerOptions::default()).await;
+    let plain = connect(fixture.server.clone(), Client::default()).await;
+    let created = ok(
+        &plain,
+        "submit_task",
+        json!({"task_type": "command", "params": {"command": "echo over http"}}),
+    )
+    .await;
+    let task = created["task_id"].as_str().unwrap().to_owned();
+    ok(
+        &plain,
+        "get_task_result",
+        json!({"task_id": task, "wait": true, "timeout": 60}),
+    )
+    .await;
+
+    let sessions = FastLaneSessions::new(fixture.server.clone());
+    let (session, transport) = sessions.create_session().await.unwrap();
+    let server = fixture.server.clone();
+    tokio::spawn(async move {
+        if let Ok(running) = server.serve(transport).await {
+            let _ = running.waiting().await;
+        }
+    });
+    let message = |value: Value| -> ClientJsonRpcMessage { serde_json::from_value(value).unwrap() };
+    let status_call = |id: u32, meta: Option<Value>| {
+        let mut params = json!({"name": "check_task_status", "arguments": {"task_id": task}});
+        if let Some(meta) = meta {
+            params["_meta"] = meta;
+        }
+        message(json!({"jsonrpc": "2.0", "id": id, "method": "tools/call", "params": params}))
+    };
+    // The messages of a request's stream, the priming events (no message) left out.
+    let stream = async |request: ClientJsonRpcMessage| -> Vec<(Option<String>, Value)> {
+        let stream = sessions.create_stream(&session, request).await.unwrap();
+        let mut stream = std::pin::pin!(stream);
+        let mut got = Vec::new();
+        let read = async {
+            while let Some(ServerSseMessage {
+                event_id, message, ..
+            }) =
+                std::future::poll_fn(|cx| futures_core::Stream::poll_next(stream.as_mut(), cx))
+                    .await
+            {
+                if let Some(message) = message {
+                    let message: &ServerJsonRpcMessage = &message;
+                    got.push((event_id, serde_json::to_value(message).unwrap()));
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(30), read)
+            .await
+            .expect("the request's stream ends");
+        got
+    };
+
+    let initialized = sessions
+        .initialize_session(&session, message(json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "http-test", "version": "0"}}})))
+        .await
+        .unwrap();
+    assert!(
+        serde_json::to_value(&initialized).unwrap()["result"]["protocolVersion"].is_string(),
+        "{initialized:?}"
+    );
+    // Before `notifications/initialized`, the session answers.
+    let early = stream(status_call(1, None)).await;
+    assert_eq!(early.len(), 1, "{early:?}");
+    assert!(early[0].0.is_some(), "from the session: {early:?}");
+
+    sessions
+        .accept_message(
+            &session,
+            message(json!({"jsonrpc": "2.0", "method": "notifications/initialized"})),
+        )
+        .await
+        .unwrap();
+    // The session hears the notification on its own task: wait until calls are answered here.
+    let here = wait_until(Duration::from_secs(10), async || {
+        let got = stream(status_call(2, None)).await;
+        match got.as_slice() {
+            [(None, _)] => Ok(got),
+            _ => Err(format!("still answered by the session: {got:?}")),
+        }
+    })
+    .await;
+    // The same call with more `_meta` than a progress token goes through the session.
+    let session_way = stream(status_call(
+        2,
+        Some(json!({"progressToken": 7, "example.com/trace": "abc"})),
+    ))
+    .await;
+    assert_eq!(session_way.len(), 1, "{session_way:?}");
+    assert!(session_way[0].0.is_some(), "{session_way:?}");
+    assert_eq!(
+        here[0].1, session_way[0].1,
+        "the answer made on the request differs from the session's"
+    );
+    assert_eq!(
+        here[0].1["result"]["structuredContent"]["status"],
+        "completed"
+    );
+    // A tool error, made both ways.
+    let unknown = json!({"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": {"name": "read_task_output", "arguments": {"task_id": task, "max_bytes": 0}}});
+    let here = stream(message(unknown.clone())).await;
+    let mut with_meta = unknown;
+    with_meta["params"]["_meta"] = json!({"example.com/trace": "abc"});
+    let session_way = stream(message(with_meta)).await;
+    assert_eq!((here[0].0.as_ref(), here.len()), (None, 1), "{here:?}");
+    assert_eq!(here[0].1, session_way[0].1);
+    assert_eq!(here[0].1["result"]["isError"], true, "{here:?}");
+    // Other tools go through the session.
+    let other = stream(message(json!({"jsonrpc": "2.0", "id": 4, "method": "tools/call", "params": {"name": "get_task_result", "arguments": {"task_id": task}}}))).await;
+    assert!(other[0].0.is_some(), "{other:?}");
+    assert_eq!(
+        other[0].1["result"]["structuredContent"]["status"],
+        "completed"
+    );
+
+    // A closed session's calls are not answered here.
+    sessions.close_session(&session).await.unwrap();
+    assert!(
+        sessions
+            .create_stream(&session, status_call(5, None))
+            .await
+            .is_err(),
+        "a closed session's call is refused"
+    );
+}
