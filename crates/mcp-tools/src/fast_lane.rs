@@ -30,8 +30,8 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use rmcp::model::{
-    ClientNotification, ClientRequest, ErrorCode, GetMeta, JsonRpcMessage, ProtocolVersion,
-    RequestId, ServerResult,
+    CallToolRequestParams, ClientNotification, ClientRequest, ErrorCode, GetMeta, GetTaskParams,
+    JsonRpcMessage, ProtocolVersion, RequestId, ServerResult,
 };
 use rmcp::service::{RxJsonRpcMessage, TxJsonRpcMessage};
 use rmcp::transport::Transport;
@@ -77,6 +77,8 @@ pub struct FastLane<T: Transport<RoleServer>> {
     with_rmcp: usize,
     /// Set while no call is under way, here or in rmcp (see [`FastLane::with_settled`]).
     settled: Option<Arc<AtomicBool>>,
+    /// Quick calls taken from their lines below rmcp's transport (see [`quick_lines`]).
+    quick: Option<mpsc::UnboundedReceiver<(RequestId, Answering)>>,
 }
 
 impl<T: Transport<RoleServer>> FastLane<T> {
@@ -101,6 +103,7 @@ impl<T: Transport<RoleServer>> FastLane<T> {
             ended: false,
             with_rmcp: 0,
             settled: None,
+            quick: None,
         }
     }
 
@@ -111,6 +114,14 @@ impl<T: Transport<RoleServer>> FastLane<T> {
     pub fn with_settled(mut self, settled: Arc<AtomicBool>) -> FastLane<T> {
         settled.store(true, Ordering::Release);
         self.settled = Some(settled);
+        self
+    }
+
+    /// Also answers the quick calls that `lines` (the other half of `queue`, in the reader
+    /// under this lane's transport) takes from their lines: see [`quick_lines`].
+    pub fn with_quick_lines(mut self, queue: QuickQueue) -> FastLane<T> {
+        self.opened = queue.opened;
+        self.quick = Some(queue.calls);
         self
     }
 
@@ -163,6 +174,24 @@ impl<T: Transport<RoleServer>> FastLane<T> {
         }
     }
 
+    /// Answers a quick call: polled once here, so that a call that finishes without waiting is
+    /// answered with no hand-off; else it goes on on a task of its own.
+    async fn answer(&mut self, id: RequestId, mut answering: Answering) {
+        let polled = std::future::poll_fn(|cx| Poll::Ready(answering.as_mut().poll(cx))).await;
+        match polled {
+            Poll::Ready(answer) => self.write(id, answer).await,
+            Poll::Pending => {
+                self.outstanding += 1;
+                self.note_settled();
+                let finished = self.finished_tx.clone();
+                tokio::spawn(async move {
+                    let answer = answering.await;
+                    let _ = finished.send((id, answer));
+                });
+            }
+        }
+    }
+
     /// Answers the calls still being made and finishes the writes under way, for up to
     /// [`DRAIN`]. Cancelled halfway, it takes up where it was on its next call.
     async fn drain(&mut self) {
@@ -210,6 +239,12 @@ impl<T: Transport<RoleServer>> Transport<RoleServer> for FastLane<T> {
     async fn receive(&mut self) -> Option<RxJsonRpcMessage<RoleServer>> {
         loop {
             if self.ended {
+                // Quick calls read before the end are answered first.
+                while let Some((id, answering)) =
+                    self.quick.as_mut().and_then(|quick| quick.try_recv().ok())
+                {
+                    self.answer(id, answering).await;
+                }
                 self.drain().await;
                 return None;
             }
@@ -225,6 +260,10 @@ impl<T: Transport<RoleServer>> Transport<RoleServer> for FastLane<T> {
                     self.outstanding -= 1;
                     self.note_settled();
                     self.write(id, answer).await;
+                    continue;
+                }
+                Some((id, answering)) = next_quick(&mut self.quick) => {
+                    self.answer(id, answering).await;
                     continue;
                 }
                 message = self.inner.receive() => message,
@@ -254,24 +293,11 @@ impl<T: Transport<RoleServer>> Transport<RoleServer> for FastLane<T> {
                 .opened
                 .get()
                 .and_then(|opened| opened.take_call(&self.server, &message));
-            let Some((id, mut answering)) = quick else {
+            let Some((id, answering)) = quick else {
                 return Some(self.hand_to_rmcp(message));
             };
             drop(message);
-            // One poll here: a call that finishes without waiting is answered with no hand-off.
-            let polled = std::future::poll_fn(|cx| Poll::Ready(answering.as_mut().poll(cx))).await;
-            match polled {
-                Poll::Ready(answer) => self.write(id, answer).await,
-                Poll::Pending => {
-                    self.outstanding += 1;
-                    self.note_settled();
-                    let finished = self.finished_tx.clone();
-                    tokio::spawn(async move {
-                        let answer = answering.await;
-                        let _ = finished.send((id, answer));
-                    });
-                }
-            }
+            self.answer(id, answering).await;
         }
     }
 
@@ -309,28 +335,52 @@ impl Opened {
         if meta.0.0.keys().any(|key| key != "progressToken") {
             return None;
         }
-        let server = Arc::clone(server);
-        let answering: Answering = match &request.request {
+        let answering = match &request.request {
             ClientRequest::CallToolRequest(call)
                 if call.params.meta.is_none()
                     && call.params.input_responses.is_none()
                     && call.params.request_state.is_none() =>
             {
-                let answer = server.answer_at_once(&call.params)?;
-                Box::pin(async move { Ok(ServerResult::CallToolResult(answer.await)) })
+                call_tool(server, &call.params)?
             }
-            ClientRequest::GetTaskRequest(get) if self.tasks_client => {
-                let answer = server.task_at_once(&get.params);
-                Box::pin(async move { answer.await.map(ServerResult::GetTaskResult) })
-            }
+            ClientRequest::GetTaskRequest(get) => self.get_task(server, &get.params)?,
             _ => return None,
         };
-        Some((request.id.clone(), Box::pin(Guarded(answering))))
+        Some((request.id.clone(), answering))
+    }
+
+    /// Starts answering `tasks/get`, if this session's client declared the tasks extension.
+    fn get_task(&self, server: &Arc<McpServer>, params: &GetTaskParams) -> Option<Answering> {
+        if !self.tasks_client {
+            return None;
+        }
+        let answer = Arc::clone(server).task_at_once(params);
+        Some(Box::pin(Guarded(Box::pin(async move {
+            answer.await.map(ServerResult::GetTaskResult)
+        }))))
     }
 
     /// The JSON-RPC answer to a quick call of this session.
     pub(crate) fn response(&self, id: RequestId, answer: Answer) -> TxJsonRpcMessage<RoleServer> {
         shape(Some(&self.negotiated), id, answer)
+    }
+}
+
+/// Starts answering a call of a quick tool (`None`: not one, or not one answered here now).
+fn call_tool(server: &Arc<McpServer>, params: &CallToolRequestParams) -> Option<Answering> {
+    let answer = Arc::clone(server).answer_at_once(params)?;
+    Some(Box::pin(Guarded(Box::pin(async move {
+        Ok(ServerResult::CallToolResult(answer.await))
+    }))))
+}
+
+/// The next quick call taken from its line, when there is a queue of them.
+async fn next_quick(
+    quick: &mut Option<mpsc::UnboundedReceiver<(RequestId, Answering)>>,
+) -> Option<(RequestId, Answering)> {
+    match quick {
+        Some(quick) => quick.recv().await,
+        None => std::future::pending().await,
     }
 }
 
@@ -357,6 +407,132 @@ fn shape(
             }
             JsonRpcMessage::error(error, Some(id))
         }
+    }
+}
+
+/// The reader's half of a [`quick_lines`] pair: see [`QuickLines::take_line`].
+pub struct QuickLines {
+    server: Arc<McpServer>,
+    opened: Arc<OnceLock<Opened>>,
+    calls: mpsc::UnboundedSender<(RequestId, Answering)>,
+}
+
+/// The lane's half of a [`quick_lines`] pair (see [`FastLane::with_quick_lines`]).
+pub struct QuickQueue {
+    opened: Arc<OnceLock<Opened>>,
+    calls: mpsc::UnboundedReceiver<(RequestId, Answering)>,
+}
+
+/// A way for quick calls to skip rmcp's decoding of their lines.
+///
+/// rmcp's transport decodes every line into its message types, a generic decode (untagged
+/// enums, buffered and tried in turn) that took about a fifth of msbd's time per quick call
+/// over stdio. The reader under that transport (msbd's [`LimitedLines`](crate::transport::LimitedLines))
+/// gives each line to [`QuickLines::take_line`] first: a quick call of an open session, in the
+/// plain shape clients send (the fields JSON-RPC and the call define, a `_meta` holding at most
+/// a progress token), is decoded into its own types and started at once, and its answer is
+/// queued for the lane ([`FastLane::with_quick_lines`]), which writes it as it writes the
+/// answers of the quick calls it gets from rmcp. Any other line goes on to rmcp unchanged.
+pub fn quick_lines(server: McpServer) -> (QuickLines, QuickQueue) {
+    let opened = Arc::new(OnceLock::new());
+    let (calls_tx, calls_rx) = mpsc::unbounded_channel();
+    (
+        QuickLines {
+            server: Arc::new(server),
+            opened: Arc::clone(&opened),
+            calls: calls_tx,
+        },
+        QuickQueue {
+            opened,
+            calls: calls_rx,
+        },
+    )
+}
+
+/// Lines longer than this are not looked at: quick calls are short, and a long line (a
+/// `submit_task` with a script) should not be searched.
+const QUICK_LINE_MAX: usize = 4096;
+
+/// A JSON-RPC request line, its params left undecoded.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RequestLine<'a> {
+    jsonrpc: &'a str,
+    id: RequestId,
+    method: &'a str,
+    #[serde(borrow)]
+    params: &'a serde_json::value::RawValue,
+}
+
+/// `tools/call` params, in the plain shape.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CallLine {
+    name: String,
+    #[serde(default)]
+    arguments: Option<serde_json::Map<String, serde_json::Value>>,
+    #[serde(rename = "_meta", default)]
+    _meta: Option<ProgressOnly>,
+}
+
+/// `tasks/get` params, in the plain shape.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GetTaskLine {
+    #[serde(rename = "taskId")]
+    task_id: String,
+    #[serde(rename = "_meta", default)]
+    _meta: Option<ProgressOnly>,
+}
+
+/// A `_meta` that holds a progress token at most (which these calls do not use).
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ProgressOnly {
+    #[serde(rename = "progressToken", default)]
+    _progress_token: Option<serde::de::IgnoredAny>,
+}
+
+impl QuickLines {
+    /// Takes `line` (one JSON-RPC message, without its newline) if it is a quick call of an
+    /// open session: its answer is started and queued for the lane. `false`: the line goes
+    /// on to rmcp.
+    pub fn take_line(&self, line: &[u8]) -> bool {
+        let Some(opened) = self.opened.get() else {
+            return false;
+        };
+        if line.len() > QUICK_LINE_MAX || self.calls.is_closed() {
+            return false;
+        }
+        let Ok(request) = serde_json::from_slice::<RequestLine<'_>>(line) else {
+            return false;
+        };
+        if request.jsonrpc != "2.0" {
+            return false;
+        }
+        let answering = match request.method {
+            "tools/call" => {
+                let Ok(call) = serde_json::from_str::<CallLine>(request.params.get()) else {
+                    return false;
+                };
+                let mut params = CallToolRequestParams::new(call.name);
+                if let Some(arguments) = call.arguments {
+                    params = params.with_arguments(arguments);
+                }
+                call_tool(&self.server, &params)
+            }
+            "tasks/get" => {
+                let Ok(get) = serde_json::from_str::<GetTaskLine>(request.params.get()) else {
+                    return false;
+                };
+                opened.get_task(&self.server, &GetTaskParams::new(get.task_id))
+            }
+            _ => None,
+        };
+        let Some(answering) = answering else {
+            return false;
+        };
+        self.calls.send((request.id, answering)).is_ok()
     }
 }
 

@@ -45,7 +45,7 @@ pub mod wire;
 
 #[doc(hidden)]
 pub use arguments::accepted_arguments;
-pub use fast_lane::{AT_ONCE_TOOLS, FastLane};
+pub use fast_lane::{AT_ONCE_TOOLS, FastLane, QuickLines, QuickQueue, quick_lines};
 #[doc(hidden)]
 pub use server::explain_argument_errors;
 pub use server::{

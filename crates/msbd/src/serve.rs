@@ -395,14 +395,18 @@ async fn serve_stdio_session(
         armed,
         settled: Arc::clone(&settled),
     };
-    // Lines over the size limit never reach rmcp (see `mcp_tools::transport::stdio`).
-    let stdin = mcp_tools::transport::LimitedLines::new(stdin, config.max_request_bytes);
+    // Lines over the size limit never reach rmcp (see `mcp_tools::transport::stdio`), and
+    // quick calls are decoded there without rmcp (see `mcp_tools::quick_lines`).
+    let (quick_lines, quick_queue) = mcp_tools::quick_lines(server.clone());
+    let stdin = mcp_tools::transport::LimitedLines::new(stdin, config.max_request_bytes)
+        .with_quick_lines(quick_lines);
     // Quick read-only calls are answered where they are read (see `mcp_tools::FastLane`).
     let transport = mcp_tools::FastLane::new(
         rmcp::transport::async_rw::AsyncRwTransport::new_server(stdin, stdout),
         server.clone(),
     )
-    .with_settled(settled);
+    .with_settled(settled)
+    .with_quick_lines(quick_queue);
     // rmcp waits for the client's `initialize` without looking at any token: a signal before
     // it (nobody connected, or a client that never speaks) ends the wait here.
     let handshake = tokio::select! {

@@ -12,6 +12,8 @@ use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, ReadBuf};
 
+use crate::fast_lane::QuickLines;
+
 /// How many bytes at the start of an oversized line are searched for its id.
 const ID_WINDOW: usize = 4096;
 
@@ -37,6 +39,8 @@ pub struct LimitedLines<R> {
     /// The inner reader has ended.
     done: bool,
     scratch: Box<[u8]>,
+    /// Where quick calls are taken from their lines (see [`crate::fast_lane::quick_lines`]).
+    quick: Option<QuickLines>,
 }
 
 impl<R> LimitedLines<R> {
@@ -53,7 +57,25 @@ impl<R> LimitedLines<R> {
             seen: 0,
             done: false,
             scratch: vec![0; 64 * 1024].into_boxed_slice(),
+            quick: None,
         }
+    }
+
+    /// Gives every whole line within the limit to `quick` first: a line it takes is not
+    /// passed on.
+    pub fn with_quick_lines(mut self, quick: QuickLines) -> LimitedLines<R> {
+        self.quick = Some(quick);
+        self
+    }
+
+    /// Whether `line` (with its newline) was taken as a quick call.
+    fn taken(&self, line: &[u8]) -> bool {
+        let Some(quick) = &self.quick else {
+            return false;
+        };
+        let line = line.strip_suffix(b"\n").unwrap_or(line);
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        quick.take_line(line)
     }
 
     /// Takes in a chunk of input.
@@ -73,7 +95,9 @@ impl<R> LimitedLines<R> {
                 self.head.extend_from_slice(&content[..room]);
             } else if ends_line && self.line.is_empty() {
                 // The common case: a whole line in one chunk goes straight out.
-                self.out.extend_from_slice(&input[..taken]);
+                if !self.taken(&input[..taken]) {
+                    self.out.extend_from_slice(&input[..taken]);
+                }
             } else {
                 self.line.extend_from_slice(&input[..taken]);
             }
@@ -81,6 +105,8 @@ impl<R> LimitedLines<R> {
             if ends_line {
                 if self.skipping {
                     self.replace_skipped();
+                } else if self.taken(&self.line) {
+                    self.line.clear();
                 } else {
                     self.out.append(&mut self.line);
                 }

@@ -5,6 +5,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use mcp_tools::transport::LimitedLines;
 use mcp_tools::{FastLane, McpServer, SUPERVISION_TOOLS, ServerOptions};
 use rmcp::model::{
     CallToolRequestParams, CallToolResponse, CallToolResult, CancelTaskParams, ClientCapabilities,
@@ -1276,11 +1277,80 @@ async fn connect_fast(
     server: McpServer,
     handler: Client,
 ) -> (RunningService<RoleClient, Client>, Arc<Mutex<Vec<String>>>) {
+    let (client, seen, _) = connect_lane(server, handler, false).await;
+    (client, seen)
+}
+
+/// The bytes read through it, kept.
+struct Recording<R> {
+    inner: R,
+    kept: Arc<Mutex<Vec<u8>>>,
+}
+
+impl<R: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Recording<R> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        let read = buf.filled()[before..].to_vec();
+        self.kept.lock().unwrap().extend_from_slice(&read);
+        polled
+    }
+}
+
+/// The `tools/call` and `tasks/get` lines among `bytes`, by tool name or method.
+fn calls_in(bytes: &Mutex<Vec<u8>>) -> Vec<String> {
+    String::from_utf8_lossy(&bytes.lock().unwrap())
+        .lines()
+        .filter_map(|line| {
+            let message: Value = serde_json::from_str(line).ok()?;
+            match message["method"].as_str()? {
+                "tools/call" => Some(message["params"]["name"].as_str()?.to_owned()),
+                "tasks/get" => Some("tasks/get".to_owned()),
+                _ => None,
+            }
+        })
+        .collect()
+}
+
+/// [`connect_fast`], with the lines read through [`LimitedLines`] and, when `quick_lines`,
+/// quick calls taken from their lines there (as msbd's stdio does).
+///
+/// Also gives the bytes that went on to rmcp's transport.
+async fn connect_lane(
+    server: McpServer,
+    handler: Client,
+    quick_lines: bool,
+) -> (
+    RunningService<RoleClient, Client>,
+    Arc<Mutex<Vec<String>>>,
+    Arc<Mutex<Vec<u8>>>,
+) {
     let seen = Arc::new(Mutex::new(Vec::new()));
+    let passed = Arc::new(Mutex::new(Vec::new()));
     let (server_io, client_io) = tokio::io::duplex(1 << 20);
     let (read, write) = tokio::io::split(server_io);
+    let read = LimitedLines::new(read, 1 << 20);
+    let lane = if quick_lines {
+        let (lines, queue) = mcp_tools::quick_lines(server.clone());
+        let read = Recording {
+            inner: read.with_quick_lines(lines),
+            kept: passed.clone(),
+        };
+        FastLane::new(AsyncRwTransport::new_server(read, write), server.clone())
+            .with_quick_lines(queue)
+    } else {
+        let read = Recording {
+            inner: read,
+            kept: passed.clone(),
+        };
+        FastLane::new(AsyncRwTransport::new_server(read, write), server.clone())
+    };
     let transport = Noting {
-        inner: FastLane::new(AsyncRwTransport::new_server(read, write), server.clone()),
+        inner: lane,
         seen: seen.clone(),
     };
     tokio::spawn(async move {
@@ -1290,14 +1360,25 @@ async fn connect_fast(
     });
     let client = handler.serve(client_io).await.unwrap();
     seen.lock().unwrap().clear(); // `initialize`
-    (client, seen)
+    (client, seen, passed)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_fast_lane_answers_quick_calls_itself_as_rmcp_would() {
+    quick_calls_are_answered_as_rmcp_would(false).await;
+}
+
+/// The same, with quick calls taken from their lines below rmcp's transport (msbd's stdio).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quick_lines_answer_quick_calls_as_rmcp_would() {
+    quick_calls_are_answered_as_rmcp_would(true).await;
+}
+
+async fn quick_calls_are_answered_as_rmcp_would(quick_lines: bool) {
     let fixture = fixture(ServerOptions::default()).await;
     let plain = connect(fixture.server.clone(), Client::default()).await;
-    let (fast, seen) = connect_fast(fixture.server.clone(), Client::default()).await;
+    let (fast, seen, passed) =
+        connect_lane(fixture.server.clone(), Client::default(), quick_lines).await;
 
     let created = ok(
         &plain,
@@ -1383,6 +1464,13 @@ async fn the_fast_lane_answers_quick_calls_itself_as_rmcp_would() {
         "quick calls reached rmcp's service: {:?}",
         seen.lock().unwrap()
     );
+    if quick_lines {
+        assert_eq!(
+            calls_in(&passed),
+            Vec::<String>::new(),
+            "quick calls reached rmcp's transport"
+        );
+    }
 
     // Arguments that do not decode, other tools and calls with more _meta than a progress
     // token (rmcp's client sends one with every call) take rmcp's way.
@@ -1403,6 +1491,12 @@ async fn the_fast_lane_answers_quick_calls_itself_as_rmcp_would() {
         *seen.lock().unwrap(),
         ["check_task_status", "get_task_result", "check_task_status"]
     );
+    if quick_lines {
+        assert_eq!(
+            calls_in(&passed),
+            ["check_task_status", "get_task_result", "check_task_status"]
+        );
+    }
 }
 
 /// A retried task keeps the output of each attempt: the latest by default, an earlier one by
@@ -1510,14 +1604,25 @@ async fn read_task_output_reads_every_attempt_of_a_retried_task() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_fast_lane_answers_tasks_get_as_rmcp_would() {
+    tasks_get_is_answered_as_rmcp_would(false).await;
+}
+
+/// The same, with quick calls taken from their lines below rmcp's transport (msbd's stdio).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quick_lines_answer_tasks_get_as_rmcp_would() {
+    tasks_get_is_answered_as_rmcp_would(true).await;
+}
+
+async fn tasks_get_is_answered_as_rmcp_would(quick_lines: bool) {
     let fixture = fixture(ServerOptions::default()).await;
     let tasks = Client {
         tasks: true,
         ..Client::default()
     };
     let plain = connect(fixture.server.clone(), tasks.clone()).await;
-    let (fast, seen) = connect_fast(fixture.server.clone(), tasks).await;
-    let (untasked, untasked_seen) = connect_fast(fixture.server.clone(), Client::default()).await;
+    let (fast, seen, passed) = connect_lane(fixture.server.clone(), tasks, quick_lines).await;
+    let (untasked, untasked_seen, untasked_passed) =
+        connect_lane(fixture.server.clone(), Client::default(), quick_lines).await;
     let response = plain
         .call_tool_once(
             CallToolRequestParams::new("execute_command")
@@ -1572,6 +1677,14 @@ async fn the_fast_lane_answers_tasks_get_as_rmcp_would() {
     let refused = get(&untasked, &id).await;
     assert!(refused.is_err(), "{refused:?}");
     assert_eq!(*untasked_seen.lock().unwrap(), ["tasks/get"]);
+    assert_eq!(calls_in(&untasked_passed), ["tasks/get"]);
+    if quick_lines {
+        assert_eq!(
+            calls_in(&passed),
+            Vec::<String>::new(),
+            "tasks/get reached rmcp's transport"
+        );
+    }
 }
 
 /// A call never outlives its client: `execute_command` answers after `wait_seconds` with the

@@ -404,14 +404,43 @@ fn raw_serve(data_dir: &Path) -> std::process::Child {
 /// also those that wait for the store (a listing goes to SQLite's reader thread).
 #[test]
 fn answers_to_the_last_calls_before_stdin_closes_are_written() {
+    last_calls_before_stdin_closes_are_answered(false);
+}
+
+/// The same, once the session is open: the quick calls are then taken from their lines below
+/// rmcp's transport (`mcp_tools::quick_lines`), and still answered when stdin closes right after
+/// them.
+#[test]
+fn answers_to_the_last_quick_calls_of_an_open_session_are_written() {
+    last_calls_before_stdin_closes_are_answered(true);
+}
+
+fn last_calls_before_stdin_closes_are_answered(open_first: bool) {
     let dir = tempfile::tempdir().unwrap();
     let mut child = raw_serve(dir.path());
     let mut stdin = child.stdin.take().unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
+    // Reads lines until the answer to request `id`.
+    let mut answer_to = |id: i64| loop {
+        let line = stdout.next().expect("msbd answers").unwrap();
+        let message: Value = serde_json::from_str(&line).unwrap();
+        if message["id"].as_i64() == Some(id) {
+            return message;
+        }
+    };
     let mut lines = String::new();
     lines.push_str(r#"{"jsonrpc":"2.0","id":0,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"raw","version":"0"}}}"#);
     lines.push('\n');
     lines.push_str(r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#);
     lines.push('\n');
+    if open_first {
+        // A ping answered after the notification: the session is open when it is.
+        lines.push_str(r#"{"jsonrpc":"2.0","id":100,"method":"ping"}"#);
+        lines.push('\n');
+        stdin.write_all(lines.as_bytes()).unwrap();
+        assert!(answer_to(100)["result"].is_object());
+        lines.clear();
+    }
     for id in 1..=5 {
         let tool = if id % 2 == 1 {
             "list_tasks"
@@ -425,12 +454,11 @@ fn answers_to_the_last_calls_before_stdin_closes_are_written() {
     }
     stdin.write_all(lines.as_bytes()).unwrap();
     drop(stdin);
-    let stdout = BufReader::new(child.stdout.take().unwrap());
     let mut answered = Vec::new();
-    for line in stdout.lines() {
+    for line in stdout {
         let message: Value = serde_json::from_str(&line.unwrap()).unwrap();
         if let Some(id) = message["id"].as_i64()
-            && id > 0
+            && (1..=5).contains(&id)
         {
             assert!(
                 message["result"]["structuredContent"].is_object(),
