@@ -192,6 +192,16 @@ impl<T: Transport<RoleServer>> FastLane<T> {
         }
     }
 
+    /// Answers the quick calls taken from their lines and not answered yet (the input ended,
+    /// or rmcp closes the transport).
+    async fn answer_queued(&mut self) {
+        while let Some((id, answering)) =
+            self.quick.as_mut().and_then(|quick| quick.try_recv().ok())
+        {
+            self.answer(id, answering).await;
+        }
+    }
+
     /// Answers the calls still being made and finishes the writes under way, for up to
     /// [`DRAIN`]. Cancelled halfway, it takes up where it was on its next call.
     async fn drain(&mut self) {
@@ -239,12 +249,7 @@ impl<T: Transport<RoleServer>> Transport<RoleServer> for FastLane<T> {
     async fn receive(&mut self) -> Option<RxJsonRpcMessage<RoleServer>> {
         loop {
             if self.ended {
-                // Quick calls read before the end are answered first.
-                while let Some((id, answering)) =
-                    self.quick.as_mut().and_then(|quick| quick.try_recv().ok())
-                {
-                    self.answer(id, answering).await;
-                }
+                self.answer_queued().await;
                 self.drain().await;
                 return None;
             }
@@ -276,16 +281,16 @@ impl<T: Transport<RoleServer>> Transport<RoleServer> for FastLane<T> {
                 && let ClientRequest::InitializeRequest(initialize) = &request.request
             {
                 self.tasks_client = initialize.params.capabilities.supports_tasks();
+                if let Some(opened) = self.opened.get() {
+                    opened.stale.store(true, Ordering::Release);
+                }
                 return Some(self.hand_to_rmcp(message));
             }
             if let JsonRpcMessage::Notification(notification) = &message
                 && let ClientNotification::InitializedNotification(_) = notification.notification
             {
                 if let Some(negotiated) = self.negotiated.clone() {
-                    let _ = self.opened.set(Opened {
-                        negotiated,
-                        tasks_client: self.tasks_client,
-                    });
+                    let _ = self.opened.set(Opened::new(negotiated, self.tasks_client));
                 }
                 return Some(message);
             }
@@ -302,6 +307,7 @@ impl<T: Transport<RoleServer>> Transport<RoleServer> for FastLane<T> {
     }
 
     async fn close(&mut self) -> Result<(), Self::Error> {
+        self.answer_queued().await;
         self.drain().await;
         self.inner.close().await
     }
@@ -315,9 +321,25 @@ pub(crate) struct Opened {
     pub(crate) negotiated: ProtocolVersion,
     /// Whether the client declared the tasks extension in its `initialize`.
     pub(crate) tasks_client: bool,
+    /// Set when the client sends `initialize` again: rmcp answers it and shapes its answers
+    /// for what it negotiates then, and every call goes to rmcp from then on.
+    pub(crate) stale: AtomicBool,
 }
 
 impl Opened {
+    pub(crate) fn new(negotiated: ProtocolVersion, tasks_client: bool) -> Opened {
+        Opened {
+            negotiated,
+            tasks_client,
+            stale: AtomicBool::new(false),
+        }
+    }
+
+    /// Whether this session's quick calls may be answered outside rmcp.
+    fn live(&self) -> bool {
+        !self.stale.load(Ordering::Acquire)
+    }
+
     /// Starts answering `message` for `server` if it is a quick call (`None`: it is for
     /// rmcp).
     pub(crate) fn take_call(
@@ -328,6 +350,9 @@ impl Opened {
         let JsonRpcMessage::Request(request) = message else {
             return None;
         };
+        if !self.live() {
+            return None;
+        }
         // rmcp moves a request's `_meta` into its extensions as it decodes it. A progress
         // token (rmcp's client sends one with every request) means nothing to these calls;
         // anything else (per-request protocol metadata, say) is for rmcp to read.
@@ -351,7 +376,7 @@ impl Opened {
 
     /// Starts answering `tasks/get`, if this session's client declared the tasks extension.
     fn get_task(&self, server: &Arc<McpServer>, params: &GetTaskParams) -> Option<Answering> {
-        if !self.tasks_client {
+        if !self.tasks_client || !self.live() {
             return None;
         }
         let answer = Arc::clone(server).task_at_once(params);
@@ -472,7 +497,7 @@ struct CallLine {
     #[serde(default)]
     arguments: Option<serde_json::Map<String, serde_json::Value>>,
     #[serde(rename = "_meta", default)]
-    _meta: Option<ProgressOnly>,
+    meta: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
 /// `tasks/get` params, in the plain shape.
@@ -482,15 +507,18 @@ struct GetTaskLine {
     #[serde(rename = "taskId")]
     task_id: String,
     #[serde(rename = "_meta", default)]
-    _meta: Option<ProgressOnly>,
+    meta: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
-/// A `_meta` that holds a progress token at most (which these calls do not use).
-#[derive(serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ProgressOnly {
-    #[serde(rename = "progressToken", default)]
-    _progress_token: Option<serde::de::IgnoredAny>,
+/// Whether a `_meta` holds a progress token at most (which these calls do not use).
+fn progress_only(meta: Option<&serde_json::Map<String, serde_json::Value>>) -> bool {
+    meta.is_none_or(|meta| meta.keys().all(|key| key == "progressToken"))
+}
+
+/// Whether a JSON text is an object (serde's derived types also read arrays, as their fields
+/// in order, which rmcp's message types refuse).
+fn is_object(json: &[u8]) -> bool {
+    json.trim_ascii_start().first() == Some(&b'{')
 }
 
 impl QuickLines {
@@ -498,16 +526,16 @@ impl QuickLines {
     /// open session: its answer is started and queued for the lane. `false`: the line goes
     /// on to rmcp.
     pub fn take_line(&self, line: &[u8]) -> bool {
-        let Some(opened) = self.opened.get() else {
+        let Some(opened) = self.opened.get().filter(|opened| opened.live()) else {
             return false;
         };
-        if line.len() > QUICK_LINE_MAX || self.calls.is_closed() {
+        if line.len() > QUICK_LINE_MAX || self.calls.is_closed() || !is_object(line) {
             return false;
         }
         let Ok(request) = serde_json::from_slice::<RequestLine<'_>>(line) else {
             return false;
         };
-        if request.jsonrpc != "2.0" {
+        if request.jsonrpc != "2.0" || !is_object(request.params.get().as_bytes()) {
             return false;
         }
         let answering = match request.method {
@@ -515,6 +543,9 @@ impl QuickLines {
                 let Ok(call) = serde_json::from_str::<CallLine>(request.params.get()) else {
                     return false;
                 };
+                if !progress_only(call.meta.as_ref()) {
+                    return false;
+                }
                 let mut params = CallToolRequestParams::new(call.name);
                 if let Some(arguments) = call.arguments {
                     params = params.with_arguments(arguments);
@@ -525,6 +556,9 @@ impl QuickLines {
                 let Ok(get) = serde_json::from_str::<GetTaskLine>(request.params.get()) else {
                     return false;
                 };
+                if !progress_only(get.meta.as_ref()) {
+                    return false;
+                }
                 opened.get_task(&self.server, &GetTaskParams::new(get.task_id))
             }
             _ => None,

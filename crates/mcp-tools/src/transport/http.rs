@@ -31,6 +31,13 @@ use crate::{FastLane, McpServer};
 /// rmcp ends a session whose worker has heard nothing for its keep-alive (5 minutes): a quick
 /// call goes through the session at least every [`THROUGH_SESSION_EVERY`], so that a client
 /// that only polls keeps its session.
+///
+/// What differs from the session's way: the answer's event stream has no priming event and
+/// its one event no id (there is nothing to resume: the stream ends with the answer), and its
+/// headers go out with the answer (a read that waits, on PostgreSQL, shows nothing until it
+/// is done); between the end of a session's service and rmcp's forgetting the session, its
+/// quick calls are still answered where rmcp would answer an error. After a second
+/// `initialize` on a session, its calls all go through the session.
 pub struct FastLaneSessions {
     inner: LocalSessionManager,
     /// The server every session's fast lane answers for (the one principal of HTTP).
@@ -252,10 +259,7 @@ mod tests {
             "not open yet"
         );
         opened
-            .set(Opened {
-                negotiated: ProtocolVersion::default(),
-                tasks_client: false,
-            })
+            .set(Opened::new(ProtocolVersion::default(), false))
             .unwrap();
         assert!(lanes.answer_here(&id, start + second).is_some());
         let later = start + THROUGH_SESSION_EVERY;

@@ -2509,3 +2509,195 @@ async fn http_sessions_answer_quick_calls_on_the_request_as_the_session_would() 
         "a closed session's call is refused"
     );
 }
+
+/// A raw JSON-RPC client of `server` over a byte stream, read as msbd's stdio reads (through
+/// [`LimitedLines`] with quick lines, and a [`FastLane`]); the bytes that went on to rmcp's
+/// transport are kept.
+struct RawLane {
+    write: tokio::io::WriteHalf<tokio::io::DuplexStream>,
+    lines: tokio::io::Lines<tokio::io::BufReader<tokio::io::ReadHalf<tokio::io::DuplexStream>>>,
+    /// Messages read while looking for another.
+    read: Vec<Value>,
+    passed: Arc<Mutex<Vec<u8>>>,
+}
+
+impl RawLane {
+    async fn open(server: McpServer) -> RawLane {
+        use tokio::io::AsyncBufReadExt as _;
+        let passed = Arc::new(Mutex::new(Vec::new()));
+        let (server_io, client_io) = tokio::io::duplex(1 << 20);
+        let (read, write) = tokio::io::split(server_io);
+        let (lines, queue) = mcp_tools::quick_lines(server.clone());
+        let read = Recording {
+            inner: LimitedLines::new(read, 1 << 20).with_quick_lines(lines),
+            kept: passed.clone(),
+        };
+        let lane = FastLane::new(AsyncRwTransport::new_server(read, write), server.clone())
+            .with_quick_lines(queue);
+        tokio::spawn(async move {
+            if let Ok(running) = server.serve(lane).await {
+                let _ = running.waiting().await;
+            }
+        });
+        let (read, write) = tokio::io::split(client_io);
+        let mut raw = RawLane {
+            write,
+            lines: tokio::io::BufReader::new(read).lines(),
+            read: Vec::new(),
+            passed,
+        };
+        raw.send(r#"{"jsonrpc":"2.0","id":0,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"raw","version":"0"}}}"#).await;
+        raw.answer_to(json!(0)).await;
+        // A ping answered after the notification: the session is open when it is.
+        raw.send(r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#)
+            .await;
+        raw.send(r#"{"jsonrpc":"2.0","id":"opened","method":"ping"}"#)
+            .await;
+        raw.answer_to(json!("opened")).await;
+        raw
+    }
+
+    async fn send(&mut self, line: &str) {
+        self.send_raw(&format!("{line}\n")).await;
+    }
+
+    async fn send_raw(&mut self, bytes: &str) {
+        use tokio::io::AsyncWriteExt as _;
+        self.write.write_all(bytes.as_bytes()).await.unwrap();
+        self.write.flush().await.unwrap();
+    }
+
+    /// The next message read (`None` at the end of the stream).
+    async fn next(&mut self) -> Option<Value> {
+        let line = tokio::time::timeout(Duration::from_secs(30), self.lines.next_line())
+            .await
+            .expect("msbd answers within 30 s")
+            .unwrap()?;
+        Some(serde_json::from_str(&line).unwrap())
+    }
+
+    /// The answer to request `id`, keeping what else is read.
+    async fn answer_to(&mut self, id: Value) -> Value {
+        if let Some(at) = self.read.iter().position(|m| m["id"] == id) {
+            return self.read.remove(at);
+        }
+        loop {
+            let message = self.next().await.expect("an answer before the end");
+            if message["id"] == id {
+                return message;
+            }
+            self.read.push(message);
+        }
+    }
+
+    /// Whether a request with this JSON text of an id went on to rmcp's transport.
+    fn passed(&self, id: &str) -> bool {
+        String::from_utf8_lossy(&self.passed.lock().unwrap()).contains(&format!("\"id\":{id},"))
+    }
+}
+
+/// Quick lines take the plain shape of a quick call only (also a line that comes in two
+/// reads, one that ends in `\r\n`, and a string id); an array where JSON-RPC has an object,
+/// or more `_meta` than a progress token, goes to rmcp, which refuses the first and answers
+/// the second; after a second `initialize`, every call goes to rmcp.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quick_lines_take_only_plain_calls_of_a_session_opened_once() {
+    let fixture = fixture(ServerOptions::default()).await;
+    let mut raw = RawLane::open(fixture.server.clone()).await;
+    let status = |id: &str| {
+        format!(
+            r#"{{"jsonrpc":"2.0","id":{id},"method":"tools/call","params":{{"name":"check_task_status","arguments":{{}}}}}}"#
+        )
+    };
+
+    let split = status("1");
+    let (head, tail) = split.split_at(40);
+    raw.send_raw(head).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    raw.send(tail).await;
+    raw.send_raw(&format!("{}\r\n", status("\"two\""))).await;
+    raw.send(r#"{"jsonrpc":"2.0","id":3,"method":"tools/call","params":{"name":"list_tasks","arguments":{},"_meta":{"progressToken":3}}}"#).await;
+    // `check_task_status` with no id answers with the caller's latest tasks.
+    for id in [json!(1), json!("two")] {
+        let answer = raw.answer_to(id).await;
+        assert!(
+            answer["result"]["structuredContent"]["tasks"].is_array(),
+            "{answer}"
+        );
+    }
+    let listed = raw.answer_to(json!(3)).await;
+    assert!(
+        listed["result"]["structuredContent"]["tasks"].is_array(),
+        "{listed}"
+    );
+    assert!(!raw.passed("1") && !raw.passed("\"two\"") && !raw.passed("3"));
+
+    // Arrays: rmcp refuses them (an error without an id), the lane must not answer them.
+    raw.send(r#"{"jsonrpc":"2.0","id":4,"method":"tools/call","params":["list_tasks"]}"#)
+        .await;
+    raw.send(r#"{"jsonrpc":"2.0","id":5,"method":"tools/call","params":{"name":"list_tasks","_meta":[]}}"#)
+        .await;
+    raw.send(r#"{"jsonrpc":"2.0","id":6,"method":"tools/call","params":{"name":"list_tasks","_meta":{"example.com/trace":"x"}}}"#)
+        .await;
+    let traced = raw.answer_to(json!(6)).await;
+    assert!(
+        traced["result"]["structuredContent"]["tasks"].is_array(),
+        "{traced}"
+    );
+    assert!(raw.passed("4") && raw.passed("5") && raw.passed("6"));
+    let refused: Vec<&Value> = raw
+        .read
+        .iter()
+        .filter(|m| m["id"].is_null() && m["error"]["code"] == -32600)
+        .collect();
+    assert_eq!(refused.len(), 2, "{:?}", raw.read);
+    assert!(
+        !raw.read.iter().any(|m| m["id"] == 4 || m["id"] == 5),
+        "{:?}",
+        raw.read
+    );
+
+    // A second `initialize`: rmcp answers it, and quick calls go to rmcp from then on.
+    raw.send(r#"{"jsonrpc":"2.0","id":7,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"raw","version":"1"}}}"#).await;
+    let again = raw.answer_to(json!(7)).await;
+    assert!(again["result"]["protocolVersion"].is_string(), "{again}");
+    raw.send(&status("8")).await;
+    raw.answer_to(json!(8)).await;
+    assert!(
+        raw.passed("8"),
+        "after a second initialize, quick calls go to rmcp"
+    );
+}
+
+/// Quick calls taken from their lines just before the input ends are all answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quick_calls_read_just_before_the_end_of_input_are_answered() {
+    use tokio::io::AsyncWriteExt as _;
+    let fixture = fixture(ServerOptions::default()).await;
+    let mut raw = RawLane::open(fixture.server.clone()).await;
+    let mut lines = String::new();
+    for id in 1..=6 {
+        let tool = if id % 2 == 1 {
+            "list_tasks"
+        } else {
+            "check_task_status"
+        };
+        lines.push_str(&format!(
+            "{{\"jsonrpc\":\"2.0\",\"id\":{id},\"method\":\"tools/call\",\"params\":{{\"name\":\"{tool}\",\"arguments\":{{}}}}}}\n"
+        ));
+    }
+    raw.send_raw(&lines).await;
+    raw.write.shutdown().await.unwrap();
+    let mut answered = Vec::new();
+    while let Some(message) = raw.next().await {
+        if let Some(id) = message["id"].as_i64() {
+            assert!(message["result"].is_object(), "{message}");
+            answered.push(id);
+        }
+    }
+    answered.sort_unstable();
+    assert_eq!(answered, [1, 2, 3, 4, 5, 6]);
+    for id in 1..=6 {
+        assert!(!raw.passed(&id.to_string()), "call {id} went to rmcp");
+    }
+}
