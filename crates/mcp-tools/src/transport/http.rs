@@ -29,7 +29,7 @@ use crate::{FastLane, McpServer};
 /// session's lane would write. Everything else goes through the session as rmcp made it.
 ///
 /// rmcp ends a session whose worker has heard nothing for its keep-alive (5 minutes): a quick
-/// call goes through the session at least every [`THROUGH_SESSION_EVERY`], so that a client
+/// call goes through the session at least every 30 s (`THROUGH_SESSION_EVERY`), so that a client
 /// that only polls keeps its session.
 ///
 /// What differs from the session's way: the answer's event stream has no priming event and
