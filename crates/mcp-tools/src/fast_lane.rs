@@ -452,12 +452,13 @@ pub struct QuickQueue {
 ///
 /// rmcp's transport decodes every line into its message types, a generic decode (untagged
 /// enums, buffered and tried in turn) that took about a fifth of msbd's time per quick call
-/// over stdio. The reader under that transport (msbd's [`LimitedLines`](crate::transport::LimitedLines))
-/// gives each line to [`QuickLines::take_line`] first: a quick call of an open session, in the
-/// plain shape clients send (the fields JSON-RPC and the call define, a `_meta` holding at most
-/// a progress token), is decoded into its own types and started at once, and its answer is
-/// queued for the lane ([`FastLane::with_quick_lines`]), which writes it as it writes the
-/// answers of the quick calls it gets from rmcp. Any other line goes on to rmcp unchanged.
+/// over stdio. The reader under that transport (msbd's
+/// [`LimitedLines`](crate::transport::LimitedLines)) gives each line to
+/// [`QuickLines::take_line`] first: a quick call of an open session, in the plain shape clients
+/// send (the fields JSON-RPC and the call define, a `_meta` holding at most a progress token),
+/// is decoded into its own types and started at once, and its answer is queued for the lane
+/// ([`FastLane::with_quick_lines`]), which writes it as it writes the answers of the quick calls
+/// it gets from rmcp. Any other line goes on to rmcp unchanged.
 pub fn quick_lines(server: McpServer) -> (QuickLines, QuickQueue) {
     let opened = Arc::new(OnceLock::new());
     let (calls_tx, calls_rx) = mpsc::unbounded_channel();
