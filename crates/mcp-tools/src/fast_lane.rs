@@ -49,8 +49,8 @@ pub const AT_ONCE_TOOLS: [&str; 3] = ["check_task_status", "list_tasks", "read_t
 /// its side (as long as rmcp waits for its own).
 const DRAIN: Duration = Duration::from_secs(5);
 
-pub(crate) type Answer = Result<ServerResult, McpError>;
-pub(crate) type Answering = Pin<Box<dyn Future<Output = Answer> + Send>>;
+type Answer = Result<ServerResult, McpError>;
+type Answering = Pin<Box<dyn Future<Output = Answer> + Send>>;
 
 /// A [`Transport`] that answers quick read-only tool calls itself (see the module docs).
 pub struct FastLane<T: Transport<RoleServer>> {
@@ -318,12 +318,12 @@ impl<T: Transport<RoleServer>> Transport<RoleServer> for FastLane<T> {
 #[derive(Debug)]
 pub(crate) struct Opened {
     /// The protocol version of the `initialize` answer.
-    pub(crate) negotiated: ProtocolVersion,
+    negotiated: ProtocolVersion,
     /// Whether the client declared the tasks extension in its `initialize`.
-    pub(crate) tasks_client: bool,
+    tasks_client: bool,
     /// Set when the client sends `initialize` again: rmcp answers it and shapes its answers
     /// for what it negotiates then, and every call goes to rmcp from then on.
-    pub(crate) stale: AtomicBool,
+    stale: AtomicBool,
 }
 
 impl Opened {
@@ -374,9 +374,10 @@ impl Opened {
         Some((request.id.clone(), answering))
     }
 
-    /// Starts answering `tasks/get`, if this session's client declared the tasks extension.
+    /// Starts answering `tasks/get`, if this session's client declared the tasks extension
+    /// (both callers have checked that the session is live).
     fn get_task(&self, server: &Arc<McpServer>, params: &GetTaskParams) -> Option<Answering> {
-        if !self.tasks_client || !self.live() {
+        if !self.tasks_client {
             return None;
         }
         let answer = Arc::clone(server).task_at_once(params);

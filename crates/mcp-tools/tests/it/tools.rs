@@ -104,6 +104,24 @@ async fn call(
         .unwrap_or_else(|e| panic!("{tool}: {e}"))
 }
 
+/// A command task submitted by `client` and waited for: its id.
+async fn finished_command(client: &RunningService<RoleClient, Client>, command: &str) -> String {
+    let created = ok(
+        client,
+        "submit_task",
+        json!({"task_type": "command", "params": {"command": command}}),
+    )
+    .await;
+    let id = created["task_id"].as_str().unwrap().to_owned();
+    ok(
+        client,
+        "get_task_result",
+        json!({"task_id": id, "wait": true, "timeout": 60}),
+    )
+    .await;
+    id
+}
+
 /// A successful call's structured answer.
 async fn ok(client: &RunningService<RoleClient, Client>, tool: &str, arguments: Value) -> Value {
     let result = call(client, tool, arguments.clone()).await;
@@ -1380,19 +1398,7 @@ async fn quick_calls_are_answered_as_rmcp_would(quick_lines: bool) {
     let (fast, seen, passed) =
         connect_lane(fixture.server.clone(), Client::default(), quick_lines).await;
 
-    let created = ok(
-        &plain,
-        "submit_task",
-        json!({"task_type": "command", "params": {"command": "echo one; echo two"}}),
-    )
-    .await;
-    let id = created["task_id"].as_str().unwrap().to_owned();
-    ok(
-        &plain,
-        "get_task_result",
-        json!({"task_id": id, "wait": true, "timeout": 60}),
-    )
-    .await;
+    let id = finished_command(&plain, "echo one; echo two").await;
     let both_ways = async |tool: &str, arguments: Value| {
         let lane = call(&fast, tool, arguments.clone()).await;
         let rmcp = call(&plain, tool, arguments.clone()).await;
@@ -2383,19 +2389,7 @@ async fn http_sessions_answer_quick_calls_on_the_request_as_the_session_would() 
 
     let fixture = fixture(ServerOptions::default()).await;
     let plain = connect(fixture.server.clone(), Client::default()).await;
-    let created = ok(
-        &plain,
-        "submit_task",
-        json!({"task_type": "command", "params": {"command": "echo over http"}}),
-    )
-    .await;
-    let task = created["task_id"].as_str().unwrap().to_owned();
-    ok(
-        &plain,
-        "get_task_result",
-        json!({"task_id": task, "wait": true, "timeout": 60}),
-    )
-    .await;
+    let task = finished_command(&plain, "echo over http").await;
 
     let sessions = FastLaneSessions::new(fixture.server.clone());
     let (session, transport) = sessions.create_session().await.unwrap();
@@ -2518,6 +2512,9 @@ struct RawLane {
     lines: tokio::io::Lines<tokio::io::BufReader<tokio::io::ReadHalf<tokio::io::DuplexStream>>>,
     /// Messages read while looking for another.
     read: Vec<Value>,
+    /// Bytes sent, and the bytes the server side has read of them.
+    sent: usize,
+    read_in: Arc<Mutex<Vec<u8>>>,
     passed: Arc<Mutex<Vec<u8>>>,
 }
 
@@ -2525,9 +2522,14 @@ impl RawLane {
     async fn open(server: McpServer) -> RawLane {
         use tokio::io::AsyncBufReadExt as _;
         let passed = Arc::new(Mutex::new(Vec::new()));
+        let read_in = Arc::new(Mutex::new(Vec::new()));
         let (server_io, client_io) = tokio::io::duplex(1 << 20);
         let (read, write) = tokio::io::split(server_io);
         let (lines, queue) = mcp_tools::quick_lines(server.clone());
+        let read = Recording {
+            inner: read,
+            kept: read_in.clone(),
+        };
         let read = Recording {
             inner: LimitedLines::new(read, 1 << 20).with_quick_lines(lines),
             kept: passed.clone(),
@@ -2544,6 +2546,8 @@ impl RawLane {
             write,
             lines: tokio::io::BufReader::new(read).lines(),
             read: Vec::new(),
+            sent: 0,
+            read_in,
             passed,
         };
         raw.send(r#"{"jsonrpc":"2.0","id":0,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"raw","version":"0"}}}"#).await;
@@ -2565,6 +2569,22 @@ impl RawLane {
         use tokio::io::AsyncWriteExt as _;
         self.write.write_all(bytes.as_bytes()).await.unwrap();
         self.write.flush().await.unwrap();
+        self.sent += bytes.len();
+    }
+
+    /// Waits until the server side has read every byte sent.
+    async fn all_read(&self) {
+        let read_in = self.read_in.clone();
+        let sent = self.sent;
+        wait_until(Duration::from_secs(10), async || {
+            let read = read_in.lock().unwrap().len();
+            if read == sent {
+                Ok(())
+            } else {
+                Err(format!("{read} of {sent} bytes read"))
+            }
+        })
+        .await;
     }
 
     /// The next message read (`None` at the end of the stream).
@@ -2613,7 +2633,8 @@ async fn quick_lines_take_only_plain_calls_of_a_session_opened_once() {
     let split = status("1");
     let (head, tail) = split.split_at(40);
     raw.send_raw(head).await;
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    // The line's first part is read before its rest is sent: it comes in two reads.
+    raw.all_read().await;
     raw.send(tail).await;
     raw.send_raw(&format!("{}\r\n", status("\"two\""))).await;
     raw.send(r#"{"jsonrpc":"2.0","id":3,"method":"tools/call","params":{"name":"list_tasks","arguments":{},"_meta":{"progressToken":3}}}"#).await;

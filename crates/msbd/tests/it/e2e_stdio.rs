@@ -407,9 +407,10 @@ fn answers_to_the_last_calls_before_stdin_closes_are_written() {
     last_calls_before_stdin_closes_are_answered(false);
 }
 
-/// The same, once the session is open: the quick calls are then taken from their lines below
-/// rmcp's transport (`mcp_tools::quick_lines`), and still answered when stdin closes right after
-/// them.
+/// The same, once the session is open, where the quick calls are taken from their lines below
+/// rmcp's transport (`mcp_tools::quick_lines`): they are still answered when stdin closes right
+/// after them. (That they are taken there, and not passed to rmcp, is checked in mcp-tools:
+/// `tools::quick_calls_read_just_before_the_end_of_input_are_answered`.)
 #[test]
 fn answers_to_the_last_quick_calls_of_an_open_session_are_written() {
     last_calls_before_stdin_closes_are_answered(true);
