@@ -431,58 +431,52 @@ fn c16_runs(runtime: &Runtime, kind: C16Store) -> BenchResult<Vec<C16Run>> {
 
 /// C=16 run number `number` on a fresh store of `kind`.
 fn c16_run(runtime: &Runtime, kind: C16Store, number: usize) -> BenchResult<C16Run> {
-    {
-        let dir = tempfile::tempdir()?;
-        let path = dir.path().join("c16.sqlite3");
-        let url = pg_url();
-        let schema = pg_schema();
-        let run = on_workers(runtime, {
-            let (url, schema) = (url.clone(), schema.clone());
-            async move {
-                let (store, pg): (Arc<dyn Store>, Option<Arc<PostgresStore>>) = match kind {
-                    C16Store::Sqlite => {
-                        (Arc::new(SqliteStore::open(SqliteConfig::new(path))?), None)
-                    }
-                    C16Store::SqliteFull => (
-                        Arc::new(SqliteStore::open(SqliteConfig {
-                            synchronous: Synchronous::Full,
-                            ..SqliteConfig::new(path)
-                        })?),
-                        None,
-                    ),
-                    C16Store::Memory => (Arc::new(MemoryStore::new()), None),
-                    C16Store::Postgres => {
-                        let store = Arc::new(
-                            PostgresStore::connect(PostgresConfig {
-                                schema: schema.clone(),
-                                ..PostgresConfig::new(&url, "c16")
-                            })
-                            .await
-                            .map_err(|e| {
-                                format!("cannot open the PostgreSQL store at {url}: {e}")
-                            })?,
-                        );
-                        (Arc::clone(&store) as Arc<dyn Store>, Some(store))
-                    }
-                };
-                let run = c16_burn_down(store, pg.clone()).await;
-                if let Some(store) = pg {
-                    if let Ok(store) = Arc::try_unwrap(store) {
-                        store.close().await;
-                    }
-                    pg_drop_schema(&url, &schema).await?;
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("c16.sqlite3");
+    let url = pg_url();
+    let schema = pg_schema();
+    let run = on_workers(runtime, {
+        let (url, schema) = (url.clone(), schema.clone());
+        async move {
+            let (store, pg): (Arc<dyn Store>, Option<Arc<PostgresStore>>) = match kind {
+                C16Store::Sqlite => (Arc::new(SqliteStore::open(SqliteConfig::new(path))?), None),
+                C16Store::SqliteFull => (
+                    Arc::new(SqliteStore::open(SqliteConfig {
+                        synchronous: Synchronous::Full,
+                        ..SqliteConfig::new(path)
+                    })?),
+                    None,
+                ),
+                C16Store::Memory => (Arc::new(MemoryStore::new()), None),
+                C16Store::Postgres => {
+                    let store = Arc::new(
+                        PostgresStore::connect(PostgresConfig {
+                            schema: schema.clone(),
+                            ..PostgresConfig::new(&url, "c16")
+                        })
+                        .await
+                        .map_err(|e| format!("cannot open the PostgreSQL store at {url}: {e}"))?,
+                    );
+                    (Arc::clone(&store) as Arc<dyn Store>, Some(store))
                 }
-                run
+            };
+            let run = c16_burn_down(store, pg.clone()).await;
+            if let Some(store) = pg {
+                if let Ok(store) = Arc::try_unwrap(store) {
+                    store.close().await;
+                }
+                pg_drop_schema(&url, &schema).await?;
             }
-        })?;
-        println!(
-            "  {} run {number}: {C16_TASKS} tasks at concurrency {C16_CONCURRENCY}: {:.0} tasks/s; first handler call {:.0} µs after Engine::start",
-            kind.name(),
-            run.rate,
-            run.first_run.as_secs_f64() * 1e6,
-        );
-        Ok(run)
-    }
+            run
+        }
+    })?;
+    println!(
+        "  {} run {number}: {C16_TASKS} tasks at concurrency {C16_CONCURRENCY}: {:.0} tasks/s; first handler call {:.0} µs after Engine::start",
+        kind.name(),
+        run.rate,
+        run.first_run.as_secs_f64() * 1e6,
+    );
+    Ok(run)
 }
 
 /// Puts [`C16_TASKS`] no-op tasks in `store`, builds an engine of concurrency 16 on it, and times
